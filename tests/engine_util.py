@@ -1,0 +1,43 @@
+"""Build an Engine for a tiny checkpoint without the JIT cache (tests compile into tmp folders)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import tvm
+
+from toolkit.checkpoint import open_model
+from toolkit.compile.compile_model import compile_model
+from toolkit.runtime.engine import CacheOptions, Engine
+from toolkit.runtime.weights import load_params
+
+
+def build_engine(ckpt: Path, out: Path, quantization: str = "q0f32", dtype: str | None = None,
+                 cache: CacheOptions | None = None) -> Engine:
+    src = open_model(ckpt)
+    compiled = compile_model(src.config, quantization, "host", out, dtype=dtype)
+    lib = tvm.runtime.load_module(str(compiled.library))
+    eng = Engine(lib, load_params(src, compiled, tvm.cpu()), src.config, dtype=compiled.manifest["dtype"],
+                 cache=cache)
+    eng.compiled = compiled
+    return eng
+
+
+def hf_incremental(hf, prompt: list[int], continuation: list[int]) -> np.ndarray:
+    """transformers' logits for `prompt` (every position) then one row per continuation token, fed one at a
+    time through HF's own KV cache: the reference for prefill + decode (incl. LongRoPE's per-call choice)."""
+    with torch.no_grad():
+        out = hf(torch.tensor([prompt]), use_cache=True)
+        rows, cache = [out.logits[0].numpy()], out.past_key_values
+        for t in continuation:
+            out = hf(torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            rows.append(out.logits[0].numpy())
+    return np.concatenate(rows)
+
+
+def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
+    """max |a - ref| / max |ref|: the issue's parity metric."""
+    return float(np.abs(a - ref).max() / np.abs(ref).max())

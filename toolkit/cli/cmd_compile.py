@@ -1,0 +1,26 @@
+"""phi3 compile: build the model library for a device preset (no weights needed)."""
+
+from __future__ import annotations
+
+import click
+
+from .options import model_argument
+
+
+@click.command("compile")
+@model_argument
+@click.option("--device", default="host", show_default=True, help="Device preset (see `phi3 targets`).")
+@click.option("--quantization", "-q", default=None, help="Quantization (default q4f16_1; converted folders keep theirs).")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Output folder.")
+def command(model, device, quantization, output):
+    """Compile MODEL's graph for a device preset into OUTPUT (library + manifest.json)."""
+    from ..checkpoint import open_model
+    from ..compile.compile_model import compile_model
+    from ..runtime.engine import DEFAULT_QUANTIZATION
+
+    source = open_model(model)
+    if source.kind == "mlc":
+        quantization = quantization or source.scheme.name
+    compiled = compile_model(source.config, quantization or DEFAULT_QUANTIZATION, device, output)
+    m = compiled.manifest
+    click.echo(f"{compiled.library} ({m['preset']}, {m['quantization']}, {m['compile_seconds']} s)")

@@ -1,0 +1,163 @@
+"""Compile a Phi-3 config for a device preset: graph -> our pipeline -> a library file + manifest.
+
+Compiling needs no weights. The library's parameter order is recorded in the manifest ("params"), which the
+runtime uses to hand weights to the VM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tvm
+from tvm import IRModule
+from tvm.s_tir import dlight as dl
+
+from .. import __version__
+from ..config import Phi3Config
+from ..errors import UserError
+from ..model.phi3 import GraphOptions, export_phi3
+from ..quantization import get_scheme
+from ..targets import Preset, load_preset
+from . import pipeline
+
+LIB_NAME = "model"  # model.so / model.tar / model.dylib
+MANIFEST = "manifest.json"
+
+
+def graph_options(quantization: str, preset: Preset, dtype: str | None = None) -> GraphOptions:
+    """Activations follow the scheme's model dtype, except on the host CPU: LLVM has no fast fp16 path on
+    x86 (measured 2.3x slower, shared/notes/tvm-0.27-facts.md 5), so the host computes in fp32 and only
+    the stored scales stay fp16."""
+    scheme = get_scheme(quantization)
+    if dtype is None:
+        dtype = "float32" if preset.kind == "llvm" else scheme.model_dtype
+    return GraphOptions(quantization=scheme.name, dtype=dtype)
+
+
+def schedule_fn(preset: Preset):
+    """The scheduling step of the pipeline for a preset (CPU rules on llvm, dlight + records on GPUs)."""
+    if preset.is_gpu:
+        from .gpu_schedule import check_thread_bindings, gpu_schedule_pass
+
+        def gpu(mod: IRModule) -> IRModule:
+            mod = gpu_schedule_pass(preset)(mod)
+            check_thread_bindings(mod)
+            return mod
+
+        return gpu
+    from .cpu_schedule import cpu_schedule_rules
+
+    rules = cpu_schedule_rules(preset.target)
+    return lambda mod: dl.ApplyDefaultSchedule(*rules)(mod) if rules else mod
+
+
+@dataclass
+class CompiledModel:
+    folder: Path
+    manifest: dict[str, Any]
+
+    @property
+    def library(self) -> Path:
+        return self.folder / self.manifest["library"]
+
+    @property
+    def param_names(self) -> list[str]:
+        return [p["name"] for p in self.manifest["params"]]
+
+
+def compile_model(cfg: Phi3Config, quantization: str, preset: Preset | str, out_dir: str | Path,
+                  *, dtype: str | None = None) -> CompiledModel:
+    """Build the library into `out_dir` (written to a temp folder, renamed when complete).
+
+    `dtype` overrides the activation dtype (default: see `graph_options`)."""
+    preset = load_preset(preset) if isinstance(preset, str) else preset
+    opts = graph_options(quantization, preset, dtype)
+    target = preset.target
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    t0 = time.time()
+    mod, named_params = export_phi3(cfg, opts, target)
+    ex = pipeline.build(mod, target, schedule_fn(preset), system_lib=preset.system_lib)
+    lib_file = LIB_NAME + preset.output
+    _export(ex, tmp / lib_file, preset)
+    manifest = {
+        "toolkit_version": __version__,
+        "tvm_version": tvm.__version__,
+        "preset": preset.name,
+        "target": preset.target_dict,
+        "quantization": opts.quantization,
+        "dtype": opts.dtype,
+        "model_config": cfg.to_dict(),
+        "library": lib_file,
+        "params": [{"name": n, "shape": [int(x) for x in p.shape], "dtype": p.dtype} for n, p in named_params],
+        "compile_seconds": round(time.time() - t0, 2),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return CompiledModel(out_dir, manifest)
+
+
+def _export(ex, path: Path, preset: Preset) -> None:
+    if preset.output == ".tar":
+        ex.export_library(str(path), fcompile=tvm.support.tar.tar)
+    else:
+        ex.export_library(str(path))
+
+
+def load_compiled(folder: str | Path) -> CompiledModel:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise UserError("no manifest.json: not a folder written by `phi3 compile`", folder)
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"corrupt manifest ({e})", path) from None
+    if not (folder / manifest.get("library", "")).is_file():
+        raise UserError(f"library {manifest.get('library')!r} is missing", folder)
+    return CompiledModel(folder, manifest)
+
+
+# -- JIT cache ------------------------------------------------------------------------------------------------
+def cache_root() -> Path:
+    return Path(os.environ.get("PHI3_TOOLKIT_CACHE", Path.home() / ".cache" / "phi3-toolkit"))
+
+
+def cache_key(cfg: Phi3Config, quantization: str, preset: Preset) -> str:
+    """Key a compiled library by model config, quantization, device target and toolkit/TVM versions."""
+    blob = json.dumps(
+        [cfg.to_dict(), quantization, preset.target_dict, preset.name, __version__, tvm.__version__,
+         _toolkit_source_hash()],
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _toolkit_source_hash() -> str:
+    """Hash of the graph/compile sources, so a development change never reuses a stale library."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for sub in ("model", "compile", "quantization"):
+        for f in sorted((root / sub).glob("*.py")):
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def compiled_for(cfg: Phi3Config, quantization: str, preset: Preset | str) -> CompiledModel:
+    """The cached library for (config, quantization, preset), compiled on first use."""
+    preset = load_preset(preset) if isinstance(preset, str) else preset
+    folder = cache_root() / "lib" / cache_key(cfg, quantization, preset)
+    if (folder / MANIFEST).is_file():
+        return load_compiled(folder)
+    return compile_model(cfg, quantization, preset, folder)

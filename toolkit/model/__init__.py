@@ -1,0 +1,1 @@
+"""Model graphs: Phi-3 in tvm.relax.frontend.nn (phi3.py) and our RoPE kernel (rope.py)."""

@@ -1,0 +1,196 @@
+"""Phi-3 (Phi3ForCausalLM family) in tvm.relax.frontend.nn with TVM's TIR paged KV cache.
+
+Parameter names equal Hugging Face's (`model.layers.0.self_attn.qkv_proj.weight`, ...), so loading weights is
+a name lookup; a quantized weight `X.weight` becomes `X.q_weight` + `X.q_scale`.
+
+Exported functions (see `Phi3ForCausalLM.spec`):
+  embed(ids[n])                                               -> [n, h]
+  prefill(emb[1, s, h], positions[s], rope_long[s], kv)       -> logits of the last token [1, 1, V], kv
+  prefill_logits(...)                                         -> logits of every token [1, s, V], kv
+  decode(emb[b, 1, h], positions[b], rope_long[b], kv)        -> [b, 1, V], kv   (one token per sequence)
+  create_tir_paged_kv_cache(max_batch, max_total_len, prefill_chunk, page_size, support_sliding_window)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import relax, te
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.target import Target
+
+from ..config import Phi3Config
+from ..quantization.tvm_layers import make_embedding, make_linear
+from .rope import apply_rope_to_qkv
+
+
+@dataclass(frozen=True)
+class GraphOptions:
+    """What the compiled graph computes in: quantization scheme and activation dtype."""
+
+    quantization: str = "q0f32"
+    dtype: str = "float32"  # activations and KV cache
+
+
+def _linear(in_f: int, out_f: int, opts: GraphOptions, out_dtype: str | None = None) -> nn.Module:
+    return make_linear(in_f, out_f, opts.quantization, opts.dtype, out_dtype=out_dtype)
+
+
+class Phi3Attention(nn.Module):
+    def __init__(self, cfg: Phi3Config, opts: GraphOptions) -> None:
+        self.cfg = cfg
+        self.qkv_proj = _linear(cfg.hidden_size, cfg.qkv_size, opts)
+        self.o_proj = _linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, opts)
+
+    def forward(self, x: nn.Tensor, positions: nn.Tensor, rope_long: nn.Tensor, kv: PagedKVCache, layer: int):
+        c = self.cfg
+        b, s, _ = x.shape
+        n_heads = c.num_attention_heads + 2 * c.num_key_value_heads
+        qkv = op.reshape(self.qkv_proj(x), (b * s, n_heads, c.head_dim))  # (n, nH+2nKV, hd)
+        qkv = apply_rope_to_qkv(qkv, positions, rope_long, c)
+        qkv = op.reshape(qkv, (b, s, n_heads, c.head_dim))
+        o = kv.attention_with_fused_qkv(layer, qkv, c.num_attention_heads, sm_scale=c.head_dim**-0.5)
+        return self.o_proj(op.reshape(o, (b, s, c.num_attention_heads * c.head_dim)))
+
+
+class Phi3MLP(nn.Module):
+    def __init__(self, cfg: Phi3Config, opts: GraphOptions) -> None:
+        self.gate_up_proj = _linear(cfg.hidden_size, 2 * cfg.intermediate_size, opts)
+        self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, opts)
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)  # HF: first half is the gate
+        return self.down_proj(op.silu(gate) * up)
+
+
+class Phi3DecoderLayer(nn.Module):
+    def __init__(self, cfg: Phi3Config, opts: GraphOptions) -> None:
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=opts.dtype)
+        self.self_attn = Phi3Attention(cfg, opts)
+        self.post_attention_layernorm = nn.RMSNorm(
+            cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=opts.dtype
+        )
+        self.mlp = Phi3MLP(cfg, opts)
+
+    def forward(self, x, positions, rope_long, kv: PagedKVCache, layer: int):
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope_long, kv, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Phi3Model(nn.Module):
+    def __init__(self, cfg: Phi3Config, opts: GraphOptions) -> None:
+        self.embed_tokens = make_embedding(cfg.vocab_size, cfg.hidden_size, opts.quantization, opts.dtype)
+        self.layers = nn.ModuleList([Phi3DecoderLayer(cfg, opts) for _ in range(cfg.num_hidden_layers)])
+        self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=opts.dtype)
+
+
+class Phi3ForCausalLM(nn.Module):
+    def __init__(self, cfg: Phi3Config, opts: GraphOptions, target: Target) -> None:
+        self.cfg, self.opts, self.target = cfg, opts, target
+        self.model = Phi3Model(cfg, opts)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, opts, out_dtype="float32")
+
+    def _body(self, x, positions, rope_long, kv):
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, positions, rope_long, kv, i)
+        return self.model.norm(x)
+
+    def _logits(self, x: nn.Tensor) -> nn.Tensor:
+        # logits leave the graph in fp32 whatever the activation dtype (sampling and perplexity need it)
+        if self.cfg.tie_word_embeddings:
+            return self.model.embed_tokens.lm_head_forward(x, out_dtype="float32")
+        return self.lm_head(x)
+
+    def embed(self, ids: nn.Tensor) -> nn.Tensor:
+        return self.model.embed_tokens(ids)
+
+    def prefill(self, emb: nn.Tensor, positions: nn.Tensor, rope_long: nn.Tensor, kv: PagedKVCache):
+        h = self._body(emb, positions, rope_long, kv)
+
+        def last_token(x: te.Tensor) -> te.Tensor:  # (1, s, d) -> (1, 1, d): only the last row reaches lm_head
+            return te.compute((1, 1, x.shape[2]), lambda i, j, k: x[i, x.shape[1] - 1, k], name="last_token")
+
+        return self._logits(op.tensor_expr_op(last_token, "last_token", [h])), kv
+
+    def prefill_logits(self, emb: nn.Tensor, positions: nn.Tensor, rope_long: nn.Tensor, kv: PagedKVCache):
+        return self._logits(self._body(emb, positions, rope_long, kv)), kv
+
+    def decode(self, emb: nn.Tensor, positions: nn.Tensor, rope_long: nn.Tensor, kv: PagedKVCache):
+        return self._logits(self._body(emb, positions, rope_long, kv)), kv
+
+    def create_tir_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
+                                  support_sliding_window) -> PagedKVCache:
+        c = self.cfg
+        return TIRPagedKVCache(
+            attn_kind="mha",
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            layer_partition=relax.ShapeExpr([0, c.num_hidden_layers]),
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads,
+            qk_head_dim=c.head_dim,
+            v_head_dim=c.head_dim,
+            mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NONE,  # we rotate q/k ourselves (rope.py)
+            rope_scale=1,
+            rope_theta=int(c.rope_theta),
+            rope_scaling={},
+            rope_ext_factors=relax.prim_value(0),
+            rotary_dim=c.rotary_dim,
+            enable_disaggregation=False,
+            dtype=self.opts.dtype,
+            target=self.target,
+            # only read by the sliding-window prefill kernel's mask: row r of a chunk sees W - r - 1 cached
+            # keys, so every query sees exactly W keys like HF's 0 <= q - k < W
+            layer_sliding_window_size=c.sliding_window or 1024,
+        )
+
+    def spec(self) -> nn.spec.ModuleSpec:
+        h, dt = self.cfg.hidden_size, self.opts.dtype
+        fwd = {
+            "positions": nn.spec.Tensor(["seq_len"], "int32"),
+            "rope_long": nn.spec.Tensor(["seq_len"], "int32"),
+            "kv": nn.spec.Object(object_type=PagedKVCache),
+            "$": {"param_mode": "packed", "effect_mode": "none"},
+        }
+        return nn.spec.ModuleSpec.from_raw(
+            {
+                "embed": {
+                    "ids": nn.spec.Tensor(["n"], "int32"),
+                    "$": {"param_mode": "packed", "effect_mode": "none"},
+                },
+                "prefill": {"emb": nn.spec.Tensor([1, "seq_len", h], dt), **fwd},
+                "prefill_logits": {"emb": nn.spec.Tensor([1, "seq_len", h], dt), **fwd},
+                "decode": {
+                    "emb": nn.spec.Tensor(["batch", 1, h], dt),
+                    "positions": nn.spec.Tensor(["batch"], "int32"),
+                    "rope_long": nn.spec.Tensor(["batch"], "int32"),
+                    "kv": nn.spec.Object(object_type=PagedKVCache),
+                    "$": {"param_mode": "packed", "effect_mode": "none"},
+                },
+                "create_tir_paged_kv_cache": {
+                    "max_batch_size": int,
+                    "max_total_seq_len": int,
+                    "prefill_chunk_size": int,
+                    "page_size": int,
+                    "support_sliding_window": int,
+                    "$": {"param_mode": "none", "effect_mode": "none"},
+                },
+            },
+            self,
+        )
+
+
+def export_phi3(cfg: Phi3Config, opts: GraphOptions, target: Target):
+    """-> (IRModule, [(param name, nn.Parameter)]) for the graph."""
+    model = Phi3ForCausalLM(cfg, opts, target)
+    mod, named_params = model.export_tvm(spec=model.spec())
+    return mod, named_params
