@@ -1,0 +1,110 @@
+"""Runtime behaviour: sampling, chat sessions reusing the KV cache, perplexity, and the generate CLI."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from engine_util import build_engine
+from tiny import load_hf_model, make_tiny_checkpoint
+from tiny_tokenizer import write_tiny_tokenizer
+from toolkit.cli import main
+from toolkit.runtime.generate import ChatSession
+from toolkit.runtime.perplexity import perplexity
+from toolkit.runtime.sampling import Sampler, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rt")
+    ckpt = make_tiny_checkpoint(d / "ckpt", "medium")
+    write_tiny_tokenizer(ckpt, 512)
+    return ckpt, build_engine(ckpt, d / "lib")
+
+
+def test_sampler_greedy_seeded_and_top_p():
+    logits = np.array([0.0, 3.0, 2.9, -5.0])
+    assert Sampler(SamplingParams(temperature=0))(logits) == 1
+    a = [Sampler(SamplingParams(1.0, 1.0, seed=3))(logits) for _ in range(1)]
+    draws = lambda seed: [s(logits) for s in [Sampler(SamplingParams(1.0, 1.0, seed=seed))] for _ in range(50)]  # noqa: E731
+    assert draws(7) == draws(7) and a[0] in (0, 1, 2, 3)
+    # top_p=0.5: the top token alone holds > 50% of the mass at temperature 0.1 -> always token 1
+    s = Sampler(SamplingParams(temperature=0.1, top_p=0.5, seed=0))
+    assert {s(logits) for _ in range(50)} == {1}
+    # top_p keeps {1, 2} (cum mass ~0.97 before token 0): token 3 never drawn, token 2 sometimes
+    s = Sampler(SamplingParams(temperature=1.0, top_p=0.9, seed=0))
+    seen = {s(logits) for _ in range(300)}
+    assert seen == {1, 2}
+
+
+def test_chat_second_turn_reuses_cache_and_equals_fresh_prefill(tiny):
+    ckpt, eng = tiny
+    from toolkit.checkpoint import open_model
+
+    tok = open_model(ckpt).tokenizer()
+    greedy = SamplingParams(temperature=0)
+    chat = ChatSession(eng, tok, "phi3")
+    chat.send("Hello there", greedy, 6)
+    cached_before = len(eng.seqs[chat.seq].tokens)
+    reply2, _ = chat.send("And Paris?", greedy, 6)
+    # the second turn only prefilled the new turn's tokens
+    assert len(eng.seqs[chat.seq].tokens) > cached_before
+    fresh = ChatSession(eng, tok, "phi3")
+    fresh.messages = list(chat.messages[:-1])  # history up to the second user message
+    from toolkit.chat_template import render
+
+    ids = tok.encode(render(fresh.messages, "phi3"))
+    sid = eng.add_sequence()
+    logits = eng.prefill(sid, ids)
+    first = int(np.argmax(logits))
+    eng.remove_sequence(sid)
+    assert tok.encode(reply2, add_bos=False)[:1] == [first] or reply2 == ""
+
+
+def test_perplexity_matches_transformers_same_windows(tiny):
+    ckpt, eng = tiny
+    hf = load_hf_model(ckpt)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 512, 70).tolist()
+    res = perplexity(eng, ids, context=32, stride=16)
+    nll, n, start = 0.0, 0, 0
+    with torch.no_grad():
+        while True:
+            w = ids[start : start + 32]
+            logp = torch.log_softmax(hf(torch.tensor([w])).logits[0].double(), -1).numpy()
+            first = 0 if start == 0 else 15
+            tg = np.array(w[first + 1 :])
+            nll -= logp[np.arange(first, len(w) - 1), tg].sum()
+            n += len(tg)
+            if start + 32 >= len(ids):
+                break
+            start += 16
+    assert res.tokens_scored == n == len(ids) - 1
+    # fp32 logits agree to ~1e-6 relative; the mean NLL is then equal to ~1e-5
+    assert math.isclose(res.perplexity, math.exp(nll / n), rel_tol=1e-4)
+
+
+def test_generate_cli_end_to_end_is_reproducible(tiny, tmp_path, monkeypatch):
+    ckpt, _ = tiny
+    monkeypatch.setenv("PHI3_TOOLKIT_CACHE", str(tmp_path / "cache"))
+    args = ["generate", str(ckpt), "--prompt", "Hello", "-q", "q0f32", "--max-tokens", "8", "--seed", "5",
+            "--no-stats"]
+    r1 = CliRunner().invoke(main, args)
+    assert r1.exit_code == 0, r1.output
+    r2 = CliRunner().invoke(main, args)  # second run: cached library
+    assert r2.output == r1.output
+    greedy = CliRunner().invoke(main, [*args[:-3], "--temperature", "0", "--raw", "--no-stats"])
+    assert greedy.exit_code == 0, greedy.output
+
+
+def test_generate_cli_bad_model_is_one_line_error(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    r = CliRunner().invoke(main, ["generate", str(tmp_path), "--prompt", "x"])
+    assert r.exit_code == 1
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "config.json" in lines[0]
+    assert "Traceback" not in r.output

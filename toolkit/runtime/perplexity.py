@@ -1,0 +1,63 @@
+"""Perplexity over a text with fixed-length sliding windows (the same windows for every quantization).
+
+Window w covers tokens [w*stride, w*stride + context); the first window scores every prediction, later ones
+only the `stride` newest tokens, so every token after the first is scored exactly once with at least
+context - stride tokens of history (the usual strided evaluation).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .engine import Engine
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    tokens_scored: int
+    windows: int
+    context: int
+    stride: int
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def perplexity(engine: Engine, ids: list[int], context: int = 512, stride: int | None = None,
+               max_tokens: int | None = None) -> PerplexityResult:
+    stride = stride or context // 2
+    if not 0 < stride <= context:
+        raise ValueError("stride must be in (0, context]")
+    if max_tokens:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise ValueError("need at least 2 tokens")
+    nll, scored, windows = 0.0, 0, 0
+    start = 0
+    while True:
+        window = ids[start : start + context]
+        sid = engine.add_sequence()
+        try:
+            logp = _log_softmax(engine.prefill(sid, window, all_logits=True))
+        finally:
+            engine.remove_sequence(sid)
+        # index i predicts window[i+1]; the previous window already scored up to window[context - stride - 1]
+        first = 0 if start == 0 else context - stride - 1
+        targets = np.asarray(window[first + 1 :])
+        nll -= float(logp[np.arange(first, len(window) - 1), targets].sum())
+        scored += len(targets)
+        windows += 1
+        if start + context >= len(ids):
+            break
+        start += stride
+    return PerplexityResult(math.exp(nll / scored), scored, windows, context, stride)
