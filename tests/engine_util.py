@@ -32,7 +32,7 @@ def hf_incremental(hf, prompt: list[int], continuation: list[int]) -> np.ndarray
         out = hf(torch.tensor([prompt]), use_cache=True)
         rows, cache = [out.logits[0].numpy()], out.past_key_values
         for t in continuation:
-            out = hf(torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+            out = hf(torch.tensor([[t]]), cache=cache, use_cache=True)
             cache = out.past_key_values
             rows.append(out.logits[0].numpy())
     return np.concatenate(rows)

@@ -1,0 +1,298 @@
+"""The bench: timing loop, summaries, ratios, JSON schema and plot (with test doubles for the engines), the
+roofline byte counts (config formula vs a real GGUF's tensors), and `phi3 bench --json` on the tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from toolkit.bench import harness
+from toolkit.bench.harness import BenchSettings, InProcessRunner, run_bench
+from toolkit.bench.roofline import gguf_weight_bytes_per_token, weight_bytes_per_token
+from toolkit.bench.timing import summarize, timed_generation
+from toolkit.cli import main as cli
+from toolkit.config import Phi3Config
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+
+VOCAB = 50
+
+
+class FakeBackend:
+    """A test double: logits are a deterministic function of the sequence so far; records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+        self.seq: list[int] = []
+
+    def _logits(self) -> np.ndarray:
+        out = np.zeros(VOCAB, dtype=np.float32)
+        out[(sum(self.seq) * 7 + len(self.seq)) % VOCAB] = 1.0
+        return out
+
+    def reset(self) -> None:
+        self.calls.append(("reset", None))
+        self.seq = []
+
+    def prefill(self, tokens):
+        self.calls.append(("prefill", list(tokens)))
+        self.seq += list(tokens)
+        return self._logits()
+
+    def decode(self, token):
+        self.calls.append(("decode", token))
+        self.seq.append(token)
+        return self._logits()
+
+
+def test_timed_generation_feeds_back_argmax():
+    b = FakeBackend()
+    r = timed_generation(b, [3, 4, 5], decode_tokens=4)
+    assert b.calls[0] == ("reset", None) and b.calls[1] == ("prefill", [3, 4, 5])
+    decoded = [arg for kind, arg in b.calls if kind == "decode"]
+    assert len(decoded) == 4
+    # each decode input is the argmax of the previous step, recomputed here independently
+    seq = [3, 4, 5]
+    for tok in decoded:
+        assert tok == (sum(seq) * 7 + len(seq)) % VOCAB
+        seq.append(tok)
+    assert r["tokens"][:4] == decoded and r["prompt_len"] == 3 and r["decode_tokens"] == 4
+    assert r["prefill_s"] > 0 and r["decode_s"] > 0
+
+
+def test_summarize():
+    assert summarize([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+
+
+def _tiny_config() -> Phi3Config:
+    return Phi3Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=32,
+    )
+
+
+def _fake_run(prefill_s: float, decode_s: float, p: int, n: int) -> dict:
+    return {"prompt_len": p, "decode_tokens": n, "prefill_s": prefill_s, "decode_s": decode_s, "tokens": [1]}
+
+
+def test_ratios_use_llama_cpps_best_setting():
+    """Exact numbers from synthetic runs: ours 2x faster decode than FA-off, prefill 0.5x of FA-on."""
+    runs = {
+        "ours": {8: [_fake_run(0.1, 1.0, 8, 10)] * 3},  # prefill 80 tok/s, decode 10 tok/s
+        "llama_cpp_fa_off": {8: [_fake_run(0.2, 2.0, 8, 10)] * 3},  # 40, 5
+        "llama_cpp_fa_on": {8: [_fake_run(0.05, 4.0, 8, 10)] * 3},  # 160, 2.5
+    }
+    e = harness._thread_entry(1, runs, 8, bw=1000.0, our_bytes=10, llama_bytes=20)
+    assert e["decode_ratio_vs_llama_cpp"] == pytest.approx(10 / 5)
+    assert e["prefill_ratio_vs_llama_cpp"] == pytest.approx(80 / 160)
+    assert e["prefill_ratio_by_prompt_length"] == {"8": pytest.approx(0.5)}
+    assert e["roofline"]["decode_tok_s_ceiling"] == pytest.approx(100.0)
+    assert e["roofline"]["fraction"] == pytest.approx(0.1)
+    assert e["llama_cpp"]["fa_off"]["roofline_fraction"] == pytest.approx(5 / 50)
+
+
+def _fake_bench(tmp_path, **kw):
+    backends: dict[str, FakeBackend] = {}
+
+    def ours(model, s, t):
+        backends[f"ours{t}"] = FakeBackend()
+        return InProcessRunner(backends[f"ours{t}"], {"quantization": s.quantization})
+
+    def llama(gguf, s, t, fa):
+        backends[f"llama{t}{fa}"] = FakeBackend()
+        return InProcessRunner(backends[f"llama{t}{fa}"], {"version": "fake", "amx": True})
+
+    s = BenchSettings(threads=[1, 2], prompt_lengths=[4, 8], decode_tokens=3, repeats=2, warmup=1, **kw)
+    res = run_bench(
+        None,
+        s,
+        config=_tiny_config(),
+        llama_gguf=tmp_path / "x.gguf",
+        ours_factory=ours,
+        llama_factory=llama,
+        measure_bw=lambda th, n: {str(t): 1e9 * t for t in th},
+        log=lambda m: None,
+    )
+    return res, backends
+
+
+def test_run_bench_schema_with_test_doubles(tmp_path, monkeypatch):
+    monkeypatch.setattr("toolkit.bench.roofline.gguf_weight_bytes_per_token", lambda p: 12345)
+    res, backends = _fake_bench(tmp_path, vs_llama_cpp=True)
+    json.dumps(res)  # JSON-ready
+    assert res["schema"] == "phi3-bench/1"
+    assert set(res["decode_ratio_vs_llama_cpp"]) == {"1", "2"} == set(res["prefill_ratio_vs_llama_cpp"])
+    assert res["roofline"]["weight_bytes_per_token"] == weight_bytes_per_token(_tiny_config(), "q4f32_1")
+    for e in res["results"]:
+        ours, llama = e["ours"], e["llama_cpp"]
+        assert set(llama) == {"fa_off", "fa_on"}
+        assert [b["prompt_len"] for b in ours["by_prompt_length"]] == [4, 8]
+        assert ours["decode_tok_s"]["n"] == 2  # warm-up dropped
+        best = max(v["decode_tok_s"]["median"] for v in llama.values())
+        assert e["decode_ratio_vs_llama_cpp"] == pytest.approx(ours["decode_tok_s"]["median"] / best)
+        assert res["decode_ratio_vs_llama_cpp"][str(e["threads"])] == e["decode_ratio_vs_llama_cpp"]
+        assert 0 < ours["ttft_s"]["min"] <= ours["ttft_s"]["median"] <= ours["ttft_s"]["max"]
+        assert ours["peak_rss_bytes"] > 0
+    # every backend ran (warmup + repeats) x prompt lengths generations, each a prefill of the shared prompt
+    for b in backends.values():
+        prefills = [arg for kind, arg in b.calls if kind == "prefill"]
+        assert len(prefills) == (1 + 2) * 2
+        assert sorted({len(p) for p in prefills}) == [4, 8]
+    p8 = {tuple(a) for b in backends.values() for k, a in b.calls if k == "prefill" and len(a) == 8}
+    assert len(p8) == 1  # the same prompt for every backend
+
+
+def test_run_bench_without_llama_and_plot(tmp_path):
+    res, backends = _fake_bench(tmp_path)
+    assert "decode_ratio_vs_llama_cpp" not in res and "llama_cpp" not in res["results"][0]
+    assert set(backends) == {"ours1", "ours2"}
+    png = harness.plot(res, tmp_path / "b.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "ours" in harness.format_table(res)
+
+
+@pytest.mark.parametrize("variant", ["mini-4k", "phi4-mini"])
+def test_weight_bytes_formula_matches_a_gguf(tmp_path, variant):
+    """Two independent routes to the bytes read per token: the config formula and a written GGUF's tensors
+    (phi4-mini: tied embeddings, so the table is read as the output layer and counted)."""
+    from tiny import make_tiny_checkpoint
+
+    from toolkit.checkpoint import open_model
+    from toolkit.gguf_export import export_gguf
+
+    ckpt = make_tiny_checkpoint(tmp_path / "m", variant)
+    export_gguf(ckpt, tmp_path / "m.gguf", qtype="q4_0")
+    cfg = open_model(ckpt).config
+    assert gguf_weight_bytes_per_token(tmp_path / "m.gguf") == weight_bytes_per_token(cfg, "q4_0")
+
+
+def test_phi3_mini_bytes_and_random_q4_0_blocks():
+    import gguf
+    from make_phi3_mini_random import phi3_mini_config, random_q4_0
+
+    _, cfg = phi3_mini_config()
+    assert weight_bytes_per_token(cfg, "q4_0") == 2_094_637_056  # shared/notes/cpu-speed-anchor.md
+    blocks = random_q4_0((64, 3072), np.random.default_rng(0))
+    w = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_0)
+    assert w.shape == (64, 3072) and np.isfinite(w).all()
+    # scales were chosen for unit output variance: std(w) * sqrt(cols) ~ 1 (uniform codes, +-25% scale jitter)
+    assert 0.8 < float(w.std()) * np.sqrt(3072) < 1.2
+
+
+def test_bench_bad_input():
+    r = CliRunner().invoke(cli, ["bench", "--threads", "0"])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    r = CliRunner().invoke(cli, ["bench", "--threads", "a,b"])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+
+
+def _engine_ready() -> bool:
+    if importlib.util.find_spec("toolkit.runtime.engine") is None:
+        return False
+    from toolkit.runtime import engine as rt
+
+    return hasattr(rt.Engine, "load") or hasattr(rt, "load_engine")
+
+
+def _write_byte_tokenizer(folder: Path) -> None:
+    """A byte-level BPE tokenizer.json (256 byte tokens + specials, no merges): the engine loads one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=260,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(["hello world"], trainer)
+    tok.save(str(folder / "tokenizer.json"))
+
+
+@pytest.mark.skipif(not _engine_ready(), reason="our engine (toolkit.runtime.engine) is not there yet")
+def test_cli_bench_json_tiny(tmp_path):
+    from tiny import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "m", "mini-4k")
+    _write_byte_tokenizer(ckpt)
+    args = [
+        "bench",
+        str(ckpt),
+        "--threads",
+        "1",
+        "--prompt-lengths",
+        "4,8",
+        "--decode-tokens",
+        "4",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+        "--bandwidth-mib",
+        "64",
+        "--quantization",
+        "q4f32_1",
+        "--json",
+        "--plot",
+        str(tmp_path / "p.png"),
+    ]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output + "".join(traceback.format_exception(*r.exc_info))
+    res = json.loads(r.stdout)
+    assert res["schema"] == "phi3-bench/1" and res["model"]["vocab_size"] == 512
+    e = res["results"][0]
+    assert e["threads"] == 1 and e["ours"]["decode_tok_s"]["median"] > 0
+    assert all(0 <= t < 512 for t in e["ours"]["greedy_tokens"])
+    assert 0 < e["roofline"]["fraction"]
+    assert (tmp_path / "p.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not _engine_ready() or importlib.util.find_spec("llama_cpp") is None,
+    reason="needs Engine.load and llama-cpp-python",
+)
+def test_cli_bench_vs_llama_cpp_tiny(tmp_path, monkeypatch):
+    from tiny import make_tiny_checkpoint
+
+    monkeypatch.setenv("PHI3_TOOLKIT_CACHE", str(tmp_path / "cache"))
+    ckpt = make_tiny_checkpoint(tmp_path / "m", "mini-4k")
+    _write_byte_tokenizer(ckpt)
+    args = [
+        "bench",
+        str(ckpt),
+        "--threads",
+        "1",
+        "--prompt-lengths",
+        "8",
+        "--decode-tokens",
+        "4",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--bandwidth-mib",
+        "64",
+        "--vs-llama-cpp",
+        "--no-build",
+        "--json",
+    ]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["decode_ratio_vs_llama_cpp"]["1"] > 0 and res["prefill_ratio_vs_llama_cpp"]["1"] > 0
+    assert set(res["results"][0]["llama_cpp"]) == {"fa_off", "fa_on"}
