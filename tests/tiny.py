@@ -84,9 +84,12 @@ def make_tiny_checkpoint(
     dtype: str = "float32",
     seed: int = 0,
     max_shard_size: str | None = None,
+    tokenizer: bool = True,
     **overrides,
 ) -> Path:
-    """Write a tiny random checkpoint folder and return it. dtype: float32 | float16 | bfloat16."""
+    """Write a tiny random checkpoint folder (with a small tokenizer.json) and return it.
+
+    dtype: float32 | float16 | bfloat16."""
     import torch
     from transformers import Phi3ForCausalLM
 
@@ -106,6 +109,10 @@ def make_tiny_checkpoint(
     out = Path(out)
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, safe_serialization=True, **kw)
+    if tokenizer:
+        from tiny_tokenizer import write_tiny_tokenizer
+
+        write_tiny_tokenizer(out, cfg.vocab_size)
     return out
 
 

@@ -26,9 +26,9 @@ from ..model.phi3 import GraphOptions, export_phi3
 from ..quantization import get_scheme
 from ..targets import Preset, load_preset
 from . import pipeline
+from .artifacts import MANIFEST, export_library, kernel_launch_table, verify_manifest, write_manifest
 
 LIB_NAME = "model"  # model.so / model.tar / model.dylib
-MANIFEST = "manifest.json"
 
 
 def graph_options(quantization: str, preset: Preset, dtype: str | None = None) -> GraphOptions:
@@ -86,46 +86,31 @@ def compile_model(cfg: Phi3Config, quantization: str, preset: Preset | str, out_
     tmp.mkdir(parents=True)
     t0 = time.time()
     mod, named_params = export_phi3(cfg, opts, target)
-    ex = pipeline.build(mod, target, schedule_fn(preset), system_lib=preset.system_lib)
+    ex, scheduled = pipeline.build(mod, target, schedule_fn(preset), system_lib=preset.system_lib)
     lib_file = LIB_NAME + preset.output
-    _export(ex, tmp / lib_file, preset)
-    manifest = {
+    notes = export_library(ex, tmp / lib_file, preset)
+    kernels = kernel_launch_table(scheduled, target) if preset.is_gpu else []
+    extra = {
         "toolkit_version": __version__,
-        "tvm_version": tvm.__version__,
-        "preset": preset.name,
-        "target": preset.target_dict,
-        "quantization": opts.quantization,
         "dtype": opts.dtype,
-        "model_config": cfg.to_dict(),
         "library": lib_file,
         "params": [{"name": n, "shape": [int(x) for x in p.shape], "dtype": p.dtype} for n, p in named_params],
         "compile_seconds": round(time.time() - t0, 2),
+        "build_notes": notes,
     }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    manifest = write_manifest(tmp, preset, opts.quantization, cfg, kernels, extra=extra)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return CompiledModel(out_dir, manifest)
 
 
-def _export(ex, path: Path, preset: Preset) -> None:
-    if preset.output == ".tar":
-        ex.export_library(str(path), fcompile=tvm.support.tar.tar)
-    else:
-        ex.export_library(str(path))
-
-
 def load_compiled(folder: str | Path) -> CompiledModel:
+    """A folder written by `compile_model`, its files checked against the manifest's sha256."""
     folder = Path(folder)
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise UserError("no manifest.json: not a folder written by `phi3 compile`", folder)
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"corrupt manifest ({e})", path) from None
-    if not (folder / manifest.get("library", "")).is_file():
-        raise UserError(f"library {manifest.get('library')!r} is missing", folder)
+    manifest = verify_manifest(folder)
+    if "library" not in manifest or "params" not in manifest:
+        raise UserError("manifest has no library/params: not a model library folder", folder)
     return CompiledModel(folder, manifest)
 
 

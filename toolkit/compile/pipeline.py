@@ -62,8 +62,10 @@ def build(
     schedule: Callable[[IRModule], IRModule],
     *,
     system_lib: bool = False,
-) -> relax.VMExecutable:
-    """Full pipeline: lower, schedule (target-specific callable), finalize, codegen."""
+) -> tuple[relax.VMExecutable, IRModule]:
+    """Full pipeline: lower, schedule (target-specific callable), finalize, codegen.
+
+    Returns the executable and the scheduled module (for the manifest's kernel table)."""
     lowered = lower_to_tir(mod, target)
     with target:
         scheduled = schedule(lowered)
@@ -72,4 +74,4 @@ def build(
     def _finalize(m: IRModule, _ctx) -> IRModule:
         return finalize(m, target)
 
-    return relax.build(scheduled, target, relax_pipeline=_finalize, system_lib=system_lib)
+    return relax.build(scheduled, target, relax_pipeline=_finalize, system_lib=system_lib), scheduled

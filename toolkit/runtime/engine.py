@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import tvm
-from tvm import relax
 from tvm.runtime import ShapeTuple
+from tvm.runtime.vm import VirtualMachine  # runtime-only: the engine also runs with TVM_USE_RUNTIME_LIB=1
 
 from ..config import Phi3Config
 
@@ -42,7 +42,7 @@ class Engine:
 
     def __init__(
         self,
-        executable: relax.VMExecutable | tvm.runtime.Module,
+        executable: tvm.runtime.Module,
         params: Sequence[tvm.runtime.Tensor],
         cfg: Phi3Config,
         *,
@@ -52,7 +52,7 @@ class Engine:
     ) -> None:
         self.cfg, self.dtype = cfg, dtype
         self.device = device or tvm.cpu()
-        self.vm = relax.VirtualMachine(executable, self.device)
+        self.vm = VirtualMachine(executable, self.device)
         self.params = list(params)
         self.cache_opts = cache or CacheOptions()
         c = self.cache_opts
