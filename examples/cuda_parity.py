@@ -61,22 +61,102 @@ def prepare(out: Path) -> None:
         (d / "case.json").write_text(json.dumps({"prompt": ids, "decode": toks, "cfg": host.cfg.to_dict()}))
         index.append({"case": name, "cuda_compile_s": round(cuda_s, 1)})
         # host params go with the cuda lib: same names, shapes and dtypes? (host computes fp32 activations)
-        assert [p["name"] for p in host.compiled.manifest["params"]] == [p["name"] for p in cuda.manifest["params"]]
+        assert [p["name"] for p in host.compiled.manifest["params"]] == [
+            p["name"] for p in cuda.manifest["params"]
+        ]
     (out / "index.json").write_text(json.dumps(index, indent=1))
+
+
+PHI3_MINI = dict(
+    vocab_size=32064,
+    hidden_size=3072,
+    intermediate_size=8192,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    head_dim=96,
+    max_position_embeddings=4096,
+)
+
+
+def prepare_speed(out: Path) -> None:
+    """Phi-3-mini-shaped q4f16_1 library for the decode-speed part (random weights, made on the GPU box)."""
+    from toolkit.compile.compile_model import compile_model
+    from toolkit.config import Phi3Config
+
+    cfg = Phi3Config(**PHI3_MINI)
+    t0 = time.time()
+    compile_model(cfg, "q4f16_1", "cuda-sm90", out / "phi3-mini-speed")
+    (out / "phi3-mini-speed" / "case.json").write_text(
+        json.dumps({"cfg": cfg.to_dict(), "compile_s": round(time.time() - t0, 1)})
+    )
+
+
+def run_speed(out: Path, dev) -> dict:
+    import tvm
+
+    from toolkit.config import Phi3Config
+    from toolkit.runtime.engine import CacheOptions, Engine
+
+    d = out / "phi3-mini-speed"
+    case = json.loads((d / "case.json").read_text())
+    manifest = json.loads((d / "manifest.json").read_text())
+    cfg = Phi3Config.from_dict(case["cfg"])
+    rng = np.random.default_rng(0)
+    params = []
+    for p in manifest["params"]:
+        shape = tuple(p["shape"])
+        if p["dtype"] == "uint32":
+            a = rng.integers(0, 2**32, size=shape, dtype=np.uint32)
+        elif p["name"].endswith("q_scale"):
+            a = np.full(shape, 0.002, dtype=p["dtype"])
+        else:
+            a = np.ones(shape, dtype=p["dtype"])
+        params.append(tvm.runtime.tensor(a, dev))
+    eng = Engine(
+        tvm.runtime.load_module(str(d / manifest["library"])),
+        params,
+        cfg,
+        dtype=manifest["dtype"],
+        device=dev,
+        cache=CacheOptions(max_batch_size=1, context_window=1024, prefill_chunk=512),
+    )
+    prompt = rng.integers(0, cfg.vocab_size, 128).tolist()
+    res = {}
+    for rep in range(3):
+        sid = eng.add_sequence()
+        t0 = time.perf_counter()
+        logits = eng.prefill(sid, prompt)
+        dev.sync()
+        t1 = time.perf_counter()
+        for _ in range(64):
+            logits = eng.decode(sid, int(np.argmax(logits)))
+        dev.sync()
+        t2 = time.perf_counter()
+        eng.remove_sequence(sid)
+        res = {
+            "prefill_tok_s": round(128 / (t1 - t0), 1),
+            "decode_tok_s": round(64 / (t2 - t1), 1),
+            "rep": rep,
+            "compile_s": case["compile_s"],
+        }
+        print("phi3-mini q4f16_1 cuda-sm90", json.dumps(res))
+    return res
 
 
 def run(out: Path) -> None:
     import tvm
 
-    try:  # registers tvm_callback_cuda_compile, for libraries that still hold CUDA source (not AOT-compiled)
-        import tvm.support.nvcc  # noqa: F401
-    except Exception:  # noqa: BLE001
-        pass
+    import ctypes
+
+    # runtime-only TVM (TVM_USE_RUNTIME_LIB=1) does not load its CUDA device API on its own
+    lib_dir = Path(tvm.__file__).parent / "lib"
+    ctypes.CDLL(str(lib_dir / "libtvm_runtime_cuda.so"), mode=ctypes.RTLD_GLOBAL)
     from toolkit.config import Phi3Config
     from toolkit.runtime.engine import Engine
 
     dev = tvm.cuda(0)
-    print("device:", dev.device_name if hasattr(dev, "device_name") else dev)
+    print("device:", dev.device_name)
     results = []
     for entry in json.loads((out / "index.json").read_text()):
         d = out / entry["case"]
@@ -86,7 +166,8 @@ def run(out: Path) -> None:
         lib = tvm.runtime.load_module(str(d / manifest["library"]))
         npz = np.load(d / "params.npz")
         params = [
-            tvm.runtime.tensor(npz[f"arr_{i}"].astype(p["dtype"]), dev) for i, p in enumerate(manifest["params"])
+            tvm.runtime.tensor(npz[f"arr_{i}"].astype(p["dtype"]), dev)
+            for i, p in enumerate(manifest["params"])
         ]
         eng = Engine(lib, params, cfg, dtype=manifest["dtype"], device=dev)
         sid = eng.add_sequence()
@@ -101,11 +182,19 @@ def run(out: Path) -> None:
         ours = np.stack(rows)
         err = float(np.abs(ours - ref).max() / np.abs(ref).max())
         agree = float((ours.argmax(-1) == ref.argmax(-1)).mean())
-        results.append({**entry, "rel_err": err, "argmax_agree": agree,
-                        "decode_tok_s": round(len(case["decode"]) / dt, 1)})
+        results.append(
+            {
+                **entry,
+                "rel_err": err,
+                "argmax_agree": agree,
+                "decode_tok_s": round(len(case["decode"]) / dt, 1),
+            }
+        )
         print(json.dumps(results[-1]))
+    if (out / "phi3-mini-speed" / "manifest.json").is_file():
+        results.append({"speed": run_speed(out, dev)})
     print("RESULTS", json.dumps(results))
 
 
 if __name__ == "__main__":
-    {"prepare": prepare, "run": run}[sys.argv[1]](Path(sys.argv[2]))
+    {"prepare": prepare, "prepare-speed": prepare_speed, "run": run}[sys.argv[1]](Path(sys.argv[2]))

@@ -14,13 +14,19 @@ from toolkit.runtime.engine import CacheOptions, Engine
 from toolkit.runtime.weights import load_params
 
 
-def build_engine(ckpt: Path, out: Path, quantization: str = "q0f32", dtype: str | None = None,
-                 cache: CacheOptions | None = None) -> Engine:
+def build_engine(
+    ckpt: Path,
+    out: Path,
+    quantization: str = "q0f32",
+    dtype: str | None = None,
+    cache: CacheOptions | None = None,
+) -> Engine:
     src = open_model(ckpt)
     compiled = compile_model(src.config, quantization, "host", out, dtype=dtype)
     lib = tvm.runtime.load_module(str(compiled.library))
-    eng = Engine(lib, load_params(src, compiled, tvm.cpu()), src.config, dtype=compiled.manifest["dtype"],
-                 cache=cache)
+    eng = Engine(
+        lib, load_params(src, compiled, tvm.cpu()), src.config, dtype=compiled.manifest["dtype"], cache=cache
+    )
     eng.compiled = compiled
     return eng
 

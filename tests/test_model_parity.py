@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from engine_util import build_engine, hf_incremental, rel_err
 from tiny import load_hf_model, make_tiny_checkpoint
 
@@ -78,7 +77,7 @@ def test_two_sequences_in_one_batch(setup):
     for s in sids:
         eng.remove_sequence(s)
     for i in range(2):
-        ref = hf_incremental(hf, prompts[i], toks[i])[len(prompts[i]):]
+        ref = hf_incremental(hf, prompts[i], toks[i])[len(prompts[i]) :]
         assert rel_err(np.stack(rows[i]), ref) < TOL, (variant, i)
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from engine_util import build_engine, hf_incremental, rel_err
 from tiny import load_hf_model, make_tiny_checkpoint
+
 from toolkit.checkpoint import open_model
 from toolkit.compile.compile_model import graph_options
 from toolkit.compile.fuse_dequant import fused_dequant_kernels, unfused_dequant_kernels

@@ -34,8 +34,10 @@ class NumpyLlama:
         self.n_kv, self.eps = f("llama.attention.head_count_kv"), f("llama.attention.layer_norm_rms_epsilon")
         self.theta = f("llama.rope.freq_base")
         self.w = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32) for t in r.tensors}
-        self.w = {k: v.reshape([int(x) for x in reversed(t.shape)]) if v.ndim == 1 and len(t.shape) > 1 else v
-                  for (k, v), t in zip(self.w.items(), r.tensors)}
+        self.w = {
+            k: v.reshape([int(x) for x in reversed(t.shape)]) if v.ndim == 1 and len(t.shape) > 1 else v
+            for (k, v), t in zip(self.w.items(), r.tensors)
+        }
 
     def _rms(self, x, w):
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + self.eps) * w
@@ -82,7 +84,9 @@ def test_greedy_16_tokens_match_numpy_reference(smol_path, tmp_path):
     from toolkit.checkpoint import open_model
 
     tok = open_model(smol_path).tokenizer()
-    prompt = tok.encode("The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is")
+    prompt = tok.encode(
+        "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
+    )
     eng = build_engine(smol_path, tmp_path / "lib", "q0f32")
     sid = eng.add_sequence()
     logits = eng.prefill(sid, prompt)

@@ -98,7 +98,7 @@ def make_tiny_checkpoint(
     cfg._attn_implementation = "eager"
     model = Phi3ForCausalLM(cfg).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _, p in model.named_parameters():
             if p.ndim == 2:
                 p.normal_(0.0, 1.5 / p.shape[1] ** 0.5)
             else:

@@ -99,7 +99,8 @@ def _parse_longrope(cfg: dict[str, Any], rope: dict[str, Any], rotary_dim: int, 
     short, long = tuple(map(float, rope["short_factor"])), tuple(map(float, rope["long_factor"]))
     if len(short) != rotary_dim // 2 or len(long) != rotary_dim // 2:
         raise UserError(
-            f"longrope factors have {len(short)}/{len(long)} entries, expected rotary_dim/2 = {rotary_dim // 2}",
+            f"longrope factors have {len(short)}/{len(long)} entries, expected rotary_dim/2 = "
+            f"{rotary_dim // 2}",
             path,
         )
     orig = rope.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
@@ -120,14 +121,18 @@ def parse_hf_config(cfg: dict[str, Any], path: Path) -> Phi3Config:
     archs = cfg.get("architectures") or []
     mtype = cfg.get("model_type")
     if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        raise UserError(f"unsupported architecture {archs}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}", path)
+        raise UserError(
+            f"unsupported architecture {archs}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}", path
+        )
     if not archs and mtype != "phi3":
         raise UserError(f"unsupported model_type {mtype!r}; expected 'phi3'", path)
     hidden = int(_req(cfg, "hidden_size", path))
     n_heads = int(_req(cfg, "num_attention_heads", path))
     n_kv = int(cfg.get("num_key_value_heads") or n_heads)
     if n_heads % n_kv:
-        raise UserError(f"num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv}", path)
+        raise UserError(
+            f"num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv}", path
+        )
     head_dim = int(cfg.get("head_dim") or hidden // n_heads)
 
     # transformers 5 folds rope_theta/rope_scaling/partial_rotary_factor into rope_parameters
@@ -143,7 +148,9 @@ def parse_hf_config(cfg: dict[str, Any], path: Path) -> Phi3Config:
 
     rtype = rope.get("rope_type", rope.get("type"))
     if rope and rtype is None and ("short_factor" in rope or "long_factor" in rope):
-        raise UserError("rope scaling has long/short factors but no 'type'/'rope_type'; refusing to guess", path)
+        raise UserError(
+            "rope scaling has long/short factors but no 'type'/'rope_type'; refusing to guess", path
+        )
     longrope = None
     if rtype in ("longrope", "su"):  # "su" is the pre-July-2024 name of longrope
         longrope = _parse_longrope(cfg, rope, rotary_dim, path)

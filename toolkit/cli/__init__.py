@@ -18,7 +18,9 @@ from ..errors import UserError
 
 class _Group(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
-        names = [m.name[4:].replace("_", "-") for m in pkgutil.iter_modules(__path__) if m.name.startswith("cmd_")]
+        names = [
+            m.name[4:].replace("_", "-") for m in pkgutil.iter_modules(__path__) if m.name.startswith("cmd_")
+        ]
         return sorted(names)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:

@@ -15,15 +15,17 @@ from .options import model_argument, run_options, sampling_options
 @click.option("--stats", is_flag=True, help="Print speed statistics after each reply.")
 @sampling_options
 @run_options
-def command(model, system, stats, max_tokens, temperature, top_p, seed, quantization, device, threads,
-            allow_pickle):
+def command(
+    model, system, stats, max_tokens, temperature, top_p, seed, quantization, device, threads, allow_pickle
+):
     """Chat with MODEL (default: SmolLM2-135M). Commands: /reset, /exit (or Ctrl-D)."""
     from ..runtime.engine import load_engine
     from ..runtime.generate import ChatSession
     from ..runtime.sampling import SamplingParams
 
-    engine, source = load_engine(model, quantization=quantization, device=device, threads=threads,
-                                 allow_pickle=allow_pickle)
+    engine, source = load_engine(
+        model, quantization=quantization, device=device, threads=threads, allow_pickle=allow_pickle
+    )
     tok = source.tokenizer()
     sampling = SamplingParams(temperature, top_p, seed)
 
@@ -33,8 +35,11 @@ def command(model, system, stats, max_tokens, temperature, top_p, seed, quantiza
     session = new_session()
     interactive = sys.stdin.isatty()
     if interactive:
-        click.echo(f"Chatting with {source.path.name} ({engine.compiled.manifest['quantization']}). "
-                   "/reset clears the history, /exit quits.", err=True)
+        click.echo(
+            f"Chatting with {source.path.name} ({engine.compiled.manifest['quantization']}). "
+            "/reset clears the history, /exit quits.",
+            err=True,
+        )
     while True:
         try:
             line = input(">>> " if interactive else "")

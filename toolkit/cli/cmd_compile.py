@@ -10,7 +10,12 @@ from .options import model_argument
 @click.command("compile")
 @model_argument
 @click.option("--device", default="host", show_default=True, help="Device preset (see `phi3 targets`).")
-@click.option("--quantization", "-q", default=None, help="Quantization (default q4f16_1; converted folders keep theirs).")
+@click.option(
+    "--quantization",
+    "-q",
+    default=None,
+    help="Quantization (default q4f16_1; converted folders keep theirs).",
+)
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Output folder.")
 def command(model, device, quantization, output):
     """Compile MODEL's graph for a device preset into OUTPUT (library + manifest.json)."""

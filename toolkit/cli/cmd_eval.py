@@ -13,13 +13,17 @@ from .options import model_argument, run_options
 
 @click.command("eval")
 @model_argument
-@click.option("--ppl", "text_file", required=True, type=click.Path(dir_okay=False), help="Text file to score.")
+@click.option(
+    "--ppl", "text_file", required=True, type=click.Path(dir_okay=False), help="Text file to score."
+)
 @click.option("--context", type=int, default=512, show_default=True, help="Window length in tokens.")
 @click.option("--stride", type=int, default=None, help="Window step (default: context/2).")
 @click.option("--max-tokens", type=int, default=None, help="Score only the first N tokens of the text.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @run_options
-def command(model, text_file, context, stride, max_tokens, as_json, quantization, device, threads, allow_pickle):
+def command(
+    model, text_file, context, stride, max_tokens, as_json, quantization, device, threads, allow_pickle
+):
     """Perplexity of MODEL over TEXTFILE with fixed sliding windows (default model: SmolLM2-135M)."""
     from ..runtime.engine import CacheOptions, load_engine
     from ..runtime.perplexity import perplexity
@@ -31,14 +35,25 @@ def command(model, text_file, context, stride, max_tokens, as_json, quantization
         text = path.read_text()
     except UnicodeDecodeError:
         raise UserError("not UTF-8 text", path) from None
-    engine, source = load_engine(model, quantization=quantization, device=device, threads=threads,
-                                 allow_pickle=allow_pickle,
-                                 cache=CacheOptions(max_batch_size=1, context_window=context, prefill_chunk=context))
+    engine, source = load_engine(
+        model,
+        quantization=quantization,
+        device=device,
+        threads=threads,
+        allow_pickle=allow_pickle,
+        cache=CacheOptions(max_batch_size=1, context_window=context, prefill_chunk=context),
+    )
     ids = source.tokenizer().encode(text)
     res = perplexity(engine, ids, context=context, stride=stride, max_tokens=max_tokens)
-    out = {"model": str(source.path), "quantization": engine.compiled.manifest["quantization"], **res.to_dict()}
+    out = {
+        "model": str(source.path),
+        "quantization": engine.compiled.manifest["quantization"],
+        **res.to_dict(),
+    }
     if as_json:
         click.echo(json.dumps(out))
     else:
-        click.echo(f"perplexity {res.perplexity:.4f} over {res.tokens_scored} tokens "
-                   f"({res.windows} windows of {context}, stride {res.stride}; {out['quantization']})")
+        click.echo(
+            f"perplexity {res.perplexity:.4f} over {res.tokens_scored} tokens "
+            f"({res.windows} windows of {context}, stride {res.stride}; {out['quantization']})"
+        )

@@ -17,15 +17,29 @@ from .options import model_argument, run_options, sampling_options
 @click.option("--stats/--no-stats", default=True, help="Print speed statistics to stderr.")
 @sampling_options
 @run_options
-def command(model, prompt, raw, system, stats, max_tokens, temperature, top_p, seed, quantization, device,
-            threads, allow_pickle):
-    """Generate a continuation of PROMPT with MODEL (HF folder, .gguf, converted folder; default: SmolLM2-135M)."""
+def command(
+    model,
+    prompt,
+    raw,
+    system,
+    stats,
+    max_tokens,
+    temperature,
+    top_p,
+    seed,
+    quantization,
+    device,
+    threads,
+    allow_pickle,
+):
+    """Generate from PROMPT with MODEL (HF folder, .gguf, converted folder; default: SmolLM2-135M)."""
     from ..runtime.engine import load_engine
     from ..runtime.generate import ChatSession
     from ..runtime.sampling import SamplingParams
 
-    engine, source = load_engine(model, quantization=quantization, device=device, threads=threads,
-                                 allow_pickle=allow_pickle)
+    engine, source = load_engine(
+        model, quantization=quantization, device=device, threads=threads, allow_pickle=allow_pickle
+    )
     session = ChatSession(engine, source.tokenizer(), "raw" if raw else source.conv_template, system=system)
 
     def out(text: str) -> None:

@@ -9,11 +9,17 @@ model_argument = click.argument("model", required=False)
 
 def run_options(f):
     """--quantization/--device/--threads/--allow-pickle for commands that run a model."""
-    f = click.option("--allow-pickle", is_flag=True, help="Allow loading pickle .bin checkpoints (unsafe).")(f)
+    f = click.option("--allow-pickle", is_flag=True, help="Allow loading pickle .bin checkpoints (unsafe).")(
+        f
+    )
     f = click.option("--threads", type=int, default=None, help="CPU threads (default: one per core).")(f)
-    f = click.option("--device", default="host", show_default=True, help="Device preset (see `phi3 targets`).")(f)
     f = click.option(
-        "--quantization", "-q", default=None,
+        "--device", default="host", show_default=True, help="Device preset (see `phi3 targets`)."
+    )(f)
+    f = click.option(
+        "--quantization",
+        "-q",
+        default=None,
         help="q0f32, q0f16, q4f16_1, q4f32_1 (default: q4f16_1; converter output keeps its own).",
     )(f)
     return f

@@ -72,8 +72,9 @@ class CompiledModel:
         return [p["name"] for p in self.manifest["params"]]
 
 
-def compile_model(cfg: Phi3Config, quantization: str, preset: Preset | str, out_dir: str | Path,
-                  *, dtype: str | None = None) -> CompiledModel:
+def compile_model(
+    cfg: Phi3Config, quantization: str, preset: Preset | str, out_dir: str | Path, *, dtype: str | None = None
+) -> CompiledModel:
     """Build the library into `out_dir` (written to a temp folder, renamed when complete).
 
     `dtype` overrides the activation dtype (default: see `graph_options`)."""
@@ -94,7 +95,9 @@ def compile_model(cfg: Phi3Config, quantization: str, preset: Preset | str, out_
         "toolkit_version": __version__,
         "dtype": opts.dtype,
         "library": lib_file,
-        "params": [{"name": n, "shape": [int(x) for x in p.shape], "dtype": p.dtype} for n, p in named_params],
+        "params": [
+            {"name": n, "shape": [int(x) for x in p.shape], "dtype": p.dtype} for n, p in named_params
+        ],
         "compile_seconds": round(time.time() - t0, 2),
         "build_notes": notes,
     }
@@ -114,7 +117,7 @@ def load_compiled(folder: str | Path) -> CompiledModel:
     return CompiledModel(folder, manifest)
 
 
-# -- JIT cache ------------------------------------------------------------------------------------------------
+# -- JIT cache ---------------------------------------------------------------------------------------
 def cache_root() -> Path:
     return Path(os.environ.get("PHI3_TOOLKIT_CACHE", Path.home() / ".cache" / "phi3-toolkit"))
 
@@ -122,8 +125,15 @@ def cache_root() -> Path:
 def cache_key(cfg: Phi3Config, quantization: str, preset: Preset) -> str:
     """Key a compiled library by model config, quantization, device target and toolkit/TVM versions."""
     blob = json.dumps(
-        [cfg.to_dict(), quantization, preset.target_dict, preset.name, __version__, tvm.__version__,
-         _toolkit_source_hash()],
+        [
+            cfg.to_dict(),
+            quantization,
+            preset.target_dict,
+            preset.name,
+            __version__,
+            tvm.__version__,
+            _toolkit_source_hash(),
+        ],
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]

@@ -110,7 +110,9 @@ class Phi3ForCausalLM(nn.Module):
     def prefill(self, emb: nn.Tensor, positions: nn.Tensor, rope_long: nn.Tensor, kv: PagedKVCache):
         h = self._body(emb, positions, rope_long, kv)
 
-        def last_token(x: te.Tensor) -> te.Tensor:  # (1, s, d) -> (1, 1, d): only the last row reaches lm_head
+        def last_token(
+            x: te.Tensor,
+        ) -> te.Tensor:  # (1, s, d) -> (1, 1, d): only the last row reaches lm_head
             return te.compute((1, 1, x.shape[2]), lambda i, j, k: x[i, x.shape[1] - 1, k], name="last_token")
 
         return self._logits(op.tensor_expr_op(last_token, "last_token", [h])), kv
@@ -121,8 +123,9 @@ class Phi3ForCausalLM(nn.Module):
     def decode(self, emb: nn.Tensor, positions: nn.Tensor, rope_long: nn.Tensor, kv: PagedKVCache):
         return self._logits(self._body(emb, positions, rope_long, kv)), kv
 
-    def create_tir_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
-                                  support_sliding_window) -> PagedKVCache:
+    def create_tir_paged_kv_cache(
+        self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window
+    ) -> PagedKVCache:
         c = self.cfg
         return TIRPagedKVCache(
             attn_kind="mha",

@@ -34,8 +34,10 @@ def attention_factor(cfg: Phi3Config) -> float:
     return 1.0 if cfg.longrope is None else cfg.longrope.attention_factor
 
 
-def apply_rope_to_qkv(qkv: nn.Tensor, positions: nn.Tensor, rope_long: nn.Tensor, cfg: Phi3Config) -> nn.Tensor:
-    """qkv (n, nH+2nKV, hd); positions, rope_long (n,) int32 -> qkv with q and k heads rotated (neox halves)."""
+def apply_rope_to_qkv(
+    qkv: nn.Tensor, positions: nn.Tensor, rope_long: nn.Tensor, cfg: Phi3Config
+) -> nn.Tensor:
+    """qkv (n, nH+2nKV, hd); positions, rope_long (n,) int32 -> qkv, q and k heads rotated (neox halves)."""
     n_rot_heads = cfg.num_attention_heads + cfg.num_key_value_heads  # q and k heads; v passes through
     rot = cfg.rotary_dim
     half = rot // 2

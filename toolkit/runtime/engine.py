@@ -66,7 +66,10 @@ class Engine:
         )
         self._embed, self._prefill = self.vm["embed"], self.vm["prefill"]
         self._prefill_logits, self._decode = self.vm["prefill_logits"], self.vm["decode"]
-        self._begin, self._end = _f("vm.builtin.kv_state_begin_forward"), _f("vm.builtin.kv_state_end_forward")
+        self._begin, self._end = (
+            _f("vm.builtin.kv_state_begin_forward"),
+            _f("vm.builtin.kv_state_end_forward"),
+        )
         self.seqs: dict[int, _Seq] = {}
         self._next_id = 0
 
@@ -111,7 +114,8 @@ class Engine:
     def _check_room(self, sid: int, n: int) -> None:
         if self.seqs[sid].length + n > self.context_window:
             raise ContextFullError(
-                f"sequence would reach {self.seqs[sid].length + n} tokens; context window is {self.context_window}"
+                f"sequence would reach {self.seqs[sid].length + n} tokens; "
+                f"context window is {self.context_window}"
             )
 
     # -- forward -------------------------------------------------------------------------------------------
@@ -131,8 +135,9 @@ class Engine:
             emb = self._reshape_emb(emb, (1, n))
             self._begin(self.kv, ShapeTuple([sid]), ShapeTuple([n]))
             fn = self._prefill_logits if all_logits else self._prefill
-            logits, self.kv = fn(emb, self._tensor(pos), self._tensor(self._rope_long(last_pos, n)), self.kv,
-                                 self.params)
+            logits, self.kv = fn(
+                emb, self._tensor(pos), self._tensor(self._rope_long(last_pos, n)), self.kv, self.params
+            )
             self._end(self.kv)
             if all_logits or off + n == len(ids):
                 outs.append(logits.numpy().reshape(-1, self.cfg.vocab_size))
@@ -179,8 +184,10 @@ class Engine:
         return logits.numpy().reshape(b, self.cfg.vocab_size)
 
     def _reshape_emb(self, emb: tvm.runtime.Tensor, lead: tuple[int, int]) -> tvm.runtime.Tensor:
-        return emb._create_view((*lead, self.cfg.hidden_size)) if hasattr(emb, "_create_view") else self._tensor(
-            emb.numpy().reshape(*lead, self.cfg.hidden_size)
+        return (
+            emb._create_view((*lead, self.cfg.hidden_size))
+            if hasattr(emb, "_create_view")
+            else self._tensor(emb.numpy().reshape(*lead, self.cfg.hidden_size))
         )
 
 
@@ -220,7 +227,9 @@ def load_engine(
     if preset.is_gpu and preset.kind != "cuda":
         from ..errors import UserError
 
-        raise UserError(f"cannot run '{device}' here: use `phi3 compile --device {device}` and deploy the library")
+        raise UserError(
+            f"cannot run '{device}' here: use `phi3 compile --device {device}` and deploy the library"
+        )
     compiled = compiled_for(source.config, quantization, preset)
     dev = tvm.cuda() if preset.kind == "cuda" else tvm.cpu()
     set_threads(threads)

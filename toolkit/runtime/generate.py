@@ -26,7 +26,8 @@ class GenerationStats:
         dec_n = max(self.generated_tokens - 1, 0)
         dc = dec_n / self.decode_seconds if self.decode_seconds else 0.0
         return (
-            f"prompt {self.prompt_tokens} tok, prefill {pf:.1f} tok/s; generated {self.generated_tokens} tok, "
+            f"prompt {self.prompt_tokens} tok, prefill {pf:.1f} tok/s; "
+            f"generated {self.generated_tokens} tok, "
             f"decode {dc:.1f} tok/s; stop: {self.stop_reason}"
         )
 
@@ -48,7 +49,7 @@ class ChatSession:
             self.messages.append({"role": "system", "content": self.system})
 
     def _feed(self, ids: list[int]):
-        """Bring the cache to hold `ids[:-0]`: reuse the common prefix, drop what diverged, prefill the rest."""
+        """Bring the cache to hold `ids`: reuse the common prefix, drop what diverged, prefill the rest."""
         eng = self.engine
         if self.seq is None:
             self.seq = eng.add_sequence()
@@ -64,8 +65,13 @@ class ChatSession:
             eng.popn(self.seq, len(cached) - common)
         return eng.prefill(self.seq, ids[common:]), len(ids) - common
 
-    def send(self, text: str, sampling: SamplingParams, max_tokens: int,
-             on_text: Callable[[str], None] | None = None) -> tuple[str, GenerationStats]:
+    def send(
+        self,
+        text: str,
+        sampling: SamplingParams,
+        max_tokens: int,
+        on_text: Callable[[str], None] | None = None,
+    ) -> tuple[str, GenerationStats]:
         self.messages.append({"role": "user", "content": text})
         prompt = render(self.messages, self.template, add_generation_prompt=True)
         ids = self.tokenizer.encode(prompt)
@@ -82,8 +88,9 @@ class ChatSession:
         return reply, stats
 
 
-def generate_tokens(session: ChatSession, ids: list[int], sampling: SamplingParams, max_tokens: int,
-                    stats: GenerationStats) -> Iterator[int]:
+def generate_tokens(
+    session: ChatSession, ids: list[int], sampling: SamplingParams, max_tokens: int, stats: GenerationStats
+) -> Iterator[int]:
     """Prefill `ids` (reusing the cache) then yield sampled tokens until a stop token or `max_tokens`;
     `stats` is filled in as it goes."""
     eng, sampler = session.engine, Sampler(sampling)

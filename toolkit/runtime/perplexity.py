@@ -33,8 +33,13 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
-def perplexity(engine: Engine, ids: list[int], context: int = 512, stride: int | None = None,
-               max_tokens: int | None = None) -> PerplexityResult:
+def perplexity(
+    engine: Engine,
+    ids: list[int],
+    context: int = 512,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+) -> PerplexityResult:
     stride = stride or context // 2
     if not 0 < stride <= context:
         raise ValueError("stride must be in (0, context]")

@@ -44,7 +44,9 @@ def load_params(source: ModelSource, compiled: CompiledModel, device) -> list[tv
     scheme = get_scheme(compiled.manifest["quantization"])
     if source.kind == "mlc":
         if source.scheme.name != scheme.name:
-            raise UserError(f"weights are {source.scheme.name}, the compiled model is {scheme.name}", source.path)
+            raise UserError(
+                f"weights are {source.scheme.name}, the compiled model is {scheme.name}", source.path
+            )
         return _to_device(source.load_params(), compiled, device)
     if scheme.is_quantized:
         folder = converted_weights_dir(source, scheme.name)
