@@ -234,14 +234,51 @@ def test_simd_lanes_follow_the_cpu() -> None:
     assert cs.simd_lanes_f32(tvm.target.Target({"kind": "llvm", "mcpu": "nehalem"})) == 4
 
 
-@pytest.mark.parametrize("words_per_vector", [2, 4])
-def test_q4_gemv_wide_vectors(words_per_vector) -> None:
-    """The AVX-512 layout (2 words = 16 lanes) and a 4-word one are exact on any x86 (LLVM splits them)."""
-    n, k = 48, 192
+@pytest.mark.parametrize(
+    "words_per_vector,chains,layout",
+    [(1, 1, "word"), (2, 1, "word"), (1, 1, "nibble"), (2, 1, "nibble"), (1, 2, "nibble")],
+)
+def test_q4_gemv_layouts(words_per_vector, chains, layout) -> None:
+    """Both lane layouts, AVX2 (8 lanes) and AVX-512 (16 lanes) widths, and 2 accumulator chains per row
+    are exact on any x86 (LLVM splits wide vectors)."""
+    n, k = 48, 256
     func = _matmul_func(n, k, (1, 1), quant=True, add=True)
-    mod = _schedule(func, [cs.CPUDequantGEMV(words_per_vector=words_per_vector)])
+    rule = cs.CPUDequantGEMV(words_per_vector=words_per_vector, chains=chains, layout=layout)
+    mod = _schedule(func, [rule])
+    assert ("x_scaled_t" in mod["main"].script()) == (layout == "word")
     _assert_parallel_vectorized(mod)
     qw, qs, w = _q4_weights(n, k, "float16")
     x = RNG.standard_normal((1, 1, k)).astype(np.float32)
     res = RNG.standard_normal((1, 1, n)).astype(np.float32)
     _check_matmul(_run(mod, [x, qw, qs, res], (1, 1, n)), x, w, res)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", ["q4f32_1", "q0f32"])
+def test_compiled_tiny_model_equals_unscheduled_build(quantization, tmp_path, monkeypatch) -> None:
+    """End to end through the real pipeline (export, fusion, FuseDequantizeMatmul, our rules, VM): logits of
+    prefill + decode equal those of the same graph built with no schedule at all, on the same q4 weights.
+    Both compute in fp32 and differ only in summation order, so rel. error 1e-4 is generous (measured ~1e-6)
+    while a wrong index or a dropped epilogue gives O(1) differences."""
+    from engine_util import build_engine, rel_err
+    from tiny import make_tiny_checkpoint
+    from tiny_tokenizer import write_tiny_tokenizer
+
+    from toolkit.config import load_hf_config
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "mini-4k")
+    write_tiny_tokenizer(ckpt, load_hf_config(ckpt).vocab_size)  # the q4 converter copies the tokenizer
+    prompt = list(range(3, 12))
+
+    def run(tag: str) -> np.ndarray:
+        eng = build_engine(ckpt, tmp_path / tag, quantization=quantization)
+        sid = eng.add_sequence()
+        rows = [eng.prefill(sid, prompt, all_logits=True)]
+        for tok in (5, 17, 9):
+            rows.append(eng.decode(sid, tok)[None])
+        return np.concatenate(rows)
+
+    ours = run("ours")
+    monkeypatch.setattr(cs, "cpu_schedule_rules", lambda target: [])
+    plain = run("plain")
+    assert rel_err(ours, plain) < 1e-4
