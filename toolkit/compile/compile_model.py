@@ -42,12 +42,15 @@ def graph_options(quantization: str, preset: Preset, dtype: str | None = None) -
 
 
 def schedule_fn(preset: Preset):
-    """The scheduling step of the pipeline for a preset (CPU rules on llvm, dlight + records on GPUs)."""
+    """The scheduling step of the pipeline for a preset: tuned records from schedules/<preset>/ first (when
+    they match this device and TVM version), then CPU rules on llvm or dlight on GPUs."""
+    from ..tune.records import apply_tuned_records
+
     if preset.is_gpu:
         from .gpu_schedule import check_thread_bindings, gpu_schedule_pass
 
         def gpu(mod: IRModule) -> IRModule:
-            mod = gpu_schedule_pass(preset)(mod)
+            mod = gpu_schedule_pass(preset)(apply_tuned_records(mod, preset))
             check_thread_bindings(mod)
             return mod
 
@@ -55,7 +58,7 @@ def schedule_fn(preset: Preset):
     from .cpu_schedule import cpu_schedule_rules
 
     rules = cpu_schedule_rules(preset.target)
-    return lambda mod: dl.ApplyDefaultSchedule(*rules)(mod) if rules else mod
+    return lambda mod: dl.ApplyDefaultSchedule(*rules)(apply_tuned_records(mod, preset)) if rules else mod
 
 
 @dataclass
@@ -85,6 +88,8 @@ def compile_model(
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    if preset.kind == "vulkan":
+        from ..backends import vulkan  # noqa: F401  (registers target.build.vulkan, which the wheel lacks)
     t0 = time.time()
     mod, named_params = export_phi3(cfg, opts, target)
     ex, scheduled = pipeline.build(mod, target, schedule_fn(preset), system_lib=preset.system_lib)

@@ -1,0 +1,124 @@
+"""Vulkan backend on a real driver: Mesa lavapipe (CPU) runs our SPIR-V, dispatched as TVM's runtime does,
+and must match the llvm build of the same unscheduled function."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+pytestmark = pytest.mark.skipif(
+    shutil.which("glslangValidator") is None or shutil.which("spirv-val") is None,
+    reason="needs Debian glslang-tools and spirv-tools",
+)
+
+import toolkit.backends.vulkan as vkb  # noqa: E402
+from toolkit.backends.vulkan import kernel_check as kc  # noqa: E402
+from toolkit.backends.vulkan.lavapipe import LavapipeDevice, VulkanUnavailable, pack_scalars  # noqa: E402
+from toolkit.targets import load_preset  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def device():
+    try:
+        dev = LavapipeDevice()
+    except VulkanUnavailable as err:
+        pytest.skip(f"no Vulkan driver: {err}")
+    yield dev
+    dev.close()
+
+
+@pytest.fixture(scope="module")
+def target():
+    return load_preset("vulkan").target
+
+
+def test_scalar_slots_are_64_bit():
+    packed = pack_scalars([7, -1, 1.5], ["int32", "int64", "float32"])
+    assert len(packed) == 24
+    assert packed[:8] == (7).to_bytes(4, "little") + bytes(4)
+    assert packed[8:16] == b"\xff" * 8
+    assert np.frombuffer(packed[16:20], "<f4")[0] == 1.5
+
+
+@pytest.mark.parametrize("name", sorted(kc.standalone_kernels()))
+def test_standalone_kernel_matches_llvm(name, device, target):
+    func, sizes, reduce_len = kc.standalone_kernels()[name]
+    result = kc.check_primfunc(func, name, target, device, sizes, reduce_len=reduce_len)
+    assert result.kernels == 1
+    assert result.max_abs_ref > 0  # the kernel really produced data
+    assert result.ok, f"{name}: max abs err {result.max_abs_err} > tolerance {result.tolerance}"
+
+
+def test_uniform_buffer_scalars_on_driver(device, target):
+    from test_vulkan_codegen import many_scalar_func
+
+    sizes = {"n": 300, **{f"c{i}": i - 5 for i in range(17)}}
+    result = kc.check_primfunc(many_scalar_func(), "scalars", target, device, sizes, reduce_len=1)
+    assert result.ok and result.max_abs_ref > 0
+
+
+def test_wrong_push_constants_are_detected(device, target):
+    """The comparison is not vacuous: feeding seq_len in the wrong slot format breaks the result."""
+    func, sizes, _ = kc.standalone_kernels()["add_tanh_f32"]
+    mod = kc.dlight_schedule(tvm.IRModule({"a": func.with_attr("global_symbol", "a")}), target)
+    lib = tvm.compile(mod, target=target)
+    (k,) = vkb.build_of(vkb.vulkan_imports(lib.mod)[0]).kernels.values()
+    a = np.ones(64, "float32")
+    b = np.zeros(64, "float32")
+    y = np.zeros(64, "float32")
+    by_name = {"a_ptr": a, "b_ptr": b, "y_ptr": y, "n": 64}
+    out = device.run(
+        k.name, k.spirv, k.info, k.flag, [by_name[p.name] for p in k.glsl.params], k.grid({"n": 64})
+    )
+    got = out[[p.name for p in k.glsl.params].index("y_ptr")]
+    np.testing.assert_allclose(got, np.tanh(1.0) + 1.0, rtol=1e-6)
+    by_name["n"] = 10  # only the first 10 elements are written
+    out = device.run(
+        k.name, k.spirv, k.info, k.flag, [by_name[p.name] for p in k.glsl.params], k.grid({"n": 10})
+    )
+    got = out[[p.name for p in k.glsl.params].index("y_ptr")]
+    assert np.all(got[10:] == 0) and np.allclose(got[:10], np.tanh(1.0) + 1.0)
+
+
+_MODEL_REPORTS: dict = {}
+
+# (quantization, tiny variant, paged-KV kernels the run must reach): mini-4k has a sliding window, medium not
+MODEL_CASES = [
+    (
+        "q4f32_1",
+        "mini-4k",
+        {
+            "batch_prefill_ragged_kv",
+            "batch_prefill_paged_kv_sliding_window",
+            "batch_decode_paged_kv_sliding_window",
+        },
+    ),
+    ("q4f16_1", "medium", {"batch_prefill_ragged_kv", "batch_prefill_paged_kv", "batch_decode_paged_kv"}),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization,variant,attention", MODEL_CASES)
+def test_tiny_phi3_kernels_on_lavapipe(quantization, variant, attention, device, tmp_path):
+    """Every TIR function of the compiled tiny Phi-3 that the VM or the paged KV cache calls runs on lavapipe
+    with the inputs the host build of the same graph received, and reproduces that build's outputs."""
+    from tiny import make_tiny_checkpoint
+    from tiny_tokenizer import write_tiny_tokenizer
+
+    from toolkit.config import load_hf_config
+
+    ckpt = tmp_path / "ckpt"
+    make_tiny_checkpoint(ckpt, variant)
+    write_tiny_tokenizer(ckpt, load_hf_config(ckpt).vocab_size)  # the q4 converter copies the tokenizer
+    report = kc.check_model_on_cpu_inputs(ckpt, quantization, "vulkan", device, tmp_path / "work")
+    assert report.device_kernels >= 30  # every kernel compiled and passed spirv-val
+    failing = [(r.name, r.max_abs_err, r.tolerance) for r in report.results if not r.ok]
+    assert not failing, failing
+    ran = {r.name for r in report.results}
+    assert {"take_dequantize", "apply_rope", "rms_norm", "last_token", "tir_kv_cache_transpose_append"} <= ran
+    assert attention <= ran, sorted(ran)
+    assert sum("NT_matmul" in n for n in ran) >= 8  # prefill matmuls and decode GEMVs, q4 dequant fused
+    assert all("compiled" in why for why in report.not_run.values()), report.not_run
