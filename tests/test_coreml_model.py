@@ -110,3 +110,21 @@ def test_cache_overflow_is_an_error(checkpoints):
     model = _ours(checkpoints["mini-4k"], context=8)
     with pytest.raises(RuntimeError):
         generate_logits(model, _tokens(6), _tokens(3))
+
+
+def test_rms_norm_does_not_overflow_fp16():
+    """Real residual streams exceed 256 (SmolLM2 reaches ~500), where a plain x*x overflows fp16 to inf."""
+    from toolkit.coreml.torch_model import RMSNorm
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 3, 64)) * 600.0
+    x[0, 1] *= 1e-4  # and a tiny row, where the eps term matters
+    norm = RMSNorm(64, 1e-5)
+    norm.weight.data = torch.from_numpy(rng.uniform(0.5, 1.5, 64))
+    ref = x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * norm.weight.numpy()
+    got = norm.half()(torch.from_numpy(x).half()).double().numpy()
+    assert np.isfinite(got).all()
+    # fp16 result: relative error a few units of 2^-11 on values of order 1
+    assert np.abs(got - ref).max() < 1e-2 * np.abs(ref).max()
+    plain = torch.from_numpy(x).half()
+    assert not torch.isfinite((plain * plain).mean(-1)).all()  # the overflow this guards against

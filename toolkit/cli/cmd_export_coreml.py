@@ -1,0 +1,37 @@
+"""`phi3 export-coreml MODEL -o NAME.mlpackage`: a stateful Core ML ML Program (iOS 18) for iPhone apps."""
+
+from __future__ import annotations
+
+import click
+
+from ..coreml.export import DEFAULT_CONTEXT, WEIGHT_MODES
+
+
+@click.command()
+@click.argument("model", required=False)
+@click.option("-o", "--output", required=True, help="Package to write, NAME.mlpackage.")
+@click.option(
+    "--context",
+    type=int,
+    default=None,
+    help=f"KV-cache length (prompt + generated tokens). Default: {DEFAULT_CONTEXT} or the model's maximum.",
+)
+@click.option(
+    "--weights",
+    type=click.Choice(WEIGHT_MODES),
+    default="int4",
+    show_default=True,
+    help="int4: per-block 32 along the input axis; int8: per output channel; fp16: unquantized.",
+)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def command(model: str | None, output: str, context: int | None, weights: str, quiet: bool) -> None:
+    """Export MODEL (HF folder, GGUF, converted folder; default: the embedded model) to Core ML."""
+    from ..coreml.export import export_coreml
+
+    result = export_coreml(model, output, context=context, weights=weights, progress=not quiet)
+    click.echo(
+        f"wrote {result.path} ({result.size_bytes / 2**20:.1f} MiB, weights {result.weights}, "
+        f"context {result.context}) in {result.seconds:.1f} s ("
+        + ", ".join(f"{k} {v:.1f} s" for k, v in result.stage_seconds.items())
+        + ")"
+    )
