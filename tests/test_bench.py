@@ -206,29 +206,11 @@ def _engine_ready() -> bool:
     return hasattr(rt.Engine, "load") or hasattr(rt, "load_engine")
 
 
-def _write_byte_tokenizer(folder: Path) -> None:
-    """A byte-level BPE tokenizer.json (256 byte tokens + specials, no merges): the engine loads one."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=260,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(["hello world"], trainer)
-    tok.save(str(folder / "tokenizer.json"))
-
-
 @pytest.mark.skipif(not _engine_ready(), reason="our engine (toolkit.runtime.engine) is not there yet")
 def test_cli_bench_json_tiny(tmp_path):
     from tiny import make_tiny_checkpoint
 
     ckpt = make_tiny_checkpoint(tmp_path / "m", "mini-4k")
-    _write_byte_tokenizer(ckpt)
     args = [
         "bench",
         str(ckpt),
@@ -271,7 +253,6 @@ def test_cli_bench_vs_llama_cpp_tiny(tmp_path, monkeypatch):
 
     monkeypatch.setenv("PHI3_TOOLKIT_CACHE", str(tmp_path / "cache"))
     ckpt = make_tiny_checkpoint(tmp_path / "m", "mini-4k")
-    _write_byte_tokenizer(ckpt)
     args = [
         "bench",
         str(ckpt),
@@ -296,3 +277,15 @@ def test_cli_bench_vs_llama_cpp_tiny(tmp_path, monkeypatch):
     res = json.loads(r.stdout)
     assert res["decode_ratio_vs_llama_cpp"]["1"] > 0 and res["prefill_ratio_vs_llama_cpp"]["1"] > 0
     assert set(res["results"][0]["llama_cpp"]) == {"fa_off", "fa_on"}
+
+
+def test_peak_rss_is_per_process():
+    """A worker must report its own peak RSS, not its parent's (getrusage's ru_maxrss survives fork+exec)."""
+    import subprocess
+
+    from toolkit.bench.timing import peak_rss_bytes
+
+    big = np.ones(50_000_000)  # 400 MB touched in this process
+    code = "from toolkit.bench.timing import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout)
+    assert peak_rss_bytes() > big.nbytes > child

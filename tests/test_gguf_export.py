@@ -36,7 +36,9 @@ def _fields(reader: gguf.GGUFReader) -> dict:
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("gguf_src")
-    return {v: make_tiny_checkpoint(root / v, v) for v in ("mini-4k", "mini-128k", "phi4-mini", "medium")}
+    # no tokenizer.json: the export writes placeholder tokens (tests with a tokenizer build their own)
+    variants = ("mini-4k", "mini-128k", "phi4-mini", "medium")
+    return {v: make_tiny_checkpoint(root / v, v, tokenizer=False) for v in variants}
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +152,8 @@ def test_placeholder_vocab_without_tokenizer(exported):
     r = gguf.GGUFReader(exported["mini-4k", "q4_0"])
     toks = r.fields["tokenizer.ggml.tokens"].contents()
     assert len(toks) == 512 and toks[5] == "<tok_5>"
+    # the texts llama.cpp looks up for models named phi3/phi-3 (else it refuses to load them)
+    assert toks[:3] == ["<unk>", "<s>", "</s>"] and "<|endoftext|>" in toks
     types = r.fields["tokenizer.ggml.token_type"].contents()
     assert types[1] == gguf.TokenType.CONTROL and types[2] == gguf.TokenType.CONTROL  # bos, eos
     assert r.fields["tokenizer.ggml.eos_token_id"].contents() == 2
@@ -188,7 +192,9 @@ def _train_tokenizer(out: Path, kind: str, vocab_size: int) -> None:
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_vocab_from_tokenizer_json(tmp_path, kind):
-    ckpt = make_tiny_checkpoint(tmp_path / "m", "mini-4k", bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    ckpt = make_tiny_checkpoint(
+        tmp_path / "m", "mini-4k", tokenizer=False, bos_token_id=1, eos_token_id=2, pad_token_id=0
+    )
     _train_tokenizer(ckpt, kind, vocab_size=400)
     export_gguf(ckpt, tmp_path / "t.gguf", qtype="q4_0")
     r = gguf.GGUFReader(tmp_path / "t.gguf")
@@ -225,7 +231,12 @@ def test_bad_inputs_leave_no_file(tmp_path, ckpts):
     with pytest.raises(UserError, match="type"):
         export_gguf(ckpts["mini-4k"], tmp_path / "x.gguf", qtype="q8_0")
     odd = make_tiny_checkpoint(
-        tmp_path / "odd", "mini-4k", hidden_size=48, num_attention_heads=4, num_key_value_heads=4
+        tmp_path / "odd",
+        "mini-4k",
+        tokenizer=False,
+        hidden_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=4,
     )
     with pytest.raises(UserError, match="multiple of 32"):
         export_gguf(odd, tmp_path / "odd.gguf", qtype="q4_0")
@@ -249,45 +260,82 @@ needs_llama = pytest.mark.skipif(
 )
 
 
-def _hf_logits(ckpt: Path, ids: list[int]) -> np.ndarray:
+def _hf_logits(ckpt: Path, ids: list[int], weights_from: Path | None = None) -> np.ndarray:
+    """transformers' logits; with `weights_from`, its weights replaced by that GGUF's dequantized tensors."""
     import torch
     from tiny import load_hf_model
 
+    model = load_hf_model(ckpt)
+    if weights_from is not None:
+        tensors = gguf.GGUFReader(weights_from).tensors
+        deq = {t.name: np.array(gguf.quants.dequantize(t.data, t.tensor_type)) for t in tensors}
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(torch.from_numpy(deq[gguf_tensor_name(name)].reshape(p.shape)))
     with torch.no_grad():
-        return load_hf_model(ckpt)(torch.tensor([ids])).logits[0].numpy()
+        return model(torch.tensor([ids])).logits[0].numpy()
 
 
 @pytest.mark.slow
 @needs_llama
 @pytest.mark.parametrize(
-    "variant,qtype,prompt_len,min_corr",
+    "variant,qtype,prompt_len",
     [
         # prompts stay under mini-4k's window of 16: llama.cpp ignores Phi-3's sliding window (ggml PR 13676)
-        ("mini-4k", "f16", 12, 0.999),
-        ("medium", "f16", 12, 0.999),
+        ("mini-4k", "f16", 12),
+        ("medium", "f16", 12),
         # longrope: >16 tokens so transformers uses the long factors, which llama.cpp picks for n_ctx > 16
-        ("mini-128k", "f16", 24, 0.999),
-        ("phi4-mini", "f16", 24, 0.999),
-        # Q4_0 weights (and llama.cpp's Q8 activations): each weight is off by up to absmax/8 of its block
-        ("mini-4k", "q4_0", 12, 0.95),
+        ("mini-128k", "f16", 24),
+        ("phi4-mini", "f16", 24),
+        ("mini-4k", "q4_0", 12),
+        ("phi4-mini", "q4_0", 24),
     ],
 )
-def test_llama_cpp_matches_transformers(ckpts, exported, variant, qtype, prompt_len, min_corr):
-    """F16: llama.cpp keeps activations in f32 for F16 matmuls but rounds the KV cache to f16 and uses its own
-    reduction order, so logits agree to ~1e-3 relative (correlation > 0.999), greedy tokens exactly. Q4_0 is a
-    different model numerically: only a high correlation is expected."""
+def test_llama_cpp_matches_transformers(ckpts, exported, variant, qtype, prompt_len):
+    """The reference is transformers with the very weights the GGUF holds (dequantized), so only llama.cpp's
+    arithmetic differs: f16 KV cache and its reduction order (F16: correlation > 0.999, same greedy token),
+    and for Q4_0 its Q8_0 quantization of activations (up to absmax/254 per value, amplified by the tiny
+    model's sharp attention: measured correlation 0.9989, so > 0.995 and the greedy token among the
+    reference's top 3). A wrong layout, rope or norm gives correlations near 0.8 or below (measured: 0.83 for
+    Q4_0 weights against the unquantized model)."""
     from toolkit.bench.llama_cpp import LlamaCppWorker
 
     rng = np.random.default_rng(1)
     ids = rng.integers(3, 512, size=prompt_len).tolist()
-    ref = _hf_logits(ckpts[variant], ids)[-1]
+    ref = _hf_logits(ckpts[variant], ids, weights_from=exported[variant, qtype])[-1]
     with LlamaCppWorker(exported[variant, qtype], threads=1, n_ctx=512) as w:
         got = w.logits(ids)[0]
     corr = np.corrcoef(ref, got)[0, 1]
-    assert corr > min_corr, corr
     if qtype == "f16":
+        assert corr > 0.999, corr
         assert int(np.argmax(got)) == int(np.argmax(ref))
-        np.testing.assert_allclose(got, ref, atol=2e-2 * float(np.abs(ref).max()))
+        np.testing.assert_allclose(got, ref, atol=2e-2 * float(np.ptp(ref)))
+    else:
+        assert corr > 0.995, corr
+        assert int(np.argmax(got)) in np.argsort(ref)[-3:]
+
+
+@pytest.mark.slow
+@needs_llama
+def test_llama_cpp_loads_placeholder_vocab_of_a_model_named_phi3(tmp_path, ckpts):
+    """llama.cpp sets Phi-3 token attributes by looking up <unk>, <s>, </s>, <|endoftext|> when general.name
+    contains "phi3": the placeholder vocab must have them."""
+    import shutil
+
+    import llama_cpp
+
+    src = shutil.copytree(ckpts["mini-4k"], tmp_path / "tiny-phi3-mini")
+    export_gguf(src, tmp_path / "p.gguf", qtype="q4_0")
+    assert gguf.GGUFReader(tmp_path / "p.gguf").fields["general.name"].contents() == "tiny-phi3-mini"
+    llm = llama_cpp.Llama(str(tmp_path / "p.gguf"), n_ctx=64, verbose=False, vocab_only=True)
+    assert llm.n_vocab() == 512
+    # a real byte-level vocabulary without those texts: the name is left out (with a warning) so it loads
+    _train_tokenizer(src, "gpt2", vocab_size=400)
+    res = export_gguf(src, tmp_path / "q.gguf", qtype="q4_0")
+    assert "general.name" not in gguf.GGUFReader(tmp_path / "q.gguf").fields
+    assert any("general.name" in w for w in res.warnings)
+    llm = llama_cpp.Llama(str(tmp_path / "q.gguf"), n_ctx=64, verbose=False, vocab_only=True)
+    assert llm.n_vocab() == 512
 
 
 @pytest.mark.slow
@@ -297,7 +345,7 @@ def test_llama_cpp_tokenizes_like_hf(tmp_path):
     import llama_cpp
     from tokenizers import Tokenizer
 
-    ckpt = make_tiny_checkpoint(tmp_path / "m", "mini-4k")
+    ckpt = make_tiny_checkpoint(tmp_path / "m", "mini-4k", tokenizer=False)
     _train_tokenizer(ckpt, "gpt2", vocab_size=400)
     export_gguf(ckpt, tmp_path / "t.gguf", qtype="f16")
     llm = llama_cpp.Llama(str(tmp_path / "t.gguf"), n_ctx=64, verbose=False, vocab_only=True)

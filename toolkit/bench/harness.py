@@ -1,0 +1,415 @@
+"""`phi3 bench`: prefill and decode throughput of our engine, optionally side by side with llama.cpp.
+
+Method (the same for every backend, see `timing.timed_generation`): one run = reset the sequence, prefill
+a prompt of random token ids in one call, then greedy-decode `decode_tokens` tokens one call each. Per
+thread count, backends and prompt lengths are interleaved run by run (ours, llama.cpp FA off, llama.cpp FA
+on, ...) so that a noisy neighbour slows all of them alike; the first `warmup` rounds are discarded, the
+next `repeats` give the median and spread.
+
+JSON (`schema` "phi3-bench/1"): `model`, `settings`, `machine` (CPU, load average before/after),
+`roofline` (weight bytes per token, measured read bandwidth per thread count), `results` (one entry per
+thread count: `ours` and, with llama.cpp, `llama_cpp` keyed by flash-attention setting; each has
+`by_prompt_length` summaries plus the headline `prefill_tok_s` / `decode_tok_s` / `ttft_s` at the longest
+prompt length), and with llama.cpp the top-level `decode_ratio_vs_llama_cpp` and
+`prefill_ratio_vs_llama_cpp`: ours over llama.cpp's best flash-attention setting for that metric, keyed by
+thread count (as a string). A ratio > 1 means we are faster."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..errors import UserError
+from .timing import Backend, peak_rss_bytes, summarize_runs, timed_generation
+
+SCHEMA = "phi3-bench/1"
+
+
+@dataclass
+class BenchSettings:
+    threads: list[int] = field(default_factory=lambda: [1, 2])
+    prompt_lengths: list[int] = field(default_factory=lambda: [32, 128])
+    decode_tokens: int = 64
+    repeats: int = 3
+    warmup: int = 1
+    quantization: str = "q4f32_1"
+    device: str = "host"
+    vs_llama_cpp: bool = False
+    llama_flash_attn: list[bool] = field(default_factory=lambda: [False, True])
+    seed: int = 0
+    bandwidth_bytes: int = 1 << 30
+
+    def validate(self) -> None:
+        if not self.threads or min(self.threads) < 1:
+            raise UserError("--threads needs positive thread counts")
+        if not self.prompt_lengths or min(self.prompt_lengths) < 1:
+            raise UserError("--prompt-lengths needs positive lengths")
+        if self.decode_tokens < 1 or self.repeats < 1 or self.warmup < 0:
+            raise UserError("--decode-tokens and --repeats must be >= 1, --warmup >= 0")
+        if self.vs_llama_cpp and self.device != "host":
+            raise UserError(f"llama.cpp is only built for the host CPU here, not --device {self.device}")
+
+    @property
+    def context_needed(self) -> int:
+        return max(self.prompt_lengths) + self.decode_tokens + 1
+
+
+class Runner(Protocol):
+    """Something that performs one timed generation (in this process or in a worker)."""
+
+    info: dict[str, Any]
+
+    def run(self, tokens: Sequence[int], decode_tokens: int) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+class InProcessRunner:
+    """Times a `Backend` in this process."""
+
+    def __init__(self, backend: Backend, info: dict[str, Any] | None = None, close=None) -> None:
+        self.backend, self.info, self._close = backend, info or {}, close
+
+    def run(self, tokens: Sequence[int], decode_tokens: int) -> dict[str, Any]:
+        out = timed_generation(self.backend, tokens, decode_tokens)
+        out["rss_peak_bytes"] = peak_rss_bytes()
+        return out
+
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
+        self.backend = None  # drop the engine before the next thread count loads its own
+
+
+class EngineBackend:
+    """Our `Engine` seen as a Backend: one live sequence, replaced on reset."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.seq = engine, None
+
+    def reset(self) -> None:
+        if self.seq is not None:
+            self.engine.remove_sequence(self.seq)
+        self.seq = self.engine.add_sequence()
+
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
+        return self.engine.prefill(self.seq, list(tokens))
+
+    def decode(self, token: int) -> np.ndarray:
+        return self.engine.decode(self.seq, token)
+
+
+# factories: (model, settings, threads) -> Runner; tests inject doubles, the CLI uses the defaults below
+OursFactory = Callable[[Any, BenchSettings, int], Runner]
+LlamaFactory = Callable[[Path, BenchSettings, int, bool], Runner]
+
+
+def load_our_engine(model: Any, quantization: str, device: str, threads: int):
+    """Our engine for `model` (compiled and cached on first use) with a CPU pool of `threads` threads."""
+    from ..runtime import engine as rt
+
+    if hasattr(rt.Engine, "load"):
+        return rt.Engine.load(model, quantization=quantization, device=device, threads=threads)
+    engine, _source = rt.load_engine(model, quantization=quantization, device=device, threads=threads)
+    return engine
+
+
+def default_quantization() -> str:
+    from ..runtime import engine as rt
+
+    return getattr(rt, "DEFAULT_QUANTIZATION", "q4f32_1")
+
+
+def engine_runner(model: Any, s: BenchSettings, threads: int) -> Runner:
+    engine = load_our_engine(model, s.quantization, s.device, threads)
+    info: dict[str, Any] = {"quantization": s.quantization, "device": s.device}
+    if hasattr(engine, "weight_bytes_per_token"):
+        info["weight_bytes_per_token"] = int(engine.weight_bytes_per_token())
+    return InProcessRunner(EngineBackend(engine), info)
+
+
+def llama_cpp_runner(gguf_path: Path, s: BenchSettings, threads: int, flash_attn: bool) -> Runner:
+    from .llama_cpp import LlamaCppWorker
+
+    n_ctx = max(512, -(-s.context_needed // 256) * 256)
+    n_batch = max(512, max(s.prompt_lengths))  # the whole prompt is one ubatch, as in the reference method
+    return LlamaCppWorker(gguf_path, threads=threads, flash_attn=flash_attn, n_ctx=n_ctx, n_batch=n_batch)
+
+
+def llama_gguf_for(model: Any, src, log: Callable[[str], None]) -> Path:
+    """The GGUF llama.cpp runs: the model if it is one, else a Q4_0 export cached by source path+mtime."""
+    if src.kind == "gguf":
+        return Path(src.path)
+    import hashlib
+
+    from ..gguf_export import export_gguf
+    from .llama_cpp import cache_dir
+
+    stamp = max((p.stat().st_mtime_ns for p in Path(src.path).rglob("*") if p.is_file()), default=0)
+    key = hashlib.sha256(f"{Path(src.path).resolve()}:{stamp}".encode()).hexdigest()[:16]
+    out = cache_dir() / "gguf" / f"{Path(src.path).name}-{key}-q4_0.gguf"
+    if not out.is_file():
+        log(f"exporting {src.path} to {out} (Q4_0) for llama.cpp")
+        export_gguf(src.path, out, qtype="q4_0")
+    return out
+
+
+def measure_bandwidth(threads: Sequence[int], nbytes: int) -> dict[str, float]:
+    """Read bandwidth per thread count, measured in a child so its 1 GiB array never counts in our RSS."""
+    code = (
+        "import json,sys; from toolkit.bench.roofline import measure_read_bandwidth as m; "
+        f"print(json.dumps({{str(t): m(t, {int(nbytes)}) for t in {list(threads)!r}}}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bandwidth measurement failed: {proc.stderr[-1000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _side_summary(runs_by_len: dict[int, list[dict]], headline: int) -> dict[str, Any]:
+    by_len = [summarize_runs(runs_by_len[p]) for p in sorted(runs_by_len)]
+    head = next(b for b in by_len if b["prompt_len"] == headline)
+    peak = max(r.get("rss_peak_bytes", 0) for runs in runs_by_len.values() for r in runs)
+    return {
+        "by_prompt_length": by_len,
+        "prefill_tok_s": head["prefill_tok_s"],
+        "decode_tok_s": head["decode_tok_s"],
+        "ttft_s": head["ttft_s"],
+        "peak_rss_bytes": peak,
+        "greedy_tokens": runs_by_len[headline][-1]["tokens"][:16],
+    }
+
+
+def run_bench(
+    model: Any,
+    settings: BenchSettings,
+    *,
+    config=None,
+    llama_gguf: Path | None = None,
+    ours_factory: OursFactory = engine_runner,
+    llama_factory: LlamaFactory = llama_cpp_runner,
+    measure_bw: Callable[[Sequence[int], int], dict[str, float]] = measure_bandwidth,
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+) -> dict[str, Any]:
+    """Run the whole bench and return the JSON-ready result. `config` is the model's Phi3Config."""
+    from .roofline import gguf_weight_bytes_per_token, weight_bytes_per_token
+
+    s = settings
+    s.validate()
+    vocab = config.vocab_size
+    headline = max(s.prompt_lengths)
+    rng = np.random.default_rng(s.seed)
+    # ids 0..2 are special in most vocabularies; random text-like ids keep both engines on the common path
+    prompts = {p: rng.integers(3, vocab, size=p).tolist() for p in sorted(set(s.prompt_lengths))}
+
+    load_before = os.getloadavg()
+    log("measuring memory read bandwidth ...")
+    bandwidth = measure_bw(s.threads, s.bandwidth_bytes)
+    our_bytes = weight_bytes_per_token(config, s.quantization)
+    llama_bytes = gguf_weight_bytes_per_token(llama_gguf) if s.vs_llama_cpp and llama_gguf else None
+
+    results = []
+    llama_meta: dict[str, Any] = {}
+    for t in s.threads:
+        log(f"[threads={t}] loading our engine ...")
+        runners: dict[str, Runner] = {"ours": ours_factory(model, s, t)}
+        our_bytes = runners["ours"].info.get("weight_bytes_per_token", our_bytes)
+        try:
+            if s.vs_llama_cpp:
+                for fa in s.llama_flash_attn:
+                    log(f"[threads={t}] loading llama.cpp (flash_attn={'on' if fa else 'off'}) ...")
+                    runners[f"llama_cpp_fa_{'on' if fa else 'off'}"] = llama_factory(llama_gguf, s, t, fa)
+            runs: dict[str, dict[int, list[dict]]] = {k: {p: [] for p in prompts} for k in runners}
+            for it in range(s.warmup + s.repeats):
+                for key, runner in runners.items():
+                    for p, toks in prompts.items():
+                        r = runner.run(toks, s.decode_tokens)
+                        if it >= s.warmup:
+                            runs[key][p].append(r)
+                        log(
+                            f"[threads={t}] {'warm-up' if it < s.warmup else f'run {it - s.warmup + 1}'} "
+                            f"{key} prompt {p}: prefill {p / r['prefill_s']:.1f} tok/s, "
+                            f"decode {r['decode_tokens'] / r['decode_s']:.2f} tok/s"
+                        )
+            for key, runner in runners.items():
+                if key.startswith("llama_cpp") and not llama_meta:
+                    llama_meta = {k: runner.info.get(k) for k in ("version", "amx", "system_info")}
+        finally:
+            for runner in runners.values():
+                runner.close()
+        entry = _thread_entry(t, runs, headline, bandwidth.get(str(t)), our_bytes, llama_bytes)
+        results.append(entry)
+
+    out: dict[str, Any] = {
+        "schema": SCHEMA,
+        "model": _model_info(model, config, s),
+        "settings": asdict(s),
+        "machine": {
+            "cpu": _cpu_name(),
+            "cores": os.cpu_count(),
+            "loadavg_before": list(load_before),
+            "loadavg_after": list(os.getloadavg()),
+            "python": platform.python_version(),
+        },
+        "roofline": {
+            "weight_bytes_per_token": our_bytes,
+            "read_bandwidth_bytes_s": bandwidth,
+            "llama_cpp_weight_bytes_per_token": llama_bytes,
+        },
+        "results": results,
+    }
+    if s.vs_llama_cpp:
+        out["llama_cpp"] = {"gguf": str(llama_gguf), **llama_meta}
+        out["decode_ratio_vs_llama_cpp"] = {
+            str(e["threads"]): e["decode_ratio_vs_llama_cpp"] for e in results
+        }
+        out["prefill_ratio_vs_llama_cpp"] = {
+            str(e["threads"]): e["prefill_ratio_vs_llama_cpp"] for e in results
+        }
+    return out
+
+
+def _thread_entry(
+    t: int,
+    runs: dict[str, dict[int, list[dict]]],
+    headline: int,
+    bw: float | None,
+    our_bytes: int,
+    llama_bytes: int | None,
+) -> dict[str, Any]:
+    ours = _side_summary(runs["ours"], headline)
+    entry: dict[str, Any] = {"threads": t, "ours": ours}
+    if bw:
+        roof = bw / our_bytes
+        entry["roofline"] = {
+            "read_bandwidth_bytes_s": bw,
+            "weight_bytes_per_token": our_bytes,
+            "decode_tok_s_ceiling": roof,
+            "fraction": ours["decode_tok_s"]["median"] / roof,
+        }
+    llama = {
+        k.removeprefix("llama_cpp_"): _side_summary(v, headline)
+        for k, v in runs.items()
+        if k.startswith("llama_cpp")
+    }
+    if llama:
+        if bw and llama_bytes:
+            for side in llama.values():
+                side["roofline_fraction"] = side["decode_tok_s"]["median"] / (bw / llama_bytes)
+        entry["llama_cpp"] = llama
+        best_decode = max(v["decode_tok_s"]["median"] for v in llama.values())
+        best_prefill = max(v["prefill_tok_s"]["median"] for v in llama.values())
+        entry["decode_ratio_vs_llama_cpp"] = ours["decode_tok_s"]["median"] / best_decode
+        entry["prefill_ratio_vs_llama_cpp"] = ours["prefill_tok_s"]["median"] / best_prefill
+        entry["prefill_ratio_by_prompt_length"] = {
+            str(o["prompt_len"]): o["prefill_tok_s"]["median"]
+            / max(
+                next(b for b in v["by_prompt_length"] if b["prompt_len"] == o["prompt_len"])["prefill_tok_s"][
+                    "median"
+                ]
+                for v in llama.values()
+            )
+            for o in ours["by_prompt_length"]
+        }
+    return entry
+
+
+def _model_info(model: Any, config, s: BenchSettings) -> dict[str, Any]:
+    return {
+        "path": None if model is None else str(model),
+        "default_model": model is None,
+        "quantization": s.quantization,
+        "params": config.num_params(),
+        "layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "vocab_size": config.vocab_size,
+    }
+
+
+# ---- reporting ------------------------------------------------------------------------------------------
+
+
+def _fmt(stat: dict[str, float]) -> str:
+    return f"{stat['median']:.2f} [{stat['min']:.2f}-{stat['max']:.2f}]"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A plain-text table: one row per thread count and backend, headline prompt length."""
+    lines = [f"model: {result['model']['path'] or 'default model'} ({result['model']['quantization']})"]
+    lines.append(
+        f"{'threads':>7}  {'backend':<16} {'prefill tok/s':>24} {'decode tok/s':>24} {'roofline':>9}"
+    )
+    for e in result["results"]:
+        sides = [("ours", e["ours"])] + [
+            (f"llama.cpp {k.replace('_', ' ')}", v) for k, v in e.get("llama_cpp", {}).items()
+        ]
+        for name, side in sides:
+            frac = e.get("roofline", {}).get("fraction") if name == "ours" else side.get("roofline_fraction")
+            frac_s = f"{100 * frac:.0f}%" if frac else "-"
+            lines.append(
+                f"{e['threads']:>7}  {name:<16} {_fmt(side['prefill_tok_s']):>24} "
+                f"{_fmt(side['decode_tok_s']):>24} {frac_s:>9}"
+            )
+        if "decode_ratio_vs_llama_cpp" in e:
+            lines.append(
+                f"{'':>7}  ours / llama.cpp best: decode {e['decode_ratio_vs_llama_cpp']:.2f}x, "
+                f"prefill {e['prefill_ratio_vs_llama_cpp']:.2f}x"
+            )
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], out: str | Path) -> Path:
+    """Bars of prefill and decode tok/s per thread count and backend (min-max as error bars), to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = result["results"]
+    backends = ["ours"] + sorted({k for e in results for k in e.get("llama_cpp", {})})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    x = np.arange(len(results))
+    width = 0.8 / len(backends)
+    for ax, metric, title in ((axes[0], "prefill_tok_s", "prefill"), (axes[1], "decode_tok_s", "decode")):
+        for i, b in enumerate(backends):
+            stats = [e["ours"] if b == "ours" else e["llama_cpp"][b] for e in results]
+            med = np.array([st[metric]["median"] for st in stats])
+            lo = [m - st[metric]["min"] for m, st in zip(med, stats, strict=True)]
+            hi = [st[metric]["max"] - m for m, st in zip(med, stats, strict=True)]
+            err = np.array([lo, hi])
+            label = "ours" if b == "ours" else f"llama.cpp {b.replace('_', ' ')}"
+            ax.bar(x + (i - (len(backends) - 1) / 2) * width, med, width, yerr=err, capsize=3, label=label)
+        if metric == "decode_tok_s" and all("roofline" in e for e in results):
+            ceil = [e["roofline"]["decode_tok_s_ceiling"] for e in results]
+            ax.scatter(x, ceil, marker="_", s=800, color="black", label="roofline (ours)")
+        ax.set_xticks(x, [f"{e['threads']} thr" for e in results])
+        ax.set_ylabel("tokens/s")
+        ax.set_title(f"{title} (prompt {max(result['settings']['prompt_lengths'])})")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"phi3 bench: {result['model']['path'] or 'default model'}", fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.partial.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,500 @@
+"""llama.cpp as the reference runtime: build llama-cpp-python once with working AMX, then time it.
+
+Why a recipe of our own: on Sapphire-Rapids-class CPUs a plain `-march=native` GCC 12 build segfaults in
+ggml's AMX code, and a build with AMX disabled is 2-3x slower than one with AMX working, which would
+flatter us. Debian's clang-15 builds it correctly once the AMX feature macros are defined (clang-15 spells
+them `__AMXINT8__`, so ggml's `#ifdef __AMX_INT8__` would otherwise silently leave AMX out). The wheel is
+`-march=native`, so it is cached per CPU model and flag set under ~/.cache/phi3-toolkit/wheels. On CPUs
+without AMX (e.g. AMD EPYC) the recipe drops the macros: the plain native build, the fastest there.
+
+llama.cpp runs in a worker process (`python -m toolkit.bench.llama_cpp worker`) that speaks JSON lines: a
+crash in native code then cannot take the bench down, its peak RSS is its own, and both sides run the same
+timing loop (`toolkit.bench.timing.timed_generation`)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+
+LLAMA_CPP_VERSION = "0.3.36"
+PACKAGE = "llama-cpp-python"
+COMPILER_C, COMPILER_CXX = "clang-15", "clang++-15"
+AMX_DEFINES = "-D__AMX_INT8__=1 -D__AMX_TILE__=1 -D__AMX_BF16__=1"
+# Only the library: examples, tools, server, tests and llava are not needed and double the build time.
+CMAKE_BASE = (
+    "-DGGML_NATIVE=ON -DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF "
+    "-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF"
+)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PHI3_TOOLKIT_CACHE", "~/.cache/phi3-toolkit")).expanduser()
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_amx() -> bool:
+    return {"amx_tile", "amx_int8"} <= cpu_flags()
+
+
+def cpu_fingerprint() -> str:
+    """CPU model plus its flags: a `-march=native` wheel is only reused on the same kind of CPU."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    digest = hashlib.sha256((model + " " + " ".join(sorted(cpu_flags()))).encode()).hexdigest()
+    return digest[:16]
+
+
+def wheelhouse() -> Path:
+    return cache_dir() / "wheels" / f"llama-cpp-python-{LLAMA_CPP_VERSION}-{cpu_fingerprint()}"
+
+
+def find_wheel(where: Path | None = None) -> Path | None:
+    where = where or wheelhouse()
+    wheels = sorted(where.glob(f"llama_cpp_python-{LLAMA_CPP_VERSION}-*.whl"))
+    return wheels[-1] if wheels else None
+
+
+def build_env() -> dict[str, str]:
+    """Environment for `pip wheel`: clang-15, and on AMX CPUs the AMX macros in both C and C++ flags."""
+    flags = f"-DCMAKE_C_FLAGS='{AMX_DEFINES}' -DCMAKE_CXX_FLAGS='{AMX_DEFINES}'" if cpu_has_amx() else ""
+    env = dict(os.environ)
+    env.update(
+        CC=COMPILER_C,
+        CXX=COMPILER_CXX,
+        CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2),
+        CMAKE_ARGS=f"{CMAKE_BASE} {flags}".strip(),
+    )
+    return env
+
+
+def build_wheel(where: Path | None = None, *, log: Path | None = None) -> Path:
+    """Build the wheel (3-6 minutes on 2 cores) into the wheelhouse and return its path."""
+    for exe in (COMPILER_C, COMPILER_CXX):
+        if shutil.which(exe) is None:
+            raise UserError(
+                f"{exe} is needed to build llama.cpp with working AMX; install it: apt-get install clang-15"
+            )
+    where = where or wheelhouse()
+    where.mkdir(parents=True, exist_ok=True)
+    log = log or where / "build.log"
+    with tempfile.TemporaryDirectory(dir=where) as tmp:
+        # --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS and would hand back a wheel built without AMX
+        cmd = [
+            "nice",
+            "-n",
+            "10",
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-cache-dir",
+            "--no-deps",
+            f"{PACKAGE}=={LLAMA_CPP_VERSION}",
+            "-w",
+            tmp,
+        ]
+        with open(log, "w") as f:
+            rc = subprocess.run(cmd, env=build_env(), stdout=f, stderr=subprocess.STDOUT).returncode
+        built = sorted(Path(tmp).glob("llama_cpp_python-*.whl"))
+        if rc != 0 or not built:
+            raise UserError(f"building {PACKAGE}=={LLAMA_CPP_VERSION} failed (exit {rc}); see the log", log)
+        final = where / built[0].name
+        os.replace(built[0], final)
+    return final
+
+
+def installed_version() -> str | None:
+    try:
+        return importlib.metadata.version(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def install_wheel(wheel: Path) -> None:
+    """Install the wheel itself (replacing any other build), then its small pure-Python dependencies
+    (diskcache, jinja2, typing-extensions) without upgrading anything already installed."""
+    pip = [sys.executable, "-m", "pip", "install", "--quiet"]
+    for cmd in (pip + ["--no-deps", "--force-reinstall", str(wheel)], pip + [str(wheel)]):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise UserError(f"pip install failed: {proc.stderr.strip()[-500:]}", wheel)
+    importlib.invalidate_caches()
+
+
+def system_info() -> str:
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info()
+    return info.decode() if isinstance(info, bytes) else str(info)
+
+
+def amx_in(info: str) -> bool:
+    return "AMX_INT8 = 1" in info
+
+
+def ensure_llama_cpp(*, build: bool = True, log=print) -> str:
+    """Make llama-cpp-python LLAMA_CPP_VERSION importable: installed, else the cached wheel, else build it.
+
+    Returns its `system_info` line. On an AMX CPU a build without AMX is refused: it is not the reference.
+    """
+    if installed_version() != LLAMA_CPP_VERSION:
+        wheel = find_wheel()
+        if wheel is None:
+            if not build:
+                raise UserError(
+                    f"{PACKAGE}=={LLAMA_CPP_VERSION} is not installed and no wheel is cached; "
+                    "build it with: python -m toolkit.bench.llama_cpp install"
+                )
+            log(f"building {PACKAGE}=={LLAMA_CPP_VERSION} with clang-15 + AMX (3-6 minutes, once)...")
+            wheel = build_wheel()
+        log(f"installing {wheel.name}")
+        install_wheel(wheel)
+    # a fresh interpreter: this one may have imported an older build already
+    info = subprocess.run(
+        [sys.executable, "-c", "import llama_cpp as l; print(l.llama_print_system_info().decode())"],
+        capture_output=True,
+        text=True,
+    )
+    if info.returncode != 0:
+        raise UserError(f"llama_cpp does not import: {info.stderr.strip()[-500:]}")
+    line = info.stdout.strip()
+    if cpu_has_amx() and not amx_in(line):
+        raise UserError(
+            "the installed llama-cpp-python was built without AMX (2-3x slower here, not a fair reference); "
+            "rebuild it with: python -m toolkit.bench.llama_cpp install --rebuild"
+        )
+    return line
+
+
+class LlamaCppModel:
+    """One GGUF model and context in this process; greedy single-sequence prefill/decode returning logits."""
+
+    def __init__(
+        self,
+        gguf_path: str | Path,
+        *,
+        threads: int,
+        flash_attn: bool = False,
+        n_ctx: int = 512,
+        n_batch: int = 512,
+        use_mmap: bool = True,
+        seed: int = 1234,
+    ) -> None:
+        import llama_cpp
+
+        self._lc = llama_cpp
+        self.path = Path(gguf_path)
+        self.llm = llama_cpp.Llama(
+            model_path=str(self.path),
+            n_ctx=n_ctx,
+            n_batch=n_batch,
+            n_ubatch=n_batch,
+            n_threads=threads,
+            n_threads_batch=threads,
+            seed=seed,
+            flash_attn=flash_attn,
+            use_mmap=use_mmap,
+            verbose=False,
+        )
+        self.vocab_size = int(self.llm.n_vocab())
+        self.n_ctx = int(self.llm.n_ctx())
+
+    def _last_logits(self) -> np.ndarray:
+        # Llama.eval no longer keeps logits in 0.3.36 (sampling moved to the sampler): read the context's
+        ptr = self._lc.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.vocab_size,)).copy()
+
+    def reset(self) -> None:
+        self.llm.reset()  # n_past = 0; eval() drops the KV cells past it
+
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
+        if self.llm.n_tokens + len(tokens) > self.n_ctx:
+            raise UserError(f"{len(tokens)} more tokens do not fit the context of {self.n_ctx}")
+        self.llm.eval(list(tokens))
+        return self._last_logits()
+
+    def decode(self, token: int) -> np.ndarray:
+        return self.prefill([token])
+
+
+# ---- worker process -------------------------------------------------------------------------------------
+
+
+def _serve(stdin, stdout) -> None:
+    from .timing import peak_rss_bytes, timed_generation
+
+    model: LlamaCppModel | None = None
+    for line in stdin:
+        req = json.loads(line)
+        cmd = req["cmd"]
+        try:
+            if cmd == "load":
+                model = LlamaCppModel(
+                    req["gguf"],
+                    threads=req["threads"],
+                    flash_attn=req["flash_attn"],
+                    n_ctx=req["n_ctx"],
+                    n_batch=req["n_batch"],
+                    use_mmap=req.get("use_mmap", True),
+                )
+                info = system_info()
+                resp = {
+                    "ok": True,
+                    "vocab_size": model.vocab_size,
+                    "system_info": info,
+                    "amx": amx_in(info) and cpu_has_amx(),
+                    "version": installed_version(),
+                    "rss_peak_bytes": peak_rss_bytes(),
+                }
+            elif cmd == "run":
+                assert model is not None, "load first"
+                resp = {
+                    "ok": True,
+                    **timed_generation(model, req["tokens"], req["decode_tokens"]),
+                    "rss_peak_bytes": peak_rss_bytes(),
+                }
+            elif cmd == "logits":
+                assert model is not None, "load first"
+                model.reset()
+                rows = [model.prefill(req["tokens"]).tolist()]
+                for tok in req.get("then", []):
+                    rows.append(model.decode(tok).tolist())
+                resp = {"ok": True, "logits": rows}
+            elif cmd == "quit":
+                stdout.write(json.dumps({"ok": True}) + "\n")
+                stdout.flush()
+                return
+            else:
+                resp = {"ok": False, "error": f"unknown command {cmd!r}"}
+        except Exception as e:  # reported to the parent, which raises it there
+            resp = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        stdout.write(json.dumps(resp) + "\n")
+        stdout.flush()
+
+
+class LlamaCppWorker:
+    """A llama.cpp model in a child process. Methods mirror LlamaCppModel's measurements."""
+
+    def __init__(
+        self,
+        gguf_path: str | Path,
+        *,
+        threads: int,
+        flash_attn: bool = False,
+        n_ctx: int = 512,
+        n_batch: int = 512,
+        use_mmap: bool = True,
+    ) -> None:
+        self.gguf_path, self.threads, self.flash_attn = Path(gguf_path), threads, flash_attn
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "toolkit.bench.llama_cpp", "worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+        )
+        self.info = self._call(
+            {
+                "cmd": "load",
+                "gguf": str(gguf_path),
+                "threads": threads,
+                "flash_attn": flash_attn,
+                "n_ctx": n_ctx,
+                "n_batch": n_batch,
+                "use_mmap": use_mmap,
+            }
+        )
+        self.vocab_size = int(self.info["vocab_size"])
+
+    def _call(self, req: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.write(json.dumps(req) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
+            self.proc.wait()
+            self._stderr.seek(0)
+            tail = self._stderr.read()[-2000:]
+            raise RuntimeError(
+                f"llama.cpp worker died (exit {self.proc.returncode}) on {req['cmd']}:\n{tail}"
+            )
+        resp = json.loads(line)
+        if not resp.get("ok"):
+            raise RuntimeError(f"llama.cpp worker: {resp.get('error')}")
+        return resp
+
+    def run(self, tokens: Sequence[int], decode_tokens: int) -> dict[str, Any]:
+        return self._call({"cmd": "run", "tokens": [int(t) for t in tokens], "decode_tokens": decode_tokens})
+
+    def logits(self, tokens: Sequence[int], then: Sequence[int] = ()) -> np.ndarray:
+        """Last-position logits after the prompt, then after each token of `then`: [1+len(then), V]."""
+        resp = self._call(
+            {"cmd": "logits", "tokens": [int(t) for t in tokens], "then": [int(t) for t in then]}
+        )
+        return np.asarray(resp["logits"], dtype=np.float32)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self._call({"cmd": "quit"})
+            except (RuntimeError, OSError):
+                pass
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._stderr.close()
+
+    def __enter__(self) -> LlamaCppWorker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def bench_gguf(
+    gguf_path: str | Path,
+    *,
+    threads: Sequence[int] = (1, 2),
+    prompt_len: int = 128,
+    decode_tokens: int = 64,
+    warmup: int = 1,
+    repeats: int = 3,
+    flash_attn: Sequence[bool] = (False, True),
+    seed: int = 0,
+    log=print,
+) -> dict[str, Any]:
+    """llama.cpp alone on a GGUF (the reference method of shared/notes/cpu-speed-anchor.md): per thread count,
+    FA settings interleaved run by run, median [min-max] of `repeats` after `warmup`."""
+    from .timing import summarize_runs
+
+    out: dict[str, Any] = {
+        "gguf": str(gguf_path),
+        "prompt_len": prompt_len,
+        "decode_tokens": decode_tokens,
+        "repeats": repeats,
+        "loadavg_before": list(os.getloadavg()),
+        "results": [],
+    }
+    n_ctx = max(512, -(-(prompt_len + decode_tokens + 1) // 256) * 256)
+    for t in threads:
+        workers = {
+            fa: LlamaCppWorker(gguf_path, threads=t, flash_attn=fa, n_ctx=n_ctx, n_batch=max(512, prompt_len))
+            for fa in flash_attn
+        }
+        try:
+            vocab = next(iter(workers.values())).vocab_size
+            prompt = np.random.default_rng(seed).integers(3, vocab, size=prompt_len).tolist()
+            runs: dict[bool, list] = {fa: [] for fa in workers}
+            for it in range(warmup + repeats):
+                for fa, w in workers.items():
+                    r = w.run(prompt, decode_tokens)
+                    log(
+                        f"threads={t} fa={'on' if fa else 'off'} {'warm-up' if it < warmup else 'run'}: "
+                        f"prefill {prompt_len / r['prefill_s']:.1f} tok/s, "
+                        f"decode {decode_tokens / r['decode_s']:.2f} tok/s"
+                    )
+                    if it >= warmup:
+                        runs[fa].append(r)
+            info = next(iter(workers.values())).info
+            out.update(version=info.get("version"), amx=info.get("amx"), system_info=info.get("system_info"))
+            for fa, rs in runs.items():
+                out["results"].append(
+                    {
+                        "threads": t,
+                        "flash_attn": fa,
+                        **summarize_runs(rs),
+                        "peak_rss_bytes": max(r["rss_peak_bytes"] for r in rs),
+                    }
+                )
+        finally:
+            for w in workers.values():
+                w.close()
+    out["loadavg_after"] = list(os.getloadavg())
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m toolkit.bench.llama_cpp {install [--rebuild] | info | worker | bench GGUF [--threads 1,2]
+    [--prompt-len 128] [--decode-tokens 64] [--repeats 3]}`."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["worker"]:
+        # keep the protocol channel clean: anything native code prints to fd 1 goes to stderr instead
+        proto = os.fdopen(os.dup(1), "w")
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+        _serve(sys.stdin, proto)
+        return 0
+    if args[:1] == ["install"]:
+        if "--rebuild" in args:
+            print(f"built {build_wheel()}")
+            install_wheel(find_wheel())  # type: ignore[arg-type]
+        print(ensure_llama_cpp())
+        return 0
+    if args[:1] == ["info"]:
+        print(f"installed: {installed_version()}; cached wheel: {find_wheel()}; CPU AMX: {cpu_has_amx()}")
+        if installed_version():
+            print(system_info())
+        return 0
+    if args[:1] == ["bench"] and len(args) >= 2:
+        import argparse
+
+        ap = argparse.ArgumentParser(prog="python -m toolkit.bench.llama_cpp bench")
+        ap.add_argument("gguf")
+        ap.add_argument("--threads", default="1,2")
+        ap.add_argument("--prompt-len", type=int, default=128)
+        ap.add_argument("--decode-tokens", type=int, default=64)
+        ap.add_argument("--repeats", type=int, default=3)
+        ap.add_argument("--warmup", type=int, default=1)
+        a = ap.parse_args(args[1:])
+        res = bench_gguf(
+            a.gguf,
+            threads=[int(x) for x in a.threads.split(",")],
+            prompt_len=a.prompt_len,
+            decode_tokens=a.decode_tokens,
+            repeats=a.repeats,
+            warmup=a.warmup,
+            log=lambda m: print(m, file=sys.stderr),
+        )
+        print(json.dumps(res, indent=2))
+        return 0
+    print(main.__doc__)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

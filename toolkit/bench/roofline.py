@@ -1,0 +1,88 @@
+"""The decode roofline: every weight is read once per generated token, so tok/s <= bandwidth / weight bytes.
+
+Bandwidth is measured here with numpy (a read-only reduction over an array much larger than the caches,
+split over T Python threads; numpy releases the GIL in the reduction). Weight bytes come from a config and
+a storage scheme, or from the tensors of a GGUF file. The embedding table is not counted (one row is read
+per token) unless it doubles as the output layer (tied embeddings), where all of it is read."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..config import Phi3Config
+from ..errors import UserError
+
+# bytes per weight for 2-D weights, by scheme. Ours: 4-bit codes (0.5 B) + one scale per 32 values.
+BYTES_PER_WEIGHT = {
+    "q4f32_1": 0.5 + 4 / 32,
+    "q4f16_1": 0.5 + 2 / 32,
+    "q0f32": 4.0,  # ours, unquantized
+    "q0f16": 2.0,
+    "q4_0": 18 / 32,  # ggml: f16 scale + 16 B of codes per 32
+    "q4_1": 20 / 32,  # ggml: f16 scale + f16 min + 16 B
+    "q8_0": 34 / 32,
+    "f16": 2.0,
+    "f32": 4.0,
+}
+# norm weights: float32, except in our fp16 schemes (stored in the model dtype)
+NORM_BYTES = {"q4f16_1": 2, "q0f16": 2}
+
+
+def weight_bytes_per_token(cfg: Phi3Config, scheme: str) -> int:
+    """Bytes of weights one decode step reads for a Phi-3 config stored in `scheme`."""
+    if scheme not in BYTES_PER_WEIGHT:
+        raise UserError(f"unknown quantization scheme {scheme!r}; known: {', '.join(BYTES_PER_WEIGHT)}")
+    per = BYTES_PER_WEIGHT[scheme]
+    h, L = cfg.hidden_size, cfg.num_hidden_layers
+    layer_2d = h * cfg.qkv_size + cfg.num_attention_heads * cfg.head_dim * h + 3 * h * cfg.intermediate_size
+    total = L * layer_2d * per + (2 * L + 1) * h * NORM_BYTES.get(scheme, 4)
+    total += cfg.vocab_size * h * per  # lm_head, or the tied embedding table acting as it
+    return int(round(total))
+
+
+def gguf_weight_bytes_per_token(path: str | Path) -> int:
+    """The same count from a GGUF's tensors: all of them except `token_embd` unless there is no `output`."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    # rope factor tables (a few hundred bytes, only one of them used) are left out, as in the formula
+    sizes = {t.name: int(t.n_bytes) for t in reader.tensors if not t.name.startswith("rope_factors")}
+    total = sum(sizes.values())
+    if "output.weight" in sizes:
+        total -= sizes.get("token_embd.weight", 0)
+    return total
+
+
+def _sum_chunk(a: np.ndarray, out: list[float], i: int) -> None:
+    out[i] = float(a.sum(dtype=np.float32))
+
+
+def measure_read_bandwidth(threads: int = 1, nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Best-of-`repeats` read bandwidth in bytes/s of a numpy sum over `nbytes` split across `threads`.
+
+    The best, not the median: the roofline is the ceiling the machine allows, and neighbours only lower it.
+    """
+    if threads < 1:
+        raise UserError(f"threads must be >= 1, got {threads}")
+    a = np.ones(nbytes // 4, dtype=np.float32)  # touch every page before timing
+    chunks = np.array_split(a, threads)
+    best = 0.0
+    for _ in range(repeats):
+        out = [0.0] * threads
+        workers = [threading.Thread(target=_sum_chunk, args=(c, out, i)) for i, c in enumerate(chunks)]
+        t0 = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        dt = time.perf_counter() - t0
+        best = max(best, a.nbytes / dt)
+    return best
+
+
+def roofline_tok_s(bandwidth_bytes_s: float, bytes_per_token: int) -> float:
+    return bandwidth_bytes_s / bytes_per_token

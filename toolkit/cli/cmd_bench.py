@@ -1,0 +1,120 @@
+"""`phi3 bench [MODEL]`: prefill/decode tok/s, time to first token, peak RSS, roofline; optionally vs
+llama.cpp."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..errors import UserError
+
+
+def _int_list(ctx, param, value: str) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not out:
+        raise click.BadParameter("empty list")
+    return out
+
+
+@click.command()
+@click.argument("model", required=False)
+@click.option("--device", default="host", show_default=True, help="Device preset to run our engine on.")
+@click.option(
+    "--threads", default="1,2", show_default=True, callback=_int_list, help="Thread counts to test."
+)
+@click.option(
+    "--prompt-lengths",
+    default="32,128",
+    show_default=True,
+    callback=_int_list,
+    help="Prompt lengths for prefill; the longest is the headline (and precedes the decode).",
+)
+@click.option("--decode-tokens", default=64, show_default=True, help="Tokens decoded after each prompt.")
+@click.option("--repeats", default=3, show_default=True, help="Timed runs per setting (median, min-max).")
+@click.option("--warmup", default=1, show_default=True, help="Untimed runs first.")
+@click.option("--quantization", default=None, help="Our weight scheme (default: the engine's default).")
+@click.option(
+    "--vs-llama-cpp", is_flag=True, help="Also run llama.cpp (AMX build) on the same model, interleaved."
+)
+@click.option(
+    "--llama-gguf",
+    type=click.Path(exists=True, dir_okay=False),
+    help="GGUF for llama.cpp (default: MODEL itself if a GGUF, else a cached Q4_0 export of it).",
+)
+@click.option(
+    "--llama-flash-attn",
+    type=click.Choice(["off", "on", "both"]),
+    default="both",
+    show_default=True,
+    help="llama.cpp flash attention (on: faster prefill, slower decode); ratios use the best.",
+)
+@click.option(
+    "--bandwidth-mib",
+    default=1024,
+    show_default=True,
+    help="Array size for the read-bandwidth measurement (well above the last-level cache).",
+)
+@click.option(
+    "--no-build", is_flag=True, help="Fail instead of building llama-cpp-python when it is missing."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG chart here.")
+def command(
+    model,
+    device,
+    threads,
+    prompt_lengths,
+    decode_tokens,
+    repeats,
+    warmup,
+    quantization,
+    vs_llama_cpp,
+    llama_gguf,
+    llama_flash_attn,
+    bandwidth_mib,
+    no_build,
+    as_json,
+    plot,
+) -> None:
+    """Benchmark MODEL (default: the embedded default model) on this machine."""
+    from ..bench.harness import BenchSettings, default_quantization, format_table, llama_gguf_for, run_bench
+    from ..bench.harness import plot as write_plot
+    from ..checkpoint import open_model
+
+    fa = {"off": [False], "on": [True], "both": [False, True]}[llama_flash_attn]
+    settings = BenchSettings(
+        threads=threads,
+        prompt_lengths=prompt_lengths,
+        decode_tokens=decode_tokens,
+        repeats=repeats,
+        warmup=warmup,
+        quantization=quantization or default_quantization(),
+        device=device,
+        vs_llama_cpp=vs_llama_cpp,
+        llama_flash_attn=fa,
+        bandwidth_bytes=bandwidth_mib << 20,
+    )
+    settings.validate()
+    src = open_model(model)
+
+    def log(msg: str) -> None:
+        click.echo(msg, err=True)
+
+    gguf = None
+    if vs_llama_cpp:
+        from ..bench.llama_cpp import ensure_llama_cpp
+
+        info = ensure_llama_cpp(build=not no_build, log=log)
+        log(f"llama.cpp: {info}")
+        gguf = Path(llama_gguf) if llama_gguf else llama_gguf_for(model, src, log)
+    elif llama_gguf:
+        raise UserError("--llama-gguf needs --vs-llama-cpp")
+    result = run_bench(model, settings, config=src.config, llama_gguf=gguf, log=log)
+    if plot:
+        log(f"wrote {write_plot(result, plot)}")
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
