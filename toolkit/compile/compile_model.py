@@ -26,7 +26,14 @@ from ..model.phi3 import GraphOptions, export_phi3
 from ..quantization import get_scheme
 from ..targets import Preset, load_preset
 from . import pipeline
-from .artifacts import MANIFEST, export_library, kernel_launch_table, verify_manifest, write_manifest
+from .artifacts import (
+    MANIFEST,
+    check_object_format,
+    export_library,
+    kernel_launch_table,
+    verify_manifest,
+    write_manifest,
+)
 
 LIB_NAME = "model"  # model.so / model.tar / model.dylib
 
@@ -95,6 +102,7 @@ def compile_model(
     ex, scheduled = pipeline.build(mod, target, schedule_fn(preset), system_lib=preset.system_lib)
     lib_file = LIB_NAME + preset.output
     notes = export_library(ex, tmp / lib_file, preset)
+    check_object_format(tmp / lib_file, preset)  # real object code for the preset's triple
     kernels = kernel_launch_table(scheduled, target) if preset.is_gpu else []
     extra = {
         "toolkit_version": __version__,
@@ -104,7 +112,7 @@ def compile_model(
             {"name": n, "shape": [int(x) for x in p.shape], "dtype": p.dtype} for n, p in named_params
         ],
         "compile_seconds": round(time.time() - t0, 2),
-        "build_notes": notes,
+        "build": notes,
     }
     manifest = write_manifest(tmp, preset, opts.quantization, cfg, kernels, extra=extra)
     if out_dir.exists():

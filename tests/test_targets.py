@@ -1,0 +1,175 @@
+"""Device presets: every file loads into a valid TVM target and says why its numbers are what they are."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from toolkit import targets
+from toolkit.cli import main
+from toolkit.errors import UserError
+
+REQUIRED = {
+    "iphone-a16",
+    "macos-metal",
+    "android-adreno",
+    "android-mali",
+    "cuda-sm80",
+    "cuda-sm86",
+    "cuda-sm89",
+    "cuda-sm90",
+    "webgpu",
+    "host",
+}
+
+
+def test_required_presets_exist():
+    assert REQUIRED <= set(targets.list_presets())
+
+
+@pytest.mark.parametrize("name", sorted(REQUIRED))
+def test_preset_loads_into_a_tvm_target(name):
+    p = targets.load_preset(name)
+    t = p.target
+    assert t.kind.name == p.kind
+    assert p.output in (".so", ".tar", ".dylib")
+    assert p.why and all(isinstance(v, str) and v for v in p.why.values())
+    if p.is_gpu:
+        assert p.dlight_rules[-1] == "Fallback"
+        assert t.host is not None and p.host_triple
+    if p.system_lib:  # static libraries for apps: iOS / Android / web
+        assert p.output == ".tar"
+
+
+def test_device_facts():
+    a16 = targets.load_preset("iphone-a16")
+    assert a16.target_dict["thread_warp_size"] == 32  # A16 SIMD-group width
+    assert a16.target_dict["max_shared_memory_per_block"] == 32768
+    assert a16.host_triple == "arm64-apple-ios" and a16.output == ".tar" and a16.system_lib
+    assert targets.load_preset("macos-metal").output == ".dylib"
+    for name in ("android-adreno", "android-mali"):
+        p = targets.load_preset(name)
+        assert p.kind == "opencl" and p.host_triple == "aarch64-linux-android" and p.output == ".tar"
+    for sm in ("80", "86", "89", "90"):
+        p = targets.load_preset(f"cuda-sm{sm}")
+        assert p.cuda_arch == f"sm_{sm}" and p.output == ".so"
+        assert f"arch=compute_{sm},code=sm_{sm}" in p.cuda_gencode  # SASS for the arch
+        assert f"arch=compute_{sm},code=compute_{sm}" in p.cuda_gencode  # PTX for newer GPUs
+
+
+def test_host_preset_detects_this_cpu():
+    p = targets.load_preset("host")
+    assert p.kind == "llvm" and not p.is_gpu
+    assert p.target_dict["mcpu"] and int(p.target_dict["num-cores"]) >= 1
+    assert p.target.attrs["mcpu"] == p.target_dict["mcpu"]
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(UserError) as e:
+        targets.load_preset("iphone-a99")
+    msg = str(e.value)
+    assert "iphone-a99" in msg and all(n in msg for n in REQUIRED)
+
+
+def test_invalid_preset_files_are_user_errors(tmp_path):
+    bad = tmp_path / "broken.json"
+    bad.write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        targets._load(bad)
+    data = json.loads((targets.TARGETS_DIR / "webgpu.json").read_text())
+    data["name"] = "nofallback"
+    data["dlight"]["rules"] = ["GEMV"]
+    (tmp_path / "nofallback.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match="Fallback"):
+        targets._load(tmp_path / "nofallback.json")
+    data["name"], data["output"] = "badout", ".exe"
+    (tmp_path / "badout.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match="output"):
+        targets._load(tmp_path / "badout.json")
+
+
+def test_cli_lists_presets_and_rejects_unknown():
+    runner = CliRunner()
+    res = runner.invoke(main, ["targets"])
+    assert res.exit_code == 0
+    assert all(name in res.output for name in REQUIRED)
+    res = runner.invoke(main, ["targets", "cuda-sm90"])
+    assert res.exit_code == 0 and "why" in res.output and "sm_90" in res.output
+    res = runner.invoke(main, ["targets", "nope"])
+    assert res.exit_code == 1 and "unknown device preset" in res.output
+
+
+# -- artifacts: the files a preset produces are object code for its host triple ------------------------------
+def _small_build(preset):
+    import tvm
+    from tvm.s_tir import dlight as dl
+
+    from toolkit.verify.sample_kernels import standalone_module
+
+    mod = tvm.IRModule({"rms_norm": standalone_module("float32")["rms_norm"]})
+    with preset.target:
+        mod = dl.ApplyDefaultSchedule(dl.gpu.Fallback())(mod)
+    return tvm.compile(mod, target=preset.target)
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "arch"),
+    [
+        ("iphone-a16", "macho", "arm64"),
+        ("android-adreno", "elf", "aarch64"),
+        ("android-mali", "elf", "aarch64"),
+        ("webgpu", "wasm", "wasm32"),
+        ("macos-metal", "macho", "arm64"),
+    ],
+)
+def test_libraries_are_object_code_for_the_device(tmp_path, name, fmt, arch):
+    from toolkit.compile.artifacts import check_object_format, export_library
+
+    preset = targets.load_preset(name)
+    path = tmp_path / f"lib{preset.output}"
+    export_library(_small_build(preset), path, preset)
+    objects = check_object_format(path, preset)
+    assert {(h.format, h.arch) for _n, h in objects} == {(fmt, arch)}
+    if preset.output == ".tar":
+        assert {h.kind for _n, h in objects} <= {"relocatable", "module"} and len(objects) >= 2
+    else:
+        assert objects[0][1].kind == "shared"
+    # the same file is rejected for a preset of another architecture
+    other = targets.load_preset("cuda-sm80")
+    with pytest.raises(UserError):
+        check_object_format(path, other)
+
+
+def test_manifest_checksums(tmp_path):
+    from toolkit.compile.artifacts import verify_manifest, write_manifest
+    from toolkit.config import Phi3Config
+
+    (tmp_path / "model.tar").write_bytes(b"library bytes")
+    cfg = Phi3Config.from_dict(json.loads(json.dumps(_tiny_config_dict())))
+    manifest = write_manifest(
+        tmp_path,
+        targets.load_preset("webgpu"),
+        "q4f16_1",
+        cfg,
+        kernels=[{"name": "k", "launch": {"blockIdx.x": "4"}}],
+    )
+    assert set(manifest) >= {"preset", "quantization", "model_config", "tvm_version", "kernels", "files"}
+    assert verify_manifest(tmp_path)["files"]["model.tar"] == manifest["files"]["model.tar"]
+    (tmp_path / "model.tar").write_bytes(b"library bytes, changed")
+    with pytest.raises(UserError, match="sha256"):
+        verify_manifest(tmp_path)
+    (tmp_path / "model.tar").unlink()
+    with pytest.raises(UserError, match="missing"):
+        verify_manifest(tmp_path)
+
+
+def _tiny_config_dict():
+    from tiny import BASE
+
+    from toolkit.config import parse_hf_config
+
+    return parse_hf_config(
+        {**BASE, "model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}, "tiny"
+    ).to_dict()

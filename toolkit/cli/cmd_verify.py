@@ -1,0 +1,44 @@
+"""`phi3 verify OUT`: run every kernel of a compiled model through a GPU API on this machine."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+
+@click.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False), help="Also write the full report as JSON."
+)
+@click.option("--seed", default=0, show_default=True, help="Seed of the random kernel inputs.")
+def command(out_dir: str, json_path: str | None, seed: int) -> None:
+    """Verify the kernels in OUT_DIR (written by `phi3 compile`) against the llvm build of the same
+    kernels."""
+    from ..verify.verify import verify_model
+
+    report = verify_model(out_dir, seed=seed)
+    click.echo(f"preset {report.preset} ({report.quantization}), kernels run on: {report.backend}")
+    for c in report.checks:
+        err = "" if c.error is None else f" err {c.error:.2e} (tol {c.tolerance:.0e})"
+        click.echo(f"  {c.status:<8} {c.func}{err}  {c.note}")
+    if report.msl_ok is not None:
+        click.echo(f"  MSL parse (clang++ with Metal stub header): {'ok' if report.msl_ok else 'FAILED'}")
+        if report.msl_diagnostics:
+            click.echo(report.msl_diagnostics)
+    for r in report.cuda:
+        click.echo(
+            f"  nvcc {r['arch']}: {r['compiled']}/{r['kernels']} kernels compiled"
+            + (f", missing {r['missing']}" if r["missing"] else "")
+        )
+    for note in report.notes:
+        click.echo(f"  note: {note}")
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(report.counts().items()))
+    click.echo(f"{'OK' if report.ok else 'FAILED'}: {counts}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report.to_dict(), f, indent=1)
+    if not report.ok:
+        sys.exit(1)

@@ -1,0 +1,163 @@
+"""GPU scheduling for a device preset: tuned records first, then dlight rules; and a guard for unscheduled
+kernels.
+
+A GPU build without schedules "succeeds" but silently compiles every unscheduled PrimFunc as host code, which
+crashes on the device (shared/notes/tvm-0.27-facts.md 3). `check_thread_bindings` turns that into an error.
+"""
+
+from __future__ import annotations
+
+import inspect
+import linecache
+import re
+import sys
+from pathlib import Path
+
+import tvm
+from tvm import relax, tirx
+from tvm.s_tir import dlight as dl
+
+from ..errors import UserError
+from ..targets import Preset
+
+# Files of a MetaSchedule JSONDatabase (s_tir/meta_schedule/database/json_database.py)
+DB_WORKLOAD = "database_workload.json"
+DB_RECORDS = "database_tuning_record.json"
+_THREAD_BINDING = re.compile(r"T\.(thread_binding\(|launch_thread\(|env_thread\()")
+
+
+def tuned_records_dir(preset: Preset, schedules_root: Path | None = None) -> Path | None:
+    """The preset's tuning database folder, or None when it has no records (tuning has not been run)."""
+    folder = preset.schedule_dir if schedules_root is None else Path(schedules_root) / preset.name
+    workload, records = folder / DB_WORKLOAD, folder / DB_RECORDS
+    if workload.is_file() and records.is_file() and records.stat().st_size > 0:
+        return folder
+    return None
+
+
+def dlight_rules(preset: Preset) -> list:
+    """The preset's dlight rule objects, in its order, with the parameters dlight exposes set from the
+    preset."""
+    factories = {
+        "Matmul": lambda: _matmul_rule(preset),
+        "GEMV": dl.gpu.GEMV,
+        "LowBatchGEMV": lambda: dl.gpu.LowBatchGEMV(bucket=preset.low_batch_gemv_bucket),
+        "Reduction": dl.gpu.Reduction,
+        "GeneralReduction": dl.gpu.GeneralReduction,
+        "RMSNorm": dl.gpu.RMSNorm,
+        "Transpose": dl.gpu.Transpose,
+        "Fallback": dl.gpu.Fallback,
+    }
+    return [factories[name]() for name in preset.dlight_rules]
+
+
+def _matmul_rule(preset: Preset):
+    if not preset.matmul_config:
+        return dl.gpu.Matmul()
+    config = dl.gpu.Matmul.Config(**preset.matmul_config)
+
+    class PresetMatmul(dl.gpu.Matmul):
+        """dlight Matmul with the SIMT tile configuration from the preset (tensor-core paths unchanged)."""
+
+        def get_configs(self, target):  # noqa: ARG002 - same signature as dlight's
+            return config
+
+    return PresetMatmul()
+
+
+def gpu_schedule_pass(preset: Preset, schedules_root: Path | None = None) -> tvm.transform.Pass:
+    """Module pass scheduling every PrimFunc for `preset`: tuned records from schedules/<preset>/ first, then
+    dlight.
+
+    dlight skips functions already marked `tirx.is_scheduled` (set by MetaScheduleApplyDatabase for the ones
+    it
+    found in the database), so tuned kernels keep their tuned schedule.
+    """
+    if not preset.is_gpu:
+        raise ValueError(f"preset {preset.name} is not a GPU preset (kind {preset.kind})")
+    records = tuned_records_dir(preset, schedules_root)
+    rules = dlight_rules(preset)
+    if preset.kind in ("metal", "cuda") and "Matmul" in preset.dlight_rules:
+        import_tensor_intrinsics()
+    target = preset.target
+
+    @tvm.transform.module_pass(opt_level=0, name="GPUSchedule")
+    def _schedule(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with target:  # MetaScheduleApplyDatabase reads the current target when it is constructed
+            passes = []
+            if records is not None:
+                passes.append(relax.transform.MetaScheduleApplyDatabase(work_dir=str(records)))
+            passes.append(dl.ApplyDefaultSchedule(*rules))
+            # dlight assigns into the module it is given (mod[gv] = ...), which would also rewrite the
+            # caller's
+            # unscheduled module (the verification reference): work on a copy.
+            return tvm.transform.Sequential(passes)(mod.clone())
+
+    return _schedule
+
+
+def unbound_kernels(mod: tvm.IRModule) -> list[str]:
+    """Names of PrimFuncs meant for the device that have no GPU thread binding (they would run as host
+    code)."""
+    missing = []
+    for gvar, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc) or _is_host_func(func):
+            continue
+        if not _THREAD_BINDING.search(func.script()):
+            missing.append(gvar.name_hint)
+    return sorted(missing)
+
+
+def check_thread_bindings(mod: tvm.IRModule) -> None:
+    """Raise UserError naming every device kernel left without thread bindings after scheduling."""
+    missing = unbound_kernels(mod)
+    if missing:
+        raise UserError(
+            f"{len(missing)} GPU kernel(s) have no thread bindings after scheduling and would run as host "
+            f"code on the device: {', '.join(missing)}. "
+            "Add a schedule rule (dlight Fallback) or a tuned record."
+        )
+
+
+def _is_host_func(func: tirx.PrimFunc) -> bool:
+    attrs = func.attrs or {}
+    if "tirx.is_host_func" in attrs and int(attrs["tirx.is_host_func"]):
+        return True
+    target = attrs.get("target") if attrs else None
+    return target is not None and target.kind.name in ("llvm", "c")
+
+
+def import_tensor_intrinsics() -> None:
+    """Import tvm.s_tir.tensor_intrin (dlight Matmul does on metal/cuda) without its inspect.stack() cost.
+
+    The module parses ~250 TVMScript functions at import; each parse calls inspect.stack(), which looks up the
+    module of every frame by scanning sys.modules: about half of a 70 s import on this machine. TVMScript only
+    reads frame objects and the source line of frames[2], so a stack with just those lines is equivalent.
+    """
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    original = inspect.stack
+
+    def light_stack(context: int = 1) -> list[inspect.FrameInfo]:
+        frames, frame = [], sys._getframe(1)
+        while frame is not None:
+            code = frame.f_code
+            line = linecache.getline(code.co_filename, frame.f_lineno) if context else ""
+            frames.append(
+                inspect.FrameInfo(
+                    frame,
+                    code.co_filename,
+                    frame.f_lineno,
+                    code.co_name,
+                    [line] if line else None,
+                    0 if line else None,
+                )
+            )
+            frame = frame.f_back
+        return frames
+
+    inspect.stack = light_stack
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401 - registers the tensor intrinsics
+    finally:
+        inspect.stack = original

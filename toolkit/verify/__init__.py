@@ -1,0 +1,1 @@
+"""Kernel verification on GPU APIs available without the device: WGSL, OpenCL, nvcc, MSL parsing."""

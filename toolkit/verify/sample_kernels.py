@@ -1,0 +1,94 @@
+"""Standalone, unscheduled PrimFuncs shaped like the Phi-3 hot kernels, for checking schedules and GPU APIs.
+
+They use the q4 layout of the toolkit (MLC q4f*_1): `q_weight uint32 [N, K/8]` (element k of row n in word
+k/8,
+bits 4*(k%8)), `q_scale [N, K/32]`, value = (nibble - 7) * scale; a separate dequantize block feeding the
+matmul,
+which is the form dlight's GEMV/Matmul rules recognise after dequant fusion (shared/notes/tvm-0.27-facts.md
+2).
+All shapes are int64 like Relax-legalized functions.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, te, tirx
+
+
+def _i(v: int):
+    return tirx.const(v, "int64")
+
+
+def _dequant(q_weight, q_scale, n: int, k: int, dtype: str):
+    return te.compute(
+        (_i(n), _i(k)),
+        lambda i, j: (
+            (
+                (
+                    (q_weight[i, j // _i(8)] >> ((j % _i(8)) * _i(4)).astype("uint32"))
+                    & tirx.const(15, "uint32")
+                ).astype(dtype)
+                - tirx.const(7, dtype)
+            )
+            * q_scale[i, j // _i(32)]
+        ),
+        name="dequantize",
+    )
+
+
+def dequant_matmul(n_out: int, k: int, dtype: str, seq_len: int | str = 1) -> tirx.PrimFunc:
+    """x [1, seq, K] @ dequant(W)^T -> [1, seq, N]; seq_len an int (decode GEMV) or a name (dynamic
+    prefill)."""
+    seq = tirx.Var(seq_len, "int64") if isinstance(seq_len, str) else _i(seq_len)
+    q_weight = te.placeholder((_i(n_out), _i(k // 8)), "uint32", name="q_weight")
+    q_scale = te.placeholder((_i(n_out), _i(k // 32)), dtype, name="q_scale")
+    x = te.placeholder((_i(1), seq, _i(k)), dtype, name="x")
+    w = _dequant(q_weight, q_scale, n_out, k, dtype)
+    r = te.reduce_axis((_i(0), _i(k)), name="k")
+    y = te.compute(
+        (_i(1), seq, _i(n_out)), lambda b, s, i: te.sum(x[b, s, r] * w[i, r], axis=r), name="NT_matmul"
+    )
+    return te.create_prim_func([q_weight, q_scale, x, y])
+
+
+def _legalized(build, dtype: str, name: str) -> tirx.PrimFunc:
+    bb = relax.BlockBuilder()
+    with bb.function("main"):
+        params, out = build(bb)
+        bb.emit_func_output(out, params)
+    mod = relax.transform.LegalizeOps()(bb.get())
+    funcs = [f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)]
+    assert len(funcs) == 1, f"{name}: expected one legalized PrimFunc"
+    return funcs[0]
+
+
+def rms_norm(hidden: int, dtype: str, seq_len: str = "n") -> tirx.PrimFunc:
+    """relax.op.nn.rms_norm legalized (what the model's RMSNorm becomes): x [1, n, H], weight [H]."""
+
+    def build(bb):
+        x = relax.Var("x", relax.TensorType([1, tirx.Var(seq_len, "int64"), hidden], dtype))
+        w = relax.Var("weight", relax.TensorType([hidden], dtype))
+        return [x, w], bb.emit(relax.op.nn.rms_norm(x, w, axes=[-1], epsilon=1e-5))
+
+    return _legalized(build, dtype, "rms_norm")
+
+
+def softmax(vocab: int, dtype: str, rows: str = "b") -> tirx.PrimFunc:
+    """relax.op.nn.softmax over the last axis (sampling's logits softmax): x [b, V]."""
+
+    def build(bb):
+        x = relax.Var("x", relax.TensorType([tirx.Var(rows, "int64"), vocab], dtype))
+        return [x], bb.emit(relax.op.nn.softmax(x, axis=-1))
+
+    return _legalized(build, dtype, "softmax")
+
+
+def standalone_module(dtype: str, k: int = 512, n_out: int = 256, hidden: int = 256, vocab: int = 1000):
+    """An IRModule with the four hot kernels: decode GEMV, dynamic-seq prefill matmul, RMSNorm and softmax."""
+    funcs = {
+        "dequant_gemv": dequant_matmul(n_out, k, dtype, 1),
+        "dequant_matmul": dequant_matmul(n_out, k, dtype, "seq_len"),
+        "rms_norm": rms_norm(hidden, dtype),
+        "softmax": softmax(vocab, dtype),
+    }
+    return tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
