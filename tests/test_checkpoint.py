@@ -22,12 +22,14 @@ from toolkit.errors import UserError
 def ckpts(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ckpt")
     out = {
-        "single": make_tiny_checkpoint(root / "single", "medium"),
+        "single": make_tiny_checkpoint(root / "single", "medium", tokenizer=False),
         # ~100 KB shards: the 2-layer model spreads over several files, tensors never split
-        "sharded": make_tiny_checkpoint(root / "sharded", "medium", max_shard_size="100KB"),
-        "bf16": make_tiny_checkpoint(root / "bf16", "medium", dtype="bfloat16", max_shard_size="100KB"),
-        "fp16": make_tiny_checkpoint(root / "fp16", "medium", dtype="float16"),
-        "tied": make_tiny_checkpoint(root / "tied", "phi4-mini"),
+        "sharded": make_tiny_checkpoint(root / "sharded", "medium", max_shard_size="100KB", tokenizer=False),
+        "bf16": make_tiny_checkpoint(
+            root / "bf16", "medium", dtype="bfloat16", max_shard_size="100KB", tokenizer=False
+        ),
+        "fp16": make_tiny_checkpoint(root / "fp16", "medium", dtype="float16", tokenizer=False),
+        "tied": make_tiny_checkpoint(root / "tied", "phi4-mini", tokenizer=False),
     }
     write_tiny_tokenizer(out["single"], 512)
     return out
