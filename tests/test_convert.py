@@ -247,10 +247,12 @@ def test_cli_convert(ckpt, tmp_path) -> None:
 
     out = tmp_path / "cli-out"
     r = CliRunner().invoke(
-        main, ["convert", str(ckpt), "-q", "q4f16_1", "-o", str(out), "--clip", "rtn", "--no-progress"]
+        main, ["convert", str(ckpt), "-q", "q4f16_1", "-o", str(out), "--clip", "rtn", "--no-progress",
+               "--param-names", "mlc"]
     )
     assert r.exit_code == 0, r.output
     assert "q4f16_1 (clip rtn)" in r.output and (out / "tensor-cache.json").is_file()
+    assert "transformer.h.0.mixer.qkv_proj.q_weight" in open_model(out).param_names()
     r = CliRunner().invoke(main, ["convert", str(ckpt), "-q", "q3f16_9", "-o", str(tmp_path / "x")])
     assert r.exit_code == 1 and "unknown quantization 'q3f16_9'" in r.output
 
@@ -303,3 +305,39 @@ def test_mlc_param_names(ckpt, converted, tmp_path) -> None:
     # the ModelSource view still speaks HF names
     name = "model.layers.0.self_attn.o_proj.weight"
     np.testing.assert_array_equal(open_model(out).get_tensor(name), open_model(converted).get_tensor(name))
+
+
+def test_nan_weights_are_refused(ckpt, tmp_path) -> None:
+    src = open_model(ckpt)
+    real = src.iter_tensors
+
+    def poisoned(names=None):
+        for name, arr in real(names):
+            if name.endswith("0.self_attn.o_proj.weight"):
+                arr = arr.copy()
+                arr[0, 3] = np.nan
+            yield name, arr
+
+    src.iter_tensors = poisoned
+    with pytest.raises(UserError, match="o_proj.weight contains NaN"):
+        conv.convert(src, "q4f16_1", tmp_path / "nan", clip="rtn", progress=False)
+    assert not (tmp_path / "nan").exists() and not list(tmp_path.glob("nan.tmp-*"))
+
+
+def test_cli_quant_report(ckpt, tmp_path) -> None:
+    from toolkit.cli import main
+
+    png = tmp_path / "report.png"
+    r = CliRunner().invoke(main, ["quant-report", str(ckpt), "-q", "q4f16_1", "-o", str(png), "--json",
+                                  "--no-progress"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    names = [t["name"] for t in report["tensors"]]
+    assert names[0] == "model.embed_tokens.weight" and "lm_head.weight" in names and len(names) == 10
+    assert report["methods"] == ["rtn", "search", "weighted"]
+    for t in report["tensors"]:
+        assert 0 < t["search"] <= t["rtn"] < 0.2  # 4-bit: ~10% relative RMS error; search never worse
+        assert 0 < t["weighted"] < 0.2
+    r = CliRunner().invoke(main, ["quant-report", str(ckpt), "-q", "q0f16", "-o", str(png)])
+    assert r.exit_code == 1 and "nothing to report" in r.output

@@ -90,6 +90,11 @@ def test_layers_have_mlc_param_names_and_dtypes() -> None:
     assert isinstance(make_linear(8, 32, "q0f16"), nn.Linear)
     assert isinstance(make_embedding(8, 32, "q4f16_1"), QuantizedEmbedding)
     assert make_linear(32, 8, "q0f32").weight.dtype == "float32"
+    lin = make_linear(64, 8, "q4f16_1")
+    lin.to("float16")  # the model dtype: a no-op that must not touch the uint32 codes
+    assert lin.q_weight.dtype == "uint32" and lin.q_scale.dtype == "float16"
+    with pytest.raises(ValueError):
+        lin.to("float32")
 
 
 def test_unfused_pipeline_materialises_dequantized_weights() -> None:

@@ -52,7 +52,11 @@ def apply_rope_to_qkv(
             freq = pos[i].astype("float32") * inv[long[i], j]
             cos = tirx.cos(freq) * tirx.const(mscale, "float32")
             sin = tirx.sin(freq) * tirx.const(mscale, "float32")
-            partner = tirx.if_then_else(d < half, -x[i, h, d + half], x[i, h, d - half]).astype("float32")
+            # one in-bounds load for the partner element (a select between two loads would read out of
+            # bounds on GPUs, where both sides of a select are evaluated)
+            partner_idx = tirx.if_then_else(d < half, d + half, d - half)
+            sign = tirx.if_then_else(d < half, tirx.const(-1.0, "float32"), tirx.const(1.0, "float32"))
+            partner = x[i, h, partner_idx].astype("float32") * sign
             rotated = (x_d * cos + partner * sin).astype(dtype)
             return tirx.if_then_else(tirx.all(h < n_rot_heads, d < rot), rotated, x[i, h, d])
 

@@ -1,0 +1,58 @@
+"""`phi3 convert CHECKPOINT --quantization q4f16_1 -o OUT`: write MLC-LLM-format weights (streaming)."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.argument("checkpoint", required=False)
+@click.option(
+    "--quantization", "-q", default="q4f16_1", show_default=True, help="q0f32, q0f16, q4f16_1 or q4f32_1."
+)
+@click.option(
+    "--output",
+    "-o",
+    "output",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Output folder (written to OUT.tmp-<pid>, renamed when complete).",
+)
+@click.option(
+    "--clip",
+    type=click.Choice(["auto", "rtn", "search", "weighted"]),
+    default="auto",
+    show_default=True,
+    help="q4 scales (same storage either way): rtn = max|w|/7; search = per-group clipping search minimising "
+    "weight error; weighted = that search weighted by activation statistics of a short calibration text; "
+    "auto = weighted (lowest perplexity measured).",
+)
+@click.option("--context-window", type=int, default=None, help="context_window_size (default: the model's).")
+@click.option(
+    "--prefill-chunk", type=int, default=None, help="prefill_chunk_size (default: min(context, 2048))."
+)
+@click.option("--param-names", type=click.Choice(["hf", "mlc"]), default="hf", show_default=True,
+              help="hf: our compiled models' names; mlc: MLC-LLM's Phi-3 names (for MLC-compiled libraries).")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickle .bin checkpoints (unsafe).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def command(checkpoint, quantization, output, clip, context_window, prefill_chunk, param_names, allow_pickle,
+            no_progress):
+    """Convert CHECKPOINT (HF folder, GGUF; default: the embedded model) to quantized MLC-LLM weights."""
+    from ..checkpoint import open_model
+    from ..convert.converter import convert
+
+    source = open_model(checkpoint, allow_pickle=allow_pickle)
+    res = convert(
+        source,
+        quantization,
+        output,
+        clip=clip,
+        progress=not no_progress,
+        context_window_size=context_window,
+        prefill_chunk_size=prefill_chunk,
+        param_names=param_names,
+    )
+    click.echo(
+        f"wrote {res.out_dir}: {res.scheme} (clip {res.clip}), {res.num_tensors} tensors in {res.num_shards} "
+        f"shards, {res.param_bytes / 2**20:.1f} MiB, {res.bits_per_param:.2f} bits/param, {res.seconds:.1f} s"
+    )

@@ -1,0 +1,44 @@
+"""`phi3 quant-report MODEL -q q4f16_1 -o report.png [--json]`: per-tensor weight reconstruction error,
+round-to-nearest vs clipping search, and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command()
+@click.argument("model", required=False)
+@click.option("--quantization", "-q", default="q4f16_1", show_default=True, help="q4f16_1 or q4f32_1.")
+@click.option("--output", "-o", "output", default="quant-report.png", show_default=True,
+              type=click.Path(dir_okay=False), help="PNG plot to write.")
+@click.option(
+    "--methods", default="rtn,search,weighted", show_default=True, help="Comma-separated subset of these."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead of a table.")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickle .bin checkpoints (unsafe).")
+@click.option("--no-progress", is_flag=True)
+def command(model, quantization, output, methods, as_json, allow_pickle, no_progress):
+    """Show how much error 4-bit quantization puts in each weight of MODEL (default: the embedded model)."""
+    from ..checkpoint import open_model
+    from ..errors import UserError
+    from ..quantization.report import plot_report, weight_error_report
+
+    source = open_model(model, allow_pickle=allow_pickle)
+    try:
+        report = weight_error_report(source, quantization, tuple(m.strip() for m in methods.split(",")),
+                                     progress=not no_progress)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    plot_report(report, output)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    ms = report["methods"]
+    click.echo(f"{'tensor':<48} {'shape':>14} " + " ".join(f"{m:>9}" for m in ms))
+    for r in report["tensors"]:
+        shape = "x".join(map(str, r["shape"]))
+        click.echo(f"{r['name']:<48} {shape:>14} " + " ".join(f"{r[m]:9.5f}" for m in ms))
+    click.echo(f"{'total':<48} {'':>14} " + " ".join(f"{report['total'][m]:9.5f}" for m in ms))
+    click.echo(f"plot: {output}")

@@ -1,0 +1,228 @@
+"""MLC-LLM group quantization (q4f16_1 / q4f32_1), bit-exact, in vectorised numpy.
+
+Layout ("NK", MLC's `_1` schemes), for a weight `w` of shape (N, K) (HF Linear layout, K = input features):
+  groups of 32 consecutive elements along K, G = ceil(K / 32) groups per row;
+  q_scale (N, G) in the model dtype:  scale = max|w_group| / 7;
+  q_weight (N, 4*G) uint32: code = clamp(round(w / scale + 7), 0, 14); element k sits in word k // 8 at
+  bits [4*(k % 8), 4*(k % 8) + 4) (lowest bits first); dequantized value = (code - 7) * scale.
+
+To be byte-for-byte what MLC-LLM's converter writes, the arithmetic follows its TE quantizer exactly:
+  * the weight is first cast to the model dtype (MLC's loader does `astype(model_dtype)` before quantizing);
+  * every operation is rounded to the model dtype: scale = fp(max / 7), then fp(fp(w / scale) + 7);
+  * `round` is TVM's `tir.round`, which lowers to `nearbyint` (round half to even) on llvm AND cuda (checked
+    in the generated source), i.e. numpy's `rint`; note the +7 is added BEFORE rounding, which differs from
+    round(w / scale) + 7 when fp16 rounding of the sum lands on a .5;
+  * K that is not a multiple of 32 is padded like MLC (ceil): padded positions don't count for the group max
+    and are packed as code 0.
+fp16 results are computed in float32 and rounded once to fp16: for +, -, *, / of fp16 operands a float32
+intermediate (24 bits >= 2*11 + 2) makes that double rounding innocuous, so this equals IEEE fp16 arithmetic.
+
+The one deliberate difference: a group of all zeros has scale 0 and MLC computes 0/0 (NaN, then an undefined
+float->uint cast); here its codes are 7, which dequantize to 0 whatever the scale.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from . import QuantScheme, get_scheme
+
+GROUP_SIZE = 32
+ELEMS_PER_WORD = 8
+MAX_INT = 7
+_SHIFTS = (np.arange(ELEMS_PER_WORD, dtype=np.uint32) * 4).astype(np.uint32)
+# rows per block: keeps temporaries of a 32064 x 3072 embedding at a few tens of MB
+_ROW_BLOCK = 256
+
+
+def _float_dtype(scheme: QuantScheme) -> np.dtype:
+    return np.dtype(scheme.model_dtype)
+
+
+def num_groups(k: int) -> int:
+    return -(-k // GROUP_SIZE)
+
+
+def quantized_shapes(shape: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(q_weight shape, q_scale shape) of a group-quantized (N, K) weight."""
+    n, k = shape
+    g = num_groups(k)
+    return (n, g * GROUP_SIZE // ELEMS_PER_WORD), (n, g)
+
+
+def round_to_f16_grid(x: np.ndarray) -> np.ndarray:
+    """float32 -> the nearest fp16 value (half to even), still as float32; exact for |x| >= 2**-14.
+
+    2x faster than astype(float16).astype(float32). Below 2**-14 (fp16 subnormals) it keeps 11 significant
+    bits instead of rounding to a multiple of 2**-24. Used for w / scale and w / scale + 7 (such tiny values
+    all end up as code 7 either way) and for (code - 7) * scale (a product below 2**-14 is a multiple of
+    2**-24 with at most 10 significant bits, so it is exact there too).
+    """
+    b = x.view(np.uint32)
+    # add just under half an fp16 ulp (plus the kept lsb, for ties to even), then drop the 13 extra bits
+    b = (b + (np.uint32(0xFFF) + ((b >> np.uint32(13)) & np.uint32(1)))) & np.uint32(0xFFFFE000)
+    return b.view(np.float32)
+
+
+def _rounder(dtype: np.dtype):
+    return round_to_f16_grid if dtype == np.float16 else (lambda x: x)
+
+
+def round_to_f16(x: np.ndarray) -> np.ndarray:
+    """float32 -> the nearest fp16 value as float32, exactly like astype(float16) (subnormals included).
+
+    Overflow (|x| >= 65520) is refused instead of becoming inf (MLC would then write NaN codes).
+    """
+    y = round_to_f16_grid(x)
+    tiny = np.abs(x) < np.float32(2**-14)
+    if tiny.any():  # fp16 subnormals: multiples of 2**-24 (x * 2**24 is exact, rint is half to even)
+        y = np.where(tiny, np.rint(x * np.float32(2**24)) * np.float32(2**-24), y)
+    big = np.abs(y).max(initial=0.0)
+    if not big <= 65504:
+        raise ValueError(f"weight magnitude {big} does not fit float16")
+    return y
+
+
+def _grouped(w: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """(N, K) -> (N, G, 32) float32 holding values of the model dtype, zero-padded along K."""
+    n, k = w.shape
+    wd = w.astype(np.float32, copy=False)
+    if dtype == np.float16:
+        wd = round_to_f16(wd)
+    kp = num_groups(k) * GROUP_SIZE
+    if kp != k:
+        wd = np.concatenate([wd, np.zeros((n, kp - k), np.float32)], axis=1)
+    return wd.reshape(n, kp // GROUP_SIZE, GROUP_SIZE)
+
+
+def rtn_scales(wg: np.ndarray, dtype: np.dtype | str = np.float16) -> np.ndarray:
+    """Round-to-nearest scales max|w| / 7 of grouped weights `wg` (N, G, 32), in `dtype`."""
+    max_abs = np.abs(wg).max(axis=-1)  # zero padding never wins a max over |w|
+    return (max_abs / np.float32(MAX_INT)).astype(dtype)
+
+
+def group_codes(wg: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Codes 0..14 (uint8) of grouped float32 weights `wg` (N, G, 32) for `scales` (N, G).
+
+    Arithmetic is MLC's, in the dtype of `scales` (the model dtype): round(fp(fp(w / s) + 7)), clamped.
+    """
+    rnd = _rounder(scales.dtype)
+    s = scales.astype(np.float32)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shifted = rnd(rnd(wg / s) + np.float32(MAX_INT))
+    codes = np.clip(np.rint(shifted), 0, 2 * MAX_INT)
+    codes = np.where(s == 0, np.float32(MAX_INT), codes)  # all-zero group: code 7 == 0.0, never NaN
+    return codes.astype(np.uint8)
+
+
+def dequantize_groups(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """(code - 7) * scale as float32 holding values of the scales' dtype; codes (..., 32), scales (...)."""
+    # |code - 7| <= 8 has 4 bits, times an 11/24-bit scale: exact in float32, so one rounding to the dtype
+    prod = (codes.astype(np.float32) - np.float32(MAX_INT)) * scales.astype(np.float32)[..., None]
+    return _rounder(scales.dtype)(prod)
+
+
+def pack(codes: np.ndarray) -> np.ndarray:
+    """(N, K) codes 0..15 with K % 8 == 0 -> (N, K/8) uint32, element k at bits 4*(k%8) of word k//8."""
+    n, k = codes.shape
+    if k % ELEMS_PER_WORD:
+        raise ValueError(f"pack needs K divisible by {ELEMS_PER_WORD}, got {k}")
+    words = codes.reshape(n, k // ELEMS_PER_WORD, ELEMS_PER_WORD).astype(np.uint32) << _SHIFTS
+    # nibbles don't overlap, so the sum is the bitwise or
+    return words.sum(axis=-1, dtype=np.uint32)
+
+
+def unpack(q_weight: np.ndarray) -> np.ndarray:
+    """(N, W) uint32 -> (N, 8*W) uint8 codes (inverse of `pack`)."""
+    if q_weight.dtype != np.uint32:
+        raise ValueError(f"q_weight must be uint32, got {q_weight.dtype}")
+    n, w = q_weight.shape
+    return ((q_weight[..., None] >> _SHIFTS) & np.uint32(0xF)).astype(np.uint8).reshape(n, w * ELEMS_PER_WORD)
+
+
+def _pad_mask(k: int) -> np.ndarray | None:
+    kp = num_groups(k) * GROUP_SIZE
+    if kp == k:
+        return None
+    return (np.arange(kp) < k).reshape(kp // GROUP_SIZE, GROUP_SIZE)
+
+
+def quantize(
+    w: np.ndarray, scheme: QuantScheme | str = "q4f16_1", scales: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize an (N, K) weight. Returns (q_weight uint32 (N, 4*G), q_scale (N, G) in the model dtype).
+
+    `scales` (N, G) overrides the round-to-nearest scales (e.g. from `clip_search`); same storage format.
+    """
+    scheme = get_scheme(scheme)
+    if not scheme.is_quantized:
+        raise ValueError(f"{scheme.name} does not quantize weights")
+    if w.ndim != 2:
+        raise ValueError(f"group quantization needs a 2-D weight, got shape {w.shape}")
+    dtype = _float_dtype(scheme)
+    n, k = w.shape
+    qw_shape, qs_shape = quantized_shapes((n, k))
+    if scales is not None and scales.shape != qs_shape:
+        raise ValueError(f"scales have shape {scales.shape}, expected {qs_shape}")
+    q_weight = np.empty(qw_shape, np.uint32)
+    q_scale = np.empty(qs_shape, dtype)
+    mask = _pad_mask(k)
+
+    def block(r0: int) -> None:
+        wg = _grouped(w[r0 : r0 + _ROW_BLOCK], dtype)
+        s = rtn_scales(wg, dtype) if scales is None else scales[r0 : r0 + _ROW_BLOCK].astype(dtype)
+        codes = group_codes(wg, s)
+        if mask is not None:
+            codes = np.where(mask, codes, np.uint8(0))  # MLC packs padded positions as 0
+        q_weight[r0 : r0 + _ROW_BLOCK] = pack(codes.reshape(codes.shape[0], -1))
+        q_scale[r0 : r0 + _ROW_BLOCK] = s
+
+    parallel_row_blocks(block, n, _ROW_BLOCK)
+    return q_weight, q_scale
+
+
+def parallel_row_blocks(fn, n_rows: int, block_rows: int, max_threads: int = 8) -> None:
+    """fn(r0) for every row block, in threads (numpy releases the GIL in its loops); blocks are disjoint."""
+    starts = range(0, n_rows, block_rows)
+    workers = min(len(starts), os.cpu_count() or 1, max_threads)
+    if workers <= 1:
+        for r0 in starts:
+            fn(r0)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(fn, starts))  # list(): re-raises the first exception of a block
+
+
+def dequantize(q_weight: np.ndarray, q_scale: np.ndarray, k: int | None = None) -> np.ndarray:
+    """(code - 7) * scale in the scale dtype (MLC's `_dequantize`), trimmed to `k` columns (default: all)."""
+    n, g = q_scale.shape
+    if q_weight.shape != (n, g * GROUP_SIZE // ELEMS_PER_WORD):
+        raise ValueError(f"q_weight shape {q_weight.shape} does not match q_scale shape {q_scale.shape}")
+    kp = g * GROUP_SIZE
+    k = kp if k is None else k
+    if not kp - GROUP_SIZE < k <= kp:
+        raise ValueError(f"k={k} is not consistent with {g} groups of {GROUP_SIZE}")
+    w = dequantize_groups(unpack(q_weight).reshape(n, g, GROUP_SIZE), q_scale).astype(q_scale.dtype)
+    return w.reshape(n, kp)[:, :k]
+
+
+def squared_errors(w: np.ndarray, q_weight: np.ndarray, q_scale: np.ndarray) -> tuple[float, float]:
+    """(sum (w - deq(q))^2, sum w^2) in float64, computed in row blocks (bounded temporaries)."""
+    err = ref = 0.0
+    k = w.shape[1]
+    for r0 in range(0, w.shape[0], _ROW_BLOCK):
+        rows = slice(r0, r0 + _ROW_BLOCK)
+        wb = w[rows].astype(np.float64)
+        d = wb - dequantize(q_weight[rows], q_scale[rows], k).astype(np.float64)
+        err += float(np.sum(d * d))
+        ref += float(np.sum(wb * wb))
+    return err, ref
+
+
+def reconstruction_error(w: np.ndarray, q_weight: np.ndarray, q_scale: np.ndarray) -> float:
+    """Relative RMS error ||w - deq(q)|| / ||w|| (float64 accumulation)."""
+    err, ref = squared_errors(w, q_weight, q_scale)
+    return float(np.sqrt(err / ref)) if ref > 0 else 0.0
