@@ -2,7 +2,7 @@
 
 Window w covers tokens [w*stride, w*stride + context); the first window scores every prediction, later ones
 only the `stride` newest tokens, so every token after the first is scored exactly once with at least
-context - stride tokens of history (the usual strided evaluation).
+context - stride tokens of history (the usual strided evaluation). stride == context gives disjoint windows.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def perplexity(
         finally:
             engine.remove_sequence(sid)
         # index i predicts window[i+1]; the previous window already scored up to window[context - stride - 1]
-        first = 0 if start == 0 else context - stride - 1
+        # (with stride == context, a window's first token has no history and is not scored)
+        first = 0 if start == 0 else max(context - stride - 1, 0)
         targets = np.asarray(window[first + 1 :])
         nll -= float(logp[np.arange(first, len(window) - 1), targets].sum())
         scored += len(targets)
