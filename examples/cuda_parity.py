@@ -145,9 +145,9 @@ def run_speed(out: Path, dev) -> dict:
 
 
 def run(out: Path) -> None:
-    import tvm
-
     import ctypes
+
+    import tvm
 
     # runtime-only TVM (TVM_USE_RUNTIME_LIB=1) does not load its CUDA device API on its own
     lib_dir = Path(tvm.__file__).parent / "lib"
