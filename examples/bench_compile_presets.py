@@ -16,28 +16,7 @@ import sys
 import tempfile
 import time
 
-# microsoft/Phi-3-mini-4k-instruct config.json
-PHI3_MINI_4K = {
-    "architectures": ["Phi3ForCausalLM"],
-    "model_type": "phi3",
-    "vocab_size": 32064,
-    "hidden_size": 3072,
-    "intermediate_size": 8192,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "max_position_embeddings": 4096,
-    "original_max_position_embeddings": 4096,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0,
-    "rope_scaling": None,
-    "sliding_window": 2047,
-    "tie_word_embeddings": False,
-    "bos_token_id": 1,
-    "eos_token_id": 32000,
-    "pad_token_id": 32000,
-    "hidden_act": "silu",
-}
+from toolkit.config import PHI3_MINI_4K_HF
 
 CHILD = """
 import json, resource, sys, time
@@ -68,7 +47,7 @@ def main() -> None:
                     sys.executable,
                     "-c",
                     CHILD,
-                    json.dumps(PHI3_MINI_4K),
+                    json.dumps(PHI3_MINI_4K_HF),
                     args.quantization,
                     name,
                     f"{out}/model",

@@ -20,30 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-PHI3_MINI = dict(
-    architectures=["Phi3ForCausalLM"],
-    model_type="phi3",
-    vocab_size=32064,
-    hidden_size=3072,
-    intermediate_size=8192,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    sliding_window=2047,
-    bos_token_id=1,
-    eos_token_id=32000,
-    pad_token_id=32000,
-    tie_word_embeddings=False,
-    hidden_act="silu",
-)
+from toolkit.config import PHI3_MINI_4K_HF
 
 
 def write_checkpoint(out: Path, layers: int, seed: int = 0) -> Path:
     from safetensors.numpy import save_file
 
-    cfg = dict(PHI3_MINI, num_hidden_layers=layers)
+    cfg = dict(PHI3_MINI_4K_HF, num_hidden_layers=layers)
     h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     rng = np.random.default_rng(seed)
 

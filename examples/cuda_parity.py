@@ -67,24 +67,14 @@ def prepare(out: Path) -> None:
     (out / "index.json").write_text(json.dumps(index, indent=1))
 
 
-PHI3_MINI = dict(
-    vocab_size=32064,
-    hidden_size=3072,
-    intermediate_size=8192,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    head_dim=96,
-    max_position_embeddings=4096,
-)
 
 
 def prepare_speed(out: Path) -> None:
     """Phi-3-mini-shaped q4f16_1 library for the decode-speed part (random weights, made on the GPU box)."""
     from toolkit.compile.compile_model import compile_model
-    from toolkit.config import Phi3Config
+    from toolkit.config import phi3_mini_4k
 
-    cfg = Phi3Config(**PHI3_MINI)
+    cfg = phi3_mini_4k(sliding_window=None)  # decode-speed run: no window needed at 192 tokens
     t0 = time.time()
     compile_model(cfg, "q4f16_1", "cuda-sm90", out / "phi3-mini-speed")
     (out / "phi3-mini-speed" / "case.json").write_text(

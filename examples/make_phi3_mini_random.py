@@ -20,32 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.checkpoint import expected_tensor_shapes
-from toolkit.config import Phi3Config, parse_hf_config
+from toolkit.config import PHI3_MINI_4K_HF, Phi3Config, parse_hf_config
 from toolkit.gguf_export import PlannedTensor, placeholder_vocab, plan_tensors, write_gguf
 
-# microsoft/Phi-3-mini-4k-instruct config.json (the fields the Phi-3 graph reads)
-PHI3_MINI_CONFIG = {
-    "architectures": ["Phi3ForCausalLM"],
-    "model_type": "phi3",
-    "vocab_size": 32064,
-    "hidden_size": 3072,
-    "intermediate_size": 8192,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "max_position_embeddings": 4096,
-    "original_max_position_embeddings": 4096,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0,
-    "rope_scaling": None,
-    "sliding_window": 2047,
-    "hidden_act": "silu",
-    "bos_token_id": 1,
-    "eos_token_id": 32000,
-    "pad_token_id": 32000,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-}
+PHI3_MINI_CONFIG = {**PHI3_MINI_4K_HF, "torch_dtype": "bfloat16"}
 
 
 def phi3_mini_config(layers: int | None = None) -> tuple[dict, Phi3Config]:

@@ -16,6 +16,30 @@ from .errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("Phi3ForCausalLM",)
 
+# Reference configs (Hugging Face config.json fields) for benchmarks and compile-cost runs that need real
+# shapes but no weights. Source: microsoft/Phi-3-mini-4k-instruct config.json.
+PHI3_MINI_4K_HF: dict[str, Any] = {
+    "architectures": ["Phi3ForCausalLM"],
+    "model_type": "phi3",
+    "vocab_size": 32064,
+    "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 4096,
+    "original_max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "rope_scaling": None,
+    "sliding_window": 2047,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 32000,
+    "pad_token_id": 32000,
+}
+
 
 @dataclass(frozen=True)
 class LongRope:
@@ -185,6 +209,11 @@ def parse_hf_config(cfg: dict[str, Any], path: Path) -> Phi3Config:
         pad_token_id=cfg.get("pad_token_id"),
         source_arch="phi3",
     )
+
+
+def phi3_mini_4k(**overrides: Any) -> Phi3Config:
+    """Phi-3-mini-4k's config (optionally with HF fields overridden, e.g. num_hidden_layers=2)."""
+    return parse_hf_config({**PHI3_MINI_4K_HF, **overrides}, Path("<phi-3-mini-4k>"))
 
 
 def load_hf_config(model_dir: str | Path) -> Phi3Config:
