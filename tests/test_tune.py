@@ -1,0 +1,106 @@
+"""phi3 tune: kernel extraction, MetaSchedule tuning (local and over a loopback RPC tracker), records applied
+by the compile step."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from tiny import make_tiny_checkpoint
+
+from toolkit.checkpoint import open_model
+from toolkit.targets import Preset, load_preset
+from toolkit.tune.extract import extract_kernels, lower_model
+
+# an elementwise decode kernel: MetaSchedule's search space for it is small, so a few trials finish quickly
+SMALL_KERNEL = "fused_split_silu_multiply"
+QUANT = "q4f32_1"
+
+
+@pytest.fixture(scope="module")
+def tiny_lowered(tmp_path_factory):
+    folder = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "m", "mini-4k")
+    cfg = open_model(str(folder)).config
+    preset = load_preset("host")
+    return cfg, preset, lower_model(cfg, QUANT, preset)
+
+
+def test_extract_counts_every_linear_of_a_decode_step(tiny_lowered):
+    cfg, preset, lowered = tiny_lowered
+    kernels = extract_kernels(lowered, preset)
+    by_name = {k.name: k for k in kernels}
+    # per layer: qkv, o, gate_up, down; plus lm_head -> 4 L + 1 dequant-matmul calls per decode step
+    gemv_calls = sum(k.decode_calls for k in kernels if "dequantize" in k.name and "matmul" in k.name.lower())
+    assert gemv_calls == 4 * cfg.num_hidden_layers + 1
+    assert by_name[SMALL_KERNEL].decode_calls == cfg.num_hidden_layers
+    assert by_name[SMALL_KERNEL].binding == {"batch": 1}
+    assert not any(k.name.startswith("reshape") for k in kernels)  # views, not kernels
+    # the decode GEMVs dominate a decode step's traffic
+    assert "dequantize" in kernels[0].name and kernels[0].decode_share > 0.2
+    assert math.isclose(sum(k.decode_share for k in kernels), 1.0, rel_tol=1e-9)
+
+
+def _small_kernel(tiny_lowered):
+    _, preset, lowered = tiny_lowered
+    (kernel,) = [k for k in extract_kernels(lowered, preset) if k.name == SMALL_KERNEL]
+    assert kernel.tunable and kernel.default_mod is not None
+    return kernel
+
+
+def test_tuned_record_is_written_and_applied_by_compile(tiny_lowered, tmp_path, monkeypatch):
+    from toolkit.compile.compile_model import schedule_fn
+    from toolkit.tune.records import INDEX, device_fingerprint, write_records
+    from toolkit.tune.tuner import tune_kernel
+
+    _, preset, lowered = tiny_lowered
+    kernel = _small_kernel(tiny_lowered)
+    # min_gain=-inf keeps the record whatever the timing, so the test checks the write/apply path, not speed
+    result = tune_kernel(kernel, preset, 4, cost_model="random", min_gain=-math.inf, rounds=1)
+    assert result.record is not None and result.kept, result.note
+    assert result.default_ms and result.tuned_ms
+    write_records(preset, [result], device_fingerprint(preset), tmp_path)
+    index = json.loads((tmp_path / "host" / INDEX).read_text())
+    assert index["kernels"][0]["name"] == SMALL_KERNEL and index["kernels"][0]["kept"]
+    assert (tmp_path / "host" / "database_tuning_record.json").stat().st_size > 0
+
+    def scheduled_script() -> str:
+        with preset.target:  # the compile pipeline schedules inside the target context
+            return schedule_fn(preset)(lowered.clone())[SMALL_KERNEL].script()
+
+    default = scheduled_script()
+    monkeypatch.setattr(Preset, "schedule_dir", property(lambda self: tmp_path / self.name))
+    tuned = scheduled_script()
+    assert tuned != default
+
+    # another device's records are not applied
+    index["fingerprint"]["match"] = "some other cpu"
+    (tmp_path / "host" / INDEX).write_text(json.dumps(index))
+    with pytest.warns(UserWarning, match="another device"):
+        again = scheduled_script()
+    assert again == default
+
+
+def test_rpc_tuning_through_a_loopback_tracker(tiny_lowered, tmp_path):
+    pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado (pip install tornado)")
+    import tvm.rpc.server
+    import tvm.rpc.tracker
+
+    from toolkit.tune.records import INDEX, device_fingerprint, write_records
+    from toolkit.tune.tuner import RPCTarget, tune_kernel
+
+    _, preset, _ = tiny_lowered
+    kernel = _small_kernel(tiny_lowered)
+    tracker = tvm.rpc.tracker.Tracker(host="127.0.0.1", port=9190, port_end=9290, silent=True)
+    server = tvm.rpc.server.Server(host="127.0.0.1", port=9300, port_end=9400, key="phi3-test",
+                               tracker_addr=("127.0.0.1", tracker.port), silent=True)
+    try:
+        target = RPCTarget("127.0.0.1", tracker.port, "phi3-test")
+        result = tune_kernel(kernel, preset, 2, rpc=target, cost_model="random", min_gain=-math.inf, rounds=1)
+    finally:
+        server.terminate()
+        tracker.terminate()
+    assert result.record is not None and result.tuned_ms is not None and result.default_ms is not None
+    write_records(preset, [result], device_fingerprint(preset, "phi3-test"), tmp_path)
+    index = json.loads((tmp_path / "host" / INDEX).read_text())
+    assert index["fingerprint"]["rpc_key"] == "phi3-test"

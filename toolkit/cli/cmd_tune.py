@@ -1,0 +1,85 @@
+"""phi3 tune: tune the kernels that matter for a device preset with MetaSchedule; keep only measured wins."""
+
+from __future__ import annotations
+
+import click
+
+from .options import model_argument
+
+
+def _parse_tracker(value: str | None) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise click.BadParameter("expected HOST:PORT", param_hint="--rpc-tracker")
+    return host, int(port)
+
+
+@click.command("tune")
+@model_argument
+@click.option("--device", default="host", show_default=True, help="Device preset (see `phi3 targets`).")
+@click.option("--quantization", "-q", default=None, help="Quantization (default q4f16_1).")
+@click.option(
+    "--trials", type=click.IntRange(1), default=64, show_default=True, help="MetaSchedule trials per kernel."
+)
+@click.option(
+    "--kernels",
+    type=click.IntRange(1),
+    default=3,
+    show_default=True,
+    help="Tune the K most important kernels (by share of a decode / prefill step).",
+)
+@click.option("--cost-model", type=click.Choice(["xgb", "random"]), default="xgb", show_default=True)
+@click.option(
+    "--min-gain",
+    type=float,
+    default=0.03,
+    show_default=True,
+    help="Keep a record only if it is at least this fraction faster than the default schedule.",
+)
+@click.option(
+    "--rpc-tracker", default=None, help="HOST:PORT of a TVM RPC tracker (measure on remote devices)."
+)
+@click.option("--rpc-key", default=None, help="Device key registered at the tracker.")
+@click.option(
+    "--schedules-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Root of the records folder (default: the repo's schedules/).",
+)
+def command(
+    model, device, quantization, trials, kernels, cost_model, min_gain, rpc_tracker, rpc_key, schedules_dir
+):
+    """Tune MODEL's kernels for a device preset; records go to schedules/<preset>/."""
+    from ..checkpoint import open_model
+    from ..errors import UserError
+    from ..runtime.engine import DEFAULT_QUANTIZATION
+    from ..targets import load_preset
+    from ..tune.records import records_dir
+    from ..tune.tuner import RPCTarget, format_results, tune_model
+
+    tracker = _parse_tracker(rpc_tracker)
+    if (tracker is None) != (rpc_key is None):
+        raise UserError("--rpc-tracker and --rpc-key go together")
+    rpc = RPCTarget(tracker[0], tracker[1], rpc_key) if tracker else None
+    preset = load_preset(device)
+    source = open_model(model)
+    _, results = tune_model(
+        source.config,
+        quantization or DEFAULT_QUANTIZATION,
+        preset,
+        trials,
+        kernels=kernels,
+        rpc=rpc,
+        schedules_root=schedules_dir,
+        progress=click.echo,
+        cost_model=cost_model,
+        min_gain=min_gain,
+    )
+    click.echo(format_results(results))
+    kept = sum(r.kept for r in results)
+    click.echo(
+        f"{kept} of {len(results)} kernel(s) beat the default schedule; records: "
+        f"{records_dir(preset, schedules_dir)}"
+    )
