@@ -157,7 +157,7 @@ PRE_SCHEDULED = "scheduled before the GPU schedule step"
 
 @pytest.mark.parametrize(
     ("preset_name", "quantization"),
-    [("webgpu", "q4f16_1"), pytest.param("android-adreno", "q4f32_1", marks=pytest.mark.slow)],
+    [("webgpu", "q4f16_1"), ("android-adreno", "q4f32_1")],  # WGSL on lavapipe; OpenCL on PoCL (fp32 only)
 )
 def test_every_kernel_of_the_tiny_model(tiny_cfg, preset_name, quantization):
     preset = load_preset(preset_name)
