@@ -184,11 +184,8 @@ class Engine:
         return logits.numpy().reshape(b, self.cfg.vocab_size)
 
     def _reshape_emb(self, emb: tvm.runtime.Tensor, lead: tuple[int, int]) -> tvm.runtime.Tensor:
-        return (
-            emb._create_view((*lead, self.cfg.hidden_size))
-            if hasattr(emb, "_create_view")
-            else self._tensor(emb.numpy().reshape(*lead, self.cfg.hidden_size))
-        )
+        """[n, h] embeddings as [b, s, h] for prefill/decode: a view, no copy."""
+        return emb._create_view((*lead, self.cfg.hidden_size))
 
 
 class ContextFullError(Exception):
