@@ -65,7 +65,7 @@ def schedule_fn(preset: Preset):
     from .cpu_schedule import cpu_schedule_rules
 
     rules = cpu_schedule_rules(preset.target)
-    return lambda mod: dl.ApplyDefaultSchedule(*rules)(apply_tuned_records(mod, preset)) if rules else mod
+    return lambda mod: dl.ApplyDefaultSchedule(*rules)(apply_tuned_records(mod, preset))
 
 
 @dataclass
