@@ -20,9 +20,11 @@ def build_engine(
     quantization: str = "q0f32",
     dtype: str | None = None,
     cache: CacheOptions | None = None,
+    device: str = "host-exact",
 ) -> Engine:
+    """Default preset `host-exact` (fp32 activations): parity tests compare against fp32 references."""
     src = open_model(ckpt)
-    compiled = compile_model(src.config, quantization, "host", out, dtype=dtype)
+    compiled = compile_model(src.config, quantization, device, out, dtype=dtype)
     lib = tvm.runtime.load_module(str(compiled.library))
     eng = Engine(
         lib, load_params(src, compiled, tvm.cpu()), src.config, dtype=compiled.manifest["dtype"], cache=cache

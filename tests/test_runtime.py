@@ -75,6 +75,7 @@ def test_perplexity_matches_transformers_same_windows(tiny):
     rng = np.random.default_rng(0)
     ids = rng.integers(3, 512, 70).tolist()
     res = perplexity(eng, ids, context=32, stride=16)
+    by_decode = perplexity(eng, ids, context=32, stride=16, through="decode")
     nll, n, start = 0.0, 0, 0
     with torch.no_grad():
         while True:
@@ -90,6 +91,7 @@ def test_perplexity_matches_transformers_same_windows(tiny):
     assert res.tokens_scored == n == len(ids) - 1
     # fp32 logits agree to ~1e-6 relative; the mean NLL is then equal to ~1e-5
     assert math.isclose(res.perplexity, math.exp(nll / n), rel_tol=1e-4)
+    assert by_decode.tokens_scored == n and math.isclose(by_decode.perplexity, res.perplexity, rel_tol=1e-4)
 
 
 def test_generate_cli_end_to_end_is_reproducible(tiny, tmp_path, monkeypatch):

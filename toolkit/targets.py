@@ -49,6 +49,8 @@ class Preset:
     low_batch_gemv_bucket: int = 4
     matmul_config: dict[str, Any] | None = field(default=None, hash=False, compare=False)
     cuda_gencode: tuple[str, ...] = ()
+    q4_activations: str = "float32"  # CPU q4 GEMVs: "int8" = llama.cpp-style integer dot products
+    runs_here: bool = False  # target detected from this machine (host presets): its code runs here
     why: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
     path: str = ""
 
@@ -120,6 +122,11 @@ def _load(path: Path) -> Preset:
         # A GPU build without rules leaves kernels unscheduled (they would run as host code and crash on
         # device).
         raise UserError("a GPU preset's dlight rules must end with 'Fallback'", path)
+    from .compile.cpu_schedule import Q4_ACTIVATIONS
+
+    q4_act = (data.get("cpu") or {}).get("q4_activations", "float32")
+    if q4_act not in Q4_ACTIVATIONS or (q4_act != "float32" and is_gpu):
+        raise UserError(f"cpu.q4_activations must be one of {Q4_ACTIVATIONS} (CPU presets only)", path)
     return Preset(
         name=data["name"],
         description=data["description"],
@@ -130,6 +137,8 @@ def _load(path: Path) -> Preset:
         low_batch_gemv_bucket=int(dlight.get("low_batch_gemv_bucket", 4)),
         matmul_config=dlight.get("matmul"),
         cuda_gencode=tuple((data.get("cuda") or {}).get("gencode", ())),
+        q4_activations=q4_act,
+        runs_here=bool(data.get("detect")),
         why=dict(data["why"]),
         path=str(path),
     )

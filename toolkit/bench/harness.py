@@ -55,7 +55,7 @@ class BenchSettings:
             raise UserError("--prompt-lengths needs positive lengths")
         if self.decode_tokens < 1 or self.repeats < 1 or self.warmup < 0:
             raise UserError("--decode-tokens and --repeats must be >= 1, --warmup >= 0")
-        if self.vs_llama_cpp and self.device != "host":
+        if self.vs_llama_cpp and not _runs_here(self.device):
             raise UserError(f"llama.cpp is only built for the host CPU here, not --device {self.device}")
 
     @property
@@ -106,6 +106,12 @@ class EngineBackend:
 
     def decode(self, token: int) -> np.ndarray:
         return self.engine.decode(self.seq, token)
+
+
+def _runs_here(device: str) -> bool:
+    from ..targets import load_preset
+
+    return load_preset(device).runs_here
 
 
 # factories: (model, settings, threads) -> Runner; tests inject doubles, the CLI uses the defaults below

@@ -19,10 +19,18 @@ from .options import model_argument, run_options
 @click.option("--context", type=int, default=512, show_default=True, help="Window length in tokens.")
 @click.option("--stride", type=int, default=None, help="Window step (default: context/2).")
 @click.option("--max-tokens", type=int, default=None, help="Score only the first N tokens of the text.")
+@click.option(
+    "--through",
+    type=click.Choice(["prefill", "decode"]),
+    default="prefill",
+    show_default=True,
+    help="Score each window in one forward, or token by token through the decode kernels generation runs.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @run_options
 def command(
-    model, text_file, context, stride, max_tokens, as_json, quantization, device, threads, allow_pickle
+    model, text_file, context, stride, max_tokens, through, as_json, quantization, device, threads,
+    allow_pickle,
 ):
     """Perplexity of MODEL over TEXTFILE with fixed sliding windows (default model: SmolLM2-135M)."""
     from ..runtime.engine import CacheOptions, load_engine
@@ -44,10 +52,12 @@ def command(
         cache=CacheOptions(max_batch_size=1, context_window=context, prefill_chunk=context),
     )
     ids = source.tokenizer().encode(text)
-    res = perplexity(engine, ids, context=context, stride=stride, max_tokens=max_tokens)
+    res = perplexity(engine, ids, context=context, stride=stride, max_tokens=max_tokens, through=through)
     out = {
         "model": str(source.path),
         "quantization": engine.compiled.manifest["quantization"],
+        "device": device,
+        "through": through,
         **res.to_dict(),
     }
     if as_json:
@@ -55,5 +65,6 @@ def command(
     else:
         click.echo(
             f"perplexity {res.perplexity:.4f} over {res.tokens_scored} tokens "
-            f"({res.windows} windows of {context}, stride {res.stride}; {out['quantization']})"
+            f"({res.windows} windows of {context}, stride {res.stride}; {out['quantization']}, {device}, "
+            f"through {through})"
         )

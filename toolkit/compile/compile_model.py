@@ -64,7 +64,7 @@ def schedule_fn(preset: Preset):
         return gpu
     from .cpu_schedule import cpu_schedule_rules
 
-    rules = cpu_schedule_rules(preset.target)
+    rules = cpu_schedule_rules(preset.target, preset.q4_activations)
     return lambda mod: dl.ApplyDefaultSchedule(*rules)(apply_tuned_records(mod, preset))
 
 
@@ -143,6 +143,7 @@ def cache_key(cfg: Phi3Config, quantization: str, preset: Preset) -> str:
             quantization,
             preset.target_dict,
             preset.name,
+            preset.q4_activations,
             __version__,
             tvm.__version__,
             _toolkit_source_hash(),

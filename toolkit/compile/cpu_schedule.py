@@ -47,6 +47,14 @@ def simd_lanes_f32(target: Target) -> int:
     return 4  # SSE / NEON width
 
 
+def has_avx2(target: Target) -> bool:
+    """Whether the target's CPU has AVX2 (the int8 dot-product kernel's vpmaddubsw/vpmaddwd)."""
+    try:
+        return bool(codegen.llvm_cpu_has_features(["avx2"], target))
+    except Exception:  # noqa: BLE001 - non-x86 triples
+        return False
+
+
 def _is_llvm(target: Target) -> bool:
     return target.kind.name == "llvm"
 
@@ -624,18 +632,8 @@ class CPUDequantGEMV(ScheduleRule):
         q = _match_q4_matmul(func)
         if q is None:
             return None
-        m_shape = list(q.x.shape)[:-1]
-        if sum(1 for d in m_shape if not (isinstance(d, tirx.IntImm) and int(d) == 1)) > 1:
-            return None
-        static = all(isinstance(d, tirx.IntImm) for d in m_shape)
-        if static:
-            m_total = 1
-            for d in m_shape:
-                m_total *= int(d)
-            if m_total > self.max_m:
-                return None
-        elif not _decode_like(m_shape):
-            return None  # dynamic seq_len: prefill, CPUGEMM's job
+        if not _few_rows(list(q.x.shape)[:-1], self.max_m):
+            return None  # e.g. dynamic seq_len: prefill, CPUGEMM's job
         rows, tile = self.rows, self.tile_rows
         while tile > rows and q.n % tile:
             tile //= 2
@@ -691,6 +689,38 @@ class CPUDequantGEMV(ScheduleRule):
         else:
             sch.vectorize(sch.get_loops(sch.get_sblock("x_group_sum"))[2])
         return sch
+
+
+class CPUQ8DotGEMV(ScheduleRule):
+    """The same q4 dequant-GEMVs as `CPUDequantGEMV`, computed with int8 activations and AVX2 integer dot
+    products (`cpu_q8_gemv.q8_dot_gemv`, llama.cpp's Q4 x Q8 scheme). Rows of W are streamed one at a
+    time, strictly in memory order: Phi-3-mini shapes, 1 thread, cold caches: 8.2 GB/s of q4 weights
+    against 4.3 with 4 rows interleaved (the hardware prefetcher loses track of 4 short streams)."""
+
+    def __init__(self, rows: int = 1, tile: int = 16, max_m: int = 4) -> None:
+        self.rows, self.tile, self.max_m = rows, tile, max_m
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+        from .cpu_q8_gemv import q8_dot_gemv
+
+        if not isinstance(func, tirx.PrimFunc) or not _is_llvm(target) or not has_avx2(target):
+            return None
+        q = _match_q4_matmul(func)
+        if q is None or q.k % 64 or q.n % self.tile or not _few_rows(list(q.x.shape)[:-1], self.max_m):
+            return None
+        return s_tir.Schedule(q8_dot_gemv(func, q, rows=self.rows, tile=self.tile))
+
+
+def _few_rows(m_shape: list, max_m: int) -> bool:
+    """x has at most one row dim that isn't 1 and it is decode's dynamic batch or a static count <= max_m."""
+    if sum(1 for d in m_shape if not (isinstance(d, tirx.IntImm) and int(d) == 1)) > 1:
+        return False
+    if all(isinstance(d, tirx.IntImm) for d in m_shape):
+        total = 1
+        for d in m_shape:
+            total *= int(d)
+        return total <= max_m
+    return _decode_like(m_shape)
 
 
 class CPUGEMM(ScheduleRule):
@@ -829,10 +859,17 @@ class CPUElementwise(ScheduleRule):
         return sch
 
 
-def cpu_schedule_rules(target: Target) -> list[ScheduleRule]:
-    """The rules for `dl.ApplyDefaultSchedule`, most specific first.
+def cpu_schedule_rules(target: Target, q4_activations: str = "float32") -> list[ScheduleRule]:
+    """The rules for `dl.ApplyDefaultSchedule`, most specific first. `q4_activations="int8"` (a preset
+    setting) computes q4 GEMVs with int8 activations where the CPU has AVX2.
 
     Kernels no rule accepts (attention, KV-cache kernels, which come scheduled) are left as they are."""
     from tvm.s_tir.dlight.cpu import Reduction
 
-    return [CPUDequantGEMV(), CPUGEMV(), CPUGEMM(), CPUElementwise(), Reduction()]
+    if q4_activations not in Q4_ACTIVATIONS:
+        raise ValueError(f"q4_activations must be one of {Q4_ACTIVATIONS}, got {q4_activations!r}")
+    int8 = [CPUQ8DotGEMV()] if q4_activations == "int8" else []
+    return [*int8, CPUDequantGEMV(), CPUGEMV(), CPUGEMM(), CPUElementwise(), Reduction()]
+
+
+Q4_ACTIVATIONS = ("float32", "int8")

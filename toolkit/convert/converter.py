@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -286,9 +287,27 @@ def convert(
         names = source.tensor_names()
         act_stats = None
         if clip_used == "weighted":
-            from ..quantization.calibration import activation_stats, calibration_tokens
+            from ..quantization.calibration import (
+                MIN_CALIBRATION_TOKENS,
+                activation_stats,
+                calibration_tokens,
+            )
 
-            act_stats = activation_stats(source, calibration_tokens(source))
+            tokens = calibration_tokens(source)
+            if len(tokens) >= MIN_CALIBRATION_TOKENS:
+                act_stats = activation_stats(source, tokens)
+            elif clip == "auto":  # e.g. a GGUF with a placeholder vocabulary: nothing to calibrate on
+                print(
+                    f"{source.path}: its tokenizer gives {len(tokens)} tokens of the calibration text; "
+                    "quantizing with round-to-nearest scales instead",
+                    file=sys.stderr,
+                )
+                clip_used = "rtn"
+            else:
+                raise UserError(
+                    f"{source.path}: its tokenizer gives only {len(tokens)} tokens of the calibration text "
+                    f"(need {MIN_CALIBRATION_TOKENS}); use --clip rtn or search"
+                )
         writer = TensorCacheWriter(tmp, **({"shard_cap": shard_cap} if shard_cap else {}))
         bar = None
         if progress:

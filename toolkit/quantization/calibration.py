@@ -136,6 +136,9 @@ def activation_stats(source: ModelSource, token_ids: list[int]) -> dict[str, np.
     return stats
 
 
+MIN_CALIBRATION_TOKENS = 16  # fewer: the E[x^2] weights are mostly noise
+
+
 def calibration_tokens(source: ModelSource, text: str = CALIBRATION_TEXT, max_tokens: int = 512) -> list[int]:
     return source.tokenizer().encode(text)[:max_tokens]
 

@@ -3,6 +3,10 @@
 Window w covers tokens [w*stride, w*stride + context); the first window scores every prediction, later ones
 only the `stride` newest tokens, so every token after the first is scored exactly once with at least
 context - stride tokens of history (the usual strided evaluation). stride == context gives disjoint windows.
+
+`through="prefill"` scores a window with one forward (the prefill kernels); `through="decode"` feeds it one
+token at a time through the KV cache, so the scores come from the kernels generation runs (on the host: the
+int8-activation GEMVs).
 """
 
 from __future__ import annotations
@@ -39,7 +43,10 @@ def perplexity(
     context: int = 512,
     stride: int | None = None,
     max_tokens: int | None = None,
+    through: str = "prefill",
 ) -> PerplexityResult:
+    if through not in ("prefill", "decode"):
+        raise ValueError("through must be 'prefill' or 'decode'")
     stride = stride or context // 2
     if not 0 < stride <= context:
         raise ValueError("stride must be in (0, context]")
@@ -53,7 +60,13 @@ def perplexity(
         window = ids[start : start + context]
         sid = engine.add_sequence()
         try:
-            logp = _log_softmax(engine.prefill(sid, window, all_logits=True))
+            if through == "prefill":
+                logits = engine.prefill(sid, window, all_logits=True)
+            else:
+                rows = [engine.prefill(sid, window[:1])]
+                rows += [engine.decode(sid, t) for t in window[1:-1]]
+                logits = np.stack(rows)
+            logp = _log_softmax(logits)
         finally:
             engine.remove_sequence(sid)
         # index i predicts window[i+1]; the previous window already scored up to window[context - stride - 1]

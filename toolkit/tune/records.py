@@ -52,7 +52,7 @@ def device_fingerprint(preset: Preset, rpc_key: str | None = None) -> dict:
     a device) the target, since the device is not visible at compile time."""
     target = json.dumps(preset.target_dict, sort_keys=True)
     info: dict = {"preset": preset.name, "target": preset.target_dict, "rpc_key": rpc_key}
-    if preset.name == "host" and rpc_key is None:
+    if preset.runs_here and rpc_key is None:
         model, flags = _cpu_info()
         info.update(cpu_model=model, isa_flags=flags, machine=platform.machine())
         info["match"] = f"{target}|{model}|{' '.join(flags)}"

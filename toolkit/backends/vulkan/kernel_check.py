@@ -397,7 +397,7 @@ def capture_cpu_calls(
     from ...runtime.weights import load_params
 
     src = open_model(checkpoint)
-    compiled = compile_model(src.config, quantization, "host", out_dir, dtype=dtype)
+    compiled = compile_model(src.config, quantization, "host-exact", out_dir, dtype=dtype)
     lib = tvm.runtime.load_module(str(compiled.library))
     calls: dict[str, tuple[list, list]] = {}
     pending: dict[str, list] = {}

@@ -1,0 +1,117 @@
+"""The int8-activation q4 GEMV (AVX2 integer dot products, `cpu_q8_gemv`) and when it is chosen.
+
+Reference: numpy doing the same arithmetic in float64: x quantized per 32-group exactly as the kernel does
+(fp32 `x * (127 / max|x|)`, rounded half to even), integer dot products with the 4-bit codes, the -7 zero
+point, and scale products per group. The kernel accumulates G = K/32 scaled group sums in fp32, so it is
+within about G * 2^-24 * sum_g |terms| of that (we allow 2x, as test_cpu_schedule does for K products).
+Against the exact fp32-activation product it must differ (else the int8 path isn't running) by no more than
+activation rounding allows: |dx| <= max|x_group| / 254 per element.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from test_cpu_schedule import _matmul_func, _q4_weights
+from tvm.s_tir import dlight as dl
+
+from toolkit.compile import cpu_schedule as cs
+
+AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+GENERIC = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+RNG = np.random.default_rng(1)
+HOST_HAS_AVX2 = cs.has_avx2(
+    tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+)
+
+
+def _q8_reference(x: np.ndarray, qw: np.ndarray, qs: np.ndarray):
+    """(y, bound): y = the int8-activation product in float64; bound = fp32 accumulation allowance."""
+    n, k = qw.shape[0], qw.shape[1] * 8
+    codes = ((qw[..., None] >> (np.arange(8, dtype=np.uint32) * 4)) & 15).reshape(n, k).astype(np.int64)
+    xg = x.reshape(-1, k // 32, 32).astype(np.float32)
+    amax = np.abs(xg).max(axis=-1, keepdims=True)
+    safe = np.where(amax > 0, amax, 1)
+    inv = np.where(amax > 0, np.float32(127) / safe, 0).astype(np.float32)
+    q = np.round((xg * inv).astype(np.float32)).astype(np.int64)  # half to even (llvm.nearbyint)
+    d = (amax / np.float32(127)).astype(np.float32)[..., 0]  # [rows, G]
+    dots = np.einsum("rgi,ngi->rng", q, codes.reshape(n, k // 32, 32) - 7)  # [rows, n, G] exact integers
+    terms = dots * (qs.astype(np.float64)[None] * d[:, None, :].astype(np.float64))
+    y = terms.sum(-1)
+    bound = 2 * (k // 32) * 2.0**-24 * np.abs(terms).sum(-1) + 1e-6 * np.abs(y)
+    return y.reshape(*x.shape[:-1], n), bound.reshape(*x.shape[:-1], n)
+
+
+def _build(func, target, q4_activations: str):
+    mod = tvm.IRModule({"main": func})
+    with target:
+        mod = dl.ApplyDefaultSchedule(*cs.cpu_schedule_rules(target, q4_activations))(mod)
+    return tvm.compile(mod, target=target)
+
+
+# (n, k, rows as compiled, rows at run time, residual add, scale dtype)
+CASES = [
+    (64, 128, (1, 1), (1, 1), True, "float16"),
+    (48, 256, ("b", 1), (3, 1), False, "float32"),  # decode with a dynamic batch of 3
+    (32, 576, ("b", 1), (1, 1), True, "float16"),  # SmolLM2's K: 9 chunks of 64
+    (16, 192, (1, 2), (1, 2), False, "float16"),  # two static rows
+]
+
+
+@pytest.mark.skipif(not HOST_HAS_AVX2, reason="this CPU has no AVX2: the int8 kernel cannot run here")
+@pytest.mark.parametrize("n,k,rows,real_rows,add,scale_dtype", CASES)
+def test_int8_gemv_matches_numpy_int8_reference(n, k, rows, real_rows, add, scale_dtype) -> None:
+    func = _matmul_func(n, k, rows, quant=True, scale_dtype=scale_dtype, add=add)
+    assert isinstance(_first_rule(func, AVX2, "int8"), cs.CPUQ8DotGEMV)
+    ex = _build(func, AVX2, "int8")
+    qw, qs, w = _q4_weights(n, k, scale_dtype)
+    x = RNG.standard_normal((*real_rows, k)).astype(np.float32)
+    x[..., :32] = 0  # an all-zero group: scale 0, no division by zero
+    res = RNG.standard_normal((*real_rows, n)).astype(np.float32) if add else None
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(a, dev) for a in [x, qw, qs] + ([res] if add else [])]
+    out = tvm.runtime.empty((*real_rows, n), "float32", dev)
+    ex["main"](*args, out)
+    got = out.numpy()
+    ref, bound = _q8_reference(x, qw, qs)
+    if add:
+        ref = ref + res
+        bound = bound + 1e-7 * np.abs(ref)
+    assert np.all(np.abs(got - ref) <= bound), np.abs(got - ref).max()
+    exact = x.astype(np.float64) @ w.T + (res if add else 0)
+    # rounding x to int8: |dx| <= amax/254 per element, so |dy| <= sum_g amax_g/254 * sum_k |w|
+    xg = np.abs(x.reshape(-1, k // 32, 32)).max(-1)  # [rows, G]
+    allow = (xg[:, None, :] / 254 * np.abs(w).reshape(n, k // 32, 32).sum(-1)[None]).sum(-1)
+    diff = np.abs(got - exact).reshape(-1, n)
+    assert np.all(diff <= allow + 1e-5) and diff.max() > 1e-6
+
+
+def _first_rule(func, target, q4_activations: str):
+    for rule in cs.cpu_schedule_rules(target, q4_activations):
+        if rule.apply(func, target, False) is not None:
+            return rule
+    return None
+
+
+def test_int8_rule_is_chosen_only_where_it_applies() -> None:
+    decode = _matmul_func(64, 128, ("b", 1), quant=True)
+    assert isinstance(_first_rule(decode, AVX2, "int8"), cs.CPUQ8DotGEMV)
+    assert isinstance(_first_rule(decode, AVX2, "float32"), cs.CPUDequantGEMV)  # host-exact
+    assert isinstance(_first_rule(decode, GENERIC, "int8"), cs.CPUDequantGEMV)  # no AVX2
+    odd_k = _matmul_func(64, 96, (1, 1), quant=True)  # K not a multiple of 64
+    assert isinstance(_first_rule(odd_k, AVX2, "int8"), cs.CPUDequantGEMV)
+    prefill = _matmul_func(64, 128, (1, "s"), quant=True)
+    assert isinstance(_first_rule(prefill, AVX2, "int8"), cs.CPUGEMM)
+    fp32 = _matmul_func(64, 128, (1, 1), quant=False)
+    assert not isinstance(_first_rule(fp32, AVX2, "int8"), cs.CPUQ8DotGEMV)
+    with pytest.raises(ValueError, match="q4_activations"):
+        cs.cpu_schedule_rules(AVX2, "int4")
+
+
+def test_host_presets_choose_activations() -> None:
+    from toolkit.targets import load_preset
+
+    assert load_preset("host").q4_activations == "int8"
+    assert load_preset("host-exact").q4_activations == "float32"
+    assert load_preset("cuda-sm90").q4_activations == "float32"
