@@ -8,6 +8,7 @@ the choice of the whole prompt, as HF's single forward would.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -192,10 +193,17 @@ class ContextFullError(Exception):
     """The sequence would outgrow the compiled context window."""
 
 
+# TVM's pool modes: 1/0 pin threads to the "big" cores, which on a VM without cpufreq data means all threads
+# (and this process, and every child it starts later, e.g. a llama.cpp worker) on CPU 0. -3
+# (kSpecifyThreadShareAllCore) lets each pool thread run on any CPU this process may use.
+_SHARE_ALL_CORES = -3
+
+
 def set_threads(n: int | None) -> None:
-    """Size TVM's CPU thread pool (None: one per physical core, TVM's default)."""
+    """Size TVM's CPU thread pool (None: one per physical core, TVM's default), without CPU pinning."""
     if n:
-        tvm.get_global_func("runtime.config_threadpool")(0, int(n))
+        cpus = [str(c) for c in sorted(os.sched_getaffinity(0))] if hasattr(os, "sched_getaffinity") else []
+        tvm.get_global_func("runtime.config_threadpool")(_SHARE_ALL_CORES, int(n), cpus)
 
 
 def load_engine(
