@@ -119,8 +119,9 @@ def q8_dot_gemv(
                                         xo[T.ramp((m * n_chunks + b) * 32, 1, 32)], dtype="int16x16"),
                                     T.broadcast(T.int16(1), 16), dtype="int32x8")  # |sum| <= 4*15*127
                                 - xz[T.ramp((m * n_chunks + b) * 8, 1, 8)]) * (
-                                T.Shuffle([T.Cast("float32x2", qs[t * tile + r0 * rows + r, T.ramp(b * 2, 1, 2)])]
-                                          * 4, [0, 0, 0, 0, 1, 1, 1, 1])
+                                T.Shuffle(  # the two group scales of the chunk, each over 4 lanes
+                                    [T.Cast("float32x2", qs[t * tile + r0 * rows + r, T.ramp(
+                                        b * 2, 1, 2)])] * 4, [0, 0, 0, 0, 1, 1, 1, 1])
                                 * xs[T.ramp((m * n_chunks + b) * 8, 1, 8)])
                     for r in T.unroll(rows):
                         if has_other:
