@@ -113,9 +113,11 @@ Q4_CASES = [
     (48, 256, ("b", 1), (3, 1), False, "float32", "CPUDequantGEMV"),  # decode with a dynamic batch of 3
     (40, 96, (1, 1), (1, 1), False, "float16", "CPUDequantGEMV"),  # 3 groups, 40 rows (tile of 8)
     (37, 64, (1, 1), (1, 1), True, "float16", "CPUGEMV"),  # prime N: regrouped tiles don't fit, generic GEMV
-    (64, 128, (1, "s"), (1, 5), True, "float16", "CPUGEMM"),  # prefill, dynamic seq_len
-    (72, 160, (1, "s"), (1, 33), False, "float32", "CPUGEMM"),
-    (48, 64, (1, "s"), (1, 1), False, "float16", "CPUGEMM"),  # prefill of a single token
+    (64, 128, (1, "s"), (1, 5), True, "float16", "CPUQ4OuterGEMM"),  # prefill, dynamic seq_len
+    (72, 160, (1, "s"), (1, 33), False, "float32", "CPUQ4OuterGEMM"),  # N % 16 != 0: tiles of 8
+    (48, 64, (1, "s"), (1, 1), False, "float16", "CPUQ4OuterGEMM"),  # prefill of a single token
+    (64, 128, (1, "s"), (1, 13), False, "float16", "CPUQ4OuterGEMM"),  # 13 rows: 2 blocks of 6 + a tail
+    (36, 64, (1, "s"), (1, 7), True, "float16", "CPUGEMM"),  # N % 8 != 0: the generic GEMM
 ]
 
 

@@ -142,10 +142,10 @@ def q8_dot_gemv(
                                 + (acc[r * 8 + 4] + acc[r * 8 + 5] + acc[r * 8 + 6] + acc[r * 8 + 7]))
     # fmt: on
 
-    return _with_params_of(func, q, kernel)
+    return with_params_of(func, q, kernel)
 
 
-def _with_params_of(func: tirx.PrimFunc, q, kernel: tirx.PrimFunc) -> tirx.PrimFunc:
+def with_params_of(func: tirx.PrimFunc, q, kernel: tirx.PrimFunc) -> tirx.PrimFunc:
     """`kernel`'s parameters (x, q_weight, q_scale, other, out) in `func`'s order and with `func`'s
     attributes (a private Relax kernel has no global symbol). Without a residual, `other` is dropped: the
     body never reads it (the epilogue branch was resolved when parsing)."""

@@ -711,6 +711,28 @@ class CPUQ8DotGEMV(ScheduleRule):
         return s_tir.Schedule(q8_dot_gemv(func, q, rows=self.rows, tile=self.tile))
 
 
+class CPUQ4OuterGEMM(ScheduleRule):
+    """q4 dequant + matmul (+ residual add) with many rows of x (prefill): `cpu_q4_gemm.q4_outer_gemm`, an
+    outer-product register block of 6 rows of x by 16 weight rows over a transposed fp32 tile. Phi-3-mini
+    qkv, 128 rows, 1 thread: 81 GFLOP/s against 34 for `CPUGEMM`'s dot-product form."""
+
+    def __init__(self, mr: int = 6, max_m: int = 4) -> None:
+        self.mr, self.max_m = mr, max_m
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+        from .cpu_q4_gemm import q4_outer_gemm
+
+        if not isinstance(func, tirx.PrimFunc) or not _is_llvm(target):
+            return None
+        q = _match_q4_matmul(func)
+        if q is None or _few_rows(list(q.x.shape)[:-1], self.max_m):
+            return None
+        nr = 16 if q.n % 16 == 0 else 8 if q.n % 8 == 0 else 0
+        if not nr:
+            return None
+        return s_tir.Schedule(q4_outer_gemm(func, q, mr=self.mr, nr=nr))
+
+
 def _few_rows(m_shape: list, max_m: int) -> bool:
     """x has at most one row dim that isn't 1 and it is decode's dynamic batch or a static count <= max_m."""
     if sum(1 for d in m_shape if not (isinstance(d, tirx.IntImm) and int(d) == 1)) > 1:
@@ -869,7 +891,7 @@ def cpu_schedule_rules(target: Target, q4_activations: str = "float32") -> list[
     if q4_activations not in Q4_ACTIVATIONS:
         raise ValueError(f"q4_activations must be one of {Q4_ACTIVATIONS}, got {q4_activations!r}")
     int8 = [CPUQ8DotGEMV()] if q4_activations == "int8" else []
-    return [*int8, CPUDequantGEMV(), CPUGEMV(), CPUGEMM(), CPUElementwise(), Reduction()]
+    return [*int8, CPUDequantGEMV(), CPUGEMV(), CPUQ4OuterGEMM(), CPUGEMM(), CPUElementwise(), Reduction()]
 
 
 Q4_ACTIVATIONS = ("float32", "int8")

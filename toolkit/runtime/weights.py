@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import tvm
 
 from ..checkpoint import ModelSource, open_model
 from ..compile.compile_model import CompiledModel, cache_root
+from ..convert.tensor_cache import iter_tensor_cache
 from ..errors import UserError
 from ..quantization import get_scheme
 
@@ -24,17 +26,26 @@ from ..quantization import get_scheme
 JIT_CLIP = "auto"
 
 
-def _to_device(arrays: dict[str, np.ndarray], compiled: CompiledModel, device) -> list[tvm.runtime.Tensor]:
-    out = []
-    for p in compiled.manifest["params"]:
-        name, shape, dtype = p["name"], tuple(p["shape"]), p["dtype"]
-        if name not in arrays:
-            raise UserError(f"weights have no tensor {name!r} that the compiled model needs")
-        a = arrays[name]
-        if tuple(a.shape) != shape:
-            raise UserError(f"tensor {name!r} has shape {tuple(a.shape)}, the compiled model expects {shape}")
-        out.append(tvm.runtime.tensor(np.ascontiguousarray(a.astype(dtype, copy=False)), device))
-    return out
+def _to_device(
+    items: Iterable[tuple[str, np.ndarray]], compiled: CompiledModel, device
+) -> list[tvm.runtime.Tensor]:
+    """Device tensors in the compiled model's parameter order, copied one at a time as `items` streams them
+    (each host array is dropped once copied: peak host memory is the device copy plus one shard)."""
+    want = {p["name"]: p for p in compiled.manifest["params"]}
+    got: dict[str, tvm.runtime.Tensor] = {}
+    for name, a in items:
+        p = want.get(name)
+        if p is None:
+            continue
+        if tuple(a.shape) != tuple(p["shape"]):
+            raise UserError(
+                f"tensor {name!r} has shape {tuple(a.shape)}, the compiled model expects {tuple(p['shape'])}"
+            )
+        got[name] = tvm.runtime.tensor(np.ascontiguousarray(a.astype(p["dtype"], copy=False)), device)
+    missing = [n for n in want if n not in got]
+    if missing:
+        raise UserError(f"weights have no tensor {missing[0]!r} that the compiled model needs")
+    return [got[n] for n in want]
 
 
 def converted_weights_dir(source: ModelSource, quantization: str) -> Path:
@@ -51,7 +62,7 @@ def load_params(source: ModelSource, compiled: CompiledModel, device) -> list[tv
             raise UserError(
                 f"weights are {source.scheme.name}, the compiled model is {scheme.name}", source.path
             )
-        return _to_device(source.load_params(), compiled, device)
+        return _to_device(iter_tensor_cache(source.path), compiled, device)
     if scheme.is_quantized:
         folder = converted_weights_dir(source, scheme.name)
         if not (folder / "tensor-cache.json").is_file():
@@ -60,8 +71,6 @@ def load_params(source: ModelSource, compiled: CompiledModel, device) -> list[tv
             convert(source, scheme, folder, clip=JIT_CLIP, progress=True)
         return load_params(open_model(folder), compiled, device)
     # unquantized: stream the checkpoint straight into device tensors, one at a time
-    by_name = {p["name"]: p for p in compiled.manifest["params"]}
-    arrays = {}
-    for name, arr in source.iter_tensors([n for n in source.tensor_names() if n in by_name]):
-        arrays[name] = arr.astype(by_name[name]["dtype"])
-    return _to_device(arrays, compiled, device)
+    wanted = {p["name"] for p in compiled.manifest["params"]}
+    names = [n for n in source.tensor_names() if n in wanted]
+    return _to_device(source.iter_tensors(names), compiled, device)

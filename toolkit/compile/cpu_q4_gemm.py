@@ -1,0 +1,73 @@
+"""q4 dequant-GEMM for prefill on the host CPU, written out as an outer-product micro-kernel.
+
+Per parallel task, a tile of `nr` weight rows is dequantized once into a [K, nr] fp32 scratch (transposed, so
+a k step of the tile is one contiguous vector load), then for every `mr` rows of x a register block of
+mr x nr accumulators runs over k: `acc[i, :] += x[i, k] * Wt[k, :]` (a broadcast and one FMA per 8 lanes).
+The tail of the rows reads a clamped row index and skips the store, so the hot loop has no branches.
+Same result as the fp32 reference up to summation order (k runs in order per output, one FMA chain)."""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from .cpu_q8_gemv import with_params_of
+
+
+def q4_outer_gemm(func: tirx.PrimFunc, q, *, mr: int = 6, nr: int = 16) -> tirx.PrimFunc:
+    """`func` (a `_Q4Matmul` match `q`: x [.., M, K] with a dynamic M, q_weight, q_scale, out, optional
+    residual) as the outer-product kernel."""
+    n, k = q.n, q.k
+    assert n % nr == 0 and k % 32 == 0 and nr % 8 == 0
+    n_groups, n_words = k // 32, k // 8
+    m_shape = list(q.x.shape)[:-1]
+    n_rows = functools.reduce(operator.mul, m_shape, 1)
+    x_shape, out_shape = [*m_shape, k], [*m_shape, n]
+    has_other, other_first = q.other is not None, q.other_first
+    scale_dtype = str(q.q_scale.dtype)
+    vecs = nr // 8
+
+    # fmt: off
+    @T.prim_func(private=True)
+    def kernel(x: T.Buffer(x_shape, "float32"), qw: T.Buffer((n, n_words), "uint32"),
+               qs: T.Buffer((n, n_groups), scale_dtype), other: T.Buffer(out_shape, "float32"),
+               out: T.Buffer(out_shape, "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        xf = T.decl_buffer((n_rows * k,), "float32", data=x.data)
+        of = T.decl_buffer((n_rows * n,), "float32", data=out.data)
+        for t in T.parallel(n // nr):
+            wt = T.alloc_buffer((k * nr,), "float32")  # this task's weight rows, dequantized, [k, nr]
+            acc = T.alloc_local((mr * nr,), "float32")
+            for kk, j in T.grid(k, nr):
+                wt[kk * nr + j] = (T.Cast("float32", T.Cast("int32", T.shift_right(
+                    qw[t * nr + j, kk // 8], T.Cast("uint32", kk % 8 * 4)) & T.uint32(15))) - T.float32(7)
+                ) * T.Cast("float32", qs[t * nr + j, kk // 32])
+            for mo in range((n_rows + mr - 1) // mr):
+                for i in T.unroll(mr):
+                    for v in T.unroll(vecs):
+                        acc[T.ramp(i * nr + v * 8, 1, 8)] = T.broadcast(T.float32(0), 8)
+                for kk in range(k):
+                    for i in T.unroll(mr):
+                        for v in T.unroll(vecs):
+                            acc[T.ramp(i * nr + v * 8, 1, 8)] = acc[T.ramp(i * nr + v * 8, 1, 8)] + (
+                                T.broadcast(xf[T.min(mo * mr + i, n_rows - 1) * k + kk], 8)
+                                * wt[T.ramp(kk * nr + v * 8, 1, 8)])
+                for i in T.unroll(mr):
+                    if mo * mr + i < n_rows:
+                        for j in T.vectorized(nr):
+                            if has_other:
+                                oth = T.decl_buffer((n_rows * n,), "float32", data=other.data)
+                                if other_first:
+                                    of[(mo * mr + i) * n + t * nr + j] = (
+                                        oth[(mo * mr + i) * n + t * nr + j] + acc[i * nr + j])
+                                else:
+                                    of[(mo * mr + i) * n + t * nr + j] = (
+                                        acc[i * nr + j] + oth[(mo * mr + i) * n + t * nr + j])
+                            else:
+                                of[(mo * mr + i) * n + t * nr + j] = acc[i * nr + j]
+    # fmt: on
+
+    return with_params_of(func, q, kernel)
