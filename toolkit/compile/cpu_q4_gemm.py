@@ -40,11 +40,14 @@ def q4_outer_gemm(func: tirx.PrimFunc, q, *, mr: int = 6, nr: int = 16) -> tirx.
         of = T.decl_buffer((n_rows * n,), "float32", data=out.data)
         for t in T.parallel(n // nr):
             wt = T.alloc_buffer((k * nr,), "float32")  # this task's weight rows, dequantized, [k, nr]
-            acc = T.alloc_local((mr * nr,), "float32")
-            for kk, j in T.grid(k, nr):
-                wt[kk * nr + j] = (T.Cast("float32", T.Cast("int32", T.shift_right(
-                    qw[t * nr + j, kk // 8], T.Cast("uint32", kk % 8 * 4)) & T.uint32(15))) - T.float32(7)
-                ) * T.Cast("float32", qs[t * nr + j, kk // 32])
+            acc = T.alloc_buffer((mr * nr,), "float32")  # global scope + small: a stack alloca
+            # vectorized over the tile's rows (a gather of one word per row), so it needs no alias analysis
+            for w in range(n_words):
+                for c in T.unroll(8):
+                    for j in T.vectorized(nr):
+                        wt[(w * 8 + c) * nr + j] = (T.Cast("float32", T.Cast("int32", T.shift_right(
+                            qw[t * nr + j, w], T.uint32(4 * c)) & T.uint32(15))) - T.float32(7)
+                        ) * T.Cast("float32", qs[t * nr + j, w // 4])
             for mo in range((n_rows + mr - 1) // mr):
                 for i in T.unroll(mr):
                     for v in T.unroll(vecs):

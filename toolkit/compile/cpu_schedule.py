@@ -4,6 +4,8 @@ The pipeline hands us, per Linear, one PrimFunc: an optional `dequantize` block 
 weight), an `NT_matmul` block `C[m.., n] += x[m.., k] * W[n, k]` and optional injective epilogue blocks
 (residual add). The rules, most specific first (`cpu_schedule_rules`):
 
+- `CPUQ8DotGEMV` (presets with `cpu.q4_activations = "int8"`, AVX2): the q4 GEMVs below with int8 activations
+  and integer dot products (`cpu_q8_gemv`), one weight row streamed at a time.
 - `CPUDequantGEMV`: q4 dequant + matmul (+ residual add) with 1..4 rows of x, or decode's (batch, 1) rows.
   The function is re-emitted (same parameters, same result up to fp32 summation order) so that the scale and
   the -7 zero point are applied once per 32-group instead of once per weight, and a vector holds 8
@@ -12,9 +14,10 @@ weight), an `NT_matmul` block `C[m.., n] += x[m.., k] * W[n, k]` and optional in
   threads in tiles of 16. Hot-cache, 1 thread, AVX2: 10.8 GB/s of q4 weights vs 4.5 for `CPUGEMV`.
 - `CPUGEMV`: any other matmul with few rows (fp32 weights of q0 models, or q4 shapes the above declines):
   dequantize inlined, rfactor over the SIMD lanes, 4 rows per x load, rows split across threads.
-- `CPUGEMM`: matmuls with many (dynamic seq_len: prefill) rows: each thread dequantizes a tile of 16 weight
-  rows once into an L2-resident fp32 scratch tile and reuses it for every row of x (dot-product micro-kernel,
-  4 weight rows per x vector load).
+- `CPUQ4OuterGEMM`: q4 matmuls with many rows (prefill): outer-product register blocks (`cpu_q4_gemm`).
+- `CPUGEMM`: other matmuls with many (dynamic seq_len: prefill) rows: each thread dequantizes a tile of 16
+  weight rows once into an L2-resident fp32 scratch tile and reuses it for every row of x (dot-product
+  micro-kernel, 4 weight rows per x vector load).
 - `CPUElementwise`: injective-only kernels (rope, silu*mul, reshapes): one loop nest, vectorized, threaded
   only when large. Scatters through an index buffer (KV-cache append) are left alone.
 - dlight's in-tree `cpu.Reduction` for RMSNorm / softmax.
