@@ -123,8 +123,6 @@ def load_our_engine(model: Any, quantization: str, device: str, threads: int):
     """Our engine for `model` (compiled and cached on first use) with a CPU pool of `threads` threads."""
     from ..runtime import engine as rt
 
-    if hasattr(rt.Engine, "load"):
-        return rt.Engine.load(model, quantization=quantization, device=device, threads=threads)
     engine, _source = rt.load_engine(model, quantization=quantization, device=device, threads=threads)
     return engine
 
@@ -132,14 +130,12 @@ def load_our_engine(model: Any, quantization: str, device: str, threads: int):
 def default_quantization() -> str:
     from ..runtime import engine as rt
 
-    return getattr(rt, "DEFAULT_QUANTIZATION", "q4f32_1")
+    return rt.DEFAULT_QUANTIZATION
 
 
 def engine_runner(model: Any, s: BenchSettings, threads: int) -> Runner:
     engine = load_our_engine(model, s.quantization, s.device, threads)
     info: dict[str, Any] = {"quantization": s.quantization, "device": s.device}
-    if hasattr(engine, "weight_bytes_per_token"):
-        info["weight_bytes_per_token"] = int(engine.weight_bytes_per_token())
     return InProcessRunner(EngineBackend(engine), info)
 
 
