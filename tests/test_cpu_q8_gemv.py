@@ -43,28 +43,29 @@ def _q8_reference(x: np.ndarray, qw: np.ndarray, qs: np.ndarray):
     return y.reshape(*x.shape[:-1], n), bound.reshape(*x.shape[:-1], n)
 
 
-def _build(func, target, q4_activations: str):
+def _build(func, target, rules):
     mod = tvm.IRModule({"main": func})
     with target:
-        mod = dl.ApplyDefaultSchedule(*cs.cpu_schedule_rules(target, q4_activations))(mod)
+        mod = dl.ApplyDefaultSchedule(*rules)(mod)
     return tvm.compile(mod, target=target)
 
 
-# (n, k, rows as compiled, rows at run time, residual add, scale dtype)
+# (n, k, rows as compiled, rows at run time, residual add, scale dtype, weight rows per x load)
 CASES = [
-    (64, 128, (1, 1), (1, 1), True, "float16"),
-    (48, 256, ("b", 1), (3, 1), False, "float32"),  # decode with a dynamic batch of 3
-    (32, 576, ("b", 1), (1, 1), True, "float16"),  # SmolLM2's K: 9 chunks of 64
-    (16, 192, (1, 2), (1, 2), False, "float16"),  # two static rows
+    (64, 128, (1, 1), (1, 1), True, "float16", 1),
+    (48, 256, ("b", 1), (3, 1), False, "float32", 1),  # decode with a dynamic batch of 3
+    (32, 576, ("b", 1), (1, 1), True, "float16", 1),  # SmolLM2's K: 9 chunks of 64
+    (16, 192, (1, 2), (1, 2), False, "float16", 1),  # two static rows
+    (64, 128, ("b", 1), (2, 1), True, "float16", 4),  # 4 weight rows interleaved per x load
 ]
 
 
 @pytest.mark.skipif(not HOST_HAS_AVX2, reason="this CPU has no AVX2: the int8 kernel cannot run here")
-@pytest.mark.parametrize("n,k,rows,real_rows,add,scale_dtype", CASES)
-def test_int8_gemv_matches_numpy_int8_reference(n, k, rows, real_rows, add, scale_dtype) -> None:
+@pytest.mark.parametrize("n,k,rows,real_rows,add,scale_dtype,w_rows", CASES)
+def test_int8_gemv_matches_numpy_int8_reference(n, k, rows, real_rows, add, scale_dtype, w_rows) -> None:
     func = _matmul_func(n, k, rows, quant=True, scale_dtype=scale_dtype, add=add)
     assert isinstance(_first_rule(func, AVX2, "int8"), cs.CPUQ8DotGEMV)
-    ex = _build(func, AVX2, "int8")
+    ex = _build(func, AVX2, [cs.CPUQ8DotGEMV(rows=w_rows)])
     qw, qs, w = _q4_weights(n, k, scale_dtype)
     x = RNG.standard_normal((*real_rows, k)).astype(np.float32)
     x[..., :32] = 0  # an all-zero group: scale 0, no division by zero

@@ -13,6 +13,7 @@ import tempfile
 
 import pytest
 import tvm
+from test_targets import REQUIRED as REQUIRED_PRESETS
 
 from toolkit.compile.gpu_schedule import gpu_schedule_pass
 from toolkit.targets import load_preset
@@ -173,21 +174,7 @@ def test_every_kernel_of_the_tiny_model(tiny_cfg, preset_name, quantization):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("quantization", ["q4f16_1", "q4f32_1"])
-@pytest.mark.parametrize(
-    "preset_name",
-    [
-        "iphone-a16",
-        "macos-metal",
-        "android-adreno",
-        "android-mali",
-        "cuda-sm80",
-        "cuda-sm86",
-        "cuda-sm89",
-        "cuda-sm90",
-        "webgpu",
-        "host",
-    ],
-)
+@pytest.mark.parametrize("preset_name", sorted(REQUIRED_PRESETS))
 def test_tiny_model_compiles_for_every_preset(tiny_cfg, tmp_path, preset_name, quantization):
     from toolkit.compile.artifacts import check_object_format, verify_manifest
     from toolkit.compile.compile_model import compile_model

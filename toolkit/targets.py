@@ -20,6 +20,8 @@ from .errors import UserError
 # targets/ sits next to the package in the repo; TOOLKIT_TARGETS_DIR lets an installed copy point elsewhere.
 TARGETS_DIR = Path(os.environ.get("TOOLKIT_TARGETS_DIR", Path(__file__).resolve().parent.parent / "targets"))
 OUTPUT_SUFFIXES = (".so", ".tar", ".dylib")
+# CPU q4 GEMVs: fp32 activations, or int8 activations with integer dot products (llama.cpp's Q4 x Q8)
+Q4_ACTIVATIONS = ("float32", "int8")
 GPU_KINDS = ("cuda", "metal", "opencl", "vulkan", "webgpu", "rocm")
 DLIGHT_RULES = (
     "Matmul",
@@ -122,8 +124,6 @@ def _load(path: Path) -> Preset:
         # A GPU build without rules leaves kernels unscheduled (they would run as host code and crash on
         # device).
         raise UserError("a GPU preset's dlight rules must end with 'Fallback'", path)
-    from .compile.cpu_schedule import Q4_ACTIVATIONS
-
     q4_act = (data.get("cpu") or {}).get("q4_activations", "float32")
     if q4_act not in Q4_ACTIVATIONS or (q4_act != "float32" and is_gpu):
         raise UserError(f"cpu.q4_activations must be one of {Q4_ACTIVATIONS} (CPU presets only)", path)

@@ -99,9 +99,13 @@ class MLCSource(ModelSource):
     def param_names(self) -> list[str]:
         return list(self._stored)
 
+    def iter_params(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+        """(param name, stored array) shard by shard (q4: uint32 codes + scales); each shard's md5 checked."""
+        return iter_tensor_cache(self.path, names)
+
     def load_params(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-        """Stored arrays by param name (q4 ones as uint32 codes + scales); every shard's md5 checked."""
-        return dict(iter_tensor_cache(self.path, names))
+        """`iter_params` collected into a dict."""
+        return dict(self.iter_params(names))
 
 
 def open_mlc_dir(path: str | Path) -> MLCSource:

@@ -891,10 +891,9 @@ def cpu_schedule_rules(target: Target, q4_activations: str = "float32") -> list[
     Kernels no rule accepts (attention, KV-cache kernels, which come scheduled) are left as they are."""
     from tvm.s_tir.dlight.cpu import Reduction
 
+    from ..targets import Q4_ACTIVATIONS
+
     if q4_activations not in Q4_ACTIVATIONS:
         raise ValueError(f"q4_activations must be one of {Q4_ACTIVATIONS}, got {q4_activations!r}")
     int8 = [CPUQ8DotGEMV()] if q4_activations == "int8" else []
     return [*int8, CPUDequantGEMV(), CPUGEMV(), CPUQ4OuterGEMM(), CPUGEMM(), CPUElementwise(), Reduction()]
-
-
-Q4_ACTIVATIONS = ("float32", "int8")

@@ -17,7 +17,6 @@ import tvm
 
 from ..checkpoint import ModelSource, open_model
 from ..compile.compile_model import CompiledModel, cache_root
-from ..convert.tensor_cache import iter_tensor_cache
 from ..errors import UserError
 from ..quantization import get_scheme
 
@@ -62,7 +61,7 @@ def load_params(source: ModelSource, compiled: CompiledModel, device) -> list[tv
             raise UserError(
                 f"weights are {source.scheme.name}, the compiled model is {scheme.name}", source.path
             )
-        return _to_device(iter_tensor_cache(source.path), compiled, device)
+        return _to_device(source.iter_params(), compiled, device)
     if scheme.is_quantized:
         folder = converted_weights_dir(source, scheme.name)
         if not (folder / "tensor-cache.json").is_file():
