@@ -27,7 +27,10 @@ _MAX_EPILOGUE_ARGS = 3
 
 
 def _blocks(func: tirx.PrimFunc) -> list[tuple[str, bool]]:
-    """(name, is_reduction) of the top-level blocks of a PrimFunc."""
+    """(name, is_reduction) of the top-level blocks of a PrimFunc (none for a hand-written kernel, which
+    has no block structure: the host attention kernels)."""
+    if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
+        return []
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
     out = []
     for rv in sch.get_child_blocks(sch.get_sblock("root")):

@@ -153,7 +153,7 @@ class Phi3ForCausalLM(nn.Module):
             target=self.target,
             # only read by the sliding-window prefill kernel's mask: row r of a chunk sees W - r - 1 cached
             # keys, so every query sees exactly W keys like HF's 0 <= q - k < W
-            layer_sliding_window_size=c.sliding_window or 1024,
+            layer_sliding_window_size=attention_window(c),
         )
 
     def spec(self) -> nn.spec.ModuleSpec:
@@ -192,8 +192,17 @@ class Phi3ForCausalLM(nn.Module):
         )
 
 
+def attention_window(cfg: Phi3Config) -> int:
+    """The window the KV cache's sliding-window prefill kernel masks with (TVM needs one even without)."""
+    return cfg.sliding_window or 1024
+
+
 def export_phi3(cfg: Phi3Config, opts: GraphOptions, target: Target):
     """-> (IRModule, [(param name, nn.Parameter)]) for the graph."""
     model = Phi3ForCausalLM(cfg, opts, target)
     mod, named_params = model.export_tvm(spec=model.spec())
+    if target.kind.name == "llvm":  # TVM's CPU attention kernels are scalar and single-threaded
+        from ..compile.cpu_attention import replace_attention
+
+        mod = replace_attention(mod, attention_window(cfg))
     return mod, named_params

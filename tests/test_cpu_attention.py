@@ -1,0 +1,165 @@
+"""Our host attention kernels against TVM's CPU kernels (the reference they replace) and a numpy softmax.
+
+Both run the same arguments: a batch of sequences of assorted lengths (0 keys, part of a page, exact pages,
+several pages) whose pages are scattered through the cache, GQA head groups, with and without sliding window
+(sink + offset) and causal masks. Tolerance 1e-5 absolute on o (|o| <= max|v| ~ 4) and lse: both compute in
+fp32 and differ only in summation order over <= 300 keys x 96 dims."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
+from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_cpu, _attention_prefill_ragged_cpu
+
+from toolkit.compile.cpu_attention import (
+    decode_attention_cpu,
+    prefill_paged_attention_cpu,
+    prefill_ragged_attention_cpu,
+    replace_attention,
+)
+from toolkit.targets import load_preset
+
+PS = 16
+TOL = 1e-5
+
+
+def _build(func):
+    target = load_preset("host").target
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+
+
+def _run(f, inputs, out_shapes, scalars):
+    dev = tvm.cpu()
+    outs = [tvm.runtime.tensor(np.zeros(s, "float32"), dev) for s in out_shapes]
+    f(*[tvm.runtime.tensor(x, dev) for x in inputs], *outs, *scalars)
+    return [o.numpy() for o in outs]
+
+
+def _paged_cache(rng, lens, h_kv, d, sliding):
+    """Pages of `lens` keys per sequence, scattered; length_info as TVM's runtime passes it."""
+    n_pages = [(n + PS - 1) // PS for n in lens]
+    total = sum(n_pages) + 3
+    pages = rng.standard_normal((total, 2, h_kv, PS, d)).astype("float32")
+    indptr = np.concatenate([[0], np.cumsum(n_pages)]).astype("int32")
+    values = rng.permutation(total).astype("int32")[: indptr[-1]].copy()
+    last = np.array([(n - 1) % PS + 1 if n else 0 for n in lens], "int32")
+    if not sliding:
+        return pages, indptr, values, last
+    offset = np.array([5 if n > 40 else 0 for n in lens], "int32")  # window starts 5 slots in
+    sink = np.array([4 if n > 40 else 0 for n in lens], "int32")
+    return pages, indptr, values, np.stack([last, offset, sink]).astype("int32")
+
+
+@pytest.mark.parametrize("h_kv,h_qo,d,sliding", [(32, 32, 96, False), (3, 9, 64, True), (2, 8, 128, False)])
+def test_decode_matches_tvm_kernel(h_kv, h_qo, d, sliding):
+    rng = np.random.default_rng(0)
+    lens = [137, 5, 16, 0, 300]
+    b = len(lens)
+    pages, indptr, values, info = _paged_cache(rng, lens, h_kv, d, sliding)
+    q = rng.standard_normal((b, h_qo, d)).astype("float32")
+    inputs = [q, pages, indptr, values, info, np.zeros(b, "int32"), np.zeros(b, "int32")]
+    shapes, scalars = [(b, h_qo, d), (b, h_qo)], [0, 1.0, 1e4, 1 / np.sqrt(d)]
+    theirs = _attention_decode_cpu(h_kv, h_qo, d, "float32", sliding, {}, PS)
+    ref = _run(_build(theirs), inputs, shapes, scalars)
+    ours = _run(_build(decode_attention_cpu(h_kv, h_qo, d, "float32", sliding, PS)), inputs, shapes, scalars)
+    np.testing.assert_allclose(ours[0], ref[0], atol=TOL, rtol=0)
+    np.testing.assert_allclose(ours[1], ref[1], atol=TOL, rtol=0)
+    assert np.abs(ref[0][0]).max() > 0.01  # a real output, not zeros on both sides
+    # sequence 0 without a window by numpy: softmax over its 137 keys in page order
+    if not sliding:
+        keys = np.concatenate([pages[p, 0] for p in values[: indptr[1]]], axis=1)[:, : lens[0]]  # [Hkv,n,d]
+        vals = np.concatenate([pages[p, 1] for p in values[: indptr[1]]], axis=1)[:, : lens[0]]
+        g = h_qo // h_kv
+        s = np.einsum("hd,hnd->hn", q[0], np.repeat(keys, g, axis=0)) / np.sqrt(d)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        o = np.einsum("hn,hnd->hd", p / p.sum(-1, keepdims=True), np.repeat(vals, g, axis=0))
+        np.testing.assert_allclose(ours[0][0], o, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("sliding,causal", [(False, 0), (False, 1), (True, 1)])
+def test_paged_prefill_matches_tvm_kernel(sliding, causal):
+    rng = np.random.default_rng(1)
+    h_kv, h_qo, d, window = 4, 8, 96, 40
+    lens, n_q = [70, 0, 33], [5, 3, 60]
+    b = len(lens)
+    pages, indptr, values, info = _paged_cache(rng, lens, h_kv, d, sliding)
+    total = sum(n_q)
+    q = rng.standard_normal((total, h_qo, d)).astype("float32")
+    q_indptr = np.concatenate([[0], np.cumsum(n_q)]).astype("int32")
+    inputs = [q, q_indptr, pages, indptr, values, info, np.zeros(b, "int32"), np.zeros(total, "int32")]
+    shapes, scalars = [(total, h_qo, d), (total, h_qo)], [causal, 0, 1.0, 1e4, 1 / np.sqrt(d)]
+    theirs = _attention_prefill_cpu(h_kv, h_qo, d, "float32", sliding, {}, PS, sliding_window_size=window)
+    ref = _run(_build(theirs), inputs, shapes, scalars)
+    mine = prefill_paged_attention_cpu(h_kv, h_qo, d, "float32", sliding, PS, window)
+    ours = _run(_build(mine), inputs, shapes, scalars)
+    # numpy: each row's visible keys by TVM's mask, in the sequence's logical order (sink, then window)
+    expect, seen, row = np.zeros_like(ours[0]), np.zeros(total, bool), 0
+    tvm_defined = np.ones(total, bool)
+    for b_, (n_pages, m) in enumerate(zip(np.diff(indptr), n_q)):
+        slots = [(p, i) for p in values[indptr[b_] : indptr[b_ + 1]] for i in range(PS)]
+        if sliding:
+            n = (n_pages - 1) * PS + info[0, b_] - info[1, b_] + info[2, b_] if n_pages else 0
+            pos = [j if j < info[2, b_] else j - info[2, b_] + info[1, b_] for j in range(n)]
+        else:
+            n = (n_pages - 1) * PS + info[b_] if n_pages else 0
+            pos = list(range(n))
+        for i in range(m):
+            lo = max(n - max(window - i - 1, 0), 0) if causal and sliding else 0
+            hi = min(n, n - m + i + 1) if causal and not sliding else n
+            tvm_defined[row + i] = lo == 0
+            if hi > lo:
+                kk = np.stack([pages[slots[pos[j]][0], 0, :, slots[pos[j]][1]] for j in range(lo, hi)], 1)
+                vv = np.stack([pages[slots[pos[j]][0], 1, :, slots[pos[j]][1]] for j in range(lo, hi)], 1)
+                g = h_qo // h_kv
+                sc = np.einsum("hd,hnd->hn", q[row + i], np.repeat(kk, g, 0)) / np.sqrt(d)
+                pr = np.exp(sc - sc.max(-1, keepdims=True))
+                expect[row + i] = np.einsum("hn,hnd->hd", pr / pr.sum(-1, keepdims=True), np.repeat(vv, g, 0))
+                seen[row + i] = True
+        row += m
+    assert seen.sum() > total // 2
+    np.testing.assert_allclose(ours[0], expect, atol=TOL, rtol=0)  # rows that see no keys: o = 0
+    # TVM's kernel: equal where it is defined. A row whose first keys are masked (causal + window) runs
+    # with an uninitialised running max there (NaN or garbage, seen in this test), so those are skipped
+    ok = seen & tvm_defined
+    assert ok.sum() >= 5
+    np.testing.assert_allclose(ours[0][ok], ref[0][ok], atol=TOL, rtol=0)
+    np.testing.assert_allclose(ours[1][ok], ref[1][ok], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [0, 1])
+def test_ragged_prefill_matches_tvm_kernel(causal):
+    rng = np.random.default_rng(2)
+    h_kv, h_qo, d = 3, 9, 64
+    n_q, n_kv = [7, 1, 40], [7, 5, 40]  # causal: query i of a chunk sees keys < n_kv - n_q + i + 1
+    b = len(n_q)
+    q = rng.standard_normal((sum(n_q), h_qo, d)).astype("float32")
+    k = rng.standard_normal((sum(n_kv), h_kv, d)).astype("float32")
+    v = rng.standard_normal((sum(n_kv), h_kv, d)).astype("float32")
+    q_indptr = np.concatenate([[0], np.cumsum(n_q)]).astype("int32")
+    kv_indptr = np.concatenate([[0], np.cumsum(n_kv)]).astype("int32")
+    inputs = [q, q_indptr, k, v, kv_indptr, np.zeros(sum(n_q), "int32"), np.zeros(b, "int32")]
+    shapes, scalars = [(sum(n_q), h_qo, d), (sum(n_q), h_qo)], [causal, 0, 1.0, 1e4, 1 / np.sqrt(d)]
+    theirs = _attention_prefill_ragged_cpu(h_kv, h_qo, d, d, "float32", {})
+    ref = _run(_build(theirs), inputs, shapes, scalars)
+    ours = _run(_build(prefill_ragged_attention_cpu(h_kv, h_qo, d, "float32")), inputs, shapes, scalars)
+    np.testing.assert_allclose(ours[0], ref[0], atol=TOL, rtol=0)
+    np.testing.assert_allclose(ours[1], ref[1], atol=TOL, rtol=0)
+
+
+def test_replace_attention_swaps_kernels_by_symbol():
+    mod = tvm.IRModule(
+        {
+            "dec": _attention_decode_cpu(4, 8, 96, "float32", False, {}, PS),
+            "rag": _attention_prefill_ragged_cpu(4, 8, 96, 96, "float32", {}).with_attr(
+                "global_symbol", "batch_prefill_ragged_kv"
+            ),
+            "odd": _attention_decode_cpu(4, 8, 36, "float32", True, {}, PS),  # 36 % 8: TVM's stays
+        }
+    )
+    out = replace_attention(mod, 1024)
+    assert not out["dec"].same_as(mod["dec"]) and not out["rag"].same_as(mod["rag"])
+    assert out["odd"].same_as(mod["odd"])
+    assert str(out["dec"].attrs["global_symbol"]) == "batch_decode_paged_kv_cpu"
+    assert "T.parallel" in out["dec"].script()

@@ -1,0 +1,332 @@
+"""Paged-KV attention kernels for the host CPU, replacing TVM's scalar `*_cpu` attention kernels.
+
+TVM's CPU kernels run every (sequence, query head, query row) one after another on one thread, with scalar
+loops over the head dimension and an online-softmax rescale of the output after every key; the ragged
+prefill kernel scores every key for every query (masked ones too) and the paged prefill kernel walks the
+whole cache capacity per query row. At Phi-3-mini shapes that was 27 ms of a 221 ms decode step and 1.44 s
+of a 17.3 s 128-token prefill (1 thread). Ours split (head, query row) pairs across threads, visit only the
+keys a query sees, keep q / o / scores in small stack buffers with explicit 8-lane vector loads, and run
+the softmax per chunk of 16 keys: scores, one max, one rescale of o, then o += p * v per key.
+
+Same parameters and outputs (o and the log2-sum-exp) as TVM's kernels, up to fp32 summation order.
+Only rotary_mode 0 is supported (rope applied before the cache, as our model does); the kernels assert it.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tvm import IRModule, tirx
+from tvm.script import tirx as T
+
+LANES = 8  # fp32 lanes of an AVX2 register; LLVM splits them for SSE / joins pairs for AVX-512
+CHUNK = 16  # keys per softmax rescale
+LOG2E = math.log2(math.e)
+SYMBOLS = ("batch_decode_paged_kv_cpu", "batch_prefill_paged_kv_cpu", "batch_prefill_ragged_kv")  # TVM's
+NO_ROPE = "the host attention kernels expect rope applied before the KV cache (rotary_mode 0)"
+
+
+def heads_per_task(h_qo: int) -> int:
+    """Query heads one task handles: the largest divisor of H_qo up to 8. Heads run innermost, so a task
+    reads its heads' K (then V) rows of a page as one contiguous run (8 heads x 16 rows x 96 dims = 48 KB):
+    the KV rows are cold in decode (2 GB of weights stream through the caches between layers), and one head
+    at a time read 6 KB runs 393 KB apart at 2.9 GB/s."""
+    return max(x for x in range(1, min(h_qo, 8) + 1) if h_qo % x == 0)
+
+
+def _attend(d: int, nh: int, group: int, row_offset, head_stride: int):
+    """A macro: for query heads h0 .. h0 + nh of one query row, o = softmax(q . K[lo:hi]) V[lo:hi] and the
+    log2-sum-exp. Key j of KV head g has its K row at flat offset `row_offset(j, ctx) + g * head_stride`
+    in `k` (`row_offset` is a Python function of TIR values) and its V row at the same offset + `v_shift`
+    in `v`. q / out rows of the heads are contiguous (q_off + i * d); lse entries too."""
+    vd = d // LANES
+    vec = f"float32x{LANES}"
+
+    def lane(base):  # the LANES consecutive elements from `base`
+        return T.ramp(base, 1, LANES)
+
+    # fmt: off
+    @T.macro
+    def attend(q, q_off, k, v, v_shift, ctx, h0, lo, hi, scale, out, o_off, lse, lse_off):
+        # small fixed-size buffers: stack allocas (or one pool workspace), never per-key allocations
+        qv = T.alloc_buffer((nh * d,), "float32")
+        ov = T.alloc_buffer((nh * d,), "float32")
+        acc = T.alloc_buffer((CHUNK * LANES,), "float32")  # per key of the chunk: 8 partial dot products
+        s = T.alloc_buffer((CHUNK,), "float32")  # scores, then softmax weights, of the chunk's keys
+        ko = T.alloc_buffer((CHUNK,), "int32")  # flat offsets of the chunk's K rows (KV head 0)
+        m = T.alloc_buffer((nh,), "float32")  # running max per head
+        l = T.alloc_buffer((nh,), "float32")  # running sum per head
+        for j in T.vectorized(nh * d):
+            qv[j] = T.Cast("float32", q[q_off + j]) * scale
+            ov[j] = T.float32(0)
+        for i in range(nh):
+            m[i] = T.float32(-5e4)  # TVM's kernels start from m = -5e4, sum = 1: no keys gives o = 0
+            l[i] = T.float32(1)
+        for ch in range((hi - lo + CHUNK - 1) // CHUNK):
+            n: T.int32 = T.min(CHUNK, hi - lo - ch * CHUNK)
+            for r in range(n):
+                ko[r] = row_offset(lo + ch * CHUNK + r, ctx)
+            for i in range(nh):
+                hk: T.int32 = (h0 + i) // group * head_stride
+                for j in T.vectorized(CHUNK * LANES):
+                    acc[j] = T.float32(0)
+                # keys innermost: consecutive FMAs are independent (no dependency chain through memory)
+                for u in T.unroll(vd):
+                    for r in range(n):
+                        acc[lane(r * LANES)] = acc[lane(r * LANES)] + qv[lane(i * d + u * LANES)] * T.Cast(
+                            vec, k[lane(ko[r] + hk + u * LANES)])
+                new_m: T.float32 = m[i]
+                for r in range(n):
+                    a: T.int32 = r * LANES
+                    s[r] = ((acc[a] + acc[a + 1]) + (acc[a + 2] + acc[a + 3])) + (
+                        (acc[a + 4] + acc[a + 5]) + (acc[a + 6] + acc[a + 7]))
+                    new_m = T.max(new_m, s[r])
+                alpha: T.float32 = T.exp2(m[i] - new_m)  # one rescale per chunk, not per key
+                m[i] = new_m
+                l[i] = l[i] * alpha
+                for r in range(n):
+                    s[r] = T.exp2(s[r] - new_m)
+                    l[i] = l[i] + s[r]
+                for u in T.unroll(vd):
+                    ov[lane(i * d + u * LANES)] = ov[lane(i * d + u * LANES)] * T.broadcast(alpha, LANES)
+                    for r in range(n):
+                        ov[lane(i * d + u * LANES)] = ov[lane(i * d + u * LANES)] + T.broadcast(
+                            s[r], LANES) * T.Cast(vec, v[lane(ko[r] + hk + v_shift + u * LANES)])
+        for i in range(nh):
+            for j in T.vectorized(d):
+                out[o_off + i * d + j] = T.Cast(out.dtype, ov[i * d + j] / l[i])
+            lse[lse_off + i] = m[i] + T.log2(l[i])
+    # fmt: on
+
+    return attend
+
+
+class _Pages:
+    """Addressing of the paged cache [P, 2, H_kv, page_size, d] (flat): logical key j of a sequence -> its
+    K row; with a sliding window the sequence's keys are its sink tokens, then the window."""
+
+    def __init__(self, h_kv: int, d: int, page_size: int, sliding_window: bool):
+        self.h_kv, self.d, self.page_size, self.sliding = h_kv, d, page_size, sliding_window
+        self.v_shift = h_kv * page_size * d  # V of a page follows its K
+        self.head_stride = page_size * d
+
+    def seq_pos(self, j, b, length_info):
+        if not self.sliding:
+            return j
+        return T.if_then_else(j < length_info[2, b], j, j - length_info[2, b] + length_info[1, b])
+
+    def n_keys(self, n_pages, b, length_info):
+        if not self.sliding:
+            return (n_pages - 1) * self.page_size + length_info[b]
+        return (n_pages - 1) * self.page_size + length_info[0, b] - length_info[1, b] + length_info[2, b]
+
+    def row_offset(self, j, ctx):
+        """Flat offset of key j's K row of KV head 0."""
+        values, begin, b, length_info = ctx
+        pos = self.seq_pos(j, b, length_info)
+        page = values[begin + pos // self.page_size]
+        return (page * 2 * self.h_kv * self.page_size + pos % self.page_size) * self.d
+
+
+def _flat(buf):
+    """A 1-D view of a dense buffer (the kernels index rows by flat offsets)."""
+    size = 1
+    for x in buf.shape:
+        size = size * x
+    return T.decl_buffer((size,), buf.dtype, data=buf.data)
+
+
+def _length_info(handle, batch: tirx.Var, sliding_window: bool, offset: tirx.Var):
+    shape = (3, batch) if sliding_window else (batch,)
+    return T.match_buffer(handle, shape, "int32", elem_offset=offset)
+
+
+def decode_attention_cpu(
+    h_kv: int, h_qo: int, d: int, dtype: str, sliding_window: bool, page_size: int
+) -> tirx.PrimFunc:
+    """TVM's `batch_decode_paged_kv_cpu[_sliding_window]`: one query row per sequence against its pages."""
+    assert d % LANES == 0 and h_qo % h_kv == 0
+    group, pg, nh = h_qo // h_kv, _Pages(h_kv, d, page_size, sliding_window), heads_per_task(h_qo)
+    attend = _attend(d, nh, group, pg.row_offset, pg.head_stride)
+
+    # fmt: off
+    @T.prim_func(private=True)
+    def kernel(q_handle: T.handle, pages_handle: T.handle, indptr_handle: T.handle, values_handle: T.handle,
+               length_info_handle: T.handle, k_rope_pos_offset_handle: T.handle,
+               q_rope_position_handle: T.handle, output_handle: T.handle, lse_handle: T.handle,
+               rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        B, nnz_pages, max_pages = T.int32(), T.int32(), T.int32()
+        off_indptr, off_values, off_len = T.int32(), T.int32(), T.int32()
+        off_krope, off_qrope = T.int32(), T.int32()
+        Q = T.match_buffer(q_handle, (B, h_qo, d), dtype)
+        pages = T.match_buffer(pages_handle, (max_pages, 2, h_kv, page_size, d), dtype)
+        indptr = T.match_buffer(indptr_handle, (B + 1,), "int32", elem_offset=off_indptr)
+        values = T.match_buffer(values_handle, (nnz_pages,), "int32", elem_offset=off_values)
+        T.match_buffer(k_rope_pos_offset_handle, (B,), "int32", elem_offset=off_krope)  # rope: unused
+        T.match_buffer(q_rope_position_handle, (B,), "int32", elem_offset=off_qrope)
+        output = T.match_buffer(output_handle, (B, h_qo, d), dtype)
+        lse = T.match_buffer(lse_handle, (B, h_qo), "float32")
+        length_info = _length_info(length_info_handle, B, sliding_window, off_len)
+        qf, pf, of, lf = _flat(Q), _flat(pages), _flat(output), _flat(lse)
+        assert rotary_mode == 0, NO_ROPE
+        for task in T.parallel(B * (h_qo // nh)):
+            b: T.int32 = task // (h_qo // nh)
+            h0: T.int32 = task % (h_qo // nh) * nh
+            begin: T.int32 = indptr[b]
+            n: T.int32 = T.if_then_else(
+                begin != indptr[b + 1], pg.n_keys(indptr[b + 1] - begin, b, length_info), 0)
+            attend(qf, (b * h_qo + h0) * d, pf, pf, pg.v_shift, (values, begin, b, length_info), h0,
+                   0, n, sm_scale * T.float32(LOG2E), of, (b * h_qo + h0) * d, lf, b * h_qo + h0)
+    # fmt: on
+
+    return kernel
+
+
+def prefill_paged_attention_cpu(
+    h_kv: int, h_qo: int, d: int, dtype: str, sliding_window: bool, page_size: int, window: int
+) -> tirx.PrimFunc:
+    """TVM's `batch_prefill_paged_kv_cpu[_sliding_window]`: a chunk of query rows per sequence against the
+    keys already in its pages (all of them, or with causal + sliding window those the window reaches)."""
+    assert d % LANES == 0 and h_qo % h_kv == 0
+    group, pg, nh = h_qo // h_kv, _Pages(h_kv, d, page_size, sliding_window), heads_per_task(h_qo)
+    attend = _attend(d, nh, group, pg.row_offset, pg.head_stride)
+    w = window if sliding_window else 0
+
+    # TVM's mask, causal: keys < n - n_q + i + 1 for query row i; causal + window w: keys >= n - (w - i - 1)
+    def first_key(n, i):
+        return T.max(n - T.max(w - i - 1, 0), 0) if w > 0 else 0
+
+    def end_key(n, n_q, i):
+        return n if w > 0 else T.min(n, n - n_q + i + 1)
+
+    # fmt: off
+    @T.prim_func(private=True)
+    def kernel(q_handle: T.handle, q_indptr_handle: T.handle, pages_handle: T.handle, indptr_handle: T.handle,
+               values_handle: T.handle, length_info_handle: T.handle, k_rope_pos_offset_handle: T.handle,
+               q_rope_position_handle: T.handle, output_handle: T.handle, lse_handle: T.handle,
+               causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32,
+               sm_scale: T.float32):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        B, total, nnz_pages, max_pages = T.int32(), T.int32(), T.int32(), T.int32()
+        off_q, off_indptr, off_values = T.int32(), T.int32(), T.int32()
+        off_len, off_krope, off_qrope = T.int32(), T.int32(), T.int32()
+        Q = T.match_buffer(q_handle, (total, h_qo, d), dtype)
+        q_indptr = T.match_buffer(q_indptr_handle, (B + 1,), "int32", elem_offset=off_q)
+        pages = T.match_buffer(pages_handle, (max_pages, 2, h_kv, page_size, d), dtype)
+        indptr = T.match_buffer(indptr_handle, (B + 1,), "int32", elem_offset=off_indptr)
+        values = T.match_buffer(values_handle, (nnz_pages,), "int32", elem_offset=off_values)
+        T.match_buffer(k_rope_pos_offset_handle, (B,), "int32", elem_offset=off_krope)  # rope: unused
+        T.match_buffer(q_rope_position_handle, (total,), "int32", elem_offset=off_qrope)
+        output = T.match_buffer(output_handle, (total, h_qo, d), dtype)
+        lse = T.match_buffer(lse_handle, (total, h_qo), "float32")
+        length_info = _length_info(length_info_handle, B, sliding_window, off_len)
+        qf, pf, of, lf = _flat(Q), _flat(pages), _flat(output), _flat(lse)
+        assert rotary_mode == 0, NO_ROPE
+        for b in range(B):
+            begin: T.int32 = indptr[b]
+            n: T.int32 = T.if_then_else(
+                begin != indptr[b + 1], pg.n_keys(indptr[b + 1] - begin, b, length_info), 0)
+            n_q: T.int32 = q_indptr[b + 1] - q_indptr[b]
+            # head-major: each thread's share of the tasks has the same mix of short and long query rows
+            for t in T.parallel(h_qo // nh * n_q):
+                h0: T.int32 = t // n_q * nh
+                row: T.int32 = q_indptr[b] + t % n_q
+                lo: T.int32 = T.if_then_else(causal > 0, first_key(n, t % n_q), 0)
+                hi: T.int32 = T.if_then_else(causal > 0, end_key(n, n_q, t % n_q), n)
+                attend(qf, (row * h_qo + h0) * d, pf, pf, pg.v_shift, (values, begin, b, length_info), h0,
+                       lo, hi, sm_scale * T.float32(LOG2E), of, (row * h_qo + h0) * d, lf, row * h_qo + h0)
+    # fmt: on
+
+    return kernel
+
+
+def prefill_ragged_attention_cpu(h_kv: int, h_qo: int, d: int, dtype: str) -> tirx.PrimFunc:
+    """TVM's `batch_prefill_ragged_kv` (cpu): a chunk of query rows per sequence against that chunk's own
+    keys and values (contiguous [len, H_kv, d]), causal or not."""
+    assert d % LANES == 0 and h_qo % h_kv == 0
+    group, nh = h_qo // h_kv, heads_per_task(h_qo)
+
+    def row_offset(j, base):
+        return (base + j) * h_kv * d
+
+    attend = _attend(d, nh, group, row_offset, d)
+
+    # fmt: off
+    @T.prim_func(private=True)
+    def kernel(q_handle: T.handle, q_indptr_handle: T.handle, k_handle: T.handle, v_handle: T.handle,
+               kv_indptr_handle: T.handle, q_rope_position_handle: T.handle,
+               k_rope_pos_offset_handle: T.handle,
+               output_handle: T.handle, lse_handle: T.handle, causal: T.int32, rotary_mode: T.int32,
+               rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        B, qo_len, kv_len = T.int32(), T.int32(), T.int32()
+        off_q, off_kv, off_qrope, off_krope = T.int32(), T.int32(), T.int32(), T.int32()
+        Q = T.match_buffer(q_handle, (qo_len, h_qo, d), dtype)
+        q_indptr = T.match_buffer(q_indptr_handle, (B + 1,), "int32", elem_offset=off_q)
+        K = T.match_buffer(k_handle, (kv_len, h_kv, d), dtype)
+        V = T.match_buffer(v_handle, (kv_len, h_kv, d), dtype)
+        kv_indptr = T.match_buffer(kv_indptr_handle, (B + 1,), "int32", elem_offset=off_kv)
+        T.match_buffer(q_rope_position_handle, (qo_len,), "int32", elem_offset=off_qrope)  # rope: unused
+        T.match_buffer(k_rope_pos_offset_handle, (B,), "int32", elem_offset=off_krope)
+        output = T.match_buffer(output_handle, (qo_len, h_qo, d), dtype)
+        lse = T.match_buffer(lse_handle, (qo_len, h_qo), "float32")
+        qf, kf, vf, of, lf = _flat(Q), _flat(K), _flat(V), _flat(output), _flat(lse)
+        assert rotary_mode == 0, NO_ROPE
+        for b in range(B):
+            n: T.int32 = kv_indptr[b + 1] - kv_indptr[b]
+            n_q: T.int32 = q_indptr[b + 1] - q_indptr[b]
+            for t in T.parallel(h_qo // nh * n_q):  # head-major, as above
+                h0: T.int32 = t // n_q * nh
+                row: T.int32 = q_indptr[b] + t % n_q
+                hi: T.int32 = T.if_then_else(causal > 0, T.min(n, n - n_q + t % n_q + 1), n)
+                attend(qf, (row * h_qo + h0) * d, kf, vf, 0, kv_indptr[b], h0, 0, hi,
+                       sm_scale * T.float32(LOG2E), of, (row * h_qo + h0) * d, lf, row * h_qo + h0)
+    # fmt: on
+
+    return kernel
+
+
+def _shape(func: tirx.PrimFunc, index: int) -> list[int]:
+    return [int(x) for x in func.params[index].shape if isinstance(x, tirx.IntImm)]
+
+
+def _ours(func: tirx.PrimFunc, symbol: str, window: int) -> tirx.PrimFunc | None:
+    """Our kernel for TVM's kernel `func` (named by its global symbol), or None to keep TVM's."""
+    if not symbol.startswith(SYMBOLS):
+        return None
+    dtype = str(func.params[0].dtype)
+    h_qo, d = _shape(func, 0)  # q: [rows, H_qo, d]
+    if d % LANES:
+        return None
+    if symbol.startswith("batch_decode_paged_kv_cpu"):
+        _, h_kv, page_size, _ = _shape(func, 1)  # pages: [P, 2, H_kv, page_size, d]
+        return decode_attention_cpu(h_kv, h_qo, d, dtype, symbol.endswith("_sliding_window"), page_size)
+    if symbol.startswith("batch_prefill_paged_kv_cpu"):
+        _, h_kv, page_size, _ = _shape(func, 2)
+        sliding = symbol.endswith("_sliding_window")
+        return prefill_paged_attention_cpu(h_kv, h_qo, d, dtype, sliding, page_size, window)
+    if symbol == "batch_prefill_ragged_kv" and len(func.params) == 14:
+        h_kv, d_k = _shape(func, 2)
+        h_v, d_v = _shape(func, 3)
+        if (d_k, h_v, d_v) == (d, h_kv, d):
+            return prefill_ragged_attention_cpu(h_kv, h_qo, d, dtype)
+    return None
+
+
+def replace_attention(mod: IRModule, sliding_window_size: int) -> IRModule:
+    """`mod` with TVM's CPU attention kernels (decode, paged prefill, ragged prefill; found by global symbol)
+    replaced by ours under the same global var and attributes. `sliding_window_size` is the window the
+    paged prefill kernel's mask was built with. Shapes we don't cover keep TVM's kernel."""
+    updates = {}
+    for gv, func in mod.functions.items():
+        if not isinstance(func, tirx.PrimFunc) or func.attrs is None:
+            continue
+        new = _ours(func, str(func.attrs.get("global_symbol", "")), sliding_window_size)
+        if new is not None:
+            attrs = dict(func.attrs.items())
+            attrs.update({"tirx.is_scheduled": True, "tirx.noalias": True})
+            updates[gv] = new.with_attrs(attrs)
+    if not updates:
+        return mod
+    return IRModule({gv: updates.get(gv, f) for gv, f in mod.functions.items()}, attrs=mod.attrs)
