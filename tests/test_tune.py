@@ -10,6 +10,7 @@ import pytest
 from tiny import make_tiny_checkpoint
 
 from toolkit.checkpoint import open_model
+from toolkit.compile.cpu_schedule import has_avx2
 from toolkit.targets import Preset, load_preset
 from toolkit.tune.extract import extract_kernels, lower_model
 
@@ -39,6 +40,9 @@ def test_extract_counts_every_linear_of_a_decode_step(tiny_lowered):
     # the decode GEMVs dominate a decode step's traffic
     assert "dequantize" in kernels[0].name and kernels[0].decode_share > 0.2
     assert math.isclose(sum(k.decode_share for k in kernels), 1.0, rel_tol=1e-9)
+    # the baseline is what `compile` runs for this preset: host's int8-activation GEMV where AVX2 exists
+    expected = "CPUQ8DotGEMV" if has_avx2(preset.target) else "CPUDequantGEMV"
+    assert kernels[0].rule == expected, kernels[0].rule
 
 
 def _small_kernel(tiny_lowered):
@@ -70,10 +74,13 @@ def test_tuned_record_is_written_and_applied_by_compile(tiny_lowered, tmp_path, 
         with preset.target:  # the compile pipeline schedules inside the target context
             return schedule_fn(preset)(lowered.clone())[SMALL_KERNEL].script()
 
-    default = scheduled_script()
+    from toolkit.compile.compile_model import cache_key
+
+    default, key_before = scheduled_script(), cache_key(cfg, QUANT, preset)
     monkeypatch.setattr(Preset, "schedule_dir", property(lambda self: tmp_path / self.name))
     tuned = scheduled_script()
     assert tuned != default
+    assert cache_key(cfg, QUANT, preset) != key_before  # new records: a new library, not the cached one
 
     # another device's records are not applied
     index["fingerprint"]["match"] = "some other cpu"

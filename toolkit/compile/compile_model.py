@@ -147,6 +147,7 @@ def cache_key(cfg: Phi3Config, quantization: str, preset: Preset) -> str:
             __version__,
             tvm.__version__,
             _toolkit_source_hash(),
+            _records_hash(preset),
         ],
         sort_keys=True,
     )
@@ -160,6 +161,18 @@ def _toolkit_source_hash() -> str:
     for sub in ("model", "compile", "quantization"):
         for f in sorted((root / sub).glob("*.py")):
             h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _records_hash(preset: Preset) -> str:
+    """Hash of the preset's tuned records (schedules/<preset>/), which `compile` applies: new records mean a
+    new library."""
+    from ..tune.records import records_dir
+
+    h = hashlib.sha256()
+    folder = records_dir(preset)
+    for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()[:12]
 
 

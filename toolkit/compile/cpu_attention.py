@@ -26,12 +26,30 @@ SYMBOLS = ("batch_decode_paged_kv_cpu", "batch_prefill_paged_kv_cpu", "batch_pre
 NO_ROPE = "the host attention kernels expect rope applied before the KV cache (rotary_mode 0)"
 
 
+# 2^f = 1 + f * P(f) on |f| <= 1/2 (Cephes' exp2f polynomial, relative error ~1.3e-7)
+_EXP2_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5.550332471162809e-2,
+              2.402264791363012e-1, 6.931472028550421e-1)
+
+
+def _exp2_nonpositive(x):
+    """2^x for x <= 0 in plain arithmetic, so a vectorized loop stays vector: LLVM has no vector exp2 on
+    x86 and splits `exp2` into one libm call per lane (the prefill's softmax made 300k calls per layer)."""
+    x = T.max(x, T.float32(-126))  # 2^-126, the smallest normal: a weight below that is negligible
+    n = T.floor(x + T.float32(0.5))
+    f = x - n
+    p = T.float32(_EXP2_POLY[0])
+    for c in _EXP2_POLY[1:]:
+        p = p * f + T.float32(c)
+    scale = T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
+    return (p * f + T.float32(1)) * scale
+
+
 def heads_per_task(h_qo: int) -> int:
-    """Query heads one task handles: the largest divisor of H_qo up to 8. Heads run innermost, so a task
-    reads its heads' K (then V) rows of a page as one contiguous run (8 heads x 16 rows x 96 dims = 48 KB):
-    the KV rows are cold in decode (2 GB of weights stream through the caches between layers), and one head
-    at a time read 6 KB runs 393 KB apart at 2.9 GB/s."""
-    return max(x for x in range(1, min(h_qo, 8) + 1) if h_qo % x == 0)
+    """Query heads one task handles: the largest divisor of H_qo up to 8 that still leaves 8 tasks per
+    query row (threads need tasks: SmolLM2's 9 heads in 3 tasks left one of 2 threads half idle). Heads run
+    innermost, so a task reads its heads' K (then V) rows of a page as one run (Phi-3: 4 heads x 16 rows x
+    96 dims = 24 KB) and consecutive query heads of a GQA group reuse the K rows from L1."""
+    return max(x for x in range(1, 9) if h_qo % x == 0 and h_qo // x >= min(8, h_qo))
 
 
 def _attend(d: int, nh: int, group: int, row_offset, head_stride: int):
@@ -84,8 +102,9 @@ def _attend(d: int, nh: int, group: int, row_offset, head_stride: int):
                 alpha: T.float32 = T.exp2(m[i] - new_m)  # one rescale per chunk, not per key
                 m[i] = new_m
                 l[i] = l[i] * alpha
+                for r in T.vectorized(CHUNK):  # keys past n: exp2(-126), never read below
+                    s[r] = _exp2_nonpositive(T.if_then_else(r < n, s[r] - new_m, T.float32(-126)))
                 for r in range(n):
-                    s[r] = T.exp2(s[r] - new_m)
                     l[i] = l[i] + s[r]
                 for u in T.unroll(vd):
                     ov[lane(i * d + u * LANES)] = ov[lane(i * d + u * LANES)] * T.broadcast(alpha, LANES)

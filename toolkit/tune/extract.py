@@ -92,7 +92,7 @@ def default_rules(preset: Preset) -> list:
         return dlight_rules(preset)
     from ..compile.cpu_schedule import cpu_schedule_rules
 
-    return cpu_schedule_rules(preset.target)
+    return cpu_schedule_rules(preset.target, preset.q4_activations)
 
 
 @contextmanager
