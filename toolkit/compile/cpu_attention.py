@@ -3,10 +3,12 @@
 TVM's CPU kernels run every (sequence, query head, query row) one after another on one thread, with scalar
 loops over the head dimension and an online-softmax rescale of the output after every key; the ragged
 prefill kernel scores every key for every query (masked ones too) and the paged prefill kernel walks the
-whole cache capacity per query row. At Phi-3-mini shapes that was 27 ms of a 221 ms decode step and 1.44 s
-of a 17.3 s 128-token prefill (1 thread). Ours split (head, query row) pairs across threads, visit only the
-keys a query sees, keep q / o / scores in small stack buffers with explicit 8-lane vector loads, and run
-the softmax per chunk of 16 keys: scores, one max, one rescale of o, then o += p * v per key.
+whole cache capacity per query row. Ours run (group of query heads, query row) tasks in parallel, visit only
+the keys a query sees, keep q / o / scores in small buffers with explicit 8-lane vector loads, and run the
+softmax per chunk of 16 keys: scores, one max, one rescale of o, then o += p * v per key.
+Phi-3-mini shapes, 1 thread: decode with 136 keys 0.8 ms -> 0.15-0.22 ms per layer with the KV rows in cache
+(in the model they are cold and the read dominates: ~1 ms for either kernel); 128-token prefill, all layers,
+1.44 s -> 0.64 s for the attention builtin.
 
 Same parameters and outputs (o and the log2-sum-exp) as TVM's kernels, up to fp32 summation order.
 Only rotary_mode 0 is supported (rope applied before the cache, as our model does); the kernels assert it.
