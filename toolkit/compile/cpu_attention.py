@@ -29,8 +29,14 @@ NO_ROPE = "the host attention kernels expect rope applied before the KV cache (r
 
 
 # 2^f = 1 + f * P(f) on |f| <= 1/2 (Cephes' exp2f polynomial, relative error ~1.3e-7)
-_EXP2_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5.550332471162809e-2,
-              2.402264791363012e-1, 6.931472028550421e-1)
+_EXP2_POLY = (
+    1.535336188319500e-4,
+    1.339887440266574e-3,
+    9.618437357674640e-3,
+    5.550332471162809e-2,
+    2.402264791363012e-1,
+    6.931472028550421e-1,
+)
 
 
 def _exp2_nonpositive(x):
