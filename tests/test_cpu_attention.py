@@ -52,6 +52,14 @@ def _paged_cache(rng, lens, h_kv, d, sliding):
     return pages, indptr, values, np.stack([last, offset, sink]).astype("int32")
 
 
+def _softmax_attention(q, keys, vals):
+    """numpy reference for one query row: q [H_qo, d], keys / vals [H_kv, n, d] (GQA: H_qo / H_kv each)."""
+    g = q.shape[0] // keys.shape[0]
+    s = np.einsum("hd,hnd->hn", q, np.repeat(keys, g, axis=0)) / np.sqrt(q.shape[1])
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("hn,hnd->hd", p / p.sum(-1, keepdims=True), np.repeat(vals, g, axis=0))
+
+
 @pytest.mark.parametrize("h_kv,h_qo,d,sliding", [(32, 32, 96, False), (3, 9, 64, True), (2, 8, 128, False)])
 def test_decode_matches_tvm_kernel(h_kv, h_qo, d, sliding):
     rng = np.random.default_rng(0)
@@ -71,11 +79,7 @@ def test_decode_matches_tvm_kernel(h_kv, h_qo, d, sliding):
     if not sliding:
         keys = np.concatenate([pages[p, 0] for p in values[: indptr[1]]], axis=1)[:, : lens[0]]  # [Hkv,n,d]
         vals = np.concatenate([pages[p, 1] for p in values[: indptr[1]]], axis=1)[:, : lens[0]]
-        g = h_qo // h_kv
-        s = np.einsum("hd,hnd->hn", q[0], np.repeat(keys, g, axis=0)) / np.sqrt(d)
-        p = np.exp(s - s.max(-1, keepdims=True))
-        o = np.einsum("hn,hnd->hd", p / p.sum(-1, keepdims=True), np.repeat(vals, g, axis=0))
-        np.testing.assert_allclose(ours[0][0], o, atol=TOL, rtol=0)
+        np.testing.assert_allclose(ours[0][0], _softmax_attention(q[0], keys, vals), atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("sliding,causal", [(False, 0), (False, 1), (True, 1)])
@@ -112,10 +116,7 @@ def test_paged_prefill_matches_tvm_kernel(sliding, causal):
             if hi > lo:
                 kk = np.stack([pages[slots[pos[j]][0], 0, :, slots[pos[j]][1]] for j in range(lo, hi)], 1)
                 vv = np.stack([pages[slots[pos[j]][0], 1, :, slots[pos[j]][1]] for j in range(lo, hi)], 1)
-                g = h_qo // h_kv
-                sc = np.einsum("hd,hnd->hn", q[row + i], np.repeat(kk, g, 0)) / np.sqrt(d)
-                pr = np.exp(sc - sc.max(-1, keepdims=True))
-                expect[row + i] = np.einsum("hn,hnd->hd", pr / pr.sum(-1, keepdims=True), np.repeat(vv, g, 0))
+                expect[row + i] = _softmax_attention(q[row + i], kk, vv)
                 seen[row + i] = True
         row += m
     assert seen.sum() > total // 2

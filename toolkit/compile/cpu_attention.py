@@ -147,6 +147,22 @@ class _Pages:
             return (n_pages - 1) * self.page_size + length_info[b]
         return (n_pages - 1) * self.page_size + length_info[0, b] - length_info[1, b] + length_info[2, b]
 
+    def declare(self, pages_h, indptr_h, values_h, length_info_h, k_rope_h, batch, dtype):
+        """Match the paged-cache parameters of TVM's kernels (k_rope_pos_offset: rope, unused here) ->
+        (pages, indptr, values, length_info). Call at the top of the PrimFunc, before any decl_buffer."""
+        pages = T.match_buffer(pages_h, (T.int32(), 2, self.h_kv, self.page_size, self.d), dtype)
+        indptr = T.match_buffer(indptr_h, (batch + 1,), "int32", elem_offset=T.int32())
+        values = T.match_buffer(values_h, (T.int32(),), "int32", elem_offset=T.int32())
+        T.match_buffer(k_rope_h, (batch,), "int32", elem_offset=T.int32())
+        shape = (3, batch) if self.sliding else (batch,)
+        length_info = T.match_buffer(length_info_h, shape, "int32", elem_offset=T.int32())
+        return pages, indptr, values, length_info
+
+    def keys_of(self, b, indptr, length_info):
+        """Number of keys sequence b has in its pages (0 without pages)."""
+        begin, end = indptr[b], indptr[b + 1]
+        return T.if_then_else(begin != end, self.n_keys(end - begin, b, length_info), 0)
+
     def row_offset(self, j, ctx):
         """Flat offset of key j's K row of KV head 0."""
         values, begin, b, length_info = ctx
@@ -161,11 +177,6 @@ def _flat(buf):
     for x in buf.shape:
         size = size * x
     return T.decl_buffer((size,), buf.dtype, data=buf.data)
-
-
-def _length_info(handle, batch: tirx.Var, sliding_window: bool, offset: tirx.Var):
-    shape = (3, batch) if sliding_window else (batch,)
-    return T.match_buffer(handle, shape, "int32", elem_offset=offset)
 
 
 def decode_attention_cpu(
@@ -183,26 +194,21 @@ def decode_attention_cpu(
                q_rope_position_handle: T.handle, output_handle: T.handle, lse_handle: T.handle,
                rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        B, nnz_pages, max_pages = T.int32(), T.int32(), T.int32()
-        off_indptr, off_values, off_len = T.int32(), T.int32(), T.int32()
-        off_krope, off_qrope = T.int32(), T.int32()
+        B = T.int32()
         Q = T.match_buffer(q_handle, (B, h_qo, d), dtype)
-        pages = T.match_buffer(pages_handle, (max_pages, 2, h_kv, page_size, d), dtype)
-        indptr = T.match_buffer(indptr_handle, (B + 1,), "int32", elem_offset=off_indptr)
-        values = T.match_buffer(values_handle, (nnz_pages,), "int32", elem_offset=off_values)
-        T.match_buffer(k_rope_pos_offset_handle, (B,), "int32", elem_offset=off_krope)  # rope: unused
-        T.match_buffer(q_rope_position_handle, (B,), "int32", elem_offset=off_qrope)
+        pages, indptr, values, length_info = pg.declare(
+            pages_handle, indptr_handle, values_handle, length_info_handle, k_rope_pos_offset_handle,
+            B, dtype)
+        T.match_buffer(q_rope_position_handle, (B,), "int32", elem_offset=T.int32())  # rope: unused
         output = T.match_buffer(output_handle, (B, h_qo, d), dtype)
         lse = T.match_buffer(lse_handle, (B, h_qo), "float32")
-        length_info = _length_info(length_info_handle, B, sliding_window, off_len)
         qf, pf, of, lf = _flat(Q), _flat(pages), _flat(output), _flat(lse)
         assert rotary_mode == 0, NO_ROPE
         for task in T.parallel(B * (h_qo // nh)):
             b: T.int32 = task // (h_qo // nh)
             h0: T.int32 = task % (h_qo // nh) * nh
             begin: T.int32 = indptr[b]
-            n: T.int32 = T.if_then_else(
-                begin != indptr[b + 1], pg.n_keys(indptr[b + 1] - begin, b, length_info), 0)
+            n: T.int32 = pg.keys_of(b, indptr, length_info)
             attend(qf, (b * h_qo + h0) * d, pf, pf, pg.v_shift, (values, begin, b, length_info), h0,
                    0, n, sm_scale * T.float32(LOG2E), of, (b * h_qo + h0) * d, lf, b * h_qo + h0)
     # fmt: on
@@ -235,25 +241,20 @@ def prefill_paged_attention_cpu(
                causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32,
                sm_scale: T.float32):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        B, total, nnz_pages, max_pages = T.int32(), T.int32(), T.int32(), T.int32()
-        off_q, off_indptr, off_values = T.int32(), T.int32(), T.int32()
-        off_len, off_krope, off_qrope = T.int32(), T.int32(), T.int32()
+        B, total = T.int32(), T.int32()
         Q = T.match_buffer(q_handle, (total, h_qo, d), dtype)
-        q_indptr = T.match_buffer(q_indptr_handle, (B + 1,), "int32", elem_offset=off_q)
-        pages = T.match_buffer(pages_handle, (max_pages, 2, h_kv, page_size, d), dtype)
-        indptr = T.match_buffer(indptr_handle, (B + 1,), "int32", elem_offset=off_indptr)
-        values = T.match_buffer(values_handle, (nnz_pages,), "int32", elem_offset=off_values)
-        T.match_buffer(k_rope_pos_offset_handle, (B,), "int32", elem_offset=off_krope)  # rope: unused
-        T.match_buffer(q_rope_position_handle, (total,), "int32", elem_offset=off_qrope)
+        q_indptr = T.match_buffer(q_indptr_handle, (B + 1,), "int32", elem_offset=T.int32())
+        pages, indptr, values, length_info = pg.declare(
+            pages_handle, indptr_handle, values_handle, length_info_handle, k_rope_pos_offset_handle,
+            B, dtype)
+        T.match_buffer(q_rope_position_handle, (total,), "int32", elem_offset=T.int32())  # rope: unused
         output = T.match_buffer(output_handle, (total, h_qo, d), dtype)
         lse = T.match_buffer(lse_handle, (total, h_qo), "float32")
-        length_info = _length_info(length_info_handle, B, sliding_window, off_len)
         qf, pf, of, lf = _flat(Q), _flat(pages), _flat(output), _flat(lse)
         assert rotary_mode == 0, NO_ROPE
         for b in range(B):
             begin: T.int32 = indptr[b]
-            n: T.int32 = T.if_then_else(
-                begin != indptr[b + 1], pg.n_keys(indptr[b + 1] - begin, b, length_info), 0)
+            n: T.int32 = pg.keys_of(b, indptr, length_info)
             n_q: T.int32 = q_indptr[b + 1] - q_indptr[b]
             # head-major: each thread's share of the tasks has the same mix of short and long query rows
             for t in T.parallel(h_qo // nh * n_q):
