@@ -34,6 +34,7 @@ from .artifacts import (
     verify_manifest,
     write_manifest,
 )
+from .attach_metadata import Limits, attach_metadata, memory_usage, model_metadata
 
 LIB_NAME = "model"  # model.so / model.tar / model.dylib
 
@@ -82,12 +83,26 @@ class CompiledModel:
         return [p["name"] for p in self.manifest["params"]]
 
 
+def system_lib_prefix(cfg: Phi3Config, quantization: str) -> str:
+    """MLC's default prefix for a static library (`{model_type}_{quantization}_`, '-' as '_'): an app's
+    `model_lib` "phi3_q4f16_1" loads it as `system://phi3_q4f16_1`."""
+    return f"{cfg.source_arch}_{quantization}_".replace("-", "_")
+
+
 def compile_model(
-    cfg: Phi3Config, quantization: str, preset: Preset | str, out_dir: str | Path, *, dtype: str | None = None
+    cfg: Phi3Config,
+    quantization: str,
+    preset: Preset | str,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    limits: Limits | None = None,
+    lib_prefix: str | None = None,
 ) -> CompiledModel:
     """Build the library into `out_dir` (written to a temp folder, renamed when complete).
 
-    `dtype` overrides the activation dtype (default: see `graph_options`)."""
+    `dtype` overrides the activation dtype (default: see `graph_options`); `limits` the sizes recorded in
+    `_metadata` (default: MLC's); `lib_prefix` a static library's symbol prefix (default: MLC's)."""
     preset = load_preset(preset) if isinstance(preset, str) else preset
     opts = graph_options(quantization, preset, dtype)
     target = preset.target
@@ -99,7 +114,23 @@ def compile_model(
         from ..backends import vulkan  # noqa: F401  (registers target.build.vulkan, which the wheel lacks)
     t0 = time.time()
     mod, named_params = export_phi3(cfg, opts, target)
-    ex, scheduled = pipeline.build(mod, target, schedule_fn(preset), system_lib=preset.system_lib)
+    limits = limits or Limits.default(cfg)
+    prefix = system_lib_prefix(cfg, opts.quantization) if lib_prefix is None else lib_prefix
+    metadata = model_metadata(cfg, opts.quantization, limits, named_params)
+
+    def with_metadata(scheduled: IRModule) -> IRModule:
+        return attach_metadata(
+            scheduled, {**metadata, "memory_usage": memory_usage(scheduled, target, limits)}
+        )
+
+    ex, scheduled = pipeline.build(
+        mod,
+        target,
+        schedule_fn(preset),
+        system_lib=preset.system_lib,
+        system_lib_prefix=prefix,
+        attach=with_metadata,
+    )
     lib_file = LIB_NAME + preset.output
     notes = export_library(ex, tmp / lib_file, preset)
     check_object_format(tmp / lib_file, preset)  # real object code for the preset's triple
@@ -112,6 +143,12 @@ def compile_model(
             {"name": n, "shape": [int(x) for x in p.shape], "dtype": p.dtype} for n, p in named_params
         ],
         "compile_seconds": round(time.time() - t0, 2),
+        "system_lib_prefix": prefix if preset.system_lib else None,
+        "limits": {
+            "context_window_size": limits.context_window_size,
+            "prefill_chunk_size": limits.prefill_chunk_size,
+            "max_batch_size": limits.max_batch_size,
+        },
         "build": notes,
     }
     manifest = write_manifest(tmp, preset, opts.quantization, cfg, kernels, extra=extra)

@@ -62,13 +62,21 @@ def build(
     schedule: Callable[[IRModule], IRModule],
     *,
     system_lib: bool = False,
+    system_lib_prefix: str = "",
+    attach: Callable[[IRModule], IRModule] | None = None,
 ) -> tuple[relax.VMExecutable, IRModule]:
-    """Full pipeline: lower, schedule (target-specific callable), finalize, codegen.
+    """Full pipeline: lower, schedule (target-specific callable), `attach` (e.g. the `_metadata` function,
+    which reads the scheduled module), finalize, codegen. A system library's symbols carry
+    `system_lib_prefix`, so that one app can link several models.
 
     Returns the executable and the scheduled module (for the manifest's kernel table)."""
     lowered = lower_to_tir(mod, target)
     with target:
         scheduled = schedule(lowered)
+    if attach is not None:
+        scheduled = attach(scheduled)
+    if system_lib:
+        scheduled = scheduled.with_attr("system_lib_prefix", system_lib_prefix)
 
     @tvm.transform.module_pass(opt_level=0, name="phi3_finalize")
     def _finalize(m: IRModule, _ctx) -> IRModule:
