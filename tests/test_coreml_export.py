@@ -193,6 +193,27 @@ def test_tokenizer_json_adds_bos_when_the_model_wants_it(tmp_path):
     assert tk.post_processor is None  # the source tokenizer was not modified
 
 
+def test_tokenizer_files_from_a_gguf_source(tmp_path):
+    """A GGUF carries no tokenizer.json: it is rebuilt from the GGUF vocabulary and encodes the same."""
+    import tokenizers
+
+    from toolkit.coreml.model_folder import write_model_folder
+    from toolkit.gguf_export import export_gguf
+
+    gguf = tmp_path / "m.gguf"
+    export_gguf(make_tiny_checkpoint(tmp_path / "ck", "mini-4k"), gguf, qtype="f16")
+    src = open_model(gguf)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert [p.name for p in write_model_folder(src, out, context=CONTEXT)] == list(MODEL_FOLDER_FILES)
+    tk = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
+    text = "Hello, my name is Phi. <|user|>naïve café 🙂<|end|>"
+    assert tk.encode(text).ids == src.tokenizer().encode(text)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "phi3" and config["eos_token_id"] == tk.token_to_id("<|end|>")
+    assert sorted(p.name for p in out.iterdir()) == sorted(MODEL_FOLDER_FILES)  # no temp files left
+
+
 def test_swift_transformers_call_pattern_generates_hf_greedy_tokens(exports):
     """The package driven exactly as LanguageModelWithStatefulKVCache drives it (whole prompt, then the last
     token; zero masks of width tokens + 1) produces transformers' greedy continuation; the 20 tokens cross
