@@ -29,8 +29,10 @@ public final class Phi3Session {
     /// bundle). The tokenizer files `phi3 export-coreml` writes are read from `tokenizerFolder`, by default the
     /// package's folder, so nothing is fetched from the Hub.
     public init(packageURL: URL, tokenizerFolder: URL? = nil, computeUnits: MLComputeUnits = .cpuAndGPU) async throws {
-        let compiled =
-            packageURL.pathExtension == "mlmodelc" ? packageURL : try await MLModel.compileModel(at: packageURL)
+        var compiled = packageURL
+        if packageURL.pathExtension != "mlmodelc" {
+            compiled = try await MLModel.compileModel(at: packageURL)
+        }
         let folder = tokenizerFolder ?? packageURL.deletingLastPathComponent()
         tokenizer = try await AutoTokenizer.from(modelFolder: folder)
         // a flexible query length usually keeps Core ML off the Neural Engine: CPU and GPU is the honest choice
