@@ -426,3 +426,62 @@ def test_bad_chat_config_is_one_line_user_error(phi3_out, tmp_path, edit, messag
     with pytest.raises(UserError, match=message) as e:
         open_model(out)
     assert "\n" not in str(e.value) and e.value.path == str(out / "mlc-chat-config.json")
+
+
+# ---- against MLC-LLM's own pydantic models (optional: needs a git clone of mlc-ai/mlc-llm) ----------------
+MLC_COMMIT = "79d603f085f50500e9509fa01785ffa7ecfaaa93"
+_MLC_FILES = [
+    "protocol/mlc_chat_config.py",
+    "protocol/conversation_protocol.py",
+    "conversation_template/registry.py",
+    "conversation_template/phi.py",
+]
+
+
+@pytest.fixture(scope="module")
+def mlc_llm_models(tmp_path_factory, request):
+    """MLC's MLCChatConfig and template registry, loaded from its source at the pinned commit (set
+    MLC_LLM_REPO to a clone or bare mirror); only pydantic is needed to import these files."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.environ.get("MLC_LLM_REPO")
+    if not repo:
+        pytest.skip("set MLC_LLM_REPO to a git clone of mlc-ai/mlc-llm to check against MLC's own models")
+    root = tmp_path_factory.mktemp("mlc")
+    pkg = root / "mlc_llm"
+    for sub in ("", "protocol", "support", "conversation_template"):
+        (pkg / sub).mkdir(parents=True, exist_ok=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "support" / "constants.py").write_text('MLC_CHAT_CONFIG_VERSION = "0.1.0"\n')
+    for f in _MLC_FILES:
+        text = subprocess.run(
+            ["git", "-C", repo, "show", f"{MLC_COMMIT}:python/mlc_llm/{f}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        (pkg / f).write_text(text)
+    sys.path.insert(0, str(root))
+    request.addfinalizer(lambda: sys.path.remove(str(root)))
+    from mlc_llm.conversation_template import phi  # noqa: F401  (registers the phi templates)
+    from mlc_llm.conversation_template.registry import ConvTemplateRegistry
+    from mlc_llm.protocol.mlc_chat_config import MLCChatConfig
+
+    return MLCChatConfig, ConvTemplateRegistry
+
+
+def test_against_mlc_llm_source(mlc_llm_models, phi3_out, tmp_path) -> None:
+    mlc_chat_config, registry = mlc_llm_models
+    for name in mf.MLC_TEMPLATES:
+        assert registry.get_conv_template(name).model_dump() == mf.mlc_template(name).model_dump(), name
+    path = tmp_path / "llama.gguf"
+    write_llama_gguf(path)
+    conv.convert(open_model(path), "q0f16", tmp_path / "llama", progress=False)
+    for folder in (phi3_out, tmp_path / "llama"):
+        chat = _chat(folder)
+        chat.pop("toolkit")
+        # MLC's model takes the file and writes it back unchanged, key order included
+        dumped = mlc_chat_config.model_validate(chat).model_dump(by_alias=True)
+        assert dumped == chat and list(dumped) == list(chat)
