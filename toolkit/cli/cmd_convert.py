@@ -29,14 +29,31 @@ import click
 )
 @click.option("--context-window", type=int, default=None, help="context_window_size (default: the model's).")
 @click.option(
-    "--prefill-chunk", type=int, default=None, help="prefill_chunk_size (default: min(context, 2048))."
+    "--prefill-chunk",
+    type=int,
+    default=None,
+    help="prefill_chunk_size (default: min(context, 8192), like MLC).",
 )
-@click.option("--param-names", type=click.Choice(["hf", "mlc"]), default="hf", show_default=True,
-              help="hf: our compiled models' names; mlc: MLC-LLM's Phi-3 names (for MLC-compiled libraries).")
+@click.option(
+    "--param-names",
+    type=click.Choice(["hf", "mlc"]),
+    default="hf",
+    show_default=True,
+    help="hf: our compiled models' names; mlc: MLC-LLM's names (for MLC-compiled libraries).",
+)
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle .bin checkpoints (unsafe).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def command(checkpoint, quantization, output, clip, context_window, prefill_chunk, param_names, allow_pickle,
-            no_progress):
+def command(
+    checkpoint,
+    quantization,
+    output,
+    clip,
+    context_window,
+    prefill_chunk,
+    param_names,
+    allow_pickle,
+    no_progress,
+):
     """Convert CHECKPOINT (HF folder, GGUF; default: the embedded model) to quantized MLC-LLM weights."""
     from ..checkpoint import open_model
     from ..convert.converter import convert

@@ -50,7 +50,10 @@ def _to_device(
 def converted_weights_dir(source: ModelSource, quantization: str) -> Path:
     """Where the JIT path keeps a checkpoint converted to `quantization`."""
     st = source.path.stat()
-    key = json.dumps([str(source.path.resolve()), st.st_size, st.st_mtime_ns, quantization, JIT_CLIP])
+    from ..checkpoint.mlc_format import FOLDER_REVISION
+
+    key = [str(source.path.resolve()), st.st_size, st.st_mtime_ns, quantization, JIT_CLIP]
+    key = json.dumps(key + ([FOLDER_REVISION] if FOLDER_REVISION > 1 else []))
     return cache_root() / "weights" / hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
