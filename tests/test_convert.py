@@ -158,7 +158,7 @@ def test_chat_config(converted) -> None:
     ):
         assert key in chat, key
     assert chat["model_type"] == "phi3" and chat["quantization"] == "q4f16_1"
-    assert chat["vocab_size"] == 512 and chat["sliding_window_size"] == 16
+    assert chat["vocab_size"] == 512 and chat["sliding_window_size"] == -1
     assert chat["model_config"]["hidden_size"] == 128
     # the checkpoint's files, MLC's order; save_pretrained wrote generation_config.json
     assert chat["tokenizer_files"] == ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]

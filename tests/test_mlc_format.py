@@ -130,7 +130,8 @@ def test_phi3_chat_config(phi3_ckpt, phi3_out) -> None:
     assert chat["model_type"] == "phi3" and chat["quantization"] == "q4f16_1" and chat["vocab_size"] == 512
     # MLC's Phi3Config defaults: context = max_position_embeddings (4096), prefill = min(context, 8192)
     assert chat["context_window_size"] == 4096 and chat["prefill_chunk_size"] == 4096
-    assert chat["sliding_window_size"] == 16  # the checkpoint's window (mini-4k variant)
+    # the window lives in model_config (applied in our kernels); MLC must never roll the cache
+    assert chat["sliding_window_size"] == -1 and chat["model_config"]["sliding_window"] == 16
     mc = chat["model_config"]
     assert list(mc)[: len(MLC_PHI3_CONFIG_KEYS)] == MLC_PHI3_CONFIG_KEYS
     assert (

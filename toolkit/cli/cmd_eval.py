@@ -29,7 +29,16 @@ from .options import model_argument, run_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @run_options
 def command(
-    model, text_file, context, stride, max_tokens, through, as_json, quantization, device, threads,
+    model,
+    text_file,
+    context,
+    stride,
+    max_tokens,
+    through,
+    as_json,
+    quantization,
+    device,
+    threads,
     allow_pickle,
 ):
     """Perplexity of MODEL over TEXTFILE with fixed sliding windows (default model: SmolLM2-135M)."""

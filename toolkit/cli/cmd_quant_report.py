@@ -11,8 +11,15 @@ import click
 @click.command()
 @click.argument("model", required=False)
 @click.option("--quantization", "-q", default="q4f16_1", show_default=True, help="q4f16_1 or q4f32_1.")
-@click.option("--output", "-o", "output", default="quant-report.png", show_default=True,
-              type=click.Path(dir_okay=False), help="PNG plot to write.")
+@click.option(
+    "--output",
+    "-o",
+    "output",
+    default="quant-report.png",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="PNG plot to write.",
+)
 @click.option(
     "--methods", default="rtn,search,weighted", show_default=True, help="Comma-separated subset of these."
 )
@@ -27,8 +34,9 @@ def command(model, quantization, output, methods, as_json, allow_pickle, no_prog
 
     source = open_model(model, allow_pickle=allow_pickle)
     try:
-        report = weight_error_report(source, quantization, tuple(m.strip() for m in methods.split(",")),
-                                     progress=not no_progress)
+        report = weight_error_report(
+            source, quantization, tuple(m.strip() for m in methods.split(",")), progress=not no_progress
+        )
     except ValueError as e:
         raise UserError(str(e)) from None
     plot_report(report, output)

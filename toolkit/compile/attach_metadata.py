@@ -19,6 +19,12 @@ from tvm import IRModule, relax
 from tvm.ir import Op
 from tvm.relax.expr_functor import PyExprVisitor, visitor
 
+from ..checkpoint.mlc_format import (
+    MLC_MAX_BATCH_SIZE,
+    default_window_sizes,
+    mlc_sliding_window_size,
+    model_type_of,
+)
 from ..config import Phi3Config
 
 FUNC_NAME = "_metadata"
@@ -34,22 +40,9 @@ class Limits:
 
     @classmethod
     def default(cls, cfg: Phi3Config) -> Limits:
-        """MLC's Phi-3 defaults (context = max_position_embeddings, chunk = min(context, 8192)); a LongRoPE
-        model's chunk reaches past original_max, which our engine needs for the switch (engine.py)."""
-        ctx = cfg.max_position_embeddings
-        chunk = min(ctx, 8192)
-        if cfg.longrope is not None and ctx > cfg.longrope.original_max_position_embeddings:
-            chunk = max(chunk, min(ctx, cfg.longrope.original_max_position_embeddings + 1))
-        return cls(context_window_size=ctx, prefill_chunk_size=chunk, max_batch_size=80)
-
-
-def mlc_sliding_window_size(cfg: Phi3Config) -> int:
-    """-1 for every model: MLC's engine must never enable the KV cache's rolling window on our libraries.
-    Rolling makes the cache's query positions relative to the window, and the graph rotates q/k with those
-    positions before the cache; HF's window is applied inside the host attention kernels instead (GPU
-    kernels attend the whole context, as MLC's own Phi-3 libraries do)."""
-    del cfg
-    return -1
+        """MLC's defaults, as the weights folder's mlc-chat-config.json records them."""
+        ctx, chunk = default_window_sizes(cfg, None, None)
+        return cls(context_window_size=ctx, prefill_chunk_size=chunk, max_batch_size=MLC_MAX_BATCH_SIZE)
 
 
 def model_metadata(
@@ -57,7 +50,7 @@ def model_metadata(
 ) -> dict[str, Any]:
     """Everything but memory_usage, which needs the compiled module (see attach_metadata)."""
     return {
-        "model_type": cfg.source_arch,
+        "model_type": model_type_of(cfg),
         "quantization": quantization,
         "context_window_size": limits.context_window_size,
         "sliding_window_size": mlc_sliding_window_size(cfg),

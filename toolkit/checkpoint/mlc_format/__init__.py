@@ -26,11 +26,13 @@ from .chat_config import (
 )
 from .conversation import MLC_TEMPLATES, mlc_template, mlc_template_name, our_template_name
 from .model_config import (
+    MLC_MAX_BATCH_SIZE,
     MODEL_TYPES,
     PARAM_NAME_STYLES,
     config_from_model_config,
     default_window_sizes,
     mlc_model_config,
+    mlc_sliding_window_size,
     model_type_of,
     param_renamer,
     quantized_param_names,
@@ -88,6 +90,8 @@ __all__ = [
     "mlc_template",
     "mlc_template_name",
     "model_type_of",
+    "mlc_sliding_window_size",
+    "MLC_MAX_BATCH_SIZE",
     "our_template_name",
     "param_renamer",
     "quantized_param_names",

@@ -29,6 +29,15 @@ def model_type_of(cfg: Phi3Config) -> str:
     return cfg.source_arch
 
 
+def mlc_sliding_window_size(cfg: Phi3Config) -> int:
+    """-1 for every model: MLC's engine must never enable the KV cache's rolling window on our libraries.
+    Rolling makes the cache's query positions relative to the window, and our graph rotates q/k with those
+    positions before the cache; HF's window (`model_config.sliding_window`) is applied inside the host
+    attention kernels instead (GPU kernels attend the whole context, as MLC's own Phi-3 libraries do)."""
+    del cfg
+    return -1
+
+
 def default_window_sizes(
     cfg: Phi3Config, context_window_size: int | None, prefill_chunk_size: int | None
 ) -> tuple[int, int]:
