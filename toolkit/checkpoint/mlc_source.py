@@ -105,6 +105,10 @@ class MLCSource(ModelSource):
     def param_names(self) -> list[str]:
         return list(self._stored)
 
+    def stored_dtype(self, name: str) -> str | None:
+        """dtype of stored param `name` in tensor-cache.json (None if absent)."""
+        return self._stored[name][1] if name in self._stored else None
+
     def iter_params(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
         """(param name, stored array) shard by shard (q4: uint32 codes + scales); each shard's md5 checked."""
         return iter_tensor_cache(self.path, names)

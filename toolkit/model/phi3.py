@@ -27,6 +27,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from tvm.target import Target
 
 from ..config import Phi3Config
+from ..quantization import get_scheme
 from ..quantization.tvm_layers import make_embedding, make_linear
 from .rope import apply_rope_to_qkv, longrope_flags
 
@@ -37,6 +38,26 @@ class GraphOptions:
 
     quantization: str = "q0f32"
     dtype: str = "float32"  # activations and KV cache
+
+    @property
+    def norm_dtype(self) -> str:
+        """The stored dtype of the norm weights: the scheme's model dtype, as weights folders hold them, so
+        a library computing in fp32 (the host) still loads a q4f16_1 folder unchanged through MLC's
+        tensor-cache builtins. Unquantized schemes keep the activation dtype."""
+        scheme = get_scheme(self.quantization)
+        return scheme.model_dtype if scheme.is_quantized else self.dtype
+
+
+class RMSNorm(nn.Module):
+    """RMS norm whose weight is stored in `weight_dtype` and used in the activation dtype."""
+
+    def __init__(self, dim: int, eps: float, dtype: str, weight_dtype: str) -> None:
+        self.eps, self.dtype = eps, dtype
+        self.weight = nn.Parameter((dim,), dtype=weight_dtype)
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        w = self.weight if self.weight.dtype == self.dtype else self.weight.astype(self.dtype)
+        return op.rms_norm(x, w, axes=[-1], epsilon=self.eps)
 
 
 def _linear(in_f: int, out_f: int, opts: GraphOptions, out_dtype: str | None = None) -> nn.Module:
@@ -72,11 +93,10 @@ class Phi3MLP(nn.Module):
 
 class Phi3DecoderLayer(nn.Module):
     def __init__(self, cfg: Phi3Config, opts: GraphOptions) -> None:
-        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=opts.dtype)
+        norm = (cfg.hidden_size, cfg.rms_norm_eps, opts.dtype, opts.norm_dtype)
+        self.input_layernorm = RMSNorm(*norm)
         self.self_attn = Phi3Attention(cfg, opts)
-        self.post_attention_layernorm = nn.RMSNorm(
-            cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=opts.dtype
-        )
+        self.post_attention_layernorm = RMSNorm(*norm)
         self.mlp = Phi3MLP(cfg, opts)
 
     def forward(self, x, positions, rope_long, kv: PagedKVCache, layer: int):
@@ -88,7 +108,7 @@ class Phi3Model(nn.Module):
     def __init__(self, cfg: Phi3Config, opts: GraphOptions) -> None:
         self.embed_tokens = make_embedding(cfg.vocab_size, cfg.hidden_size, opts.quantization, opts.dtype)
         self.layers = nn.ModuleList([Phi3DecoderLayer(cfg, opts) for _ in range(cfg.num_hidden_layers)])
-        self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=opts.dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts.dtype, opts.norm_dtype)
 
 
 class Phi3ForCausalLM(nn.Module):

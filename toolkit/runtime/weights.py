@@ -16,6 +16,7 @@ import numpy as np
 import tvm
 
 from ..checkpoint import ModelSource, open_model
+from ..checkpoint.mlc_format import read_cache_json, verify_tensor_cache
 from ..compile.compile_model import CompiledModel, cache_root
 from ..errors import UserError
 from ..quantization import get_scheme
@@ -57,13 +58,52 @@ def converted_weights_dir(source: ModelSource, quantization: str) -> Path:
     return cache_root() / "weights" / hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
-def load_params(source: ModelSource, compiled: CompiledModel, device) -> list[tvm.runtime.Tensor]:
+def load_mlc_params(folder: Path, param_meta: list[dict], device) -> list[tvm.runtime.Tensor]:
+    """A weights folder's tensors in the library's parameter order, loaded the way MLC-LLM's engine loads
+    them (cpp/serve/function_table.cc `LoadParams`): `vm.builtin.tensor_cache.load`, then
+    `param_array_from_cache_by_name` with the names of the library's `_metadata`, then
+    `tensor_cache.clear`. Names, shapes, dtypes and shard checksums are checked first, so a mismatch or a
+    damaged file is a one-line error here rather than a crash inside TVM."""
+    stored = {}
+    for shard in read_cache_json(folder)["records"]:
+        for rec in shard["records"]:
+            stored[rec["name"]] = (tuple(rec["shape"]), rec["dtype"])
+    for p in param_meta:
+        if p["name"] not in stored:
+            raise UserError(f"weights have no tensor {p['name']!r} that the compiled model needs", folder)
+        if stored[p["name"]][0] != tuple(p["shape"]):
+            raise UserError(
+                f"tensor {p['name']!r} has shape {list(stored[p['name']][0])}, the compiled model expects "
+                f"{list(p['shape'])}",
+                folder,
+            )
+    verify_tensor_cache(folder)
+    load = tvm.get_global_func("vm.builtin.tensor_cache.load")
+    load(str(folder), device.dlpack_device_type(), device.index)
+    try:
+        by_name = tvm.get_global_func("vm.builtin.param_array_from_cache_by_name")
+        return list(by_name([p["name"] for p in param_meta]))
+    finally:
+        tvm.get_global_func("vm.builtin.tensor_cache.clear")()
+
+
+def load_params(
+    source: ModelSource, compiled: CompiledModel, device, param_meta: list[dict] | None = None
+) -> list[tvm.runtime.Tensor]:
+    """Weights for `compiled`: a weights folder through MLC's builtins (`param_meta`: the `params` of the
+    library's `_metadata`, default the manifest's), a checkpoint converted into the cache first when
+    quantized, streamed tensor by tensor when not."""
     scheme = get_scheme(compiled.manifest["quantization"])
     if source.kind == "mlc":
         if source.scheme.name != scheme.name:
             raise UserError(
                 f"weights are {source.scheme.name}, the compiled model is {scheme.name}", source.path
             )
+        meta = param_meta or compiled.manifest["params"]
+        if all(source.stored_dtype(p["name"]) == p["dtype"] for p in meta):
+            return load_mlc_params(source.path, meta, device)
+        # an unquantized folder (q0f16) under a library computing in fp32 (the host): cast on the way in;
+        # MLC's runtime would refuse this pair, quantized schemes never hit it (norms keep the folder dtype)
         return _to_device(source.iter_params(), compiled, device)
     if scheme.is_quantized:
         folder = converted_weights_dir(source, scheme.name)
@@ -71,7 +111,7 @@ def load_params(source: ModelSource, compiled: CompiledModel, device) -> list[tv
             from ..convert.converter import convert
 
             convert(source, scheme, folder, clip=JIT_CLIP, progress=True)
-        return load_params(open_model(folder), compiled, device)
+        return load_params(open_model(folder), compiled, device, param_meta)
     # unquantized: stream the checkpoint straight into device tensors, one at a time
     wanted = {p["name"] for p in compiled.manifest["params"]}
     names = [n for n in source.tensor_names() if n in wanted]
