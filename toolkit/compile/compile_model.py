@@ -32,6 +32,7 @@ from .artifacts import (
     export_library,
     kernel_launch_table,
     verify_manifest,
+    vm_function_table,
     write_manifest,
 )
 from .attach_metadata import Limits, attach_metadata, memory_usage, model_metadata
@@ -119,9 +120,8 @@ def compile_model(
     metadata = model_metadata(cfg, opts.quantization, limits, named_params)
 
     def with_metadata(scheduled: IRModule) -> IRModule:
-        return attach_metadata(
-            scheduled, {**metadata, "memory_usage": memory_usage(scheduled, target, limits)}
-        )
+        metadata["memory_usage"] = memory_usage(scheduled, target, limits)
+        return attach_metadata(scheduled, metadata)
 
     ex, scheduled = pipeline.build(
         mod,
@@ -144,6 +144,8 @@ def compile_model(
         ],
         "compile_seconds": round(time.time() - t0, 2),
         "system_lib_prefix": prefix if preset.system_lib else None,
+        "vm_functions": vm_function_table(ex),
+        "mlc_metadata": metadata,
         "limits": {
             "context_window_size": limits.context_window_size,
             "prefill_chunk_size": limits.prefill_chunk_size,
