@@ -14,9 +14,16 @@ from toolkit.compile.cpu_schedule import has_avx2
 from toolkit.targets import Preset, load_preset
 from toolkit.tune.extract import extract_kernels, lower_model
 
-# an elementwise decode kernel: MetaSchedule's search space for it is small, so a few trials finish quickly
-SMALL_KERNEL = "fused_split_silu_multiply"
 QUANT = "q4f32_1"
+
+
+def small_kernel_name(kernels, step: str = "decode") -> str:
+    """A step's split + silu * mul kernel: elementwise, so MetaSchedule's search space for it is small and a
+    few trials finish quickly (its numbered name depends on the graph's other functions)."""
+    (name,) = [
+        k.name for k in kernels if getattr(k, f"{step}_calls") and "silu" in k.name and "multiply" in k.name
+    ]
+    return name
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +41,9 @@ def test_extract_counts_every_linear_of_a_decode_step(tiny_lowered):
     # per layer: qkv, o, gate_up, down; plus lm_head -> 4 L + 1 dequant-matmul calls per decode step
     gemv_calls = sum(k.decode_calls for k in kernels if "dequantize" in k.name and "matmul" in k.name.lower())
     assert gemv_calls == 4 * cfg.num_hidden_layers + 1
-    assert by_name[SMALL_KERNEL].decode_calls == cfg.num_hidden_layers
-    assert by_name[SMALL_KERNEL].binding == {"batch": 1}
+    small = by_name[small_kernel_name(kernels)]
+    assert small.decode_calls == cfg.num_hidden_layers
+    assert small.binding == {}  # MLC's single-sequence `decode` has static shapes: nothing to bind
     assert not any(k.name.startswith("reshape") for k in kernels)  # views, not kernels
     # the decode GEMVs dominate a decode step's traffic
     assert "dequantize" in kernels[0].name and kernels[0].decode_share > 0.2
@@ -47,7 +55,10 @@ def test_extract_counts_every_linear_of_a_decode_step(tiny_lowered):
 
 def _small_kernel(tiny_lowered):
     _, preset, lowered = tiny_lowered
-    (kernel,) = [k for k in extract_kernels(lowered, preset) if k.name == SMALL_KERNEL]
+    kernels = extract_kernels(lowered, preset)
+    # the prefill one (seq_len bound to 128): MetaSchedule's layout rewrite fails on the decode one's static
+    # (1, 1, n) shapes in TVM 0.27
+    (kernel,) = [k for k in kernels if k.name == small_kernel_name(kernels, "prefill")]
     assert kernel.tunable and kernel.default_mod is not None
     return kernel
 
@@ -67,12 +78,12 @@ def test_tuned_record_is_written_and_applied_by_compile(tiny_lowered, tmp_path, 
     assert result.default_ms and result.tuned_ms
     write_records(preset, [result], device_fingerprint(preset), tmp_path)
     index = json.loads((tmp_path / "host" / INDEX).read_text())
-    assert index["kernels"][0]["name"] == SMALL_KERNEL and index["kernels"][0]["kept"]
+    assert index["kernels"][0]["name"] == kernel.name and index["kernels"][0]["kept"]
     assert (tmp_path / "host" / "database_tuning_record.json").stat().st_size > 0
 
     def scheduled_script() -> str:
         with preset.target:  # the compile pipeline schedules inside the target context
-            return schedule_fn(preset)(lowered.clone())[SMALL_KERNEL].script()
+            return schedule_fn(preset)(lowered.clone())[kernel.name].script()
 
     from toolkit.compile.compile_model import cache_key
 

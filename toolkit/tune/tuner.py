@@ -239,19 +239,26 @@ def tune_kernel(
         seed_ms = None
         if kernel.default_trace is not None:
             seed_ms = _seed_database(db, kernel.workload, kernel.default_trace, target, builder, runner)
-        ms.tune_tir(
-            kernel.workload,
-            target,
-            work_dir=tmp,
-            max_trials_global=trials,
-            num_trials_per_iter=min(trials, 16),
-            builder=builder,
-            runner=runner,
-            database=db,
-            cost_model=cost_model,
-            num_tuning_cores=cores,
-            seed=seed,
-        )
+        try:
+            ms.tune_tir(
+                kernel.workload,
+                target,
+                work_dir=tmp,
+                max_trials_global=trials,
+                num_trials_per_iter=min(trials, 16),
+                builder=builder,
+                runner=runner,
+                database=db,
+                cost_model=cost_model,
+                num_tuning_cores=cores,
+                seed=seed,
+            )
+        except RuntimeError as e:  # ScheduleError and TVM InternalError are RuntimeErrors
+            # e.g. TVM 0.27's layout rewrite fails on some static-shape kernels: the default stays
+            base.note = f"MetaSchedule failed: {str(e).strip().splitlines()[0][:120]}"
+            base.default_ms = seed_ms
+            base.seconds = time.time() - t0
+            return base
         best = _best_new_record(db, kernel.workload, kernel.default_trace)
         if best is None:
             base.note = "search produced no valid candidate"
