@@ -21,6 +21,7 @@ from __future__ import annotations
 import tvm
 from tvm import IRModule, relax, te, tirx
 
+from .gpu_sort import emit_argsort
 from .logit_processor import logit_processors
 from .spec_verify import spec_verify
 
@@ -85,13 +86,18 @@ def attach_sampling_functions(
     names = sampler_names(target, gpu_sampler)
     for name in names:
         if builders[name] is not None:
-            builders[name](bb, vocab_size)
+            builders[name](bb, vocab_size, target)
     out = bb.finalize()
     for name, func in logit_processors(target).items():
         out[name] = func
     if "sampler_verify_draft_tokens" in names:
         out["sampler_verify_draft_tokens"] = spec_verify(vocab_size, target)
     return out
+
+
+def _on_gpu(target: tvm.target.Target) -> bool:
+    """GPU targets sort with our bitonic kernels (gpu_sort.py says why not TVM's); llvm with TVM's sort."""
+    return target.kind.name not in ("llvm", "c")
 
 
 def _var(name: str) -> tirx.Var:
@@ -162,7 +168,7 @@ def _first_above(cumsum: te.Tensor, row, bound, scale=None, name: str = "count")
     return below, vocab
 
 
-def _multinomial_from_uniform(bb: relax.BlockBuilder, vocab: int) -> None:
+def _multinomial_from_uniform(bb: relax.BlockBuilder, vocab: int, target: tvm.target.Target) -> None:
     """multinomial_from_uniform(probs f32[b, v], uniform_samples f32[n], sample_indices i32[n]) -> i32[n]:
     sample i draws from row sample_indices[i] the first token whose cumulative probability exceeds
     uniform_samples[i] (the last token if none does)."""
@@ -182,7 +188,7 @@ def _multinomial_from_uniform(bb: relax.BlockBuilder, vocab: int) -> None:
         bb.emit_func_output(out)
 
 
-def _argsort_probs(bb: relax.BlockBuilder, vocab: int) -> None:
+def _argsort_probs(bb: relax.BlockBuilder, vocab: int, target: tvm.target.Target) -> None:
     """argsort_probs(probs f32[b, v]) -> (sorted_probs f32[b, v], sorted_indices i32[b, v]), descending."""
     b = _var("batch_size")
     probs = _tensor("probs", [b, vocab], F32)
@@ -192,13 +198,16 @@ def _argsort_probs(bb: relax.BlockBuilder, vocab: int) -> None:
 
     with bb.function("argsort_probs", [probs]):
         with bb.dataflow():
-            order = bb.emit(relax.op.argsort(probs, axis=-1, descending=True, dtype=I32))
-            values = bb.emit_te(gather, probs, order, primfunc_name_hint="take_sorted_probs")
+            if _on_gpu(target):
+                values, order = emit_argsort(bb, probs, vocab, target)
+            else:
+                order = bb.emit(relax.op.argsort(probs, axis=-1, descending=True, dtype=I32))
+                values = bb.emit_te(gather, probs, order, primfunc_name_hint="take_sorted_probs")
             out = bb.emit_output(relax.Tuple([values, order]))
         bb.emit_func_output(out)
 
 
-def _sample_with_top_p(bb: relax.BlockBuilder, vocab: int) -> None:
+def _sample_with_top_p(bb: relax.BlockBuilder, vocab: int, target: tvm.target.Target) -> None:
     """sample_with_top_p(sorted_probs f32[b, v], sorted_indices i32[b, v], uniform_samples f32[n],
     sample_indices i32[n], top_p f32[b]) -> i32[n].
 
@@ -235,7 +244,7 @@ def _sample_with_top_p(bb: relax.BlockBuilder, vocab: int) -> None:
         bb.emit_func_output(out)
 
 
-def _sampler_take_probs(bb: relax.BlockBuilder, vocab: int) -> None:
+def _sampler_take_probs(bb: relax.BlockBuilder, vocab: int, target: tvm.target.Target) -> None:
     """sampler_take_probs(unsorted_probs f32[b, v], sorted_indices i32[b, v], sample_indices i32[n],
     sampling_result i32[n], top_prob_offsets i32[m]) -> (sampled_values f32[n], top_prob_probs f32[m],
     top_prob_indices i32[m]).
@@ -265,7 +274,7 @@ def _sampler_take_probs(bb: relax.BlockBuilder, vocab: int) -> None:
         bb.emit_func_output(out)
 
 
-def _renormalize_by_top_p(bb: relax.BlockBuilder, vocab: int) -> None:
+def _renormalize_by_top_p(bb: relax.BlockBuilder, vocab: int, target: tvm.target.Target) -> None:
     """renormalize_by_top_p(probs f32[b, v], top_p f32[b], init_pivots f32[b, 3]) -> f32[b, v].
 
     Keeps every probability >= the cutoff c, where c is the smallest value of the shortest most-likely
@@ -300,7 +309,10 @@ def _renormalize_by_top_p(bb: relax.BlockBuilder, vocab: int) -> None:
 
     with bb.function("renormalize_by_top_p", [probs, top_p, pivots]):
         with bb.dataflow():
-            sorted_p = bb.emit(relax.op.sort(probs, axis=-1, descending=True))
+            if _on_gpu(target):
+                sorted_p, _order = emit_argsort(bb, probs, vocab, target)
+            else:
+                sorted_p = bb.emit(relax.op.sort(probs, axis=-1, descending=True))
             before = bb.emit(relax.op.cumsum(sorted_p, axis=1, exclusive=True))  # mass ranked above each
             out = bb.emit_te(renorm, probs, sorted_p, before, top_p, primfunc_name_hint="top_p_renormalize")
             out = bb.emit_output(out)
