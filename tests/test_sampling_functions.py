@@ -37,6 +37,7 @@ from toolkit.verify.kernel_info import describe
 from toolkit.verify.verify import RUN_TARGETS, build_runner, retarget
 
 V, HIDDEN, CHUNK = 777, 16, 8  # odd vocabulary: partial thread blocks and a partial bitmask word
+CHUNK_RUNTIME = 256  # compile_model's prefill chunk: the runtime's (checked below)
 P_RTOL, P_ATOL, LOGIT_RTOL = 1e-5, 1e-9, 1e-6
 HAS_NVCC = shutil.which("nvcc") is not None
 
@@ -246,6 +247,29 @@ def test_gpu_presets_get_thread_bound_kernels(preset_name, samplers):
     assert expected <= names and not (set(GPU_SAMPLER_NAMES) - set(samplers)) & names
 
 
+@pytest.mark.parametrize(
+    "preset_name",
+    [
+        "webgpu",
+        "cuda-sm80",
+        pytest.param(
+            "vulkan",
+            marks=pytest.mark.skipif(
+                shutil.which("glslangValidator") is None, reason="glslangValidator not found (glslang-tools)"
+            ),
+        ),
+    ],
+)
+def test_relax_build_for_gpu_presets(preset_name):
+    """Codegen of the Relax side too (call_tir argument order, fusion, VM lowering), not just the kernels."""
+    preset = load_preset(preset_name)
+    _scheduled(preset_name)  # imports the Vulkan backend when needed
+    ex, _ = pipeline.build(
+        _attach(preset.target), preset.target, schedule_fn(preset), system_lib=preset.system_lib
+    )
+    assert ex is not None
+
+
 def _run(scheduled: IRModule, name: str, backend: str, *arrays: np.ndarray) -> list[np.ndarray]:
     """Launch every kernel of PrimFunc `name` on `backend` with `arrays` in PrimFunc parameter order."""
     run_target = Target(RUN_TARGETS[backend])
@@ -335,8 +359,8 @@ def _check_bitonic_argsort(scheduled: IRModule, backend: str, probs: np.ndarray)
     )[1:]
     for j, k in stages(V):
         keys, ids = _run(
-            scheduled, "bitonic_stage", backend, keys, ids, np.zeros_like(keys), np.zeros_like(ids), j, k
-        )[2:4]
+            scheduled, "bitonic_stage", backend, keys, ids, j, k, np.zeros_like(keys), np.zeros_like(ids)
+        )[4:]
     values, order = _run(
         scheduled, "bitonic_take", backend, keys, ids, np.zeros_like(probs), np.zeros(probs.shape, np.int32)
     )[2:]
@@ -427,3 +451,24 @@ def test_embedding_buffer_rows_match_the_runtime_prefill_chunk():
     from toolkit.runtime.engine import CacheOptions
 
     assert CacheOptions().prefill_chunk == PREFILL_CHUNK_SIZE
+
+
+def test_compile_model_attaches_the_functions(tmp_path):
+    """`phi3 compile` output: the engine finds every function in the library, and softmax runs."""
+    from tiny import make_tiny_checkpoint
+
+    from toolkit.compile.compile_model import compile_model
+    from toolkit.config import load_hf_config
+
+    make_tiny_checkpoint(tmp_path / "ckpt", "mini-4k")
+    cfg = load_hf_config(tmp_path / "ckpt")
+    compiled = compile_model(cfg, "q4f16_1", load_preset("host"), tmp_path / "out")
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(compiled.library)), tvm.cpu())
+    find = lambda name: vm.module.get_function(name, query_imports=True)  # noqa: E731
+    for name in ("softmax_with_temperature", "alloc_embedding_tensor", *PROCESSORS):
+        assert find(name) is not None, name
+    logits = np.random.default_rng(0).standard_normal((2, 1, cfg.vocab_size)).astype(np.float32)
+    temperature = np.array([0.8, 0.0], np.float32)
+    probs = find("softmax_with_temperature")(_t(logits), _t(temperature)).numpy()
+    np.testing.assert_allclose(probs, ref.softmax_with_temperature(logits, temperature), P_RTOL, P_ATOL)
+    assert tuple(find("alloc_embedding_tensor")().shape) == (CHUNK_RUNTIME, cfg.hidden_size)

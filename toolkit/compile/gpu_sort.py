@@ -65,11 +65,12 @@ def _kernels(vocab: int, target: tvm.target.Target) -> tuple[tirx.PrimFunc, tirx
     def stage(
         var_keys: T.handle,
         var_ids: T.handle,
-        var_keys_out: T.handle,
-        var_ids_out: T.handle,
         j: T.int64,
         k: T.int64,
+        var_keys_out: T.handle,
+        var_ids_out: T.handle,
     ):
+        # scalars before the outputs: call_tir passes (inputs..., outputs...) and PrimValue args are inputs
         T.func_attr(attrs)
         b = T.int64()
         keys = T.match_buffer(var_keys, (b, n), "float32")
