@@ -431,7 +431,7 @@ def test_metal_source_parses():
     built = tvm.compile(with_global_symbols(_scheduled("iphone-a16")), target=preset.target)
     result = check_msl(next(m for m in built.mod.imports if m.kind != "llvm").inspect_source())
     assert result.ok, result.diagnostics
-    assert "sampler_verify_draft_tokens_kernel" in result.kernels
+    assert "verify_draft_tokens_kernel" in result.kernels
 
 
 @pytest.mark.skipif(not HAS_NVCC, reason="nvcc not found: CUDA kernels can only be compile-checked with nvcc")
@@ -443,7 +443,7 @@ def test_nvcc_compiles_every_sampling_kernel():
     built = tvm.compile(with_global_symbols(_scheduled("cuda-sm80")), target=preset.target)
     report = compile_kernels(next(m for m in built.mod.imports if m.kind == "cuda").inspect_source(), preset)
     assert report.ok, report
-    assert "sampler_verify_draft_tokens_kernel" in report.compiled
+    assert "verify_draft_tokens_kernel" in report.compiled
 
 
 def test_embedding_buffer_rows_match_the_runtime_prefill_chunk():

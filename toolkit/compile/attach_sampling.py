@@ -23,7 +23,7 @@ from tvm import IRModule, relax, te, tirx
 
 from .gpu_sort import emit_argsort
 from .logit_processor import logit_processors
-from .spec_verify import spec_verify
+from .spec_verify import emit_verify_function
 
 GPU_SAMPLER_KINDS = ("cuda", "metal", "vulkan", "webgpu")
 GPU_SAMPLER_NAMES = (
@@ -81,17 +81,14 @@ def attach_sampling_functions(
         "sample_with_top_p": _sample_with_top_p,
         "sampler_take_probs": _sampler_take_probs,
         "renormalize_by_top_p": _renormalize_by_top_p,
-        "sampler_verify_draft_tokens": None,
+        "sampler_verify_draft_tokens": emit_verify_function,
     }
     names = sampler_names(target, gpu_sampler)
     for name in names:
-        if builders[name] is not None:
-            builders[name](bb, vocab_size, target)
+        builders[name](bb, vocab_size, target)
     out = bb.finalize()
     for name, func in logit_processors(target).items():
         out[name] = func
-    if "sampler_verify_draft_tokens" in names:
-        out["sampler_verify_draft_tokens"] = spec_verify(vocab_size, target)
     return out
 
 

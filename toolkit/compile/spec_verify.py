@@ -6,7 +6,8 @@ gpu_sampler.cc calls it; the kernel here is our own):
 
     sampler_verify_draft_tokens(draft_probs f32[m, v], draft_tokens i32[m], model_probs f32[m, v],
         token_tree_first_child i32[m], token_tree_next_sibling i32[m], uniform_samples f32[m],
-        token_tree_parent_ptr i32[b]) -> (model_probs, token_tree_parent_ptr), both updated in place.
+        token_tree_parent_ptr i32[b]) -> (model_probs, token_tree_parent_ptr), both updated in place
+        (a Relax function around the kernel `verify_draft_tokens`).
 
 For sequence s the walk starts at parent = token_tree_parent_ptr[s] and child = its first child. A child with
 token t is accepted when model_probs[parent, t] >= u * draft_probs[child, t] (u = uniform_samples[child]);
@@ -22,7 +23,7 @@ only communication is through shared memory (block-wide sum, the decision), orde
 from __future__ import annotations
 
 import tvm
-from tvm import tirx
+from tvm import relax, tirx
 from tvm.script import tirx as T
 
 from .logit_processor import max_threads
@@ -37,7 +38,7 @@ def spec_verify(vocab_size: int, target: tvm.target.Target) -> tirx.PrimFunc:
     v = vocab_size
     per_thread = (v + tx_n - 1) // tx_n
 
-    @T.prim_func
+    @T.prim_func(private=True)
     def verify(
         var_draft_probs: T.handle,
         var_draft_tokens: T.handle,
@@ -47,8 +48,9 @@ def spec_verify(vocab_size: int, target: tvm.target.Target) -> tirx.PrimFunc:
         var_uniform: T.handle,
         var_parent_ptr: T.handle,
     ):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        m, nb = T.int32(), T.int32()
+        # opaque (op_pattern 8): never fused with the Relax wrapper's other calls
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        m, nb = T.int64(), T.int64()
         draft_probs = T.match_buffer(var_draft_probs, (m, v), "float32")
         draft_tokens = T.match_buffer(var_draft_tokens, (m,), "int32")
         model_probs = T.match_buffer(var_model_probs, (m, v), "float32")
@@ -112,4 +114,29 @@ def spec_verify(vocab_size: int, target: tvm.target.Target) -> tirx.PrimFunc:
         if tx == 0:
             parent_ptr[seq] = node[0]
 
-    return verify.with_attr("global_symbol", "sampler_verify_draft_tokens")
+    return verify
+
+
+def emit_verify_function(bb: relax.BlockBuilder, vocab_size: int, target: tvm.target.Target) -> None:
+    """The Relax function the engine calls: the kernel in place on model_probs and token_tree_parent_ptr,
+    returning both (as MLC's does; the engine reads the pointers back from its own array)."""
+    m, nb = tirx.Var("num_nodes", "int64"), tirx.Var("nbatch", "int64")
+    f32 = lambda name, shape: relax.Var(name, relax.TensorType(shape, "float32"))  # noqa: E731
+    i32 = lambda name, shape: relax.Var(name, relax.TensorType(shape, "int32"))  # noqa: E731
+    args = [
+        f32("draft_probs", [m, vocab_size]),
+        i32("draft_tokens", [m]),
+        f32("model_probs", [m, vocab_size]),
+        i32("token_tree_first_child", [m]),
+        i32("token_tree_next_sibling", [m]),
+        f32("uniform_samples", [m]),
+        i32("token_tree_parent_ptr", [nb]),
+    ]
+    kernel = bb.add_func(spec_verify(vocab_size, target), "verify_draft_tokens")
+    with bb.function("sampler_verify_draft_tokens", args):
+        with bb.dataflow():
+            out = relax.call_tir_inplace(
+                kernel, args, inplace_indices=[2, 6], out_ty=[args[2].ty, args[6].ty]
+            )
+            out = bb.emit_output(out)
+        bb.emit_func_output(out)
