@@ -38,8 +38,6 @@ GPU_SAMPLER_NAMES = (
 GREEDY_TEMPERATURE = 1e-5
 # top_p this close to 1 keeps the distribution unchanged (MLC's top-p pivot search uses the same bound)
 TOP_P_KEEP_ALL = 1e-7
-# rows of `alloc_embedding_tensor`: the engine's prefill chunk (toolkit/runtime/engine.py CacheOptions)
-PREFILL_CHUNK_SIZE = 256
 F32 = "float32"
 I32 = "int32"
 
@@ -69,7 +67,8 @@ def attach_sampling_functions(
 ) -> IRModule:
     """The exported model module plus the engine's sampling functions for `target`.
 
-    `hidden_size`/`dtype` shape the embedding buffer (`embed`'s output), `prefill_chunk_size` its rows.
+    `hidden_size`/`dtype` shape the embedding buffer (`embed`'s output), `prefill_chunk_size` its rows (the
+    library's `_metadata` value, which the engine sizes its prefill chunks by).
     Batch sizes stay symbolic: the engine passes as many rows as it has. `gpu_sampler` overrides which
     targets get the GPU sampler (default: cuda, metal, vulkan, webgpu, as MLC's engine looks it up)."""
     bb = relax.BlockBuilder(mod)
