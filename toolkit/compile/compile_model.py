@@ -116,6 +116,16 @@ def compile_model(
     t0 = time.time()
     mod, named_params = export_phi3(cfg, opts, target)
     limits = limits or Limits.default(cfg)
+    from .attach_sampling import attach_sampling_functions  # MLC engine's sampling/logit functions
+
+    mod = attach_sampling_functions(
+        mod,
+        target,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        dtype=opts.dtype,
+        prefill_chunk_size=limits.prefill_chunk_size,
+    )
     prefix = system_lib_prefix(cfg, opts.quantization) if lib_prefix is None else lib_prefix
     metadata = model_metadata(cfg, opts.quantization, limits, named_params)
 

@@ -32,8 +32,12 @@ def _blocks(func: tirx.PrimFunc) -> list[tuple[str, bool]]:
     if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
         return []
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    try:
+        root = sch.get_sblock("root")
+    except s_tir.ScheduleError:  # IR-builder kernels (TVM's GPU sort/scan) have no block structure either
+        return []
     out = []
-    for rv in sch.get_child_blocks(sch.get_sblock("root")):
+    for rv in sch.get_child_blocks(root):
         block = sch.get(rv)
         out.append((block.name_hint, any(int(iv.iter_type) == 2 for iv in block.iter_vars)))  # 2 = CommReduce
     return out
