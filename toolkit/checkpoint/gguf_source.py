@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import LongRope, Phi3Config
+from ..config import ConfigError, LongRope, Phi3Config
 from ..errors import UserError
 from . import ModelSource, expected_tensor_shapes
 
@@ -76,7 +76,12 @@ class GGUFSource(ModelSource):
         self.arch = arch
         self._tensors = {t.name: t for t in reader.tensors}
         self._tokenizer = None
-        config = self._build_config(path)
+        self.path = path  # the error paths of _build_config name the file
+        try:
+            config = self._build_config(path)
+        except (ConfigError, ValueError, TypeError, ZeroDivisionError) as e:
+            # a metadata value of the wrong type or out of range: one line naming the file
+            raise UserError(f"bad GGUF metadata: {e}", path) from None
         jinja = _field(reader, "tokenizer.chat_template")
         default_template = "phi3" if arch == "phi3" else "raw"
         super().__init__(path, config, template_from_jinja(jinja) or default_template)

@@ -18,6 +18,8 @@ def _int_list(ctx, param, value: str) -> list[int]:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
     if not out:
         raise click.BadParameter("empty list")
+    if min(out) < 1:
+        raise click.BadParameter(f"every value must be >= 1, got {min(out)}")
     return out
 
 
@@ -34,9 +36,9 @@ def _int_list(ctx, param, value: str) -> list[int]:
     callback=_int_list,
     help="Prompt lengths for prefill; the longest is the headline (and precedes the decode).",
 )
-@click.option("--decode-tokens", default=64, show_default=True, help="Tokens decoded after each prompt.")
-@click.option("--repeats", default=3, show_default=True, help="Timed runs per setting (median, min-max).")
-@click.option("--warmup", default=1, show_default=True, help="Untimed runs first.")
+@click.option("--decode-tokens", type=click.IntRange(1), default=64, show_default=True, help="Tokens decoded after each prompt.")
+@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Timed runs per setting (median, min-max).")
+@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True, help="Untimed runs first.")
 @click.option("--quantization", default=None, help="Our weight scheme (default: the engine's default).")
 @click.option(
     "--vs-llama-cpp", is_flag=True, help="Also run llama.cpp (AMX build) on the same model, interleaved."
@@ -55,6 +57,7 @@ def _int_list(ctx, param, value: str) -> list[int]:
 )
 @click.option(
     "--bandwidth-mib",
+    type=click.IntRange(1, 1 << 20),
     default=1024,
     show_default=True,
     help="Array size for the read-bandwidth measurement (well above the last-level cache).",

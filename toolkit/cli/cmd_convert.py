@@ -27,9 +27,9 @@ import click
     "weight error; weighted = that search weighted by activation statistics of a short calibration text; "
     "auto = weighted (lowest perplexity measured).",
 )
-@click.option("--context-window", type=int, default=None, help="context_window_size (default: the model's).")
+@click.option("--context-window", type=click.IntRange(1), default=None, help="context_window_size (default: the model's).")
 @click.option(
-    "--prefill-chunk", type=int, default=None, help="prefill_chunk_size (default: min(context, 2048))."
+    "--prefill-chunk", type=click.IntRange(1), default=None, help="prefill_chunk_size (default: min(context, 2048))."
 )
 @click.option("--param-names", type=click.Choice(["hf", "mlc"]), default="hf", show_default=True,
               help="hf: our compiled models' names; mlc: MLC-LLM's Phi-3 names (for MLC-compiled libraries).")

@@ -16,9 +16,9 @@ from .options import model_argument, run_options
 @click.option(
     "--ppl", "text_file", required=True, type=click.Path(dir_okay=False), help="Text file to score."
 )
-@click.option("--context", type=int, default=512, show_default=True, help="Window length in tokens.")
-@click.option("--stride", type=int, default=None, help="Window step (default: context/2).")
-@click.option("--max-tokens", type=int, default=None, help="Score only the first N tokens of the text.")
+@click.option("--context", type=click.IntRange(2), default=512, show_default=True, help="Window length in tokens.")
+@click.option("--stride", type=click.IntRange(1), default=None, help="Window step (default: context/2).")
+@click.option("--max-tokens", type=click.IntRange(2), default=None, help="Score only the first N tokens of the text.")
 @click.option(
     "--through",
     type=click.Choice(["prefill", "decode"]),

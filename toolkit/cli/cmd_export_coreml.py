@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..coreml.export import DEFAULT_CONTEXT, WEIGHT_MODES
+from ..coreml.export import DEFAULT_CONTEXT, MAX_CONTEXT, WEIGHT_MODES
 
 
 @click.command()
@@ -12,7 +12,7 @@ from ..coreml.export import DEFAULT_CONTEXT, WEIGHT_MODES
 @click.option("-o", "--output", required=True, help="Package to write, NAME.mlpackage.")
 @click.option(
     "--context",
-    type=int,
+    type=click.IntRange(1, MAX_CONTEXT),
     default=None,
     help=f"KV-cache length (prompt + generated tokens). Default: {DEFAULT_CONTEXT} or the model's maximum.",
 )

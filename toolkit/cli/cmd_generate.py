@@ -6,12 +6,12 @@ import sys
 
 import click
 
-from .options import model_argument, run_options, sampling_options
+from .options import model_argument, prompt_option, run_options, sampling_options
 
 
 @click.command("generate")
 @model_argument
-@click.option("--prompt", "-p", required=True, help="The prompt text.")
+@prompt_option
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
 @click.option("--system", default=None, help="System message (chat templates that have one).")
 @click.option("--stats/--no-stats", default=True, help="Print speed statistics to stderr.")

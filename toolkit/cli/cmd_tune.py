@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import model_argument
+from .options import FiniteFloat, model_argument
 
 
 def _parse_tracker(value: str | None) -> tuple[str, int] | None:
@@ -33,7 +33,7 @@ def _parse_tracker(value: str | None) -> tuple[str, int] | None:
 @click.option("--cost-model", type=click.Choice(["xgb", "random"]), default="xgb", show_default=True)
 @click.option(
     "--min-gain",
-    type=float,
+    type=FiniteFloat(0.0, 10.0),
     default=0.03,
     show_default=True,
     help="Keep a record only if it is at least this fraction faster than the default schedule.",

@@ -7,13 +7,15 @@ import sys
 
 import click
 
+from .options import SEED
+
 
 @click.command()
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option(
     "--json", "json_path", type=click.Path(dir_okay=False), help="Also write the full report as JSON."
 )
-@click.option("--seed", default=0, show_default=True, help="Seed of the random kernel inputs.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random kernel inputs.")
 def command(out_dir: str, json_path: str | None, seed: int) -> None:
     """Verify the kernels in OUT_DIR (written by `phi3 compile`) against the llvm build of the same
     kernels."""

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from tvm.s_tir import dlight as dl
 from .. import __version__
 from ..config import Phi3Config
 from ..errors import UserError
+from ..outputs import check_output_dir
 from ..model.phi3 import GraphOptions, export_phi3
 from ..quantization import get_scheme
 from ..targets import Preset, load_preset
@@ -90,11 +92,18 @@ def compile_model(
     `dtype` overrides the activation dtype (default: see `graph_options`)."""
     preset = load_preset(preset) if isinstance(preset, str) else preset
     opts = graph_options(quantization, preset, dtype)
-    target = preset.target
-    out_dir = Path(out_dir)
+    out_dir = check_compile_output(out_dir)
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        return _compile_into(cfg, opts, preset, tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed (or interrupted) build leaves no partial folder
+
+
+def _compile_into(cfg: Phi3Config, opts: GraphOptions, preset: Preset, tmp: Path, out_dir: Path) -> CompiledModel:
+    target = preset.target
     if preset.kind == "vulkan":
         from ..backends import vulkan  # noqa: F401  (registers target.build.vulkan, which the wheel lacks)
     t0 = time.time()
@@ -115,10 +124,39 @@ def compile_model(
         "build": notes,
     }
     manifest = write_manifest(tmp, preset, opts.quantization, cfg, kernels, extra=extra)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    replace_dir(tmp, out_dir)
     return CompiledModel(out_dir, manifest)
+
+
+def _owned_by_compile(out_dir: Path) -> list[str]:
+    """Names a `phi3 compile` output may hold: the library and what its manifest lists."""
+    names = [f"{LIB_NAME}.*", f".{MANIFEST}.tmp"]
+    try:
+        files = json.loads((out_dir / MANIFEST).read_text()).get("files", {})
+        names += sorted({Path(rel).parts[0] for rel in files})
+    except (OSError, ValueError, AttributeError):
+        pass  # a damaged manifest: only the library name counts as ours
+    return names
+
+
+def check_compile_output(out_dir: str | Path, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Refuse an output folder that holds anything but an earlier compile output, or overlaps an input."""
+    out_dir = Path(out_dir).expanduser()
+    return check_output_dir(
+        out_dir, inputs=inputs, marker=MANIFEST, owned=_owned_by_compile(out_dir), what="a `phi3 compile` output"
+    )
+
+
+def replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Swap a finished temp folder in for `out_dir` (an earlier output of ours, already checked)."""
+    if out_dir.exists():
+        old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
 
 
 def load_compiled(folder: str | Path) -> CompiledModel:
