@@ -237,7 +237,7 @@ def test_interrupted_run_leaves_no_output(ckpt, tmp_path, monkeypatch) -> None:
 
 
 def test_refuses_to_overwrite_a_foreign_folder(ckpt, tmp_path) -> None:
-    with pytest.raises(UserError, match="input checkpoint|not a converted model"):
+    with pytest.raises(UserError, match="is the input|input checkpoint|not a converted model"):
         conv.convert(open_model(ckpt), "q4f16_1", ckpt, progress=False)
     assert (ckpt / "config.json").is_file()
 

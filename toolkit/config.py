@@ -134,8 +134,16 @@ def _is_real(v: Any) -> bool:
 
 def _check_values(c: Phi3Config) -> None:
     """Ranges every runnable config satisfies (a zero or negative size, eps or theta gives NaN or crashes)."""
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "head_dim", "max_position_embeddings"):
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+    ):
         v = getattr(c, name)
         if not _is_int(v) or v <= 0:
             raise ConfigError(name, f"must be a positive integer, got {v!r}")

@@ -1,7 +1,7 @@
 """The fields of a Hugging Face Phi-3 config.json that we read, typed and range-checked with pydantic.
 
-Strict types: JSON `"false"` is not a bool, `128.7` or `"128"` is not an int, `null` is not a number. A bad value
-becomes one UserError line naming the field and the file; values we do not read pass through untouched.
+Strict types: JSON `"false"` is not a bool, `128.7` or `"128"` is not an int, `null` is not a number. A bad
+value becomes one UserError line naming the field and the file; values we do not read pass through untouched.
 """
 
 from __future__ import annotations
@@ -11,8 +11,16 @@ import math
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
-from pydantic import ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
 
 from .errors import UserError
 

@@ -73,7 +73,9 @@ def check_output_dir(
     if not entries:
         return out
     if marker not in entries:
-        raise UserError(f"output folder is not empty and is not {what} (no {marker}); refusing to overwrite", out)
+        raise UserError(
+            f"output folder is not empty and is not {what} (no {marker}); refusing to overwrite", out
+        )
     patterns = (marker, *owned)
     foreign = [e for e in entries if not any(fnmatch.fnmatchcase(e, p) for p in patterns)]
     if foreign:

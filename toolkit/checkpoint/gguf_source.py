@@ -17,7 +17,7 @@ import numpy as np
 
 from ..config import ConfigError, LongRope, Phi3Config
 from ..errors import UserError
-from . import ModelSource, expected_tensor_shapes
+from . import ModelSource, expected_tensor_shapes, require_finite
 
 SUPPORTED_GGUF_ARCHS = ("llama", "phi3")
 CONTROL_TOKEN_TYPE = 3
@@ -276,7 +276,7 @@ class GGUFSource(ModelSource):
 
     def iter_tensors(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
         for name in self._check_names(names):
-            yield name, self._load(name)
+            yield name, require_finite(name, self._load(name), self.path)
 
     def gguf_tensor_types(self) -> dict[str, str]:
         """GGUF tensor name -> ggml type name (Q4_1, Q8_0, F32, ...), for inspection."""

@@ -36,8 +36,20 @@ def _int_list(ctx, param, value: str) -> list[int]:
     callback=_int_list,
     help="Prompt lengths for prefill; the longest is the headline (and precedes the decode).",
 )
-@click.option("--decode-tokens", type=click.IntRange(1), default=64, show_default=True, help="Tokens decoded after each prompt.")
-@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Timed runs per setting (median, min-max).")
+@click.option(
+    "--decode-tokens",
+    type=click.IntRange(1),
+    default=64,
+    show_default=True,
+    help="Tokens decoded after each prompt.",
+)
+@click.option(
+    "--repeats",
+    type=click.IntRange(1),
+    default=3,
+    show_default=True,
+    help="Timed runs per setting (median, min-max).",
+)
 @click.option("--warmup", type=click.IntRange(0), default=1, show_default=True, help="Untimed runs first.")
 @click.option("--quantization", default=None, help="Our weight scheme (default: the engine's default).")
 @click.option(
@@ -88,7 +100,12 @@ def command(
     from ..bench.harness import BenchSettings, default_quantization, format_table, llama_gguf_for, run_bench
     from ..bench.harness import plot as write_plot
     from ..checkpoint import open_model
+    from ..outputs import check_output_file, model_input_path
 
+    if plot:  # checked before the (long) run, not when the plot is written at its end
+        check_output_file(
+            plot, inputs=[model_input_path(model)], magic=b"\x89PNG\r\n\x1a\n", what="a PNG image"
+        )
     fa = {"off": [False], "on": [True], "both": [False, True]}[llama_flash_attn]
     settings = BenchSettings(
         threads=threads,

@@ -20,9 +20,11 @@ from .options import model_argument
 def command(model, device, quantization, output):
     """Compile MODEL's graph for a device preset into OUTPUT (library + manifest.json)."""
     from ..checkpoint import open_model
-    from ..compile.compile_model import compile_model
+    from ..compile.compile_model import check_compile_output, compile_model
+    from ..outputs import model_input_path
     from ..runtime.engine import DEFAULT_QUANTIZATION
 
+    check_compile_output(output, inputs=[model_input_path(model)])  # before any work: never the input
     source = open_model(model)
     if source.kind == "mlc":
         quantization = quantization or source.scheme.name

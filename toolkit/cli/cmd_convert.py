@@ -27,20 +27,48 @@ import click
     "weight error; weighted = that search weighted by activation statistics of a short calibration text; "
     "auto = weighted (lowest perplexity measured).",
 )
-@click.option("--context-window", type=click.IntRange(1), default=None, help="context_window_size (default: the model's).")
 @click.option(
-    "--prefill-chunk", type=click.IntRange(1), default=None, help="prefill_chunk_size (default: min(context, 2048))."
+    "--context-window",
+    type=click.IntRange(1),
+    default=None,
+    help="context_window_size (default: the model's).",
 )
-@click.option("--param-names", type=click.Choice(["hf", "mlc"]), default="hf", show_default=True,
-              help="hf: our compiled models' names; mlc: MLC-LLM's Phi-3 names (for MLC-compiled libraries).")
+@click.option(
+    "--prefill-chunk",
+    type=click.IntRange(1),
+    default=None,
+    help="prefill_chunk_size (default: min(context, 2048)).",
+)
+@click.option(
+    "--param-names",
+    type=click.Choice(["hf", "mlc"]),
+    default="hf",
+    show_default=True,
+    help="hf: our compiled models' names; mlc: MLC-LLM's Phi-3 names (for MLC-compiled libraries).",
+)
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle .bin checkpoints (unsafe).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def command(checkpoint, quantization, output, clip, context_window, prefill_chunk, param_names, allow_pickle,
-            no_progress):
+def command(
+    checkpoint,
+    quantization,
+    output,
+    clip,
+    context_window,
+    prefill_chunk,
+    param_names,
+    allow_pickle,
+    no_progress,
+):
     """Convert CHECKPOINT (HF folder, GGUF; default: the embedded model) to quantized MLC-LLM weights."""
     from ..checkpoint import open_model
-    from ..convert.converter import convert
+    from ..convert.converter import check_convert_output, convert
+    from ..outputs import model_input_path
 
+    if context_window and prefill_chunk and prefill_chunk > context_window:
+        raise click.BadParameter(
+            f"{prefill_chunk} is larger than --context-window {context_window}", param_hint="--prefill-chunk"
+        )
+    check_convert_output(output, inputs=[model_input_path(checkpoint)])  # before any work
     source = open_model(checkpoint, allow_pickle=allow_pickle)
     res = convert(
         source,

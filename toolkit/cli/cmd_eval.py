@@ -16,9 +16,13 @@ from .options import model_argument, run_options
 @click.option(
     "--ppl", "text_file", required=True, type=click.Path(dir_okay=False), help="Text file to score."
 )
-@click.option("--context", type=click.IntRange(2), default=512, show_default=True, help="Window length in tokens.")
+@click.option(
+    "--context", type=click.IntRange(2), default=512, show_default=True, help="Window length in tokens."
+)
 @click.option("--stride", type=click.IntRange(1), default=None, help="Window step (default: context/2).")
-@click.option("--max-tokens", type=click.IntRange(2), default=None, help="Score only the first N tokens of the text.")
+@click.option(
+    "--max-tokens", type=click.IntRange(2), default=None, help="Score only the first N tokens of the text."
+)
 @click.option(
     "--through",
     type=click.Choice(["prefill", "decode"]),
@@ -29,7 +33,16 @@ from .options import model_argument, run_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @run_options
 def command(
-    model, text_file, context, stride, max_tokens, through, as_json, quantization, device, threads,
+    model,
+    text_file,
+    context,
+    stride,
+    max_tokens,
+    through,
+    as_json,
+    quantization,
+    device,
+    threads,
     allow_pickle,
 ):
     """Perplexity of MODEL over TEXTFILE with fixed sliding windows (default model: SmolLM2-135M)."""

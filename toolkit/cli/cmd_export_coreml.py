@@ -27,7 +27,16 @@ from ..coreml.export import DEFAULT_CONTEXT, MAX_CONTEXT, WEIGHT_MODES
 def command(model: str | None, output: str, context: int | None, weights: str, quiet: bool) -> None:
     """Export MODEL (HF folder, GGUF, converted folder; default: the embedded model) to Core ML."""
     from ..coreml.export import export_coreml
+    from ..outputs import check_output_dir, model_input_path
 
+    # an .mlpackage is a folder: replace only an earlier package (Manifest.json + Data/), never the input
+    check_output_dir(
+        output,
+        inputs=[model_input_path(model)],
+        marker="Manifest.json",
+        owned=("Data",),
+        what="a Core ML package",
+    )
     result = export_coreml(model, output, context=context, weights=weights, progress=not quiet)
     click.echo(
         f"wrote {result.path} ({result.size_bytes / 2**20:.1f} MiB, weights {result.weights}, "

@@ -31,6 +31,10 @@ def command(model: str | None, output: str, qtype: str) -> None:
     MODEL is a Hugging Face checkpoint folder, a GGUF file or a converted folder; without it, the default
     model.
     """
+    from ..outputs import check_output_file, model_input_path
+
+    # an existing file is replaced only when it is a GGUF, and never when it is the model itself
+    check_output_file(output, inputs=[model_input_path(model)], magic=b"GGUF", what="a GGUF file")
     shown = [-1]
 
     def progress(done: int, total: int, tensor) -> None:

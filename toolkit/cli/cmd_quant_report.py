@@ -7,12 +7,21 @@ import json
 
 import click
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
 
 @click.command()
 @click.argument("model", required=False)
 @click.option("--quantization", "-q", default="q4f16_1", show_default=True, help="q4f16_1 or q4f32_1.")
-@click.option("--output", "-o", "output", default="quant-report.png", show_default=True,
-              type=click.Path(dir_okay=False), help="PNG plot to write.")
+@click.option(
+    "--output",
+    "-o",
+    "output",
+    default="quant-report.png",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="PNG plot to write.",
+)
 @click.option(
     "--methods", default="rtn,search,weighted", show_default=True, help="Comma-separated subset of these."
 )
@@ -23,12 +32,16 @@ def command(model, quantization, output, methods, as_json, allow_pickle, no_prog
     """Show how much error 4-bit quantization puts in each weight of MODEL (default: the embedded model)."""
     from ..checkpoint import open_model
     from ..errors import UserError
+    from ..outputs import check_output_file, model_input_path
     from ..quantization.report import plot_report, weight_error_report
 
+    # checked before the (long) run, not when the plot is written at its end
+    check_output_file(output, inputs=[model_input_path(model)], magic=PNG_MAGIC, what="a PNG image")
     source = open_model(model, allow_pickle=allow_pickle)
     try:
-        report = weight_error_report(source, quantization, tuple(m.strip() for m in methods.split(",")),
-                                     progress=not no_progress)
+        report = weight_error_report(
+            source, quantization, tuple(m.strip() for m in methods.split(",")), progress=not no_progress
+        )
     except ValueError as e:
         raise UserError(str(e)) from None
     plot_report(report, output)

@@ -74,7 +74,10 @@ def run_options(f):
 def sampling_options(f):
     f = click.option("--seed", type=SEED, default=None, help="Sampling seed (reproducible output).")(f)
     f = click.option(
-        "--top-p", type=FiniteFloat(0.0, 1.0, min_open=True), default=0.95, show_default=True,
+        "--top-p",
+        type=FiniteFloat(0.0, 1.0, min_open=True),
+        default=0.95,
+        show_default=True,
         help="Nucleus sampling mass, in (0, 1].",
     )(f)
     f = click.option(

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,8 +24,9 @@ from tvm.s_tir import dlight as dl
 from .. import __version__
 from ..config import Phi3Config
 from ..errors import UserError
-from ..outputs import check_output_dir
+from ..locks import output_lock
 from ..model.phi3 import GraphOptions, export_phi3
+from ..outputs import check_output_dir
 from ..quantization import get_scheme
 from ..targets import Preset, load_preset
 from . import pipeline
@@ -93,16 +95,20 @@ def compile_model(
     preset = load_preset(preset) if isinstance(preset, str) else preset
     opts = graph_options(quantization, preset, dtype)
     out_dir = check_compile_output(out_dir)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        return _compile_into(cfg, opts, preset, tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # a failed (or interrupted) build leaves no partial folder
+    with output_lock(out_dir):  # one writer at a time; it also clears temp folders of dead runs
+        check_compile_output(out_dir)  # what the writer before us left must still be ours to replace
+        tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            return _compile_into(cfg, opts, preset, tmp, out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed (or interrupted) build leaves no partial folder
 
 
-def _compile_into(cfg: Phi3Config, opts: GraphOptions, preset: Preset, tmp: Path, out_dir: Path) -> CompiledModel:
+def _compile_into(
+    cfg: Phi3Config, opts: GraphOptions, preset: Preset, tmp: Path, out_dir: Path
+) -> CompiledModel:
     target = preset.target
     if preset.kind == "vulkan":
         from ..backends import vulkan  # noqa: F401  (registers target.build.vulkan, which the wheel lacks)
@@ -143,7 +149,11 @@ def check_compile_output(out_dir: str | Path, inputs: Iterable[str | Path | None
     """Refuse an output folder that holds anything but an earlier compile output, or overlaps an input."""
     out_dir = Path(out_dir).expanduser()
     return check_output_dir(
-        out_dir, inputs=inputs, marker=MANIFEST, owned=_owned_by_compile(out_dir), what="a `phi3 compile` output"
+        out_dir,
+        inputs=inputs,
+        marker=MANIFEST,
+        owned=_owned_by_compile(out_dir),
+        what="a `phi3 compile` output",
     )
 
 
@@ -218,6 +228,19 @@ def compiled_for(cfg: Phi3Config, quantization: str, preset: Preset | str) -> Co
     """The cached library for (config, quantization, preset), compiled on first use."""
     preset = load_preset(preset) if isinstance(preset, str) else preset
     folder = cache_root() / "lib" / cache_key(cfg, quantization, preset)
-    if (folder / MANIFEST).is_file():
-        return load_compiled(folder)
-    return compile_model(cfg, quantization, preset, folder)
+    with output_lock(folder):  # a second process waits, then finds the library built
+        if folder.exists():
+            try:
+                return _load_cached(folder)
+            except UserError as e:
+                # the cache is ours: a truncated library or a bad manifest is rebuilt, not a dead end
+                print(f"notice: cached library {folder} is damaged ({e}); rebuilding it", file=sys.stderr)
+                shutil.rmtree(folder)
+        return compile_model(cfg, quantization, preset, folder)
+
+
+def _load_cached(folder: Path) -> CompiledModel:
+    compiled = load_compiled(folder)
+    if not compiled.library.is_file():
+        raise UserError("library file missing", compiled.library)
+    return compiled
