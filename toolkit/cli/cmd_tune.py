@@ -11,8 +11,10 @@ def _parse_tracker(value: str | None) -> tuple[str, int] | None:
     if value is None:
         return None
     host, _, port = value.rpartition(":")
-    if not host or not port.isdigit():
-        raise click.BadParameter("expected HOST:PORT", param_hint="--rpc-tracker")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(
+            f"expected HOST:PORT with a port in 1..65535, got {value!r}", param_hint="--rpc-tracker"
+        )
     return host, int(port)
 
 
@@ -52,16 +54,21 @@ def command(
     model, device, quantization, trials, kernels, cost_model, min_gain, rpc_tracker, rpc_key, schedules_dir
 ):
     """Tune MODEL's kernels for a device preset; records go to schedules/<preset>/."""
-    from ..checkpoint import open_model
     from ..errors import UserError
+    from ..tune.guard import check_tracker
+
+    tracker = _parse_tracker(rpc_tracker)
+    if (tracker is None) != (rpc_key is None):
+        raise UserError("--rpc-tracker and --rpc-key go together")
+    if tracker is not None:  # seconds, before minutes of extraction and a minute of MetaSchedule retries
+        check_tracker(tracker[0], tracker[1], rpc_key)
+
+    from ..checkpoint import open_model
     from ..runtime.engine import DEFAULT_QUANTIZATION
     from ..targets import load_preset
     from ..tune.records import records_dir
     from ..tune.tuner import RPCTarget, format_results, tune_model
 
-    tracker = _parse_tracker(rpc_tracker)
-    if (tracker is None) != (rpc_key is None):
-        raise UserError("--rpc-tracker and --rpc-key go together")
     rpc = RPCTarget(tracker[0], tracker[1], rpc_key) if tracker else None
     preset = load_preset(device)
     source = open_model(model)

@@ -17,10 +17,10 @@ class FiniteFloat(click.FloatRange):
     name = "finite float"
 
     def convert(self, value, param, ctx):
-        rv = click.FloatType.convert(self, value, param, ctx)
+        rv = super().convert(value, param, ctx)  # nan passes every bound check, inf passes an open one
         if not math.isfinite(rv):
             self.fail(f"{value!r} is not a finite number", param, ctx)
-        return super().convert(rv, param, ctx)
+        return rv
 
 
 def positive_int(max: int | None = None) -> click.IntRange:

@@ -27,6 +27,7 @@ from tvm.target import Target
 
 from ..targets import Preset
 from .extract import Kernel, func_hash
+from .guard import meta_schedule_logging
 
 
 @dataclass
@@ -239,19 +240,20 @@ def tune_kernel(
         seed_ms = None
         if kernel.default_trace is not None:
             seed_ms = _seed_database(db, kernel.workload, kernel.default_trace, target, builder, runner)
-        ms.tune_tir(
-            kernel.workload,
-            target,
-            work_dir=tmp,
-            max_trials_global=trials,
-            num_trials_per_iter=min(trials, 16),
-            builder=builder,
-            runner=runner,
-            database=db,
-            cost_model=cost_model,
-            num_tuning_cores=cores,
-            seed=seed,
-        )
+        with meta_schedule_logging():  # its logging setup crashes on a foreign unnamed handler
+            ms.tune_tir(
+                kernel.workload,
+                target,
+                work_dir=tmp,
+                max_trials_global=trials,
+                num_trials_per_iter=min(trials, 16),
+                builder=builder,
+                runner=runner,
+                database=db,
+                cost_model=cost_model,
+                num_tuning_cores=cores,
+                seed=seed,
+            )
         best = _best_new_record(db, kernel.workload, kernel.default_trace)
         if best is None:
             base.note = "search produced no valid candidate"
