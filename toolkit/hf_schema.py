@@ -83,10 +83,17 @@ class HFConfigFields(_Fields):
     pad_token_id: TokenId | None = None
 
 
+_BRANCH_TAGS = {"int", "float", "str", "bool", "list", "dict", "none"}
+
+
 def _describe(err: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("int", "list[", "constrained")))
-    # the union branches pydantic tried show up in loc; keep the field path only
-    loc = ".".join(p for p in loc.split(".") if p and not p[0].isupper() and "[" not in p) or "config"
+    # a union adds its branch (e.g. "list[constrained-int]") to the location: keep field names and indices
+    parts = [
+        str(p)
+        for p in err["loc"]
+        if isinstance(p, int) or (str(p).isidentifier() and str(p) not in _BRANCH_TAGS)
+    ]
+    loc = ".".join(parts) or "config"
     if err["type"] == "missing":
         return f"'{loc}' is missing"
     got = json.dumps(err.get("input"), default=str)

@@ -8,6 +8,16 @@ import json
 import click
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+KNOWN_METHODS = ("rtn", "search", "weighted")  # toolkit.quantization.report.METHODS, without importing it
+
+
+def _methods(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    """Checked at parse time: a typo must not cost the whole report run first."""
+    methods = tuple(m.strip() for m in value.split(",") if m.strip())
+    bad = [m for m in methods if m not in KNOWN_METHODS]
+    if bad or not methods:
+        raise click.BadParameter(f"unknown {bad[0]!r}" if bad else "empty", param_hint="--methods")
+    return methods
 
 
 @click.command()
@@ -23,7 +33,11 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
     help="PNG plot to write.",
 )
 @click.option(
-    "--methods", default="rtn,search,weighted", show_default=True, help="Comma-separated subset of these."
+    "--methods",
+    default="rtn,search,weighted",
+    show_default=True,
+    callback=_methods,
+    help="Comma-separated subset of these.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead of a table.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle .bin checkpoints (unsafe).")
@@ -39,9 +53,7 @@ def command(model, quantization, output, methods, as_json, allow_pickle, no_prog
     check_output_file(output, inputs=[model_input_path(model)], magic=PNG_MAGIC, what="a PNG image")
     source = open_model(model, allow_pickle=allow_pickle)
     try:
-        report = weight_error_report(
-            source, quantization, tuple(m.strip() for m in methods.split(",")), progress=not no_progress
-        )
+        report = weight_error_report(source, quantization, methods, progress=not no_progress)
     except ValueError as e:
         raise UserError(str(e)) from None
     plot_report(report, output)
