@@ -15,6 +15,8 @@ from pathlib import Path
 
 from .errors import UserError
 
+CHECKPOINT_FILE_SUFFIXES = (".safetensors", ".safetensors.index.json")
+
 
 def model_input_path(model: str | Path | None) -> Path:
     """The path a MODEL argument stands for (None: the embedded default model), without opening it."""
@@ -22,7 +24,11 @@ def model_input_path(model: str | Path | None) -> Path:
         from .default_model import default_model_path
 
         return Path(default_model_path())
-    return Path(model).expanduser()
+    path = Path(model).expanduser()
+    # like open_model: a file inside a checkpoint folder stands for the folder
+    if path.is_file() and (path.name == "config.json" or path.name.endswith(CHECKPOINT_FILE_SUFFIXES)):
+        return path.parent
+    return path
 
 
 def _real(p: Path) -> Path:

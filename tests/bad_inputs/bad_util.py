@@ -45,7 +45,9 @@ def tiny_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
     shapes = expected_tensor_shapes(parse_hf_config(cfg, Path("config.json")))
     rng = np.random.default_rng(seed)
     return {
-        n: (rng.standard_normal(s) / np.sqrt(s[-1])).astype(np.float32) if len(s) == 2 else np.ones(s, np.float32)
+        n: (rng.standard_normal(s) / np.sqrt(s[-1])).astype(np.float32)
+        if len(s) == 2
+        else np.ones(s, np.float32)
         for n, s in shapes.items()
     }
 
@@ -81,6 +83,9 @@ def snapshot(*roots: Path) -> dict[str, str]:
             continue
         for dirpath, dirnames, filenames in os.walk(root):
             out[dirpath] = "dir"
+            for d in dirnames:  # os.walk does not enter a symlinked folder: record the link itself
+                if (Path(dirpath) / d).is_symlink():
+                    out[str(Path(dirpath) / d)] = "link"
             for f in filenames:
                 p = Path(dirpath) / f
                 out[str(p)] = "link" if p.is_symlink() else hashlib.sha256(p.read_bytes()).hexdigest()

@@ -81,7 +81,11 @@ CASES += [
         {"rope_scaling": {"short_factor": [1.0] * 8, "long_factor": [1.0] * 8}},
         "type",
     ),
-    ("rope_parameters.rope_theta=0", {"rope_parameters": {"rope_type": "default", "rope_theta": 0}}, "rope_theta"),
+    (
+        "rope_parameters.rope_theta=0",
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 0}},
+        "rope_theta",
+    ),
     ("original_max_position_embeddings=0", {"original_max_position_embeddings": 0}, "original_max_position"),
     ("architectures=string", {"architectures": "Phi3ForCausalLM"}, "architectures"),
     ("architectures=llama", {"architectures": ["LlamaForCausalLM"]}, "architecture"),

@@ -148,7 +148,15 @@ def test_invalid_utf8_prompt_in_a_subprocess(tmp_path) -> None:
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     p = subprocess.run(
-        [sys.executable, "-m", "toolkit.cli", "generate", M, "-p", b"\xff\xfe bad".decode("utf-8", "surrogateescape")],
+        [
+            sys.executable,
+            "-m",
+            "toolkit.cli",
+            "generate",
+            M,
+            "-p",
+            b"\xff\xfe bad".decode("utf-8", "surrogateescape"),
+        ],
         capture_output=True,
         env=env,
         cwd=tmp_path,

@@ -24,7 +24,7 @@ def command(out_dir: str, json_path: str | None, seed: int) -> None:
     if json_path:  # the report goes next to, never over, the compiled model
         from ..outputs import check_output_file
 
-        check_output_file(json_path, inputs=[out_dir], what="a JSON report")
+        check_output_file(json_path, inputs=[out_dir], magic=b"{", what="a JSON report")
     report = verify_model(out_dir, seed=seed)
     click.echo(f"preset {report.preset} ({report.quantization}), kernels run on: {report.backend}")
     for c in report.checks:
