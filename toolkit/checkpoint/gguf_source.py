@@ -102,6 +102,9 @@ class GGUFSource(ModelSource):
         r = self._reader
         hidden = int(self._req("embedding_length"))
         n_head = int(self._req("attention.head_count"))
+        for key, v in (("embedding_length", hidden), ("attention.head_count", n_head)):
+            if v <= 0:  # both divide below
+                raise UserError(f"GGUF metadata {self.arch}.{key} is {v}; it must be positive", path)
         n_kv = int(self._opt("attention.head_count_kv", n_head))
         head_dim = int(self._opt("attention.key_length", hidden // n_head))
         rot = int(self._opt("rope.dimension_count", head_dim))

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import UserError
+from .options import device_choice, quantization_choice
 
 
 def _int_list(ctx, param, value: str) -> list[int]:
@@ -25,7 +26,13 @@ def _int_list(ctx, param, value: str) -> list[int]:
 
 @click.command()
 @click.argument("model", required=False)
-@click.option("--device", default="host", show_default=True, help="Device preset to run our engine on.")
+@click.option(
+    "--device",
+    type=device_choice(),
+    default="host",
+    show_default=True,
+    help="Device preset to run our engine on.",
+)
 @click.option(
     "--threads", default="1,2", show_default=True, callback=_int_list, help="Thread counts to test."
 )
@@ -51,7 +58,12 @@ def _int_list(ctx, param, value: str) -> list[int]:
     help="Timed runs per setting (median, min-max).",
 )
 @click.option("--warmup", type=click.IntRange(0), default=1, show_default=True, help="Untimed runs first.")
-@click.option("--quantization", default=None, help="Our weight scheme (default: the engine's default).")
+@click.option(
+    "--quantization",
+    type=quantization_choice(),
+    default=None,
+    help="Our weight scheme (default: the engine's default).",
+)
 @click.option(
     "--vs-llama-cpp", is_flag=True, help="Also run llama.cpp (AMX build) on the same model, interleaved."
 )

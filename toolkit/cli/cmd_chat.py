@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .options import model_argument, run_options, sampling_options
+from .options import model_argument, open_engine, run_options, sampling_options
 
 
 @click.command("chat")
@@ -19,13 +19,12 @@ def command(
     model, system, stats, max_tokens, temperature, top_p, seed, quantization, device, threads, allow_pickle
 ):
     """Chat with MODEL (default: SmolLM2-135M). Commands: /reset, /exit (or Ctrl-D)."""
-    from ..runtime.engine import load_engine
     from ..runtime.generate import ChatSession, PromptTooLongError
     from ..runtime.sampling import SamplingParams
 
     if sys.stdin is None or sys.stdin.closed:
         return  # nothing can be read (stdin closed, e.g. `phi3 chat <&-`): nothing to answer, before loading
-    engine, source = load_engine(
+    engine, source = open_engine(
         model, quantization=quantization, device=device, threads=threads, allow_pickle=allow_pickle
     )
     tok = source.tokenizer()

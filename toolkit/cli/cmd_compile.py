@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import click
 
-from .options import model_argument
+from .options import check_scheme, device_choice, model_argument, quantization_choice
 
 
 @click.command("compile")
 @model_argument
-@click.option("--device", default="host", show_default=True, help="Device preset (see `phi3 targets`).")
+@click.option(
+    "--device",
+    type=device_choice(),
+    default="host",
+    show_default=True,
+    help="Device preset (see `phi3 targets`).",
+)
 @click.option(
     "--quantization",
     "-q",
+    type=quantization_choice(),
     default=None,
     help="Quantization (default q4f16_1; converted folders keep theirs).",
 )
@@ -26,6 +33,7 @@ def command(model, device, quantization, output):
 
     check_compile_output(output, inputs=[model_input_path(model)])  # before any work: never the input
     source = open_model(model)
+    check_scheme(source, quantization)
     if source.kind == "mlc":
         quantization = quantization or source.scheme.name
     compiled = compile_model(source.config, quantization or DEFAULT_QUANTIZATION, device, output)

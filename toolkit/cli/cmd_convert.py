@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import click
 
+from .options import quantization_choice
+
 
 @click.command()
 @click.argument("checkpoint", required=False)
 @click.option(
-    "--quantization", "-q", default="q4f16_1", show_default=True, help="q0f32, q0f16, q4f16_1 or q4f32_1."
+    "--quantization",
+    "-q",
+    type=quantization_choice(),
+    default="q4f16_1",
+    show_default=True,
+    help="q0f32, q0f16, q4f16_1 or q4f32_1.",
 )
 @click.option(
     "--output",

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import UserError
-from .options import model_argument, run_options
+from .options import model_argument, open_engine, run_options
 
 
 @click.command("eval")
@@ -46,7 +46,7 @@ def command(
     allow_pickle,
 ):
     """Perplexity of MODEL over TEXTFILE with fixed sliding windows (default model: SmolLM2-135M)."""
-    from ..runtime.engine import CacheOptions, load_engine
+    from ..runtime.engine import CacheOptions
     from ..runtime.perplexity import perplexity
 
     path = Path(text_file)
@@ -56,7 +56,7 @@ def command(
         text = path.read_text()
     except UnicodeDecodeError:
         raise UserError("not UTF-8 text", path) from None
-    engine, source = load_engine(
+    engine, source = open_engine(
         model,
         quantization=quantization,
         device=device,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from ..gguf_export import QTYPES, export_gguf
@@ -43,7 +45,8 @@ def command(model: str | None, output: str, qtype: str) -> None:
             shown[0] = pct
             click.echo(f"  {pct:3d}%  {done}/{total} tensors ({tensor.name})", err=True)
 
-    result = export_gguf(model, output, qtype=qtype, progress=progress)
+    # progress lines are for a terminal; a script reading stderr sees only warnings and errors
+    result = export_gguf(model, output, qtype=qtype, progress=progress if sys.stderr.isatty() else None)
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
     click.echo(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import FiniteFloat, model_argument
+from .options import FiniteFloat, device_choice, model_argument, quantization_choice
 
 
 def _parse_tracker(value: str | None) -> tuple[str, int] | None:
@@ -20,8 +20,16 @@ def _parse_tracker(value: str | None) -> tuple[str, int] | None:
 
 @click.command("tune")
 @model_argument
-@click.option("--device", default="host", show_default=True, help="Device preset (see `phi3 targets`).")
-@click.option("--quantization", "-q", default=None, help="Quantization (default q4f16_1).")
+@click.option(
+    "--device",
+    type=device_choice(),
+    default="host",
+    show_default=True,
+    help="Device preset (see `phi3 targets`).",
+)
+@click.option(
+    "--quantization", "-q", type=quantization_choice(), default=None, help="Quantization (default q4f16_1)."
+)
 @click.option(
     "--trials", type=click.IntRange(1), default=64, show_default=True, help="MetaSchedule trials per kernel."
 )

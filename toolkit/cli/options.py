@@ -10,6 +10,37 @@ import click
 model_argument = click.argument("model", required=False)
 
 
+def quantization_choice() -> click.Choice:
+    from ..quantization import QUANTIZATIONS
+
+    return click.Choice(list(QUANTIZATIONS))
+
+
+def device_choice() -> click.Choice:
+    from ..targets import list_presets
+
+    return click.Choice(list_presets())
+
+
+def check_scheme(source, quantization: str | None) -> None:
+    """A converted folder is one scheme: a different -q is an error naming the folder, not a ValueError."""
+    if source.kind == "mlc" and quantization and quantization != source.scheme.name:
+        from ..errors import UserError
+
+        raise UserError(
+            f"holds {source.scheme.name} weights, not {quantization}; drop -q or convert again", source.path
+        )
+
+
+def open_engine(model: str | None, *, quantization: str | None, allow_pickle: bool, **kwargs):
+    """`load_engine` with -q checked against a converted folder first (before any compile)."""
+    from ..checkpoint import open_model
+    from ..runtime.engine import load_engine
+
+    check_scheme(open_model(model, allow_pickle=allow_pickle), quantization)
+    return load_engine(model, quantization=quantization, allow_pickle=allow_pickle, **kwargs)
+
+
 class FiniteFloat(click.FloatRange):
     """A FloatRange that also refuses nan and inf (Click's range lets nan through: every comparison is
     False)."""
@@ -60,11 +91,16 @@ def run_options(f):
         "--threads", type=positive_int(4096), default=None, help="CPU threads (default: one per core)."
     )(f)
     f = click.option(
-        "--device", default="host", show_default=True, help="Device preset (see `phi3 targets`)."
+        "--device",
+        type=device_choice(),
+        default="host",
+        show_default=True,
+        help="Device preset (see `phi3 targets`).",
     )(f)
     f = click.option(
         "--quantization",
         "-q",
+        type=quantization_choice(),
         default=None,
         help="q0f32, q0f16, q4f16_1, q4f32_1 (default: q4f16_1; converter output keeps its own).",
     )(f)
