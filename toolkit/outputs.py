@@ -8,8 +8,10 @@ done, so a refusal costs nothing and leaves every file as it was.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -91,6 +93,19 @@ def check_output_dir(
             out,
         )
     return out
+
+
+def write_error(e: OSError, out: Path) -> UserError:
+    """An OSError while writing `out`, as one line. numpy's short writes carry no errno: a nearly full disk
+    is the usual reason, so say so when it is."""
+    reason = e.strerror
+    if not reason:
+        try:
+            full = shutil.disk_usage(Path(out).parent).free < (1 << 20)
+        except OSError:
+            full = False
+        reason = os.strerror(errno.ENOSPC) if full else str(e)
+    return UserError(f"cannot write ({reason})", out)
 
 
 def check_output_file(
