@@ -27,6 +27,7 @@ from ..coreml.export import DEFAULT_CONTEXT, MAX_CONTEXT, WEIGHT_MODES
 def command(model: str | None, output: str, context: int | None, weights: str, quiet: bool) -> None:
     """Export MODEL (HF folder, GGUF, converted folder; default: the embedded model) to Core ML."""
     from ..coreml.export import export_coreml
+    from ..locks import output_lock
     from ..outputs import check_output_dir, model_input_path
 
     # an .mlpackage is a folder: replace only an earlier package (Manifest.json + Data/), never the input
@@ -37,7 +38,8 @@ def command(model: str | None, output: str, context: int | None, weights: str, q
         owned=("Data",),
         what="a Core ML package",
     )
-    result = export_coreml(model, output, context=context, weights=weights, progress=not quiet)
+    with output_lock(output):  # one writer per package; temp folders of killed runs are cleared
+        result = export_coreml(model, output, context=context, weights=weights, progress=not quiet)
     click.echo(
         f"wrote {result.path} ({result.size_bytes / 2**20:.1f} MiB, weights {result.weights}, "
         f"context {result.context}) in {result.seconds:.1f} s ("

@@ -33,6 +33,7 @@ def command(model: str | None, output: str, qtype: str) -> None:
     MODEL is a Hugging Face checkpoint folder, a GGUF file or a converted folder; without it, the default
     model.
     """
+    from ..locks import output_lock
     from ..outputs import check_output_file, model_input_path
 
     # an existing file is replaced only when it is a GGUF, and never when it is the model itself
@@ -46,7 +47,8 @@ def command(model: str | None, output: str, qtype: str) -> None:
             click.echo(f"  {pct:3d}%  {done}/{total} tensors ({tensor.name})", err=True)
 
     # progress lines are for a terminal; a script reading stderr sees only warnings and errors
-    result = export_gguf(model, output, qtype=qtype, progress=progress if sys.stderr.isatty() else None)
+    with output_lock(output):  # one writer per file; partial files of killed runs are cleared
+        result = export_gguf(model, output, qtype=qtype, progress=progress if sys.stderr.isatty() else None)
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
     click.echo(
