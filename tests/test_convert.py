@@ -254,7 +254,8 @@ def test_cli_convert(ckpt, tmp_path) -> None:
     assert "q4f16_1 (clip rtn)" in r.output and (out / "tensor-cache.json").is_file()
     assert "transformer.h.0.mixer.qkv_proj.q_weight" in open_model(out).param_names()
     r = CliRunner().invoke(main, ["convert", str(ckpt), "-q", "q3f16_9", "-o", str(tmp_path / "x")])
-    assert r.exit_code == 1 and "unknown quantization 'q3f16_9'" in r.output
+    # refused at parse time (a usage error, exit 2), before the checkpoint is opened
+    assert r.exit_code == 2 and "'q3f16_9' is not one of" in r.output
 
 
 def test_numpy_reference_forward_matches_transformers(ckpt) -> None:

@@ -66,7 +66,7 @@ def write_checkpoint(folder: Path, cfg: dict | None = None, tensors: dict | None
 
 
 # PHI3_BADINPUT_CLASSIFY=FILE: record each case's outcome class instead of asserting (to measure a toolkit
-# version that predates the fixes, e.g. `scripts/bad_inputs_table`); the heavy steps (TVM build, Core ML
+# version that predates the fixes, e.g. `scripts/bad_inputs_table.py`); the heavy steps (TVM build, Core ML
 # trace) are stubbed then, and a case that reaches one counts as "accepted".
 CLASSIFY = os.environ.get("PHI3_BADINPUT_CLASSIFY")
 
