@@ -79,6 +79,7 @@ def run_export(model: Path, package: Path, weights: str, context: int) -> dict:
         weights,
         "--context",
         str(context),
+        "--no-tokenizer-files",  # the random checkpoint has no tokenizer
         "--quiet",
     ]
     t0 = time.perf_counter()

@@ -35,14 +35,25 @@ def build_engine(
 
 def hf_incremental(hf, prompt: list[int], continuation: list[int]) -> np.ndarray:
     """transformers' logits for `prompt` (every position) then one row per continuation token, fed one at a
-    time through HF's own KV cache: the reference for prefill + decode (incl. LongRoPE's per-call choice)."""
+    time through HF's own KV cache the way `generate()` feeds them: when a LongRoPE sequence first grows past
+    original_max_position_embeddings, the cache is dropped and the whole sequence re-encoded (the rule of
+    Phi3ForCausalLM.prepare_inputs_for_generation). `test_generate_tokens_match_transformers` checks this
+    against `generate()` itself."""
+    lr = getattr(hf.config, "rope_scaling", None) or getattr(hf.config, "rope_parameters", None) or {}
+    orig = hf.config.original_max_position_embeddings if lr.get("rope_type") == "longrope" else None
+    seq = list(prompt)
     with torch.no_grad():
-        out = hf(torch.tensor([prompt]), use_cache=True)
+        out = hf(torch.tensor([seq]), use_cache=True)
         rows, cache = [out.logits[0].numpy()], out.past_key_values
         for t in continuation:
-            out = hf(torch.tensor([[t]]), cache=cache, use_cache=True)
+            seq.append(t)
+            if orig is not None and len(seq) >= orig + 1 and len(seq) - 1 <= orig:
+                out = hf(torch.tensor([seq]), use_cache=True)
+                rows.append(out.logits[0, -1:].numpy())
+            else:
+                out = hf(torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+                rows.append(out.logits[0].numpy())
             cache = out.past_key_values
-            rows.append(out.logits[0].numpy())
     return np.concatenate(rows)
 
 

@@ -15,8 +15,8 @@ from test_quantization import reference_quantize
 from tiny import make_tiny_checkpoint
 
 from toolkit.checkpoint import open_model
+from toolkit.checkpoint.mlc_format import tensor_cache as tc
 from toolkit.convert import converter as conv
-from toolkit.convert import tensor_cache as tc
 from toolkit.errors import UserError
 from toolkit.quantization import get_scheme
 from toolkit.quantization import group_quant as gq
@@ -158,9 +158,10 @@ def test_chat_config(converted) -> None:
     ):
         assert key in chat, key
     assert chat["model_type"] == "phi3" and chat["quantization"] == "q4f16_1"
-    assert chat["vocab_size"] == 512 and chat["sliding_window_size"] == 16
+    assert chat["vocab_size"] == 512 and chat["sliding_window_size"] == -1
     assert chat["model_config"]["hidden_size"] == 128
-    assert chat["tokenizer_files"] == ["tokenizer.json", "tokenizer_config.json"]
+    # the checkpoint's files, MLC's order; save_pretrained wrote generation_config.json
+    assert chat["tokenizer_files"] == ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
     for f in chat["tokenizer_files"]:
         assert (converted / f).is_file()
     tok = open_model(converted).tokenizer()
@@ -247,8 +248,20 @@ def test_cli_convert(ckpt, tmp_path) -> None:
 
     out = tmp_path / "cli-out"
     r = CliRunner().invoke(
-        main, ["convert", str(ckpt), "-q", "q4f16_1", "-o", str(out), "--clip", "rtn", "--no-progress",
-               "--param-names", "mlc"]
+        main,
+        [
+            "convert",
+            str(ckpt),
+            "-q",
+            "q4f16_1",
+            "-o",
+            str(out),
+            "--clip",
+            "rtn",
+            "--no-progress",
+            "--param-names",
+            "mlc",
+        ],
     )
     assert r.exit_code == 0, r.output
     assert "q4f16_1 (clip rtn)" in r.output and (out / "tensor-cache.json").is_file()
@@ -295,8 +308,9 @@ def test_weighted_clip_uses_activation_stats(ckpt, converted, tmp_path) -> None:
 
 def test_mlc_param_names(ckpt, converted, tmp_path) -> None:
     out = tmp_path / "mlc-names"
-    conv.convert(open_model(ckpt), "q4f16_1", out, clip="rtn", progress=False, shard_cap=SHARD_CAP,
-                 param_names="mlc")
+    conv.convert(
+        open_model(ckpt), "q4f16_1", out, clip="rtn", progress=False, shard_cap=SHARD_CAP, param_names="mlc"
+    )
     hf, mlc = open_model(converted).load_params(), open_model(out).load_params()
     assert "transformer.h.1.mixer.out_proj.q_weight" in mlc and "transformer.embd.q_scale" in mlc
     assert "transformer.h.0.ln.weight" in mlc and "lm_head.q_weight" in mlc
@@ -329,8 +343,9 @@ def test_cli_quant_report(ckpt, tmp_path) -> None:
     from toolkit.cli import main
 
     png = tmp_path / "report.png"
-    r = CliRunner().invoke(main, ["quant-report", str(ckpt), "-q", "q4f16_1", "-o", str(png), "--json",
-                                  "--no-progress"])
+    r = CliRunner().invoke(
+        main, ["quant-report", str(ckpt), "-q", "q4f16_1", "-o", str(png), "--json", "--no-progress"]
+    )
     assert r.exit_code == 0, r.output
     report = json.loads(r.output)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

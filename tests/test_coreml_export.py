@@ -3,18 +3,23 @@
 The packages are read back from disk (coremltools' milproto loader) and executed by our numpy interpreter
 against our torch model (itself checked against transformers in test_coreml_model.py). Tolerances are those of
 toolkit.coreml.verify: 3e-2 * max|logit| for fp16 storage (measured ~5e-3 relative), see its docstring.
+
+The interface is checked against a table written down from swift-transformers 1.3.3's source (below), not
+against the constants the exporter uses, so a rename on either side fails here.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from tiny import make_tiny_checkpoint
+from tiny import load_hf_model, make_tiny_checkpoint
 
 from toolkit.checkpoint import expected_tensor_shapes, open_model
 from toolkit.cli import main as cli
@@ -26,12 +31,36 @@ from toolkit.coreml.export import (
     read_export_metadata,
     weight_op_name,
 )
-from toolkit.coreml.mil_interpreter import load_program
+from toolkit.coreml.mil_interpreter import MILInterpreter, load_program
 from toolkit.coreml.verify import verify_package
 from toolkit.errors import UserError
 
 CONTEXT = 64
-SWIFT = Path(__file__).resolve().parents[1] / "examples" / "ios-coreml" / "Phi3Generator.swift"
+SWIFT_PACKAGE = Path(__file__).resolve().parents[1] / "examples" / "ios-coreml"
+
+# swift-transformers 1.3.3, Sources/Models/LanguageModel.swift (LanguageModel.Keys, contextRange,
+# kvCacheAvailability, LanguageModelWithStatefulKVCache.predictNextTokenScores):
+# feature name -> (kind, Core ML data type it creates or reads)
+SWIFT_TRANSFORMERS_FEATURES = {
+    "inputIds": ("input", "INT32"),  # MLTensor of Int32, (1, q); context range = last axis of its shape range
+    "causalMask": ("input", "FLOAT16"),  # MLTensor(zeros: [1, 1, 1, tokenCount + 1], Float16)
+    "logits": ("output", "FLOAT16"),  # rank 3, row q - 1 scores the next token
+    "keyCache": ("state", "FLOAT16"),  # both states present -> LanguageModelWithStatefulKVCache
+    "valueCache": ("state", "FLOAT16"),
+}
+# features whose presence changes what it does: attentionMask is fed too, presentKeys/Values select the
+# unsupported KV-cache-as-I/O path (fatalError)
+SWIFT_TRANSFORMERS_ABSENT = {"attentionMask", "presentKeys", "presentValues"}
+# user-defined metadata read (LanguageModel.modelName) and the rest of huggingface/exporters' keys
+HF_METADATA = {
+    "co.huggingface.exporters.name",
+    "co.huggingface.exporters.task",
+    "co.huggingface.exporters.architecture",
+    "co.huggingface.exporters.framework",
+    "co.huggingface.exporters.precision",
+}
+# Sources/Hub/Hub.swift loadConfig(modelFolder:): files read from the model folder
+MODEL_FOLDER_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json")
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +70,12 @@ def exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("coreml_export")
     out = {}
     ckpt = make_tiny_checkpoint(root / "phi4-mini", "phi4-mini")
-    res = export_coreml(ckpt, root / "phi4_int4.mlpackage", context=CONTEXT, progress=False)
+    (root / "phi4_int4").mkdir()  # one folder per export: the tokenizer files go next to the package
+    res = export_coreml(ckpt, root / "phi4_int4" / "phi4.mlpackage", context=CONTEXT, progress=False)
     out["int4"] = (ckpt, res.path)
     ckpt = make_tiny_checkpoint(root / "mini-4k", "mini-4k")
-    pkg = root / "mini4k_fp16.mlpackage"
+    (root / "mini4k_fp16").mkdir()
+    pkg = root / "mini4k_fp16" / "mini4k.mlpackage"
     args = [
         "export-coreml",
         str(ckpt),
@@ -58,7 +89,7 @@ def exports(tmp_path_factory):
     ]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
-    assert "wrote" in res.output and pkg.is_dir()
+    assert "wrote" in res.output and pkg.is_dir() and "tokenizer files" in res.output
     out["fp16"] = (ckpt, pkg)
     return out
 
@@ -68,22 +99,143 @@ def _ops(pkg: Path):
     return spec, prog, list(prog.functions["main"].operations)
 
 
-def test_spec_declares_inputs_states_and_flexible_length(exports):
+def test_spec_has_the_interface_swift_transformers_reads(exports):
     for mode, (ckpt, pkg) in exports.items():
-        spec, _, _ = _ops(pkg)
+        import coremltools as ct
+
+        spec = ct.models.MLModel(str(pkg), skip_model_load=True).get_spec()
+        _, prog = load_program(pkg)
         cfg = open_model(ckpt).config
         assert spec.WhichOneof("Type") == "mlProgram"
-        inputs = {i.name: i for i in spec.description.input}
-        assert set(inputs) == {"input_ids", "causal_mask"}
-        rng = inputs["input_ids"].type.multiArrayType.shapeRange.sizeRanges
-        assert (rng[1].lowerBound, rng[1].upperBound) == (1, CONTEXT)
-        states = {s.name: s for s in spec.description.state}
-        assert set(states) == {"keyCache", "valueCache"}
-        shape = tuple(states["keyCache"].type.stateType.arrayType.shape)
-        assert shape == (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, CONTEXT, cfg.head_dim)
-        assert [o.name for o in spec.description.output] == ["logits"]
-        meta = read_export_metadata(spec)
-        assert meta["weights"] == mode and meta["context"] == CONTEXT
+        desc = spec.description
+        features = {
+            **{f.name: ("input", f) for f in desc.input},
+            **{f.name: ("output", f) for f in desc.output},
+            **{f.name: ("state", f) for f in desc.state},
+        }
+        assert set(features) == set(SWIFT_TRANSFORMERS_FEATURES)
+        assert not SWIFT_TRANSFORMERS_ABSENT & set(features)
+        for name, (kind, dtype) in SWIFT_TRANSFORMERS_FEATURES.items():
+            got_kind, f = features[name]
+            assert got_kind == kind, name
+            array = f.type.stateType.arrayType if kind == "state" else f.type.multiArrayType
+            assert ct.proto.FeatureTypes_pb2.ArrayFeatureType.ArrayDataType.Name(array.dataType) == dtype, (
+                name
+            )
+
+        def ranges(name, f=features):
+            return [
+                (r.lowerBound, r.upperBound) for r in f[name][1].type.multiArrayType.shapeRange.sizeRanges
+            ]
+
+        # inputIds (1, q): swift-transformers takes min/max context from the last axis and needs max - min > 1
+        assert ranges("inputIds") == [(1, 1), (1, CONTEXT)]
+        # causalMask: one row whatever q is, width = tokens so far + 1, up to context + 1
+        (r0, r1, rows, width) = ranges("causalMask")
+        assert r0 == r1 == (1, 1) and rows == (1, CONTEXT) and width[0] <= 2 and width[1] == CONTEXT + 1
+        assert prog.functions["main"].outputs[0].rank == 3  # logits (1, q, vocab)
+        kv = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, CONTEXT, cfg.head_dim)
+        for state in ("keyCache", "valueCache"):
+            assert tuple(features[state][1].type.stateType.arrayType.shape) == kv
+        meta = dict(desc.metadata.userDefined)
+        assert HF_METADATA <= set(meta)
+        assert meta["co.huggingface.exporters.name"] == Path(ckpt).name  # no Hub id in a tiny config
+        assert meta["co.huggingface.exporters.task"] == "text-generation"
+        assert meta["co.huggingface.exporters.architecture"] == "Phi3ForCausalLM"
+        assert meta["co.huggingface.exporters.precision"] == mode
+        assert desc.metadata.shortDescription  # LanguageModel.description
+        ours = read_export_metadata(spec)
+        assert ours["weights"] == mode and ours["context"] == CONTEXT
+
+
+def test_tokenizer_files_next_to_the_package(exports):
+    """What AutoTokenizer.from(modelFolder:) and LanguageModel read: tokenizer_class, one EOS (the turn end),
+    integer bos/eos ids in config.json; the tokenizer.json encodes like the toolkit's tokenizer."""
+    import tokenizers
+
+    for ckpt, pkg in exports.values():
+        folder = pkg.parent
+        assert sorted(p.name for p in folder.iterdir()) == sorted([pkg.name, *MODEL_FOLDER_FILES])
+        tc = json.loads((folder / "tokenizer_config.json").read_text())
+        config = json.loads((folder / "config.json").read_text())
+        tk = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+        ours = open_model(ckpt).tokenizer()
+        assert tc["tokenizer_class"] in {"GPT2Tokenizer", "LlamaTokenizer", "PreTrainedTokenizer"}
+        assert tc["eos_token"] == "<|end|>" and tk.token_to_id("<|end|>") == config["eos_token_id"]
+        assert config["eos_token_id"] in ours.eos_token_ids
+        assert set(tc["toolkit_eos_token_ids"]) == ours.eos_token_ids
+        assert isinstance(config["bos_token_id"], int) and config["model_type"] == "phi3"
+        assert tc["model_max_length"] == CONTEXT
+        text = "Hello, my name is Phi. <|user|>naïve café 🙂<|end|>"
+        assert tk.encode(text).ids == ours.encode(text)  # as swift-transformers encodes (special tokens on)
+
+
+def test_tokenizer_json_adds_bos_when_the_model_wants_it(tmp_path):
+    """GGUF-built tokenizers leave BOS to the toolkit; swift-transformers only adds it via tokenizer.json."""
+    import tokenizers
+    from tiny_tokenizer import build_tiny_tokenizer
+
+    from toolkit.coreml.model_folder import write_model_folder
+    from toolkit.tokenizer import Tokenizer
+
+    tk = build_tiny_tokenizer(512)
+    bos = tk.token_to_id("<|endoftext|>")
+    tok = Tokenizer(tk, bos_token_id=bos, eos_token_ids={tk.token_to_id("<|end|>")}, add_bos=True)
+    cfg = open_model(make_tiny_checkpoint(tmp_path / "ck", "mini-4k")).config
+    src = SimpleNamespace(tokenizer=lambda: tok, kind="gguf", path=tmp_path / "m.gguf", config=cfg)
+    write_model_folder(src, tmp_path, context=32)
+    written = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert written.encode("Hello").ids == tok.encode("Hello") and tok.encode("Hello")[0] == bos
+    tc = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert tc["add_bos_token"] is True and tc["bos_token"] == "<|endoftext|>"
+    assert tc["tokenizer_class"] == "GPT2Tokenizer"  # byte-level BPE
+    assert json.loads((tmp_path / "config.json").read_text())["eos_token_id"] == tk.token_to_id("<|end|>")
+    assert tk.post_processor is None  # the source tokenizer was not modified
+
+
+def test_tokenizer_files_from_a_gguf_source(tmp_path):
+    """A GGUF carries no tokenizer.json: it is rebuilt from the GGUF vocabulary and encodes the same."""
+    import tokenizers
+
+    from toolkit.coreml.model_folder import write_model_folder
+    from toolkit.gguf_export import export_gguf
+
+    gguf = tmp_path / "m.gguf"
+    export_gguf(make_tiny_checkpoint(tmp_path / "ck", "mini-4k"), gguf, qtype="f16")
+    src = open_model(gguf)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert [p.name for p in write_model_folder(src, out, context=CONTEXT)] == list(MODEL_FOLDER_FILES)
+    tk = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
+    text = "Hello, my name is Phi. <|user|>naïve café 🙂<|end|>"
+    assert tk.encode(text).ids == src.tokenizer().encode(text)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "phi3" and config["eos_token_id"] == tk.token_to_id("<|end|>")
+    assert sorted(p.name for p in out.iterdir()) == sorted(MODEL_FOLDER_FILES)  # no temp files left
+
+
+def test_swift_transformers_call_pattern_generates_hf_greedy_tokens(exports):
+    """The package driven exactly as LanguageModelWithStatefulKVCache drives it (whole prompt, then the last
+    token; zero masks of width tokens + 1) produces transformers' greedy continuation; the 20 tokens cross
+    mini-4k's sliding window (16)."""
+    import torch
+
+    ckpt, pkg = exports["fp16"]
+    _, prog = load_program(pkg)
+    interp = MILInterpreter(prog)
+    prompt = np.random.default_rng(7).integers(0, 512, 12).tolist()
+    tokens = list(prompt)
+    while len(tokens) < 20:
+        ids = tokens if len(tokens) == len(prompt) else tokens[-1:]
+        mask = np.zeros((1, 1, 1, len(tokens) + 1), np.float16)
+        logits = interp.predict({"inputIds": np.array([ids], np.int32), "causalMask": mask})["logits"]
+        tokens.append(int(np.argmax(logits[0, -1])))
+    hf = load_hf_model(ckpt)
+    ref = list(prompt)
+    with torch.no_grad():
+        while len(ref) < 20:
+            ref.append(int(hf(torch.tensor([ref])).logits[0, -1].argmax()))
+    assert tokens == ref
 
 
 def test_int4_blockwise_on_linear_and_embedding_only(exports):
@@ -182,22 +334,40 @@ def test_bad_export_arguments_are_user_errors(exports, tmp_path):
         export_coreml(ckpt, tmp_path / "x.bin", context=16, progress=False)
     with pytest.raises(UserError, match="context"):
         export_coreml(ckpt, tmp_path / "x.mlpackage", context=10**6, progress=False)
+    with pytest.raises(UserError, match="context"):
+        export_coreml(ckpt, tmp_path / "x.mlpackage", context=2, progress=False)
     assert not list(tmp_path.iterdir())  # nothing partial left behind
+    no_tok = make_tiny_checkpoint(tmp_path / "no_tok", "mini-4k", tokenizer=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(UserError, match="--no-tokenizer-files"):
+        export_coreml(no_tok, out / "x.mlpackage", context=16, progress=False)
+    assert not list(out.iterdir())
 
 
-def test_swift_example_names_match_the_spec(exports):
-    _, pkg = exports["int4"]
-    spec, _, _ = _ops(pkg)
-    source = SWIFT.read_text()
-    names = dict(re.findall(r'^let (\w+)Name = "(\w+)"', source, flags=re.M))
-    assert names["inputIds"] == "input_ids" and names["causalMask"] == "causal_mask"
-    assert {names["inputIds"], names["causalMask"]} == {i.name for i in spec.description.input}
-    assert names["logits"] in {o.name for o in spec.description.output}
-    assert {names["keyCacheState"], names["valueCacheState"]} == {s.name for s in spec.description.state}
-    # every feature the Swift code passes or reads goes through these constants
-    assert "makeState()" in source and "prediction(from: inputs, using: state)" in source
-    for used in ("inputIdsName", "causalMaskName", "logitsName"):
-        assert source.count(used) >= 2
+def test_swift_package_uses_swift_transformers_at_the_pinned_version():
+    from toolkit.coreml.swift_transformers import SWIFT_TRANSFORMERS_VERSION
+
+    manifest = (SWIFT_PACKAGE / "Package.swift").read_text()
+    pin = re.search(r'swift-transformers", exact: "([\d.]+)"', manifest)
+    assert pin and pin.group(1) == SWIFT_TRANSFORMERS_VERSION == "1.3.3"
+    source = "\n".join(
+        p.read_text() for p in sorted(SWIFT_PACKAGE.rglob("*.swift")) if p.name != "Package.swift"
+    )
+    # loading, tokenizer, state and generation all go through swift-transformers' API ...
+    for call in (
+        "LanguageModel.loadCompiled(",
+        "AutoTokenizer.from(modelFolder:",
+        "resetState()",
+        "model.generate(config:",
+        "applyChatTemplate(",
+        "doSample",
+    ):
+        assert call in source, call
+    # ... and no feature name or hand-made mask appears in the app code: LanguageModel owns the interface
+    for name in SWIFT_TRANSFORMERS_FEATURES:
+        assert f'"{name}"' not in source, name
+    assert "MLMultiArray" not in source and "prediction(" not in source
 
 
 @pytest.mark.parametrize("bits,block", [(4, INT4_BLOCK), (8, 0)])

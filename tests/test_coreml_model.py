@@ -15,7 +15,7 @@ import torch
 from tiny import load_hf_model, make_tiny_checkpoint
 
 from toolkit.checkpoint import open_model
-from toolkit.coreml.torch_model import Phi3ForExport, causal_mask, generate_logits
+from toolkit.coreml.torch_model import Phi3ForExport, causal_mask, generate_logits, mask_input
 
 ATOL = 1e-4
 VARIANTS = ["mini-4k", "mini-128k", "medium", "phi4-mini"]
@@ -104,6 +104,26 @@ def test_causal_mask_follows_hf_sliding_window():
     assert allowed[0].nonzero()[0].tolist() == [2, 3, 4, 5]
     assert allowed[2].nonzero()[0].tolist() == [4, 5, 6, 7]
     assert np.isfinite(causal_mask(0, 4)[0, 0]).sum() == 10  # plain causal
+
+
+def test_mask_input_only_adds_to_the_built_in_rule(checkpoints):
+    """swift-transformers' zero mask (1 row) and a full HF-rule mask (q rows, -inf) give the same logits: the
+    model applies causality and the sliding window itself; an extra -inf column does mask a key."""
+    model = _ours(checkpoints["mini-4k"])
+    prompt = torch.tensor([_tokens(20)], dtype=torch.int32)
+    with torch.no_grad():
+        model.reset_cache()
+        zeros = model(prompt, torch.from_numpy(mask_input(0, 20)))
+        full = np.concatenate([causal_mask(0, 20, sliding_window=16), np.zeros((1, 1, 20, 1))], -1)
+        model.reset_cache()
+        explicit = model(prompt, torch.from_numpy(full.astype(np.float32)))
+        blocked = mask_input(0, 20)
+        blocked[..., 5] = -np.inf  # key 5, seen by queries 5..20
+        model.reset_cache()
+        masked = model(prompt, torch.from_numpy(blocked))
+    assert torch.equal(zeros, explicit)
+    diff = (masked - zeros).abs().amax(-1)[0]
+    assert diff[:5].max() == 0 and diff[5:].min() > 1e-3
 
 
 def test_cache_overflow_is_an_error(checkpoints):

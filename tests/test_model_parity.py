@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from engine_util import build_engine, hf_incremental, rel_err
 from tiny import load_hf_model, make_tiny_checkpoint
 
@@ -96,8 +97,9 @@ def test_decode_through_cache_equals_full_recompute(setup):
 
 
 def test_longrope_switches_exactly_at_original_max(setup):
-    """Decode steps at positions 15 (short factors: 15 + 1 = 16 is not > 16) and 16 (long) match HF, and
-    the two factor sets really give different logits there (so the match is not by accident)."""
+    """Decode steps at positions 15 (short factors: 15 + 1 = 16 is not > 16) and 16 (the sequence grows past
+    original_max: re-encoded with the long factors, as transformers' generate() does) match HF, and the
+    re-encode really changes the logits there (so the match is not by accident)."""
     variant, eng, hf = setup
     if eng.cfg.longrope is None:
         return
@@ -109,16 +111,33 @@ def test_longrope_switches_exactly_at_original_max(setup):
     eng.remove_sequence(sid)
     ref = hf_incremental(hf, prompt, [7, 7])
     assert rel_err(at15, ref[15]) < TOL and rel_err(at16, ref[16]) < TOL, variant
-    # same token at position 16 with the short factors (rope_long forced to 0) must differ clearly
-    sid = eng.add_sequence()
-    eng.prefill(sid, prompt + [7])
-    eng._rope_long = lambda last, n: np.zeros((n,), "int32")  # type: ignore[method-assign]
-    try:
-        short16 = eng.decode(sid, 7)
-    finally:
-        del eng._rope_long
-        eng.remove_sequence(sid)
-    assert rel_err(short16, ref[16]) > 1e-2, variant
+    # HF's model alone (cache kept, only the new token long) gives clearly different logits at 16
+    with torch.no_grad():
+        out = hf(torch.tensor([prompt + [7]]), use_cache=True)
+        kept = hf(torch.tensor([[7]]), past_key_values=out.past_key_values, use_cache=True).logits[0, -1]
+    assert rel_err(at16, kept.numpy()) > 1e-2, variant
+
+
+def test_generate_tokens_match_transformers(setup):
+    """Greedy tokens and every step's logits equal transformers' own generate(), across the LongRoPE switch
+    (mini-128k, phi4-mini: 12 + 10 > 16) and the sliding window (mini-4k: 16)."""
+    variant, eng, hf = setup
+    rng = np.random.default_rng(7)
+    prompt = rng.integers(3, eng.cfg.vocab_size, 12).tolist()
+    ours, toks = _greedy_run(eng, prompt, 10)
+    hf.generation_config.eos_token_id = None  # greedy over all 10 steps, as ours
+    with torch.no_grad():
+        gen = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=10,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
+    assert gen.sequences[0, len(prompt) :].tolist() == toks, variant
+    steps = np.concatenate([lg.numpy() for lg in gen.logits])
+    assert rel_err(ours[len(prompt) - 1 : len(prompt) - 1 + 10], steps) < TOL, variant
 
 
 def test_fp16_model_dtype(tmp_path):

@@ -114,7 +114,7 @@ def test_convert_killed_midway_leaves_nothing_and_the_rerun_works(tmp_path, ckpt
     out = tmp_path / "q"
     code = (
         "import sys, time\n"
-        "import toolkit.convert.tensor_cache as tc\n"
+        "import toolkit.checkpoint.mlc_format.tensor_cache as tc\n"
         "real = tc.TensorCacheWriter.add\n"
         "def slow(self, n, a):\n"
         "    real(self, n, a); print('writing', flush=True); time.sleep(30)\n"
@@ -143,21 +143,20 @@ def fake_compile(monkeypatch, tmp_path):
 
     calls = []
 
-    def fake_into(cfg, opts, preset, tmp, out_dir):
+    def fake_build(cfg, quantization, preset, out_dir, **_options):
+        from toolkit.targets import load_preset
+
+        tmp = cm._temp_dir(out_dir)
+        tmp.mkdir(parents=True)
         (tmp / "model.so").write_bytes(b"\x7fELF" + b"\0" * 100)
-        manifest = write_manifest(
-            tmp,
-            preset,
-            opts.quantization,
-            cfg,
-            [],
-            extra={"library": "model.so", "params": [], "dtype": "f32"},
-        )
+        extra = {"library": "model.so", "params": [], "dtype": "f32"}
+        preset = load_preset(preset) if isinstance(preset, str) else preset
+        manifest = write_manifest(tmp, preset, quantization, cfg, [], extra=extra)
         cm.replace_dir(tmp, out_dir)
         calls.append(out_dir)
         return cm.CompiledModel(out_dir, manifest)
 
-    monkeypatch.setattr(cm, "_compile_into", fake_into)
+    monkeypatch.setattr(cm, "_build_library", fake_build)
     return calls
 
 
@@ -197,8 +196,8 @@ def test_damaged_converted_weights_cache_is_rebuilt_with_a_notice(ckpt, tmp_path
     import tvm
 
     from toolkit.checkpoint import open_model
+    from toolkit.checkpoint.mlc_format import read_cache_json
     from toolkit.compile.compile_model import CompiledModel
-    from toolkit.convert.tensor_cache import read_cache_json
     from toolkit.runtime.weights import converted_weights_dir, load_params
 
     src = open_model(ckpt)

@@ -11,6 +11,7 @@ import pytest
 from bad_util import assert_clean_failure, run, snapshot
 
 from toolkit.cli import main
+from toolkit.coreml.export import MAX_CONTEXT  # Core ML's uint16 index casts
 
 M = "/nonexistent-model"
 
@@ -65,7 +66,7 @@ PAST = [
     # export-coreml / verify-coreml
     ("export-coreml", ["-o", "x.mlpackage", "--context", "0"], "--context"),
     ("export-coreml", ["-o", "x.mlpackage", "--context", "-1"], "--context"),
-    ("export-coreml", ["-o", "x.mlpackage", "--context", "65536"], "--context"),
+    ("export-coreml", ["-o", "x.mlpackage", "--context", str(MAX_CONTEXT + 1)], "--context"),
     ("export-coreml", ["-o", "x.mlpackage", "--weights", "int3"], "--weights"),
     ("verify-coreml", ["--decode-steps", "-1"], "--decode-steps"),
     ("verify-coreml", ["--prompt-len", "0"], "--prompt-len"),
@@ -125,7 +126,7 @@ AT_BOUND = [
     ("eval", ["--ppl", "x", "--context", "2", "--stride", "1", "--max-tokens", "2"]),
     ("convert", ["-o", "o", "--context-window", "1", "--prefill-chunk", "1"]),
     ("export-coreml", ["-o", "x.mlpackage", "--context", "1"]),
-    ("export-coreml", ["-o", "x.mlpackage", "--context", "65535"]),
+    ("export-coreml", ["-o", "x.mlpackage", "--context", str(MAX_CONTEXT)]),
     ("verify-coreml", ["--decode-steps", "0", "--prompt-len", "1", "--seed", "0"]),
     ("bench", ["--threads", "1", "--decode-tokens", "1", "--repeats", "1", "--warmup", "0"]),
     ("tune", ["--trials", "1", "--kernels", "1", "--min-gain", "0"]),

@@ -7,19 +7,27 @@ with dequantized float32 weights, so tools that read any checkpoint (inspect, re
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from ..convert.converter import CHAT_CONFIG, config_from_chat_config, quantized_param_names, to_mlc_name
-from ..convert.tensor_cache import iter_tensor_cache, read_cache_json
 from ..errors import UserError
 from ..quantization import QuantScheme, get_scheme
 from ..quantization import group_quant as gq
 from . import ModelSource, expected_tensor_shapes
+from .mlc_format import (
+    CHAT_CONFIG,
+    MODEL_TYPES,
+    MLCChatConfig,
+    config_from_model_config,
+    iter_tensor_cache,
+    our_template_name,
+    param_renamer,
+    quantized_param_names,
+    read_cache_json,
+    read_chat_config,
+)
 
 
 class MLCSource(ModelSource):
@@ -28,23 +36,21 @@ class MLCSource(ModelSource):
     def __init__(self, path: Path) -> None:
         path = Path(path)
         cfg_path = path / CHAT_CONFIG
-        try:
-            chat = json.loads(cfg_path.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read {CHAT_CONFIG} ({e})", cfg_path) from None
-        if not isinstance(chat, dict):
-            raise UserError("not a JSON object", cfg_path)
-        if chat.get("model_type") != "phi3":
-            raise UserError(f"model_type {chat.get('model_type')!r} is not phi3", cfg_path)
-        self.chat_config: dict[str, Any] = chat
-        self.scheme: QuantScheme = get_scheme(chat.get("quantization", "?"))
-        config = config_from_chat_config(chat, cfg_path)
-        conv = chat.get("conv_template")
-        super().__init__(path, config, conv if isinstance(conv, str) else "phi3")
+        chat = read_chat_config(path)
+        if chat.arch not in MODEL_TYPES:
+            raise UserError(
+                f"model_type {chat.arch!r} is not one this toolkit runs ({', '.join(MODEL_TYPES)})", cfg_path
+            )
+        self.chat_config: MLCChatConfig = chat
+        self.scheme: QuantScheme = get_scheme(chat.quantization)
+        config = config_from_model_config(chat.params, cfg_path)
+        toolkit_info = chat.toolkit or {}
+        # our template as recorded at conversion, else the one rendering MLC's template; raw when neither
+        conv = toolkit_info.get("conv_template") or our_template_name(chat.conv_template) or "raw"
+        super().__init__(path, config, conv)
         self._shapes = expected_tensor_shapes(config)
-        toolkit_info = chat.get("toolkit") if isinstance(chat.get("toolkit"), dict) else {}
-        # stored names are HF names unless converted with --param-names mlc (MLC-LLM's own Phi-3 names)
-        self._rename = to_mlc_name if toolkit_info.get("param_names") == "mlc" else (lambda n: n)
+        # stored names are HF names unless converted with --param-names mlc (MLC-LLM's names)
+        self._rename = param_renamer(toolkit_info.get("param_names", "hf"), chat.arch)
         # stored param name -> (shape, dtype) from tensor-cache.json; checked against the config
         self._stored: dict[str, tuple[tuple[int, ...], str]] = {}
         for shard in read_cache_json(path)["records"]:
@@ -98,6 +104,10 @@ class MLCSource(ModelSource):
     # ---- stored (runtime) form ------------------------------------------------------------------------
     def param_names(self) -> list[str]:
         return list(self._stored)
+
+    def stored_dtype(self, name: str) -> str | None:
+        """dtype of stored param `name` in tensor-cache.json (None if absent)."""
+        return self._stored[name][1] if name in self._stored else None
 
     def iter_params(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
         """(param name, stored array) shard by shard (q4: uint32 codes + scales); each shard's md5 checked."""

@@ -44,14 +44,14 @@ from .options import quantization_choice
     "--prefill-chunk",
     type=click.IntRange(1),
     default=None,
-    help="prefill_chunk_size (default: min(context, 2048)).",
+    help="prefill_chunk_size (default: min(context, 8192), like MLC).",
 )
 @click.option(
     "--param-names",
     type=click.Choice(["hf", "mlc"]),
     default="hf",
     show_default=True,
-    help="hf: our compiled models' names; mlc: MLC-LLM's Phi-3 names (for MLC-compiled libraries).",
+    help="hf: our compiled models' names; mlc: MLC-LLM's names (for MLC-compiled libraries).",
 )
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle .bin checkpoints (unsafe).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")

@@ -23,9 +23,17 @@ from ..coreml.export import DEFAULT_CONTEXT, MAX_CONTEXT, WEIGHT_MODES
     show_default=True,
     help="int4: per-block 32 along the input axis; int8: per output channel; fp16: unquantized.",
 )
+@click.option(
+    "--no-tokenizer-files",
+    is_flag=True,
+    help="Do not write tokenizer.json, tokenizer_config.json and config.json next to the package.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def command(model: str | None, output: str, context: int | None, weights: str, quiet: bool) -> None:
-    """Export MODEL (HF folder, GGUF, converted folder; default: the embedded model) to Core ML."""
+def command(
+    model: str | None, output: str, context: int | None, weights: str, no_tokenizer_files: bool, quiet: bool
+) -> None:
+    """Export MODEL (HF folder, GGUF, converted folder; default: the embedded model) to Core ML, laid out for
+    swift-transformers' LanguageModel (see examples/ios-coreml)."""
     from ..coreml.export import export_coreml
     from ..locks import output_lock
     from ..outputs import check_output_dir, model_input_path
@@ -39,10 +47,19 @@ def command(model: str | None, output: str, context: int | None, weights: str, q
         what="a Core ML package",
     )
     with output_lock(output):  # one writer per package; temp folders of killed runs are cleared
-        result = export_coreml(model, output, context=context, weights=weights, progress=not quiet)
+        result = export_coreml(
+            model,
+            output,
+            context=context,
+            weights=weights,
+            progress=not quiet,
+            tokenizer_files=not no_tokenizer_files,
+        )
     click.echo(
         f"wrote {result.path} ({result.size_bytes / 2**20:.1f} MiB, weights {result.weights}, "
         f"context {result.context}) in {result.seconds:.1f} s ("
         + ", ".join(f"{k} {v:.1f} s" for k, v in result.stage_seconds.items())
         + ")"
     )
+    if result.files:
+        click.echo("tokenizer files: " + ", ".join(str(f) for f in result.files))

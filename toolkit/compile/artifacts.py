@@ -124,6 +124,17 @@ def kernel_launch_table(scheduled_mod, target) -> list[dict]:
     return table
 
 
+def vm_function_table(executable) -> dict[str, int]:
+    """{Relax VM function: number of inputs} of an executable, read from its bytecode listing (works for
+    any target: the executable needs no loading)."""
+    import re
+
+    return {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(r'ib\.function\("([^"]+)", num_inputs=(\d+)\)', executable.as_python())
+    }
+
+
 # -- export -----------------------------------------------------------------------------------------------
 def export_library(executable, path: str | Path, preset: Preset) -> dict:
     """Write the preset's library file; returns build notes (e.g. fatbin sizes for CUDA)."""

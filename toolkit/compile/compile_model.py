@@ -36,8 +36,10 @@ from .artifacts import (
     export_library,
     kernel_launch_table,
     verify_manifest,
+    vm_function_table,
     write_manifest,
 )
+from .attach_metadata import Limits, attach_metadata, memory_usage, model_metadata
 
 LIB_NAME = "model"  # model.so / model.tar / model.dylib
 
@@ -86,35 +88,71 @@ class CompiledModel:
         return [p["name"] for p in self.manifest["params"]]
 
 
-def compile_model(
-    cfg: Phi3Config, quantization: str, preset: Preset | str, out_dir: str | Path, *, dtype: str | None = None
-) -> CompiledModel:
-    """Build the library into `out_dir` (written to a temp folder, renamed when complete).
+def system_lib_prefix(cfg: Phi3Config, quantization: str) -> str:
+    """MLC's default prefix for a static library (`{model_type}_{quantization}_`, '-' as '_'): an app's
+    `model_lib` "phi3_q4f16_1" loads it as `system://phi3_q4f16_1`."""
+    return f"{cfg.source_arch}_{quantization}_".replace("-", "_")
 
-    `dtype` overrides the activation dtype (default: see `graph_options`)."""
-    preset = load_preset(preset) if isinstance(preset, str) else preset
-    opts = graph_options(quantization, preset, dtype)
+
+def compile_model(
+    cfg: Phi3Config, quantization: str, preset: Preset | str, out_dir: str | Path, **options: Any
+) -> CompiledModel:
+    """Build the library into `out_dir` (see `_build_library` for `options`): never over a folder that is not
+    an earlier compile output, one writer at a time, no partial folder left when the build fails."""
     out_dir = check_compile_output(out_dir)
     with output_lock(out_dir):  # one writer at a time; it also clears temp folders of dead runs
         check_compile_output(out_dir)  # what the writer before us left must still be ours to replace
-        tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         try:
-            return _compile_into(cfg, opts, preset, tmp, out_dir)
+            return _build_library(cfg, quantization, preset, out_dir, **options)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # a failed (or interrupted) build leaves no partial folder
+            shutil.rmtree(_temp_dir(out_dir), ignore_errors=True)  # gone once renamed; a failure's leftovers
 
 
-def _compile_into(
-    cfg: Phi3Config, opts: GraphOptions, preset: Preset, tmp: Path, out_dir: Path
+def _temp_dir(out_dir: Path) -> Path:
+    return out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+
+
+def _build_library(
+    cfg: Phi3Config,
+    quantization: str,
+    preset: Preset | str,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    limits: Limits | None = None,
+    lib_prefix: str | None = None,
 ) -> CompiledModel:
+    """Build the library into `out_dir` (written to a temp folder, renamed when complete).
+
+    `dtype` overrides the activation dtype (default: see `graph_options`); `limits` the sizes recorded in
+    `_metadata` (default: MLC's); `lib_prefix` a static library's symbol prefix (default: MLC's)."""
+    preset = load_preset(preset) if isinstance(preset, str) else preset
+    opts = graph_options(quantization, preset, dtype)
     target = preset.target
+    out_dir = Path(out_dir)
+    tmp = _temp_dir(out_dir)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     if preset.kind == "vulkan":
         from ..backends import vulkan  # noqa: F401  (registers target.build.vulkan, which the wheel lacks)
     t0 = time.time()
     mod, named_params = export_phi3(cfg, opts, target)
-    ex, scheduled = pipeline.build(mod, target, schedule_fn(preset), system_lib=preset.system_lib)
+    limits = limits or Limits.default(cfg)
+    prefix = system_lib_prefix(cfg, opts.quantization) if lib_prefix is None else lib_prefix
+    metadata = model_metadata(cfg, opts.quantization, limits, named_params)
+
+    def with_metadata(scheduled: IRModule) -> IRModule:
+        metadata["memory_usage"] = memory_usage(scheduled, target, limits)
+        return attach_metadata(scheduled, metadata)
+
+    ex, scheduled = pipeline.build(
+        mod,
+        target,
+        schedule_fn(preset),
+        system_lib=preset.system_lib,
+        system_lib_prefix=prefix,
+        attach=with_metadata,
+    )
     lib_file = LIB_NAME + preset.output
     notes = export_library(ex, tmp / lib_file, preset)
     check_object_format(tmp / lib_file, preset)  # real object code for the preset's triple
@@ -127,6 +165,14 @@ def _compile_into(
             {"name": n, "shape": [int(x) for x in p.shape], "dtype": p.dtype} for n, p in named_params
         ],
         "compile_seconds": round(time.time() - t0, 2),
+        "system_lib_prefix": prefix if preset.system_lib else None,
+        "vm_functions": vm_function_table(ex),
+        "mlc_metadata": metadata,
+        "limits": {
+            "context_window_size": limits.context_window_size,
+            "prefill_chunk_size": limits.prefill_chunk_size,
+            "max_batch_size": limits.max_batch_size,
+        },
         "build": notes,
     }
     manifest = write_manifest(tmp, preset, opts.quantization, cfg, kernels, extra=extra)

@@ -180,9 +180,11 @@ def _flat(buf):
 
 
 def decode_attention_cpu(
-    h_kv: int, h_qo: int, d: int, dtype: str, sliding_window: bool, page_size: int
+    h_kv: int, h_qo: int, d: int, dtype: str, sliding_window: bool, page_size: int, mask_window: int = 0
 ) -> tirx.PrimFunc:
-    """TVM's `batch_decode_paged_kv_cpu[_sliding_window]`: one query row per sequence against its pages."""
+    """TVM's `batch_decode_paged_kv_cpu[_sliding_window]`: one query row per sequence against its pages.
+    `mask_window` W > 0 (plain kernel only): the query, the last key, sees the last W keys (HF's window
+    0 <= q - k < W over a cache that keeps every token, so positions stay absolute)."""
     assert d % LANES == 0 and h_qo % h_kv == 0
     group, pg, nh = h_qo // h_kv, _Pages(h_kv, d, page_size, sliding_window), heads_per_task(h_qo)
     attend = _attend(d, nh, group, pg.row_offset, pg.head_stride)
@@ -209,18 +211,29 @@ def decode_attention_cpu(
             h0: T.int32 = task % (h_qo // nh) * nh
             begin: T.int32 = indptr[b]
             n: T.int32 = pg.keys_of(b, indptr, length_info)
+            lo: T.int32 = T.max(n - mask_window, 0) if mask_window > 0 else 0
             attend(qf, (b * h_qo + h0) * d, pf, pf, pg.v_shift, (values, begin, b, length_info), h0,
-                   0, n, sm_scale * T.float32(LOG2E), of, (b * h_qo + h0) * d, lf, b * h_qo + h0)
+                   lo, n, sm_scale * T.float32(LOG2E), of, (b * h_qo + h0) * d, lf, b * h_qo + h0)
     # fmt: on
 
     return kernel
 
 
 def prefill_paged_attention_cpu(
-    h_kv: int, h_qo: int, d: int, dtype: str, sliding_window: bool, page_size: int, window: int
+    h_kv: int,
+    h_qo: int,
+    d: int,
+    dtype: str,
+    sliding_window: bool,
+    page_size: int,
+    window: int,
+    mask_window: int = 0,
 ) -> tirx.PrimFunc:
     """TVM's `batch_prefill_paged_kv_cpu[_sliding_window]`: a chunk of query rows per sequence against the
-    keys already in its pages (all of them, or with causal + sliding window those the window reaches)."""
+    keys already in its pages (all of them, or with causal + sliding window those the window reaches).
+    `mask_window` W > 0 (plain kernel only): query row i sits at absolute position n - n_q + i when causal
+    (the pages hold the chunk too) and n + i when not (the pages hold only the keys before the chunk, TVM's
+    split of a chunk into ragged + paged attention); it sees keys from that position - W + 1 on."""
     assert d % LANES == 0 and h_qo % h_kv == 0
     group, pg, nh = h_qo // h_kv, _Pages(h_kv, d, page_size, sliding_window), heads_per_task(h_qo)
     attend = _attend(d, nh, group, pg.row_offset, pg.head_stride)
@@ -232,6 +245,12 @@ def prefill_paged_attention_cpu(
 
     def end_key(n, n_q, i):
         return n if w > 0 else T.min(n, n - n_q + i + 1)
+
+    def window_first(causal, n, n_q, i, lo):
+        if mask_window <= 0:
+            return lo
+        q_pos = T.if_then_else(causal > 0, n - n_q + i, n + i)
+        return T.max(lo, q_pos - mask_window + 1)
 
     # fmt: off
     @T.prim_func(private=True)
@@ -260,8 +279,9 @@ def prefill_paged_attention_cpu(
             for t in T.parallel(h_qo // nh * n_q):
                 h0: T.int32 = t // n_q * nh
                 row: T.int32 = q_indptr[b] + t % n_q
-                lo: T.int32 = T.if_then_else(causal > 0, first_key(n, t % n_q), 0)
-                hi: T.int32 = T.if_then_else(causal > 0, end_key(n, n_q, t % n_q), n)
+                lo: T.int32 = window_first(
+                    causal, n, n_q, t % n_q, T.if_then_else(causal > 0, first_key(n, t % n_q), 0))
+                hi: T.int32 = T.max(T.if_then_else(causal > 0, end_key(n, n_q, t % n_q), n), lo)
                 attend(qf, (row * h_qo + h0) * d, pf, pf, pg.v_shift, (values, begin, b, length_info), h0,
                        lo, hi, sm_scale * T.float32(LOG2E), of, (row * h_qo + h0) * d, lf, row * h_qo + h0)
     # fmt: on
@@ -269,9 +289,12 @@ def prefill_paged_attention_cpu(
     return kernel
 
 
-def prefill_ragged_attention_cpu(h_kv: int, h_qo: int, d: int, dtype: str) -> tirx.PrimFunc:
+def prefill_ragged_attention_cpu(
+    h_kv: int, h_qo: int, d: int, dtype: str, mask_window: int = 0
+) -> tirx.PrimFunc:
     """TVM's `batch_prefill_ragged_kv` (cpu): a chunk of query rows per sequence against that chunk's own
-    keys and values (contiguous [len, H_kv, d]), causal or not."""
+    keys and values (contiguous [len, H_kv, d]), causal or not. `mask_window` W > 0: a causal query row sees
+    at most the last W of them (itself included)."""
     assert d % LANES == 0 and h_qo % h_kv == 0
     group, nh = h_qo // h_kv, heads_per_task(h_qo)
 
@@ -308,7 +331,8 @@ def prefill_ragged_attention_cpu(h_kv: int, h_qo: int, d: int, dtype: str) -> ti
                 h0: T.int32 = t // n_q * nh
                 row: T.int32 = q_indptr[b] + t % n_q
                 hi: T.int32 = T.if_then_else(causal > 0, T.min(n, n - n_q + t % n_q + 1), n)
-                attend(qf, (row * h_qo + h0) * d, kf, vf, 0, kv_indptr[b], h0, 0, hi,
+                lo: T.int32 = T.if_then_else(causal > 0 and mask_window > 0, T.max(hi - mask_window, 0), 0)
+                attend(qf, (row * h_qo + h0) * d, kf, vf, 0, kv_indptr[b], h0, lo, hi,
                        sm_scale * T.float32(LOG2E), of, (row * h_qo + h0) * d, lf, row * h_qo + h0)
     # fmt: on
 
@@ -319,7 +343,7 @@ def _shape(func: tirx.PrimFunc, index: int) -> list[int]:
     return [int(x) for x in func.params[index].shape if isinstance(x, tirx.IntImm)]
 
 
-def _ours(func: tirx.PrimFunc, symbol: str, window: int) -> tirx.PrimFunc | None:
+def _ours(func: tirx.PrimFunc, symbol: str, window: int, mask_window: int) -> tirx.PrimFunc | None:
     """Our kernel for TVM's kernel `func` (named by its global symbol), or None to keep TVM's."""
     if not symbol.startswith(SYMBOLS):
         return None
@@ -329,28 +353,31 @@ def _ours(func: tirx.PrimFunc, symbol: str, window: int) -> tirx.PrimFunc | None
         return None
     if symbol.startswith("batch_decode_paged_kv_cpu"):
         _, h_kv, page_size, _ = _shape(func, 1)  # pages: [P, 2, H_kv, page_size, d]
-        return decode_attention_cpu(h_kv, h_qo, d, dtype, symbol.endswith("_sliding_window"), page_size)
+        sliding = symbol.endswith("_sliding_window")
+        return decode_attention_cpu(h_kv, h_qo, d, dtype, sliding, page_size, 0 if sliding else mask_window)
     if symbol.startswith("batch_prefill_paged_kv_cpu"):
         _, h_kv, page_size, _ = _shape(func, 2)
         sliding = symbol.endswith("_sliding_window")
-        return prefill_paged_attention_cpu(h_kv, h_qo, d, dtype, sliding, page_size, window)
+        mask = 0 if sliding else mask_window
+        return prefill_paged_attention_cpu(h_kv, h_qo, d, dtype, sliding, page_size, window, mask)
     if symbol == "batch_prefill_ragged_kv" and len(func.params) == 14:
         h_kv, d_k = _shape(func, 2)
         h_v, d_v = _shape(func, 3)
         if (d_k, h_v, d_v) == (d, h_kv, d):
-            return prefill_ragged_attention_cpu(h_kv, h_qo, d, dtype)
+            return prefill_ragged_attention_cpu(h_kv, h_qo, d, dtype, mask_window)
     return None
 
 
-def replace_attention(mod: IRModule, sliding_window_size: int) -> IRModule:
+def replace_attention(mod: IRModule, sliding_window_size: int, mask_window: int = 0) -> IRModule:
     """`mod` with TVM's CPU attention kernels (decode, paged prefill, ragged prefill; found by global symbol)
     replaced by ours under the same global var and attributes. `sliding_window_size` is the window the
-    paged prefill kernel's mask was built with. Shapes we don't cover keep TVM's kernel."""
+    paged prefill kernel's mask was built with; `mask_window` W > 0 makes the plain kernels apply HF's
+    sliding window themselves (see the kernels). Shapes we don't cover keep TVM's kernel."""
     updates = {}
     for gv, func in mod.functions.items():
         if not isinstance(func, tirx.PrimFunc) or func.attrs is None:
             continue
-        new = _ours(func, str(func.attrs.get("global_symbol", "")), sliding_window_size)
+        new = _ours(func, str(func.attrs.get("global_symbol", "")), sliding_window_size, mask_window)
         if new is not None:
             attrs = dict(func.attrs.items())
             attrs.update({"tirx.is_scheduled": True, "tirx.noalias": True})

@@ -26,9 +26,7 @@ from tvm.script import tirx as T
 MASK = 0x0F0F0F0F  # low nibble of every byte of a word
 
 
-def q8_dot_gemv(
-    func: tirx.PrimFunc, q, *, rows: int = 1, tile: int = 16
-) -> tirx.PrimFunc:
+def q8_dot_gemv(func: tirx.PrimFunc, q, *, rows: int = 1, tile: int = 16) -> tirx.PrimFunc:
     """`func` (a `_Q4Matmul` match `q`: x, q_weight, q_scale, out, optional residual `other`) as the int8
     dot-product kernel: same parameters, same result up to activation rounding.
 

@@ -56,22 +56,57 @@ def finalize(mod: IRModule, target: tvm.target.Target) -> IRModule:
         return seq(mod)
 
 
+def with_symbol_prefix(mod: IRModule, prefix: str) -> IRModule:
+    """Every kernel renamed `<prefix><name>` (its C symbol and the name the VM calls it by), and the prefix
+    recorded for codegen, which names the system library after it, so one app can link several models.
+    Done after AttachGlobalSymbol instead of through its own prefix option, whose call-site rewrite breaks
+    on Metal's simdgroup kernels in TVM 0.27 (TypeError on `T.type_annotation`)."""
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    bb = relax.BlockBuilder()
+    renamed = {}  # old GlobalVar -> new one, typed by the BlockBuilder
+    for gv, f in mod.functions.items():
+        if not isinstance(f, relax.Function):
+            name = gv.name_hint if gv.name_hint.startswith(prefix) else prefix + gv.name_hint
+            f = f.with_attr("global_symbol", name) if isinstance(f, tvm.tirx.PrimFunc) else f
+            renamed[gv] = bb.add_func(f, name)
+
+    @mutator
+    class _Rename(PyExprMutator):
+        def visit_global_var_(self, op: tvm.ir.GlobalVar) -> relax.Expr:
+            return renamed.get(op, op)
+
+    rename = _Rename(bb.get())
+    out = bb.get()
+    for gv, f in mod.functions.items():
+        if isinstance(f, relax.Function):
+            out[gv] = rename.visit_expr(f)
+    return IRModule(dict(out.functions.items()), attrs=mod.attrs).with_attr("system_lib_prefix", prefix)
+
+
 def build(
     mod: IRModule,
     target: tvm.target.Target,
     schedule: Callable[[IRModule], IRModule],
     *,
     system_lib: bool = False,
+    system_lib_prefix: str = "",
+    attach: Callable[[IRModule], IRModule] | None = None,
 ) -> tuple[relax.VMExecutable, IRModule]:
-    """Full pipeline: lower, schedule (target-specific callable), finalize, codegen.
+    """Full pipeline: lower, schedule (target-specific callable), `attach` (e.g. the `_metadata` function,
+    which reads the scheduled module), finalize, codegen. A system library's symbols carry
+    `system_lib_prefix`, so that one app can link several models.
 
     Returns the executable and the scheduled module (for the manifest's kernel table)."""
     lowered = lower_to_tir(mod, target)
     with target:
         scheduled = schedule(lowered)
+    if attach is not None:
+        scheduled = attach(scheduled)
 
     @tvm.transform.module_pass(opt_level=0, name="phi3_finalize")
     def _finalize(m: IRModule, _ctx) -> IRModule:
-        return finalize(m, target)
+        m = finalize(m, target)
+        return with_symbol_prefix(m, system_lib_prefix) if system_lib and system_lib_prefix else m
 
     return relax.build(scheduled, target, relax_pipeline=_finalize, system_lib=system_lib), scheduled

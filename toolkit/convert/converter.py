@@ -1,11 +1,12 @@
 """`phi3 convert`: checkpoint -> MLC-LLM weight folder (shards + tensor-cache.json + mlc-chat-config.json +
 tokenizer), one tensor at a time.
 
-Output folder:
-  params_shard_*.bin, tensor-cache.json   weights (toolkit/convert/tensor_cache.py), HF Phi-3 names; a q4
+Output folder (MLC-LLM's format, toolkit/checkpoint/mlc_format/), what MLC's convert_weight + gen_config make:
+  params_shard_*.bin, tensor-cache.json   weights, HF Phi-3 names (or MLC's, `param_names="mlc"`); a q4
                                           weight `X.weight` becomes `X.q_weight` (uint32) + `X.q_scale`
-  mlc-chat-config.json                    model/config metadata in MLC's field names
-  tokenizer.json, tokenizer_config.json   from the source's tokenizer
+  mlc-chat-config.json                    MLC's chat config (gen_config.py)
+  tokenizer.json, tokenizer_config.json,  the checkpoint's files, byte for byte; a GGUF gets a tokenizer.json
+  generation_config.json, ...             built from its metadata
 Everything is written into `<out>.tmp-<pid>` and renamed to `<out>` at the end, so a folder named `<out>` is
 always complete. A rerun discards temp folders left by a dead (interrupted) run instead of resuming from them.
 
@@ -15,31 +16,39 @@ row blocks, so its temporaries are small.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..config import Phi3Config
+from ..checkpoint.mlc_format import (
+    CACHE_JSON,
+    CHAT_CONFIG,
+    PARAM_NAME_STYLES,
+    TOKENIZER_FILES,
+    TensorCacheWriter,
+    model_type_of,
+    param_renamer,
+    quantized_param_names,
+    to_mlc_name,
+    write_chat_config,
+)
+from ..checkpoint.mlc_format.tensor_cache import SHARD_PREFIX
 from ..errors import UserError
 from ..locks import output_lock
 from ..outputs import check_output_dir
 from ..quantization import QuantScheme, get_scheme
 from ..quantization import group_quant as gq
-from .tensor_cache import CACHE_JSON, SHARD_PREFIX, TensorCacheWriter
+from .gen_config import gen_chat_config, write_tokenizer_files
 
 if TYPE_CHECKING:
     from ..checkpoint import ModelSource
 
-CHAT_CONFIG = "mlc-chat-config.json"
-MLC_CHAT_CONFIG_VERSION = "0.1.0"
 # rtn: scale = max|w|/7; search: per-group clipping search (squared error); weighted: the same search with
 # each input channel weighted by E[x^2] from a numpy forward over a short calibration text.
 CLIP_METHODS = ("auto", "rtn", "search", "weighted")
@@ -47,7 +56,6 @@ CLIP_METHODS = ("auto", "rtn", "search", "weighted")
 # numpy reference forward): perplexity fp32 57.04, rtn 82.67, search 87.71 (lower weight error, WORSE
 # perplexity), weighted 76.24.
 AUTO_CLIP = "weighted"
-DEFAULT_PREFILL_CHUNK = 2048
 
 
 @dataclass
@@ -60,34 +68,6 @@ class ConvertResult:
     param_bytes: int
     bits_per_param: float
     seconds: float
-
-
-# HF Phi-3 name -> MLC-LLM's Phi-3 param name (phi3_loader.py); `--param-names mlc` writes these so that a
-# model library compiled by MLC-LLM finds its weights. Suffixes (.weight/.q_weight/.q_scale) are kept.
-_MLC_NAMES = [
-    (r"^model\.embed_tokens\.", "transformer.embd."),
-    (r"^model\.norm\.", "transformer.norm."),
-    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"transformer.h.\1.ln."),
-    (r"^model\.layers\.(\d+)\.self_attn\.qkv_proj\.", r"transformer.h.\1.mixer.qkv_proj."),
-    (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.", r"transformer.h.\1.mixer.out_proj."),
-    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"transformer.h.\1.post_attention_layernorm."),
-    (r"^model\.layers\.(\d+)\.mlp\.", r"transformer.h.\1.mlp."),
-]
-PARAM_NAME_STYLES = ("hf", "mlc")
-
-
-def to_mlc_name(name: str) -> str:
-    for pat, rep in _MLC_NAMES:
-        new, n = re.subn(pat, rep, name)
-        if n:
-            return new
-    return name  # lm_head.* is the same in both
-
-
-def quantized_param_names(name: str) -> tuple[str, str]:
-    """`X.weight` -> (`X.q_weight`, `X.q_scale`)."""
-    base = name[: -len(".weight")]
-    return f"{base}.q_weight", f"{base}.q_scale"
 
 
 def should_quantize(name: str, shape: tuple[int, ...], scheme: QuantScheme) -> bool:
@@ -139,83 +119,8 @@ def converted_tensors(
         del arr
 
 
-def chat_config(
-    source: ModelSource,
-    scheme: QuantScheme,
-    clip: str,
-    tokenizer_files: list[str],
-    context_window_size: int | None = None,
-    prefill_chunk_size: int | None = None,
-) -> dict[str, Any]:
-    """mlc-chat-config.json content (MLC field names; `model_config` = our Phi3Config + MLC/HF-style keys)."""
-    cfg = source.config
-    context = int(context_window_size or cfg.max_position_embeddings)
-    prefill = int(prefill_chunk_size or min(context, DEFAULT_PREFILL_CHUNK))
-    sliding = int(cfg.sliding_window) if cfg.sliding_window else -1
-    model_config = cfg.to_dict()
-    model_config.update(
-        {
-            "model_type": "phi3",
-            "position_embedding_base": cfg.rope_theta,
-            "rope_scaling": None
-            if cfg.longrope is None
-            else {
-                "type": "longrope",
-                "short_factor": list(cfg.longrope.short_factor),
-                "long_factor": list(cfg.longrope.long_factor),
-            },
-            "original_max_position_embeddings": (
-                cfg.longrope.original_max_position_embeddings if cfg.longrope else cfg.max_position_embeddings
-            ),
-            "context_window_size": context,
-            "prefill_chunk_size": prefill,
-            "tensor_parallel_shards": 1,
-            "max_batch_size": 1,
-        }
-    )
-    eos = list(cfg.eos_token_ids)
-    return {
-        "version": MLC_CHAT_CONFIG_VERSION,
-        "model_type": "phi3",
-        "quantization": scheme.name,
-        "model_config": model_config,
-        "vocab_size": cfg.vocab_size,
-        "context_window_size": context,
-        "sliding_window_size": sliding,
-        "prefill_chunk_size": prefill,
-        "attention_sink_size": -1,
-        "tensor_parallel_shards": 1,
-        "pipeline_parallel_stages": 1,
-        "temperature": 1.0,
-        "presence_penalty": 0.0,
-        "frequency_penalty": 0.0,
-        "repetition_penalty": 1.0,
-        "top_p": 1.0,
-        "tokenizer_files": tokenizer_files,
-        "conv_template": source.conv_template,
-        "pad_token_id": cfg.pad_token_id if cfg.pad_token_id is not None else 0,
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": eos[0] if len(eos) == 1 else eos,
-        "model_task": "chat",
-        # ours, ignored by MLC: how the weights were made
-        "toolkit": {"clip": clip, "source": str(source.path), "source_kind": source.kind},
-    }
-
-
-def config_from_chat_config(chat: dict[str, Any], path: Path) -> Phi3Config:
-    """Phi3Config back from an mlc-chat-config.json written by `chat_config`."""
-    mc = chat.get("model_config")
-    if not isinstance(mc, dict):
-        raise UserError("mlc-chat-config.json has no model_config object", path)
-    known = {f.name for f in fields(Phi3Config)} - {"extra"}
-    try:
-        return Phi3Config.from_dict({k: v for k, v in mc.items() if k in known})
-    except (TypeError, KeyError, ValueError) as e:
-        raise UserError(f"model_config is not a Phi-3 config written by this toolkit ({e})", path) from None
-
-
 # what a conversion writes: anything else in an earlier conversion's folder is the user's, so we refuse
-CONVERT_OWNED = (f"{SHARD_PREFIX}_*.bin", CACHE_JSON, "tokenizer*", ".*.tmp")
+CONVERT_OWNED = (f"{SHARD_PREFIX}_*.bin", CACHE_JSON, *TOKENIZER_FILES, ".*.tmp", "*.tmp")
 
 
 def check_convert_output(out_dir: str | Path, inputs=()) -> Path:
@@ -242,17 +147,17 @@ def convert(
 ) -> ConvertResult:
     """Convert a checkpoint (a ModelSource, or a path for `toolkit.checkpoint.open_model`) into `out_dir`.
 
-    `param_names`: "hf" (our compiled models) or "mlc" (MLC-LLM's Phi-3 names, for MLC-compiled libraries).
+    `param_names`: "hf" (our compiled models) or "mlc" (MLC-LLM's names for the model type, for
+    MLC-compiled libraries; a Llama checkpoint's are ours already).
+    `context_window_size` / `prefill_chunk_size`: mlc-chat-config values (default: MLC's, see mlc_format).
     """
     if clip not in CLIP_METHODS:
         raise UserError(f"unknown clip method {clip!r}; known: {', '.join(CLIP_METHODS)}")
-    if param_names not in PARAM_NAME_STYLES:
-        raise UserError(f"unknown param name style {param_names!r}; known: {', '.join(PARAM_NAME_STYLES)}")
-    rename = to_mlc_name if param_names == "mlc" else (lambda n: n)
     if source is None or isinstance(source, (str, Path)):
         from ..checkpoint import open_model
 
         source = open_model(source)
+    rename = param_renamer(param_names, model_type_of(source.config))
     scheme = get_scheme(scheme)
     clip_used = (AUTO_CLIP if clip == "auto" else clip) if scheme.is_quantized else "none"
     out_dir = Path(out_dir).expanduser()
@@ -329,11 +234,22 @@ def _convert_locked(
             if bar is not None:
                 bar.close()
         cache = writer.finish(num_original_params=source.num_params())
-        source.tokenizer().save(tmp)
-        tok_files = sorted(p.name for p in tmp.iterdir() if p.name.startswith("tokenizer"))
-        chat = chat_config(source, scheme, clip_used, tok_files, context_window_size, prefill_chunk_size)
-        chat["toolkit"]["param_names"] = param_names
-        (tmp / CHAT_CONFIG).write_text(json.dumps(chat, indent=2))
+        tok_files = write_tokenizer_files(source, tmp)
+        chat = gen_chat_config(
+            source,
+            scheme,
+            tmp,
+            tok_files,
+            context_window_size=context_window_size,
+            prefill_chunk_size=prefill_chunk_size,
+            toolkit_info={
+                "clip": clip_used,
+                "source": str(source.path),
+                "source_kind": source.kind,
+                "param_names": param_names,
+            },
+        )
+        write_chat_config(chat, tmp)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -365,10 +281,10 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
 __all__ = [
     "CHAT_CONFIG",
     "CACHE_JSON",
+    "PARAM_NAME_STYLES",
     "ConvertResult",
-    "chat_config",
     "convert",
-    "config_from_chat_config",
     "quantized_param_names",
     "should_quantize",
+    "to_mlc_name",
 ]

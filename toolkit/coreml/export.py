@@ -20,6 +20,10 @@ not re-measured since. Minute samples of that run stayed <= 6.1 GB, so the peak 
 optimize+write stage (coremltools passes and serialization), not held weights. `--weights fp16` holds two
 bytes per weight: a full Phi-3-mini needs the model's 7.6 GB on top of the base.
 
+The interface is swift-transformers' stateful `LanguageModel` (names, shapes and metadata in
+`swift_transformers.py`), and the tokenizer files it loads are written next to the package
+(`model_folder.py`), so an app loads the export with `LanguageModel.loadCompiled` and generates with its API.
+
 One function with RangeDim query length serves prefill and decode: a single weight set, any prompt length, and
 the simplest app code. The price is that a dynamic shape usually keeps Core ML on GPU/CPU rather than the ANE;
 an ANE-first build would add fixed-shape functions (EnumeratedShapes or a multifunction package).
@@ -41,8 +45,11 @@ from ..errors import UserError
 WEIGHT_MODES = ("int4", "int8", "fp16")
 INT4_BLOCK = 32
 DEFAULT_CONTEXT = 2048
-# shapes and token ids pass through uint16 in the converted graph
-MAX_CONTEXT = 65535
+# shapes and token ids pass through uint16 in the converted graph; the mask is one wider than the context
+MAX_CONTEXT = 65534
+# swift-transformers refuses a stateful model whose query-length range spans less than 2 (whichever way
+# Core ML reports the range's length)
+MIN_CONTEXT = 4
 METADATA_KEY = "phi3.export"
 
 
@@ -53,6 +60,7 @@ class ExportResult:
     context: int
     seconds: float
     size_bytes: int
+    files: list[Path] = field(default_factory=list)  # tokenizer/config files written next to the package
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -129,19 +137,21 @@ def _convert_frontend(model, context: int):
 
     from .torch_model import CAUSAL_MASK, INPUT_IDS, KEY_CACHE, LOGITS, VALUE_CACHE
 
-    end = min(3, context)  # a past of 1 when the cache allows it, so both slices are non-trivial
-    example = (torch.zeros(1, min(2, end), dtype=torch.int32), torch.zeros(1, 1, min(2, end), end))
+    # a past of 1 so both cache slices are non-trivial; one mask row, as swift-transformers passes it
+    example = (torch.zeros(1, 2, dtype=torch.int32), torch.zeros(1, 1, 1, 4))
     with torch.no_grad():
         traced = torch.jit.trace(model, example, check_trace=False)
     model.reset_cache()  # the trace ran a forward pass into the cache buffers
     q_dim = ct.RangeDim(1, context, default=1, symbol="query_length")
-    end_dim = ct.RangeDim(1, context, default=1, symbol="end")
+    # own symbols for the mask: swift-transformers sends 1 row whatever q is, and keys + 1 columns
+    rows_dim = ct.RangeDim(1, context, default=1, symbol="mask_rows")
+    width_dim = ct.RangeDim(2, context + 1, default=2, symbol="mask_width")
     kv = ct.TensorType(shape=model.kv_shape, dtype=np.float16)
     return ct.convert(
         traced,
         inputs=[
             ct.TensorType(INPUT_IDS, shape=(1, q_dim), dtype=np.int32),
-            ct.TensorType(CAUSAL_MASK, shape=(1, 1, q_dim, end_dim), dtype=np.float16),
+            ct.TensorType(CAUSAL_MASK, shape=(1, 1, rows_dim, width_dim), dtype=np.float16),
         ],
         outputs=[ct.TensorType(LOGITS, dtype=np.float16)],
         states=[ct.StateType(kv, name=KEY_CACHE), ct.StateType(kv, name=VALUE_CACHE)],
@@ -206,10 +216,12 @@ def _check_args(src, output: Path, context: int, weights: str) -> None:
         raise UserError("output must end in .mlpackage", output)
     if not output.parent.is_dir():
         raise UserError("output folder does not exist", output.parent)
-    if not 1 <= context <= min(cfg.max_position_embeddings, MAX_CONTEXT):
+    top = min(cfg.max_position_embeddings, MAX_CONTEXT)
+    if not MIN_CONTEXT <= context <= top:
         raise UserError(
-            f"--context {context} out of range 1..{min(cfg.max_position_embeddings, MAX_CONTEXT)} "
-            "(the model's max_position_embeddings, and 65535 for Core ML's uint16 index casts)"
+            f"--context {context} out of range {MIN_CONTEXT}..{top} "
+            f"(swift-transformers needs a query range of at least 2, the model's max_position_embeddings, "
+            f"and {MAX_CONTEXT} for Core ML's uint16 index casts)"
         )
     if weights == "int4":
         for n in (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim):
@@ -226,14 +238,18 @@ def export_coreml(
     context: int | None = None,
     weights: str = "int4",
     progress: bool = True,
+    tokenizer_files: bool = True,
 ) -> ExportResult:
-    """Export a checkpoint to `output` (.mlpackage). Raises UserError for bad input; never leaves a partial
-    package under the output name."""
+    """Export a checkpoint to `output` (.mlpackage) and, with `tokenizer_files`, the tokenizer/config files
+    swift-transformers loads into the same folder. Raises UserError for bad input; never leaves a partial
+    package or file under an output name."""
     import coremltools as ct
     import torch
     from tqdm import tqdm
 
     from ..checkpoint import open_model
+    from .model_folder import write_model_folder
+    from .swift_transformers import exporters_metadata
     from .torch_model import CAUSAL_MASK, INPUT_IDS, KEY_CACHE, LOGITS, VALUE_CACHE
 
     t_start = time.perf_counter()
@@ -242,6 +258,11 @@ def export_coreml(
     cfg = src.config
     context = context or min(DEFAULT_CONTEXT, cfg.max_position_embeddings)
     _check_args(src, output, context, weights)
+    if tokenizer_files:
+        try:
+            src.tokenizer()  # fail before the long part, not after it
+        except UserError as e:
+            raise UserError(f"{e} (or pass --no-tokenizer-files)") from None
     stages: dict[str, float] = {}
     torch.set_grad_enabled(False)
 
@@ -286,8 +307,8 @@ def export_coreml(
             ml.short_description = f"Phi-3 decoder, stateful KV cache, context {context}, weights {weights}"
             ml.input_description[INPUT_IDS] = "token ids (1, q): q = prompt length for prefill, 1 to decode"
             ml.input_description[CAUSAL_MASK] = (
-                "additive mask (1, 1, q, past+q): 0 where query i (position past+i) may attend key j "
-                "(j <= past+i and past+i-j < sliding_window), -inf elsewhere"
+                "(1, 1, 1 or q, past+q+1), zeros as swift-transformers sends them: only its width is needed "
+                "(past = width-1-q); causality and the sliding window are built in; nonzero values are added"
             )
             ml.output_description[LOGITS] = "next-token logits (1, q, vocab)"
             meta = {
@@ -298,6 +319,8 @@ def export_coreml(
                 "states": [KEY_CACHE, VALUE_CACHE],
             }
             ml.user_defined_metadata[METADATA_KEY] = json.dumps(meta)
+            hf = exporters_metadata(_model_name(src), "Phi3ForCausalLM", weights)
+            ml.user_defined_metadata.update(hf)
             ml.save(str(tmp))
             bar.update()
         del ml
@@ -306,15 +329,31 @@ def export_coreml(
         os.replace(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    stage("optimize+write", t)
+    t = stage("optimize+write", t)
+    files = write_model_folder(src, output.parent, context=context) if tokenizer_files else []
+    stage("tokenizer files", t)
     return ExportResult(
         path=output,
         weights=weights,
         context=context,
         seconds=round(time.perf_counter() - t_start, 2),
         size_bytes=_package_size(output),
+        files=files,
         stage_seconds=stages,
     )
+
+
+def _model_name(src) -> str:
+    """`co.huggingface.exporters.name`: the Hub id the checkpoint came from if its config records one (apps
+    that pass no tokenizer fetch it from there), else the checkpoint's file or folder name."""
+    if src.kind == "hf":
+        try:
+            name = json.loads((src.path / "config.json").read_text()).get("_name_or_path")
+        except (OSError, ValueError):
+            name = None
+        if isinstance(name, str) and name.count("/") == 1 and not Path(name).is_absolute():
+            return name
+    return src.path.stem if src.path.is_file() else src.path.name
 
 
 def read_export_metadata(spec) -> dict | None:

@@ -1,12 +1,15 @@
 """Our own PyTorch Phi-3 decoder, written to be traced and converted to a stateful Core ML ML Program.
 
 Not transformers: every shape decision here is made for the converter.
-- The KV cache lives in two registered buffers, `keyCache`/`valueCache`, shape (L, 1, nKV, context, head_dim);
-  coremltools turns them into Core ML states (ct.StateType) that the app creates once with `makeState()`.
-- Inputs are `input_ids` (1, q) int32 and `causal_mask` (1, 1, q, end) additive float. The past length is
-  `end - q`, read from the shapes (Apple's stateful-Llama pattern), so one function serves prefill (q > 1) and
-  decode (q == 1) through RangeDim inputs. The mask carries causality and the sliding window; `causal_mask()`
-  below builds it with HF's semantics (a query attends to keys with 0 <= q - k < sliding_window).
+- The interface is the one swift-transformers' `LanguageModelWithStatefulKVCache` drives (names and call
+  pattern in `swift_transformers.py`): input `inputIds` (1, q) int32, input `causalMask` (1, 1, 1 or q,
+  past + q + 1) float, output `logits` (1, q, vocab), states `keyCache`/`valueCache` of shape
+  (L, 1, nKV, context, head_dim) that the app creates once with `makeState()`.
+- swift-transformers passes an all-zero mask one column wider than the keys (prefill: q = prompt length, width
+  q + 1; decode: q = 1, width = tokens so far + 1), so the model reads `past = width - 1 - q` from the shapes
+  and builds causality and the sliding window itself (HF's rule: a query attends to keys with
+  0 <= q - k < sliding_window). The mask's values, if not zero, are added on top (its last column is unused).
+  One function serves prefill (q > 1) and decode (q == 1) through RangeDim inputs.
 - LongRoPE follows HF per call: the long factors are used for the whole call iff max position + 1 >
   original_max_position_embeddings, and cos/sin are always scaled by attention_factor.
 - Module names equal HF's, so a checkpoint's tensors load by name (tied embeddings: no `lm_head.weight`).
@@ -21,12 +24,9 @@ import torch
 from torch import nn
 
 from ..config import Phi3Config
+from .swift_transformers import CAUSAL_MASK, INPUT_IDS, KEY_CACHE, LOGITS, VALUE_CACHE
 
-INPUT_IDS = "input_ids"
-CAUSAL_MASK = "causal_mask"
-LOGITS = "logits"
-KEY_CACHE = "keyCache"
-VALUE_CACHE = "valueCache"
+__all__ = ["CAUSAL_MASK", "INPUT_IDS", "KEY_CACHE", "LOGITS", "VALUE_CACHE", "Phi3ForExport"]
 
 
 def rope_tables(cfg: Phi3Config, context: int) -> tuple[np.ndarray, np.ndarray]:
@@ -54,13 +54,20 @@ def rope_tables(cfg: Phi3Config, context: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def causal_mask(past: int, q: int, sliding_window: int | None = None, dtype=np.float32) -> np.ndarray:
-    """The additive mask input (1, 1, q, past + q): 0 where query may attend the key, -inf elsewhere."""
+    """The attention rule the model applies itself, as an additive (1, 1, q, past + q) mask: 0 where the query
+    may attend the key, -inf elsewhere (reference for tests; not the model's input)."""
     qpos = np.arange(past, past + q)[:, None]
     kpos = np.arange(past + q)[None, :]
     allowed = kpos <= qpos
     if sliding_window is not None:
         allowed &= (qpos - kpos) < sliding_window
     return np.where(allowed, 0.0, -np.inf).astype(dtype)[None, None]
+
+
+def mask_input(past: int, q: int, dtype=np.float32) -> np.ndarray:
+    """The `causalMask` input swift-transformers passes for a call of q tokens after `past`: zeros of shape
+    (1, 1, 1, past + q + 1)."""
+    return np.zeros((1, 1, 1, past + q + 1), dtype=dtype)
 
 
 class RMSNorm(nn.Module):
@@ -124,7 +131,7 @@ def _swap_halves(x: torch.Tensor, half: int) -> torch.Tensor:
 
 
 class Phi3ForExport(nn.Module):
-    """forward(input_ids[1, q] int32, causal_mask[1, 1, q, end]) -> logits[1, q, vocab]; updates the cache.
+    """forward(input_ids[1, q] int32, causal_mask[1, 1, 1|q, end + 1]) -> logits[1, q, vocab]; caches updated.
 
     Scalars are buffers in the model's dtype and the RoPE negation is folded into the sin table, so a model
     built in fp16 converts without coremltools promoting activations (and then each weight, as a full copy)
@@ -155,11 +162,14 @@ class Phi3ForExport(nn.Module):
         sin[:, : cfg.rotary_dim // 2] *= -1
         self.register_buffer("rope_cos", torch.tensor(cos, dtype=dtype), persistent=False)
         self.register_buffer("rope_sin_signed", torch.tensor(sin, dtype=dtype), persistent=False)
+        # positions as an int32 table, sliced with the traced sizes: integer math stays integer in the graph
+        self.register_buffer("positions", torch.arange(context, dtype=torch.int32), persistent=False)
         if cfg.longrope is not None:
             orig = cfg.longrope.original_max_position_embeddings
             use_long = (torch.arange(context) >= orig).to(torch.int32)
             self.register_buffer("rope_use_long", use_long, persistent=False)
-            self.register_buffer("rope_rows", torch.arange(context, dtype=torch.int32), persistent=False)
+        self.register_buffer("mask_open", torch.tensor(0.0), persistent=False)
+        self.register_buffer("mask_closed", torch.tensor(float("-inf")), persistent=False)
         self.register_buffer("attn_scale", torch.tensor(cfg.head_dim**-0.5), persistent=False)
         kv_shape = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, context, cfg.head_dim)
         self.register_buffer(KEY_CACHE, torch.zeros(kv_shape, dtype=dtype))
@@ -206,7 +216,7 @@ class Phi3ForExport(nn.Module):
             # Integer tensors, not Python arithmetic on traced sizes: the converter turns the latter into
             # fp16 math, which cannot hold row numbers above 2048 exactly.
             use_long = self.rope_use_long[end - 1 : end]  # (1,) int32, 0 or 1
-            rows = self.rope_rows[past:end] + use_long * ctx
+            rows = self.positions[past:end] + use_long * ctx
             cos, sin = self.rope_cos[rows], self.rope_sin_signed[rows]
         return cos[None, None], sin[None, None]  # (1, 1, q, rot)
 
@@ -218,15 +228,24 @@ class Phi3ForExport(nn.Module):
         x_rot = x_rot * cos + _swap_halves(x_rot, rot // 2) * sin
         return torch.cat((x_rot, x_pass), dim=-1)
 
+    def _attention_bias(self, past, end, causal_mask: torch.Tensor) -> torch.Tensor:
+        """(q, end) additive bias: causal + sliding window from positions, plus the caller's mask."""
+        diff = self.positions[past:end, None] - self.positions[None, :end]  # query pos - key pos, int32
+        allowed = diff >= 0
+        if self.cfg.sliding_window is not None:
+            allowed = allowed & (diff < self.cfg.sliding_window)
+        bias = torch.where(allowed, self.mask_open, self.mask_closed)
+        return bias + causal_mask[0, 0, :, :end]  # rows: 1 (swift-transformers) or q
+
     def forward(self, input_ids: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         q = input_ids.shape[-1]
-        end = causal_mask.shape[-1]
+        end = causal_mask.shape[-1] - 1  # swift-transformers' width is keys + 1 (see the module docstring)
         past = end - q
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         group = nh // nkv
         cos, sin = self._rope(past, q)
-        mask = causal_mask[:, :, None]  # (1, 1, 1, q, end): broadcast over kv heads and query groups
+        mask = self._attention_bias(past, end, causal_mask)[None, None, None]  # (1, 1, 1, q, end)
         h = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
             attn = layer.self_attn
@@ -257,7 +276,6 @@ class Phi3ForExport(nn.Module):
 
 def generate_logits(model: Phi3ForExport, prompt: list[int], decode_tokens: list[int]) -> list[np.ndarray]:
     """Reference run: prefill `prompt`, then one call per decode token; returns float32 logits per call."""
-    cfg = model.cfg
     dtype = model.keyCache.dtype
     model.reset_cache()
     out = []
@@ -265,7 +283,7 @@ def generate_logits(model: Phi3ForExport, prompt: list[int], decode_tokens: list
     with torch.no_grad():
         for chunk in [prompt] + [[t] for t in decode_tokens]:
             ids = torch.tensor([chunk], dtype=torch.int32)
-            mask = torch.from_numpy(causal_mask(past, len(chunk), cfg.sliding_window)).to(dtype)
+            mask = torch.from_numpy(mask_input(past, len(chunk))).to(dtype)
             out.append(model(ids, mask).float().numpy()[0])
             past += len(chunk)
     return out

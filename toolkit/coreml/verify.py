@@ -3,7 +3,9 @@
 The reference is our torch model (`torch_model.Phi3ForExport`, itself tested against transformers) in fp32,
 loaded with the package's own weights (int4/int8 dequantized exactly as the constexpr op defines), so the
 comparison isolates the graph: slicing, state updates, dynamic shapes, RoPE selection, masks. The package runs
-in our numpy MIL interpreter (`mil_interpreter`), prefill plus N single-token decode steps through its states.
+in our numpy MIL interpreter (`mil_interpreter`), prefill plus N single-token decode steps through its states,
+called exactly as swift-transformers' `LanguageModelWithStatefulKVCache` calls it (feature names, all-zero
+`causalMask` one column wider than the keys; see `swift_transformers.py`).
 With `--model`, the package's weights are also compared with the checkpoint's (quantization error bound per
 mode). On macOS, Core ML itself runs the same sequence.
 
@@ -26,7 +28,8 @@ from ..config import Phi3Config
 from ..errors import UserError
 from .export import read_export_metadata, weight_op_name
 from .mil_interpreter import MILInterpreter, _blockwise_shift_scale, load_program
-from .torch_model import CAUSAL_MASK, INPUT_IDS, KEY_CACHE, LOGITS, VALUE_CACHE, Phi3ForExport, causal_mask
+from .swift_transformers import INTERFACE
+from .torch_model import CAUSAL_MASK, INPUT_IDS, KEY_CACHE, LOGITS, VALUE_CACHE, Phi3ForExport, mask_input
 
 LOGIT_RTOL = 3e-2
 # relative RMS weight error allowed against the checkpoint: int4 on Gaussian weights measures ~0.10 (blocks of
@@ -106,13 +109,17 @@ def package_tensors(prog, cfg: Phi3Config) -> dict[str, np.ndarray]:
 
 
 def _check_interface(spec) -> None:
-    inputs = {i.name for i in spec.description.input}
-    states = {s.name for s in spec.description.state}
-    outputs = {o.name for o in spec.description.output}
-    if inputs != {INPUT_IDS, CAUSAL_MASK} or states != {KEY_CACHE, VALUE_CACHE} or LOGITS not in outputs:
+    """The names swift-transformers' stateful LanguageModel looks up (swift_transformers.INTERFACE)."""
+    got = {
+        "input": {i.name for i in spec.description.input},
+        "state": {s.name for s in spec.description.state},
+        "output": {o.name for o in spec.description.output},
+    }
+    want = {kind: {f.name for f in INTERFACE if f.kind == kind} for kind in got}
+    if got["input"] != want["input"] or got["state"] != want["state"] or not want["output"] <= got["output"]:
         raise UserError(
-            f"unexpected interface: inputs {sorted(inputs)}, states {sorted(states)}, "
-            f"outputs {sorted(outputs)}"
+            "not the swift-transformers interface: "
+            + ", ".join(f"{k}s {sorted(v)} (expected {sorted(want[k])})" for k, v in got.items())
         )
 
 
@@ -120,8 +127,8 @@ def _tokens(cfg: Phi3Config, n: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).integers(0, cfg.vocab_size, n).tolist()
 
 
-def _run_coreml(package: Path, chunks: list[list[int]], cfg: Phi3Config) -> list[np.ndarray]:
-    """Core ML itself (macOS 15+ only)."""
+def _run_coreml(package: Path, chunks: list[list[int]]) -> list[np.ndarray]:
+    """Core ML itself (macOS 15+ only), fed the way swift-transformers feeds it."""
     import coremltools as ct
 
     ml = ct.models.MLModel(str(package))
@@ -130,7 +137,7 @@ def _run_coreml(package: Path, chunks: list[list[int]], cfg: Phi3Config) -> list
     for chunk in chunks:
         feed = {
             INPUT_IDS: np.array([chunk], np.int32),
-            CAUSAL_MASK: causal_mask(past, len(chunk), cfg.sliding_window, np.float16),
+            CAUSAL_MASK: mask_input(past, len(chunk), np.float16),
         }
         out.append(np.asarray(ml.predict(feed, state=state)[LOGITS], np.float32)[0])
         past += len(chunk)
@@ -189,7 +196,7 @@ def verify_package(
     ref_logits = []
     with torch.no_grad():
         for chunk in chunks:
-            mask = causal_mask(past, len(chunk), cfg.sliding_window)
+            mask = mask_input(past, len(chunk))  # what swift-transformers passes: zeros, keys + 1 wide
             expected = ref(torch.tensor([chunk], dtype=torch.int32), torch.from_numpy(mask)).numpy()[0]
             got = interp.predict({INPUT_IDS: np.array([chunk], np.int32), CAUSAL_MASK: mask})[LOGITS]
             got = got.astype(np.float32)[0]
@@ -209,7 +216,7 @@ def verify_package(
     if run_coreml is None:
         run_coreml = platform.system() == "Darwin"
     if run_coreml:
-        got = _run_coreml(package, chunks, cfg)
+        got = _run_coreml(package, chunks)
         coreml_errors = [float(np.abs(g - e).max()) for g, e in zip(got, ref_logits, strict=True)]
     return VerifyReport(
         package=package,

@@ -3,12 +3,17 @@
 Parameter names equal Hugging Face's (`model.layers.0.self_attn.qkv_proj.weight`, ...), so loading weights is
 a name lookup; a quantized weight `X.weight` becomes `X.q_weight` + `X.q_scale`.
 
-Exported functions (see `Phi3ForCausalLM.spec`):
-  embed(ids[n])                                               -> [n, h]
-  prefill(emb[1, s, h], positions[s], rope_long[s], kv)       -> logits of the last token [1, 1, V], kv
-  prefill_logits(...)                                         -> logits of every token [1, s, V], kv
-  decode(emb[b, 1, h], positions[b], rope_long[b], kv)        -> [b, 1, V], kv   (one token per sequence)
+Exported functions: MLC-LLM's model-library interface (names, argument lists and results as its engine
+calls them, cpp/serve/function_table.cc + model.cc at mlc-ai/mlc-llm 79d603f085f50500e9509fa01785ffa7ecfaaa93;
+every function but `embed` and the cache factory also takes the packed params last):
+  embed(input_ids[n])                                          -> [n, h]
+  prefill(input_embed[1, s, h], kv)                            -> (logits of the last token [1, 1, V], kv)
+  decode(input_embed[1, 1, h], kv)                             -> ([1, 1, V], kv)
+  batch_prefill(input_embeds[1, s, h], logit_positions[b], kv) -> ([1, b, V], kv)  (b sequences concatenated)
+  batch_decode(input_embeds[b, 1, h], kv)                      -> ([b, 1, V], kv)  (one token per sequence)
+  batch_verify(input_embeds[1, s, h], kv)                      -> ([1, s, V], kv)  (logits of every token)
   create_tir_paged_kv_cache(max_batch, max_total_len, prefill_chunk, page_size, support_sliding_window)
+Token positions come from the KV cache (the sequences and lengths given to `kv_state_begin_forward`).
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from tvm.target import Target
 
 from ..config import Phi3Config
+from ..quantization import get_scheme
 from ..quantization.tvm_layers import make_embedding, make_linear
-from .rope import apply_rope_to_qkv
+from .rope import apply_rope_to_qkv, longrope_flags
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,26 @@ class GraphOptions:
 
     quantization: str = "q0f32"
     dtype: str = "float32"  # activations and KV cache
+
+    @property
+    def norm_dtype(self) -> str:
+        """The stored dtype of the norm weights: the scheme's model dtype, as weights folders hold them, so
+        a library computing in fp32 (the host) still loads a q4f16_1 folder unchanged through MLC's
+        tensor-cache builtins. Unquantized schemes keep the activation dtype."""
+        scheme = get_scheme(self.quantization)
+        return scheme.model_dtype if scheme.is_quantized else self.dtype
+
+
+class RMSNorm(nn.Module):
+    """RMS norm whose weight is stored in `weight_dtype` and used in the activation dtype."""
+
+    def __init__(self, dim: int, eps: float, dtype: str, weight_dtype: str) -> None:
+        self.eps, self.dtype = eps, dtype
+        self.weight = nn.Parameter((dim,), dtype=weight_dtype)
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        w = self.weight if self.weight.dtype == self.dtype else self.weight.astype(self.dtype)
+        return op.rms_norm(x, w, axes=[-1], epsilon=self.eps)
 
 
 def _linear(in_f: int, out_f: int, opts: GraphOptions, out_dtype: str | None = None) -> nn.Module:
@@ -44,7 +70,7 @@ class Phi3Attention(nn.Module):
         self.qkv_proj = _linear(cfg.hidden_size, cfg.qkv_size, opts)
         self.o_proj = _linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, opts)
 
-    def forward(self, x: nn.Tensor, positions: nn.Tensor, rope_long: nn.Tensor, kv: PagedKVCache, layer: int):
+    def forward(self, x: nn.Tensor, positions: nn.Tensor, rope_long, kv: PagedKVCache, layer: int):
         c = self.cfg
         b, s, _ = x.shape
         n_heads = c.num_attention_heads + 2 * c.num_key_value_heads
@@ -67,11 +93,10 @@ class Phi3MLP(nn.Module):
 
 class Phi3DecoderLayer(nn.Module):
     def __init__(self, cfg: Phi3Config, opts: GraphOptions) -> None:
-        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=opts.dtype)
+        norm = (cfg.hidden_size, cfg.rms_norm_eps, opts.dtype, opts.norm_dtype)
+        self.input_layernorm = RMSNorm(*norm)
         self.self_attn = Phi3Attention(cfg, opts)
-        self.post_attention_layernorm = nn.RMSNorm(
-            cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=opts.dtype
-        )
+        self.post_attention_layernorm = RMSNorm(*norm)
         self.mlp = Phi3MLP(cfg, opts)
 
     def forward(self, x, positions, rope_long, kv: PagedKVCache, layer: int):
@@ -83,7 +108,7 @@ class Phi3Model(nn.Module):
     def __init__(self, cfg: Phi3Config, opts: GraphOptions) -> None:
         self.embed_tokens = make_embedding(cfg.vocab_size, cfg.hidden_size, opts.quantization, opts.dtype)
         self.layers = nn.ModuleList([Phi3DecoderLayer(cfg, opts) for _ in range(cfg.num_hidden_layers)])
-        self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=opts.dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts.dtype, opts.norm_dtype)
 
 
 class Phi3ForCausalLM(nn.Module):
@@ -93,7 +118,10 @@ class Phi3ForCausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, opts, out_dtype="float32")
 
-    def _body(self, x, positions, rope_long, kv):
+    def _body(self, x: nn.Tensor, kv: PagedKVCache, ends: str, logit_positions: nn.Tensor | None = None):
+        b, s, _ = x.shape
+        positions = kv.get_query_positions(b * s)
+        rope_long = longrope_flags(positions, self.cfg, ends, logit_positions)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, positions, rope_long, kv, i)
         return self.model.norm(x)
@@ -104,24 +132,30 @@ class Phi3ForCausalLM(nn.Module):
             return self.model.embed_tokens.lm_head_forward(x, out_dtype="float32")
         return self.lm_head(x)
 
-    def embed(self, ids: nn.Tensor) -> nn.Tensor:
-        return self.model.embed_tokens(ids)
+    def embed(self, input_ids: nn.Tensor) -> nn.Tensor:
+        return self.model.embed_tokens(input_ids)
 
-    def prefill(self, emb: nn.Tensor, positions: nn.Tensor, rope_long: nn.Tensor, kv: PagedKVCache):
-        h = self._body(emb, positions, rope_long, kv)
+    def prefill(self, input_embed: nn.Tensor, paged_kv_cache: PagedKVCache):
+        h = self._body(input_embed, paged_kv_cache, "forward")
 
-        def last_token(
-            x: te.Tensor,
-        ) -> te.Tensor:  # (1, s, d) -> (1, 1, d): only the last row reaches lm_head
+        def last_token(x: te.Tensor) -> te.Tensor:  # (1, s, d) -> (1, 1, d): only that row reaches lm_head
             return te.compute((1, 1, x.shape[2]), lambda i, j, k: x[i, x.shape[1] - 1, k], name="last_token")
 
-        return self._logits(op.tensor_expr_op(last_token, "last_token", [h])), kv
+        return self._logits(op.tensor_expr_op(last_token, "last_token", [h])), paged_kv_cache
 
-    def prefill_logits(self, emb: nn.Tensor, positions: nn.Tensor, rope_long: nn.Tensor, kv: PagedKVCache):
-        return self._logits(self._body(emb, positions, rope_long, kv)), kv
+    def decode(self, input_embed: nn.Tensor, paged_kv_cache: PagedKVCache):
+        return self._logits(self._body(input_embed, paged_kv_cache, "token")), paged_kv_cache
 
-    def decode(self, emb: nn.Tensor, positions: nn.Tensor, rope_long: nn.Tensor, kv: PagedKVCache):
-        return self._logits(self._body(emb, positions, rope_long, kv)), kv
+    def batch_prefill(self, input_embeds: nn.Tensor, logit_positions: nn.Tensor, paged_kv_cache):
+        h = self._body(input_embeds, paged_kv_cache, "segments", logit_positions)
+        return self._logits(op.take(h, logit_positions, axis=1)), paged_kv_cache
+
+    def batch_decode(self, input_embeds: nn.Tensor, paged_kv_cache: PagedKVCache):
+        return self._logits(self._body(input_embeds, paged_kv_cache, "token")), paged_kv_cache
+
+    def batch_verify(self, input_embeds: nn.Tensor, paged_kv_cache: PagedKVCache):
+        # tokens of several sequences, boundaries unknown to the graph: a run of consecutive positions is one
+        return self._logits(self._body(input_embeds, paged_kv_cache, "runs")), paged_kv_cache
 
     def create_tir_paged_kv_cache(
         self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window
@@ -158,27 +192,29 @@ class Phi3ForCausalLM(nn.Module):
 
     def spec(self) -> nn.spec.ModuleSpec:
         h, dt = self.cfg.hidden_size, self.opts.dtype
-        fwd = {
-            "positions": nn.spec.Tensor(["seq_len"], "int32"),
-            "rope_long": nn.spec.Tensor(["seq_len"], "int32"),
-            "kv": nn.spec.Object(object_type=PagedKVCache),
-            "$": {"param_mode": "packed", "effect_mode": "none"},
-        }
+        packed = {"$": {"param_mode": "packed", "effect_mode": "none"}}
+        kv = nn.spec.Object(object_type=PagedKVCache)
+
+        def embeds(shape: list) -> dict:
+            return {"input_embeds": nn.spec.Tensor(shape, dt), "paged_kv_cache": kv, **packed}
+
         return nn.spec.ModuleSpec.from_raw(
             {
-                "embed": {
-                    "ids": nn.spec.Tensor(["n"], "int32"),
-                    "$": {"param_mode": "packed", "effect_mode": "none"},
+                "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), **packed},
+                "prefill": {
+                    "input_embed": nn.spec.Tensor([1, "seq_len", h], dt),
+                    "paged_kv_cache": kv,
+                    **packed,
                 },
-                "prefill": {"emb": nn.spec.Tensor([1, "seq_len", h], dt), **fwd},
-                "prefill_logits": {"emb": nn.spec.Tensor([1, "seq_len", h], dt), **fwd},
-                "decode": {
-                    "emb": nn.spec.Tensor(["batch", 1, h], dt),
-                    "positions": nn.spec.Tensor(["batch"], "int32"),
-                    "rope_long": nn.spec.Tensor(["batch"], "int32"),
-                    "kv": nn.spec.Object(object_type=PagedKVCache),
-                    "$": {"param_mode": "packed", "effect_mode": "none"},
+                "decode": {"input_embed": nn.spec.Tensor([1, 1, h], dt), "paged_kv_cache": kv, **packed},
+                "batch_prefill": {
+                    "input_embeds": nn.spec.Tensor([1, "seq_len", h], dt),
+                    "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
+                    "paged_kv_cache": kv,
+                    **packed,
                 },
+                "batch_decode": embeds(["batch_size", 1, h]),
+                "batch_verify": embeds([1, "seq_len", h]),
                 "create_tir_paged_kv_cache": {
                     "max_batch_size": int,
                     "max_total_seq_len": int,
@@ -204,5 +240,7 @@ def export_phi3(cfg: Phi3Config, opts: GraphOptions, target: Target):
     if target.kind.name == "llvm":  # TVM's CPU attention kernels are scalar and single-threaded
         from ..compile.cpu_attention import replace_attention
 
-        mod = replace_attention(mod, attention_window(cfg))
+        # HF's sliding window inside the kernels: the cache then never rolls, so the query positions the
+        # graph reads from it stay absolute (RoPE is applied before the cache)
+        mod = replace_attention(mod, attention_window(cfg), mask_window=cfg.sliding_window or 0)
     return mod, named_params

@@ -3,8 +3,13 @@
 TVM's KV-cache RoPE cannot be used for LongRoPE: it picks long vs short factors by the length of the current
 chunk, while HF picks by position (long iff max(position_ids) + 1 > original_max_position_embeddings), so a
 decode that crosses the boundary silently diverges. We rotate q and k inside the fused qkv tensor ourselves
-and run the cache with RopeMode.NONE. The factor set is chosen per token by the runtime (`rope_long`),
-which knows each sequence's whole prompt, so chunked prefill and batched decode both follow HF.
+and run the cache with RopeMode.NONE. The factor set is chosen per token inside the graph from the KV
+cache's query positions (MLC's engine passes nothing else): a token uses the long factors iff the last
+position of its sequence in this forward + 1 exceeds original_max_position_embeddings. Where the sequence
+ends is known exactly in `prefill` (one sequence), `batch_prefill` (logit_positions) and decode (one token
+per sequence); `batch_verify` takes each run of consecutive positions as one sequence. The engine makes
+generation follow transformers' `generate()` on top of that (re-encoding a sequence when it first grows past
+the switch).
 """
 
 from __future__ import annotations
@@ -34,10 +39,64 @@ def attention_factor(cfg: Phi3Config) -> float:
     return 1.0 if cfg.longrope is None else cfg.longrope.attention_factor
 
 
+def longrope_flags(
+    positions: nn.Tensor, cfg: Phi3Config, ends: str, logit_positions: nn.Tensor | None = None
+) -> nn.Tensor | None:
+    """(n,) int32, 1 where a token takes the long factors (None without LongRoPE).
+
+    `ends` says where each token's sequence ends in this forward: "forward" (one sequence: the last token),
+    "token" (every token is its own sequence's last, as in decode), "segments" (`logit_positions` holds the
+    index of each sequence's last token, ascending, as MLC's batch_prefill gets it), "runs" (a sequence is
+    a run of consecutive positions: exact for one sequence, and for several unless one starts right at the
+    position after the previous one's end)."""
+    if cfg.longrope is None:
+        return None
+    orig = cfg.longrope.original_max_position_embeddings
+
+    def by_forward(pos: te.Tensor) -> te.Tensor:
+        n = pos.shape[0]
+        return te.compute((n,), lambda i: (pos[n - 1] + 1 > orig).astype("int32"), name="rope_long")
+
+    def by_token(pos: te.Tensor) -> te.Tensor:
+        return te.compute(pos.shape, lambda i: (pos[i] + 1 > orig).astype("int32"), name="rope_long")
+
+    def by_segments(pos: te.Tensor, ends_at: te.Tensor) -> te.Tensor:
+        n, b = pos.shape[0], ends_at.shape[0]
+        j = te.reduce_axis((0, b), name="j")
+        # the first sequence end at or after token i is where i's sequence ends
+        last = te.compute(
+            (n,),
+            lambda i: te.min(tirx.if_then_else(ends_at[j] >= i, ends_at[j], n - 1), axis=j),
+            name="sequence_end",
+        )
+        return te.compute((n,), lambda i: (pos[last[i]] + 1 > orig).astype("int32"), name="rope_long")
+
+    def by_runs(pos: te.Tensor) -> te.Tensor:
+        n = pos.shape[0]
+        j = te.reduce_axis((0, n), name="j")
+
+        def run_end(k):  # token k ends a run: the last token, or the next one does not continue it
+            return tirx.any(k == n - 1, pos[tirx.min(k + 1, n - 1)] != pos[k] + 1)
+
+        last = te.compute(
+            (n,),
+            lambda i: te.min(tirx.if_then_else(tirx.all(j >= i, run_end(j)), j, n - 1), axis=j),
+            name="sequence_end",
+        )
+        return te.compute((n,), lambda i: (pos[last[i]] + 1 > orig).astype("int32"), name="rope_long")
+
+    if ends == "runs":
+        return op.tensor_expr_op(by_runs, "rope_long", [positions])
+    if ends == "segments":
+        return op.tensor_expr_op(by_segments, "rope_long", [positions, logit_positions])
+    return op.tensor_expr_op({"forward": by_forward, "token": by_token}[ends], "rope_long", [positions])
+
+
 def apply_rope_to_qkv(
-    qkv: nn.Tensor, positions: nn.Tensor, rope_long: nn.Tensor, cfg: Phi3Config
+    qkv: nn.Tensor, positions: nn.Tensor, rope_long: nn.Tensor | None, cfg: Phi3Config
 ) -> nn.Tensor:
-    """qkv (n, nH+2nKV, hd); positions, rope_long (n,) int32 -> qkv, q and k heads rotated (neox halves)."""
+    """qkv (n, nH+2nKV, hd); positions, rope_long (n,) int32 -> qkv, q and k heads rotated (neox halves).
+    `rope_long` None: one factor set (no LongRoPE)."""
     n_rot_heads = cfg.num_attention_heads + cfg.num_key_value_heads  # q and k heads; v passes through
     rot = cfg.rotary_dim
     half = rot // 2
@@ -45,11 +104,11 @@ def apply_rope_to_qkv(
     table = nn.Tensor.from_const(inv_freq_table(cfg))
     dtype = qkv.dtype
 
-    def compute(x: te.Tensor, pos: te.Tensor, long: te.Tensor, inv: te.Tensor) -> te.Tensor:
+    def compute(x: te.Tensor, pos: te.Tensor, inv: te.Tensor, long: te.Tensor | None = None) -> te.Tensor:
         def f(i, h, d):
             x_d = x[i, h, d].astype("float32")
             j = tirx.if_then_else(d < half, d, d - half)
-            freq = pos[i].astype("float32") * inv[long[i], j]
+            freq = pos[i].astype("float32") * inv[0 if long is None else long[i], j]
             cos = tirx.cos(freq) * tirx.const(mscale, "float32")
             sin = tirx.sin(freq) * tirx.const(mscale, "float32")
             # one in-bounds load for the partner element (a select between two loads would read out of
@@ -62,4 +121,5 @@ def apply_rope_to_qkv(
 
         return te.compute(x.shape, f, name="apply_rope")
 
-    return op.tensor_expr_op(compute, "apply_rope", [qkv, positions, rope_long, table])
+    args = [qkv, positions, table] + ([] if rope_long is None else [rope_long])
+    return op.tensor_expr_op(compute, "apply_rope", args)

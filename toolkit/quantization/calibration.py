@@ -74,7 +74,12 @@ def _mean_sq(x: np.ndarray) -> np.ndarray:
 
 
 def layer_forward(
-    h: np.ndarray, w: Callable[[str], np.ndarray], i: int, cfg: Phi3Config, cos: np.ndarray, sin: np.ndarray,
+    h: np.ndarray,
+    w: Callable[[str], np.ndarray],
+    i: int,
+    cfg: Phi3Config,
+    cos: np.ndarray,
+    sin: np.ndarray,
     stats: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
     """One decoder layer on h (T, hidden); `w(name)` gives float32 weights by HF name; E[x^2] into `stats`."""
@@ -105,8 +110,12 @@ def layer_forward(
     act = gate / (1.0 + np.exp(-gate)) * up
     h = h + act @ w(p + "mlp.down_proj.weight").T
     if stats is not None:
-        for name, inp in (("self_attn.qkv_proj", x), ("self_attn.o_proj", attn), ("mlp.gate_up_proj", x2),
-                          ("mlp.down_proj", act)):
+        for name, inp in (
+            ("self_attn.qkv_proj", x),
+            ("self_attn.o_proj", attn),
+            ("mlp.gate_up_proj", x2),
+            ("mlp.down_proj", act),
+        ):
             stats[f"{p}{name}.weight"] = _mean_sq(inp)
     return h.astype(np.float32)
 

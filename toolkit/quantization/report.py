@@ -68,8 +68,14 @@ def weight_error_report(
     if bar is not None:
         bar.close()
     total = {m: math.sqrt(sums[m] / total_ref) if total_ref > 0 else 0.0 for m in methods}
-    return {"model": str(source.path), "scheme": scheme.name, "methods": list(methods), "tensors": rows,
-            "total": total, "seconds": seconds}
+    return {
+        "model": str(source.path),
+        "scheme": scheme.name,
+        "methods": list(methods),
+        "tensors": rows,
+        "total": total,
+        "seconds": seconds,
+    }
 
 
 def _short(name: str) -> str:
@@ -91,8 +97,9 @@ def plot_report(report: dict[str, Any], out_png: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(8.0, 0.12 * len(rows)), 4.5), dpi=120)
     x = list(range(len(rows)))
     for m in report["methods"]:
-        ax.plot(x, [r[m] for r in rows], marker=".", linewidth=1,
-                label=f"{m} (total {report['total'][m]:.4f})")
+        ax.plot(
+            x, [r[m] for r in rows], marker=".", linewidth=1, label=f"{m} (total {report['total'][m]:.4f})"
+        )
     step = max(1, len(rows) // 40)
     ax.set_xticks(x[::step])
     ax.set_xticklabels([_short(r["name"]) for r in rows][::step], rotation=90, fontsize=7)

@@ -49,14 +49,17 @@ def te_dequantize(q_weight: te.Tensor, q_scale: te.Tensor, k: int, dtype: str | 
     dtype = dtype or q_scale.dtype
     return te.compute(
         (n, k),
-        lambda i, j: _code_to_float(q_weight[i, j // ELEMS_PER_WORD], j, dtype)
-        * _scale(q_scale, i, j // GROUP_SIZE, dtype),
+        lambda i, j: (
+            _code_to_float(q_weight[i, j // ELEMS_PER_WORD], j, dtype)
+            * _scale(q_scale, i, j // GROUP_SIZE, dtype)
+        ),
         name="dequantize",
     )
 
 
-def te_take_dequantize(q_weight: te.Tensor, q_scale: te.Tensor, ids: te.Tensor, k: int,
-                       dtype: str | None = None) -> te.Tensor:
+def te_take_dequantize(
+    q_weight: te.Tensor, q_scale: te.Tensor, ids: te.Tensor, k: int, dtype: str | None = None
+) -> te.Tensor:
     """Rows `ids` (T,) of the quantized table, dequantized: (T, k). Reads only the packed words it needs."""
     dtype = dtype or q_scale.dtype
     return te.compute(
@@ -79,7 +82,11 @@ class QuantizedLinear(nn.Module):
     """y = x @ dequantize(q_weight, q_scale).T, no bias (Phi-3 has none)."""
 
     def __init__(
-        self, in_features: int, out_features: int, scheme: QuantScheme, out_dtype: str | None = None,
+        self,
+        in_features: int,
+        out_features: int,
+        scheme: QuantScheme,
+        out_dtype: str | None = None,
         dtype: str | None = None,
     ):
         super().__init__()

@@ -1,13 +1,19 @@
 """The engine: a compiled Phi-3 library + its weights in the Relax VM, driving TVM's paged KV cache.
 
-It owns sequences (ids in the cache), their positions, and the per-token LongRoPE choice that follows
-Hugging Face: a forward uses the long factors iff the sequence's largest position in it + 1 exceeds
-original_max_position_embeddings. A prompt longer than the prefill chunk is fed in chunks that all use
-the choice of the whole prompt, as HF's single forward would.
+It drives the library only through MLC-LLM's model-library interface (`embed`, `prefill`, `decode`,
+`batch_prefill`, `batch_decode`, `batch_verify`, `create_tir_paged_kv_cache`, `_metadata`) and TVM's
+`vm.builtin.*` KV-state builtins, called the way MLC's engine calls them (cpp/serve/model.cc at mlc-ai/mlc-llm
+79d603f085f50500e9509fa01785ffa7ecfaaa93), so whatever runs here runs the same under MLC's runtimes.
+
+It owns sequences (ids in the cache) and follows transformers' `generate()` at the LongRoPE switch: when a
+sequence first grows past original_max_position_embeddings while its cache holds at most that many tokens,
+the cache is dropped and the whole sequence re-encoded, in one forward that reaches past the switch (so the
+graph's per-sequence rule picks the long factors for every token, as HF's single forward does).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +28,9 @@ from ..config import Phi3Config
 
 def _f(name: str):
     return tvm.get_global_func(name)
+
+
+FORWARD_FUNCTIONS = ("embed", "prefill", "decode", "batch_prefill", "batch_decode", "batch_verify")
 
 
 @dataclass
@@ -54,19 +63,24 @@ class Engine:
         self.cfg, self.dtype = cfg, dtype
         self.device = device or tvm.cpu()
         self.vm = VirtualMachine(executable, self.device)
+        self.metadata = json.loads(self.vm["_metadata"]())
         self.params = list(params)
         self.cache_opts = cache or CacheOptions()
         c = self.cache_opts
         self.context_window = min(c.context_window, cfg.max_position_embeddings)
+        self.prefill_chunk = c.prefill_chunk
+        lr = cfg.longrope
+        if lr is not None and self.context_window > lr.original_max_position_embeddings:
+            # the forward that crosses the switch must reach it in one call (see _pieces)
+            self.prefill_chunk = max(c.prefill_chunk, lr.original_max_position_embeddings + 1)
         self.kv = self.vm["create_tir_paged_kv_cache"](
             ShapeTuple([c.max_batch_size]),
             ShapeTuple([c.max_batch_size * self.context_window]),
-            ShapeTuple([c.prefill_chunk]),
+            ShapeTuple([self.prefill_chunk]),
             ShapeTuple([c.page_size]),
-            ShapeTuple([1 if cfg.sliding_window else 0]),
+            ShapeTuple([0]),  # the host kernels apply the window over a cache that keeps every token
         )
-        self._embed, self._prefill = self.vm["embed"], self.vm["prefill"]
-        self._prefill_logits, self._decode = self.vm["prefill_logits"], self.vm["decode"]
+        self._fn = {n: self.vm[n] for n in FORWARD_FUNCTIONS}
         self._begin, self._end = (
             _f("vm.builtin.kv_state_begin_forward"),
             _f("vm.builtin.kv_state_end_forward"),
@@ -78,15 +92,14 @@ class Engine:
     def add_sequence(self) -> int:
         sid = self._next_id
         self._next_id += 1
-        _f("vm.builtin.kv_state_add_sequence")(self.kv, sid)
-        if self.cfg.sliding_window:
-            # HF: a query attends keys with 0 <= q - k < W; no attention sink
-            # TVM's window holds W tokens *before* the new one is appended: W-1 gives HF's W keys per query
-            _f("vm.builtin.attention_kv_cache_enable_sliding_window_for_seq")(
-                self.kv, sid, self.cfg.sliding_window - 1, 0
-            )
+        self._add(sid)
         self.seqs[sid] = _Seq()
         return sid
+
+    def _add(self, sid: int) -> None:
+        # no per-sequence sliding window: the cache would roll and its query positions, which the graph
+        # rotates q/k with, would stop being absolute; the host kernels apply HF's window themselves
+        _f("vm.builtin.kv_state_add_sequence")(self.kv, sid)
 
     def remove_sequence(self, sid: int) -> None:
         _f("vm.builtin.kv_state_remove_sequence")(self.kv, sid)
@@ -103,14 +116,18 @@ class Engine:
     def sequence_length(self, sid: int) -> int:
         return self.seqs[sid].length
 
+    def free_pages(self) -> int:
+        """Pages left in the KV cache's pool (a removed sequence gives its pages back)."""
+        return int(_f("vm.builtin.attention_kv_cache_get_num_available_pages")(self.kv))
+
     # -- helpers -------------------------------------------------------------------------------------------
     def _tensor(self, a: np.ndarray) -> tvm.runtime.Tensor:
         return tvm.runtime.tensor(a, self.device)
 
-    def _rope_long(self, last_position: int, n: int) -> np.ndarray:
-        lr = self.cfg.longrope
-        flag = int(lr is not None and last_position + 1 > lr.original_max_position_embeddings)
-        return np.full((n,), flag, dtype="int32")
+    def _embed(self, ids: Sequence[int], lead: tuple[int, int]) -> tvm.runtime.Tensor:
+        """Embeddings of `ids` as [b, s, h]: a view of embed's [n, h], as MLC's engine passes them."""
+        emb = self._fn["embed"](self._tensor(np.asarray(ids, dtype="int32")), self.params)
+        return emb._create_view((*lead, self.cfg.hidden_size))
 
     def _check_room(self, sid: int, n: int) -> None:
         if self.seqs[sid].length + n > self.context_window:
@@ -119,47 +136,82 @@ class Engine:
                 f"context window is {self.context_window}"
             )
 
+    def _crosses_longrope_switch(self, sid: int, n: int) -> bool:
+        """transformers' Phi3ForCausalLM.prepare_inputs_for_generation: the sequence reaches past
+        original_max while the cache holds no more than that -> drop the cache and re-encode everything."""
+        lr, seq = self.cfg.longrope, self.seqs[sid]
+        if lr is None or seq.length == 0:
+            return False
+        orig = lr.original_max_position_embeddings
+        return seq.length + n >= orig + 1 and seq.length <= orig
+
+    def _reencode(self, sid: int, new: list[int]) -> list[int]:
+        """Drop `sid`'s cache; the tokens to feed from position 0 are its old ones plus `new`."""
+        ids = self.seqs[sid].tokens + new
+        _f("vm.builtin.kv_state_remove_sequence")(self.kv, sid)
+        self._add(sid)
+        self.seqs[sid] = _Seq()
+        return ids
+
     # -- forward -------------------------------------------------------------------------------------------
     def prefill(self, sid: int, ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
-        """Feed `ids` to sequence `sid`. Returns logits of the last token [V] (or of every token [n, V])."""
+        """Feed `ids` to sequence `sid`. Returns logits of the last token [V] (or of every token [n, V]:
+        `batch_verify`, which returns every row)."""
         ids = list(ids)
         if not ids:
             raise ValueError("empty prompt")
         self._check_room(sid, len(ids))
+        skip = 0  # rows of re-encoded old tokens, not returned
+        if self._crosses_longrope_switch(sid, len(ids)):
+            skip = self.seqs[sid].length
+            ids = self._reencode(sid, ids)
         seq = self.seqs[sid]
-        start, last_pos = seq.length, seq.length + len(ids) - 1
         outs = []
-        for off, n in self._pieces(start, len(ids)):
-            part = ids[off : off + n]
-            pos = np.arange(start + off, start + off + n, dtype="int32")
-            emb = self._embed(self._tensor(np.asarray(part, dtype="int32")), self.params)
-            emb = self._reshape_emb(emb, (1, n))
+        for off, n in self._pieces(seq.length, len(ids)):
+            emb = self._embed(ids[off : off + n], (1, n))
             self._begin(self.kv, ShapeTuple([sid]), ShapeTuple([n]))
-            fn = self._prefill_logits if all_logits else self._prefill
-            logits, self.kv = fn(
-                emb, self._tensor(pos), self._tensor(self._rope_long(last_pos, n)), self.kv, self.params
-            )
+            fn = self._fn["batch_verify"] if all_logits else self._fn["prefill"]
+            logits, self.kv = fn(emb, self.kv, self.params)
             self._end(self.kv)
             if all_logits or off + n == len(ids):
                 outs.append(logits.numpy().reshape(-1, self.cfg.vocab_size))
         seq.length += len(ids)
         seq.tokens.extend(ids)
-        return np.concatenate(outs) if all_logits else outs[-1][-1]
+        return np.concatenate(outs)[skip:] if all_logits else outs[-1][-1]
+
+    def prefill_batch(self, sids: Sequence[int], prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """Several sequences in one `batch_prefill` forward -> logits of each one's last token [b, V].
+        Each prompt must fit one forward (at most the prefill chunk in all)."""
+        prompts = [list(p) for p in prompts]
+        if len(prompts) != len(sids) or any(not p for p in prompts):
+            raise ValueError("one non-empty prompt per sequence")
+        for s, p in zip(sids, prompts):
+            self._check_room(s, len(p))
+            if self._crosses_longrope_switch(s, len(p)):
+                raise ValueError(f"sequence {s} crosses the LongRoPE switch: prefill it on its own")
+        total = sum(len(p) for p in prompts)
+        if total > self.prefill_chunk:
+            raise ValueError(f"{total} tokens exceed the prefill chunk ({self.prefill_chunk})")
+        ends = np.cumsum([len(p) for p in prompts]).astype("int32") - 1
+        emb = self._embed([t for p in prompts for t in p], (1, total))
+        self._begin(self.kv, ShapeTuple(list(sids)), ShapeTuple([len(p) for p in prompts]))
+        logits, self.kv = self._fn["batch_prefill"](emb, self._tensor(ends), self.kv, self.params)
+        self._end(self.kv)
+        for s, p in zip(sids, prompts):
+            self.seqs[s].length += len(p)
+            self.seqs[s].tokens.extend(p)
+        return logits.numpy().reshape(len(sids), self.cfg.vocab_size)
 
     def _pieces(self, start: int, n: int) -> list[tuple[int, int]]:
-        """Split a prompt into forward calls of at most prefill_chunk tokens.
-
-        With a sliding window W, TVM's chunked prefill applies the window only inside the chunk, not to the
-        cached keys, so a chunk is exact only while it ends within the first W positions; past that we feed
-        one token per call (exact: a single query sees the W-1 cached keys plus itself). This only slows
-        prompts longer than the window (2047 tokens for Phi-3-mini-4k).
-        """
-        chunk, w = self.cache_opts.prefill_chunk, self.cfg.sliding_window
+        """Split a prompt into forward calls of at most the prefill chunk. With LongRoPE, a prompt that ends
+        past original_max reaches past it in its first forward, so that every token takes the long factors
+        as in HF's single forward (the chunk is sized for it)."""
+        chunk, lr = self.prefill_chunk, self.cfg.longrope
         pieces, off = [], 0
         while off < n:
             size = min(chunk, n - off)
-            if w is not None and start + off + size > w:
-                size = max(1, min(size, w - (start + off)))
+            if off == 0 and lr is not None and start + n > lr.original_max_position_embeddings:
+                size = min(n, max(size, lr.original_max_position_embeddings + 1 - start))
             pieces.append((off, size))
             off += size
         return pieces
@@ -168,25 +220,28 @@ class Engine:
         return self.decode_batch([sid], [token])[0]
 
     def decode_batch(self, sids: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
-        """One token for each sequence in one forward -> logits [b, V]."""
-        b = len(sids)
+        """One token for each sequence in one forward (`decode` for one, `batch_decode` for several, as MLC's
+        engine picks) -> logits [b, V]. A sequence at the LongRoPE switch is re-encoded on its own first."""
+        sids, tokens = list(sids), [int(t) for t in tokens]
         for s in sids:
             self._check_room(s, 1)
-        pos = np.array([self.seqs[s].length for s in sids], dtype="int32")
-        long = np.concatenate([self._rope_long(int(p), 1) for p in pos])
-        emb = self._embed(self._tensor(np.asarray(tokens, dtype="int32")), self.params)
-        emb = self._reshape_emb(emb, (b, 1))
-        self._begin(self.kv, ShapeTuple(list(sids)), ShapeTuple([1] * b))
-        logits, self.kv = self._decode(emb, self._tensor(pos), self._tensor(long), self.kv, self.params)
-        self._end(self.kv)
-        for s, t in zip(sids, tokens):
-            self.seqs[s].length += 1
-            self.seqs[s].tokens.append(int(t))
-        return logits.numpy().reshape(b, self.cfg.vocab_size)
-
-    def _reshape_emb(self, emb: tvm.runtime.Tensor, lead: tuple[int, int]) -> tvm.runtime.Tensor:
-        """[n, h] embeddings as [b, s, h] for prefill/decode: a view, no copy."""
-        return emb._create_view((*lead, self.cfg.hidden_size))
+        out = np.empty((len(sids), self.cfg.vocab_size), dtype="float32")
+        crossing = [i for i, s in enumerate(sids) if self._crosses_longrope_switch(s, 1)]
+        for i in crossing:
+            out[i] = self.prefill(sids[i], [tokens[i]])
+        rest = [i for i in range(len(sids)) if i not in crossing]
+        if rest:
+            b = len(rest)
+            emb = self._embed([tokens[i] for i in rest], (b, 1))
+            self._begin(self.kv, ShapeTuple([sids[i] for i in rest]), ShapeTuple([1] * b))
+            fn = self._fn["decode"] if b == 1 else self._fn["batch_decode"]
+            logits, self.kv = fn(emb, self.kv, self.params)
+            self._end(self.kv)
+            out[rest] = logits.numpy().reshape(b, self.cfg.vocab_size)
+            for i in rest:
+                self.seqs[sids[i]].length += 1
+                self.seqs[sids[i]].tokens.append(tokens[i])
+        return out
 
 
 class ContextFullError(Exception):

@@ -18,6 +18,7 @@ import numpy as np
 import tvm
 
 from ..checkpoint import ModelSource, open_model, require_finite
+from ..checkpoint.mlc_format import read_cache_json, verify_tensor_cache
 from ..compile.compile_model import CompiledModel, cache_root
 from ..errors import UserError
 from ..locks import output_lock
@@ -51,6 +52,16 @@ def _to_device(
     return [got[n] for n in want]
 
 
+def converted_weights_dir(source: ModelSource, quantization: str) -> Path:
+    """Where the JIT path keeps a checkpoint converted to `quantization`."""
+    from ..checkpoint.mlc_format import FOLDER_REVISION
+
+    # per-file identity: replacing model.safetensors in place must not reuse the old model's weights
+    key = [str(source.path.resolve()), source_identity(source.path), quantization, JIT_CLIP]
+    key = json.dumps(key + ([FOLDER_REVISION] if FOLDER_REVISION > 1 else []))
+    return cache_root() / "weights" / hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
 def _file_identity(path: Path) -> list:
     st = path.stat()
     return [path.name, st.st_size, st.st_mtime_ns, st.st_ino]
@@ -65,14 +76,6 @@ def source_identity(path: Path) -> list:
     return [_file_identity(f) for f in sorted(path.iterdir()) if f.is_file()]
 
 
-def converted_weights_dir(source: ModelSource, quantization: str) -> Path:
-    """Where the JIT path keeps a checkpoint converted to `quantization`."""
-    key = json.dumps(
-        [str(source.path.resolve()), source_identity(source.path), quantization, JIT_CLIP], sort_keys=True
-    )
-    return cache_root() / "weights" / hashlib.sha256(key.encode()).hexdigest()[:20]
-
-
 def _convert_into_cache(source: ModelSource, scheme, folder: Path) -> None:
     from ..convert.converter import convert
 
@@ -80,7 +83,7 @@ def _convert_into_cache(source: ModelSource, scheme, folder: Path) -> None:
 
 
 def _cached_converted(
-    source: ModelSource, scheme, compiled: CompiledModel, device
+    source: ModelSource, scheme, compiled: CompiledModel, device, param_meta: list[dict] | None
 ) -> list[tvm.runtime.Tensor]:
     """Load the cached conversion, converting on first use; a damaged entry (truncated shard, bad json) is
     ours to rebuild, once, with a notice."""
@@ -91,24 +94,63 @@ def _cached_converted(
                 shutil.rmtree(folder)  # an incomplete entry: ours, and useless
             _convert_into_cache(source, scheme, folder)
         try:
-            return load_params(open_model(folder), compiled, device)
+            return load_params(open_model(folder), compiled, device, param_meta)
         except UserError as e:
             print(f"notice: cached weights {folder} are damaged ({e}); rebuilding them", file=sys.stderr)
             shutil.rmtree(folder)
             _convert_into_cache(source, scheme, folder)
-            return load_params(open_model(folder), compiled, device)
+            return load_params(open_model(folder), compiled, device, param_meta)
 
 
-def load_params(source: ModelSource, compiled: CompiledModel, device) -> list[tvm.runtime.Tensor]:
+def load_mlc_params(folder: Path, param_meta: list[dict], device) -> list[tvm.runtime.Tensor]:
+    """A weights folder's tensors in the library's parameter order, loaded the way MLC-LLM's engine loads
+    them (cpp/serve/function_table.cc `LoadParams`): `vm.builtin.tensor_cache.load`, then
+    `param_array_from_cache_by_name` with the names of the library's `_metadata`, then
+    `tensor_cache.clear`. Names, shapes, dtypes and shard checksums are checked first, so a mismatch or a
+    damaged file is a one-line error here rather than a crash inside TVM."""
+    stored = {}
+    for shard in read_cache_json(folder)["records"]:
+        for rec in shard["records"]:
+            stored[rec["name"]] = (tuple(rec["shape"]), rec["dtype"])
+    for p in param_meta:
+        if p["name"] not in stored:
+            raise UserError(f"weights have no tensor {p['name']!r} that the compiled model needs", folder)
+        if stored[p["name"]][0] != tuple(p["shape"]):
+            raise UserError(
+                f"tensor {p['name']!r} has shape {list(stored[p['name']][0])}, the compiled model expects "
+                f"{list(p['shape'])}",
+                folder,
+            )
+    verify_tensor_cache(folder)
+    load = tvm.get_global_func("vm.builtin.tensor_cache.load")
+    load(str(folder), device.dlpack_device_type(), device.index)
+    try:
+        by_name = tvm.get_global_func("vm.builtin.param_array_from_cache_by_name")
+        return list(by_name([p["name"] for p in param_meta]))
+    finally:
+        tvm.get_global_func("vm.builtin.tensor_cache.clear")()
+
+
+def load_params(
+    source: ModelSource, compiled: CompiledModel, device, param_meta: list[dict] | None = None
+) -> list[tvm.runtime.Tensor]:
+    """Weights for `compiled`: a weights folder through MLC's builtins (`param_meta`: the `params` of the
+    library's `_metadata`, default the manifest's), a checkpoint converted into the cache first when
+    quantized, streamed tensor by tensor when not."""
     scheme = get_scheme(compiled.manifest["quantization"])
     if source.kind == "mlc":
         if source.scheme.name != scheme.name:
             raise UserError(
                 f"weights are {source.scheme.name}, the compiled model is {scheme.name}", source.path
             )
+        meta = param_meta or compiled.manifest["params"]
+        if all(source.stored_dtype(p["name"]) == p["dtype"] for p in meta):
+            return load_mlc_params(source.path, meta, device)
+        # an unquantized folder (q0f16) under a library computing in fp32 (the host): cast on the way in;
+        # MLC's runtime would refuse this pair, quantized schemes never hit it (norms keep the folder dtype)
         return _to_device(source.iter_params(), compiled, device, source.path)
     if scheme.is_quantized:
-        return _cached_converted(source, scheme, compiled, device)
+        return _cached_converted(source, scheme, compiled, device, param_meta)
     # unquantized: stream the checkpoint straight into device tensors, one at a time
     wanted = {p["name"] for p in compiled.manifest["params"]}
     names = [n for n in source.tensor_names() if n in wanted]

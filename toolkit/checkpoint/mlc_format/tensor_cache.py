@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UserError
+from ...errors import UserError
 
 CACHE_JSON = "tensor-cache.json"
 SHARD_PREFIX = "params_shard"
