@@ -19,6 +19,8 @@ def work(tmp_path, ckpt) -> Path:
     (tmp_path / "mine" / "notes.txt").write_text("my notes")
     (tmp_path / "photo.png").write_text("not really a png")
     (tmp_path / "data.txt").write_text("precious")
+    (tmp_path / "mine2").mkdir()  # another model's files, where a package's tokenizer files would go
+    (tmp_path / "mine2" / "config.json").write_text('{"model_type": "other"}')
     return tmp_path
 
 
@@ -75,6 +77,16 @@ COLLISIONS = [
     ("export_coreml_inside_input", ["export-coreml", "{w}/ckpt", "-o", "{w}/ckpt/x.mlpackage"], "inside"),
     ("export_coreml_into_user_folder", ["export-coreml", "{w}/ckpt", "-o", "{w}/mine"], "not empty"),
     ("export_coreml_over_a_file", ["export-coreml", "{w}/ckpt", "-o", "{w}/data.txt"], "data.txt"),
+    (
+        "export_coreml_next_to_user_config",
+        ["export-coreml", "{w}/ckpt", "-o", "{w}/mine2/x.mlpackage"],
+        "config.json",
+    ),
+    (
+        "export_coreml_into_converted_folder",
+        ["export-coreml", "{w}/ckpt", "-o", "{w}/prev-conv/x.mlpackage"],
+        "convert",
+    ),
     ("quant_report_missing_folder", ["quant-report", "{w}/ckpt", "-o", "{w}/nope/r.png"], "does not exist"),
     ("quant_report_over_user_file", ["quant-report", "{w}/ckpt", "-o", "{w}/photo.png"], "not a PNG"),
     ("quant_report_into_input", ["quant-report", "{w}/ckpt", "-o", "{w}/ckpt/r.png"], "inside the input"),

@@ -2,9 +2,40 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ..coreml.export import DEFAULT_CONTEXT, MAX_CONTEXT, WEIGHT_MODES
+from ..errors import UserError
+
+# written by toolkit/coreml/model_folder.py into every tokenizer_config.json it writes: marks the folder's
+# tokenizer/config files as an earlier export of ours, which a new export may replace
+OUR_MARK = "toolkit_eos_token_ids"
+
+
+def check_sibling_files(output: Path) -> None:
+    """The tokenizer/config files go next to the package: never over another model's files."""
+    import json
+
+    from ..coreml.swift_transformers import TOKENIZER_FILES
+
+    folder = output.parent
+    if (folder / "mlc-chat-config.json").exists():  # a converted folder: its tokenizer files are its own
+        raise UserError("a `phi3 convert` output; put the package in another folder", folder)
+    present = [n for n in TOKENIZER_FILES if (folder / n).exists()]
+    if not present:
+        return
+    try:
+        ours = OUR_MARK in json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise UserError(
+            f"{present[0]} there is not from an earlier export and would be overwritten by the tokenizer "
+            "files written next to the package; use another folder or --no-tokenizer-files",
+            folder / present[0],
+        )
 
 
 @click.command()
@@ -46,6 +77,8 @@ def command(
         owned=("Data",),
         what="a Core ML package",
     )
+    if not no_tokenizer_files:
+        check_sibling_files(Path(output).expanduser())
     with output_lock(output):  # one writer per package; temp folders of killed runs are cleared
         result = export_coreml(
             model,
