@@ -120,7 +120,7 @@ class ConfigError(ValueError):
     """A config value out of range; `field` names it. Readers turn it into a UserError naming their file."""
 
     def __init__(self, field: str, message: str) -> None:
-        self.field = field
+        self.field, self.message = field, message
         super().__init__(f"{field}: {message}")
 
 
@@ -223,7 +223,7 @@ def parse_hf_config(cfg: dict[str, Any], path: Path) -> Phi3Config:
     try:
         return _build(cfg, path)
     except ConfigError as e:
-        raise UserError(f"'{e.field}': {str(e).split(': ', 1)[1]}", path) from None
+        raise UserError(f"'{e.field}': {e.message}", path) from None
 
 
 def _build(cfg: dict[str, Any], path: Path) -> Phi3Config:
