@@ -425,7 +425,7 @@ def test_verify_not_a_build(tmp_path) -> None:
 def test_tune_unreachable_tracker_fails_fast(tmp_path) -> None:
     t0 = time.monotonic()
     r = run(["tune", "--rpc-tracker", "127.0.0.1:1", "--rpc-key", "k"])
-    assert time.monotonic() - t0 < 10
+    assert time.monotonic() - t0 < 30  # TVM import included; the old retry loop took over a minute
     assert_clean_failure(r, "--rpc-tracker 127.0.0.1:1", snapshot(tmp_path), tmp_path)
 
 
