@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .hf_schema import validate_hf_fields
 
 SUPPORTED_ARCHITECTURES = ("Phi3ForCausalLM",)
 
@@ -75,6 +77,10 @@ class Phi3Config:
     source_arch: str = "phi3"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
+    def __post_init__(self) -> None:
+        # every path (HF, GGUF, converted folder, manifest) builds one of these: check it once, here
+        _check_values(self)
+
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
@@ -108,6 +114,69 @@ class Phi3Config:
         per_layer += 3 * h * self.intermediate_size + 2 * h
         emb = self.vocab_size * h
         return L * per_layer + h + emb + (0 if self.tie_word_embeddings else emb)
+
+
+class ConfigError(ValueError):
+    """A config value out of range; `field` names it. Readers turn it into a UserError naming their file."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field, self.message = field, message
+        super().__init__(f"{field}: {message}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_values(c: Phi3Config) -> None:
+    """Ranges every runnable config satisfies (a zero or negative size, eps or theta gives NaN or crashes)."""
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+    ):
+        v = getattr(c, name)
+        if not _is_int(v) or v <= 0:
+            raise ConfigError(name, f"must be a positive integer, got {v!r}")
+    for name in ("rms_norm_eps", "rope_theta"):
+        v = getattr(c, name)
+        if not _is_real(v) or v <= 0:
+            raise ConfigError(name, f"must be a finite number > 0, got {v!r}")
+    if not _is_real(c.partial_rotary_factor) or not 0 < c.partial_rotary_factor <= 1:
+        raise ConfigError("partial_rotary_factor", f"must be in (0, 1], got {c.partial_rotary_factor!r}")
+    if c.num_attention_heads % c.num_key_value_heads:
+        raise ConfigError(
+            "num_key_value_heads",
+            f"num_attention_heads {c.num_attention_heads} is not a multiple of {c.num_key_value_heads}",
+        )
+    if c.sliding_window is not None and (not _is_int(c.sliding_window) or c.sliding_window <= 0):
+        raise ConfigError("sliding_window", f"must be a positive integer or null, got {c.sliding_window!r}")
+    if not isinstance(c.tie_word_embeddings, bool):
+        raise ConfigError("tie_word_embeddings", f"must be true or false, got {c.tie_word_embeddings!r}")
+    for name in ("bos_token_id", "pad_token_id"):
+        v = getattr(c, name)
+        if v is not None and (not _is_int(v) or v < 0):
+            raise ConfigError(name, f"must be a token id >= 0 or null, got {v!r}")
+    if any(not _is_int(e) or e < 0 for e in c.eos_token_ids):
+        raise ConfigError("eos_token_id", f"must be token ids >= 0, got {list(c.eos_token_ids)!r}")
+    lr = c.longrope
+    if lr is not None:
+        if not _is_int(lr.original_max_position_embeddings) or lr.original_max_position_embeddings <= 0:
+            raise ConfigError("original_max_position_embeddings", "must be a positive integer")
+        if not _is_real(lr.attention_factor) or lr.attention_factor <= 0:
+            raise ConfigError("rope_scaling.attention_factor", "must be a finite number > 0")
+        for key in ("short_factor", "long_factor"):
+            if any(not _is_real(f) or f <= 0 for f in getattr(lr, key)):
+                raise ConfigError(f"rope_scaling.{key}", "must hold finite numbers > 0")
 
 
 def _req(cfg: dict[str, Any], key: str, path: Path) -> Any:
@@ -144,12 +213,20 @@ def parse_hf_config(cfg: dict[str, Any], path: Path) -> Phi3Config:
     """Turn a Hugging Face config dict into a Phi3Config, rejecting what we do not support."""
     archs = cfg.get("architectures") or []
     mtype = cfg.get("model_type")
-    if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+    if isinstance(archs, list) and archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
         raise UserError(
             f"unsupported architecture {archs}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}", path
         )
     if not archs and mtype != "phi3":
         raise UserError(f"unsupported model_type {mtype!r}; expected 'phi3'", path)
+    validate_hf_fields(cfg, path)
+    try:
+        return _build(cfg, path)
+    except ConfigError as e:
+        raise UserError(f"'{e.field}': {e.message}", path) from None
+
+
+def _build(cfg: dict[str, Any], path: Path) -> Phi3Config:
     hidden = int(_req(cfg, "hidden_size", path))
     n_heads = int(_req(cfg, "num_attention_heads", path))
     n_kv = int(cfg.get("num_key_value_heads") or n_heads)
@@ -157,6 +234,8 @@ def parse_hf_config(cfg: dict[str, Any], path: Path) -> Phi3Config:
         raise UserError(
             f"num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv}", path
         )
+    if cfg.get("head_dim") is None and hidden % n_heads:
+        raise UserError(f"'hidden_size' {hidden} is not a multiple of num_attention_heads {n_heads}", path)
     head_dim = int(cfg.get("head_dim") or hidden // n_heads)
 
     # transformers 5 folds rope_theta/rope_scaling/partial_rotary_factor into rope_parameters

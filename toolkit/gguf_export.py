@@ -21,6 +21,7 @@ import numpy as np
 
 from .config import Phi3Config
 from .errors import UserError
+from .outputs import write_error
 
 ARCH = "phi3"
 QTYPES = ("q4_0", "f16")
@@ -520,9 +521,14 @@ def write_gguf(
             raise RuntimeError("more tensor data than planned tensors")
         writer.close()
         os.replace(tmp, out)
-    except BaseException:
-        writer.close()
+    except BaseException as e:
+        try:
+            writer.close()
+        except OSError:
+            pass  # closing flushes: on a full disk that fails too, and the partial file goes anyway
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(e, out) from None
         raise
     return out.stat().st_size
 

@@ -20,7 +20,16 @@ from ..errors import UserError
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
 
-__all__ = ["ModelSource", "expected_tensor_shapes", "open_model"]
+__all__ = ["ModelSource", "expected_tensor_shapes", "open_model", "require_finite"]
+
+
+def require_finite(name: str, arr: np.ndarray, path: Path) -> np.ndarray:
+    """`arr`, or a UserError naming the tensor if it holds NaN or inf: every path (quantized or not, GGUF and
+    Core ML export) reads weights through here, so none turns them into a model that prints garbage."""
+    # one float64 sum: NaN/inf propagate, and finite float32 values cannot overflow it
+    if arr.dtype.kind == "f" and not np.isfinite(arr.sum(dtype=np.float64)):
+        raise UserError(f"tensor {name} contains NaN or inf values", path)
+    return arr
 
 
 def expected_tensor_shapes(cfg: Phi3Config) -> dict[str, tuple[int, ...]]:

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from ..config import LongRope, Phi3Config
+from ..config import ConfigError, LongRope, Phi3Config
 from ..errors import UserError
-from . import ModelSource, expected_tensor_shapes
+from . import ModelSource, expected_tensor_shapes, require_finite
 
 SUPPORTED_GGUF_ARCHS = ("llama", "phi3")
 CONTROL_TOKEN_TYPE = 3
@@ -76,7 +76,12 @@ class GGUFSource(ModelSource):
         self.arch = arch
         self._tensors = {t.name: t for t in reader.tensors}
         self._tokenizer = None
-        config = self._build_config(path)
+        self.path = path  # the error paths of _build_config name the file
+        try:
+            config = self._build_config(path)
+        except (ConfigError, ValueError, TypeError, ZeroDivisionError) as e:
+            # a metadata value of the wrong type or out of range: one line naming the file
+            raise UserError(f"bad GGUF metadata: {e}", path) from None
         jinja = _field(reader, "tokenizer.chat_template")
         default_template = "phi3" if arch == "phi3" else "raw"
         super().__init__(path, config, template_from_jinja(jinja) or default_template)
@@ -97,6 +102,9 @@ class GGUFSource(ModelSource):
         r = self._reader
         hidden = int(self._req("embedding_length"))
         n_head = int(self._req("attention.head_count"))
+        for key, v in (("embedding_length", hidden), ("attention.head_count", n_head)):
+            if v <= 0:  # both divide below
+                raise UserError(f"GGUF metadata {self.arch}.{key} is {v}; it must be positive", path)
         n_kv = int(self._opt("attention.head_count_kv", n_head))
         head_dim = int(self._opt("attention.key_length", hidden // n_head))
         rot = int(self._opt("rope.dimension_count", head_dim))
@@ -271,7 +279,7 @@ class GGUFSource(ModelSource):
 
     def iter_tensors(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
         for name in self._check_names(names):
-            yield name, self._load(name)
+            yield name, require_finite(name, self._load(name), self.path)
 
     def gguf_tensor_types(self) -> dict[str, str]:
         """GGUF tensor name -> ggml type name (Q4_1, Q8_0, F32, ...), for inspection."""

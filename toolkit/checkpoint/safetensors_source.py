@@ -16,7 +16,7 @@ import numpy as np
 
 from ..config import load_hf_config
 from ..errors import UserError
-from . import ModelSource, expected_tensor_shapes
+from . import ModelSource, expected_tensor_shapes, require_finite
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -226,7 +226,7 @@ class HFSource(ModelSource):
                     t = handle.get_tensor(name)
                 except SafetensorError as e:
                     raise UserError(_safetensors_error(e), f) from None
-                yield name, _to_float32(t)
+                yield name, require_finite(name, _to_float32(t), f)
                 del t
         finally:
             if handle is not None:
@@ -240,7 +240,7 @@ class HFSource(ModelSource):
                 loaded = None  # drop the previous shard's mapping before mapping the next
                 loaded, loaded_file = self._load_pickle(f), f
             assert loaded is not None
-            yield name, _to_float32(loaded[name])
+            yield name, require_finite(name, _to_float32(loaded[name]), f)
 
     def tokenizer(self):
         from ..tokenizer import Tokenizer

@@ -6,14 +6,35 @@ that adding a command never edits this file.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import pkgutil
-import sys
 
 import click
 
 from .. import __version__
 from ..errors import UserError
+
+
+def one_line(text: str) -> str:
+    """Messages go to stderr as exactly one line (scripts and the fuzz suite rely on it)."""
+    return " ".join(str(text).split())
+
+
+class OneLineError(click.ClickException):
+    """Shown as `error: <message>`; usage errors keep Click's exit code 2, everything else exits 1."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(one_line(message))
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _one_line_usage(e: click.UsageError) -> OneLineError:
+    # Click prints usage + hint + message (3+ lines); the message alone names the flag
+    return OneLineError(e.format_message(), e.exit_code)
 
 
 class _Group(click.Group):
@@ -32,12 +53,29 @@ class _Group(click.Group):
             raise
         return mod.command
 
+    def make_context(self, *args, **kwargs) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            raise _one_line_usage(e) from None
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            raise _one_line_usage(e) from None
         except UserError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
+            raise OneLineError(str(e)) from None
+        except OSError as e:
+            if e.errno == errno.EPIPE:
+                raise
+            # disk full, permission denied, ...: the file and the reason, not a traceback
+            where = f"{e.filename}: " if e.filename else ""
+            raise OneLineError(f"{where}{e.strerror or e}") from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import UserError
+from .options import device_choice, quantization_choice
 
 
 def _int_list(ctx, param, value: str) -> list[int]:
@@ -18,12 +19,20 @@ def _int_list(ctx, param, value: str) -> list[int]:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
     if not out:
         raise click.BadParameter("empty list")
+    if min(out) < 1:
+        raise click.BadParameter(f"every value must be >= 1, got {min(out)}")
     return out
 
 
 @click.command()
 @click.argument("model", required=False)
-@click.option("--device", default="host", show_default=True, help="Device preset to run our engine on.")
+@click.option(
+    "--device",
+    type=device_choice(),
+    default="host",
+    show_default=True,
+    help="Device preset to run our engine on.",
+)
 @click.option(
     "--threads", default="1,2", show_default=True, callback=_int_list, help="Thread counts to test."
 )
@@ -34,10 +43,27 @@ def _int_list(ctx, param, value: str) -> list[int]:
     callback=_int_list,
     help="Prompt lengths for prefill; the longest is the headline (and precedes the decode).",
 )
-@click.option("--decode-tokens", default=64, show_default=True, help="Tokens decoded after each prompt.")
-@click.option("--repeats", default=3, show_default=True, help="Timed runs per setting (median, min-max).")
-@click.option("--warmup", default=1, show_default=True, help="Untimed runs first.")
-@click.option("--quantization", default=None, help="Our weight scheme (default: the engine's default).")
+@click.option(
+    "--decode-tokens",
+    type=click.IntRange(1),
+    default=64,
+    show_default=True,
+    help="Tokens decoded after each prompt.",
+)
+@click.option(
+    "--repeats",
+    type=click.IntRange(1),
+    default=3,
+    show_default=True,
+    help="Timed runs per setting (median, min-max).",
+)
+@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True, help="Untimed runs first.")
+@click.option(
+    "--quantization",
+    type=quantization_choice(),
+    default=None,
+    help="Our weight scheme (default: the engine's default).",
+)
 @click.option(
     "--vs-llama-cpp", is_flag=True, help="Also run llama.cpp (AMX build) on the same model, interleaved."
 )
@@ -55,6 +81,7 @@ def _int_list(ctx, param, value: str) -> list[int]:
 )
 @click.option(
     "--bandwidth-mib",
+    type=click.IntRange(1, 1 << 20),
     default=1024,
     show_default=True,
     help="Array size for the read-bandwidth measurement (well above the last-level cache).",
@@ -85,7 +112,12 @@ def command(
     from ..bench.harness import BenchSettings, default_quantization, format_table, llama_gguf_for, run_bench
     from ..bench.harness import plot as write_plot
     from ..checkpoint import open_model
+    from ..outputs import check_output_file, model_input_path
 
+    if plot:  # checked before the (long) run, not when the plot is written at its end
+        check_output_file(
+            plot, inputs=[model_input_path(model)], magic=b"\x89PNG\r\n\x1a\n", what="a PNG image"
+        )
     fa = {"off": [False], "on": [True], "both": [False, True]}[llama_flash_attn]
     settings = BenchSettings(
         threads=threads,

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .options import model_argument, run_options, sampling_options
+from .options import model_argument, open_engine, run_options, sampling_options
 
 
 @click.command("chat")
@@ -19,11 +19,12 @@ def command(
     model, system, stats, max_tokens, temperature, top_p, seed, quantization, device, threads, allow_pickle
 ):
     """Chat with MODEL (default: SmolLM2-135M). Commands: /reset, /exit (or Ctrl-D)."""
-    from ..runtime.engine import load_engine
-    from ..runtime.generate import ChatSession
+    from ..runtime.generate import ChatSession, PromptTooLongError
     from ..runtime.sampling import SamplingParams
 
-    engine, source = load_engine(
+    if sys.stdin is None or sys.stdin.closed:
+        return  # nothing can be read (stdin closed, e.g. `phi3 chat <&-`): nothing to answer, before loading
+    engine, source = open_engine(
         model, quantization=quantization, device=device, threads=threads, allow_pickle=allow_pickle
     )
     tok = source.tokenizer()
@@ -43,8 +44,11 @@ def command(
     while True:
         try:
             line = input(">>> " if interactive else "")
-        except EOFError:
-            break
+        except UnicodeDecodeError:
+            click.echo("error: stdin: that line is not valid UTF-8 text; not sent", err=True)
+            continue
+        except (EOFError, RuntimeError, OSError, ValueError):
+            break  # end of input, or stdin went away (closed, lost): a clean exit either way
         line = line.strip()
         if not line:
             continue
@@ -60,7 +64,13 @@ def command(
             sys.stdout.write(text)
             sys.stdout.flush()
 
-        _, st = session.send(line, sampling, max_tokens, on_text=out)
+        try:
+            _, st = session.send(line, sampling, max_tokens, on_text=out)
+        except PromptTooLongError as e:
+            click.echo(f"error: {e}; message dropped (/reset clears the history)", err=True)
+            continue
         sys.stdout.write("\n")
+        if st.stop_reason == "context window full":
+            click.echo("note: the context window is full; /reset to start over", err=True)
         if stats:
             click.echo(st.summary(), err=True)

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import click
 
-from .options import model_argument
+from .options import check_scheme, device_choice, model_argument, quantization_choice
 
 
 @click.command("compile")
 @model_argument
-@click.option("--device", default="host", show_default=True, help="Device preset (see `phi3 targets`).")
+@click.option(
+    "--device",
+    type=device_choice(),
+    default="host",
+    show_default=True,
+    help="Device preset (see `phi3 targets`).",
+)
 @click.option(
     "--quantization",
     "-q",
+    type=quantization_choice(),
     default=None,
     help="Quantization (default q4f16_1; converted folders keep theirs).",
 )
@@ -20,10 +27,13 @@ from .options import model_argument
 def command(model, device, quantization, output):
     """Compile MODEL's graph for a device preset into OUTPUT (library + manifest.json)."""
     from ..checkpoint import open_model
-    from ..compile.compile_model import compile_model
+    from ..compile.compile_model import check_compile_output, compile_model
+    from ..outputs import model_input_path
     from ..runtime.engine import DEFAULT_QUANTIZATION
 
+    check_compile_output(output, inputs=[model_input_path(model)])  # before any work: never the input
     source = open_model(model)
+    check_scheme(source, quantization)
     if source.kind == "mlc":
         quantization = quantization or source.scheme.name
     compiled = compile_model(source.config, quantization or DEFAULT_QUANTIZATION, device, output)

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import click
 
+from .options import quantization_choice
+
 
 @click.command()
 @click.argument("checkpoint", required=False)
 @click.option(
-    "--quantization", "-q", default="q4f16_1", show_default=True, help="q0f32, q0f16, q4f16_1 or q4f32_1."
+    "--quantization",
+    "-q",
+    type=quantization_choice(),
+    default="q4f16_1",
+    show_default=True,
+    help="q0f32, q0f16, q4f16_1 or q4f32_1.",
 )
 @click.option(
     "--output",
@@ -27,10 +34,15 @@ import click
     "weight error; weighted = that search weighted by activation statistics of a short calibration text; "
     "auto = weighted (lowest perplexity measured).",
 )
-@click.option("--context-window", type=int, default=None, help="context_window_size (default: the model's).")
+@click.option(
+    "--context-window",
+    type=click.IntRange(1),
+    default=None,
+    help="context_window_size (default: the model's).",
+)
 @click.option(
     "--prefill-chunk",
-    type=int,
+    type=click.IntRange(1),
     default=None,
     help="prefill_chunk_size (default: min(context, 8192), like MLC).",
 )
@@ -56,8 +68,14 @@ def command(
 ):
     """Convert CHECKPOINT (HF folder, GGUF; default: the embedded model) to quantized MLC-LLM weights."""
     from ..checkpoint import open_model
-    from ..convert.converter import convert
+    from ..convert.converter import check_convert_output, convert
+    from ..outputs import model_input_path
 
+    if context_window and prefill_chunk and prefill_chunk > context_window:
+        raise click.BadParameter(
+            f"{prefill_chunk} is larger than --context-window {context_window}", param_hint="--prefill-chunk"
+        )
+    check_convert_output(output, inputs=[model_input_path(checkpoint)])  # before any work
     source = open_model(checkpoint, allow_pickle=allow_pickle)
     res = convert(
         source,

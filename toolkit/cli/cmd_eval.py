@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import UserError
-from .options import model_argument, run_options
+from .options import model_argument, open_engine, run_options
 
 
 @click.command("eval")
@@ -16,9 +16,13 @@ from .options import model_argument, run_options
 @click.option(
     "--ppl", "text_file", required=True, type=click.Path(dir_okay=False), help="Text file to score."
 )
-@click.option("--context", type=int, default=512, show_default=True, help="Window length in tokens.")
-@click.option("--stride", type=int, default=None, help="Window step (default: context/2).")
-@click.option("--max-tokens", type=int, default=None, help="Score only the first N tokens of the text.")
+@click.option(
+    "--context", type=click.IntRange(2), default=512, show_default=True, help="Window length in tokens."
+)
+@click.option("--stride", type=click.IntRange(1), default=None, help="Window step (default: context/2).")
+@click.option(
+    "--max-tokens", type=click.IntRange(2), default=None, help="Score only the first N tokens of the text."
+)
 @click.option(
     "--through",
     type=click.Choice(["prefill", "decode"]),
@@ -42,7 +46,7 @@ def command(
     allow_pickle,
 ):
     """Perplexity of MODEL over TEXTFILE with fixed sliding windows (default model: SmolLM2-135M)."""
-    from ..runtime.engine import CacheOptions, load_engine
+    from ..runtime.engine import CacheOptions
     from ..runtime.perplexity import perplexity
 
     path = Path(text_file)
@@ -52,7 +56,7 @@ def command(
         text = path.read_text()
     except UnicodeDecodeError:
         raise UserError("not UTF-8 text", path) from None
-    engine, source = load_engine(
+    engine, source = open_engine(
         model,
         quantization=quantization,
         device=device,

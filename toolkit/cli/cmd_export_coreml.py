@@ -2,9 +2,40 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from ..coreml.export import DEFAULT_CONTEXT, WEIGHT_MODES
+from ..coreml.export import DEFAULT_CONTEXT, MAX_CONTEXT, WEIGHT_MODES
+from ..errors import UserError
+
+# written by toolkit/coreml/model_folder.py into every tokenizer_config.json it writes: marks the folder's
+# tokenizer/config files as an earlier export of ours, which a new export may replace
+OUR_MARK = "toolkit_eos_token_ids"
+
+
+def check_sibling_files(output: Path) -> None:
+    """The tokenizer/config files go next to the package: never over another model's files."""
+    import json
+
+    from ..coreml.swift_transformers import TOKENIZER_FILES
+
+    folder = output.parent
+    if (folder / "mlc-chat-config.json").exists():  # a converted folder: its tokenizer files are its own
+        raise UserError("a `phi3 convert` output; put the package in another folder", folder)
+    present = [n for n in TOKENIZER_FILES if (folder / n).exists()]
+    if not present:
+        return
+    try:
+        ours = OUR_MARK in json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise UserError(
+            f"{present[0]} there is not from an earlier export and would be overwritten by the tokenizer "
+            "files written next to the package; use another folder or --no-tokenizer-files",
+            folder / present[0],
+        )
 
 
 @click.command()
@@ -12,7 +43,7 @@ from ..coreml.export import DEFAULT_CONTEXT, WEIGHT_MODES
 @click.option("-o", "--output", required=True, help="Package to write, NAME.mlpackage.")
 @click.option(
     "--context",
-    type=int,
+    type=click.IntRange(1, MAX_CONTEXT),
     default=None,
     help=f"KV-cache length (prompt + generated tokens). Default: {DEFAULT_CONTEXT} or the model's maximum.",
 )
@@ -35,15 +66,28 @@ def command(
     """Export MODEL (HF folder, GGUF, converted folder; default: the embedded model) to Core ML, laid out for
     swift-transformers' LanguageModel (see examples/ios-coreml)."""
     from ..coreml.export import export_coreml
+    from ..locks import output_lock
+    from ..outputs import check_output_dir, model_input_path
 
-    result = export_coreml(
-        model,
+    # an .mlpackage is a folder: replace only an earlier package (Manifest.json + Data/), never the input
+    check_output_dir(
         output,
-        context=context,
-        weights=weights,
-        progress=not quiet,
-        tokenizer_files=not no_tokenizer_files,
+        inputs=[model_input_path(model)],
+        marker="Manifest.json",
+        owned=("Data",),
+        what="a Core ML package",
     )
+    if not no_tokenizer_files:
+        check_sibling_files(Path(output).expanduser())
+    with output_lock(output):  # one writer per package; temp folders of killed runs are cleared
+        result = export_coreml(
+            model,
+            output,
+            context=context,
+            weights=weights,
+            progress=not quiet,
+            tokenizer_files=not no_tokenizer_files,
+        )
     click.echo(
         f"wrote {result.path} ({result.size_bytes / 2**20:.1f} MiB, weights {result.weights}, "
         f"context {result.context}) in {result.seconds:.1f} s ("

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from ..gguf_export import QTYPES, export_gguf
@@ -31,6 +33,11 @@ def command(model: str | None, output: str, qtype: str) -> None:
     MODEL is a Hugging Face checkpoint folder, a GGUF file or a converted folder; without it, the default
     model.
     """
+    from ..locks import output_lock
+    from ..outputs import check_output_file, model_input_path
+
+    # an existing file is replaced only when it is a GGUF, and never when it is the model itself
+    check_output_file(output, inputs=[model_input_path(model)], magic=b"GGUF", what="a GGUF file")
     shown = [-1]
 
     def progress(done: int, total: int, tensor) -> None:
@@ -39,7 +46,9 @@ def command(model: str | None, output: str, qtype: str) -> None:
             shown[0] = pct
             click.echo(f"  {pct:3d}%  {done}/{total} tensors ({tensor.name})", err=True)
 
-    result = export_gguf(model, output, qtype=qtype, progress=progress)
+    # progress lines are for a terminal; a script reading stderr sees only warnings and errors
+    with output_lock(output):  # one writer per file; partial files of killed runs are cleared
+        result = export_gguf(model, output, qtype=qtype, progress=progress if sys.stderr.isatty() else None)
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
     click.echo(

@@ -6,12 +6,12 @@ import sys
 
 import click
 
-from .options import model_argument, run_options, sampling_options
+from .options import model_argument, open_engine, prompt_option, run_options, sampling_options
 
 
 @click.command("generate")
 @model_argument
-@click.option("--prompt", "-p", required=True, help="The prompt text.")
+@prompt_option
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
 @click.option("--system", default=None, help="System message (chat templates that have one).")
 @click.option("--stats/--no-stats", default=True, help="Print speed statistics to stderr.")
@@ -33,11 +33,10 @@ def command(
     allow_pickle,
 ):
     """Generate from PROMPT with MODEL (HF folder, .gguf, converted folder; default: SmolLM2-135M)."""
-    from ..runtime.engine import load_engine
     from ..runtime.generate import ChatSession
     from ..runtime.sampling import SamplingParams
 
-    engine, source = load_engine(
+    engine, source = open_engine(
         model, quantization=quantization, device=device, threads=threads, allow_pickle=allow_pickle
     )
     session = ChatSession(engine, source.tokenizer(), "raw" if raw else source.conv_template, system=system)

@@ -7,6 +7,18 @@ import json
 
 import click
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+KNOWN_METHODS = ("rtn", "search", "weighted")  # toolkit.quantization.report.METHODS, without importing it
+
+
+def _methods(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    """Checked at parse time: a typo must not cost the whole report run first."""
+    methods = tuple(m.strip() for m in value.split(",") if m.strip())
+    bad = [m for m in methods if m not in KNOWN_METHODS]
+    if bad or not methods:
+        raise click.BadParameter(f"unknown {bad[0]!r}" if bad else "empty", param_hint="--methods")
+    return methods
+
 
 @click.command()
 @click.argument("model", required=False)
@@ -21,7 +33,11 @@ import click
     help="PNG plot to write.",
 )
 @click.option(
-    "--methods", default="rtn,search,weighted", show_default=True, help="Comma-separated subset of these."
+    "--methods",
+    default="rtn,search,weighted",
+    show_default=True,
+    callback=_methods,
+    help="Comma-separated subset of these.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead of a table.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle .bin checkpoints (unsafe).")
@@ -30,13 +46,14 @@ def command(model, quantization, output, methods, as_json, allow_pickle, no_prog
     """Show how much error 4-bit quantization puts in each weight of MODEL (default: the embedded model)."""
     from ..checkpoint import open_model
     from ..errors import UserError
+    from ..outputs import check_output_file, model_input_path
     from ..quantization.report import plot_report, weight_error_report
 
+    # checked before the (long) run, not when the plot is written at its end
+    check_output_file(output, inputs=[model_input_path(model)], magic=PNG_MAGIC, what="a PNG image")
     source = open_model(model, allow_pickle=allow_pickle)
     try:
-        report = weight_error_report(
-            source, quantization, tuple(m.strip() for m in methods.split(",")), progress=not no_progress
-        )
+        report = weight_error_report(source, quantization, methods, progress=not no_progress)
     except ValueError as e:
         raise UserError(str(e)) from None
     plot_report(report, output)

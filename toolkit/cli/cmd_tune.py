@@ -4,22 +4,32 @@ from __future__ import annotations
 
 import click
 
-from .options import model_argument
+from .options import FiniteFloat, device_choice, model_argument, quantization_choice
 
 
 def _parse_tracker(value: str | None) -> tuple[str, int] | None:
     if value is None:
         return None
     host, _, port = value.rpartition(":")
-    if not host or not port.isdigit():
-        raise click.BadParameter("expected HOST:PORT", param_hint="--rpc-tracker")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(
+            f"expected HOST:PORT with a port in 1..65535, got {value!r}", param_hint="--rpc-tracker"
+        )
     return host, int(port)
 
 
 @click.command("tune")
 @model_argument
-@click.option("--device", default="host", show_default=True, help="Device preset (see `phi3 targets`).")
-@click.option("--quantization", "-q", default=None, help="Quantization (default q4f16_1).")
+@click.option(
+    "--device",
+    type=device_choice(),
+    default="host",
+    show_default=True,
+    help="Device preset (see `phi3 targets`).",
+)
+@click.option(
+    "--quantization", "-q", type=quantization_choice(), default=None, help="Quantization (default q4f16_1)."
+)
 @click.option(
     "--trials", type=click.IntRange(1), default=64, show_default=True, help="MetaSchedule trials per kernel."
 )
@@ -33,7 +43,7 @@ def _parse_tracker(value: str | None) -> tuple[str, int] | None:
 @click.option("--cost-model", type=click.Choice(["xgb", "random"]), default="xgb", show_default=True)
 @click.option(
     "--min-gain",
-    type=float,
+    type=FiniteFloat(0.0, 10.0),
     default=0.03,
     show_default=True,
     help="Keep a record only if it is at least this fraction faster than the default schedule.",
@@ -52,16 +62,21 @@ def command(
     model, device, quantization, trials, kernels, cost_model, min_gain, rpc_tracker, rpc_key, schedules_dir
 ):
     """Tune MODEL's kernels for a device preset; records go to schedules/<preset>/."""
-    from ..checkpoint import open_model
     from ..errors import UserError
+    from ..tune.guard import check_tracker
+
+    tracker = _parse_tracker(rpc_tracker)
+    if (tracker is None) != (rpc_key is None):
+        raise UserError("--rpc-tracker and --rpc-key go together")
+    if tracker is not None:  # seconds, before minutes of extraction and a minute of MetaSchedule retries
+        check_tracker(tracker[0], tracker[1], rpc_key)
+
+    from ..checkpoint import open_model
     from ..runtime.engine import DEFAULT_QUANTIZATION
     from ..targets import load_preset
     from ..tune.records import records_dir
     from ..tune.tuner import RPCTarget, format_results, tune_model
 
-    tracker = _parse_tracker(rpc_tracker)
-    if (tracker is None) != (rpc_key is None):
-        raise UserError("--rpc-tracker and --rpc-key go together")
     rpc = RPCTarget(tracker[0], tracker[1], rpc_key) if tracker else None
     preset = load_preset(device)
     source = open_model(model)

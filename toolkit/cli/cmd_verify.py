@@ -7,18 +7,24 @@ import sys
 
 import click
 
+from .options import SEED
+
 
 @click.command()
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option(
     "--json", "json_path", type=click.Path(dir_okay=False), help="Also write the full report as JSON."
 )
-@click.option("--seed", default=0, show_default=True, help="Seed of the random kernel inputs.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random kernel inputs.")
 def command(out_dir: str, json_path: str | None, seed: int) -> None:
     """Verify the kernels in OUT_DIR (written by `phi3 compile`) against the llvm build of the same
     kernels."""
     from ..verify.verify import verify_model
 
+    if json_path:  # the report goes next to, never over, the compiled model
+        from ..outputs import check_output_file
+
+        check_output_file(json_path, inputs=[out_dir], magic=b"{", what="a JSON report")
     report = verify_model(out_dir, seed=seed)
     click.echo(f"preset {report.preset} ({report.quantization}), kernels run on: {report.backend}")
     for c in report.checks:
@@ -29,14 +35,24 @@ def command(out_dir: str, json_path: str | None, seed: int) -> None:
         if report.msl_diagnostics:
             click.echo(report.msl_diagnostics)
     for r in report.cuda:
-        click.echo(
-            f"  nvcc {r['arch']}: {r['compiled']}/{r['kernels']} kernels compiled"
-            + (f", missing {r['missing']}" if r["missing"] else "")
-        )
+        if r.get("error"):
+            click.echo(f"  error    nvcc {r['arch']}: {r['error']}")
+            continue
+        for name in r.get("compiled_kernels", []):
+            click.echo(f"  compiled {name}  (nvcc {r['arch']}, compile only)")
+        for name in r["missing"]:
+            click.echo(f"  missing  {name}  (nvcc {r['arch']}: not in ptxas output)")
+        click.echo(f"  nvcc {r['arch']}: {r['compiled']}/{r['kernels']} kernels compiled")
     for note in report.notes:
         click.echo(f"  note: {note}")
-    counts = ", ".join(f"{n} {s}" for s, n in sorted(report.counts().items()))
-    click.echo(f"{'OK' if report.ok else 'FAILED'}: {counts}")
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(report.counts().items())) or "no kernel checks"
+    click.echo(f"{'OK' if report.ok else 'FAILED'}: {report.verified} kernel(s) verified; {counts}")
+    if report.verified == 0:
+        click.echo(
+            f"error: {out_dir}: nothing was verified (no runnable backend or compiler for "
+            f"{report.preset} here)",
+            err=True,
+        )
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report.to_dict(), f, indent=1)

@@ -1,10 +1,85 @@
-"""Flags shared by the commands that load and run a model."""
+"""Flags shared by the commands that load and run a model, and the parameter types that check every number
+at parse time (before any model is loaded)."""
 
 from __future__ import annotations
+
+import math
 
 import click
 
 model_argument = click.argument("model", required=False)
+
+
+def quantization_choice() -> click.Choice:
+    from ..quantization import QUANTIZATIONS
+
+    return click.Choice(list(QUANTIZATIONS))
+
+
+def device_choice() -> click.Choice:
+    from ..targets import list_presets
+
+    return click.Choice(list_presets())
+
+
+def check_scheme(source, quantization: str | None) -> None:
+    """A converted folder is one scheme: a different -q is an error naming the folder, not a ValueError."""
+    if source.kind == "mlc" and quantization and quantization != source.scheme.name:
+        from ..errors import UserError
+
+        raise UserError(
+            f"holds {source.scheme.name} weights, not {quantization}; drop -q or convert again", source.path
+        )
+
+
+def open_engine(model: str | None, *, quantization: str | None, allow_pickle: bool, **kwargs):
+    """`load_engine` with -q checked against a converted folder first (before any compile)."""
+    from ..checkpoint import open_model
+    from ..runtime.engine import load_engine
+
+    check_scheme(open_model(model, allow_pickle=allow_pickle), quantization)
+    return load_engine(model, quantization=quantization, allow_pickle=allow_pickle, **kwargs)
+
+
+class FiniteFloat(click.FloatRange):
+    """A FloatRange that also refuses nan and inf (Click's range lets nan through: every comparison is
+    False)."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)  # nan passes every bound check, inf passes an open one
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+
+def positive_int(max: int | None = None) -> click.IntRange:
+    return click.IntRange(1, max)
+
+
+NON_NEGATIVE_INT = click.IntRange(0)
+# numpy's Generator takes any non-negative int; 2**63-1 keeps it a C long everywhere
+SEED = click.IntRange(0, 2**63 - 1)
+
+
+def _text(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A prompt must be non-empty, valid UTF-8 text (argv bytes that are not UTF-8 arrive as surrogates)."""
+    if value is None:
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise click.BadParameter("is not valid UTF-8 text") from None
+    if not value.strip():
+        raise click.BadParameter("is empty")
+    return value
+
+
+def prompt_option(f):
+    return click.option(
+        "--prompt", "-p", required=True, callback=_text, help="The prompt text (non-empty, UTF-8)."
+    )(f)
 
 
 def run_options(f):
@@ -12,13 +87,20 @@ def run_options(f):
     f = click.option("--allow-pickle", is_flag=True, help="Allow loading pickle .bin checkpoints (unsafe).")(
         f
     )
-    f = click.option("--threads", type=int, default=None, help="CPU threads (default: one per core).")(f)
     f = click.option(
-        "--device", default="host", show_default=True, help="Device preset (see `phi3 targets`)."
+        "--threads", type=positive_int(4096), default=None, help="CPU threads (default: one per core)."
+    )(f)
+    f = click.option(
+        "--device",
+        type=device_choice(),
+        default="host",
+        show_default=True,
+        help="Device preset (see `phi3 targets`).",
     )(f)
     f = click.option(
         "--quantization",
         "-q",
+        type=quantization_choice(),
         default=None,
         help="q0f32, q0f16, q4f16_1, q4f32_1 (default: q4f16_1; converter output keeps its own).",
     )(f)
@@ -26,8 +108,16 @@ def run_options(f):
 
 
 def sampling_options(f):
-    f = click.option("--seed", type=int, default=None, help="Sampling seed (reproducible output).")(f)
-    f = click.option("--top-p", type=float, default=0.95, show_default=True)(f)
-    f = click.option("--temperature", type=float, default=0.7, show_default=True, help="0 = greedy.")(f)
-    f = click.option("--max-tokens", type=int, default=256, show_default=True)(f)
+    f = click.option("--seed", type=SEED, default=None, help="Sampling seed (reproducible output).")(f)
+    f = click.option(
+        "--top-p",
+        type=FiniteFloat(0.0, 1.0, min_open=True),
+        default=0.95,
+        show_default=True,
+        help="Nucleus sampling mass, in (0, 1].",
+    )(f)
+    f = click.option(
+        "--temperature", type=FiniteFloat(0.0), default=0.7, show_default=True, help="0 = greedy."
+    )(f)
+    f = click.option("--max-tokens", type=positive_int(), default=256, show_default=True)(f)
     return f

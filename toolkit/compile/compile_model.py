@@ -10,7 +10,9 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,9 @@ from tvm.s_tir import dlight as dl
 from .. import __version__
 from ..config import Phi3Config
 from ..errors import UserError
+from ..locks import output_lock
 from ..model.phi3 import GraphOptions, export_phi3
+from ..outputs import check_output_dir
 from ..quantization import get_scheme
 from ..targets import Preset, load_preset
 from . import pipeline
@@ -91,6 +95,24 @@ def system_lib_prefix(cfg: Phi3Config, quantization: str) -> str:
 
 
 def compile_model(
+    cfg: Phi3Config, quantization: str, preset: Preset | str, out_dir: str | Path, **options: Any
+) -> CompiledModel:
+    """Build the library into `out_dir` (see `_build_library` for `options`): never over a folder that is not
+    an earlier compile output, one writer at a time, no partial folder left when the build fails."""
+    out_dir = check_compile_output(out_dir)
+    with output_lock(out_dir):  # one writer at a time; it also clears temp folders of dead runs
+        check_compile_output(out_dir)  # what the writer before us left must still be ours to replace
+        try:
+            return _build_library(cfg, quantization, preset, out_dir, **options)
+        finally:
+            shutil.rmtree(_temp_dir(out_dir), ignore_errors=True)  # gone once renamed; a failure's leftovers
+
+
+def _temp_dir(out_dir: Path) -> Path:
+    return out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+
+
+def _build_library(
     cfg: Phi3Config,
     quantization: str,
     preset: Preset | str,
@@ -108,7 +130,7 @@ def compile_model(
     opts = graph_options(quantization, preset, dtype)
     target = preset.target
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    tmp = _temp_dir(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if preset.kind == "vulkan":
@@ -164,10 +186,43 @@ def compile_model(
         "build": notes,
     }
     manifest = write_manifest(tmp, preset, opts.quantization, cfg, kernels, extra=extra)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    replace_dir(tmp, out_dir)
     return CompiledModel(out_dir, manifest)
+
+
+def _owned_by_compile(out_dir: Path) -> list[str]:
+    """Names a `phi3 compile` output may hold: the library and what its manifest lists."""
+    names = [f"{LIB_NAME}.*", f".{MANIFEST}.tmp"]
+    try:
+        files = json.loads((out_dir / MANIFEST).read_text()).get("files", {})
+        names += sorted({Path(rel).parts[0] for rel in files})
+    except (OSError, ValueError, AttributeError):
+        pass  # a damaged manifest: only the library name counts as ours
+    return names
+
+
+def check_compile_output(out_dir: str | Path, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Refuse an output folder that holds anything but an earlier compile output, or overlaps an input."""
+    out_dir = Path(out_dir).expanduser()
+    return check_output_dir(
+        out_dir,
+        inputs=inputs,
+        marker=MANIFEST,
+        owned=_owned_by_compile(out_dir),
+        what="a `phi3 compile` output",
+    )
+
+
+def replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Swap a finished temp folder in for `out_dir` (an earlier output of ours, already checked)."""
+    if out_dir.exists():
+        old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
 
 
 def load_compiled(folder: str | Path) -> CompiledModel:
@@ -229,6 +284,19 @@ def compiled_for(cfg: Phi3Config, quantization: str, preset: Preset | str) -> Co
     """The cached library for (config, quantization, preset), compiled on first use."""
     preset = load_preset(preset) if isinstance(preset, str) else preset
     folder = cache_root() / "lib" / cache_key(cfg, quantization, preset)
-    if (folder / MANIFEST).is_file():
-        return load_compiled(folder)
-    return compile_model(cfg, quantization, preset, folder)
+    with output_lock(folder):  # a second process waits, then finds the library built
+        if folder.exists():
+            try:
+                return _load_cached(folder)
+            except UserError as e:
+                # the cache is ours: a truncated library or a bad manifest is rebuilt, not a dead end
+                print(f"notice: cached library {folder} is damaged ({e}); rebuilding it", file=sys.stderr)
+                shutil.rmtree(folder)
+        return compile_model(cfg, quantization, preset, folder)
+
+
+def _load_cached(folder: Path) -> CompiledModel:
+    compiled = load_compiled(folder)
+    if not compiled.library.is_file():
+        raise UserError("library file missing", compiled.library)
+    return compiled

@@ -17,7 +17,6 @@ row blocks, so its temporaries are small.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import sys
 import time
@@ -31,6 +30,7 @@ from ..checkpoint.mlc_format import (
     CACHE_JSON,
     CHAT_CONFIG,
     PARAM_NAME_STYLES,
+    TOKENIZER_FILES,
     TensorCacheWriter,
     model_type_of,
     param_renamer,
@@ -38,7 +38,10 @@ from ..checkpoint.mlc_format import (
     to_mlc_name,
     write_chat_config,
 )
+from ..checkpoint.mlc_format.tensor_cache import SHARD_PREFIX
 from ..errors import UserError
+from ..locks import output_lock
+from ..outputs import check_output_dir
 from ..quantization import QuantScheme, get_scheme
 from ..quantization import group_quant as gq
 from .gen_config import gen_chat_config, write_tokenizer_files
@@ -116,46 +119,19 @@ def converted_tensors(
         del arr
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+# what a conversion writes: anything else in an earlier conversion's folder is the user's, so we refuse
+CONVERT_OWNED = (f"{SHARD_PREFIX}_*.bin", CACHE_JSON, *TOKENIZER_FILES, ".*.tmp", "*.tmp")
 
 
-def discard_stale_temp_dirs(out_dir: Path) -> list[Path]:
-    """Remove `<out>.tmp-<pid>` folders of runs that are no longer alive; refuse if one is still running."""
-    removed = []
-    pattern = re.compile(re.escape(out_dir.name) + r"\.tmp-(\d+)$")
-    if not out_dir.parent.is_dir():
-        return removed
-    for p in out_dir.parent.iterdir():
-        m = pattern.match(p.name)
-        if not m or not p.is_dir():
-            continue
-        pid = int(m.group(1))
-        if pid != os.getpid() and _pid_alive(pid):
-            raise UserError(
-                f"another conversion (pid {pid}) is writing {p.name}; wait for it or stop it", out_dir
-            )
-        shutil.rmtree(p)
-        removed.append(p)
-    return removed
+def check_convert_output(out_dir: str | Path, inputs=()) -> Path:
+    """Refuse an output that overlaps an input or holds anything but an earlier conversion."""
+    return check_output_dir(
+        out_dir, inputs=inputs, marker=CHAT_CONFIG, owned=CONVERT_OWNED, what="a `phi3 convert` output"
+    )
 
 
 def _check_out_dir(out_dir: Path, source: ModelSource) -> None:
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise UserError("output exists and is not a folder", out_dir)
-        if out_dir.resolve() == source.path.resolve():
-            raise UserError("output folder is the input checkpoint", out_dir)
-        if any(out_dir.iterdir()) and not (out_dir / CHAT_CONFIG).is_file():
-            raise UserError(
-                "output folder exists and is not a converted model; refusing to overwrite it", out_dir
-            )
+    check_convert_output(out_dir, inputs=[source.path])
 
 
 def convert(
@@ -186,8 +162,38 @@ def convert(
     clip_used = (AUTO_CLIP if clip == "auto" else clip) if scheme.is_quantized else "none"
     out_dir = Path(out_dir).expanduser()
     _check_out_dir(out_dir, source)
-    discard_stale_temp_dirs(out_dir)
+    with output_lock(out_dir):  # one writer at a time; it also clears temp folders of dead runs
+        _check_out_dir(out_dir, source)  # what the writer before us left must still be ours to replace
+        return _convert_locked(
+            source,
+            scheme,
+            out_dir,
+            clip,
+            clip_used,
+            progress,
+            shard_cap,
+            context_window_size,
+            prefill_chunk_size,
+            param_names,
+            rename,
+        )
+
+
+def _convert_locked(
+    source,
+    scheme,
+    out_dir,
+    clip,
+    clip_used,
+    progress,
+    shard_cap,
+    context_window_size,
+    prefill_chunk_size,
+    param_names,
+    rename,
+) -> ConvertResult:
     tmp = out_dir.parent / f"{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     t0 = time.perf_counter()
     try:
@@ -261,9 +267,10 @@ def convert(
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished temp folder to `out_dir`, replacing an older conversion there."""
+    """Move the finished temp folder to `out_dir`, replacing an older conversion (checked: ours)."""
     if out_dir.exists():
         old = out_dir.parent / f"{out_dir.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(out_dir, old)
         os.replace(tmp, out_dir)
         shutil.rmtree(old, ignore_errors=True)

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ..chat_template import render, stop_token_ids
+from ..errors import UserError
 from ..tokenizer import Tokenizer
 from .engine import ContextFullError, Engine
 from .sampling import Sampler, SamplingParams
@@ -30,6 +31,10 @@ class GenerationStats:
             f"generated {self.generated_tokens} tok, "
             f"decode {dc:.1f} tok/s; stop: {self.stop_reason}"
         )
+
+
+class PromptTooLongError(UserError):
+    """The prompt (with the conversation so far) does not fit the context window: nothing was generated."""
 
 
 @dataclass
@@ -73,14 +78,18 @@ class ChatSession:
         on_text: Callable[[str], None] | None = None,
     ) -> tuple[str, GenerationStats]:
         self.messages.append({"role": "user", "content": text})
-        prompt = render(self.messages, self.template, add_generation_prompt=True)
-        ids = self.tokenizer.encode(prompt)
-        reply_ids, stats = [], GenerationStats()
-        decoder = self.tokenizer.stream_decoder()
-        for tok in generate_tokens(self, ids, sampling, max_tokens, stats):
-            reply_ids.append(tok)
-            if on_text:
-                on_text(decoder.feed(tok))
+        try:
+            prompt = render(self.messages, self.template, add_generation_prompt=True)
+            ids = self.tokenizer.encode(prompt)
+            reply_ids, stats = [], GenerationStats()
+            decoder = self.tokenizer.stream_decoder()
+            for tok in generate_tokens(self, ids, sampling, max_tokens, stats):
+                reply_ids.append(tok)
+                if on_text:
+                    on_text(decoder.feed(tok))
+        except PromptTooLongError:
+            self.messages.pop()  # never keep a message that got no answer: the next turn would overflow too
+            raise
         if on_text:
             on_text(decoder.flush())
         reply = self.tokenizer.decode(reply_ids)
@@ -98,8 +107,10 @@ def generate_tokens(
     try:
         logits, stats.prompt_tokens = session._feed(ids)
     except ContextFullError:
-        stats.stop_reason = "context window full"
-        return
+        raise PromptTooLongError(
+            f"the prompt is {len(ids)} tokens (with the chat template and history); the context window is "
+            f"{eng.context_window} tokens"
+        ) from None
     stats.prefill_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     for i in range(max_tokens):

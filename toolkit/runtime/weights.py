@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import tvm
 
-from ..checkpoint import ModelSource, open_model
+from ..checkpoint import ModelSource, open_model, require_finite
 from ..checkpoint.mlc_format import read_cache_json, verify_tensor_cache
 from ..compile.compile_model import CompiledModel, cache_root
 from ..errors import UserError
+from ..locks import output_lock
 from ..quantization import get_scheme
 
 # scales for checkpoints quantized on first use: the converter default (activation-weighted clip search,
@@ -27,7 +30,7 @@ JIT_CLIP = "auto"
 
 
 def _to_device(
-    items: Iterable[tuple[str, np.ndarray]], compiled: CompiledModel, device
+    items: Iterable[tuple[str, np.ndarray]], compiled: CompiledModel, device, origin: Path
 ) -> list[tvm.runtime.Tensor]:
     """Device tensors in the compiled model's parameter order, copied one at a time as `items` streams them
     (each host array is dropped once copied: peak host memory is the device copy plus one shard)."""
@@ -41,6 +44,7 @@ def _to_device(
             raise UserError(
                 f"tensor {name!r} has shape {tuple(a.shape)}, the compiled model expects {tuple(p['shape'])}"
             )
+        require_finite(name, a, origin)  # a converted folder's fp weights too
         got[name] = tvm.runtime.tensor(np.ascontiguousarray(a.astype(p["dtype"], copy=False)), device)
     missing = [n for n in want if n not in got]
     if missing:
@@ -50,12 +54,52 @@ def _to_device(
 
 def converted_weights_dir(source: ModelSource, quantization: str) -> Path:
     """Where the JIT path keeps a checkpoint converted to `quantization`."""
-    st = source.path.stat()
     from ..checkpoint.mlc_format import FOLDER_REVISION
 
-    key = [str(source.path.resolve()), st.st_size, st.st_mtime_ns, quantization, JIT_CLIP]
+    # per-file identity: replacing model.safetensors in place must not reuse the old model's weights
+    key = [str(source.path.resolve()), source_identity(source.path), quantization, JIT_CLIP]
     key = json.dumps(key + ([FOLDER_REVISION] if FOLDER_REVISION > 1 else []))
     return cache_root() / "weights" / hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def _file_identity(path: Path) -> list:
+    st = path.stat()
+    return [path.name, st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def source_identity(path: Path) -> list:
+    """What the weights were read from: every file of the checkpoint (name, size, mtime_ns, inode). A
+    folder's own stat does not change when a file inside it is replaced, so the files are keyed one by one."""
+    path = Path(path)
+    if path.is_file():
+        return [_file_identity(path)]
+    return [_file_identity(f) for f in sorted(path.iterdir()) if f.is_file()]
+
+
+def _convert_into_cache(source: ModelSource, scheme, folder: Path) -> None:
+    from ..convert.converter import convert
+
+    convert(source, scheme, folder, clip=JIT_CLIP, progress=True)
+
+
+def _cached_converted(
+    source: ModelSource, scheme, compiled: CompiledModel, device, param_meta: list[dict] | None
+) -> list[tvm.runtime.Tensor]:
+    """Load the cached conversion, converting on first use; a damaged entry (truncated shard, bad json) is
+    ours to rebuild, once, with a notice."""
+    folder = converted_weights_dir(source, scheme.name)
+    with output_lock(folder):
+        if not (folder / "tensor-cache.json").is_file():
+            if folder.exists():
+                shutil.rmtree(folder)  # an incomplete entry: ours, and useless
+            _convert_into_cache(source, scheme, folder)
+        try:
+            return load_params(open_model(folder), compiled, device, param_meta)
+        except UserError as e:
+            print(f"notice: cached weights {folder} are damaged ({e}); rebuilding them", file=sys.stderr)
+            shutil.rmtree(folder)
+            _convert_into_cache(source, scheme, folder)
+            return load_params(open_model(folder), compiled, device, param_meta)
 
 
 def load_mlc_params(folder: Path, param_meta: list[dict], device) -> list[tvm.runtime.Tensor]:
@@ -104,15 +148,10 @@ def load_params(
             return load_mlc_params(source.path, meta, device)
         # an unquantized folder (q0f16) under a library computing in fp32 (the host): cast on the way in;
         # MLC's runtime would refuse this pair, quantized schemes never hit it (norms keep the folder dtype)
-        return _to_device(source.iter_params(), compiled, device)
+        return _to_device(source.iter_params(), compiled, device, source.path)
     if scheme.is_quantized:
-        folder = converted_weights_dir(source, scheme.name)
-        if not (folder / "tensor-cache.json").is_file():
-            from ..convert.converter import convert
-
-            convert(source, scheme, folder, clip=JIT_CLIP, progress=True)
-        return load_params(open_model(folder), compiled, device, param_meta)
+        return _cached_converted(source, scheme, compiled, device, param_meta)
     # unquantized: stream the checkpoint straight into device tensors, one at a time
     wanted = {p["name"] for p in compiled.manifest["params"]}
     names = [n for n in source.tensor_names() if n in wanted]
-    return _to_device(source.iter_tensors(names), compiled, device)
+    return _to_device(source.iter_tensors(names), compiled, device, source.path)

@@ -27,6 +27,7 @@ from tvm.target import Target
 
 from ..targets import Preset
 from .extract import Kernel, func_hash
+from .guard import meta_schedule_logging
 
 
 @dataclass
@@ -240,19 +241,20 @@ def tune_kernel(
         if kernel.default_trace is not None:
             seed_ms = _seed_database(db, kernel.workload, kernel.default_trace, target, builder, runner)
         try:
-            ms.tune_tir(
-                kernel.workload,
-                target,
-                work_dir=tmp,
-                max_trials_global=trials,
-                num_trials_per_iter=min(trials, 16),
-                builder=builder,
-                runner=runner,
-                database=db,
-                cost_model=cost_model,
-                num_tuning_cores=cores,
-                seed=seed,
-            )
+            with meta_schedule_logging():  # its logging setup crashes on a foreign unnamed handler
+                ms.tune_tir(
+                    kernel.workload,
+                    target,
+                    work_dir=tmp,
+                    max_trials_global=trials,
+                    num_trials_per_iter=min(trials, 16),
+                    builder=builder,
+                    runner=runner,
+                    database=db,
+                    cost_model=cost_model,
+                    num_tuning_cores=cores,
+                    seed=seed,
+                )
         except RuntimeError as e:  # ScheduleError and TVM InternalError are RuntimeErrors
             # e.g. TVM 0.27's layout rewrite fails on some static-shape kernels: the default stays
             base.note = f"MetaSchedule failed: {str(e).strip().splitlines()[0][:120]}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import tvm
@@ -230,10 +231,17 @@ class ModelReport:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def verified(self) -> int:
+        """How many kernels a check actually covered (run and matched, or compiled by nvcc)."""
+        ran = sum(c.status == "ok" for c in self.checks)
+        return ran + sum(r["compiled"] for r in self.cuda) + (1 if self.msl_ok else 0)
+
+    @property
     def ok(self) -> bool:
         bad = [c for c in self.checks if c.status in ("mismatch", "error")]
-        cuda_bad = [c for c in self.cuda if c["missing"]]
-        return not bad and not cuda_bad and self.msl_ok is not False
+        cuda_bad = [c for c in self.cuda if c["missing"] or c.get("error")]
+        # "OK" for a build where nothing ran would be a silent pass: nothing verified is a failure
+        return not bad and not cuda_bad and self.msl_ok is not False and self.verified > 0
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -247,6 +255,7 @@ class ModelReport:
             "quantization": self.quantization,
             "backend": self.backend,
             "ok": self.ok,
+            "verified": self.verified,
             "counts": self.counts(),
             "checks": [c.to_dict() for c in self.checks],
             "msl_ok": self.msl_ok,
@@ -282,9 +291,13 @@ def verify_model(out_dir, seed: int = 0, shape_values: dict[str, int] | None = N
     """Verify every kernel of the model in `out_dir` (written by `phi3 compile`) on the GPU API at hand."""
     from ..compile.artifacts import verify_manifest
     from ..config import Phi3Config
+    from ..errors import UserError
     from ..targets import load_preset
 
     manifest = verify_manifest(out_dir)
+    library = manifest.get("library")
+    if not library or not (Path(out_dir) / library).is_file():
+        raise UserError(f"library {library or '(none in the manifest)'} is missing", out_dir)
     preset = load_preset(manifest["preset"])
     cfg = Phi3Config.from_dict(manifest["model_config"])
     quantization = manifest["quantization"]
@@ -309,19 +322,27 @@ def verify_model(out_dir, seed: int = 0, shape_values: dict[str, int] | None = N
     if preset.kind == "cuda":
         from .cuda_check import compile_kernels
 
-        built = tvm.compile(scheduled, target=preset.target)
-        source = next(m for m in built.mod.imports if m.kind == "cuda").inspect_source()
-        r = compile_kernels(source, preset)
-        report.cuda.append(
-            {
-                "arch": r.arch,
-                "kernels": len(r.kernels),
-                "compiled": len(r.compiled),
-                "missing": r.missing,
-                "seconds": r.seconds,
-            }
-        )
-        report.notes.append("CUDA: compile-only here (no GPU); every kernel compiled to SASS by ptxas")
+        try:
+            built = tvm.compile(scheduled, target=preset.target)
+            source = next(m for m in built.mod.imports if m.kind == "cuda").inspect_source()
+            r = compile_kernels(source, preset)
+        except Exception as e:  # e.g. a TVM InternalError generating CUDA: a finding, reported on one line
+            msg = f"{type(e).__name__}: {e}".strip().splitlines()
+            report.cuda.append(
+                {"arch": preset.name, "kernels": 0, "compiled": 0, "missing": [], "error": msg[0][:300]}
+            )
+        else:
+            report.cuda.append(
+                {
+                    "arch": r.arch,
+                    "kernels": len(r.kernels),
+                    "compiled": len(r.compiled),
+                    "compiled_kernels": list(r.compiled),
+                    "missing": r.missing,
+                    "seconds": r.seconds,
+                }
+            )
+            report.notes.append("CUDA: compile-only here (no GPU); every kernel compiled to SASS by ptxas")
     if backend is None and preset.kind != "cuda":
         report.notes.append(f"no runnable backend for {preset.kind} here")
     return report

@@ -1,0 +1,467 @@
+"""Faults: concurrent writers, killed runs, stale temp folders, damaged cache entries, a full disk, closed
+stdin, prompts longer than the context window, `verify` that verified nothing, an unreachable RPC tracker
+and MetaSchedule's logging crash. No model is compiled: the heavy step is replaced where the case is about
+what happens around it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from bad_util import assert_clean_failure, run, snapshot
+
+from toolkit.errors import UserError
+
+
+def _env() -> dict[str, str]:
+    # read at call time: the session fixture sets PHI3_TOOLKIT_CACHE (where the lock files live)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+
+
+def _hold_lock(target: Path, seconds: float) -> subprocess.Popen:
+    """Another process holding the writer lock of `target` (prints 'locked' once it has it)."""
+    code = (
+        "import sys, time; from toolkit.locks import output_lock\n"
+        f"with output_lock({str(target)!r}):\n"
+        "    print('locked', flush=True); time.sleep(float(sys.argv[1]))\n"
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", code, str(seconds)], stdout=subprocess.PIPE, env=_env(), text=True
+    )
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+# -- locks and temp folders ----------------------------------------------------------------------------
+def test_second_writer_times_out_with_one_line(tmp_path) -> None:
+    from toolkit.locks import output_lock
+
+    holder = _hold_lock(tmp_path / "out", 30)
+    try:
+        with (
+            pytest.raises(UserError, match="still writing it after 0 s"),
+            output_lock(tmp_path / "out", timeout=0.3),
+        ):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_second_writer_waits_with_a_message_then_proceeds(tmp_path, capfd) -> None:
+    from toolkit.locks import output_lock
+
+    holder = _hold_lock(tmp_path / "out", 1.0)
+    t0 = time.monotonic()
+    with output_lock(tmp_path / "out", timeout=30):
+        waited = time.monotonic() - t0
+    holder.wait()
+    assert waited > 0.3
+    assert "another phi3 process is writing it; waiting" in capfd.readouterr().err
+
+
+def test_killed_writer_does_not_block(tmp_path) -> None:
+    from toolkit.locks import output_lock
+
+    holder = _hold_lock(tmp_path / "out", 60)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    t0 = time.monotonic()
+    with output_lock(tmp_path / "out", timeout=5):  # the kernel dropped the dead process's lock
+        pass
+    assert time.monotonic() - t0 < 2
+
+
+def test_stale_temps_of_dead_and_reused_pids_are_cleaned(tmp_path) -> None:
+    from toolkit.locks import output_lock
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # a reused pid
+    try:
+        stale = [
+            tmp_path / f"out.tmp-{dead.pid}",
+            tmp_path / f"out.tmp-{alive.pid}",
+            tmp_path / f"out.old-{dead.pid}",
+            tmp_path / f".out.partial-{dead.pid}",
+        ]
+        for s in stale:
+            s.mkdir()
+            (s / "half-written.bin").write_bytes(b"\0" * 10)
+        (tmp_path / "out.tmp-notes").mkdir()  # not one of our names: kept
+        with output_lock(tmp_path / "out", timeout=5):
+            pass
+        assert not any(s.exists() for s in stale)
+        assert (tmp_path / "out.tmp-notes").is_dir()
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_convert_killed_midway_leaves_nothing_and_the_rerun_works(tmp_path, ckpt) -> None:
+    out = tmp_path / "q"
+    code = (
+        "import sys, time\n"
+        "import toolkit.checkpoint.mlc_format.tensor_cache as tc\n"
+        "real = tc.TensorCacheWriter.add\n"
+        "def slow(self, n, a):\n"
+        "    real(self, n, a); print('writing', flush=True); time.sleep(30)\n"
+        "tc.TensorCacheWriter.add = slow\n"
+        "from toolkit.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    args = ["convert", str(ckpt), "-o", str(out), "-q", "q0f32", "--no-progress"]
+    p = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, env=_env(), text=True)
+    assert p.stdout.readline().strip() == "writing"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not out.exists() and list(tmp_path.glob("q.tmp-*"))  # only the dead run's temp folder
+    r = run(args)
+    assert r.exit_code == 0, r.output
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["q"]
+
+
+# -- caches that heal ----------------------------------------------------------------------------------
+@pytest.fixture
+def fake_compile(monkeypatch, tmp_path):
+    """compile_model's output handling with the TVM build replaced by two small files (own cache)."""
+    monkeypatch.setenv("PHI3_TOOLKIT_CACHE", str(tmp_path / "cache"))
+    import toolkit.compile.compile_model as cm
+    from toolkit.compile.artifacts import write_manifest
+
+    calls = []
+
+    def fake_build(cfg, quantization, preset, out_dir, **_options):
+        from toolkit.targets import load_preset
+
+        tmp = cm._temp_dir(out_dir)
+        tmp.mkdir(parents=True)
+        (tmp / "model.so").write_bytes(b"\x7fELF" + b"\0" * 100)
+        extra = {"library": "model.so", "params": [], "dtype": "f32"}
+        preset = load_preset(preset) if isinstance(preset, str) else preset
+        manifest = write_manifest(tmp, preset, quantization, cfg, [], extra=extra)
+        cm.replace_dir(tmp, out_dir)
+        calls.append(out_dir)
+        return cm.CompiledModel(out_dir, manifest)
+
+    monkeypatch.setattr(cm, "_build_library", fake_build)
+    return calls
+
+
+def _tiny_cfg():
+    from bad_util import TINY_CONFIG
+
+    from toolkit.config import parse_hf_config
+
+    return parse_hf_config(TINY_CONFIG, Path("config.json"))
+
+
+DAMAGE = {
+    "truncated_library": lambda d: (d / "model.so").write_bytes(b"\x7fELF"),
+    "missing_library": lambda d: (d / "model.so").unlink(),
+    "bad_manifest_json": lambda d: (d / "manifest.json").write_text("{"),
+    "manifest_without_library": lambda d: (d / "manifest.json").write_text(json.dumps({"files": {}})),
+    "no_manifest": lambda d: (d / "manifest.json").unlink(),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE.values()), ids=list(DAMAGE))
+def test_damaged_compiled_cache_entry_is_rebuilt_with_a_notice(fake_compile, capfd, damage) -> None:
+    from toolkit.compile.compile_model import compiled_for
+
+    cfg = _tiny_cfg()
+    first = compiled_for(cfg, "q0f32", "host")
+    damage(first.folder)
+    again = compiled_for(cfg, "q0f32", "host")
+    assert again.folder == first.folder and (again.folder / "model.so").stat().st_size == 104
+    assert len(fake_compile) == 2
+    err = capfd.readouterr().err
+    if damage is not DAMAGE["no_manifest"]:
+        assert "is damaged" in err and "rebuilding" in err
+
+
+def test_damaged_converted_weights_cache_is_rebuilt_with_a_notice(ckpt, tmp_path, capfd) -> None:
+    import tvm
+
+    from toolkit.checkpoint import open_model
+    from toolkit.checkpoint.mlc_format import read_cache_json
+    from toolkit.compile.compile_model import CompiledModel
+    from toolkit.runtime.weights import converted_weights_dir, load_params
+
+    src = open_model(ckpt)
+    folder = converted_weights_dir(src, "q4f16_1")
+    shutil.rmtree(folder, ignore_errors=True)
+    # what a compiled library would ask for: every converted tensor, by name, shape and dtype
+    from toolkit.convert.converter import convert
+
+    convert(src, "q4f16_1", folder, clip="rtn", progress=False)
+    params = [
+        {"name": p["name"], "shape": p["shape"], "dtype": p["dtype"]}
+        for rec in read_cache_json(folder)["records"]
+        for p in rec["records"]
+    ]
+    compiled = CompiledModel(tmp_path, {"quantization": "q4f16_1", "params": params})
+    shard = sorted(folder.glob("params_shard_*.bin"))[0]
+    shard.write_bytes(shard.read_bytes()[:-7])  # truncated
+    got = load_params(src, compiled, tvm.cpu())
+    assert len(got) == len(params)
+    assert "cached weights" in capfd.readouterr().err
+    assert shard.stat().st_size > 7
+
+
+def test_weights_cache_key_follows_files_inside_the_checkpoint(tmp_path, ckpt) -> None:
+    """Replacing model.safetensors (same size, same mtime) is a different model: a different cache entry."""
+    from toolkit.checkpoint import open_model
+    from toolkit.runtime.weights import converted_weights_dir
+
+    d = tmp_path / "m"
+    shutil.copytree(ckpt, d)
+    key1 = converted_weights_dir(open_model(d), "q4f16_1")
+    f = d / "model.safetensors"
+    st = f.stat()
+    data = bytearray(f.read_bytes())
+    data[-4:] = b"\0\0\0\0"
+    new = d / "model.safetensors.new"
+    new.write_bytes(bytes(data))
+    os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(new, f)
+    os.utime(d, ns=(d.stat().st_atime_ns, d.stat().st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    assert converted_weights_dir(open_model(d), "q4f16_1") != key1
+
+
+# -- full disk -----------------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        ["convert", "{m}", "-o", "{o}/q", "-q", "q0f32", "--no-progress"],
+        ["export-gguf", "{m}", "-o", "{o}/m.gguf", "--type", "f16"],
+    ],
+    ids=["convert", "export-gguf"],
+)
+def test_full_disk_is_one_line_and_leaves_nothing(small_disk, ckpt, cmd) -> None:
+    (small_disk / "keep.txt").write_text("already here")
+    before = snapshot(small_disk)
+    r = run([a.format(m=ckpt, o=small_disk) for a in cmd])
+    assert_clean_failure(r, ["No space left", str(small_disk)], before, small_disk)
+
+
+# -- runtime: stdin, prompts, context window ------------------------------------------------------------
+def test_chat_with_stdin_closed_exits_cleanly(tmp_path) -> None:
+    p = subprocess.run(
+        f"{sys.executable} -m toolkit.cli chat /nonexistent-model <&-",
+        shell=True,
+        capture_output=True,
+        env=_env(),
+        cwd=tmp_path,
+        timeout=60,
+        text=True,
+    )
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+
+
+class StubEngine:
+    """What ChatSession needs from an engine, with a tiny context window and no model behind it."""
+
+    def __init__(self, vocab: int, window: int = 40) -> None:
+        self.vocab, self.context_window, self.seqs, self._n = vocab, window, {}, 0
+        self.compiled = SimpleNamespace(manifest={"quantization": "q0f32"})
+
+    def add_sequence(self) -> int:
+        self._n += 1
+        self.seqs[self._n] = SimpleNamespace(tokens=[], length=0)
+        return self._n
+
+    def remove_sequence(self, sid: int) -> None:
+        del self.seqs[sid]
+
+    def popn(self, sid: int, n: int) -> None:
+        if n:
+            del self.seqs[sid].tokens[-n:]
+
+    def _logits(self) -> np.ndarray:
+        z = np.zeros(self.vocab)
+        z[ord("a")] = 10.0  # greedy: always the byte token "a"
+        return z
+
+    def prefill(self, sid: int, ids) -> np.ndarray:
+        from toolkit.runtime.engine import ContextFullError
+
+        if len(self.seqs[sid].tokens) + len(ids) > self.context_window:
+            raise ContextFullError("full")
+        self.seqs[sid].tokens += list(ids)
+        return self._logits()
+
+    def decode(self, sid: int, tok: int) -> np.ndarray:
+        return self.prefill(sid, [tok])
+
+
+@pytest.fixture
+def stub_engine(monkeypatch, ckpt):
+    from toolkit.checkpoint import open_model
+
+    src = open_model(ckpt)
+    eng = StubEngine(src.config.vocab_size)
+    import toolkit.cli.options as opts
+
+    monkeypatch.setattr(opts, "open_engine", lambda *a, **k: (eng, src))
+    for mod in ("toolkit.cli.cmd_generate", "toolkit.cli.cmd_chat"):
+        __import__(mod)
+        monkeypatch.setattr(sys.modules[mod], "open_engine", lambda *a, **k: (eng, src))
+    return eng
+
+
+def test_generate_prompt_longer_than_the_context_window(tmp_path, stub_engine) -> None:
+    before = snapshot(tmp_path)
+    r = run(["generate", "-p", "word " * 200, "--temperature", "0", "--raw"])
+    line = assert_clean_failure(r, "context window", before, tmp_path)
+    assert "tokens" in line and r.stdout == ""
+
+
+def test_chat_drops_a_message_that_does_not_fit(stub_engine) -> None:
+    r = run(
+        ["chat", "--temperature", "0", "--max-tokens", "2"], input="hi\n" + "long " * 200 + "\nhi again\n"
+    )
+    assert r.exit_code == 0, r.output
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "context window" in errors[0] and "dropped" in errors[0]
+    assert len(r.stdout.splitlines()) == 2  # the turns before and after were answered
+
+
+def test_chat_session_keeps_no_unanswered_message(stub_engine, ckpt) -> None:
+    from toolkit.checkpoint import open_model
+    from toolkit.runtime.generate import ChatSession, PromptTooLongError
+    from toolkit.runtime.sampling import SamplingParams
+
+    s = ChatSession(stub_engine, open_model(ckpt).tokenizer(), "raw")
+    greedy = SamplingParams(temperature=0)
+    s.send("hi", greedy, 1)
+    n = len(s.messages)
+    with pytest.raises(PromptTooLongError):
+        s.send("long " * 200, greedy, 1)
+    assert len(s.messages) == n
+    s.send("ok", greedy, 1)  # the next turn works
+    assert s.messages[-2]["content"] == "ok"
+
+
+def test_eval_text_file_problems(tmp_path) -> None:
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe not utf-8")
+    before = snapshot(tmp_path)
+    assert_clean_failure(
+        run(["eval", "/nonexistent-model", "--ppl", tmp_path / "bad.txt"]), "bad.txt", before, tmp_path
+    )
+    assert_clean_failure(
+        run(["eval", "/nonexistent-model", "--ppl", tmp_path / "nope.txt"]), "nope.txt", before, tmp_path
+    )
+
+
+# -- verify and tune -----------------------------------------------------------------------------------
+def _fake_build(folder: Path, library: bool = True) -> Path:
+    from toolkit.compile.artifacts import write_manifest
+    from toolkit.targets import load_preset
+
+    folder.mkdir()
+    if library:
+        (folder / "model.so").write_bytes(b"\x7fELF")
+    write_manifest(
+        folder, load_preset("host"), "q0f32", _tiny_cfg(), [], extra={"library": "model.so", "params": []}
+    )
+    return folder
+
+
+def test_verify_missing_library(tmp_path) -> None:
+    d = _fake_build(tmp_path / "b", library=False)
+    before = snapshot(tmp_path)
+    assert_clean_failure(run(["verify", d]), ["model.so", str(d)], before, tmp_path)
+
+
+def test_verify_that_verified_nothing_fails(tmp_path, monkeypatch) -> None:
+    import tvm
+
+    import toolkit.verify.verify as v
+
+    monkeypatch.setattr(v, "lowered_and_scheduled", lambda *a, **k: (tvm.IRModule(), tvm.IRModule()))
+    d = _fake_build(tmp_path / "b")
+    before = snapshot(tmp_path)
+    r = run(["verify", d])
+    assert "FAILED: 0 kernel(s) verified" in r.stdout
+    assert_clean_failure(r, "nothing was verified", before, tmp_path)
+
+
+def test_verify_not_a_build(tmp_path) -> None:
+    (tmp_path / "x").mkdir()
+    before = snapshot(tmp_path)
+    assert_clean_failure(run(["verify", tmp_path / "x"]), "manifest.json", before, tmp_path)
+
+
+def test_tune_unreachable_tracker_fails_fast(tmp_path) -> None:
+    t0 = time.monotonic()
+    r = run(["tune", "--rpc-tracker", "127.0.0.1:1", "--rpc-key", "k"])
+    assert time.monotonic() - t0 < 30  # TVM import included; the old retry loop took over a minute
+    assert_clean_failure(r, "--rpc-tracker 127.0.0.1:1", snapshot(tmp_path), tmp_path)
+
+
+def test_tune_tracker_port_that_is_not_a_tracker(tmp_path) -> None:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+
+    def answer_garbage() -> None:
+        conn, _ = srv.accept()
+        conn.recv(4)
+        conn.sendall(b"HTTP")
+        conn.close()
+
+    threading.Thread(target=answer_garbage, daemon=True).start()
+    try:
+        r = run(["tune", "--rpc-tracker", f"127.0.0.1:{port}", "--rpc-key", "k"])
+    finally:
+        srv.close()
+    assert_clean_failure(r, "--rpc-tracker", snapshot(tmp_path), tmp_path)
+
+
+def test_meta_schedule_logging_survives_a_foreign_unnamed_handler(tmp_path) -> None:
+    from tvm.s_tir.meta_schedule.logging import create_loggers
+
+    from toolkit.tune.guard import MS_LOGGER, meta_schedule_logging
+
+    logger = logging.getLogger(MS_LOGGER)
+    foreign = logging.StreamHandler()  # no name: what MetaSchedule's setup chokes on
+    logger.addHandler(foreign)
+    try:
+        with pytest.raises(AttributeError):  # TVM as shipped (why the guard exists)
+            create_loggers(str(tmp_path), [{"log_dir": str(tmp_path), "logger_name": f"{MS_LOGGER}.a"}])
+        with meta_schedule_logging():
+            create_loggers(str(tmp_path), [{"log_dir": str(tmp_path), "logger_name": f"{MS_LOGGER}.b"}])
+        assert foreign in logger.handlers and len(logger.handlers) == 1
+    finally:
+        logger.removeHandler(foreign)
