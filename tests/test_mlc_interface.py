@@ -37,7 +37,11 @@ MLC_FUNCTIONS = {
     "batch_verify": 3,  # BatchVerify: (embeddings [1, n, h], kv_cache, params)
     "create_tir_paged_kv_cache": 5,  # CreateKVCache: five shape tuples
     "_metadata": 0,  # ModelMetadata::FromModule
+    "softmax_with_temperature": 2,  # ComputeProbsFromLogits: (logits [b, 1, v], temperatures [b])
+    "alloc_embedding_tensor": 0,  # the engine's embedding buffer
 }
+# kernels the engine fetches from the module itself (mod->GetFunction with imports), every target
+MLC_KERNELS = ("apply_logit_bias_inplace", "apply_penalty_inplace", "apply_bitmask_inplace")
 
 # key -> JSON type ModelMetadata::FromJSON reads it as (json::Lookup: required)
 REQUIRED_METADATA = {
@@ -109,7 +113,9 @@ def check_metadata(meta: dict, cfg, manifest_params: list[dict]) -> None:
         (p["name"], p["shape"], p["dtype"]) for p in manifest_params
     ]
     # every Relax function has an estimate; the forward functions plan real buffers at their bounds
-    assert set(MLC_FUNCTIONS) - {"_metadata"} <= set(meta["memory_usage"])
+    assert set(MLC_FUNCTIONS) - {"_metadata", "softmax_with_temperature", "alloc_embedding_tensor"} <= set(
+        meta["memory_usage"]
+    )
     assert all(isinstance(v, int) and v >= 0 for v in meta["memory_usage"].values())
     assert meta["memory_usage"]["batch_prefill"] > meta["memory_usage"]["decode"] > 0
 
@@ -156,6 +162,8 @@ def test_host_library_as_mlc_loads_it(built, ckpt):
     assert {f: arity(f) for f in MLC_FUNCTIONS} == MLC_FUNCTIONS
     meta = json.loads(vm["_metadata"]())
     assert meta == compiled.manifest["mlc_metadata"]
+    lib = tvm.runtime.load_module(str(compiled.library))
+    assert all(lib.get_function(k, query_imports=True) is not None for k in MLC_KERNELS)
     check_metadata(meta, open_model(ckpt).config, compiled.manifest["params"])
 
 
