@@ -118,10 +118,11 @@ def compile_model(
     prefix = system_lib_prefix(cfg, opts.quantization) if lib_prefix is None else lib_prefix
     metadata = model_metadata(cfg, opts.quantization, limits, named_params)
 
+    usage: dict[str, int] = {}  # kept for the manifest too: `phi3 package` estimates VRAM from it
+
     def with_metadata(scheduled: IRModule) -> IRModule:
-        return attach_metadata(
-            scheduled, {**metadata, "memory_usage": memory_usage(scheduled, target, limits)}
-        )
+        usage.update(memory_usage(scheduled, target, limits))
+        return attach_metadata(scheduled, {**metadata, "memory_usage": dict(usage)})
 
     ex, scheduled = pipeline.build(
         mod,
@@ -149,6 +150,7 @@ def compile_model(
             "prefill_chunk_size": limits.prefill_chunk_size,
             "max_batch_size": limits.max_batch_size,
         },
+        "memory_usage": usage,
         "build": notes,
     }
     manifest = write_manifest(tmp, preset, opts.quantization, cfg, kernels, extra=extra)
