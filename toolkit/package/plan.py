@@ -2,7 +2,7 @@
 
 model_lib is what the app config names and the engine loads as `system://<model_lib>`: MLC's engine turns
 '-' into '_' and appends '_' to get the system-lib prefix (cpp/serve/function_table.cc), and MLC's package
-step checks the archive for the symbol `<prefix>_tvm_ffi__library_bin` (interface/package.py), both at
+step checks the archive for the symbol `<prefix>__tvm_ffi__library_bin` (interface/package.py), both at
 mlc-ai/mlc-llm 79d603f085f50500e9509fa01785ffa7ecfaaa93. The default model_lib follows MLC's JIT naming
 (`{model_type}_{quantization}_{hash}`): the hash covers everything the library depends on, so distinct
 libraries never share a prefix and identical ones are built once.

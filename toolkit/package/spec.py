@@ -214,8 +214,10 @@ def load_spec_file(path: str | Path, device: str | None = None, preset: str | No
         raise UserError(f"{_where(origin, unknown[0])}: unknown field (known: {', '.join(TOP_KEYS)})")
     if device is None and "device" not in raw:
         raise UserError(f"{_where(origin, 'device')}: required (or pass --device)")
-    device = check_device(device if device is not None else raw["device"], origin)
-    if preset is None and raw.get("preset") is not None:
+    file_device = raw.get("device")
+    device = check_device(device if device is not None else file_device, origin)
+    # the file's preset belongs to the file's device: a --device naming another one uses that one's default
+    if preset is None and raw.get("preset") is not None and device == file_device:
         preset = _string(raw["preset"], _where(origin, "preset"))
     entries = raw.get("model_list")
     if not isinstance(entries, list):
