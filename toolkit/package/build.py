@@ -57,14 +57,16 @@ def check_output_dir(out_dir: Path) -> None:
         )
 
 
-def compiled_library(plan: ModelPlan, spec: PackageSpec) -> CompiledModel:
+def compiled_library(plan: ModelPlan, spec: PackageSpec, log=print) -> CompiledModel:
     """The model's static library, from the toolkit cache when an identical build exists (rebuilding an app
     package usually changes one model, not all)."""
     cfg = plan.source.config
     key = f"{cache_key(cfg, plan.quantization, spec.preset)}-{plan.library_key}-{plan.system_lib_prefix}"
     folder = cache_root() / "package-lib" / key
     if (folder / MANIFEST).is_file():
+        log(f"cached library {plan.model_lib} ({folder})")
         return load_compiled(folder)
+    log(f"compile {plan.model_lib} ({spec.preset.name}, {plan.quantization})")
     return compile_model(
         cfg, plan.quantization, spec.preset, folder, limits=plan.limits, lib_prefix=plan.system_lib_prefix
     )
@@ -166,8 +168,7 @@ def package(spec: PackageSpec, out_dir: str | Path, log=print) -> PackageResult:
         for plan in plans:
             e = plan.entry
             if plan.system_lib_prefix not in libraries:
-                log(f"compile {plan.model_lib} ({spec.preset.name}, {plan.quantization})")
-                libraries[plan.system_lib_prefix] = compiled_library(plan, spec)
+                libraries[plan.system_lib_prefix] = compiled_library(plan, spec, log)
             compiled = libraries[plan.system_lib_prefix]
             if e.bundle_weight:
                 log(f"bundle {e.model_id}")
