@@ -355,3 +355,15 @@ def test_q4f16_1_device_build(device, models, tmp_path):
     args = ["package", str(hf), "--device", device, "-q", "q4f16_1", "--model-url", "https://x/m"]
     res = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "dist")])
     assert res.exit_code == 0, res.output
+
+
+def test_cli_reads_mlc_config_from_working_folder(tmp_path, monkeypatch):
+    """Like `mlc_llm package`, no MODEL and no --config means ./mlc-package-config.json when it exists."""
+    monkeypatch.chdir(tmp_path)
+    Path("mlc-package-config.json").write_text(json.dumps({"device": "ipad", "model_list": []}))
+    res = CliRunner().invoke(main, ["package", "-o", "dist"])
+    assert (
+        res.exit_code == 1
+        and "mlc-package-config.json: device: expected one of iphone, android" in res.output
+    )
+    assert not Path("dist").exists()

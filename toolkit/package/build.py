@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ def check_output_dir(out_dir: Path) -> None:
         )
 
 
-def compiled_library(plan: ModelPlan, spec: PackageSpec, log=print) -> CompiledModel:
+def compiled_library(plan: ModelPlan, spec: PackageSpec, log: Callable[[str], None] = print) -> CompiledModel:
     """The model's static library, from the toolkit cache when an identical build exists (rebuilding an app
     package usually changes one model, not all)."""
     cfg = plan.source.config
@@ -151,7 +152,7 @@ def _swap_in(tmp: Path, out_dir: Path) -> None:
         os.replace(tmp, out_dir)
 
 
-def package(spec: PackageSpec, out_dir: str | Path, log=print) -> PackageResult:
+def package(spec: PackageSpec, out_dir: str | Path, log: Callable[[str], None] = print) -> PackageResult:
     """Build `out_dir` for `spec`. All checks that need no compiling run first."""
     out_dir = Path(out_dir).expanduser()
     check_output_dir(out_dir)
