@@ -56,11 +56,11 @@ def models(tmp_path_factory):
     return hf, converted
 
 
-# q4f32_1, not the phones' usual q4f16_1: fp16 builds of these tiny models as system libraries fail in TVM's
-# AttachGlobalSymbol at this commit (see test_q4f16_1_device_build); the q4 layout and converter path are the
-# same.
-Q4 = "q4f32_1"
-A_ID = f"tiny-mini4k-{Q4}-MLC"
+# Model A's quantization: MLC's phone default q4f16_1 on Android; q4f32_1 on iPhone, where fp16 builds fail
+# at this commit (Metal simdgroup kernels in TVM's AttachGlobalSymbol, see test_q4f16_1_iphone_build); the
+# q4 layout and converter path are the same.
+Q4 = {"iphone": "q4f32_1", "android": "q4f16_1"}
+A_ID = "tiny-mini4k-q4-MLC"
 
 
 def write_config(path: Path, device: str, hf: Path, converted: Path) -> Path:
@@ -70,7 +70,7 @@ def write_config(path: Path, device: str, hf: Path, converted: Path) -> Path:
         {
             "model": str(hf),
             "model_id": A_ID,
-            "quantization": Q4,
+            "quantization": Q4[device],
             "bundle_weight": True,
             "overrides": {"context_window_size": 128, "prefill_chunk_size": 32},
         },
@@ -125,12 +125,16 @@ def test_layout(packaged):
     assert {a + "tensor-cache.json", a + "params_shard_0.bin", a + "tokenizer.json"} <= set(files)
     assert not any("tiny-medium" in f for f in files)  # not bundled: the app downloads it
     assert [p.name for p in dist.parent.iterdir() if p.name.startswith(dist.name + ".")] == []  # no temp left
-    assert f"model_lib phi3_{Q4}_" in output and "model_lib phi3_q0f32_" in output
+    assert f"model_lib phi3_{Q4[device]}_" in output and "model_lib phi3_q0f32_" in output
     assert output.count("compile phi3_") == 2  # fresh cache: both libraries built
     # the bundled weights are a valid converted folder with the library's quantization and sizes
     chat = json.loads((dist / a / "mlc-chat-config.json").read_text())
-    assert (chat["quantization"], chat["context_window_size"], chat["prefill_chunk_size"]) == (Q4, 128, 32)
-    assert open_model(dist / a).scheme.name == Q4
+    assert (chat["quantization"], chat["context_window_size"], chat["prefill_chunk_size"]) == (
+        Q4[device],
+        128,
+        32,
+    )
+    assert open_model(dist / a).scheme.name == Q4[device]
 
 
 @needs_llvm
@@ -147,12 +151,14 @@ def test_app_config(packaged):
         assert first["model_url"] == f"https://huggingface.co/example/{A_ID}"
     assert second["model_url"] == "https://huggingface.co/example/tiny-medium-q0f32-MLC"
     assert second["estimated_vram_bytes"] == 123456789
-    # estimated here: at least the weights folder plus the fp32 KV cache (2 x layers x kv heads x dim x ctx)
+    # estimated: at least the weights folder plus the KV cache (2 x layers x kv heads x dim x ctx x bytes)
     weights = sum(p.stat().st_size for p in (dist / "bundle" / first["model_id"]).glob("params_shard_*.bin"))
-    kv = 2 * 2 * 4 * 32 * 128 * 4
+    kv = 2 * 2 * 4 * 32 * 128 * (2 if Q4[device] == "q4f16_1" else 4)
     assert weights + kv <= first["estimated_vram_bytes"] < weights + kv + 64 * 2**20
     libs = [m["model_lib"] for m in app["model_list"]]
-    assert libs[0].startswith(f"phi3_{Q4}_") and libs[1].startswith("phi3_q0f32_") and libs[0] != libs[1]
+    assert (
+        libs[0].startswith(f"phi3_{Q4[device]}_") and libs[1].startswith("phi3_q0f32_") and libs[0] != libs[1]
+    )
 
 
 @needs_llvm
@@ -192,7 +198,7 @@ def test_repackage_replaces_earlier_output(packaged, models):
     hf, _ = models
     again = dist.parent / f"again-{device}"
     shutil.copytree(dist, again)
-    args = ["package", str(hf), "--device", device, "-q", Q4, "--context-window", "128"]
+    args = ["package", str(hf), "--device", device, "-q", Q4[device], "--context-window", "128"]
     args += ["--prefill-chunk", "32", "--model-id", "only-one", "-o", str(again)]
     if device == "android":
         args += ["--model-url", "https://example.org/only-one"]
@@ -242,6 +248,7 @@ def _entry(**kw):
         ({"device": "iphone", "model_list": [_entry(bundle_weight="yes")]}, ".bundle_weight: expected true"),
         ({"device": "iphone", "model_list": [_entry(quantization="q3")]}, ".quantization: unknown"),
         ({"device": "iphone", "model_list": [_entry(model_lib="9lib")]}, ".model_lib: '9lib'"),
+        ({"device": "iphone", "model_list": [_entry(model_lib="phi3")]}, ".model_lib: 'phi3' is too short"),
         (
             {"device": "iphone", "model_list": [_entry(overrides={"sliding_window_size": 768})]},
             ".overrides: 'sliding_window_size' is not supported",
@@ -345,15 +352,19 @@ def test_cli_refuses_foreign_output_before_work(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="fp16 system-lib builds fail in AttachGlobalSymbol at this commit")
-@pytest.mark.parametrize("device", ["iphone", "android"])
-def test_q4f16_1_device_build(device, models, tmp_path):
-    """MLC's phone quantization on the tiny model. Fails in compile_model: TVM's AttachGlobalSymbol chokes on
-    the `shape_func` that VMShapeLower adds for the fp16 graph (SmolLM2-135M q4f16_1 builds). Strict, so a
-    fixed compiler turns this red as a reminder to use q4f16_1 above."""
+@pytest.mark.xfail(
+    strict=True, reason="fp16 Metal system libraries fail in AttachGlobalSymbol at this commit"
+)
+def test_q4f16_1_iphone_build(models, tmp_path):
+    """MLC's phone quantization for iPhone. Fails in compile_model: TVM's AttachGlobalSymbol raises "Cannot
+    treat type ir.Call as ir.Expr" on the Metal simdgroup matmul kernels of the fp16 graph (also for
+    SmolLM2-135M with context 2048 / prefill 128). Strict: a fixed compiler turns this red, as a reminder to
+    use q4f16_1 for iPhone above."""
     hf, _ = models
-    args = ["package", str(hf), "--device", device, "-q", "q4f16_1", "--model-url", "https://x/m"]
-    res = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "dist")])
+    args = ["package", str(hf), "--device", "iphone", "-q", "q4f16_1", "-o", str(tmp_path / "dist")]
+    res = CliRunner().invoke(main, args)
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception  # the compiler's TypeError, so that only the known failure counts as expected
     assert res.exit_code == 0, res.output
 
 

@@ -42,6 +42,9 @@ DEFAULT_QUANTIZATION = "q4f16_1"  # the runtime's default (toolkit/runtime/engin
 # model_id names a folder in the app bundle; model_lib becomes a C symbol prefix ('-' turned into '_')
 _MODEL_ID = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*")
 _MODEL_LIB = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+# TVM 0.27's AttachGlobalSymbol fails on a system-lib prefix of 7 bytes or less (the FFI stores such strings
+# inline and the pass expects a heap string object: "Cannot convert from type ffi.SmallStr to ffi.Object")
+MIN_MODEL_LIB_LEN = 7
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,15 @@ def _quantization(value: Any, where: str) -> str:
         raise UserError(f"{where}: {e}") from None
 
 
+def _model_lib(value: Any, where: str) -> str:
+    lib = _string(value, where, _MODEL_LIB)
+    if len(lib) < MIN_MODEL_LIB_LEN:
+        raise UserError(
+            f"{where}: {lib!r} is too short; TVM needs at least {MIN_MODEL_LIB_LEN} characters here"
+        )
+    return lib
+
+
 def parse_entry(raw: Any, index: int, origin: str, base: Path) -> ModelEntry:
     """One `model_list` element; relative `model` paths are relative to `base` (the config's folder)."""
     at = f"model_list[{index}]"
@@ -168,7 +180,7 @@ def parse_entry(raw: Any, index: int, origin: str, base: Path) -> ModelEntry:
         else _quantization(raw["quantization"], _where(origin, at + ".quantization")),
         model_lib=None
         if raw.get("model_lib") is None
-        else _string(raw["model_lib"], _where(origin, at + ".model_lib"), _MODEL_LIB),
+        else _model_lib(raw["model_lib"], _where(origin, at + ".model_lib")),
         model_url=None
         if raw.get("model_url") is None
         else _string(raw["model_url"], _where(origin, at + ".model_url")),
