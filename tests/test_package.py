@@ -308,7 +308,7 @@ def test_flags_spec_defaults():
     assert (e.model, e.model_id, e.bundle_weight) == (None, "SmolLM2-135M-Instruct-q4f16_1-MLC", True)
     with pytest.raises(UserError, match="--model-id: given 1 times for 2 model"):
         spec_from_flags(["a", "b"], "iphone", model_ids=["x"])
-    with pytest.raises(UserError, match="model_url: required"):
+    with pytest.raises(UserError, match="flags: --model-url for model 1: required"):
         spec_from_flags([None], "android")
 
 

@@ -201,7 +201,8 @@ def check_entries(device: str, models: tuple[ModelEntry, ...], origin: str) -> N
         # Android app always reads model_url, and looks for pushed weights under model_id first)
         if m.model_url is None and (device == "android" or not m.bundle_weight):
             why = "the Android app needs one" if device == "android" else "weights are not bundled"
-            raise UserError(f"{_where(origin, at + '.model_url')}: required ({why})")
+            field = f"--model-url for model {i + 1}" if origin == "flags" else at + ".model_url"
+            raise UserError(f"{_where(origin, field)}: required ({why})")
 
 
 def load_spec_file(path: str | Path, device: str | None = None, preset: str | None = None) -> PackageSpec:
