@@ -156,7 +156,8 @@ def package(spec: PackageSpec, out_dir: str | Path, log: Callable[[str], None] =
     """Build `out_dir` for `spec`. All checks that need no compiling run first."""
     out_dir = Path(out_dir).expanduser()
     check_output_dir(out_dir)
-    find_tool("ar"), find_tool("nm")
+    for tool in ("ar", "nm"):  # missing tools fail now, not after the compiles
+        find_tool(tool)
     plans = plan_all(spec)
     fmt, arch = expected_format(spec.preset)
     discard_stale_temp_dirs(out_dir)
