@@ -213,6 +213,67 @@ def test_repackage_replaces_earlier_output(packaged, models):
     assert owner == [EXPECTED[device][3] + prefix + "__tvm_ffi__library_bin"]
 
 
+CLANG = shutil.which("clang-15")
+LINKERS = {"iphone": shutil.which("ld64.lld-15"), "android": shutil.which("ld.lld-15")}
+
+
+@needs_llvm
+def test_archive_links_whole(packaged, tmp_path):
+    """Link the archive the way the apps do (iOS `-all_load`, mlc4j `--whole-archive`) into a shared library
+    with LLVM's linkers: both models' objects load together and keep their registration symbols."""
+    device, dist, _ = packaged
+    if not (CLANG and LINKERS[device]):
+        pytest.skip("needs clang-15 and lld-15 (scripts/test installs them)")
+    archive = str(dist / "lib" / EXPECTED[device][0])
+    out = tmp_path / "linked"
+    if device == "iphone":
+        flags = ["-target", "arm64-apple-ios14.0", "-dynamiclib", f"--ld-path={LINKERS[device]}"]
+        flags += [
+            "-Wl,-platform_version,ios,14.0,14.0",
+            "-Wl,-all_load",
+            archive,
+            "-Wl,-undefined,dynamic_lookup",
+        ]
+    else:
+        flags = [
+            "-target",
+            "aarch64-linux-android24",
+            "-shared",
+            "-fuse-ld=lld",
+            "-Wl,--whole-archive",
+            archive,
+        ]
+        flags += ["-Wl,--no-whole-archive", "-Wl,--unresolved-symbols=ignore-all"]
+    proc = subprocess.run([CLANG, "-nostdlib", *flags, "-o", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    h = read_header(out.read_bytes()[:64])
+    assert (h.format, h.arch, h.kind) == (EXPECTED[device][1], EXPECTED[device][2], "shared")
+    syms = subprocess.run([NM, "-g", "--defined-only", str(out)], check=True, capture_output=True, text=True)
+    assert syms.stdout.count("___tvm_ffi__library_bin") == 2
+
+
+@needs_llvm
+def test_check_archive_refuses_a_symbol_defined_twice(packaged, tmp_path):
+    """Negative control for the package's own check: one model's objects twice under other member names
+    (what a whole-archive link rejects) is refused, naming the symbol."""
+    from toolkit.package.staticlib import check_archive, create_archive
+
+    device, dist, _ = packaged
+    archive = dist / "lib" / EXPECTED[device][0]
+    members = subprocess.run(
+        [AR, "t", str(archive)], check=True, capture_output=True, text=True
+    ).stdout.split()
+    objects = []
+    for i, m in enumerate(members[:2] * 2):
+        path = tmp_path / f"copy{i}-{m}"
+        path.write_bytes(subprocess.run([AR, "p", str(archive), m], check=True, capture_output=True).stdout)
+        objects.append(path)
+    bad = tmp_path / "bad.a"
+    create_archive(bad, objects, EXPECTED[device][1])
+    with pytest.raises(UserError, match="is defined by both copy"):
+        check_archive(bad, [], EXPECTED[device][1])
+
+
 # -- validation: one-line errors naming the file and field, before any work ------------------------------
 def _spec_error(tmp_path: Path, content) -> str:
     path = tmp_path / "mlc-package-config.json"
