@@ -112,8 +112,14 @@ def test_rpc_tuning_through_a_loopback_tracker(tiny_lowered, tmp_path):
     _, preset, _ = tiny_lowered
     kernel = _small_kernel(tiny_lowered)
     tracker = tvm.rpc.tracker.Tracker(host="127.0.0.1", port=9190, port_end=9290, silent=True)
-    server = tvm.rpc.server.Server(host="127.0.0.1", port=9300, port_end=9400, key="phi3-test",
-                               tracker_addr=("127.0.0.1", tracker.port), silent=True)
+    server = tvm.rpc.server.Server(
+        host="127.0.0.1",
+        port=9300,
+        port_end=9400,
+        key="phi3-test",
+        tracker_addr=("127.0.0.1", tracker.port),
+        silent=True,
+    )
     try:
         target = RPCTarget("127.0.0.1", tracker.port, "phi3-test")
         result = tune_kernel(kernel, preset, 2, rpc=target, cost_model="random", min_gain=-math.inf, rounds=1)
