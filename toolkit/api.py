@@ -54,7 +54,7 @@ class Model:
     def options(self, options: GenerationOptions | None = None, **changes: Any) -> GenerationOptions:
         """`options` (default: the model's defaults) with `changes`, validated."""
         o = (options or self.defaults).replace(**changes)
-        o.check_vocab(self.engine.cfg.vocab_size)
+        o.check_vocab(self.source.config.vocab_size)
         return o
 
     def prompt_ids(
@@ -133,16 +133,25 @@ class Chat:
                 pieces.append(st.text)
                 if st.text:
                     yield st.text
+        except KeyboardInterrupt:
+            # it may have landed inside a forward: the cache no longer matches its bookkeeping, so the next
+            # turn starts from a fresh sequence (a full prefill of the conversation)
+            self._drop_cache()
+            raise
         finally:
             self.messages.append({"role": "assistant", "content": "".join(pieces)})
 
     def send(self, text: str, **opts: Any) -> str:
         return "".join(self.stream(text, **opts))
 
-    def reset(self) -> None:
-        if self.seq is not None:
+    def _drop_cache(self) -> None:
+        if self.seq is not None and self.seq in self.model.engine.seqs:
             self.model.engine.remove_sequence(self.seq)
-        self.seq, self.last = None, None
+        self.seq = None
+
+    def reset(self) -> None:
+        self._drop_cache()
+        self.last = None
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
 
