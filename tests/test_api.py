@@ -269,3 +269,26 @@ def test_chat_session_reuses_cache_and_refuses_bad_input(model):
     assert chat.messages[-1]["role"] == "assistant"  # the refused message was not kept
     chat.reset()
     assert chat.seq is None and not model.engine.seqs
+
+
+def test_chat_cli_commands_never_reach_the_model():
+    lines = [
+        "Hi, my name is Bob.",
+        "/help",
+        "/stats",
+        "/bogus",
+        "What is my name?",
+        "/reset",
+        "/exit",
+        "never",
+    ]
+    r = CliRunner().invoke(
+        main,
+        ["chat", "--temperature", "0", "--max-tokens", "8", "--stop", "."],
+        input="\n".join(lines) + "\n",
+    )
+    assert r.exit_code == 0, r.output
+    assert len(r.stdout.splitlines()) == 2  # two replies: commands were not sent, nothing after /exit
+    assert "/reset clear the history" in r.stderr and "unknown command /bogus" in r.stderr
+    assert "generated" in r.stderr  # /stats
+    assert "." not in r.stdout  # the stop string cut each reply

@@ -221,3 +221,46 @@ def test_disconnect_mid_stream_frees_the_sequence(server, model):
         end = _health_when(h, lambda x: x["running"] == 0 and x["free_pages"] == start)
     assert end["running"] == 0 and end["free_pages"] == start
     assert not model.engine.seqs
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_phi3_serve_command_in_a_subprocess(model):
+    import os
+    import subprocess
+    import sys
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "toolkit.cli", "serve", "--port", str(port), "--max-sequences", "2"]
+    cmd += ["--context-window", "256", "--threads", "1"]
+    proc = subprocess.Popen(cmd, env=os.environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, health = time.monotonic() + 120, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+                break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        assert health is not None and health["status"] == "ok", proc.stderr.read() if proc.poll() else ""
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        r = c.chat.completions.create(
+            model=model.name, messages=[{"role": "user", "content": PROMPT}], temperature=0, max_tokens=16
+        )
+        assert r.choices[0].message.content == model.generate(PROMPT, temperature=0, max_tokens=16).text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_serve_flags_are_checked_before_loading():
+    r = CliRunner().invoke(main, ["serve", "--port", "70000"])
+    assert r.exit_code == 2 and "--port" in r.output
+    r = CliRunner().invoke(main, ["serve", "--max-sequences", "0"])
+    assert r.exit_code == 2 and "--max-sequences" in r.output
