@@ -264,3 +264,19 @@ def test_serve_flags_are_checked_before_loading():
     assert r.exit_code == 2 and "--port" in r.output
     r = CliRunner().invoke(main, ["serve", "--max-sequences", "0"])
     assert r.exit_code == 2 and "--max-sequences" in r.output
+
+
+def test_token_id_prompts_and_logit_bias(server, client, model):
+    raw = "The capital of France is"
+    ids = model.prompt_ids(raw, raw=True)
+    by_text = client.completions.create(model=model.name, prompt=raw, temperature=0, max_tokens=5)
+    by_ids = client.completions.create(model=model.name, prompt=ids, temperature=0, max_tokens=5)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    forced = model.tokenizer.encode(" banana", add_bos=False)[0]
+    r = client.completions.create(
+        model=model.name, prompt=raw, temperature=0, max_tokens=3, logit_bias={str(forced): 100}
+    )
+    assert r.choices[0].text == model.tokenizer.decode([forced] * 3)
+    with http(server) as h:
+        r = h.post("/v1/completions", json={"prompt": [ids[0], -1]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"

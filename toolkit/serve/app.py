@@ -91,7 +91,7 @@ def create_app(model: Model, scheduler: Scheduler, *, api_key: str | None = None
                 ids = model.prompts.encode(req.messages or [], add_generation_prompt=True)
             elif isinstance(req.prompt, list):
                 ids = list(req.prompt)
-                if max(ids) >= model.engine.cfg.vocab_size:
+                if min(ids) < 0 or max(ids) >= model.source.config.vocab_size:
                     raise BadRequest("a prompt token id is outside the vocabulary", param="prompt")
             else:
                 ids = model.prompt_ids(req.prompt or "", raw=True)

@@ -8,7 +8,7 @@ import collections
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..runtime.engine import Engine
 from ..runtime.request import Generation, Step
@@ -29,7 +29,6 @@ class Job:
     sink: Sink
     sid: int | None = None
     cancelled: bool = False  # set from any thread; the engine thread removes the sequence at its next step
-    steps: int = field(default=0)
 
 
 @dataclass
@@ -115,8 +114,13 @@ class Scheduler:
                 continue
             job.sid = eng.add_sequence()
             self._running.append(job)
-            # prefill each on its own (chunked as needed): the same logits as a single request gets
-            self._emit(job, job.gen.step(eng.prefill(job.sid, job.gen.prompt)))
+            try:
+                # prefill each on its own (chunked as needed): the same logits as a single request gets
+                logits = eng.prefill(job.sid, job.gen.prompt)
+            except Exception as e:  # this request's problem (e.g. the context window): only it fails
+                self._fail(job, e)
+                continue
+            self._emit(job, job.gen.step(logits))
         batch = [j for j in self._running if not j.cancelled]
         if batch:
             logits = eng.decode_batch([j.sid for j in batch], [j.gen.last_token for j in batch])
@@ -124,7 +128,6 @@ class Scheduler:
                 self._emit(j, j.gen.step(row))
 
     def _emit(self, job: Job, st: Step) -> None:
-        job.steps += 1
         job.sink(st)
         if st.finish_reason:
             self._remove(job)
