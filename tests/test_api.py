@@ -292,3 +292,22 @@ def test_chat_cli_commands_never_reach_the_model():
     assert "/reset clear the history" in r.stderr and "unknown command /bogus" in r.stderr
     assert "generated" in r.stderr  # /stats
     assert "." not in r.stdout  # the stop string cut each reply
+
+
+def test_phi3_jinja_renders_like_our_phi3_template(smol):
+    """Phi-3's own template (verbatim, tests/test_tokenizer.py) through the Jinja path: the same text as our
+    hand-written one (what `phi3 generate` rendered for Phi-3 checkpoints before)."""
+    from test_tokenizer import PHI3_JINJA
+
+    from toolkit.chat_template import render
+
+    fmt = PromptFormat(
+        tokenizer=smol.tokenizer(),
+        jinja=PHI3_JINJA,
+        template="phi3",
+        special_tokens={"eos_token": "<|endoftext|>"},
+        stop_ids=set(),
+        defaults=GenerationOptions(),
+    )
+    for conv in CONVERSATIONS:
+        assert fmt.render(conv) == render(conv, "phi3")
