@@ -16,7 +16,7 @@ the model's generation_config.json supplies the defaults. A Model is not thread-
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,7 +82,7 @@ class Model:
     # -- one-shot ------------------------------------------------------------------------------------------
     def stream_steps(
         self, prompt: str | Messages, *, raw: bool = False, system: str | None = None, **opts: Any
-    ):
+    ) -> tuple[Generation, Generator[Step, None, None]]:
         """The `Generation` and an iterator of its `Step`s, on a fresh sequence removed at the end."""
         gen = self.new_generation(self.prompt_ids(prompt, raw=raw, system=system), self.options(**opts))
         return gen, _on_new_sequence(self.engine, gen)
@@ -90,9 +90,12 @@ class Model:
     def stream(self, prompt: str | Messages, **kw: Any) -> Iterator[str]:
         """Text pieces as they are generated (whole characters only). Closing it early frees the sequence."""
         _, steps = self.stream_steps(prompt, **kw)
-        for st in steps:
-            if st.text:
-                yield st.text
+        try:
+            for st in steps:
+                if st.text:
+                    yield st.text
+        finally:
+            steps.close()  # not left to the garbage collector: the sequence goes now
 
     def generate(self, prompt: str | Messages, **kw: Any) -> Completion:
         gen, steps = self.stream_steps(prompt, **kw)
@@ -160,7 +163,7 @@ def _chain(first: Step, rest: Iterator[Step]) -> Iterator[Step]:
     yield from rest
 
 
-def _on_new_sequence(engine: Engine, gen: Generation) -> Iterator[Step]:
+def _on_new_sequence(engine: Engine, gen: Generation) -> Generator[Step, None, None]:
     sid = engine.add_sequence()
     try:
         yield from _run(engine, sid, gen)
