@@ -1,4 +1,5 @@
-"""Conversation templates: a plain registry of the few formats our models speak, rendered without Jinja.
+"""Conversation templates: a plain registry of the few formats our models speak, rendered without Jinja
+(used when a checkpoint ships no Jinja template of its own; toolkit/prompts.py picks).
 
 Every template renders a conversation so that the rendering of a shorter history is a prefix of the rendering
 of a longer one (given the same first message); `phi3 chat` relies on this to reuse the KV cache across turns.
@@ -120,8 +121,9 @@ def template_from_jinja(text: str | None) -> str | None:
     return None
 
 
-def template_for_hf_dir(path: str | Path) -> str:
-    """The template for a HF checkpoint folder: from tokenizer_config.json's chat_template, else Phi-3's."""
+def jinja_for_hf_dir(path: str | Path) -> str | None:
+    """A HF checkpoint folder's Jinja chat template: tokenizer_config.json's chat_template (a string, or
+    transformers' list of named templates: the default one), else chat_template.jinja; None without one."""
     cfg_path = Path(path) / "tokenizer_config.json"
     text = None
     if cfg_path.is_file():
@@ -137,4 +139,10 @@ def template_for_hf_dir(path: str | Path) -> str:
         jinja = Path(path) / "chat_template.jinja"  # transformers >= 4.50 writes it as a separate file
         if jinja.is_file():
             text = jinja.read_text()
-    return template_from_jinja(text if isinstance(text, str) else None) or "phi3"
+    return text if isinstance(text, str) else None
+
+
+def template_for_hf_dir(path: str | Path) -> str:
+    """Our template name for a HF checkpoint folder: recognised from its Jinja template, Phi-3's when it has
+    none (the runtime renders a Jinja template itself: toolkit/prompts.py)."""
+    return template_from_jinja(jinja_for_hf_dir(path)) or "phi3"

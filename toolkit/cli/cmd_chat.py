@@ -1,12 +1,19 @@
-"""phi3 chat: an interactive multi-turn conversation; the KV cache is reused across turns."""
+"""phi3 chat: an interactive multi-turn conversation (the API's Chat: the KV cache is reused across turns).
+
+Lines starting with / are commands, never sent to the model; Ctrl-C stops the current reply and keeps the
+conversation (with the reply as far as it got)."""
 
 from __future__ import annotations
 
 import sys
+import time
 
 import click
 
-from .options import model_argument, open_engine, run_options, sampling_options
+from .cmd_generate import speed_line
+from .options import model_argument, open_engine, run_options, sampling_changes, sampling_options
+
+HELP = "/help this list, /reset clear the history, /stats speed of the last reply, /exit quit (or Ctrl-D)"
 
 
 @click.command("chat")
@@ -15,62 +22,70 @@ from .options import model_argument, open_engine, run_options, sampling_options
 @click.option("--stats", is_flag=True, help="Print speed statistics after each reply.")
 @sampling_options
 @run_options
-def command(
-    model, system, stats, max_tokens, temperature, top_p, seed, quantization, device, threads, allow_pickle
-):
-    """Chat with MODEL (default: SmolLM2-135M). Commands: /reset, /exit (or Ctrl-D)."""
-    from ..runtime.generate import ChatSession, PromptTooLongError
-    from ..runtime.sampling import SamplingParams
+def command(model, system, stats, quantization, device, threads, allow_pickle, **sampling):
+    """Chat with MODEL (default: SmolLM2-135M). Commands: /help, /reset, /stats, /exit (or Ctrl-D)."""
+    from ..api import Model
+    from ..runtime.generate import PromptTooLongError
 
+    changes = sampling_changes(sampling)
     if sys.stdin is None or sys.stdin.closed:
         return  # nothing can be read (stdin closed, e.g. `phi3 chat <&-`): nothing to answer, before loading
     engine, source = open_engine(
         model, quantization=quantization, device=device, threads=threads, allow_pickle=allow_pickle
     )
-    tok = source.tokenizer()
-    sampling = SamplingParams(temperature, top_p, seed)
-
-    def new_session() -> ChatSession:
-        return ChatSession(engine, tok, source.conv_template, system=system)
-
-    session = new_session()
+    chat = Model(engine, source).chat(system=system)
     interactive = sys.stdin.isatty()
     if interactive:
         click.echo(
-            f"Chatting with {source.path.name} ({engine.compiled.manifest['quantization']}). "
-            "/reset clears the history, /exit quits.",
-            err=True,
+            f"Chatting with {source.path.name} ({engine.compiled.manifest['quantization']}). {HELP}", err=True
         )
+    last_stats = "no reply yet"
     while True:
         try:
             line = input(">>> " if interactive else "")
         except UnicodeDecodeError:
             click.echo("error: stdin: that line is not valid UTF-8 text; not sent", err=True)
             continue
+        except KeyboardInterrupt:
+            click.echo("\n(Ctrl-D or /exit quits)", err=True)
+            continue
         except (EOFError, RuntimeError, OSError, ValueError):
             break  # end of input, or stdin went away (closed, lost): a clean exit either way
         line = line.strip()
         if not line:
             continue
-        if line in ("/exit", "/quit"):
-            break
-        if line == "/reset":
-            if session.seq is not None:
-                engine.remove_sequence(session.seq)
-            session = new_session()
+        if line.startswith("/"):
+            cmd = line.split()[0]
+            if cmd in ("/exit", "/quit"):
+                break
+            if cmd == "/reset":
+                chat.reset()
+                click.echo("(history cleared)", err=True)
+            elif cmd == "/stats":
+                click.echo(last_stats, err=True)
+            else:
+                click.echo(HELP if cmd == "/help" else f"unknown command {cmd}; {HELP}", err=True)
             continue
-
-        def out(text: str) -> None:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-
+        t0, first = time.perf_counter(), None
+        reply = chat.stream(line, **changes)
         try:
-            _, st = session.send(line, sampling, max_tokens, on_text=out)
+            for piece in reply:
+                first = first or time.perf_counter()
+                sys.stdout.write(piece)
+                sys.stdout.flush()
         except PromptTooLongError as e:
             click.echo(f"error: {e}; message dropped (/reset clears the history)", err=True)
             continue
+        except KeyboardInterrupt:
+            reply.close()  # the partial reply stays in the conversation
+            click.echo(" [stopped]", err=True)
         sys.stdout.write("\n")
-        if st.stop_reason == "context window full":
-            click.echo("note: the context window is full; /reset to start over", err=True)
-        if stats:
-            click.echo(st.summary(), err=True)
+        gen = chat.last
+        if gen is not None:
+            last_stats = speed_line(
+                len(gen.prompt), len(gen.tokens), t0, first, gen.finish_reason or "interrupted"
+            )
+            if stats:
+                click.echo(last_stats, err=True)
+            if gen.finish_reason == "length" and len(gen.prompt) + len(gen.tokens) > engine.context_window:
+                click.echo("note: the context window is full; /reset to start over", err=True)

@@ -1,12 +1,20 @@
-"""phi3 generate: one prompt, tokens streamed to stdout."""
+"""phi3 generate: one prompt, text streamed to stdout (through the Python API)."""
 
 from __future__ import annotations
 
 import sys
+import time
 
 import click
 
-from .options import model_argument, open_engine, prompt_option, run_options, sampling_options
+from .options import (
+    model_argument,
+    open_engine,
+    prompt_option,
+    run_options,
+    sampling_changes,
+    sampling_options,
+)
 
 
 @click.command("generate")
@@ -17,35 +25,35 @@ from .options import model_argument, open_engine, prompt_option, run_options, sa
 @click.option("--stats/--no-stats", default=True, help="Print speed statistics to stderr.")
 @sampling_options
 @run_options
-def command(
-    model,
-    prompt,
-    raw,
-    system,
-    stats,
-    max_tokens,
-    temperature,
-    top_p,
-    seed,
-    quantization,
-    device,
-    threads,
-    allow_pickle,
-):
+def command(model, prompt, raw, system, stats, quantization, device, threads, allow_pickle, **sampling):
     """Generate from PROMPT with MODEL (HF folder, .gguf, converted folder; default: SmolLM2-135M)."""
-    from ..runtime.generate import ChatSession
-    from ..runtime.sampling import SamplingParams
+    from ..api import Model
 
+    changes = sampling_changes(sampling)
     engine, source = open_engine(
         model, quantization=quantization, device=device, threads=threads, allow_pickle=allow_pickle
     )
-    session = ChatSession(engine, source.tokenizer(), "raw" if raw else source.conv_template, system=system)
-
-    def out(text: str) -> None:
-        sys.stdout.write(text)
+    m = Model(engine, source)
+    t0 = time.perf_counter()
+    first = None
+    gen, steps = m.stream_steps(prompt, raw=raw, system=system, **changes)
+    for st in steps:
+        if first is None:
+            first = time.perf_counter()
+        sys.stdout.write(st.text)
         sys.stdout.flush()
-
-    _, st = session.send(prompt, SamplingParams(temperature, top_p, seed), max_tokens, on_text=out)
     sys.stdout.write("\n")
     if stats:
-        click.echo(st.summary(), err=True)
+        click.echo(speed_line(len(gen.prompt), len(gen.tokens), t0, first, gen.finish_reason), err=True)
+
+
+def speed_line(prompt_tokens: int, generated: int, t0: float, first: float | None, reason: str | None) -> str:
+    """Prefill speed up to the first token, decode speed after it."""
+    end = time.perf_counter()
+    first = first or end
+    pf = prompt_tokens / (first - t0) if first > t0 else 0.0
+    dc = (generated - 1) / (end - first) if generated > 1 and end > first else 0.0
+    return (
+        f"prompt {prompt_tokens} tok, prefill {pf:.1f} tok/s; generated {generated} tok, "
+        f"decode {dc:.1f} tok/s; stop: {reason}"
+    )

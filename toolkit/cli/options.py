@@ -107,17 +107,76 @@ def run_options(f):
     return f
 
 
+SAMPLING_FLAGS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "stop",
+    "logit_bias",
+    "seed",
+)
+
+
 def sampling_options(f):
+    """Every GenerationOptions knob as a flag; a flag not given keeps the model's default
+    (generation_config.json, else the toolkit's). Commands take them as **sampling -> `sampling_changes`."""
+    f = click.option(
+        "--logit-bias",
+        multiple=True,
+        metavar="TOKEN_ID=BIAS",
+        help="Add BIAS (-100..100) to a token's logit; repeatable.",
+    )(f)
+    f = click.option("--stop", multiple=True, help="Stop before this text; repeatable.")(f)
+    f = click.option("--presence-penalty", type=FiniteFloat(-2.0, 2.0), default=None, help="In [-2, 2].")(f)
+    f = click.option("--frequency-penalty", type=FiniteFloat(-2.0, 2.0), default=None, help="In [-2, 2].")(f)
+    f = click.option(
+        "--repetition-penalty", type=FiniteFloat(0.0, min_open=True), default=None, help="> 0; 1 = off."
+    )(f)
+    f = click.option("--min-p", type=FiniteFloat(0.0, 1.0), default=None, help="In [0, 1]; 0 = off.")(f)
+    f = click.option("--top-k", type=NON_NEGATIVE_INT, default=None, help="0 = off.")(f)
     f = click.option("--seed", type=SEED, default=None, help="Sampling seed (reproducible output).")(f)
     f = click.option(
         "--top-p",
         type=FiniteFloat(0.0, 1.0, min_open=True),
-        default=0.95,
-        show_default=True,
-        help="Nucleus sampling mass, in (0, 1].",
+        default=None,
+        help="Nucleus sampling mass, in (0, 1] (default: the model's, else 0.95).",
     )(f)
     f = click.option(
-        "--temperature", type=FiniteFloat(0.0), default=0.7, show_default=True, help="0 = greedy."
+        "--temperature",
+        type=FiniteFloat(0.0),
+        default=None,
+        help="0 = greedy (default: the model's generation_config.json, else 0.7).",
     )(f)
-    f = click.option("--max-tokens", type=positive_int(), default=256, show_default=True)(f)
+    f = click.option(
+        "--max-tokens", type=positive_int(), default=None, help="Default: the model's, else 256."
+    )(f)
     return f
+
+
+def sampling_changes(kwargs: dict) -> dict:
+    """Pop the sampling flags out of a command's kwargs as GenerationOptions changes, checked now (before
+    any model is loaded): a bad combination is a usage error (exit code 2)."""
+    from ..runtime.options import GenerationOptions, OptionsError
+
+    changes = {k: kwargs.pop(k) for k in SAMPLING_FLAGS}
+    changes["stop"] = tuple(changes["stop"]) or None
+    bias = {}
+    for item in changes["logit_bias"]:
+        tid, sep, value = item.partition("=")
+        try:
+            bias[tid.strip()] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"{item!r} is not TOKEN_ID=BIAS", param_hint="--logit-bias") from None
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not TOKEN_ID=BIAS", param_hint="--logit-bias")
+    changes["logit_bias"] = bias or None
+    try:
+        GenerationOptions().replace(**changes)
+    except OptionsError as e:
+        raise click.UsageError(str(e)) from None
+    return changes

@@ -1,0 +1,282 @@
+"""`phi3 serve` on 127.0.0.1 with the embedded SmolLM2, driven by the real OpenAI client and raw HTTP: greedy
+outputs equal the API's and `phi3 generate`'s, 8 concurrent streams equal their single-request outputs,
+limits answer 429/400 at once, and a client that disconnects mid-stream gets its KV pages back to the pool."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from click.testing import CliRunner
+
+import toolkit.api as phi3
+from toolkit.cli import main
+from toolkit.serve.server import BackgroundServer
+
+KEY = "test-key"
+PROMPT = "What is the capital of France?"
+MAX_SEQ = 8
+PROMPTS = [
+    "What is the capital of France?",
+    "Name a primary color.",
+    "What is 2 + 2?",
+    "Say hello in Spanish.",
+    "What animal says moo?",
+    "Name a planet.",
+    "What is the opposite of hot?",
+    "What color is the sky?",
+]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return phi3.load(context_window=512, max_batch_size=MAX_SEQ)
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    # max_queue 0: with every slot busy the next request is refused at once (tested below)
+    with BackgroundServer(model, max_sequences=MAX_SEQ, max_queue=0, api_key=KEY) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def http(server) -> httpx.Client:
+    return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+
+
+def chat(client, model, content, **kw):
+    return client.chat.completions.create(
+        model=model.name, messages=[{"role": "user", "content": content}], temperature=0, **kw
+    )
+
+
+def test_models_and_health(server, model):
+    with http(server) as h:
+        assert h.get("/v1/models").json()["data"][0]["id"] == model.name
+        health = h.get("/health").json()
+    assert health["status"] == "ok" and health["free_pages"] == health["total_pages"] > 0
+
+
+def test_chat_greedy_equals_api_and_cli_streamed_or_not(server, client, model):
+    api = model.generate(PROMPT, temperature=0, max_tokens=16)
+    r = chat(client, model, PROMPT, max_tokens=16)
+    assert r.choices[0].message.content == api.text
+    assert r.choices[0].finish_reason == api.finish_reason == "stop"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (api.prompt_tokens, api.completion_tokens)
+    chunks = list(
+        chat(client, model, PROMPT, max_tokens=16, stream=True, stream_options={"include_usage": True})
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == api.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == api.completion_tokens
+    cli = CliRunner().invoke(
+        main, ["generate", "-p", PROMPT, "--temperature", "0", "--max-tokens", "16", "--no-stats"]
+    )
+    assert cli.exit_code == 0 and cli.output == api.text + "\n"
+
+
+def test_completions_max_tokens_and_stop(server, client, model):
+    raw = "The capital of France is"
+    api = model.generate(raw, raw=True, temperature=0, max_tokens=6)
+    r = client.completions.create(model=model.name, prompt=raw, temperature=0, max_tokens=6)
+    assert r.choices[0].text == api.text and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 6
+    word = api.text.split()[1]
+    r = client.completions.create(model=model.name, prompt=raw, temperature=0, max_tokens=6, stop=[word])
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].text == api.text[: api.text.index(word)]
+    streamed = client.completions.create(
+        model=model.name, prompt=raw, temperature=0, max_tokens=6, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == api.text
+    r = chat(client, model, PROMPT, max_tokens=16, stop=["Paris"])
+    assert r.choices[0].finish_reason == "stop" and "Paris" not in r.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ({"messages": [{"role": "user", "content": "x"}], "temperature": -1}, "temperature"),
+        ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"99999": 1}}, "vocabulary"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n=1"),
+        ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-4"}, "not served"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "user", "content": 5}]}, "content"),
+        ({"messages": [{"role": "user", "content": "word " * 600}]}, "context window"),
+        ([1, 2], "JSON object"),
+    ],
+)
+def test_bad_requests_are_400_with_a_message(server, body, needle):
+    with http(server) as h:
+        r = h.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert needle in err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_malformed_json_unknown_model_and_auth(server, client, model):
+    with http(server) as h:
+        r = h.post(
+            "/v1/completions", content=b'{"prompt": "x",', headers={"Content-Type": "application/json"}
+        )
+        assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    assert httpx.get(server.url + "/v1/models").status_code == 401  # no key
+    with pytest.raises(openai.BadRequestError, match="not served"):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def _stream_text(server, model, prompt: str, max_tokens: int = 16, started=None, release=None) -> str:
+    """A raw SSE chat stream. With `started`/`release` (Events): signal the first content, then hang up
+    (close the connection mid-stream) once `release` is set."""
+    body = {
+        "model": model.name,
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "stream": True,
+    }
+    out = []
+    with http(server) as h, h.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            delta = json.loads(line[6:])["choices"][0]["delta"]
+            if delta.get("content"):
+                out.append(delta["content"])
+                if started is not None:
+                    started.set()
+                    release.wait(60)
+                    break  # leaving the with-blocks closes the connection
+    return "".join(out)
+
+
+def _health_when(h: httpx.Client, cond, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        health = h.get("/health").json()
+        if cond(health) or time.monotonic() > deadline:
+            return health
+        time.sleep(0.05)
+
+
+def test_concurrent_streams_equal_single_requests(server, client, model):
+    singles = [chat(client, model, p, max_tokens=16).choices[0].message.content for p in PROMPTS]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        outs = list(pool.map(lambda p: _stream_text(server, model, p), PROMPTS, timeout=120))
+    assert all(outs)
+    assert outs == singles
+
+
+def test_full_server_refuses_at_once_and_hangups_free_every_sequence(server, model):
+    started = [threading.Event() for _ in range(MAX_SEQ)]
+    release = threading.Event()
+    with http(server) as h, ThreadPoolExecutor(MAX_SEQ) as pool:
+        start = h.get("/health").json()
+        futures = [
+            pool.submit(_stream_text, server, model, f"Write a long story number {i}.", 400, e, release)
+            for i, e in enumerate(started)
+        ]
+        try:
+            assert all(e.wait(60) for e in started)
+            assert _health_when(h, lambda x: x["running"] == MAX_SEQ)["running"] == MAX_SEQ
+            t0 = time.monotonic()
+            r = h.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+            assert time.monotonic() - t0 < 5  # refused, not queued
+        finally:
+            release.set()
+        for f in futures:
+            f.result(timeout=60)
+        end = _health_when(h, lambda x: x["running"] == 0 and x["free_pages"] == start["free_pages"])
+    assert end["running"] == 0 and end["free_pages"] == start["free_pages"] == start["total_pages"]
+
+
+def test_disconnect_mid_stream_frees_the_sequence(server, model):
+    started, release = threading.Event(), threading.Event()
+    with http(server) as h, ThreadPoolExecutor(1) as pool:
+        start = h.get("/health").json()["free_pages"]
+        f = pool.submit(
+            _stream_text, server, model, "Write a long story about a dragon.", 400, started, release
+        )
+        assert started.wait(60)
+        mid = _health_when(h, lambda x: x["running"] == 1)
+        assert mid["running"] == 1 and mid["free_pages"] < start
+        release.set()
+        assert f.result(timeout=60)
+        end = _health_when(h, lambda x: x["running"] == 0 and x["free_pages"] == start)
+    assert end["running"] == 0 and end["free_pages"] == start
+    assert not model.engine.seqs
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_phi3_serve_command_in_a_subprocess(model):
+    import os
+    import subprocess
+    import sys
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "toolkit.cli", "serve", "--port", str(port), "--max-sequences", "2"]
+    cmd += ["--context-window", "256", "--threads", "1"]
+    proc = subprocess.Popen(cmd, env=os.environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, health = time.monotonic() + 120, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+                break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        assert health is not None and health["status"] == "ok", proc.stderr.read() if proc.poll() else ""
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        r = c.chat.completions.create(
+            model=model.name, messages=[{"role": "user", "content": PROMPT}], temperature=0, max_tokens=16
+        )
+        assert r.choices[0].message.content == model.generate(PROMPT, temperature=0, max_tokens=16).text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_serve_flags_are_checked_before_loading():
+    r = CliRunner().invoke(main, ["serve", "--port", "70000"])
+    assert r.exit_code == 2 and "--port" in r.output
+    r = CliRunner().invoke(main, ["serve", "--max-sequences", "0"])
+    assert r.exit_code == 2 and "--max-sequences" in r.output
+
+
+def test_token_id_prompts_and_logit_bias(server, client, model):
+    raw = "The capital of France is"
+    ids = model.prompt_ids(raw, raw=True)
+    by_text = client.completions.create(model=model.name, prompt=raw, temperature=0, max_tokens=5)
+    by_ids = client.completions.create(model=model.name, prompt=ids, temperature=0, max_tokens=5)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    forced = model.tokenizer.encode(" banana", add_bos=False)[0]
+    r = client.completions.create(
+        model=model.name, prompt=raw, temperature=0, max_tokens=3, logit_bias={str(forced): 100}
+    )
+    assert r.choices[0].text == model.tokenizer.decode([forced] * 3)
+    with http(server) as h:
+        r = h.post("/v1/completions", json={"prompt": [ids[0], -1]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"

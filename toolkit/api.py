@@ -1,0 +1,230 @@
+"""The Python API: load a model, generate / stream text, hold chat sessions. The CLI and the server use it.
+
+    import toolkit.api as phi3
+    m = phi3.load()                                   # the embedded SmolLM2; or a HF folder, .gguf, converted
+    print(m.generate("What is the capital of France?", temperature=0, max_tokens=16).text)
+    for piece in m.stream([{"role": "user", "content": "Hi"}], max_tokens=32):
+        print(piece, end="")
+    chat = m.chat(system="Be brief.")
+    chat.send("Hello")                                # the KV cache is reused across turns
+
+Sampling options are `GenerationOptions` fields (max_tokens, temperature, top_p, top_k, min_p,
+repetition_penalty, frequency_penalty, presence_penalty, stop, logit_bias, seed), validated in one place;
+the model's generation_config.json supplies the defaults. A Model is not thread-safe: one call at a time
+(`phi3 serve` batches concurrent requests on one engine thread).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import UserError
+from .runtime.engine import CacheOptions, ContextFullError, Engine
+from .runtime.generate import PromptTooLongError
+from .runtime.options import GenerationOptions
+from .runtime.request import Generation, Step
+
+Messages = Sequence[dict[str, Any]]
+DEFAULT_CONTEXT_WINDOW = 4096
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop" (stop token or string) or "length" (max_tokens, context window)
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Model:
+    """A loaded model: engine + tokenizer + chat template + generation defaults."""
+
+    def __init__(self, engine: Engine, source: Any, defaults: GenerationOptions | None = None) -> None:
+        from .prompts import PromptFormat
+
+        self.engine, self.source = engine, source
+        self.tokenizer = source.tokenizer()
+        self.prompts = PromptFormat.for_source(source, self.tokenizer)
+        self.defaults = defaults or self.prompts.generation_defaults()
+        self.name = source.path.name
+
+    # -- options and prompts -----------------------------------------------------------------------------
+    def options(self, options: GenerationOptions | None = None, **changes: Any) -> GenerationOptions:
+        """`options` (default: the model's defaults) with `changes`, validated."""
+        o = (options or self.defaults).replace(**changes)
+        o.check_vocab(self.source.config.vocab_size)
+        return o
+
+    def prompt_ids(
+        self, prompt: str | Messages, *, raw: bool = False, system: str | None = None
+    ) -> list[int]:
+        """Token ids for a prompt: a string is a user message (sent as is with `raw`), a list is a chat."""
+        if isinstance(prompt, str):
+            if raw:
+                ids = self.tokenizer.encode(prompt)
+                if not ids:
+                    raise UserError("the prompt is empty")
+                return ids
+            prompt = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}
+            ]
+        return self.prompts.encode(list(prompt), add_generation_prompt=True)
+
+    def new_generation(self, ids: list[int], options: GenerationOptions) -> Generation:
+        if len(ids) > self.engine.context_window:
+            raise PromptTooLongError(
+                f"the prompt is {len(ids)} tokens; the context window is {self.engine.context_window} tokens"
+            )
+        return Generation(ids, options, self.tokenizer, self.prompts.stop_ids, self.engine.context_window)
+
+    # -- one-shot ------------------------------------------------------------------------------------------
+    def stream_steps(
+        self, prompt: str | Messages, *, raw: bool = False, system: str | None = None, **opts: Any
+    ) -> tuple[Generation, Generator[Step, None, None]]:
+        """The `Generation` and an iterator of its `Step`s, on a fresh sequence removed at the end."""
+        gen = self.new_generation(self.prompt_ids(prompt, raw=raw, system=system), self.options(**opts))
+        return gen, _on_new_sequence(self.engine, gen)
+
+    def stream(self, prompt: str | Messages, **kw: Any) -> Iterator[str]:
+        """Text pieces as they are generated (whole characters only). Closing it early frees the sequence."""
+        _, steps = self.stream_steps(prompt, **kw)
+        try:
+            for st in steps:
+                if st.text:
+                    yield st.text
+        finally:
+            steps.close()  # not left to the garbage collector: the sequence goes now
+
+    def generate(self, prompt: str | Messages, **kw: Any) -> Completion:
+        gen, steps = self.stream_steps(prompt, **kw)
+        text = "".join(st.text for st in steps)
+        return Completion(text, gen.finish_reason or "length", len(gen.prompt), len(gen.tokens))
+
+    def chat(self, system: str | None = None) -> Chat:
+        return Chat(self, system)
+
+
+class Chat:
+    """A conversation whose tokens stay in one KV-cache sequence across turns (only the new turn is
+    prefilled). A reply cut short (the stream closed, Ctrl-C) is kept as far as it got."""
+
+    def __init__(self, model: Model, system: str | None = None) -> None:
+        self.model, self.system = model, system
+        self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+        self.seq: int | None = None
+        self.last: Generation | None = None
+
+    def stream(self, text: str, **opts: Any) -> Iterator[str]:
+        m = self.model
+        options = m.options(**opts)
+        self.messages.append({"role": "user", "content": text})
+        try:
+            gen = m.new_generation(m.prompts.encode(self.messages, add_generation_prompt=True), options)
+            if self.seq is None:
+                self.seq = m.engine.add_sequence()
+            steps = _run(m.engine, self.seq, gen)
+            first = next(steps)  # prefill happens here: a prompt that does not fit raises before any reply
+        except (PromptTooLongError, ContextFullError) as e:
+            self.messages.pop()  # an unanswered message would overflow the next turn too
+            raise PromptTooLongError(str(e)) from None
+        self.last = gen
+        pieces: list[str] = []
+        try:
+            for st in _chain(first, steps):
+                pieces.append(st.text)
+                if st.text:
+                    yield st.text
+        except KeyboardInterrupt:
+            # it may have landed inside a forward: the cache no longer matches its bookkeeping, so the next
+            # turn starts from a fresh sequence (a full prefill of the conversation)
+            self._drop_cache()
+            raise
+        finally:
+            self.messages.append({"role": "assistant", "content": "".join(pieces)})
+
+    def send(self, text: str, **opts: Any) -> str:
+        return "".join(self.stream(text, **opts))
+
+    def _drop_cache(self) -> None:
+        if self.seq is not None and self.seq in self.model.engine.seqs:
+            self.model.engine.remove_sequence(self.seq)
+        self.seq = None
+
+    def reset(self) -> None:
+        self._drop_cache()
+        self.last = None
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+
+def _chain(first: Step, rest: Iterator[Step]) -> Iterator[Step]:
+    yield first
+    yield from rest
+
+
+def _on_new_sequence(engine: Engine, gen: Generation) -> Generator[Step, None, None]:
+    sid = engine.add_sequence()
+    try:
+        yield from _run(engine, sid, gen)
+    finally:
+        engine.remove_sequence(sid)  # also when the caller stops early: its KV pages go back to the pool
+
+
+def _run(engine: Engine, sid: int, gen: Generation) -> Iterator[Step]:
+    """Feed the prompt (reusing what the sequence already caches), then decode until `gen` finishes."""
+    logits = feed(engine, sid, gen.prompt)
+    while True:
+        st = gen.step(logits)
+        yield st
+        if st.finish_reason:
+            return
+        logits = engine.decode(sid, gen.last_token)
+
+
+def feed(engine: Engine, sid: int, ids: list[int]):
+    """Bring sequence `sid` to hold `ids`: keep the common prefix, drop what diverged, prefill the rest;
+    returns the logits of the last token."""
+    cached = engine.seqs[sid].tokens
+    common = 0
+    for a, b in zip(cached, ids):
+        if a != b:
+            break
+        common += 1
+    common = min(common, len(ids) - 1)  # the last token is always fed: its logits are needed
+    if common < len(cached):
+        engine.popn(sid, len(cached) - common)
+    return engine.prefill(sid, ids[common:])
+
+
+def load(
+    model: str | None = None,
+    *,
+    device: str = "host",
+    quantization: str | None = None,
+    threads: int | None = None,
+    context_window: int = DEFAULT_CONTEXT_WINDOW,
+    max_batch_size: int = 4,
+    allow_pickle: bool = False,
+) -> Model:
+    """Open MODEL (HF folder, .gguf, converted folder; None = the embedded SmolLM2), compile it for
+    `device` on first use (cached) and load it. `max_batch_size` bounds the sequences alive at once
+    (chat sessions, streams, server requests); `context_window` the tokens of each."""
+    from .checkpoint import open_model
+    from .runtime.engine import load_engine
+
+    if context_window < 1 or max_batch_size < 1:
+        raise UserError("context_window and max_batch_size must be positive")
+    src = open_model(model, allow_pickle=allow_pickle)
+    if src.kind == "mlc" and quantization and quantization != src.scheme.name:
+        raise UserError(f"holds {src.scheme.name} weights, not {quantization}; drop quantization", src.path)
+    cache = CacheOptions(max_batch_size=max_batch_size, context_window=context_window)
+    engine, source = load_engine(
+        model,
+        quantization=quantization,
+        device=device,
+        threads=threads,
+        cache=cache,
+        allow_pickle=allow_pickle,
+    )
+    return Model(engine, source)

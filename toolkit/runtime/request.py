@@ -1,0 +1,68 @@
+"""One generation in flight: turns each step's logits into a token, text and, at the end, a finish reason.
+
+The same object drives the API's single sequence and the server's batched loop, so both produce the same
+tokens for the same logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..tokenizer import Tokenizer
+from .options import GenerationOptions
+from .sampling import TokenSampler
+from .stops import StopText
+
+# OpenAI's finish reasons
+STOP, LENGTH = "stop", "length"
+
+
+@dataclass
+class Step:
+    text: str  # new text to show (may be empty: a character split across tokens, a held-back stop prefix)
+    finish_reason: str | None = None  # set on the last step
+
+
+@dataclass
+class Generation:
+    prompt: list[int]
+    options: GenerationOptions
+    tokenizer: Tokenizer
+    stop_ids: set[int]
+    context_window: int
+    tokens: list[int] = field(default_factory=list)  # generated so far (stop token excluded)
+    finish_reason: str | None = None
+
+    def __post_init__(self) -> None:
+        self.sampler = TokenSampler(self.options, self.prompt)
+        self._decoder = self.tokenizer.stream_decoder()
+        self._stops = StopText(self.options.stop)
+
+    @property
+    def last_token(self) -> int:
+        return self.tokens[-1]
+
+    def step(self, logits: np.ndarray) -> Step:
+        """Sample from the logits of the last fed token. After a step with a finish reason, feed nothing more;
+        otherwise the caller feeds `last_token` and calls again with its logits."""
+        tok = self.sampler(logits)
+        if tok in self.stop_ids:
+            return self._finish(STOP, "")
+        self.sampler.accept(tok)
+        self.tokens.append(tok)
+        text = self._stops.feed(self._decoder.feed(tok))
+        if self._stops.stopped:
+            return self._finish(STOP, text)
+        if len(self.tokens) >= self.options.max_tokens:
+            return self._finish(LENGTH, text)
+        if len(self.prompt) + len(self.tokens) > self.context_window:  # no room to feed this token
+            return self._finish(LENGTH, text)
+        return Step(text)
+
+    def _finish(self, reason: str, text: str) -> Step:
+        self.finish_reason = reason
+        if reason == LENGTH or not self._stops.stopped:  # flush held-back text unless a stop string cut it
+            text += self._stops.feed(self._decoder.flush()) + self._stops.flush()
+        return Step(text, reason)
