@@ -4,8 +4,9 @@ The pipeline hands us, per Linear, one PrimFunc: an optional `dequantize` block 
 weight), an `NT_matmul` block `C[m.., n] += x[m.., k] * W[n, k]` and optional injective epilogue blocks
 (residual add). The rules, most specific first (`cpu_schedule_rules`):
 
-- `CPUQ8DotGEMV` (presets with `cpu.q4_activations = "int8"`, AVX2): the q4 GEMVs below with int8 activations
-  and integer dot products (`cpu_q8_gemv`), one weight row streamed at a time.
+- `CPUQ8DotGEMV` (presets with `cpu.q4_activations = "int8"`, x86 with AVX2 or better): the q4 GEMVs below
+  with int8 activations and integer dot products (`cpu_q8_gemv`; AVX-512 VNNI, AVX-VNNI or AVX2, chosen
+  from the target's CPU features by `cpu_isa`), one weight row streamed at a time.
 - `CPUDequantGEMV`: q4 dequant + matmul (+ residual add) with 1..4 rows of x, or decode's (batch, 1) rows.
   The function is re-emitted (same parameters, same result up to fp32 summation order) so that the scale and
   the -7 zero point are applied once per 32-group instead of once per weight, and a vector holds 8
@@ -33,6 +34,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import SBlockInfo, normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule, try_inline_contiguous_spatial
 from tvm.target import Target, codegen
+
+from .cpu_isa import Q8_DOT_LANES, q8_dot_isas
 
 # ---------------------------------------------------------------------------------------------------------
 # target facts
@@ -695,23 +698,32 @@ class CPUDequantGEMV(ScheduleRule):
 
 
 class CPUQ8DotGEMV(ScheduleRule):
-    """The same q4 dequant-GEMVs as `CPUDequantGEMV`, computed with int8 activations and AVX2 integer dot
-    products (`cpu_q8_gemv.q8_dot_gemv`, llama.cpp's Q4 x Q8 scheme). Rows of W are streamed one at a
-    time, strictly in memory order: Phi-3-mini shapes, 1 thread, cold caches: 8.2 GB/s of q4 weights
-    against 4.3 with 4 rows interleaved (the hardware prefetcher loses track of 4 short streams)."""
+    """The same q4 dequant-GEMVs as `CPUDequantGEMV`, computed with int8 activations and integer dot
+    products (`cpu_q8_gemv.q8_dot_gemv`, llama.cpp's Q4 x Q8 scheme) in the widest instruction-set path
+    the target's CPU has (`cpu_isa`: AVX-512 VNNI, AVX-VNNI, AVX2), or in `isa` when given (declined where
+    the CPU lacks it). A shape the widest path can't step through (K not a multiple of 128 for 512 bits)
+    takes the next one. Rows of W are streamed one at a time, strictly in memory order: Phi-3-mini shapes,
+    1 thread, cold caches: 8.2 GB/s of q4 weights against 4.3 with 4 rows interleaved (the hardware
+    prefetcher loses track of 4 short streams)."""
 
-    def __init__(self, rows: int = 1, tile: int = 16, max_m: int = 4) -> None:
-        self.rows, self.tile, self.max_m = rows, tile, max_m
+    def __init__(self, rows: int = 1, tile: int = 16, max_m: int = 4, isa: str | None = None) -> None:
+        self.rows, self.tile, self.max_m, self.isa = rows, tile, max_m, isa
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         from .cpu_q8_gemv import q8_dot_gemv
 
-        if not isinstance(func, tirx.PrimFunc) or not _is_llvm(target) or not has_avx2(target):
+        if not isinstance(func, tirx.PrimFunc) or not _is_llvm(target):
+            return None
+        isas = [i for i in q8_dot_isas(target) if self.isa in (None, i)]
+        if not isas:
             return None
         q = _match_q4_matmul(func)
-        if q is None or q.k % 64 or q.n % self.tile or not _few_rows(list(q.x.shape)[:-1], self.max_m):
+        if q is None or q.n % self.tile or not _few_rows(list(q.x.shape)[:-1], self.max_m):
             return None
-        return s_tir.Schedule(q8_dot_gemv(func, q, rows=self.rows, tile=self.tile))
+        isa = next((i for i in isas if q.k % (8 * Q8_DOT_LANES[i]) == 0), None)
+        if isa is None:
+            return None
+        return s_tir.Schedule(q8_dot_gemv(func, q, isa=isa, rows=self.rows, tile=self.tile))
 
 
 class CPUQ4OuterGEMM(ScheduleRule):

@@ -1,0 +1,137 @@
+"""The host kernels' instruction-set paths (`toolkit/compile/cpu_isa.py`): chosen from the target CPU's
+features, each numerically equal to the int8 reference on this machine where it can run, and compiled for
+CPUs this machine isn't, with their object code checked for the instructions each path stands for.
+
+Reference and tolerance: `test_cpu_q8_gemv._q8_reference` (numpy int8 x code dot products, exact integers,
+then the scales in float64; bound = the kernel's fp32 accumulation over K/32 scaled group sums)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import tvm
+from test_cpu_q8_gemv import _build, _q8_reference
+from test_cpu_schedule import _matmul_func, _q4_weights
+
+from toolkit.compile import cpu_schedule as cs
+from toolkit.compile.cpu_isa import Q8_DOT_ISAS, host_kernel_isas, q8_dot_isa, q8_dot_isas
+
+HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
+HOST_ISAS = q8_dot_isas(HOST)
+RNG = np.random.default_rng(7)
+OBJDUMP = next((t for t in ("llvm-objdump-15", "llvm-objdump", "objdump") if shutil.which(t)), None)
+
+
+def _cpu(mcpu: str) -> tvm.target.Target:
+    return tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu, "num-cores": 2})
+
+
+@pytest.mark.parametrize(
+    "mcpu,isas",
+    [
+        ("znver3", ["avx2"]),  # Zen 3: AVX2 only
+        ("skylake-avx512", ["avx2"]),  # AVX-512 BW without VNNI: no integer dot-product instruction
+        ("cascadelake", ["avx512vnni", "avxvnni", "avx2"]),  # AVX-512 VNNI (+VL: 256-bit EVEX)
+        ("alderlake", ["avxvnni", "avx2"]),  # AVX-VNNI (VEX) without AVX-512
+        ("znver4", ["avx512vnni", "avxvnni", "avx2"]),
+        ("sapphirerapids", ["avx512vnni", "avxvnni", "avx2"]),
+        ("x86-64", []),  # baseline x86-64: no AVX2, the fp32-activation kernel
+    ],
+)
+def test_isa_choice_follows_the_target_cpu(mcpu: str, isas: list[str]) -> None:
+    target = _cpu(mcpu)
+    assert q8_dot_isas(target) == isas
+    assert q8_dot_isa(target) == (isas[0] if isas else None)
+    assert host_kernel_isas(target, "int8") == {"q4_gemv": f"int8-{isas[0]}" if isas else "fp32"}
+    assert host_kernel_isas(target, "float32") == {"q4_gemv": "fp32"}
+
+
+def test_non_x86_targets_have_no_x86_paths() -> None:
+    arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76"})
+    assert q8_dot_isas(arm) == []
+    assert q8_dot_isas(tvm.target.Target("cuda")) == []
+
+
+# (n, k, rows as compiled, rows at run time, residual add, scale dtype)
+CASES = [
+    (64, 256, (1, 1), (1, 1), True, "float16"),
+    (48, 384, ("b", 1), (3, 1), False, "float32"),  # decode with a dynamic batch of 3; 3 steps of 128
+    (32, 1024, (1, 2), (1, 2), True, "float16"),  # two static rows
+]
+
+
+@pytest.mark.parametrize("isa", list(Q8_DOT_ISAS))
+@pytest.mark.parametrize("n,k,rows,real_rows,add,scale_dtype", CASES)
+def test_each_path_matches_int8_reference(isa, n, k, rows, real_rows, add, scale_dtype) -> None:
+    if isa not in HOST_ISAS:
+        pytest.skip(f"this CPU has no {isa}")
+    func = _matmul_func(n, k, rows, quant=True, scale_dtype=scale_dtype, add=add)
+    ex = _build(func, HOST, [cs.CPUQ8DotGEMV(isa=isa)])
+    qw, qs, _ = _q4_weights(n, k, scale_dtype)
+    x = RNG.standard_normal((*real_rows, k)).astype(np.float32)
+    x[..., 64:96] = 0  # an all-zero group: scale 0, no division by zero
+    x[..., 0] = 1e3  # one group dominated by one value: most of its codes round to 0
+    res = RNG.standard_normal((*real_rows, n)).astype(np.float32) if add else None
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(a, dev) for a in [x, qw, qs] + ([res] if add else [])]
+    out = tvm.runtime.empty((*real_rows, n), "float32", dev)
+    ex["main"](*args, out)
+    ref, bound = _q8_reference(x, qw, qs)
+    if add:
+        ref, bound = ref + res, bound + 1e-7 * np.abs(ref + res)
+    err = np.abs(out.numpy() - ref)
+    assert np.all(err <= bound), (err.max(), bound.min())
+
+
+def test_512_bit_path_declines_k_it_cannot_step_and_the_next_path_takes_it() -> None:
+    odd = _matmul_func(32, 576, (1, 1), quant=True)  # SmolLM2's K: 9 chunks of 64, not pairs
+    cascadelake = _cpu("cascadelake")
+    assert cs.CPUQ8DotGEMV(isa="avx512vnni").apply(odd, cascadelake, False) is None
+    assert cs.CPUQ8DotGEMV(isa="avxvnni").apply(odd, cascadelake, False) is not None
+    # a path the CPU lacks is declined even when asked for
+    assert cs.CPUQ8DotGEMV(isa="avx512vnni").apply(odd, _cpu("alderlake"), False) is None
+    assert cs.CPUQ8DotGEMV(isa="avxvnni").apply(odd, _cpu("znver3"), False) is None
+
+
+def _disassemble(func, target) -> str:
+    """The object code of `func` built by our rules for `target` (not necessarily runnable here)."""
+    import tempfile
+    from pathlib import Path
+
+    ex = _build(func, target, cs.cpu_schedule_rules(target, "int8"))
+    with tempfile.TemporaryDirectory() as d:
+        lib = Path(d) / "k.so"
+        ex.export_library(str(lib))
+        return subprocess.run([OBJDUMP, "-d", str(lib)], capture_output=True, text=True, check=True).stdout
+
+
+def _count(asm: str, pattern: str) -> int:
+    return len(re.findall(pattern, asm, flags=re.MULTILINE))
+
+
+# (mcpu, K, instruction lines that must appear, that must not): the rules choose the path by themselves.
+# Per step: two dot-product instructions (low and high nibbles), and for AVX2 one vpmaddwd after them.
+VNNI_512, VNNI_256 = r"vpdpbusd\s.*%zmm", r"vpdpbusd\s.*%ymm"
+AVX2 = [r"vpmaddubsw\s.*%ymm", r"vpmaddubsw\s.*%ymm", r"vpmaddwd\s.*%ymm"]
+DISASM = [
+    ("cascadelake", 3072, [VNNI_512] * 2, [r"vpmaddubsw", VNNI_256]),
+    ("znver4", 3072, [VNNI_512] * 2, [r"vpmaddubsw"]),
+    ("cascadelake", 576, [VNNI_256] * 2, [VNNI_512, r"vpmaddubsw"]),  # 256-bit EVEX
+    ("alderlake", 3072, [r"\{vex\}\s+vpdpbusd\s.*%ymm"] * 2, [r"%zmm", r"vpmaddubsw"]),  # AVX-VNNI
+    ("znver3", 3072, AVX2, [r"vpdpbusd", r"%zmm"]),
+    ("skylake-avx512", 3072, AVX2, [r"vpdpbusd"]),
+]
+
+
+@pytest.mark.skipif(OBJDUMP is None, reason="no objdump / llvm-objdump to disassemble with")
+@pytest.mark.parametrize("mcpu,k,present,absent", DISASM)
+def test_object_code_has_the_paths_instructions(mcpu, k, present, absent) -> None:
+    asm = _disassemble(_matmul_func(64, k, ("b", 1), quant=True), _cpu(mcpu))
+    for pat in set(present):
+        assert _count(asm, pat) >= present.count(pat), (mcpu, pat)
+    for pat in absent:
+        assert _count(asm, pat) == 0, (mcpu, pat)

@@ -1,0 +1,52 @@
+"""Which instruction set the host kernels are built for, decided from the target's CPU features.
+
+The target's `mcpu` (host detection for the `host` preset, or whatever a preset names) is asked through
+LLVM's feature table, so a build for another CPU (`-mcpu=znver3`) picks that CPU's path, not this machine's.
+The int8 dot-product GEMV has three paths, widest first:
+
+- `avx512vnni`: `vpdpbusd` on 512-bit registers (128 weights per instruction pair);
+- `avxvnni`: `vpdpbusd` on 256-bit registers, VEX (AVX-VNNI) or EVEX (AVX-512 VNNI + VL) encoded;
+- `avx2`: `vpmaddubsw` + `vpmaddwd`, the fallback every x86-64-v3 CPU has.
+"""
+
+from __future__ import annotations
+
+from tvm.target import Target, codegen
+
+# widest first; each entry: the LLVM features it needs (any one tuple of the list suffices)
+Q8_DOT_ISAS: dict[str, list[tuple[str, ...]]] = {
+    "avx512vnni": [("avx512vnni", "avx512bw")],
+    "avxvnni": [("avxvnni",), ("avx512vnni", "avx512vl")],
+    "avx2": [("avx2",)],
+}
+# fp32 lanes of a vector register per GEMV path (the accumulators' width)
+Q8_DOT_LANES = {"avx512vnni": 16, "avxvnni": 8, "avx2": 8}
+
+
+def has_features(target: Target, features: tuple[str, ...]) -> bool:
+    """Whether the target's CPU has all `features` (LLVM names); False on triples that don't know them."""
+    try:
+        return all(bool(codegen.llvm_cpu_has_features([f], target)) for f in features)
+    except Exception:  # noqa: BLE001 - non-x86 triples: the feature names don't exist there
+        return False
+
+
+def q8_dot_isas(target: Target) -> list[str]:
+    """The int8 dot-product GEMV paths the target's CPU can run, widest first (empty: none)."""
+    if target.kind.name != "llvm":
+        return []
+    return [isa for isa, alts in Q8_DOT_ISAS.items() if any(has_features(target, f) for f in alts)]
+
+
+def q8_dot_isa(target: Target) -> str | None:
+    """The preferred int8 dot-product GEMV path for the target (None: no integer dot products)."""
+    isas = q8_dot_isas(target)
+    return isas[0] if isas else None
+
+
+def host_kernel_isas(target: Target, q4_activations: str) -> dict[str, str]:
+    """The manifest's record of the host matmul kernels' instruction-set paths, per kernel family:
+    `q4_gemv` (decode) is `int8-<Q8_DOT_ISAS key>` or `fp32` (fp32 activations, or no integer dot
+    products on this CPU). A shape the widest path can't step through takes the next narrower one."""
+    gemv = q8_dot_isa(target) if q4_activations == "int8" else None
+    return {"q4_gemv": f"int8-{gemv}" if gemv else "fp32"}
