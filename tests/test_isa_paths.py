@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import tvm
 from test_cpu_q8_gemv import _build, _q8_reference
-from test_cpu_schedule import _matmul_func, _q4_weights
+from test_cpu_schedule import _check_matmul, _matmul_func, _q4_weights
 
 from toolkit.compile import cpu_schedule as cs
-from toolkit.compile.cpu_isa import Q8_DOT_ISAS, host_kernel_isas, q8_dot_isa, q8_dot_isas
+from toolkit.compile.cpu_isa import Q8_DOT_ISAS, host_kernel_isas, q4_gemm_isa, q8_dot_isa, q8_dot_isas
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
 HOST_ISAS = q8_dot_isas(HOST)
@@ -31,23 +31,25 @@ def _cpu(mcpu: str) -> tvm.target.Target:
 
 
 @pytest.mark.parametrize(
-    "mcpu,isas",
+    "mcpu,isas,gemm",
     [
-        ("znver3", ["avx2"]),  # Zen 3: AVX2 only
-        ("skylake-avx512", ["avx2"]),  # AVX-512 BW without VNNI: no integer dot-product instruction
-        ("cascadelake", ["avx512vnni", "avxvnni", "avx2"]),  # AVX-512 VNNI (+VL: 256-bit EVEX)
-        ("alderlake", ["avxvnni", "avx2"]),  # AVX-VNNI (VEX) without AVX-512
-        ("znver4", ["avx512vnni", "avxvnni", "avx2"]),
-        ("sapphirerapids", ["avx512vnni", "avxvnni", "avx2"]),
-        ("x86-64", []),  # baseline x86-64: no AVX2, the fp32-activation kernel
+        ("znver3", ["avx2"], "avx2"),  # Zen 3: AVX2 only
+        ("skylake-avx512", ["avx2"], "avx512"),  # AVX-512 BW without VNNI: no integer dot product
+        ("cascadelake", ["avx512vnni", "avxvnni", "avx2"], "avx512"),  # AVX-512 VNNI (+VL: 256-bit EVEX)
+        ("alderlake", ["avxvnni", "avx2"], "avx2"),  # AVX-VNNI (VEX) without AVX-512
+        ("znver4", ["avx512vnni", "avxvnni", "avx2"], "avx512"),
+        ("sapphirerapids", ["avx512vnni", "avxvnni", "avx2"], "avx512"),
+        ("x86-64", [], "avx2"),  # baseline x86-64: no AVX2, the fp32-activation kernel
     ],
 )
-def test_isa_choice_follows_the_target_cpu(mcpu: str, isas: list[str]) -> None:
+def test_isa_choice_follows_the_target_cpu(mcpu: str, isas: list[str], gemm: str) -> None:
     target = _cpu(mcpu)
     assert q8_dot_isas(target) == isas
     assert q8_dot_isa(target) == (isas[0] if isas else None)
-    assert host_kernel_isas(target, "int8") == {"q4_gemv": f"int8-{isas[0]}" if isas else "fp32"}
-    assert host_kernel_isas(target, "float32") == {"q4_gemv": "fp32"}
+    assert q4_gemm_isa(target) == gemm
+    gemv = f"int8-{isas[0]}" if isas else "fp32"
+    assert host_kernel_isas(target, "int8") == {"q4_gemv": gemv, "q4_gemm": f"fp32-{gemm}"}
+    assert host_kernel_isas(target, "float32") == {"q4_gemv": "fp32", "q4_gemm": f"fp32-{gemm}"}
 
 
 def test_non_x86_targets_have_no_x86_paths() -> None:
@@ -97,6 +99,31 @@ def test_512_bit_path_declines_k_it_cannot_step_and_the_next_path_takes_it() -> 
     assert cs.CPUQ8DotGEMV(isa="avxvnni").apply(odd, _cpu("znver3"), False) is None
 
 
+# prefill GEMM tiles: (N, rows at run time); N picks the tile: 2 vectors of rows, 1, or 8-lane vectors
+GEMM_CASES = [(64, 13), (48, 7), (72, 6), (96, 1)]
+
+
+@pytest.mark.parametrize("gemm", ["avx512", "avx2"])
+@pytest.mark.parametrize("n,m", GEMM_CASES)
+def test_each_gemm_path_matches_numpy(gemm: str, n: int, m: int) -> None:
+    # the path follows the target: the host's CPU for AVX-512, Haswell (runs on any AVX2 CPU) for AVX2
+    target = HOST if gemm == "avx512" else _cpu("haswell")
+    runs_here = {"avx512": q4_gemm_isa(HOST) == "avx512", "avx2": "avx2" in HOST_ISAS}
+    if not runs_here[gemm]:
+        pytest.skip(f"this CPU can't run the {gemm} tiles")
+    assert q4_gemm_isa(target) == gemm
+    k = 160
+    func = _matmul_func(n, k, (1, "s"), quant=True, add=True)
+    ex = _build(func, target, [cs.CPUQ4OuterGEMM()])
+    qw, qs, w = _q4_weights(n, k, "float16")
+    x = RNG.standard_normal((1, m, k)).astype(np.float32)
+    res = RNG.standard_normal((1, m, n)).astype(np.float32)
+    dev = tvm.cpu()
+    out = tvm.runtime.empty((1, m, n), "float32", dev)
+    ex["main"](*[tvm.runtime.tensor(a, dev) for a in (x, qw, qs, res)], out)
+    _check_matmul(out.numpy(), x, w, res)
+
+
 def _disassemble(func, target) -> str:
     """The object code of `func` built by our rules for `target` (not necessarily runnable here)."""
     import tempfile
@@ -125,6 +152,17 @@ DISASM = [
     ("znver3", 3072, AVX2, [r"vpdpbusd", r"%zmm"]),
     ("skylake-avx512", 3072, AVX2, [r"vpdpbusd"]),
 ]
+
+
+@pytest.mark.skipif(OBJDUMP is None, reason="no objdump / llvm-objdump to disassemble with")
+@pytest.mark.parametrize(
+    "mcpu,present,absent", [("skylake-avx512", r"%zmm", None), ("znver3", r"%ymm", r"%zmm")]
+)
+def test_gemm_object_code_has_the_paths_vector_width(mcpu, present, absent) -> None:
+    asm = _disassemble(_matmul_func(64, 256, (1, "s"), quant=True), _cpu(mcpu))
+    # the register block: 6 rows of x by 2 vectors of weight rows, one FMA each per k
+    assert _count(asm, rf"vfmadd\d+ps\s.*{present}") >= 12, mcpu
+    assert absent is None or _count(asm, absent) == 0, mcpu
 
 
 @pytest.mark.skipif(OBJDUMP is None, reason="no objdump / llvm-objdump to disassemble with")

@@ -11,7 +11,7 @@ from tiny import load_hf_model, make_tiny_checkpoint
 
 from toolkit.checkpoint import open_model
 from toolkit.compile.compile_model import graph_options
-from toolkit.compile.cpu_isa import q8_dot_isa
+from toolkit.compile.cpu_isa import q4_gemm_isa, q8_dot_isa
 from toolkit.compile.fuse_dequant import fused_dequant_kernels, unfused_dequant_kernels
 from toolkit.compile.pipeline import lower_to_tir
 from toolkit.model.phi3 import export_phi3
@@ -82,8 +82,12 @@ def test_q4_int8_activations_stay_close_to_transformers(tmp_path):
         pytest.skip("this CPU has no AVX2: the host preset keeps fp32 activations")
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "phi4-mini")
     eng = build_engine(ckpt, tmp_path / "lib", "q4f16_1", device="host")
-    # the manifest records the decode GEMV's instruction-set path, chosen from this CPU's features
-    assert eng.compiled.manifest["cpu_isa"] == {"q4_gemv": f"int8-{q8_dot_isa(load_preset('host').target)}"}
+    # the manifest records the host matmuls' instruction-set paths, chosen from this CPU's features
+    host = load_preset("host").target
+    assert eng.compiled.manifest["cpu_isa"] == {
+        "q4_gemv": f"int8-{q8_dot_isa(host)}",
+        "q4_gemm": f"fp32-{q4_gemm_isa(host)}",
+    }
     hf = _hf_with_engine_weights(ckpt, eng)
     prompt = np.random.default_rng(0).integers(3, eng.cfg.vocab_size, 10).tolist()
     sid = eng.add_sequence()

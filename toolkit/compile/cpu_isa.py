@@ -21,6 +21,9 @@ Q8_DOT_ISAS: dict[str, list[tuple[str, ...]]] = {
 }
 # fp32 lanes of a vector register per GEMV path (the accumulators' width)
 Q8_DOT_LANES = {"avx512vnni": 16, "avxvnni": 8, "avx2": 8}
+# the prefill GEMM's fp32 FMA tiles: vector width per path (`avx2` also serves CPUs without AVX2, where
+# LLVM splits the 8-lane vectors)
+Q4_GEMM_LANES = {"avx512": 16, "avx2": 8}
 
 
 def has_features(target: Target, features: tuple[str, ...]) -> bool:
@@ -44,9 +47,15 @@ def q8_dot_isa(target: Target) -> str | None:
     return isas[0] if isas else None
 
 
+def q4_gemm_isa(target: Target) -> str:
+    """The prefill GEMM's fp32 tile path (a `Q4_GEMM_LANES` key): 512-bit FMA tiles where AVX-512F is."""
+    return "avx512" if has_features(target, ("avx512f",)) else "avx2"
+
+
 def host_kernel_isas(target: Target, q4_activations: str) -> dict[str, str]:
     """The manifest's record of the host matmul kernels' instruction-set paths, per kernel family:
     `q4_gemv` (decode) is `int8-<Q8_DOT_ISAS key>` or `fp32` (fp32 activations, or no integer dot
-    products on this CPU). A shape the widest path can't step through takes the next narrower one."""
+    products on this CPU; a shape the widest path can't step through takes the next narrower one);
+    `q4_gemm` (prefill) is `fp32-<Q4_GEMM_LANES key>`."""
     gemv = q8_dot_isa(target) if q4_activations == "int8" else None
-    return {"q4_gemv": f"int8-{gemv}" if gemv else "fp32"}
+    return {"q4_gemv": f"int8-{gemv}" if gemv else "fp32", "q4_gemm": f"fp32-{q4_gemm_isa(target)}"}

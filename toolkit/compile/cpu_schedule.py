@@ -15,7 +15,8 @@ weight), an `NT_matmul` block `C[m.., n] += x[m.., k] * W[n, k]` and optional in
   threads in tiles of 16. Hot-cache, 1 thread, AVX2: 10.8 GB/s of q4 weights vs 4.5 for `CPUGEMV`.
 - `CPUGEMV`: any other matmul with few rows (fp32 weights of q0 models, or q4 shapes the above declines):
   dequantize inlined, rfactor over the SIMD lanes, 4 rows per x load, rows split across threads.
-- `CPUQ4OuterGEMM`: q4 matmuls with many rows (prefill): outer-product register blocks (`cpu_q4_gemm`).
+- `CPUQ4OuterGEMM`: q4 matmuls with many rows (prefill): outer-product register blocks (`cpu_q4_gemm`), 8 or
+  16 fp32 lanes wide (AVX2 / AVX-512, `cpu_isa`).
 - `CPUGEMM`: other matmuls with many (dynamic seq_len: prefill) rows: each thread dequantizes a tile of 16
   weight rows once into an L2-resident fp32 scratch tile and reuses it for every row of x (dot-product
   micro-kernel, 4 weight rows per x vector load).
@@ -35,7 +36,7 @@ from tvm.s_tir.dlight.analysis import SBlockInfo, normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule, try_inline_contiguous_spatial
 from tvm.target import Target, codegen
 
-from .cpu_isa import Q8_DOT_LANES, q8_dot_isas
+from .cpu_isa import Q4_GEMM_LANES, Q8_DOT_LANES, q4_gemm_isa, q8_dot_isas
 
 # ---------------------------------------------------------------------------------------------------------
 # target facts
@@ -728,8 +729,10 @@ class CPUQ8DotGEMV(ScheduleRule):
 
 class CPUQ4OuterGEMM(ScheduleRule):
     """q4 dequant + matmul (+ residual add) with many rows of x (prefill): `cpu_q4_gemm.q4_outer_gemm`, an
-    outer-product register block of 6 rows of x by 16 weight rows over a transposed fp32 tile. Phi-3-mini
-    qkv, 128 rows, 1 thread: 81 GFLOP/s against 34 for `CPUGEMM`'s dot-product form."""
+    outer-product register block of 6 rows of x by 2 vectors of weight rows over a transposed fp32 tile,
+    in the target's vector width (`cpu_isa.q4_gemm_isa`: 16 rows of 8 lanes with AVX2, 32 of 16 lanes with
+    AVX-512). Phi-3-mini qkv, 128 rows, 1 thread, AVX2: 81 GFLOP/s against 34 for `CPUGEMM`'s dot-product
+    form."""
 
     def __init__(self, mr: int = 6, max_m: int = 4) -> None:
         self.mr, self.max_m = mr, max_m
@@ -742,10 +745,11 @@ class CPUQ4OuterGEMM(ScheduleRule):
         q = _match_q4_matmul(func)
         if q is None or _few_rows(list(q.x.shape)[:-1], self.max_m):
             return None
-        nr = 16 if q.n % 16 == 0 else 8 if q.n % 8 == 0 else 0
+        widths = [Q4_GEMM_LANES[q4_gemm_isa(target)], 8]  # weight rows per tile: 2 vectors, else 1
+        lanes, nr = next(((w, m * w) for w in widths for m in (2, 1) if q.n % (m * w) == 0), (0, 0))
         if not nr:
             return None
-        return s_tir.Schedule(q4_outer_gemm(func, q, mr=self.mr, nr=nr))
+        return s_tir.Schedule(q4_outer_gemm(func, q, mr=self.mr, nr=nr, lanes=lanes))
 
 
 def _few_rows(m_shape: list, max_m: int) -> bool:
