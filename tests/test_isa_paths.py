@@ -18,7 +18,14 @@ from test_cpu_q8_gemv import _build, _q8_reference
 from test_cpu_schedule import _check_matmul, _matmul_func, _q4_weights
 
 from toolkit.compile import cpu_schedule as cs
-from toolkit.compile.cpu_isa import Q8_DOT_ISAS, host_kernel_isas, q4_gemm_isa, q8_dot_isa, q8_dot_isas
+from toolkit.compile.cpu_isa import (
+    Q8_DOT_ISAS,
+    host_kernel_isas,
+    q4_gemm_isa,
+    q8_dot_isa,
+    q8_dot_isas,
+    q8_gemm_isa,
+)
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
 HOST_ISAS = q8_dot_isas(HOST)
@@ -48,7 +55,9 @@ def test_isa_choice_follows_the_target_cpu(mcpu: str, isas: list[str], gemm: str
     assert q8_dot_isa(target) == (isas[0] if isas else None)
     assert q4_gemm_isa(target) == gemm
     gemv = f"int8-{isas[0]}" if isas else "fp32"
-    assert host_kernel_isas(target, "int8") == {"q4_gemv": gemv, "q4_gemm": f"fp32-{gemm}"}
+    int8_gemm = "int8-avx512vnni" if "avx512vnni" in isas else f"fp32-{gemm}"
+    assert q8_gemm_isa(target) == ("avx512vnni" if "avx512vnni" in isas else None)
+    assert host_kernel_isas(target, "int8") == {"q4_gemv": gemv, "q4_gemm": int8_gemm}
     assert host_kernel_isas(target, "float32") == {"q4_gemv": "fp32", "q4_gemm": f"fp32-{gemm}"}
 
 
@@ -124,6 +133,42 @@ def test_each_gemm_path_matches_numpy(gemm: str, n: int, m: int) -> None:
     _check_matmul(out.numpy(), x, w, res)
 
 
+# int8 prefill GEMM: (N, K, rows at run time, residual add)
+Q8_GEMM_CASES = [(64, 256, 13, True), (48, 160, 1, False), (32, 1024, 25, True)]
+
+
+@pytest.mark.skipif(q8_gemm_isa(HOST) is None, reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("n,k,m,add", Q8_GEMM_CASES)
+def test_vnni_gemm_matches_int8_reference(n: int, k: int, m: int, add: bool) -> None:
+    func = _matmul_func(n, k, (1, "s"), quant=True, add=add)
+    ex = _build(func, HOST, [cs.CPUQ8VNNIGEMM()])
+    qw, qs, _ = _q4_weights(n, k, "float16")
+    x = RNG.standard_normal((1, m, k)).astype(np.float32)
+    x[..., 32:64] = 0  # an all-zero group
+    res = RNG.standard_normal((1, m, n)).astype(np.float32) if add else None
+    dev = tvm.cpu()
+    out = tvm.runtime.empty((1, m, n), "float32", dev)
+    ex["main"](*[tvm.runtime.tensor(a, dev) for a in [x, qw, qs] + ([res] if add else [])], out)
+    ref, bound = _q8_reference(x, qw, qs)
+    if add:
+        ref, bound = ref + res, bound + 1e-7 * np.abs(ref + res)
+    err = np.abs(out.numpy() - ref)
+    assert np.all(err <= bound), (err.max(), bound.min())
+
+
+def test_prefill_rule_follows_activations_and_cpu() -> None:
+    prefill = _matmul_func(64, 256, (1, "s"), quant=True)
+
+    def first(target, acts):
+        return next(r for r in cs.cpu_schedule_rules(target, acts) if r.apply(prefill, target, False))
+
+    assert isinstance(first(_cpu("cascadelake"), "int8"), cs.CPUQ8VNNIGEMM)
+    assert isinstance(first(_cpu("cascadelake"), "float32"), cs.CPUQ4OuterGEMM)  # host-exact
+    assert isinstance(first(_cpu("alderlake"), "int8"), cs.CPUQ4OuterGEMM)  # no 512-bit VNNI
+    decode = _matmul_func(64, 256, (1, 1), quant=True)
+    assert cs.CPUQ8VNNIGEMM().apply(decode, _cpu("cascadelake"), False) is None
+
+
 def _disassemble(func, target) -> str:
     """The object code of `func` built by our rules for `target` (not necessarily runnable here)."""
     import tempfile
@@ -163,6 +208,16 @@ def test_gemm_object_code_has_the_paths_vector_width(mcpu, present, absent) -> N
     # the register block: 6 rows of x by 2 vectors of weight rows, one FMA each per k
     assert _count(asm, rf"vfmadd\d+ps\s.*{present}") >= 12, mcpu
     assert absent is None or _count(asm, absent) == 0, mcpu
+    assert _count(asm, r"vpdpbusd") == 0  # no AVX-512 VNNI on either
+
+
+@pytest.mark.skipif(OBJDUMP is None, reason="no objdump / llvm-objdump to disassemble with")
+@pytest.mark.parametrize("mcpu", ["cascadelake", "znver4"])
+def test_vnni_gemm_object_code(mcpu: str) -> None:
+    asm = _disassemble(_matmul_func(64, 256, (1, "s"), quant=True), _cpu(mcpu))
+    # the register block: 12 rows of x, 8 steps of 4 k per group, one 512-bit vpdpbusd each
+    assert _count(asm, VNNI_512) >= 12 * 8, mcpu
+    assert _count(asm, r"vfmadd\d+ps\s.*%zmm") < 12 * 8  # the fp32 tiles are not what runs
 
 
 @pytest.mark.skipif(OBJDUMP is None, reason="no objdump / llvm-objdump to disassemble with")

@@ -52,10 +52,20 @@ def q4_gemm_isa(target: Target) -> str:
     return "avx512" if has_features(target, ("avx512f",)) else "avx2"
 
 
+def q8_gemm_isa(target: Target) -> str | None:
+    """The int8-activation prefill GEMM's path (`cpu_q8_gemm`): 512-bit `vpdpbusd` only; None elsewhere
+    (the fp32 tiles serve those CPUs)."""
+    return "avx512vnni" if "avx512vnni" in q8_dot_isas(target) else None
+
+
 def host_kernel_isas(target: Target, q4_activations: str) -> dict[str, str]:
     """The manifest's record of the host matmul kernels' instruction-set paths, per kernel family:
     `q4_gemv` (decode) is `int8-<Q8_DOT_ISAS key>` or `fp32` (fp32 activations, or no integer dot
     products on this CPU; a shape the widest path can't step through takes the next narrower one);
-    `q4_gemm` (prefill) is `fp32-<Q4_GEMM_LANES key>`."""
-    gemv = q8_dot_isa(target) if q4_activations == "int8" else None
-    return {"q4_gemv": f"int8-{gemv}" if gemv else "fp32", "q4_gemm": f"fp32-{q4_gemm_isa(target)}"}
+    `q4_gemm` (prefill) is `int8-avx512vnni` or `fp32-<Q4_GEMM_LANES key>`."""
+    int8 = q4_activations == "int8"
+    gemv, gemm = (q8_dot_isa(target), q8_gemm_isa(target)) if int8 else (None, None)
+    return {
+        "q4_gemv": f"int8-{gemv}" if gemv else "fp32",
+        "q4_gemm": f"int8-{gemm}" if gemm else f"fp32-{q4_gemm_isa(target)}",
+    }

@@ -15,6 +15,8 @@ weight), an `NT_matmul` block `C[m.., n] += x[m.., k] * W[n, k]` and optional in
   threads in tiles of 16. Hot-cache, 1 thread, AVX2: 10.8 GB/s of q4 weights vs 4.5 for `CPUGEMV`.
 - `CPUGEMV`: any other matmul with few rows (fp32 weights of q0 models, or q4 shapes the above declines):
   dequantize inlined, rfactor over the SIMD lanes, 4 rows per x load, rows split across threads.
+- `CPUQ8VNNIGEMM` (int8-activation presets, CPUs with AVX-512 VNNI): q4 matmuls with many rows (prefill)
+  with int8 activations and 512-bit `vpdpbusd` (`cpu_q8_gemm`).
 - `CPUQ4OuterGEMM`: q4 matmuls with many rows (prefill): outer-product register blocks (`cpu_q4_gemm`), 8 or
   16 fp32 lanes wide (AVX2 / AVX-512, `cpu_isa`).
 - `CPUGEMM`: other matmuls with many (dynamic seq_len: prefill) rows: each thread dequantizes a tile of 16
@@ -36,7 +38,7 @@ from tvm.s_tir.dlight.analysis import SBlockInfo, normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule, try_inline_contiguous_spatial
 from tvm.target import Target, codegen
 
-from .cpu_isa import Q4_GEMM_LANES, Q8_DOT_LANES, q4_gemm_isa, q8_dot_isas
+from .cpu_isa import Q4_GEMM_LANES, Q8_DOT_LANES, q4_gemm_isa, q8_dot_isas, q8_gemm_isa
 
 # ---------------------------------------------------------------------------------------------------------
 # target facts
@@ -727,6 +729,25 @@ class CPUQ8DotGEMV(ScheduleRule):
         return s_tir.Schedule(q8_dot_gemv(func, q, isa=isa, rows=self.rows, tile=self.tile))
 
 
+class CPUQ8VNNIGEMM(ScheduleRule):
+    """q4 dequant + matmul (+ residual add) with many rows of x (prefill), int8 activations and 512-bit
+    `vpdpbusd` (`cpu_q8_gemm.q8_vnni_gemm`): for presets with int8 activations on CPUs with AVX-512 VNNI;
+    others keep `CPUQ4OuterGEMM`'s fp32 tiles."""
+
+    def __init__(self, mr: int = 12, max_m: int = 4) -> None:
+        self.mr, self.max_m = mr, max_m
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+        from .cpu_q8_gemm import NR, q8_vnni_gemm
+
+        if not isinstance(func, tirx.PrimFunc) or not _is_llvm(target) or q8_gemm_isa(target) is None:
+            return None
+        q = _match_q4_matmul(func)
+        if q is None or q.n % NR or _few_rows(list(q.x.shape)[:-1], self.max_m):
+            return None
+        return s_tir.Schedule(q8_vnni_gemm(func, q, mr=self.mr))
+
+
 class CPUQ4OuterGEMM(ScheduleRule):
     """q4 dequant + matmul (+ residual add) with many rows of x (prefill): `cpu_q4_gemm.q4_outer_gemm`, an
     outer-product register block of 6 rows of x by 2 vectors of weight rows over a transposed fp32 tile,
@@ -911,5 +932,5 @@ def cpu_schedule_rules(target: Target, q4_activations: str = "float32") -> list[
 
     if q4_activations not in Q4_ACTIVATIONS:
         raise ValueError(f"q4_activations must be one of {Q4_ACTIVATIONS}, got {q4_activations!r}")
-    int8 = [CPUQ8DotGEMV()] if q4_activations == "int8" else []
+    int8 = [CPUQ8DotGEMV(), CPUQ8VNNIGEMM()] if q4_activations == "int8" else []
     return [*int8, CPUDequantGEMV(), CPUGEMV(), CPUQ4OuterGEMM(), CPUGEMM(), CPUElementwise(), Reduction()]
