@@ -7,6 +7,9 @@ The int8 dot-product GEMV has three paths, widest first:
 - `avx512vnni`: `vpdpbusd` on 512-bit registers (128 weights per instruction pair);
 - `avxvnni`: `vpdpbusd` on 256-bit registers, VEX (AVX-VNNI) or EVEX (AVX-512 VNNI + VL) encoded;
 - `avx2`: `vpmaddubsw` + `vpmaddwd`, the fallback every x86-64-v3 CPU has.
+
+The prefill GEMM, with int8 activations, runs 512-bit `vpdpbusd` where AVX-512 VNNI is (`cpu_q8_gemm`);
+otherwise (or with fp32 activations) fp32 FMA tiles 16 lanes wide with AVX-512F, else 8 (`cpu_q4_gemm`).
 """
 
 from __future__ import annotations
