@@ -5,7 +5,7 @@ change in machine load hits all of them alike; per path the median ms per call i
 median over rounds of its time divided by the first path's in the same round (the figure to trust on a
 shared machine). Decode GEMV paths: avx2, avxvnni, avx512vnni; each call reads a different weight copy
 (cold caches, as in decode) unless --hot. With --prefill M, the prefill GEMM paths at M rows (hot):
-fp32-avx2 (8-lane tiles), fp32-avx512 (16-lane tiles), int8-avx512vnni.
+fp32-avx2 (8-lane tiles), fp32-avx512 (16-lane tiles), int8-avxvnni, int8-avx512vnni.
 
     python examples/bench_isa_gemv.py --threads 1,2
     python examples/bench_isa_gemv.py --threads 1 --hot --rounds 30
@@ -27,9 +27,6 @@ import numpy as np
 from bench_cpu_kernels import COLD_BYTES, _q4_func
 
 SHAPES = {"qkv": (9216, 3072), "gate_up": (16384, 3072), "down": (3072, 8192)}  # (N, K), Phi-3-mini
-
-
-GEMM_PATHS = ("fp32-avx2", "fp32-avx512", "int8-avx512vnni")
 
 
 def _build(n: int, k: int, isa: str, target):
@@ -55,7 +52,9 @@ def _build_gemm(n: int, k: int, path: str, target):
     func = _q4_func(n, k, (1, "s"))
     q = _match_q4_matmul(func)
     if path == "int8-avx512vnni":
-        kernel = q8_vnni_gemm(func, q, mr=12)
+        kernel = q8_vnni_gemm(func, q, mr=12, lanes=16)
+    elif path == "int8-avxvnni":
+        kernel = q8_vnni_gemm(func, q, mr=6, lanes=8)
     else:
         lanes = 16 if path == "fp32-avx512" else 8
         kernel = q4_outer_gemm(func, q, mr=6, nr=2 * lanes, lanes=lanes)

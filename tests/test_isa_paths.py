@@ -55,8 +55,9 @@ def test_isa_choice_follows_the_target_cpu(mcpu: str, isas: list[str], gemm: str
     assert q8_dot_isa(target) == (isas[0] if isas else None)
     assert q4_gemm_isa(target) == gemm
     gemv = f"int8-{isas[0]}" if isas else "fp32"
-    int8_gemm = "int8-avx512vnni" if "avx512vnni" in isas else f"fp32-{gemm}"
-    assert q8_gemm_isa(target) == ("avx512vnni" if "avx512vnni" in isas else None)
+    vnni = next((i for i in isas if i != "avx2"), None)  # the prefill GEMM's: the widest vpdpbusd
+    int8_gemm = f"int8-{vnni}" if vnni else f"fp32-{gemm}"
+    assert q8_gemm_isa(target) == vnni
     assert host_kernel_isas(target, "int8") == {"q4_gemv": gemv, "q4_gemm": int8_gemm}
     assert host_kernel_isas(target, "float32") == {"q4_gemv": "fp32", "q4_gemm": f"fp32-{gemm}"}
 
@@ -137,11 +138,16 @@ def test_each_gemm_path_matches_numpy(gemm: str, n: int, m: int) -> None:
 Q8_GEMM_CASES = [(64, 256, 13, True), (48, 160, 1, False), (32, 1024, 25, True)]
 
 
-@pytest.mark.skipif(q8_gemm_isa(HOST) is None, reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("isa", ["avx512vnni", "avxvnni"])
 @pytest.mark.parametrize("n,k,m,add", Q8_GEMM_CASES)
-def test_vnni_gemm_matches_int8_reference(n: int, k: int, m: int, add: bool) -> None:
+def test_vnni_gemm_matches_int8_reference(isa: str, n: int, k: int, m: int, add: bool) -> None:
+    if isa not in HOST_ISAS:
+        pytest.skip(f"this CPU has no {isa}")
+    # the 256-bit path as built for an AVX-VNNI CPU without AVX-512 (16 vector registers)
+    target = HOST if isa == "avx512vnni" else _cpu("alderlake")
+    assert q8_gemm_isa(target) == isa
     func = _matmul_func(n, k, (1, "s"), quant=True, add=add)
-    ex = _build(func, HOST, [cs.CPUQ8VNNIGEMM()])
+    ex = _build(func, target, [cs.CPUQ8VNNIGEMM()])
     qw, qs, _ = _q4_weights(n, k, "float16")
     x = RNG.standard_normal((1, m, k)).astype(np.float32)
     x[..., 32:64] = 0  # an all-zero group
@@ -164,7 +170,8 @@ def test_prefill_rule_follows_activations_and_cpu() -> None:
 
     assert isinstance(first(_cpu("cascadelake"), "int8"), cs.CPUQ8VNNIGEMM)
     assert isinstance(first(_cpu("cascadelake"), "float32"), cs.CPUQ4OuterGEMM)  # host-exact
-    assert isinstance(first(_cpu("alderlake"), "int8"), cs.CPUQ4OuterGEMM)  # no 512-bit VNNI
+    assert isinstance(first(_cpu("alderlake"), "int8"), cs.CPUQ8VNNIGEMM)  # 256-bit AVX-VNNI
+    assert isinstance(first(_cpu("znver3"), "int8"), cs.CPUQ4OuterGEMM)  # no VNNI
     decode = _matmul_func(64, 256, (1, 1), quant=True)
     assert cs.CPUQ8VNNIGEMM().apply(decode, _cpu("cascadelake"), False) is None
 
@@ -188,12 +195,13 @@ def _count(asm: str, pattern: str) -> int:
 # (mcpu, K, instruction lines that must appear, that must not): the rules choose the path by themselves.
 # Per step: two dot-product instructions (low and high nibbles), and for AVX2 one vpmaddwd after them.
 VNNI_512, VNNI_256 = r"vpdpbusd\s.*%zmm", r"vpdpbusd\s.*%ymm"
+AVX_VNNI = r"\{vex\}\s+vpdpbusd\s.*%ymm"
 AVX2 = [r"vpmaddubsw\s.*%ymm", r"vpmaddubsw\s.*%ymm", r"vpmaddwd\s.*%ymm"]
 DISASM = [
     ("cascadelake", 3072, [VNNI_512] * 2, [r"vpmaddubsw", VNNI_256]),
     ("znver4", 3072, [VNNI_512] * 2, [r"vpmaddubsw"]),
     ("cascadelake", 576, [VNNI_256] * 2, [VNNI_512, r"vpmaddubsw"]),  # 256-bit EVEX
-    ("alderlake", 3072, [r"\{vex\}\s+vpdpbusd\s.*%ymm"] * 2, [r"%zmm", r"vpmaddubsw"]),  # AVX-VNNI
+    ("alderlake", 3072, [AVX_VNNI] * 2, [r"%zmm", r"vpmaddubsw"]),  # AVX-VNNI
     ("znver3", 3072, AVX2, [r"vpdpbusd", r"%zmm"]),
     ("skylake-avx512", 3072, AVX2, [r"vpdpbusd"]),
 ]
@@ -212,12 +220,19 @@ def test_gemm_object_code_has_the_paths_vector_width(mcpu, present, absent) -> N
 
 
 @pytest.mark.skipif(OBJDUMP is None, reason="no objdump / llvm-objdump to disassemble with")
-@pytest.mark.parametrize("mcpu", ["cascadelake", "znver4"])
-def test_vnni_gemm_object_code(mcpu: str) -> None:
+@pytest.mark.parametrize(
+    "mcpu,dot,rows",
+    [
+        ("cascadelake", VNNI_512, 12),
+        ("znver4", VNNI_512, 12),
+        ("alderlake", AVX_VNNI, 6),
+    ],
+)
+def test_vnni_gemm_object_code(mcpu: str, dot: str, rows: int) -> None:
     asm = _disassemble(_matmul_func(64, 256, (1, "s"), quant=True), _cpu(mcpu))
-    # the register block: 12 rows of x, 8 steps of 4 k per group, one 512-bit vpdpbusd each
-    assert _count(asm, VNNI_512) >= 12 * 8, mcpu
-    assert _count(asm, r"vfmadd\d+ps\s.*%zmm") < 12 * 8  # the fp32 tiles are not what runs
+    # the register block: `rows` rows of x, 8 steps of 4 k per group, one vpdpbusd each
+    assert _count(asm, dot) >= rows * 8, mcpu
+    assert _count(asm, r"vfmadd\d+ps") < rows * 8  # the fp32 tiles are not what runs
 
 
 @pytest.mark.skipif(OBJDUMP is None, reason="no objdump / llvm-objdump to disassemble with")

@@ -75,8 +75,8 @@ def test_q4_int8_activations_stay_close_to_transformers(tmp_path):
     """The `host` preset's decode GEMVs quantize activations to int8 (llama.cpp's scheme): logits move by
     the activation rounding, measured 2.3e-2..3.1e-2 of max|logit| on the tiny random variants (random
     weights make every layer's output as large as its input, the worst case), greedy choices unchanged.
-    Prefill (GEMM) rounds them too on CPUs with AVX-512 VNNI; elsewhere it keeps fp32 activations and its
-    rows stay at fp32 level."""
+    Prefill (GEMM) rounds them too on CPUs with VNNI; elsewhere it keeps fp32 activations and its rows
+    stay at fp32 level."""
     from test_cpu_q8_gemv import HOST_HAS_AVX2
 
     if not HOST_HAS_AVX2:
@@ -97,7 +97,7 @@ def test_q4_int8_activations_stay_close_to_transformers(tmp_path):
         rows.append(eng.decode(sid, toks[-1])[None])
     ref = hf_incremental(hf, prompt, toks)
     dec = np.concatenate(rows)
-    if gemm.startswith("int8"):  # prefill rounds activations too (AVX-512 VNNI GEMM)
+    if gemm.startswith("int8"):  # prefill rounds activations too (VNNI GEMM)
         assert 1e-4 < rel_err(pre, ref[: len(prompt)]) < 6e-2
     else:
         assert rel_err(pre, ref[: len(prompt)]) < 1e-4

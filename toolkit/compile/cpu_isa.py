@@ -8,8 +8,8 @@ The int8 dot-product GEMV has three paths, widest first:
 - `avxvnni`: `vpdpbusd` on 256-bit registers, VEX (AVX-VNNI) or EVEX (AVX-512 VNNI + VL) encoded;
 - `avx2`: `vpmaddubsw` + `vpmaddwd`, the fallback every x86-64-v3 CPU has.
 
-The prefill GEMM, with int8 activations, runs 512-bit `vpdpbusd` where AVX-512 VNNI is (`cpu_q8_gemm`);
-otherwise (or with fp32 activations) fp32 FMA tiles 16 lanes wide with AVX-512F, else 8 (`cpu_q4_gemm`).
+The prefill GEMM, with int8 activations, runs the widest `vpdpbusd` (512- or 256-bit, `cpu_q8_gemm`);
+without VNNI (or with fp32 activations) fp32 FMA tiles 16 lanes wide with AVX-512F, else 8 (`cpu_q4_gemm`).
 """
 
 from __future__ import annotations
@@ -56,16 +56,16 @@ def q4_gemm_isa(target: Target) -> str:
 
 
 def q8_gemm_isa(target: Target) -> str | None:
-    """The int8-activation prefill GEMM's path (`cpu_q8_gemm`): 512-bit `vpdpbusd` only; None elsewhere
-    (the fp32 tiles serve those CPUs)."""
-    return "avx512vnni" if "avx512vnni" in q8_dot_isas(target) else None
+    """The int8-activation prefill GEMM's path (`cpu_q8_gemm`): the widest `vpdpbusd` the CPU has; None
+    without VNNI (the fp32 tiles serve those CPUs)."""
+    return next((i for i in q8_dot_isas(target) if i in ("avx512vnni", "avxvnni")), None)
 
 
 def host_kernel_isas(target: Target, q4_activations: str) -> dict[str, str]:
     """The manifest's record of the host matmul kernels' instruction-set paths, per kernel family:
     `q4_gemv` (decode) is `int8-<Q8_DOT_ISAS key>` or `fp32` (fp32 activations, or no integer dot
     products on this CPU; a shape the widest path can't step through takes the next narrower one);
-    `q4_gemm` (prefill) is `int8-avx512vnni` or `fp32-<Q4_GEMM_LANES key>`."""
+    `q4_gemm` (prefill) is `int8-avx512vnni`, `int8-avxvnni` or `fp32-<Q4_GEMM_LANES key>`."""
     int8 = q4_activations == "int8"
     gemv, gemm = (q8_dot_isa(target), q8_gemm_isa(target)) if int8 else (None, None)
     return {

@@ -1,12 +1,12 @@
-"""q4 dequant-GEMM for prefill with int8 activations and AVX-512 VNNI (`vpdpbusd`): llama.cpp's Q4 x Q8
-scheme for many rows of x.
+"""q4 dequant-GEMM for prefill with int8 activations and VNNI (`vpdpbusd`): llama.cpp's Q4 x Q8 scheme
+for many rows of x.
 
 x is quantized per 32-group to int8 as the decode GEMV does (`cpu_q8_gemv`), 4 consecutive values packed
-in one int32. Per parallel task a tile of 16 weight rows is repacked once into u8 codes laid out
-[K/4, 16 rows, 4 k] (one 64-byte vector per 4 k), and for each block of `mr` rows of x one `vpdpbusd` per
-(row, 4 k) multiplies the 16 rows' codes with the row's 4 activations broadcast to every lane: 64
-multiply-adds per instruction against 16 for an fp32 FMA. Each 32-group's int32 sums start from the -7
-zero-point term and are scaled into fp32 accumulators once per group.
+in one int32. Per parallel task a tile of `lanes` weight rows (16 with 512-bit AVX-512 VNNI, 8 with 256-bit
+AVX-VNNI) is repacked once into u8 codes laid out [K/4, rows, 4 k] (one vector per 4 k), and for each
+block of `mr` rows of x one `vpdpbusd` per (row, 4 k) multiplies the tile rows' codes with the row's 4
+activations broadcast to every lane: 4 multiply-adds per lane against 1 for an fp32 FMA. Each 32-group's
+int32 sums start from the -7 zero-point term and are scaled into fp32 accumulators once per group.
 
 Numerics: the integer sums are exact; the result equals `cpu_q8_gemv`'s up to fp32 summation order."""
 
@@ -20,8 +20,6 @@ from tvm.script import tirx as T
 
 from .cpu_q8_gemv import with_params_of
 
-NR = 16  # weight rows per tile: the int32 lanes of a 512-bit register
-
 
 def _spread_nibbles(v: tirx.PrimExpr) -> tirx.PrimExpr:
     """The 4 nibbles in v's low 16 bits moved to the low nibbles of its 4 bytes (u8 codes)."""
@@ -29,9 +27,11 @@ def _spread_nibbles(v: tirx.PrimExpr) -> tirx.PrimExpr:
     return functools.reduce(operator.or_, parts)
 
 
-def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 8) -> tirx.PrimFunc:
+def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> tirx.PrimFunc:
     """`func` (a `_Q4Matmul` match `q`: x [.., M, K], q_weight, q_scale, out, optional residual) as the
-    int8 VNNI kernel: same parameters, same result up to activation rounding."""
+    int8 VNNI kernel: same parameters, same result up to activation rounding. `lanes`: int32 lanes of the
+    registers (16: 512-bit, 8: 256-bit), also the weight rows per tile."""
+    NR = lanes  # noqa: N806 - a constant of the kernel below
     n, k = q.n, q.k
     assert n % NR == 0 and k % 32 == 0
     n_groups, n_words, n_quads = k // 32, k // 8, k // 4
@@ -40,7 +40,7 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 8) -> tirx.PrimFunc:
     x_shape, out_shape = [*m_shape, k], [*m_shape, n]
     has_other, other_first = q.other is not None, q.other_first
     scale_dtype = str(q.q_scale.dtype)
-    dpbusd = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512")
+    dpbusd = T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{32 * lanes}")
 
     # fmt: off
     @T.prim_func(private=True)
@@ -74,10 +74,10 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 8) -> tirx.PrimFunc:
                 for i in range(32):
                     xz[m * n_groups + g] = xz[m * n_groups + g] - 7 * qv[i]
                 xs[m * n_groups + g] = amax[0] / T.float32(127)
-        # 2. per tile of 16 weight rows: repack, then register blocks of mr rows of x
+        # 2. per tile of NR weight rows: repack, then register blocks of mr rows of x
         for t in T.parallel(n // NR):
-            wp = T.alloc_buffer((n_quads * NR,), "uint32")  # [K/4, 16 rows]: 4 u8 codes per word
-            ws = T.alloc_buffer((n_groups * NR,), "float32")  # [groups, 16 rows] weight scales
+            wp = T.alloc_buffer((n_quads * NR,), "uint32")  # [K/4, NR rows]: 4 u8 codes per word
+            ws = T.alloc_buffer((n_groups * NR,), "float32")  # [groups, NR rows] weight scales
             words = T.alloc_buffer((NR,), "uint32")
             acc = T.alloc_buffer((mr * NR,), "float32")  # global scope + small: a stack alloca
             dots = T.alloc_buffer((mr * NR,), "int32")
@@ -102,13 +102,13 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 8) -> tirx.PrimFunc:
                         for i in T.unroll(mr):
                             dots[T.ramp(i * NR, 1, NR)] = T.call_llvm_pure_intrin(
                                 dpbusd, dots[T.ramp(i * NR, 1, NR)],
-                                T.reinterpret("uint8x64", wp[T.ramp((g * 8 + s) * NR, 1, NR)]),
-                                T.reinterpret("int8x64", T.broadcast(
+                                T.reinterpret(f"uint8x{4 * NR}", wp[T.ramp((g * 8 + s) * NR, 1, NR)]),
+                                T.reinterpret(f"int8x{4 * NR}", T.broadcast(
                                     xq[T.min(mo * mr + i, n_rows - 1) * n_quads + g * 8 + s], NR)),
-                                dtype="int32x16")
+                                dtype=f"int32x{NR}")
                     for i in T.unroll(mr):
                         acc[T.ramp(i * NR, 1, NR)] = acc[T.ramp(i * NR, 1, NR)] + T.Cast(
-                            "float32x16", dots[T.ramp(i * NR, 1, NR)]) * (
+                            f"float32x{NR}", dots[T.ramp(i * NR, 1, NR)]) * (
                             ws[T.ramp(g * NR, 1, NR)]
                             * T.broadcast(xs[T.min(mo * mr + i, n_rows - 1) * n_groups + g], NR))
                 for i in T.unroll(mr):

@@ -15,8 +15,8 @@ weight), an `NT_matmul` block `C[m.., n] += x[m.., k] * W[n, k]` and optional in
   threads in tiles of 16. Hot-cache, 1 thread, AVX2: 10.8 GB/s of q4 weights vs 4.5 for `CPUGEMV`.
 - `CPUGEMV`: any other matmul with few rows (fp32 weights of q0 models, or q4 shapes the above declines):
   dequantize inlined, rfactor over the SIMD lanes, 4 rows per x load, rows split across threads.
-- `CPUQ8VNNIGEMM` (int8-activation presets, CPUs with AVX-512 VNNI): q4 matmuls with many rows (prefill)
-  with int8 activations and 512-bit `vpdpbusd` (`cpu_q8_gemm`).
+- `CPUQ8VNNIGEMM` (int8-activation presets, CPUs with VNNI): q4 matmuls with many rows (prefill) with int8
+  activations and 512- or 256-bit `vpdpbusd` (`cpu_q8_gemm`).
 - `CPUQ4OuterGEMM`: q4 matmuls with many rows (prefill): outer-product register blocks (`cpu_q4_gemm`), 8 or
   16 fp32 lanes wide (AVX2 / AVX-512, `cpu_isa`).
 - `CPUGEMM`: other matmuls with many (dynamic seq_len: prefill) rows: each thread dequantizes a tile of 16
@@ -730,22 +730,25 @@ class CPUQ8DotGEMV(ScheduleRule):
 
 
 class CPUQ8VNNIGEMM(ScheduleRule):
-    """q4 dequant + matmul (+ residual add) with many rows of x (prefill), int8 activations and 512-bit
-    `vpdpbusd` (`cpu_q8_gemm.q8_vnni_gemm`): for presets with int8 activations on CPUs with AVX-512 VNNI;
-    others keep `CPUQ4OuterGEMM`'s fp32 tiles."""
+    """q4 dequant + matmul (+ residual add) with many rows of x (prefill), int8 activations and the widest
+    `vpdpbusd` the CPU has (`cpu_q8_gemm.q8_vnni_gemm`): for presets with int8 activations on CPUs with
+    VNNI; others keep `CPUQ4OuterGEMM`'s fp32 tiles. Register block: 12 rows of x by 16 weight rows on
+    512 bits (32 registers), 6 by 8 on 256 bits (AVX-VNNI CPUs without AVX-512 have 16)."""
 
-    def __init__(self, mr: int = 12, max_m: int = 4) -> None:
-        self.mr, self.max_m = mr, max_m
+    def __init__(self, max_m: int = 4) -> None:
+        self.max_m = max_m
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
-        from .cpu_q8_gemm import NR, q8_vnni_gemm
+        from .cpu_q8_gemm import q8_vnni_gemm
 
-        if not isinstance(func, tirx.PrimFunc) or not _is_llvm(target) or q8_gemm_isa(target) is None:
+        isa = q8_gemm_isa(target) if isinstance(func, tirx.PrimFunc) and _is_llvm(target) else None
+        if isa is None:
             return None
+        lanes = Q8_DOT_LANES[isa]
         q = _match_q4_matmul(func)
-        if q is None or q.n % NR or _few_rows(list(q.x.shape)[:-1], self.max_m):
+        if q is None or q.n % lanes or _few_rows(list(q.x.shape)[:-1], self.max_m):
             return None
-        return s_tir.Schedule(q8_vnni_gemm(func, q, mr=self.mr))
+        return s_tir.Schedule(q8_vnni_gemm(func, q, mr=12 if lanes == 16 else 6, lanes=lanes))
 
 
 class CPUQ4OuterGEMM(ScheduleRule):
