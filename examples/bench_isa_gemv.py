@@ -62,13 +62,10 @@ def _build_gemm(n: int, k: int, path: str, target):
 
 
 def _gemm_paths(target) -> list[str]:
-    from toolkit.compile.cpu_isa import q4_gemm_isa, q8_gemm_isa
+    from toolkit.compile.cpu_isa import q4_gemm_isa, q8_dot_isas
 
-    return (
-        ["fp32-avx2"]
-        + (["fp32-avx512"] if q4_gemm_isa(target) == "avx512" else [])
-        + (["int8-avx512vnni"] if q8_gemm_isa(target) else [])
-    )
+    vnni = [f"int8-{i}" for i in ("avxvnni", "avx512vnni") if i in q8_dot_isas(target)]
+    return ["fp32-avx2"] + (["fp32-avx512"] if q4_gemm_isa(target) == "avx512" else []) + vnni
 
 
 def run_child(args) -> dict:
