@@ -40,6 +40,7 @@ from .artifacts import (
     write_manifest,
 )
 from .attach_metadata import Limits, attach_metadata, memory_usage, model_metadata
+from .cpu_isa import host_kernel_isas
 
 LIB_NAME = "model"  # model.so / model.tar / model.dylib
 
@@ -184,6 +185,7 @@ def _build_library(
             "max_batch_size": limits.max_batch_size,
         },
         "build": notes,
+        "cpu_isa": None if preset.is_gpu else host_kernel_isas(preset.target, preset.q4_activations),
     }
     manifest = write_manifest(tmp, preset, opts.quantization, cfg, kernels, extra=extra)
     replace_dir(tmp, out_dir)

@@ -17,18 +17,18 @@ from tvm.script import tirx as T
 from .cpu_q8_gemv import with_params_of
 
 
-def q4_outer_gemm(func: tirx.PrimFunc, q, *, mr: int = 6, nr: int = 16) -> tirx.PrimFunc:
+def q4_outer_gemm(func: tirx.PrimFunc, q, *, mr: int = 6, nr: int = 16, lanes: int = 8) -> tirx.PrimFunc:
     """`func` (a `_Q4Matmul` match `q`: x [.., M, K] with a dynamic M, q_weight, q_scale, out, optional
-    residual) as the outer-product kernel."""
+    residual) as the outer-product kernel; `lanes`: fp32 lanes per vector (8: AVX2, 16: AVX-512)."""
     n, k = q.n, q.k
-    assert n % nr == 0 and k % 32 == 0 and nr % 8 == 0
+    assert n % nr == 0 and k % 32 == 0 and nr % lanes == 0
     n_groups, n_words = k // 32, k // 8
     m_shape = list(q.x.shape)[:-1]
     n_rows = functools.reduce(operator.mul, m_shape, 1)
     x_shape, out_shape = [*m_shape, k], [*m_shape, n]
     has_other, other_first = q.other is not None, q.other_first
     scale_dtype = str(q.q_scale.dtype)
-    vecs = nr // 8
+    vecs = nr // lanes
 
     # fmt: off
     @T.prim_func(private=True)
@@ -59,13 +59,14 @@ def q4_outer_gemm(func: tirx.PrimFunc, q, *, mr: int = 6, nr: int = 16) -> tirx.
             for mo in range((n_rows + mr - 1) // mr):
                 for i in T.unroll(mr):
                     for v in T.unroll(vecs):
-                        acc[T.ramp(i * nr + v * 8, 1, 8)] = T.broadcast(T.float32(0), 8)
+                        acc[T.ramp(i * nr + v * lanes, 1, lanes)] = T.broadcast(T.float32(0), lanes)
                 for kk in range(k):
                     for i in T.unroll(mr):
                         for v in T.unroll(vecs):
-                            acc[T.ramp(i * nr + v * 8, 1, 8)] = acc[T.ramp(i * nr + v * 8, 1, 8)] + (
-                                T.broadcast(xf[T.min(mo * mr + i, n_rows - 1) * k + kk], 8)
-                                * wt[T.ramp(kk * nr + v * 8, 1, 8)])
+                            acc[T.ramp(i * nr + v * lanes, 1, lanes)] = acc[
+                                T.ramp(i * nr + v * lanes, 1, lanes)] + (
+                                T.broadcast(xf[T.min(mo * mr + i, n_rows - 1) * k + kk], lanes)
+                                * wt[T.ramp(kk * nr + v * lanes, 1, lanes)])
                 for i in T.unroll(mr):
                     if mo * mr + i < n_rows:
                         for j in T.vectorized(nr):

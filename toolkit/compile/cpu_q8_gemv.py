@@ -1,19 +1,24 @@
-"""q4 dequant-GEMV on x86 AVX2 with int8 activations: the kernel llama.cpp runs for Q4 weights on CPUs.
+"""q4 dequant-GEMV on x86 with int8 activations and integer dot products: the kernel llama.cpp runs for Q4
+weights on CPUs, in three instruction-set paths (`cpu_isa.Q8_DOT_ISAS`).
 
-x is quantized per 32-group to int8 (scale max|x|/127, rounded half to even), then each 64 weights of a
-row are one 32-byte load whose low and high nibbles are multiplied with the matching int8 activations by
-`vpmaddubsw` (u8 x i8 -> i16 pairs) and summed to 8 int32 lanes by `vpmaddwd`; the -7 zero point is a
-per-lane integer subtraction and the weight and activation scales one fp32 multiply-add per 64 weights.
-That is about 0.25 instructions per weight against 0.4 for the fp32-activation kernel (`CPUDequantGEMV`),
-whose int->float convert per 8 weights saturates the FP ports.
+x is quantized per 32-group to int8 (scale max|x|/127, rounded half to even). Each 64 weights of a row are
+one 32-byte load whose low and high nibbles (u8) are multiplied with the matching int8 activations:
+- `avx2`: `vpmaddubsw` (u8 x i8 -> i16 pairs) twice, added, then summed to 8 int32 lanes by `vpmaddwd`;
+- `avxvnni`: two `vpdpbusd` (u8 x i8, 4 products summed into each int32 lane) on 256-bit registers;
+- `avx512vnni`: the same on 512-bit registers, 128 weights (two chunks) per step.
+The -7 zero point is a per-lane integer term (`xz`, the VNNI chains start from it) and the weight and
+activation scales one fp32 multiply-add per step.
 
 MLC's q4 layout (word j of row n holds k = 8j..8j+7, nibble c at bits 4c) is read as is: byte i of the 32
 bytes at word 8b holds k = 64b + 2i (low nibble) and 64b + 2i + 1 (high), so x is stored de-interleaved
 per 64-chunk: `xe[b, i] = q(x[64b + 2i])`, `xo[b, i] = q(x[64b + 2i + 1])`. int32 lane u of a chunk covers
-bytes 4u..4u+3, i.e. k in 64b + 8u .. 8u + 7, all in group 2b + u // 4.
+bytes 4u..4u+3, i.e. k in 64b + 8u .. 8u + 7, all in group 2b + u // 4. Chunks are contiguous in xe/xo/xz/
+xs, so a 512-bit step over chunks 2b, 2b + 1 reads them as one vector: lane u is in group 4b + u // 4.
 
-Numerics: the result differs from the fp32-activation kernel by the activation rounding, a relative error
-of about 5e-3 of max|y| per matmul on random data (llama.cpp's Q8_0 activations do the same)."""
+Numerics: the integer dot products are exact in every path (|lane| <= 8 * 15 * 128), so all paths give
+the same result up to fp32 summation; it differs from the fp32-activation kernel by the activation
+rounding, a relative error of about 5e-3 of max|y| per matmul on random data (llama.cpp's Q8_0
+activations do the same)."""
 
 from __future__ import annotations
 
@@ -23,24 +28,80 @@ import operator
 from tvm import tirx
 from tvm.script import tirx as T
 
+from .cpu_isa import Q8_DOT_LANES
+
 MASK = 0x0F0F0F0F  # low nibble of every byte of a word
 
 
-def q8_dot_gemv(func: tirx.PrimFunc, q, *, rows: int = 1, tile: int = 16) -> tirx.PrimFunc:
+def _nibbles(words: tirx.PrimExpr, lanes: int) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
+    """(low, high) nibbles of `lanes` uint32 words as u8 vectors (one weight code per byte)."""
+    mask = T.broadcast(T.uint32(MASK), lanes)
+    lo = T.reinterpret(f"uint8x{4 * lanes}", words & mask)
+    hi = T.reinterpret(f"uint8x{4 * lanes}", T.shift_right(words, T.broadcast(T.uint32(4), lanes)) & mask)
+    return lo, hi
+
+
+def _dot_avx2(words, xe, xo, xz) -> tirx.PrimExpr:
+    lo, hi = _nibbles(words, 8)
+    pairs = T.call_llvm_pure_intrin(
+        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), lo, xe, dtype="int16x16"
+    ) + T.call_llvm_pure_intrin(
+        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), hi, xo, dtype="int16x16"
+    )
+    # |pair sum| <= 4 * 15 * 128: no int16 saturation
+    return (
+        T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+            pairs,
+            T.broadcast(T.int16(1), 16),
+            dtype="int32x8",
+        )
+        + xz
+    )
+
+
+def _dot_vnni(words, xe, xo, xz, lanes: int) -> tirx.PrimExpr:
+    # LLVM >= 21 declares the intrinsic on i8 vectors (<N x i8> operands); the 256-bit one is VEX-encoded
+    # (AVX-VNNI) when the CPU has it, EVEX (AVX-512 VL) otherwise
+    name = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
+    lo, hi = _nibbles(words, lanes)
+    first = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(name), xz, lo, xe, dtype=f"int32x{lanes}")
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(name), first, hi, xo, dtype=f"int32x{lanes}")
+
+
+def _lane_sum(acc, base, lanes: int) -> tirx.PrimExpr:
+    """acc[base] + ... + acc[base + lanes - 1] as a balanced tree (independent adds)."""
+    terms = [acc[base + i] for i in range(lanes)]
+    while len(terms) > 1:
+        terms = [terms[i] + terms[i + 1] for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
+def q8_dot_gemv(func: tirx.PrimFunc, q, *, isa: str = "avx2", rows: int = 1, tile: int = 16) -> tirx.PrimFunc:
     """`func` (a `_Q4Matmul` match `q`: x, q_weight, q_scale, out, optional residual `other`) as the int8
-    dot-product kernel: same parameters, same result up to activation rounding.
+    dot-product kernel for `isa` (a `cpu_isa.Q8_DOT_ISAS` key): same parameters, same result up to
+    activation rounding.
 
     rows: weight rows per x load (1 streams the weights strictly in memory order, which the hardware
     prefetcher follows best: 8.2 GB/s vs 4.3 for 4 rows; software prefetch 256/512 B ahead gave 6.5/7.1);
     tile: rows per parallel task."""
+    lanes = Q8_DOT_LANES[isa]
+    span = lanes // 8  # 64-weight chunks per step
     n, k = q.n, q.k
-    assert k % 64 == 0 and n % tile == 0 and tile % rows == 0
+    assert k % (64 * span) == 0 and n % tile == 0 and tile % rows == 0
     n_groups, n_words, n_chunks = k // 32, k // 8, k // 64
+    n_steps = n_chunks // span
     m_shape = list(q.x.shape)[:-1]
     n_rows = functools.reduce(operator.mul, m_shape, 1)  # rows of x (PrimExpr when dynamic)
     x_shape, out_shape = [*m_shape, k], [*m_shape, n]
     has_other, other_first = q.other is not None, q.other_first
     scale_dtype = str(q.q_scale.dtype)
+    scale_lanes = [i // 4 for i in range(lanes)]
+    lane_sum = _lane_sum
+    if isa == "avx2":
+        dot = _dot_avx2
+    else:
+        dot = functools.partial(_dot_vnni, lanes=lanes)
 
     # fmt: off
     @T.prim_func(private=True)
@@ -52,7 +113,7 @@ def q8_dot_gemv(func: tirx.PrimFunc, q, *, rows: int = 1, tile: int = 16) -> tir
         of = T.decl_buffer((n_rows * n,), "float32", data=out.data)
         xe = T.alloc_buffer((n_rows * n_chunks * 32,), "int8")  # even k of each 64-chunk, quantized
         xo = T.alloc_buffer((n_rows * n_chunks * 32,), "int8")  # odd k
-        xz = T.alloc_buffer((n_rows * n_chunks * 8,), "int32")  # 7 * sum of the codes an int32 lane covers
+        xz = T.alloc_buffer((n_rows * n_chunks * 8,), "int32")  # -7 * sum of the codes a lane covers
         xs = T.alloc_buffer((n_rows * n_chunks * 8,), "float32")  # activation scale of a lane's group
         amax = T.alloc_buffer((1,), "float32", scope="local")
         # 1. quantize x per 32-group (K values per row: negligible next to the N x K weights)
@@ -75,7 +136,7 @@ def q8_dot_gemv(func: tirx.PrimFunc, q, *, rows: int = 1, tile: int = 16) -> tir
                     xs[(m * n_chunks + g // 2) * 8 + 4 * (g % 2) + u] = amax[0] / T.float32(127)
             for b in range(n_chunks):
                 for u in range(8):
-                    xz[(m * n_chunks + b) * 8 + u] = 7 * (
+                    xz[(m * n_chunks + b) * 8 + u] = -7 * (
                         T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u])
                         + T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u + 1])
                         + T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u + 2])
@@ -84,55 +145,38 @@ def q8_dot_gemv(func: tirx.PrimFunc, q, *, rows: int = 1, tile: int = 16) -> tir
                         + T.Cast("int32", xo[(m * n_chunks + b) * 32 + 4 * u + 1])
                         + T.Cast("int32", xo[(m * n_chunks + b) * 32 + 4 * u + 2])
                         + T.Cast("int32", xo[(m * n_chunks + b) * 32 + 4 * u + 3]))
-        # 2. rows of W: 8 fp32 lane accumulators per row, summed at the end
+        # 2. rows of W: `lanes` fp32 lane accumulators per row, summed at the end
         for t in T.parallel(n // tile):
-            acc = T.alloc_local((rows * 8,), "float32")
+            acc = T.alloc_local((rows * lanes,), "float32")
             for m in range(n_rows):
                 for r0 in range(tile // rows):
                     for r in T.unroll(rows):
-                        acc[T.ramp(r * 8, 1, 8)] = T.broadcast(T.float32(0), 8)
-                    for b in range(n_chunks):
+                        acc[T.ramp(r * lanes, 1, lanes)] = T.broadcast(T.float32(0), lanes)
+                    for b in range(n_steps):
                         for r in T.unroll(rows):
                             # one expression, no vector temporaries: TVMScript would give each its own
                             # buffer, which LowerTVMBuiltin turns into heap workspace (measured 1.7x slower)
-                            acc[T.ramp(r * 8, 1, 8)] = acc[T.ramp(r * 8, 1, 8)] + T.Cast(
-                                "float32x8",
-                                T.call_llvm_pure_intrin(
-                                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-                                    T.call_llvm_pure_intrin(
-                                        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                                        T.reinterpret("uint8x32", qw[t * tile + r0 * rows + r, T.ramp(
-                                            b * 8, 1, 8)] & T.broadcast(T.uint32(MASK), 8)),
-                                        xe[T.ramp((m * n_chunks + b) * 32, 1, 32)], dtype="int16x16")
-                                    + T.call_llvm_pure_intrin(
-                                        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                                        T.reinterpret("uint8x32", T.shift_right(
-                                            qw[t * tile + r0 * rows + r, T.ramp(b * 8, 1, 8)],
-                                            T.broadcast(T.uint32(4), 8)) & T.broadcast(T.uint32(MASK), 8)),
-                                        xo[T.ramp((m * n_chunks + b) * 32, 1, 32)], dtype="int16x16"),
-                                    T.broadcast(T.int16(1), 16), dtype="int32x8")  # |sum| <= 4*15*127
-                                - xz[T.ramp((m * n_chunks + b) * 8, 1, 8)]) * (
-                                T.Shuffle(  # the two group scales of the chunk, each over 4 lanes
-                                    [T.Cast("float32x2", qs[t * tile + r0 * rows + r, T.ramp(
-                                        b * 2, 1, 2)])] * 4, [0, 0, 0, 0, 1, 1, 1, 1])
-                                * xs[T.ramp((m * n_chunks + b) * 8, 1, 8)])
+                            acc[T.ramp(r * lanes, 1, lanes)] = acc[T.ramp(r * lanes, 1, lanes)] + T.Cast(
+                                f"float32x{lanes}",
+                                dot(qw[t * tile + r0 * rows + r, T.ramp(b * lanes, 1, lanes)],
+                                    xe[T.ramp((m * n_chunks + b * span) * 32, 1, lanes * 4)],
+                                    xo[T.ramp((m * n_chunks + b * span) * 32, 1, lanes * 4)],
+                                    xz[T.ramp((m * n_chunks + b * span) * 8, 1, lanes)])) * (
+                                T.Shuffle(  # the group scales of the step, each over 4 lanes
+                                    [T.Cast(f"float32x{2 * span}", qs[t * tile + r0 * rows + r, T.ramp(
+                                        b * 2 * span, 1, 2 * span)])] * 4, scale_lanes)
+                                * xs[T.ramp((m * n_chunks + b * span) * 8, 1, lanes)])
                     for r in T.unroll(rows):
                         if has_other:
                             oth = T.decl_buffer((n_rows * n,), "float32", data=other.data)
                             if other_first:
                                 of[m * n + t * tile + r0 * rows + r] = oth[
-                                    m * n + t * tile + r0 * rows + r] + (
-                                    (acc[r * 8] + acc[r * 8 + 1] + acc[r * 8 + 2] + acc[r * 8 + 3])
-                                    + (acc[r * 8 + 4] + acc[r * 8 + 5] + acc[r * 8 + 6] + acc[r * 8 + 7]))
+                                    m * n + t * tile + r0 * rows + r] + lane_sum(acc, r * lanes, lanes)
                             else:
-                                of[m * n + t * tile + r0 * rows + r] = (
-                                    (acc[r * 8] + acc[r * 8 + 1] + acc[r * 8 + 2] + acc[r * 8 + 3])
-                                    + (acc[r * 8 + 4] + acc[r * 8 + 5] + acc[r * 8 + 6] + acc[r * 8 + 7])
-                                ) + oth[m * n + t * tile + r0 * rows + r]
+                                of[m * n + t * tile + r0 * rows + r] = lane_sum(
+                                    acc, r * lanes, lanes) + oth[m * n + t * tile + r0 * rows + r]
                         else:
-                            of[m * n + t * tile + r0 * rows + r] = (
-                                (acc[r * 8] + acc[r * 8 + 1] + acc[r * 8 + 2] + acc[r * 8 + 3])
-                                + (acc[r * 8 + 4] + acc[r * 8 + 5] + acc[r * 8 + 6] + acc[r * 8 + 7]))
+                            of[m * n + t * tile + r0 * rows + r] = lane_sum(acc, r * lanes, lanes)
     # fmt: on
 
     return with_params_of(func, q, kernel)

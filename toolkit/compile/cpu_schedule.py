@@ -4,8 +4,9 @@ The pipeline hands us, per Linear, one PrimFunc: an optional `dequantize` block 
 weight), an `NT_matmul` block `C[m.., n] += x[m.., k] * W[n, k]` and optional injective epilogue blocks
 (residual add). The rules, most specific first (`cpu_schedule_rules`):
 
-- `CPUQ8DotGEMV` (presets with `cpu.q4_activations = "int8"`, AVX2): the q4 GEMVs below with int8 activations
-  and integer dot products (`cpu_q8_gemv`), one weight row streamed at a time.
+- `CPUQ8DotGEMV` (presets with `cpu.q4_activations = "int8"`, x86 with AVX2 or better): the q4 GEMVs below
+  with int8 activations and integer dot products (`cpu_q8_gemv`; AVX-512 VNNI, AVX-VNNI or AVX2, chosen
+  from the target's CPU features by `cpu_isa`), one weight row streamed at a time.
 - `CPUDequantGEMV`: q4 dequant + matmul (+ residual add) with 1..4 rows of x, or decode's (batch, 1) rows.
   The function is re-emitted (same parameters, same result up to fp32 summation order) so that the scale and
   the -7 zero point are applied once per 32-group instead of once per weight, and a vector holds 8
@@ -14,7 +15,10 @@ weight), an `NT_matmul` block `C[m.., n] += x[m.., k] * W[n, k]` and optional in
   threads in tiles of 16. Hot-cache, 1 thread, AVX2: 10.8 GB/s of q4 weights vs 4.5 for `CPUGEMV`.
 - `CPUGEMV`: any other matmul with few rows (fp32 weights of q0 models, or q4 shapes the above declines):
   dequantize inlined, rfactor over the SIMD lanes, 4 rows per x load, rows split across threads.
-- `CPUQ4OuterGEMM`: q4 matmuls with many rows (prefill): outer-product register blocks (`cpu_q4_gemm`).
+- `CPUQ8VNNIGEMM` (int8-activation presets, CPUs with VNNI): q4 matmuls with many rows (prefill) with int8
+  activations and 512- or 256-bit `vpdpbusd` (`cpu_q8_gemm`).
+- `CPUQ4OuterGEMM`: q4 matmuls with many rows (prefill): outer-product register blocks (`cpu_q4_gemm`), 8 or
+  16 fp32 lanes wide (AVX2 / AVX-512, `cpu_isa`).
 - `CPUGEMM`: other matmuls with many (dynamic seq_len: prefill) rows: each thread dequantizes a tile of 16
   weight rows once into an L2-resident fp32 scratch tile and reuses it for every row of x (dot-product
   micro-kernel, 4 weight rows per x vector load).
@@ -33,6 +37,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import SBlockInfo, normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule, try_inline_contiguous_spatial
 from tvm.target import Target, codegen
+
+from .cpu_isa import Q4_GEMM_LANES, Q8_DOT_LANES, q4_gemm_isa, q8_dot_isas, q8_gemm_isa
 
 # ---------------------------------------------------------------------------------------------------------
 # target facts
@@ -695,29 +701,62 @@ class CPUDequantGEMV(ScheduleRule):
 
 
 class CPUQ8DotGEMV(ScheduleRule):
-    """The same q4 dequant-GEMVs as `CPUDequantGEMV`, computed with int8 activations and AVX2 integer dot
-    products (`cpu_q8_gemv.q8_dot_gemv`, llama.cpp's Q4 x Q8 scheme). Rows of W are streamed one at a
-    time, strictly in memory order: Phi-3-mini shapes, 1 thread, cold caches: 8.2 GB/s of q4 weights
-    against 4.3 with 4 rows interleaved (the hardware prefetcher loses track of 4 short streams)."""
+    """The same q4 dequant-GEMVs as `CPUDequantGEMV`, computed with int8 activations and integer dot
+    products (`cpu_q8_gemv.q8_dot_gemv`, llama.cpp's Q4 x Q8 scheme) in the widest instruction-set path
+    the target's CPU has (`cpu_isa`: AVX-512 VNNI, AVX-VNNI, AVX2), or in `isa` when given (declined where
+    the CPU lacks it). A shape the widest path can't step through (K not a multiple of 128 for 512 bits)
+    takes the next one. Rows of W are streamed one at a time, strictly in memory order: Phi-3-mini shapes,
+    1 thread, cold caches: 8.2 GB/s of q4 weights against 4.3 with 4 rows interleaved (the hardware
+    prefetcher loses track of 4 short streams)."""
 
-    def __init__(self, rows: int = 1, tile: int = 16, max_m: int = 4) -> None:
-        self.rows, self.tile, self.max_m = rows, tile, max_m
+    def __init__(self, rows: int = 1, tile: int = 16, max_m: int = 4, isa: str | None = None) -> None:
+        self.rows, self.tile, self.max_m, self.isa = rows, tile, max_m, isa
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         from .cpu_q8_gemv import q8_dot_gemv
 
-        if not isinstance(func, tirx.PrimFunc) or not _is_llvm(target) or not has_avx2(target):
+        if not isinstance(func, tirx.PrimFunc) or not _is_llvm(target):
+            return None
+        isas = [i for i in q8_dot_isas(target) if self.isa in (None, i)]
+        if not isas:
             return None
         q = _match_q4_matmul(func)
-        if q is None or q.k % 64 or q.n % self.tile or not _few_rows(list(q.x.shape)[:-1], self.max_m):
+        if q is None or q.n % self.tile or not _few_rows(list(q.x.shape)[:-1], self.max_m):
             return None
-        return s_tir.Schedule(q8_dot_gemv(func, q, rows=self.rows, tile=self.tile))
+        isa = next((i for i in isas if q.k % (8 * Q8_DOT_LANES[i]) == 0), None)
+        if isa is None:
+            return None
+        return s_tir.Schedule(q8_dot_gemv(func, q, isa=isa, rows=self.rows, tile=self.tile))
+
+
+class CPUQ8VNNIGEMM(ScheduleRule):
+    """q4 dequant + matmul (+ residual add) with many rows of x (prefill), int8 activations and the widest
+    `vpdpbusd` the CPU has (`cpu_q8_gemm.q8_vnni_gemm`): for presets with int8 activations on CPUs with
+    VNNI; others keep `CPUQ4OuterGEMM`'s fp32 tiles. Register block: 12 rows of x by 16 weight rows on
+    512 bits (32 registers), 6 by 8 on 256 bits (AVX-VNNI CPUs without AVX-512 have 16)."""
+
+    def __init__(self, max_m: int = 4) -> None:
+        self.max_m = max_m
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+        from .cpu_q8_gemm import q8_vnni_gemm
+
+        isa = q8_gemm_isa(target) if isinstance(func, tirx.PrimFunc) and _is_llvm(target) else None
+        if isa is None:
+            return None
+        lanes = Q8_DOT_LANES[isa]
+        q = _match_q4_matmul(func)
+        if q is None or q.n % lanes or _few_rows(list(q.x.shape)[:-1], self.max_m):
+            return None
+        return s_tir.Schedule(q8_vnni_gemm(func, q, mr=12 if lanes == 16 else 6, lanes=lanes))
 
 
 class CPUQ4OuterGEMM(ScheduleRule):
     """q4 dequant + matmul (+ residual add) with many rows of x (prefill): `cpu_q4_gemm.q4_outer_gemm`, an
-    outer-product register block of 6 rows of x by 16 weight rows over a transposed fp32 tile. Phi-3-mini
-    qkv, 128 rows, 1 thread: 81 GFLOP/s against 34 for `CPUGEMM`'s dot-product form."""
+    outer-product register block of 6 rows of x by 2 vectors of weight rows over a transposed fp32 tile,
+    in the target's vector width (`cpu_isa.q4_gemm_isa`: 16 rows of 8 lanes with AVX2, 32 of 16 lanes with
+    AVX-512). Phi-3-mini qkv, 128 rows, 1 thread, AVX2: 81 GFLOP/s against 34 for `CPUGEMM`'s dot-product
+    form."""
 
     def __init__(self, mr: int = 6, max_m: int = 4) -> None:
         self.mr, self.max_m = mr, max_m
@@ -730,10 +769,11 @@ class CPUQ4OuterGEMM(ScheduleRule):
         q = _match_q4_matmul(func)
         if q is None or _few_rows(list(q.x.shape)[:-1], self.max_m):
             return None
-        nr = 16 if q.n % 16 == 0 else 8 if q.n % 8 == 0 else 0
+        widths = [Q4_GEMM_LANES[q4_gemm_isa(target)], 8]  # weight rows per tile: 2 vectors, else 1
+        lanes, nr = next(((w, m * w) for w in widths for m in (2, 1) if q.n % (m * w) == 0), (0, 0))
         if not nr:
             return None
-        return s_tir.Schedule(q4_outer_gemm(func, q, mr=self.mr, nr=nr))
+        return s_tir.Schedule(q4_outer_gemm(func, q, mr=self.mr, nr=nr, lanes=lanes))
 
 
 def _few_rows(m_shape: list, max_m: int) -> bool:
@@ -895,5 +935,5 @@ def cpu_schedule_rules(target: Target, q4_activations: str = "float32") -> list[
 
     if q4_activations not in Q4_ACTIVATIONS:
         raise ValueError(f"q4_activations must be one of {Q4_ACTIVATIONS}, got {q4_activations!r}")
-    int8 = [CPUQ8DotGEMV()] if q4_activations == "int8" else []
+    int8 = [CPUQ8DotGEMV(), CPUQ8VNNIGEMM()] if q4_activations == "int8" else []
     return [*int8, CPUDequantGEMV(), CPUGEMV(), CPUQ4OuterGEMM(), CPUGEMM(), CPUElementwise(), Reduction()]

@@ -1,0 +1,245 @@
+"""The host kernels' instruction-set paths (`toolkit/compile/cpu_isa.py`): chosen from the target CPU's
+features, each numerically equal to the int8 reference on this machine where it can run, and compiled for
+CPUs this machine isn't, with their object code checked for the instructions each path stands for.
+
+Reference and tolerance: `test_cpu_q8_gemv._q8_reference` (numpy int8 x code dot products, exact integers,
+then the scales in float64; bound = the kernel's fp32 accumulation over K/32 scaled group sums)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import tvm
+from test_cpu_q8_gemv import _build, _q8_reference
+from test_cpu_schedule import _check_matmul, _matmul_func, _q4_weights
+
+from toolkit.compile import cpu_schedule as cs
+from toolkit.compile.cpu_isa import (
+    Q8_DOT_ISAS,
+    host_kernel_isas,
+    q4_gemm_isa,
+    q8_dot_isa,
+    q8_dot_isas,
+    q8_gemm_isa,
+)
+
+HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
+HOST_ISAS = q8_dot_isas(HOST)
+RNG = np.random.default_rng(7)
+OBJDUMP = next((t for t in ("llvm-objdump-15", "llvm-objdump", "objdump") if shutil.which(t)), None)
+
+
+def _cpu(mcpu: str) -> tvm.target.Target:
+    return tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu, "num-cores": 2})
+
+
+@pytest.mark.parametrize(
+    "mcpu,isas,gemm",
+    [
+        ("znver3", ["avx2"], "avx2"),  # Zen 3: AVX2 only
+        ("skylake-avx512", ["avx2"], "avx512"),  # AVX-512 BW without VNNI: no integer dot product
+        ("cascadelake", ["avx512vnni", "avxvnni", "avx2"], "avx512"),  # AVX-512 VNNI (+VL: 256-bit EVEX)
+        ("alderlake", ["avxvnni", "avx2"], "avx2"),  # AVX-VNNI (VEX) without AVX-512
+        ("znver4", ["avx512vnni", "avxvnni", "avx2"], "avx512"),
+        ("sapphirerapids", ["avx512vnni", "avxvnni", "avx2"], "avx512"),
+        ("x86-64", [], "avx2"),  # baseline x86-64: no AVX2, the fp32-activation kernel
+    ],
+)
+def test_isa_choice_follows_the_target_cpu(mcpu: str, isas: list[str], gemm: str) -> None:
+    target = _cpu(mcpu)
+    assert q8_dot_isas(target) == isas
+    assert q8_dot_isa(target) == (isas[0] if isas else None)
+    assert q4_gemm_isa(target) == gemm
+    gemv = f"int8-{isas[0]}" if isas else "fp32"
+    vnni = next((i for i in isas if i != "avx2"), None)  # the prefill GEMM's: the widest vpdpbusd
+    int8_gemm = f"int8-{vnni}" if vnni else f"fp32-{gemm}"
+    assert q8_gemm_isa(target) == vnni
+    assert host_kernel_isas(target, "int8") == {"q4_gemv": gemv, "q4_gemm": int8_gemm}
+    assert host_kernel_isas(target, "float32") == {"q4_gemv": "fp32", "q4_gemm": f"fp32-{gemm}"}
+
+
+def test_non_x86_targets_have_no_x86_paths() -> None:
+    arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76"})
+    assert q8_dot_isas(arm) == []
+    assert q8_dot_isas(tvm.target.Target("cuda")) == []
+
+
+# (n, k, rows as compiled, rows at run time, residual add, scale dtype)
+CASES = [
+    (64, 256, (1, 1), (1, 1), True, "float16"),
+    (48, 384, ("b", 1), (3, 1), False, "float32"),  # decode with a dynamic batch of 3; 3 steps of 128
+    (32, 1024, (1, 2), (1, 2), True, "float16"),  # two static rows
+]
+
+
+@pytest.mark.parametrize("isa", list(Q8_DOT_ISAS))
+@pytest.mark.parametrize("n,k,rows,real_rows,add,scale_dtype", CASES)
+def test_each_path_matches_int8_reference(isa, n, k, rows, real_rows, add, scale_dtype) -> None:
+    if isa not in HOST_ISAS:
+        pytest.skip(f"this CPU has no {isa}")
+    func = _matmul_func(n, k, rows, quant=True, scale_dtype=scale_dtype, add=add)
+    ex = _build(func, HOST, [cs.CPUQ8DotGEMV(isa=isa)])
+    qw, qs, _ = _q4_weights(n, k, scale_dtype)
+    x = RNG.standard_normal((*real_rows, k)).astype(np.float32)
+    x[..., 64:96] = 0  # an all-zero group: scale 0, no division by zero
+    x[..., 0] = 1e3  # one group dominated by one value: most of its codes round to 0
+    res = RNG.standard_normal((*real_rows, n)).astype(np.float32) if add else None
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(a, dev) for a in [x, qw, qs] + ([res] if add else [])]
+    out = tvm.runtime.empty((*real_rows, n), "float32", dev)
+    ex["main"](*args, out)
+    ref, bound = _q8_reference(x, qw, qs)
+    if add:
+        ref, bound = ref + res, bound + 1e-7 * np.abs(ref + res)
+    err = np.abs(out.numpy() - ref)
+    assert np.all(err <= bound), (err.max(), bound.min())
+
+
+def test_512_bit_path_declines_k_it_cannot_step_and_the_next_path_takes_it() -> None:
+    odd = _matmul_func(32, 576, (1, 1), quant=True)  # SmolLM2's K: 9 chunks of 64, not pairs
+    cascadelake = _cpu("cascadelake")
+    assert cs.CPUQ8DotGEMV(isa="avx512vnni").apply(odd, cascadelake, False) is None
+    assert cs.CPUQ8DotGEMV(isa="avxvnni").apply(odd, cascadelake, False) is not None
+    # a path the CPU lacks is declined even when asked for
+    assert cs.CPUQ8DotGEMV(isa="avx512vnni").apply(odd, _cpu("alderlake"), False) is None
+    assert cs.CPUQ8DotGEMV(isa="avxvnni").apply(odd, _cpu("znver3"), False) is None
+
+
+# prefill GEMM tiles: (N, rows at run time); N picks the tile: 2 vectors of rows, 1, or 8-lane vectors
+GEMM_CASES = [(64, 13), (48, 7), (72, 6), (96, 1)]
+
+
+@pytest.mark.parametrize("gemm", ["avx512", "avx2"])
+@pytest.mark.parametrize("n,m", GEMM_CASES)
+def test_each_gemm_path_matches_numpy(gemm: str, n: int, m: int) -> None:
+    # the path follows the target: the host's CPU for AVX-512, Haswell (runs on any AVX2 CPU) for AVX2
+    target = HOST if gemm == "avx512" else _cpu("haswell")
+    runs_here = {"avx512": q4_gemm_isa(HOST) == "avx512", "avx2": "avx2" in HOST_ISAS}
+    if not runs_here[gemm]:
+        pytest.skip(f"this CPU can't run the {gemm} tiles")
+    assert q4_gemm_isa(target) == gemm
+    k = 160
+    func = _matmul_func(n, k, (1, "s"), quant=True, add=True)
+    ex = _build(func, target, [cs.CPUQ4OuterGEMM()])
+    qw, qs, w = _q4_weights(n, k, "float16")
+    x = RNG.standard_normal((1, m, k)).astype(np.float32)
+    res = RNG.standard_normal((1, m, n)).astype(np.float32)
+    dev = tvm.cpu()
+    out = tvm.runtime.empty((1, m, n), "float32", dev)
+    ex["main"](*[tvm.runtime.tensor(a, dev) for a in (x, qw, qs, res)], out)
+    _check_matmul(out.numpy(), x, w, res)
+
+
+# int8 prefill GEMM: (N, K, rows at run time, residual add)
+Q8_GEMM_CASES = [(64, 256, 13, True), (48, 160, 1, False), (32, 1024, 25, True)]
+
+
+@pytest.mark.parametrize("isa", ["avx512vnni", "avxvnni"])
+@pytest.mark.parametrize("n,k,m,add", Q8_GEMM_CASES)
+def test_vnni_gemm_matches_int8_reference(isa: str, n: int, k: int, m: int, add: bool) -> None:
+    if isa not in HOST_ISAS:
+        pytest.skip(f"this CPU has no {isa}")
+    # the 256-bit path as built for an AVX-VNNI CPU without AVX-512 (16 vector registers)
+    target = HOST if isa == "avx512vnni" else _cpu("alderlake")
+    assert q8_gemm_isa(target) == isa
+    func = _matmul_func(n, k, (1, "s"), quant=True, add=add)
+    ex = _build(func, target, [cs.CPUQ8VNNIGEMM()])
+    qw, qs, _ = _q4_weights(n, k, "float16")
+    x = RNG.standard_normal((1, m, k)).astype(np.float32)
+    x[..., 32:64] = 0  # an all-zero group
+    res = RNG.standard_normal((1, m, n)).astype(np.float32) if add else None
+    dev = tvm.cpu()
+    out = tvm.runtime.empty((1, m, n), "float32", dev)
+    ex["main"](*[tvm.runtime.tensor(a, dev) for a in [x, qw, qs] + ([res] if add else [])], out)
+    ref, bound = _q8_reference(x, qw, qs)
+    if add:
+        ref, bound = ref + res, bound + 1e-7 * np.abs(ref + res)
+    err = np.abs(out.numpy() - ref)
+    assert np.all(err <= bound), (err.max(), bound.min())
+
+
+def test_prefill_rule_follows_activations_and_cpu() -> None:
+    prefill = _matmul_func(64, 256, (1, "s"), quant=True)
+
+    def first(target, acts):
+        return next(r for r in cs.cpu_schedule_rules(target, acts) if r.apply(prefill, target, False))
+
+    assert isinstance(first(_cpu("cascadelake"), "int8"), cs.CPUQ8VNNIGEMM)
+    assert isinstance(first(_cpu("cascadelake"), "float32"), cs.CPUQ4OuterGEMM)  # host-exact
+    assert isinstance(first(_cpu("alderlake"), "int8"), cs.CPUQ8VNNIGEMM)  # 256-bit AVX-VNNI
+    assert isinstance(first(_cpu("znver3"), "int8"), cs.CPUQ4OuterGEMM)  # no VNNI
+    decode = _matmul_func(64, 256, (1, 1), quant=True)
+    assert cs.CPUQ8VNNIGEMM().apply(decode, _cpu("cascadelake"), False) is None
+
+
+def _disassemble(func, target) -> str:
+    """The object code of `func` built by our rules for `target` (not necessarily runnable here)."""
+    import tempfile
+    from pathlib import Path
+
+    ex = _build(func, target, cs.cpu_schedule_rules(target, "int8"))
+    with tempfile.TemporaryDirectory() as d:
+        lib = Path(d) / "k.so"
+        ex.export_library(str(lib))
+        return subprocess.run([OBJDUMP, "-d", str(lib)], capture_output=True, text=True, check=True).stdout
+
+
+def _count(asm: str, pattern: str) -> int:
+    return len(re.findall(pattern, asm, flags=re.MULTILINE))
+
+
+# (mcpu, K, instruction lines that must appear, that must not): the rules choose the path by themselves.
+# Per step: two dot-product instructions (low and high nibbles), and for AVX2 one vpmaddwd after them.
+VNNI_512, VNNI_256 = r"vpdpbusd\s.*%zmm", r"vpdpbusd\s.*%ymm"
+AVX_VNNI = r"\{vex\}\s+vpdpbusd\s.*%ymm"
+AVX2 = [r"vpmaddubsw\s.*%ymm", r"vpmaddubsw\s.*%ymm", r"vpmaddwd\s.*%ymm"]
+DISASM = [
+    ("cascadelake", 3072, [VNNI_512] * 2, [r"vpmaddubsw", VNNI_256]),
+    ("znver4", 3072, [VNNI_512] * 2, [r"vpmaddubsw"]),
+    ("cascadelake", 576, [VNNI_256] * 2, [VNNI_512, r"vpmaddubsw"]),  # 256-bit EVEX
+    ("alderlake", 3072, [AVX_VNNI] * 2, [r"%zmm", r"vpmaddubsw"]),  # AVX-VNNI
+    ("znver3", 3072, AVX2, [r"vpdpbusd", r"%zmm"]),
+    ("skylake-avx512", 3072, AVX2, [r"vpdpbusd"]),
+]
+
+
+@pytest.mark.skipif(OBJDUMP is None, reason="no objdump / llvm-objdump to disassemble with")
+@pytest.mark.parametrize(
+    "mcpu,present,absent", [("skylake-avx512", r"%zmm", None), ("znver3", r"%ymm", r"%zmm")]
+)
+def test_gemm_object_code_has_the_paths_vector_width(mcpu, present, absent) -> None:
+    asm = _disassemble(_matmul_func(64, 256, (1, "s"), quant=True), _cpu(mcpu))
+    # the register block: 6 rows of x by 2 vectors of weight rows, one FMA each per k
+    assert _count(asm, rf"vfmadd\d+ps\s.*{present}") >= 12, mcpu
+    assert absent is None or _count(asm, absent) == 0, mcpu
+    assert _count(asm, r"vpdpbusd") == 0  # no AVX-512 VNNI on either
+
+
+@pytest.mark.skipif(OBJDUMP is None, reason="no objdump / llvm-objdump to disassemble with")
+@pytest.mark.parametrize(
+    "mcpu,dot,rows",
+    [
+        ("cascadelake", VNNI_512, 12),
+        ("znver4", VNNI_512, 12),
+        ("alderlake", AVX_VNNI, 6),
+    ],
+)
+def test_vnni_gemm_object_code(mcpu: str, dot: str, rows: int) -> None:
+    asm = _disassemble(_matmul_func(64, 256, (1, "s"), quant=True), _cpu(mcpu))
+    # the register block: `rows` rows of x, 8 steps of 4 k per group, one vpdpbusd each
+    assert _count(asm, dot) >= rows * 8, mcpu
+    assert _count(asm, r"vfmadd\d+ps") < rows * 8  # the fp32 tiles are not what runs
+
+
+@pytest.mark.skipif(OBJDUMP is None, reason="no objdump / llvm-objdump to disassemble with")
+@pytest.mark.parametrize("mcpu,k,present,absent", DISASM)
+def test_object_code_has_the_paths_instructions(mcpu, k, present, absent) -> None:
+    asm = _disassemble(_matmul_func(64, k, ("b", 1), quant=True), _cpu(mcpu))
+    for pat in set(present):
+        assert _count(asm, pat) >= present.count(pat), (mcpu, pat)
+    for pat in absent:
+        assert _count(asm, pat) == 0, (mcpu, pat)

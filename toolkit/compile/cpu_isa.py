@@ -1,0 +1,74 @@
+"""Which instruction set the host kernels are built for, decided from the target's CPU features.
+
+The target's `mcpu` (host detection for the `host` preset, or whatever a preset names) is asked through
+LLVM's feature table, so a build for another CPU (`-mcpu=znver3`) picks that CPU's path, not this machine's.
+The int8 dot-product GEMV has three paths, widest first:
+
+- `avx512vnni`: `vpdpbusd` on 512-bit registers (128 weights per instruction pair);
+- `avxvnni`: `vpdpbusd` on 256-bit registers, VEX (AVX-VNNI) or EVEX (AVX-512 VNNI + VL) encoded;
+- `avx2`: `vpmaddubsw` + `vpmaddwd`, the fallback every x86-64-v3 CPU has.
+
+The prefill GEMM, with int8 activations, runs the widest `vpdpbusd` (512- or 256-bit, `cpu_q8_gemm`);
+without VNNI (or with fp32 activations) fp32 FMA tiles 16 lanes wide with AVX-512F, else 8 (`cpu_q4_gemm`).
+"""
+
+from __future__ import annotations
+
+from tvm.target import Target, codegen
+
+# widest first; each entry: the LLVM features it needs (any one tuple of the list suffices)
+Q8_DOT_ISAS: dict[str, list[tuple[str, ...]]] = {
+    "avx512vnni": [("avx512vnni", "avx512bw")],
+    "avxvnni": [("avxvnni",), ("avx512vnni", "avx512vl")],
+    "avx2": [("avx2",)],
+}
+# fp32 lanes of a vector register per GEMV path (the accumulators' width)
+Q8_DOT_LANES = {"avx512vnni": 16, "avxvnni": 8, "avx2": 8}
+# the prefill GEMM's fp32 FMA tiles: vector width per path (`avx2` also serves CPUs without AVX2, where
+# LLVM splits the 8-lane vectors)
+Q4_GEMM_LANES = {"avx512": 16, "avx2": 8}
+
+
+def has_features(target: Target, features: tuple[str, ...]) -> bool:
+    """Whether the target's CPU has all `features` (LLVM names); False on triples that don't know them."""
+    try:
+        return all(bool(codegen.llvm_cpu_has_features([f], target)) for f in features)
+    except Exception:  # noqa: BLE001 - non-x86 triples: the feature names don't exist there
+        return False
+
+
+def q8_dot_isas(target: Target) -> list[str]:
+    """The int8 dot-product GEMV paths the target's CPU can run, widest first (empty: none)."""
+    if target.kind.name != "llvm":
+        return []
+    return [isa for isa, alts in Q8_DOT_ISAS.items() if any(has_features(target, f) for f in alts)]
+
+
+def q8_dot_isa(target: Target) -> str | None:
+    """The preferred int8 dot-product GEMV path for the target (None: no integer dot products)."""
+    isas = q8_dot_isas(target)
+    return isas[0] if isas else None
+
+
+def q4_gemm_isa(target: Target) -> str:
+    """The prefill GEMM's fp32 tile path (a `Q4_GEMM_LANES` key): 512-bit FMA tiles where AVX-512F is."""
+    return "avx512" if has_features(target, ("avx512f",)) else "avx2"
+
+
+def q8_gemm_isa(target: Target) -> str | None:
+    """The int8-activation prefill GEMM's path (`cpu_q8_gemm`): the widest `vpdpbusd` the CPU has; None
+    without VNNI (the fp32 tiles serve those CPUs)."""
+    return next((i for i in q8_dot_isas(target) if i in ("avx512vnni", "avxvnni")), None)
+
+
+def host_kernel_isas(target: Target, q4_activations: str) -> dict[str, str]:
+    """The manifest's record of the host matmul kernels' instruction-set paths, per kernel family:
+    `q4_gemv` (decode) is `int8-<Q8_DOT_ISAS key>` or `fp32` (fp32 activations, or no integer dot
+    products on this CPU; a shape the widest path can't step through takes the next narrower one);
+    `q4_gemm` (prefill) is `int8-avx512vnni`, `int8-avxvnni` or `fp32-<Q4_GEMM_LANES key>`."""
+    int8 = q4_activations == "int8"
+    gemv, gemm = (q8_dot_isa(target), q8_gemm_isa(target)) if int8 else (None, None)
+    return {
+        "q4_gemv": f"int8-{gemv}" if gemv else "fp32",
+        "q4_gemm": f"int8-{gemm}" if gemm else f"fp32-{q4_gemm_isa(target)}",
+    }

@@ -1,0 +1,129 @@
+"""q4 dequant-GEMM for prefill with int8 activations and VNNI (`vpdpbusd`): llama.cpp's Q4 x Q8 scheme
+for many rows of x.
+
+x is quantized per 32-group to int8 as the decode GEMV does (`cpu_q8_gemv`), 4 consecutive values packed
+in one int32. Per parallel task a tile of `lanes` weight rows (16 with 512-bit AVX-512 VNNI, 8 with 256-bit
+AVX-VNNI) is repacked once into u8 codes laid out [K/4, rows, 4 k] (one vector per 4 k), and for each
+block of `mr` rows of x one `vpdpbusd` per (row, 4 k) multiplies the tile rows' codes with the row's 4
+activations broadcast to every lane: 4 multiply-adds per lane against 1 for an fp32 FMA. Each 32-group's
+int32 sums start from the -7 zero-point term and are scaled into fp32 accumulators once per group.
+
+Numerics: the integer sums are exact; the result equals `cpu_q8_gemv`'s up to fp32 summation order."""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from .cpu_q8_gemv import with_params_of
+
+
+def _spread_nibbles(v: tirx.PrimExpr) -> tirx.PrimExpr:
+    """The 4 nibbles in v's low 16 bits moved to the low nibbles of its 4 bytes (u8 codes)."""
+    parts = [T.shift_left(v & T.uint32(0xF << (4 * c)), T.uint32(4 * c)) for c in range(4)]
+    return functools.reduce(operator.or_, parts)
+
+
+def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> tirx.PrimFunc:
+    """`func` (a `_Q4Matmul` match `q`: x [.., M, K], q_weight, q_scale, out, optional residual) as the
+    int8 VNNI kernel: same parameters, same result up to activation rounding. `lanes`: int32 lanes of the
+    registers (16: 512-bit, 8: 256-bit), also the weight rows per tile."""
+    NR = lanes  # noqa: N806 - a constant of the kernel below
+    n, k = q.n, q.k
+    assert n % NR == 0 and k % 32 == 0
+    n_groups, n_words, n_quads = k // 32, k // 8, k // 4
+    m_shape = list(q.x.shape)[:-1]
+    n_rows = functools.reduce(operator.mul, m_shape, 1)
+    x_shape, out_shape = [*m_shape, k], [*m_shape, n]
+    has_other, other_first = q.other is not None, q.other_first
+    scale_dtype = str(q.q_scale.dtype)
+    dpbusd = T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{32 * lanes}")
+
+    # fmt: off
+    @T.prim_func(private=True)
+    def kernel(x: T.Buffer(x_shape, "float32"), qw: T.Buffer((n, n_words), "uint32"),
+               qs: T.Buffer((n, n_groups), scale_dtype), other: T.Buffer(out_shape, "float32"),
+               out: T.Buffer(out_shape, "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        xf = T.decl_buffer((n_rows * k,), "float32", data=x.data)
+        of = T.decl_buffer((n_rows * n,), "float32", data=out.data)
+        xq = T.alloc_buffer((n_rows * n_quads,), "uint32")  # 4 int8 activations per word, k order
+        xz = T.alloc_buffer((n_rows * n_groups,), "int32")  # -7 * sum of a group's int8 activations
+        xs = T.alloc_buffer((n_rows * n_groups,), "float32")  # a group's activation scale
+        # 1. quantize x per 32-group (rows in parallel: M x K values, small next to the GEMM)
+        for m in T.parallel(n_rows):
+            amax = T.alloc_buffer((1,), "float32", scope="local")
+            qv = T.alloc_buffer((32,), "int32", scope="local")
+            for g in range(n_groups):
+                amax[0] = T.float32(0)
+                for i in range(32):
+                    amax[0] = T.max(amax[0], T.abs(xf[m * k + g * 32 + i]))
+                for i in range(32):
+                    qv[i] = T.Cast("int32", T.nearbyint(xf[m * k + g * 32 + i] * T.Select(
+                        amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))))
+                for j in range(8):
+                    xq[m * n_quads + g * 8 + j] = (
+                        (T.Cast("uint32", qv[4 * j]) & T.uint32(255))
+                        | T.shift_left(T.Cast("uint32", qv[4 * j + 1]) & T.uint32(255), T.uint32(8))
+                        | T.shift_left(T.Cast("uint32", qv[4 * j + 2]) & T.uint32(255), T.uint32(16))
+                        | T.shift_left(T.Cast("uint32", qv[4 * j + 3]) & T.uint32(255), T.uint32(24)))
+                xz[m * n_groups + g] = T.int32(0)
+                for i in range(32):
+                    xz[m * n_groups + g] = xz[m * n_groups + g] - 7 * qv[i]
+                xs[m * n_groups + g] = amax[0] / T.float32(127)
+        # 2. per tile of NR weight rows: repack, then register blocks of mr rows of x
+        for t in T.parallel(n // NR):
+            wp = T.alloc_buffer((n_quads * NR,), "uint32")  # [K/4, NR rows]: 4 u8 codes per word
+            ws = T.alloc_buffer((n_groups * NR,), "float32")  # [groups, NR rows] weight scales
+            words = T.alloc_buffer((NR,), "uint32")
+            acc = T.alloc_buffer((mr * NR,), "float32")  # global scope + small: a stack alloca
+            dots = T.alloc_buffer((mr * NR,), "int32")
+            for w in range(n_words):
+                for j in T.vectorized(NR):
+                    words[j] = qw[t * NR + j, w]
+                for h in T.unroll(2):  # k = 8w + 4h .. 8w + 4h + 3: nibbles 4h..4h+3 -> bytes 0..3
+                    for j in T.vectorized(NR):
+                        wp[(w * 2 + h) * NR + j] = _spread_nibbles(
+                            T.shift_right(words[j], T.uint32(16) * T.Cast("uint32", h)))
+            for g in range(n_groups):
+                for j in T.vectorized(NR):
+                    ws[g * NR + j] = T.Cast("float32", qs[t * NR + j, g])
+            for mo in range((n_rows + mr - 1) // mr):
+                for i in T.unroll(mr):
+                    acc[T.ramp(i * NR, 1, NR)] = T.broadcast(T.float32(0), NR)
+                for g in range(n_groups):
+                    for i in T.unroll(mr):
+                        dots[T.ramp(i * NR, 1, NR)] = T.broadcast(
+                            xz[T.min(mo * mr + i, n_rows - 1) * n_groups + g], NR)
+                    for s in T.unroll(8):
+                        for i in T.unroll(mr):
+                            dots[T.ramp(i * NR, 1, NR)] = T.call_llvm_pure_intrin(
+                                dpbusd, dots[T.ramp(i * NR, 1, NR)],
+                                T.reinterpret(f"uint8x{4 * NR}", wp[T.ramp((g * 8 + s) * NR, 1, NR)]),
+                                T.reinterpret(f"int8x{4 * NR}", T.broadcast(
+                                    xq[T.min(mo * mr + i, n_rows - 1) * n_quads + g * 8 + s], NR)),
+                                dtype=f"int32x{NR}")
+                    for i in T.unroll(mr):
+                        acc[T.ramp(i * NR, 1, NR)] = acc[T.ramp(i * NR, 1, NR)] + T.Cast(
+                            f"float32x{NR}", dots[T.ramp(i * NR, 1, NR)]) * (
+                            ws[T.ramp(g * NR, 1, NR)]
+                            * T.broadcast(xs[T.min(mo * mr + i, n_rows - 1) * n_groups + g], NR))
+                for i in T.unroll(mr):
+                    if mo * mr + i < n_rows:
+                        for j in T.vectorized(NR):
+                            if has_other:
+                                oth = T.decl_buffer((n_rows * n,), "float32", data=other.data)
+                                if other_first:
+                                    of[(mo * mr + i) * n + t * NR + j] = (
+                                        oth[(mo * mr + i) * n + t * NR + j] + acc[i * NR + j])
+                                else:
+                                    of[(mo * mr + i) * n + t * NR + j] = (
+                                        acc[i * NR + j] + oth[(mo * mr + i) * n + t * NR + j])
+                            else:
+                                of[(mo * mr + i) * n + t * NR + j] = acc[i * NR + j]
+    # fmt: on
+
+    return with_params_of(func, q, kernel)
