@@ -332,9 +332,11 @@ def stub_engine(monkeypatch, ckpt):
     eng = StubEngine(src.config.vocab_size)
     import toolkit.cli.options as opts
 
-    monkeypatch.setattr(opts, "open_engine", lambda *a, **k: (eng, src))
-    for mod in ("toolkit.cli.cmd_generate", "toolkit.cli.cmd_chat"):
+    mods = ("toolkit.cli.cmd_generate", "toolkit.cli.cmd_chat")
+    for mod in mods:  # imported before any patch: one imported under the patch would keep the stub for good
         __import__(mod)
+    monkeypatch.setattr(opts, "open_engine", lambda *a, **k: (eng, src))
+    for mod in mods:
         monkeypatch.setattr(sys.modules[mod], "open_engine", lambda *a, **k: (eng, src))
     return eng
 
