@@ -206,7 +206,13 @@ class Phi3ForCausalLM(nn.Module):
                     "paged_kv_cache": kv,
                     **packed,
                 },
-                "decode": {"input_embed": nn.spec.Tensor([1, 1, h], dt), "paged_kv_cache": kv, **packed},
+                # MLC calls it with [1, 1, h]; a symbolic batch keeps the host's batched GEMV schedules, which
+                # the static-shape kernels miss (3.5x slower per token, SmolLM2, 1 thread)
+                "decode": {
+                    "input_embed": nn.spec.Tensor(["batch_size", 1, h], dt),
+                    "paged_kv_cache": kv,
+                    **packed,
+                },
                 "batch_prefill": {
                     "input_embeds": nn.spec.Tensor([1, "seq_len", h], dt),
                     "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
