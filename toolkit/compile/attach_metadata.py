@@ -87,7 +87,6 @@ def variable_bounds(limits: Limits) -> dict[str, int]:
     return {
         "seq_len": limits.prefill_chunk_size,
         "batch_size": limits.max_batch_size,
-        "total_seq_len": limits.context_window_size,
     }
 
 
@@ -144,6 +143,6 @@ def attach_metadata(mod: IRModule, metadata: dict[str, Any]) -> IRModule:
     bb = relax.BlockBuilder()
     with bb.function(FUNC_NAME, params=[]):
         bb.emit_func_output(tvm.ir.StringImm(json.dumps(metadata, sort_keys=True)))
-    out = mod.clone() if hasattr(mod, "clone") else IRModule(dict(mod.functions.items()), attrs=mod.attrs)
+    out = mod.clone()
     out[FUNC_NAME] = bb.finalize()[FUNC_NAME]
     return out
