@@ -58,7 +58,7 @@ def weight_error_report(
                 scales = search_scales(w, scheme, act_sq=act)
             q = gq.quantize(w, scheme, scales=scales)
             seconds[m] += time.perf_counter() - t0
-            err, ref = gq.squared_errors(w, *q)
+            err, ref = gq.squared_errors(w, *q, scheme.layout)
             row[m] = math.sqrt(err / ref) if ref > 0 else 0.0
             sums[m] += err
         total_ref += ref
