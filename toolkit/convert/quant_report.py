@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..convert.converter import should_quantize
-from . import QuantScheme, get_scheme
-from . import group_quant as gq
-from .clip_search import search_scales
+from ..quantization import QuantScheme, get_scheme
+from ..quantization import group_quant as gq
+from ..quantization.clip_search import search_scales
+from .converter import should_quantize
 
 if TYPE_CHECKING:
     from ..checkpoint import ModelSource
