@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .hf_schema import validate_hf_fields
 
 SUPPORTED_ARCHITECTURES = ("Phi3ForCausalLM",)
 
@@ -219,6 +218,8 @@ def parse_hf_config(cfg: dict[str, Any], path: Path) -> Phi3Config:
         )
     if not archs and mtype != "phi3":
         raise UserError(f"unsupported model_type {mtype!r}; expected 'phi3'", path)
+    from .hf_schema import validate_hf_fields  # pydantic: imported when a config.json is parsed
+
     validate_hf_fields(cfg, path)
     try:
         return _build(cfg, path)

@@ -11,7 +11,7 @@ import pytest
 from bad_util import assert_clean_failure, run, snapshot
 
 from toolkit.cli import main
-from toolkit.coreml.export import MAX_CONTEXT  # Core ML's uint16 index casts
+from toolkit.coreml import MAX_CONTEXT  # Core ML's uint16 index casts
 
 M = "/nonexistent-model"
 

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import abc
 import importlib.util
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from ..config import Phi3Config
 from ..errors import UserError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from ..tokenizer import Tokenizer
 
 __all__ = ["ModelSource", "expected_tensor_shapes", "open_model", "require_finite"]
@@ -26,6 +27,8 @@ __all__ = ["ModelSource", "expected_tensor_shapes", "open_model", "require_finit
 def require_finite(name: str, arr: np.ndarray, path: Path) -> np.ndarray:
     """`arr`, or a UserError naming the tensor if it holds NaN or inf: every path (quantized or not, GGUF and
     Core ML export) reads weights through here, so none turns them into a model that prints garbage."""
+    import numpy as np  # here, not at import: `phi3 --help` loads this package without touching tensors
+
     # one float64 sum: NaN/inf propagate, and finite float32 values cannot overflow it
     if arr.dtype.kind == "f" and not np.isfinite(arr.sum(dtype=np.float64)):
         raise UserError(f"tensor {name} contains NaN or inf values", path)
@@ -85,7 +88,7 @@ class ModelSource(abc.ABC):
         raise KeyError(name)
 
     def num_params(self) -> int:
-        return sum(int(np.prod(self.tensor_shape(n))) for n in self.tensor_names())
+        return sum(math.prod(self.tensor_shape(n)) for n in self.tensor_names())
 
     def summary(self, with_tokenizer: bool = True) -> dict[str, Any]:
         """What `phi3 inspect` shows: config, tensor count and sizes, tokenizer, chat template."""

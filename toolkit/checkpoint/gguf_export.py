@@ -22,10 +22,9 @@ import numpy as np
 from ..config import Phi3Config
 from ..errors import UserError
 from ..outputs import write_error
-from .gguf_names import ROPE_FACTOR_TENSORS, gguf_tensor_name
+from .gguf_names import EXPORT_ARCH, EXPORT_QTYPES, ROPE_FACTOR_TENSORS, gguf_tensor_name
 
-ARCH = "phi3"
-QTYPES = ("q4_0", "f16")
+ARCH, QTYPES = EXPORT_ARCH, EXPORT_QTYPES
 Q4_0_BLOCK = 32
 
 

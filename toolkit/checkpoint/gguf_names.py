@@ -31,6 +31,9 @@ _GLOBAL: dict[str, str] = {
 # the longrope factors: global GGUF tensors with no HF tensor of their own (they come from config.json)
 ROPE_FACTOR_TENSORS = ("rope_factors_long.weight", "rope_factors_short.weight")
 ARCHITECTURES = ("phi3", "llama")
+# what the exporter writes: the llama.cpp architecture and the storage of 2-D weights
+EXPORT_ARCH = "phi3"
+EXPORT_QTYPES = ("q4_0", "f16")
 
 _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _GGUF_LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")

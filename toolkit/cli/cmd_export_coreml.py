@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..coreml.export import DEFAULT_CONTEXT, MAX_CONTEXT, WEIGHT_MODES
+from ..coreml import DEFAULT_CONTEXT, MAX_CONTEXT, WEIGHT_MODES
 from ..errors import UserError
 
 # written by toolkit/coreml/model_folder.py into every tokenizer_config.json it writes: marks the folder's

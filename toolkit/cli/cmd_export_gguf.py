@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from ..checkpoint.gguf_export import QTYPES, export_gguf
+from ..checkpoint.gguf_names import EXPORT_QTYPES
 
 
 @click.command()
@@ -22,7 +22,7 @@ from ..checkpoint.gguf_export import QTYPES, export_gguf
 @click.option(
     "--type",
     "qtype",
-    type=click.Choice(QTYPES),
+    type=click.Choice(EXPORT_QTYPES),
     default="q4_0",
     show_default=True,
     help="Storage of 2-D weights; norms and rope factors stay F32.",
@@ -33,6 +33,7 @@ def command(model: str | None, output: str, qtype: str) -> None:
     MODEL is a Hugging Face checkpoint folder, a GGUF file or a converted folder; without it, the default
     model.
     """
+    from ..checkpoint.gguf_export import export_gguf
     from ..locks import output_lock
     from ..outputs import check_output_file, model_input_path
 

@@ -41,12 +41,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from . import DEFAULT_CONTEXT, MAX_CONTEXT, WEIGHT_MODES
 
-WEIGHT_MODES = ("int4", "int8", "fp16")
 INT4_BLOCK = 32
-DEFAULT_CONTEXT = 2048
-# shapes and token ids pass through uint16 in the converted graph; the mask is one wider than the context
-MAX_CONTEXT = 65534
 # swift-transformers refuses a stateful model whose query-length range spans less than 2 (whichever way
 # Core ML reports the range's length)
 MIN_CONTEXT = 4
