@@ -12,6 +12,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_toolkit_cache(tmp_path_factory) -> Path:
+    """One JIT cache per test session: a tiny library (or converted weights) built by one test is reused by
+    every later test with the same config, scheme and preset (`compiled_for`), and nothing is read from or
+    left in the user's ~/.cache (a stale library can't make a test pass). Tests that need an empty cache
+    still point PHI3_TOOLKIT_CACHE at their own folder."""
+    cache = tmp_path_factory.mktemp("phi3-toolkit-cache")
+    old = os.environ.get("PHI3_TOOLKIT_CACHE")
+    os.environ["PHI3_TOOLKIT_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("PHI3_TOOLKIT_CACHE", None)
+    else:
+        os.environ["PHI3_TOOLKIT_CACHE"] = old
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
 

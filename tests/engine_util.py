@@ -9,7 +9,7 @@ import torch
 import tvm
 
 from toolkit.checkpoint import open_model
-from toolkit.compile.compile_model import compile_model
+from toolkit.compile.compile_model import compile_model, compiled_for
 from toolkit.runtime.engine import CacheOptions, Engine
 from toolkit.runtime.weights import load_params
 
@@ -22,9 +22,16 @@ def build_engine(
     cache: CacheOptions | None = None,
     device: str = "host-exact",
 ) -> Engine:
-    """Default preset `host-exact` (fp32 activations): parity tests compare against fp32 references."""
+    """Default preset `host-exact` (fp32 activations): parity tests compare against fp32 references.
+
+    Without a `dtype` override the library comes from the session's JIT cache (`compiled_for`, see
+    conftest): a library depends on the config, scheme and preset only, so tests of the same tiny variant
+    share one compile. `out` then goes unused; with `dtype` the library is built into it."""
     src = open_model(ckpt)
-    compiled = compile_model(src.config, quantization, device, out, dtype=dtype)
+    if dtype is None:
+        compiled = compiled_for(src.config, quantization, device)
+    else:
+        compiled = compile_model(src.config, quantization, device, out, dtype=dtype)
     lib = tvm.runtime.load_module(str(compiled.library))
     eng = Engine(
         lib, load_params(src, compiled, tvm.cpu()), src.config, dtype=compiled.manifest["dtype"], cache=cache

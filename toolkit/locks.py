@@ -19,6 +19,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .errors import UserError
+from .paths import cache_root
 
 # a compile of a real model takes minutes; a user can lower it (tests do)
 DEFAULT_TIMEOUT_S = float(os.environ.get("PHI3_TOOLKIT_LOCK_TIMEOUT", "3600"))
@@ -27,14 +28,9 @@ DEFAULT_TIMEOUT_S = float(os.environ.get("PHI3_TOOLKIT_LOCK_TIMEOUT", "3600"))
 _LOCKS: dict[str, FileLock] = {}
 
 
-def _cache_root() -> Path:
-    # same default as toolkit.compile.compile_model.cache_root, without importing TVM
-    return Path(os.environ.get("PHI3_TOOLKIT_CACHE", Path.home() / ".cache" / "phi3-toolkit"))
-
-
 def _lock_file(target: Path) -> Path:
     key = hashlib.sha256(os.path.realpath(target).encode()).hexdigest()[:24]
-    folder = _cache_root() / "locks"
+    folder = cache_root() / "locks"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{key}.lock"
 

@@ -154,11 +154,11 @@ def llama_gguf_for(model: Any, src, log: Callable[[str], None]) -> Path:
     import hashlib
 
     from ..checkpoint.gguf_export import export_gguf
-    from .llama_cpp import cache_dir
+    from ..paths import cache_root
 
     stamp = max((p.stat().st_mtime_ns for p in Path(src.path).rglob("*") if p.is_file()), default=0)
     key = hashlib.sha256(f"{Path(src.path).resolve()}:{stamp}".encode()).hexdigest()[:16]
-    out = cache_dir() / "gguf" / f"{Path(src.path).name}-{key}-q4_0.gguf"
+    out = cache_root() / "gguf" / f"{Path(src.path).name}-{key}-q4_0.gguf"
     if not out.is_file():
         log(f"exporting {src.path} to {out} (Q4_0) for llama.cpp")
         export_gguf(src.path, out, qtype="q4_0")
@@ -178,13 +178,9 @@ def measure_bandwidth(threads: Sequence[int], nbytes: int) -> dict[str, float]:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    from ..hostinfo import cpu_model
+
+    return cpu_model() or platform.processor()
 
 
 def _side_summary(runs_by_len: dict[int, list[dict]], headline: int) -> dict[str, Any]:

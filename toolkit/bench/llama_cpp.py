@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
+from ..hostinfo import cpu_flags, cpu_model
+from ..paths import cache_root
 
 LLAMA_CPP_VERSION = "0.3.36"
 PACKAGE = "llama-cpp-python"
@@ -41,40 +43,18 @@ CMAKE_BASE = (
 )
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("PHI3_TOOLKIT_CACHE", "~/.cache/phi3-toolkit")).expanduser()
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def cpu_has_amx() -> bool:
     return {"amx_tile", "amx_int8"} <= cpu_flags()
 
 
 def cpu_fingerprint() -> str:
     """CPU model plus its flags: a `-march=native` wheel is only reused on the same kind of CPU."""
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    digest = hashlib.sha256((model + " " + " ".join(sorted(cpu_flags()))).encode()).hexdigest()
+    digest = hashlib.sha256((cpu_model() + " " + " ".join(sorted(cpu_flags()))).encode()).hexdigest()
     return digest[:16]
 
 
 def wheelhouse() -> Path:
-    return cache_dir() / "wheels" / f"llama-cpp-python-{LLAMA_CPP_VERSION}-{cpu_fingerprint()}"
+    return cache_root() / "wheels" / f"llama-cpp-python-{LLAMA_CPP_VERSION}-{cpu_fingerprint()}"
 
 
 def find_wheel(where: Path | None = None) -> Path | None:

@@ -27,6 +27,7 @@ from ..errors import UserError
 from ..locks import output_lock
 from ..model.phi3 import GraphOptions, export_phi3
 from ..outputs import check_output_dir
+from ..paths import cache_root
 from ..quantization import get_scheme
 from ..targets import Preset, load_preset
 from . import pipeline
@@ -236,11 +237,7 @@ def load_compiled(folder: str | Path) -> CompiledModel:
     return CompiledModel(folder, manifest)
 
 
-# -- JIT cache ---------------------------------------------------------------------------------------
-def cache_root() -> Path:
-    return Path(os.environ.get("PHI3_TOOLKIT_CACHE", Path.home() / ".cache" / "phi3-toolkit"))
-
-
+# -- JIT cache (under `paths.cache_root()`) -------------------------------------------------------------
 def cache_key(cfg: Phi3Config, quantization: str, preset: Preset) -> str:
     """Key a compiled library by model config, quantization, device target and toolkit/TVM versions."""
     blob = json.dumps(

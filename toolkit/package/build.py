@@ -25,10 +25,11 @@ from typing import Any
 from .. import __version__
 from ..checkpoint.mlc_format import CHAT_CONFIG, read_chat_config, write_chat_config
 from ..compile.artifacts import MANIFEST, expected_format
-from ..compile.compile_model import CompiledModel, cache_key, cache_root, compile_model, load_compiled
+from ..compile.compile_model import CompiledModel, cache_key, compile_model, load_compiled
 from ..convert.converter import convert
 from ..locks import clean_stale_temps, output_lock
 from ..outputs import check_output_dir
+from ..paths import cache_root
 from .plan import ModelPlan, model_path_label, plan_all
 from .spec import PackageSpec
 from .staticlib import check_archive, create_archive, extract_objects, find_tool

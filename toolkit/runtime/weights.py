@@ -19,9 +19,10 @@ import tvm
 
 from ..checkpoint import ModelSource, open_model, require_finite
 from ..checkpoint.mlc_format import read_cache_json, verify_tensor_cache
-from ..compile.compile_model import CompiledModel, cache_root
+from ..compile.compile_model import CompiledModel
 from ..errors import UserError
 from ..locks import output_lock
+from ..paths import cache_root
 from ..quantization import get_scheme
 
 # scales for checkpoints quantized on first use: the converter default (activation-weighted clip search,

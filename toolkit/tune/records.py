@@ -62,18 +62,10 @@ def device_fingerprint(preset: Preset, rpc_key: str | None = None) -> dict:
 
 
 def _cpu_info() -> tuple[str, list[str]]:
-    model, flags = platform.processor() or "", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("model name", "Model") and not model:
-                model = value.strip()
-            elif key in ("flags", "Features") and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return model, sorted(f for f in flags if f in _ISA_FLAGS)
+    from ..hostinfo import cpu_flags, cpu_model
+
+    model = platform.processor() or cpu_model()
+    return model, sorted(f for f in cpu_flags() if f in _ISA_FLAGS)
 
 
 def records_dir(preset: Preset, schedules_root: Path | str | None = None) -> Path:
