@@ -10,7 +10,6 @@ shapes. The tuned trace is replayed onto the dynamic PrimFunc when the model is 
 from __future__ import annotations
 
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import tvm
@@ -18,6 +17,7 @@ from tvm import IRModule, relax, s_tir, sym, tirx
 
 from ..config import Phi3Config
 from ..targets import Preset
+from ..tvm_compat import capture_schedules
 
 STEP_FUNCTIONS = ("decode", "prefill")
 DEFAULT_PREFILL_LEN = 128  # prompt length that prefill kernels are specialised to for tuning
@@ -95,31 +95,13 @@ def default_rules(preset: Preset) -> list:
     return cpu_schedule_rules(preset.target, preset.q4_activations)
 
 
-@contextmanager
-def _capture_schedules(created: list):
-    """Record (Schedule, input) for every s_tir.Schedule built inside: a rule may schedule a rewritten copy
-    of its PrimFunc (the host q4 GEMV rule does), and the trace only replays on what it was built from."""
-    original = s_tir.Schedule
-
-    def capturing(mod, *args, **kwargs):
-        sch = original(mod, *args, **kwargs)
-        created.append((sch, mod))
-        return sch
-
-    s_tir.Schedule = capturing
-    try:
-        yield
-    finally:
-        s_tir.Schedule = original
-
-
 def default_schedule(func: tirx.PrimFunc, target: tvm.target.Target, rules: list):
     """(rule name, PrimFunc the rule's schedule starts from, Schedule) of the first rule accepting `func`;
     (None, None, None) when none does."""
     for rule in rules:
         created: list = []
         try:
-            with target, _capture_schedules(created):
+            with target, capture_schedules(created):
                 sch = rule.apply(func, target, False)
         except Exception:  # noqa: BLE001 - a rule that raises here would fail `compile` too: not tunable
             return f"{type(rule).__name__} (error)", None, None

@@ -26,6 +26,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.target import Target
 
 from ..targets import Preset
+from ..tvm_compat import use_cpu_tensor_intrinsics_only
 from .extract import Kernel, func_hash
 from .guard import meta_schedule_logging
 
@@ -97,30 +98,6 @@ class InProcessBuilder(ms.builder.PyBuilder):
             except Exception as e:  # noqa: BLE001 - an invalid candidate is a result, not a crash
                 results.append(ms.builder.BuilderResult(None, f"{type(e).__name__}: {e}"))
         return results
-
-
-def use_cpu_tensor_intrinsics_only(target: Target) -> None:
-    """Make `import tvm.s_tir.tensor_intrin` (done by every TuneContext and by the default builder) register
-    only the CPU intrinsics when tuning an llvm target. The full package also builds all CUDA tensor-core
-    intrinsics: measured 297 s to import on this 2-core machine under load, against 6 s for x86 alone.
-    No effect once the real package is imported, or for GPU targets."""
-    import sys
-    import types
-    from pathlib import Path
-
-    import tvm.s_tir
-
-    name = "tvm.s_tir.tensor_intrin"
-    if target.kind.name != "llvm" or name in sys.modules:
-        return
-    light = types.ModuleType(name)
-    light.__path__ = [str(Path(tvm.s_tir.__file__).parent / "tensor_intrin")]
-    sys.modules[name] = light
-    tvm.s_tir.tensor_intrin = light
-    triple = str(target.attrs.get("mtriple", "") or "")
-    import importlib
-
-    importlib.import_module(f"{name}.{'arm_cpu' if triple.startswith('aarch64') else 'x86'}")
 
 
 def make_builder() -> ms.builder.Builder:
