@@ -83,6 +83,3 @@ def measure_read_bandwidth(threads: int = 1, nbytes: int = 1 << 30, repeats: int
         best = max(best, a.nbytes / dt)
     return best
 
-
-def roofline_tok_s(bandwidth_bytes_s: float, bytes_per_token: int) -> float:
-    return bandwidth_bytes_s / bytes_per_token

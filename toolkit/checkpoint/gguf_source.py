@@ -54,12 +54,6 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's permutation (convert_hf_to_gguf.py LlamaModel.permute), for tests and writers."""
-    hd = w.shape[0] // n_head
-    return w.reshape(n_head, 2, hd // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 class GGUFSource(ModelSource):
     kind = "gguf"
 

@@ -196,12 +196,6 @@ class HFSource(ModelSource):
     def tensor_shape(self, name: str) -> tuple[int, ...]:
         return self._entries[name][1]
 
-    def tensor_file(self, name: str) -> Path:
-        return self._entries[name][0]
-
-    def tensor_dtype(self, name: str) -> str:
-        return self._entries[name][2]
-
     def iter_tensors(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
         names = self._check_names(names)
         if self._pickle:

@@ -11,7 +11,6 @@ the preset's host triple, not just a file with the right name.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -232,9 +231,3 @@ def check_object_format(path: str | Path, preset: Preset) -> list[tuple[str, Obj
         )
     return objects
 
-
-def describe_objects(path: str | Path) -> str:
-    buf = io.StringIO()
-    for name, h in library_objects(path):
-        buf.write(f"{name}: {h.format} {h.arch} {h.kind}\n")
-    return buf.getvalue()

@@ -127,9 +127,3 @@ def _search_block(w, r0, dtype, weights, coarse, fine, out, layout: GroupLayout)
     keep_rtn = _exact_errors(wg, best, weights, layout) >= _exact_errors(wg, rtn, weights, layout)
     out[r0 : r0 + _ROW_BLOCK] = np.where(keep_rtn, rtn, best)
 
-
-def quantize_searched(
-    w: np.ndarray, scheme: QuantScheme | str = "q4f16_1", act_sq: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """`group_quant.quantize` with searched scales: same (q_weight, q_scale) format."""
-    return gq.quantize(w, scheme, scales=search_scales(w, scheme, act_sq))
