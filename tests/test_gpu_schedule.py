@@ -78,6 +78,7 @@ def test_tuned_records_take_precedence_over_dlight(tmp_path):
     assert "thread_binding" in tuned.script()
 
 
+@pytest.mark.slow  # 37 s: TVM's tensor-intrinsic registry for every GPU
 def test_dlight_matmul_tensorizes_on_metal_and_cuda():
     """The simdgroup (Metal) and tensor-core (CUDA) Matmul paths segfault with apache-tvm-ffi 0.1.15; with the
     pinned 0.1.14.post1 they schedule. Run in a subprocess so a segfault fails this test, not the session."""

@@ -69,10 +69,11 @@ def test_non_x86_targets_have_no_x86_paths() -> None:
 
 
 # (n, k, rows as compiled, rows at run time, residual add, scale dtype)
+# the first case of each table runs by default; the other shapes run with --runslow
 CASES = [
     (64, 256, (1, 1), (1, 1), True, "float16"),
-    (48, 384, ("b", 1), (3, 1), False, "float32"),  # decode with a dynamic batch of 3; 3 steps of 128
-    (32, 1024, (1, 2), (1, 2), True, "float16"),  # two static rows
+    pytest.param(48, 384, ("b", 1), (3, 1), False, "float32", marks=pytest.mark.slow),  # dynamic batch of 3
+    pytest.param(32, 1024, (1, 2), (1, 2), True, "float16", marks=pytest.mark.slow),  # two static rows
 ]
 
 
@@ -110,7 +111,7 @@ def test_512_bit_path_declines_k_it_cannot_step_and_the_next_path_takes_it() -> 
 
 
 # prefill GEMM tiles: (N, rows at run time); N picks the tile: 2 vectors of rows, 1, or 8-lane vectors
-GEMM_CASES = [(64, 13), (48, 7), (72, 6), (96, 1)]
+GEMM_CASES = [(64, 13), *(pytest.param(*c, marks=pytest.mark.slow) for c in [(48, 7), (72, 6)]), (96, 1)]
 
 
 @pytest.mark.parametrize("gemm", ["avx512", "avx2"])
@@ -135,7 +136,10 @@ def test_each_gemm_path_matches_numpy(gemm: str, n: int, m: int) -> None:
 
 
 # int8 prefill GEMM: (N, K, rows at run time, residual add)
-Q8_GEMM_CASES = [(64, 256, 13, True), (48, 160, 1, False), (32, 1024, 25, True)]
+Q8_GEMM_CASES = [
+    (64, 256, 13, True),
+    *(pytest.param(*c, marks=pytest.mark.slow) for c in [(48, 160, 1, False), (32, 1024, 25, True)]),
+]
 
 
 @pytest.mark.parametrize("isa", ["avx512vnni", "avxvnni"])
@@ -197,13 +201,14 @@ def _count(asm: str, pattern: str) -> int:
 VNNI_512, VNNI_256 = r"vpdpbusd\s.*%zmm", r"vpdpbusd\s.*%ymm"
 AVX_VNNI = r"\{vex\}\s+vpdpbusd\s.*%ymm"
 AVX2 = [r"vpmaddubsw\s.*%ymm", r"vpmaddubsw\s.*%ymm", r"vpmaddwd\s.*%ymm"]
+# one CPU per path by default (512-bit VNNI, AVX-VNNI, AVX2); the other CPUs with --runslow
 DISASM = [
     ("cascadelake", 3072, [VNNI_512] * 2, [r"vpmaddubsw", VNNI_256]),
-    ("znver4", 3072, [VNNI_512] * 2, [r"vpmaddubsw"]),
-    ("cascadelake", 576, [VNNI_256] * 2, [VNNI_512, r"vpmaddubsw"]),  # 256-bit EVEX
+    pytest.param("znver4", 3072, [VNNI_512] * 2, [r"vpmaddubsw"], marks=pytest.mark.slow),
+    pytest.param("cascadelake", 576, [VNNI_256] * 2, [VNNI_512, r"vpmaddubsw"], marks=pytest.mark.slow),
     ("alderlake", 3072, [AVX_VNNI] * 2, [r"%zmm", r"vpmaddubsw"]),  # AVX-VNNI
     ("znver3", 3072, AVX2, [r"vpdpbusd", r"%zmm"]),
-    ("skylake-avx512", 3072, AVX2, [r"vpdpbusd"]),
+    pytest.param("skylake-avx512", 3072, AVX2, [r"vpdpbusd"], marks=pytest.mark.slow),
 ]
 
 

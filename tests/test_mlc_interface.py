@@ -68,7 +68,12 @@ OPTIONAL_METADATA = {
 KV_CACHE_KEYS = ("num_hidden_layers", "head_dim", "num_attention_heads", "num_key_value_heads")
 PARAM_KEYS = {"name": str, "shape": list, "dtype": str, "preprocs": list}
 
-DEFAULT_PRESETS = ["host", "iphone-a16", "android-adreno"]
+# host runs by default; the two cross-compiled system libraries (75 s / 29 s on a loaded 2-core box) with
+# --runslow
+DEFAULT_PRESETS = [
+    "host",
+    *(pytest.param(p, marks=pytest.mark.slow) for p in ("iphone-a16", "android-adreno")),
+]
 SLOW_PRESETS = ["webgpu", "cuda-sm90", "vulkan", "macos-metal", "android-vulkan", "android-mali"]
 
 
@@ -180,6 +185,7 @@ def _system_lib(compiled, tmp_path, name: str) -> tvm.runtime.Module:
     return tvm.runtime.system_lib(compiled.manifest["system_lib_prefix"])
 
 
+@pytest.mark.slow  # two extra compiles; the symbol prefix is checked by default in test_package's archives
 def test_two_system_libraries_in_one_process_give_transformers_tokens(ckpt, tmp_path):
     """MLC's static-library path on this CPU: two models' libraries (distinct prefixes) linked into one
     process, each found by its prefix (`system://` in MLC's engine), weights loaded from the converted

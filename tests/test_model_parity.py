@@ -17,7 +17,12 @@ TOL = 1e-4
 VARIANTS = ["mini-4k", "mini-128k", "medium", "phi4-mini"]
 
 
-@pytest.fixture(scope="module", params=VARIANTS)
+# mini-4k (plain) and phi4-mini (GQA, partial rotary, tied, longrope) by default; mini-128k and medium add
+# no code path of their own and run with --runslow
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(v, marks=pytest.mark.slow) if v in ("mini-128k", "medium") else v for v in VARIANTS],
+)
 def setup(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
     ckpt = make_tiny_checkpoint(d / "ckpt", request.param)

@@ -98,7 +98,8 @@ def archive_symbols(archive: Path) -> list[tuple[str, str]]:
     return rows
 
 
-@pytest.fixture(scope="module", params=["iphone", "android"])
+# android by default; the iOS archive (127 s of a loaded 2-core box, cross-compiled) with --runslow
+@pytest.fixture(scope="module", params=[pytest.param("iphone", marks=pytest.mark.slow), "android"])
 def packaged(request, models, tmp_path_factory):
     """dist/ for each device, built through the CLI from a config file; about 30 s per device here."""
     if not (NM and AR):

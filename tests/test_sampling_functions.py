@@ -18,6 +18,7 @@ from __future__ import annotations
 import shutil
 from functools import cache
 
+import gpu_apis
 import numpy as np
 import pytest
 import sampling_refs as ref
@@ -232,7 +233,8 @@ def _scheduled(preset_name: str) -> IRModule:
     ("preset_name", "samplers"),
     [
         ("webgpu", [n for n in GPU_SAMPLER_NAMES if n != "sampler_verify_draft_tokens"]),
-        ("iphone-a16", list(GPU_SAMPLER_NAMES)),
+        # Metal's kernels also run (as WGSL) and parse by default below; this binding check with --runslow
+        pytest.param("iphone-a16", list(GPU_SAMPLER_NAMES), marks=pytest.mark.slow),
         ("cuda-sm80", list(GPU_SAMPLER_NAMES)),
         ("vulkan", list(GPU_SAMPLER_NAMES)),
         ("android-adreno", []),  # MLC's engine uses the GPU sampler on cuda, metal, vulkan and webgpu only
@@ -249,13 +251,17 @@ def test_gpu_presets_get_thread_bound_kernels(preset_name, samplers):
 @pytest.mark.parametrize(
     "preset_name",
     [
-        "webgpu",
-        "cuda-sm80",
+        "webgpu",  # by default; the other two builds (11 s and 16 s on a loaded 2-core box) with --runslow
+        pytest.param("cuda-sm80", marks=pytest.mark.slow),
         pytest.param(
             "vulkan",
-            marks=pytest.mark.skipif(
-                shutil.which("glslangValidator") is None, reason="glslangValidator not found (glslang-tools)"
-            ),
+            marks=[
+                pytest.mark.slow,
+                pytest.mark.skipif(
+                    shutil.which("glslangValidator") is None,
+                    reason="glslangValidator not found (glslang-tools)",
+                ),
+            ],
         ),
     ],
 )
@@ -380,12 +386,14 @@ def _check_bitonic_argsort(scheduled: IRModule, backend: str, probs: np.ndarray)
 
 @pytest.mark.parametrize("preset_name", ["webgpu", "iphone-a16"])  # Metal's schedule runs as WGSL here
 def test_kernels_on_wgsl_lavapipe(preset_name):
+    gpu_apis.require("webgpu")
     scheduled = _scheduled(preset_name)
     _check_softmax_and_processors(scheduled, "webgpu")
     _check_sampler(scheduled, "webgpu")
 
 
 def test_kernels_on_opencl_pocl():
+    gpu_apis.require("opencl")
     _check_softmax_and_processors(_scheduled("android-adreno"), "opencl")
 
 
@@ -406,6 +414,7 @@ def _tree_inputs(rng: np.random.Generator):
 
 
 def test_verify_draft_tokens_on_opencl_pocl():
+    gpu_apis.require("opencl")
     run_target = Target(RUN_TARGETS["opencl"])
     scheduled = IRModule({"sampler_verify_draft_tokens": spec_verify(V, run_target)})
     args = _tree_inputs(np.random.default_rng(12))
@@ -422,6 +431,7 @@ def test_every_webgpu_shader_validates():
     from toolkit.verify.kernel_info import with_global_symbols
     from toolkit.verify.wgsl_runner import device, split_wgsl_source
 
+    gpu_apis.require("webgpu")
     preset = load_preset("webgpu")
     built = tvm.compile(with_global_symbols(_scheduled("webgpu")), target=preset.target)
     shaders = split_wgsl_source(next(m for m in built.mod.imports if m.kind != "llvm").inspect_source())

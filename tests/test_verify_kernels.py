@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 
+import gpu_apis
 import pytest
 import tvm
 from test_targets import REQUIRED as REQUIRED_PRESETS
@@ -37,6 +38,7 @@ def _scheduled(preset_name: str, dtype: str):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_standalone_kernels_on_wgsl_lavapipe(dtype):
+    gpu_apis.require("webgpu")
     mod, scheduled = _scheduled("webgpu", dtype)
     checks = verify_kernels(mod, scheduled, "webgpu")
     assert _statuses(checks) == dict.fromkeys(KERNELS, "ok"), [c.to_dict() for c in checks]
@@ -45,6 +47,7 @@ def test_standalone_kernels_on_wgsl_lavapipe(dtype):
 
 
 def test_standalone_kernels_on_opencl_pocl():
+    gpu_apis.require("opencl")
     mod, scheduled = _scheduled("android-adreno", "float32")
     checks = verify_kernels(mod, scheduled, "opencl")
     assert _statuses(checks) == dict.fromkeys(KERNELS, "ok"), [c.to_dict() for c in checks]
@@ -53,6 +56,7 @@ def test_standalone_kernels_on_opencl_pocl():
 def test_fp16_opencl_is_reported_not_run_on_pocl():
     from toolkit.verify.opencl_runner import fp16_supported
 
+    gpu_apis.require("opencl")
     mod, scheduled = _scheduled("android-mali", "float16")
     checks = verify_kernels(mod, scheduled, "opencl")
     if fp16_supported():
@@ -63,6 +67,7 @@ def test_fp16_opencl_is_reported_not_run_on_pocl():
 
 def test_a_wrong_launch_is_caught(monkeypatch):
     """Half the workgroups leave half the output unwritten: the comparison must fail, not pass vacuously."""
+    gpu_apis.require("webgpu")
     mod, scheduled = _scheduled("webgpu", "float32")
     original = kernel_info.KernelLaunch.grid
 
@@ -95,6 +100,7 @@ def test_kernel_params_and_launch_sizes_come_from_lowered_tir():
 def test_metal_schedule_runs_as_wgsl_and_its_msl_parses():
     from toolkit.verify.metal_check import check_msl
 
+    gpu_apis.require("webgpu")
     preset = load_preset("iphone-a16")
     mod, scheduled = _scheduled("iphone-a16", "float32")
     checks = verify_kernels(mod, scheduled, "webgpu")
@@ -111,7 +117,8 @@ def test_metal_schedule_runs_as_wgsl_and_its_msl_parses():
 @pytest.mark.skipif(not HAS_NVCC, reason="nvcc not found: CUDA kernels can only be compile-checked with nvcc")
 @pytest.mark.parametrize(
     "name",
-    ["cuda-sm80", *(pytest.param(n, marks=pytest.mark.slow) for n in SLOW_CUDA)],
+    # nvcc over every kernel is slow tier; the CUDA path stays by default in the fatbin test below
+    [pytest.param(n, marks=pytest.mark.slow) for n in ["cuda-sm80", *SLOW_CUDA]],
 )
 def test_nvcc_compiles_every_kernel_for_the_cuda_preset(name):
     from toolkit.verify.cuda_check import compile_kernels
@@ -162,6 +169,7 @@ PRE_SCHEDULED = "scheduled before the GPU schedule step"
 )
 def test_every_kernel_of_the_tiny_model(tiny_cfg, preset_name, quantization):
     preset = load_preset(preset_name)
+    gpu_apis.require(backend_for(preset))
     unscheduled, scheduled = lowered_and_scheduled(tiny_cfg, quantization, preset)
     checks = verify_kernels(unscheduled, scheduled, backend_for(preset))
     bad = [c.to_dict() for c in checks if c.status not in ("ok", "not-run")]
@@ -197,6 +205,7 @@ def test_phi3_verify_cli_on_a_compiled_webgpu_model(tiny_cfg, tmp_path):
     from toolkit.cli import main
     from toolkit.compile.compile_model import compile_model
 
+    gpu_apis.require("webgpu")
     compile_model(tiny_cfg, "q4f16_1", load_preset("webgpu"), tmp_path / "out")
     res = CliRunner().invoke(main, ["verify", str(tmp_path / "out"), "--json", str(tmp_path / "r.json")])
     assert res.exit_code == 0, res.output
