@@ -63,6 +63,7 @@ def _small_kernel(tiny_lowered):
     return kernel
 
 
+@pytest.mark.slow  # a MetaSchedule search; applying records stays by default (test_gpu_schedule)
 def test_tuned_record_is_written_and_applied_by_compile(tiny_lowered, tmp_path, monkeypatch):
     from toolkit.compile.compile_model import schedule_fn
     from toolkit.tune.records import INDEX, device_fingerprint, write_records
@@ -101,6 +102,7 @@ def test_tuned_record_is_written_and_applied_by_compile(tiny_lowered, tmp_path, 
     assert again == default
 
 
+@pytest.mark.slow  # a MetaSchedule search through an RPC tracker
 def test_rpc_tuning_through_a_loopback_tracker(tiny_lowered, tmp_path):
     pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado (pip install tornado)")
     import tvm.rpc.server
