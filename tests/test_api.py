@@ -143,11 +143,17 @@ CONVERSATIONS = [
 ]
 
 
-@pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_embedded_model_prompt_equals_transformers(smol, add_generation_prompt):
+@pytest.fixture(scope="module")
+def smol_hf_tokenizer(smol):
+    """transformers' tokenizer of the embedded GGUF, built once (its conversion from the GGUF is slow)."""
     from transformers import AutoTokenizer
 
-    hf = AutoTokenizer.from_pretrained(str(smol.path.parent), gguf_file=smol.path.name)
+    return AutoTokenizer.from_pretrained(str(smol.path.parent), gguf_file=smol.path.name)
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_embedded_model_prompt_equals_transformers(smol, smol_hf_tokenizer, add_generation_prompt):
+    hf = smol_hf_tokenizer
     fmt = PromptFormat.for_source(smol, smol.tokenizer())
     assert fmt.jinja is not None  # the GGUF's own template, not our hand-written one
     for conv in CONVERSATIONS:
