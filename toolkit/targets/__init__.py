@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from functools import cache, cached_property
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,7 @@ class Preset:
     path: str = ""
     detect: tuple[str, ...] = ()  # target keys filled from this machine (`host` preset)
 
-    @cached_property
+    @property
     def target_dict(self) -> dict[str, Any]:
         return _fill_host_detection(dict(self.target_json), self.detect)
 
@@ -179,9 +179,14 @@ def _physical_cores() -> int:
 _DETECTABLE = {"mtriple": _system_triple, "mcpu": _system_cpu, "num-cores": _physical_cores}
 
 
+@cache
+def _detected(key: str) -> Any:
+    return _DETECTABLE[key]()  # once per process, like the presets themselves
+
+
 def _fill_host_detection(target: dict[str, Any], detect: tuple[str, ...]) -> dict[str, Any]:
     """Fill the keys listed in the preset's "detect" from this machine (only the `host` preset uses it)."""
     for key in detect:
         if key not in target:
-            target[key] = _DETECTABLE[key]()
+            target[key] = _detected(key)
     return target
