@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ TARGETS_DIR = Path(os.environ.get("TOOLKIT_TARGETS_DIR", Path(__file__).resolve(
 OUTPUT_SUFFIXES = (".so", ".tar", ".dylib")
 # CPU q4 GEMVs: fp32 activations, or int8 activations with integer dot products (llama.cpp's Q4 x Q8)
 Q4_ACTIVATIONS = ("float32", "int8")
+KV_CACHE_DTYPES = ("float32", "float16")
 GPU_KINDS = ("cuda", "metal", "opencl", "vulkan", "webgpu", "rocm")
 DLIGHT_RULES = (
     "Matmul",
@@ -52,6 +53,7 @@ class Preset:
     matmul_config: dict[str, Any] | None = field(default=None, hash=False, compare=False)
     cuda_gencode: tuple[str, ...] = ()
     q4_activations: str = "float32"  # CPU q4 GEMVs: "int8" = llama.cpp-style integer dot products
+    kv_cache_dtype: str | None = None  # CPU presets: the paged cache's dtype; None = the activation dtype
     runs_here: bool = False  # target detected from this machine (host presets): its code runs here
     why: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
     path: str = ""
@@ -79,6 +81,13 @@ class Preset:
         import tvm
 
         return tvm.target.Target(self.target_dict)
+
+    def with_kv_cache(self, dtype: str) -> Preset:
+        """This preset with its KV cache in `dtype` (CPU presets only, like `cpu.kv_cache`)."""
+        if dtype not in KV_CACHE_DTYPES or self.is_gpu:
+            choices = "/".join(KV_CACHE_DTYPES)
+            raise UserError(f"--kv-cache {dtype}: needs {choices} and a CPU preset, not {self.name}")
+        return replace(self, kv_cache_dtype=dtype)
 
     @property
     def schedule_dir(self) -> Path:
@@ -127,6 +136,9 @@ def _load(path: Path) -> Preset:
     q4_act = (data.get("cpu") or {}).get("q4_activations", "float32")
     if q4_act not in Q4_ACTIVATIONS or (q4_act != "float32" and is_gpu):
         raise UserError(f"cpu.q4_activations must be one of {Q4_ACTIVATIONS} (CPU presets only)", path)
+    kv_cache = (data.get("cpu") or {}).get("kv_cache")
+    if kv_cache is not None and (kv_cache not in KV_CACHE_DTYPES or is_gpu):
+        raise UserError(f"cpu.kv_cache must be one of {KV_CACHE_DTYPES} (CPU presets only)", path)
     return Preset(
         name=data["name"],
         description=data["description"],
@@ -138,6 +150,7 @@ def _load(path: Path) -> Preset:
         matmul_config=dlight.get("matmul"),
         cuda_gencode=tuple((data.get("cuda") or {}).get("gencode", ())),
         q4_activations=q4_act,
+        kv_cache_dtype=kv_cache,
         runs_here=bool(data.get("detect")),
         why=dict(data["why"]),
         path=str(path),

@@ -52,7 +52,7 @@ def graph_options(quantization: str, preset: Preset, dtype: str | None = None) -
     scheme = get_scheme(quantization)
     if dtype is None:
         dtype = "float32" if preset.kind == "llvm" else scheme.model_dtype
-    return GraphOptions(quantization=scheme.name, dtype=dtype)
+    return GraphOptions(quantization=scheme.name, dtype=dtype, kv_dtype=preset.kv_cache_dtype)
 
 
 def schedule_fn(preset: Preset):
@@ -171,6 +171,7 @@ def _build_library(
     extra = {
         "toolkit_version": __version__,
         "dtype": opts.dtype,
+        "kv_cache_dtype": opts.cache_dtype,
         "library": lib_file,
         "params": [
             {"name": n, "shape": [int(x) for x in p.shape], "dtype": p.dtype} for n, p in named_params
@@ -250,6 +251,7 @@ def cache_key(cfg: Phi3Config, quantization: str, preset: Preset) -> str:
             preset.target_dict,
             preset.name,
             preset.q4_activations,
+            preset.kv_cache_dtype,
             __version__,
             tvm.__version__,
             _toolkit_source_hash(),

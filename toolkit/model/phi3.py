@@ -37,7 +37,12 @@ class GraphOptions:
     """What the compiled graph computes in: quantization scheme and activation dtype."""
 
     quantization: str = "q0f32"
-    dtype: str = "float32"  # activations and KV cache
+    dtype: str = "float32"  # activations
+    kv_dtype: str | None = None  # the paged KV cache; None = the activation dtype
+
+    @property
+    def cache_dtype(self) -> str:
+        return self.kv_dtype or self.dtype
 
     @property
     def norm_dtype(self) -> str:
@@ -66,7 +71,7 @@ def _linear(in_f: int, out_f: int, opts: GraphOptions, out_dtype: str | None = N
 
 class Phi3Attention(nn.Module):
     def __init__(self, cfg: Phi3Config, opts: GraphOptions) -> None:
-        self.cfg = cfg
+        self.cfg, self.dtype, self.cache_dtype = cfg, opts.dtype, opts.cache_dtype
         self.qkv_proj = _linear(cfg.hidden_size, cfg.qkv_size, opts)
         self.o_proj = _linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, opts)
 
@@ -77,7 +82,11 @@ class Phi3Attention(nn.Module):
         qkv = op.reshape(self.qkv_proj(x), (b * s, n_heads, c.head_dim))  # (n, nH+2nKV, hd)
         qkv = apply_rope_to_qkv(qkv, positions, rope_long, c)
         qkv = op.reshape(qkv, (b, s, n_heads, c.head_dim))
+        if self.cache_dtype != self.dtype:  # the cache's kernels take q/k/v/o in its dtype (fp32 inside)
+            qkv = qkv.astype(self.cache_dtype)
         o = kv.attention_with_fused_qkv(layer, qkv, c.num_attention_heads, sm_scale=c.head_dim**-0.5)
+        if self.cache_dtype != self.dtype:
+            o = o.astype(self.dtype)
         return self.o_proj(op.reshape(o, (b, s, c.num_attention_heads * c.head_dim)))
 
 
@@ -183,7 +192,7 @@ class Phi3ForCausalLM(nn.Module):
             rope_ext_factors=relax.prim_value(0),
             rotary_dim=c.rotary_dim,
             enable_disaggregation=False,
-            dtype=self.opts.dtype,
+            dtype=self.opts.cache_dtype,
             target=self.target,
             # only read by the sliding-window prefill kernel's mask: row r of a chunk sees W - r - 1 cached
             # keys, so every query sees exactly W keys like HF's 0 <= q - k < W

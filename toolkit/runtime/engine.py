@@ -269,9 +269,11 @@ def load_engine(
     threads: int | None = None,
     cache: CacheOptions | None = None,
     allow_pickle: bool = False,
+    kv_cache: str | None = None,
 ):
     """Open a model (HF folder, GGUF, converter output, or None = the embedded default), compile it for the
-    device preset on first use (cached), load its weights and return (Engine, ModelSource)."""
+    device preset on first use (cached), load its weights and return (Engine, ModelSource). `kv_cache`
+    overrides a CPU preset's KV cache dtype."""
     from ..checkpoint import open_model
     from ..compile.compile_model import compiled_for
     from ..targets import load_preset
@@ -284,6 +286,8 @@ def load_engine(
         quantization = source.scheme.name
     quantization = quantization or DEFAULT_QUANTIZATION
     preset = load_preset(device)
+    if kv_cache is not None:
+        preset = preset.with_kv_cache(kv_cache)
     if preset.is_gpu and preset.kind != "cuda":
         from ..errors import UserError
 
