@@ -196,3 +196,39 @@ def test_fp16_cache_decode_accumulates_in_fp32():
         )
         np.testing.assert_allclose(lse[s], ref_lse, atol=1e-4, rtol=0)
     assert np.abs(o).max() > 0.05
+
+
+@pytest.mark.parametrize("lanes,chunk", [(16, 16), (8, 32), (16, 8)])
+def test_every_knob_setting_computes_the_same_attention(lanes, chunk):
+    """`phi3 tune` picks lanes / chunk per CPU: any setting must give the default's numbers (fp32 summation
+    order only), with sliding window (decode) and causal ragged prefill."""
+    from toolkit.compile.cpu_attention import AttentionKnobs
+
+    rng = np.random.default_rng(4)
+    knobs = AttentionKnobs(lanes=lanes, chunk=chunk)
+    h_kv, h_qo, d, lens = 3, 9, 64, [137, 5, 16, 0, 300]
+    b = len(lens)
+    pages, indptr, values, info = _paged_cache(rng, lens, h_kv, d, True)
+    q = rng.standard_normal((b, h_qo, d)).astype("float32")
+    inputs = [q, pages, indptr, values, info, np.zeros(b, "int32"), np.zeros(b, "int32")]
+    shapes, scalars = [(b, h_qo, d), (b, h_qo)], [0, 1.0, 1e4, 1 / np.sqrt(d)]
+    ref = _run(_build(decode_attention_cpu(h_kv, h_qo, d, "float32", True, PS)), inputs, shapes, scalars)
+    got = _run(
+        _build(decode_attention_cpu(h_kv, h_qo, d, "float32", True, PS, knobs=knobs)), inputs, shapes, scalars
+    )
+    for a, r in zip(got, ref):
+        np.testing.assert_allclose(a, r, atol=TOL, rtol=0)
+    n_q = [7, 1, 40]
+    qr = rng.standard_normal((sum(n_q), h_qo, d)).astype("float32")
+    k = rng.standard_normal((sum(n_q), h_kv, d)).astype("float32")
+    v = rng.standard_normal((sum(n_q), h_kv, d)).astype("float32")
+    ptr = np.concatenate([[0], np.cumsum(n_q)]).astype("int32")
+    inputs = [qr, ptr, k, v, ptr, np.zeros(sum(n_q), "int32"), np.zeros(len(n_q), "int32")]
+    shapes, scalars = [(sum(n_q), h_qo, d), (sum(n_q), h_qo)], [1, 0, 1.0, 1e4, 1 / np.sqrt(d)]
+    ref = _run(_build(prefill_ragged_attention_cpu(h_kv, h_qo, d, "float32")), inputs, shapes, scalars)
+    got = _run(
+        _build(prefill_ragged_attention_cpu(h_kv, h_qo, d, "float32", knobs=knobs)), inputs, shapes, scalars
+    )
+    for a, r in zip(got, ref):
+        np.testing.assert_allclose(a, r, atol=TOL, rtol=0)
+    assert np.abs(ref[0]).max() > 0.01

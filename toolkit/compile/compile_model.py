@@ -41,6 +41,7 @@ from .artifacts import (
 )
 from .attach_metadata import Limits, attach_metadata, memory_usage, model_metadata
 from .cpu_isa import host_kernel_isas
+from .knobs import knobs_for
 
 LIB_NAME = "model"  # model.so / model.tar / model.dylib
 
@@ -71,7 +72,7 @@ def schedule_fn(preset: Preset):
         return gpu
     from .cpu_schedule import cpu_schedule_rules
 
-    rules = cpu_schedule_rules(preset.target, preset.q4_activations)
+    rules = cpu_schedule_rules(preset.target, preset.q4_activations, knobs_for(preset))
     return lambda mod: dl.ApplyDefaultSchedule(*rules)(apply_tuned_records(mod, preset))
 
 
@@ -137,7 +138,8 @@ def _build_library(
     if preset.kind == "vulkan":
         from ..backends import vulkan  # noqa: F401  (registers target.build.vulkan, which the wheel lacks)
     t0 = time.time()
-    mod, named_params = export_phi3(cfg, opts, target)
+    knobs = knobs_for(preset) if preset.kind == "llvm" else None
+    mod, named_params = export_phi3(cfg, opts, target, knobs)
     limits = limits or Limits.default(cfg)
     from .attach_sampling import attach_sampling_functions  # MLC engine's sampling/logit functions
 
@@ -187,6 +189,7 @@ def _build_library(
         },
         "build": notes,
         "cpu_isa": None if preset.is_gpu else host_kernel_isas(preset.target, preset.q4_activations),
+        "cpu_knobs": None if knobs is None else {"source": knobs.source, "values": knobs.values},
     }
     manifest = write_manifest(tmp, preset, opts.quantization, cfg, kernels, extra=extra)
     replace_dir(tmp, out_dir)
@@ -252,6 +255,7 @@ def cache_key(cfg: Phi3Config, quantization: str, preset: Preset) -> str:
             preset.name,
             preset.q4_activations,
             preset.kv_cache_dtype,
+            knobs_for(preset).digest() if preset.kind == "llvm" else None,
             __version__,
             tvm.__version__,
             _toolkit_source_hash(),

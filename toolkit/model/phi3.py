@@ -248,8 +248,9 @@ def attention_window(cfg: Phi3Config) -> int:
     return cfg.sliding_window or 1024
 
 
-def export_phi3(cfg: Phi3Config, opts: GraphOptions, target: Target):
-    """-> (IRModule, [(param name, nn.Parameter)]) for the graph."""
+def export_phi3(cfg: Phi3Config, opts: GraphOptions, target: Target, knobs=None):
+    """-> (IRModule, [(param name, nn.Parameter)]) for the graph. `knobs` (compile/knobs.Knobs) sizes the
+    host attention kernels."""
     model = Phi3ForCausalLM(cfg, opts, target)
     mod, named_params = model.export_tvm(spec=model.spec())
     if target.kind.name == "llvm":  # TVM's CPU attention kernels are scalar and single-threaded
@@ -257,5 +258,6 @@ def export_phi3(cfg: Phi3Config, opts: GraphOptions, target: Target):
 
         # HF's sliding window inside the kernels: the cache then never rolls, so the query positions the
         # graph reads from it stay absolute (RoPE is applied before the cache)
-        mod = replace_attention(mod, attention_window(cfg), mask_window=cfg.sliding_window or 0)
+        sizes = {step: knobs.attention(step) for step in ("decode", "prefill")} if knobs else {}
+        mod = replace_attention(mod, attention_window(cfg), mask_window=cfg.sliding_window or 0, **sizes)
     return mod, named_params
