@@ -64,21 +64,15 @@ def read_bandwidth(threads: int, nbytes: int = 512 << 20, repeats: int = 5) -> f
 def _q4_func(n: int, k: int, rows: tuple):
     from tvm import te, tirx
 
+    from toolkit.quantization import MLC_Q4_LAYOUT as Q4
+    from toolkit.quantization.tvm_layers import te_dequantize
+
     dims = [tirx.Var(d, "int64") if isinstance(d, str) else d for d in rows]
     x = te.placeholder((*dims, k), "float32", name="x")
-    qw = te.placeholder((n, k // 8), "uint32", name="q_weight")
-    qs = te.placeholder((n, k // 32), "float16", name="q_scale")
-    w = te.compute(
-        (n, k),
-        lambda i, j: (
-            (
-                ((qw[i, j // 8] >> (j % 8 * 4).astype("uint32")) & tirx.const(15, "uint32")).astype("float32")
-                - tirx.const(7.0, "float32")
-            )
-            * qs[i, j // 32].astype("float32")
-        ),
-        name="dequantize",
-    )
+    qw_shape, qs_shape = Q4.quantized_shapes((n, k))
+    qw = te.placeholder(qw_shape, Q4.storage, name="q_weight")
+    qs = te.placeholder(qs_shape, "float16", name="q_scale")
+    w = te_dequantize(qw, qs, k, "float32", Q4)
     r = te.reduce_axis((0, k), "k")
     y = te.compute((*dims, n), lambda *i: te.sum(x[(*i[:-1], r)] * w[i[-1], r], axis=r), name="NT_matmul")
     return te.create_prim_func([x, qw, qs, y]).with_attr("global_symbol", "main")

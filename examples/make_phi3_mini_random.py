@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.checkpoint import expected_tensor_shapes
+from toolkit.checkpoint.gguf_export import PlannedTensor, placeholder_vocab, plan_tensors, write_gguf
 from toolkit.config import PHI3_MINI_4K_HF, Phi3Config, parse_hf_config
-from toolkit.gguf_export import PlannedTensor, placeholder_vocab, plan_tensors, write_gguf
 
 PHI3_MINI_CONFIG = {**PHI3_MINI_4K_HF, "torch_dtype": "bfloat16"}
 

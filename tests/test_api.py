@@ -14,8 +14,8 @@ import toolkit.api as phi3
 from toolkit.checkpoint import open_model
 from toolkit.cli import main
 from toolkit.errors import UserError
-from toolkit.prompts import PromptFormat
 from toolkit.runtime.options import GenerationOptions, OptionsError
+from toolkit.runtime.prompts import PromptFormat
 from toolkit.runtime.request import Generation
 from toolkit.runtime.sampling import TokenSampler
 from toolkit.runtime.stops import StopText
@@ -206,7 +206,7 @@ def test_tiny_checkpoint_own_template_equals_transformers(tiny_ckpt):
 
 
 def test_generation_defaults_come_from_generation_config(tiny_ckpt, tmp_path):
-    from toolkit.generation_config import generation_defaults
+    from toolkit.runtime.generation_config import generation_defaults
 
     assert generation_defaults(tiny_ckpt).temperature == 0.0  # transformers: no do_sample means greedy
     (tmp_path / "generation_config.json").write_text(

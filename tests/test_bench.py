@@ -170,7 +170,7 @@ def test_weight_bytes_formula_matches_a_gguf(tmp_path, variant):
     from tiny import make_tiny_checkpoint
 
     from toolkit.checkpoint import open_model
-    from toolkit.gguf_export import export_gguf
+    from toolkit.checkpoint.gguf_export import export_gguf
 
     ckpt = make_tiny_checkpoint(tmp_path / "m", variant)
     export_gguf(ckpt, tmp_path / "m.gguf", qtype="q4_0")

@@ -276,7 +276,7 @@ def test_numpy_reference_forward_matches_transformers(ckpt) -> None:
     import torch
     from tiny import load_hf_model
 
-    from toolkit.quantization.calibration import perplexity
+    from toolkit.convert.calibration import perplexity
 
     src = open_model(ckpt)
     weights = dict(src.iter_tensors())
@@ -290,7 +290,7 @@ def test_numpy_reference_forward_matches_transformers(ckpt) -> None:
 
 
 def test_weighted_clip_uses_activation_stats(ckpt, converted, tmp_path) -> None:
-    from toolkit.quantization.calibration import activation_stats, calibration_tokens
+    from toolkit.convert.calibration import activation_stats, calibration_tokens
 
     src = open_model(ckpt)
     stats = activation_stats(src, calibration_tokens(src))

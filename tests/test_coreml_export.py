@@ -197,8 +197,8 @@ def test_tokenizer_files_from_a_gguf_source(tmp_path):
     """A GGUF carries no tokenizer.json: it is rebuilt from the GGUF vocabulary and encodes the same."""
     import tokenizers
 
+    from toolkit.checkpoint.gguf_export import export_gguf
     from toolkit.coreml.model_folder import write_model_folder
-    from toolkit.gguf_export import export_gguf
 
     gguf = tmp_path / "m.gguf"
     export_gguf(make_tiny_checkpoint(tmp_path / "ck", "mini-4k"), gguf, qtype="f16")

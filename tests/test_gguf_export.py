@@ -13,9 +13,10 @@ import pytest
 from click.testing import CliRunner
 from tiny import make_tiny_checkpoint
 
+from toolkit.checkpoint.gguf_export import export_gguf
+from toolkit.checkpoint.gguf_names import gguf_tensor_name
 from toolkit.cli import main as cli
 from toolkit.errors import UserError
-from toolkit.gguf_export import export_gguf, gguf_tensor_name
 
 T = gguf.GGMLQuantizationType
 

@@ -467,3 +467,43 @@ def test_smollm2_tokenizer_matches_transformers_gguf_converter(smol) -> None:
         ids = tok.encode(text)
         assert ids == ref.encode(text, add_special_tokens=False).ids, text
         assert tok.decode(ids, skip_special_tokens=False) == text
+
+
+def test_gguf_name_table_is_two_way():
+    """Reader and exporter share one name table; every GGUF part maps back to its HF tensor and position."""
+    from toolkit.checkpoint.gguf_names import ROPE_FACTOR_TENSORS, gguf_names, gguf_tensor_name, hf_name
+
+    suffixes = [
+        "input_layernorm.weight",
+        "self_attn.qkv_proj.weight",
+        "self_attn.o_proj.weight",
+        "post_attention_layernorm.weight",
+        "mlp.gate_up_proj.weight",
+        "mlp.down_proj.weight",
+    ]
+    names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+    names += [f"model.layers.{i}.{s}" for i in (0, 11) for s in suffixes]
+    for arch in ("phi3", "llama"):
+        seen = set()
+        for name in names:
+            parts = gguf_names(name, arch)
+            for i, part in enumerate(parts):
+                assert hf_name(part, arch) == (name, i)
+            seen.update(parts)
+        assert len(seen) == sum(len(gguf_names(n, arch)) for n in names)  # no GGUF name used twice
+    assert gguf_names("model.layers.11.self_attn.qkv_proj.weight", "llama") == (
+        "blk.11.attn_q.weight",
+        "blk.11.attn_k.weight",
+        "blk.11.attn_v.weight",
+    )
+    assert gguf_names("model.layers.2.mlp.gate_up_proj.weight", "llama") == (
+        "blk.2.ffn_gate.weight",
+        "blk.2.ffn_up.weight",
+    )
+    assert gguf_tensor_name("model.layers.3.mlp.down_proj.weight") == "blk.3.ffn_down.weight"
+    no_hf = [(ROPE_FACTOR_TENSORS[0], "phi3"), ("blk.0.attn_qkv.weight", "llama"), ("blk.0.x", "phi3")]
+    for bad, arch in no_hf:
+        with pytest.raises(KeyError):
+            hf_name(bad, arch)
+    with pytest.raises(KeyError):
+        gguf_names("model.layers.0.mlp.nope.weight")

@@ -3,6 +3,8 @@ equal transformers' on the *dequantized* weights (so this measures the compiler,
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -15,11 +17,12 @@ from toolkit.compile.cpu_isa import q4_gemm_isa, q8_dot_isa, q8_gemm_isa
 from toolkit.compile.fuse_dequant import fused_dequant_kernels, unfused_dequant_kernels
 from toolkit.compile.pipeline import lower_to_tir
 from toolkit.model.phi3 import export_phi3
+from toolkit.quantization import MLC_Q4_LAYOUT, QUANTIZATIONS, GroupLayout, get_scheme
 from toolkit.quantization.group_quant import dequantize
 from toolkit.targets import load_preset
 
 
-def _hf_with_engine_weights(ckpt, eng):
+def _hf_with_engine_weights(ckpt, eng, layout: GroupLayout = MLC_Q4_LAYOUT):
     """transformers on exactly the weights the engine runs: q_weight/q_scale pairs dequantized in numpy, norm
     weights as stored."""
     hf = load_hf_model(ckpt)
@@ -30,7 +33,7 @@ def _hf_with_engine_weights(ckpt, eng):
             if p.ndim == 2 and base + ".q_weight" in arrays:
                 # scales widened first: (code - 7) * fp16 scale is exact in fp32, not always in fp16
                 qs = arrays[base + ".q_scale"].astype(np.float32)
-                w = dequantize(arrays[base + ".q_weight"], qs, p.shape[1])
+                w = dequantize(arrays[base + ".q_weight"], qs, p.shape[1], layout)
                 assert np.abs(w - p.numpy()).max() > 0  # really quantized
                 p.copy_(torch.from_numpy(w.astype(np.float32)))
             elif name in arrays:  # norm weights, stored in the scheme's dtype (fp16 for q4f16_1)
@@ -130,3 +133,72 @@ def test_fp16_kv_cache_stays_close_to_transformers(tmp_path):
     assert 1e-5 < rel_err(pre, ref[: len(prompt)]) < 1e-2
     assert 1e-5 < rel_err(dec, ref[len(prompt) :]) < 1e-2
     assert (dec.argmax(-1) == ref[len(prompt) :].argmax(-1)).all()
+
+
+def _q4_nt_matmul(layout: GroupLayout, n: int = 64, k: int = 256):
+    """A standalone dequant + NT matmul PrimFunc of `layout`, as the model's q4 Linear writes it."""
+    from tvm import te
+
+    from toolkit.quantization.tvm_layers import te_dequantize
+
+    qw_shape, qs_shape = layout.quantized_shapes((n, k))
+    qw = te.placeholder(qw_shape, layout.storage, name="q_weight")
+    qs = te.placeholder(qs_shape, "float32", name="q_scale")
+    x = te.placeholder((1, 1, k), "float32", name="x")
+    w = te_dequantize(qw, qs, k, "float32", layout)
+    r = te.reduce_axis((0, k), "k")
+    y = te.compute((1, 1, n), lambda b, s, i: te.sum(x[b, s, r] * w[i, r], axis=r), name="NT_matmul")
+    return te.create_prim_func([x, qw, qs, y])
+
+
+def test_host_q4_matcher_declines_other_layouts():
+    """The host's hand-written q4 kernels are built for MLC's layout; any other layout (here groups of 64)
+    must not match them, so a generic schedule takes it instead of a kernel reading it as groups of 32."""
+    from toolkit.compile.cpu_schedule import HOST_Q4_LAYOUT, _match_q4_matmul
+
+    assert HOST_Q4_LAYOUT == MLC_Q4_LAYOUT
+    q = _match_q4_matmul(_q4_nt_matmul(MLC_Q4_LAYOUT))
+    assert q is not None and (q.n, q.k, q.layout) == (64, 256, MLC_Q4_LAYOUT)
+    g64 = GroupLayout(bits=4, group_size=64, storage="uint32")
+    assert _match_q4_matmul(_q4_nt_matmul(g64)) is None
+    # the matcher reads the layout it is given: it does see a groups-of-64 dequantize as one
+    assert _match_q4_matmul(_q4_nt_matmul(g64), g64).layout == g64
+
+
+def test_scheme_layout_is_derived_and_validated():
+    s = dataclasses.replace(get_scheme("q4f16_1"), name="g64", group_size=64)
+    assert (s.layout.group_size, s.elems_per_word, s.max_int, s.layout.words_per_group) == (64, 8, 7, 8)
+    assert s.layout.quantized_shapes((10, 100)) == ((10, 16), (10, 2))
+    assert s.bits_per_weight() == 4 + 16 / 64
+    with pytest.raises(ValueError, match="not a multiple"):
+        GroupLayout(bits=4, group_size=12, storage="uint32")
+    with pytest.raises(ValueError, match="pack evenly"):
+        GroupLayout(bits=3, group_size=30, storage="uint32")
+
+
+def test_group_size_64_scheme_runs_end_to_end_on_the_host(tmp_path, monkeypatch):
+    """A scheme with another layout (groups of 64) converts, compiles for the `host` preset and runs, with
+    the logits of transformers on the same dequantized weights: the layout is read from the scheme by the
+    quantizer, the TVM layers and the runtime, and the host's q4 kernels (groups of 32) decline it."""
+    scheme = dataclasses.replace(get_scheme("q4f32_1"), name="q4f32_g64test", group_size=64)
+    monkeypatch.setitem(QUANTIZATIONS, scheme.name, scheme)
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "phi4-mini")  # tied embedding: quantized lm_head too
+    eng = build_engine(ckpt, tmp_path / "lib", scheme.name, device="host")
+    arrays = {p["name"]: t.numpy() for p, t in zip(eng.compiled.manifest["params"], eng.params)}
+    scales = {n: a.shape for n, a in arrays.items() if n.endswith(".q_scale")}
+    weights = {n: a.shape for n, a in arrays.items() if n.endswith(".q_weight")}
+    assert scales and len(scales) == len(weights)
+    for name, (rows, groups) in scales.items():  # groups of 64 codes, 8 per word: 8 words per group
+        assert weights[name.replace("q_scale", "q_weight")] == (rows, 8 * groups), name
+    k_embed = eng.cfg.hidden_size
+    assert scales["model.embed_tokens.q_scale"][1] == -(-k_embed // 64)
+    hf = _hf_with_engine_weights(ckpt, eng, scheme.layout)
+    prompt = np.random.default_rng(0).integers(3, eng.cfg.vocab_size, 10).tolist()
+    sid = eng.add_sequence()
+    rows = [eng.prefill(sid, prompt, all_logits=True)]
+    toks = []
+    for _ in range(6):
+        toks.append(int(np.argmax(rows[-1][-1])))
+        rows.append(eng.decode(sid, toks[-1])[None])
+    # the generic fp32 schedules run these matmuls: only summation order differs from transformers
+    assert rel_err(np.concatenate(rows), hf_incremental(hf, prompt, toks)) < 1e-4

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -183,3 +185,20 @@ def test_kv_cache_dtype_is_a_cpu_preset_setting():
         targets.load_preset("vulkan").with_kv_cache("float16")
     with pytest.raises(UserError, match="--kv-cache"):
         targets.load_preset("host").with_kv_cache("int8")
+
+
+def test_presets_and_records_ship_inside_the_package():
+    """A non-editable install must find the presets and tuned records: they live in the package and
+    pyproject's package-data lists every one of them (checked by hand with `pip install .` into a venv)."""
+    tomllib = pytest.importorskip("tomllib")
+    import toolkit
+
+    pkg = Path(toolkit.__file__).resolve().parent
+    if "TOOLKIT_TARGETS_DIR" not in os.environ:
+        assert targets.TARGETS_DIR.resolve() == pkg / "targets"
+    pyproject = tomllib.loads((pkg.parent / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["toolkit"]
+    shipped = {p for g in globs for p in pkg.glob(g)}
+    on_disk = set((pkg / "targets").glob("*.json")) | set((pkg / "schedules").rglob("*.json"))
+    assert len(on_disk) >= len(targets.list_presets()) + 1
+    assert on_disk <= shipped, sorted(str(p) for p in on_disk - shipped)

@@ -42,7 +42,7 @@ class Model:
     """A loaded model: engine + tokenizer + chat template + generation defaults."""
 
     def __init__(self, engine: Engine, source: Any, defaults: GenerationOptions | None = None) -> None:
-        from .prompts import PromptFormat
+        from .runtime.prompts import PromptFormat
 
         self.engine, self.source = engine, source
         self.tokenizer = source.tokenizer()

@@ -1,5 +1,5 @@
 """Conversation templates: a plain registry of the few formats our models speak, rendered without Jinja
-(used when a checkpoint ships no Jinja template of its own; toolkit/prompts.py picks).
+(used when a checkpoint ships no Jinja template of its own; toolkit/runtime/prompts.py picks).
 
 Every template renders a conversation so that the rendering of a shorter history is a prefix of the rendering
 of a longer one (given the same first message); `phi3 chat` relies on this to reuse the KV cache across turns.
@@ -144,5 +144,5 @@ def jinja_for_hf_dir(path: str | Path) -> str | None:
 
 def template_for_hf_dir(path: str | Path) -> str:
     """Our template name for a HF checkpoint folder: recognised from its Jinja template, Phi-3's when it has
-    none (the runtime renders a Jinja template itself: toolkit/prompts.py)."""
+    none (the runtime renders a Jinja template itself: toolkit/runtime/prompts.py)."""
     return template_from_jinja(jinja_for_hf_dir(path)) or "phi3"

@@ -164,7 +164,7 @@ def llama_gguf_for(model: Any, src, log: Callable[[str], None]) -> Path:
         return Path(src.path)
     import hashlib
 
-    from ..gguf_export import export_gguf
+    from ..checkpoint.gguf_export import export_gguf
     from .llama_cpp import cache_dir
 
     stamp = max((p.stat().st_mtime_ns for p in Path(src.path).rglob("*") if p.is_file()), default=0)

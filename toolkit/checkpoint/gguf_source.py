@@ -18,6 +18,7 @@ import numpy as np
 from ..config import ConfigError, LongRope, Phi3Config
 from ..errors import UserError
 from . import ModelSource, expected_tensor_shapes, require_finite
+from .gguf_names import ROPE_FACTOR_TENSORS, gguf_names
 
 SUPPORTED_GGUF_ARCHS = ("llama", "phi3")
 CONTROL_TOKEN_TYPE = 3
@@ -194,29 +195,7 @@ class GGUFSource(ModelSource):
     # ---- tensor mapping ------------------------------------------------------------------------------------
     def _sources(self, name: str) -> list[str]:
         """GGUF tensors that make up one of our tensors (fused ones have several, in order)."""
-        if name == "model.embed_tokens.weight":
-            return ["token_embd.weight"]
-        if name == "model.norm.weight":
-            return ["output_norm.weight"]
-        if name == "lm_head.weight":
-            return ["output.weight"]
-        i, rest = name[len("model.layers.") :].split(".", 1)
-        b = f"blk.{i}."
-        llama = self.arch == "llama"
-        return {
-            "input_layernorm.weight": [b + "attn_norm.weight"],
-            "self_attn.qkv_proj.weight": (
-                [b + "attn_q.weight", b + "attn_k.weight", b + "attn_v.weight"]
-                if llama
-                else [b + "attn_qkv.weight"]
-            ),
-            "self_attn.o_proj.weight": [b + "attn_output.weight"],
-            "post_attention_layernorm.weight": [b + "ffn_norm.weight"],
-            "mlp.gate_up_proj.weight": [b + "ffn_gate.weight", b + "ffn_up.weight"]
-            if llama
-            else [b + "ffn_up.weight"],
-            "mlp.down_proj.weight": [b + "ffn_down.weight"],
-        }[rest]
+        return list(gguf_names(name, self.arch))
 
     def _gguf_shape(self, gname: str) -> tuple[int, ...]:
         t = self._tensors[gname]
@@ -224,7 +203,7 @@ class GGUFSource(ModelSource):
         return tuple(int(d) for d in reversed(list(t.shape)))
 
     def _validate(self) -> None:
-        used: set[str] = {"rope_factors_long.weight", "rope_factors_short.weight"}
+        used: set[str] = set(ROPE_FACTOR_TENSORS)
         for name, shape in self._expected.items():
             parts = self._sources(name)
             for g in parts:

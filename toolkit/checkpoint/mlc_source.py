@@ -72,7 +72,7 @@ class MLCSource(ModelSource):
                     raise UserError(f"tensor-cache.json has no {s}", self.path)
             if len(stored) == 2:
                 qw, qs = (self._stored[s][0] for s in stored)
-                if (qw, qs) != gq.quantized_shapes(shape):
+                if (qw, qs) != self.scheme.layout.quantized_shapes(shape):
                     raise UserError(f"{name}: stored shapes {qw}/{qs} do not fit {shape}", self.path)
             elif self._stored[stored[0]][0] != shape:
                 got = self._stored[stored[0]][0]
@@ -94,7 +94,8 @@ class MLCSource(ModelSource):
                 yield name, stored[keys[0]].astype(np.float32)
             else:
                 qw, qs = (stored[k] for k in keys)
-                yield name, gq.dequantize(qw, qs, self._shapes[name][1]).astype(np.float32)
+                w = gq.dequantize(qw, qs, self._shapes[name][1], self.scheme.layout)
+                yield name, w.astype(np.float32)
 
     def tokenizer(self):
         from ..tokenizer import Tokenizer

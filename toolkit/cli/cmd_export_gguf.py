@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from ..gguf_export import QTYPES, export_gguf
+from ..checkpoint.gguf_export import QTYPES, export_gguf
 
 
 @click.command()

@@ -8,7 +8,7 @@ import json
 import click
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-KNOWN_METHODS = ("rtn", "search", "weighted")  # toolkit.quantization.report.METHODS, without importing it
+KNOWN_METHODS = ("rtn", "search", "weighted")  # toolkit.convert.quant_report.METHODS, without importing it
 
 
 def _methods(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
@@ -45,9 +45,9 @@ def _methods(ctx: click.Context, param: click.Parameter, value: str) -> tuple[st
 def command(model, quantization, output, methods, as_json, allow_pickle, no_progress):
     """Show how much error 4-bit quantization puts in each weight of MODEL (default: the embedded model)."""
     from ..checkpoint import open_model
+    from ..convert.quant_report import plot_report, weight_error_report
     from ..errors import UserError
     from ..outputs import check_output_file, model_input_path
-    from ..quantization.report import plot_report, weight_error_report
 
     # checked before the (long) run, not when the plot is written at its end
     check_output_file(output, inputs=[model_input_path(model)], magic=PNG_MAGIC, what="a PNG image")

@@ -75,7 +75,7 @@ def _parse_tracker(value: str | None) -> tuple[str, int] | None:
     "--schedules-dir",
     type=click.Path(file_okay=False),
     default=None,
-    help="Root of the records folder (default: the repo's schedules/).",
+    help="Root of the records folder (default: the package's toolkit/schedules/).",
 )
 def command(
     model,

@@ -14,15 +14,17 @@ import operator
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .cpu_q8_gemv import with_params_of
+from .cpu_q8_gemv import check_layout, with_params_of
 
 
 def q4_outer_gemm(func: tirx.PrimFunc, q, *, mr: int = 6, nr: int = 16, lanes: int = 8) -> tirx.PrimFunc:
     """`func` (a `_Q4Matmul` match `q`: x [.., M, K] with a dynamic M, q_weight, q_scale, out, optional
     residual) as the outer-product kernel; `lanes`: fp32 lanes per vector (8: AVX2, 16: AVX-512)."""
+    lay = check_layout(q)
+    epw, wpg, bits, mask, zp = lay.elems_per_word, lay.words_per_group, lay.bits, lay.code_mask, lay.max_int
     n, k = q.n, q.k
-    assert n % nr == 0 and k % 32 == 0 and nr % lanes == 0
-    n_groups, n_words = k // 32, k // 8
+    assert n % nr == 0 and k % lay.group_size == 0 and nr % lanes == 0
+    n_groups, n_words = k // lay.group_size, k // epw
     m_shape = list(q.x.shape)[:-1]
     n_rows = functools.reduce(operator.mul, m_shape, 1)
     x_shape, out_shape = [*m_shape, k], [*m_shape, n]
@@ -49,13 +51,13 @@ def q4_outer_gemm(func: tirx.PrimFunc, q, *, mr: int = 6, nr: int = 16, lanes: i
             for w in range(n_words):
                 for j in T.vectorized(nr):
                     words[j] = qw[t * nr + j, w]
-                if w % 4 == 0:
+                if w % wpg == 0:
                     for j in T.vectorized(nr):
-                        scales[j] = T.Cast("float32", qs[t * nr + j, w // 4])
-                for c in T.unroll(8):
+                        scales[j] = T.Cast("float32", qs[t * nr + j, w // wpg])
+                for c in T.unroll(epw):
                     for j in T.vectorized(nr):
-                        wt[(w * 8 + c) * nr + j] = (T.Cast("float32", T.Cast("int32", T.shift_right(
-                            words[j], T.uint32(4 * c)) & T.uint32(15))) - T.float32(7)) * scales[j]
+                        wt[(w * epw + c) * nr + j] = (T.Cast("float32", T.Cast("int32", T.shift_right(
+                            words[j], T.uint32(bits * c)) & T.uint32(mask))) - T.float32(zp)) * scales[j]
             for mo in range((n_rows + mr - 1) // mr):
                 for i in T.unroll(mr):
                     for v in T.unroll(vecs):

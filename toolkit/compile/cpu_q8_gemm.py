@@ -18,7 +18,7 @@ import operator
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .cpu_q8_gemv import with_params_of
+from .cpu_q8_gemv import check_layout, with_params_of
 
 
 def _spread_nibbles(v: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -32,9 +32,11 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
     int8 VNNI kernel: same parameters, same result up to activation rounding. `lanes`: int32 lanes of the
     registers (16: 512-bit, 8: 256-bit), also the weight rows per tile."""
     NR = lanes  # noqa: N806 - a constant of the kernel below
+    lay = check_layout(q)
+    gs, epw, zp = lay.group_size, lay.elems_per_word, lay.max_int
     n, k = q.n, q.k
-    assert n % NR == 0 and k % 32 == 0
-    n_groups, n_words, n_quads = k // 32, k // 8, k // 4
+    assert n % NR == 0 and k % gs == 0
+    n_groups, n_words, n_quads = k // gs, k // epw, k // 4  # 4 int8 activations per int32 (vpdpbusd)
     m_shape = list(q.x.shape)[:-1]
     n_rows = functools.reduce(operator.mul, m_shape, 1)
     x_shape, out_shape = [*m_shape, k], [*m_shape, n]
@@ -56,13 +58,13 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
         # 1. quantize x per 32-group (rows in parallel: M x K values, small next to the GEMM)
         for m in T.parallel(n_rows):
             amax = T.alloc_buffer((1,), "float32", scope="local")
-            qv = T.alloc_buffer((32,), "int32", scope="local")
+            qv = T.alloc_buffer((gs,), "int32", scope="local")
             for g in range(n_groups):
                 amax[0] = T.float32(0)
-                for i in range(32):
-                    amax[0] = T.max(amax[0], T.abs(xf[m * k + g * 32 + i]))
-                for i in range(32):
-                    qv[i] = T.Cast("int32", T.nearbyint(xf[m * k + g * 32 + i] * T.Select(
+                for i in range(gs):
+                    amax[0] = T.max(amax[0], T.abs(xf[m * k + g * gs + i]))
+                for i in range(gs):
+                    qv[i] = T.Cast("int32", T.nearbyint(xf[m * k + g * gs + i] * T.Select(
                         amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))))
                 for j in range(8):
                     xq[m * n_quads + g * 8 + j] = (
@@ -71,8 +73,8 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
                         | T.shift_left(T.Cast("uint32", qv[4 * j + 2]) & T.uint32(255), T.uint32(16))
                         | T.shift_left(T.Cast("uint32", qv[4 * j + 3]) & T.uint32(255), T.uint32(24)))
                 xz[m * n_groups + g] = T.int32(0)
-                for i in range(32):
-                    xz[m * n_groups + g] = xz[m * n_groups + g] - 7 * qv[i]
+                for i in range(gs):
+                    xz[m * n_groups + g] = xz[m * n_groups + g] - zp * qv[i]
                 xs[m * n_groups + g] = amax[0] / T.float32(127)
         # 2. per tile of NR weight rows: repack, then register blocks of mr rows of x
         for t in T.parallel(n // NR):

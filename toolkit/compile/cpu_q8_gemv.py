@@ -28,6 +28,7 @@ import operator
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ..quantization import MLC_Q4_LAYOUT, GroupLayout
 from .cpu_isa import Q8_DOT_LANES
 
 MASK = 0x0F0F0F0F  # low nibble of every byte of a word
@@ -69,6 +70,15 @@ def _dot_vnni(words, xe, xo, xz, lanes: int) -> tirx.PrimExpr:
     return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(name), first, hi, xo, dtype=f"int32x{lanes}")
 
 
+def check_layout(q) -> GroupLayout:
+    """The match's storage layout, which must be the one these kernels are written for: MLC's q4 (4-bit
+    codes, 8 per uint32, groups of 32); the byte/nibble tricks below depend on it. `_match_q4_matmul`
+    only matches that layout, so this is a guard against a caller bypassing it."""
+    if q.layout != MLC_Q4_LAYOUT:
+        raise ValueError(f"host q4 kernels handle {MLC_Q4_LAYOUT}, not {q.layout}")
+    return q.layout
+
+
 def _lane_sum(acc, base, lanes: int) -> tirx.PrimExpr:
     """acc[base] + ... + acc[base + lanes - 1] as a balanced tree (independent adds)."""
     terms = [acc[base + i] for i in range(lanes)]
@@ -85,11 +95,13 @@ def q8_dot_gemv(func: tirx.PrimFunc, q, *, isa: str = "avx2", rows: int = 1, til
     rows: weight rows per x load (1 streams the weights strictly in memory order, which the hardware
     prefetcher follows best: 8.2 GB/s vs 4.3 for 4 rows; software prefetch 256/512 B ahead gave 6.5/7.1);
     tile: rows per parallel task."""
+    lay = check_layout(q)
+    gs, zp = lay.group_size, lay.max_int
     lanes = Q8_DOT_LANES[isa]
     span = lanes // 8  # 64-weight chunks per step
     n, k = q.n, q.k
     assert k % (64 * span) == 0 and n % tile == 0 and tile % rows == 0
-    n_groups, n_words, n_chunks = k // 32, k // 8, k // 64
+    n_groups, n_words, n_chunks = k // gs, k // lay.elems_per_word, k // 64
     n_steps = n_chunks // span
     m_shape = list(q.x.shape)[:-1]
     n_rows = functools.reduce(operator.mul, m_shape, 1)  # rows of x (PrimExpr when dynamic)
@@ -120,23 +132,23 @@ def q8_dot_gemv(func: tirx.PrimFunc, q, *, isa: str = "avx2", rows: int = 1, til
         for m in range(n_rows):
             for g in range(n_groups):
                 amax[0] = T.float32(0)
-                for i in range(32):
-                    amax[0] = T.max(amax[0], T.abs(xf[m * k + g * 32 + i]))
-                for i in range(32):
+                for i in range(gs):
+                    amax[0] = T.max(amax[0], T.abs(xf[m * k + g * gs + i]))
+                for i in range(gs):
                     # k = 32g + i -> chunk g // 2, byte 16 (g % 2) + i // 2, low/high nibble by i % 2
                     if i % 2 == 0:
                         xe[(m * n_chunks + g // 2) * 32 + 16 * (g % 2) + i // 2] = T.Cast("int8", T.Cast(
-                            "int32", T.nearbyint(xf[m * k + g * 32 + i] * T.Select(
+                            "int32", T.nearbyint(xf[m * k + g * gs + i] * T.Select(
                                 amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0)))))
                     else:
                         xo[(m * n_chunks + g // 2) * 32 + 16 * (g % 2) + i // 2] = T.Cast("int8", T.Cast(
-                            "int32", T.nearbyint(xf[m * k + g * 32 + i] * T.Select(
+                            "int32", T.nearbyint(xf[m * k + g * gs + i] * T.Select(
                                 amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0)))))
                 for u in range(4):
                     xs[(m * n_chunks + g // 2) * 8 + 4 * (g % 2) + u] = amax[0] / T.float32(127)
             for b in range(n_chunks):
                 for u in range(8):
-                    xz[(m * n_chunks + b) * 8 + u] = -7 * (
+                    xz[(m * n_chunks + b) * 8 + u] = -zp * (
                         T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u])
                         + T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u + 1])
                         + T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u + 2])

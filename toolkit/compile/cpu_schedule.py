@@ -38,8 +38,14 @@ from tvm.s_tir.dlight.analysis import SBlockInfo, normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule, try_inline_contiguous_spatial
 from tvm.target import Target, codegen
 
+from ..quantization import MLC_Q4_LAYOUT, GroupLayout
 from .cpu_isa import Q4_GEMM_LANES, Q8_DOT_LANES, q4_gemm_isa, q8_dot_isas, q8_gemm_isa
 from .knobs import Knobs, shape_key
+
+# The hand-written q4 kernels below (`_regrouped_q4_gemv`, `cpu_q8_gemv`, `cpu_q4_gemm`, `cpu_q8_gemm`) are
+# built for this one storage layout (4-bit codes, 8 per uint32, groups of 32); `_match_q4_matmul` declines
+# any other layout, which then takes the generic `CPUGEMV` / `CPUGEMM` schedules.
+HOST_Q4_LAYOUT: GroupLayout = MLC_Q4_LAYOUT
 
 # ---------------------------------------------------------------------------------------------------------
 # target facts
@@ -263,7 +269,7 @@ class CPUGEMV(ScheduleRule):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# q4 dequant-GEMV, regrouped: scale and the -7 offset applied once per 32-group, not per weight
+# q4 dequant-GEMV, regrouped: scale and the zero point applied once per group, not per weight
 
 
 def _kind(e) -> str:
@@ -319,10 +325,13 @@ class _Q4Matmul:
     other_first: bool
     n: int
     k: int
+    layout: GroupLayout  # the storage layout of q_weight / q_scale (always HOST_Q4_LAYOUT today)
 
 
-def _match_dequant(stmt, analyzer):
-    """(q_weight, q_scale, W) if `stmt` is W[n, k] = (((qw[n, k//8] >> 4*(k%8)) & 15) - 7) * s[n, k//32]."""
+def _match_dequant(stmt, analyzer, layout: GroupLayout):
+    """(q_weight, q_scale, W) if `stmt` is the dequantize of `layout`:
+    W[n, k] = (((qw[n, k // epw] >> bits*(k % epw)) & mask) - max_int) * s[n, k // group_size]
+    (for MLC's q4: ((qw[n, k//8] >> 4*(k%8)) & 15) - 7) * s[n, k//32])."""
     if len(stmt.iter_vars) != 2 or any(int(iv.iter_type) != 0 for iv in stmt.iter_vars):
         return None
     store = stmt.body
@@ -337,30 +346,35 @@ def _match_dequant(stmt, analyzer):
     sub, scale = val.a, val.b
     if _kind(sub) != "Sub":
         sub, scale = scale, sub
-    if _kind(sub) != "Sub" or not _is_const(sub.b, 7.0):
+    if _kind(sub) != "Sub" or not _is_const(sub.b, float(layout.max_int)):
         return None
     scale = _strip_cast(scale, "float32")
     if _kind(scale) != "TensorLoad" or len(scale.indices) != 2:
         return None
-    if not (_equal(analyzer, scale.indices[0], vn) and _equal(analyzer, scale.indices[1], vk // 32)):
+    if not (
+        _equal(analyzer, scale.indices[0], vn) and _equal(analyzer, scale.indices[1], vk // layout.group_size)
+    ):
         return None
     band = _strip_cast(sub.a, "float32")
-    if _kind(band) != "BitwiseAnd" or not _is_const(band.b, 15):
+    if _kind(band) != "BitwiseAnd" or not _is_const(band.b, layout.code_mask):
         return None
     shr = band.a
     if _kind(shr) != "RShift":
         return None
     word = shr.a
-    if _kind(word) != "TensorLoad" or str(word.source.dtype) != "uint32" or len(word.indices) != 2:
+    if _kind(word) != "TensorLoad" or str(word.source.dtype) != layout.storage or len(word.indices) != 2:
         return None
-    if not (_equal(analyzer, word.indices[0], vn) and _equal(analyzer, word.indices[1], vk // 8)):
+    epw = layout.elems_per_word
+    if not (_equal(analyzer, word.indices[0], vn) and _equal(analyzer, word.indices[1], vk // epw)):
         return None
-    if not _equal(analyzer, _strip_cast(shr.b), (vk % 8) * 4):
+    if not _equal(analyzer, _strip_cast(shr.b), (vk % epw) * layout.bits):
         return None
     return word.source, scale.source, store.buffer
 
 
-def _match_q4_matmul(func: tirx.PrimFunc) -> _Q4Matmul | None:
+def _match_q4_matmul(func: tirx.PrimFunc, layout: GroupLayout = HOST_Q4_LAYOUT) -> _Q4Matmul | None:
+    """The q4 matmul of `func` if its dequantize reads exactly `layout`; None for anything else (another
+    group size or code width included), so that a generic rule schedules it instead."""
     from tvm import sym
 
     analyzer = sym.Analyzer()
@@ -368,7 +382,7 @@ def _match_q4_matmul(func: tirx.PrimFunc) -> _Q4Matmul | None:
     blocks = [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))] if _has_root(sch) else []
     if len(blocks) not in (2, 3):
         return None
-    deq = _match_dequant(blocks[0], analyzer)
+    deq = _match_dequant(blocks[0], analyzer, layout)
     if deq is None:
         return None
     q_weight, q_scale, w_buf = deq
@@ -442,13 +456,10 @@ def _match_q4_matmul(func: tirx.PrimFunc) -> _Q4Matmul | None:
     if not all(any(p.same_as(b) for p in params) for b in needed) or len(params) != len(needed):
         return None
     n, k = int(w_buf.shape[0]), int(w_buf.shape[1])
-    if (
-        k % 32
-        or tuple(int(d) for d in q_weight.shape) != (n, k // 8)
-        or tuple(int(d) for d in q_scale.shape) != (n, k // 32)
-    ):
+    stored = (tuple(int(d) for d in q_weight.shape), tuple(int(d) for d in q_scale.shape))
+    if k % layout.group_size or stored != layout.quantized_shapes((n, k)):
         return None
-    return _Q4Matmul(x, q_weight, q_scale, out, other, other_first, n, k)
+    return _Q4Matmul(x, q_weight, q_scale, out, other, other_first, n, k, layout)
 
 
 def _has_root(sch: s_tir.Schedule) -> bool:
@@ -480,7 +491,11 @@ def _regrouped_q4_gemv(
     Exact algebra; only the order of fp32 additions differs from the original."""
     from tvm import te
 
-    g_count = q.k // 32
+    lay = q.layout
+    assert lay == HOST_Q4_LAYOUT, "written for 4-bit codes, 8 per uint32, groups of 32"
+    epw, bits, word_dtype = lay.elems_per_word, lay.bits, lay.storage
+    g_count = q.k // lay.group_size
+    zero_point = tirx.const(float(lay.max_int), "float32")
     placeholders = {}
     for p in func.params:
         placeholders[p] = te.placeholder(list(p.shape), str(p.dtype), name=p.name)
@@ -501,31 +516,32 @@ def _regrouped_q4_gemv(
 
     if layout == "word":
         lanes = 8 * words_per_vector  # words per vector load (= fp32 lanes)
-        words = q.k // 8
-        seven = tirx.const(7.0, "float32")
+        words = q.k // epw
+        top = epw - 1  # the top code of a word is shifted down instead of masked in place
+        radix = float(2**bits)
 
         def pow16inv(c):  # 16^-c for c = 0..6, 1 for c = 7 (the top nibble is shifted down instead)
             e = tirx.const(1.0, "float32")
-            for i in range(1, 7):
-                e = tirx.Select(c == i, tirx.const(16.0**-i, "float32"), e)
+            for i in range(1, top):
+                e = tirx.Select(c == i, tirx.const(radix**-i, "float32"), e)
             return e
 
         def masked_code(word, c):
             val = tirx.Select(
-                c < 7,
-                word & (tirx.const(15, "uint32") << (c * 4).astype("uint32")),
-                word >> tirx.const(28, "uint32"),
+                c < top,
+                word & (tirx.const(lay.code_mask, word_dtype) << (c * bits).astype(word_dtype)),
+                word >> tirx.const(lay.storage_bits - bits, word_dtype),
             )
             return val.astype("int32").astype("float32")  # < 2^31: the int32 convert is exact
 
         xt = te.compute(
-            (m_total, 8, words), lambda m, c, j: x_at(m, 8 * j + c) * pow16inv(c), name="x_scaled_t"
+            (m_total, epw, words), lambda m, c, j: x_at(m, epw * j + c) * pow16inv(c), name="x_scaled_t"
         )
-        cr = te.reduce_axis((0, 8), "c")
+        cr = te.reduce_axis((0, epw), "c")
         xs = te.compute(
-            (m_total, words), lambda m, j: te.sum(x_at(m, 8 * j + cr), axis=cr), name="x_word_sum"
+            (m_total, words), lambda m, j: te.sum(x_at(m, epw * j + cr), axis=cr), name="x_word_sum"
         )
-        c2 = te.reduce_axis((0, 8), "c")
+        c2 = te.reduce_axis((0, epw), "c")
         pmat = te.compute(
             (m_total, q.n, words // lanes, lanes),
             lambda m, n, b, l: te.sum(
@@ -537,24 +553,26 @@ def _regrouped_q4_gemv(
         acc = te.compute(
             (m_total, q.n, lanes),
             lambda m, n, l: te.sum(
-                qs[n, (lanes * bb + l) // 4].astype("float32")
-                * (pmat[m, n, bb, l] - seven * xs[m, lanes * bb + l]),
+                qs[n, (lanes * bb + l) // lay.words_per_group].astype("float32")
+                * (pmat[m, n, bb, l] - zero_point * xs[m, lanes * bb + l]),
                 axis=bb,
             ),
             name="lane_acc",
         )
     else:
-        lanes = 8 * words_per_vector  # one vector = `words_per_vector` packed words, 8 nibbles each
-        steps = 4 // words_per_vector  # vectors per 32-group
+        lanes = epw * words_per_vector  # one vector = `words_per_vector` packed words, 8 nibbles each
+        steps = lay.words_per_group // words_per_vector  # vectors per group
+        gs = lay.group_size
 
         def nibble(n, kk):
-            word = qw[n, kk // 8]
-            return ((word >> ((kk % 8) * 4).astype("uint32")) & tirx.const(15, "uint32")).astype("float32")
+            word = qw[n, kk // epw]
+            code = (word >> ((kk % epw) * bits).astype(word_dtype)) & tirx.const(lay.code_mask, word_dtype)
+            return code.astype("float32")
 
         w_ = te.reduce_axis((0, steps), "w")
         xg = te.compute(
             (m_total, g_count, lanes),
-            lambda m, g, c: te.sum(x_at(m, 32 * g + lanes * w_ + c), axis=w_),
+            lambda m, g, c: te.sum(x_at(m, gs * g + lanes * w_ + c), axis=w_),
             name="x_group_sum",
         )
         per_chain = steps // chains  # `chains` independent accumulators per row break the FMA latency chain
@@ -562,14 +580,13 @@ def _regrouped_q4_gemv(
         pmat = te.compute(
             (m_total, q.n, g_count, chains, lanes),
             lambda m, n, g, h, c: te.sum(
-                x_at(m, 32 * g + lanes * (h * per_chain + w2) + c)
-                * nibble(n, 32 * g + lanes * (h * per_chain + w2) + c),
+                x_at(m, gs * g + lanes * (h * per_chain + w2) + c)
+                * nibble(n, gs * g + lanes * (h * per_chain + w2) + c),
                 axis=w2,
             ),
             name="nibble_dot",
         )
         gg = te.reduce_axis((0, g_count), "g")
-        seven = tirx.const(7.0, "float32")
 
         def chain_sum(m, n, g, c):
             total = pmat[m, n, g, 0, c]
@@ -580,7 +597,8 @@ def _regrouped_q4_gemv(
         acc = te.compute(
             (m_total, q.n, lanes),
             lambda m, n, c: te.sum(
-                qs[n, gg].astype("float32") * (chain_sum(m, n, gg, c) - seven * xg[m, gg, c]), axis=gg
+                qs[n, gg].astype("float32") * (chain_sum(m, n, gg, c) - zero_point * xg[m, gg, c]),
+                axis=gg,
             ),
             name="lane_acc",
         )
@@ -649,13 +667,14 @@ class CPUDequantGEMV(ScheduleRule):
             tile //= 2
         if q.n % tile:
             return None
-        wpv = self.words_per_vector or max(1, min(2, simd_lanes_f32(target) // 8))
+        epw = q.layout.elems_per_word
+        wpv = self.words_per_vector or max(1, min(2, simd_lanes_f32(target) // epw))
         layout = self.layout
         if layout == "auto":
-            layout = "word" if (q.k // 8) % (8 * wpv) == 0 else "nibble"
-        elif layout == "word" and (q.k // 8) % (8 * wpv):
+            layout = "word" if (q.k // epw) % (epw * wpv) == 0 else "nibble"
+        elif layout == "word" and (q.k // epw) % (epw * wpv):
             return None
-        steps = 4 // wpv
+        steps = q.layout.words_per_group // wpv
         chains = self.chains if steps % self.chains == 0 and steps // self.chains >= 2 else 1
         if layout == "word":
             chains = 1
@@ -694,7 +713,7 @@ class CPUDequantGEMV(ScheduleRule):
         sch.decompose_reduction(b_dot, d_w)
         if layout == "word":
             xt_loops = sch.get_loops(sch.get_sblock("x_scaled_t"))
-            if (q.k // 8) % 8 == 0:
+            if (q.k // epw) % 8 == 0:
                 sch.vectorize(sch.split(xt_loops[-1], [None, 8])[1])
         else:
             sch.vectorize(sch.get_loops(sch.get_sblock("x_group_sum"))[2])

@@ -200,7 +200,7 @@ def _convert_locked(
         names = source.tensor_names()
         act_stats = None
         if clip_used == "weighted":
-            from ..quantization.calibration import (
+            from .calibration import (
                 MIN_CALIBRATION_TOKENS,
                 activation_stats,
                 calibration_tokens,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import QuantScheme, get_scheme
+from . import GroupLayout, QuantScheme, get_scheme
 from . import group_quant as gq
 
 # Coarse grid (1.0 = RTN first, so ties keep RTN), then +-half a step around each group's best coarse ratio.
@@ -28,7 +28,7 @@ _ROW_BLOCK = 64
 
 
 def _candidate_errors(
-    wg: np.ndarray, s: np.ndarray, weights: np.ndarray | None, buf: np.ndarray
+    wg: np.ndarray, s: np.ndarray, weights: np.ndarray | None, buf: np.ndarray, max_int: int
 ) -> np.ndarray:
     """Squared error per group of scales `s` (B, G) (float32 values of the stored dtype), float32 arithmetic.
 
@@ -39,7 +39,7 @@ def _candidate_errors(
     with np.errstate(divide="ignore", invalid="ignore"):
         np.divide(wg, s3, out=buf)
     np.rint(buf, out=buf)
-    np.clip(buf, -gq.MAX_INT, gq.MAX_INT, out=buf)
+    np.clip(buf, -max_int, max_int, out=buf)
     buf *= s3
     np.subtract(wg, buf, out=buf)
     np.square(buf, out=buf)
@@ -49,8 +49,10 @@ def _candidate_errors(
     return np.where(s > 0, err, np.inf)  # s == 0 only for all-zero groups, where RTN (code 7) is exact
 
 
-def _exact_errors(wg: np.ndarray, s: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
-    d = wg - gq.dequantize_groups(gq.group_codes(wg, s), s)
+def _exact_errors(
+    wg: np.ndarray, s: np.ndarray, weights: np.ndarray | None, layout: GroupLayout
+) -> np.ndarray:
+    d = wg - gq.dequantize_groups(gq.group_codes(wg, s, layout), s, layout)
     d *= d
     if weights is not None:
         d *= weights
@@ -78,47 +80,51 @@ def search_scales(
         raise ValueError("the coarse ratios must start with 1.0 (round-to-nearest)")
     dtype = np.dtype(scheme.scale_dtype)
     n, k = w.shape
-    g = gq.num_groups(k)
+    layout = scheme.layout
+    g = layout.num_groups(k)
     weights = None
     if act_sq is not None:
         if act_sq.shape != (k,):
             raise ValueError(f"act_sq has shape {act_sq.shape}, expected ({k},)")
-        padded = np.zeros(g * gq.GROUP_SIZE, np.float32)
+        padded = np.zeros(g * layout.group_size, np.float32)
         padded[:k] = act_sq
-        weights = padded.reshape(g, gq.GROUP_SIZE)
+        weights = padded.reshape(g, layout.group_size)
     out = np.empty((n, g), dtype)
-    gq.parallel_row_blocks(lambda r0: _search_block(w, r0, dtype, weights, coarse, fine, out), n, _ROW_BLOCK)
+    gq.parallel_row_blocks(
+        lambda r0: _search_block(w, r0, dtype, weights, coarse, fine, out, layout), n, _ROW_BLOCK
+    )
     return out
 
 
-def _search_block(w, r0, dtype, weights, coarse, fine, out) -> None:
+def _search_block(w, r0, dtype, weights, coarse, fine, out, layout: GroupLayout) -> None:
     """Best scales for rows r0 : r0 + _ROW_BLOCK of `w`, written into `out`."""
-    wg = gq._grouped(w[r0 : r0 + _ROW_BLOCK], dtype)
+    wg = gq._grouped(w[r0 : r0 + _ROW_BLOCK], dtype, layout)
+    max_int = layout.max_int
     buf = np.empty_like(wg)
     max_abs = np.abs(wg).max(axis=-1)
 
     def scales_for(ratio):
-        # ratio 1.0 reproduces rtn_scales exactly (max * 1 / 7, one rounding)
-        return (max_abs * np.float32(ratio) / np.float32(gq.MAX_INT)).astype(dtype)
+        # ratio 1.0 reproduces rtn_scales exactly (max * 1 / max_int, one rounding)
+        return (max_abs * np.float32(ratio) / np.float32(max_int)).astype(dtype)
 
     rtn = scales_for(np.float32(1.0))
     best_ratio = np.ones_like(max_abs)
-    best_err = _candidate_errors(wg, rtn.astype(np.float32), weights, buf)
+    best_err = _candidate_errors(wg, rtn.astype(np.float32), weights, buf, max_int)
     for ratio in coarse[1:]:
-        err = _candidate_errors(wg, scales_for(ratio).astype(np.float32), weights, buf)
+        err = _candidate_errors(wg, scales_for(ratio).astype(np.float32), weights, buf, max_int)
         better = err < best_err  # strict: ties keep the larger ratio
         best_ratio = np.where(better, np.float32(ratio), best_ratio)
         best_err = np.minimum(err, best_err)
     centre = best_ratio.copy()
     for off in fine:
         ratio = np.clip(centre + np.float32(off), 0.0, 1.0)
-        err = _candidate_errors(wg, scales_for(ratio).astype(np.float32), weights, buf)
+        err = _candidate_errors(wg, scales_for(ratio).astype(np.float32), weights, buf, max_int)
         better = err < best_err
         best_ratio = np.where(better, ratio, best_ratio)
         best_err = np.minimum(err, best_err)
     best = scales_for(best_ratio)
     # the float32 error is a proxy; keep RTN wherever the exact (runtime) error is not strictly smaller
-    keep_rtn = _exact_errors(wg, best, weights) >= _exact_errors(wg, rtn, weights)
+    keep_rtn = _exact_errors(wg, best, weights, layout) >= _exact_errors(wg, rtn, weights, layout)
     out[r0 : r0 + _ROW_BLOCK] = np.where(keep_rtn, rtn, best)
 
 

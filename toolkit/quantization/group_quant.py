@@ -1,5 +1,8 @@
 """MLC-LLM group quantization (q4f16_1 / q4f32_1), bit-exact, in vectorised numpy.
 
+Every layout number comes from the scheme's `GroupLayout` (`toolkit.quantization`); the text below gives
+MLC's q4*_1 values (group 32, 8 codes per uint32, zero point 7).
+
 Layout ("NK", MLC's `_1` schemes), for a weight `w` of shape (N, K) (HF Linear layout, K = input features):
   groups of 32 consecutive elements along K, G = ceil(K / 32) groups per row;
   q_scale (N, G) in the model dtype:  scale = max|w_group| / 7;
@@ -28,12 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import QuantScheme, get_scheme
+from . import MLC_Q4_LAYOUT, GroupLayout, QuantScheme, get_scheme
 
-GROUP_SIZE = 32
-ELEMS_PER_WORD = 8
-MAX_INT = 7
-_SHIFTS = (np.arange(ELEMS_PER_WORD, dtype=np.uint32) * 4).astype(np.uint32)
 # rows per block: keeps temporaries of a 32064 x 3072 embedding at a few tens of MB
 _ROW_BLOCK = 256
 
@@ -42,15 +41,21 @@ def _float_dtype(scheme: QuantScheme) -> np.dtype:
     return np.dtype(scheme.model_dtype)
 
 
-def num_groups(k: int) -> int:
-    return -(-k // GROUP_SIZE)
+def _shifts(layout: GroupLayout) -> np.ndarray:
+    """Bit offset of each code inside its storage word (lowest bits first)."""
+    word = np.dtype(layout.storage).type
+    return np.arange(layout.elems_per_word, dtype=word) * word(layout.bits)
 
 
-def quantized_shapes(shape: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+def num_groups(k: int, layout: GroupLayout = MLC_Q4_LAYOUT) -> int:
+    return layout.num_groups(k)
+
+
+def quantized_shapes(
+    shape: tuple[int, int], layout: GroupLayout = MLC_Q4_LAYOUT
+) -> tuple[tuple[int, int], tuple[int, int]]:
     """(q_weight shape, q_scale shape) of a group-quantized (N, K) weight."""
-    n, k = shape
-    g = num_groups(k)
-    return (n, g * GROUP_SIZE // ELEMS_PER_WORD), (n, g)
+    return layout.quantized_shapes(shape)
 
 
 def round_to_f16_grid(x: np.ndarray) -> np.ndarray:
@@ -86,74 +91,88 @@ def round_to_f16(x: np.ndarray) -> np.ndarray:
     return y
 
 
-def _grouped(w: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """(N, K) -> (N, G, 32) float32 holding values of the model dtype, zero-padded along K."""
+def _grouped(w: np.ndarray, dtype: np.dtype, layout: GroupLayout = MLC_Q4_LAYOUT) -> np.ndarray:
+    """(N, K) -> (N, G, group_size) float32 holding values of the model dtype, zero-padded along K."""
     n, k = w.shape
+    gs = layout.group_size
     wd = w.astype(np.float32, copy=False)
     if dtype == np.float16:
         wd = round_to_f16(wd)
-    kp = num_groups(k) * GROUP_SIZE
+    kp = layout.num_groups(k) * gs
     if kp != k:
         wd = np.concatenate([wd, np.zeros((n, kp - k), np.float32)], axis=1)
-    return wd.reshape(n, kp // GROUP_SIZE, GROUP_SIZE)
+    return wd.reshape(n, kp // gs, gs)
 
 
-def rtn_scales(wg: np.ndarray, dtype: np.dtype | str = np.float16) -> np.ndarray:
-    """Round-to-nearest scales max|w| / 7 of grouped weights `wg` (N, G, 32), in `dtype`."""
+def rtn_scales(
+    wg: np.ndarray, dtype: np.dtype | str = np.float16, layout: GroupLayout = MLC_Q4_LAYOUT
+) -> np.ndarray:
+    """Round-to-nearest scales max|w| / max_int of grouped weights `wg` (N, G, group_size), in `dtype`."""
     max_abs = np.abs(wg).max(axis=-1)  # zero padding never wins a max over |w|
-    return (max_abs / np.float32(MAX_INT)).astype(dtype)
+    return (max_abs / np.float32(layout.max_int)).astype(dtype)
 
 
-def group_codes(wg: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """Codes 0..14 (uint8) of grouped float32 weights `wg` (N, G, 32) for `scales` (N, G).
+def group_codes(wg: np.ndarray, scales: np.ndarray, layout: GroupLayout = MLC_Q4_LAYOUT) -> np.ndarray:
+    """Codes 0..2*max_int (uint8) of grouped float32 weights `wg` (N, G, group_size) for `scales` (N, G).
 
-    Arithmetic is MLC's, in the dtype of `scales` (the model dtype): round(fp(fp(w / s) + 7)), clamped.
+    Arithmetic is MLC's, in the dtype of `scales` (the model dtype): round(fp(fp(w / s) + max_int)), clamped.
     """
+    max_int = np.float32(layout.max_int)
     rnd = _rounder(scales.dtype)
     s = scales.astype(np.float32)[..., None]
     with np.errstate(divide="ignore", invalid="ignore"):
-        shifted = rnd(rnd(wg / s) + np.float32(MAX_INT))
-    codes = np.clip(np.rint(shifted), 0, 2 * MAX_INT)
-    codes = np.where(s == 0, np.float32(MAX_INT), codes)  # all-zero group: code 7 == 0.0, never NaN
+        shifted = rnd(rnd(wg / s) + max_int)
+    codes = np.clip(np.rint(shifted), 0, 2 * max_int)
+    codes = np.where(s == 0, max_int, codes)  # all-zero group: code max_int == 0.0, never NaN
     return codes.astype(np.uint8)
 
 
-def dequantize_groups(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """(code - 7) * scale as float32 holding values of the scales' dtype; codes (..., 32), scales (...)."""
-    # |code - 7| <= 8 has 4 bits, times an 11/24-bit scale: exact in float32, so one rounding to the dtype
-    prod = (codes.astype(np.float32) - np.float32(MAX_INT)) * scales.astype(np.float32)[..., None]
+def dequantize_groups(
+    codes: np.ndarray, scales: np.ndarray, layout: GroupLayout = MLC_Q4_LAYOUT
+) -> np.ndarray:
+    """(code - max_int) * scale as float32 holding values of the scales' dtype; codes (..., group_size)."""
+    # |code - max_int| <= 2**(bits-1) has few bits, times an 11/24-bit scale: exact in float32, so one
+    # rounding to the dtype
+    prod = (codes.astype(np.float32) - np.float32(layout.max_int)) * scales.astype(np.float32)[..., None]
     return _rounder(scales.dtype)(prod)
 
 
-def pack(codes: np.ndarray) -> np.ndarray:
-    """(N, K) codes 0..15 with K % 8 == 0 -> (N, K/8) uint32, element k at bits 4*(k%8) of word k//8."""
+def pack(codes: np.ndarray, layout: GroupLayout = MLC_Q4_LAYOUT) -> np.ndarray:
+    """(N, K) codes with K % elems_per_word == 0 -> (N, K/epw) storage words, element k at bits
+    bits*(k % epw) of word k // epw."""
     n, k = codes.shape
-    if k % ELEMS_PER_WORD:
-        raise ValueError(f"pack needs K divisible by {ELEMS_PER_WORD}, got {k}")
-    words = codes.reshape(n, k // ELEMS_PER_WORD, ELEMS_PER_WORD).astype(np.uint32) << _SHIFTS
-    # nibbles don't overlap, so the sum is the bitwise or
-    return words.sum(axis=-1, dtype=np.uint32)
+    epw = layout.elems_per_word
+    if k % epw:
+        raise ValueError(f"pack needs K divisible by {epw}, got {k}")
+    word = np.dtype(layout.storage)
+    words = codes.reshape(n, k // epw, epw).astype(word) << _shifts(layout)
+    # codes don't overlap, so the sum is the bitwise or
+    return words.sum(axis=-1, dtype=word)
 
 
-def unpack(q_weight: np.ndarray) -> np.ndarray:
-    """(N, W) uint32 -> (N, 8*W) uint8 codes (inverse of `pack`)."""
-    if q_weight.dtype != np.uint32:
-        raise ValueError(f"q_weight must be uint32, got {q_weight.dtype}")
+def unpack(q_weight: np.ndarray, layout: GroupLayout = MLC_Q4_LAYOUT) -> np.ndarray:
+    """(N, W) storage words -> (N, epw*W) uint8 codes (inverse of `pack`)."""
+    word = np.dtype(layout.storage)
+    if q_weight.dtype != word:
+        raise ValueError(f"q_weight must be {word}, got {q_weight.dtype}")
     n, w = q_weight.shape
-    return ((q_weight[..., None] >> _SHIFTS) & np.uint32(0xF)).astype(np.uint8).reshape(n, w * ELEMS_PER_WORD)
+    codes = (q_weight[..., None] >> _shifts(layout)) & word.type(layout.code_mask)
+    return codes.astype(np.uint8).reshape(n, w * layout.elems_per_word)
 
 
-def _pad_mask(k: int) -> np.ndarray | None:
-    kp = num_groups(k) * GROUP_SIZE
+def _pad_mask(k: int, layout: GroupLayout = MLC_Q4_LAYOUT) -> np.ndarray | None:
+    gs = layout.group_size
+    kp = layout.num_groups(k) * gs
     if kp == k:
         return None
-    return (np.arange(kp) < k).reshape(kp // GROUP_SIZE, GROUP_SIZE)
+    return (np.arange(kp) < k).reshape(kp // gs, gs)
 
 
 def quantize(
     w: np.ndarray, scheme: QuantScheme | str = "q4f16_1", scales: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Quantize an (N, K) weight. Returns (q_weight uint32 (N, 4*G), q_scale (N, G) in the model dtype).
+    """Quantize an (N, K) weight. Returns (q_weight (N, G * words per group) in the scheme's storage dtype,
+    q_scale (N, G) in the model dtype).
 
     `scales` (N, G) overrides the round-to-nearest scales (e.g. from `clip_search`); same storage format.
     """
@@ -163,21 +182,22 @@ def quantize(
     if w.ndim != 2:
         raise ValueError(f"group quantization needs a 2-D weight, got shape {w.shape}")
     dtype = _float_dtype(scheme)
+    layout = scheme.layout
     n, k = w.shape
-    qw_shape, qs_shape = quantized_shapes((n, k))
+    qw_shape, qs_shape = layout.quantized_shapes((n, k))
     if scales is not None and scales.shape != qs_shape:
         raise ValueError(f"scales have shape {scales.shape}, expected {qs_shape}")
-    q_weight = np.empty(qw_shape, np.uint32)
+    q_weight = np.empty(qw_shape, layout.storage)
     q_scale = np.empty(qs_shape, dtype)
-    mask = _pad_mask(k)
+    mask = _pad_mask(k, layout)
 
     def block(r0: int) -> None:
-        wg = _grouped(w[r0 : r0 + _ROW_BLOCK], dtype)
-        s = rtn_scales(wg, dtype) if scales is None else scales[r0 : r0 + _ROW_BLOCK].astype(dtype)
-        codes = group_codes(wg, s)
+        wg = _grouped(w[r0 : r0 + _ROW_BLOCK], dtype, layout)
+        s = rtn_scales(wg, dtype, layout) if scales is None else scales[r0 : r0 + _ROW_BLOCK].astype(dtype)
+        codes = group_codes(wg, s, layout)
         if mask is not None:
             codes = np.where(mask, codes, np.uint8(0))  # MLC packs padded positions as 0
-        q_weight[r0 : r0 + _ROW_BLOCK] = pack(codes.reshape(codes.shape[0], -1))
+        q_weight[r0 : r0 + _ROW_BLOCK] = pack(codes.reshape(codes.shape[0], -1), layout)
         q_scale[r0 : r0 + _ROW_BLOCK] = s
 
     parallel_row_blocks(block, n, _ROW_BLOCK)
@@ -196,33 +216,42 @@ def parallel_row_blocks(fn, n_rows: int, block_rows: int, max_threads: int = 8) 
         list(pool.map(fn, starts))  # list(): re-raises the first exception of a block
 
 
-def dequantize(q_weight: np.ndarray, q_scale: np.ndarray, k: int | None = None) -> np.ndarray:
-    """(code - 7) * scale in the scale dtype (MLC's `_dequantize`), trimmed to `k` columns (default: all)."""
+def dequantize(
+    q_weight: np.ndarray, q_scale: np.ndarray, k: int | None = None, layout: GroupLayout = MLC_Q4_LAYOUT
+) -> np.ndarray:
+    """(code - max_int) * scale in the scale dtype (MLC's `_dequantize`), trimmed to `k` columns (default:
+    all)."""
     n, g = q_scale.shape
-    if q_weight.shape != (n, g * GROUP_SIZE // ELEMS_PER_WORD):
+    gs = layout.group_size
+    if q_weight.shape != (n, g * layout.words_per_group):
         raise ValueError(f"q_weight shape {q_weight.shape} does not match q_scale shape {q_scale.shape}")
-    kp = g * GROUP_SIZE
+    kp = g * gs
     k = kp if k is None else k
-    if not kp - GROUP_SIZE < k <= kp:
-        raise ValueError(f"k={k} is not consistent with {g} groups of {GROUP_SIZE}")
-    w = dequantize_groups(unpack(q_weight).reshape(n, g, GROUP_SIZE), q_scale).astype(q_scale.dtype)
+    if not kp - gs < k <= kp:
+        raise ValueError(f"k={k} is not consistent with {g} groups of {gs}")
+    codes = unpack(q_weight, layout).reshape(n, g, gs)
+    w = dequantize_groups(codes, q_scale, layout).astype(q_scale.dtype)
     return w.reshape(n, kp)[:, :k]
 
 
-def squared_errors(w: np.ndarray, q_weight: np.ndarray, q_scale: np.ndarray) -> tuple[float, float]:
+def squared_errors(
+    w: np.ndarray, q_weight: np.ndarray, q_scale: np.ndarray, layout: GroupLayout = MLC_Q4_LAYOUT
+) -> tuple[float, float]:
     """(sum (w - deq(q))^2, sum w^2) in float64, computed in row blocks (bounded temporaries)."""
     err = ref = 0.0
     k = w.shape[1]
     for r0 in range(0, w.shape[0], _ROW_BLOCK):
         rows = slice(r0, r0 + _ROW_BLOCK)
         wb = w[rows].astype(np.float64)
-        d = wb - dequantize(q_weight[rows], q_scale[rows], k).astype(np.float64)
+        d = wb - dequantize(q_weight[rows], q_scale[rows], k, layout).astype(np.float64)
         err += float(np.sum(d * d))
         ref += float(np.sum(wb * wb))
     return err, ref
 
 
-def reconstruction_error(w: np.ndarray, q_weight: np.ndarray, q_scale: np.ndarray) -> float:
+def reconstruction_error(
+    w: np.ndarray, q_weight: np.ndarray, q_scale: np.ndarray, layout: GroupLayout = MLC_Q4_LAYOUT
+) -> float:
     """Relative RMS error ||w - deq(q)|| / ||w|| (float64 accumulation)."""
-    err, ref = squared_errors(w, q_weight, q_scale)
+    err, ref = squared_errors(w, q_weight, q_scale, layout)
     return float(np.sqrt(err / ref)) if ref > 0 else 0.0

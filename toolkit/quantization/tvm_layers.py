@@ -1,7 +1,8 @@
 """TVM `relax.frontend.nn` layers for the quantization schemes: Linear and Embedding, plain or q4 (MLC).
 
 Parameters keep the Hugging Face names the converter writes: a plain layer has `weight`; a q4 layer has
-`q_weight` (uint32 (N, 4*G)) and `q_scale` ((N, G), model dtype), G = ceil(K / 32).
+`q_weight` (storage words (N, G * words per group)) and `q_scale` ((N, G), model dtype), G = ceil(K / group
+size); every layout number is read from the scheme's `GroupLayout`.
 
 The q4 Linear is written the way MLC-LLM writes it, because that is what TVM's GPU schedules (dlight GEMV /
 Matmul) recognise: a separate TE op named "dequantize" followed by `matmul(x, permute_dims(w))`.
@@ -18,22 +19,14 @@ from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from . import QuantScheme, get_scheme
-
-GROUP_SIZE = 32
-ELEMS_PER_WORD = 8
-MAX_INT = 7
+from . import MLC_Q4_LAYOUT, GroupLayout, QuantScheme, get_scheme
 
 
-def _num_groups(k: int) -> int:
-    return -(-k // GROUP_SIZE)
-
-
-def _code_to_float(word: tirx.PrimExpr, j: tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:
-    """Code of element j (of its row) inside its packed uint32 word, minus 7, as `dtype`."""
-    shift = ((j % ELEMS_PER_WORD) * 4).astype("uint32")
-    code = tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const(0xF, "uint32"))
-    return code.astype(dtype) - tirx.const(MAX_INT, dtype)
+def _code_to_float(word: tirx.PrimExpr, j: tirx.PrimExpr, dtype: str, layout: GroupLayout) -> tirx.PrimExpr:
+    """Code of element j (of its row) inside its packed storage word, minus max_int, as `dtype`."""
+    shift = ((j % layout.elems_per_word) * layout.bits).astype(layout.storage)
+    code = tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const(layout.code_mask, layout.storage))
+    return code.astype(dtype) - tirx.const(layout.max_int, dtype)
 
 
 def _scale(q_scale: te.Tensor, i, g, dtype: str) -> tirx.PrimExpr:
@@ -41,8 +34,15 @@ def _scale(q_scale: te.Tensor, i, g, dtype: str) -> tirx.PrimExpr:
     return s if q_scale.dtype == dtype else s.astype(dtype)
 
 
-def te_dequantize(q_weight: te.Tensor, q_scale: te.Tensor, k: int, dtype: str | None = None) -> te.Tensor:
-    """(N, 4G) uint32 codes + (N, G) scales -> (N, k) weights in `dtype` (default: the scale dtype).
+def te_dequantize(
+    q_weight: te.Tensor,
+    q_scale: te.Tensor,
+    k: int | tirx.PrimExpr,
+    dtype: str | None = None,
+    layout: GroupLayout = MLC_Q4_LAYOUT,
+) -> te.Tensor:
+    """(N, G * words per group) codes + (N, G) scales -> (N, k) weights in `dtype` (default: the scale
+    dtype); `k` may be an int64 PrimExpr (then so is the column index).
 
     fp16 scales dequantized into fp32 are exact, which is how the host CPU runs q4f16_1 (fp32 activations)."""
     n = q_weight.shape[0]
@@ -50,23 +50,28 @@ def te_dequantize(q_weight: te.Tensor, q_scale: te.Tensor, k: int, dtype: str | 
     return te.compute(
         (n, k),
         lambda i, j: (
-            _code_to_float(q_weight[i, j // ELEMS_PER_WORD], j, dtype)
-            * _scale(q_scale, i, j // GROUP_SIZE, dtype)
+            _code_to_float(q_weight[i, j // layout.elems_per_word], j, dtype, layout)
+            * _scale(q_scale, i, j // layout.group_size, dtype)
         ),
         name="dequantize",
     )
 
 
 def te_take_dequantize(
-    q_weight: te.Tensor, q_scale: te.Tensor, ids: te.Tensor, k: int, dtype: str | None = None
+    q_weight: te.Tensor,
+    q_scale: te.Tensor,
+    ids: te.Tensor,
+    k: int,
+    dtype: str | None = None,
+    layout: GroupLayout = MLC_Q4_LAYOUT,
 ) -> te.Tensor:
     """Rows `ids` (T,) of the quantized table, dequantized: (T, k). Reads only the packed words it needs."""
     dtype = dtype or q_scale.dtype
     return te.compute(
         (ids.shape[0], k),
         lambda t, j: (
-            _code_to_float(q_weight[ids[t], j // ELEMS_PER_WORD], j, dtype)
-            * _scale(q_scale, ids[t], j // GROUP_SIZE, dtype)
+            _code_to_float(q_weight[ids[t], j // layout.elems_per_word], j, dtype, layout)
+            * _scale(q_scale, ids[t], j // layout.group_size, dtype)
         ),
         name="take_dequantize",
     )
@@ -94,14 +99,15 @@ class QuantizedLinear(nn.Module):
         self.out_features = out_features
         self.out_dtype = out_dtype
         self.dtype = dtype or scheme.scale_dtype  # compute dtype of the dequantized weight
-        g = _num_groups(in_features)
-        self.q_weight = nn.Parameter((out_features, g * GROUP_SIZE // ELEMS_PER_WORD), dtype=scheme.storage)
-        self.q_scale = nn.Parameter((out_features, g), dtype=scheme.scale_dtype)
+        self.layout = scheme.layout
+        qw_shape, qs_shape = scheme.layout.quantized_shapes((out_features, in_features))
+        self.q_weight = nn.Parameter(qw_shape, dtype=scheme.storage)
+        self.q_scale = nn.Parameter(qs_shape, dtype=scheme.scale_dtype)
 
     def dequantized_weight(self) -> nn.Tensor:
-        k, dt = self.in_features, self.dtype
+        k, dt, lay = self.in_features, self.dtype, self.layout
         return op.tensor_expr_op(
-            lambda qw, qs: te_dequantize(qw, qs, k, dt), "dequantize", [self.q_weight, self.q_scale]
+            lambda qw, qs: te_dequantize(qw, qs, k, dt, lay), "dequantize", [self.q_weight, self.q_scale]
         )
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
@@ -136,16 +142,17 @@ class QuantizedEmbedding(nn.Module):
         super().__init__()
         self.vocab_size = vocab_size
         self.dim = dim
-        g = _num_groups(dim)
-        self.q_weight = nn.Parameter((vocab_size, g * GROUP_SIZE // ELEMS_PER_WORD), dtype=scheme.storage)
-        self.q_scale = nn.Parameter((vocab_size, g), dtype=scheme.scale_dtype)
+        self.layout = scheme.layout
+        qw_shape, qs_shape = scheme.layout.quantized_shapes((vocab_size, dim))
+        self.q_weight = nn.Parameter(qw_shape, dtype=scheme.storage)
+        self.q_scale = nn.Parameter(qs_shape, dtype=scheme.scale_dtype)
         self.dtype = dtype or scheme.scale_dtype  # compute dtype of the gathered rows
 
     def forward(self, ids: nn.Tensor) -> nn.Tensor:
         flat = ids if ids.ndim == 1 else op.reshape(ids, [-1])
-        dim, dt = self.dim, self.dtype
+        dim, dt, lay = self.dim, self.dtype, self.layout
         rows = op.tensor_expr_op(
-            lambda qw, qs, i: te_take_dequantize(qw, qs, i, dim, dt),
+            lambda qw, qs, i: te_take_dequantize(qw, qs, i, dim, dt, lay),
             "take_dequantize",
             [self.q_weight, self.q_scale, flat],
         )
@@ -156,9 +163,9 @@ class QuantizedEmbedding(nn.Module):
 
     def lm_head_forward(self, x: nn.Tensor, out_dtype: str | None = "float32") -> nn.Tensor:
         """Tied lm_head: the same quantized table, dequantized inside the (fused) matmul."""
-        dim, dt = self.dim, self.dtype
+        dim, dt, lay = self.dim, self.dtype, self.layout
         w = op.tensor_expr_op(
-            lambda qw, qs: te_dequantize(qw, qs, dim, dt), "dequantize", [self.q_weight, self.q_scale]
+            lambda qw, qs: te_dequantize(qw, qs, dim, dt, lay), "dequantize", [self.q_weight, self.q_scale]
         )
         return op.matmul(x, op.permute_dims(w), out_dtype=out_dtype)
 

@@ -1,9 +1,8 @@
 """Standalone, unscheduled PrimFuncs shaped like the Phi-3 hot kernels, for checking schedules and GPU APIs.
 
-They use the q4 layout of the toolkit (MLC q4f*_1): `q_weight uint32 [N, K/8]` (element k of row n in word
-k/8,
-bits 4*(k%8)), `q_scale [N, K/32]`, value = (nibble - 7) * scale; a separate dequantize block feeding the
-matmul,
+They use the q4 layout of the toolkit (MLC q4f*_1, `quantization.MLC_Q4_LAYOUT`): `q_weight uint32 [N, K/8]`
+(element k of row n in word k/8, bits 4*(k%8)), `q_scale [N, K/32]`, value = (nibble - 7) * scale, built by
+the model's own `te_dequantize`; a separate dequantize block feeding the matmul,
 which is the form dlight's GEMV/Matmul rules recognise after dequant fusion (shared/notes/tvm-0.27-facts.md
 2).
 All shapes are int64 like Relax-legalized functions.
@@ -14,36 +13,25 @@ from __future__ import annotations
 import tvm
 from tvm import relax, te, tirx
 
+from ..quantization import MLC_Q4_LAYOUT
+from ..quantization.tvm_layers import te_dequantize
+
+_Q4 = MLC_Q4_LAYOUT
+
 
 def _i(v: int):
     return tirx.const(v, "int64")
-
-
-def _dequant(q_weight, q_scale, n: int, k: int, dtype: str):
-    return te.compute(
-        (_i(n), _i(k)),
-        lambda i, j: (
-            (
-                (
-                    (q_weight[i, j // _i(8)] >> ((j % _i(8)) * _i(4)).astype("uint32"))
-                    & tirx.const(15, "uint32")
-                ).astype(dtype)
-                - tirx.const(7, dtype)
-            )
-            * q_scale[i, j // _i(32)]
-        ),
-        name="dequantize",
-    )
 
 
 def dequant_matmul(n_out: int, k: int, dtype: str, seq_len: int | str = 1) -> tirx.PrimFunc:
     """x [1, seq, K] @ dequant(W)^T -> [1, seq, N]; seq_len an int (decode GEMV) or a name (dynamic
     prefill)."""
     seq = tirx.Var(seq_len, "int64") if isinstance(seq_len, str) else _i(seq_len)
-    q_weight = te.placeholder((_i(n_out), _i(k // 8)), "uint32", name="q_weight")
-    q_scale = te.placeholder((_i(n_out), _i(k // 32)), dtype, name="q_scale")
+    (qw_rows, qw_cols), (qs_rows, qs_cols) = _Q4.quantized_shapes((n_out, k))
+    q_weight = te.placeholder((_i(qw_rows), _i(qw_cols)), _Q4.storage, name="q_weight")
+    q_scale = te.placeholder((_i(qs_rows), _i(qs_cols)), dtype, name="q_scale")
     x = te.placeholder((_i(1), seq, _i(k)), dtype, name="x")
-    w = _dequant(q_weight, q_scale, n_out, k, dtype)
+    w = te_dequantize(q_weight, q_scale, _i(k), dtype, _Q4)
     r = te.reduce_axis((_i(0), _i(k)), name="k")
     y = te.compute(
         (_i(1), seq, _i(n_out)), lambda b, s, i: te.sum(x[b, s, r] * w[i, r], axis=r), name="NT_matmul"

@@ -19,6 +19,8 @@ import tvm_ffi
 from tvm import te, tirx
 from tvm.s_tir import dlight as dl
 
+from ...quantization import MLC_Q4_LAYOUT
+from ...quantization.tvm_layers import te_dequantize
 from .build import CompiledKernel, build_of, vulkan_imports
 from .codegen_glsl import BufferParam
 
@@ -164,26 +166,17 @@ def check_primfunc(
 # ---- standalone kernels mirroring the model --------------------------------------------------------------
 
 
-def _dequant(qw, qs, n: int, k: int, dtype: str):
-    """q4 NK layout of the toolkit (uint32 [N, K/8], scale [N, K/32]): ((w >> 4*(k%8)) & 15) - 7) * scale."""
-    return te.compute(
-        (n, k),
-        lambda i, j: (
-            (
-                ((qw[i, j // 8] >> ((j % 8) * 4).astype("uint32")) & tirx.const(15, "uint32")).astype(dtype)
-                - tirx.const(7, dtype)
-            )
-            * qs[i, j // 32].astype(dtype)
-        ),
-        name="dequantize",
-    )
+def _q4_params(n: int, k: int, scale: str) -> tuple[te.Tensor, te.Tensor]:
+    """q_weight / q_scale of the toolkit's q4 NK layout (MLC's, `quantization.MLC_Q4_LAYOUT`)."""
+    qw_shape, qs_shape = MLC_Q4_LAYOUT.quantized_shapes((n, k))
+    qw = te.placeholder(qw_shape, MLC_Q4_LAYOUT.storage, name="q_weight")
+    return qw, te.placeholder(qs_shape, scale, name="q_scale")
 
 
 def q4_gemv(n: int = 256, k: int = 512, act: str = "float32", scale: str = "float16") -> tirx.PrimFunc:
-    qw = te.placeholder((n, k // 8), "uint32", name="q_weight")
-    qs = te.placeholder((n, k // 32), scale, name="q_scale")
+    qw, qs = _q4_params(n, k, scale)
     x = te.placeholder((1, 1, k), act, name="x")
-    w = _dequant(qw, qs, n, k, act)
+    w = te_dequantize(qw, qs, k, act, MLC_Q4_LAYOUT)
     r = te.reduce_axis((0, k), name="r")
     y = te.compute((1, 1, n), lambda b, s, i: te.sum(x[b, s, r] * w[i, r], axis=r), name="NT_matmul")
     return te.create_prim_func([x, qw, qs, y])
@@ -191,10 +184,9 @@ def q4_gemv(n: int = 256, k: int = 512, act: str = "float32", scale: str = "floa
 
 def q4_matmul(n: int = 256, k: int = 512, act: str = "float32", scale: str = "float16") -> tirx.PrimFunc:
     m = te.var("seq_len")
-    qw = te.placeholder((n, k // 8), "uint32", name="q_weight")
-    qs = te.placeholder((n, k // 32), scale, name="q_scale")
+    qw, qs = _q4_params(n, k, scale)
     x = te.placeholder((1, m, k), act, name="x")
-    w = _dequant(qw, qs, n, k, act)
+    w = te_dequantize(qw, qs, k, act, MLC_Q4_LAYOUT)
     r = te.reduce_axis((0, k), name="r")
     y = te.compute((1, m, n), lambda b, s, i: te.sum(x[b, s, r] * w[i, r], axis=r), name="NT_matmul")
     return te.create_prim_func([x, qw, qs, y])

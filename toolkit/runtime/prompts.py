@@ -7,11 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .chat_template import jinja_for_hf_dir, render, stop_token_ids, template_from_jinja
-from .errors import UserError
-from .jinja_template import compile_template, render_jinja
-from .runtime.options import GenerationOptions
-from .tokenizer import Tokenizer
+from ..chat_template import jinja_for_hf_dir, render, stop_token_ids, template_from_jinja
+from ..errors import UserError
+from ..jinja_template import compile_template, render_jinja
+from ..tokenizer import Tokenizer
+from .options import GenerationOptions
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 

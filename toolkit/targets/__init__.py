@@ -1,4 +1,4 @@
-"""Device presets: the plain-data files in `targets/` turned into TVM targets.
+"""Device presets: the plain-data files in `toolkit/targets/*.json` turned into TVM targets.
 
 A preset file holds the TVM target dict, the artifact kind (`.so`, `.tar`, `.dylib`), whether the library is a
 system lib (static linking on iOS/Android/Web), GPU schedule parameters and a "why" section citing the source
@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field, replace
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from ..errors import UserError
 
-# targets/ sits next to the package in the repo; TOOLKIT_TARGETS_DIR lets an installed copy point elsewhere.
-TARGETS_DIR = Path(os.environ.get("TOOLKIT_TARGETS_DIR", Path(__file__).resolve().parent.parent / "targets"))
+# the preset files ship inside the package (toolkit/targets/*.json, tuned records in toolkit/schedules/), so a
+# non-editable install finds them; TOOLKIT_TARGETS_DIR points at another folder of presets.
+TARGETS_DIR = Path(os.environ.get("TOOLKIT_TARGETS_DIR", Path(__file__).resolve().parent))
 OUTPUT_SUFFIXES = (".so", ".tar", ".dylib")
 # CPU q4 GEMVs: fp32 activations, or int8 activations with integer dot products (llama.cpp's Q4 x Q8)
 Q4_ACTIVATIONS = ("float32", "int8")
@@ -41,11 +42,12 @@ DEFAULT_GPU_RULES = ("Matmul", "GEMV", "LowBatchGEMV", "Reduction", "GeneralRedu
 
 @dataclass(frozen=True)
 class Preset:
-    """One device preset, validated. `target_dict` is the JSON target with host detection filled in."""
+    """One device preset, validated. `target_dict` is the JSON target with host detection filled in (on
+    first use: detection asks LLVM through TVM, which listing presets does not need)."""
 
     name: str
     description: str
-    target_dict: dict[str, Any] = field(hash=False, compare=False)
+    target_json: dict[str, Any] = field(hash=False, compare=False)  # as written in the file
     output: str
     system_lib: bool
     dlight_rules: tuple[str, ...] = ()
@@ -57,10 +59,15 @@ class Preset:
     runs_here: bool = False  # target detected from this machine (host presets): its code runs here
     why: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
     path: str = ""
+    detect: tuple[str, ...] = ()  # target keys filled from this machine (`host` preset)
+
+    @cached_property
+    def target_dict(self) -> dict[str, Any]:
+        return _fill_host_detection(dict(self.target_json), self.detect)
 
     @property
     def kind(self) -> str:
-        return self.target_dict["kind"]
+        return self.target_json["kind"]
 
     @property
     def is_gpu(self) -> bool:
@@ -122,7 +129,12 @@ def _load(path: Path) -> Preset:
         raise UserError(f"preset name '{data['name']}' does not match its file name", path)
     if data["output"] not in OUTPUT_SUFFIXES:
         raise UserError(f"output must be one of {OUTPUT_SUFFIXES}, got {data['output']!r}", path)
-    target = _fill_host_detection(dict(data["target"]), data.get("detect", []), path)
+    target = dict(data["target"])
+    detect = tuple(data.get("detect", []))
+    unknown_keys = [k for k in detect if k not in _DETECTABLE]
+    if unknown_keys:
+        known = sorted(_DETECTABLE)
+        raise UserError(f"cannot detect target key '{unknown_keys[0]}'; detectable: {known}", path)
     dlight = data.get("dlight") or {}
     is_gpu = target["kind"] in GPU_KINDS
     rules = tuple(dlight.get("rules", DEFAULT_GPU_RULES if is_gpu else ()))
@@ -142,7 +154,7 @@ def _load(path: Path) -> Preset:
     return Preset(
         name=data["name"],
         description=data["description"],
-        target_dict=target,
+        target_json=target,
         output=data["output"],
         system_lib=bool(data.get("system_lib", False)),
         dlight_rules=rules,
@@ -151,27 +163,38 @@ def _load(path: Path) -> Preset:
         cuda_gencode=tuple((data.get("cuda") or {}).get("gencode", ())),
         q4_activations=q4_act,
         kv_cache_dtype=kv_cache,
-        runs_here=bool(data.get("detect")),
+        runs_here=bool(detect),
         why=dict(data["why"]),
         path=str(path),
+        detect=detect,
     )
 
 
-def _fill_host_detection(target: dict[str, Any], detect: list[str], path: Path) -> dict[str, Any]:
-    """Fill the keys listed in the preset's "detect" from this machine (only the `host` preset uses it)."""
-    if not detect:
-        return target
-    import psutil
+def _system_triple() -> str:
     from tvm.target import codegen
 
-    found = {
-        "mtriple": lambda: codegen.llvm_get_system_triple(),
-        "mcpu": lambda: codegen.llvm_get_system_cpu(),
-        # physical cores: SMT siblings share the vector units, extra threads only add contention
-        "num-cores": lambda: psutil.cpu_count(logical=False) or os.cpu_count() or 1,
-    }
+    return codegen.llvm_get_system_triple()
+
+
+def _system_cpu() -> str:
+    from tvm.target import codegen
+
+    return codegen.llvm_get_system_cpu()
+
+
+def _physical_cores() -> int:
+    import psutil
+
+    # physical cores: SMT siblings share the vector units, extra threads only add contention
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+_DETECTABLE = {"mtriple": _system_triple, "mcpu": _system_cpu, "num-cores": _physical_cores}
+
+
+def _fill_host_detection(target: dict[str, Any], detect: tuple[str, ...]) -> dict[str, Any]:
+    """Fill the keys listed in the preset's "detect" from this machine (only the `host` preset uses it)."""
     for key in detect:
-        if key not in found:
-            raise UserError(f"cannot detect target key '{key}'; detectable: {sorted(found)}", path)
-        target.setdefault(key, found[key]())
+        if key not in target:
+            target[key] = _DETECTABLE[key]()
     return target

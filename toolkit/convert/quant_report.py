@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..convert.converter import should_quantize
-from . import QuantScheme, get_scheme
-from . import group_quant as gq
-from .clip_search import search_scales
+from ..quantization import QuantScheme, get_scheme
+from ..quantization import group_quant as gq
+from ..quantization.clip_search import search_scales
+from .converter import should_quantize
 
 if TYPE_CHECKING:
     from ..checkpoint import ModelSource
@@ -58,7 +58,7 @@ def weight_error_report(
                 scales = search_scales(w, scheme, act_sq=act)
             q = gq.quantize(w, scheme, scales=scales)
             seconds[m] += time.perf_counter() - t0
-            err, ref = gq.squared_errors(w, *q)
+            err, ref = gq.squared_errors(w, *q, scheme.layout)
             row[m] = math.sqrt(err / ref) if ref > 0 else 0.0
             sums[m] += err
         total_ref += ref

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .runtime.options import GenerationOptions, OptionsError
+from ..errors import UserError
+from .options import GenerationOptions, OptionsError
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from .config import Phi3Config
-from .errors import UserError
-from .outputs import write_error
+from ..config import Phi3Config
+from ..errors import UserError
+from ..outputs import write_error
+from .gguf_names import ROPE_FACTOR_TENSORS, gguf_tensor_name
 
 ARCH = "phi3"
 QTYPES = ("q4_0", "f16")
@@ -96,32 +97,7 @@ class ExportResult:
     warnings: list[str]
 
 
-# ---- names and plan -------------------------------------------------------------------------------------
-
-_LAYER_MAP = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.qkv_proj.weight": "attn_qkv.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_up_proj.weight": "ffn_up.weight",  # gate rows first, as llama.cpp's fused SwiGLU expects
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_GLOBAL_MAP = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-
-
-def gguf_tensor_name(hf_name: str) -> str:
-    """HF name -> llama.cpp name (`model.layers.3.mlp.down_proj.weight` -> `blk.3.ffn_down.weight`)."""
-    if hf_name in _GLOBAL_MAP:
-        return _GLOBAL_MAP[hf_name]
-    m = _LAYER_RE.match(hf_name)
-    if m and m.group(2) in _LAYER_MAP:
-        return f"blk.{m.group(1)}.{_LAYER_MAP[m.group(2)]}"
-    raise KeyError(f"no GGUF name for tensor {hf_name!r}")
+# ---- plan (tensor names: `gguf_names`, shared with the reader) --------------------------------------------
 
 
 def _ggml_type(qtype: str, shape: tuple[int, ...]):
@@ -160,10 +136,8 @@ def plan_tensors(
         plan.append(PlannedTensor(gguf_tensor_name(name), shape, _ggml_type(qtype, shape), name))
     if cfg.longrope is not None:
         n = cfg.rotary_dim // 2
-        for which in ("long", "short"):
-            plan.append(
-                PlannedTensor(f"rope_factors_{which}.weight", (n,), gguf.GGMLQuantizationType.F32, None)
-            )
+        for name in ROPE_FACTOR_TENSORS:  # long, then short
+            plan.append(PlannedTensor(name, (n,), gguf.GGMLQuantizationType.F32, None))
     return plan
 
 
@@ -541,7 +515,7 @@ def export_gguf(
     progress: Callable[[int, int, PlannedTensor], None] | None = None,
 ) -> ExportResult:
     """Export a model (HF folder, GGUF, converter output, or None for the default model) to a phi3 GGUF."""
-    from .checkpoint import open_model
+    from . import open_model
 
     src = open_model(model)
     cfg: Phi3Config = src.config
