@@ -289,6 +289,8 @@ def test_serve_flags_are_checked_before_loading():
     assert r.exit_code == 2 and "--prefill-chunk" in r.output
     r = CliRunner().invoke(main, ["serve", "--context-window", "64", "--prefill-chunk", "128"])
     assert r.exit_code == 2 and "--prefill-chunk" in r.output and "--context-window 64" in r.output
+    r = CliRunner().invoke(main, ["serve", "--context-window", "100000", "--prefill-chunk", "9000"])
+    assert r.exit_code == 1 and "--prefill-chunk 9000 exceeds the library's prefill chunk (8192)" in r.output
 
 
 def test_token_id_prompts_and_logit_bias(server, client, model):

@@ -213,6 +213,7 @@ def load(
     (chat sessions, streams, server requests); `context_window` the tokens of each; `prefill_chunk` the
     tokens of one prefill forward (default 256; at most the library's prefill_chunk_size)."""
     from .checkpoint import open_model
+    from .checkpoint.mlc_format.model_config import default_window_sizes
     from .runtime.engine import load_engine
 
     if context_window < 1 or max_batch_size < 1 or (prefill_chunk is not None and prefill_chunk < 1):
@@ -222,6 +223,10 @@ def load(
         raise UserError(f"holds {src.scheme.name} weights, not {quantization}; drop quantization", src.path)
     cache = CacheOptions(max_batch_size=max_batch_size, context_window=context_window)
     if prefill_chunk is not None:
+        # the library is compiled with MLC's default sizes: MLC's engine never feeds it more than this at once
+        limit = default_window_sizes(src.config, None, None)[1]
+        if prefill_chunk > limit:
+            raise UserError(f"--prefill-chunk {prefill_chunk} exceeds the library's prefill chunk ({limit})")
         cache.prefill_chunk = prefill_chunk
     engine, source = load_engine(
         model,
@@ -231,8 +236,4 @@ def load(
         cache=cache,
         allow_pickle=allow_pickle,
     )
-    limit = engine.metadata.get("prefill_chunk_size")
-    if prefill_chunk is not None and limit and prefill_chunk > limit:
-        # known only once the library is built: MLC's engine never feeds it more than this at once
-        raise UserError(f"prefill chunk {prefill_chunk} exceeds the library's prefill_chunk_size ({limit})")
     return Model(engine, source)
