@@ -471,3 +471,12 @@ def test_bench_serve_script_end_to_end(tmp_path):
             e["ours"]["aggregate_tok_s"] / e["llama_cpp"]["aggregate_tok_s"]
         )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_serve_bench_dead_server_is_one_line():
+    from toolkit.bench.serve import free_port, run_level
+    from toolkit.errors import UserError
+
+    with pytest.raises(UserError, match="ConnectError") as e:
+        run_level(f"http://127.0.0.1:{free_port()}", streams=1, rounds=1, max_tokens=3, ban=[])
+    assert "\n" not in str(e.value)

@@ -194,21 +194,24 @@ def parse_sse_line(line: str) -> dict[str, Any] | None:
 async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> RequestRecord:
     t0 = time.perf_counter()
     ttft, finish, usage = None, None, None
-    async with client.stream("POST", url + "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            text = (await r.aread()).decode(errors="replace")[:300]
-            raise UserError(f"{url}: HTTP {r.status_code}: {text}")
-        async for line in r.aiter_lines():
-            obj = parse_sse_line(line)
-            if obj is None:
-                continue
-            if "error" in obj:
-                raise UserError(f"{url}: error in the stream: {obj['error']}")
-            usage = obj.get("usage") or usage
-            for ch in obj.get("choices") or []:
-                if ch.get("text") and ttft is None:
-                    ttft = time.perf_counter() - t0
-                finish = ch.get("finish_reason") or finish
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                text = " ".join((await r.aread()).decode(errors="replace").split())[:300]
+                raise UserError(f"{url}: HTTP {r.status_code}: {text}")
+            async for line in r.aiter_lines():
+                obj = parse_sse_line(line)
+                if obj is None:
+                    continue
+                if "error" in obj:
+                    raise UserError(f"{url}: error in the stream: {obj['error']}")
+                usage = obj.get("usage") or usage
+                for ch in obj.get("choices") or []:
+                    if ch.get("text") and ttft is None:
+                        ttft = time.perf_counter() - t0
+                    finish = ch.get("finish_reason") or finish
+    except (httpx.HTTPError, ValueError) as e:  # the server died or sent garbage: one line, no traceback
+        raise UserError(f"{url}: {type(e).__name__}: {' '.join(str(e).split())}") from None
     total = time.perf_counter() - t0
     if finish != "length":
         raise UserError(
