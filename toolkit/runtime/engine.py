@@ -71,7 +71,7 @@ class Engine:
         self.prefill_chunk = c.prefill_chunk
         lr = cfg.longrope
         if lr is not None and self.context_window > lr.original_max_position_embeddings:
-            # the forward that crosses the switch must reach it in one call (see _pieces)
+            # the forward that crosses the switch must reach it in one call (see prefill_pieces)
             self.prefill_chunk = max(c.prefill_chunk, lr.original_max_position_embeddings + 1)
         self.kv = self.vm["create_tir_paged_kv_cache"](
             ShapeTuple([c.max_batch_size]),
@@ -167,7 +167,7 @@ class Engine:
             ids = self._reencode(sid, ids)
         seq = self.seqs[sid]
         outs = []
-        for off, n in self._pieces(seq.length, len(ids)):
+        for off, n in self.prefill_pieces(seq.length, len(ids)):
             emb = self._embed(ids[off : off + n], (1, n))
             self._begin(self.kv, ShapeTuple([sid]), ShapeTuple([n]))
             fn = self._fn["batch_verify"] if all_logits else self._fn["prefill"]
@@ -202,10 +202,11 @@ class Engine:
             self.seqs[s].tokens.extend(p)
         return logits.numpy().reshape(len(sids), self.cfg.vocab_size)
 
-    def _pieces(self, start: int, n: int) -> list[tuple[int, int]]:
-        """Split a prompt into forward calls of at most the prefill chunk. With LongRoPE, a prompt that ends
-        past original_max reaches past it in its first forward, so that every token takes the long factors
-        as in HF's single forward (the chunk is sized for it)."""
+    def prefill_pieces(self, start: int, n: int) -> list[tuple[int, int]]:
+        """Split `n` tokens fed after `start` cached ones into (offset, size) forward calls of at most the
+        prefill chunk (the server's scheduler feeds a prompt piece by piece, the same pieces). With LongRoPE,
+        a prompt that ends past original_max reaches past it in its first forward, so that every token takes
+        the long factors as in HF's single forward (the chunk is sized for it)."""
         chunk, lr = self.prefill_chunk, self.cfg.longrope
         pieces, off = [], 0
         while off < n:
