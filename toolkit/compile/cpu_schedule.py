@@ -16,7 +16,7 @@ weight), an `NT_matmul` block `C[m.., n] += x[m.., k] * W[n, k]` and optional in
 - `CPUGEMV`: any other matmul with few rows (fp32 weights of q0 models, or q4 shapes the above declines):
   dequantize inlined, rfactor over the SIMD lanes, 4 rows per x load, rows split across threads.
 - `CPUQ8VNNIGEMM` (int8-activation presets, CPUs with VNNI): q4 matmuls with many rows (prefill) with int8
-  activations and 512- or 256-bit `vpdpbusd` (`cpu_q8_gemm`).
+  activations and 512- or 256-bit `vpdpbusd` (`cpu_q8_gemm`), or arm64's `smmla` / `sdot` (`cpu_arm_dot`).
 - `CPUQ4OuterGEMM`: q4 matmuls with many rows (prefill): outer-product register blocks (`cpu_q4_gemm`), 8 or
   16 fp32 lanes wide (AVX2 / AVX-512, `cpu_isa`).
 - `CPUGEMM`: other matmuls with many (dynamic seq_len: prefill) rows: each thread dequantizes a tile of 16
@@ -39,6 +39,8 @@ from tvm.s_tir.dlight.base import ScheduleRule, try_inline_contiguous_spatial
 from tvm.target import Target, codegen
 
 from .cpu_isa import Q4_GEMM_LANES, Q8_DOT_LANES, q4_gemm_isa, q8_dot_isas, q8_gemm_isa
+
+ARM_GEMM_NR = 8  # weight rows per tile of the arm64 int8 GEMM (4 smmla row pairs / 2 sdot quads)
 
 # ---------------------------------------------------------------------------------------------------------
 # target facts
@@ -733,7 +735,9 @@ class CPUQ8VNNIGEMM(ScheduleRule):
     """q4 dequant + matmul (+ residual add) with many rows of x (prefill), int8 activations and the widest
     `vpdpbusd` the CPU has (`cpu_q8_gemm.q8_vnni_gemm`): for presets with int8 activations on CPUs with
     VNNI; others keep `CPUQ4OuterGEMM`'s fp32 tiles. Register block: 12 rows of x by 16 weight rows on
-    512 bits (32 registers), 6 by 8 on 256 bits (AVX-VNNI CPUs without AVX-512 have 16)."""
+    512 bits (32 registers), 6 by 8 on 256 bits (AVX-VNNI CPUs without AVX-512 have 16). On arm64 the
+    same with `smmla` (i8mm) or `sdot` (DotProd) (`cpu_arm_dot.q8_arm_gemm`): 4 rows of x by 8 weight
+    rows, 8 int32 + 8 fp32 accumulator registers of the 32."""
 
     def __init__(self, max_m: int = 4) -> None:
         self.max_m = max_m
@@ -744,10 +748,14 @@ class CPUQ8VNNIGEMM(ScheduleRule):
         isa = q8_gemm_isa(target) if isinstance(func, tirx.PrimFunc) and _is_llvm(target) else None
         if isa is None:
             return None
-        lanes = Q8_DOT_LANES[isa]
+        lanes = ARM_GEMM_NR if isa.startswith("neon") else Q8_DOT_LANES[isa]
         q = _match_q4_matmul(func)
         if q is None or q.n % lanes or _few_rows(list(q.x.shape)[:-1], self.max_m):
             return None
+        if isa.startswith("neon"):
+            from .cpu_arm_dot import q8_arm_gemm
+
+            return s_tir.Schedule(q8_arm_gemm(func, q, isa=isa, mr=4, nr=lanes))
         return s_tir.Schedule(q8_vnni_gemm(func, q, mr=12 if lanes == 16 else 6, lanes=lanes))
 
 
