@@ -112,8 +112,16 @@ def q8_arm_gemm(func: tirx.PrimFunc, q, *, isa: str, mr: int = 4, nr: int = 8) -
     bi = mr // 2 if mmla else mr  # blocks of x rows per register block (pairs for smmla)
     bj = nr // 2 if mmla else nr // 4  # 4-lane int32 blocks per tile row (pairs / quads of weight rows)
 
-    def x_row(mo, i):  # clamped: a last partial block recomputes the last row and doesn't store it
-        return T.min(mo * mr + i, n_rows - 1)
+    # quantized x is padded to whole register blocks (copies of the last row, computed but not stored)
+    m_pad = (n_rows + mr - 1) // mr * mr
+
+    def x_row(mo, i):
+        return mo * mr + i
+
+    def xq_at(m, kk):  # smmla: [row pairs, K/8, 2 rows x 8 k], so an operand is one 16-byte load
+        if mmla:
+            return ((m // 2) * (k // 8) + kk // 8) * 16 + (m % 2) * 8 + kk % 8
+        return m * k + kk
 
     # fmt: off
     @T.prim_func(private=True)
@@ -123,23 +131,23 @@ def q8_arm_gemm(func: tirx.PrimFunc, q, *, isa: str, mr: int = 4, nr: int = 8) -
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         xf = T.decl_buffer((n_rows * k,), "float32", data=x.data)
         of = T.decl_buffer((n_rows * n,), "float32", data=out.data)
-        xq = T.alloc_buffer((n_rows * k,), "int8")  # x quantized, k order
-        xz = T.alloc_buffer((n_rows * n_groups,), "int32")  # -7 * sum of a group's int8 activations
-        xs = T.alloc_buffer((n_rows * n_groups,), "float32")  # a group's activation scale
+        xq = T.alloc_buffer((m_pad * k,), "int8")  # x quantized (`xq_at`)
+        xz = T.alloc_buffer((m_pad * n_groups,), "int32")  # -7 * sum of a group's int8 activations
+        xs = T.alloc_buffer((m_pad * n_groups,), "float32")  # a group's activation scale
         # 1. quantize x per group (rows in parallel: M x K values, small next to the GEMM)
-        for m in T.parallel(n_rows):
+        for m in T.parallel(m_pad):
             amax = T.alloc_buffer((1,), "float32", scope="local")
             for g in range(n_groups):
                 amax[0] = T.float32(0)
                 for i in range(group):
-                    amax[0] = T.max(amax[0], T.abs(xf[m * k + g * group + i]))
+                    amax[0] = T.max(amax[0], T.abs(xf[T.min(m, n_rows - 1) * k + g * group + i]))
                 xz[m * n_groups + g] = T.int32(0)
                 for i in range(group):
-                    xq[m * k + g * group + i] = T.Cast("int8", T.Cast("int32", T.nearbyint(
-                        xf[m * k + g * group + i] * T.Select(
+                    xq[xq_at(m, g * group + i)] = T.Cast("int8", T.Cast("int32", T.nearbyint(
+                        xf[T.min(m, n_rows - 1) * k + g * group + i] * T.Select(
                             amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0)))))
                     xz[m * n_groups + g] = xz[m * n_groups + g] - zero * T.Cast(
-                        "int32", xq[m * k + g * group + i])
+                        "int32", xq[xq_at(m, g * group + i)])
                 xs[m * n_groups + g] = amax[0] / T.float32(127)
         # 2. per tile of nr weight rows: repack the codes to bytes, then register blocks of mr rows of x
         for t in T.parallel(n // nr):
@@ -184,17 +192,14 @@ def q8_arm_gemm(func: tirx.PrimFunc, q, *, isa: str, mr: int = 4, nr: int = 8) -
                                     dots[T.ramp((ib * bj + jb) * 4, 1, 4)] = _intrin(
                                         "llvm.aarch64.neon.smmla", "int32x4",
                                         dots[T.ramp((ib * bj + jb) * 4, 1, 4)],
-                                        T.Shuffle([
-                                            xq[T.ramp(x_row(mo, 2 * ib) * k + g * group + s * 8, 1, 8)],
-                                            xq[T.ramp(x_row(mo, 2 * ib + 1) * k + g * group + s * 8, 1, 8)]],
-                                            list(range(16))),
+                                        xq[T.ramp(xq_at(x_row(mo, 2 * ib), g * group + s * 8), 1, 16)],
                                         _s8(wp[T.ramp(((g * steps + s) * bj + jb) * 4, 1, 4)], 16))
                                 else:
                                     dots[T.ramp((ib * bj + jb) * 4, 1, 4)] = _sdot(
                                         dots[T.ramp((ib * bj + jb) * 4, 1, 4)],
                                         _s8(wp[T.ramp((g * steps + s) * nr + jb * 4, 1, 4)], 16),
                                         _s8(T.broadcast(T.reinterpret("uint32", xq[T.ramp(
-                                            x_row(mo, ib) * k + g * group + s * 4, 1, 4)]), 4), 16))
+                                            xq_at(x_row(mo, ib), g * group + s * 4), 1, 4)]), 4), 16))
                     for ib in T.unroll(bi):
                         for jb in T.unroll(bj):
                             if mmla:
