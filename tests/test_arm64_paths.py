@@ -211,3 +211,53 @@ def test_object_code_has_the_paths_instructions(target, gemv: dict, gemm: dict) 
         for mnemonic in DOTS:
             if mnemonic not in want:
                 assert _count(asm, mnemonic) == 0, mnemonic
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg():
+    from tiny import make_tiny_checkpoint
+
+    from toolkit.config import load_hf_config
+
+    with tempfile.TemporaryDirectory() as d:
+        make_tiny_checkpoint(d, "mini-4k")
+        yield load_hf_config(d)
+
+
+# the 4 q4 linears of a layer (qkv, o, gate_up, down) are each a decode GEMV (4 sdot, or 4 saddlp, per step)
+# and a prefill GEMM (32 smmla or 64 sdot per group in the register block); the kernels are not separate
+# symbols in the library, so the counts are over all of its code
+@pytest.mark.slow
+@pytest.mark.skipif(OBJDUMP is None, reason="no llvm-objdump / aarch64 objdump to disassemble with")
+@pytest.mark.parametrize(
+    "mcpu,gemv,gemm,at_least",
+    [
+        ("neoverse-v1", "int8-neon-dotprod", "int8-neon-i8mm", {"sdot": 4 * 4, "smmla": 4 * 32}),
+        ("neoverse-n1", "int8-neon-dotprod", "int8-neon-dotprod", {"sdot": 4 * 4 + 4 * 64}),
+        ("cortex-a53", "int8-neon", "fp32-neon", {"saddlp": 4 * 4}),
+    ],
+)
+def test_tiny_model_library_for_arm64_hosts(tiny_cfg, tmp_path, mcpu, gemv, gemm, at_least) -> None:
+    # the whole model through the pipeline for an arm64 CPU: every q4 matmul shape of the model takes the
+    # path its CPU has (the manifest says which), and the library's code holds those instructions. A .tar of
+    # aarch64 objects: a .so would need a cross linker the pipeline doesn't set up (not a targets/ preset).
+    import tarfile
+
+    from toolkit.compile.compile_model import compile_model
+    from toolkit.targets import Preset
+
+    target = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": mcpu, "num-cores": 4}
+    preset = Preset("arm64-test", "arm64 host", target, ".tar", True, q4_activations="int8")
+    manifest = compile_model(tiny_cfg, "q4f16_1", preset, tmp_path / "out").manifest
+    assert manifest["cpu_isa"] == {"q4_gemv": gemv, "q4_gemm": gemm}
+    with tarfile.open(tmp_path / "out" / manifest["library"]) as tar:
+        tar.extractall(tmp_path / "objs", filter="data")
+    asm = "".join(
+        subprocess.run([OBJDUMP, "-d", str(o)], capture_output=True, text=True, check=True).stdout
+        for o in sorted((tmp_path / "objs").glob("*.o"))
+    )
+    for mnemonic, count in at_least.items():
+        assert _count(asm, mnemonic) >= count, (mnemonic, _count(asm, mnemonic))
+    for mnemonic in DOTS:
+        if mnemonic not in at_least:
+            assert _count(asm, mnemonic) == 0, mnemonic
