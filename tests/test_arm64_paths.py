@@ -83,10 +83,10 @@ def _build_arm(func, target, workdir: Path) -> Path:
     return exe
 
 
-def _run(func, path: str, arrays: list[np.ndarray], qemu_cpu: str | None = None) -> np.ndarray:
+def _run(func, path: str, arrays: list[np.ndarray]) -> np.ndarray:
     with tempfile.TemporaryDirectory() as d:
         exe = _build_arm(func, _path_target(path), Path(d))
-        return arm64_qemu.run(exe, arrays, qemu_cpu or PATHS[path][1])[-1]
+        return arm64_qemu.run(exe, arrays, PATHS[path][1])[-1]
 
 
 def _check_q8(got: np.ndarray, x, qw, qs, res) -> None:
@@ -112,6 +112,7 @@ GEMV_CASES = [
     (64, 256, ("b", 1), (3, 1), True, "float16"),  # decode's dynamic batch of 3
     (32, 576, (1, 1), (1, 1), False, "float32"),  # SmolLM2's K: 9 chunks of 64
     pytest.param(48, 1024, (1, 2), (1, 2), True, "float16", marks=pytest.mark.slow),  # two static rows
+    (32, 8192, ("b", 1), (1, 1), True, "float16"),  # Phi-3-mini's down-projection K
 ]
 
 
@@ -131,6 +132,7 @@ GEMM_CASES = [
     (64, 256, 13, True),
     (48, 160, 1, False),
     pytest.param(32, 1024, 25, True, marks=pytest.mark.slow),
+    (16, 8192, 6, True),  # Phi-3-mini's down-projection K
 ]
 
 
@@ -158,15 +160,25 @@ def test_fp32_gemm_fallback_under_qemu_matches_numpy() -> None:
 
 @pytest.mark.skipif(QEMU_MISSING is not None, reason=str(QEMU_MISSING))
 @pytest.mark.parametrize(
-    "path,rows,weaker_cpu", [("neon-dotprod", ("b", 1), "cortex-a53"), ("neon-i8mm", (1, "s"), "cortex-a76")]
+    "base,extension,rows,cpus",
+    [
+        ("cortex-a53", "dotprod", ("b", 1), ("cortex-a76", "cortex-a53")),  # decode GEMV: sdot
+        ("cortex-a76", "i8mm", (1, "s"), ("max", "cortex-a76")),  # prefill GEMM: smmla
+    ],
 )
-def test_emulated_cpu_lacking_the_path_faults(path: str, rows: tuple, weaker_cpu: str) -> None:
-    # qemu runs what the object holds: the same build on a CPU without the extension is an illegal
-    # instruction, so the passing runs above did execute sdot / smmla
+def test_build_runs_with_its_extension_and_faults_without(base, extension, rows, cpus) -> None:
+    # one build that differs from its base CPU by one extension: right on a CPU with it, an illegal
+    # instruction on one without (qemu runs what the object holds), so the paths' instructions do execute
+    target = _arm(base, mattr=[f"+{extension}"])
+    path = q8_gemm_isa(target) if rows[1] == "s" else q8_dot_isas(target)[0]
+    assert target.mcpu == base and path == f"neon-{extension}"
     func = _matmul_func(32, 128, rows, quant=True)
-    *_, arrays = _inputs(32, 128, (1, 5) if rows[1] == "s" else (1, 1), False)
-    with pytest.raises(subprocess.CalledProcessError) as e:
-        _run(func, path, arrays, qemu_cpu=weaker_cpu)
+    qw, qs, _, x, _, arrays = _inputs(32, 128, (1, 5) if rows[1] == "s" else (1, 1), False)
+    with tempfile.TemporaryDirectory() as d:
+        exe = _build_arm(func, target, Path(d))
+        _check_q8(arm64_qemu.run(exe, arrays, cpus[0])[-1], x, qw, qs, None)
+        with pytest.raises(subprocess.CalledProcessError) as e:
+            arm64_qemu.run(exe, arrays, cpus[1])
     assert e.value.returncode == -4 or b"Illegal instruction" in e.value.stderr, e.value.stderr
 
 
