@@ -19,6 +19,12 @@ Per group the int32 sums start from the zero-point term and are scaled into fp32
 
 Numerics: the integer sums are exact (|sum| <= group * 15 * 127), so every path equals the exact int8
 reference up to fp32 summation over the K / group scaled group sums, as on x86.
+
+Speed: not measured on any arm64 CPU (none was at hand; the paths are checked for numbers under qemu-user,
+whose timings say nothing about hardware). By construction: the DotProd GEMV step is 5 pairs of 128-bit
+loads, 6 and/shift, 4 `sdot` and 4 fp32 multiply(-add)s per 64 weights (the AVX2 step's shape); the GEMM
+register blocks use 16 accumulators + up to 6 operands of the 32 vector registers (`smmla`: 32 int8
+multiply-adds per instruction against 16 for `sdot`). mr / nr are not tuned.
 """
 
 from __future__ import annotations
