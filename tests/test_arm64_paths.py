@@ -74,6 +74,24 @@ def test_arm64_path_follows_the_target_cpu(mcpu: str, extra: dict, gemv: str, ge
     assert q8_gemm_isa(target) == (gemm[5:] if gemm.startswith("int8-") else None)
 
 
+def test_arm64_rules_take_the_shapes_their_paths_fit() -> None:
+    v1, a53 = _arm("neoverse-v1"), _arm("cortex-a53")
+
+    def first(func, target, acts="int8"):
+        return next(r for r in cs.cpu_schedule_rules(target, acts) if r.apply(func, target, False))
+
+    prefill = _matmul_func(64, 256, (1, "s"), quant=True)
+    assert isinstance(first(prefill, v1), cs.CPUQ8VNNIGEMM)
+    assert isinstance(first(prefill, v1, "float32"), cs.CPUQ4OuterGEMM)  # host-exact
+    assert isinstance(first(prefill, a53), cs.CPUQ4OuterGEMM)  # no DotProd: fp32 tiles
+    # weight rows not a whole tile of 8: the int8 GEMM declines, an fp32 rule takes it
+    assert not isinstance(first(_matmul_func(36, 256, (1, "s"), quant=True), v1), cs.CPUQ8VNNIGEMM)
+    decode = _matmul_func(64, 576, ("b", 1), quant=True)
+    assert isinstance(first(decode, v1), cs.CPUQ8DotGEMV) and isinstance(first(decode, a53), cs.CPUQ8DotGEMV)
+    # K not a whole number of 64-weight steps: the fp32-activation GEMV
+    assert isinstance(first(_matmul_func(64, 96, ("b", 1), quant=True), v1), cs.CPUDequantGEMV)
+
+
 def _build_arm(func, target, workdir: Path) -> Path:
     """`func` built by our int8 rules for the arm64 `target`, linked with the qemu harness."""
     ex = _build(func, target, cs.cpu_schedule_rules(target, "int8"))

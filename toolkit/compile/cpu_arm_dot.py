@@ -38,6 +38,7 @@ from tvm.script import tirx as T
 from .cpu_q8_gemv import _nibbles, with_params_of
 
 BITS = 4  # the code width these kernels unpack (nibbles); the group size comes from the matched shapes
+PER_WORD = 32 // BITS  # codes per uint32 word
 
 
 def _half(v: tirx.PrimExpr, h: int, lanes: int) -> tirx.PrimExpr:
@@ -96,6 +97,20 @@ def _bcast2(buf, i0, i1) -> tirx.PrimExpr:
     return T.Shuffle([T.broadcast(buf[i0], 2), T.broadcast(buf[i1], 2)], [0, 1, 2, 3])
 
 
+def gemm_fits(q, *, isa: str, nr: int = 8) -> bool:
+    """Whether `q8_arm_gemm` can run `q` (a `_Q4Matmul`): 4-bit codes, whole weight tiles, groups of whole
+    instruction steps."""
+    n_groups, n_words = int(q.q_scale.shape[1]), int(q.q_weight.shape[1])
+    step = 8 if isa == "neon-i8mm" else 4
+    return (
+        q.k == n_words * PER_WORD
+        and q.k % n_groups == 0
+        and (q.k // n_groups) % max(step, PER_WORD) == 0
+        and q.n % nr == 0
+        and nr % 4 == 0
+    )
+
+
 def q8_arm_gemm(func: tirx.PrimFunc, q, *, isa: str, mr: int = 4, nr: int = 8) -> tirx.PrimFunc:
     """`func` (a `_Q4Matmul` match `q`: x [.., M, K], q_weight, q_scale, out, optional residual) as the
     int8 `smmla` (`isa="neon-i8mm"`) or `sdot` (`"neon-dotprod"`) GEMM: same parameters, same result up
@@ -105,10 +120,9 @@ def q8_arm_gemm(func: tirx.PrimFunc, q, *, isa: str, mr: int = 4, nr: int = 8) -
     mmla = isa == "neon-i8mm"
     n, k = q.n, q.k
     n_groups, n_words = int(q.q_scale.shape[1]), int(q.q_weight.shape[1])
-    group, per_word = k // n_groups, k // n_words
+    group = k // n_groups
     step = 8 if mmla else 4  # k per instruction and row
-    assert per_word * BITS == 32 and group % per_word == 0 and n % nr == 0 and nr % 4 == 0
-    assert mr % 2 == 0 or not mmla
+    assert gemm_fits(q, isa=isa, nr=nr) and (mr % 2 == 0 or not mmla), (isa, mr, nr)
     steps = group // step  # instructions per group and block of rows
     n_rows = functools.reduce(operator.mul, list(q.x.shape)[:-1], 1)
     x_shape, out_shape = [*list(q.x.shape)[:-1], k], [*list(q.x.shape)[:-1], n]
@@ -164,8 +178,8 @@ def q8_arm_gemm(func: tirx.PrimFunc, q, *, isa: str, mr: int = 4, nr: int = 8) -
             for w in range(n_words):
                 for j in range(nr):
                     for h in T.unroll(2):  # k = 8w + 4h .. 8w + 4h + 3: nibbles 4h..4h+3 -> bytes 0..3
-                        if mmla:  # [K/8, nr/2 pairs, 2 rows, 8 k]
-                            wp[((w * 8 // step) * bj + j // 2) * 4 + (j % 2) * 2 + h] = _spread_nibbles(
+                        if mmla:  # [K/8, nr/2 pairs, 2 rows, 8 k]: a word is one smmla step
+                            wp[(w * bj + j // 2) * 4 + (j % 2) * 2 + h] = _spread_nibbles(
                                 T.shift_right(qw[t * nr + j, w], T.uint32(16) * T.Cast("uint32", h)))
                         else:  # [K/4, nr, 4 k]
                             wp[(w * 2 + h) * nr + j] = _spread_nibbles(

@@ -2,7 +2,7 @@
 
 The target's `mcpu` (host detection for the `host` preset, or whatever a preset names) is asked through
 LLVM's feature table, so a build for another CPU (`-mcpu=znver3`) picks that CPU's path, not this machine's.
-The int8 dot-product GEMV has three paths, widest first:
+On x86 the int8 dot-product GEMV has three paths, widest first:
 
 - `avx512vnni`: `vpdpbusd` on 512-bit registers (128 weights per instruction pair);
 - `avxvnni`: `vpdpbusd` on 256-bit registers, VEX (AVX-VNNI) or EVEX (AVX-512 VNNI + VL) encoded;

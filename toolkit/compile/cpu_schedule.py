@@ -753,8 +753,10 @@ class CPUQ8VNNIGEMM(ScheduleRule):
         if q is None or q.n % lanes or _few_rows(list(q.x.shape)[:-1], self.max_m):
             return None
         if isa.startswith("neon"):
-            from .cpu_arm_dot import q8_arm_gemm
+            from .cpu_arm_dot import gemm_fits, q8_arm_gemm
 
+            if not gemm_fits(q, isa=isa, nr=lanes):
+                return None
             return s_tir.Schedule(q8_arm_gemm(func, q, isa=isa, mr=4, nr=lanes))
         return s_tir.Schedule(q8_vnni_gemm(func, q, mr=12 if lanes == 16 else 6, lanes=lanes))
 
