@@ -144,25 +144,23 @@ def test_gemv_path_under_qemu_matches_int8_reference(path, n, k, rows, real_rows
     _check_q8(_run(func, path, arrays), x, qw, qs, res)
 
 
-# prefill: (n, k, rows at run time, residual add); 13 and 25 rows end in a partial register block (4 rows)
-# and an odd row (smmla's row pairs)
+# prefill: (n, k, rows at run time, residual add, scale dtype); 13 and 25 rows end in a partial register
+# block (4 rows) and an odd row (smmla's row pairs)
 GEMM_CASES = [
-    (64, 256, 13, True),
-    (48, 160, 1, False),
-    pytest.param(32, 1024, 25, True, marks=pytest.mark.slow),
-    (16, 8192, 6, True),  # Phi-3-mini's down-projection K
+    (64, 256, 13, True, "float16"),
+    (48, 160, 1, False, "float32"),  # q4f32_1's scales
+    pytest.param(32, 1024, 25, True, "float16", marks=pytest.mark.slow),
+    (16, 8192, 6, True, "float16"),  # Phi-3-mini's down-projection K
 ]
 
 
 @pytest.mark.skipif(QEMU_MISSING is not None, reason=str(QEMU_MISSING))
 @pytest.mark.parametrize("path", ["neon-dotprod", "neon-i8mm"])
-@pytest.mark.parametrize("n,k,m,add", GEMM_CASES)
-def test_int8_gemm_path_under_qemu_matches_int8_reference(
-    path: str, n: int, k: int, m: int, add: bool
-) -> None:
+@pytest.mark.parametrize("n,k,m,add,scale_dtype", GEMM_CASES)
+def test_int8_gemm_path_under_qemu_matches_int8_reference(path, n, k, m, add, scale_dtype) -> None:
     assert host_kernel_isas(_path_target(path), "int8")["q4_gemm"] == f"int8-{path}"
-    func = _matmul_func(n, k, (1, "s"), quant=True, add=add)
-    qw, qs, _, x, res, arrays = _inputs(n, k, (1, m), add)
+    func = _matmul_func(n, k, (1, "s"), quant=True, scale_dtype=scale_dtype, add=add)
+    qw, qs, _, x, res, arrays = _inputs(n, k, (1, m), add, scale_dtype)
     _check_q8(_run(func, path, arrays), x, qw, qs, res)
 
 
