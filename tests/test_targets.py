@@ -68,6 +68,36 @@ def test_host_preset_detects_this_cpu():
     assert p.target.attrs["mcpu"] == p.target_dict["mcpu"]
 
 
+@pytest.mark.parametrize(
+    "cpu,host_features,mattr",
+    [
+        ("generic", {"neon": True, "dotprod": True, "i8mm": True}, ["+dotprod", "+i8mm"]),  # unnamed part
+        ("generic", {"neon": True, "dotprod": True, "i8mm": False}, ["+dotprod"]),
+        ("generic", {"neon": True}, None),  # an Armv8.0 CPU: nothing to add
+        ("neoverse-v1", {"neon": True, "dotprod": True, "i8mm": True}, None),  # its name says it all
+    ],
+)
+def test_arm64_host_gets_the_dot_product_extensions_it_has(monkeypatch, cpu, host_features, mattr):
+    # an arm64 machine simulated here: LLVM's host detection answers as it would there
+    from tvm.target import codegen
+
+    from toolkit.compile.cpu_isa import host_kernel_isas
+
+    monkeypatch.setattr(codegen, "llvm_get_system_triple", lambda: "aarch64-unknown-linux-gnu")
+    monkeypatch.setattr(codegen, "llvm_get_system_cpu", lambda: cpu)
+    monkeypatch.setattr(targets, "_host_cpu_features", lambda: host_features)
+    targets._load.cache_clear()
+    try:
+        p = targets.load_preset("host")
+    finally:
+        targets._load.cache_clear()  # later tests see this machine again
+    assert p.target_dict["mcpu"] == cpu and p.target_dict.get("mattr") == mattr
+    isas = host_kernel_isas(p.target, "int8")
+    dot, mm = host_features.get("dotprod"), host_features.get("i8mm")
+    assert isas["q4_gemv"] == ("int8-neon-dotprod" if dot else "int8-neon")
+    assert isas["q4_gemm"] == ("int8-neon-i8mm" if mm else "int8-neon-dotprod" if dot else "fp32-neon")
+
+
 def test_unknown_preset_lists_known_ones():
     with pytest.raises(UserError) as e:
         targets.load_preset("iphone-a99")

@@ -5,7 +5,9 @@ x is quantized per 32-group to int8 (scale max|x|/127, rounded half to even). Ea
 one 32-byte load whose low and high nibbles (u8) are multiplied with the matching int8 activations:
 - `avx2`: `vpmaddubsw` (u8 x i8 -> i16 pairs) twice, added, then summed to 8 int32 lanes by `vpmaddwd`;
 - `avxvnni`: two `vpdpbusd` (u8 x i8, 4 products summed into each int32 lane) on 256-bit registers;
-- `avx512vnni`: the same on 512-bit registers, 128 weights (two chunks) per step.
+- `avx512vnni`: the same on 512-bit registers, 128 weights (two chunks) per step;
+- `neon-dotprod` / `neon` (arm64): `sdot`, or int16 products and pairwise adds, per 128-bit half
+  (`cpu_arm_dot`).
 The -7 zero point is a per-lane integer term (`xz`, the VNNI chains start from it) and the weight and
 activation scales one fp32 multiply-add per step.
 
@@ -112,6 +114,10 @@ def q8_dot_gemv(func: tirx.PrimFunc, q, *, isa: str = "avx2", rows: int = 1, til
     lane_sum = _lane_sum
     if isa == "avx2":
         dot = _dot_avx2
+    elif isa.startswith("neon"):
+        from .cpu_arm_dot import GEMV_DOTS  # arm64 steps on the same layout (imports this module)
+
+        dot = GEMV_DOTS[isa]
     else:
         dot = functools.partial(_dot_vnni, lanes=lanes)
 

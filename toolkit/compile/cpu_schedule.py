@@ -16,7 +16,7 @@ weight), an `NT_matmul` block `C[m.., n] += x[m.., k] * W[n, k]` and optional in
 - `CPUGEMV`: any other matmul with few rows (fp32 weights of q0 models, or q4 shapes the above declines):
   dequantize inlined, rfactor over the SIMD lanes, 4 rows per x load, rows split across threads.
 - `CPUQ8VNNIGEMM` (int8-activation presets, CPUs with VNNI): q4 matmuls with many rows (prefill) with int8
-  activations and 512- or 256-bit `vpdpbusd` (`cpu_q8_gemm`).
+  activations and 512- or 256-bit `vpdpbusd` (`cpu_q8_gemm`), or arm64's `smmla` / `sdot` (`cpu_arm_dot`).
 - `CPUQ4OuterGEMM`: q4 matmuls with many rows (prefill): outer-product register blocks (`cpu_q4_gemm`), 8 or
   16 fp32 lanes wide (AVX2 / AVX-512, `cpu_isa`).
 - `CPUGEMM`: other matmuls with many (dynamic seq_len: prefill) rows: each thread dequantizes a tile of 16
@@ -46,6 +46,8 @@ from .knobs import Knobs, shape_key
 # built for this one storage layout (4-bit codes, 8 per uint32, groups of 32); `_match_q4_matmul` declines
 # any other layout, which then takes the generic `CPUGEMV` / `CPUGEMM` schedules.
 HOST_Q4_LAYOUT: GroupLayout = MLC_Q4_LAYOUT
+
+ARM_GEMM_NR = 8  # weight rows per tile of the arm64 int8 GEMM (4 smmla row pairs / 2 sdot quads)
 
 # ---------------------------------------------------------------------------------------------------------
 # target facts
@@ -765,7 +767,9 @@ class CPUQ8VNNIGEMM(ScheduleRule):
     """q4 dequant + matmul (+ residual add) with many rows of x (prefill), int8 activations and the widest
     `vpdpbusd` the CPU has (`cpu_q8_gemm.q8_vnni_gemm`): for presets with int8 activations on CPUs with
     VNNI; others keep `CPUQ4OuterGEMM`'s fp32 tiles. Register block: 12 rows of x by 16 weight rows on
-    512 bits (32 registers), 6 by 8 on 256 bits (AVX-VNNI CPUs without AVX-512 have 16)."""
+    512 bits (32 registers), 6 by 8 on 256 bits (AVX-VNNI CPUs without AVX-512 have 16). On arm64 the
+    same with `smmla` (i8mm) or `sdot` (DotProd) (`cpu_arm_dot.q8_arm_gemm`): 4 rows of x by 8 weight
+    rows, 8 int32 + 8 fp32 accumulator registers of the 32."""
 
     def __init__(self, max_m: int = 4, knobs: Knobs | None = None) -> None:
         self.max_m, self.knobs = max_m, knobs
@@ -776,10 +780,16 @@ class CPUQ8VNNIGEMM(ScheduleRule):
         isa = q8_gemm_isa(target) if isinstance(func, tirx.PrimFunc) and _is_llvm(target) else None
         if isa is None:
             return None
-        lanes = Q8_DOT_LANES[isa]
+        lanes = ARM_GEMM_NR if isa.startswith("neon") else Q8_DOT_LANES[isa]
         q = _match_q4_matmul(func)
         if q is None or q.n % lanes or _few_rows(list(q.x.shape)[:-1], self.max_m):
             return None
+        if isa.startswith("neon"):
+            from .cpu_arm_dot import gemm_fits, q8_arm_gemm
+
+            if not gemm_fits(q, isa=isa, nr=lanes):
+                return None
+            return s_tir.Schedule(q8_arm_gemm(func, q, isa=isa, mr=4, nr=lanes))
         mr = 12 if lanes == 16 else 6
         if self.knobs is not None:  # a 256-bit path has 16 registers: at most 6 rows of x
             mr = min(self.knobs.get("q8_gemm", shape_key(q.n, q.k))["mr"], mr)
