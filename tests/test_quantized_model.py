@@ -200,5 +200,6 @@ def test_group_size_64_scheme_runs_end_to_end_on_the_host(tmp_path, monkeypatch)
     for _ in range(6):
         toks.append(int(np.argmax(rows[-1][-1])))
         rows.append(eng.decode(sid, toks[-1])[None])
-    # the generic fp32 schedules run these matmuls: only summation order differs from transformers
-    assert rel_err(np.concatenate(rows), hf_incremental(hf, prompt, toks)) < 1e-4
+    # the generic fp32 schedules run these matmuls (fp32 summation order only); the host's fp16 KV cache
+    # adds its rounding (test_fp16_kv_cache_stays_close_to_transformers: ~1e-3)
+    assert rel_err(np.concatenate(rows), hf_incremental(hf, prompt, toks)) < 1e-2
