@@ -64,6 +64,8 @@ class Engine:
         self.device = device or tvm.cpu()
         self.vm = VirtualMachine(executable, self.device)
         self.metadata = json.loads(self.vm["_metadata"]())
+        if self.vm.module.implements_function("cuda_graph_alloc_init"):  # `--cuda-graph` libraries
+            self.vm["cuda_graph_alloc_init"]()  # the captured graphs' buffers, once, as MLC's engine does
         self.params = list(params)
         self.cache_opts = cache or CacheOptions()
         c = self.cache_opts
