@@ -284,20 +284,40 @@ def load_engine(
         quantization = source.scheme.name
     quantization = quantization or DEFAULT_QUANTIZATION
     preset = load_preset(device)
-    if preset.is_gpu and preset.kind != "cuda":
-        from ..errors import UserError
-
-        raise UserError(
-            f"cannot run '{device}' here: use `phi3 compile --device {device}` and deploy the library"
-        )
+    dev = open_device(preset)
     compiled = compiled_for(source.config, quantization, preset)
-    dev = tvm.cuda() if preset.kind == "cuda" else tvm.cpu()
     set_threads(threads)
     lib = tvm.runtime.load_module(str(compiled.library))
     params = load_params(source, compiled, dev)
     eng = Engine(lib, params, source.config, dtype=compiled.manifest["dtype"], device=dev, cache=cache)
     eng.compiled = compiled
     return eng, source
+
+
+def open_device(preset) -> tvm.runtime.Device:
+    """The device a preset's library runs on here: the CPU, CUDA, or Vulkan / OpenCL through TVM's own
+    runtimes built as plugins (`phi3 runtime build`); UserError when this machine cannot run it."""
+    from ..errors import UserError
+
+    if not preset.is_gpu:
+        return tvm.cpu()
+    if preset.kind == "cuda":
+        return tvm.cuda()
+    if preset.kind in ("vulkan", "opencl"):
+        import platform
+
+        host = (preset.host_triple or "").split("-")[0]
+        if host and host != platform.machine():
+            raise UserError(
+                f"cannot run '{preset.name}' here: its host code is {host}, this machine is "
+                f"{platform.machine()}; use the '{preset.kind}' preset to run its kernels here"
+            )
+        from .plugins import require_device
+
+        return require_device(preset.kind)
+    raise UserError(
+        f"cannot run '{preset.name}' here: use `phi3 compile --device {preset.name}` and deploy the library"
+    )
 
 
 DEFAULT_QUANTIZATION = "q4f16_1"
