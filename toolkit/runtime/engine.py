@@ -30,6 +30,7 @@ def _f(name: str):
     return tvm.get_global_func(name)
 
 
+KV_SLIDING_WINDOW_SUPPORT = 0  # create_tir_paged_kv_cache's 5th argument; see Engine.__init__
 FORWARD_FUNCTIONS = ("embed", "prefill", "decode", "batch_prefill", "batch_decode", "batch_verify")
 
 
@@ -78,7 +79,12 @@ class Engine:
             ShapeTuple([c.max_batch_size * self.context_window]),
             ShapeTuple([self.prefill_chunk]),
             ShapeTuple([c.page_size]),
-            ShapeTuple([0]),  # the host kernels apply the window over a cache that keeps every token
+            # the host kernels apply the window over a cache that keeps every token. Keeping the cache's own
+            # sliding-window support off is also what keeps batched decode correct on Vulkan/OpenCL/Metal with
+            # the apache-tvm 0.27 wheel: with it on, the cache's plain aux-data manager (every device but
+            # CPU/CUDA/ROCm) copies the length info of >= 2 sequences into a strided view and fails with
+            # "CopyDataFromTo only support contiguous array" (tests/test_tvm_runtime_plugins.py reproduces it)
+            ShapeTuple([KV_SLIDING_WINDOW_SUPPORT]),
         )
         self._fn = {n: self.vm[n] for n in FORWARD_FUNCTIONS}
         self._begin, self._end = (
