@@ -69,6 +69,16 @@ def test_missing_headers_name_the_debian_packages(monkeypatch):
         plugins.check_system(("vulkan",))
 
 
+def test_vulkan_without_the_plugin_says_how_to_build_it(tmp_path):
+    # an empty toolkit cache: no plugin for this wheel (unless the TVM build has the runtime compiled in)
+    if tvm.get_global_func("device_api.vulkan", allow_missing=True) is not None:
+        pytest.skip("this TVM build has its Vulkan runtime compiled in")
+    r = _cli("generate", "--device", "vulkan", "--prompt", "hi", env={"PHI3_TOOLKIT_CACHE": str(tmp_path)})
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "phi3 runtime build --tvm-source DIR --backends vulkan" in lines[0], r.stderr
+
+
 def test_presets_that_cannot_run_here_say_why():
     from toolkit.runtime.engine import open_device
     from toolkit.targets import load_preset
@@ -180,6 +190,11 @@ CASES = [
     ("mini-128k", "q4f16_1", "vulkan", (12, 5, 7)),
     ("medium", "q4f32_1", "vulkan", (20, 7, 4)),
     ("medium", "q4f16_1", "vulkan", (20, 7, 4)),
+    # PoCL: fp32 activations only (no cl_khr_fp16)
+    ("mini-4k", "q4f32_1", "opencl", (11, 5, 4)),
+    ("mini-4k", "q0f32", "opencl", (11, 5, 4)),
+    ("mini-128k", "q4f32_1", "opencl", (12, 5, 7)),
+    ("medium", "q4f32_1", "opencl", (20, 7, 4)),
 ]
 
 
@@ -228,3 +243,50 @@ def test_wheel_bug_batched_decode_with_cache_sliding_window(tiny, devices):
         e.prefill(b, [9, 10])
         outs.append(e.decode_batch([a, b], [11, 12]))
     assert np.abs(outs[0] - outs[1]).max() <= REL_TOL["float32"] * np.abs(outs[1]).max()
+
+
+@pytest.mark.parametrize("backend", ["opencl", "vulkan"])
+def test_attention_merge_kernel_has_no_race(devices, backend, tmp_path):
+    """The wheel's GPU merge kernel (chunked prefill) lets every thread of a head read and then overwrite
+    S[n, h] without a barrier: PoCL runs a group's work-items one after another and gets it wrong. Ours
+    (toolkit/model/kv_kernels.py) matches numpy on both runtimes; the wheel's is shown wrong on PoCL."""
+    from toolkit.model.kv_kernels import _ORIGINAL, merge_state_inplace
+    from toolkit.targets import load_preset
+    from toolkit.verify.runtime_check import merge_state_reference
+
+    if backend == "vulkan":
+        import toolkit.backends.vulkan  # noqa: F401  (our target.build.vulkan)
+    target = load_preset(backend).target
+    rng = np.random.default_rng(0)
+    n, h, d = 5, 4, 32
+    v, vo = (rng.standard_normal((n, h, d)).astype("float32") for _ in range(2))
+    s, so = (rng.standard_normal((n, h)).astype("float32") for _ in range(2))
+    ref_v, ref_s = merge_state_reference(v, s, vo, so)
+    errors = {}
+    for name, make in (("ours", merge_state_inplace), ("wheel", _ORIGINAL)):
+        built = tvm.compile(tvm.IRModule({"merge": make(h, d, "float32", target, "merge")}), target=target)
+        built.export_library(str(tmp_path / f"{name}.so"))
+        lib = tvm.runtime.load_module(str(tmp_path / f"{name}.so"))
+        args = [tvm.runtime.tensor(x, devices[backend]) for x in (v, s, vo, so)]
+        lib["merge"](*args)
+        errors[name] = max(np.abs(args[0].numpy() - ref_v).max(), np.abs(args[1].numpy() - ref_s).max())
+    assert errors["ours"] < 1e-5, errors  # fp32 exp2/log2/division rounding only
+    if backend == "opencl":
+        assert errors["wheel"] > 0.1, errors  # the race, reproduced
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["vulkan", "opencl"])
+def test_verify_runs_every_kernel_through_the_runtime(tiny, devices, device):
+    """`phi3 verify` on a library of the device preset: every kernel, TVM's paged-attention ones included,
+    called in the library through TVM's runtime on the inputs the host-exact build's kernels received."""
+    from toolkit.verify.verify import verify_model
+
+    ckpts, root = tiny
+    _engine(ckpts["mini-4k"], "q4f32_1", device, root / f"mini-4k-q4f32_1-{device}")
+    report = verify_model(root / f"mini-4k-q4f32_1-{device}")
+    assert report.backend == f"{device} (TVM runtime plugin)"
+    assert report.ok, [(c.func, c.status, c.note) for c in report.checks if c.status not in ("ok", "not-run")]
+    ok = {c.func for c in report.checks if c.status == "ok"}
+    attention = {"batch_prefill_ragged_kv", "batch_prefill_paged_kv", "batch_decode_paged_kv"}
+    assert attention | {"tir_attention_merge_state", "tir_kv_cache_transpose_append"} <= ok, sorted(ok)
