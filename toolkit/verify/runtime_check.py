@@ -183,10 +183,10 @@ def merge_state_reference(v, s, v_other, s_other) -> tuple[np.ndarray, np.ndarra
     return (v * a[..., None] + v_other * b[..., None]) / (a + b)[..., None], m + np.log2(a + b)
 
 
-def _merge_state_check(fn, dev, backend: str, rng) -> KernelCheck:
+def _merge_state_check(fn, cfg, dev, backend: str, rng) -> KernelCheck:
     """The cache's merge kernel (chunked prefill, cascade decode) has no CPU counterpart in the host build:
-    check it against numpy on random partial states."""
-    n, h, d = 5, 4, 32
+    check it against numpy on random partial states (its thread layout is fixed for the model's heads)."""
+    n, h, d = 5, cfg.num_attention_heads, cfg.head_dim
     v, vo = (rng.standard_normal((n, h, d)).astype("float32") for _ in range(2))
     s, so = (rng.standard_normal((n, h)).astype("float32") for _ in range(2))
     ref_v, ref_s = merge_state_reference(v, s, vo, so)
@@ -235,7 +235,7 @@ def verify_with_runtime(
         if fn is None:
             checks.append(KernelCheck(name, [], backend, "not-run", note="not exported by the library"))
         elif name == MERGE_STATE:
-            checks.append(_merge_state_check(fn, dev, backend, rng))
+            checks.append(_merge_state_check(fn, cfg, dev, backend, rng))
         elif name in by_name:
             (before, after), origin = by_name[name]
             if len(before) != len(func.params):
