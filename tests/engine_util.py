@@ -12,6 +12,7 @@ from toolkit.checkpoint import open_model
 from toolkit.compile.compile_model import compile_model, compiled_for
 from toolkit.runtime.engine import CacheOptions, Engine
 from toolkit.runtime.weights import load_params
+from toolkit.targets import Preset
 
 
 def build_engine(
@@ -20,7 +21,7 @@ def build_engine(
     quantization: str = "q0f32",
     dtype: str | None = None,
     cache: CacheOptions | None = None,
-    device: str = "host-exact",
+    device: str | Preset = "host-exact",
 ) -> Engine:
     """Default preset `host-exact` (fp32 activations): parity tests compare against fp32 references.
 

@@ -289,3 +289,194 @@ def test_peak_rss_is_per_process():
     code = "from toolkit.bench.timing import peak_rss_bytes; print(peak_rss_bytes())"
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout)
     assert peak_rss_bytes() > big.nbytes > child
+
+
+# ---- the serving bench (toolkit/bench/serve.py, examples/bench_serve.py) ----
+
+
+class FakeOpenAIServer:
+    """A test double for an OpenAI server: /v1/completions streams `max_tokens` one-character chunks, the
+    last with `finish`; usage at the end only when the client asks (as ours does; llama_cpp.server never)."""
+
+    def __init__(self, finish: str = "length", send_usage: bool = True) -> None:
+        import threading
+
+        import uvicorn
+        from starlette.applications import Starlette
+        from starlette.responses import JSONResponse, StreamingResponse
+        from starlette.routing import Route
+
+        self.bodies: list[dict] = []
+
+        async def completions(request):
+            body = await request.json()
+            self.bodies.append(body)
+
+            async def events():
+                n = body["max_tokens"]
+                for i in range(n):
+                    choice = {"text": "x", "finish_reason": finish if i == n - 1 else None}
+                    yield f"data: {json.dumps({'choices': [choice]})}\n\n"
+                if send_usage and body.get("stream_options", {}).get("include_usage"):
+                    yield f"data: {json.dumps({'choices': [], 'usage': {'completion_tokens': n}})}\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        async def models(request):
+            return JSONResponse({"data": []})
+
+        app = Starlette(
+            routes=[Route("/v1/completions", completions, methods=["POST"]), Route("/v1/models", models)]
+        )
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.server.install_signal_handlers = lambda: None
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        import time
+
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.mark.parametrize("send_usage", [True, False])
+def test_serve_bench_level_counts_every_request(send_usage):
+    from toolkit.bench.serve import PROMPTS, run_level
+
+    with FakeOpenAIServer(send_usage=send_usage) as srv:
+        res = run_level(srv.url, streams=3, rounds=2, max_tokens=5, ban=[0, 2])
+    assert (res["streams"], res["requests"], res["tokens"]) == (3, 6, 30)
+    assert res["aggregate_tok_s"] == pytest.approx(30 / res["wall_s"])
+    assert 0 < res["ttft_p50_s"] <= res["ttft_p99_s"] <= res["wall_s"]
+    bodies = srv.bodies
+    assert len({b["prompt"] for b in bodies}) == 6 and {b["prompt"] for b in bodies} <= set(PROMPTS)
+    assert all(b["logit_bias"] == {"0": -100, "2": -100} and b["temperature"] == 0 for b in bodies)
+
+
+def test_serve_bench_refuses_a_request_that_stopped_early():
+    from toolkit.bench.serve import run_level
+    from toolkit.errors import UserError
+
+    with FakeOpenAIServer(finish="stop") as srv, pytest.raises(UserError, match="finished with 'stop'"):
+        run_level(srv.url, streams=1, rounds=1, max_tokens=3, ban=[])
+
+
+def test_serve_bench_summary_percentiles():
+    from toolkit.bench.serve import RequestRecord, summarize_level
+
+    recs = [RequestRecord(ttft_s=t, total_s=t + 1, tokens=4, finish_reason="length") for t in range(1, 101)]
+    res = summarize_level(recs, wall_s=50.0, streams=10)
+    assert res["tokens"] == 400 and res["aggregate_tok_s"] == 8.0
+    assert res["ttft_p50_s"] == pytest.approx(50.5) and res["ttft_p99_s"] == pytest.approx(99.01)
+
+
+def test_serve_bench_server_that_fails_to_start_is_one_line():
+    from toolkit.bench.serve import ServerProcess
+    from toolkit.errors import UserError
+
+    cmd = [sys.executable, "-c", "import sys; print('loading'); print('boom: bad model'); sys.exit(3)"]
+    srv = ServerProcess("llama_cpp", cmd, port=9)
+    with pytest.raises(UserError) as e:
+        srv.wait_ready(timeout_s=60)
+    assert str(e.value) == "llama_cpp server exited (code 3) before it was ready: boom: bad model"
+    srv.stop()
+
+
+def test_serve_bench_says_what_to_install(monkeypatch):
+    from toolkit.bench import llama_cpp, serve
+    from toolkit.errors import UserError
+
+    monkeypatch.setattr(llama_cpp, "installed_version", lambda: None)
+    with pytest.raises(UserError, match=r"python -m toolkit\.bench\.llama_cpp install"):
+        serve.check_llama_server_importable()
+    reqs = [
+        "numpy>=1.20.0",
+        'sse-starlette>=1.6.1; extra == "server"',
+        'starlette-context<0.4,>=0.3.6; extra == "server"',
+        'httpx>=0.24.1; extra == "test"',
+    ]
+    monkeypatch.setattr(serve.importlib.metadata, "requires", lambda dist: reqs)
+    assert serve.llama_server_requirements() == ["sse-starlette>=1.6.1", "starlette-context<0.4,>=0.3.6"]
+
+
+def test_bench_serve_script_bad_input_is_one_line(tmp_path):
+    import subprocess
+
+    script = Path(__file__).parents[1] / "examples" / "bench_serve.py"
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    for args, needle in [
+        (["--max-tokens", "2000"], "--max-tokens 2000 leaves no room in --context-window 1024"),
+        (["--streams", "1,0"], "positive integers"),
+        (["--gguf", str(tmp_path / "none.gguf")], "no such GGUF file"),
+        (["--plot", str(tmp_path)], "output is a folder"),
+    ]:
+        r = subprocess.run([sys.executable, str(script), *args, "--json", str(tmp_path / "o.json")],
+                           capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+        assert r.returncode != 0 and needle in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr and not (tmp_path / "o.json").exists()
+
+
+@pytest.mark.slow
+def test_bench_serve_script_end_to_end(tmp_path):
+    """Both real servers on the embedded model, a few tokens: the JSON has every level for both, the PNG."""
+    import os
+    import subprocess
+
+    from toolkit.bench.serve import check_llama_server_importable
+    from toolkit.errors import UserError
+
+    try:
+        check_llama_server_importable()
+    except UserError as e:
+        pytest.skip(str(e))
+    script = Path(__file__).parents[1] / "examples" / "bench_serve.py"
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    args = [
+        "--threads",
+        "1",
+        "--streams",
+        "1,2",
+        "--max-tokens",
+        "4",
+        "--rounds",
+        "1",
+        "--context-window",
+        "256",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    r = subprocess.run(
+        [sys.executable, str(script), *args, "--json", str(out), "--plot", str(png)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert [e["streams"] for e in res["levels"]] == [1, 2]
+    for e in res["levels"]:
+        for name in ("ours", "llama_cpp"):
+            assert e[name]["requests"] == e["streams"] and e[name]["tokens"] == 4 * e["streams"]
+            assert 0 < e[name]["ttft_p50_s"] <= e[name]["ttft_p99_s"]
+        assert e["throughput_ratio"] == pytest.approx(
+            e["ours"]["aggregate_tok_s"] / e["llama_cpp"]["aggregate_tok_s"]
+        )
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_serve_bench_dead_server_is_one_line():
+    from toolkit.bench.serve import free_port, run_level
+    from toolkit.errors import UserError
+
+    with pytest.raises(UserError, match="ConnectError") as e:
+        run_level(f"http://127.0.0.1:{free_port()}", streams=1, rounds=1, max_tokens=3, ban=[])
+    assert "\n" not in str(e.value)

@@ -164,3 +164,71 @@ def test_replace_attention_swaps_kernels_by_symbol():
     assert out["odd"].same_as(mod["odd"])
     assert str(out["dec"].attrs["global_symbol"]) == "batch_decode_paged_kv_cpu"
     assert "T.parallel" in out["dec"].script()
+
+
+def test_fp16_cache_decode_accumulates_in_fp32():
+    """The host preset's fp16 KV cache: q / pages / o in fp16, scores and sums in fp32. Against numpy in fp64
+    on the same fp16-rounded inputs: o may differ only by its own fp16 rounding (half an ulp, 2^-11
+    relative, |o| < 4 -> 2e-3) plus fp32 summation; lse (fp32 out) by fp32 summation only."""
+    rng = np.random.default_rng(3)
+    h_kv, h_qo, d, lens = 4, 8, 96, [200, 1, 33]
+    b = len(lens)
+    pages, indptr, values, last = _paged_cache(rng, lens, h_kv, d, False)
+    q = rng.standard_normal((b, h_qo, d)).astype("float16")
+    pages = pages.astype("float16")
+    dev = tvm.cpu()
+    o = tvm.runtime.tensor(np.zeros((b, h_qo, d), "float16"), dev)
+    lse = tvm.runtime.tensor(np.zeros((b, h_qo), "float32"), dev)
+    f = _build(decode_attention_cpu(h_kv, h_qo, d, "float16", False, PS))
+    args = [q, pages, indptr, values, last, np.zeros(b, "int32"), np.zeros(b, "int32")]
+    f(*[tvm.runtime.tensor(x, dev) for x in args], o, lse, 0, 1.0, 1e4, 1 / np.sqrt(d))
+    o, lse = o.numpy().astype("float64"), lse.numpy()
+    for s in range(b):
+        row = values[indptr[s] : indptr[s + 1]]
+        keys = np.concatenate([pages[p, 0] for p in row], axis=1)[:, : lens[s]].astype("float64")
+        vals = np.concatenate([pages[p, 1] for p in row], axis=1)[:, : lens[s]].astype("float64")
+        qs = q[s].astype("float64")
+        np.testing.assert_allclose(o[s], _softmax_attention(qs, keys, vals), atol=2e-3, rtol=0)
+        g = h_qo // h_kv
+        scores = np.einsum("hd,hnd->hn", qs, np.repeat(keys, g, axis=0)) / np.sqrt(d)
+        ref_lse = np.log2(np.exp(scores - scores.max(-1, keepdims=True)).sum(-1)) + scores.max(-1) * np.log2(
+            np.e
+        )
+        np.testing.assert_allclose(lse[s], ref_lse, atol=1e-4, rtol=0)
+    assert np.abs(o).max() > 0.05
+
+
+@pytest.mark.parametrize("lanes,chunk", [(16, 16), (8, 32), (16, 8)])
+def test_every_knob_setting_computes_the_same_attention(lanes, chunk):
+    """`phi3 tune` picks lanes / chunk per CPU: any setting must give the default's numbers (fp32 summation
+    order only), with sliding window (decode) and causal ragged prefill."""
+    from toolkit.compile.cpu_attention import AttentionKnobs
+
+    rng = np.random.default_rng(4)
+    knobs = AttentionKnobs(lanes=lanes, chunk=chunk)
+    h_kv, h_qo, d, lens = 3, 9, 64, [137, 5, 16, 0, 300]
+    b = len(lens)
+    pages, indptr, values, info = _paged_cache(rng, lens, h_kv, d, True)
+    q = rng.standard_normal((b, h_qo, d)).astype("float32")
+    inputs = [q, pages, indptr, values, info, np.zeros(b, "int32"), np.zeros(b, "int32")]
+    shapes, scalars = [(b, h_qo, d), (b, h_qo)], [0, 1.0, 1e4, 1 / np.sqrt(d)]
+    ref = _run(_build(decode_attention_cpu(h_kv, h_qo, d, "float32", True, PS)), inputs, shapes, scalars)
+    got = _run(
+        _build(decode_attention_cpu(h_kv, h_qo, d, "float32", True, PS, knobs=knobs)), inputs, shapes, scalars
+    )
+    for a, r in zip(got, ref):
+        np.testing.assert_allclose(a, r, atol=TOL, rtol=0)
+    n_q = [7, 1, 40]
+    qr = rng.standard_normal((sum(n_q), h_qo, d)).astype("float32")
+    k = rng.standard_normal((sum(n_q), h_kv, d)).astype("float32")
+    v = rng.standard_normal((sum(n_q), h_kv, d)).astype("float32")
+    ptr = np.concatenate([[0], np.cumsum(n_q)]).astype("int32")
+    inputs = [qr, ptr, k, v, ptr, np.zeros(sum(n_q), "int32"), np.zeros(len(n_q), "int32")]
+    shapes, scalars = [(sum(n_q), h_qo, d), (sum(n_q), h_qo)], [1, 0, 1.0, 1e4, 1 / np.sqrt(d)]
+    ref = _run(_build(prefill_ragged_attention_cpu(h_kv, h_qo, d, "float32")), inputs, shapes, scalars)
+    got = _run(
+        _build(prefill_ragged_attention_cpu(h_kv, h_qo, d, "float32", knobs=knobs)), inputs, shapes, scalars
+    )
+    for a, r in zip(got, ref):
+        np.testing.assert_allclose(a, r, atol=TOL, rtol=0)
+    assert np.abs(ref[0]).max() > 0.01

@@ -50,22 +50,25 @@ def _build(func, target, rules):
     return tvm.compile(mod, target=target)
 
 
-# (n, k, rows as compiled, rows at run time, residual add, scale dtype, weight rows per x load)
+# (n, k, rows as compiled, rows at run time, residual add, scale dtype, weight rows per x load, rows per task)
 CASES = [
-    (64, 128, (1, 1), (1, 1), True, "float16", 1),
-    (48, 256, ("b", 1), (3, 1), False, "float32", 1),  # decode with a dynamic batch of 3
-    (32, 576, ("b", 1), (1, 1), True, "float16", 1),  # SmolLM2's K: 9 chunks of 64
-    (16, 192, (1, 2), (1, 2), False, "float16", 1),  # two static rows
-    (64, 128, ("b", 1), (2, 1), True, "float16", 4),  # 4 weight rows interleaved per x load
+    (64, 128, (1, 1), (1, 1), True, "float16", 1, 16),
+    (48, 256, ("b", 1), (3, 1), False, "float32", 1, 16),  # decode with a dynamic batch of 3
+    (32, 576, ("b", 1), (1, 1), True, "float16", 1, 16),  # SmolLM2's K: 9 chunks of 64
+    (16, 192, (1, 2), (1, 2), False, "float16", 1, 16),  # two static rows
+    (64, 128, ("b", 1), (2, 1), True, "float16", 4, 16),  # 4 weight rows interleaved per x load
+    (128, 128, ("b", 1), (2, 1), True, "float16", 2, 64),  # the tuner's knobs: big tasks
+    (48, 256, (1, 1), (1, 1), False, "float32", 1, 8),  # small tasks
+    (64, 576, ("b", 1), (20, 1), True, "float16", 1, 16),  # batched decode past one block of 16 rows
 ]
 
 
 @pytest.mark.skipif(not HOST_HAS_AVX2, reason="this CPU has no AVX2: the int8 kernel cannot run here")
-@pytest.mark.parametrize("n,k,rows,real_rows,add,scale_dtype,w_rows", CASES)
-def test_int8_gemv_matches_numpy_int8_reference(n, k, rows, real_rows, add, scale_dtype, w_rows) -> None:
+@pytest.mark.parametrize("n,k,rows,real_rows,add,scale_dtype,w_rows,tile", CASES)
+def test_int8_gemv_matches_numpy_int8_reference(n, k, rows, real_rows, add, scale_dtype, w_rows, tile):
     func = _matmul_func(n, k, rows, quant=True, scale_dtype=scale_dtype, add=add)
     assert isinstance(_first_rule(func, AVX2, "int8"), cs.CPUQ8DotGEMV)
-    ex = _build(func, AVX2, [cs.CPUQ8DotGEMV(rows=w_rows)])
+    ex = _build(func, AVX2, [cs.CPUQ8DotGEMV(rows=w_rows, tile=tile)])
     qw, qs, w = _q4_weights(n, k, scale_dtype)
     x = RNG.standard_normal((*real_rows, k)).astype(np.float32)
     x[..., :32] = 0  # an all-zero group: scale 0, no division by zero

@@ -63,9 +63,11 @@ def test_isa_choice_follows_the_target_cpu(mcpu: str, isas: list[str], gemm: str
 
 
 def test_non_x86_targets_have_no_x86_paths() -> None:
+    # arm64 paths: tests/test_arm64_paths.py
     arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76"})
-    assert q8_dot_isas(arm) == []
+    assert q8_dot_isas(arm) == ["neon-dotprod", "neon"]
     assert q8_dot_isas(tvm.target.Target("cuda")) == []
+    assert q8_gemm_isa(tvm.target.Target("cuda")) is None
 
 
 # (n, k, rows as compiled, rows at run time, residual add, scale dtype)
@@ -77,7 +79,10 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("isa", list(Q8_DOT_ISAS))
+X86_DOT_ISAS = [i for i in Q8_DOT_ISAS if not i.startswith("neon")]  # arm64 ones: test_arm64_paths (qemu)
+
+
+@pytest.mark.parametrize("isa", X86_DOT_ISAS)
 @pytest.mark.parametrize("n,k,rows,real_rows,add,scale_dtype", CASES)
 def test_each_path_matches_int8_reference(isa, n, k, rows, real_rows, add, scale_dtype) -> None:
     if isa not in HOST_ISAS:

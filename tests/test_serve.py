@@ -1,6 +1,8 @@
 """`phi3 serve` on 127.0.0.1 with the embedded SmolLM2, driven by the real OpenAI client and raw HTTP: greedy
-outputs equal the API's and `phi3 generate`'s, 8 concurrent streams equal their single-request outputs,
-limits answer 429/400 at once, and a client that disconnects mid-stream gets its KV pages back to the pool."""
+outputs equal the API's and `phi3 generate`'s, 16 concurrent streams equal their single-request outputs,
+limits answer 429/400 at once, and a client that disconnects mid-stream gets its KV pages back to the pool.
+The scheduler's chunked prefill is checked step by step: running streams decode between a long prompt's
+chunks."""
 
 from __future__ import annotations
 
@@ -16,11 +18,18 @@ from click.testing import CliRunner
 
 import toolkit.api as phi3
 from toolkit.cli import main
+from toolkit.serve.scheduler import Scheduler
 from toolkit.serve.server import BackgroundServer
 
 KEY = "test-key"
 PROMPT = "What is the capital of France?"
-MAX_SEQ = 8
+MAX_SEQ = 16
+CHUNK = 16  # the prefill chunk: every chat prompt (30+ tokens) is fed in pieces, by the server over steps
+PASSAGE = (
+    "The river rose slowly through the night, and by morning the low fields east of the town were under "
+    "water. Farmers moved their animals to the hills, the school closed, and the baker handed out bread "
+    "to anyone who came to the door. By the third day the water began to fall again."
+)
 PROMPTS = [
     "What is the capital of France?",
     "Name a primary color.",
@@ -30,12 +39,21 @@ PROMPTS = [
     "Name a planet.",
     "What is the opposite of hot?",
     "What color is the sky?",
+    "How many legs does a spider have?",
+    "What is the largest ocean?",
+    "Name a fruit that is yellow.",
+    "What do bees make?",
+    # long ones: prefilled chunk by chunk while the short ones decode
+    f"Summarize in one sentence: {PASSAGE}",
+    f"Who handed out bread? {PASSAGE}",
+    f"{PASSAGE} What happened on the third day?",
+    f"{PASSAGE} {PASSAGE} How many days passed?",
 ]
 
 
 @pytest.fixture(scope="module")
 def model():
-    return phi3.load(context_window=512, max_batch_size=MAX_SEQ)
+    return phi3.load(context_window=512, max_batch_size=MAX_SEQ, prefill_chunk=CHUNK)
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +192,11 @@ def _health_when(h: httpx.Client, cond, timeout: float = 20.0) -> dict:
         time.sleep(0.05)
 
 
-def test_concurrent_streams_equal_single_requests(server, client, model):
-    singles = [chat(client, model, p, max_tokens=16).choices[0].message.content for p in PROMPTS]
+def test_16_concurrent_streams_equal_single_requests(server, model):
+    assert len(PROMPTS) == MAX_SEQ == 16
+    # each alone, through the API on its own sequence, while the server is idle
+    singles = [model.generate(p, temperature=0, max_tokens=16).text for p in PROMPTS]
+    assert max(len(model.prompt_ids(p)) for p in PROMPTS) > 4 * CHUNK  # some are prefilled in 5+ chunks
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         outs = list(pool.map(lambda p: _stream_text(server, model, p), PROMPTS, timeout=120))
     assert all(outs)
@@ -264,6 +285,12 @@ def test_serve_flags_are_checked_before_loading():
     assert r.exit_code == 2 and "--port" in r.output
     r = CliRunner().invoke(main, ["serve", "--max-sequences", "0"])
     assert r.exit_code == 2 and "--max-sequences" in r.output
+    r = CliRunner().invoke(main, ["serve", "--prefill-chunk", "0"])
+    assert r.exit_code == 2 and "--prefill-chunk" in r.output
+    r = CliRunner().invoke(main, ["serve", "--context-window", "64", "--prefill-chunk", "128"])
+    assert r.exit_code == 2 and "--prefill-chunk" in r.output and "--context-window 64" in r.output
+    r = CliRunner().invoke(main, ["serve", "--context-window", "100000", "--prefill-chunk", "9000"])
+    assert r.exit_code == 1 and "--prefill-chunk 9000 exceeds the library's prefill chunk (8192)" in r.output
 
 
 def test_token_id_prompts_and_logit_bias(server, client, model):
@@ -280,3 +307,83 @@ def test_token_id_prompts_and_logit_bias(server, client, model):
     with http(server) as h:
         r = h.post("/v1/completions", json={"prompt": [ids[0], -1]})
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+# -- the scheduler, driven step by step (no thread, no HTTP): what runs between a long prompt's chunks ----
+
+
+class RecordingEngine:
+    """The model's engine, with every prefill / decode_batch call written to `events`."""
+
+    def __init__(self, engine, events: list) -> None:
+        self._engine, self._events = engine, events
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def prefill(self, sid, ids, **kw):
+        self._events.append(("prefill", sid, len(ids)))
+        return self._engine.prefill(sid, ids, **kw)
+
+    def decode_batch(self, sids, tokens):
+        self._events.append(("decode", tuple(sids)))
+        return self._engine.decode_batch(sids, tokens)
+
+
+def _job(sched, model, events, name: str, ids: list[int], max_tokens: int):
+    gen = model.new_generation(ids, model.options(temperature=0, max_tokens=max_tokens))
+    pieces: list[str] = []
+
+    def sink(item):
+        assert not isinstance(item, Exception), item
+        pieces.append(item.text)
+        events.append(("token", name))
+
+    return sched.submit(gen, sink), gen, pieces
+
+
+def test_chunked_prefill_interleaves_decode_steps(model):
+    events: list = []
+    eng = RecordingEngine(model.engine, events)
+    sched = Scheduler(eng, max_sequences=4, max_queue=4)
+    free = model.engine.free_pages()
+    story = "Write a long story about a dragon."
+    single_a = model.generate(story, temperature=0, max_tokens=40)
+    assert single_a.finish_reason == "length"  # A is still decoding throughout B's prefill
+    long_ids = model.prompt_ids(f"{PASSAGE} {PASSAGE}", raw=True)
+    single_b = model.generate(f"{PASSAGE} {PASSAGE}", raw=True, temperature=0, max_tokens=8)
+    n_chunks = -(-len(long_ids) // CHUNK)
+    assert n_chunks >= 5
+
+    job_a, gen_a, out_a = _job(sched, model, events, "A", model.prompt_ids(story), 40)
+    while ("token", "A") not in events:
+        assert sched.step()
+    job_b, gen_b, out_b = _job(sched, model, events, "B", long_ids, 8)
+    while gen_a.finish_reason is None or gen_b.finish_reason is None:
+        assert sched.step()
+    assert not sched.step()  # nothing left
+
+    b_chunks = [i for i, e in enumerate(events) if e[:2] == ("prefill", job_b.sid)]
+    last = len(long_ids) - CHUNK * (n_chunks - 1)
+    assert [events[i][2] for i in b_chunks] == [CHUNK] * (n_chunks - 1) + [last]
+    for lo, hi in zip(b_chunks, b_chunks[1:]):  # between two chunks of B: a decode step of A, and A's token
+        between = events[lo + 1 : hi]
+        assert ("decode", (job_a.sid,)) in between and ("token", "A") in between
+    assert events.index(("token", "B")) > b_chunks[-1]
+    assert ("".join(out_a), "".join(out_b)) == (single_a.text, single_b.text)
+    assert model.engine.free_pages() == free and not model.engine.seqs
+
+
+def test_cancel_during_chunked_prefill_frees_the_sequence(model):
+    events: list = []
+    eng = RecordingEngine(model.engine, events)
+    sched = Scheduler(eng, max_sequences=2, max_queue=2)
+    free = model.engine.free_pages()
+    job, gen, out = _job(sched, model, events, "C", model.prompt_ids(f"{PASSAGE} {PASSAGE}", raw=True), 8)
+    assert sched.step() and sched.stats.prefilling == 1
+    assert model.engine.free_pages() < free and model.engine.sequence_length(job.sid) == CHUNK
+    sched.cancel(job)
+    assert sched.step()  # the step removes it, feeding nothing more
+    assert sched.stats.prefilling == 0 and not out and not sched.step()
+    assert [e for e in events if e[0] == "prefill"] == [("prefill", job.sid, CHUNK)]
+    assert model.engine.free_pages() == free and not model.engine.seqs

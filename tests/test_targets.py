@@ -68,6 +68,39 @@ def test_host_preset_detects_this_cpu():
     assert p.target.attrs["mcpu"] == p.target_dict["mcpu"]
 
 
+@pytest.mark.parametrize(
+    "cpu,host_features,mattr",
+    [
+        ("generic", {"neon": True, "dotprod": True, "i8mm": True}, ["+dotprod", "+i8mm"]),  # unnamed part
+        ("generic", {"neon": True, "dotprod": True, "i8mm": False}, ["+dotprod"]),
+        ("generic", {"neon": True}, None),  # an Armv8.0 CPU: nothing to add
+        ("neoverse-v1", {"neon": True, "dotprod": True, "i8mm": True}, None),  # its name says it all
+    ],
+)
+def test_arm64_host_gets_the_dot_product_extensions_it_has(monkeypatch, cpu, host_features, mattr):
+    # an arm64 machine simulated here: LLVM's host detection answers as it would there
+    from tvm.target import codegen
+
+    from toolkit.compile.cpu_isa import host_kernel_isas
+
+    monkeypatch.setattr(codegen, "llvm_get_system_triple", lambda: "aarch64-unknown-linux-gnu")
+    monkeypatch.setattr(codegen, "llvm_get_system_cpu", lambda: cpu)
+    monkeypatch.setattr(targets, "_host_cpu_features", lambda: host_features)
+    targets._load.cache_clear()
+    targets._filled_target.cache_clear()  # host detection is cached too (on first use of target_dict)
+    try:
+        p = targets.load_preset("host")
+        target_dict, target = p.target_dict, p.target
+    finally:
+        targets._load.cache_clear()  # later tests see this machine again
+        targets._filled_target.cache_clear()
+    assert target_dict["mcpu"] == cpu and target_dict.get("mattr") == mattr
+    isas = host_kernel_isas(target, "int8")
+    dot, mm = host_features.get("dotprod"), host_features.get("i8mm")
+    assert isas["q4_gemv"] == ("int8-neon-dotprod" if dot else "int8-neon")
+    assert isas["q4_gemm"] == ("int8-neon-i8mm" if mm else "int8-neon-dotprod" if dot else "fp32-neon")
+
+
 def test_unknown_preset_lists_known_ones():
     with pytest.raises(UserError) as e:
         targets.load_preset("iphone-a99")
@@ -175,6 +208,16 @@ def _tiny_config_dict():
     return parse_hf_config(
         {**BASE, "model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}, "tiny"
     ).to_dict()
+
+
+def test_kv_cache_dtype_is_a_cpu_preset_setting():
+    assert targets.load_preset("host").kv_cache_dtype == "float16"  # llama.cpp's default cache type too
+    assert targets.load_preset("host-exact").kv_cache_dtype is None  # the activation dtype: fp32
+    assert targets.load_preset("host-exact").with_kv_cache("float16").kv_cache_dtype == "float16"
+    with pytest.raises(UserError, match="--kv-cache"):
+        targets.load_preset("vulkan").with_kv_cache("float16")
+    with pytest.raises(UserError, match="--kv-cache"):
+        targets.load_preset("host").with_kv_cache("int8")
 
 
 def test_presets_and_records_ship_inside_the_package():

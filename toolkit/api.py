@@ -205,20 +205,29 @@ def load(
     threads: int | None = None,
     context_window: int = DEFAULT_CONTEXT_WINDOW,
     max_batch_size: int = 4,
+    prefill_chunk: int | None = None,
     allow_pickle: bool = False,
 ) -> Model:
     """Open MODEL (HF folder, .gguf, converted folder; None = the embedded SmolLM2), compile it for
     `device` on first use (cached) and load it. `max_batch_size` bounds the sequences alive at once
-    (chat sessions, streams, server requests); `context_window` the tokens of each."""
+    (chat sessions, streams, server requests); `context_window` the tokens of each; `prefill_chunk` the
+    tokens of one prefill forward (default 256; at most the library's prefill_chunk_size)."""
     from .checkpoint import open_model
+    from .checkpoint.mlc_format.model_config import default_window_sizes
     from .runtime.engine import load_engine
 
-    if context_window < 1 or max_batch_size < 1:
-        raise UserError("context_window and max_batch_size must be positive")
+    if context_window < 1 or max_batch_size < 1 or (prefill_chunk is not None and prefill_chunk < 1):
+        raise UserError("context_window, max_batch_size and prefill_chunk must be positive")
     src = open_model(model, allow_pickle=allow_pickle)
     if src.kind == "mlc" and quantization and quantization != src.scheme.name:
         raise UserError(f"holds {src.scheme.name} weights, not {quantization}; drop quantization", src.path)
     cache = CacheOptions(max_batch_size=max_batch_size, context_window=context_window)
+    if prefill_chunk is not None:
+        # the library is compiled with MLC's default sizes: MLC's engine never feeds it more than this at once
+        limit = default_window_sizes(src.config, None, None)[1]
+        if prefill_chunk > limit:
+            raise UserError(f"--prefill-chunk {prefill_chunk} exceeds the library's prefill chunk ({limit})")
+        cache.prefill_chunk = prefill_chunk
     engine, source = load_engine(
         model,
         quantization=quantization,

@@ -43,6 +43,7 @@ class BenchSettings:
     warmup: int = 1
     quantization: str = "q4f32_1"
     device: str = "host"
+    kv_cache: str | None = None  # override the preset's KV cache dtype (CPU presets)
     vs_llama_cpp: bool = False
     llama_flash_attn: list[bool] = field(default_factory=lambda: [False, True])
     seed: int = 0
@@ -55,6 +56,10 @@ class BenchSettings:
             raise UserError("--prompt-lengths needs positive lengths")
         if self.decode_tokens < 1 or self.repeats < 1 or self.warmup < 0:
             raise UserError("--decode-tokens and --repeats must be >= 1, --warmup >= 0")
+        if self.kv_cache is not None:
+            from ..targets import load_preset
+
+            load_preset(self.device).with_kv_cache(self.kv_cache)  # CPU presets only
         if self.vs_llama_cpp and not _runs_here(self.device):
             raise UserError(f"llama.cpp is only built for the host CPU here, not --device {self.device}")
 
@@ -119,11 +124,13 @@ OursFactory = Callable[[Any, BenchSettings, int], Runner]
 LlamaFactory = Callable[[Path, BenchSettings, int, bool], Runner]
 
 
-def load_our_engine(model: Any, quantization: str, device: str, threads: int):
+def load_our_engine(model: Any, quantization: str, device: str, threads: int, kv_cache: str | None = None):
     """Our engine for `model` (compiled and cached on first use) with a CPU pool of `threads` threads."""
     from ..runtime import engine as rt
 
-    engine, _source = rt.load_engine(model, quantization=quantization, device=device, threads=threads)
+    engine, _source = rt.load_engine(
+        model, quantization=quantization, device=device, threads=threads, kv_cache=kv_cache
+    )
     return engine
 
 
@@ -134,8 +141,12 @@ def default_quantization() -> str:
 
 
 def engine_runner(model: Any, s: BenchSettings, threads: int) -> Runner:
-    engine = load_our_engine(model, s.quantization, s.device, threads)
-    info: dict[str, Any] = {"quantization": s.quantization, "device": s.device}
+    engine = load_our_engine(model, s.quantization, s.device, threads, s.kv_cache)
+    info: dict[str, Any] = {
+        "quantization": s.quantization,
+        "device": s.device,
+        "kv_cache_dtype": engine.compiled.manifest.get("kv_cache_dtype"),
+    }
     return InProcessRunner(EngineBackend(engine), info)
 
 

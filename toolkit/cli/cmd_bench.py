@@ -44,6 +44,18 @@ def _int_list(ctx, param, value: str) -> list[int]:
     help="Prompt lengths for prefill; the longest is the headline (and precedes the decode).",
 )
 @click.option(
+    "--context",
+    type=click.IntRange(1, 1 << 20),
+    default=None,
+    help="Decode after a prompt of this many tokens (joins --prompt-lengths; the longest is the headline).",
+)
+@click.option(
+    "--kv-cache",
+    type=click.Choice(["float16", "float32"]),
+    default=None,
+    help="KV cache dtype for a CPU preset (default: the preset's own, fp16 on `host`).",
+)
+@click.option(
     "--decode-tokens",
     type=click.IntRange(1),
     default=64,
@@ -96,6 +108,8 @@ def command(
     device,
     threads,
     prompt_lengths,
+    context,
+    kv_cache,
     decode_tokens,
     repeats,
     warmup,
@@ -121,12 +135,13 @@ def command(
     fa = {"off": [False], "on": [True], "both": [False, True]}[llama_flash_attn]
     settings = BenchSettings(
         threads=threads,
-        prompt_lengths=prompt_lengths,
+        prompt_lengths=sorted(set(prompt_lengths + ([context] if context else []))),
         decode_tokens=decode_tokens,
         repeats=repeats,
         warmup=warmup,
         quantization=quantization or default_quantization(),
         device=device,
+        kv_cache=kv_cache,
         vs_llama_cpp=vs_llama_cpp,
         llama_flash_attn=fa,
         bandwidth_bytes=bandwidth_mib << 20,

@@ -7,6 +7,7 @@ import click
 from .options import model_argument, positive_int, run_options
 
 NON_NEGATIVE = click.IntRange(0)
+DEFAULT_PREFILL_CHUNK = 256
 
 
 @click.command("serve")
@@ -35,6 +36,13 @@ NON_NEGATIVE = click.IntRange(0)
     help="Tokens per sequence (prompt + reply); longer prompts get HTTP 400.",
 )
 @click.option(
+    "--prefill-chunk",
+    type=positive_int(),
+    default=None,
+    help="Prompt tokens per prefill forward and per scheduler step (default: 256, or the context window if "
+    "smaller); running streams decode between the chunks of a long prompt.",
+)
+@click.option(
     "--api-key",
     default=None,
     envvar="PHI3_API_KEY",
@@ -48,6 +56,7 @@ def command(
     max_sequences,
     max_queue,
     context_window,
+    prefill_chunk,
     api_key,
     quantization,
     device,
@@ -58,6 +67,12 @@ def command(
     from ..api import load
     from ..serve.server import serve_forever
 
+    if prefill_chunk is None:
+        prefill_chunk = min(DEFAULT_PREFILL_CHUNK, context_window)
+    elif prefill_chunk > context_window:
+        raise click.BadParameter(
+            f"{prefill_chunk} is larger than --context-window {context_window}", param_hint="--prefill-chunk"
+        )
     m = load(
         model,
         device=device,
@@ -65,6 +80,7 @@ def command(
         threads=threads,
         context_window=context_window,
         max_batch_size=max_sequences,
+        prefill_chunk=prefill_chunk,
         allow_pickle=allow_pickle,
     )
     click.echo(f"serving {m.name} on http://{host}:{port}/v1 (up to {max_sequences} sequences)", err=True)

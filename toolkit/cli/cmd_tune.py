@@ -53,13 +53,44 @@ def _parse_tracker(value: str | None) -> tuple[str, int] | None:
 )
 @click.option("--rpc-key", default=None, help="Device key registered at the tracker.")
 @click.option(
+    "--search",
+    type=click.Choice(["both", "knobs", "metaschedule"]),
+    default=None,
+    help="What to tune: our hand kernels' knobs (host presets), MetaSchedule for the other kernels, or "
+    "both (default: both on a host preset, metaschedule elsewhere).",
+)
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="Knobs only, on the 3 kernels that move the most bytes per step (minutes, not tens of minutes).",
+)
+@click.option(
+    "--rounds",
+    type=click.IntRange(3, 50),
+    default=4,
+    show_default=True,
+    help="Interleaved timing rounds per knob setting.",
+)
+@click.option(
     "--schedules-dir",
     type=click.Path(file_okay=False),
     default=None,
     help="Root of the records folder (default: the package's toolkit/schedules/).",
 )
 def command(
-    model, device, quantization, trials, kernels, cost_model, min_gain, rpc_tracker, rpc_key, schedules_dir
+    model,
+    device,
+    quantization,
+    trials,
+    kernels,
+    cost_model,
+    min_gain,
+    rpc_tracker,
+    rpc_key,
+    search,
+    quick,
+    rounds,
+    schedules_dir,
 ):
     """Tune MODEL's kernels for a device preset; records go to schedules/<preset>/."""
     from ..errors import UserError
@@ -79,7 +110,28 @@ def command(
 
     rpc = RPCTarget(tracker[0], tracker[1], rpc_key) if tracker else None
     preset = load_preset(device)
+    on_host = preset.kind == "llvm" and preset.runs_here and rpc is None
+    search = "knobs" if quick else search or ("both" if on_host else "metaschedule")
+    if search != "metaschedule" and not on_host:
+        raise UserError(f"--search {search}: knob search times kernels here; '{device}' is not this CPU")
     source = open_model(model)
+    if search in ("knobs", "both"):
+        from ..tune.knob_search import search_model, write_knob_record
+
+        found = search_model(
+            source.config,
+            quantization or DEFAULT_QUANTIZATION,
+            preset,
+            quick=quick,
+            rounds=rounds,
+            margin=min_gain,
+            progress=click.echo,
+        )
+        path = write_knob_record(preset, found, schedules_dir)
+        kept = sum(r.kept for r in found)
+        click.echo(f"knobs: {kept} of {len(found)} kernel(s) beat their default sizes; record: {path}")
+        if search == "knobs":
+            return
     _, results = tune_model(
         source.config,
         quantization or DEFAULT_QUANTIZATION,

@@ -40,8 +40,10 @@ from .artifacts import (
     vm_function_table,
     write_manifest,
 )
-from .attach_metadata import Limits, attach_metadata, memory_usage, model_metadata
+from .attach_cuda_graph import with_capture_hints
+from .attach_metadata import Limits, attach_metadata, memory_usage, model_metadata, variable_bounds
 from .cpu_isa import host_kernel_isas
+from .knobs import knobs_for
 
 LIB_NAME = "model"  # model.so / model.tar / model.dylib
 
@@ -53,7 +55,7 @@ def graph_options(quantization: str, preset: Preset, dtype: str | None = None) -
     scheme = get_scheme(quantization)
     if dtype is None:
         dtype = "float32" if preset.kind == "llvm" else scheme.model_dtype
-    return GraphOptions(quantization=scheme.name, dtype=dtype)
+    return GraphOptions(quantization=scheme.name, dtype=dtype, kv_dtype=preset.kv_cache_dtype)
 
 
 def schedule_fn(preset: Preset):
@@ -72,7 +74,7 @@ def schedule_fn(preset: Preset):
         return gpu
     from .cpu_schedule import cpu_schedule_rules
 
-    rules = cpu_schedule_rules(preset.target, preset.q4_activations)
+    rules = cpu_schedule_rules(preset.target, preset.q4_activations, knobs_for(preset))
     return lambda mod: dl.ApplyDefaultSchedule(*rules)(apply_tuned_records(mod, preset))
 
 
@@ -123,11 +125,13 @@ def _build_library(
     dtype: str | None = None,
     limits: Limits | None = None,
     lib_prefix: str | None = None,
+    cuda_graph: bool = False,
 ) -> CompiledModel:
     """Build the library into `out_dir` (written to a temp folder, renamed when complete).
 
     `dtype` overrides the activation dtype (default: see `graph_options`); `limits` the sizes recorded in
-    `_metadata` (default: MLC's); `lib_prefix` a static library's symbol prefix (default: MLC's)."""
+    `_metadata` (default: MLC's); `lib_prefix` a static library's symbol prefix (default: MLC's);
+    `cuda_graph` (CUDA presets) captures the forward functions as CUDA graphs (attach_cuda_graph.py)."""
     preset = load_preset(preset) if isinstance(preset, str) else preset
     opts = graph_options(quantization, preset, dtype)
     target = preset.target
@@ -138,7 +142,8 @@ def _build_library(
     if preset.kind == "vulkan":
         from ..backends import vulkan  # noqa: F401  (registers target.build.vulkan, which the wheel lacks)
     t0 = time.time()
-    mod, named_params = export_phi3(cfg, opts, target)
+    knobs = knobs_for(preset) if preset.kind == "llvm" else None
+    mod, named_params = export_phi3(cfg, opts, target, knobs)
     limits = limits or Limits.default(cfg)
     from .attach_sampling import attach_sampling_functions  # MLC engine's sampling/logit functions
 
@@ -153,9 +158,13 @@ def _build_library(
     prefix = system_lib_prefix(cfg, opts.quantization) if lib_prefix is None else lib_prefix
     metadata = model_metadata(cfg, opts.quantization, limits, named_params)
 
+    if cuda_graph and preset.kind != "cuda":
+        raise UserError(f"--cuda-graph needs a CUDA preset, not {preset.name}")
+
     def with_metadata(scheduled: IRModule) -> IRModule:
         metadata["memory_usage"] = memory_usage(scheduled, target, limits)
-        return attach_metadata(scheduled, metadata)
+        out = attach_metadata(scheduled, metadata)
+        return with_capture_hints(out, variable_bounds(limits)) if cuda_graph else out
 
     ex, scheduled = pipeline.build(
         mod,
@@ -164,6 +173,7 @@ def _build_library(
         system_lib=preset.system_lib,
         system_lib_prefix=prefix,
         attach=with_metadata,
+        cuda_graph=cuda_graph,
     )
     lib_file = LIB_NAME + preset.output
     notes = export_library(ex, tmp / lib_file, preset)
@@ -172,6 +182,7 @@ def _build_library(
     extra = {
         "toolkit_version": __version__,
         "dtype": opts.dtype,
+        "kv_cache_dtype": opts.cache_dtype,
         "library": lib_file,
         "params": [
             {"name": n, "shape": [int(x) for x in p.shape], "dtype": p.dtype} for n, p in named_params
@@ -187,6 +198,8 @@ def _build_library(
         },
         "build": notes,
         "cpu_isa": None if preset.is_gpu else host_kernel_isas(preset.target, preset.q4_activations),
+        "cuda_graph": cuda_graph,
+        "cpu_knobs": None if knobs is None else {"source": knobs.source, "values": knobs.values},
     }
     manifest = write_manifest(tmp, preset, opts.quantization, cfg, kernels, extra=extra)
     replace_dir(tmp, out_dir)
@@ -247,6 +260,8 @@ def cache_key(cfg: Phi3Config, quantization: str, preset: Preset) -> str:
             preset.target_dict,
             preset.name,
             preset.q4_activations,
+            preset.kv_cache_dtype,
+            knobs_for(preset).digest() if preset.kind == "llvm" else None,
             __version__,
             tvm.__version__,
             _toolkit_source_hash(),

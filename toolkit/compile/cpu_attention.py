@@ -17,13 +17,22 @@ Only rotary_mode 0 is supported (rope applied before the cache, as our model doe
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from tvm import IRModule, tirx
 from tvm.script import tirx as T
 
-LANES = 8  # fp32 lanes of an AVX2 register; LLVM splits them for SSE / joins pairs for AVX-512
-CHUNK = 16  # keys per softmax rescale
 LOG2E = math.log2(math.e)
+
+
+@dataclass(frozen=True)
+class AttentionKnobs:
+    """The kernels' tunable sizes (`phi3 tune` searches them; compile/knobs.py picks them per CPU)."""
+
+    lanes: int = 8  # fp32 lanes per vector op; LLVM splits 8 for SSE, joins 16 on AVX-512
+    chunk: int = 16  # keys per softmax rescale
+
+
 SYMBOLS = ("batch_decode_paged_kv_cpu", "batch_prefill_paged_kv_cpu", "batch_prefill_ragged_kv")  # TVM's
 NO_ROPE = "the host attention kernels expect rope applied before the KV cache (rotary_mode 0)"
 
@@ -60,16 +69,23 @@ def heads_per_task(h_qo: int) -> int:
     return max(x for x in range(1, 9) if h_qo % x == 0 and h_qo // x >= min(8, h_qo))
 
 
-def _attend(d: int, nh: int, group: int, row_offset, head_stride: int):
+def _attend(d: int, nh: int, group: int, row_offset, head_stride: int, knobs: AttentionKnobs):
     """A macro: for query heads h0 .. h0 + nh of one query row, o = softmax(q . K[lo:hi]) V[lo:hi] and the
     log2-sum-exp. Key j of KV head g has its K row at flat offset `row_offset(j, ctx) + g * head_stride`
     in `k` (`row_offset` is a Python function of TIR values) and its V row at the same offset + `v_shift`
     in `v`. q / out rows of the heads are contiguous (q_off + i * d); lse entries too."""
-    vd = d // LANES
-    vec = f"float32x{LANES}"
+    lanes, chunk = knobs.lanes, knobs.chunk
+    vd = d // lanes
+    vec = f"float32x{lanes}"
 
-    def lane(base):  # the LANES consecutive elements from `base`
-        return T.ramp(base, 1, LANES)
+    def tree_sum(buf, a):  # buf[a] + ... + buf[a + lanes - 1], pairwise (short dependency chains)
+        terms = [buf[a + i] for i in range(lanes)]
+        while len(terms) > 1:
+            terms = [terms[i] + terms[i + 1] for i in range(0, len(terms), 2)]
+        return terms[0]
+
+    def lane(base):  # the lanes consecutive elements from `base`
+        return T.ramp(base, 1, lanes)
 
     # fmt: off
     @T.macro
@@ -77,9 +93,9 @@ def _attend(d: int, nh: int, group: int, row_offset, head_stride: int):
         # small fixed-size buffers: stack allocas (or one pool workspace), never per-key allocations
         qv = T.alloc_buffer((nh * d,), "float32")
         ov = T.alloc_buffer((nh * d,), "float32")
-        acc = T.alloc_buffer((CHUNK * LANES,), "float32")  # per key of the chunk: 8 partial dot products
-        s = T.alloc_buffer((CHUNK,), "float32")  # scores, then softmax weights, of the chunk's keys
-        ko = T.alloc_buffer((CHUNK,), "int32")  # flat offsets of the chunk's K rows (KV head 0)
+        acc = T.alloc_buffer((chunk * lanes,), "float32")  # per key of the chunk: 8 partial dot products
+        s = T.alloc_buffer((chunk,), "float32")  # scores, then softmax weights, of the chunk's keys
+        ko = T.alloc_buffer((chunk,), "int32")  # flat offsets of the chunk's K rows (KV head 0)
         m = T.alloc_buffer((nh,), "float32")  # running max per head
         l = T.alloc_buffer((nh,), "float32")  # running sum per head
         for j in T.vectorized(nh * d):
@@ -88,37 +104,36 @@ def _attend(d: int, nh: int, group: int, row_offset, head_stride: int):
         for i in range(nh):
             m[i] = T.float32(-5e4)  # TVM's kernels start from m = -5e4, sum = 1: no keys gives o = 0
             l[i] = T.float32(1)
-        for ch in range((hi - lo + CHUNK - 1) // CHUNK):
-            n: T.int32 = T.min(CHUNK, hi - lo - ch * CHUNK)
+        for ch in range((hi - lo + chunk - 1) // chunk):
+            n: T.int32 = T.min(chunk, hi - lo - ch * chunk)
             for r in range(n):
-                ko[r] = row_offset(lo + ch * CHUNK + r, ctx)
+                ko[r] = row_offset(lo + ch * chunk + r, ctx)
             for i in range(nh):
                 hk: T.int32 = (h0 + i) // group * head_stride
-                for j in T.vectorized(CHUNK * LANES):
+                for j in T.vectorized(chunk * lanes):
                     acc[j] = T.float32(0)
                 # keys innermost: consecutive FMAs are independent (no dependency chain through memory)
                 for u in T.unroll(vd):
                     for r in range(n):
-                        acc[lane(r * LANES)] = acc[lane(r * LANES)] + qv[lane(i * d + u * LANES)] * T.Cast(
-                            vec, k[lane(ko[r] + hk + u * LANES)])
+                        acc[lane(r * lanes)] = acc[lane(r * lanes)] + qv[lane(i * d + u * lanes)] * T.Cast(
+                            vec, k[lane(ko[r] + hk + u * lanes)])
                 new_m: T.float32 = m[i]
                 for r in range(n):
-                    a: T.int32 = r * LANES
-                    s[r] = ((acc[a] + acc[a + 1]) + (acc[a + 2] + acc[a + 3])) + (
-                        (acc[a + 4] + acc[a + 5]) + (acc[a + 6] + acc[a + 7]))
+                    a: T.int32 = r * lanes
+                    s[r] = tree_sum(acc, a)
                     new_m = T.max(new_m, s[r])
                 alpha: T.float32 = T.exp2(m[i] - new_m)  # one rescale per chunk, not per key
                 m[i] = new_m
                 l[i] = l[i] * alpha
-                for r in T.vectorized(CHUNK):  # keys past n: exp2(-126), never read below
+                for r in T.vectorized(chunk):  # keys past n: exp2(-126), never read below
                     s[r] = _exp2_nonpositive(T.if_then_else(r < n, s[r] - new_m, T.float32(-126)))
                 for r in range(n):
                     l[i] = l[i] + s[r]
                 for u in T.unroll(vd):
-                    ov[lane(i * d + u * LANES)] = ov[lane(i * d + u * LANES)] * T.broadcast(alpha, LANES)
+                    ov[lane(i * d + u * lanes)] = ov[lane(i * d + u * lanes)] * T.broadcast(alpha, lanes)
                     for r in range(n):
-                        ov[lane(i * d + u * LANES)] = ov[lane(i * d + u * LANES)] + T.broadcast(
-                            s[r], LANES) * T.Cast(vec, v[lane(ko[r] + hk + v_shift + u * LANES)])
+                        ov[lane(i * d + u * lanes)] = ov[lane(i * d + u * lanes)] + T.broadcast(
+                            s[r], lanes) * T.Cast(vec, v[lane(ko[r] + hk + v_shift + u * lanes)])
         for i in range(nh):
             for j in T.vectorized(d):
                 out[o_off + i * d + j] = T.Cast(out.dtype, ov[i * d + j] / l[i])
@@ -180,14 +195,21 @@ def _flat(buf):
 
 
 def decode_attention_cpu(
-    h_kv: int, h_qo: int, d: int, dtype: str, sliding_window: bool, page_size: int, mask_window: int = 0
+    h_kv: int,
+    h_qo: int,
+    d: int,
+    dtype: str,
+    sliding_window: bool,
+    page_size: int,
+    mask_window: int = 0,
+    knobs: AttentionKnobs = AttentionKnobs(),
 ) -> tirx.PrimFunc:
     """TVM's `batch_decode_paged_kv_cpu[_sliding_window]`: one query row per sequence against its pages.
     `mask_window` W > 0 (plain kernel only): the query, the last key, sees the last W keys (HF's window
     0 <= q - k < W over a cache that keeps every token, so positions stay absolute)."""
-    assert d % LANES == 0 and h_qo % h_kv == 0
+    assert d % knobs.lanes == 0 and h_qo % h_kv == 0
     group, pg, nh = h_qo // h_kv, _Pages(h_kv, d, page_size, sliding_window), heads_per_task(h_qo)
-    attend = _attend(d, nh, group, pg.row_offset, pg.head_stride)
+    attend = _attend(d, nh, group, pg.row_offset, pg.head_stride, knobs)
 
     # fmt: off
     @T.prim_func(private=True)
@@ -228,15 +250,16 @@ def prefill_paged_attention_cpu(
     page_size: int,
     window: int,
     mask_window: int = 0,
+    knobs: AttentionKnobs = AttentionKnobs(),
 ) -> tirx.PrimFunc:
     """TVM's `batch_prefill_paged_kv_cpu[_sliding_window]`: a chunk of query rows per sequence against the
     keys already in its pages (all of them, or with causal + sliding window those the window reaches).
     `mask_window` W > 0 (plain kernel only): query row i sits at absolute position n - n_q + i when causal
     (the pages hold the chunk too) and n + i when not (the pages hold only the keys before the chunk, TVM's
     split of a chunk into ragged + paged attention); it sees keys from that position - W + 1 on."""
-    assert d % LANES == 0 and h_qo % h_kv == 0
+    assert d % knobs.lanes == 0 and h_qo % h_kv == 0
     group, pg, nh = h_qo // h_kv, _Pages(h_kv, d, page_size, sliding_window), heads_per_task(h_qo)
-    attend = _attend(d, nh, group, pg.row_offset, pg.head_stride)
+    attend = _attend(d, nh, group, pg.row_offset, pg.head_stride, knobs)
     w = window if sliding_window else 0
 
     # TVM's mask, causal: keys < n - n_q + i + 1 for query row i; causal + window w: keys >= n - (w - i - 1)
@@ -290,18 +313,18 @@ def prefill_paged_attention_cpu(
 
 
 def prefill_ragged_attention_cpu(
-    h_kv: int, h_qo: int, d: int, dtype: str, mask_window: int = 0
+    h_kv: int, h_qo: int, d: int, dtype: str, mask_window: int = 0, knobs: AttentionKnobs = AttentionKnobs()
 ) -> tirx.PrimFunc:
     """TVM's `batch_prefill_ragged_kv` (cpu): a chunk of query rows per sequence against that chunk's own
     keys and values (contiguous [len, H_kv, d]), causal or not. `mask_window` W > 0: a causal query row sees
     at most the last W of them (itself included)."""
-    assert d % LANES == 0 and h_qo % h_kv == 0
+    assert d % knobs.lanes == 0 and h_qo % h_kv == 0
     group, nh = h_qo // h_kv, heads_per_task(h_qo)
 
     def row_offset(j, base):
         return (base + j) * h_kv * d
 
-    attend = _attend(d, nh, group, row_offset, d)
+    attend = _attend(d, nh, group, row_offset, d, knobs)
 
     # fmt: off
     @T.prim_func(private=True)
@@ -343,32 +366,43 @@ def _shape(func: tirx.PrimFunc, index: int) -> list[int]:
     return [int(x) for x in func.params[index].shape if isinstance(x, tirx.IntImm)]
 
 
-def _ours(func: tirx.PrimFunc, symbol: str, window: int, mask_window: int) -> tirx.PrimFunc | None:
+def _ours(
+    func: tirx.PrimFunc, symbol: str, window: int, mask_window: int, knobs: AttentionKnobs
+) -> tirx.PrimFunc | None:
     """Our kernel for TVM's kernel `func` (named by its global symbol), or None to keep TVM's."""
     if not symbol.startswith(SYMBOLS):
         return None
     dtype = str(func.params[0].dtype)
     h_qo, d = _shape(func, 0)  # q: [rows, H_qo, d]
-    if d % LANES:
-        return None
+    if d % knobs.lanes:  # e.g. 16 lanes on a head of 72: 8 lanes still fit
+        if d % 8:
+            return None
+        knobs = AttentionKnobs(8, knobs.chunk)
     if symbol.startswith("batch_decode_paged_kv_cpu"):
         _, h_kv, page_size, _ = _shape(func, 1)  # pages: [P, 2, H_kv, page_size, d]
         sliding = symbol.endswith("_sliding_window")
-        return decode_attention_cpu(h_kv, h_qo, d, dtype, sliding, page_size, 0 if sliding else mask_window)
+        mask = 0 if sliding else mask_window
+        return decode_attention_cpu(h_kv, h_qo, d, dtype, sliding, page_size, mask, knobs)
     if symbol.startswith("batch_prefill_paged_kv_cpu"):
         _, h_kv, page_size, _ = _shape(func, 2)
         sliding = symbol.endswith("_sliding_window")
         mask = 0 if sliding else mask_window
-        return prefill_paged_attention_cpu(h_kv, h_qo, d, dtype, sliding, page_size, window, mask)
+        return prefill_paged_attention_cpu(h_kv, h_qo, d, dtype, sliding, page_size, window, mask, knobs)
     if symbol == "batch_prefill_ragged_kv" and len(func.params) == 14:
         h_kv, d_k = _shape(func, 2)
         h_v, d_v = _shape(func, 3)
         if (d_k, h_v, d_v) == (d, h_kv, d):
-            return prefill_ragged_attention_cpu(h_kv, h_qo, d, dtype, mask_window)
+            return prefill_ragged_attention_cpu(h_kv, h_qo, d, dtype, mask_window, knobs)
     return None
 
 
-def replace_attention(mod: IRModule, sliding_window_size: int, mask_window: int = 0) -> IRModule:
+def replace_attention(
+    mod: IRModule,
+    sliding_window_size: int,
+    mask_window: int = 0,
+    decode: AttentionKnobs = AttentionKnobs(),
+    prefill: AttentionKnobs = AttentionKnobs(),
+) -> IRModule:
     """`mod` with TVM's CPU attention kernels (decode, paged prefill, ragged prefill; found by global symbol)
     replaced by ours under the same global var and attributes. `sliding_window_size` is the window the
     paged prefill kernel's mask was built with; `mask_window` W > 0 makes the plain kernels apply HF's
@@ -377,7 +411,9 @@ def replace_attention(mod: IRModule, sliding_window_size: int, mask_window: int 
     for gv, func in mod.functions.items():
         if not isinstance(func, tirx.PrimFunc) or func.attrs is None:
             continue
-        new = _ours(func, str(func.attrs.get("global_symbol", "")), sliding_window_size, mask_window)
+        symbol = str(func.attrs.get("global_symbol", ""))
+        knobs = decode if symbol.startswith("batch_decode") else prefill
+        new = _ours(func, symbol, sliding_window_size, mask_window, knobs)
         if new is not None:
             attrs = dict(func.attrs.items())
             attrs.update({"tirx.is_scheduled": True, "tirx.noalias": True})

@@ -2,7 +2,7 @@
 
 The target's `mcpu` (host detection for the `host` preset, or whatever a preset names) is asked through
 LLVM's feature table, so a build for another CPU (`-mcpu=znver3`) picks that CPU's path, not this machine's.
-The int8 dot-product GEMV has three paths, widest first:
+On x86 the int8 dot-product GEMV has three paths, widest first:
 
 - `avx512vnni`: `vpdpbusd` on 512-bit registers (128 weights per instruction pair);
 - `avxvnni`: `vpdpbusd` on 256-bit registers, VEX (AVX-VNNI) or EVEX (AVX-512 VNNI + VL) encoded;
@@ -10,6 +10,11 @@ The int8 dot-product GEMV has three paths, widest first:
 
 The prefill GEMM, with int8 activations, runs the widest `vpdpbusd` (512- or 256-bit, `cpu_q8_gemm`);
 without VNNI (or with fp32 activations) fp32 FMA tiles 16 lanes wide with AVX-512F, else 8 (`cpu_q4_gemm`).
+
+On arm64 (`cpu_arm_dot`) the GEMV has two paths: `neon-dotprod` (`sdot`, Armv8.2 DotProd) and `neon`
+(`smull`/`saddlp`/`addp`, every Armv8 CPU); the prefill GEMM runs `smmla` 2x2 int8 blocks where the CPU
+has i8mm (`neon-i8mm`), else `sdot` (`neon-dotprod`), else the fp32 tiles (`fp32-neon`, 8 lanes: two
+128-bit registers per vector).
 """
 
 from __future__ import annotations
@@ -21,12 +26,22 @@ Q8_DOT_ISAS: dict[str, list[tuple[str, ...]]] = {
     "avx512vnni": [("avx512vnni", "avx512bw")],
     "avxvnni": [("avxvnni",), ("avx512vnni", "avx512vl")],
     "avx2": [("avx2",)],
+    "neon-dotprod": [("neon", "dotprod")],
+    "neon": [("neon",)],
 }
-# fp32 lanes of a vector register per GEMV path (the accumulators' width)
-Q8_DOT_LANES = {"avx512vnni": 16, "avxvnni": 8, "avx2": 8}
-# the prefill GEMM's fp32 FMA tiles: vector width per path (`avx2` also serves CPUs without AVX2, where
-# LLVM splits the 8-lane vectors)
-Q4_GEMM_LANES = {"avx512": 16, "avx2": 8}
+# fp32 lanes of a vector register per GEMV path (the accumulators' width; 8 on arm64 = two 128-bit
+# registers, one 64-weight chunk per step as on AVX2)
+Q8_DOT_LANES = {"avx512vnni": 16, "avxvnni": 8, "avx2": 8, "neon-dotprod": 8, "neon": 8}
+# the int8-activation prefill GEMM's paths, widest first (features as in Q8_DOT_ISAS)
+Q8_GEMM_ISAS: dict[str, list[tuple[str, ...]]] = {
+    "avx512vnni": Q8_DOT_ISAS["avx512vnni"],
+    "avxvnni": Q8_DOT_ISAS["avxvnni"],
+    "neon-i8mm": [("neon", "i8mm")],
+    "neon-dotprod": Q8_DOT_ISAS["neon-dotprod"],
+}
+# the prefill GEMM's fp32 FMA tiles: vector width per path (`avx2` also serves x86 CPUs without AVX2, where
+# LLVM splits the 8-lane vectors; `neon` the same on arm64's 128-bit registers)
+Q4_GEMM_LANES = {"avx512": 16, "avx2": 8, "neon": 8}
 
 
 def has_features(target: Target, features: tuple[str, ...]) -> bool:
@@ -52,20 +67,27 @@ def q8_dot_isa(target: Target) -> str | None:
 
 def q4_gemm_isa(target: Target) -> str:
     """The prefill GEMM's fp32 tile path (a `Q4_GEMM_LANES` key): 512-bit FMA tiles where AVX-512F is."""
-    return "avx512" if has_features(target, ("avx512f",)) else "avx2"
+    if has_features(target, ("avx512f",)):
+        return "avx512"
+    return "neon" if has_features(target, ("neon",)) else "avx2"
 
 
 def q8_gemm_isa(target: Target) -> str | None:
-    """The int8-activation prefill GEMM's path (`cpu_q8_gemm`): the widest `vpdpbusd` the CPU has; None
-    without VNNI (the fp32 tiles serve those CPUs)."""
-    return next((i for i in q8_dot_isas(target) if i in ("avx512vnni", "avxvnni")), None)
+    """The int8-activation prefill GEMM's path (a `Q8_GEMM_ISAS` key): the widest `vpdpbusd` the CPU has
+    (`cpu_q8_gemm`), else `smmla` or `sdot` on arm64 (`cpu_arm_dot`); None without any (the fp32 tiles
+    serve those CPUs)."""
+    if target.kind.name != "llvm":
+        return None
+    return next(
+        (isa for isa, alts in Q8_GEMM_ISAS.items() if any(has_features(target, f) for f in alts)), None
+    )
 
 
 def host_kernel_isas(target: Target, q4_activations: str) -> dict[str, str]:
     """The manifest's record of the host matmul kernels' instruction-set paths, per kernel family:
     `q4_gemv` (decode) is `int8-<Q8_DOT_ISAS key>` or `fp32` (fp32 activations, or no integer dot
     products on this CPU; a shape the widest path can't step through takes the next narrower one);
-    `q4_gemm` (prefill) is `int8-avx512vnni`, `int8-avxvnni` or `fp32-<Q4_GEMM_LANES key>`."""
+    `q4_gemm` (prefill) is `int8-<Q8_GEMM_ISAS key>` or `fp32-<Q4_GEMM_LANES key>`."""
     int8 = q4_activations == "int8"
     gemv, gemm = (q8_dot_isa(target), q8_gemm_isa(target)) if int8 else (None, None)
     return {

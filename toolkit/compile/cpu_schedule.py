@@ -16,7 +16,7 @@ weight), an `NT_matmul` block `C[m.., n] += x[m.., k] * W[n, k]` and optional in
 - `CPUGEMV`: any other matmul with few rows (fp32 weights of q0 models, or q4 shapes the above declines):
   dequantize inlined, rfactor over the SIMD lanes, 4 rows per x load, rows split across threads.
 - `CPUQ8VNNIGEMM` (int8-activation presets, CPUs with VNNI): q4 matmuls with many rows (prefill) with int8
-  activations and 512- or 256-bit `vpdpbusd` (`cpu_q8_gemm`).
+  activations and 512- or 256-bit `vpdpbusd` (`cpu_q8_gemm`), or arm64's `smmla` / `sdot` (`cpu_arm_dot`).
 - `CPUQ4OuterGEMM`: q4 matmuls with many rows (prefill): outer-product register blocks (`cpu_q4_gemm`), 8 or
   16 fp32 lanes wide (AVX2 / AVX-512, `cpu_isa`).
 - `CPUGEMM`: other matmuls with many (dynamic seq_len: prefill) rows: each thread dequantizes a tile of 16
@@ -40,11 +40,14 @@ from tvm.target import Target, codegen
 
 from ..quantization import MLC_Q4_LAYOUT, GroupLayout
 from .cpu_isa import Q4_GEMM_LANES, Q8_DOT_LANES, q4_gemm_isa, q8_dot_isas, q8_gemm_isa
+from .knobs import Knobs, shape_key
 
 # The hand-written q4 kernels below (`_regrouped_q4_gemv`, `cpu_q8_gemv`, `cpu_q4_gemm`, `cpu_q8_gemm`) are
 # built for this one storage layout (4-bit codes, 8 per uint32, groups of 32); `_match_q4_matmul` declines
 # any other layout, which then takes the generic `CPUGEMV` / `CPUGEMM` schedules.
 HOST_Q4_LAYOUT: GroupLayout = MLC_Q4_LAYOUT
+
+ARM_GEMM_NR = 8  # weight rows per tile of the arm64 int8 GEMM (4 smmla row pairs / 2 sdot quads)
 
 # ---------------------------------------------------------------------------------------------------------
 # target facts
@@ -728,8 +731,16 @@ class CPUQ8DotGEMV(ScheduleRule):
     1 thread, cold caches: 8.2 GB/s of q4 weights against 4.3 with 4 rows interleaved (the hardware
     prefetcher loses track of 4 short streams)."""
 
-    def __init__(self, rows: int = 1, tile: int = 16, max_m: int = 4, isa: str | None = None) -> None:
-        self.rows, self.tile, self.max_m, self.isa = rows, tile, max_m, isa
+    def __init__(
+        self,
+        rows: int | None = None,
+        tile: int | None = None,
+        max_m: int = 4,
+        isa: str | None = None,
+        knobs: Knobs | None = None,
+    ) -> None:
+        """`rows` / `tile` fix those sizes; else they come from `knobs` (compile/knobs.py), else 1 / 16."""
+        self.rows, self.tile, self.max_m, self.isa, self.knobs = rows, tile, max_m, isa, knobs
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         from .cpu_q8_gemv import q8_dot_gemv
@@ -740,22 +751,28 @@ class CPUQ8DotGEMV(ScheduleRule):
         if not isas:
             return None
         q = _match_q4_matmul(func)
-        if q is None or q.n % self.tile or not _few_rows(list(q.x.shape)[:-1], self.max_m):
+        if q is None or not _few_rows(list(q.x.shape)[:-1], self.max_m):
+            return None
+        sizes = self.knobs.gemv(q.n, q.k) if self.knobs is not None else {"rows": 1, "tile": 16}
+        rows, tile = self.rows or sizes["rows"], self.tile or sizes["tile"]
+        if q.n % tile or tile % rows:
             return None
         isa = next((i for i in isas if q.k % (8 * Q8_DOT_LANES[i]) == 0), None)
         if isa is None:
             return None
-        return s_tir.Schedule(q8_dot_gemv(func, q, isa=isa, rows=self.rows, tile=self.tile))
+        return s_tir.Schedule(q8_dot_gemv(func, q, isa=isa, rows=rows, tile=tile))
 
 
 class CPUQ8VNNIGEMM(ScheduleRule):
     """q4 dequant + matmul (+ residual add) with many rows of x (prefill), int8 activations and the widest
     `vpdpbusd` the CPU has (`cpu_q8_gemm.q8_vnni_gemm`): for presets with int8 activations on CPUs with
     VNNI; others keep `CPUQ4OuterGEMM`'s fp32 tiles. Register block: 12 rows of x by 16 weight rows on
-    512 bits (32 registers), 6 by 8 on 256 bits (AVX-VNNI CPUs without AVX-512 have 16)."""
+    512 bits (32 registers), 6 by 8 on 256 bits (AVX-VNNI CPUs without AVX-512 have 16). On arm64 the
+    same with `smmla` (i8mm) or `sdot` (DotProd) (`cpu_arm_dot.q8_arm_gemm`): 4 rows of x by 8 weight
+    rows, 8 int32 + 8 fp32 accumulator registers of the 32."""
 
-    def __init__(self, max_m: int = 4) -> None:
-        self.max_m = max_m
+    def __init__(self, max_m: int = 4, knobs: Knobs | None = None) -> None:
+        self.max_m, self.knobs = max_m, knobs
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         from .cpu_q8_gemm import q8_vnni_gemm
@@ -763,11 +780,20 @@ class CPUQ8VNNIGEMM(ScheduleRule):
         isa = q8_gemm_isa(target) if isinstance(func, tirx.PrimFunc) and _is_llvm(target) else None
         if isa is None:
             return None
-        lanes = Q8_DOT_LANES[isa]
+        lanes = ARM_GEMM_NR if isa.startswith("neon") else Q8_DOT_LANES[isa]
         q = _match_q4_matmul(func)
         if q is None or q.n % lanes or _few_rows(list(q.x.shape)[:-1], self.max_m):
             return None
-        return s_tir.Schedule(q8_vnni_gemm(func, q, mr=12 if lanes == 16 else 6, lanes=lanes))
+        if isa.startswith("neon"):
+            from .cpu_arm_dot import gemm_fits, q8_arm_gemm
+
+            if not gemm_fits(q, isa=isa, nr=lanes):
+                return None
+            return s_tir.Schedule(q8_arm_gemm(func, q, isa=isa, mr=4, nr=lanes))
+        mr = 12 if lanes == 16 else 6
+        if self.knobs is not None:  # a 256-bit path has 16 registers: at most 6 rows of x
+            mr = min(self.knobs.get("q8_gemm", shape_key(q.n, q.k))["mr"], mr)
+        return s_tir.Schedule(q8_vnni_gemm(func, q, mr=mr, lanes=lanes))
 
 
 class CPUQ4OuterGEMM(ScheduleRule):
@@ -943,9 +969,11 @@ class CPUElementwise(ScheduleRule):
         return sch
 
 
-def cpu_schedule_rules(target: Target, q4_activations: str = "float32") -> list[ScheduleRule]:
+def cpu_schedule_rules(
+    target: Target, q4_activations: str = "float32", knobs: Knobs | None = None
+) -> list[ScheduleRule]:
     """The rules for `dl.ApplyDefaultSchedule`, most specific first. `q4_activations="int8"` (a preset
-    setting) computes q4 GEMVs with int8 activations where the CPU has AVX2.
+    setting) computes q4 GEMVs with int8 activations where the CPU has AVX2; `knobs` sizes those kernels.
 
     Kernels no rule accepts (attention, KV-cache kernels, which come scheduled) are left as they are."""
     from tvm.s_tir.dlight.cpu import Reduction
@@ -954,5 +982,5 @@ def cpu_schedule_rules(target: Target, q4_activations: str = "float32") -> list[
 
     if q4_activations not in Q4_ACTIVATIONS:
         raise ValueError(f"q4_activations must be one of {Q4_ACTIVATIONS}, got {q4_activations!r}")
-    int8 = [CPUQ8DotGEMV(), CPUQ8VNNIGEMM()] if q4_activations == "int8" else []
+    int8 = [CPUQ8DotGEMV(knobs=knobs), CPUQ8VNNIGEMM(knobs=knobs)] if q4_activations == "int8" else []
     return [*int8, CPUDequantGEMV(), CPUGEMV(), CPUQ4OuterGEMM(), CPUGEMM(), CPUElementwise(), Reduction()]

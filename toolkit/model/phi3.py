@@ -29,7 +29,11 @@ from tvm.target import Target
 from ..config import Phi3Config
 from ..quantization import get_scheme
 from ..quantization.tvm_layers import make_embedding, make_linear
+from .kv_kernels import install as _install_kv_kernels
 from .rope import apply_rope_to_qkv, longrope_flags
+
+# the wheel's GPU attention-merge kernel races on its in-place log-sum-exp (kv_kernels.py)
+_install_kv_kernels()
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,12 @@ class GraphOptions:
     """What the compiled graph computes in: quantization scheme and activation dtype."""
 
     quantization: str = "q0f32"
-    dtype: str = "float32"  # activations and KV cache
+    dtype: str = "float32"  # activations
+    kv_dtype: str | None = None  # the paged KV cache; None = the activation dtype
+
+    @property
+    def cache_dtype(self) -> str:
+        return self.kv_dtype or self.dtype
 
     @property
     def norm_dtype(self) -> str:
@@ -66,7 +75,7 @@ def _linear(in_f: int, out_f: int, opts: GraphOptions, out_dtype: str | None = N
 
 class Phi3Attention(nn.Module):
     def __init__(self, cfg: Phi3Config, opts: GraphOptions) -> None:
-        self.cfg = cfg
+        self.cfg, self.dtype, self.cache_dtype = cfg, opts.dtype, opts.cache_dtype
         self.qkv_proj = _linear(cfg.hidden_size, cfg.qkv_size, opts)
         self.o_proj = _linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, opts)
 
@@ -77,7 +86,11 @@ class Phi3Attention(nn.Module):
         qkv = op.reshape(self.qkv_proj(x), (b * s, n_heads, c.head_dim))  # (n, nH+2nKV, hd)
         qkv = apply_rope_to_qkv(qkv, positions, rope_long, c)
         qkv = op.reshape(qkv, (b, s, n_heads, c.head_dim))
+        if self.cache_dtype != self.dtype:  # the cache's kernels take q/k/v/o in its dtype (fp32 inside)
+            qkv = qkv.astype(self.cache_dtype)
         o = kv.attention_with_fused_qkv(layer, qkv, c.num_attention_heads, sm_scale=c.head_dim**-0.5)
+        if self.cache_dtype != self.dtype:
+            o = o.astype(self.dtype)
         return self.o_proj(op.reshape(o, (b, s, c.num_attention_heads * c.head_dim)))
 
 
@@ -183,7 +196,7 @@ class Phi3ForCausalLM(nn.Module):
             rope_ext_factors=relax.prim_value(0),
             rotary_dim=c.rotary_dim,
             enable_disaggregation=False,
-            dtype=self.opts.dtype,
+            dtype=self.opts.cache_dtype,
             target=self.target,
             # only read by the sliding-window prefill kernel's mask: row r of a chunk sees W - r - 1 cached
             # keys, so every query sees exactly W keys like HF's 0 <= q - k < W
@@ -239,8 +252,9 @@ def attention_window(cfg: Phi3Config) -> int:
     return cfg.sliding_window or 1024
 
 
-def export_phi3(cfg: Phi3Config, opts: GraphOptions, target: Target):
-    """-> (IRModule, [(param name, nn.Parameter)]) for the graph."""
+def export_phi3(cfg: Phi3Config, opts: GraphOptions, target: Target, knobs=None):
+    """-> (IRModule, [(param name, nn.Parameter)]) for the graph. `knobs` (compile/knobs.Knobs) sizes the
+    host attention kernels."""
     model = Phi3ForCausalLM(cfg, opts, target)
     mod, named_params = model.export_tvm(spec=model.spec())
     if target.kind.name == "llvm":  # TVM's CPU attention kernels are scalar and single-threaded
@@ -248,5 +262,6 @@ def export_phi3(cfg: Phi3Config, opts: GraphOptions, target: Target):
 
         # HF's sliding window inside the kernels: the cache then never rolls, so the query positions the
         # graph reads from it stay absolute (RoPE is applied before the cache)
-        mod = replace_attention(mod, attention_window(cfg), mask_window=cfg.sliding_window or 0)
+        sizes = {step: knobs.attention(step) for step in ("decode", "prefill")} if knobs else {}
+        mod = replace_attention(mod, attention_window(cfg), mask_window=cfg.sliding_window or 0, **sizes)
     return mod, named_params

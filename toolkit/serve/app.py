@@ -63,6 +63,7 @@ def create_app(model: Model, scheduler: Scheduler, *, api_key: str | None = None
             "status": "ok",
             "model": served,
             "running": s.running,
+            "prefilling": s.prefilling,
             "waiting": s.waiting,
             "free_pages": s.free_pages,
             "total_pages": s.total_pages,

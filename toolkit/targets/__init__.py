@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ TARGETS_DIR = Path(os.environ.get("TOOLKIT_TARGETS_DIR", Path(__file__).resolve(
 OUTPUT_SUFFIXES = (".so", ".tar", ".dylib")
 # CPU q4 GEMVs: fp32 activations, or int8 activations with integer dot products (llama.cpp's Q4 x Q8)
 Q4_ACTIVATIONS = ("float32", "int8")
+KV_CACHE_DTYPES = ("float32", "float16")
 GPU_KINDS = ("cuda", "metal", "opencl", "vulkan", "webgpu", "rocm")
 DLIGHT_RULES = (
     "Matmul",
@@ -54,6 +55,7 @@ class Preset:
     matmul_config: dict[str, Any] | None = field(default=None, hash=False, compare=False)
     cuda_gencode: tuple[str, ...] = ()
     q4_activations: str = "float32"  # CPU q4 GEMVs: "int8" = llama.cpp-style integer dot products
+    kv_cache_dtype: str | None = None  # CPU presets: the paged cache's dtype; None = the activation dtype
     runs_here: bool = False  # target detected from this machine (host presets): its code runs here
     why: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
     path: str = ""
@@ -61,7 +63,7 @@ class Preset:
 
     @property
     def target_dict(self) -> dict[str, Any]:
-        return _fill_host_detection(dict(self.target_json), self.detect)
+        return json.loads(_filled_target(json.dumps(self.target_json, sort_keys=True), self.detect))
 
     @property
     def kind(self) -> str:
@@ -86,6 +88,13 @@ class Preset:
         import tvm
 
         return tvm.target.Target(self.target_dict)
+
+    def with_kv_cache(self, dtype: str) -> Preset:
+        """This preset with its KV cache in `dtype` (CPU presets only, like `cpu.kv_cache`)."""
+        if dtype not in KV_CACHE_DTYPES or self.is_gpu:
+            choices = "/".join(KV_CACHE_DTYPES)
+            raise UserError(f"--kv-cache {dtype}: needs {choices} and a CPU preset, not {self.name}")
+        return replace(self, kv_cache_dtype=dtype)
 
     @property
     def schedule_dir(self) -> Path:
@@ -139,6 +148,9 @@ def _load(path: Path) -> Preset:
     q4_act = (data.get("cpu") or {}).get("q4_activations", "float32")
     if q4_act not in Q4_ACTIVATIONS or (q4_act != "float32" and is_gpu):
         raise UserError(f"cpu.q4_activations must be one of {Q4_ACTIVATIONS} (CPU presets only)", path)
+    kv_cache = (data.get("cpu") or {}).get("kv_cache")
+    if kv_cache is not None and (kv_cache not in KV_CACHE_DTYPES or is_gpu):
+        raise UserError(f"cpu.kv_cache must be one of {KV_CACHE_DTYPES} (CPU presets only)", path)
     return Preset(
         name=data["name"],
         description=data["description"],
@@ -150,6 +162,7 @@ def _load(path: Path) -> Preset:
         matmul_config=dlight.get("matmul"),
         cuda_gencode=tuple((data.get("cuda") or {}).get("gencode", ())),
         q4_activations=q4_act,
+        kv_cache_dtype=kv_cache,
         runs_here=bool(detect),
         why=dict(data["why"]),
         path=str(path),
@@ -180,13 +193,44 @@ _DETECTABLE = {"mtriple": _system_triple, "mcpu": _system_cpu, "num-cores": _phy
 
 
 @cache
-def _detected(key: str) -> Any:
-    return _DETECTABLE[key]()  # once per process, like the presets themselves
+def _filled_target(target_json: str, detect: tuple[str, ...]) -> str:
+    """The target with host detection filled in, once per process (like the presets themselves), as JSON so
+    that every caller gets its own copy."""
+    return json.dumps(_fill_host_detection(json.loads(target_json), detect))
 
 
 def _fill_host_detection(target: dict[str, Any], detect: tuple[str, ...]) -> dict[str, Any]:
     """Fill the keys listed in the preset's "detect" from this machine (only the `host` preset uses it)."""
     for key in detect:
         if key not in target:
-            target[key] = _detected(key)
+            target[key] = _DETECTABLE[key]()
+    if "mcpu" in detect and str(target.get("mtriple", "")).startswith(("aarch64", "arm64")):
+        extra = _arm_extensions_beyond_mcpu(target)
+        if extra and "mattr" not in target:
+            target["mattr"] = extra
     return target
+
+
+# the arm64 extensions the host kernels use (`compile/cpu_isa.py`): DotProd (`sdot`) and i8mm (`smmla`)
+ARM_KERNEL_EXTENSIONS = ("dotprod", "i8mm")
+
+
+def _host_cpu_features() -> dict[str, bool]:
+    """LLVM's view of this machine's CPU features (on arm64 Linux: /proc/cpuinfo's Features line)."""
+    import tvm_ffi
+
+    return dict(tvm_ffi.get_global_func("tvm.codegen.llvm.GetHostCPUFeatures")().items())
+
+
+def _arm_extensions_beyond_mcpu(target: dict[str, Any]) -> list[str]:
+    """`+dotprod` / `+i8mm` where this arm64 host has them but its detected `mcpu` doesn't say so: LLVM names
+    CPUs by part number, and a part it doesn't know comes out "generic" (Armv8.0, no dot products)."""
+    import tvm
+
+    features = _host_cpu_features()
+    cpu = tvm.target.Target({k: v for k, v in target.items() if k in ("kind", "mtriple", "mcpu")})
+    return [
+        f"+{f}"
+        for f in ARM_KERNEL_EXTENSIONS
+        if features.get(f) and not tvm.target.codegen.llvm_cpu_has_features([f], cpu)
+    ]

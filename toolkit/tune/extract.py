@@ -59,9 +59,11 @@ def lower_model(cfg: Phi3Config, quantization: str, preset: Preset, dtype: str |
     """The graph after fusion: every compute is a PrimFunc, none scheduled (what `compile` schedules)."""
     from ..compile import pipeline
     from ..compile.compile_model import graph_options
+    from ..compile.knobs import knobs_for
     from ..model.phi3 import export_phi3
 
-    mod, _ = export_phi3(cfg, graph_options(quantization, preset, dtype), preset.target)
+    knobs = knobs_for(preset) if preset.kind == "llvm" else None
+    mod, _ = export_phi3(cfg, graph_options(quantization, preset, dtype), preset.target, knobs)
     return pipeline.lower_to_tir(mod, preset.target)
 
 
@@ -91,8 +93,9 @@ def default_rules(preset: Preset) -> list:
 
         return dlight_rules(preset)
     from ..compile.cpu_schedule import cpu_schedule_rules
+    from ..compile.knobs import knobs_for
 
-    return cpu_schedule_rules(preset.target, preset.q4_activations)
+    return cpu_schedule_rules(preset.target, preset.q4_activations, knobs_for(preset))
 
 
 def default_schedule(func: tirx.PrimFunc, target: tvm.target.Target, rules: list):

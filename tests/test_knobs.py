@@ -1,0 +1,127 @@
+"""The hand kernels' knobs: the search (interleaved rounds, default kept unless beaten beyond noise), the
+per-CPU records (this machine's only), and knob values reaching the compiled kernels."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import tvm
+from test_cpu_q8_gemv import AVX2, HOST_HAS_AVX2, _build, _q8_reference
+from test_cpu_schedule import _matmul_func, _q4_weights
+
+from toolkit.compile import cpu_schedule as cs
+from toolkit.compile.cpu_attention import AttentionKnobs
+from toolkit.compile.knobs import DEFAULTS, Knobs, heuristic_knobs, knobs_for, record_path
+from toolkit.targets import load_preset
+from toolkit.tune.knob_search import SearchResult, candidates, interleaved_search, label, write_knob_record
+from toolkit.tune.records import device_fingerprint
+
+TOY = {"toy": {"x": (1, 2, 3, 4), "y": (1, 2)}}
+
+
+def _sleeper(planted: dict):
+    """A real timed workload: 1 ms for the planted setting, 3 ms for every other."""
+
+    def measure(cfg: dict) -> float:
+        t0 = time.perf_counter()
+        time.sleep(0.001 if cfg == planted else 0.003)
+        return (time.perf_counter() - t0) * 1e3
+
+    return measure
+
+
+def test_search_finds_the_planted_faster_setting():
+    default, planted = {"x": 1, "y": 1}, {"x": 3, "y": 2}
+    configs = candidates("toy", default, lambda c: True, space=TOY)
+    assert configs[0] == default and len(configs) == 8 and planted in configs
+    chosen, kept, times = interleaved_search(configs, _sleeper(planted), rounds=4)
+    assert chosen == planted and kept
+    assert all(len(v) == 4 for v in times.values())
+    res = SearchResult("toy", "*", default, chosen, kept, times)
+    assert res.fastest == planted and res.speedup > 1.5
+
+
+def test_search_keeps_the_default_when_nothing_is_faster():
+    """All settings do the same work: no candidate beats every default run by the margin (a chance order
+    that clean over 6 rounds: 1/924 per candidate)."""
+    default = {"x": 1, "y": 1}
+    configs = candidates("toy", default, lambda c: c["y"] == 1, space=TOY)
+    assert len(configs) == 4 and all(c["y"] == 1 for c in configs)
+    chosen, kept, _ = interleaved_search(configs, _sleeper({"none": 0}), rounds=6, margin=0.2)
+    assert chosen == default and not kept
+
+
+def test_heuristics_follow_the_cpu_features():
+    skx = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 4})
+    zen3 = tvm.target.Target({"kind": "llvm", "mcpu": "znver3", "num-cores": 4})
+    assert heuristic_knobs(skx).attention("decode") == AttentionKnobs(lanes=16, chunk=16)
+    assert heuristic_knobs(zen3).attention("decode") == AttentionKnobs(lanes=8, chunk=16)
+    assert heuristic_knobs(skx).get("q8_gemm")["mr"] == 12  # 32 zmm registers
+    # a small GEMV gets smaller tasks so 4 threads each have TASKS_PER_THREAD of them
+    assert heuristic_knobs(zen3).gemv(9216, 3072)["tile"] == 16
+    assert heuristic_knobs(zen3).gemv(128, 576)["tile"] == 8
+    assert Knobs().get("attention_decode") == DEFAULTS["attention_decode"]
+
+
+def test_records_apply_only_on_the_machine_they_were_measured_on(tmp_path):
+    host = load_preset("host")
+    won = SearchResult(
+        "attention_decode",
+        "*",
+        {"lanes": 16, "chunk": 16},
+        {"lanes": 8, "chunk": 32},
+        True,
+        {"chunk=16,lanes=16": [2.0, 2.1], "chunk=32,lanes=8": [1.0, 1.1]},
+    )
+    path = write_knob_record(host, [won], tmp_path)
+    assert path == record_path(host, device_fingerprint(host), tmp_path)
+    tuned = knobs_for(host, tmp_path)
+    assert tuned.attention("decode") == AttentionKnobs(lanes=8, chunk=32)
+    assert "tuned record" in tuned.source
+    assert tuned.digest() != knobs_for(host, tmp_path / "none").digest()  # a new library, not a stale one
+    # the same file claiming another CPU: ignored, heuristics instead
+    rec = json.loads(path.read_text())
+    rec["fingerprint"]["match"] = rec["fingerprint"]["match"].replace("avx2", "sse2")
+    path.write_text(json.dumps(rec))
+    assert knobs_for(host, tmp_path).source.startswith("heuristics")
+    # a value outside the search space is not trusted either
+    rec = json.loads(write_knob_record(host, [won], tmp_path).read_text())
+    rec["kernels"]["attention_decode"]["*"]["lanes"] = 7
+    path.write_text(json.dumps(rec))
+    assert (
+        knobs_for(host, tmp_path).attention("decode").lanes
+        == heuristic_knobs(host.target).attention("decode").lanes
+    )
+    # a re-run where the setting no longer wins drops it
+    lost = SearchResult(
+        "attention_decode", "*", {"lanes": 16, "chunk": 16}, {"lanes": 16, "chunk": 16}, False, won.times_ms
+    )
+    rec = json.loads(write_knob_record(host, [lost], tmp_path).read_text())
+    assert rec["kernels"] == {} and rec["measurements"][0]["kept"] is False
+
+
+@pytest.mark.skipif(not HOST_HAS_AVX2, reason="this CPU has no AVX2: the int8 kernel cannot run here")
+def test_gemv_knobs_reach_the_kernel_and_keep_its_numbers():
+    n, k = 128, 256
+    func = _matmul_func(n, k, ("b", 1), quant=True, scale_dtype="float16", add=False)
+    knobs = Knobs({"q4_gemv": {f"{n}x{k}": {"tile": 64, "rows": 2}}})
+    tuned = cs.CPUQ8DotGEMV(knobs=knobs).apply(func, AVX2, False).mod
+    default = cs.CPUQ8DotGEMV().apply(func, AVX2, False).mod
+    assert tuned.script() != default.script()
+    ex = _build(func, AVX2, [cs.CPUQ8DotGEMV(knobs=knobs)])
+    qw, qs, _ = _q4_weights(n, k, "float16")
+    x = np.random.default_rng(0).standard_normal((2, 1, k)).astype(np.float32)
+    dev = tvm.cpu()
+    out = tvm.runtime.empty((2, 1, n), "float32", dev)
+    ex["main"](*[tvm.runtime.tensor(a, dev) for a in (x, qw, qs)], out)
+    ref, bound = _q8_reference(x, qw, qs)
+    assert np.all(np.abs(out.numpy() - ref) <= bound)
+
+
+def test_search_labels_round_trip():
+    times = {label({"x": 1}): [2.0], label({"x": 4}): [1.0]}
+    res = SearchResult("toy", "*", {"x": 1}, {"x": 1}, False, times)
+    assert res.fastest == {"x": 4} and res.fastest_speedup == 2.0 and res.speedup == 1.0

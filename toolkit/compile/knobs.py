@@ -1,0 +1,153 @@
+"""The tunable sizes of the host's hand-written kernels, chosen per CPU.
+
+Each hand kernel family names its knobs and the values a search may try (`SPACE`). What a compile uses:
+this machine's own tuned record (`phi3 tune`, `schedules/<preset>/knobs/<fingerprint>.json`) when its CPU
+fingerprint and TVM version match, else heuristics from the target's features. Another machine's record is
+never used: a size that won on one CPU says nothing about another.
+
+Families (the kernels that read them):
+- `attention_decode`, `attention_prefill` (cpu_attention): `lanes` (fp32 lanes per vector op), `chunk`
+  (keys per softmax rescale).
+- `q4_gemv` (cpu_q8_gemv, decode): `tile` (weight rows per parallel task), `rows` (rows per x load).
+- `q8_gemm` (cpu_q8_gemm, prefill): `mr` (rows of x per register block).
+Records may hold a value per kernel shape (`"<n>x<k>"` for the matmuls) over the family's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tvm.target import Target
+
+from ..targets import Preset
+from .cpu_attention import AttentionKnobs
+from .cpu_isa import Q8_DOT_LANES, q8_dot_isa, q8_gemm_isa
+
+SCHEMA = "phi3-knobs/1"
+SPACE: dict[str, dict[str, tuple[int, ...]]] = {
+    "attention_decode": {"lanes": (8, 16), "chunk": (8, 16, 32)},
+    "attention_prefill": {"lanes": (8, 16), "chunk": (8, 16, 32)},
+    "q4_gemv": {"tile": (8, 16, 32, 64), "rows": (1, 2, 4)},
+    "q8_gemm": {"mr": (4, 6, 8, 12)},
+}
+# what the kernels were written with (and what a Knobs without values gives)
+DEFAULTS: dict[str, dict[str, int]] = {
+    "attention_decode": {"lanes": 8, "chunk": 16},
+    "attention_prefill": {"lanes": 8, "chunk": 16},
+    "q4_gemv": {"tile": 16, "rows": 1},
+    "q8_gemm": {"mr": 12},
+}
+TASKS_PER_THREAD = 4  # a GEMV split into fewer tasks leaves threads idle at its end
+
+
+def shape_key(n: int, k: int) -> str:
+    return f"{n}x{k}"
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """Knob values per family (`"*"`: the family's value, or a shape key); `source` says where from."""
+
+    values: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict, hash=False)
+    source: str = "defaults"
+    cores: int = 1
+
+    def get(self, family: str, shape: str | None = None) -> dict[str, int]:
+        by_key = self.values.get(family, {})
+        out = dict(DEFAULTS[family])
+        out.update(by_key.get("*", {}))
+        if shape is not None:
+            out.update(by_key.get(shape, {}))
+        return out
+
+    def attention(self, step: str) -> AttentionKnobs:
+        return AttentionKnobs(**self.get(f"attention_{step}"))
+
+    def gemv(self, n: int, k: int) -> dict[str, int]:
+        """`tile` and `rows` for an n x k GEMV: a shape's record, else the family value, halved while the
+        GEMV would have fewer than TASKS_PER_THREAD tasks per thread (heuristic, not for recorded shapes)."""
+        key = shape_key(n, k)
+        out = self.get("q4_gemv", key)
+        if key not in self.values.get("q4_gemv", {}):
+            while out["tile"] > 8 and n // out["tile"] < TASKS_PER_THREAD * self.cores:
+                out["tile"] //= 2
+            out["rows"] = min(out["rows"], out["tile"])
+        return out
+
+    def with_values(self, family: str, key: str, values: dict[str, int]) -> Knobs:
+        new = {f: {k: dict(v) for k, v in keys.items()} for f, keys in self.values.items()}
+        new.setdefault(family, {})[key] = dict(values)
+        return Knobs(new, self.source, self.cores)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps([self.values, self.cores], sort_keys=True).encode()).hexdigest()[:12]
+
+
+def heuristic_knobs(target: Target) -> Knobs:
+    """Sizes from the target's features alone: vector width (AVX-512: 16 fp32 lanes), the int8 GEMM's
+    register budget (12 rows of x with 32 vector registers, 6 with 16) and the thread count."""
+    from .cpu_schedule import simd_lanes_f32
+
+    lanes = max(8, simd_lanes_f32(target))
+    gemm = q8_gemm_isa(target)
+    mr = 12 if gemm and Q8_DOT_LANES[gemm] == 16 else 6
+    gemv_isa = q8_dot_isa(target)
+    values = {
+        "attention_decode": {"*": {"lanes": lanes, "chunk": 16}},
+        "attention_prefill": {"*": {"lanes": lanes, "chunk": 16}},
+        "q4_gemv": {"*": {"tile": 16, "rows": 1}},
+        "q8_gemm": {"*": {"mr": mr}},
+    }
+    src = f"heuristics ({lanes}-lane fp32, gemv {gemv_isa or 'fp32'}, gemm {gemm or 'fp32'})"
+    return Knobs(values, src, _cores(target))
+
+
+def _cores(target: Target) -> int:
+    attrs = target.attrs
+    return int(attrs["num-cores"]) if "num-cores" in attrs else 1
+
+
+def records_folder(preset: Preset, schedules_root: Path | str | None = None) -> Path:
+    base = preset.schedule_dir if schedules_root is None else Path(schedules_root) / preset.name
+    return base / "knobs"
+
+
+def record_path(preset: Preset, fingerprint: dict[str, Any], schedules_root: Path | str | None = None):
+    """One file per CPU fingerprint, so records of several machines can sit side by side."""
+    name = hashlib.sha256(fingerprint["match"].encode()).hexdigest()[:16]
+    return records_folder(preset, schedules_root) / f"{name}.json"
+
+
+def knobs_for(preset: Preset, schedules_root: Path | str | None = None) -> Knobs:
+    """This machine's tuned knobs for a host preset (over the heuristics), or the heuristics alone."""
+    import tvm
+
+    from ..tune.records import device_fingerprint
+
+    base = heuristic_knobs(preset.target)
+    if preset.kind != "llvm" or not preset.runs_here:
+        return base
+    fp = device_fingerprint(preset)
+    path = record_path(preset, fp, schedules_root)
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return base
+    if (
+        rec.get("schema") != SCHEMA
+        or rec.get("fingerprint", {}).get("match") != fp["match"]
+        or rec.get("tvm_version") != tvm.__version__
+    ):
+        return base
+    values = {f: {k: dict(v) for k, v in keys.items()} for f, keys in base.values.items()}
+    for family, keys in (rec.get("kernels") or {}).items():
+        if family not in SPACE:
+            continue
+        for key, knob_values in keys.items():
+            ok = {n: v for n, v in knob_values.items() if v in SPACE[family].get(n, ())}
+            values.setdefault(family, {}).setdefault(key, {}).update(ok)
+    return Knobs(values, f"tuned record {path}", base.cores)

@@ -1,0 +1,357 @@
+"""`phi3 tune`'s search over our hand kernels' knobs (compile/knobs.py) on this machine.
+
+Each kernel of the model that a hand kernel computes is built once per candidate setting at the size a
+step uses (decode: one token; prefill: `prefill_len` tokens; attention: `context` keys), and the
+candidates are timed in interleaved rounds (every round runs each once, in a rotated order), so a load
+change on the machine hits all of them alike. A winner replaces the default only when it is faster by
+`margin` in the median AND every one of its runs beats every run of the default (with 4 rounds each,
+a chance ordering that clean has probability 1/70).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import statistics
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm
+
+from ..compile.knobs import SCHEMA, SPACE, Knobs, knobs_for, record_path, shape_key
+from ..targets import Preset
+
+Config = dict[str, int]
+
+
+@dataclass
+class SearchResult:
+    family: str
+    key: str  # shape key, or "*" for the attention families
+    default: Config
+    best: Config
+    kept: bool  # best != default and it won beyond noise
+    times_ms: dict[str, list[float]] = field(default_factory=dict)  # label -> per-round times
+
+    def _median(self, cfg: Config) -> float:
+        return statistics.median(self.times_ms[label(cfg)])
+
+    @property
+    def speedup(self) -> float:
+        """Default time / chosen time (1.0 when the default is kept)."""
+        return self._median(self.default) / self._median(self.best)
+
+    @property
+    def fastest(self) -> Config:
+        """The setting with the lowest median, kept or not."""
+        best = min(self.times_ms, key=lambda k: statistics.median(self.times_ms[k]))
+        return {k: int(v) for k, v in (kv.split("=") for kv in best.split(","))}
+
+    @property
+    def fastest_speedup(self) -> float:
+        return self._median(self.default) / self._median(self.fastest)
+
+
+def label(cfg: Config) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(cfg.items()))
+
+
+def interleaved_search(
+    configs: list[Config], measure: Callable[[Config], float], rounds: int = 4, margin: float = 0.03
+) -> tuple[Config, bool, dict[str, list[float]]]:
+    """configs[0] is the default. -> (chosen config, whether it is not the default, times per label)."""
+    times: dict[str, list[float]] = {label(c): [] for c in configs}
+    for r in range(rounds):
+        order = configs[r % len(configs) :] + configs[: r % len(configs)]
+        for c in order:
+            times[label(c)].append(measure(c))
+    default = configs[0]
+    best = min(configs, key=lambda c: statistics.median(times[label(c)]))
+    d, b = times[label(default)], times[label(best)]
+    wins = (
+        best is not default and statistics.median(b) < statistics.median(d) * (1 - margin) and max(b) < min(d)
+    )
+    return (best if wins else default), wins, times
+
+
+def candidates(
+    family: str, default: Config, valid: Callable[[Config], bool], space: dict | None = None
+) -> list[Config]:
+    """The default first, then every other valid point of the family's space (`space`: SPACE's)."""
+    space = (space or SPACE)[family]
+    names = list(space)
+    out = [default]
+    for values in itertools.product(*(space[n] for n in names)):
+        cfg = dict(zip(names, values, strict=True))
+        if cfg != default and valid(cfg):
+            out.append(cfg)
+    return out
+
+
+# -- timing one built kernel ------------------------------------------------------------------------
+def _random_args(func: tvm.tirx.PrimFunc, dev) -> list:
+    rng = np.random.default_rng(0)
+    args = []
+    for p in func.params:
+        if not getattr(p, "shape", None):  # buffer params carry their shape (TVM 0.27)
+            raise ValueError(f"knob search needs static buffer params, got {p}")
+        shape = [int(x) for x in p.shape]
+        dt = str(p.dtype)
+        if dt.startswith(("uint", "int")):
+            data = rng.integers(0, 8, size=shape).astype(dt)
+        else:
+            data = (rng.standard_normal(shape) * 0.1).astype(dt)
+        args.append(tvm.runtime.tensor(data, dev))
+    return args
+
+
+def timer(func: tvm.tirx.PrimFunc, target, args: list | None = None) -> Callable[[], float]:
+    """Build `func` and return a function that times one batch of runs (>= 40 ms), in ms per call.
+    Without `args`, the buffers are random at the func's static shapes."""
+    rt = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+    dev = tvm.cpu()
+    args = args if args is not None else _random_args(func, dev)
+    evaluator = rt.mod.time_evaluator("main", dev, number=1, repeat=1, min_repeat_ms=40)
+    evaluator(*args)  # warm: first touch of the buffers, thread pool start
+    return lambda: float(evaluator(*args).mean) * 1e3
+
+
+# -- the model's hand kernels -----------------------------------------------------------------------
+@dataclass
+class Target_:
+    family: str
+    key: str
+    build: Callable[[Config], Any]  # config -> PrimFunc (None: the kernel declines those sizes)
+    args: Callable[[], list] | None = None  # the call's arguments (None: random, from static shapes)
+    weight: float = 0.0  # bytes a step moves through it: the ranking for --quick
+
+
+def matmul_targets(cfg, quantization: str, preset: Preset, prefill_len: int) -> list[Target_]:
+    """The q4 GEMVs (decode) and int8 GEMMs (prefill) of the model, one per distinct shape."""
+    from ..compile.cpu_schedule import CPUQ8VNNIGEMM, CPUQ8DotGEMV, _match_q4_matmul
+    from .extract import call_counts, lower_model, specialize, step_binding
+
+    if preset.q4_activations != "int8":
+        return []
+    mod = lower_model(cfg, quantization, preset)
+    decode = call_counts(mod, "decode")
+    prefill = call_counts(mod, "prefill")
+    target = preset.target
+    out: dict[str, Target_] = {}
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        q = _match_q4_matmul(func)
+        if q is None:
+            continue
+        key = shape_key(q.n, q.k)
+        for step, calls in (("decode", decode[gv.name_hint]), ("prefill", prefill[gv.name_hint])):
+            if not calls:
+                continue
+            fam = "q4_gemv" if step == "decode" else "q8_gemm"
+            static = specialize(func, step_binding(func, step == "decode", prefill_len))
+
+            def build(c: Config, static=static, fam=fam):
+                if fam == "q4_gemv":
+                    rule = CPUQ8DotGEMV(rows=c["rows"], tile=c["tile"])
+                else:
+                    rule = CPUQ8VNNIGEMM(knobs=Knobs({"q8_gemm": {"*": dict(c)}}))
+                sch = rule.apply(static, target, False)
+                return None if sch is None else sch.mod["main"]
+
+            weight = q.n * q.k / 2 * calls
+            prev = out.get(f"{fam}:{key}")
+            out[f"{fam}:{key}"] = Target_(fam, key, build, weight=weight + (prev.weight if prev else 0))
+    return list(out.values())
+
+
+def attention_targets(cfg, preset: Preset, context: int, prefill_len: int) -> list[Target_]:
+    """The decode kernel over `context` cached keys and the ragged prefill kernel over `prefill_len` tokens,
+    at the model's head shapes and the preset's cache dtype."""
+    from ..compile.compile_model import graph_options
+    from ..compile.cpu_attention import AttentionKnobs, decode_attention_cpu, prefill_ragged_attention_cpu
+
+    dtype = graph_options("q0f32", preset).cache_dtype
+    h_kv, h_qo, d = cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim
+    page, scale = 16, 1 / float(np.sqrt(d))
+    n_pages = -(-context // page)
+    rng = np.random.default_rng(0)
+    dev = tvm.cpu()
+
+    def t(a):
+        return tvm.runtime.tensor(np.ascontiguousarray(a), dev)
+
+    def decode_args() -> list:
+        zeros = np.zeros(1, "int32")
+        return [
+            t(rng.standard_normal((1, h_qo, d)).astype(dtype)),
+            t(rng.standard_normal((n_pages, 2, h_kv, page, d)).astype(dtype)),
+            t(np.array([0, n_pages], "int32")),
+            t(np.arange(n_pages, dtype="int32")),
+            t(np.array([context - (n_pages - 1) * page], "int32")),
+            t(zeros),
+            t(zeros),
+            t(np.zeros((1, h_qo, d), dtype)),
+            t(np.zeros((1, h_qo), "float32")),
+            0,
+            1.0,
+            1e4,
+            scale,
+        ]
+
+    def prefill_args() -> list:
+        n = prefill_len
+        indptr = np.array([0, n], "int32")
+        return [
+            t(rng.standard_normal((n, h_qo, d)).astype(dtype)),
+            t(indptr),
+            t(rng.standard_normal((n, h_kv, d)).astype(dtype)),
+            t(rng.standard_normal((n, h_kv, d)).astype(dtype)),
+            t(indptr),
+            t(np.zeros(n, "int32")),
+            t(np.zeros(1, "int32")),
+            t(np.zeros((n, h_qo, d), dtype)),
+            t(np.zeros((n, h_qo), "float32")),
+            1,
+            0,
+            1.0,
+            1e4,
+            scale,
+        ]
+
+    def fits(c: Config) -> bool:
+        return d % c["lanes"] == 0
+
+    def decode(c: Config):
+        return (
+            decode_attention_cpu(h_kv, h_qo, d, dtype, False, page, 0, AttentionKnobs(**c))
+            if fits(c)
+            else None
+        )
+
+    def prefill(c: Config):
+        return prefill_ragged_attention_cpu(h_kv, h_qo, d, dtype, 0, AttentionKnobs(**c)) if fits(c) else None
+
+    kv_bytes = 2 * context * h_kv * d * np.dtype(dtype).itemsize * cfg.num_hidden_layers
+    return [
+        Target_("attention_decode", "*", decode, args=decode_args, weight=kv_bytes),
+        Target_("attention_prefill", "*", prefill, args=prefill_args, weight=kv_bytes / 4),
+    ]
+
+
+def search_model(
+    cfg,
+    quantization: str,
+    preset: Preset,
+    *,
+    quick: bool = False,
+    rounds: int = 4,
+    margin: float = 0.03,
+    context: int = 1024,
+    prefill_len: int = 128,
+    progress: Callable[[str], None] = lambda m: None,
+) -> list[SearchResult]:
+    """Search every hand kernel family of the model (`quick`: the 3 that move the most bytes per step,
+    the GEMVs' `rows` fixed at its default) against the sizes compile would use today."""
+    if preset.kind != "llvm" or not preset.runs_here:
+        raise ValueError(f"knob search measures here: '{preset.name}' is not this machine's CPU")
+    current = knobs_for(preset)
+    found = attention_targets(cfg, preset, context, prefill_len) + matmul_targets(
+        cfg, quantization, preset, prefill_len
+    )
+    found.sort(key=lambda t: -t.weight)
+    if quick:
+        found = found[:3]
+    results = []
+    target = preset.target
+    for tgt in found:
+        if tgt.family == "q4_gemv":
+            n, k = (int(x) for x in tgt.key.split("x"))
+            default = current.gemv(n, k)
+        else:
+            default = current.get(tgt.family, None if tgt.key == "*" else tgt.key)
+        res = _search_one(tgt, default, target, quick, rounds, margin, progress)
+        if res is not None:
+            results.append(res)
+    return results
+
+
+def _search_one(tgt: Target_, default: Config, target, quick: bool, rounds: int, margin: float, progress):
+    built: dict[str, Callable[[], float]] = {}
+
+    def valid(c: Config) -> bool:
+        if quick and tgt.family == "q4_gemv" and c["rows"] != default["rows"]:
+            return False
+        func = tgt.build(c)
+        if func is None:
+            return False
+        built[label(c)] = timer(func, target, tgt.args() if tgt.args else None)
+        return True
+
+    if not valid(default):
+        return None
+    configs = candidates(tgt.family, default, valid)
+    progress(f"{tgt.family} {tgt.key}: {len(configs)} settings x {rounds} rounds")
+    best, kept, times = interleaved_search(configs, lambda c: built[label(c)](), rounds, margin)
+    res = SearchResult(tgt.family, tgt.key, default, best, kept, times)
+    progress(
+        f"  default {label(default)} {statistics.median(times[label(default)]):.3f} ms; "
+        f"fastest {label(res.fastest)} ({res.fastest_speedup:.2f}x): "
+        f"{'kept' if kept else 'not beyond noise, default kept' if res.fastest != default else 'default'}"
+    )
+    return res
+
+
+def write_knob_record(
+    preset: Preset, results: list[SearchResult], schedules_root: Path | str | None = None
+) -> Path:
+    """This machine's record (merged over its earlier one), written atomically."""
+    from .records import device_fingerprint
+
+    fp = device_fingerprint(preset)
+    path = record_path(preset, fp, schedules_root)
+    try:
+        old = json.loads(path.read_text())
+        ok = old.get("schema") == SCHEMA and old.get("fingerprint", {}).get("match") == fp["match"]
+        kernels = old.get("kernels", {}) if ok and old.get("tvm_version") == tvm.__version__ else {}
+        measured = old.get("measurements", []) if kernels else []
+    except (OSError, ValueError):
+        kernels, measured = {}, []
+    for r in results:
+        if r.kept:
+            kernels.setdefault(r.family, {})[r.key] = r.best
+        else:  # a re-run that no longer beats the default drops the old choice
+            kernels.get(r.family, {}).pop(r.key, None)
+        measured = [m for m in measured if (m["family"], m["key"]) != (r.family, r.key)]
+        measured.append(
+            {
+                "family": r.family,
+                "key": r.key,
+                "default": r.default,
+                "best": r.best,
+                "kept": r.kept,
+                "median_ms": {k: statistics.median(v) for k, v in r.times_ms.items()},
+            }
+        )
+    record = {
+        "schema": SCHEMA,
+        "fingerprint": fp,
+        "tvm_version": tvm.__version__,
+        "kernels": {f: v for f, v in kernels.items() if v},
+        "measurements": measured,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
