@@ -469,12 +469,13 @@ def test_compile_model_attaches_the_functions(tmp_path):
     """`phi3 compile` output: the engine finds every function in the library, and softmax runs."""
     from tiny import make_tiny_checkpoint
 
-    from toolkit.compile.compile_model import compile_model
+    from toolkit.compile.compile_model import compiled_for
     from toolkit.config import load_hf_config
 
     make_tiny_checkpoint(tmp_path / "ckpt", "mini-4k")
     cfg = load_hf_config(tmp_path / "ckpt")
-    compiled = compile_model(cfg, "q4f16_1", load_preset("host"), tmp_path / "out")
+    # compile_model's output, through the session's JIT cache: shared with the runtime tests' library
+    compiled = compiled_for(cfg, "q4f16_1", load_preset("host"))
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(compiled.library)), tvm.cpu())
     find = lambda name: vm.module.get_function(name, query_imports=True)  # noqa: E731
     for name in ("softmax_with_temperature", "alloc_embedding_tensor", *PROCESSORS):
