@@ -3,6 +3,7 @@ bindings."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,8 @@ from toolkit.compile.gpu_schedule import (
     gpu_schedule_pass,
     unbound_kernels,
 )
+from toolkit.compile.tuned_records import INDEX, apply_tuned_records, device_fingerprint
+from toolkit.compile.workloads import as_workload, func_hash
 from toolkit.errors import UserError
 from toolkit.targets import load_preset
 from toolkit.verify.sample_kernels import dequant_matmul, standalone_module
@@ -65,17 +68,31 @@ def test_tuned_records_take_precedence_over_dlight(tmp_path):
         fallback = dl.gpu.Fallback().apply(func, preset.target, False)
     (tmp_path / preset.name).mkdir()
     db = ms.database.JSONDatabase(work_dir=str(tmp_path / preset.name))
-    workload = db.commit_workload(tvm.IRModule({"main": func}))
+    workload = db.commit_workload(as_workload(func))
     db.commit_tuning_record(
         ms.database.TuningRecord(
             trace=fallback.trace, workload=workload, run_secs=[1e-3], target=preset.target
         )
     )
+    # index.json: the one place that says for which device and TVM version the records hold
+    index = {
+        "fingerprint": device_fingerprint(preset),
+        "tvm_version": tvm.__version__,
+        "kernels": [{"name": "dequant_gemv", "func_hash": func_hash(func), "kept": True}],
+    }
+    (tmp_path / preset.name / INDEX).write_text(json.dumps(index))
     mod = tvm.IRModule({"dequant_gemv": func})
-    tuned = gpu_schedule_pass(preset, schedules_root=tmp_path)(mod)["dequant_gemv"]
-    untuned = gpu_schedule_pass(preset, schedules_root=tmp_path / "absent")(mod)["dequant_gemv"]
+    gpu = gpu_schedule_pass(preset)
+    tuned = gpu(apply_tuned_records(mod, preset, tmp_path))["dequant_gemv"]
+    untuned = gpu(apply_tuned_records(mod, preset, tmp_path / "absent"))["dequant_gemv"]
     assert "_rf" not in tuned.script() and "_rf" in untuned.script()
     assert "thread_binding" in tuned.script()
+    # records for another device (another target) are not applied
+    index["fingerprint"] = {**index["fingerprint"], "match": "another device"}
+    (tmp_path / preset.name / INDEX).write_text(json.dumps(index))
+    with pytest.warns(UserWarning, match="another device"):
+        other = gpu(apply_tuned_records(mod, preset, tmp_path))["dequant_gemv"]
+    assert "_rf" in other.script()
 
 
 @pytest.mark.slow  # 37 s: TVM's tensor-intrinsic registry for every GPU

@@ -15,9 +15,9 @@ from test_cpu_schedule import _matmul_func, _q4_weights
 from toolkit.compile import cpu_schedule as cs
 from toolkit.compile.cpu_attention import AttentionKnobs
 from toolkit.compile.knobs import DEFAULTS, Knobs, heuristic_knobs, knobs_for, record_path
+from toolkit.compile.tuned_records import device_fingerprint
 from toolkit.targets import load_preset
 from toolkit.tune.knob_search import SearchResult, candidates, interleaved_search, label, write_knob_record
-from toolkit.tune.records import device_fingerprint
 
 TOY = {"toy": {"x": (1, 2, 3, 4), "y": (1, 2)}}
 

@@ -41,9 +41,6 @@ KNOWN = {
     ("toolkit.model.phi3", "toolkit.quantization.tvm_layers"),
     # issue 16 item 5: the host attention swap becomes a pipeline pass
     ("toolkit.model.phi3", "toolkit.compile.cpu_attention"),
-    # issue 16 item 2: one tuned-records module under compile/ (tune imports compile, never the reverse)
-    ("toolkit.compile.compile_model", "toolkit.tune.records"),
-    ("toolkit.compile.knobs", "toolkit.tune.records"),
     # issue 16 item 5: kernel launch info moves below the verifiers
     ("toolkit.compile.artifacts", "toolkit.verify.kernel_info"),
     # the Vulkan kernel check runs a whole model through the runtime

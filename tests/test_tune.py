@@ -66,7 +66,8 @@ def _small_kernel(tiny_lowered):
 @pytest.mark.slow  # a MetaSchedule search; applying records stays by default (test_gpu_schedule)
 def test_tuned_record_is_written_and_applied_by_compile(tiny_lowered, tmp_path, monkeypatch):
     from toolkit.compile.compile_model import schedule_fn
-    from toolkit.tune.records import INDEX, device_fingerprint, write_records
+    from toolkit.compile.tuned_records import INDEX, device_fingerprint
+    from toolkit.tune.records import write_records
     from toolkit.tune.tuner import tune_kernel
 
     cfg, preset, lowered = tiny_lowered
@@ -108,7 +109,8 @@ def test_rpc_tuning_through_a_loopback_tracker(tiny_lowered, tmp_path):
     import tvm.rpc.server
     import tvm.rpc.tracker
 
-    from toolkit.tune.records import INDEX, device_fingerprint, write_records
+    from toolkit.compile.tuned_records import INDEX, device_fingerprint
+    from toolkit.tune.records import write_records
     from toolkit.tune.tuner import RPCTarget, tune_kernel
 
     _, preset, _ = tiny_lowered

@@ -1,8 +1,8 @@
 """Facts about this machine's CPU, read once from /proc/cpuinfo (Linux; empty elsewhere).
 
-The one parser for the tuned-records fingerprint (`tune.records`), the benchmark report (`bench.harness`)
-and the llama.cpp wheel cache key (`bench.llama_cpp`). x86 names the fields "model name" / "flags", ARM
-"Model" / "Features"; the first occurrence wins (every core repeats them).
+The one parser for the tuned-records fingerprint (`compile.tuned_records`), the benchmark report
+(`bench.harness`) and the llama.cpp wheel cache key (`bench.llama_cpp`). x86 names the fields "model name" /
+"flags", ARM "Model" / "Features"; the first occurrence wins (every core repeats them).
 """
 
 from __future__ import annotations

@@ -103,9 +103,9 @@ def command(
         check_tracker(tracker[0], tracker[1], rpc_key)
 
     from ..checkpoint import open_model
+    from ..compile.tuned_records import records_dir
     from ..runtime.engine import DEFAULT_QUANTIZATION
     from ..targets import load_preset
-    from ..tune.records import records_dir
     from ..tune.tuner import RPCTarget, format_results, tune_model
 
     rpc = RPCTarget(tracker[0], tracker[1], rpc_key) if tracker else None

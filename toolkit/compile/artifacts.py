@@ -230,4 +230,3 @@ def check_object_format(path: str | Path, preset: Preset) -> list[tuple[str, Obj
             path,
         )
     return objects
-

@@ -58,10 +58,22 @@ def graph_options(quantization: str, preset: Preset, dtype: str | None = None) -
     return GraphOptions(quantization=scheme.name, dtype=dtype, kv_dtype=preset.kv_cache_dtype)
 
 
+def schedule_rules(preset: Preset) -> list:
+    """The rules a preset's kernels are scheduled by (dlight on GPUs, ours on the CPU, with this machine's
+    knobs): what `compile` applies and the baseline `phi3 tune` measures against."""
+    if preset.is_gpu:
+        from .gpu_schedule import dlight_rules
+
+        return dlight_rules(preset)
+    from .cpu_schedule import cpu_schedule_rules
+
+    return cpu_schedule_rules(preset.target, preset.q4_activations, knobs_for(preset))
+
+
 def schedule_fn(preset: Preset):
     """The scheduling step of the pipeline for a preset: tuned records from schedules/<preset>/ first (when
-    they match this device and TVM version), then CPU rules on llvm or dlight on GPUs."""
-    from ..tune.records import apply_tuned_records
+    they match this device and TVM version), then `schedule_rules`."""
+    from .tuned_records import apply_tuned_records
 
     if preset.is_gpu:
         from .gpu_schedule import check_thread_bindings, gpu_schedule_pass
@@ -72,9 +84,7 @@ def schedule_fn(preset: Preset):
             return mod
 
         return gpu
-    from .cpu_schedule import cpu_schedule_rules
-
-    rules = cpu_schedule_rules(preset.target, preset.q4_activations, knobs_for(preset))
+    rules = schedule_rules(preset)
     return lambda mod: dl.ApplyDefaultSchedule(*rules)(apply_tuned_records(mod, preset))
 
 
@@ -285,7 +295,7 @@ def _toolkit_source_hash() -> str:
 def _records_hash(preset: Preset) -> str:
     """Hash of the preset's tuned records (schedules/<preset>/), which `compile` applies: new records mean a
     new library."""
-    from ..tune.records import records_dir
+    from .tuned_records import records_dir
 
     h = hashlib.sha256()
     folder = records_dir(preset)

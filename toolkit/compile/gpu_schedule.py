@@ -11,28 +11,15 @@ import inspect
 import linecache
 import re
 import sys
-from pathlib import Path
 
 import tvm
-from tvm import relax, tirx
+from tvm import tirx
 from tvm.s_tir import dlight as dl
 
 from ..errors import UserError
 from ..targets import Preset
 
-# Files of a MetaSchedule JSONDatabase (s_tir/meta_schedule/database/json_database.py)
-DB_WORKLOAD = "database_workload.json"
-DB_RECORDS = "database_tuning_record.json"
 _THREAD_BINDING = re.compile(r"T\.(thread_binding\(|launch_thread\(|env_thread\()")
-
-
-def tuned_records_dir(preset: Preset, schedules_root: Path | None = None) -> Path | None:
-    """The preset's tuning database folder, or None when it has no records (tuning has not been run)."""
-    folder = preset.schedule_dir if schedules_root is None else Path(schedules_root) / preset.name
-    workload, records = folder / DB_WORKLOAD, folder / DB_RECORDS
-    if workload.is_file() and records.is_file() and records.stat().st_size > 0:
-        return folder
-    return None
 
 
 def dlight_rules(preset: Preset) -> list:
@@ -65,17 +52,11 @@ def _matmul_rule(preset: Preset):
     return PresetMatmul()
 
 
-def gpu_schedule_pass(preset: Preset, schedules_root: Path | None = None) -> tvm.transform.Pass:
-    """Module pass scheduling every PrimFunc for `preset`: tuned records from schedules/<preset>/ first, then
-    dlight.
-
-    dlight skips functions already marked `tirx.is_scheduled` (set by MetaScheduleApplyDatabase for the ones
-    it
-    found in the database), so tuned kernels keep their tuned schedule.
-    """
+def gpu_schedule_pass(preset: Preset) -> tvm.transform.Pass:
+    """Module pass scheduling every PrimFunc for `preset` with its dlight rules. Kernels already marked
+    `tirx.is_scheduled` (tuned records, applied before: compile/tuned_records.py) keep their schedule."""
     if not preset.is_gpu:
         raise ValueError(f"preset {preset.name} is not a GPU preset (kind {preset.kind})")
-    records = tuned_records_dir(preset, schedules_root)
     rules = dlight_rules(preset)
     if preset.kind in ("metal", "cuda") and "Matmul" in preset.dlight_rules:
         import_tensor_intrinsics()
@@ -83,15 +64,10 @@ def gpu_schedule_pass(preset: Preset, schedules_root: Path | None = None) -> tvm
 
     @tvm.transform.module_pass(opt_level=0, name="GPUSchedule")
     def _schedule(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        with target:  # MetaScheduleApplyDatabase reads the current target when it is constructed
-            passes = []
-            if records is not None:
-                passes.append(relax.transform.MetaScheduleApplyDatabase(work_dir=str(records)))
-            passes.append(dl.ApplyDefaultSchedule(*rules))
+        with target:
             # dlight assigns into the module it is given (mod[gv] = ...), which would also rewrite the
-            # caller's
-            # unscheduled module (the verification reference): work on a copy.
-            return tvm.transform.Sequential(passes)(mod.clone())
+            # caller's unscheduled module (the verification reference): work on a copy
+            return dl.ApplyDefaultSchedule(*rules)(mod.clone())
 
     return _schedule
 

@@ -126,7 +126,7 @@ def knobs_for(preset: Preset, schedules_root: Path | str | None = None) -> Knobs
     """This machine's tuned knobs for a host preset (over the heuristics), or the heuristics alone."""
     import tvm
 
-    from ..tune.records import device_fingerprint
+    from .tuned_records import device_fingerprint
 
     base = heuristic_knobs(preset.target)
     if preset.kind != "llvm" or not preset.runs_here:

@@ -134,7 +134,8 @@ class Target_:
 def matmul_targets(cfg, quantization: str, preset: Preset, prefill_len: int) -> list[Target_]:
     """The q4 GEMVs (decode) and int8 GEMMs (prefill) of the model, one per distinct shape."""
     from ..compile.cpu_schedule import CPUQ8VNNIGEMM, CPUQ8DotGEMV, _match_q4_matmul
-    from .extract import call_counts, lower_model, specialize, step_binding
+    from ..compile.workloads import call_counts, specialize, step_binding
+    from .extract import lower_model
 
     if preset.q4_activations != "int8":
         return []
@@ -311,7 +312,7 @@ def write_knob_record(
     preset: Preset, results: list[SearchResult], schedules_root: Path | str | None = None
 ) -> Path:
     """This machine's record (merged over its earlier one), written atomically."""
-    from .records import device_fingerprint
+    from ..compile.tuned_records import device_fingerprint
 
     fp = device_fingerprint(preset)
     path = record_path(preset, fp, schedules_root)

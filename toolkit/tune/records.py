@@ -1,82 +1,19 @@
-"""Tuned records in `schedules/<preset>/`: MetaSchedule's JSON database plus `index.json`, and applying them.
-
-index.json holds the device fingerprint, TVM version and per-kernel default vs tuned times (kept or not).
-Records are applied only when the fingerprint and TVM version match: a schedule measured on one CPU says
-nothing about another, and traces may not replay across TVM versions.
-"""
+"""Writing tuned records (`phi3 tune`): MetaSchedule's JSON database plus `index.json` in
+`schedules/<preset>/`. Reading and applying them is compile's (compile/tuned_records.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 import tvm
-from tvm import IRModule, s_tir, tirx
 from tvm.s_tir import meta_schedule as ms
 
+from ..compile.tuned_records import DB_RECORDS, DB_WORKLOAD, INDEX, load_index, records_dir
 from ..targets import Preset
-from .extract import DEFAULT_PREFILL_LEN, as_workload, call_counts, func_hash, specialize, step_binding
-
-DB_WORKLOAD = "database_workload.json"
-DB_RECORDS = "database_tuning_record.json"
-INDEX = "index.json"
-_ISA_FLAGS = (
-    "sse4_2",
-    "avx",
-    "avx2",
-    "fma",
-    "f16c",
-    "avx512f",
-    "avx512bw",
-    "avx512vl",
-    "avx512_vnni",
-    "avx512_bf16",
-    "avx512_fp16",
-    "amx_tile",
-    "amx_int8",
-    "amx_bf16",
-    "asimd",
-    "asimddp",
-    "sve",
-)
-
-
-def device_fingerprint(preset: Preset, rpc_key: str | None = None) -> dict:
-    """What a record's speed depends on. `match` is the part that must be equal for records to apply: for
-    the host preset this CPU's model and ISA flags plus the target; for other presets (compiled here, run on
-    a device) the target, since the device is not visible at compile time."""
-    target = json.dumps(preset.target_dict, sort_keys=True)
-    info: dict = {"preset": preset.name, "target": preset.target_dict, "rpc_key": rpc_key}
-    if preset.runs_here and rpc_key is None:
-        model, flags = _cpu_info()
-        info.update(cpu_model=model, isa_flags=flags, machine=platform.machine())
-        info["match"] = f"{target}|{model}|{' '.join(flags)}"
-    else:
-        info["match"] = target
-    return info
-
-
-def _cpu_info() -> tuple[str, list[str]]:
-    from ..hostinfo import cpu_flags, cpu_model
-
-    model = platform.processor() or cpu_model()
-    return model, sorted(f for f in cpu_flags() if f in _ISA_FLAGS)
-
-
-def records_dir(preset: Preset, schedules_root: Path | str | None = None) -> Path:
-    return preset.schedule_dir if schedules_root is None else Path(schedules_root) / preset.name
-
-
-def load_index(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / INDEX).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def write_records(
@@ -138,71 +75,3 @@ def write_records(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
-
-
-def apply_tuned_records(
-    mod: IRModule,
-    preset: Preset,
-    schedules_root: Path | str | None = None,
-    prefill_len: int = DEFAULT_PREFILL_LEN,
-) -> IRModule:
-    """Replace the PrimFuncs that have a kept record by the tuned schedule (marked `tirx.is_scheduled`, so
-    the default rules skip them). No-op without records, or when fingerprint / TVM version differ."""
-    folder = records_dir(preset, schedules_root)
-    index = load_index(folder)
-    if index is None or not (folder / DB_RECORDS).is_file():
-        return mod
-    here = device_fingerprint(preset)
-    if (
-        index.get("fingerprint", {}).get("match") != here["match"]
-        or index.get("tvm_version") != tvm.__version__
-    ):
-        warnings.warn(
-            f"{folder}: tuned records are for another device or TVM version; not applied", stacklevel=2
-        )
-        return mod
-    wanted = {k["func_hash"] for k in index.get("kernels", []) if k.get("kept")}
-    if not wanted:
-        return mod
-    db = ms.database.JSONDatabase(work_dir=str(folder), module_equality="structural")
-    target = preset.target
-    decode = call_counts(mod, "decode")
-    updates = {}
-    for gv, func in mod.functions_items():
-        if not isinstance(func, tirx.PrimFunc) or func_hash(func) not in wanted:
-            continue
-        attrs = func.attrs or {}
-        if "tirx.is_scheduled" in attrs and int(attrs["tirx.is_scheduled"]):
-            continue
-        binding = step_binding(func, gv.name_hint in decode, prefill_len)
-        workload = as_workload(specialize(func, binding))
-        record = db.query_tuning_record(workload, target, "main")
-        if record is None:
-            continue
-        scheduled = replay_on_kernel(func, record.trace)
-        if scheduled is not None:
-            updates[gv] = scheduled
-    if not updates:
-        return mod
-    out = mod.clone()
-    for gv, func in updates.items():
-        out[gv] = func
-    return out
-
-
-def replay_on_kernel(func: tirx.PrimFunc, trace: s_tir.Trace) -> tirx.PrimFunc | None:
-    """The tuned trace (found on the static-shape workload) replayed on the model's dynamic PrimFunc."""
-    try:
-        sch = s_tir.Schedule(as_workload(func))
-        trace.apply_to_schedule(sch, remove_postproc=False)
-    except Exception as e:  # noqa: BLE001 - e.g. a tile decision that needs a static extent
-        warnings.warn(
-            f"tuned record does not replay on the dynamic kernel ({type(e).__name__}); "
-            "using the default schedule",
-            stacklevel=3,
-        )
-        return None
-    new = sch.mod["main"]
-    if func.attrs is not None and "global_symbol" in func.attrs:
-        new = new.with_attr("global_symbol", func.attrs["global_symbol"])
-    return new.with_attr("tirx.is_scheduled", True)

@@ -25,9 +25,10 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.target import Target
 
+from ..compile.workloads import func_hash
 from ..targets import Preset
 from ..tvm_compat import use_cpu_tensor_intrinsics_only
-from .extract import Kernel, func_hash
+from .extract import Kernel
 from .guard import meta_schedule_logging
 
 
@@ -270,7 +271,7 @@ def replays_on_model_kernel(kernel: Kernel, trace: s_tir.Trace) -> bool:
     """Whether `compile` can apply the trace to the model's (dynamic-shape) PrimFunc."""
     import warnings
 
-    from .records import replay_on_kernel
+    from ..compile.tuned_records import replay_on_kernel
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -350,8 +351,9 @@ def tune_model(
     """Extract the model's kernels, tune the `kernels` most important tunable ones, write the records.
 
     Returns (all extracted kernels, tuning results)."""
+    from ..compile.tuned_records import device_fingerprint
     from .extract import extract_kernels, format_table, lower_model
-    from .records import device_fingerprint, write_records
+    from .records import write_records
 
     lowered = lower_model(cfg, quantization, preset)
     extracted = extract_kernels(lowered, preset, prefill_len)
