@@ -29,6 +29,7 @@ def command(model, device, quantization, output):
     from ..checkpoint import open_model
     from ..compile.compile_model import check_compile_output, compile_model
     from ..outputs import model_input_path
+    from ..quantization import native_quantization
     from ..runtime.engine import DEFAULT_QUANTIZATION
 
     check_compile_output(output, inputs=[model_input_path(model)])  # before any work: never the input
@@ -36,6 +37,7 @@ def command(model, device, quantization, output):
     check_scheme(source, quantization)
     if source.kind == "mlc":
         quantization = quantization or source.scheme.name
-    compiled = compile_model(source.config, quantization or DEFAULT_QUANTIZATION, device, output)
+    quantization = quantization or native_quantization(source) or DEFAULT_QUANTIZATION
+    compiled = compile_model(source.config, quantization, device, output)
     m = compiled.manifest
     click.echo(f"{compiled.library} ({m['preset']}, {m['quantization']}, {m['compile_seconds']} s)")

@@ -1,0 +1,165 @@
+"""GGUF block types as quantization schemes: a GGUF converts without re-quantizing (its Q4_0 / Q4_1 / Q8_0
+blocks survive bit for bit, checked against the file's bytes and `gguf.quants.dequantize`), and the compiled
+model's logits equal transformers' on the GGUF blocks dequantized by `gguf.quants`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from engine_util import build_engine, hf_incremental, rel_err
+from test_gguf_source import write_phi3_gguf
+from tiny import load_hf_model, make_tiny_checkpoint
+
+from toolkit.checkpoint import open_model
+from toolkit.checkpoint.gguf_names import gguf_names
+from toolkit.errors import UserError
+from toolkit.quantization import get_scheme, native_quantization
+from toolkit.quantization import gguf_blocks as gb
+
+
+def _qtypes(linear: str, embedding: str | None = None, head: str | None = None):
+    """`write_phi3_gguf` qtype callback: 2-D tensors in these ggml types (None: F32), norms F32."""
+    import gguf
+
+    def pick(gname: str, arr: np.ndarray):
+        if arr.ndim != 2:
+            return None
+        t = {"token_embd.weight": embedding, "output.weight": head}.get(gname, linear)
+        return None if t is None else gguf.GGMLQuantizationType[t]
+
+    return pick
+
+
+def _gguf_tensors(path) -> dict:
+    from gguf import GGUFReader
+
+    return {t.name: t for t in GGUFReader(path).tensors}
+
+
+@pytest.mark.parametrize("block", ["q4_0", "q4_1", "q8_0"])
+def test_blocks_round_trip_through_convert_bit_exactly(tmp_path, block):
+    from gguf.quants import dequantize
+
+    from toolkit.convert.converter import convert
+
+    hf = make_tiny_checkpoint(tmp_path / "hf", "mini-4k")  # untied lm_head
+    path = tmp_path / "m.gguf"
+    write_phi3_gguf(hf, path, _qtypes(block.upper(), "Q8_0", block.upper()))
+    src = open_model(path)
+    name = native_quantization(src)
+    want = f"gguf_{block}" if block == "q8_0" else f"gguf_{block}-q8_0-{block}"
+    assert name == want
+    res = convert(src, name, tmp_path / "out", progress=False)
+    out = open_model(tmp_path / "out")
+    assert out.scheme.name == name and res.clip == "none"
+    params = out.load_params()
+    gg = _gguf_tensors(path)
+    checked = 0
+    for hf_name in src.tensor_names():
+        (gname,) = gguf_names(hf_name, "phi3")
+        t = gg[gname]
+        base = hf_name.removesuffix(".weight")
+        if t.tensor_type.name == "F32":  # norms: kept in the model dtype (fp16)
+            assert params[hf_name].dtype == np.float16
+            np.testing.assert_array_equal(params[hf_name], np.asarray(t.data).astype(np.float16))
+            continue
+        bt = t.tensor_type.name.lower()
+        arrays = tuple(params[f"{base}.{s}"] for s in gb.param_suffixes(get_scheme(f"gguf_{bt}").layout))
+        assert arrays[0].dtype == np.uint32 and all(a.dtype == np.float16 for a in arrays[1:])
+        raw = np.asarray(t.data)
+        np.testing.assert_array_equal(gb.to_blocks(arrays, bt), raw)  # the file's bytes, exactly
+        ref = dequantize(raw, t.tensor_type).reshape(src.tensor_shape(hf_name))
+        np.testing.assert_array_equal(gb.dequantize(arrays, bt), ref)  # and gguf's own values
+        # the converted folder reads back as the same float weights
+        np.testing.assert_array_equal(out.get_tensor(hf_name), ref)
+        checked += 1
+    assert checked == 2 + 4 * src.config.num_hidden_layers  # embedding, lm_head, qkv, o, gate_up, down
+
+
+def test_native_quantization_of_the_embedded_smollm2():
+    src = open_model(None)
+    assert native_quantization(src) == "gguf_q4_1-q8_0"
+    # a llama GGUF's q/k rows are un-permuted and q/k/v fused on whole block rows: same values as the reader's
+    name = "model.layers.0.self_attn.qkv_proj.weight"
+    t, raw = src.raw_rows(name)
+    assert t == "Q4_1"
+    np.testing.assert_array_equal(gb.dequantize(gb.from_blocks(raw, "q4_1"), "q4_1"), src.get_tensor(name))
+
+
+def test_gguf_scheme_names():
+    assert get_scheme("gguf_q4_1-q8_0").gguf_blocks == ("q4_1", "q8_0", "q8_0")
+    assert get_scheme("gguf_q4_0-q8_0-f16").layout_for("head") is None
+    assert get_scheme("gguf_q4_1").bits_per_weight() == 5.0
+    assert get_scheme("gguf_q4_0").bits_per_weight() == 4.5
+    assert get_scheme("gguf_q8_0").bits_per_weight() == 8.5
+    for bad in ("gguf_q4_1-q4_1", "gguf_f16", "gguf_q4_k", "gguf_q4_1-q8_0-q8_0", "gguf_"):
+        with pytest.raises(UserError, match="unknown quantization"):
+            get_scheme(bad)
+
+
+def test_requantizes_only_when_asked(tmp_path):
+    """An F32 GGUF has no native scheme; asking for a gguf scheme quantizes with llama.cpp's quantizer."""
+    from gguf.quants import quantize
+
+    from toolkit.convert.converter import convert
+
+    hf = make_tiny_checkpoint(tmp_path / "hf", "phi4-mini")
+    write_phi3_gguf(hf, tmp_path / "f32.gguf")
+    src = open_model(tmp_path / "f32.gguf")
+    assert native_quantization(src) is None
+    convert(src, "gguf_q4_0-f16", tmp_path / "out", progress=False)
+    params = open_model(tmp_path / "out").load_params()
+    w = src.get_tensor("model.layers.1.mlp.down_proj.weight")
+    q = ("q_weight", "q_scale")
+    got = gb.to_blocks(tuple(params[f"model.layers.1.mlp.down_proj.{s}"] for s in q), "q4_0")
+    np.testing.assert_array_equal(got, quantize(w, gb.ggml_type("q4_0")))
+    assert params["model.embed_tokens.weight"].dtype == np.float16  # f16: kept, unquantized
+
+
+def _hf_on_gguf_blocks(hf_dir, path):
+    """transformers on the GGUF's weights as `gguf.quants.dequantize` gives them; the F32 norms rounded to
+    fp16, which is how the gguf schemes store everything that is not a block (the model dtype)."""
+    from gguf.quants import dequantize
+
+    hf = load_hf_model(hf_dir)
+    gg = _gguf_tensors(path)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            (gname,) = gguf_names(name, "phi3")
+            t = gg[gname]
+            w = dequantize(np.asarray(t.data), t.tensor_type).reshape(p.shape)
+            if t.tensor_type.name == "F32":
+                w = w.astype(np.float16)
+            p.copy_(torch.from_numpy(w.astype(np.float32)))
+    return hf
+
+
+@pytest.mark.parametrize(
+    "variant,types",
+    [("phi4-mini", ("Q4_1", "Q8_0", None)), ("mini-4k", ("Q4_0", "Q8_0", "Q8_0"))],
+)
+def test_logits_match_transformers_on_gguf_blocks(tmp_path, variant, types):
+    hf_dir = make_tiny_checkpoint(tmp_path / "hf", variant)
+    path = tmp_path / "m.gguf"
+    write_phi3_gguf(hf_dir, path, _qtypes(*types))
+    scheme = native_quantization(open_model(path))
+    assert scheme.startswith("gguf_")
+    eng = build_engine(path, tmp_path / "lib", scheme)
+    names = {p["name"] for p in eng.compiled.manifest["params"]}
+    assert "model.layers.0.mlp.down_proj.q_weight" in names and "model.embed_tokens.q_scale" in names
+    assert ("model.layers.0.mlp.down_proj.q_min" in names) == (types[0] == "Q4_1")
+    hf = _hf_on_gguf_blocks(hf_dir, path)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(3, eng.cfg.vocab_size, 10).tolist()
+    sid = eng.add_sequence()
+    rows = [eng.prefill(sid, prompt, all_logits=True)]
+    toks = []
+    for _ in range(6):
+        toks.append(int(np.argmax(rows[-1][-1])))
+        rows.append(eng.decode(sid, toks[-1])[None])
+    ours = np.concatenate(rows)
+    ref = hf_incremental(hf, prompt, toks)
+    # host-exact computes in fp32 and every block value (fp16 d times a small code, + fp16 m) is exact there:
+    # only the summation order differs from transformers (~1e-6 relative)
+    assert rel_err(ours, ref) < 1e-4
