@@ -128,8 +128,8 @@ def gguf_scheme_tensors(source: ModelSource, scheme: QuantScheme, progress=None)
             progress.set_postfix_str(name, refresh=False)
     if requantized:
         print(
-            f"{source.path}: {len(requantized)} tensors re-quantized into {scheme.name} from another GGUF type "
-            f"(first: {requantized[0]})",
+            f"{source.path}: {len(requantized)} tensors re-quantized into {scheme.name} from another GGUF "
+            f"type (first: {requantized[0]})",
             file=sys.stderr,
         )
 

@@ -74,8 +74,8 @@ class GroupLayout:
         return self.bits + scale_bits * (2 if self.has_min else 1) / self.group_size
 
 
-# llama.cpp's block types (ggml-common.h), repacked losslessly (gguf_blocks.py): every block is 32 weights with
-# an fp16 scale d; Q4_0: d * (q - 8); Q4_1: d * q + m (fp16 min m); Q8_0: d * q with q int8, stored + 128
+# llama.cpp's block types (ggml-common.h), repacked losslessly (gguf_blocks.py): a block is 32 weights with an
+# fp16 scale d; Q4_0: d * (q - 8); Q4_1: d * q + m (fp16 min m); Q8_0: d * q with q int8, stored + 128
 GGUF_BLOCK_LAYOUTS: dict[str, GroupLayout] = {
     "q4_0": GroupLayout(4, 32, "uint32", zero_point=8),
     "q4_1": GroupLayout(4, 32, "uint32", zero_point=0, has_min=True),
@@ -169,7 +169,10 @@ def gguf_scheme_name(linear: str, embedding: str | None = None, head: str | None
     head to the embedding's); e.g. `gguf_q4_1-q8_0` = Q4_1 layers, Q8_0 embedding and (tied) lm_head."""
     embedding = embedding or linear
     head = head or embedding
-    parts = [linear] + ([embedding, head] if head != embedding else [embedding] if embedding != linear else [])
+    if head != embedding:
+        parts = [linear, embedding, head]
+    else:
+        parts = [linear, embedding] if embedding != linear else [linear]
     return GGUF_PREFIX + "-".join(parts)
 
 

@@ -3,11 +3,11 @@
 A GGUF row of K weights is K/32 blocks (ggml-common.h): Q4_0 = fp16 d + 16 bytes of nibbles, Q4_1 = fp16 d +
 fp16 m + 16 bytes, Q8_0 = fp16 d + 32 int8. In a 4-bit block byte j holds element j in its low nibble and
 element j + 16 in its high nibble. The repack (layout in `GGUF_BLOCK_LAYOUTS`) stores the same codes in
-element order, eight nibbles (or four bytes) per uint32 word, lowest bits first, like MLC's q4 layout, and the
-fp16 d (and m) as (N, K/32) arrays; Q8_0's int8 q is stored as the byte q + 128 (an unsigned code, zero
-point 128). `to_blocks` inverts it byte for byte. Values: Q4_0 d * (c - 8), Q4_1 d * c + m, Q8_0 d * (c - 128),
-computed in float32 like `gguf.quants.dequantize` (every product is exact there: 11-bit d times a code of at
-most 8 bits).
+element order, eight nibbles (or four bytes) per uint32 word, lowest bits first, like MLC's q4 layout, and
+the fp16 d (and m) as (N, K/32) arrays; Q8_0's int8 q is stored as the byte q + 128 (an unsigned code, zero
+point 128). `to_blocks` inverts it byte for byte. Values: Q4_0 d * (c - 8), Q4_1 d * c + m, Q8_0
+d * (c - 128), computed in float32 like `gguf.quants.dequantize` (every product is exact there: 11-bit d
+times a code of at most 8 bits).
 """
 
 from __future__ import annotations
