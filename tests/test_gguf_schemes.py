@@ -163,3 +163,91 @@ def test_logits_match_transformers_on_gguf_blocks(tmp_path, variant, types):
     # host-exact computes in fp32 and every block value (fp16 d times a small code, + fp16 m) is exact there:
     # only the summation order differs from transformers (~1e-6 relative)
     assert rel_err(ours, ref) < 1e-4
+
+
+def _gguf_nt_matmul(layout, n: int = 64, k: int = 256):
+    """A standalone dequant + NT matmul PrimFunc of a gguf layout, as the model's Linear writes it."""
+    from tvm import te
+
+    from toolkit.quantization.tvm_layers import te_dequantize
+
+    qw_shape, qs_shape = layout.quantized_shapes((n, k))
+    qw = te.placeholder(qw_shape, layout.storage, name="q_weight")
+    qs = te.placeholder(qs_shape, "float16", name="q_scale")
+    qm = te.placeholder(qs_shape, "float16", name="q_min") if layout.has_min else None
+    x = te.placeholder((1, 1, k), "float32", name="x")
+    w = te_dequantize(qw, qs, k, "float32", layout, q_min=qm)
+    r = te.reduce_axis((0, k), "k")
+    y = te.compute((1, 1, n), lambda b, s, i: te.sum(x[b, s, r] * w[i, r], axis=r), name="NT_matmul")
+    return te.create_prim_func([x, qw, qs, *([qm] if qm is not None else []), y])
+
+
+@pytest.mark.parametrize("block", ["q4_0", "q4_1", "q8_0"])
+def test_host_q4_kernels_decline_gguf_layouts(block):
+    """The host's hand-written int8 kernels read MLC's q4 layout (zero point 7, no min); a GGUF layout must
+    go to the generic schedules instead."""
+    from toolkit.compile.cpu_schedule import _match_q4_matmul
+    from toolkit.quantization import GGUF_BLOCK_LAYOUTS, MLC_Q4_LAYOUT
+
+    assert _match_q4_matmul(_gguf_nt_matmul(MLC_Q4_LAYOUT)) is not None  # the matcher works on this form
+    assert _match_q4_matmul(_gguf_nt_matmul(GGUF_BLOCK_LAYOUTS[block])) is None
+
+
+def test_gguf_library_follows_mlc_interface(tmp_path):
+    """A gguf scheme is an ordinary scheme to MLC's engine: the library exports MLC's functions with MLC's
+    arity and metadata, the converted folder loads through MLC's tensor-cache builtins with the names of
+    `_metadata`, and the `host` preset runs it (generic schedules, fp16 KV cache) close to transformers."""
+    import json
+
+    import tvm
+    from test_mlc_interface import MLC_FUNCTIONS, check_metadata
+
+    from toolkit.compile.compile_model import compile_model
+    from toolkit.convert.converter import convert
+    from toolkit.runtime.engine import CacheOptions, Engine
+    from toolkit.runtime.weights import load_params
+
+    hf_dir = make_tiny_checkpoint(tmp_path / "hf", "mini-128k")  # LongRoPE, untied
+    path = tmp_path / "m.gguf"
+    write_phi3_gguf(hf_dir, path, _qtypes("Q4_1", "Q8_0", None))  # F32 head: kept as f16
+    src = open_model(path)
+    scheme = native_quantization(src)
+    assert scheme == "gguf_q4_1-q8_0-f16"
+    convert(src, scheme, tmp_path / "weights", progress=False)
+    compiled = compile_model(src.config, scheme, "host", tmp_path / "lib")
+    lib = tvm.runtime.load_module(str(compiled.library))
+    vm = tvm.runtime.vm.VirtualMachine(lib, tvm.cpu())
+    assert {f: vm._get_function_arity(f) for f in MLC_FUNCTIONS} == MLC_FUNCTIONS
+    meta = json.loads(vm["_metadata"]())
+    check_metadata(meta, src.config, compiled.manifest["params"])
+    assert meta["quantization"] == scheme
+    dtypes = {p["name"]: p["dtype"] for p in meta["params"]}
+    assert dtypes["model.layers.0.self_attn.qkv_proj.q_min"] == "float16"
+    assert dtypes["lm_head.weight"] == "float16" and "model.embed_tokens.q_weight" in dtypes
+    params = load_params(open_model(tmp_path / "weights"), compiled, tvm.cpu(), meta["params"])
+    eng = Engine(lib, params, src.config, cache=CacheOptions(max_batch_size=1, context_window=64))
+    hf = _hf_on_gguf_blocks(hf_dir, path)
+    prompt = np.random.default_rng(3).integers(3, src.config.vocab_size, 12).tolist()
+    sid = eng.add_sequence()
+    ours = eng.prefill(sid, prompt, all_logits=True)
+    ref = hf_incremental(hf, prompt, [])
+    # the host preset's fp16 KV cache rounds q/k/v (2**-11 relative): measured ~1e-3 here
+    assert rel_err(ours, ref) < 1e-2
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_every_gguf_linear_is_one_fused_kernel(tmp_path):
+    """Block dequantization, and the widening of an f16 lm_head on an fp32 host, fuse into the matmul that
+    reads them: no kernel materialises a dequantized weight."""
+    from toolkit.compile.compile_model import graph_options
+    from toolkit.compile.fuse_dequant import fused_dequant_kernels, unfused_dequant_kernels
+    from toolkit.compile.pipeline import lower_to_tir
+    from toolkit.model.phi3 import export_phi3
+    from toolkit.targets import load_preset
+
+    cfg = open_model(make_tiny_checkpoint(tmp_path / "ckpt", "mini-4k")).config  # untied lm_head
+    preset = load_preset("host")
+    mod, _ = export_phi3(cfg, graph_options("gguf_q4_1-q8_0-f16", preset), preset.target)
+    lowered = lower_to_tir(mod, preset.target)
+    assert unfused_dequant_kernels(lowered) == []
+    assert len(fused_dequant_kernels(lowered)) >= 5

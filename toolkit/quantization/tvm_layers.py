@@ -140,22 +140,54 @@ class QuantizedLinear(nn.Module):
         _guard_to(self, dtype)
 
 
-class Embedding(nn.Module):
-    """Unquantized token embedding with `weight` (vocab, dim); `lm_head_forward` reuses it for tied heads."""
+def _widened(w: nn.Tensor, dtype: str) -> nn.Tensor:
+    """`w` in `dtype`, as a TE op named "dequantize" so that FuseDequantizeMatmul fuses the cast into the
+    matmul that reads it (no widened copy of the weight per call)."""
+    if w.dtype == dtype:
+        return w
 
-    def __init__(self, vocab_size: int, dim: int, dtype: str):
+    def cast(t: te.Tensor) -> te.Tensor:
+        return te.compute(t.shape, lambda i, j: t[i, j].astype(dtype), name="dequantize")
+
+    return op.tensor_expr_op(cast, "dequantize", [w])
+
+
+class Embedding(nn.Module):
+    """Unquantized token embedding with `weight` (vocab, dim); `lm_head_forward` reuses it for tied heads.
+    The weight is stored in `weight_dtype` (default `dtype`) and used in `dtype`."""
+
+    def __init__(self, vocab_size: int, dim: int, dtype: str, weight_dtype: str | None = None):
         super().__init__()
         self.vocab_size = vocab_size
         self.dim = dim
-        self.weight = nn.Parameter((vocab_size, dim), dtype=dtype)
+        self.dtype = dtype
+        self.weight = nn.Parameter((vocab_size, dim), dtype=weight_dtype or dtype)
 
     def forward(self, ids: nn.Tensor) -> nn.Tensor:
         flat = ids if ids.ndim == 1 else op.reshape(ids, [-1])
         rows = op.take(self.weight, flat, axis=0)
+        if rows.dtype != self.dtype:
+            rows = rows.astype(self.dtype)
         return rows if ids.ndim == 1 else op.reshape(rows, [*ids.shape, self.dim])
 
     def lm_head_forward(self, x: nn.Tensor, out_dtype: str | None = "float32") -> nn.Tensor:
-        return op.matmul(x, op.permute_dims(self.weight), out_dtype=out_dtype)
+        return op.matmul(x, op.permute_dims(_widened(self.weight, self.dtype)), out_dtype=out_dtype)
+
+
+class StoredLinear(nn.Module):
+    """A bias-free Linear whose `weight` is stored in `weight_dtype` and used in `dtype`: the unquantized
+    roles of a quantized scheme (e.g. a gguf scheme's f16 lm_head), stored in the scheme's model dtype like
+    the norms, so a library computing in fp32 (the host) loads the folder as converted."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: str, weight_dtype: str, out_dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype, self.out_dtype = dtype, out_dtype
+        self.weight = nn.Parameter((out_features, in_features), dtype=weight_dtype)
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        w = _widened(self.weight, self.dtype)
+        return op.matmul(x, op.permute_dims(w), out_dtype=self.out_dtype)
 
 
 class QuantizedEmbedding(nn.Module):
@@ -206,6 +238,8 @@ def make_linear(
     scheme = get_scheme(scheme)
     dtype = dtype or scheme.model_dtype
     layout = scheme.layout_for(role)
+    if layout is None and scheme.is_quantized:  # a role the scheme keeps unquantized, in its model dtype
+        return StoredLinear(in_features, out_features, dtype, scheme.model_dtype, out_dtype=out_dtype)
     if layout is None:
         return nn.Linear(in_features, out_features, bias=False, dtype=dtype, out_dtype=out_dtype)
     return QuantizedLinear(in_features, out_features, scheme, out_dtype=out_dtype, dtype=dtype, layout=layout)
@@ -219,5 +253,6 @@ def make_embedding(
     dtype = dtype or scheme.model_dtype
     layout = scheme.layout_for("embedding")
     if layout is None:
-        return Embedding(vocab_size, dim, dtype)
+        # stored in the model dtype when the scheme quantizes (like its norms), else in the activation dtype
+        return Embedding(vocab_size, dim, dtype, scheme.model_dtype if scheme.is_quantized else None)
     return QuantizedEmbedding(vocab_size, dim, scheme, dtype=dtype, layout=layout)
