@@ -251,3 +251,24 @@ def test_every_gguf_linear_is_one_fused_kernel(tmp_path):
     lowered = lower_to_tir(mod, preset.target)
     assert unfused_dequant_kernels(lowered) == []
     assert len(fused_dequant_kernels(lowered)) >= 5
+
+
+def test_convert_cli_keeps_gguf_blocks_unless_asked(tmp_path):
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    hf = make_tiny_checkpoint(tmp_path / "hf", "phi4-mini")
+    path = tmp_path / "m.gguf"
+    write_phi3_gguf(hf, path, _qtypes("Q8_0", "Q8_0"))
+    r = CliRunner().invoke(main, ["convert", str(path), "-o", str(tmp_path / "a"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "gguf_q8_0 (clip none)" in r.output
+    assert open_model(tmp_path / "a").scheme.name == "gguf_q8_0"
+    args = ["convert", str(path), "-o", str(tmp_path / "b"), "--no-progress", "-q", "q4f16_1", "--clip", "rtn"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert open_model(tmp_path / "b").scheme.name == "q4f16_1"
+    r = CliRunner().invoke(main, ["convert", str(path), "-o", str(tmp_path / "c"), "-q", "gguf_q4_k"])
+    assert r.exit_code == 2 and "unknown quantization 'gguf_q4_k'" in r.output
+    assert not (tmp_path / "c").exists()
