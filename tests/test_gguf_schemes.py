@@ -265,7 +265,8 @@ def test_convert_cli_keeps_gguf_blocks_unless_asked(tmp_path):
     assert r.exit_code == 0, r.output
     assert "gguf_q8_0 (clip none)" in r.output
     assert open_model(tmp_path / "a").scheme.name == "gguf_q8_0"
-    args = ["convert", str(path), "-o", str(tmp_path / "b"), "--no-progress", "-q", "q4f16_1", "--clip", "rtn"]
+    args = ["convert", str(path), "-o", str(tmp_path / "b"), "--no-progress", "-q", "q4f16_1"]
+    args += ["--clip", "rtn"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     assert open_model(tmp_path / "b").scheme.name == "q4f16_1"
