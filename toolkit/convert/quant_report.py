@@ -31,7 +31,9 @@ def weight_error_report(
     """{"scheme", "methods", "tensors": [{"name", "shape", <method>: rel RMS error, ...}], "total": {...}}."""
     scheme = get_scheme(scheme)
     if scheme.kind != "group":  # rtn/search/weighted are ways to choose MLC group scales
-        raise ValueError(f"{scheme.name} is not an MLC group quantization (q4f16_1, q4f32_1): nothing to do")
+        raise ValueError(
+            f"{scheme.name} is not an MLC group quantization (q4f16_1, q4f32_1): nothing to report"
+        )
     bad = set(methods) - set(METHODS)
     if bad:
         raise ValueError(f"unknown methods {sorted(bad)}; known: {', '.join(METHODS)}")
