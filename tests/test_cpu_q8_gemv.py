@@ -59,6 +59,7 @@ CASES = [
     (64, 128, ("b", 1), (2, 1), True, "float16", 4, 16),  # 4 weight rows interleaved per x load
     (128, 128, ("b", 1), (2, 1), True, "float16", 2, 64),  # the tuner's knobs: big tasks
     (48, 256, (1, 1), (1, 1), False, "float32", 1, 8),  # small tasks
+    (64, 576, ("b", 1), (20, 1), True, "float16", 1, 16),  # batched decode past one block of 16 rows
 ]
 
 

@@ -92,14 +92,7 @@ def test_q4_int8_activations_stay_close_to_transformers(tmp_path):
     assert eng.compiled.manifest["cpu_isa"] == {"q4_gemv": f"int8-{q8_dot_isa(host)}", "q4_gemm": gemm}
     hf = _hf_with_engine_weights(ckpt, eng)
     prompt = np.random.default_rng(0).integers(3, eng.cfg.vocab_size, 10).tolist()
-    sid = eng.add_sequence()
-    pre = eng.prefill(sid, prompt, all_logits=True)
-    toks, rows = [], []
-    for _ in range(8):
-        toks.append(int(np.argmax((rows[-1] if rows else pre)[-1])))
-        rows.append(eng.decode(sid, toks[-1])[None])
-    ref = hf_incremental(hf, prompt, toks)
-    dec = np.concatenate(rows)
+    pre, dec, ref = _greedy_vs_transformers(eng, hf, prompt, 8)
     assert eng.compiled.manifest["kv_cache_dtype"] == "float16"
     if gemm.startswith("int8"):  # prefill rounds activations too (VNNI GEMM)
         assert 1e-4 < rel_err(pre, ref[: len(prompt)]) < 6e-2
@@ -107,6 +100,17 @@ def test_q4_int8_activations_stay_close_to_transformers(tmp_path):
         assert rel_err(pre, ref[: len(prompt)]) < 1e-2
     assert 1e-4 < rel_err(dec, ref[len(prompt) :]) < 6e-2
     assert (dec.argmax(-1) == ref[len(prompt) :].argmax(-1)).all()
+
+
+def _greedy_vs_transformers(eng, hf, prompt: list[int], steps: int):
+    """-> (prefill logits, decode logits, transformers' logits for every position) for a greedy run."""
+    sid = eng.add_sequence()
+    pre = eng.prefill(sid, prompt, all_logits=True)
+    toks, rows = [], []
+    for _ in range(steps):
+        toks.append(int(np.argmax((rows[-1] if rows else pre)[-1])))
+        rows.append(eng.decode(sid, toks[-1])[None])
+    return pre, np.concatenate(rows), hf_incremental(hf, prompt, toks)
 
 
 def test_fp16_kv_cache_stays_close_to_transformers(tmp_path):
@@ -122,14 +126,7 @@ def test_fp16_kv_cache_stays_close_to_transformers(tmp_path):
     assert eng.compiled.manifest["kv_cache_dtype"] == "float16"
     hf = load_hf_model(ckpt)
     prompt = np.random.default_rng(0).integers(3, eng.cfg.vocab_size, 40).tolist()
-    sid = eng.add_sequence()
-    pre = eng.prefill(sid, prompt, all_logits=True)
-    toks, rows = [], []
-    for _ in range(8):
-        toks.append(int(np.argmax((rows[-1] if rows else pre)[-1])))
-        rows.append(eng.decode(sid, toks[-1])[None])
-    ref = hf_incremental(hf, prompt, toks)
-    dec = np.concatenate(rows)
+    pre, dec, ref = _greedy_vs_transformers(eng, hf, prompt, 8)
     assert 1e-5 < rel_err(pre, ref[: len(prompt)]) < 1e-2
     assert 1e-5 < rel_err(dec, ref[len(prompt) :]) < 1e-2
     assert (dec.argmax(-1) == ref[len(prompt) :].argmax(-1)).all()
@@ -200,5 +197,6 @@ def test_group_size_64_scheme_runs_end_to_end_on_the_host(tmp_path, monkeypatch)
     for _ in range(6):
         toks.append(int(np.argmax(rows[-1][-1])))
         rows.append(eng.decode(sid, toks[-1])[None])
-    # the generic fp32 schedules run these matmuls: only summation order differs from transformers
-    assert rel_err(np.concatenate(rows), hf_incremental(hf, prompt, toks)) < 1e-4
+    # the generic fp32 schedules run these matmuls (fp32 summation order only); the host's fp16 KV cache
+    # adds its rounding (test_fp16_kv_cache_stays_close_to_transformers: ~1e-3)
+    assert rel_err(np.concatenate(rows), hf_incremental(hf, prompt, toks)) < 1e-2

@@ -24,9 +24,19 @@ from .options import check_scheme, device_choice, model_argument, quantization_c
     help="Quantization (default q4f16_1; converted folders keep theirs).",
 )
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Output folder.")
-def command(model, device, quantization, output):
+@click.option(
+    "--cuda-graph",
+    is_flag=True,
+    help="CUDA presets: capture decode / verify as CUDA graphs (one replay per layer run, not per kernel).",
+)
+def command(model, device, quantization, output, cuda_graph):
     """Compile MODEL's graph for a device preset into OUTPUT (library + manifest.json)."""
     from ..checkpoint import open_model
+    from ..errors import UserError
+    from ..targets import load_preset
+
+    if cuda_graph and load_preset(device).kind != "cuda":  # before any work
+        raise UserError(f"--cuda-graph needs a CUDA preset (cuda-sm*), not --device {device}")
     from ..compile.compile_model import check_compile_output, compile_model
     from ..outputs import model_input_path
     from ..quantization import native_quantization
@@ -38,6 +48,6 @@ def command(model, device, quantization, output):
     if source.kind == "mlc":
         quantization = quantization or source.scheme.name
     quantization = quantization or native_quantization(source) or DEFAULT_QUANTIZATION
-    compiled = compile_model(source.config, quantization, device, output)
+    compiled = compile_model(source.config, quantization, device, output, cuda_graph=cuda_graph)
     m = compiled.manifest
     click.echo(f"{compiled.library} ({m['preset']}, {m['quantization']}, {m['compile_seconds']} s)")

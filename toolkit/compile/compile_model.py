@@ -39,7 +39,8 @@ from .artifacts import (
     vm_function_table,
     write_manifest,
 )
-from .attach_metadata import Limits, attach_metadata, memory_usage, model_metadata
+from .attach_cuda_graph import with_capture_hints
+from .attach_metadata import Limits, attach_metadata, memory_usage, model_metadata, variable_bounds
 from .cpu_isa import host_kernel_isas
 from .knobs import knobs_for
 
@@ -123,11 +124,13 @@ def _build_library(
     dtype: str | None = None,
     limits: Limits | None = None,
     lib_prefix: str | None = None,
+    cuda_graph: bool = False,
 ) -> CompiledModel:
     """Build the library into `out_dir` (written to a temp folder, renamed when complete).
 
     `dtype` overrides the activation dtype (default: see `graph_options`); `limits` the sizes recorded in
-    `_metadata` (default: MLC's); `lib_prefix` a static library's symbol prefix (default: MLC's)."""
+    `_metadata` (default: MLC's); `lib_prefix` a static library's symbol prefix (default: MLC's);
+    `cuda_graph` (CUDA presets) captures the forward functions as CUDA graphs (attach_cuda_graph.py)."""
     preset = load_preset(preset) if isinstance(preset, str) else preset
     opts = graph_options(quantization, preset, dtype)
     target = preset.target
@@ -154,9 +157,13 @@ def _build_library(
     prefix = system_lib_prefix(cfg, opts.quantization) if lib_prefix is None else lib_prefix
     metadata = model_metadata(cfg, opts.quantization, limits, named_params)
 
+    if cuda_graph and preset.kind != "cuda":
+        raise UserError(f"--cuda-graph needs a CUDA preset, not {preset.name}")
+
     def with_metadata(scheduled: IRModule) -> IRModule:
         metadata["memory_usage"] = memory_usage(scheduled, target, limits)
-        return attach_metadata(scheduled, metadata)
+        out = attach_metadata(scheduled, metadata)
+        return with_capture_hints(out, variable_bounds(limits)) if cuda_graph else out
 
     ex, scheduled = pipeline.build(
         mod,
@@ -165,6 +172,7 @@ def _build_library(
         system_lib=preset.system_lib,
         system_lib_prefix=prefix,
         attach=with_metadata,
+        cuda_graph=cuda_graph,
     )
     lib_file = LIB_NAME + preset.output
     notes = export_library(ex, tmp / lib_file, preset)
@@ -189,6 +197,7 @@ def _build_library(
         },
         "build": notes,
         "cpu_isa": None if preset.is_gpu else host_kernel_isas(preset.target, preset.q4_activations),
+        "cuda_graph": cuda_graph,
         "cpu_knobs": None if knobs is None else {"source": knobs.source, "values": knobs.values},
     }
     manifest = write_manifest(tmp, preset, opts.quantization, cfg, kernels, extra=extra)

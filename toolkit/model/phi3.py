@@ -29,7 +29,11 @@ from tvm.target import Target
 from ..config import Phi3Config
 from ..quantization import get_scheme
 from ..quantization.tvm_layers import make_embedding, make_linear
+from .kv_kernels import install as _install_kv_kernels
 from .rope import apply_rope_to_qkv, longrope_flags
+
+# the wheel's GPU attention-merge kernel races on its in-place log-sum-exp (kv_kernels.py)
+_install_kv_kernels()
 
 
 @dataclass(frozen=True)

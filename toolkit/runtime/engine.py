@@ -30,6 +30,7 @@ def _f(name: str):
     return tvm.get_global_func(name)
 
 
+KV_SLIDING_WINDOW_SUPPORT = 0  # create_tir_paged_kv_cache's 5th argument; see Engine.__init__
 FORWARD_FUNCTIONS = ("embed", "prefill", "decode", "batch_prefill", "batch_decode", "batch_verify")
 
 
@@ -64,6 +65,8 @@ class Engine:
         self.device = device or tvm.cpu()
         self.vm = VirtualMachine(executable, self.device)
         self.metadata = json.loads(self.vm["_metadata"]())
+        if self.vm.module.implements_function("cuda_graph_alloc_init"):  # `--cuda-graph` libraries
+            self.vm["cuda_graph_alloc_init"]()  # the captured graphs' buffers, once, as MLC's engine does
         self.params = list(params)
         self.cache_opts = cache or CacheOptions()
         c = self.cache_opts
@@ -78,7 +81,12 @@ class Engine:
             ShapeTuple([c.max_batch_size * self.context_window]),
             ShapeTuple([self.prefill_chunk]),
             ShapeTuple([c.page_size]),
-            ShapeTuple([0]),  # the host kernels apply the window over a cache that keeps every token
+            # the host kernels apply the window over a cache that keeps every token. Keeping the cache's own
+            # sliding-window support off is also what keeps batched decode correct on Vulkan/OpenCL/Metal with
+            # the apache-tvm 0.27 wheel: with it on, the cache's plain aux-data manager (every device but
+            # CPU/CUDA/ROCm) copies the length info of >= 2 sequences into a strided view and fails with
+            # "CopyDataFromTo only support contiguous array" (tests/test_tvm_runtime_plugins.py reproduces it)
+            ShapeTuple([KV_SLIDING_WINDOW_SUPPORT]),
         )
         self._fn = {n: self.vm[n] for n in FORWARD_FUNCTIONS}
         self._begin, self._end = (
@@ -290,20 +298,40 @@ def load_engine(
     preset = load_preset(device)
     if kv_cache is not None:
         preset = preset.with_kv_cache(kv_cache)
-    if preset.is_gpu and preset.kind != "cuda":
-        from ..errors import UserError
-
-        raise UserError(
-            f"cannot run '{device}' here: use `phi3 compile --device {device}` and deploy the library"
-        )
+    dev = open_device(preset)
     compiled = compiled_for(source.config, quantization, preset)
-    dev = tvm.cuda() if preset.kind == "cuda" else tvm.cpu()
     set_threads(threads)
     lib = tvm.runtime.load_module(str(compiled.library))
     params = load_params(source, compiled, dev)
     eng = Engine(lib, params, source.config, dtype=compiled.manifest["dtype"], device=dev, cache=cache)
     eng.compiled = compiled
     return eng, source
+
+
+def open_device(preset) -> tvm.runtime.Device:
+    """The device a preset's library runs on here: the CPU, CUDA, or Vulkan / OpenCL through TVM's own
+    runtimes built as plugins (`phi3 runtime build`); UserError when this machine cannot run it."""
+    from ..errors import UserError
+
+    if not preset.is_gpu:
+        return tvm.cpu()
+    if preset.kind == "cuda":
+        return tvm.cuda()
+    if preset.kind in ("vulkan", "opencl"):
+        import platform
+
+        host = (preset.host_triple or "").split("-")[0]
+        if host and host != platform.machine():
+            raise UserError(
+                f"cannot run '{preset.name}' here: its host code is {host}, this machine is "
+                f"{platform.machine()}; use the '{preset.kind}' preset to run its kernels here"
+            )
+        from .plugins import require_device
+
+        return require_device(preset.kind)
+    raise UserError(
+        f"cannot run '{preset.name}' here: use `phi3 compile --device {preset.name}` and deploy the library"
+    )
 
 
 # for checkpoints with no quantization of their own; a GGUF in block types we have keeps them

@@ -287,6 +287,22 @@ def backend_for(preset) -> str | None:
     return {"webgpu": "webgpu", "metal": "webgpu", "opencl": "opencl", "vulkan": "webgpu"}.get(preset.kind)
 
 
+def runtime_backend(preset) -> str | None:
+    """The TVM runtime plugin that runs this preset's library here (vulkan / opencl with an x86-64 host and
+    the plugin built), else None: then our own launchers check the kernels."""
+    import platform
+
+    from ..runtime.plugins import load_plugins
+
+    host = (preset.host_triple or "").split("-")[0]
+    if preset.kind not in ("vulkan", "opencl") or host != platform.machine():
+        return None
+    if preset.kind not in load_plugins((preset.kind,)):
+        return None
+    dev = tvm.vulkan(0) if preset.kind == "vulkan" else tvm.opencl(0)
+    return preset.kind if dev.exist else None
+
+
 def verify_model(out_dir, seed: int = 0, shape_values: dict[str, int] | None = None) -> ModelReport:
     """Verify every kernel of the model in `out_dir` (written by `phi3 compile`) on the GPU API at hand."""
     from ..compile.artifacts import verify_manifest
@@ -303,6 +319,24 @@ def verify_model(out_dir, seed: int = 0, shape_values: dict[str, int] | None = N
     quantization = manifest["quantization"]
     unscheduled, scheduled = lowered_and_scheduled(cfg, quantization, preset, manifest.get("dtype"))
     backend = backend_for(preset)
+    runtime = runtime_backend(preset)
+    if runtime is not None:
+        # TVM's own runtime is here: every kernel (TVM's paged-attention ones too) launched as it launches
+        # them, on the inputs the host-exact build's kernels received
+        from .runtime_check import verify_with_runtime
+
+        report = ModelReport(preset.name, quantization, f"{runtime} (TVM runtime plugin)")
+        report.checks = verify_with_runtime(
+            cfg,
+            quantization,
+            preset,
+            manifest.get("dtype"),
+            unscheduled,
+            scheduled,
+            Path(out_dir) / library,
+            seed=seed,
+        )
+        return report
     report = ModelReport(preset.name, quantization, backend or "none")
     if backend is not None:
         report.checks = verify_kernels(unscheduled, scheduled, backend, shape_values=shape_values, seed=seed)
