@@ -231,7 +231,8 @@ def test_gguf_library_follows_mlc_interface(tmp_path):
     sid = eng.add_sequence()
     ours = eng.prefill(sid, prompt, all_logits=True)
     ref = hf_incremental(hf, prompt, [])
-    # the host preset's fp16 KV cache rounds q/k/v (2**-11 relative): measured ~1e-3 here
+    # the host preset's fp16 KV cache rounds q/k/v (2**-11 relative): logits move by ~1e-3 of max|logit|
+    # (test_fp16_kv_cache_stays_close_to_transformers); the gguf matmuls themselves are fp32 here
     assert rel_err(ours, ref) < 1e-2
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
 
