@@ -217,9 +217,11 @@ def test_bad_gguf_files(tmp_path) -> None:
 
 
 # ---- synthetic phi3 GGUF (llama.cpp's phi3 architecture) ---------------------------------------------------
-def write_phi3_gguf(hf_dir: Path, path: Path) -> None:
-    """Convert a tiny HF Phi-3 checkpoint the way llama.cpp's Phi3MiniModel converter lays it out (F32)."""
+def write_phi3_gguf(hf_dir: Path, path: Path, qtype=None) -> None:
+    """Convert a tiny HF Phi-3 checkpoint the way llama.cpp's Phi3MiniModel converter lays it out (F32; or,
+    with `qtype(gguf name, array)` -> a GGMLQuantizationType or None, quantized by `gguf.quants.quantize`)."""
     import gguf
+    from gguf.quants import quantize
 
     from toolkit.checkpoint.safetensors_source import HFSource
 
@@ -272,7 +274,11 @@ def write_phi3_gguf(hf_dir: Path, path: Path) -> None:
             gname = f"blk.{i}.{per_layer[rest.removesuffix('.weight')]}.weight"
         else:
             gname = names[name]
-        w.add_tensor(gname, t)
+        q = qtype(gname, t) if qtype is not None else None
+        if q is None:
+            w.add_tensor(gname, t)
+        else:
+            w.add_tensor(gname, quantize(t, q), raw_dtype=q)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

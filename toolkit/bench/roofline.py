@@ -32,13 +32,29 @@ BYTES_PER_WEIGHT = {
 NORM_BYTES = {"q4f16_1": 2, "q0f16": 2}
 
 
+def _gguf_scheme_bytes(cfg: Phi3Config, name: str) -> tuple[float, float, int]:
+    """(bytes per Linear weight, per lm_head weight, per norm weight) of a gguf_* scheme of ours."""
+    from ..quantization import get_scheme
+
+    s = get_scheme(name)
+
+    def per(role: str) -> float:
+        layout = s.layout_for(role)
+        return layout.bits_per_weight(16) / 8 if layout is not None else 2.0  # else f16
+
+    return per("linear"), per("embedding" if cfg.tie_word_embeddings else "head"), 2
+
+
 def weight_bytes_per_token(cfg: Phi3Config, scheme: str) -> int:
     """Bytes of weights one decode step reads for a Phi-3 config stored in `scheme`."""
+    h, L = cfg.hidden_size, cfg.num_hidden_layers
+    layer_2d = h * cfg.qkv_size + cfg.num_attention_heads * cfg.head_dim * h + 3 * h * cfg.intermediate_size
+    if scheme.startswith("gguf_"):
+        per, head, norm = _gguf_scheme_bytes(cfg, scheme)
+        return int(round(L * layer_2d * per + (2 * L + 1) * h * norm + cfg.vocab_size * h * head))
     if scheme not in BYTES_PER_WEIGHT:
         raise UserError(f"unknown quantization scheme {scheme!r}; known: {', '.join(BYTES_PER_WEIGHT)}")
     per = BYTES_PER_WEIGHT[scheme]
-    h, L = cfg.hidden_size, cfg.num_hidden_layers
-    layer_2d = h * cfg.qkv_size + cfg.num_attention_heads * cfg.head_dim * h + 3 * h * cfg.intermediate_size
     total = L * layer_2d * per + (2 * L + 1) * h * NORM_BYTES.get(scheme, 4)
     total += cfg.vocab_size * h * per  # lm_head, or the tied embedding table acting as it
     return int(round(total))

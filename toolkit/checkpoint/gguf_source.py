@@ -243,6 +243,27 @@ class GGUFSource(ModelSource):
             ]
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
+    def tensor_type(self, name: str) -> str | None:
+        """ggml type name (Q4_1, F32, ...) of our tensor `name`; None when its GGUF parts differ in type."""
+        types = {self._tensors[g].tensor_type.name for g in self._sources(name)}
+        return types.pop() if len(types) == 1 else None
+
+    def raw_rows(self, name: str) -> tuple[str, np.ndarray] | None:
+        """(ggml type name, (N, row bytes) uint8) of our 2-D tensor `name` as the GGUF stores it, fused and
+        un-permuted like `_load` but on whole rows of blocks (a block never spans rows), so no value changes;
+        None when its GGUF parts differ in type or it is not 2-D."""
+        parts = [self._tensors[g] for g in self._sources(name)]
+        types = {t.tensor_type for t in parts}
+        if len(types) != 1 or len(self._expected[name]) != 2:
+            return None
+        rows = [np.asarray(t.data).reshape(int(t.shape[-1]), -1) for t in parts]
+        if self.arch == "llama" and name.endswith("qkv_proj.weight"):
+            cfg = self.config
+            rows[0] = unpermute_rows(rows[0], cfg.num_attention_heads)
+            rows[1] = unpermute_rows(rows[1], cfg.num_key_value_heads)
+        out = rows[0] if len(rows) == 1 else np.concatenate(rows, axis=0)
+        return parts[0].tensor_type.name, np.ascontiguousarray(out)
+
     # ---- ModelSource ---------------------------------------------------------------------------------------
     def tensor_names(self) -> list[str]:
         return list(self._expected)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..quantization import QuantScheme, get_scheme
+from ..quantization import QuantScheme, get_scheme, weight_role
 from ..quantization import group_quant as gq
 from . import ModelSource, expected_tensor_shapes
 from .mlc_format import (
@@ -59,10 +59,12 @@ class MLCSource(ModelSource):
         self._validate()
 
     def _stored_names(self, name: str) -> list[str]:
-        """Stored param names holding HF weight `name`: itself, or its q_weight/q_scale pair."""
+        """Stored param names holding HF weight `name`: itself, or its q_weight/q_scale (/q_min) params."""
         if self._rename(name) in self._stored:
             return [self._rename(name)]
-        return [self._rename(n) for n in quantized_param_names(name)]
+        layout = self.scheme.layout_for(weight_role(name))
+        with_min = layout is not None and layout.has_min
+        return [self._rename(n) for n in quantized_param_names(name, with_min)]
 
     def _validate(self) -> None:
         for name, shape in self._shapes.items():
@@ -70,9 +72,10 @@ class MLCSource(ModelSource):
             for s in stored:
                 if s not in self._stored:
                     raise UserError(f"tensor-cache.json has no {s}", self.path)
-            if len(stored) == 2:
-                qw, qs = (self._stored[s][0] for s in stored)
-                if (qw, qs) != self.scheme.layout.quantized_shapes(shape):
+            if len(stored) > 1:
+                layout = self.scheme.layout_for(weight_role(name))
+                qw, qs, *qm = (self._stored[s][0] for s in stored)
+                if layout is None or (qw, qs) != layout.quantized_shapes(shape) or any(m != qs for m in qm):
                     raise UserError(f"{name}: stored shapes {qw}/{qs} do not fit {shape}", self.path)
             elif self._stored[stored[0]][0] != shape:
                 got = self._stored[stored[0]][0]
@@ -92,6 +95,11 @@ class MLCSource(ModelSource):
             stored = dict(iter_tensor_cache(self.path, keys))
             if len(keys) == 1:
                 yield name, stored[keys[0]].astype(np.float32)
+            elif self.scheme.kind == "gguf":
+                from ..quantization import gguf_blocks
+
+                block = self.scheme.block_type(weight_role(name))
+                yield name, gguf_blocks.dequantize(tuple(stored[k] for k in keys), block)
             else:
                 qw, qs = (stored[k] for k in keys)
                 w = gq.dequantize(qw, qs, self._shapes[name][1], self.scheme.layout)

@@ -13,9 +13,10 @@ from .options import quantization_choice
     "--quantization",
     "-q",
     type=quantization_choice(),
-    default="q4f16_1",
-    show_default=True,
-    help="q0f32, q0f16, q4f16_1 or q4f32_1.",
+    default=None,
+    help="q0f32, q0f16, q4f16_1, q4f32_1 or gguf_<type>[-<embedding type>[-<head type>]] (types q4_0, "
+    "q4_1, q8_0; f16 = unquantized). Default: a GGUF whose layers are Q4_0/Q4_1/Q8_0 keeps its blocks "
+    "(e.g. gguf_q4_1-q8_0), anything else q4f16_1.",
 )
 @click.option(
     "--output",
@@ -70,6 +71,7 @@ def command(
     from ..checkpoint import open_model
     from ..convert.converter import check_convert_output, convert
     from ..outputs import model_input_path
+    from ..quantization import native_quantization
 
     if context_window and prefill_chunk and prefill_chunk > context_window:
         raise click.BadParameter(
@@ -79,7 +81,7 @@ def command(
     source = open_model(checkpoint, allow_pickle=allow_pickle)
     res = convert(
         source,
-        quantization,
+        quantization or native_quantization(source) or "q4f16_1",
         output,
         clip=clip,
         progress=not no_progress,

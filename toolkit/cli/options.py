@@ -10,10 +10,23 @@ import click
 model_argument = click.argument("model", required=False)
 
 
-def quantization_choice() -> click.Choice:
-    from ..quantization import QUANTIZATIONS
+class QuantizationName(click.ParamType):
+    """A scheme name `get_scheme` knows: the registry's, or a composite gguf_* name."""
 
-    return click.Choice(list(QUANTIZATIONS))
+    name = "quantization"
+
+    def convert(self, value, param, ctx):
+        from ..errors import UserError
+        from ..quantization import get_scheme
+
+        try:
+            return get_scheme(value).name
+        except UserError as e:
+            self.fail(str(e), param, ctx)
+
+
+def quantization_choice() -> click.ParamType:
+    return QuantizationName()
 
 
 def device_choice() -> click.Choice:
@@ -102,7 +115,8 @@ def run_options(f):
         "-q",
         type=quantization_choice(),
         default=None,
-        help="q0f32, q0f16, q4f16_1, q4f32_1 (default: q4f16_1; converter output keeps its own).",
+        help="q0f32, q0f16, q4f16_1, q4f32_1, gguf_* (default: q4f16_1; a GGUF in Q4_0/Q4_1/Q8_0 blocks and "
+        "converter output keep their own).",
     )(f)
     return f
 

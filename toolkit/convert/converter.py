@@ -90,6 +90,50 @@ def _check_values(name: str, arr: np.ndarray, scheme: QuantScheme, path: Path) -
         raise UserError(f"tensor {name} has magnitude {big:g}, beyond float16; use q0f32 or q4f32_1", path)
 
 
+def gguf_scheme_tensors(source: ModelSource, scheme: QuantScheme, progress=None):
+    """Yield (param name, array) for a gguf scheme, one source tensor at a time: a GGUF tensor already in its
+    role's block type is repacked bit for bit (`gguf_blocks.from_blocks`); any other 2-D weight of a
+    quantized role is quantized from float with llama.cpp's reference quantizer (`gguf.quants`); the rest
+    (norms, roles the scheme keeps plain) is stored in the model dtype."""
+    from ..quantization import gguf_blocks, weight_role
+
+    raw_rows = getattr(source, "raw_rows", None)  # only a GGUF source has blocks to keep
+    requantized = []
+    for name in source.tensor_names():
+        shape = source.tensor_shape(name)
+        role = weight_role(name)
+        block = scheme.block_type(role) if len(shape) == 2 and name.endswith(".weight") else None
+        raw = raw_rows(name) if block is not None and raw_rows is not None else None
+        if raw is not None and gguf_blocks.block_type_of(raw[0]) == block:
+            arrays = gguf_blocks.from_blocks(raw[1], block)
+        else:
+            ((_, arr),) = source.iter_tensors([name])
+            _check_values(name, arr, scheme, source.path)
+            if block is None:
+                arrays = None
+                yield name, arr.astype(scheme.model_dtype)
+            else:
+                if raw is not None:
+                    requantized.append(f"{name} ({raw[0]})")
+                try:
+                    arrays = gguf_blocks.quantize(arr, block)
+                except ValueError as e:
+                    raise UserError(f"tensor {name}: {e}", source.path) from None
+            del arr
+        if arrays is not None:
+            layout = scheme.layout_for(role)
+            yield from zip(quantized_param_names(name, layout.has_min), arrays)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix_str(name, refresh=False)
+    if requantized:
+        print(
+            f"{source.path}: {len(requantized)} tensors re-quantized into {scheme.name} from another GGUF "
+            f"type (first: {requantized[0]})",
+            file=sys.stderr,
+        )
+
+
 def converted_tensors(
     source: ModelSource,
     scheme: QuantScheme,
@@ -100,6 +144,9 @@ def converted_tensors(
     """Yield (param name, array) in the output format, one source tensor at a time."""
     from ..quantization.clip_search import search_scales
 
+    if scheme.kind == "gguf":
+        yield from gguf_scheme_tensors(source, scheme, progress)
+        return
     for name, arr in source.iter_tensors():
         _check_values(name, arr, scheme, source.path)
         if should_quantize(name, arr.shape, scheme):
@@ -159,7 +206,8 @@ def convert(
         source = open_model(source)
     rename = param_renamer(param_names, model_type_of(source.config))
     scheme = get_scheme(scheme)
-    clip_used = (AUTO_CLIP if clip == "auto" else clip) if scheme.is_quantized else "none"
+    # clip methods choose MLC group scales; a gguf scheme keeps (or quantizes with) llama.cpp's
+    clip_used = (AUTO_CLIP if clip == "auto" else clip) if scheme.kind == "group" else "none"
     out_dir = Path(out_dir).expanduser()
     _check_out_dir(out_dir, source)
     with output_lock(out_dir):  # one writer at a time; it also clears temp folders of dead runs

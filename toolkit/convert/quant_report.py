@@ -30,8 +30,10 @@ def weight_error_report(
 ) -> dict[str, Any]:
     """{"scheme", "methods", "tensors": [{"name", "shape", <method>: rel RMS error, ...}], "total": {...}}."""
     scheme = get_scheme(scheme)
-    if not scheme.is_quantized:
-        raise ValueError(f"{scheme.name} does not quantize weights: nothing to report")
+    if scheme.kind != "group":  # rtn/search/weighted are ways to choose MLC group scales
+        raise ValueError(
+            f"{scheme.name} is not an MLC group quantization (q4f16_1, q4f32_1): nothing to report"
+        )
     bad = set(methods) - set(METHODS)
     if bad:
         raise ValueError(f"unknown methods {sorted(bad)}; known: {', '.join(METHODS)}")

@@ -69,8 +69,10 @@ class RMSNorm(nn.Module):
         return op.rms_norm(x, w, axes=[-1], epsilon=self.eps)
 
 
-def _linear(in_f: int, out_f: int, opts: GraphOptions, out_dtype: str | None = None) -> nn.Module:
-    return make_linear(in_f, out_f, opts.quantization, opts.dtype, out_dtype=out_dtype)
+def _linear(
+    in_f: int, out_f: int, opts: GraphOptions, out_dtype: str | None = None, role: str = "linear"
+) -> nn.Module:
+    return make_linear(in_f, out_f, opts.quantization, opts.dtype, out_dtype=out_dtype, role=role)
 
 
 class Phi3Attention(nn.Module):
@@ -129,7 +131,7 @@ class Phi3ForCausalLM(nn.Module):
         self.cfg, self.opts, self.target = cfg, opts, target
         self.model = Phi3Model(cfg, opts)
         if not cfg.tie_word_embeddings:
-            self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, opts, out_dtype="float32")
+            self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, opts, out_dtype="float32", role="head")
 
     def _body(self, x: nn.Tensor, kv: PagedKVCache, ends: str, logit_positions: nn.Tensor | None = None):
         b, s, _ = x.shape

@@ -4,7 +4,10 @@
 consecutive input (K) elements, one scale per group, eight codes per uint32. `q0*` means no quantization.
 The storage layout (bits, group size, codes per word, zero point) is derived once, in `GroupLayout`, and
 every user (numpy quantizer, TVM layers, host kernel matchers) reads it from the scheme.
-The numerics live in `group_quant.py`, the TVM modules in `tvm_layers.py`.
+`gguf_<type>` schemes hold llama.cpp's Q4_0 / Q4_1 / Q8_0 blocks losslessly repacked into the same kind of
+layout (codes in uint32 words, fp16 scale and min arrays), so a GGUF is imported without re-quantizing it;
+their embedding and lm_head may use another block type (`gguf_q4_1-q8_0`), see `gguf_scheme_name`.
+The numerics live in `group_quant.py` and `gguf_blocks.py`, the TVM modules in `tvm_layers.py`.
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ _STORAGE_BITS = {"uint8": 8, "uint16": 16, "uint32": 32}
 class GroupLayout:
     """How group-quantized codes are stored: `bits`-bit codes, `group_size` consecutive K elements share a
     scale, `elems_per_word` codes per `storage` word (element k at bits [bits*(k % epw), ...), lowest first),
-    and a code c stands for (c - max_int) * scale. The derived fields follow MLC-LLM's GroupQuantize."""
+    and a code c stands for (c - zero_point) * scale (+ min with `has_min`, a per-group offset array, GGUF
+    Q4_1). The derived fields follow MLC-LLM's GroupQuantize; zero_point defaults to its max_int."""
 
     bits: int = 4
     group_size: int = 32
     storage: str = "uint32"
+    zero_point: int | None = None  # None: max_int (MLC)
+    has_min: bool = False
     storage_bits: int = field(init=False)
     elems_per_word: int = field(init=False)
     max_int: int = field(init=False)
@@ -44,6 +50,10 @@ class GroupLayout:
         object.__setattr__(self, "elems_per_word", elems)
         object.__setattr__(self, "max_int", 2 ** (self.bits - 1) - 1)
         object.__setattr__(self, "code_mask", 2**self.bits - 1)
+        if self.zero_point is None:
+            object.__setattr__(self, "zero_point", self.max_int)
+        if not 0 <= self.zero_point <= self.code_mask:
+            raise ValueError(f"zero point {self.zero_point} is not a {self.bits}-bit code")
 
     @property
     def words_per_group(self) -> int:
@@ -59,11 +69,27 @@ class GroupLayout:
         g = self.num_groups(k)
         return (n, g * self.words_per_group), (n, g)
 
+    def bits_per_weight(self, scale_bits: int) -> float:
+        """Storage per weight: the code plus its share of the group's scale (and min)."""
+        return self.bits + scale_bits * (2 if self.has_min else 1) / self.group_size
+
+
+# llama.cpp's block types (ggml-common.h), repacked losslessly (gguf_blocks.py): a block is 32 weights with an
+# fp16 scale d; Q4_0: d * (q - 8); Q4_1: d * q + m (fp16 min m); Q8_0: d * q with q int8, stored + 128
+GGUF_BLOCK_LAYOUTS: dict[str, GroupLayout] = {
+    "q4_0": GroupLayout(4, 32, "uint32", zero_point=8),
+    "q4_1": GroupLayout(4, 32, "uint32", zero_point=0, has_min=True),
+    "q8_0": GroupLayout(8, 32, "uint32", zero_point=128),
+}
+# a role of a gguf scheme kept unquantized, in the model dtype (norms always are)
+GGUF_PLAIN = "f16"
+ROLES = ("linear", "embedding", "head")
+
 
 @dataclass(frozen=True)
 class QuantScheme:
     name: str
-    kind: Literal["none", "group"]
+    kind: Literal["none", "group", "gguf"]
     # dtype of activations and of every float parameter (norm weights, unquantized weights, scales)
     model_dtype: Literal["float16", "float32"]
     bits: int = 4
@@ -71,36 +97,98 @@ class QuantScheme:
     storage: str = "uint32"
     quantize_embedding: bool = True
     quantize_final_fc: bool = True
+    # gguf schemes: GGUF block type of the layers' Linears, the embedding and the lm_head (GGUF_PLAIN = kept
+    # in the model dtype); the embedding also serves a tied lm_head
+    gguf_blocks: tuple[str, str, str] | None = None
     # derived from bits / group_size / storage in __post_init__ (validated there)
     layout: GroupLayout = field(init=False, repr=False)
     elems_per_word: int = field(init=False, repr=False)
     max_int: int = field(init=False, repr=False)  # a code c dequantizes to (c - max_int) * scale
 
     def __post_init__(self) -> None:
-        layout = GroupLayout(self.bits, self.group_size, self.storage)
+        if self.kind == "gguf":
+            if self.gguf_blocks is None or self.gguf_blocks[0] not in GGUF_BLOCK_LAYOUTS:
+                raise ValueError(f"gguf scheme {self.name} needs a block type for its Linears")
+            layout = GGUF_BLOCK_LAYOUTS[self.gguf_blocks[0]]
+            object.__setattr__(self, "bits", layout.bits)
+            object.__setattr__(self, "group_size", layout.group_size)
+            object.__setattr__(self, "storage", layout.storage)
+        else:
+            layout = GroupLayout(self.bits, self.group_size, self.storage)
         object.__setattr__(self, "layout", layout)
         object.__setattr__(self, "elems_per_word", layout.elems_per_word)
         object.__setattr__(self, "max_int", layout.max_int)
 
     @property
     def is_quantized(self) -> bool:
-        return self.kind == "group"
+        return self.kind in ("group", "gguf")
 
     @property
     def scale_dtype(self) -> str:
-        # MLC stores scales in the model dtype (fp16 for q4f16_1, fp32 for q4f32_1)
-        return self.model_dtype
+        # MLC stores scales in the model dtype (fp16 for q4f16_1, fp32 for q4f32_1); GGUF blocks hold fp16
+        return "float16" if self.kind == "gguf" else self.model_dtype
+
+    def layout_for(self, role: str) -> GroupLayout | None:
+        """Storage layout of the Linears ("linear"), the token embedding ("embedding") or an untied lm_head
+        ("head"); None: that weight is stored unquantized in the model dtype."""
+        if role not in ROLES:
+            raise ValueError(f"unknown weight role {role!r}; known: {', '.join(ROLES)}")
+        if self.kind == "gguf":
+            return GGUF_BLOCK_LAYOUTS.get(self.gguf_blocks[ROLES.index(role)])
+        if not self.is_quantized:
+            return None
+        if role == "embedding" and not self.quantize_embedding:
+            return None
+        if role == "head" and not self.quantize_final_fc:
+            return None
+        return self.layout
+
+    def block_type(self, role: str) -> str | None:
+        """The GGUF block type of `role` in a gguf scheme (None: unquantized, or not a gguf scheme)."""
+        if self.kind != "gguf" or self.layout_for(role) is None:
+            return None
+        return self.gguf_blocks[ROLES.index(role)]
 
     def bits_per_weight(self) -> float:
-        """Storage cost of one quantized weight, scale included (4.5 for q4f16_1)."""
+        """Storage cost of one quantized Linear weight, scale (and min) included (4.5 for q4f16_1, 5 for
+        gguf_q4_1)."""
         if not self.is_quantized:
             return 16.0 if self.model_dtype == "float16" else 32.0
-        scale_bits = 16 if self.scale_dtype == "float16" else 32
-        return self.bits + scale_bits / self.group_size
+        return self.layout.bits_per_weight(16 if self.scale_dtype == "float16" else 32)
 
 
 def _group(name: str, model_dtype: Literal["float16", "float32"]) -> QuantScheme:
     return QuantScheme(name=name, kind="group", model_dtype=model_dtype)
+
+
+GGUF_PREFIX = "gguf_"
+
+
+def gguf_scheme_name(linear: str, embedding: str | None = None, head: str | None = None) -> str:
+    """`gguf_<linear>[-<embedding>[-<head>]]`: block types per role (embedding defaults to the Linears',
+    head to the embedding's); e.g. `gguf_q4_1-q8_0` = Q4_1 layers, Q8_0 embedding and (tied) lm_head."""
+    embedding = embedding or linear
+    head = head or embedding
+    if head != embedding:
+        parts = [linear, embedding, head]
+    else:
+        parts = [linear, embedding] if embedding != linear else [linear]
+    return GGUF_PREFIX + "-".join(parts)
+
+
+def _parse_gguf(name: str) -> QuantScheme | None:
+    if not name.startswith(GGUF_PREFIX):
+        return None
+    parts = name[len(GGUF_PREFIX) :].split("-")
+    allowed = (*GGUF_BLOCK_LAYOUTS, GGUF_PLAIN)
+    if not 1 <= len(parts) <= 3 or parts[0] not in GGUF_BLOCK_LAYOUTS or any(p not in allowed for p in parts):
+        return None
+    blocks = (parts + [parts[-1]] * 2)[:3]
+    canonical = gguf_scheme_name(*blocks)
+    if canonical != name:
+        return None
+    # float16 like q4f16_1: GPUs compute in it, the host in fp32 (fp16 scales are exact there)
+    return QuantScheme(name=name, kind="gguf", model_dtype="float16", gguf_blocks=tuple(blocks))
 
 
 QUANTIZATIONS: dict[str, QuantScheme] = {
@@ -108,21 +196,67 @@ QUANTIZATIONS: dict[str, QuantScheme] = {
     "q0f16": QuantScheme(name="q0f16", kind="none", model_dtype="float16"),
     "q4f16_1": _group("q4f16_1", "float16"),
     "q4f32_1": _group("q4f32_1", "float32"),
+    **{s.name: s for s in (_parse_gguf(GGUF_PREFIX + t) for t in GGUF_BLOCK_LAYOUTS)},
 }
+GGUF_NAME_HELP = f"{GGUF_PREFIX}<linear>[-<embedding>[-<head>]] with types {', '.join(GGUF_BLOCK_LAYOUTS)}"
 
 # MLC's q4*_1 storage layout (4-bit codes, groups of 32, 8 per uint32): what checkpoints in the registry
 # use, and the one layout the hand-written host kernels are built for
 MLC_Q4_LAYOUT: GroupLayout = QUANTIZATIONS["q4f16_1"].layout
 
 
+def weight_role(name: str) -> str:
+    """The role (see `QuantScheme.layout_for`) of Hugging Face weight `name`."""
+    if name == "model.embed_tokens.weight":
+        return "embedding"
+    return "head" if name == "lm_head.weight" else "linear"
+
+
+def native_quantization(source) -> str | None:
+    """The gguf scheme that keeps a GGUF source's weights as stored (`gguf_q4_1-q8_0` for the embedded
+    SmolLM2: Q4_1 layers, Q8_0 embedding), or None: not a GGUF, or its Linears are not all one block type we
+    have (e.g. a Q4_K_M file). An embedding or lm_head in a type we lack is kept in the model dtype (f16)."""
+    if getattr(source, "kind", None) != "gguf":
+        return None
+    by_role: dict[str, set] = {r: set() for r in ROLES}
+    for name in source.tensor_names():
+        if len(source.tensor_shape(name)) == 2:
+            by_role[weight_role(name)].add(source.tensor_type(name))
+    linear = {t.lower() if t else None for t in by_role["linear"]}
+    if len(linear) != 1 or next(iter(linear)) not in GGUF_BLOCK_LAYOUTS:
+        return None
+
+    def kept(types: set) -> str | None:
+        (t,) = types or {None}
+        t = t.lower() if t else None
+        return t if t in GGUF_BLOCK_LAYOUTS else GGUF_PLAIN
+
+    embedding = kept(by_role["embedding"])
+    head = kept(by_role["head"]) if by_role["head"] else embedding  # tied: the embedding is the head
+    return gguf_scheme_name(next(iter(linear)), embedding, head)
+
+
 def get_scheme(name: str | QuantScheme) -> QuantScheme:
     """Look a scheme up by name (a QuantScheme passes through)."""
     if isinstance(name, QuantScheme):
         return name
-    scheme = QUANTIZATIONS.get(name)
+    scheme = QUANTIZATIONS.get(name) or _parse_gguf(str(name))
     if scheme is None:
-        raise UserError(f"unknown quantization {name!r}; known: {', '.join(QUANTIZATIONS)}")
+        raise UserError(
+            f"unknown quantization {name!r}; known: {', '.join(QUANTIZATIONS)}, or {GGUF_NAME_HELP} "
+            f"({GGUF_PLAIN}: unquantized)"
+        )
     return scheme
 
 
-__all__ = ["MLC_Q4_LAYOUT", "QUANTIZATIONS", "GroupLayout", "QuantScheme", "get_scheme"]
+__all__ = [
+    "GGUF_BLOCK_LAYOUTS",
+    "MLC_Q4_LAYOUT",
+    "QUANTIZATIONS",
+    "GroupLayout",
+    "QuantScheme",
+    "get_scheme",
+    "gguf_scheme_name",
+    "native_quantization",
+    "weight_role",
+]

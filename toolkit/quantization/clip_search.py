@@ -72,7 +72,7 @@ def search_scales(
     Every group ends with an error (exact codes, exact dequantized values) no larger than RTN's.
     """
     scheme = get_scheme(scheme)
-    if not scheme.is_quantized:
+    if scheme.kind != "group":
         raise ValueError(f"{scheme.name} does not quantize weights")
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {w.shape}")

@@ -130,10 +130,10 @@ def group_codes(wg: np.ndarray, scales: np.ndarray, layout: GroupLayout = MLC_Q4
 def dequantize_groups(
     codes: np.ndarray, scales: np.ndarray, layout: GroupLayout = MLC_Q4_LAYOUT
 ) -> np.ndarray:
-    """(code - max_int) * scale as float32 holding values of the scales' dtype; codes (..., group_size)."""
-    # |code - max_int| <= 2**(bits-1) has few bits, times an 11/24-bit scale: exact in float32, so one
+    """(code - zero_point) * scale as float32 holding values of the scales' dtype; codes (..., group_size)."""
+    # |code - zero_point| < 2**bits has few bits, times an 11/24-bit scale: exact in float32, so one
     # rounding to the dtype
-    prod = (codes.astype(np.float32) - np.float32(layout.max_int)) * scales.astype(np.float32)[..., None]
+    prod = (codes.astype(np.float32) - np.float32(layout.zero_point)) * scales.astype(np.float32)[..., None]
     return _rounder(scales.dtype)(prod)
 
 
@@ -177,8 +177,8 @@ def quantize(
     `scales` (N, G) overrides the round-to-nearest scales (e.g. from `clip_search`); same storage format.
     """
     scheme = get_scheme(scheme)
-    if not scheme.is_quantized:
-        raise ValueError(f"{scheme.name} does not quantize weights")
+    if scheme.kind != "group":
+        raise ValueError(f"{scheme.name} is not an MLC group quantization")
     if w.ndim != 2:
         raise ValueError(f"group quantization needs a 2-D weight, got shape {w.shape}")
     dtype = _float_dtype(scheme)

@@ -1,8 +1,9 @@
 """TVM `relax.frontend.nn` layers for the quantization schemes: Linear and Embedding, plain or q4 (MLC).
 
 Parameters keep the Hugging Face names the converter writes: a plain layer has `weight`; a q4 layer has
-`q_weight` (storage words (N, G * words per group)) and `q_scale` ((N, G), model dtype), G = ceil(K / group
-size); every layout number is read from the scheme's `GroupLayout`.
+`q_weight` (storage words (N, G * words per group)) and `q_scale` ((N, G), the scheme's scale dtype), G =
+ceil(K / group size), plus `q_min` ((N, G)) for a layout with a min (GGUF Q4_1); every layout number is read
+from the `GroupLayout` the scheme gives the layer's role (Linears, embedding, lm_head).
 
 The q4 Linear is written the way MLC-LLM writes it, because that is what TVM's GPU schedules (dlight GEMV /
 Matmul) recognise: a separate TE op named "dequantize" followed by `matmul(x, permute_dims(w))`.
@@ -23,15 +24,25 @@ from . import MLC_Q4_LAYOUT, GroupLayout, QuantScheme, get_scheme
 
 
 def _code_to_float(word: tirx.PrimExpr, j: tirx.PrimExpr, dtype: str, layout: GroupLayout) -> tirx.PrimExpr:
-    """Code of element j (of its row) inside its packed storage word, minus max_int, as `dtype`."""
+    """Code of element j (of its row) inside its packed storage word, minus the zero point, as `dtype`."""
     shift = ((j % layout.elems_per_word) * layout.bits).astype(layout.storage)
     code = tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const(layout.code_mask, layout.storage))
-    return code.astype(dtype) - tirx.const(layout.max_int, dtype)
+    code = code.astype(dtype)
+    return code - tirx.const(layout.zero_point, dtype) if layout.zero_point else code
 
 
 def _scale(q_scale: te.Tensor, i, g, dtype: str) -> tirx.PrimExpr:
     s = q_scale[i, g]
     return s if q_scale.dtype == dtype else s.astype(dtype)
+
+
+def _value(q_weight, q_scale, q_min, row, j, dtype: str, layout: GroupLayout) -> tirx.PrimExpr:
+    """Dequantized element j of `row`: (code - zero_point) * scale (+ min)."""
+    g = j // layout.group_size
+    v = _code_to_float(q_weight[row, j // layout.elems_per_word], j, dtype, layout) * _scale(
+        q_scale, row, g, dtype
+    )
+    return v + _scale(q_min, row, g, dtype) if q_min is not None else v
 
 
 def te_dequantize(
@@ -40,20 +51,16 @@ def te_dequantize(
     k: int | tirx.PrimExpr,
     dtype: str | None = None,
     layout: GroupLayout = MLC_Q4_LAYOUT,
+    q_min: te.Tensor | None = None,
 ) -> te.Tensor:
-    """(N, G * words per group) codes + (N, G) scales -> (N, k) weights in `dtype` (default: the scale
-    dtype); `k` may be an int64 PrimExpr (then so is the column index).
+    """(N, G * words per group) codes + (N, G) scales (+ (N, G) mins) -> (N, k) weights in `dtype` (default:
+    the scale dtype); `k` may be an int64 PrimExpr (then so is the column index).
 
     fp16 scales dequantized into fp32 are exact, which is how the host CPU runs q4f16_1 (fp32 activations)."""
     n = q_weight.shape[0]
     dtype = dtype or q_scale.dtype
     return te.compute(
-        (n, k),
-        lambda i, j: (
-            _code_to_float(q_weight[i, j // layout.elems_per_word], j, dtype, layout)
-            * _scale(q_scale, i, j // layout.group_size, dtype)
-        ),
-        name="dequantize",
+        (n, k), lambda i, j: _value(q_weight, q_scale, q_min, i, j, dtype, layout), name="dequantize"
     )
 
 
@@ -64,17 +71,38 @@ def te_take_dequantize(
     k: int,
     dtype: str | None = None,
     layout: GroupLayout = MLC_Q4_LAYOUT,
+    q_min: te.Tensor | None = None,
 ) -> te.Tensor:
     """Rows `ids` (T,) of the quantized table, dequantized: (T, k). Reads only the packed words it needs."""
     dtype = dtype or q_scale.dtype
     return te.compute(
         (ids.shape[0], k),
-        lambda t, j: (
-            _code_to_float(q_weight[ids[t], j // layout.elems_per_word], j, dtype, layout)
-            * _scale(q_scale, ids[t], j // layout.group_size, dtype)
-        ),
+        lambda t, j: _value(q_weight, q_scale, q_min, ids[t], j, dtype, layout),
         name="take_dequantize",
     )
+
+
+def _quant_params(module: nn.Module, n: int, k: int, scheme: QuantScheme, layout: GroupLayout) -> None:
+    """q_weight / q_scale (/ q_min) Parameters of an (n, k) weight stored in `layout`."""
+    qw_shape, qs_shape = layout.quantized_shapes((n, k))
+    module.layout = layout
+    module.q_weight = nn.Parameter(qw_shape, dtype=layout.storage)
+    module.q_scale = nn.Parameter(qs_shape, dtype=scheme.scale_dtype)
+    module.q_min = nn.Parameter(qs_shape, dtype=scheme.scale_dtype) if layout.has_min else None
+
+
+def _dequant_op(module: nn.Module, k: int, dtype: str, name: str, ids: nn.Tensor | None = None) -> nn.Tensor:
+    """The TE dequantize (or, with `ids`, take_dequantize) of a quantized module's parameters."""
+    lay, has_min = module.layout, module.q_min is not None
+    args = [module.q_weight, module.q_scale] + ([module.q_min] if has_min else [])
+
+    def compute(qw, qs, *rest):
+        qm = rest[0] if has_min else None
+        if ids is None:
+            return te_dequantize(qw, qs, k, dtype, lay, q_min=qm)
+        return te_take_dequantize(qw, qs, rest[-1], k, dtype, lay, q_min=qm)
+
+    return op.tensor_expr_op(compute, name, args + ([ids] if ids is not None else []))
 
 
 def _guard_to(module: nn.Module, dtype: str | None) -> None:
@@ -93,22 +121,17 @@ class QuantizedLinear(nn.Module):
         scheme: QuantScheme,
         out_dtype: str | None = None,
         dtype: str | None = None,
+        layout: GroupLayout | None = None,
     ):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.out_dtype = out_dtype
-        self.dtype = dtype or scheme.scale_dtype  # compute dtype of the dequantized weight
-        self.layout = scheme.layout
-        qw_shape, qs_shape = scheme.layout.quantized_shapes((out_features, in_features))
-        self.q_weight = nn.Parameter(qw_shape, dtype=scheme.storage)
-        self.q_scale = nn.Parameter(qs_shape, dtype=scheme.scale_dtype)
+        self.dtype = dtype or scheme.model_dtype  # compute dtype of the dequantized weight
+        _quant_params(self, out_features, in_features, scheme, layout or scheme.layout)
 
     def dequantized_weight(self) -> nn.Tensor:
-        k, dt, lay = self.in_features, self.dtype, self.layout
-        return op.tensor_expr_op(
-            lambda qw, qs: te_dequantize(qw, qs, k, dt, lay), "dequantize", [self.q_weight, self.q_scale]
-        )
+        return _dequant_op(self, self.in_features, self.dtype, "dequantize")
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         return op.matmul(x, op.permute_dims(self.dequantized_weight()), out_dtype=self.out_dtype)
@@ -117,45 +140,76 @@ class QuantizedLinear(nn.Module):
         _guard_to(self, dtype)
 
 
-class Embedding(nn.Module):
-    """Unquantized token embedding with `weight` (vocab, dim); `lm_head_forward` reuses it for tied heads."""
+def _widened(w: nn.Tensor, dtype: str) -> nn.Tensor:
+    """`w` in `dtype`, as a TE op named "dequantize" so that FuseDequantizeMatmul fuses the cast into the
+    matmul that reads it (no widened copy of the weight per call)."""
+    if w.dtype == dtype:
+        return w
 
-    def __init__(self, vocab_size: int, dim: int, dtype: str):
+    def cast(t: te.Tensor) -> te.Tensor:
+        return te.compute(t.shape, lambda i, j: t[i, j].astype(dtype), name="dequantize")
+
+    return op.tensor_expr_op(cast, "dequantize", [w])
+
+
+class Embedding(nn.Module):
+    """Unquantized token embedding with `weight` (vocab, dim); `lm_head_forward` reuses it for tied heads.
+    The weight is stored in `weight_dtype` (default `dtype`) and used in `dtype`."""
+
+    def __init__(self, vocab_size: int, dim: int, dtype: str, weight_dtype: str | None = None):
         super().__init__()
         self.vocab_size = vocab_size
         self.dim = dim
-        self.weight = nn.Parameter((vocab_size, dim), dtype=dtype)
+        self.dtype = dtype
+        self.weight = nn.Parameter((vocab_size, dim), dtype=weight_dtype or dtype)
 
     def forward(self, ids: nn.Tensor) -> nn.Tensor:
         flat = ids if ids.ndim == 1 else op.reshape(ids, [-1])
         rows = op.take(self.weight, flat, axis=0)
+        if rows.dtype != self.dtype:
+            rows = rows.astype(self.dtype)
         return rows if ids.ndim == 1 else op.reshape(rows, [*ids.shape, self.dim])
 
     def lm_head_forward(self, x: nn.Tensor, out_dtype: str | None = "float32") -> nn.Tensor:
-        return op.matmul(x, op.permute_dims(self.weight), out_dtype=out_dtype)
+        return op.matmul(x, op.permute_dims(_widened(self.weight, self.dtype)), out_dtype=out_dtype)
+
+
+class StoredLinear(nn.Module):
+    """A bias-free Linear whose `weight` is stored in `weight_dtype` and used in `dtype`: the unquantized
+    roles of a quantized scheme (e.g. a gguf scheme's f16 lm_head), stored in the scheme's model dtype like
+    the norms, so a library computing in fp32 (the host) loads the folder as converted."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: str, weight_dtype: str, out_dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype, self.out_dtype = dtype, out_dtype
+        self.weight = nn.Parameter((out_features, in_features), dtype=weight_dtype)
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        w = _widened(self.weight, self.dtype)
+        return op.matmul(x, op.permute_dims(w), out_dtype=self.out_dtype)
 
 
 class QuantizedEmbedding(nn.Module):
     """q4 token embedding (`q_weight`, `q_scale`); rows are dequantized as they are gathered."""
 
-    def __init__(self, vocab_size: int, dim: int, scheme: QuantScheme, dtype: str | None = None):
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        scheme: QuantScheme,
+        dtype: str | None = None,
+        layout: GroupLayout | None = None,
+    ):
         super().__init__()
         self.vocab_size = vocab_size
         self.dim = dim
-        self.layout = scheme.layout
-        qw_shape, qs_shape = scheme.layout.quantized_shapes((vocab_size, dim))
-        self.q_weight = nn.Parameter(qw_shape, dtype=scheme.storage)
-        self.q_scale = nn.Parameter(qs_shape, dtype=scheme.scale_dtype)
-        self.dtype = dtype or scheme.scale_dtype  # compute dtype of the gathered rows
+        _quant_params(self, vocab_size, dim, scheme, layout or scheme.layout)
+        self.dtype = dtype or scheme.model_dtype  # compute dtype of the gathered rows
 
     def forward(self, ids: nn.Tensor) -> nn.Tensor:
         flat = ids if ids.ndim == 1 else op.reshape(ids, [-1])
-        dim, dt, lay = self.dim, self.dtype, self.layout
-        rows = op.tensor_expr_op(
-            lambda qw, qs, i: te_take_dequantize(qw, qs, i, dim, dt, lay),
-            "take_dequantize",
-            [self.q_weight, self.q_scale, flat],
-        )
+        rows = _dequant_op(self, self.dim, self.dtype, "take_dequantize", ids=flat)
         return rows if ids.ndim == 1 else op.reshape(rows, [*ids.shape, self.dim])
 
     def to(self, dtype: str | None = None) -> None:
@@ -163,10 +217,7 @@ class QuantizedEmbedding(nn.Module):
 
     def lm_head_forward(self, x: nn.Tensor, out_dtype: str | None = "float32") -> nn.Tensor:
         """Tied lm_head: the same quantized table, dequantized inside the (fused) matmul."""
-        dim, dt, lay = self.dim, self.dtype, self.layout
-        w = op.tensor_expr_op(
-            lambda qw, qs: te_dequantize(qw, qs, dim, dt, lay), "dequantize", [self.q_weight, self.q_scale]
-        )
+        w = _dequant_op(self, self.dim, self.dtype, "dequantize")
         return op.matmul(x, op.permute_dims(w), out_dtype=out_dtype)
 
 
@@ -176,17 +227,22 @@ def make_linear(
     scheme: QuantScheme | str,
     dtype: str | None = None,
     out_dtype: str | None = None,
+    role: str = "linear",
 ) -> nn.Module:
-    """A bias-free Linear for `scheme`: `nn.Linear` (param `weight`) for q0*, `QuantizedLinear` for q4*.
+    """A bias-free Linear for `scheme`: `nn.Linear` (param `weight`) where the scheme keeps `role` ("linear",
+    or "head" for an untied lm_head) unquantized, else `QuantizedLinear` in that role's layout.
 
     `dtype` defaults to the scheme's model dtype; `out_dtype` (e.g. "float32" for the lm_head) sets the
     matmul output dtype.
     """
     scheme = get_scheme(scheme)
     dtype = dtype or scheme.model_dtype
-    if not scheme.is_quantized:
+    layout = scheme.layout_for(role)
+    if layout is None and scheme.is_quantized:  # a role the scheme keeps unquantized, in its model dtype
+        return StoredLinear(in_features, out_features, dtype, scheme.model_dtype, out_dtype=out_dtype)
+    if layout is None:
         return nn.Linear(in_features, out_features, bias=False, dtype=dtype, out_dtype=out_dtype)
-    return QuantizedLinear(in_features, out_features, scheme, out_dtype=out_dtype, dtype=dtype)
+    return QuantizedLinear(in_features, out_features, scheme, out_dtype=out_dtype, dtype=dtype, layout=layout)
 
 
 def make_embedding(
@@ -195,6 +251,8 @@ def make_embedding(
     """Token embedding for `scheme` with `forward(ids)` and `lm_head_forward(x)` (tied lm_head)."""
     scheme = get_scheme(scheme)
     dtype = dtype or scheme.model_dtype
-    if not scheme.is_quantized or not scheme.quantize_embedding:
-        return Embedding(vocab_size, dim, dtype)
-    return QuantizedEmbedding(vocab_size, dim, scheme, dtype=dtype)
+    layout = scheme.layout_for("embedding")
+    if layout is None:
+        # stored in the model dtype when the scheme quantizes (like its norms), else in the activation dtype
+        return Embedding(vocab_size, dim, dtype, scheme.model_dtype if scheme.is_quantized else None)
+    return QuantizedEmbedding(vocab_size, dim, scheme, dtype=dtype, layout=layout)

@@ -171,7 +171,7 @@ def param_renamer(style: str, model_type: str):
     return lambda n: n
 
 
-def quantized_param_names(name: str) -> tuple[str, str]:
-    """`X.weight` -> (`X.q_weight`, `X.q_scale`)."""
+def quantized_param_names(name: str, with_min: bool = False) -> tuple[str, ...]:
+    """`X.weight` -> (`X.q_weight`, `X.q_scale`), plus `X.q_min` for a layout with mins (GGUF Q4_1)."""
     base = name[: -len(".weight")]
-    return f"{base}.q_weight", f"{base}.q_scale"
+    return (f"{base}.q_weight", f"{base}.q_scale") + ((f"{base}.q_min",) if with_min else ())
