@@ -39,7 +39,6 @@ def command(model, device, quantization, output, cuda_graph):
         raise UserError(f"--cuda-graph needs a CUDA preset (cuda-sm*), not --device {device}")
     from ..compile.compile_model import check_compile_output, compile_model
     from ..outputs import model_input_path
-    from ..quantization import native_quantization
     from ..runtime.engine import DEFAULT_QUANTIZATION
 
     check_compile_output(output, inputs=[model_input_path(model)])  # before any work: never the input
@@ -47,7 +46,7 @@ def command(model, device, quantization, output, cuda_graph):
     check_scheme(source, quantization)
     if source.kind == "mlc":
         quantization = quantization or source.scheme.name
-    quantization = quantization or native_quantization(source) or DEFAULT_QUANTIZATION
+    quantization = quantization or DEFAULT_QUANTIZATION
     compiled = compile_model(source.config, quantization, device, output, cuda_graph=cuda_graph)
     m = compiled.manifest
     click.echo(f"{compiled.library} ({m['preset']}, {m['quantization']}, {m['compile_seconds']} s)")

@@ -285,7 +285,6 @@ def load_engine(
     overrides a CPU preset's KV cache dtype."""
     from ..checkpoint import open_model
     from ..compile.compile_model import compiled_for
-    from ..quantization import native_quantization
     from ..targets import load_preset
     from .weights import load_params
 
@@ -294,7 +293,7 @@ def load_engine(
         if quantization and quantization != source.scheme.name:
             raise ValueError(f"{source.path} holds {source.scheme.name} weights, not {quantization}")
         quantization = source.scheme.name
-    quantization = quantization or native_quantization(source) or DEFAULT_QUANTIZATION
+    quantization = quantization or DEFAULT_QUANTIZATION
     preset = load_preset(device)
     if kv_cache is not None:
         preset = preset.with_kv_cache(kv_cache)
@@ -334,6 +333,7 @@ def open_device(preset) -> tvm.runtime.Device:
     )
 
 
-# for checkpoints with no quantization of their own; a GGUF in block types we have keeps them
-# (`quantization.native_quantization`)
+# what a checkpoint runs in unless asked: a GGUF too, whose own blocks (`phi3 convert` keeps them,
+# `quantization.native_quantization`) run on the host's generic schedules, not the int8 kernels (several
+# times slower decode)
 DEFAULT_QUANTIZATION = "q4f16_1"
