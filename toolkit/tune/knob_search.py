@@ -27,6 +27,7 @@ from ..compile.knobs import SCHEMA, SPACE, Knobs, knobs_for, record_path, shape_
 from ..targets import Preset
 
 Config = dict[str, int]
+COLD_FAMILIES = ("q4_gemv", "attention_decode")  # decode: timed with cold caches (see `timer`)
 
 
 @dataclass
@@ -110,13 +111,23 @@ def _random_args(func: tvm.tirx.PrimFunc, dev) -> list:
     return args
 
 
-def timer(func: tvm.tirx.PrimFunc, target, args: list | None = None) -> Callable[[], float]:
-    """Build `func` and return a function that times one batch of runs (>= 40 ms), in ms per call.
-    Without `args`, the buffers are random at the func's static shapes."""
+COLD_FLUSH_BYTES = 256 << 20  # more than any last-level cache a host preset meets
+
+
+def timer(
+    func: tvm.tirx.PrimFunc, target, args: list | None = None, cold: bool = False
+) -> Callable[[], float]:
+    """Build `func` and return a function that times it, in ms per call: warm, one batch of runs (>= 40
+    ms); `cold`, the mean of 5 calls each after writing COLD_FLUSH_BYTES, which is how decode meets its
+    weights and cache (a model's weights are read once per token, far more than the caches hold). Without
+    `args`, the buffers are random at the func's static shapes."""
     rt = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
     dev = tvm.cpu()
     args = args if args is not None else _random_args(func, dev)
-    evaluator = rt.mod.time_evaluator("main", dev, number=1, repeat=1, min_repeat_ms=40)
+    if cold:
+        evaluator = rt.mod.time_evaluator("main", dev, number=1, repeat=5, cache_flush_bytes=COLD_FLUSH_BYTES)
+    else:
+        evaluator = rt.mod.time_evaluator("main", dev, number=1, repeat=1, min_repeat_ms=40)
     evaluator(*args)  # warm: first touch of the buffers, thread pool start
     return lambda: float(evaluator(*args).mean) * 1e3
 
@@ -291,7 +302,8 @@ def _search_one(tgt: Target_, default: Config, target, quick: bool, rounds: int,
         func = tgt.build(c)
         if func is None:
             return False
-        built[label(c)] = timer(func, target, tgt.args() if tgt.args else None)
+        cold = tgt.family in COLD_FAMILIES
+        built[label(c)] = timer(func, target, tgt.args() if tgt.args else None, cold)
         return True
 
     if not valid(default):
