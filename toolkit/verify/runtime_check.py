@@ -56,14 +56,14 @@ def _snapshot(args) -> list:
 def capture_host_calls(cfg, quantization: str, dtype: str | None, seed: int = 0):
     """(calls by VM symbol, calls by KV-cache factory position, params meta) of the host-exact build."""
     from ..backends.vulkan.kernel_check import kv_cache_kernel_positions
+    from ..compile import pipeline
     from ..compile.compile_model import compiled_for, graph_options
-    from ..model.phi3 import export_phi3
     from ..runtime.engine import CacheOptions, Engine
     from ..targets import load_preset
 
     preset = load_preset("host-exact")
     compiled = compiled_for(cfg, quantization, preset)
-    mod, _ = export_phi3(cfg, graph_options(quantization, preset, dtype), preset.target)
+    mod, _ = pipeline.export_model(cfg, graph_options(quantization, preset, dtype), preset.target)
     positions = kv_cache_kernel_positions(mod)
     meta = compiled.manifest["params"]
     params = [tvm.runtime.tensor(a) for a in _random_params(meta, seed)]
@@ -205,14 +205,14 @@ def verify_with_runtime(
     """KernelChecks for every PrimFunc of `scheduled`, called in the compiled `library` itself (the kernels
     that ship) through TVM's runtime on this machine's device."""
     from ..backends.vulkan.kernel_check import kv_cache_kernel_positions
+    from ..compile import pipeline
     from ..compile.compile_model import graph_options
-    from ..model.phi3 import export_phi3
     from ..runtime.plugins import require_device
 
     backend = preset.kind
     dev = require_device(backend)
     vm_calls, kv_calls, host_positions = capture_host_calls(cfg, quantization, dtype, seed)
-    mod, _ = export_phi3(cfg, graph_options(quantization, preset, dtype), preset.target)
+    mod, _ = pipeline.export_model(cfg, graph_options(quantization, preset, dtype), preset.target)
     dev_positions = kv_cache_kernel_positions(mod)
     by_name = {}
     for pos, call in kv_calls.items():

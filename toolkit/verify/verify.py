@@ -270,10 +270,9 @@ def lowered_and_scheduled(cfg, quantization: str, preset, dtype: str | None = No
     makes."""
     from ..compile import pipeline
     from ..compile.compile_model import graph_options, schedule_fn
-    from ..model.phi3 import export_phi3
 
     target = preset.target
-    mod, _params = export_phi3(cfg, graph_options(quantization, preset, dtype), target)
+    mod, _params = pipeline.export_model(cfg, graph_options(quantization, preset, dtype), target)
     lowered = pipeline.lower_to_tir(mod, target)
     with target:
         scheduled = schedule_fn(preset)(lowered)

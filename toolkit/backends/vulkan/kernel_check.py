@@ -523,7 +523,6 @@ def check_model_on_cpu_inputs(
     from ...checkpoint import open_model
     from ...compile import pipeline
     from ...compile.compile_model import graph_options, schedule_fn
-    from ...model.phi3 import export_phi3
     from ...targets import load_preset
 
     preset = load_preset(preset_name)
@@ -531,13 +530,13 @@ def check_model_on_cpu_inputs(
     opts = graph_options(quantization, preset)
     cfg = open_model(checkpoint).config
     t0 = time.perf_counter()
-    mod, _ = export_phi3(cfg, opts, target)
+    mod, _ = pipeline.export_model(cfg, opts, target)
     built = pipeline.build(mod, target, schedule_fn(preset), system_lib=preset.system_lib)
     ex = built[0] if isinstance(built, tuple) else built  # (executable, scheduled IRModule)
     build_s = time.perf_counter() - t0
     n_kernels = sum(len(build_of(m).kernels) for m in vulkan_imports(ex.mod))
 
-    mod, _ = export_phi3(cfg, opts, target)
+    mod, _ = pipeline.export_model(cfg, opts, target)
     positions = kv_cache_kernel_positions(mod)
     calls = capture_cpu_calls(checkpoint, quantization, opts.dtype, Path(work_dir) / "host", positions)
     lowered = pipeline.lower_to_tir(mod, target)
