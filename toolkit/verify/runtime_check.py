@@ -20,7 +20,7 @@ import tvm
 import tvm_ffi
 from tvm import tirx
 
-from .kernel_info import describe
+from ..compile.kernel_info import describe
 from .verify import DEFAULT_SHAPE_VALUE, KernelCheck, random_inputs, run_reference
 
 # max|gpu - ref| relative to max(1, max|ref|): the two builds differ in summation order (split/tree
