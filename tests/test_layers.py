@@ -39,9 +39,6 @@ KNOWN = {
     # the model builds its quantized layers itself (MLC swaps plain layers with a mutator instead)
     ("toolkit.model.phi3", "toolkit.quantization"),
     ("toolkit.model.phi3", "toolkit.quantization.tvm_layers"),
-    # the Vulkan kernel check runs a whole model through the runtime
-    ("toolkit.backends.vulkan.kernel_check", "toolkit.runtime.engine"),
-    ("toolkit.backends.vulkan.kernel_check", "toolkit.runtime.weights"),
 }
 
 

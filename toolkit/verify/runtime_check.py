@@ -25,7 +25,7 @@ from .verify import DEFAULT_SHAPE_VALUE, KernelCheck, random_inputs, run_referen
 
 # max|gpu - ref| relative to max(1, max|ref|): the two builds differ in summation order (split/tree
 # reductions vs serial loops), so fp32 errors grow like K * eps * |partial sums|: 1e-4 * max(1, K/512) covers
-# K <= 8192 with margin; fp16 outputs round at 2^-11 and accumulate in fp16, so 2e-2 (as kernel_check).
+# K <= 8192 with margin; fp16 outputs round at 2^-11 and accumulate in fp16, so 2e-2 (as vulkan_check).
 FP32_REL, FP16_REL = 1e-4, 2e-2
 
 
@@ -55,11 +55,11 @@ def _snapshot(args) -> list:
 
 def capture_host_calls(cfg, quantization: str, dtype: str | None, seed: int = 0):
     """(calls by VM symbol, calls by KV-cache factory position, params meta) of the host-exact build."""
-    from ..backends.vulkan.kernel_check import kv_cache_kernel_positions
     from ..compile import pipeline
     from ..compile.compile_model import compiled_for, graph_options
     from ..runtime.engine import CacheOptions, Engine
     from ..targets import load_preset
+    from .vulkan_check import kv_cache_kernel_positions
 
     preset = load_preset("host-exact")
     compiled = compiled_for(cfg, quantization, preset)
@@ -204,10 +204,10 @@ def verify_with_runtime(
 ) -> list[KernelCheck]:
     """KernelChecks for every PrimFunc of `scheduled`, called in the compiled `library` itself (the kernels
     that ship) through TVM's runtime on this machine's device."""
-    from ..backends.vulkan.kernel_check import kv_cache_kernel_positions
     from ..compile import pipeline
     from ..compile.compile_model import graph_options
     from ..runtime.plugins import require_device
+    from .vulkan_check import kv_cache_kernel_positions
 
     backend = preset.kind
     dev = require_device(backend)
