@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+import tvm_ffi
 from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
 from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_cpu, _attention_prefill_ragged_cpu
 
@@ -17,8 +18,8 @@ from toolkit.compile.cpu_attention import (
     decode_attention_cpu,
     prefill_paged_attention_cpu,
     prefill_ragged_attention_cpu,
-    replace_attention,
 )
+from toolkit.compile.host_attention import replace_attention
 from toolkit.targets import load_preset
 
 PS = 16
@@ -232,3 +233,43 @@ def test_every_knob_setting_computes_the_same_attention(lanes, chunk):
     for a, r in zip(got, ref):
         np.testing.assert_allclose(a, r, atol=TOL, rtol=0)
     assert np.abs(ref[0]).max() > 0.01
+
+
+def test_pipeline_swaps_attention_on_llvm_targets_only(tmp_path):
+    """`pipeline.export_model` (what compile, tune, verify and the Vulkan check build from) runs the swap on
+    llvm targets, with the knobs' sizes, and leaves other targets' graphs as exported."""
+    from tiny import make_tiny_checkpoint
+
+    from toolkit.checkpoint import open_model
+    from toolkit.compile.compile_model import graph_options
+    from toolkit.compile.knobs import Knobs
+    from toolkit.compile.pipeline import export_model
+    from toolkit.model.phi3 import export_phi3
+
+    cfg = open_model(make_tiny_checkpoint(tmp_path / "ckpt", "mini-4k")).config
+
+    def kernels(mod):
+        return {
+            str(f.attrs["global_symbol"]): f
+            for f in mod.functions.values()
+            if isinstance(f, tvm.tirx.PrimFunc) and str(f.attrs.get("global_symbol", "")).startswith("batch_")
+        }
+
+    host = load_preset("host")
+    opts = graph_options("q4f16_1", host)
+    exported = kernels(export_phi3(cfg, opts, host.target)[0])
+    swapped = kernels(export_model(cfg, opts, host.target)[0])
+    wide = kernels(export_model(cfg, opts, host.target, Knobs({"attention_decode": {"*": {"lanes": 16}}}))[0])
+    decode = "batch_decode_paged_kv_cpu"
+    assert decode in swapped and swapped.keys() == exported.keys()
+    assert "T.parallel" in swapped[decode].script() and "T.parallel" not in exported[decode].script()
+    assert bool(swapped[decode].attrs["tirx.is_scheduled"])
+    # the decode knob reaches the decode kernel only
+    for name in swapped:
+        same = tvm_ffi.structural_equal(wide[name], swapped[name])
+        assert same != name.startswith("batch_decode"), name
+
+    gpu = load_preset("webgpu")
+    opts = graph_options("q4f16_1", gpu)
+    ours, theirs = export_model(cfg, opts, gpu.target)[0], export_phi3(cfg, opts, gpu.target)[0]
+    assert tvm_ffi.structural_equal(ours, theirs)

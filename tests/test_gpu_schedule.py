@@ -112,3 +112,25 @@ def test_dlight_matmul_tensorizes_on_metal_and_cuda():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"scheduling crashed (rc {proc.returncode}): {proc.stderr[-2000:]}"
     assert proc.stdout.split()[-2:] == ["True", "True"]
+
+
+def test_thread_bindings_are_found_in_either_form():
+    """A thread-bound loop and a `launch_thread` attribute both count; a plain loop does not."""
+    from tvm.script import tirx as T
+
+    from toolkit.compile.gpu_schedule import has_thread_binding
+
+    @T.prim_func
+    def launched(a: T.Buffer((64,), "float32")):
+        tx = T.launch_thread("threadIdx.x", 64)
+        a[tx] = T.float32(1)
+
+    @T.prim_func
+    def plain(a: T.Buffer((64,), "float32")):
+        for i in range(64):
+            a[i] = T.float32(1)
+
+    assert has_thread_binding(launched) and not has_thread_binding(plain)
+    mod = standalone_module("float32")
+    scheduled = gpu_schedule_pass(load_preset("webgpu"))(mod)
+    assert all(has_thread_binding(f) for f in scheduled.functions.values())  # T.thread_binding loops

@@ -39,13 +39,6 @@ KNOWN = {
     # the model builds its quantized layers itself (MLC swaps plain layers with a mutator instead)
     ("toolkit.model.phi3", "toolkit.quantization"),
     ("toolkit.model.phi3", "toolkit.quantization.tvm_layers"),
-    # issue 16 item 5: the host attention swap becomes a pipeline pass
-    ("toolkit.model.phi3", "toolkit.compile.cpu_attention"),
-    # issue 16 item 5: kernel launch info moves below the verifiers
-    ("toolkit.compile.artifacts", "toolkit.verify.kernel_info"),
-    # the Vulkan kernel check runs a whole model through the runtime
-    ("toolkit.backends.vulkan.kernel_check", "toolkit.runtime.engine"),
-    ("toolkit.backends.vulkan.kernel_check", "toolkit.runtime.weights"),
 }
 
 

@@ -15,8 +15,7 @@ from toolkit.checkpoint import open_model
 from toolkit.compile.compile_model import graph_options
 from toolkit.compile.cpu_isa import q4_gemm_isa, q8_dot_isa, q8_gemm_isa
 from toolkit.compile.fuse_dequant import fused_dequant_kernels, unfused_dequant_kernels
-from toolkit.compile.pipeline import lower_to_tir
-from toolkit.model.phi3 import export_phi3
+from toolkit.compile.pipeline import export_model, lower_to_tir
 from toolkit.quantization import MLC_Q4_LAYOUT, QUANTIZATIONS, GroupLayout, get_scheme
 from toolkit.quantization.group_quant import dequantize
 from toolkit.targets import load_preset
@@ -67,7 +66,7 @@ def test_every_linear_is_one_fused_dequant_kernel(tmp_path):
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "medium")
     cfg = open_model(ckpt).config
     preset = load_preset("host")
-    mod, _ = export_phi3(cfg, graph_options("q4f16_1", preset), preset.target)
+    mod, _ = export_model(cfg, graph_options("q4f16_1", preset), preset.target)
     lowered = lower_to_tir(mod, preset.target)
     fused = fused_dequant_kernels(lowered)
     assert unfused_dequant_kernels(lowered) == []  # no kernel materialises a dequantized weight

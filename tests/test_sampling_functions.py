@@ -31,10 +31,10 @@ from toolkit.compile.attach_sampling import GPU_SAMPLER_NAMES, attach_sampling_f
 from toolkit.compile.compile_model import schedule_fn
 from toolkit.compile.gpu_schedule import check_thread_bindings
 from toolkit.compile.gpu_sort import padded_length, stages
+from toolkit.compile.kernel_info import describe
 from toolkit.compile.logit_processor import NAMES as PROCESSORS
 from toolkit.compile.spec_verify import spec_verify
 from toolkit.targets import load_preset
-from toolkit.verify.kernel_info import describe
 from toolkit.verify.verify import RUN_TARGETS, build_runner, retarget
 
 V, HIDDEN, CHUNK = 777, 16, 8  # odd vocabulary: partial thread blocks and a partial bitmask word
@@ -428,7 +428,7 @@ def test_verify_draft_tokens_on_opencl_pocl():
 
 def test_every_webgpu_shader_validates():
     """TVM's sort/scan kernels included: wgpu (naga) compiles each WGSL shader into a pipeline."""
-    from toolkit.verify.kernel_info import with_global_symbols
+    from toolkit.compile.kernel_info import with_global_symbols
     from toolkit.verify.wgsl_runner import device, split_wgsl_source
 
     gpu_apis.require("webgpu")
@@ -443,7 +443,7 @@ def test_every_webgpu_shader_validates():
 
 
 def test_metal_source_parses():
-    from toolkit.verify.kernel_info import with_global_symbols
+    from toolkit.compile.kernel_info import with_global_symbols
     from toolkit.verify.metal_check import check_msl
 
     preset = load_preset("iphone-a16")
@@ -455,8 +455,8 @@ def test_metal_source_parses():
 
 @pytest.mark.skipif(not HAS_NVCC, reason="nvcc not found: CUDA kernels can only be compile-checked with nvcc")
 def test_nvcc_compiles_every_sampling_kernel():
+    from toolkit.compile.kernel_info import with_global_symbols
     from toolkit.verify.cuda_check import compile_kernels
-    from toolkit.verify.kernel_info import with_global_symbols
 
     preset = load_preset("cuda-sm80")
     built = tvm.compile(with_global_symbols(_scheduled("cuda-sm80")), target=preset.target)

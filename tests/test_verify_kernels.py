@@ -16,9 +16,9 @@ import pytest
 import tvm
 from test_targets import REQUIRED as REQUIRED_PRESETS
 
+from toolkit.compile import kernel_info
 from toolkit.compile.gpu_schedule import gpu_schedule_pass
 from toolkit.targets import load_preset
-from toolkit.verify import kernel_info
 from toolkit.verify.sample_kernels import standalone_module
 from toolkit.verify.verify import backend_for, lowered_and_scheduled, verify_kernels
 

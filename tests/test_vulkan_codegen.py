@@ -14,11 +14,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 import toolkit.backends.vulkan as vkb  # noqa: E402  (registers target.build.vulkan)
-from toolkit.backends.vulkan import kernel_check as kc  # noqa: E402
 from toolkit.backends.vulkan import module_format as mf  # noqa: E402
 from toolkit.backends.vulkan.runtime_module import make_module, save_to_bytes  # noqa: E402
 from toolkit.backends.vulkan.spirv import validate  # noqa: E402
 from toolkit.targets import load_preset  # noqa: E402
+from toolkit.verify import vulkan_check as kc  # noqa: E402
 
 SPIRV_MAGIC = 0x07230203
 
@@ -50,10 +50,13 @@ def test_standalone_kernel_builds_and_validates(name, target):
     assert set(data.fmap) == set(data.smap) == {kernel_name}
     info, shader = data.fmap[kernel_name], data.smap[kernel_name]
     assert info.name == kernel_name
-    # handles first (SplitHostDevice sorts), then int32 shape scalars; one extra tag (kNone) per argument
+    # handles first (SplitHostDevice sorts), then the shape scalars in the kernel's index dtype (int32 from
+    # te.var, int64 in the Relax-legalized sample kernels); one extra tag (kNone) per argument
     codes = [t.code for t in info.arg_types]
     assert codes == sorted(codes, key=lambda c: c != 3) and 3 in codes
-    assert all(str(t) in ("handle", "int32") for t in info.arg_types)
+    dims = [d for p in func.params if isinstance(p.ty, tvm.tirx.BufferType) for d in p.shape]
+    index = {str(d.ty.dtype) for d in dims if isinstance(d, tvm.tirx.Var)}
+    assert {str(t) for t in info.arg_types if t.code != 3} == index
     assert info.arg_extra_tags == [0] * len(info.arg_types)
     assert info.launch_param_tags and all(
         t.split(".")[0] in ("blockIdx", "threadIdx") for t in info.launch_param_tags
@@ -193,7 +196,7 @@ def test_export_library_embeds_the_module(tmp_path, target):
 def test_paged_kv_cache_kernels_build(dtype, target):
     from tvm import relax
 
-    from toolkit.backends.vulkan.kernel_check import paged_kv_cache_module
+    from toolkit.verify.vulkan_check import paged_kv_cache_module
 
     ex = relax.build(paged_kv_cache_module(target, dtype), target)
     builds = [vkb.build_of(m) for m in vkb.vulkan_imports(ex.mod)]

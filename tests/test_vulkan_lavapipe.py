@@ -15,9 +15,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 import toolkit.backends.vulkan as vkb  # noqa: E402
-from toolkit.backends.vulkan import kernel_check as kc  # noqa: E402
 from toolkit.backends.vulkan.lavapipe import LavapipeDevice, VulkanUnavailable, pack_scalars  # noqa: E402
 from toolkit.targets import load_preset  # noqa: E402
+from toolkit.verify import vulkan_check as kc  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -106,8 +106,8 @@ def verify_manifest(out_dir: str | Path) -> dict:
 
 def kernel_launch_table(scheduled_mod, target) -> list[dict]:
     """[{func, name, params (kernel order), launch {tag: extent expr}}] for every device kernel of a scheduled
-    TIR module (read from the lowered TIR; see toolkit/verify/kernel_info.py)."""
-    from ..verify.kernel_info import describe
+    TIR module (read from the lowered TIR; see compile/kernel_info.py)."""
+    from .kernel_info import describe
 
     table = []
     for func, info in sorted(describe(scheduled_mod, target).items()):

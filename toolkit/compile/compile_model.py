@@ -25,7 +25,7 @@ from .. import __version__
 from ..config import Phi3Config
 from ..errors import UserError
 from ..locks import output_lock
-from ..model.phi3 import GraphOptions, export_phi3
+from ..model.phi3 import GraphOptions
 from ..outputs import check_output_dir
 from ..paths import cache_root
 from ..quantization import get_scheme
@@ -153,7 +153,7 @@ def _build_library(
         from ..backends import vulkan  # noqa: F401  (registers target.build.vulkan, which the wheel lacks)
     t0 = time.time()
     knobs = knobs_for(preset) if preset.kind == "llvm" else None
-    mod, named_params = export_phi3(cfg, opts, target, knobs)
+    mod, named_params = pipeline.export_model(cfg, opts, target, knobs)
     limits = limits or Limits.default(cfg)
     from .attach_sampling import attach_sampling_functions  # MLC engine's sampling/logit functions
 

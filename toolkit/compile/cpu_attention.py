@@ -1,4 +1,5 @@
-"""Paged-KV attention kernels for the host CPU, replacing TVM's scalar `*_cpu` attention kernels.
+"""Paged-KV attention kernels for the host CPU, replacing TVM's scalar `*_cpu` attention kernels (the swap:
+compile/host_attention.py).
 
 TVM's CPU kernels run every (sequence, query head, query row) one after another on one thread, with scalar
 loops over the head dimension and an online-softmax rescale of the output after every key; the ragged
@@ -19,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from tvm import IRModule, tirx
+from tvm import tirx
 from tvm.script import tirx as T
 
 LOG2E = math.log2(math.e)
@@ -33,7 +34,6 @@ class AttentionKnobs:
     chunk: int = 16  # keys per softmax rescale
 
 
-SYMBOLS = ("batch_decode_paged_kv_cpu", "batch_prefill_paged_kv_cpu", "batch_prefill_ragged_kv")  # TVM's
 NO_ROPE = "the host attention kernels expect rope applied before the KV cache (rotary_mode 0)"
 
 
@@ -360,64 +360,3 @@ def prefill_ragged_attention_cpu(
     # fmt: on
 
     return kernel
-
-
-def _shape(func: tirx.PrimFunc, index: int) -> list[int]:
-    return [int(x) for x in func.params[index].shape if isinstance(x, tirx.IntImm)]
-
-
-def _ours(
-    func: tirx.PrimFunc, symbol: str, window: int, mask_window: int, knobs: AttentionKnobs
-) -> tirx.PrimFunc | None:
-    """Our kernel for TVM's kernel `func` (named by its global symbol), or None to keep TVM's."""
-    if not symbol.startswith(SYMBOLS):
-        return None
-    dtype = str(func.params[0].dtype)
-    h_qo, d = _shape(func, 0)  # q: [rows, H_qo, d]
-    if d % knobs.lanes:  # e.g. 16 lanes on a head of 72: 8 lanes still fit
-        if d % 8:
-            return None
-        knobs = AttentionKnobs(8, knobs.chunk)
-    if symbol.startswith("batch_decode_paged_kv_cpu"):
-        _, h_kv, page_size, _ = _shape(func, 1)  # pages: [P, 2, H_kv, page_size, d]
-        sliding = symbol.endswith("_sliding_window")
-        mask = 0 if sliding else mask_window
-        return decode_attention_cpu(h_kv, h_qo, d, dtype, sliding, page_size, mask, knobs)
-    if symbol.startswith("batch_prefill_paged_kv_cpu"):
-        _, h_kv, page_size, _ = _shape(func, 2)
-        sliding = symbol.endswith("_sliding_window")
-        mask = 0 if sliding else mask_window
-        return prefill_paged_attention_cpu(h_kv, h_qo, d, dtype, sliding, page_size, window, mask, knobs)
-    if symbol == "batch_prefill_ragged_kv" and len(func.params) == 14:
-        h_kv, d_k = _shape(func, 2)
-        h_v, d_v = _shape(func, 3)
-        if (d_k, h_v, d_v) == (d, h_kv, d):
-            return prefill_ragged_attention_cpu(h_kv, h_qo, d, dtype, mask_window, knobs)
-    return None
-
-
-def replace_attention(
-    mod: IRModule,
-    sliding_window_size: int,
-    mask_window: int = 0,
-    decode: AttentionKnobs = AttentionKnobs(),
-    prefill: AttentionKnobs = AttentionKnobs(),
-) -> IRModule:
-    """`mod` with TVM's CPU attention kernels (decode, paged prefill, ragged prefill; found by global symbol)
-    replaced by ours under the same global var and attributes. `sliding_window_size` is the window the
-    paged prefill kernel's mask was built with; `mask_window` W > 0 makes the plain kernels apply HF's
-    sliding window themselves (see the kernels). Shapes we don't cover keep TVM's kernel."""
-    updates = {}
-    for gv, func in mod.functions.items():
-        if not isinstance(func, tirx.PrimFunc) or func.attrs is None:
-            continue
-        symbol = str(func.attrs.get("global_symbol", ""))
-        knobs = decode if symbol.startswith("batch_decode") else prefill
-        new = _ours(func, symbol, sliding_window_size, mask_window, knobs)
-        if new is not None:
-            attrs = dict(func.attrs.items())
-            attrs.update({"tirx.is_scheduled": True, "tirx.noalias": True})
-            updates[gv] = new.with_attrs(attrs)
-    if not updates:
-        return mod
-    return IRModule({gv: updates.get(gv, f) for gv, f in mod.functions.items()}, attrs=mod.attrs)

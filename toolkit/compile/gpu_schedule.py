@@ -9,17 +9,29 @@ from __future__ import annotations
 
 import inspect
 import linecache
-import re
 import sys
 
 import tvm
+import tvm_ffi
 from tvm import tirx
 from tvm.s_tir import dlight as dl
 
 from ..errors import UserError
 from ..targets import Preset
 
-_THREAD_BINDING = re.compile(r"T\.(thread_binding\(|launch_thread\(|env_thread\()")
+
+def has_thread_binding(func: tirx.PrimFunc) -> bool:
+    """Whether `func` binds a GPU thread: a thread-bound loop (`T.thread_binding`) or a `thread_extent`
+    attribute (`T.launch_thread` / `T.env_thread`), found by walking its IR."""
+
+    def bound(node):
+        if isinstance(node, tirx.For) and node.kind == tirx.ForKind.THREAD_BINDING:
+            return tvm_ffi.VisitInterrupt()
+        if isinstance(node, tirx.AttrStmt) and node.attr_key == "thread_extent":
+            return tvm_ffi.VisitInterrupt()
+        return None
+
+    return tvm_ffi.structural_walk(func.body, ((tirx.For, tirx.AttrStmt), bound), order="pre") is not None
 
 
 def dlight_rules(preset: Preset) -> list:
@@ -79,7 +91,7 @@ def unbound_kernels(mod: tvm.IRModule) -> list[str]:
     for gvar, func in mod.functions_items():
         if not isinstance(func, tirx.PrimFunc) or _is_host_func(func):
             continue
-        if not _THREAD_BINDING.search(func.script()):
+        if not has_thread_binding(func):
             missing.append(gvar.name_hint)
     return sorted(missing)
 

@@ -1,4 +1,5 @@
-"""Our Relax pipeline: graph passes -> fusion (incl. dequantize into matmul) -> schedules -> VM lowering.
+"""Our Relax pipeline: export + target passes -> graph passes -> fusion (incl. dequantize into matmul) ->
+schedules -> VM lowering.
 
 TVM's built-in "default" pipeline does no operator fusion on llvm, so we spell the phases out. The phases are
 separate functions because `phi3 verify` compares every scheduled kernel against the same kernel unscheduled
@@ -11,6 +12,22 @@ from collections.abc import Callable
 
 import tvm
 from tvm import IRModule, relax
+
+from ..config import Phi3Config
+from ..model.phi3 import GraphOptions, export_phi3
+
+
+def export_model(cfg: Phi3Config, opts: GraphOptions, target: tvm.target.Target, knobs=None):
+    """-> (IRModule, [(param name, nn.Parameter)]): the model's graph as every build starts from it, the
+    exported graph after the target's module passes. llvm: TVM's CPU attention kernels are scalar and
+    single-threaded, so ours replace them (compile/host_attention.py), sized by `knobs`
+    (compile/knobs.Knobs; None: the kernels' defaults)."""
+    mod, named_params = export_phi3(cfg, opts, target)
+    if target.kind.name == "llvm":
+        from .host_attention import host_attention
+
+        mod = host_attention(cfg, knobs)(mod)
+    return mod, named_params
 
 
 def lower_to_tir(mod: IRModule, target: tvm.target.Target) -> IRModule:

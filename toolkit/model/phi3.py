@@ -254,16 +254,8 @@ def attention_window(cfg: Phi3Config) -> int:
     return cfg.sliding_window or 1024
 
 
-def export_phi3(cfg: Phi3Config, opts: GraphOptions, target: Target, knobs=None):
-    """-> (IRModule, [(param name, nn.Parameter)]) for the graph. `knobs` (compile/knobs.Knobs) sizes the
-    host attention kernels."""
+def export_phi3(cfg: Phi3Config, opts: GraphOptions, target: Target):
+    """-> (IRModule, [(param name, nn.Parameter)]) for the graph, as TVM's frontend exports it (the compile
+    pipeline's target passes come after: compile/pipeline.export_model)."""
     model = Phi3ForCausalLM(cfg, opts, target)
-    mod, named_params = model.export_tvm(spec=model.spec())
-    if target.kind.name == "llvm":  # TVM's CPU attention kernels are scalar and single-threaded
-        from ..compile.cpu_attention import replace_attention
-
-        # HF's sliding window inside the kernels: the cache then never rolls, so the query positions the
-        # graph reads from it stay absolute (RoPE is applied before the cache)
-        sizes = {step: knobs.attention(step) for step in ("decode", "prefill")} if knobs else {}
-        mod = replace_attention(mod, attention_window(cfg), mask_window=cfg.sliding_window or 0, **sizes)
-    return mod, named_params
+    return model.export_tvm(spec=model.spec())

@@ -67,10 +67,9 @@ def lower_model(cfg: Phi3Config, quantization: str, preset: Preset, dtype: str |
     from ..compile import pipeline
     from ..compile.compile_model import graph_options
     from ..compile.knobs import knobs_for
-    from ..model.phi3 import export_phi3
 
     knobs = knobs_for(preset) if preset.kind == "llvm" else None
-    mod, _ = export_phi3(cfg, graph_options(quantization, preset, dtype), preset.target, knobs)
+    mod, _ = pipeline.export_model(cfg, graph_options(quantization, preset, dtype), preset.target, knobs)
     return pipeline.lower_to_tir(mod, preset.target)
 
 

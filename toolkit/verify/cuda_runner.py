@@ -21,14 +21,15 @@ def make_bundle(unscheduled, scheduled, preset, out_dir, shape_value: int = 7, s
     import tvm
 
     from ..compile.cuda_aot import nvcc_compile
-    from .kernel_info import NO_CSE, describe, eval_extent
-    from .verify import TOLERANCE, _has_thread_binding, random_inputs, retarget, run_reference
+    from ..compile.gpu_schedule import has_thread_binding
+    from ..compile.kernel_info import NO_CSE, describe, eval_extent
+    from .verify import TOLERANCE, random_inputs, retarget, run_reference
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = preset.target
     runnable = retarget(scheduled, target)
-    skip = [gv.name_hint for gv, f in unscheduled.functions_items() if _has_thread_binding(f)]
+    skip = [gv.name_hint for gv, f in unscheduled.functions_items() if has_thread_binding(f)]
     runnable = tvm.IRModule({gv: f for gv, f in runnable.functions_items() if gv.name_hint not in skip})
     with tvm.transform.PassContext(config=NO_CSE):
         built = tvm.compile(runnable, target=tvm.target.Target(target, tvm.target.Target("llvm")))

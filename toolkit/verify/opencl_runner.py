@@ -14,7 +14,7 @@ from functools import cache
 
 import numpy as np
 
-from .kernel_info import KernelLaunch, eval_extent
+from ..compile.kernel_info import KernelLaunch, eval_extent
 
 
 @cache

@@ -20,12 +20,12 @@ import tvm
 import tvm_ffi
 from tvm import tirx
 
-from .kernel_info import describe
+from ..compile.kernel_info import describe
 from .verify import DEFAULT_SHAPE_VALUE, KernelCheck, random_inputs, run_reference
 
 # max|gpu - ref| relative to max(1, max|ref|): the two builds differ in summation order (split/tree
 # reductions vs serial loops), so fp32 errors grow like K * eps * |partial sums|: 1e-4 * max(1, K/512) covers
-# K <= 8192 with margin; fp16 outputs round at 2^-11 and accumulate in fp16, so 2e-2 (as kernel_check).
+# K <= 8192 with margin; fp16 outputs round at 2^-11 and accumulate in fp16, so 2e-2 (as vulkan_check).
 FP32_REL, FP16_REL = 1e-4, 2e-2
 
 
@@ -55,15 +55,15 @@ def _snapshot(args) -> list:
 
 def capture_host_calls(cfg, quantization: str, dtype: str | None, seed: int = 0):
     """(calls by VM symbol, calls by KV-cache factory position, params meta) of the host-exact build."""
-    from ..backends.vulkan.kernel_check import kv_cache_kernel_positions
+    from ..compile import pipeline
     from ..compile.compile_model import compiled_for, graph_options
-    from ..model.phi3 import export_phi3
     from ..runtime.engine import CacheOptions, Engine
     from ..targets import load_preset
+    from .vulkan_check import kv_cache_kernel_positions
 
     preset = load_preset("host-exact")
     compiled = compiled_for(cfg, quantization, preset)
-    mod, _ = export_phi3(cfg, graph_options(quantization, preset, dtype), preset.target)
+    mod, _ = pipeline.export_model(cfg, graph_options(quantization, preset, dtype), preset.target)
     positions = kv_cache_kernel_positions(mod)
     meta = compiled.manifest["params"]
     params = [tvm.runtime.tensor(a) for a in _random_params(meta, seed)]
@@ -204,15 +204,15 @@ def verify_with_runtime(
 ) -> list[KernelCheck]:
     """KernelChecks for every PrimFunc of `scheduled`, called in the compiled `library` itself (the kernels
     that ship) through TVM's runtime on this machine's device."""
-    from ..backends.vulkan.kernel_check import kv_cache_kernel_positions
+    from ..compile import pipeline
     from ..compile.compile_model import graph_options
-    from ..model.phi3 import export_phi3
     from ..runtime.plugins import require_device
+    from .vulkan_check import kv_cache_kernel_positions
 
     backend = preset.kind
     dev = require_device(backend)
     vm_calls, kv_calls, host_positions = capture_host_calls(cfg, quantization, dtype, seed)
-    mod, _ = export_phi3(cfg, graph_options(quantization, preset, dtype), preset.target)
+    mod, _ = pipeline.export_model(cfg, graph_options(quantization, preset, dtype), preset.target)
     dev_positions = kv_cache_kernel_positions(mod)
     by_name = {}
     for pos, call in kv_calls.items():

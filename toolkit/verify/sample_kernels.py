@@ -19,22 +19,22 @@ from ..quantization.tvm_layers import te_dequantize
 _Q4 = MLC_Q4_LAYOUT
 
 
-def _i(v: int):
-    return tirx.const(v, "int64")
-
-
-def dequant_matmul(n_out: int, k: int, dtype: str, seq_len: int | str = 1) -> tirx.PrimFunc:
+def dequant_matmul(
+    n_out: int, k: int, dtype: str, seq_len: int | str = 1, scale: str | None = None, index: str = "int64"
+) -> tirx.PrimFunc:
     """x [1, seq, K] @ dequant(W)^T -> [1, seq, N]; seq_len an int (decode GEMV) or a name (dynamic
-    prefill)."""
-    seq = tirx.Var(seq_len, "int64") if isinstance(seq_len, str) else _i(seq_len)
+    prefill). `scale`: the scales' dtype (default `dtype`); `index`: the shapes' integer dtype (int64 as
+    Relax legalizes; int32 as `te.var` gives)."""
+    i = lambda v: tirx.const(v, index)  # noqa: E731
+    seq = tirx.Var(seq_len, index) if isinstance(seq_len, str) else i(seq_len)
     (qw_rows, qw_cols), (qs_rows, qs_cols) = _Q4.quantized_shapes((n_out, k))
-    q_weight = te.placeholder((_i(qw_rows), _i(qw_cols)), _Q4.storage, name="q_weight")
-    q_scale = te.placeholder((_i(qs_rows), _i(qs_cols)), dtype, name="q_scale")
-    x = te.placeholder((_i(1), seq, _i(k)), dtype, name="x")
-    w = te_dequantize(q_weight, q_scale, _i(k), dtype, _Q4)
-    r = te.reduce_axis((_i(0), _i(k)), name="k")
+    q_weight = te.placeholder((i(qw_rows), i(qw_cols)), _Q4.storage, name="q_weight")
+    q_scale = te.placeholder((i(qs_rows), i(qs_cols)), scale or dtype, name="q_scale")
+    x = te.placeholder((i(1), seq, i(k)), dtype, name="x")
+    w = te_dequantize(q_weight, q_scale, i(k), dtype, _Q4)
+    r = te.reduce_axis((i(0), i(k)), name="k")
     y = te.compute(
-        (_i(1), seq, _i(n_out)), lambda b, s, i: te.sum(x[b, s, r] * w[i, r], axis=r), name="NT_matmul"
+        (i(1), seq, i(n_out)), lambda b, s, j: te.sum(x[b, s, r] * w[j, r], axis=r), name="NT_matmul"
     )
     return te.create_prim_func([q_weight, q_scale, x, y])
 
@@ -80,3 +80,22 @@ def standalone_module(dtype: str, k: int = 512, n_out: int = 256, hidden: int = 
         "softmax": softmax(vocab, dtype),
     }
     return tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+
+
+def silu_mul(i: int = 512, dtype: str = "float32") -> tirx.PrimFunc:
+    """The MLP's SiLU(gate) * up over the fused gate_up output: x [1, seq_len, 2I] -> [1, seq_len, I]."""
+    m = te.var("seq_len")
+    x = te.placeholder((1, m, 2 * i), dtype, name="x")
+    y = te.compute(
+        (1, m, i), lambda b, s, j: x[b, s, j] * tirx.sigmoid(x[b, s, j]) * x[b, s, j + i], name="silu"
+    )
+    return te.create_prim_func([x, y])
+
+
+def add_tanh(dtype: str = "float32") -> tirx.PrimFunc:
+    """Elementwise with a fully dynamic shape and math intrinsics (tanh, exp)."""
+    n = te.var("n")
+    a = te.placeholder((n,), dtype, name="a")
+    b = te.placeholder((n,), dtype, name="b")
+    y = te.compute((n,), lambda i: tirx.tanh(a[i]) + tirx.exp(b[i] * tirx.const(0.5, dtype)), name="y")
+    return te.create_prim_func([a, b, y])

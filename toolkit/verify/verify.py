@@ -17,7 +17,8 @@ import tvm
 from tvm import tirx
 from tvm.target import Target
 
-from .kernel_info import NO_CSE, FuncInfo, describe, with_global_symbols
+from ..compile.gpu_schedule import has_thread_binding
+from ..compile.kernel_info import NO_CSE, FuncInfo, describe, with_global_symbols
 
 # Error metric: max|gpu - ref| / max|ref|. The two builds differ only in evaluation order (split/tree
 # reductions vs a serial loop) and dequant rounding points. A reduction of n terms re-ordered changes the
@@ -135,7 +136,7 @@ def verify_kernels(
     scheduled = retarget(scheduled, run_target)
     skip = dict(skip or {})
     for gv, f in unscheduled.functions_items():
-        if isinstance(f, tirx.PrimFunc) and _has_thread_binding(f):
+        if isinstance(f, tirx.PrimFunc) and has_thread_binding(f):
             # e.g. the paged KV-cache kernels TVM ships pre-scheduled: no unscheduled version to compare with
             skip[gv.name_hint] = "scheduled before the GPU schedule step (no unscheduled llvm reference)"
     not_runnable = _not_runnable(scheduled, backend)
@@ -190,12 +191,6 @@ def _compare(outputs: list[str], expected: dict, actual: dict) -> tuple[float, f
         if ratio > worst[0]:
             worst = (ratio, err, tol, name)
     return worst[1], worst[2], f"worst buffer {worst[3]}"
-
-
-def _has_thread_binding(f: tirx.PrimFunc) -> bool:
-    from ..compile.gpu_schedule import _THREAD_BINDING
-
-    return bool(_THREAD_BINDING.search(f.script()))
 
 
 def _not_runnable(mod: tvm.IRModule, backend: str) -> dict[str, str]:
@@ -270,10 +265,9 @@ def lowered_and_scheduled(cfg, quantization: str, preset, dtype: str | None = No
     makes."""
     from ..compile import pipeline
     from ..compile.compile_model import graph_options, schedule_fn
-    from ..model.phi3 import export_phi3
 
     target = preset.target
-    mod, _params = export_phi3(cfg, graph_options(quantization, preset, dtype), target)
+    mod, _params = pipeline.export_model(cfg, graph_options(quantization, preset, dtype), target)
     lowered = pipeline.lower_to_tir(mod, target)
     with target:
         scheduled = schedule_fn(preset)(lowered)

@@ -20,7 +20,7 @@ from functools import cache
 
 import numpy as np
 
-from .kernel_info import KernelLaunch
+from ..compile.kernel_info import KernelLaunch
 
 _FUNC_HEADER = re.compile(r"// Function: (\S+)\n//-+\n")
 _MAX_DIM = 1 << 16
@@ -138,7 +138,7 @@ class WGSLRunner:
 
 
 def _pod_words(launch: KernelLaunch, shape_values: dict[str, int], pack_grid_dim_x: int) -> bytes:
-    from .kernel_info import eval_extent
+    from ..compile.kernel_info import eval_extent
 
     words = []
     for p in launch.params:

@@ -3,27 +3,24 @@ hand).
 
 `SplitHostDevice` sorts a kernel's parameters (buffers first, then scalars, each by name), so the order in the
 generated WGSL / OpenCL / CUDA differs from the PrimFunc's. The host function launches each kernel with
-`T.call_ffi_kernel("<name>", <args in kernel order>, <launch extents>, launch_params=[tags])`; that call is
-the
-single source of truth used here. CSE is disabled while lowering so that dynamic-shape kernels take only the
-shape variables as scalars, not host-computed temporaries (shared/notes/gpu-apis-on-cpu.md 1).
+`T.call_ffi_kernel("<name>", <args in kernel order>, <launch extents>, launch_params=[tags])`; that call,
+found by walking the host IR, is the single source of truth here. Extents are kept as printed expressions (the
+manifest's kernel table records them; `eval_extent` binds the shape variables). CSE is disabled while lowering
+so that dynamic-shape kernels take only the shape variables as scalars, not host-computed temporaries
+(shared/notes/gpu-apis-on-cpu.md 1). Used by the manifest (compile/artifacts.py) and the kernel verifiers.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import tvm
+import tvm_ffi
 from tvm import tirx
 from tvm.target import Target
 
 NO_CSE = {"tirx.disable_cse_tir": True}
-_LAUNCH = re.compile(
-    r'T\.call_ffi_kernel\("(?P<name>[^"]+)", (?P<args>.*), launch_params=\[(?P<tags>[^\]]*)\]'
-)
-_HANDLE = re.compile(r'T\.handle\("(?P<dtype>\w+)", "(?P<scope>\w*)"\)')
 
 
 @dataclass(frozen=True)
@@ -105,7 +102,7 @@ def describe(mod: tvm.IRModule, target: Target) -> dict[str, FuncInfo]:
         if name not in buffers:
             continue  # host helpers created by the split
         params, shape_vars, offset_vars = buffers[name]
-        launches = tuple(_launches(name, f.script(), kernel_params))
+        launches = tuple(_launches(name, f, kernel_params))
         infos[name] = FuncInfo(name, params, shape_vars, launches, offset_vars)
     return infos
 
@@ -154,24 +151,35 @@ def _func_params(f: tirx.PrimFunc) -> tuple[tuple[FuncParam, ...], tuple[str, ..
 
 def _param_type(p) -> tuple[str, str | None, str]:
     """(name, element dtype for buffer params or None, scalar dtype for scalar params)."""
-    text = str(p.ty)
-    m = _HANDLE.search(text)
-    return (p.name, m.group("dtype"), "") if m else (p.name, None, text.removeprefix("T."))
+    if isinstance(p.ty, tvm.ir.PointerType):  # device kernels take buffers as typed pointers
+        return p.name, str(p.ty.element_type.dtype), ""
+    return p.name, None, str(p.ty.dtype)  # a PrimType
 
 
-def _launches(func: str, host_script: str, kernel_params: dict[str, list[tuple[str, str | None, str]]]):
-    for m in _LAUNCH.finditer(host_script):
-        kname = m.group("name")
+def ffi_kernel_calls(func: tirx.PrimFunc) -> list:
+    """The `T.call_ffi_kernel` calls of a lowered host function, in program order."""
+    calls = []
+
+    def visit(call) -> None:
+        if isinstance(call.op, tvm.ir.Op) and call.op.name == "tirx.call_ffi_kernel":
+            calls.append(call)
+
+    tvm_ffi.structural_walk(func.body, (tvm.ir.Call, visit), order="pre")
+    return calls
+
+
+def _launches(func: str, host: tirx.PrimFunc, kernel_params: dict[str, list[tuple[str, str | None, str]]]):
+    for call in ffi_kernel_calls(host):
+        kname = str(call.args[0].value)
         if kname not in kernel_params:
             continue
-        args = split_top_level(m.group("args"))
-        tags = [t.strip().strip('"') for t in m.group("tags").split(",") if t.strip()]
+        args = [str(a) for a in call.args[1:]]
+        tags = [str(t) for t in call.attrs.launch_params]
         kparams = kernel_params[kname]
         params = []
         for (pname, elem_dtype, scalar_dtype), arg in zip(kparams, args, strict=False):
             if elem_dtype is not None:
-                # host arg is "<buffer>_N.data"; kernel param is "<buffer>_ptr": the buffer name is the param
-                # name
+                # host arg "<buffer>.data", kernel param "<buffer>_ptr": the buffer name is the param name
                 params.append(KernelParam(pname, True, elem_dtype, pname.removesuffix("_ptr")))
             else:
                 params.append(KernelParam(pname, False, scalar_dtype, arg))
@@ -184,24 +192,6 @@ def _launches(func: str, host_script: str, kernel_params: dict[str, list[tuple[s
             else:
                 launch.append((tag, expr))
         yield KernelLaunch(func, kname, tuple(params), tuple(launch), dyn)
-
-
-def split_top_level(text: str) -> list[str]:
-    """Split a comma-separated argument list at depth 0 (commas inside brackets stay)."""
-    out, depth, cur = [], 0, []
-    for ch in text:
-        if ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        if ch == "," and depth == 0:
-            out.append("".join(cur).strip())
-            cur = []
-        else:
-            cur.append(ch)
-    if "".join(cur).strip():
-        out.append("".join(cur).strip())
-    return out
 
 
 class _TNamespace:

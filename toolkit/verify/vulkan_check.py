@@ -1,11 +1,8 @@
 """Check one TIR PrimFunc on a Vulkan driver: schedule it for a vulkan target, build it through TVM's
-normal build
-(our target.build.vulkan), run the kernel on lavapipe with TVM's dispatch conventions, and compare with the
-llvm
-build of the same *unscheduled* function (an independent reference: different schedule, different compiler).
-
-Also holds the standalone kernels that mirror the Phi-3 graph (q4 dequant GEMV / matmul, RMSNorm, softmax,
-SiLU-mul), used by the tests and by verification tools.
+normal build (our target.build.vulkan), run the kernel on lavapipe with TVM's dispatch conventions, and
+compare with the llvm build of the same *unscheduled* function (an independent reference: different schedule,
+different compiler). The kernels checked standalone are the verifiers' sample kernels (sample_kernels.py);
+`check_model_on_cpu_inputs` checks every kernel of a compiled model on the host build's inputs.
 """
 
 from __future__ import annotations
@@ -16,13 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 import tvm
 import tvm_ffi
-from tvm import te, tirx
+from tvm import tirx
 from tvm.s_tir import dlight as dl
 
-from ...quantization import MLC_Q4_LAYOUT
-from ...quantization.tvm_layers import te_dequantize
-from .build import CompiledKernel, build_of, vulkan_imports
-from .codegen_glsl import BufferParam
+from ..backends.vulkan.build import CompiledKernel, build_of, vulkan_imports
+from ..backends.vulkan.codegen_glsl import BufferParam
 
 _DEBUG = False
 DEFAULT_RULES = ("Matmul", "GEMV", "Reduction", "GeneralReduction", "Fallback")
@@ -63,7 +58,7 @@ def _random_input(shape, dtype: str, rng: np.random.Generator) -> np.ndarray:
 
 
 def _shape(buf, env: dict[str, int]) -> tuple[int, ...]:
-    from .build import evaluate_int
+    from ..backends.vulkan.build import evaluate_int
 
     return tuple(evaluate_int(d, env) for d in buf.shape)
 
@@ -163,91 +158,24 @@ def check_primfunc(
     return KernelResult(name, len(kernels), err, mag, tol, compile_s, run_s)
 
 
-# ---- standalone kernels mirroring the model --------------------------------------------------------------
-
-
-def _q4_params(n: int, k: int, scale: str) -> tuple[te.Tensor, te.Tensor]:
-    """q_weight / q_scale of the toolkit's q4 NK layout (MLC's, `quantization.MLC_Q4_LAYOUT`)."""
-    qw_shape, qs_shape = MLC_Q4_LAYOUT.quantized_shapes((n, k))
-    qw = te.placeholder(qw_shape, MLC_Q4_LAYOUT.storage, name="q_weight")
-    return qw, te.placeholder(qs_shape, scale, name="q_scale")
-
-
-def q4_gemv(n: int = 256, k: int = 512, act: str = "float32", scale: str = "float16") -> tirx.PrimFunc:
-    qw, qs = _q4_params(n, k, scale)
-    x = te.placeholder((1, 1, k), act, name="x")
-    w = te_dequantize(qw, qs, k, act, MLC_Q4_LAYOUT)
-    r = te.reduce_axis((0, k), name="r")
-    y = te.compute((1, 1, n), lambda b, s, i: te.sum(x[b, s, r] * w[i, r], axis=r), name="NT_matmul")
-    return te.create_prim_func([x, qw, qs, y])
-
-
-def q4_matmul(n: int = 256, k: int = 512, act: str = "float32", scale: str = "float16") -> tirx.PrimFunc:
-    m = te.var("seq_len")
-    qw, qs = _q4_params(n, k, scale)
-    x = te.placeholder((1, m, k), act, name="x")
-    w = te_dequantize(qw, qs, k, act, MLC_Q4_LAYOUT)
-    r = te.reduce_axis((0, k), name="r")
-    y = te.compute((1, m, n), lambda b, s, i: te.sum(x[b, s, r] * w[i, r], axis=r), name="NT_matmul")
-    return te.create_prim_func([x, qw, qs, y])
-
-
-def rms_norm(h: int = 256, dtype: str = "float32", eps: float = 1e-5) -> tirx.PrimFunc:
-    m = te.var("seq_len")
-    x = te.placeholder((1, m, h), dtype, name="x")
-    g = te.placeholder((h,), dtype, name="weight")
-    r = te.reduce_axis((0, h), name="r")
-    ss = te.compute(
-        (1, m),
-        lambda b, s: te.sum(x[b, s, r].astype("float32") * x[b, s, r].astype("float32"), axis=r),
-        name="sumsq",
-    )
-    y = te.compute(
-        (1, m, h),
-        lambda b, s, i: (x[b, s, i].astype("float32") * tirx.rsqrt(ss[b, s] / h + eps)).astype(dtype) * g[i],
-        name="rms_norm",
-    )
-    return te.create_prim_func([x, g, y])
-
-
-def softmax(v: int = 1000, dtype: str = "float32") -> tirx.PrimFunc:
-    from tvm import topi
-
-    m = te.var("seq_len")
-    x = te.placeholder((1, m, v), dtype, name="x")
-    return te.create_prim_func([x, topi.nn.softmax(x, axis=-1)])
-
-
-def silu_mul(i: int = 512, dtype: str = "float32") -> tirx.PrimFunc:
-    m = te.var("seq_len")
-    x = te.placeholder((1, m, 2 * i), dtype, name="x")
-    y = te.compute(
-        (1, m, i), lambda b, s, j: x[b, s, j] * tirx.sigmoid(x[b, s, j]) * x[b, s, j + i], name="silu"
-    )
-    return te.create_prim_func([x, y])
-
-
-def add_tanh(dtype: str = "float32") -> tirx.PrimFunc:
-    """Elementwise with a fully dynamic shape and a math intrinsic (tanh, exp-based GELU-style tail)."""
-    n = te.var("n")
-    a = te.placeholder((n,), dtype, name="a")
-    b = te.placeholder((n,), dtype, name="b")
-    y = te.compute((n,), lambda i: tirx.tanh(a[i]) + tirx.exp(b[i] * tirx.const(0.5, dtype)), name="y")
-    return te.create_prim_func([a, b, y])
-
-
 def standalone_kernels() -> dict[str, tuple[tirx.PrimFunc, dict[str, int], int]]:
-    """name -> (PrimFunc, dynamic sizes, reduction length for the tolerance)."""
+    """name -> (PrimFunc, dynamic sizes, reduction length for the tolerance): the verifiers' sample kernels
+    (verify/sample_kernels.py), the q4 ones with int32 shapes and fp16 scales beside fp32 activations too."""
+    from .sample_kernels import add_tanh, dequant_matmul, rms_norm, silu_mul, softmax
+
+    def q4(act: str, scale: str, seq_len: int | str = 1):
+        return dequant_matmul(256, 512, act, seq_len, scale=scale, index="int32")
+
     return {
-        "q4_gemv_f32_s16": (q4_gemv(act="float32", scale="float16"), {}, 512),
-        "q4_gemv_f32_s32": (q4_gemv(act="float32", scale="float32"), {}, 512),
-        "q4_gemv_f16_s16": (q4_gemv(act="float16", scale="float16"), {}, 512),
-        "q4_matmul_f32": (q4_matmul(act="float32"), {"seq_len": 37}, 512),
-        "q4_matmul_f16": (q4_matmul(act="float16"), {"seq_len": 37}, 512),
-        "rms_norm_f32": (rms_norm(dtype="float32"), {"seq_len": 5}, 256),
-        "rms_norm_f16": (rms_norm(dtype="float16"), {"seq_len": 5}, 256),
-        "softmax_f32": (softmax(dtype="float32"), {"seq_len": 3}, 1000),
-        "softmax_f16": (softmax(dtype="float16"), {"seq_len": 3}, 1000),
+        "q4_gemv_f32_s16": (q4("float32", "float16"), {}, 512),
+        "q4_gemv_f32_s32": (q4("float32", "float32"), {}, 512),
+        "q4_gemv_f16_s16": (q4("float16", "float16"), {}, 512),
+        "q4_matmul_f32": (q4("float32", "float16", "seq_len"), {"seq_len": 37}, 512),
+        "q4_matmul_f16": (q4("float16", "float16", "seq_len"), {"seq_len": 37}, 512),
+        "rms_norm_f32": (rms_norm(256, "float32"), {"n": 5}, 256),
+        "rms_norm_f16": (rms_norm(256, "float16"), {"n": 5}, 256),
+        "softmax_f32": (softmax(1000, "float32"), {"b": 3}, 1000),
+        "softmax_f16": (softmax(1000, "float16"), {"b": 3}, 1000),
         "silu_mul_f16": (silu_mul(dtype="float16"), {"seq_len": 7}, 1),
         "add_tanh_f32": (add_tanh("float32"), {"n": 1000}, 1),
     }
@@ -383,10 +311,10 @@ def capture_cpu_calls(
 ) -> dict[str, tuple[list, list]]:
     """Run the host (llvm) build of the model (prefill 7, prefill 4 more, 2 decode steps) and record, for
     the first call of every TIR function, the argument tensors before and after the call."""
-    from ...checkpoint import open_model
-    from ...compile.compile_model import compile_model
-    from ...runtime.engine import Engine
-    from ...runtime.weights import load_params
+    from ..checkpoint import open_model
+    from ..compile.compile_model import compile_model
+    from ..runtime.engine import Engine
+    from ..runtime.weights import load_params
 
     src = open_model(checkpoint)
     compiled = compile_model(src.config, quantization, "host-exact", out_dir, dtype=dtype)
@@ -520,24 +448,23 @@ def check_model_on_cpu_inputs(
     inputs (and compared with the outputs) of the same function in the host build of the same graph."""
     from pathlib import Path
 
-    from ...checkpoint import open_model
-    from ...compile import pipeline
-    from ...compile.compile_model import graph_options, schedule_fn
-    from ...model.phi3 import export_phi3
-    from ...targets import load_preset
+    from ..checkpoint import open_model
+    from ..compile import pipeline
+    from ..compile.compile_model import graph_options, schedule_fn
+    from ..targets import load_preset
 
     preset = load_preset(preset_name)
     target = preset.target
     opts = graph_options(quantization, preset)
     cfg = open_model(checkpoint).config
     t0 = time.perf_counter()
-    mod, _ = export_phi3(cfg, opts, target)
+    mod, _ = pipeline.export_model(cfg, opts, target)
     built = pipeline.build(mod, target, schedule_fn(preset), system_lib=preset.system_lib)
     ex = built[0] if isinstance(built, tuple) else built  # (executable, scheduled IRModule)
     build_s = time.perf_counter() - t0
     n_kernels = sum(len(build_of(m).kernels) for m in vulkan_imports(ex.mod))
 
-    mod, _ = export_phi3(cfg, opts, target)
+    mod, _ = pipeline.export_model(cfg, opts, target)
     positions = kv_cache_kernel_positions(mod)
     calls = capture_cpu_calls(checkpoint, quantization, opts.dtype, Path(work_dir) / "host", positions)
     lowered = pipeline.lower_to_tir(mod, target)
