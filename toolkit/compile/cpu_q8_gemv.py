@@ -37,7 +37,7 @@ MASK = 0x0F0F0F0F  # low nibble of every byte of a word
 # vector types of the per-step Let vars, by lanes (TVMScript evaluates annotations from module globals)
 U32X = {4: T.uint32x4, 8: T.uint32x8, 16: T.uint32x16}
 F32X = {4: T.float32x4, 8: T.float32x8, 16: T.float32x16}
-MAX_BATCH_ROWS = 16  # rows of x whose accumulators one task keeps at a time (batched decode)
+MAX_BATCH_ROWS = 8  # rows of x whose accumulators one task keeps at a time (batched decode)
 
 
 def _nibbles(words: tirx.PrimExpr, lanes: int) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
@@ -170,70 +170,76 @@ def q8_dot_gemv(func: tirx.PrimFunc, q, *, isa: str = "avx2", rows: int = 1, til
         # 2. rows of W: `lanes` fp32 lane accumulators per row, summed at the end. One row of x (decode of
         # one sequence): W streamed once, in order. Several rows (batched decode): each W step loaded
         # once and applied to every row of x, accumulators in L1 (one pass over W, not one per row)
-        for t in T.parallel(n // tile):
-            accm = T.alloc_buffer((MAX_BATCH_ROWS * lanes,), "float32")
-            for r0 in range(tile // rows * T.Cast("int32", n_rows > 1)):
-                for r in range(rows):
-                    row: T.int32 = t * tile + r0 * rows + r
-                    for mb in range((n_rows + MAX_BATCH_ROWS - 1) // MAX_BATCH_ROWS):
-                        nm: T.int32 = T.min(MAX_BATCH_ROWS, n_rows - mb * MAX_BATCH_ROWS)
-                        for mi in range(nm):
-                            accm[T.ramp(mi * lanes, 1, lanes)] = T.broadcast(T.float32(0), lanes)
-                        for b in range(n_steps):
-                            words: U32X[lanes] = qw[row, T.ramp(b * lanes, 1, lanes)]
-                            wscale: F32X[lanes] = T.Shuffle(
-                                [T.Cast(f"float32x{2 * span}", qs[row, T.ramp(b * 2 * span, 1, 2 * span)])]
-                                * 4, scale_lanes)
+        if n_rows > 1:
+            for t in T.parallel(n // tile):
+                accm = T.alloc_local((MAX_BATCH_ROWS * lanes,), "float32")
+                for r0 in range(tile // rows):
+                    for r in range(rows):
+                        row: T.int32 = t * tile + r0 * rows + r
+                        for mb in range((n_rows + MAX_BATCH_ROWS - 1) // MAX_BATCH_ROWS):
+                            nm: T.int32 = T.min(MAX_BATCH_ROWS, n_rows - mb * MAX_BATCH_ROWS)
                             for mi in range(nm):
-                                m: T.int32 = mb * MAX_BATCH_ROWS + mi
-                                am = T.ramp(mi * lanes, 1, lanes)
-                                accm[am] = accm[am] + T.Cast(
+                                accm[T.ramp(mi * lanes, 1, lanes)] = T.broadcast(T.float32(0), lanes)
+                            for b in range(n_steps):
+                                words: U32X[lanes] = qw[row, T.ramp(b * lanes, 1, lanes)]
+                                wscale: F32X[lanes] = T.Shuffle(
+                                    [T.Cast(f"float32x{2 * span}",
+                                            qs[row, T.ramp(b * 2 * span, 1, 2 * span)])]
+                                    * 4, scale_lanes)
+                                for mi in range(nm):
+                                    m: T.int32 = mb * MAX_BATCH_ROWS + mi
+                                    am = T.ramp(mi * lanes, 1, lanes)
+                                    accm[am] = accm[am] + T.Cast(
+                                        f"float32x{lanes}",
+                                        dot(words,
+                                            xe[T.ramp((m * n_chunks + b * span) * 32, 1, lanes * 4)],
+                                            xo[T.ramp((m * n_chunks + b * span) * 32, 1, lanes * 4)],
+                                            xz[T.ramp((m * n_chunks + b * span) * 8, 1, lanes)])) * (
+                                        wscale * xs[T.ramp((m * n_chunks + b * span) * 8, 1, lanes)])
+                            for mi in range(nm):
+                                m2: T.int32 = mb * MAX_BATCH_ROWS + mi
+                                if has_other:
+                                    oth2 = T.decl_buffer((n_rows * n,), "float32", data=other.data)
+                                    if other_first:
+                                        of[m2 * n + row] = oth2[m2 * n + row] + lane_sum(
+                                            accm, mi * lanes, lanes)
+                                    else:
+                                        of[m2 * n + row] = lane_sum(
+                                            accm, mi * lanes, lanes) + oth2[m2 * n + row]
+                                else:
+                                    of[m2 * n + row] = lane_sum(accm, mi * lanes, lanes)
+        else:
+            for t in T.parallel(n // tile):
+                acc = T.alloc_local((rows * lanes,), "float32")
+                for m in range(n_rows):
+                    for r0 in range(tile // rows):
+                        for r in T.unroll(rows):
+                            acc[T.ramp(r * lanes, 1, lanes)] = T.broadcast(T.float32(0), lanes)
+                        for b in range(n_steps):
+                            for r in T.unroll(rows):
+                                # one expression, no vector temporaries: TVMScript would give each its own
+                                # buffer, which LowerTVMBuiltin turns into heap workspace (1.7x slower)
+                                acc[T.ramp(r * lanes, 1, lanes)] = acc[T.ramp(r * lanes, 1, lanes)] + T.Cast(
                                     f"float32x{lanes}",
-                                    dot(words,
+                                    dot(qw[t * tile + r0 * rows + r, T.ramp(b * lanes, 1, lanes)],
                                         xe[T.ramp((m * n_chunks + b * span) * 32, 1, lanes * 4)],
                                         xo[T.ramp((m * n_chunks + b * span) * 32, 1, lanes * 4)],
                                         xz[T.ramp((m * n_chunks + b * span) * 8, 1, lanes)])) * (
-                                    wscale * xs[T.ramp((m * n_chunks + b * span) * 8, 1, lanes)])
-                        for mi in range(nm):
-                            m2: T.int32 = mb * MAX_BATCH_ROWS + mi
-                            if has_other:
-                                oth2 = T.decl_buffer((n_rows * n,), "float32", data=other.data)
-                                if other_first:
-                                    of[m2 * n + row] = oth2[m2 * n + row] + lane_sum(accm, mi * lanes, lanes)
-                                else:
-                                    of[m2 * n + row] = lane_sum(accm, mi * lanes, lanes) + oth2[m2 * n + row]
-                            else:
-                                of[m2 * n + row] = lane_sum(accm, mi * lanes, lanes)
-            acc = T.alloc_local((rows * lanes,), "float32")
-            for m in range(n_rows * T.Cast("int32", n_rows == 1)):
-                for r0 in range(tile // rows):
-                    for r in T.unroll(rows):
-                        acc[T.ramp(r * lanes, 1, lanes)] = T.broadcast(T.float32(0), lanes)
-                    for b in range(n_steps):
+                                    T.Shuffle(  # the group scales of the step, each over 4 lanes
+                                        [T.Cast(f"float32x{2 * span}", qs[t * tile + r0 * rows + r, T.ramp(
+                                            b * 2 * span, 1, 2 * span)])] * 4, scale_lanes)
+                                    * xs[T.ramp((m * n_chunks + b * span) * 8, 1, lanes)])
                         for r in T.unroll(rows):
-                            # one expression, no vector temporaries: TVMScript would give each its own
-                            # buffer, which LowerTVMBuiltin turns into heap workspace (measured 1.7x slower)
-                            acc[T.ramp(r * lanes, 1, lanes)] = acc[T.ramp(r * lanes, 1, lanes)] + T.Cast(
-                                f"float32x{lanes}",
-                                dot(qw[t * tile + r0 * rows + r, T.ramp(b * lanes, 1, lanes)],
-                                    xe[T.ramp((m * n_chunks + b * span) * 32, 1, lanes * 4)],
-                                    xo[T.ramp((m * n_chunks + b * span) * 32, 1, lanes * 4)],
-                                    xz[T.ramp((m * n_chunks + b * span) * 8, 1, lanes)])) * (
-                                T.Shuffle(  # the group scales of the step, each over 4 lanes
-                                    [T.Cast(f"float32x{2 * span}", qs[t * tile + r0 * rows + r, T.ramp(
-                                        b * 2 * span, 1, 2 * span)])] * 4, scale_lanes)
-                                * xs[T.ramp((m * n_chunks + b * span) * 8, 1, lanes)])
-                    for r in T.unroll(rows):
-                        if has_other:
-                            oth = T.decl_buffer((n_rows * n,), "float32", data=other.data)
-                            if other_first:
-                                of[m * n + t * tile + r0 * rows + r] = oth[
-                                    m * n + t * tile + r0 * rows + r] + lane_sum(acc, r * lanes, lanes)
+                            if has_other:
+                                oth = T.decl_buffer((n_rows * n,), "float32", data=other.data)
+                                if other_first:
+                                    of[m * n + t * tile + r0 * rows + r] = oth[
+                                        m * n + t * tile + r0 * rows + r] + lane_sum(acc, r * lanes, lanes)
+                                else:
+                                    of[m * n + t * tile + r0 * rows + r] = lane_sum(
+                                        acc, r * lanes, lanes) + oth[m * n + t * tile + r0 * rows + r]
                             else:
-                                of[m * n + t * tile + r0 * rows + r] = lane_sum(
-                                    acc, r * lanes, lanes) + oth[m * n + t * tile + r0 * rows + r]
-                        else:
-                            of[m * n + t * tile + r0 * rows + r] = lane_sum(acc, r * lanes, lanes)
+                                of[m * n + t * tile + r0 * rows + r] = lane_sum(acc, r * lanes, lanes)
     # fmt: on
 
     return with_params_of(func, q, kernel)
