@@ -317,3 +317,17 @@ def test_phi3_jinja_renders_like_our_phi3_template(smol):
     )
     for conv in CONVERSATIONS:
         assert fmt.render(conv) == render(conv, "phi3")
+
+
+def test_convert_then_compile_through_the_api(tiny_ckpt, tmp_path):
+    """`api.convert` / `api.compile` are what `phi3 convert` / `phi3 compile` run: the converted folder's
+    scheme carries into the library, and a different scheme for that folder is refused before any work."""
+    res = phi3.convert(str(tiny_ckpt), str(tmp_path / "w"), quantization="q4f32_1", progress=False)
+    assert res.scheme == "q4f32_1" and (tmp_path / "w" / "tensor-cache.json").is_file()
+    compiled = phi3.compile(str(tmp_path / "w"), str(tmp_path / "lib"), device="host-exact")
+    assert compiled.manifest["quantization"] == "q4f32_1" and compiled.library.is_file()
+    with pytest.raises(UserError, match="holds q4f32_1 weights"):
+        phi3.compile(str(tmp_path / "w"), str(tmp_path / "lib2"), quantization="q4f16_1")
+    assert not (tmp_path / "lib2").exists()
+    with pytest.raises(UserError, match="--cuda-graph"):
+        phi3.compile(str(tmp_path / "w"), str(tmp_path / "lib3"), cuda_graph=True)

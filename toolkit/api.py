@@ -1,4 +1,5 @@
-"""The Python API: load a model, generate / stream text, hold chat sessions. The CLI and the server use it.
+"""The Python API: load a model, generate / stream text, hold chat sessions, convert weights, compile
+libraries. The CLI and the server use it.
 
     import toolkit.api as phi3
     m = phi3.load()                                   # the embedded SmolLM2; or a HF folder, .gguf, converted
@@ -237,3 +238,59 @@ def load(
         allow_pickle=allow_pickle,
     )
     return Model(engine, source)
+
+
+def compile(  # noqa: A001 - the verb users know from `phi3 compile`
+    model: str | None,
+    output: str,
+    *,
+    device: str = "host",
+    quantization: str | None = None,
+    cuda_graph: bool = False,
+):
+    """Compile MODEL's graph (no weights needed) for `device` into folder `output` (library + manifest):
+    `phi3 compile`. Returns the CompiledModel."""
+    from .checkpoint import open_model
+    from .compile.compile_model import check_compile_output, compile_model
+    from .outputs import model_input_path
+    from .quantization import quantization_for
+    from .targets import load_preset
+
+    if cuda_graph and load_preset(device).kind != "cuda":  # before any work
+        raise UserError(f"--cuda-graph needs a CUDA preset (cuda-sm*), not --device {device}")
+    check_compile_output(output, inputs=[model_input_path(model)])  # never the input
+    source = open_model(model)
+    check_scheme(source, quantization)
+    return compile_model(
+        source.config, quantization_for(source, quantization), device, output, cuda_graph=cuda_graph
+    )
+
+
+def convert(
+    model: str | None,
+    output: str,
+    *,
+    quantization: str | None = None,
+    allow_pickle: bool = False,
+    **options: Any,
+):
+    """Convert MODEL's weights into MLC-LLM's folder format at `output` (`phi3 convert`): a GGUF keeps its
+    own blocks unless `quantization` says otherwise. `options` go to `convert.converter.convert` (clip,
+    progress, context_window_size, prefill_chunk_size, param_names). Returns the ConvertResult."""
+    from .checkpoint import open_model
+    from .convert.converter import check_convert_output
+    from .convert.converter import convert as run_convert
+    from .outputs import model_input_path
+    from .quantization import quantization_for
+
+    check_convert_output(output, inputs=[model_input_path(model)])  # before any work
+    source = open_model(model, allow_pickle=allow_pickle)
+    return run_convert(source, quantization_for(source, quantization, keep_native=True), output, **options)
+
+
+def check_scheme(source, quantization: str | None) -> None:
+    """A converted folder is one scheme: a different one is an error naming the folder."""
+    if source.kind == "mlc" and quantization and quantization != source.scheme.name:
+        raise UserError(
+            f"holds {source.scheme.name} weights, not {quantization}; drop -q or convert again", source.path
+        )

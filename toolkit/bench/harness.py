@@ -135,9 +135,9 @@ def load_our_engine(model: Any, quantization: str, device: str, threads: int, kv
 
 
 def default_quantization() -> str:
-    from ..runtime import engine as rt
+    from ..quantization import DEFAULT_QUANTIZATION
 
-    return rt.DEFAULT_QUANTIZATION
+    return DEFAULT_QUANTIZATION
 
 
 def engine_runner(model: Any, s: BenchSettings, threads: int) -> Runner:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import check_scheme, device_choice, model_argument, quantization_choice
+from .options import device_choice, model_argument, quantization_choice
 
 
 @click.command("compile")
@@ -31,22 +31,8 @@ from .options import check_scheme, device_choice, model_argument, quantization_c
 )
 def command(model, device, quantization, output, cuda_graph):
     """Compile MODEL's graph for a device preset into OUTPUT (library + manifest.json)."""
-    from ..checkpoint import open_model
-    from ..errors import UserError
-    from ..targets import load_preset
+    from .. import api
 
-    if cuda_graph and load_preset(device).kind != "cuda":  # before any work
-        raise UserError(f"--cuda-graph needs a CUDA preset (cuda-sm*), not --device {device}")
-    from ..compile.compile_model import check_compile_output, compile_model
-    from ..outputs import model_input_path
-    from ..runtime.engine import DEFAULT_QUANTIZATION
-
-    check_compile_output(output, inputs=[model_input_path(model)])  # before any work: never the input
-    source = open_model(model)
-    check_scheme(source, quantization)
-    if source.kind == "mlc":
-        quantization = quantization or source.scheme.name
-    quantization = quantization or DEFAULT_QUANTIZATION
-    compiled = compile_model(source.config, quantization, device, output, cuda_graph=cuda_graph)
+    compiled = api.compile(model, output, device=device, quantization=quantization, cuda_graph=cuda_graph)
     m = compiled.manifest
     click.echo(f"{compiled.library} ({m['preset']}, {m['quantization']}, {m['compile_seconds']} s)")

@@ -68,21 +68,17 @@ def command(
     no_progress,
 ):
     """Convert CHECKPOINT (HF folder, GGUF; default: the embedded model) to quantized MLC-LLM weights."""
-    from ..checkpoint import open_model
-    from ..convert.converter import check_convert_output, convert
-    from ..outputs import model_input_path
-    from ..quantization import native_quantization
+    from .. import api
 
     if context_window and prefill_chunk and prefill_chunk > context_window:
         raise click.BadParameter(
             f"{prefill_chunk} is larger than --context-window {context_window}", param_hint="--prefill-chunk"
         )
-    check_convert_output(output, inputs=[model_input_path(checkpoint)])  # before any work
-    source = open_model(checkpoint, allow_pickle=allow_pickle)
-    res = convert(
-        source,
-        quantization or native_quantization(source) or "q4f16_1",
+    res = api.convert(
+        checkpoint,
         output,
+        quantization=quantization,
+        allow_pickle=allow_pickle,
         clip=clip,
         progress=not no_progress,
         context_window_size=context_window,

@@ -104,7 +104,7 @@ def command(
 
     from ..checkpoint import open_model
     from ..compile.tuned_records import records_dir
-    from ..runtime.engine import DEFAULT_QUANTIZATION
+    from ..quantization import quantization_for
     from ..targets import load_preset
     from ..tune.tuner import RPCTarget, format_results, tune_model
 
@@ -115,12 +115,13 @@ def command(
     if search != "metaschedule" and not on_host:
         raise UserError(f"--search {search}: knob search times kernels here; '{device}' is not this CPU")
     source = open_model(model)
+    quant = quantization_for(source, quantization)
     if search in ("knobs", "both"):
         from ..tune.knob_search import search_model, write_knob_record
 
         found = search_model(
             source.config,
-            quantization or DEFAULT_QUANTIZATION,
+            quant,
             preset,
             quick=quick,
             rounds=rounds,
@@ -134,7 +135,7 @@ def command(
             return
     _, results = tune_model(
         source.config,
-        quantization or DEFAULT_QUANTIZATION,
+        quant,
         preset,
         trials,
         kernels=kernels,

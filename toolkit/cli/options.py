@@ -35,18 +35,9 @@ def device_choice() -> click.Choice:
     return click.Choice(list_presets())
 
 
-def check_scheme(source, quantization: str | None) -> None:
-    """A converted folder is one scheme: a different -q is an error naming the folder, not a ValueError."""
-    if source.kind == "mlc" and quantization and quantization != source.scheme.name:
-        from ..errors import UserError
-
-        raise UserError(
-            f"holds {source.scheme.name} weights, not {quantization}; drop -q or convert again", source.path
-        )
-
-
 def open_engine(model: str | None, *, quantization: str | None, allow_pickle: bool, **kwargs):
     """`load_engine` with -q checked against a converted folder first (before any compile)."""
+    from ..api import check_scheme
     from ..checkpoint import open_model
     from ..runtime.engine import load_engine
 

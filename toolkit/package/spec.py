@@ -20,7 +20,7 @@ from typing import Any
 
 from ..checkpoint.mlc_format import CHAT_CONFIG
 from ..errors import UserError
-from ..quantization import get_scheme
+from ..quantization import DEFAULT_QUANTIZATION, get_scheme
 from ..targets import Preset, load_preset
 
 # MLC's device names for app packaging (it also knows "macabi", which has no preset here) and the preset each
@@ -38,7 +38,6 @@ ENTRY_KEYS = (
     "quantization",
 )
 OVERRIDE_KEYS = ("context_window_size", "prefill_chunk_size")
-DEFAULT_QUANTIZATION = "q4f16_1"  # the runtime's default (toolkit/runtime/engine.py), MLC's for phones
 # model_id names a folder in the app bundle; model_lib becomes a C symbol prefix ('-' turned into '_')
 _MODEL_ID = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*")
 _MODEL_LIB = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")

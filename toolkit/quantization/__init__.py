@@ -212,6 +212,22 @@ def weight_role(name: str) -> str:
     return "head" if name == "lm_head.weight" else "linear"
 
 
+# what a checkpoint runs in unless asked (MLC's default for phones too). A GGUF too: its own blocks
+# (`phi3 convert` keeps them, `native_quantization`) run on the host's generic schedules, not the int8
+# kernels (several times slower decode)
+DEFAULT_QUANTIZATION = "q4f16_1"
+
+
+def quantization_for(source, requested: str | None, *, keep_native: bool = False) -> str:
+    """The scheme a command uses for `source`: the one asked for, else a converted folder's own, else (when
+    `keep_native`, i.e. `convert`) a GGUF's own blocks, else DEFAULT_QUANTIZATION."""
+    if requested:
+        return requested
+    if getattr(source, "kind", None) == "mlc":
+        return source.scheme.name
+    return (native_quantization(source) if keep_native else None) or DEFAULT_QUANTIZATION
+
+
 def native_quantization(source) -> str | None:
     """The gguf scheme that keeps a GGUF source's weights as stored (`gguf_q4_1-q8_0` for the embedded
     SmolLM2: Q4_1 layers, Q8_0 embedding), or None: not a GGUF, or its Linears are not all one block type we
@@ -258,5 +274,7 @@ __all__ = [
     "get_scheme",
     "gguf_scheme_name",
     "native_quantization",
+    "quantization_for",
+    "DEFAULT_QUANTIZATION",
     "weight_role",
 ]

@@ -285,6 +285,7 @@ def load_engine(
     overrides a CPU preset's KV cache dtype."""
     from ..checkpoint import open_model
     from ..compile.compile_model import compiled_for
+    from ..quantization import quantization_for
     from ..targets import load_preset
     from .weights import load_params
 
@@ -293,7 +294,7 @@ def load_engine(
         if quantization and quantization != source.scheme.name:
             raise ValueError(f"{source.path} holds {source.scheme.name} weights, not {quantization}")
         quantization = source.scheme.name
-    quantization = quantization or DEFAULT_QUANTIZATION
+    quantization = quantization_for(source, quantization)
     preset = load_preset(device)
     if kv_cache is not None:
         preset = preset.with_kv_cache(kv_cache)
@@ -333,7 +334,4 @@ def open_device(preset) -> tvm.runtime.Device:
     )
 
 
-# what a checkpoint runs in unless asked: a GGUF too, whose own blocks (`phi3 convert` keeps them,
-# `quantization.native_quantization`) run on the host's generic schedules, not the int8 kernels (several
-# times slower decode)
-DEFAULT_QUANTIZATION = "q4f16_1"
+
