@@ -135,3 +135,14 @@ def check_output_file(
         if head != magic:
             raise UserError(f"output exists and is not {what}; refusing to overwrite it", out)
     return out
+
+
+def save_figure(fig, out: str | Path, dpi: int = 100) -> Path:
+    """A matplotlib figure to PNG `out`, written under a temp name and renamed: never a half-written image."""
+    import os
+
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.partial.png")
+    fig.savefig(tmp, dpi=dpi)
+    os.replace(tmp, out)
+    return out

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import UserError
+from ..outputs import save_figure
 from .timing import Backend, peak_rss_bytes, summarize_runs, timed_generation
 
 SCHEMA = "phi3-bench/1"
@@ -416,9 +417,7 @@ def plot(result: dict[str, Any], out: str | Path) -> Path:
         ax.legend(fontsize=8)
     fig.suptitle(f"phi3 bench: {result['model']['path'] or 'default model'}", fontsize=10)
     fig.tight_layout()
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.partial.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    try:
+        return save_figure(fig, out)
+    finally:
+        plt.close(fig)

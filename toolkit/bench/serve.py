@@ -35,6 +35,7 @@ import httpx
 import numpy as np
 
 from ..errors import UserError
+from ..outputs import save_figure
 
 # distinct story openers: streams do not share a prompt (no server caches prefixes here, but to be sure)
 PROMPTS = [
@@ -421,9 +422,7 @@ def plot(result: dict[str, Any], out: str | Path) -> Path:
         fontsize=10,
     )
     fig.tight_layout()
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.partial.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    try:
+        return save_figure(fig, out)
+    finally:
+        plt.close(fig)
