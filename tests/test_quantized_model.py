@@ -93,11 +93,11 @@ def test_q4_int8_activations_stay_close_to_transformers(tmp_path):
     hf = _hf_with_engine_weights(ckpt, eng)
     prompt = np.random.default_rng(0).integers(3, eng.cfg.vocab_size, 10).tolist()
     pre, dec, ref = _greedy_vs_transformers(eng, hf, prompt, 8)
-    assert eng.compiled.manifest["kv_cache_dtype"] == "float16"
+    assert eng.compiled.manifest["kv_cache_dtype"] == "float32"
     if gemm.startswith("int8"):  # prefill rounds activations too (VNNI GEMM)
         assert 1e-4 < rel_err(pre, ref[: len(prompt)]) < 6e-2
-    else:  # fp32 activations; the fp16 KV cache alone (see test_fp16_kv_cache_stays_close_to_transformers)
-        assert rel_err(pre, ref[: len(prompt)]) < 1e-2
+    else:  # fp32 activations: fp32 summation order only
+        assert rel_err(pre, ref[: len(prompt)]) < 1e-4
     assert 1e-4 < rel_err(dec, ref[len(prompt) :]) < 6e-2
     assert (dec.argmax(-1) == ref[len(prompt) :].argmax(-1)).all()
 
@@ -114,7 +114,7 @@ def _greedy_vs_transformers(eng, hf, prompt: list[int], steps: int):
 
 
 def test_fp16_kv_cache_stays_close_to_transformers(tmp_path):
-    """The `host` preset's fp16 KV cache alone: `host-exact` (fp32 activations, fp32 weights) with only the
+    """The fp16 KV cache (`--kv-cache float16`) alone: `host-exact` (fp32 activations, weights) with only the
     cache in fp16. q/k/v are rounded to fp16 (2^-11 relative) and attention accumulates in fp32, so logits
     move by a few rounding steps through 2 random layers: measured 0.8e-3..2.3e-3 of max|logit| on the
     mini-4k / medium / mini-128k variants. Bounds: < 1e-2, and > 1e-5 (an fp32 cache stays near 1e-6), so
@@ -197,6 +197,5 @@ def test_group_size_64_scheme_runs_end_to_end_on_the_host(tmp_path, monkeypatch)
     for _ in range(6):
         toks.append(int(np.argmax(rows[-1][-1])))
         rows.append(eng.decode(sid, toks[-1])[None])
-    # the generic fp32 schedules run these matmuls (fp32 summation order only); the host's fp16 KV cache
-    # adds its rounding (test_fp16_kv_cache_stays_close_to_transformers: ~1e-3)
-    assert rel_err(np.concatenate(rows), hf_incremental(hf, prompt, toks)) < 1e-2
+    # the generic fp32 schedules run these matmuls: only summation order differs from transformers
+    assert rel_err(np.concatenate(rows), hf_incremental(hf, prompt, toks)) < 1e-4
