@@ -68,3 +68,14 @@ def hf_incremental(hf, prompt: list[int], continuation: list[int]) -> np.ndarray
 def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
     """max |a - ref| / max |ref|: the issue's parity metric."""
     return float(np.abs(a - ref).max() / np.abs(ref).max())
+
+
+def greedy_vs_transformers(eng, hf, prompt: list[int], steps: int):
+    """-> (prefill logits, decode logits, transformers' logits for every position) for a greedy run."""
+    sid = eng.add_sequence()
+    pre = eng.prefill(sid, prompt, all_logits=True)
+    toks, rows = [], []
+    for _ in range(steps):
+        toks.append(int(np.argmax((rows[-1] if rows else pre)[-1])))
+        rows.append(eng.decode(sid, toks[-1])[None])
+    return pre, np.concatenate(rows), hf_incremental(hf, prompt, toks)

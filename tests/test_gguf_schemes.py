@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from engine_util import build_engine, hf_incremental, rel_err
+from engine_util import build_engine, greedy_vs_transformers, hf_incremental, rel_err
 from test_gguf_source import write_phi3_gguf
 from tiny import load_hf_model, make_tiny_checkpoint
 
@@ -150,16 +150,9 @@ def test_logits_match_transformers_on_gguf_blocks(tmp_path, variant, types):
     assert "model.layers.0.mlp.down_proj.q_weight" in names and "model.embed_tokens.q_scale" in names
     assert ("model.layers.0.mlp.down_proj.q_min" in names) == (types[0] == "Q4_1")
     hf = _hf_on_gguf_blocks(hf_dir, path)
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(3, eng.cfg.vocab_size, 10).tolist()
-    sid = eng.add_sequence()
-    rows = [eng.prefill(sid, prompt, all_logits=True)]
-    toks = []
-    for _ in range(6):
-        toks.append(int(np.argmax(rows[-1][-1])))
-        rows.append(eng.decode(sid, toks[-1])[None])
-    ours = np.concatenate(rows)
-    ref = hf_incremental(hf, prompt, toks)
+    prompt = np.random.default_rng(0).integers(3, eng.cfg.vocab_size, 10).tolist()
+    pre, dec, ref = greedy_vs_transformers(eng, hf, prompt, 6)
+    ours = np.concatenate([pre, dec])
     # host-exact computes in fp32 and every block value (fp16 d times a small code, + fp16 m) is exact there:
     # only the summation order differs from transformers (~1e-6 relative)
     assert rel_err(ours, ref) < 1e-4

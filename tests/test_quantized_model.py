@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from engine_util import build_engine, hf_incremental, rel_err
+from engine_util import build_engine, greedy_vs_transformers, rel_err
 from tiny import load_hf_model, make_tiny_checkpoint
 
 from toolkit.checkpoint import open_model
@@ -48,16 +48,9 @@ def test_q4_logits_match_transformers_on_dequantized_weights(tmp_path, scheme):
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "phi4-mini")  # tied, GQA, partial rotary, longrope
     eng = build_engine(ckpt, tmp_path / "lib", scheme)
     hf = _hf_with_engine_weights(ckpt, eng)
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(3, eng.cfg.vocab_size, 10).tolist()
-    sid = eng.add_sequence()
-    rows = [eng.prefill(sid, prompt, all_logits=True)]
-    toks = []
-    for _ in range(8):
-        toks.append(int(np.argmax(rows[-1][-1])))
-        rows.append(eng.decode(sid, toks[-1])[None])
-    ours = np.concatenate(rows)
-    ref = hf_incremental(hf, prompt, toks)
+    prompt = np.random.default_rng(0).integers(3, eng.cfg.vocab_size, 10).tolist()
+    pre, dec, ref = greedy_vs_transformers(eng, hf, prompt, 8)
+    ours = np.concatenate([pre, dec])
     # host activations are fp32 and fp16 scales are exact in fp32: only summation order differs (~1e-6)
     assert rel_err(ours, ref) < 1e-4
 
@@ -92,7 +85,7 @@ def test_q4_int8_activations_stay_close_to_transformers(tmp_path):
     assert eng.compiled.manifest["cpu_isa"] == {"q4_gemv": f"int8-{q8_dot_isa(host)}", "q4_gemm": gemm}
     hf = _hf_with_engine_weights(ckpt, eng)
     prompt = np.random.default_rng(0).integers(3, eng.cfg.vocab_size, 10).tolist()
-    pre, dec, ref = _greedy_vs_transformers(eng, hf, prompt, 8)
+    pre, dec, ref = greedy_vs_transformers(eng, hf, prompt, 8)
     assert eng.compiled.manifest["kv_cache_dtype"] == "float32"
     if gemm.startswith("int8"):  # prefill rounds activations too (VNNI GEMM)
         assert 1e-4 < rel_err(pre, ref[: len(prompt)]) < 6e-2
@@ -100,17 +93,6 @@ def test_q4_int8_activations_stay_close_to_transformers(tmp_path):
         assert rel_err(pre, ref[: len(prompt)]) < 1e-4
     assert 1e-4 < rel_err(dec, ref[len(prompt) :]) < 6e-2
     assert (dec.argmax(-1) == ref[len(prompt) :].argmax(-1)).all()
-
-
-def _greedy_vs_transformers(eng, hf, prompt: list[int], steps: int):
-    """-> (prefill logits, decode logits, transformers' logits for every position) for a greedy run."""
-    sid = eng.add_sequence()
-    pre = eng.prefill(sid, prompt, all_logits=True)
-    toks, rows = [], []
-    for _ in range(steps):
-        toks.append(int(np.argmax((rows[-1] if rows else pre)[-1])))
-        rows.append(eng.decode(sid, toks[-1])[None])
-    return pre, np.concatenate(rows), hf_incremental(hf, prompt, toks)
 
 
 def test_fp16_kv_cache_stays_close_to_transformers(tmp_path):
@@ -126,7 +108,7 @@ def test_fp16_kv_cache_stays_close_to_transformers(tmp_path):
     assert eng.compiled.manifest["kv_cache_dtype"] == "float16"
     hf = load_hf_model(ckpt)
     prompt = np.random.default_rng(0).integers(3, eng.cfg.vocab_size, 40).tolist()
-    pre, dec, ref = _greedy_vs_transformers(eng, hf, prompt, 8)
+    pre, dec, ref = greedy_vs_transformers(eng, hf, prompt, 8)
     assert 1e-5 < rel_err(pre, ref[: len(prompt)]) < 1e-2
     assert 1e-5 < rel_err(dec, ref[len(prompt) :]) < 1e-2
     assert (dec.argmax(-1) == ref[len(prompt) :].argmax(-1)).all()
@@ -191,11 +173,6 @@ def test_group_size_64_scheme_runs_end_to_end_on_the_host(tmp_path, monkeypatch)
     assert scales["model.embed_tokens.q_scale"][1] == -(-k_embed // 64)
     hf = _hf_with_engine_weights(ckpt, eng, scheme.layout)
     prompt = np.random.default_rng(0).integers(3, eng.cfg.vocab_size, 10).tolist()
-    sid = eng.add_sequence()
-    rows = [eng.prefill(sid, prompt, all_logits=True)]
-    toks = []
-    for _ in range(6):
-        toks.append(int(np.argmax(rows[-1][-1])))
-        rows.append(eng.decode(sid, toks[-1])[None])
+    pre, dec, ref = greedy_vs_transformers(eng, hf, prompt, 6)
     # the generic fp32 schedules run these matmuls: only summation order differs from transformers
-    assert rel_err(np.concatenate(rows), hf_incremental(hf, prompt, toks)) < 1e-4
+    assert rel_err(np.concatenate([pre, dec]), ref) < 1e-4
