@@ -10,6 +10,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 # quiet coremltools/transformers chatter and keep torch from oversubscribing a 2-core box
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one process per core already: TVM's spinning pool threads and torch's OpenMP pool would fight over them
+    for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -18,7 +22,13 @@ def session_toolkit_cache(tmp_path_factory) -> Path:
     every later test with the same config, scheme and preset (`compiled_for`), and nothing is read from or
     left in the user's ~/.cache (a stale library can't make a test pass). Tests that need an empty cache
     still point PHI3_TOOLKIT_CACHE at their own folder."""
-    cache = tmp_path_factory.mktemp("phi3-toolkit-cache")
+    # under pytest-xdist every worker has its own basetemp inside one shared root: the workers share the cache
+    # (the JIT cache's own file locks make a second worker wait for a library the first is building)
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    cache = root / "phi3-toolkit-cache"
+    cache.mkdir(exist_ok=True)
     old = os.environ.get("PHI3_TOOLKIT_CACHE")
     os.environ["PHI3_TOOLKIT_CACHE"] = str(cache)
     yield cache
@@ -32,7 +42,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # `-n N --dist loadgroup` (scripts/test): a test file runs whole on one worker, so its module fixtures
+    # (a compiled tiny library, a converted model) are built once; files that declare a shared group run together
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
     if config.getoption("--runslow"):
         return
     skip = pytest.mark.skip(reason="slow: run with --runslow")

@@ -20,6 +20,9 @@ from toolkit.runtime.request import Generation
 from toolkit.runtime.sampling import TokenSampler
 from toolkit.runtime.stops import StopText
 
+# one xdist worker runs every test that compiles and loads the embedded model, so the other never waits on it
+pytestmark = pytest.mark.xdist_group("embedded-model")
+
 PROMPT = "What is the capital of France?"
 
 

@@ -21,6 +21,9 @@ from toolkit.cli import main
 from toolkit.serve.scheduler import Scheduler
 from toolkit.serve.server import BackgroundServer
 
+# one xdist worker runs every test that compiles and loads the embedded model, so the other never waits on it
+pytestmark = pytest.mark.xdist_group("embedded-model")
+
 KEY = "test-key"
 PROMPT = "What is the capital of France?"
 MAX_SEQ = 16
