@@ -62,9 +62,9 @@ def weight_bytes_per_token(cfg: Phi3Config, scheme: str) -> int:
 
 def gguf_weight_bytes_per_token(path: str | Path) -> int:
     """The same count from a GGUF's tensors: all of them except `token_embd` unless there is no `output`."""
-    import gguf
+    from ..checkpoint.gguf_source import read_gguf
 
-    reader = gguf.GGUFReader(path)
+    reader = read_gguf(path)
     # rope factor tables (a few hundred bytes, only one of them used) are left out, as in the formula
     sizes = {t.name: int(t.n_bytes) for t in reader.tensors if not t.name.startswith("rope_factors")}
     total = sum(sizes.values())

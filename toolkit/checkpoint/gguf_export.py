@@ -373,9 +373,10 @@ def placeholder_vocab(cfg: Phi3Config) -> Vocab:
 
 def vocab_from_gguf(path: Path, cfg: Phi3Config) -> Vocab:
     """Copy the tokenizer of a source GGUF unchanged: it is already in llama.cpp's form."""
-    import gguf
 
-    fields = gguf.GGUFReader(path).fields
+    from .gguf_source import read_gguf
+
+    fields = read_gguf(path).fields
 
     def get(key: str, default: Any = None) -> Any:
         f = fields.get(f"tokenizer.ggml.{key}")
