@@ -7,12 +7,20 @@ Kept here so they are found in one place and nowhere else patches TVM:
 - `capture_schedules`: MetaSchedule replays a rule's trace only on the PrimFunc the trace was built from,
   and our host q4 rules schedule a rewritten copy; TVM offers no hook to see that copy, so `s_tir.Schedule`
   is wrapped while the rules run.
+- `fast_script_frames`: TVMScript's parser takes `inspect.stack()` on every `@T.prim_func` / macro to
+  resolve closure variables; the stdlib version looks up each frame's module by scanning `sys.modules`,
+  which with torch/transformers loaded (tests, Core ML export) made parsing our kernels the larger part of
+  a compile. The parser's `inspect` gets frames with their source line read from linecache instead.
 
 (Registering our `target.build.vulkan` over TVM's is the Vulkan backend itself: `toolkit.backends.vulkan`.)
 """
 
 from __future__ import annotations
 
+import inspect
+import linecache
+import sys
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -62,3 +70,48 @@ def capture_schedules(created: list) -> Iterator[None]:
         yield
     finally:
         s_tir.Schedule = original
+
+
+def _frame_infos(frame: types.FrameType | None, context: int = 1) -> list[inspect.FrameInfo]:
+    """`inspect.getouterframes` with at most the current line as context, read through linecache."""
+    infos = []
+    while frame is not None:
+        code, lineno = frame.f_code, frame.f_lineno
+        line = linecache.getline(code.co_filename, lineno, frame.f_globals) if context > 0 else ""
+        lines, index = ([line], 0) if line else (None, None)
+        infos.append(inspect.FrameInfo(frame, code.co_filename, lineno, code.co_name, lines, index))
+        frame = frame.f_back
+    return infos
+
+
+def _fast_inspect() -> types.ModuleType:
+    fast = types.ModuleType("inspect")
+    fast.__getattr__ = lambda name: getattr(inspect, name)  # everything else is the stdlib's
+    fast.stack = lambda context=1: _frame_infos(sys._getframe(1), context)
+    fast.getouterframes = _frame_infos
+    return fast
+
+
+# the TVM modules that take whole stacks while parsing TVMScript
+_SCRIPT_MODULES = (
+    "tvm.script.parser.core.parser",
+    "tvm.script.parser.ir.entry",
+    "tvm.tirx.script.parser.entry",
+    "tvm.tirx.script.builder.ir",
+    "tvm.relax.script.parser.entry",
+)
+
+
+def fast_script_frames() -> None:
+    """Give TVMScript's parser modules a cheap `inspect.stack` (see the module docstring); idempotent."""
+    import importlib
+
+    fast = None
+    for name in _SCRIPT_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # a TVM without that parser: nothing to speed up there
+            continue
+        if getattr(module, "inspect", None) is inspect:
+            fast = fast or _fast_inspect()
+            module.inspect = fast

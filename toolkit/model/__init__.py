@@ -1,1 +1,5 @@
 """Model graphs: Phi-3 in tvm.relax.frontend.nn (phi3.py) and our RoPE kernel (rope.py)."""
+
+from ..tvm_compat import fast_script_frames
+
+fast_script_frames()

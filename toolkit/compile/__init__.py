@@ -1,0 +1,5 @@
+"""Compile stage: Relax/TIR passes, hand kernels and schedules, library build."""
+
+from ..tvm_compat import fast_script_frames
+
+fast_script_frames()
