@@ -61,6 +61,7 @@ CASES = [
     (48, 256, (1, 1), (1, 1), False, "float32", 1, 8),  # small tasks
     (64, 576, ("b", 1), (20, 1), True, "float16", 1, 16),  # batched decode: 5 blocks of 4 rows
     (32, 1536, ("b", 1), (7, 1), True, "float16", 1, 16),  # one block of 4 rows and 3 left over
+    (48, 256, ("b", 1), (5, 1), True, "float16", 1, 3),  # odd tasks: one weight row per x load
 ]
 
 
