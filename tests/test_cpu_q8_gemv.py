@@ -59,7 +59,9 @@ CASES = [
     (64, 128, ("b", 1), (2, 1), True, "float16", 4, 16),  # 4 weight rows interleaved per x load
     (128, 128, ("b", 1), (2, 1), True, "float16", 2, 64),  # the tuner's knobs: big tasks
     (48, 256, (1, 1), (1, 1), False, "float32", 1, 8),  # small tasks
-    (64, 576, ("b", 1), (20, 1), True, "float16", 1, 16),  # batched decode past one block of 16 rows
+    (64, 576, ("b", 1), (20, 1), True, "float16", 1, 16),  # batched decode: 5 blocks of 4 rows
+    (32, 1536, ("b", 1), (7, 1), True, "float16", 1, 16),  # one block of 4 rows and 3 left over
+    (48, 256, ("b", 1), (5, 1), True, "float16", 1, 3),  # odd tasks: one weight row per x load
 ]
 
 
@@ -89,6 +91,32 @@ def test_int8_gemv_matches_numpy_int8_reference(n, k, rows, real_rows, add, scal
     allow = (xg[:, None, :] / 254 * np.abs(w).reshape(n, k // 32, 32).sum(-1)[None]).sum(-1)
     diff = np.abs(got - exact).reshape(-1, n)
     assert np.all(diff <= allow + 1e-5) and diff.max() > 1e-6
+
+
+@pytest.mark.skipif(not HOST_HAS_AVX2, reason="this CPU has no AVX2: the int8 kernel cannot run here")
+@pytest.mark.parametrize("add", [False, True])
+def test_batched_rows_equal_single_row_kernel_bit_for_bit(add: bool) -> None:
+    """Batched decode (dynamic batch: blocks of rows plus a remainder) computes each row exactly as the
+    one-row kernel does, so a stream's greedy tokens don't depend on how many others run beside it."""
+    n, k, b = 48, 576, 7
+    host = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    kw = {"quant": True, "scale_dtype": "float16", "add": add}
+    one = _build(_matmul_func(n, k, (1, 1), **kw), host, [cs.CPUQ8DotGEMV()])
+    many = _build(_matmul_func(n, k, ("b", 1), **kw), host, [cs.CPUQ8DotGEMV()])
+    qw, qs, _ = _q4_weights(n, k, "float16")
+    x = RNG.standard_normal((b, 1, k)).astype(np.float32)
+    res = RNG.standard_normal((b, 1, n)).astype(np.float32)
+    dev = tvm.cpu()
+
+    def run(ex, xs, rs):
+        args = [tvm.runtime.tensor(a, dev) for a in [xs, qw, qs] + ([rs] if add else [])]
+        out = tvm.runtime.empty((xs.shape[0], 1, n), "float32", dev)
+        ex["main"](*args, out)
+        return out.numpy()
+
+    batched = run(many, x, res)
+    for i in range(b):
+        np.testing.assert_array_equal(batched[i], run(one, x[i : i + 1], res[i : i + 1])[0])
 
 
 def _first_rule(func, target, q4_activations: str):

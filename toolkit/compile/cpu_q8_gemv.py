@@ -34,10 +34,8 @@ from ..quantization import MLC_Q4_LAYOUT, GroupLayout
 from .cpu_isa import Q8_DOT_LANES
 
 MASK = 0x0F0F0F0F  # low nibble of every byte of a word
-# vector types of the per-step Let vars, by lanes (TVMScript evaluates annotations from module globals)
-U32X = {4: T.uint32x4, 8: T.uint32x8, 16: T.uint32x16}
-F32X = {4: T.float32x4, 8: T.float32x8, 16: T.float32x16}
-MAX_BATCH_ROWS = 8  # rows of x whose accumulators one task keeps at a time (batched decode)
+BATCH_BLOCK = 4  # rows of x per unrolled block of the batched path (accumulators in registers)
+BATCH_W_ROWS = 2  # weight rows per x load of the batched path: x's loads serve 2 rows (-8..14% time)
 
 
 def _nibbles(words: tirx.PrimExpr, lanes: int) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
@@ -125,6 +123,20 @@ def q8_dot_gemv(func: tirx.PrimFunc, q, *, isa: str = "avx2", rows: int = 1, til
     else:
         dot = functools.partial(_dot_vnni, lanes=lanes)
 
+    def term(qw, qs, xe, xo, xz, xs, row, m, b) -> tirx.PrimExpr:
+        """Weight row `row`'s step `b` against row `m` of x: the integer dot products as fp32, times the
+        weight and activation scales (one expression: vector temporaries would become heap workspace)."""
+        c = m * n_chunks + b * span  # the step's first chunk in x's quantized buffers
+        wscale = T.Shuffle(  # the group scales of the step, each over 4 lanes
+            [T.Cast(f"float32x{2 * span}", qs[row, T.ramp(b * 2 * span, 1, 2 * span)])] * 4, scale_lanes
+        )
+        words = qw[row, T.ramp(b * lanes, 1, lanes)]
+        d = dot(words, xe[T.ramp(c * 32, 1, lanes * 4)], xo[T.ramp(c * 32, 1, lanes * 4)],
+                xz[T.ramp(c * 8, 1, lanes)])  # fmt: skip
+        return T.Cast(f"float32x{lanes}", d) * (wscale * xs[T.ramp(c * 8, 1, lanes)])
+
+    w_rows = BATCH_W_ROWS if tile % BATCH_W_ROWS == 0 else 1
+
     # fmt: off
     @T.prim_func(private=True)
     def kernel(x: T.Buffer(x_shape, "float32"), qw: T.Buffer((n, n_words), "uint32"),
@@ -168,46 +180,54 @@ def q8_dot_gemv(func: tirx.PrimFunc, q, *, isa: str = "avx2", rows: int = 1, til
                         + T.Cast("int32", xo[(m * n_chunks + b) * 32 + 4 * u + 2])
                         + T.Cast("int32", xo[(m * n_chunks + b) * 32 + 4 * u + 3]))
         # 2. rows of W: `lanes` fp32 lane accumulators per row, summed at the end. One row of x (decode of
-        # one sequence): W streamed once, in order. Several rows (batched decode): each W step loaded
-        # once and applied to every row of x, accumulators in L1 (one pass over W, not one per row)
+        # one sequence): W streamed once, in order. Several rows (batched decode): each pair of W rows is
+        # applied to every row of x while it sits in L1 (one pass over W, not one per row), BATCH_BLOCK rows
+        # of x at a time in unrolled register accumulators, the rest one by one. Every (x row, W row) takes
+        # the one-row kernel's expression (`term`) in its order, so batched results are bit-identical
         if n_rows > 1:
             for t in T.parallel(n // tile):
-                accm = T.alloc_local((MAX_BATCH_ROWS * lanes,), "float32")
-                for r0 in range(tile // rows):
-                    for r in range(rows):
-                        row: T.int32 = t * tile + r0 * rows + r
-                        for mb in range((n_rows + MAX_BATCH_ROWS - 1) // MAX_BATCH_ROWS):
-                            nm: T.int32 = T.min(MAX_BATCH_ROWS, n_rows - mb * MAX_BATCH_ROWS)
-                            for mi in range(nm):
-                                accm[T.ramp(mi * lanes, 1, lanes)] = T.broadcast(T.float32(0), lanes)
-                            for b in range(n_steps):
-                                words: U32X[lanes] = qw[row, T.ramp(b * lanes, 1, lanes)]
-                                wscale: F32X[lanes] = T.Shuffle(
-                                    [T.Cast(f"float32x{2 * span}",
-                                            qs[row, T.ramp(b * 2 * span, 1, 2 * span)])]
-                                    * 4, scale_lanes)
-                                for mi in range(nm):
-                                    m: T.int32 = mb * MAX_BATCH_ROWS + mi
-                                    am = T.ramp(mi * lanes, 1, lanes)
-                                    accm[am] = accm[am] + T.Cast(
-                                        f"float32x{lanes}",
-                                        dot(words,
-                                            xe[T.ramp((m * n_chunks + b * span) * 32, 1, lanes * 4)],
-                                            xo[T.ramp((m * n_chunks + b * span) * 32, 1, lanes * 4)],
-                                            xz[T.ramp((m * n_chunks + b * span) * 8, 1, lanes)])) * (
-                                        wscale * xs[T.ramp((m * n_chunks + b * span) * 8, 1, lanes)])
-                            for mi in range(nm):
-                                m2: T.int32 = mb * MAX_BATCH_ROWS + mi
+                acc_b = T.alloc_local((w_rows * BATCH_BLOCK * lanes,), "float32")
+                for r0 in range(tile // w_rows):
+                    for mb in range(n_rows // BATCH_BLOCK):
+                        for j in T.unroll(w_rows * BATCH_BLOCK):
+                            acc_b[T.ramp(j * lanes, 1, lanes)] = T.broadcast(T.float32(0), lanes)
+                        for b in range(n_steps):
+                            for mi in T.unroll(BATCH_BLOCK):
+                                for r in T.unroll(w_rows):
+                                    acc_b[T.ramp((r * BATCH_BLOCK + mi) * lanes, 1, lanes)] = acc_b[T.ramp(
+                                        (r * BATCH_BLOCK + mi) * lanes, 1, lanes)] + term(
+                                        qw, qs, xe, xo, xz, xs, t * tile + r0 * w_rows + r,
+                                        mb * BATCH_BLOCK + mi, b)
+                        for r in T.unroll(w_rows):
+                            for mi in T.unroll(BATCH_BLOCK):
+                                o_b: T.int32 = (mb * BATCH_BLOCK + mi) * n + t * tile + r0 * w_rows + r
+                                s_b: T.float32 = lane_sum(acc_b, (r * BATCH_BLOCK + mi) * lanes, lanes)
                                 if has_other:
-                                    oth2 = T.decl_buffer((n_rows * n,), "float32", data=other.data)
+                                    oth_b = T.decl_buffer((n_rows * n,), "float32", data=other.data)
                                     if other_first:
-                                        of[m2 * n + row] = oth2[m2 * n + row] + lane_sum(
-                                            accm, mi * lanes, lanes)
+                                        of[o_b] = oth_b[o_b] + s_b
                                     else:
-                                        of[m2 * n + row] = lane_sum(
-                                            accm, mi * lanes, lanes) + oth2[m2 * n + row]
+                                        of[o_b] = s_b + oth_b[o_b]
                                 else:
-                                    of[m2 * n + row] = lane_sum(accm, mi * lanes, lanes)
+                                    of[o_b] = s_b
+                    for m in range(n_rows - n_rows % BATCH_BLOCK, n_rows):
+                        for r in T.unroll(w_rows):
+                            acc_b[T.ramp(r * lanes, 1, lanes)] = T.broadcast(T.float32(0), lanes)
+                        for b in range(n_steps):
+                            for r in T.unroll(w_rows):
+                                acc_b[T.ramp(r * lanes, 1, lanes)] = acc_b[T.ramp(r * lanes, 1, lanes)] + (
+                                    term(qw, qs, xe, xo, xz, xs, t * tile + r0 * w_rows + r, m, b))
+                        for r in T.unroll(w_rows):
+                            o_t: T.int32 = m * n + t * tile + r0 * w_rows + r
+                            s_t: T.float32 = lane_sum(acc_b, r * lanes, lanes)
+                            if has_other:
+                                oth_t = T.decl_buffer((n_rows * n,), "float32", data=other.data)
+                                if other_first:
+                                    of[o_t] = oth_t[o_t] + s_t
+                                else:
+                                    of[o_t] = s_t + oth_t[o_t]
+                            else:
+                                of[o_t] = s_t
         else:
             for t in T.parallel(n // tile):
                 acc = T.alloc_local((rows * lanes,), "float32")
@@ -219,16 +239,8 @@ def q8_dot_gemv(func: tirx.PrimFunc, q, *, isa: str = "avx2", rows: int = 1, til
                             for r in T.unroll(rows):
                                 # one expression, no vector temporaries: TVMScript would give each its own
                                 # buffer, which LowerTVMBuiltin turns into heap workspace (1.7x slower)
-                                acc[T.ramp(r * lanes, 1, lanes)] = acc[T.ramp(r * lanes, 1, lanes)] + T.Cast(
-                                    f"float32x{lanes}",
-                                    dot(qw[t * tile + r0 * rows + r, T.ramp(b * lanes, 1, lanes)],
-                                        xe[T.ramp((m * n_chunks + b * span) * 32, 1, lanes * 4)],
-                                        xo[T.ramp((m * n_chunks + b * span) * 32, 1, lanes * 4)],
-                                        xz[T.ramp((m * n_chunks + b * span) * 8, 1, lanes)])) * (
-                                    T.Shuffle(  # the group scales of the step, each over 4 lanes
-                                        [T.Cast(f"float32x{2 * span}", qs[t * tile + r0 * rows + r, T.ramp(
-                                            b * 2 * span, 1, 2 * span)])] * 4, scale_lanes)
-                                    * xs[T.ramp((m * n_chunks + b * span) * 8, 1, lanes)])
+                                acc[T.ramp(r * lanes, 1, lanes)] = acc[T.ramp(r * lanes, 1, lanes)] + term(
+                                    qw, qs, xe, xo, xz, xs, t * tile + r0 * rows + r, m, b)
                         for r in T.unroll(rows):
                             if has_other:
                                 oth = T.decl_buffer((n_rows * n,), "float32", data=other.data)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -29,6 +30,35 @@ from .scheduler import Job, QueueFullError, Scheduler
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
 
+class _Mailbox:
+    """Hands the engine thread's steps to request queues on the event loop: one wake-up of the loop takes
+    everything posted until it runs (a decode step posts one item per running stream) instead of one
+    wake-up (a self-pipe write and a GIL hand-over) per item. Each queue gets its items in order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, Step | Exception]] = []
+
+    def post(self, queue: asyncio.Queue, item: Step | Exception) -> None:
+        with self._lock:
+            self._pending.append((queue, item))
+            if len(self._pending) > 1:  # a delivery is already scheduled and will take this one too
+                return
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed (shutting down): nobody is left to read these
+            with self._lock:
+                self._pending.clear()
+            raise
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._pending = self._pending, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None):
     return JSONResponse(error_body(message, type_, param, code), status_code=status)
 
@@ -37,6 +67,7 @@ def create_app(model: Model, scheduler: Scheduler, *, api_key: str | None = None
     app = FastAPI(title="phi3 serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.model, app.state.scheduler = model, scheduler
     served = model.name
+    mailbox: list[_Mailbox] = []  # the one for the loop serving requests (made on the first request)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -110,9 +141,12 @@ def create_app(model: Model, scheduler: Scheduler, *, api_key: str | None = None
         except UserError as e:
             return _error(400, str(e), "invalid_request_error")
         loop = asyncio.get_running_loop()
+        if not mailbox or mailbox[0].loop is not loop:
+            mailbox[:] = [_Mailbox(loop)]
+        box = mailbox[0]
         queue: asyncio.Queue[Step | Exception] = asyncio.Queue()
         try:
-            job = scheduler.submit(gen, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+            job = scheduler.submit(gen, lambda item: box.post(queue, item))
         except QueueFullError as e:
             return _error(429, str(e), "server_busy", code="rate_limit_exceeded")
         shape = ResponseShape(chat=chat, model=served)
