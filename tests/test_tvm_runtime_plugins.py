@@ -204,6 +204,9 @@ CASES = [
 def test_whole_model_variants_match_host_exact(tiny, devices, variant, quantization, device, sizes):
     p = _parity(tiny, variant, quantization, device, sizes)
     act = "float16" if quantization.endswith("f16_1") else "float32"
+    print(
+        f"{variant} {quantization} {device}: max|dlogit| {p.max_abs_diff:.3g}, max|logit| {p.max_abs_ref:.3g}"
+    )
     assert p.rel <= REL_TOL[act], (p.max_abs_diff, p.max_abs_ref, p.worst_row)
     assert p.agreement == 1.0
 
