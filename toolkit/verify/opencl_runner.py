@@ -54,11 +54,11 @@ class OpenCLRunner:
         self.program = cl.Program(ctx, source).build()
 
     def launch(
-        self, launch: KernelLaunch, arrays: dict[str, np.ndarray], shape_values: dict[str, int]
+        self, launch: KernelLaunch, arrays: dict[str, np.ndarray], shape_values: dict[str, float]
     ) -> None:
         import pyopencl as cl
 
-        kernel = getattr(self.program, launch.name)
+        kernel = cl.Kernel(self.program, launch.name)
         args, written = [], []
         mf = cl.mem_flags
         for p in launch.params:
@@ -69,6 +69,8 @@ class OpenCLRunner:
                 )
                 args.append(buf)
                 written.append((p, buf))
+            elif p.source in shape_values:  # a scalar given by name, e.g. a float such as sm_scale
+                args.append(np.dtype(p.dtype).type(shape_values[p.source]))
             else:
                 args.append(np.dtype(p.dtype).type(eval_extent(p.source, shape_values)))
         grid, block = launch.grid(shape_values)
