@@ -45,7 +45,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # `-n N --dist loadgroup` (scripts/test): a test file runs whole on one worker, so its module fixtures
-    # (a compiled tiny library, a converted model) are built once; files that declare a shared group run together
+    # (a compiled tiny library, a converted model) are built once; files declaring a shared group run together
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(item.path.stem))
