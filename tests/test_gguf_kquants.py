@@ -245,3 +245,34 @@ def test_every_k_quant_linear_is_one_fused_kernel(tmp_path, preset):
     # qkv (Q5_K), o / gate_up (Q4_K), down (Q4_K and Q6_K), lm_head (Q6_K): one fused kernel per distinct
     # weight shape and layout, at least these 6
     assert len(fused_dequant_kernels(lowered)) >= 6
+
+
+K_MIX = "gguf_q4_k-q4_k-q6_k-qkv_q5_k-down_q6_k_l5"
+
+
+def test_k_quant_wgsl_kernels_equal_their_llvm_build(tmp_path):
+    """Every dequantizing kernel of the K-mix model for the webgpu preset (fp16), scheduled as `phi3 compile`
+    schedules it (dlight GEMV / Matmul with the dequantize inlined), run as WGSL on lavapipe, equals the
+    llvm build of the same unscheduled PrimFunc within toolkit.verify's fp16 tolerance. (OpenCL on PoCL
+    cannot run them: the fp16 scales need cl_khr_fp16, which PoCL lacks.)"""
+    import gpu_apis
+    import tvm
+
+    from toolkit.targets import load_preset
+    from toolkit.verify.verify import TOLERANCE, lowered_and_scheduled, verify_kernels
+
+    gpu_apis.require("webgpu")
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "mini-4k", hidden_size=256, num_hidden_layers=3)
+    unscheduled, scheduled = lowered_and_scheduled(open_model(ckpt).config, K_MIX, load_preset("webgpu"))
+
+    def dequantizing(mod):
+        return tvm.IRModule({gv: f for gv, f in mod.functions_items() if "dequantize" in gv.name_hint})
+
+    checks = verify_kernels(dequantizing(unscheduled), dequantizing(scheduled), "webgpu")
+    assert [c.to_dict() for c in checks if c.status != "ok"] == []
+    # each check compared a finite output buffer (an all-inf output would name none)
+    assert all(c.note.startswith("worst buffer ") and not c.note.startswith("worst buffer ;") for c in checks)
+    assert all(c.error <= TOLERANCE["float16"] for c in checks)
+    fused = [c.func for c in checks if "NT_matmul" in c.func]
+    # qkv (Q5_K), o and gate_up (Q4_K), down (Q4_K, Q6_K), lm_head (Q6_K), decode and prefill shapes
+    assert len(fused) >= 10 and any(c.func == "take_dequantize" for c in checks)

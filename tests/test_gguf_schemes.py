@@ -93,7 +93,7 @@ def test_gguf_scheme_names():
     assert get_scheme("gguf_q4_1").bits_per_weight() == 5.0
     assert get_scheme("gguf_q4_0").bits_per_weight() == 4.5
     assert get_scheme("gguf_q8_0").bits_per_weight() == 8.5
-    for bad in ("gguf_q4_1-q4_1", "gguf_f16", "gguf_q4_k", "gguf_q4_1-q8_0-q8_0", "gguf_"):
+    for bad in ("gguf_q4_1-q4_1", "gguf_f16", "gguf_q3_k", "gguf_q4_1-q8_0-q8_0", "gguf_"):
         with pytest.raises(UserError, match="unknown quantization"):
             get_scheme(bad)
 
@@ -264,8 +264,8 @@ def test_convert_cli_keeps_gguf_blocks_unless_asked(tmp_path):
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     assert open_model(tmp_path / "b").scheme.name == "q4f16_1"
-    r = CliRunner().invoke(main, ["convert", str(path), "-o", str(tmp_path / "c"), "-q", "gguf_q4_k"])
-    assert r.exit_code == 2 and "unknown quantization 'gguf_q4_k'" in r.output
+    r = CliRunner().invoke(main, ["convert", str(path), "-o", str(tmp_path / "c"), "-q", "gguf_q3_k"])
+    assert r.exit_code == 2 and "unknown quantization 'gguf_q3_k'" in r.output
     assert not (tmp_path / "c").exists()
 
 

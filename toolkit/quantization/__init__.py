@@ -8,9 +8,10 @@ every user (numpy quantizer, TVM layers, host kernel matchers) reads it from the
 layout (codes in uint32 words, fp16 scale and min arrays), so a GGUF is imported without re-quantizing it;
 their embedding and lm_head may use another block type (`gguf_q4_1-q8_0`), see `gguf_scheme_name`.
 The K-quants (Q4_K / Q5_K / Q6_K: 256-weight super-blocks with 6- or 8-bit sub-block scales) have a
-two-level layout of their own, `KQuantLayout`; a llama.cpp "_M" mix (some layers' Linears in another K type)
-names its per-tensor exceptions in the scheme name (`gguf_q4_k-q4_k-q6_k-qkv_q5_k-down_q6_k_lf924924f`), so a
-scheme name alone still fixes every parameter of the compiled library.
+two-level layout of their own, `KQuantLayout`. A llama.cpp "_M" mix (some layers' Linears in another type)
+names its per-tensor exceptions in the scheme name, e.g. `gguf_q4_k-q4_k-q6_k-qkv_q5_k-down_q6_k_lf924924f`
+(Q4_K; Q6_K lm_head; Q5_K qkv; Q6_K down_proj in layers 0-3, 6, 9, ..., 27, 28-31), so a scheme name alone
+still fixes every parameter of the compiled library (the converted folder records just that name).
 The numerics live in `group_quant.py` and `gguf_blocks.py`, the TVM modules in `tvm_layers.py`.
 """
 
