@@ -142,17 +142,19 @@ def test_k_mix_scheme_names():
             get_scheme(name)
 
 
-def _k_mix():
-    """A Q4_K_M-like `write_phi3_gguf` callback: Q4_K Linears and embedding, Q5_K qkv, Q6_K lm_head and
-    down_proj in layers 0 and 2; random blocks of the tensor's own spread; norms F32."""
+def _k_mix(head: str | None = "q6_k"):
+    """A Q4_K_M-like `write_phi3_gguf` callback: Q4_K Linears and embedding, Q5_K qkv, Q6_K down_proj in
+    layers 0 and 2, lm_head in `head` (None: F32); random blocks of the tensor's own spread; norms F32."""
     import gguf
 
     rng = np.random.default_rng(5)
 
     def pick(gname: str, arr: np.ndarray):
-        if arr.ndim != 2:
+        if arr.ndim != 2 or (gname == "output.weight" and head is None):
             return None
-        if gname == "output.weight" or gname in ("blk.0.ffn_down.weight", "blk.2.ffn_down.weight"):
+        if gname == "output.weight":
+            t = head
+        elif gname in ("blk.0.ffn_down.weight", "blk.2.ffn_down.weight"):
             t = "q6_k"
         elif gname.endswith("attn_qkv.weight"):
             t = "q5_k"
@@ -198,6 +200,11 @@ def test_q4_k_m_mix_converts_without_requantizing_and_matches_transformers(tmp_p
         np.testing.assert_array_equal(out.get_tensor(hf_name), ref)
         seen.add(bt)
     assert seen == set(K_TYPES)
+    # the roofline's bytes per decoded token, tensor by tensor: every stored param but the embedding table
+    from toolkit.bench.roofline import weight_bytes_per_token
+
+    read = sum(a.nbytes for n, a in params.items() if not n.startswith("model.embed_tokens."))
+    assert weight_bytes_per_token(src.config, scheme) == read
 
     eng = build_engine(path, tmp_path / "lib", scheme)
     names = {p["name"] for p in eng.compiled.manifest["params"]}
