@@ -9,9 +9,10 @@ layout (codes in uint32 words, fp16 scale and min arrays), so a GGUF is imported
 their embedding and lm_head may use another block type (`gguf_q4_1-q8_0`), see `gguf_scheme_name`.
 The K-quants (Q4_K / Q5_K / Q6_K: 256-weight super-blocks with 6- or 8-bit sub-block scales) have a
 two-level layout of their own, `KQuantLayout`. A llama.cpp "_M" mix (some layers' Linears in another type)
-names its per-tensor exceptions in the scheme name, e.g. `gguf_q4_k-q4_k-q6_k-qkv_q5_k-down_q6_k_lf924924f`
-(Q4_K; Q6_K lm_head; Q5_K qkv; Q6_K down_proj in layers 0-3, 6, 9, ..., 27, 28-31), so a scheme name alone
-still fixes every parameter of the compiled library (the converted folder records just that name).
+names its per-tensor exceptions in the scheme name: llama.cpp 0.3.36's Q4_K_M of an 8-layer Phi-3 is
+`gguf_q4_k-q4_k-q6_k-qkv_q6_k_lc9-down_q6_k_lc9` (Q4_K; Q6_K lm_head; Q6_K qkv and down_proj in layers 0,
+3, 6, 7), so a scheme name alone still fixes every parameter of the compiled library (the converted folder
+records just that name).
 The numerics live in `group_quant.py` and `gguf_blocks.py`, the TVM modules in `tvm_layers.py`.
 """
 
