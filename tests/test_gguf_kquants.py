@@ -355,3 +355,38 @@ def test_llama_cpp_q4_k_m_file_keeps_its_blocks_and_matches_llama_cpp(tmp_path):
     # layout or scale gives correlations near 0.8 or below.
     assert min(corr) > 0.99, corr
     assert all(top3), top3
+
+
+@pytest.mark.slow  # nvcc and the Metal parser over a dozen kernels
+@pytest.mark.parametrize("preset_name", ["cuda-sm80", "iphone-a16"])
+def test_k_quant_kernels_compile_for_cuda_and_metal(tmp_path, preset_name):
+    """The K-mix model's dequantizing kernels, scheduled for a CUDA or Metal preset, go through nvcc
+    (-cubin for the preset's arch) or the Metal source check of toolkit.verify: no GPU of either kind here,
+    so this checks the generated code, not its numbers (the WGSL run above does that for the same TIR)."""
+    import shutil
+
+    import tvm
+
+    from toolkit.targets import load_preset
+    from toolkit.verify.verify import lowered_and_scheduled
+
+    preset = load_preset(preset_name)
+    if preset.kind == "cuda" and shutil.which("nvcc") is None:
+        pytest.skip("nvcc not found: CUDA kernels can only be compile-checked with nvcc")
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "mini-4k", hidden_size=256, num_hidden_layers=3)
+    _, scheduled = lowered_and_scheduled(open_model(ckpt).config, K_MIX, preset)
+    from toolkit.compile.kernel_info import with_global_symbols
+
+    deq = tvm.IRModule({gv: f for gv, f in scheduled.functions_items() if "dequantize" in gv.name_hint})
+    deq = with_global_symbols(deq)
+    source = tvm.compile(deq, target=preset.target).mod.imports[0].inspect_source()
+    if preset.kind == "cuda":
+        from toolkit.verify.cuda_check import compile_kernels
+
+        report = compile_kernels(source, preset)
+        assert report.ok and len(report.compiled) >= 12, report
+    else:
+        from toolkit.verify.metal_check import check_msl
+
+        result = check_msl(source)
+        assert result.ok, result.diagnostics
