@@ -135,7 +135,7 @@ class KQuantLayout:
 
     def param_shapes(self, shape: tuple[int, int]) -> tuple[tuple[int, int], ...]:
         n, k = shape
-        kp = self.num_groups(k) * SUPER_BLOCK  # GGUF rows are whole super-blocks; kept for a clear error
+        kp = self.num_groups(k) * SUPER_BLOCK  # padded to whole super-blocks (a GGUF row always is one)
         shapes = [(n, kp // 8)]
         if self.high_bits:
             shapes.append((n, kp * self.high_bits // 32))
