@@ -93,7 +93,7 @@ def test_gguf_scheme_names():
     assert get_scheme("gguf_q4_1").bits_per_weight() == 5.0
     assert get_scheme("gguf_q4_0").bits_per_weight() == 4.5
     assert get_scheme("gguf_q8_0").bits_per_weight() == 8.5
-    for bad in ("gguf_q4_1-q4_1", "gguf_f16", "gguf_q4_k", "gguf_q4_1-q8_0-q8_0", "gguf_"):
+    for bad in ("gguf_q4_1-q4_1", "gguf_f16", "gguf_q3_k", "gguf_q4_1-q8_0-q8_0", "gguf_"):
         with pytest.raises(UserError, match="unknown quantization"):
             get_scheme(bad)
 
@@ -186,10 +186,12 @@ def test_host_q4_kernels_decline_gguf_layouts(block):
     assert _match_q4_matmul(_gguf_nt_matmul(GGUF_BLOCK_LAYOUTS[block])) is None
 
 
-def test_gguf_library_follows_mlc_interface(tmp_path):
+@pytest.mark.parametrize("blocks", ["q4_1", "k_mix"])
+def test_gguf_library_follows_mlc_interface(tmp_path, blocks):
     """A gguf scheme is an ordinary scheme to MLC's engine: the library exports MLC's functions with MLC's
     arity and metadata, the converted folder loads through MLC's tensor-cache builtins with the names of
-    `_metadata`, and the `host` preset runs it (generic schedules, fp16 KV cache) close to transformers."""
+    `_metadata`, and the `host` preset runs it (generic schedules, fp16 KV cache) close to transformers.
+    `k_mix`: a Q4_K_M-like mix of K-quants (test_gguf_kquants), with an f16 lm_head."""
     import json
 
     import tvm
@@ -200,12 +202,21 @@ def test_gguf_library_follows_mlc_interface(tmp_path):
     from toolkit.runtime.engine import CacheOptions, Engine
     from toolkit.runtime.weights import load_params
 
-    hf_dir = make_tiny_checkpoint(tmp_path / "hf", "mini-128k")  # LongRoPE, untied
     path = tmp_path / "m.gguf"
-    write_phi3_gguf(hf_dir, path, _qtypes("Q4_1", "Q8_0", None))  # F32 head: kept as f16
+    if blocks == "q4_1":
+        hf_dir = make_tiny_checkpoint(tmp_path / "hf", "mini-128k")  # LongRoPE, untied
+        write_phi3_gguf(hf_dir, path, _qtypes("Q4_1", "Q8_0", None))  # F32 head: kept as f16
+        want = "gguf_q4_1-q8_0-f16"
+    else:
+        from test_gguf_kquants import _k_mix
+
+        # K-quant rows are whole super-blocks of 256; 3 layers for a down_proj exception in layers 0 and 2
+        hf_dir = make_tiny_checkpoint(tmp_path / "hf", "mini-128k", hidden_size=256, num_hidden_layers=3)
+        write_phi3_gguf(hf_dir, path, _k_mix(head=None))
+        want = "gguf_q4_k-q4_k-f16-qkv_q5_k-down_q6_k_l5"
     src = open_model(path)
     scheme = native_quantization(src)
-    assert scheme == "gguf_q4_1-q8_0-f16"
+    assert scheme == want
     convert(src, scheme, tmp_path / "weights", progress=False)
     compiled = compile_model(src.config, scheme, "host", tmp_path / "lib")
     lib = tvm.runtime.load_module(str(compiled.library))
@@ -217,6 +228,9 @@ def test_gguf_library_follows_mlc_interface(tmp_path):
     dtypes = {p["name"]: p["dtype"] for p in meta["params"]}
     assert dtypes["model.layers.0.self_attn.qkv_proj.q_min"] == "float16"
     assert dtypes["lm_head.weight"] == "float16" and "model.embed_tokens.q_weight" in dtypes
+    if blocks == "k_mix":
+        assert dtypes["model.layers.2.mlp.down_proj.q_high"] == "uint32"  # Q6_K: 2 high bits per weight
+        assert "model.layers.1.mlp.down_proj.q_high" not in dtypes  # Q4_K
     params = load_params(open_model(tmp_path / "weights"), compiled, tvm.cpu(), meta["params"])
     eng = Engine(lib, params, src.config, cache=CacheOptions(max_batch_size=1, context_window=64))
     hf = _hf_on_gguf_blocks(hf_dir, path)
@@ -264,8 +278,8 @@ def test_convert_cli_keeps_gguf_blocks_unless_asked(tmp_path):
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     assert open_model(tmp_path / "b").scheme.name == "q4f16_1"
-    r = CliRunner().invoke(main, ["convert", str(path), "-o", str(tmp_path / "c"), "-q", "gguf_q4_k"])
-    assert r.exit_code == 2 and "unknown quantization 'gguf_q4_k'" in r.output
+    r = CliRunner().invoke(main, ["convert", str(path), "-o", str(tmp_path / "c"), "-q", "gguf_q3_k"])
+    assert r.exit_code == 2 and "unknown quantization 'gguf_q3_k'" in r.output
     assert not (tmp_path / "c").exists()
 
 

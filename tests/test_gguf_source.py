@@ -219,7 +219,9 @@ def test_bad_gguf_files(tmp_path) -> None:
 # ---- synthetic phi3 GGUF (llama.cpp's phi3 architecture) ---------------------------------------------------
 def write_phi3_gguf(hf_dir: Path, path: Path, qtype=None) -> None:
     """Convert a tiny HF Phi-3 checkpoint the way llama.cpp's Phi3MiniModel converter lays it out (F32; or,
-    with `qtype(gguf name, array)` -> a GGMLQuantizationType or None, quantized by `gguf.quants.quantize`)."""
+    with `qtype(gguf name, array)` -> a GGMLQuantizationType or None, quantized by `gguf.quants.quantize`;
+    or -> (GGMLQuantizationType, raw block rows) for blocks made elsewhere, e.g. K-quants gguf-py cannot
+    quantize to)."""
     import gguf
     from gguf.quants import quantize
 
@@ -277,6 +279,8 @@ def write_phi3_gguf(hf_dir: Path, path: Path, qtype=None) -> None:
         q = qtype(gname, t) if qtype is not None else None
         if q is None:
             w.add_tensor(gname, t)
+        elif isinstance(q, tuple):
+            w.add_tensor(gname, q[1], raw_dtype=q[0])
         else:
             w.add_tensor(gname, quantize(t, q), raw_dtype=q)
     w.write_header_to_file()

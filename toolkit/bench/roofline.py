@@ -32,17 +32,31 @@ BYTES_PER_WEIGHT = {
 NORM_BYTES = {"q4f16_1": 2, "q0f16": 2}
 
 
-def _gguf_scheme_bytes(cfg: Phi3Config, name: str) -> tuple[float, float, int]:
-    """(bytes per Linear weight, per lm_head weight, per norm weight) of a gguf_* scheme of ours."""
+def _gguf_scheme_bytes(cfg: Phi3Config, name: str) -> float:
+    """Bytes of weights one decode step reads in a gguf_* scheme of ours, tensor by tensor (a mix such as
+    Q4_K_M stores some layers' Linears in another type); fp16 norms, and fp16 for an f16 role."""
     from ..quantization import get_scheme
 
     s = get_scheme(name)
 
-    def per(role: str) -> float:
-        layout = s.layout_for(role)
-        return layout.bits_per_weight(16) / 8 if layout is not None else 2.0  # else f16
+    def per(weight: str) -> float:
+        layout = s.layout_for_weight(weight)
+        return layout.bits_per_weight(16) / 8 if layout is not None else 2.0
 
-    return per("linear"), per("embedding" if cfg.tie_word_embeddings else "head"), 2
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    sizes = {
+        "self_attn.qkv_proj": h * cfg.qkv_size,
+        "self_attn.o_proj": cfg.num_attention_heads * cfg.head_dim * h,
+        "mlp.gate_up_proj": 2 * h * inter,
+        "mlp.down_proj": inter * h,
+    }
+    layers = sum(
+        n * per(f"model.layers.{i}.{k}.weight")
+        for i in range(cfg.num_hidden_layers)
+        for k, n in sizes.items()
+    )
+    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    return layers + cfg.vocab_size * h * per(head) + (2 * cfg.num_hidden_layers + 1) * h * 2
 
 
 def weight_bytes_per_token(cfg: Phi3Config, scheme: str) -> int:
@@ -50,8 +64,7 @@ def weight_bytes_per_token(cfg: Phi3Config, scheme: str) -> int:
     h, L = cfg.hidden_size, cfg.num_hidden_layers
     layer_2d = h * cfg.qkv_size + cfg.num_attention_heads * cfg.head_dim * h + 3 * h * cfg.intermediate_size
     if scheme.startswith("gguf_"):
-        per, head, norm = _gguf_scheme_bytes(cfg, scheme)
-        return int(round(L * layer_2d * per + (2 * L + 1) * h * norm + cfg.vocab_size * h * head))
+        return int(round(_gguf_scheme_bytes(cfg, scheme)))
     if scheme not in BYTES_PER_WEIGHT:
         raise UserError(f"unknown quantization scheme {scheme!r}; known: {', '.join(BYTES_PER_WEIGHT)}")
     per = BYTES_PER_WEIGHT[scheme]
@@ -98,4 +111,3 @@ def measure_read_bandwidth(threads: int = 1, nbytes: int = 1 << 30, repeats: int
         dt = time.perf_counter() - t0
         best = max(best, a.nbytes / dt)
     return best
-

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..quantization import QuantScheme, get_scheme, weight_role
+from ..quantization import QuantScheme, get_scheme
 from ..quantization import group_quant as gq
 from . import ModelSource, expected_tensor_shapes
 from .mlc_format import (
@@ -62,9 +62,9 @@ class MLCSource(ModelSource):
         """Stored param names holding HF weight `name`: itself, or its q_weight/q_scale (/q_min) params."""
         if self._rename(name) in self._stored:
             return [self._rename(name)]
-        layout = self.scheme.layout_for(weight_role(name))
-        with_min = layout is not None and layout.has_min
-        return [self._rename(n) for n in quantized_param_names(name, with_min)]
+        layout = self.scheme.layout_for_weight(name)
+        suffixes = layout.suffixes if layout is not None else None
+        return [self._rename(n) for n in quantized_param_names(name, suffixes=suffixes)]
 
     def _validate(self) -> None:
         for name, shape in self._shapes.items():
@@ -73,10 +73,11 @@ class MLCSource(ModelSource):
                 if s not in self._stored:
                     raise UserError(f"tensor-cache.json has no {s}", self.path)
             if len(stored) > 1:
-                layout = self.scheme.layout_for(weight_role(name))
-                qw, qs, *qm = (self._stored[s][0] for s in stored)
-                if layout is None or (qw, qs) != layout.quantized_shapes(shape) or any(m != qs for m in qm):
-                    raise UserError(f"{name}: stored shapes {qw}/{qs} do not fit {shape}", self.path)
+                layout = self.scheme.layout_for_weight(name)
+                got = tuple(self._stored[s][0] for s in stored)
+                if layout is None or got != layout.param_shapes(shape):
+                    shapes = "/".join(str(g) for g in got)
+                    raise UserError(f"{name}: stored shapes {shapes} do not fit {shape}", self.path)
             elif self._stored[stored[0]][0] != shape:
                 got = self._stored[stored[0]][0]
                 raise UserError(f"{name}: stored shape {got}, expected {shape}", self.path)
@@ -98,7 +99,7 @@ class MLCSource(ModelSource):
             elif self.scheme.kind == "gguf":
                 from ..quantization import gguf_blocks
 
-                block = self.scheme.block_type(weight_role(name))
+                block = self.scheme.weight_block_type(name)
                 yield name, gguf_blocks.dequantize(tuple(stored[k] for k in keys), block)
             else:
                 qw, qs = (stored[k] for k in keys)

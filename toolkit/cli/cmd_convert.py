@@ -15,8 +15,9 @@ from .options import quantization_choice
     type=quantization_choice(),
     default=None,
     help="q0f32, q0f16, q4f16_1, q4f32_1 or gguf_<type>[-<embedding type>[-<head type>]] (types q4_0, "
-    "q4_1, q8_0; f16 = unquantized). Default: a GGUF whose layers are Q4_0/Q4_1/Q8_0 keeps its blocks "
-    "(e.g. gguf_q4_1-q8_0), anything else q4f16_1.",
+    "q4_1, q8_0, q4_k, q5_k, q6_k; f16 = unquantized), then per-layer exceptions of a mix such as Q4_K_M "
+    "(-<qkv|o|gateup|down>_<type>[_l<hex layer mask>]). Default: a GGUF whose layers are in those block "
+    "types keeps its blocks (e.g. gguf_q4_1-q8_0), anything else q4f16_1.",
 )
 @click.option(
     "--output",

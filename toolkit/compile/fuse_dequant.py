@@ -21,8 +21,9 @@ from tvm import relax, s_tir, tirx
 from tvm.relax.dpl.pattern import GlobalVarPattern, TuplePattern, is_op, wildcard
 
 DEQUANT_BLOCK = "dequantize"
-# q_weight, q_scale (+ room for a zero point or shape args); epilogue inputs such as a residual
-_MAX_DEQUANT_ARGS = 4
+# q_weight, q_scale (+ a min, or a K-quant's high bits / sub-block scales / min); epilogue inputs such as a
+# residual
+_MAX_DEQUANT_ARGS = 5
 _MAX_EPILOGUE_ARGS = 3
 
 

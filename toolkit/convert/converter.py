@@ -95,14 +95,13 @@ def gguf_scheme_tensors(source: ModelSource, scheme: QuantScheme, progress=None)
     role's block type is repacked bit for bit (`gguf_blocks.from_blocks`); any other 2-D weight of a
     quantized role is quantized from float with llama.cpp's reference quantizer (`gguf.quants`); the rest
     (norms, roles the scheme keeps plain) is stored in the model dtype."""
-    from ..quantization import gguf_blocks, weight_role
+    from ..quantization import gguf_blocks
 
     raw_rows = getattr(source, "raw_rows", None)  # only a GGUF source has blocks to keep
     requantized = []
     for name in source.tensor_names():
         shape = source.tensor_shape(name)
-        role = weight_role(name)
-        block = scheme.block_type(role) if len(shape) == 2 and name.endswith(".weight") else None
+        block = scheme.weight_block_type(name) if len(shape) == 2 and name.endswith(".weight") else None
         raw = raw_rows(name) if block is not None and raw_rows is not None else None
         if raw is not None and gguf_blocks.block_type_of(raw[0]) == block:
             arrays = gguf_blocks.from_blocks(raw[1], block)
@@ -121,8 +120,8 @@ def gguf_scheme_tensors(source: ModelSource, scheme: QuantScheme, progress=None)
                     raise UserError(f"tensor {name}: {e}", source.path) from None
             del arr
         if arrays is not None:
-            layout = scheme.layout_for(role)
-            yield from zip(quantized_param_names(name, layout.has_min), arrays)
+            suffixes = scheme.layout_for_weight(name).suffixes
+            yield from zip(quantized_param_names(name, suffixes=suffixes), arrays)
         if progress is not None:
             progress.update(1)
             progress.set_postfix_str(name, refresh=False)

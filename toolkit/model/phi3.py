@@ -27,6 +27,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from tvm.target import Target
 
 from ..config import Phi3Config
+from ..errors import UserError
 from ..quantization import get_scheme
 from ..quantization.tvm_layers import make_embedding, make_linear
 from .kv_kernels import install as _install_kv_kernels
@@ -70,16 +71,21 @@ class RMSNorm(nn.Module):
 
 
 def _linear(
-    in_f: int, out_f: int, opts: GraphOptions, out_dtype: str | None = None, role: str = "linear"
+    in_f: int, out_f: int, opts: GraphOptions, name: str, out_dtype: str | None = None, role: str = "linear"
 ) -> nn.Module:
-    return make_linear(in_f, out_f, opts.quantization, opts.dtype, out_dtype=out_dtype, role=role)
+    """A Linear whose Hugging Face weight is `name`.weight (a gguf mix stores some layers in another type)."""
+    return make_linear(
+        in_f, out_f, opts.quantization, opts.dtype, out_dtype=out_dtype, role=role, name=f"{name}.weight"
+    )
 
 
 class Phi3Attention(nn.Module):
-    def __init__(self, cfg: Phi3Config, opts: GraphOptions) -> None:
+    def __init__(self, cfg: Phi3Config, opts: GraphOptions, prefix: str) -> None:
         self.cfg, self.dtype, self.cache_dtype = cfg, opts.dtype, opts.cache_dtype
-        self.qkv_proj = _linear(cfg.hidden_size, cfg.qkv_size, opts)
-        self.o_proj = _linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, opts)
+        self.qkv_proj = _linear(cfg.hidden_size, cfg.qkv_size, opts, f"{prefix}.qkv_proj")
+        self.o_proj = _linear(
+            cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, opts, f"{prefix}.o_proj"
+        )
 
     def forward(self, x: nn.Tensor, positions: nn.Tensor, rope_long, kv: PagedKVCache, layer: int):
         c = self.cfg
@@ -97,9 +103,11 @@ class Phi3Attention(nn.Module):
 
 
 class Phi3MLP(nn.Module):
-    def __init__(self, cfg: Phi3Config, opts: GraphOptions) -> None:
-        self.gate_up_proj = _linear(cfg.hidden_size, 2 * cfg.intermediate_size, opts)
-        self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, opts)
+    def __init__(self, cfg: Phi3Config, opts: GraphOptions, prefix: str) -> None:
+        self.gate_up_proj = _linear(
+            cfg.hidden_size, 2 * cfg.intermediate_size, opts, f"{prefix}.gate_up_proj"
+        )
+        self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, opts, f"{prefix}.down_proj")
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)  # HF: first half is the gate
@@ -107,12 +115,12 @@ class Phi3MLP(nn.Module):
 
 
 class Phi3DecoderLayer(nn.Module):
-    def __init__(self, cfg: Phi3Config, opts: GraphOptions) -> None:
+    def __init__(self, cfg: Phi3Config, opts: GraphOptions, index: int) -> None:
         norm = (cfg.hidden_size, cfg.rms_norm_eps, opts.dtype, opts.norm_dtype)
         self.input_layernorm = RMSNorm(*norm)
-        self.self_attn = Phi3Attention(cfg, opts)
+        self.self_attn = Phi3Attention(cfg, opts, f"model.layers.{index}.self_attn")
         self.post_attention_layernorm = RMSNorm(*norm)
-        self.mlp = Phi3MLP(cfg, opts)
+        self.mlp = Phi3MLP(cfg, opts, f"model.layers.{index}.mlp")
 
     def forward(self, x, positions, rope_long, kv: PagedKVCache, layer: int):
         x = x + self.self_attn(self.input_layernorm(x), positions, rope_long, kv, layer)
@@ -121,8 +129,14 @@ class Phi3DecoderLayer(nn.Module):
 
 class Phi3Model(nn.Module):
     def __init__(self, cfg: Phi3Config, opts: GraphOptions) -> None:
+        scheme = get_scheme(opts.quantization)
+        if scheme.max_layer() >= cfg.num_hidden_layers:  # a gguf mix naming layers this model lacks
+            raise UserError(
+                f"quantization {scheme.name} names layer {scheme.max_layer()}; the model has "
+                f"{cfg.num_hidden_layers} layers"
+            )
         self.embed_tokens = make_embedding(cfg.vocab_size, cfg.hidden_size, opts.quantization, opts.dtype)
-        self.layers = nn.ModuleList([Phi3DecoderLayer(cfg, opts) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([Phi3DecoderLayer(cfg, opts, i) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts.dtype, opts.norm_dtype)
 
 
@@ -131,7 +145,9 @@ class Phi3ForCausalLM(nn.Module):
         self.cfg, self.opts, self.target = cfg, opts, target
         self.model = Phi3Model(cfg, opts)
         if not cfg.tie_word_embeddings:
-            self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, opts, out_dtype="float32", role="head")
+            self.lm_head = _linear(
+                cfg.hidden_size, cfg.vocab_size, opts, "lm_head", out_dtype="float32", role="head"
+            )
 
     def _body(self, x: nn.Tensor, kv: PagedKVCache, ends: str, logit_positions: nn.Tensor | None = None):
         b, s, _ = x.shape

@@ -3,7 +3,8 @@
 Parameters keep the Hugging Face names the converter writes: a plain layer has `weight`; a q4 layer has
 `q_weight` (storage words (N, G * words per group)) and `q_scale` ((N, G), the scheme's scale dtype), G =
 ceil(K / group size), plus `q_min` ((N, G)) for a layout with a min (GGUF Q4_1); every layout number is read
-from the `GroupLayout` the scheme gives the layer's role (Linears, embedding, lm_head).
+from the `GroupLayout` the scheme gives the layer's role (Linears, embedding, lm_head). A K-quant layer
+(`KQuantLayout`) has the parameters its layout's `suffixes` name, dequantized by `_k_value`.
 
 The q4 Linear is written the way MLC-LLM writes it, because that is what TVM's GPU schedules (dlight GEMV /
 Matmul) recognise: a separate TE op named "dequantize" followed by `matmul(x, permute_dims(w))`.
@@ -20,7 +21,7 @@ from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from . import MLC_Q4_LAYOUT, GroupLayout, QuantScheme, get_scheme
+from . import MLC_Q4_LAYOUT, SUPER_BLOCK, GroupLayout, KQuantLayout, Layout, QuantScheme, get_scheme
 
 
 def _code_to_float(word: tirx.PrimExpr, j: tirx.PrimExpr, dtype: str, layout: GroupLayout) -> tirx.PrimExpr:
@@ -43,6 +44,52 @@ def _value(q_weight, q_scale, q_min, row, j, dtype: str, layout: GroupLayout) ->
         q_scale, row, g, dtype
     )
     return v + _scale(q_min, row, g, dtype) if q_min is not None else v
+
+
+def _bits_at(words: te.Tensor, row, j, bits: int) -> tirx.PrimExpr:
+    """The `bits`-bit field of element j in a plane packing 32 / bits fields per uint32, lowest first."""
+    per = 32 // bits
+    shift = ((j % per) * bits).astype("uint32")
+    return tirx.bitwise_and(
+        tirx.shift_right(words[row, j // per], shift), tirx.const((1 << bits) - 1, "uint32")
+    )
+
+
+def _k_value(planes: dict[str, te.Tensor], row, j, dtype: str, layout: KQuantLayout) -> tirx.PrimExpr:
+    """Dequantized element j of `row` of a K-quant weight: Q4_K/Q5_K (d*sc)*q - dmin*m, Q6_K (d*sc)*(q - 32),
+    the order of gguf.quants' numpy (every product is exact in fp32; see gguf_blocks)."""
+    code = _bits_at(planes["q_weight"], row, j, 4)
+    if layout.high_bits:
+        high = _bits_at(planes["q_high"], row, j, layout.high_bits)
+        code = tirx.bitwise_or(code, tirx.shift_left(high, tirx.const(4, "uint32")))
+    sb = j // SUPER_BLOCK
+    d = _scale(planes["q_scale"], row, sb, dtype)
+    q_sub = planes["q_sub"]
+    if not layout.has_min:  # Q6_K: 16 byte scales (int8 + 128) per super-block, one per 16 weights
+        sc = _bits_at(q_sub, row, j // layout.sub_block, 8).astype(dtype) - tirx.const(128, dtype)
+        return (d * sc) * (code.astype(dtype) - tirx.const(layout.zero_point, dtype))
+    t = (j // layout.sub_block) % 8  # sub-block in its super-block: its scale byte, and 8 bytes on its min
+    sc = _bits_at(q_sub, row, sb * 16 + t, 8).astype(dtype)
+    mn = _bits_at(q_sub, row, sb * 16 + 8 + t, 8).astype(dtype)
+    return (d * sc) * code.astype(dtype) - _scale(planes["q_min"], row, sb, dtype) * mn
+
+
+def te_dequantize_planes(
+    planes: dict[str, te.Tensor], k, dtype: str, layout: Layout, ids: te.Tensor | None = None
+) -> te.Tensor:
+    """(N, k) dequantized weights (or, with `ids`, rows ids of them) of the parameters of any layout, keyed
+    by suffix (q_weight, q_scale, ...)."""
+    if isinstance(layout, GroupLayout):
+        qw, qs, qm = planes["q_weight"], planes["q_scale"], planes.get("q_min")
+        if ids is None:
+            return te_dequantize(qw, qs, k, dtype, layout, q_min=qm)
+        return te_take_dequantize(qw, qs, ids, k, dtype, layout, q_min=qm)
+    if ids is None:
+        n = planes["q_weight"].shape[0]
+        return te.compute((n, k), lambda i, j: _k_value(planes, i, j, dtype, layout), name="dequantize")
+    return te.compute(
+        (ids.shape[0], k), lambda t, j: _k_value(planes, ids[t], j, dtype, layout), name="take_dequantize"
+    )
 
 
 def te_dequantize(
@@ -82,25 +129,26 @@ def te_take_dequantize(
     )
 
 
-def _quant_params(module: nn.Module, n: int, k: int, scheme: QuantScheme, layout: GroupLayout) -> None:
-    """q_weight / q_scale (/ q_min) Parameters of an (n, k) weight stored in `layout`."""
-    qw_shape, qs_shape = layout.quantized_shapes((n, k))
+def _quant_params(module: nn.Module, n: int, k: int, scheme: QuantScheme, layout: Layout) -> None:
+    """The Parameters (q_weight, q_scale, and q_min / q_high / q_sub as the layout has them) of an (n, k)
+    weight stored in `layout`; an absent one is None."""
     module.layout = layout
-    module.q_weight = nn.Parameter(qw_shape, dtype=layout.storage)
-    module.q_scale = nn.Parameter(qs_shape, dtype=scheme.scale_dtype)
-    module.q_min = nn.Parameter(qs_shape, dtype=scheme.scale_dtype) if layout.has_min else None
+    module.q_min = None
+    for suffix, shape, dtype in zip(
+        layout.suffixes, layout.param_shapes((n, k)), layout.param_dtypes(scheme.scale_dtype)
+    ):
+        setattr(module, suffix, nn.Parameter(shape, dtype=dtype))
 
 
 def _dequant_op(module: nn.Module, k: int, dtype: str, name: str, ids: nn.Tensor | None = None) -> nn.Tensor:
     """The TE dequantize (or, with `ids`, take_dequantize) of a quantized module's parameters."""
-    lay, has_min = module.layout, module.q_min is not None
-    args = [module.q_weight, module.q_scale] + ([module.q_min] if has_min else [])
+    lay = module.layout
+    suffixes = lay.suffixes
+    args = [getattr(module, s) for s in suffixes]
 
-    def compute(qw, qs, *rest):
-        qm = rest[0] if has_min else None
-        if ids is None:
-            return te_dequantize(qw, qs, k, dtype, lay, q_min=qm)
-        return te_take_dequantize(qw, qs, rest[-1], k, dtype, lay, q_min=qm)
+    def compute(*tensors):
+        planes = dict(zip(suffixes, tensors))
+        return te_dequantize_planes(planes, k, dtype, lay, ids=tensors[-1] if ids is not None else None)
 
     return op.tensor_expr_op(compute, name, args + ([ids] if ids is not None else []))
 
@@ -121,7 +169,7 @@ class QuantizedLinear(nn.Module):
         scheme: QuantScheme,
         out_dtype: str | None = None,
         dtype: str | None = None,
-        layout: GroupLayout | None = None,
+        layout: Layout | None = None,
     ):
         super().__init__()
         self.in_features = in_features
@@ -199,7 +247,7 @@ class QuantizedEmbedding(nn.Module):
         dim: int,
         scheme: QuantScheme,
         dtype: str | None = None,
-        layout: GroupLayout | None = None,
+        layout: Layout | None = None,
     ):
         super().__init__()
         self.vocab_size = vocab_size
@@ -228,16 +276,17 @@ def make_linear(
     dtype: str | None = None,
     out_dtype: str | None = None,
     role: str = "linear",
+    name: str | None = None,
 ) -> nn.Module:
     """A bias-free Linear for `scheme`: `nn.Linear` (param `weight`) where the scheme keeps `role` ("linear",
     or "head" for an untied lm_head) unquantized, else `QuantizedLinear` in that role's layout.
 
     `dtype` defaults to the scheme's model dtype; `out_dtype` (e.g. "float32" for the lm_head) sets the
-    matmul output dtype.
+    matmul output dtype. `name` (the Hugging Face weight name) picks a per-tensor exception of a gguf mix.
     """
     scheme = get_scheme(scheme)
     dtype = dtype or scheme.model_dtype
-    layout = scheme.layout_for(role)
+    layout = scheme.layout_for_weight(name) if name else scheme.layout_for(role)
     if layout is None and scheme.is_quantized:  # a role the scheme keeps unquantized, in its model dtype
         return StoredLinear(in_features, out_features, dtype, scheme.model_dtype, out_dtype=out_dtype)
     if layout is None:

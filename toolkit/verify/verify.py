@@ -29,6 +29,11 @@ TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
 # Other integer inputs (e.g. a 0/1 table selector such as rope_long) are zero: any value > 0 may index out of
 # bounds, which reads garbage on every backend and can crash the llvm reference.
 _POSITION_LIKE = re.compile(r"(^|_)(pos|position|positions|position_map|ids|token_ids)$")
+# fp16 quantization scales and mins (q_scale / q_min params): drawn small, so that a GGUF K-quant's d * sc
+# (sc up to 255 for random bytes) * q (up to 63), summed over a row, stays inside fp16's range; standard
+# normal ones overflow to inf there and leave no finite output to compare
+_QUANT_SCALE = re.compile(r"q_(scale|min)\d*$")
+QUANT_SCALE_STD = 2.0**-8
 DEFAULT_SHAPE_VALUE = 7  # odd and not a multiple of any tile size, so boundary handling is exercised
 RUN_TARGETS = {
     # 32 KB workgroup memory and 256 invocations are what lavapipe offers (wgpu limits) and what presets use
@@ -71,6 +76,8 @@ def random_inputs(
             arrays[p.name] = np.arange(shape[0]).astype(p.dtype)
         elif p.dtype.startswith(("int", "uint", "bool")):
             arrays[p.name] = np.zeros(shape, dtype=p.dtype)
+        elif p.dtype == "float16" and _QUANT_SCALE.search(p.name):
+            arrays[p.name] = (rng.standard_normal(shape) * QUANT_SCALE_STD).astype(p.dtype)
         else:
             arrays[p.name] = rng.standard_normal(shape).astype(p.dtype)
     return arrays

@@ -171,7 +171,12 @@ def param_renamer(style: str, model_type: str):
     return lambda n: n
 
 
-def quantized_param_names(name: str, with_min: bool = False) -> tuple[str, ...]:
-    """`X.weight` -> (`X.q_weight`, `X.q_scale`), plus `X.q_min` for a layout with mins (GGUF Q4_1)."""
+def quantized_param_names(
+    name: str, with_min: bool = False, suffixes: tuple[str, ...] | None = None
+) -> tuple[str, ...]:
+    """`X.weight` -> (`X.q_weight`, `X.q_scale`), plus `X.q_min` for a layout with mins (GGUF Q4_1); or
+    `X.<suffix>` for each of a layout's `suffixes` (K-quants: q_high, q_sub too)."""
     base = name[: -len(".weight")]
-    return (f"{base}.q_weight", f"{base}.q_scale") + ((f"{base}.q_min",) if with_min else ())
+    if suffixes is None:
+        suffixes = ("q_weight", "q_scale") + (("q_min",) if with_min else ())
+    return tuple(f"{base}.{s}" for s in suffixes)
