@@ -232,7 +232,11 @@ def test_k_types_are_kept_not_made(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("preset", ["host", "webgpu", "cuda-sm80"])
+# host in the fast tier; the GPU presets' lowering in the slow one (each is another full lowering)
+@pytest.mark.parametrize(
+    "preset",
+    ["host", *(pytest.param(p, marks=pytest.mark.slow) for p in ("webgpu", "cuda-sm80"))],
+)
 def test_every_k_quant_linear_is_one_fused_kernel(tmp_path, preset):
     from toolkit.compile.compile_model import graph_options
     from toolkit.compile.fuse_dequant import fused_dequant_kernels, unfused_dequant_kernels
@@ -257,6 +261,7 @@ def test_every_k_quant_linear_is_one_fused_kernel(tmp_path, preset):
 K_MIX = "gguf_q4_k-q4_k-q6_k-qkv_q5_k-down_q6_k_l5"
 
 
+@pytest.mark.slow  # a dozen WGSL kernels on lavapipe; the fast tier checks the K dequant on the host
 def test_k_quant_wgsl_kernels_equal_their_llvm_build(tmp_path):
     """Every dequantizing kernel of the K-mix model for the webgpu preset (fp16), scheduled as `phi3 compile`
     schedules it (dlight GEMV / Matmul with the dequantize inlined), run as WGSL on lavapipe, equals the

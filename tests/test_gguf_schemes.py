@@ -186,7 +186,7 @@ def test_host_q4_kernels_decline_gguf_layouts(block):
     assert _match_q4_matmul(_gguf_nt_matmul(GGUF_BLOCK_LAYOUTS[block])) is None
 
 
-@pytest.mark.parametrize("blocks", ["q4_1", "k_mix"])
+@pytest.mark.parametrize("blocks", ["q4_1", pytest.param("k_mix", marks=pytest.mark.slow)])
 def test_gguf_library_follows_mlc_interface(tmp_path, blocks):
     """A gguf scheme is an ordinary scheme to MLC's engine: the library exports MLC's functions with MLC's
     arity and metadata, the converted folder loads through MLC's tensor-cache builtins with the names of
