@@ -12,6 +12,7 @@ import shutil
 import tempfile
 
 import gpu_apis
+import numpy as np
 import pytest
 import tvm
 from test_targets import REQUIRED as REQUIRED_PRESETS
@@ -243,3 +244,22 @@ def test_fatbin_kernels_run_on_a_cuda_gpu(tmp_path):
     make_bundle(mod, scheduled, preset, tmp_path)
     results = run_bundle(tmp_path)
     assert len(results) == len(KERNELS) and all(r["ok"] for r in results), results
+
+
+@pytest.mark.parametrize(
+    "ref,got,passes",
+    [
+        ([1.0, 2.0], [1.0, 2.0], True),
+        ([1.0, np.inf], [1.0, np.inf], True),  # the same overflow on both sides: the finite part is compared
+        ([np.nan, 2.0], [1.0, 2.0], False),  # NaN in the reference only
+        ([1.0, 2.0], [1.0, np.nan], False),
+        ([np.nan, np.nan], [np.nan, np.nan], False),  # nothing finite: nothing was compared
+        ([1.0, np.inf], [5.0, np.inf], False),  # the finite part still has to match
+    ],
+)
+def test_a_non_finite_output_never_reads_as_a_pass(ref, got, passes):
+    from toolkit.verify.verify import _compare
+
+    ref, got = np.array(ref, "float32"), np.array(got, "float32")
+    err, tol, _ = _compare(["out"], {"out": ref}, {"out": got})
+    assert (err <= tol) == passes

@@ -188,10 +188,14 @@ def _compare(outputs: list[str], expected: dict, actual: dict) -> tuple[float, f
         if ref.dtype.kind == "f" and ref.size:
             ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
             tol = TOLERANCE.get(str(ref.dtype), 1e-4)
-            if np.isfinite(ref64).all() and not np.isfinite(got64).all():
+            finite = np.isfinite(ref64)
+            # a NaN/inf pattern that differs, or a reference with nothing finite to compare, is a failure:
+            # a NaN difference would otherwise never become the worst error and read as a pass
+            if not finite.any() or not np.array_equal(finite, np.isfinite(got64)):
                 err = float("inf")
             else:
-                err = float(np.abs(got64 - ref64).max() / max(float(np.abs(ref64).max()), 1e-30))
+                r, g = ref64[finite], got64[finite]
+                err = float(np.abs(g - r).max() / max(float(np.abs(r).max()), 1e-30))
         else:
             tol, err = 0.0, (0.0 if np.array_equal(ref, got) else float("inf"))
         ratio = err / tol if tol else (0.0 if err == 0 else float("inf"))
