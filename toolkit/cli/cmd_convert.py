@@ -28,7 +28,7 @@ from .options import quantization_choice
 )
 @click.option(
     "--clip",
-    type=click.Choice(["auto", "rtn", "search", "weighted"]),
+    type=click.Choice(["auto", "rtn", "search", "weighted", "gptq"]),
     default="auto",
     show_default=True,
     help="q4 scales (same storage either way): rtn = max|w|/7; search = per-group clipping search minimising "

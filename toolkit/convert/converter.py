@@ -50,8 +50,11 @@ if TYPE_CHECKING:
     from ..checkpoint import ModelSource
 
 # rtn: scale = max|w|/7; search: per-group clipping search (squared error); weighted: the same search with
-# each input channel weighted by E[x^2] from a numpy forward over a short calibration text.
-CLIP_METHODS = ("auto", "rtn", "search", "weighted")
+# each input channel weighted by E[x^2] from a numpy forward over a short calibration text; gptq: GPTQ error
+# feedback on the decoder Linears (weighted-search scales), streaming layer by layer (gptq_stream.py).
+CLIP_METHODS = ("auto", "rtn", "search", "weighted", "gptq")
+# the methods that run the calibration forward
+CALIBRATED = ("weighted", "gptq")
 # "auto" = weighted. Measured on SmolLM2-135M (q4f16_1, tinyshakespeare, 2040 tokens in 256-token windows,
 # numpy reference forward): perplexity fp32 57.04, rtn 82.67, search 87.71 (lower weight error, WORSE
 # perplexity), weighted 76.24.
@@ -140,12 +143,25 @@ def converted_tensors(
     clip: str,
     progress=None,
     act_stats: dict[str, np.ndarray] | None = None,
+    calib_tokens: list[int] | None = None,
 ):
-    """Yield (param name, array) in the output format, one source tensor at a time."""
+    """Yield (param name, array) in the output format, one source tensor at a time (for gptq: one layer)."""
     from ..quantization.clip_search import search_scales
 
     if scheme.kind == "gguf":
         yield from gguf_scheme_tensors(source, scheme, progress)
+        return
+    if clip == "gptq":
+        from .gptq_stream import gptq_tensors
+
+        yield from gptq_tensors(
+            source,
+            scheme,
+            calib_tokens,
+            check=lambda name, arr: _check_values(name, arr, scheme, source.path),
+            should_quantize=lambda name, shape: should_quantize(name, shape, scheme),
+            progress=progress,
+        )
         return
     for name, arr in source.iter_tensors():
         _check_values(name, arr, scheme, source.path)
@@ -246,17 +262,23 @@ def _convert_locked(
     t0 = time.perf_counter()
     try:
         names = source.tensor_names()
-        act_stats = None
-        if clip_used == "weighted":
+        act_stats = tokens = None
+        if clip_used in CALIBRATED:
             from .calibration import (
                 MIN_CALIBRATION_TOKENS,
                 activation_stats,
                 calibration_tokens,
             )
 
-            tokens = calibration_tokens(source)
+            if clip_used == "gptq":
+                from .gptq_stream import gptq_calibration_tokens
+
+                tokens = gptq_calibration_tokens(source)
+            else:
+                tokens = calibration_tokens(source)
             if len(tokens) >= MIN_CALIBRATION_TOKENS:
-                act_stats = activation_stats(source, tokens)
+                if clip_used == "weighted":
+                    act_stats = activation_stats(source, tokens)
             elif clip == "auto":  # e.g. a GGUF with a placeholder vocabulary: nothing to calibrate on
                 print(
                     f"{source.path}: its tokenizer gives {len(tokens)} tokens of the calibration text; "
@@ -276,7 +298,7 @@ def _convert_locked(
 
             bar = tqdm(total=len(names), unit="tensor", desc=f"convert {scheme.name}", dynamic_ncols=True)
         try:
-            for pname, arr in converted_tensors(source, scheme, clip_used, bar, act_stats):
+            for pname, arr in converted_tensors(source, scheme, clip_used, bar, act_stats, tokens):
                 writer.add(rename(pname), arr)
         finally:
             if bar is not None:
