@@ -32,18 +32,21 @@ def test_inverse_cholesky_factor() -> None:
     u = _inverse_cholesky(h, 0.01)
     assert np.allclose(u, np.triu(u))
     ridge = h + 0.01 * np.mean(np.diagonal(h)) * np.eye(48)
-    np.testing.assert_allclose(u.T @ u, np.linalg.inv(ridge), rtol=1e-6, atol=1e-9 * np.abs(u).max() ** 2)
+    want = np.linalg.inv(ridge)
+    # float32 factorisations of a matrix with condition number ~1e3: 1e-4 of the largest entry
+    np.testing.assert_allclose(u.astype(np.float64).T @ u, want, rtol=0, atol=1e-4 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("scheme", ["q4f16_1", "q4f32_1"])
 @pytest.mark.parametrize("scales", ["rtn", "weighted"])
-def test_gptq_lowers_output_error_and_packs_exactly(scheme, scales) -> None:
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_lowers_output_error_and_packs_exactly(scheme, scales, act_order) -> None:
     # K = 150: not a multiple of 32, so the padded last group is exercised too; held-out inputs from the same
     # distribution check that the gain is not an overfit of the calibration sample
     w, x = _correlated_linear(48, 150, 600)
     x_cal, x_test = x[:400], x[400:]
     sch = get_scheme(scheme)
-    q_weight, q_scale, w_hat = gptq_pack(w, hessian(x_cal), sch, scales=scales)
+    q_weight, q_scale, w_hat = gptq_pack(w, hessian(x_cal), sch, scales=scales, act_order=act_order)
 
     # the scheme's layout and dequantizer give back exactly the values GPTQ fed its error feedback
     assert (q_weight.shape, q_scale.shape) == sch.layout.quantized_shapes(w.shape)
@@ -93,8 +96,8 @@ def test_gptq_matches_textbook_reference() -> None:
     w_hat, s = gptq_quantize(w, h, "q4f32_1", scales="rtn")
     ref = _obs_reference(w, h, s, 0.01)
     same = np.isclose(w_hat, ref, rtol=0, atol=1e-6 * np.abs(w).max())
-    assert same.mean() > 0.97
-    assert _output_error(x, w, w_hat) == pytest.approx(_output_error(x, w, ref), rel=0.03)
+    assert same.mean() > 0.99  # measured: all equal
+    assert _output_error(x, w, w_hat) == pytest.approx(_output_error(x, w, ref), rel=0.01)
 
 
 def test_bad_arguments() -> None:

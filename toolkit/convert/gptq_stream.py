@@ -58,6 +58,8 @@ def gptq_tensors(
     progress=None,
     scales: str = "weighted",
     damp: float = DEFAULT_DAMP,
+    act_order: bool = False,
+    head: str = "weighted",
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (param name, array) for every tensor of `source`; `check(name, arr)` refuses bad values and
     `should_quantize(name, shape)` says which weights get q4 (both the converter's)."""
@@ -78,7 +80,9 @@ def gptq_tensors(
             check(name, w)
             if not should_quantize(name, w.shape):
                 return w
-            q_weight, q_scale, w_hat = gptq_pack(w, hessian(x), scheme, scales=scales, damp=damp)
+            q_weight, q_scale, w_hat = gptq_pack(
+                w, hessian(x), scheme, scales=scales, damp=damp, act_order=act_order
+            )
             packed[name] = (q_weight, q_scale)
             return w_hat
 
@@ -94,17 +98,18 @@ def gptq_tensors(
                 progress.set_postfix_str(name, refresh=False)
         del weights, packed
 
-    head_act = np.mean(
-        np.square(rms_norm(h, source.get_tensor("model.norm.weight"), cfg.rms_norm_eps), dtype=np.float64),
-        axis=0,
-    ).astype(np.float32)
+    x = rms_norm(h, source.get_tensor("model.norm.weight"), cfg.rms_norm_eps)
     del h
+    head_act = np.mean(np.square(x, dtype=np.float64), axis=0).astype(np.float32)
     for name, arr in source.iter_tensors(other):
         check(name, arr)
         if should_quantize(name, arr.shape):
-            tied_or_head = name == "lm_head.weight" or cfg.tie_word_embeddings
-            act = head_act if tied_or_head else np.ones(arr.shape[1], np.float32)
-            q = gq.quantize(arr, scheme, scales=search_scales(arr, scheme, act_sq=act))
+            is_head = name == "lm_head.weight" or cfg.tie_word_embeddings
+            if is_head and head == "gptq":
+                q = gptq_pack(arr, hessian(x), scheme, scales=scales, damp=damp, act_order=act_order)[:2]
+            else:
+                act = head_act if is_head else np.ones(arr.shape[1], np.float32)
+                q = gq.quantize(arr, scheme, scales=search_scales(arr, scheme, act_sq=act))
             yield from zip(quantized_param_names(name), q)
         else:
             yield name, arr.astype(scheme.model_dtype)

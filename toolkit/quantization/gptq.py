@@ -37,26 +37,31 @@ def hessian(x: np.ndarray) -> np.ndarray:
 
 
 def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
-    """Upper Cholesky factor U of (H + damp * mean(diag H) I)^-1 (H^-1 = U^T U), float64."""
-    h = np.array(h, np.float64, copy=True)
+    """Upper Cholesky factor U of (H + damp * mean(diag H) I)^-1 (H^-1 = U^T U), float32.
+
+    float32 (as GPTQ's reference code): at Phi-3-mini's down_proj (K = 8192) each K x K matrix is 256 MB, and
+    at most three are alive at once."""
+    h = np.array(h, np.float32, copy=True)
     k = h.shape[0]
-    diag = np.diagonal(h)
-    dead = diag <= 0  # channels that are zero in every calibration token: nothing to weigh, keep RTN there
-    h[dead, dead] = 1.0
-    mean = float(np.mean(np.diagonal(h)))
-    h[np.arange(k), np.arange(k)] += damp * mean
-    for attempt in range(6):  # a ridge too small for float64 round-off: grow it until H is positive definite
+    idx = np.arange(k)
+    dead = np.diagonal(h) <= 0  # inputs that are zero in every calibration token: nothing to weigh
+    h[idx[dead], idx[dead]] = 1.0
+    ridge = damp * float(np.mean(np.diagonal(h), dtype=np.float64))
+    h[idx, idx] += ridge
+    for attempt in range(6):  # a ridge too small for the round-off: grow it until H is positive definite
         try:
             lower = np.linalg.cholesky(h)
             break
         except np.linalg.LinAlgError:
-            h[np.arange(k), np.arange(k)] += damp * mean * 10**attempt
+            h[idx, idx] += ridge * 10**attempt
     else:
         raise ValueError("the Hessian is not positive definite even with a large ridge")
-    # H^-1 = L^-T L^-1; its upper Cholesky factor is chol(H^-1)^T, computed from the inverse directly
-    eye = np.eye(k)
-    linv = np.linalg.solve(lower, eye)  # L^-1 (triangular solve on a K x K: K <= 16k here, fine)
+    del h
+    # H^-1 = L^-T L^-1, then the upper Cholesky factor of that
+    linv = np.linalg.solve(lower, np.eye(k, dtype=np.float32))
+    del lower
     hinv = linv.T @ linv
+    del linv
     return np.linalg.cholesky(hinv).T
 
 
@@ -67,13 +72,17 @@ def gptq_quantize(
     scales: str = "weighted",
     damp: float = DEFAULT_DAMP,
     block: int = _BLOCK,
+    act_order: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ of an (N, K) weight with input Hessian `h` (K, K). Returns (w_hat (N, K) float32 holding the
     dequantized values, scales (N, G) in the scheme's scale dtype); pack with `group_quant.quantize(w_hat,
     scheme, scales=scales)`.
 
     `scales`: "rtn" (max|w|/max_int of each group as corrected so far) or "weighted" (the clip search weighted
-    by diag H)."""
+    by diag H).
+    `act_order`: round the columns in order of decreasing diag H (the most active inputs first, while the
+    most columns are left to absorb their error); the group scales are then fixed up front from the
+    original weights ("static groups"), since a group's columns are no longer rounded together."""
     scheme = get_scheme(scheme)
     if scheme.kind != "group":
         raise ValueError(f"{scheme.name} is not an MLC group quantization")
@@ -90,18 +99,29 @@ def gptq_quantize(
     rnd = gq._rounder(dtype)
     if block % gs:
         raise ValueError(f"block {block} is not a multiple of the group size {gs}")
-    u = _inverse_cholesky(h, damp).astype(np.float32)
     act_sq = np.diagonal(h).astype(np.float32)
     # the scheme's quantizer starts from the weight cast to the model dtype; so does the error feedback
     work = gq._grouped(w, dtype, layout).reshape(n, -1)[:, :k].copy()
     w_hat = np.empty((n, k), np.float32)
     out_scales = np.empty((n, layout.num_groups(k)), dtype)
+    perm = np.arange(k)
+    if act_order:
+        if scales == "weighted":
+            out_scales[:] = search_scales(work, scheme, act_sq=act_sq)
+        else:
+            out_scales[:] = gq.rtn_scales(gq._grouped(work, dtype, layout), dtype, layout)
+        perm = np.argsort(-act_sq, kind="stable")
+        work = work[:, perm]
+        h = h[np.ix_(perm, perm)]
+    u = _inverse_cholesky(h, damp)
     s_col = None
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
         err = np.empty((n, b1 - b0), np.float32)
         for j in range(b0, b1):
-            if j % gs == 0:
+            if act_order:
+                s_col = out_scales[:, perm[j] // gs, None]
+            elif j % gs == 0:
                 g = j // gs
                 cols = work[:, j : min(j + gs, k)]
                 if scales == "weighted":
@@ -113,7 +133,7 @@ def gptq_quantize(
             col = rnd(work[:, j])
             codes = gq.group_codes(col[:, None, None], s_col, layout)
             q = gq.dequantize_groups(codes, s_col, layout)[:, 0, 0]
-            w_hat[:, j] = q
+            w_hat[:, perm[j]] = q
             e = (work[:, j] - q) / u[j, j]
             err[:, j - b0] = e
             if j + 1 < b1:
@@ -129,8 +149,9 @@ def gptq_pack(
     scheme: QuantScheme | str = "q4f16_1",
     scales: str = "weighted",
     damp: float = DEFAULT_DAMP,
+    act_order: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`gptq_quantize`, packed by the scheme's quantizer: (q_weight, q_scale, w_hat)."""
-    w_hat, s = gptq_quantize(w, h, scheme, scales=scales, damp=damp)
+    w_hat, s = gptq_quantize(w, h, scheme, scales=scales, damp=damp, act_order=act_order)
     q_weight, q_scale = gq.quantize(w_hat, scheme, scales=s)
     return q_weight, q_scale, w_hat
