@@ -130,7 +130,7 @@ def _text_tokenizer(path, text: str, vocab_size: int = 512) -> None:
 
 
 def test_tiny_convert_gptq_close_to_transformers(tmp_path) -> None:
-    """`convert --clip gptq` on a tiny checkpoint (GQA, tied embedding, partial rotary, longrope): same
+    """`convert` (auto = gptq) on a tiny checkpoint (GQA, tied embedding, partial rotary, longrope): same
     storage as rtn, and logits nearer to transformers' than rtn's, on the calibration text (what GPTQ fits)
     and on held-out random token ids."""
     import torch
@@ -148,9 +148,14 @@ def test_tiny_convert_gptq_close_to_transformers(tmp_path) -> None:
     assert len(set(calib)) > 300  # the calibration really is varied text
     outs = {}
     for clip in ("rtn", "gptq"):
-        res = conv.convert(src, "q4f16_1", tmp_path / clip, clip=clip, progress=False)
+        # gptq through "auto", the default
+        asked = "auto" if clip == "gptq" else clip
+        res = conv.convert(src, "q4f16_1", tmp_path / clip, clip=asked, progress=False)
         assert res.clip == clip
         outs[clip] = open_model(tmp_path / clip)
+    # the first-use path resolves "auto" to the faster weighted search
+    res = conv.convert(src, "q4f16_1", tmp_path / "jit", clip="auto", auto_clip="weighted", progress=False)
+    assert res.clip == "weighted"
     p_rtn, p_gptq = outs["rtn"].load_params(), outs["gptq"].load_params()
     assert {k: (v.shape, v.dtype) for k, v in p_rtn.items()} == {
         k: (v.shape, v.dtype) for k, v in p_gptq.items()
@@ -178,3 +183,4 @@ def test_tiny_convert_gptq_close_to_transformers(tmp_path) -> None:
     # text it fits (measured 0.93x) and not lose on held-out ids (measured 0.95x)
     assert errs[0]["gptq"] < 0.97 * errs[0]["rtn"], errs
     assert errs[1]["gptq"] < errs[1]["rtn"], errs
+

@@ -55,10 +55,12 @@ if TYPE_CHECKING:
 CLIP_METHODS = ("auto", "rtn", "search", "weighted", "gptq")
 # the methods that run the calibration forward
 CALIBRATED = ("weighted", "gptq")
-# "auto" = weighted. Measured on SmolLM2-135M (q4f16_1, tinyshakespeare, 2040 tokens in 256-token windows,
-# numpy reference forward): perplexity fp32 57.04, rtn 82.67, search 87.71 (lower weight error, WORSE
-# perplexity), weighted 76.24.
-AUTO_CLIP = "weighted"
+# "auto" = gptq (a caller may resolve it to another method, e.g. the first-use path to weighted, for speed;
+# with too few calibration tokens it falls back to rtn). Measured on SmolLM2-135M (q4f16_1, tinyshakespeare,
+# 2040 tokens in 256-token windows, numpy reference forward), from the Q4_1 GGUF: fp32 57.04, rtn 82.67,
+# search 87.71 (lower weight error, WORSE perplexity), weighted 76.24; from a bf16 copy of it
+# (examples/make_smollm2_bf16.py): fp 57.07, rtn 82.81, weighted 76.43, gptq GPTQ_PPL.
+AUTO_CLIP = "gptq"
 
 
 @dataclass
@@ -207,15 +209,19 @@ def convert(
     context_window_size: int | None = None,
     prefill_chunk_size: int | None = None,
     param_names: str = "hf",
+    auto_clip: str = AUTO_CLIP,
 ) -> ConvertResult:
     """Convert a checkpoint (a ModelSource, or a path for `toolkit.checkpoint.open_model`) into `out_dir`.
 
     `param_names`: "hf" (our compiled models) or "mlc" (MLC-LLM's names for the model type, for
     MLC-compiled libraries; a Llama checkpoint's are ours already).
     `context_window_size` / `prefill_chunk_size`: mlc-chat-config values (default: MLC's, see mlc_format).
+    `auto_clip`: the method `clip="auto"` stands for.
     """
     if clip not in CLIP_METHODS:
         raise UserError(f"unknown clip method {clip!r}; known: {', '.join(CLIP_METHODS)}")
+    if auto_clip not in CLIP_METHODS[1:]:
+        raise ValueError(f"auto_clip must be one of {', '.join(CLIP_METHODS[1:])}, got {auto_clip!r}")
     if source is None or isinstance(source, (str, Path)):
         from ..checkpoint import open_model
 
@@ -223,7 +229,7 @@ def convert(
     rename = param_renamer(param_names, model_type_of(source.config))
     scheme = get_scheme(scheme)
     # clip methods choose MLC group scales; a gguf scheme keeps (or quantizes with) llama.cpp's
-    clip_used = (AUTO_CLIP if clip == "auto" else clip) if scheme.kind == "group" else "none"
+    clip_used = (auto_clip if clip == "auto" else clip) if scheme.kind == "group" else "none"
     out_dir = Path(out_dir).expanduser()
     _check_out_dir(out_dir, source)
     with output_lock(out_dir):  # one writer at a time; it also clears temp folders of dead runs
