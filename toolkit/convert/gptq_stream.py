@@ -10,7 +10,8 @@ The lm_head (or a tied embedding, which is the lm_head too) is GPTQ'd last, from
 the quantized model; an untied input embedding is a lookup, not a matmul, so it gets the clip search with
 every channel weighed alike. Defaults, measured on a bf16 copy of SmolLM2-135M (q4f16_1, tinyshakespeare,
 8 x 256 tokens, numpy reference forward; fp 57.07, rtn 82.81, weighted 76.43): GPTQ on the Linears with the
-tied head clip-searched 71.66; + act order 70.30; + the tied head GPTQ'd instead 68.86 (without act order).
+tied head clip-searched 71.66; with act order 70.30; the tied head GPTQ'd too 68.86 (without act order),
+69.07 (with it: the default, as `phi3 convert` ran it).
 Tensors come out layer by layer, then the non-layer tensors (embedding, final norm, lm_head); the tensor
 cache records names, so order is free.
 """

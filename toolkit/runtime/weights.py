@@ -27,8 +27,8 @@ from ..quantization import get_scheme
 
 # scales for checkpoints quantized on first use (e.g. the embedded model run directly): "auto" (so a GGUF with
 # a placeholder vocabulary still falls back to rtn), resolved to the activation-weighted clip search.
-# `phi3 convert`'s auto (gptq) measures better but takes minutes longer on the first run (SmolLM2 on 2 cores:
-# ~2.5 min vs ~1 min), which `phi3 convert` makes explicit and this path would hide.
+# `phi3 convert`'s auto (gptq) measures better but costs ~9x the CPU time on the first run (SmolLM2: 266 s vs
+# 29 s), which `phi3 convert` makes explicit and this path would hide.
 JIT_CLIP = "auto"
 JIT_AUTO_CLIP = "weighted"
 
