@@ -10,8 +10,8 @@ The lm_head (or a tied embedding, which is the lm_head too) is GPTQ'd last, from
 the quantized model; an untied input embedding is a lookup, not a matmul, so it gets the clip search with
 every channel weighed alike. Defaults, measured on a bf16 copy of SmolLM2-135M (q4f16_1, tinyshakespeare,
 8 x 256 tokens, numpy reference forward; fp 57.07, rtn 82.81, weighted 76.43): GPTQ on the Linears with the
-tied head clip-searched 71.66; with act order 70.30; the tied head GPTQ'd too 68.86 (without act order),
-69.07 (with it: the default, as `phi3 convert` ran it).
+tied head clip-searched 71.66, with act order 70.30; the tied head GPTQ'd too 68.16 (the default), with
+act order 69.07 (act order helps only while the head is not GPTQ'd, and costs time: off).
 Tensors come out layer by layer, then the non-layer tensors (embedding, final norm, lm_head); the tensor
 cache records names, so order is free.
 """
@@ -62,7 +62,7 @@ def gptq_tensors(
     progress=None,
     scales: str = "weighted",
     damp: float = DEFAULT_DAMP,
-    act_order: bool = True,
+    act_order: bool = False,
     head: str = "gptq",
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (param name, array) for every tensor of `source`; `check(name, arr)` refuses bad values and
