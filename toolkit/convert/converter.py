@@ -59,8 +59,8 @@ CALIBRATED = ("weighted", "gptq")
 # with too few calibration tokens it falls back to rtn). Measured on SmolLM2-135M (q4f16_1, tinyshakespeare,
 # 2040 tokens in 256-token windows, numpy reference forward), from the Q4_1 GGUF: fp32 57.04, rtn 82.67,
 # search 87.71 (lower weight error, WORSE perplexity), weighted 76.24; from a bf16 copy of it
-# (examples/make_smollm2_bf16.py): fp 57.07, rtn 82.81, weighted 76.43, gptq 69.07 (`phi3 eval --device
-# host`: 57.07, 82.85, 76.55, 69.37), i.e. 47% of rtn's rise, against 75% for weighted.
+# (examples/make_smollm2_bf16.py): fp 57.07, rtn 82.81, weighted 76.43, gptq 68.16 (`phi3 eval --device
+# host`: 57.07, 82.85, 76.55, 68.55), i.e. 43-45% of rtn's rise, against 75% for weighted.
 AUTO_CLIP = "gptq"
 
 

@@ -27,7 +27,7 @@ from ..quantization import get_scheme
 
 # scales for checkpoints quantized on first use (e.g. the embedded model run directly): "auto" (so a GGUF with
 # a placeholder vocabulary still falls back to rtn), resolved to the activation-weighted clip search.
-# `phi3 convert`'s auto (gptq) measures better but costs ~9x the CPU time on the first run (SmolLM2: 266 s vs
+# `phi3 convert`'s auto (gptq) measures better but costs ~4x the CPU time on the first run (SmolLM2: 115 s vs
 # 29 s), which `phi3 convert` makes explicit and this path would hide.
 JIT_CLIP = "auto"
 JIT_AUTO_CLIP = "weighted"
