@@ -186,7 +186,7 @@ def test_tiny_convert_gptq_close_to_transformers(variant, tmp_path) -> None:
         assert errs[1]["gptq"] < 0.96 * errs[1]["rtn"], errs
     else:
         # tied: the GPTQ'd head is also the input embedding, whose lookups GPTQ does not see; on this random
-        # model that gives 2% less on the text and 2.5% MORE on uniformly random ids (measured; on SmolLM2 the
-        # GPTQ'd tied head lowered perplexity, 71.66 -> 68.86, see gptq_stream)
+        # model that gives 2% less on the text and 1% MORE on uniformly random ids (measured; on SmolLM2 the
+        # GPTQ'd tied head lowered perplexity, 71.66 -> 68.16, see gptq_stream)
         assert errs[0]["gptq"] < errs[0]["rtn"], errs
         assert errs[1]["gptq"] < 1.05 * errs[1]["rtn"], errs
