@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("work_dir", type=Path, help="folder for the generated checkpoint and the output")
     ap.add_argument("--quantization", default="q4f16_1")
-    ap.add_argument("--clip", default="rtn", choices=["rtn", "search", "weighted", "auto"])
+    ap.add_argument("--clip", default="rtn", choices=["rtn", "search", "weighted", "gptq", "auto"])
     ap.add_argument("--layers", type=int, default=None, help="fewer layers for a quick check (default 32)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and the output")
     args = ap.parse_args(argv)

@@ -29,12 +29,14 @@ from .options import quantization_choice
 )
 @click.option(
     "--clip",
-    type=click.Choice(["auto", "rtn", "search", "weighted"]),
+    type=click.Choice(["auto", "rtn", "search", "weighted", "gptq"]),
     default="auto",
     show_default=True,
-    help="q4 scales (same storage either way): rtn = max|w|/7; search = per-group clipping search minimising "
-    "weight error; weighted = that search weighted by activation statistics of a short calibration text; "
-    "auto = weighted (lowest perplexity measured).",
+    help="q4 scales and codes (same storage either way): rtn = max|w|/7; search = per-group clipping search "
+    "minimising weight error; weighted = that search weighted by activation statistics of a short "
+    "calibration text; gptq = GPTQ error feedback from the calibration activations, layer by layer "
+    "(minutes); "
+    "auto = gptq (lowest perplexity measured).",
 )
 @click.option(
     "--context-window",

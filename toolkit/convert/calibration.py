@@ -73,6 +73,19 @@ def _mean_sq(x: np.ndarray) -> np.ndarray:
     return np.mean(x.astype(np.float64) ** 2, axis=0)
 
 
+def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, sliding_window: int | None) -> np.ndarray:
+    """Causal softmax attention of one sequence; q, k, v (H, T, hd)."""
+    t = q.shape[1]
+    scores = q @ k.transpose(0, 2, 1) / np.float32(np.sqrt(q.shape[-1]))
+    diff = np.arange(t)[:, None] - np.arange(t)[None, :]
+    allowed = diff >= 0
+    if sliding_window:
+        allowed &= diff < sliding_window
+    scores = np.where(allowed, scores, -np.inf)
+    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return (scores / scores.sum(axis=-1, keepdims=True)) @ v
+
+
 def layer_forward(
     h: np.ndarray,
     w: Callable[[str], np.ndarray],
@@ -81,34 +94,41 @@ def layer_forward(
     cos: np.ndarray,
     sin: np.ndarray,
     stats: dict[str, np.ndarray] | None = None,
+    linear: Callable[[str, np.ndarray], np.ndarray] | None = None,
+    segments: list[slice] | None = None,
 ) -> np.ndarray:
-    """One decoder layer on h (T, hidden); `w(name)` gives float32 weights by HF name; E[x^2] into `stats`."""
+    """One decoder layer on h (T, hidden); `w(name)` gives float32 weights by HF name; E[x^2] into `stats`.
+
+    `linear(name, x)`, if given, returns the weight each Linear applies to its input x, after seeing x (GPTQ
+    quantizes each Linear from its actual inputs, which come after the Linears before it are quantized).
+    `segments`: rows of h that are separate sequences (cos/sin restart per segment); default: one sequence."""
     p = f"model.layers.{i}."
+    if linear is None:
+
+        def linear(name: str, _x: np.ndarray) -> np.ndarray:
+            return w(name)
+
     t = h.shape[0]
     nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     x = rms_norm(h, w(p + "input_layernorm.weight"), cfg.rms_norm_eps)
-    qkv = x @ w(p + "self_attn.qkv_proj.weight").T
+    qkv = x @ linear(p + "self_attn.qkv_proj.weight", x).T
     q = qkv[:, : nh * hd].reshape(t, nh, hd).transpose(1, 0, 2)
     k = qkv[:, nh * hd : (nh + nkv) * hd].reshape(t, nkv, hd).transpose(1, 0, 2)
     v = qkv[:, (nh + nkv) * hd :].reshape(t, nkv, hd).transpose(1, 0, 2)
     q, k = _apply_rope(q, cos, sin, cfg.rotary_dim), _apply_rope(k, cos, sin, cfg.rotary_dim)
     rep = nh // nkv
     k, v = np.repeat(k, rep, axis=0), np.repeat(v, rep, axis=0)
-    scores = q @ k.transpose(0, 2, 1) / np.float32(np.sqrt(hd))
-    diff = np.arange(t)[:, None] - np.arange(t)[None, :]
-    allowed = diff >= 0
-    if cfg.sliding_window:
-        allowed &= diff < cfg.sliding_window
-    scores = np.where(allowed, scores, -np.inf)
-    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    attn = (scores / scores.sum(axis=-1, keepdims=True)) @ v
+    attn = np.empty((nh, t, hd), np.float32)
+    # independent sequences side by side: attention stays inside each (the scores are one segment squared)
+    for seg in segments or [slice(0, t)]:
+        attn[:, seg] = _attention(q[:, seg], k[:, seg], v[:, seg], cfg.sliding_window)
     attn = attn.transpose(1, 0, 2).reshape(t, nh * hd)
-    h = h + attn @ w(p + "self_attn.o_proj.weight").T
+    h = h + attn @ linear(p + "self_attn.o_proj.weight", attn).T
     x2 = rms_norm(h, w(p + "post_attention_layernorm.weight"), cfg.rms_norm_eps)
-    gu = x2 @ w(p + "mlp.gate_up_proj.weight").T
+    gu = x2 @ linear(p + "mlp.gate_up_proj.weight", x2).T
     gate, up = gu[:, : cfg.intermediate_size], gu[:, cfg.intermediate_size :]
     act = gate / (1.0 + np.exp(-gate)) * up
-    h = h + act @ w(p + "mlp.down_proj.weight").T
+    h = h + act @ linear(p + "mlp.down_proj.weight", act).T
     if stats is not None:
         for name, inp in (
             ("self_attn.qkv_proj", x),

@@ -50,12 +50,18 @@ if TYPE_CHECKING:
     from ..checkpoint import ModelSource
 
 # rtn: scale = max|w|/7; search: per-group clipping search (squared error); weighted: the same search with
-# each input channel weighted by E[x^2] from a numpy forward over a short calibration text.
-CLIP_METHODS = ("auto", "rtn", "search", "weighted")
-# "auto" = weighted. Measured on SmolLM2-135M (q4f16_1, tinyshakespeare, 2040 tokens in 256-token windows,
-# numpy reference forward): perplexity fp32 57.04, rtn 82.67, search 87.71 (lower weight error, WORSE
-# perplexity), weighted 76.24.
-AUTO_CLIP = "weighted"
+# each input channel weighted by E[x^2] from a numpy forward over a short calibration text; gptq: GPTQ error
+# feedback on the decoder Linears and the lm_head (weighted-search scales), layer by layer (gptq_stream.py).
+CLIP_METHODS = ("auto", "rtn", "search", "weighted", "gptq")
+# the methods that run the calibration forward
+CALIBRATED = ("weighted", "gptq")
+# "auto" = gptq (a caller may resolve it to another method, e.g. the first-use path to weighted, for speed;
+# with too few calibration tokens it falls back to rtn). Measured on SmolLM2-135M (q4f16_1, tinyshakespeare,
+# 2040 tokens in 256-token windows, numpy reference forward), from the Q4_1 GGUF: fp32 57.04, rtn 82.67,
+# search 87.71 (lower weight error, WORSE perplexity), weighted 76.24; from a bf16 copy of it
+# (examples/make_smollm2_bf16.py): fp 57.07, rtn 82.81, weighted 76.43, gptq 68.16 (`phi3 eval --device
+# host`: 57.07, 82.85, 76.55, 68.55), i.e. 43-45% of rtn's rise, against 75% for weighted.
+AUTO_CLIP = "gptq"
 
 
 @dataclass
@@ -139,12 +145,25 @@ def converted_tensors(
     clip: str,
     progress=None,
     act_stats: dict[str, np.ndarray] | None = None,
+    calib_tokens: list[int] | None = None,
 ):
-    """Yield (param name, array) in the output format, one source tensor at a time."""
+    """Yield (param name, array) in the output format, one source tensor at a time (for gptq: one layer)."""
     from ..quantization.clip_search import search_scales
 
     if scheme.kind == "gguf":
         yield from gguf_scheme_tensors(source, scheme, progress)
+        return
+    if clip == "gptq":
+        from .gptq_stream import gptq_tensors
+
+        yield from gptq_tensors(
+            source,
+            scheme,
+            calib_tokens,
+            check=lambda name, arr: _check_values(name, arr, scheme, source.path),
+            should_quantize=lambda name, shape: should_quantize(name, shape, scheme),
+            progress=progress,
+        )
         return
     for name, arr in source.iter_tensors():
         _check_values(name, arr, scheme, source.path)
@@ -190,15 +209,19 @@ def convert(
     context_window_size: int | None = None,
     prefill_chunk_size: int | None = None,
     param_names: str = "hf",
+    auto_clip: str = AUTO_CLIP,
 ) -> ConvertResult:
     """Convert a checkpoint (a ModelSource, or a path for `toolkit.checkpoint.open_model`) into `out_dir`.
 
     `param_names`: "hf" (our compiled models) or "mlc" (MLC-LLM's names for the model type, for
     MLC-compiled libraries; a Llama checkpoint's are ours already).
     `context_window_size` / `prefill_chunk_size`: mlc-chat-config values (default: MLC's, see mlc_format).
+    `auto_clip`: the method `clip="auto"` stands for.
     """
     if clip not in CLIP_METHODS:
         raise UserError(f"unknown clip method {clip!r}; known: {', '.join(CLIP_METHODS)}")
+    if auto_clip not in CLIP_METHODS[1:]:
+        raise ValueError(f"auto_clip must be one of {', '.join(CLIP_METHODS[1:])}, got {auto_clip!r}")
     if source is None or isinstance(source, (str, Path)):
         from ..checkpoint import open_model
 
@@ -206,7 +229,7 @@ def convert(
     rename = param_renamer(param_names, model_type_of(source.config))
     scheme = get_scheme(scheme)
     # clip methods choose MLC group scales; a gguf scheme keeps (or quantizes with) llama.cpp's
-    clip_used = (AUTO_CLIP if clip == "auto" else clip) if scheme.kind == "group" else "none"
+    clip_used = (auto_clip if clip == "auto" else clip) if scheme.kind == "group" else "none"
     out_dir = Path(out_dir).expanduser()
     _check_out_dir(out_dir, source)
     with output_lock(out_dir):  # one writer at a time; it also clears temp folders of dead runs
@@ -245,17 +268,23 @@ def _convert_locked(
     t0 = time.perf_counter()
     try:
         names = source.tensor_names()
-        act_stats = None
-        if clip_used == "weighted":
+        act_stats = tokens = None
+        if clip_used in CALIBRATED:
             from .calibration import (
                 MIN_CALIBRATION_TOKENS,
                 activation_stats,
                 calibration_tokens,
             )
 
-            tokens = calibration_tokens(source)
+            if clip_used == "gptq":
+                from .gptq_stream import gptq_calibration_tokens
+
+                tokens = gptq_calibration_tokens(source)
+            else:
+                tokens = calibration_tokens(source)
             if len(tokens) >= MIN_CALIBRATION_TOKENS:
-                act_stats = activation_stats(source, tokens)
+                if clip_used == "weighted":
+                    act_stats = activation_stats(source, tokens)
             elif clip == "auto":  # e.g. a GGUF with a placeholder vocabulary: nothing to calibrate on
                 print(
                     f"{source.path}: its tokenizer gives {len(tokens)} tokens of the calibration text; "
@@ -275,7 +304,7 @@ def _convert_locked(
 
             bar = tqdm(total=len(names), unit="tensor", desc=f"convert {scheme.name}", dynamic_ncols=True)
         try:
-            for pname, arr in converted_tensors(source, scheme, clip_used, bar, act_stats):
+            for pname, arr in converted_tensors(source, scheme, clip_used, bar, act_stats, tokens):
                 writer.add(rename(pname), arr)
         finally:
             if bar is not None:

@@ -65,10 +65,13 @@ def search_scales(
     act_sq: np.ndarray | None = None,
     coarse: tuple[float, ...] = COARSE_RATIOS,
     fine: tuple[float, ...] = FINE_OFFSETS,
+    row_block: int = _ROW_BLOCK,
 ) -> np.ndarray:
     """Per-group scales (N, G) in the scheme's scale dtype minimising the (weighted) squared error.
 
     `act_sq` (K,): optional per-input-channel weights (mean squared activation); None = plain squared error.
+    `row_block`: rows per task (tasks run in threads); GPTQ searches one group column at a time, where a
+    single block of all rows avoids the per-task overhead.
     Every group ends with an error (exact codes, exact dequantized values) no larger than RTN's.
     """
     scheme = get_scheme(scheme)
@@ -91,14 +94,16 @@ def search_scales(
         weights = padded.reshape(g, layout.group_size)
     out = np.empty((n, g), dtype)
     gq.parallel_row_blocks(
-        lambda r0: _search_block(w, r0, dtype, weights, coarse, fine, out, layout), n, _ROW_BLOCK
+        lambda r0: _search_block(w, r0, r0 + row_block, dtype, weights, coarse, fine, out, layout),
+        n,
+        row_block,
     )
     return out
 
 
-def _search_block(w, r0, dtype, weights, coarse, fine, out, layout: GroupLayout) -> None:
-    """Best scales for rows r0 : r0 + _ROW_BLOCK of `w`, written into `out`."""
-    wg = gq._grouped(w[r0 : r0 + _ROW_BLOCK], dtype, layout)
+def _search_block(w, r0, r1, dtype, weights, coarse, fine, out, layout: GroupLayout) -> None:
+    """Best scales for rows r0 : r1 of `w`, written into `out`."""
+    wg = gq._grouped(w[r0:r1], dtype, layout)
     max_int = layout.max_int
     buf = np.empty_like(wg)
     max_abs = np.abs(wg).max(axis=-1)
@@ -125,5 +130,4 @@ def _search_block(w, r0, dtype, weights, coarse, fine, out, layout: GroupLayout)
     best = scales_for(best_ratio)
     # the float32 error is a proxy; keep RTN wherever the exact (runtime) error is not strictly smaller
     keep_rtn = _exact_errors(wg, best, weights, layout) >= _exact_errors(wg, rtn, weights, layout)
-    out[r0 : r0 + _ROW_BLOCK] = np.where(keep_rtn, rtn, best)
-
+    out[r0:r1] = np.where(keep_rtn, rtn, best)

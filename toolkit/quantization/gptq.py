@@ -1,0 +1,157 @@
+"""GPTQ for MLC group quantization: round column by column, pushing each column's rounding error onto the
+columns not yet rounded, weighted by the inverse Hessian of the layer's calibration inputs.
+
+For a Linear y = x W^T with calibration inputs X (T, K), the output error ||X W^T - X W'^T||^2 is a quadratic
+form in the weight error with Hessian H = X^T X. GPTQ (Frantar et al., 2022) quantizes column k, then adjusts
+the remaining columns by the optimal (least-squares) correction -err_k * Hinv[k, k+1:] / Hinv[k, k], with the
+rows of Hinv taken from the upper Cholesky factor of H^-1 (which equals the sequence of inverses of the
+shrinking Hessians). H gets `damp` * mean(diag H) added to its diagonal: calibration texts are short (a few
+hundred tokens), so H is rank-deficient for wide layers and needs the ridge to be invertible and stable.
+
+Storage is the scheme's own: groups of `group_size` consecutive K elements share a scale, fixed when the
+column loop reaches the group's first column (from the weights as already corrected, the usual GPTQ choice),
+either round-to-nearest or the activation-weighted clip search (`clip_search.search_scales` with
+act_sq = diag H). Every column is rounded with the exact arithmetic of `group_quant` (model-dtype rounding,
+MLC's +zero_point before rint), so the returned dequantized matrix lies on the scheme's grid and
+`group_quant.quantize(w_hat, scheme, scales)` packs exactly those codes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import QuantScheme, get_scheme
+from . import group_quant as gq
+from .clip_search import search_scales
+
+GPTQ_SCALES = ("rtn", "weighted")
+DEFAULT_DAMP = 0.01
+# columns per lazy-update block: the rank-1 updates stay inside the block, the rest gets one matmul per block
+_BLOCK = 128
+
+
+def hessian(x: np.ndarray) -> np.ndarray:
+    """H = X^T X / T (float64) of the inputs x (T, K) of a Linear (the 1/T only sets the scale of `damp`)."""
+    x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+    return (x.T @ x) / max(x.shape[0], 1)
+
+
+def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
+    """Upper Cholesky factor U of (H + damp * mean(diag H) I)^-1 (H^-1 = U^T U), float32.
+
+    float32 (as GPTQ's reference code): at Phi-3-mini's down_proj (K = 8192) each K x K matrix is 256 MB, and
+    at most three are alive at once."""
+    h = np.array(h, np.float32, copy=True)
+    k = h.shape[0]
+    idx = np.arange(k)
+    dead = np.diagonal(h) <= 0  # inputs that are zero in every calibration token: nothing to weigh
+    h[idx[dead], idx[dead]] = 1.0
+    ridge = damp * float(np.mean(np.diagonal(h), dtype=np.float64))
+    h[idx, idx] += ridge
+    for attempt in range(6):  # a ridge too small for the round-off: grow it until H is positive definite
+        try:
+            lower = np.linalg.cholesky(h)
+            break
+        except np.linalg.LinAlgError:
+            h[idx, idx] += ridge * 10**attempt
+    else:
+        raise ValueError("the Hessian is not positive definite even with a large ridge")
+    del h
+    # H^-1 = L^-T L^-1, then the upper Cholesky factor of that
+    linv = np.linalg.solve(lower, np.eye(k, dtype=np.float32))
+    del lower
+    hinv = linv.T @ linv
+    del linv
+    return np.linalg.cholesky(hinv).T
+
+
+def gptq_quantize(
+    w: np.ndarray,
+    h: np.ndarray,
+    scheme: QuantScheme | str = "q4f16_1",
+    scales: str = "weighted",
+    damp: float = DEFAULT_DAMP,
+    block: int = _BLOCK,
+    act_order: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ of an (N, K) weight with input Hessian `h` (K, K). Returns (w_hat (N, K) float32 holding the
+    dequantized values, scales (N, G) in the scheme's scale dtype); pack with `group_quant.quantize(w_hat,
+    scheme, scales=scales)`.
+
+    `scales`: "rtn" (max|w|/max_int of each group as corrected so far) or "weighted" (the clip search weighted
+    by diag H).
+    `act_order`: round the columns in order of decreasing diag H (the most active inputs first, while the
+    most columns are left to absorb their error); the group scales are then fixed up front from the
+    original weights ("static groups"), since a group's columns are no longer rounded together."""
+    scheme = get_scheme(scheme)
+    if scheme.kind != "group":
+        raise ValueError(f"{scheme.name} is not an MLC group quantization")
+    if scales not in GPTQ_SCALES:
+        raise ValueError(f"unknown GPTQ scales {scales!r}; known: {', '.join(GPTQ_SCALES)}")
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
+    n, k = w.shape
+    if h.shape != (k, k):
+        raise ValueError(f"Hessian has shape {h.shape}, expected ({k}, {k})")
+    layout = scheme.layout
+    gs = layout.group_size
+    dtype = np.dtype(scheme.scale_dtype)
+    rnd = gq._rounder(dtype)
+    if block % gs:
+        raise ValueError(f"block {block} is not a multiple of the group size {gs}")
+    act_sq = np.diagonal(h).astype(np.float32)
+    # the scheme's quantizer starts from the weight cast to the model dtype; so does the error feedback
+    work = gq._grouped(w, dtype, layout).reshape(n, -1)[:, :k].copy()
+    w_hat = np.empty((n, k), np.float32)
+    out_scales = np.empty((n, layout.num_groups(k)), dtype)
+    perm = np.arange(k)
+    if act_order:
+        if scales == "weighted":
+            out_scales[:] = search_scales(work, scheme, act_sq=act_sq)
+        else:
+            out_scales[:] = gq.rtn_scales(gq._grouped(work, dtype, layout), dtype, layout)
+        perm = np.argsort(-act_sq, kind="stable")
+        work = work[:, perm]
+        h = h[np.ix_(perm, perm)]
+    u = _inverse_cholesky(h, damp)
+    s_col = None
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        err = np.empty((n, b1 - b0), np.float32)
+        for j in range(b0, b1):
+            if act_order:
+                s_col = out_scales[:, perm[j] // gs, None]
+            elif j % gs == 0:
+                g = j // gs
+                cols = work[:, j : min(j + gs, k)]
+                if scales == "weighted":
+                    s = search_scales(cols, scheme, act_sq=act_sq[j : j + cols.shape[1]], row_block=n)[:, 0]
+                else:
+                    s = gq.rtn_scales(rnd(cols)[:, None, :], dtype, layout)[:, 0]
+                out_scales[:, g] = s
+                s_col = s[:, None]
+            col = rnd(work[:, j])
+            codes = gq.group_codes(col[:, None, None], s_col, layout)
+            q = gq.dequantize_groups(codes, s_col, layout)[:, 0, 0]
+            w_hat[:, perm[j]] = q
+            e = (work[:, j] - q) / u[j, j]
+            err[:, j - b0] = e
+            if j + 1 < b1:
+                work[:, j + 1 : b1] -= np.outer(e, u[j, j + 1 : b1])
+        if b1 < k:
+            work[:, b1:] -= err @ u[b0:b1, b1:]
+    return w_hat, out_scales
+
+
+def gptq_pack(
+    w: np.ndarray,
+    h: np.ndarray,
+    scheme: QuantScheme | str = "q4f16_1",
+    scales: str = "weighted",
+    damp: float = DEFAULT_DAMP,
+    act_order: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`gptq_quantize`, packed by the scheme's quantizer: (q_weight, q_scale, w_hat)."""
+    w_hat, s = gptq_quantize(w, h, scheme, scales=scales, damp=damp, act_order=act_order)
+    q_weight, q_scale = gq.quantize(w_hat, scheme, scales=s)
+    return q_weight, q_scale, w_hat
