@@ -131,7 +131,7 @@ def _text_tokenizer(path, text: str, vocab_size: int = 512) -> None:
 
 @pytest.mark.parametrize("variant", ["medium", "phi4-mini"])
 def test_tiny_convert_gptq_close_to_transformers(variant, tmp_path) -> None:
-    """`convert` (auto = gptq) on tiny checkpoints (GQA; tied embedding, partial rotary, longrope): same
+    """`convert` with gptq on tiny checkpoints (GQA; tied embedding, partial rotary, longrope): same
     storage as rtn, and logits compared with transformers' against rtn's, on the calibration text (what GPTQ
     fits) and on held-out random token ids."""
     import torch
@@ -148,15 +148,12 @@ def test_tiny_convert_gptq_close_to_transformers(variant, tmp_path) -> None:
     calib = gptq_calibration_tokens(src)
     assert len(set(calib)) > 300  # the calibration really is varied text
     outs = {}
-    for clip in ("rtn", "gptq"):
-        # gptq through "auto", the default
-        asked = "auto" if clip == "gptq" else clip
-        res = conv.convert(src, "q4f16_1", tmp_path / clip, clip=asked, progress=False)
+    # gptq through "auto" pointed at it (by default "auto" is the weighted search)
+    assert conv.AUTO_CLIP == "weighted"
+    for clip, asked, auto_clip in (("rtn", "rtn", "weighted"), ("gptq", "auto", "gptq")):
+        res = conv.convert(src, "q4f16_1", tmp_path / clip, clip=asked, auto_clip=auto_clip, progress=False)
         assert res.clip == clip
         outs[clip] = open_model(tmp_path / clip)
-    # the first-use path resolves "auto" to the faster weighted search
-    res = conv.convert(src, "q4f16_1", tmp_path / "jit", clip="auto", auto_clip="weighted", progress=False)
-    assert res.clip == "weighted"
     p_rtn, p_gptq = outs["rtn"].load_params(), outs["gptq"].load_params()
     assert {k: (v.shape, v.dtype) for k, v in p_rtn.items()} == {
         k: (v.shape, v.dtype) for k, v in p_gptq.items()

@@ -35,8 +35,8 @@ from .options import quantization_choice
     help="q4 scales and codes (same storage either way): rtn = max|w|/7; search = per-group clipping search "
     "minimising weight error; weighted = that search weighted by activation statistics of a short "
     "calibration text; gptq = GPTQ error feedback from the calibration activations, layer by layer "
-    "(minutes); "
-    "auto = gptq (lowest perplexity measured).",
+    "(lowest perplexity measured; minutes for SmolLM2, far more at Phi-3-mini size); "
+    "auto = weighted.",
 )
 @click.option(
     "--context-window",
