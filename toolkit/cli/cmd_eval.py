@@ -8,7 +8,24 @@ from pathlib import Path
 import click
 
 from ..errors import UserError
-from .options import model_argument, open_engine, run_options
+from .options import eval_window_options, model_argument, open_engine, run_options
+
+
+def read_text_file(text_file: str) -> str:
+    """The --ppl text, or one-line UserError."""
+    path = Path(text_file)
+    if not path.is_file():
+        raise UserError("no such file", path)
+    try:
+        return path.read_text()
+    except UnicodeDecodeError:
+        raise UserError("not UTF-8 text", path) from None
+
+
+def _schemes(ctx, param, value):
+    from .cmd_quant_report import _schemes as parse
+
+    return parse(ctx, param, value)
 
 
 @click.command("eval")
@@ -16,13 +33,7 @@ from .options import model_argument, open_engine, run_options
 @click.option(
     "--ppl", "text_file", required=True, type=click.Path(dir_okay=False), help="Text file to score."
 )
-@click.option(
-    "--context", type=click.IntRange(2), default=512, show_default=True, help="Window length in tokens."
-)
-@click.option("--stride", type=click.IntRange(1), default=None, help="Window step (default: context/2).")
-@click.option(
-    "--max-tokens", type=click.IntRange(2), default=None, help="Score only the first N tokens of the text."
-)
+@eval_window_options
 @click.option(
     "--through",
     type=click.Choice(["prefill", "decode"]),
@@ -31,8 +42,19 @@ from .options import model_argument, open_engine, run_options
     help="Score each window in one forward, or token by token through the decode kernels generation runs.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option(
+    "--schemes",
+    default=None,
+    callback=_schemes,
+    help="Compare schemes instead (as `phi3 quant-report --ppl`): convert to each, one table of bits per "
+    "weight and perplexity. E.g. q0f32,q4f16_1:rtn,gguf_q4_0,native.",
+)
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="With --schemes: PNG plot.")
+@click.option("--json-file", type=click.Path(dir_okay=False), default=None, help="With --schemes: JSON.")
 @run_options
+@click.pass_context
 def command(
+    ctx,
     model,
     text_file,
     context,
@@ -40,6 +62,9 @@ def command(
     max_tokens,
     through,
     as_json,
+    schemes,
+    plot,
+    json_file,
     quantization,
     device,
     threads,
@@ -49,13 +74,31 @@ def command(
     from ..runtime.engine import CacheOptions
     from ..runtime.perplexity import perplexity
 
-    path = Path(text_file)
-    if not path.is_file():
-        raise UserError("no such file", path)
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError:
-        raise UserError("not UTF-8 text", path) from None
+    if schemes is None and (plot or json_file):
+        raise click.UsageError("--plot/--json-file need --schemes")
+    if schemes is not None:
+        if quantization is not None or through != "prefill":
+            raise click.UsageError("--schemes compares schemes through prefill; drop -q/--through")
+        from .cmd_quant_report import run_scheme_table
+
+        run_scheme_table(
+            model,
+            text_file,
+            schemes,
+            explicit=True,
+            context=context,
+            stride=stride,
+            max_tokens=max_tokens,
+            device=device,
+            threads=threads,
+            allow_pickle=allow_pickle,
+            as_json=as_json,
+            plot=plot,
+            json_file=json_file,
+            progress=False,
+        )
+        return
+    text = read_text_file(text_file)
     engine, source = open_engine(
         model,
         quantization=quantization,

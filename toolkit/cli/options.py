@@ -45,6 +45,23 @@ def open_engine(model: str | None, *, quantization: str | None, allow_pickle: bo
     return load_engine(model, quantization=quantization, allow_pickle=allow_pickle, **kwargs)
 
 
+def eval_window_options(f):
+    """--context/--stride/--max-tokens: the perplexity windows of `phi3 eval` (and quant-report --ppl)."""
+    f = click.option(
+        "--max-tokens",
+        type=click.IntRange(2),
+        default=None,
+        help="Score only the first N tokens of the text.",
+    )(f)
+    f = click.option(
+        "--stride", type=click.IntRange(1), default=None, help="Window step (default: context/2)."
+    )(f)
+    f = click.option(
+        "--context", type=click.IntRange(2), default=512, show_default=True, help="Window length in tokens."
+    )(f)
+    return f
+
+
 class FiniteFloat(click.FloatRange):
     """A FloatRange that also refuses nan and inf (Click's range lets nan through: every comparison is
     False)."""
