@@ -90,7 +90,12 @@ def should_quantize(name: str, shape: tuple[int, ...], scheme: QuantScheme) -> b
 
 def _check_values(name: str, arr: np.ndarray, scheme: QuantScheme, path: Path) -> None:
     """NaN/inf weights, or weights beyond fp16 for an fp16 scheme, would become garbage codes: refuse them."""
-    big = float(np.abs(arr).max(initial=0.0))
+    # by row blocks: np.abs of a whole 32064 x 3072 embedding would be a 394 MB temporary
+    rows = arr.reshape(-1, arr.shape[-1]) if arr.ndim > 1 else arr.reshape(1, -1)
+    big = max(
+        (float(np.abs(rows[r0 : r0 + 256]).max(initial=0.0)) for r0 in range(0, rows.shape[0], 256)),
+        default=0.0,
+    )
     if not np.isfinite(big):
         raise UserError(f"tensor {name} contains NaN or inf values", path)
     if scheme.model_dtype == "float16" and big > 65504:
