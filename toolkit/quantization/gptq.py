@@ -114,7 +114,11 @@ def gptq_quantize(
         raise ValueError(f"block {block} is not a multiple of the group size {gs}")
     act_sq = np.diagonal(h).astype(np.float32)
     # the scheme's quantizer starts from the weight cast to the model dtype; so does the error feedback
-    work = gq._grouped(w, dtype, layout).reshape(n, -1)[:, :k].copy()
+    # (row blocks: the fp16 rounding of a whole 32064 x 3072 lm_head holds ~1 GB of temporaries)
+    work = np.empty((n, k), np.float32)
+    for r0 in range(0, n, 1024):
+        rows = gq._grouped(w[r0 : r0 + 1024], dtype, layout)
+        work[r0 : r0 + 1024] = rows.reshape(rows.shape[0], -1)[:, :k]
     out_scales = np.empty((n, layout.num_groups(k)), dtype)
     perm = np.arange(k)
     if act_order:
