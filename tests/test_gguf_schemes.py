@@ -328,3 +328,33 @@ def test_smollm2_gguf_perplexity_equals_llama_cpp(tmp_path):
     ref = _llama_cpp_perplexity(path, ids, 256)
     print(f"perplexity ours {ours:.4f}, llama.cpp {ref:.4f}")
     assert abs(ours / ref - 1) < 0.005
+
+
+@pytest.mark.parametrize("block", ["q4_0", "q4_1", "q8_0"])
+def test_row_blocked_quantize_and_repack_equal_whole_tensor(block):
+    """quantize/from_blocks work 1024 rows at a time (memory): across 2500 rows they give gguf-py's blocks of
+    the whole tensor, and to_blocks turns them back into those bytes exactly."""
+    from gguf.quants import quantize as gguf_quantize
+
+    w = np.random.default_rng(3).normal(size=(2500, 64)).astype(np.float32)
+    raw = gguf_quantize(w, gb.ggml_type(block))  # the library on the whole tensor
+    arrays = gb.quantize(w, block)
+    assert arrays[0].shape[0] == 2500
+    np.testing.assert_array_equal(gb.to_blocks(arrays, block), raw)
+    for got, want in zip(arrays, gb.from_blocks(raw, block)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_gguf_source_dequantizes_in_row_blocks_like_gguf_py():
+    """The embedded SmolLM2's 49152 x 576 embedding is dequantized in row blocks (memory): the same floats as
+    gguf-py's dequantizer on the whole tensor; reading it twice (pages dropped in between) changes nothing."""
+    from gguf.quants import dequantize
+
+    src = open_model(None)
+    t = src._tensors["token_embd.weight"]
+    shape = src.tensor_shape("model.embed_tokens.weight")
+    assert np.prod(shape) > 4 * (1 << 22)  # several row blocks of gguf_source._DEQUANT_ELEMS
+    want = dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
+    np.testing.assert_array_equal(src.get_tensor("model.embed_tokens.weight"), want)
+    src.get_tensor("model.norm.weight")
+    np.testing.assert_array_equal(src.get_tensor("model.embed_tokens.weight"), want)

@@ -88,9 +88,10 @@ def gptq_tensors(
             if not should_quantize(name, w.shape):
                 return w
             q_weight, q_scale, w_hat = gptq_pack(
-                w, hessian(x), scheme, scales=scales, damp=damp, act_order=act_order
+                w, hessian(x), scheme, scales=scales, damp=damp, act_order=act_order, overwrite_h=True
             )
             packed[name] = (q_weight, q_scale)
+            weights[name] = None  # the float weight is not needed again: free it before the next Linear
             return w_hat
 
         h = layer_forward(h, weights.__getitem__, i, cfg, cos, sin, linear=linear, segments=segments)
@@ -113,7 +114,9 @@ def gptq_tensors(
         if should_quantize(name, arr.shape):
             is_head = name == "lm_head.weight" or cfg.tie_word_embeddings
             if is_head and head == "gptq":
-                q = gptq_pack(arr, hessian(x), scheme, scales=scales, damp=damp, act_order=act_order)[:2]
+                q = gptq_pack(
+                    arr, hessian(x), scheme, scales=scales, damp=damp, act_order=act_order, overwrite_h=True
+                )[:2]
             else:
                 act = head_act if is_head else np.ones(arr.shape[1], np.float32)
                 q = gq.quantize(arr, scheme, scales=search_scales(arr, scheme, act_sq=act))

@@ -31,6 +31,8 @@ BLOCK = 32
 # bytes of one block, and where its fp16 fields and codes start
 _BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34, "q4_k": 144, "q5_k": 176, "q6_k": 210}
 _CODES_AT = {"q4_0": 2, "q4_1": 4, "q8_0": 2}
+# rows per repack / quantize step: keeps the full-size temporaries of numpy (and gguf-py) to a few MB
+_ROWS = 1024
 
 
 def ggml_type(block_type: str):
@@ -61,6 +63,17 @@ def from_blocks(raw: np.ndarray, block_type: str) -> tuple[np.ndarray, ...]:
     if raw.ndim != 2 or raw.shape[1] % nbytes:
         raise ValueError(f"{block_type} rows must be whole {nbytes}-byte blocks, got shape {raw.shape}")
     n, nb = raw.shape[0], raw.shape[1] // nbytes
+    if n > _ROWS:
+        # a block never spans rows: repack rows at a time, so the uint32 temporaries of `pack` stay small
+        # (whole, a 32064 x 3072 Q4_0 embedding would need ~600 MB of them)
+        first = from_blocks(raw[:_ROWS], block_type)
+        outs = tuple(np.empty((n, *a.shape[1:]), a.dtype) for a in first)
+        for o, a in zip(outs, first):
+            o[:_ROWS] = a
+        for r0 in range(_ROWS, n, _ROWS):
+            for o, a in zip(outs, from_blocks(raw[r0 : r0 + _ROWS], block_type)):
+                o[r0 : r0 + _ROWS] = a
+        return outs
     blocks = raw.reshape(n, nb, nbytes)
     if isinstance(layout, KQuantLayout):
         return _k_from_blocks(blocks, layout)
@@ -103,7 +116,14 @@ def quantize(w: np.ndarray, block_type: str) -> tuple[np.ndarray, ...]:
     if w.ndim != 2 or w.shape[1] % BLOCK:
         raise ValueError(f"{block_type} needs a 2-D weight with K a multiple of {BLOCK}, got shape {w.shape}")
     try:
-        raw = gguf_quantize(np.ascontiguousarray(w, dtype=np.float32), ggml_type(block_type))
+        # rows at a time (a block never spans rows): gguf-py's quantizers hold several full-size temporaries
+        qtype = ggml_type(block_type)
+        raw = np.concatenate(
+            [
+                gguf_quantize(np.ascontiguousarray(w[r0 : r0 + _ROWS], dtype=np.float32), qtype)
+                for r0 in range(0, max(w.shape[0], 1), _ROWS)
+            ]
+        )
     except NotImplementedError:  # gguf-py has no K-quant quantizer (llama.cpp's C code has)
         raise ValueError(
             f"{block_type} blocks can only be kept from a GGUF that has them; the gguf package cannot "

@@ -30,39 +30,50 @@ DEFAULT_DAMP = 0.01
 _BLOCK = 128
 
 
-def hessian(x: np.ndarray) -> np.ndarray:
-    """H = X^T X / T (float64) of the inputs x (T, K) of a Linear (the 1/T only sets the scale of `damp`)."""
+def hessian(x: np.ndarray, col_block: int = 1024) -> np.ndarray:
+    """H = X^T X / T of the inputs x (T, K) of a Linear (the 1/T only sets the scale of `damp`), summed in
+    float64 and stored float32: the factorisation runs in float32 anyway (`_inverse_cholesky`), and a whole
+    float64 H is 512 MB at K = 8192. Built `col_block` columns at a time, so the float64 part stays small."""
     x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
-    return (x.T @ x) / max(x.shape[0], 1)
+    k = x.shape[1]
+    h = np.empty((k, k), np.float32)
+    for c0 in range(0, k, col_block):
+        h[:, c0 : c0 + col_block] = (x.T @ x[:, c0 : c0 + col_block]) / max(x.shape[0], 1)
+    return h
 
 
-def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
+def _inverse_cholesky(h: np.ndarray, damp: float, overwrite: bool = False) -> np.ndarray:
     """Upper Cholesky factor U of (H + damp * mean(diag H) I)^-1 (H^-1 = U^T U), float32.
 
-    float32 (as GPTQ's reference code): at Phi-3-mini's down_proj (K = 8192) each K x K matrix is 256 MB, and
-    at most three are alive at once."""
-    h = np.array(h, np.float32, copy=True)
+    float32 (as GPTQ's reference code): at Phi-3-mini's down_proj (K = 8192) each K x K matrix is 256 MB.
+    torch's LAPACK wrappers (cholesky, cholesky_inverse), not numpy's: numpy's cholesky and solve held
+    6-11 matrix-sized work buffers (+2.8 GB at K = 8192, measured), torch's about one.
+    `overwrite`: a float32 `h` may be used (and changed) in place instead of copied."""
+    import torch
+
+    h = np.array(h, np.float32, copy=not (overwrite and h.dtype == np.float32 and h.flags.c_contiguous))
     k = h.shape[0]
     idx = np.arange(k)
     dead = np.diagonal(h) <= 0  # inputs that are zero in every calibration token: nothing to weigh
     h[idx[dead], idx[dead]] = 1.0
     ridge = damp * float(np.mean(np.diagonal(h), dtype=np.float64))
     h[idx, idx] += ridge
+    th = torch.from_numpy(h)  # shares h's memory
     for attempt in range(6):  # a ridge too small for the round-off: grow it until H is positive definite
-        try:
-            lower = np.linalg.cholesky(h)
+        lower, info = torch.linalg.cholesky_ex(th)
+        if int(info) == 0:
             break
-        except np.linalg.LinAlgError:
-            h[idx, idx] += ridge * 10**attempt
+        h[idx, idx] += ridge * 10**attempt
     else:
         raise ValueError("the Hessian is not positive definite even with a large ridge")
-    del h
-    # H^-1 = L^-T L^-1, then the upper Cholesky factor of that
-    linv = np.linalg.solve(lower, np.eye(k, dtype=np.float32))
+    del th, h
+    hinv = torch.cholesky_inverse(lower)  # H^-1 = L^-T L^-1
     del lower
-    hinv = linv.T @ linv
-    del linv
-    return np.linalg.cholesky(hinv).T
+    upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+    del hinv
+    if int(info) != 0:
+        raise ValueError("the inverse Hessian is not positive definite (float32 round-off); raise damp")
+    return np.ascontiguousarray(upper.numpy())
 
 
 def gptq_quantize(
@@ -73,6 +84,7 @@ def gptq_quantize(
     damp: float = DEFAULT_DAMP,
     block: int = _BLOCK,
     act_order: bool = False,
+    overwrite_h: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ of an (N, K) weight with input Hessian `h` (K, K). Returns (w_hat (N, K) float32 holding the
     dequantized values, scales (N, G) in the scheme's scale dtype); pack with `group_quant.quantize(w_hat,
@@ -82,7 +94,8 @@ def gptq_quantize(
     by diag H).
     `act_order`: round the columns in order of decreasing diag H (the most active inputs first, while the
     most columns are left to absorb their error); the group scales are then fixed up front from the
-    original weights ("static groups"), since a group's columns are no longer rounded together."""
+    original weights ("static groups"), since a group's columns are no longer rounded together.
+    `overwrite_h`: `h` may be overwritten (saves a K x K copy)."""
     scheme = get_scheme(scheme)
     if scheme.kind != "group":
         raise ValueError(f"{scheme.name} is not an MLC group quantization")
@@ -101,8 +114,11 @@ def gptq_quantize(
         raise ValueError(f"block {block} is not a multiple of the group size {gs}")
     act_sq = np.diagonal(h).astype(np.float32)
     # the scheme's quantizer starts from the weight cast to the model dtype; so does the error feedback
-    work = gq._grouped(w, dtype, layout).reshape(n, -1)[:, :k].copy()
-    w_hat = np.empty((n, k), np.float32)
+    # (row blocks: the fp16 rounding of a whole 32064 x 3072 lm_head holds ~1 GB of temporaries)
+    work = np.empty((n, k), np.float32)
+    for r0 in range(0, n, 1024):
+        rows = gq._grouped(w[r0 : r0 + 1024], dtype, layout)
+        work[r0 : r0 + 1024] = rows.reshape(rows.shape[0], -1)[:, :k]
     out_scales = np.empty((n, layout.num_groups(k)), dtype)
     perm = np.arange(k)
     if act_order:
@@ -112,8 +128,10 @@ def gptq_quantize(
             out_scales[:] = gq.rtn_scales(gq._grouped(work, dtype, layout), dtype, layout)
         perm = np.argsort(-act_sq, kind="stable")
         work = work[:, perm]
-        h = h[np.ix_(perm, perm)]
-    u = _inverse_cholesky(h, damp)
+        h = h[np.ix_(perm, perm)]  # a copy: ours to overwrite
+        overwrite_h = True
+    u = _inverse_cholesky(h, damp, overwrite=overwrite_h)
+    del h
     s_col = None
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
@@ -133,14 +151,19 @@ def gptq_quantize(
             col = rnd(work[:, j])
             codes = gq.group_codes(col[:, None, None], s_col, layout)
             q = gq.dequantize_groups(codes, s_col, layout)[:, 0, 0]
-            w_hat[:, perm[j]] = q
             e = (work[:, j] - q) / u[j, j]
+            # column j of `work` is not read again: it becomes column j of the result (no third N x K array)
+            work[:, j] = q
             err[:, j - b0] = e
             if j + 1 < b1:
                 work[:, j + 1 : b1] -= np.outer(e, u[j, j + 1 : b1])
         if b1 < k:
             work[:, b1:] -= err @ u[b0:b1, b1:]
-    return w_hat, out_scales
+    if act_order:
+        w_hat = np.empty_like(work)
+        w_hat[:, perm] = work
+        return w_hat, out_scales
+    return work, out_scales
 
 
 def gptq_pack(
@@ -150,8 +173,11 @@ def gptq_pack(
     scales: str = "weighted",
     damp: float = DEFAULT_DAMP,
     act_order: bool = False,
+    overwrite_h: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`gptq_quantize`, packed by the scheme's quantizer: (q_weight, q_scale, w_hat)."""
-    w_hat, s = gptq_quantize(w, h, scheme, scales=scales, damp=damp, act_order=act_order)
+    w_hat, s = gptq_quantize(
+        w, h, scheme, scales=scales, damp=damp, act_order=act_order, overwrite_h=overwrite_h
+    )
     q_weight, q_scale = gq.quantize(w_hat, scheme, scales=s)
     return q_weight, q_scale, w_hat
