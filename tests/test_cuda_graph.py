@@ -45,6 +45,7 @@ def _body(text: str, name: str) -> str:
     return text[start : nxt if nxt > 0 else len(text)]
 
 
+@pytest.mark.slow  # a whole CUDA library build (nvcc over every kernel)
 def test_forward_functions_replay_captured_graphs(graph_build):
     cfg, compiled, text = graph_build
     assert compiled.manifest["cuda_graph"] is True
