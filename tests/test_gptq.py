@@ -148,10 +148,8 @@ def test_tiny_convert_gptq_close_to_transformers(variant, tmp_path) -> None:
     calib = gptq_calibration_tokens(src)
     assert len(set(calib)) > 300  # the calibration really is varied text
     outs = {}
-    # gptq through "auto" pointed at it (by default "auto" is the weighted search)
-    assert conv.AUTO_CLIP == "weighted"
-    for clip, asked, auto_clip in (("rtn", "rtn", "weighted"), ("gptq", "auto", "gptq")):
-        res = conv.convert(src, "q4f16_1", tmp_path / clip, clip=asked, auto_clip=auto_clip, progress=False)
+    for clip in ("rtn", "gptq"):
+        res = conv.convert(src, "q4f16_1", tmp_path / clip, clip=clip, progress=False)
         assert res.clip == clip
         outs[clip] = open_model(tmp_path / clip)
     p_rtn, p_gptq = outs["rtn"].load_params(), outs["gptq"].load_params()

@@ -215,19 +215,15 @@ def convert(
     context_window_size: int | None = None,
     prefill_chunk_size: int | None = None,
     param_names: str = "hf",
-    auto_clip: str = AUTO_CLIP,
 ) -> ConvertResult:
     """Convert a checkpoint (a ModelSource, or a path for `toolkit.checkpoint.open_model`) into `out_dir`.
 
     `param_names`: "hf" (our compiled models) or "mlc" (MLC-LLM's names for the model type, for
     MLC-compiled libraries; a Llama checkpoint's are ours already).
     `context_window_size` / `prefill_chunk_size`: mlc-chat-config values (default: MLC's, see mlc_format).
-    `auto_clip`: the method `clip="auto"` stands for.
     """
     if clip not in CLIP_METHODS:
         raise UserError(f"unknown clip method {clip!r}; known: {', '.join(CLIP_METHODS)}")
-    if auto_clip not in CLIP_METHODS[1:]:
-        raise ValueError(f"auto_clip must be one of {', '.join(CLIP_METHODS[1:])}, got {auto_clip!r}")
     if source is None or isinstance(source, (str, Path)):
         from ..checkpoint import open_model
 
@@ -235,7 +231,7 @@ def convert(
     rename = param_renamer(param_names, model_type_of(source.config))
     scheme = get_scheme(scheme)
     # clip methods choose MLC group scales; a gguf scheme keeps (or quantizes with) llama.cpp's
-    clip_used = (auto_clip if clip == "auto" else clip) if scheme.kind == "group" else "none"
+    clip_used = (AUTO_CLIP if clip == "auto" else clip) if scheme.kind == "group" else "none"
     out_dir = Path(out_dir).expanduser()
     _check_out_dir(out_dir, source)
     with output_lock(out_dir):  # one writer at a time; it also clears temp folders of dead runs

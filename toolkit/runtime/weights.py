@@ -25,12 +25,9 @@ from ..locks import output_lock
 from ..paths import cache_root
 from ..quantization import get_scheme
 
-# scales for checkpoints quantized on first use (e.g. the embedded model run directly): "auto" (so a GGUF with
-# a placeholder vocabulary still falls back to rtn), resolved to the activation-weighted clip search.
-# `phi3 convert`'s auto (gptq) measures better but costs ~4x the CPU time on the first run (SmolLM2: 115 s vs
-# 29 s), which `phi3 convert` makes explicit and this path would hide.
+# scales for checkpoints quantized on first use (e.g. the embedded model run directly): "auto", as `phi3
+# convert` defaults to (a GGUF with a placeholder vocabulary still falls back to rtn)
 JIT_CLIP = "auto"
-JIT_AUTO_CLIP = "weighted"
 
 
 def _to_device(
@@ -62,8 +59,6 @@ def converted_weights_dir(source: ModelSource, quantization: str) -> Path:
 
     # per-file identity: replacing model.safetensors in place must not reuse the old model's weights
     key = [str(source.path.resolve()), source_identity(source.path), quantization, JIT_CLIP]
-    if JIT_AUTO_CLIP != "weighted":  # what "auto" meant when the key was made: earlier caches stay valid
-        key.append(JIT_AUTO_CLIP)
     key = json.dumps(key + ([FOLDER_REVISION] if FOLDER_REVISION > 1 else []))
     return cache_root() / "weights" / hashlib.sha256(key.encode()).hexdigest()[:20]
 
@@ -85,7 +80,7 @@ def source_identity(path: Path) -> list:
 def _convert_into_cache(source: ModelSource, scheme, folder: Path) -> None:
     from ..convert.converter import convert
 
-    convert(source, scheme, folder, clip=JIT_CLIP, auto_clip=JIT_AUTO_CLIP, progress=True)
+    convert(source, scheme, folder, clip=JIT_CLIP, progress=True)
 
 
 def _cached_converted(
