@@ -15,10 +15,11 @@ from click.testing import CliRunner
 
 from toolkit.bench import harness
 from toolkit.bench.harness import BenchSettings, InProcessRunner, run_bench
-from toolkit.bench.roofline import gguf_weight_bytes_per_token, weight_bytes_per_token
+from toolkit.bench.roofline import gguf_weight_bytes_per_token, measure_read_bandwidth, weight_bytes_per_token
 from toolkit.bench.timing import summarize, timed_generation
 from toolkit.cli import main as cli
 from toolkit.config import Phi3Config
+from toolkit.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 
@@ -189,6 +190,16 @@ def test_phi3_mini_bytes_and_random_q4_0_blocks():
     assert w.shape == (64, 3072) and np.isfinite(w).all()
     # scales were chosen for unit output variance: std(w) * sqrt(cols) ~ 1 (uniform codes, +-25% scale jitter)
     assert 0.8 < float(w.std()) * np.sqrt(3072) < 1.2
+
+
+def test_bandwidth_probe_reads_every_word():
+    """The probe's kernel XOR-folds an array of ones (an even count per lane: zero when every load ran, which
+    it checks itself) and reports a rate; 1 and 2 parts both work, a bad thread count is a user error."""
+    for threads in (1, 2):
+        bw = measure_read_bandwidth(threads, 4 << 20, repeats=2)
+        assert np.isfinite(bw) and bw > 0
+    with pytest.raises(UserError, match="threads"):
+        measure_read_bandwidth(0)
 
 
 def test_bench_bad_input():

@@ -91,14 +91,17 @@ def _lane_sum(acc, base, lanes: int) -> tirx.PrimExpr:
     return terms[0]
 
 
-def q8_dot_gemv(func: tirx.PrimFunc, q, *, isa: str = "avx2", rows: int = 1, tile: int = 16) -> tirx.PrimFunc:
+def q8_dot_gemv(
+    func: tirx.PrimFunc, q, *, isa: str = "avx2", rows: int = 1, tile: int = 16, prefetch: int = 0
+) -> tirx.PrimFunc:
     """`func` (a `_Q4Matmul` match `q`: x, q_weight, q_scale, out, optional residual `other`) as the int8
     dot-product kernel for `isa` (a `cpu_isa.Q8_DOT_ISAS` key): same parameters, same result up to
     activation rounding.
 
     rows: weight rows per x load (1 streams the weights strictly in memory order, which the hardware
-    prefetcher follows best: 8.2 GB/s vs 4.3 for 4 rows; software prefetch 256/512 B ahead gave 6.5/7.1);
-    tile: rows per parallel task."""
+    prefetcher follows best: 8.2 GB/s vs 4.3 for 4 rows); tile: rows per parallel task; prefetch: bytes
+    of the weight stream a software prefetch runs ahead of the loads (0: none), the scale stream the same
+    number of rows ahead. One row of x only: the batched path does several times the work per byte."""
     lay = check_layout(q)
     gs, zp = lay.group_size, lay.max_int
     lanes = Q8_DOT_LANES[isa]
@@ -136,6 +139,11 @@ def q8_dot_gemv(func: tirx.PrimFunc, q, *, isa: str = "avx2", rows: int = 1, til
         return T.Cast(f"float32x{lanes}", d) * (wscale * xs[T.ramp(c * 8, 1, lanes)])
 
     w_rows = BATCH_W_ROWS if tile % BATCH_W_ROWS == 0 else 1
+    # prefetch distances in elements, clamped to each buffer's last element (an address past the end would
+    # not fault, but the buffer would be lying about its size); one scale prefetch per 64-byte line
+    pf_words, scale_bytes = prefetch // 4, int(scale_dtype[5:]) // 8
+    pf_scales = pf_words * n_groups // n_words
+    pf_every = max(1, 64 // (2 * span * scale_bytes))
 
     # fmt: off
     @T.prim_func(private=True)
@@ -186,7 +194,8 @@ def q8_dot_gemv(func: tirx.PrimFunc, q, *, isa: str = "avx2", rows: int = 1, til
         # the one-row kernel's expression (`term`) in its order, so batched results are bit-identical
         if n_rows > 1:
             for t in T.parallel(n // tile):
-                acc_b = T.alloc_local((w_rows * BATCH_BLOCK * lanes,), "float32")
+                # global scope + under 1 KB: a stack alloca (a "local" buffer here is heap workspace per task)
+                acc_b = T.alloc_buffer((w_rows * BATCH_BLOCK * lanes,), "float32")
                 for r0 in range(tile // w_rows):
                     for mb in range(n_rows // BATCH_BLOCK):
                         for j in T.unroll(w_rows * BATCH_BLOCK):
@@ -230,12 +239,24 @@ def q8_dot_gemv(func: tirx.PrimFunc, q, *, isa: str = "avx2", rows: int = 1, til
                                 of[o_t] = s_t
         else:
             for t in T.parallel(n // tile):
-                acc = T.alloc_local((rows * lanes,), "float32")
+                acc = T.alloc_buffer((rows * lanes,), "float32")  # stack, as acc_b
                 for m in range(n_rows):
                     for r0 in range(tile // rows):
                         for r in T.unroll(rows):
                             acc[T.ramp(r * lanes, 1, lanes)] = T.broadcast(T.float32(0), lanes)
                         for b in range(n_steps):
+                            if pf_words > 0:
+                                # the hardware prefetcher alone keeps too few lines in flight for one core
+                                # (T.address_of a 1-D view: the 2-D index would not cross rows)
+                                qw_flat = T.decl_buffer((n * n_words,), "uint32", data=qw.data)
+                                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                                    qw_flat[T.min((t * tile + r0 * rows) * n_words + b * lanes + pf_words,
+                                                  n * n_words - 1)]), 0, 3, 1))
+                                if b % pf_every == 0:
+                                    qs_flat = T.decl_buffer((n * n_groups,), scale_dtype, data=qs.data)
+                                    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                                        qs_flat[T.min((t * tile + r0 * rows) * n_groups + b * 2 * span
+                                                      + pf_scales, n * n_groups - 1)]), 0, 3, 1))
                             for r in T.unroll(rows):
                                 # one expression, no vector temporaries: TVMScript would give each its own
                                 # buffer, which LowerTVMBuiltin turns into heap workspace (1.7x slower)

@@ -40,7 +40,7 @@ from tvm.target import Target, codegen
 
 from ..quantization import MLC_Q4_LAYOUT, GroupLayout
 from .cpu_isa import Q4_GEMM_LANES, Q8_DOT_LANES, q4_gemm_isa, q8_dot_isas, q8_gemm_isa
-from .knobs import Knobs, shape_key
+from .knobs import DEFAULTS, Knobs, shape_key
 
 # The hand-written q4 kernels below (`_regrouped_q4_gemv`, `cpu_q8_gemv`, `cpu_q4_gemm`, `cpu_q8_gemm`) are
 # built for this one storage layout (4-bit codes, 8 per uint32, groups of 32); `_match_q4_matmul` declines
@@ -738,9 +738,12 @@ class CPUQ8DotGEMV(ScheduleRule):
         max_m: int = 4,
         isa: str | None = None,
         knobs: Knobs | None = None,
+        prefetch: int | None = None,
     ) -> None:
-        """`rows` / `tile` fix those sizes; else they come from `knobs` (compile/knobs.py), else 1 / 16."""
+        """`rows` / `tile` / `prefetch` fix those sizes; else they come from `knobs` (compile/knobs.py), else
+        1 / 16 / 0."""
         self.rows, self.tile, self.max_m, self.isa, self.knobs = rows, tile, max_m, isa, knobs
+        self.prefetch = prefetch
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         from .cpu_q8_gemv import q8_dot_gemv
@@ -753,14 +756,15 @@ class CPUQ8DotGEMV(ScheduleRule):
         q = _match_q4_matmul(func)
         if q is None or not _few_rows(list(q.x.shape)[:-1], self.max_m):
             return None
-        sizes = self.knobs.gemv(q.n, q.k) if self.knobs is not None else {"rows": 1, "tile": 16}
+        sizes = self.knobs.gemv(q.n, q.k) if self.knobs is not None else DEFAULTS["q4_gemv"]
         rows, tile = self.rows or sizes["rows"], self.tile or sizes["tile"]
+        prefetch = sizes["prefetch"] if self.prefetch is None else self.prefetch
         if q.n % tile or tile % rows:
             return None
         isa = next((i for i in isas if q.k % (8 * Q8_DOT_LANES[i]) == 0), None)
         if isa is None:
             return None
-        return s_tir.Schedule(q8_dot_gemv(func, q, isa=isa, rows=rows, tile=tile))
+        return s_tir.Schedule(q8_dot_gemv(func, q, isa=isa, rows=rows, tile=tile, prefetch=prefetch))
 
 
 class CPUQ8VNNIGEMM(ScheduleRule):

@@ -8,7 +8,8 @@ never used: a size that won on one CPU says nothing about another.
 Families (the kernels that read them):
 - `attention_decode`, `attention_prefill` (cpu_attention): `lanes` (fp32 lanes per vector op), `chunk`
   (keys per softmax rescale).
-- `q4_gemv` (cpu_q8_gemv, decode): `tile` (weight rows per parallel task), `rows` (rows per x load).
+- `q4_gemv` (cpu_q8_gemv, decode): `tile` (weight rows per parallel task), `rows` (rows per x load),
+  `prefetch` (bytes a software prefetch runs ahead in the weight stream; 0: none).
 - `q8_gemm` (cpu_q8_gemm, prefill): `mr` (rows of x per register block).
 Records may hold a value per kernel shape (`"<n>x<k>"` for the matmuls) over the family's.
 """
@@ -31,17 +32,19 @@ SCHEMA = "phi3-knobs/1"
 SPACE: dict[str, dict[str, tuple[int, ...]]] = {
     "attention_decode": {"lanes": (8, 16), "chunk": (8, 16, 32)},
     "attention_prefill": {"lanes": (8, 16), "chunk": (8, 16, 32)},
-    "q4_gemv": {"tile": (8, 16, 32, 64), "rows": (1, 2, 4)},
+    "q4_gemv": {"tile": (8, 16, 32, 64), "rows": (1, 2, 4), "prefetch": (0, 4096, 8192, 16384)},
     "q8_gemm": {"mr": (4, 6, 8, 12)},
 }
 # what the kernels were written with (and what a Knobs without values gives)
 DEFAULTS: dict[str, dict[str, int]] = {
     "attention_decode": {"lanes": 8, "chunk": 16},
     "attention_prefill": {"lanes": 8, "chunk": 16},
-    "q4_gemv": {"tile": 16, "rows": 1},
+    "q4_gemv": {"tile": 16, "rows": 1, "prefetch": 0},
     "q8_gemm": {"mr": 12},
 }
 TASKS_PER_THREAD = 4  # a GEMV split into fewer tasks leaves threads idle at its end
+# x86 decode GEMVs: the weight stream with a software prefetch this far ahead (Zen 5: 1.3-1.8x per GEMV)
+X86_GEMV_PREFETCH = 8192
 
 
 def shape_key(n: int, k: int) -> str:
@@ -68,8 +71,9 @@ class Knobs:
         return AttentionKnobs(**self.get(f"attention_{step}"))
 
     def gemv(self, n: int, k: int) -> dict[str, int]:
-        """`tile` and `rows` for an n x k GEMV: a shape's record, else the family value, halved while the
-        GEMV would have fewer than TASKS_PER_THREAD tasks per thread (heuristic, not for recorded shapes)."""
+        """`tile`, `rows` and `prefetch` for an n x k GEMV: a shape's record, else the family value (`tile`
+        halved while the GEMV would have fewer than TASKS_PER_THREAD tasks per thread; heuristic, not for
+        recorded shapes)."""
         key = shape_key(n, k)
         out = self.get("q4_gemv", key)
         if key not in self.values.get("q4_gemv", {}):
@@ -89,17 +93,19 @@ class Knobs:
 
 def heuristic_knobs(target: Target) -> Knobs:
     """Sizes from the target's features alone: vector width (AVX-512: 16 fp32 lanes), the int8 GEMM's
-    register budget (12 rows of x with 32 vector registers, 6 with 16) and the thread count."""
+    register budget (12 rows of x with 32 vector registers, 6 with 16), the thread count, and a weight
+    prefetch on x86 (measured only on Zen 5; arm64 keeps none until an arm64 CPU is at hand)."""
     from .cpu_schedule import simd_lanes_f32
 
     lanes = max(8, simd_lanes_f32(target))
     gemm = q8_gemm_isa(target)
     mr = 12 if gemm and Q8_DOT_LANES[gemm] == 16 else 6
     gemv_isa = q8_dot_isa(target)
+    x86 = gemv_isa is not None and not gemv_isa.startswith("neon")
     values = {
         "attention_decode": {"*": {"lanes": lanes, "chunk": 16}},
         "attention_prefill": {"*": {"lanes": lanes, "chunk": 16}},
-        "q4_gemv": {"*": {"tile": 16, "rows": 1}},
+        "q4_gemv": {"*": {"tile": 16, "rows": 1, "prefetch": X86_GEMV_PREFETCH if x86 else 0}},
         "q8_gemm": {"*": {"mr": mr}},
     }
     src = f"heuristics ({lanes}-lane fp32, gemv {gemv_isa or 'fp32'}, gemm {gemm or 'fp32'})"

@@ -170,7 +170,7 @@ def matmul_targets(cfg, quantization: str, preset: Preset, prefill_len: int) -> 
 
             def build(c: Config, static=static, fam=fam):
                 if fam == "q4_gemv":
-                    rule = CPUQ8DotGEMV(rows=c["rows"], tile=c["tile"])
+                    rule = CPUQ8DotGEMV(rows=c["rows"], tile=c["tile"], prefetch=c["prefetch"])
                 else:
                     rule = CPUQ8VNNIGEMM(knobs=Knobs({"q8_gemm": {"*": dict(c)}}))
                 sch = rule.apply(static, target, False)
