@@ -85,19 +85,11 @@ def test_wrong_push_constants_are_detected(device, target):
 
 _MODEL_REPORTS: dict = {}
 
-# (quantization, tiny variant, paged-KV kernels the run must reach): mini-4k has a sliding window, medium not
-MODEL_CASES = [
-    (
-        "q4f32_1",
-        "mini-4k",
-        {
-            "batch_prefill_ragged_kv",
-            "batch_prefill_paged_kv_sliding_window",
-            "batch_decode_paged_kv_sliding_window",
-        },
-    ),
-    ("q4f16_1", "medium", {"batch_prefill_ragged_kv", "batch_prefill_paged_kv", "batch_decode_paged_kv"}),
-]
+# (quantization, tiny variant, paged-KV kernels the run must reach): mini-4k has a sliding window, medium not.
+# The engine keeps the cache's own sliding-window support off (runtime/engine.py: the wheel's strided-copy bug
+# on these devices), so both reach the plain kernels; the window variants are compiled and validated only.
+PAGED = {"batch_prefill_ragged_kv", "batch_prefill_paged_kv", "batch_decode_paged_kv"}
+MODEL_CASES = [("q4f32_1", "mini-4k", PAGED), ("q4f16_1", "medium", PAGED)]
 
 
 @pytest.mark.slow
@@ -122,3 +114,5 @@ def test_tiny_phi3_kernels_on_lavapipe(quantization, variant, attention, device,
     assert attention <= ran, sorted(ran)
     assert sum("NT_matmul" in n for n in ran) >= 8  # prefill matmuls and decode GEMVs, q4 dequant fused
     assert all("compiled" in why for why in report.not_run.values()), report.not_run
+    windowed = {"batch_prefill_paged_kv_sliding_window", "batch_decode_paged_kv_sliding_window"}
+    assert windowed <= set(report.not_run)
