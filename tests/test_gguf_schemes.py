@@ -80,6 +80,7 @@ def test_blocks_round_trip_through_convert_bit_exactly(tmp_path, block):
 def test_native_quantization_of_the_embedded_smollm2():
     src = open_model(None)
     assert native_quantization(src) == "gguf_q4_1-q8_0"
+    assert native_quantization(src, model_dtype="float32") == "gguf_q4_1-q8_0_f32"
     # a llama GGUF's q/k rows are un-permuted and q/k/v fused on whole block rows: same values as the reader's
     name = "model.layers.0.self_attn.qkv_proj.weight"
     t, raw = src.raw_rows(name)
@@ -117,9 +118,10 @@ def test_requantizes_only_when_asked(tmp_path):
     assert params["model.embed_tokens.weight"].dtype == np.float16  # f16: kept, unquantized
 
 
-def _hf_on_gguf_blocks(hf_dir, path):
+def _hf_on_gguf_blocks(hf_dir, path, model_dtype: str = "float16"):
     """transformers on the GGUF's weights as `gguf.quants.dequantize` gives them; the F32 norms rounded to
-    fp16, which is how the gguf schemes store everything that is not a block (the model dtype)."""
+    fp16, which is how the gguf schemes store everything that is not a block (the model dtype; the `_f32`
+    twins keep them as they are)."""
     from gguf.quants import dequantize
 
     hf = load_hf_model(hf_dir)
@@ -129,27 +131,36 @@ def _hf_on_gguf_blocks(hf_dir, path):
             (gname,) = gguf_names(name, "phi3")
             t = gg[gname]
             w = dequantize(np.asarray(t.data), t.tensor_type).reshape(p.shape)
-            if t.tensor_type.name == "F32":
+            if t.tensor_type.name == "F32" and model_dtype == "float16":
                 w = w.astype(np.float16)
             p.copy_(torch.from_numpy(w.astype(np.float32)))
     return hf
 
 
 @pytest.mark.parametrize(
-    "variant,types",
-    [("phi4-mini", ("Q4_1", "Q8_0", None)), ("mini-4k", ("Q4_0", "Q8_0", "Q8_0"))],
+    "variant,types,model_dtype",
+    [
+        ("phi4-mini", ("Q4_1", "Q8_0", None), "float16"),
+        ("mini-4k", ("Q4_0", "Q8_0", "Q8_0"), "float16"),
+        # the fp32 twin (uint16 scale bits widened in the kernels): the same blocks, end to end
+        pytest.param("phi4-mini", ("Q4_1", "Q8_0", None), "float32", marks=pytest.mark.slow),
+    ],
 )
-def test_logits_match_transformers_on_gguf_blocks(tmp_path, variant, types):
+def test_logits_match_transformers_on_gguf_blocks(tmp_path, variant, types, model_dtype):
     hf_dir = make_tiny_checkpoint(tmp_path / "hf", variant)
     path = tmp_path / "m.gguf"
     write_phi3_gguf(hf_dir, path, _qtypes(*types))
-    scheme = native_quantization(open_model(path))
-    assert scheme.startswith("gguf_")
+    scheme = native_quantization(open_model(path), model_dtype=model_dtype)
+    assert scheme.startswith("gguf_") and scheme.endswith("_f32") == (model_dtype == "float32")
     eng = build_engine(path, tmp_path / "lib", scheme)
     names = {p["name"] for p in eng.compiled.manifest["params"]}
     assert "model.layers.0.mlp.down_proj.q_weight" in names and "model.embed_tokens.q_scale" in names
     assert ("model.layers.0.mlp.down_proj.q_min" in names) == (types[0] == "Q4_1")
-    hf = _hf_on_gguf_blocks(hf_dir, path)
+    if model_dtype == "float32":
+        assert {p["dtype"] for p in eng.compiled.manifest["params"] if p["name"].endswith("q_scale")} == {
+            "uint16"
+        }
+    hf = _hf_on_gguf_blocks(hf_dir, path, model_dtype)
     prompt = np.random.default_rng(0).integers(3, eng.cfg.vocab_size, 10).tolist()
     pre, dec, ref = greedy_vs_transformers(eng, hf, prompt, 6)
     ours = np.concatenate([pre, dec])
