@@ -97,6 +97,12 @@ MODEL_CASES = [
         },
     ),
     ("q4f16_1", "medium", {"batch_prefill_ragged_kv", "batch_prefill_paged_kv", "batch_decode_paged_kv"}),
+    # GGUF Q4_1 blocks (fp16 d and m) with a Q8_0 embedding, quantized from the checkpoint by gguf-py
+    (
+        "gguf_q4_1-q8_0",
+        "medium",
+        {"batch_prefill_ragged_kv", "batch_prefill_paged_kv", "batch_decode_paged_kv"},
+    ),
 ]
 
 
