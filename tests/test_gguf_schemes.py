@@ -197,12 +197,15 @@ def test_host_q4_kernels_decline_gguf_layouts(block):
     assert _match_q4_matmul(_gguf_nt_matmul(GGUF_BLOCK_LAYOUTS[block])) is None
 
 
-@pytest.mark.parametrize("blocks", ["q4_1", pytest.param("k_mix", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "blocks", ["q4_1", *(pytest.param(b, marks=pytest.mark.slow) for b in ("k_mix", "q4_1_f32"))]
+)
 def test_gguf_library_follows_mlc_interface(tmp_path, blocks):
     """A gguf scheme is an ordinary scheme to MLC's engine: the library exports MLC's functions with MLC's
     arity and metadata, the converted folder loads through MLC's tensor-cache builtins with the names of
     `_metadata`, and the `host` preset runs it (generic schedules, fp16 KV cache) close to transformers.
-    `k_mix`: a Q4_K_M-like mix of K-quants (test_gguf_kquants), with an f16 lm_head."""
+    `k_mix`: a Q4_K_M-like mix of K-quants (test_gguf_kquants), with an f16 lm_head; `q4_1_f32`: the fp32
+    twin (fp16 scale bits as uint16, f32 lm_head)."""
     import json
 
     import tvm
@@ -214,10 +217,11 @@ def test_gguf_library_follows_mlc_interface(tmp_path, blocks):
     from toolkit.runtime.weights import load_params
 
     path = tmp_path / "m.gguf"
-    if blocks == "q4_1":
+    model_dtype = "float32" if blocks.endswith("_f32") else "float16"
+    if blocks.startswith("q4_1"):
         hf_dir = make_tiny_checkpoint(tmp_path / "hf", "mini-128k")  # LongRoPE, untied
         write_phi3_gguf(hf_dir, path, _qtypes("Q4_1", "Q8_0", None))  # F32 head: kept as f16
-        want = "gguf_q4_1-q8_0-f16"
+        want = "gguf_q4_1-q8_0-f16" if model_dtype == "float16" else "gguf_q4_1-q8_0-f32_f32"
     else:
         from test_gguf_kquants import _k_mix
 
@@ -226,7 +230,7 @@ def test_gguf_library_follows_mlc_interface(tmp_path, blocks):
         write_phi3_gguf(hf_dir, path, _k_mix(head=None))
         want = "gguf_q4_k-q4_k-f16-qkv_q5_k-down_q6_k_l5"
     src = open_model(path)
-    scheme = native_quantization(src)
+    scheme = native_quantization(src, model_dtype=model_dtype)
     assert scheme == want
     convert(src, scheme, tmp_path / "weights", progress=False)
     compiled = compile_model(src.config, scheme, "host", tmp_path / "lib")
@@ -237,14 +241,15 @@ def test_gguf_library_follows_mlc_interface(tmp_path, blocks):
     check_metadata(meta, src.config, compiled.manifest["params"])
     assert meta["quantization"] == scheme
     dtypes = {p["name"]: p["dtype"] for p in meta["params"]}
-    assert dtypes["model.layers.0.self_attn.qkv_proj.q_min"] == "float16"
-    assert dtypes["lm_head.weight"] == "float16" and "model.embed_tokens.q_weight" in dtypes
+    scale_dtype = "float16" if model_dtype == "float16" else "uint16"
+    assert dtypes["model.layers.0.self_attn.qkv_proj.q_min"] == scale_dtype
+    assert dtypes["lm_head.weight"] == model_dtype and "model.embed_tokens.q_weight" in dtypes
     if blocks == "k_mix":
         assert dtypes["model.layers.2.mlp.down_proj.q_high"] == "uint32"  # Q6_K: 2 high bits per weight
         assert "model.layers.1.mlp.down_proj.q_high" not in dtypes  # Q4_K
     params = load_params(open_model(tmp_path / "weights"), compiled, tvm.cpu(), meta["params"])
     eng = Engine(lib, params, src.config, cache=CacheOptions(max_batch_size=1, context_window=64))
-    hf = _hf_on_gguf_blocks(hf_dir, path)
+    hf = _hf_on_gguf_blocks(hf_dir, path, model_dtype)
     prompt = np.random.default_rng(3).integers(3, src.config.vocab_size, 12).tolist()
     sid = eng.add_sequence()
     ours = eng.prefill(sid, prompt, all_logits=True)
