@@ -80,6 +80,7 @@ def test_blocks_round_trip_through_convert_bit_exactly(tmp_path, block):
 def test_native_quantization_of_the_embedded_smollm2():
     src = open_model(None)
     assert native_quantization(src) == "gguf_q4_1-q8_0"
+    assert native_quantization(src, model_dtype="float32") == "gguf_q4_1-q8_0_f32"
     # a llama GGUF's q/k rows are un-permuted and q/k/v fused on whole block rows: same values as the reader's
     name = "model.layers.0.self_attn.qkv_proj.weight"
     t, raw = src.raw_rows(name)
@@ -117,9 +118,10 @@ def test_requantizes_only_when_asked(tmp_path):
     assert params["model.embed_tokens.weight"].dtype == np.float16  # f16: kept, unquantized
 
 
-def _hf_on_gguf_blocks(hf_dir, path):
+def _hf_on_gguf_blocks(hf_dir, path, model_dtype: str = "float16"):
     """transformers on the GGUF's weights as `gguf.quants.dequantize` gives them; the F32 norms rounded to
-    fp16, which is how the gguf schemes store everything that is not a block (the model dtype)."""
+    fp16, which is how the gguf schemes store everything that is not a block (the model dtype; the `_f32`
+    twins keep them as they are)."""
     from gguf.quants import dequantize
 
     hf = load_hf_model(hf_dir)
@@ -129,27 +131,36 @@ def _hf_on_gguf_blocks(hf_dir, path):
             (gname,) = gguf_names(name, "phi3")
             t = gg[gname]
             w = dequantize(np.asarray(t.data), t.tensor_type).reshape(p.shape)
-            if t.tensor_type.name == "F32":
+            if t.tensor_type.name == "F32" and model_dtype == "float16":
                 w = w.astype(np.float16)
             p.copy_(torch.from_numpy(w.astype(np.float32)))
     return hf
 
 
 @pytest.mark.parametrize(
-    "variant,types",
-    [("phi4-mini", ("Q4_1", "Q8_0", None)), ("mini-4k", ("Q4_0", "Q8_0", "Q8_0"))],
+    "variant,types,model_dtype",
+    [
+        ("phi4-mini", ("Q4_1", "Q8_0", None), "float16"),
+        ("mini-4k", ("Q4_0", "Q8_0", "Q8_0"), "float16"),
+        # the fp32 twin (uint16 scale bits widened in the kernels): the same blocks, end to end
+        pytest.param("phi4-mini", ("Q4_1", "Q8_0", None), "float32", marks=pytest.mark.slow),
+    ],
 )
-def test_logits_match_transformers_on_gguf_blocks(tmp_path, variant, types):
+def test_logits_match_transformers_on_gguf_blocks(tmp_path, variant, types, model_dtype):
     hf_dir = make_tiny_checkpoint(tmp_path / "hf", variant)
     path = tmp_path / "m.gguf"
     write_phi3_gguf(hf_dir, path, _qtypes(*types))
-    scheme = native_quantization(open_model(path))
-    assert scheme.startswith("gguf_")
+    scheme = native_quantization(open_model(path), model_dtype=model_dtype)
+    assert scheme.startswith("gguf_") and scheme.endswith("_f32") == (model_dtype == "float32")
     eng = build_engine(path, tmp_path / "lib", scheme)
     names = {p["name"] for p in eng.compiled.manifest["params"]}
     assert "model.layers.0.mlp.down_proj.q_weight" in names and "model.embed_tokens.q_scale" in names
     assert ("model.layers.0.mlp.down_proj.q_min" in names) == (types[0] == "Q4_1")
-    hf = _hf_on_gguf_blocks(hf_dir, path)
+    if model_dtype == "float32":
+        assert {p["dtype"] for p in eng.compiled.manifest["params"] if p["name"].endswith("q_scale")} == {
+            "uint16"
+        }
+    hf = _hf_on_gguf_blocks(hf_dir, path, model_dtype)
     prompt = np.random.default_rng(0).integers(3, eng.cfg.vocab_size, 10).tolist()
     pre, dec, ref = greedy_vs_transformers(eng, hf, prompt, 6)
     ours = np.concatenate([pre, dec])
@@ -186,12 +197,15 @@ def test_host_q4_kernels_decline_gguf_layouts(block):
     assert _match_q4_matmul(_gguf_nt_matmul(GGUF_BLOCK_LAYOUTS[block])) is None
 
 
-@pytest.mark.parametrize("blocks", ["q4_1", pytest.param("k_mix", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "blocks", ["q4_1", *(pytest.param(b, marks=pytest.mark.slow) for b in ("k_mix", "q4_1_f32"))]
+)
 def test_gguf_library_follows_mlc_interface(tmp_path, blocks):
     """A gguf scheme is an ordinary scheme to MLC's engine: the library exports MLC's functions with MLC's
     arity and metadata, the converted folder loads through MLC's tensor-cache builtins with the names of
     `_metadata`, and the `host` preset runs it (generic schedules, fp16 KV cache) close to transformers.
-    `k_mix`: a Q4_K_M-like mix of K-quants (test_gguf_kquants), with an f16 lm_head."""
+    `k_mix`: a Q4_K_M-like mix of K-quants (test_gguf_kquants), with an f16 lm_head; `q4_1_f32`: the fp32
+    twin (fp16 scale bits as uint16, f32 lm_head)."""
     import json
 
     import tvm
@@ -203,10 +217,11 @@ def test_gguf_library_follows_mlc_interface(tmp_path, blocks):
     from toolkit.runtime.weights import load_params
 
     path = tmp_path / "m.gguf"
-    if blocks == "q4_1":
+    model_dtype = "float32" if blocks.endswith("_f32") else "float16"
+    if blocks.startswith("q4_1"):
         hf_dir = make_tiny_checkpoint(tmp_path / "hf", "mini-128k")  # LongRoPE, untied
         write_phi3_gguf(hf_dir, path, _qtypes("Q4_1", "Q8_0", None))  # F32 head: kept as f16
-        want = "gguf_q4_1-q8_0-f16"
+        want = "gguf_q4_1-q8_0-f16" if model_dtype == "float16" else "gguf_q4_1-q8_0-f32_f32"
     else:
         from test_gguf_kquants import _k_mix
 
@@ -215,7 +230,7 @@ def test_gguf_library_follows_mlc_interface(tmp_path, blocks):
         write_phi3_gguf(hf_dir, path, _k_mix(head=None))
         want = "gguf_q4_k-q4_k-f16-qkv_q5_k-down_q6_k_l5"
     src = open_model(path)
-    scheme = native_quantization(src)
+    scheme = native_quantization(src, model_dtype=model_dtype)
     assert scheme == want
     convert(src, scheme, tmp_path / "weights", progress=False)
     compiled = compile_model(src.config, scheme, "host", tmp_path / "lib")
@@ -226,14 +241,15 @@ def test_gguf_library_follows_mlc_interface(tmp_path, blocks):
     check_metadata(meta, src.config, compiled.manifest["params"])
     assert meta["quantization"] == scheme
     dtypes = {p["name"]: p["dtype"] for p in meta["params"]}
-    assert dtypes["model.layers.0.self_attn.qkv_proj.q_min"] == "float16"
-    assert dtypes["lm_head.weight"] == "float16" and "model.embed_tokens.q_weight" in dtypes
+    scale_dtype = "float16" if model_dtype == "float16" else "uint16"
+    assert dtypes["model.layers.0.self_attn.qkv_proj.q_min"] == scale_dtype
+    assert dtypes["lm_head.weight"] == model_dtype and "model.embed_tokens.q_weight" in dtypes
     if blocks == "k_mix":
         assert dtypes["model.layers.2.mlp.down_proj.q_high"] == "uint32"  # Q6_K: 2 high bits per weight
         assert "model.layers.1.mlp.down_proj.q_high" not in dtypes  # Q4_K
     params = load_params(open_model(tmp_path / "weights"), compiled, tvm.cpu(), meta["params"])
     eng = Engine(lib, params, src.config, cache=CacheOptions(max_batch_size=1, context_window=64))
-    hf = _hf_on_gguf_blocks(hf_dir, path)
+    hf = _hf_on_gguf_blocks(hf_dir, path, model_dtype)
     prompt = np.random.default_rng(3).integers(3, src.config.vocab_size, 12).tolist()
     sid = eng.add_sequence()
     ours = eng.prefill(sid, prompt, all_logits=True)

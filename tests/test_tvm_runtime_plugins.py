@@ -196,6 +196,10 @@ CASES = [
     ("mini-128k", "q4f32_1", "opencl", (12, 5, 7)),
     # head_dim 16: PoCL miscompiles the wheel's ragged-prefill kernel; ours is right (kv_kernels.py)
     ("medium", "q4f32_1", "opencl", (20, 7, 4)),
+    # GGUF blocks (quantized by gguf-py): fp16 on lavapipe, the fp32 twin on PoCL
+    ("mini-4k", "gguf_q4_1-q8_0", "vulkan", (11, 5, 4)),
+    ("mini-4k", "gguf_q4_1-q8_0_f32", "opencl", (11, 5, 4)),
+    ("medium", "gguf_q4_0_f32", "opencl", (20, 7, 4)),
 ]
 
 
@@ -203,7 +207,9 @@ CASES = [
 @pytest.mark.parametrize("variant,quantization,device,sizes", CASES)
 def test_whole_model_variants_match_host_exact(tiny, devices, variant, quantization, device, sizes):
     p = _parity(tiny, variant, quantization, device, sizes)
-    act = "float16" if quantization.endswith("f16_1") else "float32"
+    from toolkit.quantization import get_scheme
+
+    act = get_scheme(quantization).model_dtype
     print(
         f"{variant} {quantization} {device}: max|dlogit| {p.max_abs_diff:.3g}, max|logit| {p.max_abs_ref:.3g}"
     )

@@ -89,7 +89,12 @@ _MODEL_REPORTS: dict = {}
 # The engine keeps the cache's own sliding-window support off (runtime/engine.py: the wheel's strided-copy bug
 # on these devices), so both reach the plain kernels; the window variants are compiled and validated only.
 PAGED = {"batch_prefill_ragged_kv", "batch_prefill_paged_kv", "batch_decode_paged_kv"}
-MODEL_CASES = [("q4f32_1", "mini-4k", PAGED), ("q4f16_1", "medium", PAGED)]
+MODEL_CASES = [
+    ("q4f32_1", "mini-4k", PAGED),
+    ("q4f16_1", "medium", PAGED),
+    # GGUF Q4_1 blocks (fp16 d and m) with a Q8_0 embedding, quantized from the checkpoint by gguf-py
+    ("gguf_q4_1-q8_0", "medium", PAGED),
+]
 
 
 @pytest.mark.slow

@@ -16,8 +16,9 @@ from .options import quantization_choice
     default=None,
     help="q0f32, q0f16, q4f16_1, q4f32_1 or gguf_<type>[-<embedding type>[-<head type>]] (types q4_0, "
     "q4_1, q8_0, q4_k, q5_k, q6_k; f16 = unquantized), then per-layer exceptions of a mix such as Q4_K_M "
-    "(-<qkv|o|gateup|down>_<type>[_l<hex layer mask>]). Default: a GGUF whose layers are in those block "
-    "types keeps its blocks (e.g. gguf_q4_1-q8_0), anything else q4f16_1.",
+    "(-<qkv|o|gateup|down>_<type>[_l<hex layer mask>]); a trailing _f32 computes in fp32 (f32 = "
+    "unquantized), for devices without fp16 such as PoCL. Default: a GGUF whose layers are in those "
+    "block types keeps its blocks (e.g. gguf_q4_1-q8_0), anything else q4f16_1.",
 )
 @click.option(
     "--output",

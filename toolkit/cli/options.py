@@ -123,8 +123,8 @@ def run_options(f):
         "-q",
         type=quantization_choice(),
         default=None,
-        help="q0f32, q0f16, q4f16_1, q4f32_1, gguf_* (default: q4f16_1; a GGUF in Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/"
-        "Q6_K blocks and converter output keep their own).",
+        help="q0f32, q0f16, q4f16_1, q4f32_1, gguf_*[_f32] (default: q4f16_1; a GGUF in Q4_0/Q4_1/Q8_0/Q4_K/"
+        "Q5_K/Q6_K blocks and converter output keep their own; fp32 schemes for OpenCL without fp16).",
     )(f)
     return f
 

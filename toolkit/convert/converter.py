@@ -133,6 +133,7 @@ def gguf_scheme_tensors(source: ModelSource, scheme: QuantScheme, progress=None)
             del arr
         if arrays is not None:
             suffixes = scheme.layout_for_weight(name).suffixes
+            arrays = gguf_blocks.stored(arrays, scheme.scale_dtype)
             yield from zip(quantized_param_names(name, suffixes=suffixes), arrays)
         if progress is not None:
             progress.update(1)

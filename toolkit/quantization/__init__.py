@@ -13,6 +13,9 @@ names its per-tensor exceptions in the scheme name: llama.cpp 0.3.36's Q4_K_M of
 `gguf_q4_k-q4_k-q6_k-qkv_q6_k_lc9-down_q6_k_lc9` (Q4_K; Q6_K lm_head; Q6_K qkv and down_proj in layers 0,
 3, 6, 7), so a scheme name alone still fixes every parameter of the compiled library (the converted folder
 records just that name).
+A gguf scheme computes in fp16 like q4f16_1; its `_f32` twin (`gguf_q4_1-q8_0_f32`, like q4f32_1) computes
+in fp32 for devices without fp16 (PoCL's OpenCL): same blocks, the fp16 d/dmin kept bit for bit as uint16 and
+widened exactly inside the kernels, norms and unquantized roles (`f32` in the name) in fp32.
 The numerics live in `group_quant.py` and `gguf_blocks.py`, the TVM modules in `tvm_layers.py`.
 """
 
@@ -145,7 +148,7 @@ class KQuantLayout:
         return tuple(shapes)
 
     def param_dtypes(self, scale_dtype: str = "float16") -> tuple[str, ...]:
-        return tuple("float16" if s in ("q_scale", "q_min") else "uint32" for s in self.suffixes)
+        return tuple(scale_dtype if s in ("q_scale", "q_min") else "uint32" for s in self.suffixes)
 
     def bits_per_weight(self, scale_bits: int = 16) -> float:
         """Stored bits per weight: code, sub-block scale (and min) bytes, fp16 d (and dmin) per super-block
@@ -175,8 +178,12 @@ LINEAR_KINDS = {
 }
 _LAYER_WEIGHT = re.compile(r"model\.layers\.(\d+)\.(self_attn\.\w+|mlp\.\w+)\.weight")
 _KIND_OF = {v: k for k, v in LINEAR_KINDS.items()}
-# a role of a gguf scheme kept unquantized, in the model dtype (norms always are)
+# a role of a gguf scheme kept unquantized, in the model dtype (norms always are): spelled by that dtype
 GGUF_PLAIN = "f16"
+GGUF_PLAIN_F32 = "f32"
+# the name suffix of the fp32 twin of a gguf scheme (as MLC's q4f32_1 is q4f16_1's)
+GGUF_F32_SUFFIX = "_f32"
+_PLAIN = {"float16": GGUF_PLAIN, "float32": GGUF_PLAIN_F32}
 ROLES = ("linear", "embedding", "head")
 
 
@@ -222,8 +229,11 @@ class QuantScheme:
 
     @property
     def scale_dtype(self) -> str:
-        # MLC stores scales in the model dtype (fp16 for q4f16_1, fp32 for q4f32_1); GGUF blocks hold fp16
-        return "float16" if self.kind == "gguf" else self.model_dtype
+        """MLC stores scales in the model dtype (fp16 for q4f16_1, fp32 for q4f32_1); GGUF blocks hold fp16,
+        and an fp32 gguf scheme keeps those bits as uint16 (widened exactly in its kernels, `tvm_layers`)."""
+        if self.kind == "gguf":
+            return "float16" if self.model_dtype == "float16" else "uint16"
+        return self.model_dtype
 
     def layout_for(self, role: str) -> Layout | None:
         """Storage layout of the Linears ("linear"), the token embedding ("embedding") or an untied lm_head
@@ -272,7 +282,7 @@ class QuantScheme:
         gguf_q4_1)."""
         if not self.is_quantized:
             return 16.0 if self.model_dtype == "float16" else 32.0
-        return self.layout.bits_per_weight(16 if self.scale_dtype == "float16" else 32)
+        return self.layout.bits_per_weight(16 if self.scale_dtype in ("float16", "uint16") else 32)
 
     def max_layer(self) -> int:
         """Highest layer index a per-tensor exception names (-1: none); a model needs more layers."""
@@ -291,12 +301,19 @@ def gguf_scheme_name(
     embedding: str | None = None,
     head: str | None = None,
     overrides: tuple[tuple[str, str, int], ...] = (),
+    model_dtype: str = "float16",
 ) -> str:
-    """`gguf_<linear>[-<embedding>[-<head>]][-<kind>_<type>[_l<hex layer mask>]...]`: block types per role
-    (embedding defaults to the Linears', head to the embedding's), then the Linears of kind `kind` (qkv, o,
-    gateup, down) that are in another type, in the layers of the mask (none: every layer); e.g.
+    """`gguf_<linear>[-<embedding>[-<head>]][-<kind>_<type>[_l<hex layer mask>]...][_f32]`: block types per
+    role (embedding defaults to the Linears', head to the embedding's), then the Linears of kind `kind` (qkv,
+    o, gateup, down) that are in another type, in the layers of the mask (none: every layer); e.g.
     `gguf_q4_1-q8_0` = Q4_1 layers, Q8_0 embedding and (tied) lm_head; `gguf_q4_k-q4_k-q6_k-down_q6_k_l3`:
-    Q4_K but a Q6_K lm_head and Q6_K down_proj in layers 0 and 1."""
+    Q4_K but a Q6_K lm_head and Q6_K down_proj in layers 0 and 1. `_f32`: the fp32 twin (`model_dtype`
+    float32), whose unquantized roles are spelled `f32` (`f16` is accepted for them and respelled)."""
+    plain = _PLAIN[model_dtype]
+    linear, embedding, head = (
+        plain if t in (GGUF_PLAIN, GGUF_PLAIN_F32) else t for t in (linear, embedding, head)
+    )
+    overrides = tuple((k, plain if t in (GGUF_PLAIN, GGUF_PLAIN_F32) else t, m) for k, t, m in overrides)
     embedding = embedding or linear
     head = head or embedding
     if head != embedding:
@@ -306,17 +323,20 @@ def gguf_scheme_name(
     kinds = list(LINEAR_KINDS)
     for kind, block, mask in sorted(overrides, key=lambda o: (kinds.index(o[0]), o[1], o[2])):
         parts.append(f"{kind}_{block}" + (f"_l{mask:x}" if mask else ""))
-    return GGUF_PREFIX + "-".join(parts)
+    return GGUF_PREFIX + "-".join(parts) + (GGUF_F32_SUFFIX if model_dtype == "float32" else "")
 
 
-_OVERRIDE = re.compile(r"(qkv|o|gateup|down)_(q\d_[0-9k]|f16)(?:_l([0-9a-f]+))?")
+_OVERRIDE = re.compile(r"(qkv|o|gateup|down)_(q\d_[0-9k]|f16|f32)(?:_l([0-9a-f]+))?")
 
 
 def _parse_gguf(name: str) -> QuantScheme | None:
     if not name.startswith(GGUF_PREFIX):
         return None
-    parts = name[len(GGUF_PREFIX) :].split("-")
-    allowed = (*GGUF_BLOCK_LAYOUTS, GGUF_PLAIN)
+    # a mask is `_l<hex>`, so a name ending in `_f32` is the fp32 twin, never a mask or a block type
+    model_dtype = "float32" if name.endswith(GGUF_F32_SUFFIX) else "float16"
+    body = name[len(GGUF_PREFIX) : len(name) - (len(GGUF_F32_SUFFIX) if model_dtype == "float32" else 0)]
+    parts = body.split("-")
+    allowed = (*GGUF_BLOCK_LAYOUTS, _PLAIN[model_dtype])
     n_roles = next((i for i, p in enumerate(parts) if p not in allowed), len(parts))
     roles, rest = parts[:n_roles], parts[n_roles:]
     if not 1 <= len(roles) <= 3 or roles[0] not in GGUF_BLOCK_LAYOUTS:
@@ -333,16 +353,19 @@ def _parse_gguf(name: str) -> QuantScheme | None:
         if seen is not None and (mask == 0 or seen == 0 or seen & mask):
             return None
         covered[kind] = (seen or 0) | mask
-    blocks = (roles + [roles[-1]] * 2)[:3]
-    canonical = gguf_scheme_name(*blocks, overrides=tuple(overrides))
+    # the plain role is stored as GGUF_PLAIN internally whatever its dtype (layout_for: no layout)
+    blocks = tuple(GGUF_PLAIN if b == GGUF_PLAIN_F32 else b for b in (roles + [roles[-1]] * 2)[:3])
+    overrides = [(k, GGUF_PLAIN if t == GGUF_PLAIN_F32 else t, m) for k, t, m in overrides]
+    canonical = gguf_scheme_name(*blocks, overrides=tuple(overrides), model_dtype=model_dtype)
     if canonical != name:
         return None
-    # float16 like q4f16_1: GPUs compute in it, the host in fp32 (fp16 scales are exact there)
+    # float16 like q4f16_1: GPUs compute in it, the host in fp32 (fp16 scales are exact there); the `_f32`
+    # twin computes in fp32 everywhere (like q4f32_1), for devices without fp16
     return QuantScheme(
         name=name,
         kind="gguf",
-        model_dtype="float16",
-        gguf_blocks=tuple(blocks),
+        model_dtype=model_dtype,
+        gguf_blocks=blocks,
         gguf_overrides=tuple(overrides),
     )
 
@@ -355,9 +378,8 @@ QUANTIZATIONS: dict[str, QuantScheme] = {
     **{s.name: s for s in (_parse_gguf(GGUF_PREFIX + t) for t in GGUF_BLOCK_LAYOUTS)},
 }
 GGUF_NAME_HELP = (
-    f"{GGUF_PREFIX}<linear>[-<embedding>[-<head>]][-<qkv|o|gateup|down>_<type>[_l<hex layers>]...] with "
-    "types "
-    f"{', '.join(GGUF_BLOCK_LAYOUTS)}"
+    f"{GGUF_PREFIX}<linear>[-<embedding>[-<head>]][-<qkv|o|gateup|down>_<type>[_l<hex layers>]...]"
+    f"[{GGUF_F32_SUFFIX}] with types {', '.join(GGUF_BLOCK_LAYOUTS)}"
 )
 
 # MLC's q4*_1 storage layout (4-bit codes, groups of 32, 8 per uint32): what checkpoints in the registry
@@ -388,11 +410,12 @@ def quantization_for(source, requested: str | None, *, keep_native: bool = False
     return (native_quantization(source) if keep_native else None) or DEFAULT_QUANTIZATION
 
 
-def native_quantization(source) -> str | None:
+def native_quantization(source, model_dtype: str = "float16") -> str | None:
     """The gguf scheme that keeps a GGUF source's weights as stored (`gguf_q4_1-q8_0` for the embedded
     SmolLM2: Q4_1 layers, Q8_0 embedding; a Q4_K_M Phi-3 names its Q5_K / Q6_K Linears per kind and layer),
     or None: not a GGUF, or a Linear is not in a block type we have (or is fused from parts of different
-    types). An embedding or lm_head in a type we lack is kept in the model dtype (f16)."""
+    types). An embedding or lm_head in a type we lack is kept in the model dtype (f16). `model_dtype`
+    float32 gives the `_f32` twin (for devices without fp16)."""
     if getattr(source, "kind", None) != "gguf":
         return None
     by_role: dict[str, set] = {r: set() for r in ROLES}
@@ -435,7 +458,19 @@ def native_quantization(source) -> str | None:
 
     embedding = kept(by_role["embedding"])
     head = kept(by_role["head"]) if by_role["head"] else embedding  # tied: the embedding is the head
-    return gguf_scheme_name(default, embedding, head, overrides)
+    return gguf_scheme_name(default, embedding, head, overrides, model_dtype=model_dtype)
+
+
+def fp32_twin(name: str) -> str | None:
+    """The fp32-activation scheme with the same weights storage as fp16 scheme `name` (q4f16_1 -> q4f32_1,
+    q0f16 -> q0f32, gguf_X -> gguf_X_f32), for a device without fp16; None when `name` is not fp16."""
+    scheme = get_scheme(name)
+    if scheme.model_dtype != "float16":
+        return None
+    if scheme.kind == "gguf":
+        return gguf_scheme_name(*scheme.gguf_blocks, overrides=scheme.gguf_overrides, model_dtype="float32")
+    twin = name.replace("f16", "f32")
+    return twin if twin in QUANTIZATIONS else None
 
 
 def get_scheme(name: str | QuantScheme) -> QuantScheme:
@@ -446,7 +481,7 @@ def get_scheme(name: str | QuantScheme) -> QuantScheme:
     if scheme is None:
         raise UserError(
             f"unknown quantization {name!r}; known: {', '.join(QUANTIZATIONS)}, or {GGUF_NAME_HELP} "
-            f"({GGUF_PLAIN}: unquantized)"
+            f"({GGUF_PLAIN}, or {GGUF_PLAIN_F32} with {GGUF_F32_SUFFIX}: unquantized)"
         )
     return scheme
 
@@ -459,6 +494,7 @@ __all__ = [
     "KQuantLayout",
     "Layout",
     "QuantScheme",
+    "fp32_twin",
     "get_scheme",
     "gguf_scheme_name",
     "native_quantization",

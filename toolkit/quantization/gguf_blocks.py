@@ -18,6 +18,8 @@ fp16 d (half n of 128 weights: ql[64n + b] holds weight 128n + b low, 128n + 64 
 qh[32n + l] are the top 2 bits of weight 128n + 32p + l). The repack unpacks the codes into element order and
 the scales into bytes; in float32 every product d * sc * q is exact (at most 11 + 7 + 6 significant bits),
 so the value has at most one rounding, Q4_K/Q5_K's final subtraction of dmin * m, as in gguf's numpy.
+
+An fp32 gguf scheme stores the same fp16 d / dmin bits as uint16 (`stored`); every function here reads both.
 """
 
 from __future__ import annotations
@@ -46,6 +48,20 @@ def block_type_of(ggml_type_name: str) -> str | None:
     """Our block type name for a ggml type name ("Q4_1" -> "q4_1"); None if we have no layout for it."""
     name = ggml_type_name.lower()
     return name if name in GGUF_BLOCK_LAYOUTS else None
+
+
+def _f16(a: np.ndarray) -> np.ndarray:
+    """fp16 values of a scale / min array as stored: float16, or its bits as uint16 (fp32 gguf schemes)."""
+    return a.view(np.float16) if a.dtype == np.uint16 else a.astype(np.float16, copy=False)
+
+
+def stored(arrays: tuple[np.ndarray, ...], scale_dtype: str) -> tuple[np.ndarray, ...]:
+    """`from_blocks` arrays in a scheme's storage: fp16 arrays as they are, or their bits as uint16."""
+    if scale_dtype == "float16":
+        return arrays
+    if scale_dtype != "uint16":
+        raise ValueError(f"gguf blocks keep fp16 scales as float16 or uint16 bits, not {scale_dtype}")
+    return tuple(a.view(np.uint16) if a.dtype == np.float16 else a for a in arrays)
 
 
 def _layout(block_type: str) -> Layout:
@@ -102,9 +118,9 @@ def to_blocks(arrays: tuple[np.ndarray, ...], block_type: str) -> np.ndarray:
         qs = codes[..., :16] | (codes[..., 16:] << np.uint8(4))
     else:
         qs = codes ^ np.uint8(0x80)
-    fields = [d.astype(np.float16).view(np.uint8).reshape(n, nb, 2)]
+    fields = [np.ascontiguousarray(_f16(d)).view(np.uint8).reshape(n, nb, 2)]
     if layout.has_min:
-        fields.append(arrays[2].astype(np.float16).view(np.uint8).reshape(n, nb, 2))
+        fields.append(np.ascontiguousarray(_f16(arrays[2])).view(np.uint8).reshape(n, nb, 2))
     return np.concatenate([*fields, qs], axis=-1).reshape(n, nb * _BLOCK_BYTES[block_type])
 
 
@@ -141,9 +157,9 @@ def dequantize(arrays: tuple[np.ndarray, ...], block_type: str) -> np.ndarray:
     q_weight, d = arrays[0], arrays[1]
     n, nb = d.shape
     codes = unpack(q_weight, layout).reshape(n, nb, BLOCK).astype(np.float32)
-    w = (codes - np.float32(layout.zero_point)) * d.astype(np.float32)[..., None]
+    w = (codes - np.float32(layout.zero_point)) * _f16(d).astype(np.float32)[..., None]
     if layout.has_min:
-        w = w + arrays[2].astype(np.float32)[..., None]
+        w = w + _f16(arrays[2]).astype(np.float32)[..., None]
     return w.reshape(n, nb * BLOCK)
 
 
@@ -173,7 +189,7 @@ def _unpack_bits(words: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _fp16_bytes(a: np.ndarray, n: int, nb: int) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.float16).view(np.uint8).reshape(n, nb, 2)
+    return np.ascontiguousarray(_f16(a)).view(np.uint8).reshape(n, nb, 2)
 
 
 def _k_from_blocks(blocks: np.ndarray, layout: KQuantLayout) -> tuple[np.ndarray, ...]:
@@ -240,7 +256,7 @@ def _k_to_blocks(arrays: tuple[np.ndarray, ...], layout: KQuantLayout) -> np.nda
 
 def _k_dequantize(arrays: tuple[np.ndarray, ...], layout: KQuantLayout) -> np.ndarray:
     """float32 values of repacked K-quant arrays, with gguf's order of operations (see the module doc)."""
-    d = arrays[layout.suffixes.index("q_scale")].astype(np.float32)
+    d = _f16(arrays[layout.suffixes.index("q_scale")]).astype(np.float32)
     n, nb = d.shape
     q = _unpack_bits(arrays[0], 4).astype(np.int32)
     if layout.high_bits:
@@ -251,7 +267,7 @@ def _k_dequantize(arrays: tuple[np.ndarray, ...], layout: KQuantLayout) -> np.nd
         scale = d[..., None] * (sub - np.float32(128))  # (n, nb, 16)
         q = q.reshape(n, nb, per, layout.sub_block).astype(np.float32) - np.float32(32)
         return (scale[..., None] * q).reshape(n, nb * SUPER_BLOCK)
-    dmin = arrays[layout.suffixes.index("q_min")].astype(np.float32)
+    dmin = _f16(arrays[layout.suffixes.index("q_min")]).astype(np.float32)
     scale = (d[..., None] * sub[..., :8])[..., None]
     low = (dmin[..., None] * sub[..., 8:])[..., None]
     q = q.reshape(n, nb, per, layout.sub_block).astype(np.float32)

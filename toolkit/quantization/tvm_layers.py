@@ -32,9 +32,40 @@ def _code_to_float(word: tirx.PrimExpr, j: tirx.PrimExpr, dtype: str, layout: Gr
     return code - tirx.const(layout.zero_point, dtype) if layout.zero_point else code
 
 
+def f16_bits_to_float32(h: tirx.PrimExpr) -> tirx.PrimExpr:
+    """The fp16 value of uint16 bits `h` as float32, exactly (subnormals, signed zeros, inf and NaN too).
+    An fp32 gguf scheme stores its fp16 d / dmin this way, as uint16 rather than float16 or float32: a
+    float16 buffer anywhere in a kernel makes TVM's OpenCL codegen declare `half*` and need cl_khr_fp16
+    (which PoCL lacks) even if it is only widened, and float32 storage would add 16 bits per block (Q4_1
+    5.0 -> 6.0 bits per weight). Integer ops only, plus one exact int -> float conversion, so neither fp32
+    denormal flushing nor fast-math can change the result."""
+    u32 = "uint32"
+    h = h.astype(u32)
+    a = tirx.bitwise_and(h, tirx.const(0x7FFF, u32))
+    # normal numbers: exponent and mantissa moved into place, bias 15 -> 127; inf / NaN: exponent 31 -> 255
+    rebias = tirx.Select(
+        a >= tirx.const(0x7C00, u32), tirx.const(0x70000000, u32), tirx.const(0x38000000, u32)
+    )
+    normal = tirx.shift_left(a, tirx.const(13, u32)) + rebias
+    # subnormals: a * 2^-24, by taking 24 off the exponent of float(a) (exact, a normal fp32 number); no
+    # float arithmetic (measured: the llvm build of a * 2^-24 in this expression came out 1 ulp low)
+    as_float = tirx.reinterpret(u32, a.astype("float32")) - tirx.const(24 << 23, u32)
+    small = tirx.Select(a == tirx.const(0, u32), tirx.const(0, u32), as_float)
+    mag = tirx.Select(a < tirx.const(0x400, u32), small, normal)
+    sign = tirx.shift_left(tirx.bitwise_and(h, tirx.const(0x8000, u32)), tirx.const(16, u32))
+    return tirx.reinterpret("float32", tirx.bitwise_or(mag, sign))
+
+
+def _scale_value_dtype(q_scale) -> str:
+    """The dtype a stored scale array's values have (uint16 holds fp16 bits, widened to float32)."""
+    return "float32" if q_scale.dtype == "uint16" else q_scale.dtype
+
+
 def _scale(q_scale: te.Tensor, i, g, dtype: str) -> tirx.PrimExpr:
     s = q_scale[i, g]
-    return s if q_scale.dtype == dtype else s.astype(dtype)
+    if q_scale.dtype == "uint16":  # fp16 bits (an fp32 gguf scheme's d / dmin)
+        s = f16_bits_to_float32(s)
+    return s if _scale_value_dtype(q_scale) == dtype else s.astype(dtype)
 
 
 def _value(q_weight, q_scale, q_min, row, j, dtype: str, layout: GroupLayout) -> tirx.PrimExpr:
@@ -105,7 +136,7 @@ def te_dequantize(
 
     fp16 scales dequantized into fp32 are exact, which is how the host CPU runs q4f16_1 (fp32 activations)."""
     n = q_weight.shape[0]
-    dtype = dtype or q_scale.dtype
+    dtype = dtype or _scale_value_dtype(q_scale)
     return te.compute(
         (n, k), lambda i, j: _value(q_weight, q_scale, q_min, i, j, dtype, layout), name="dequantize"
     )
@@ -121,7 +152,7 @@ def te_take_dequantize(
     q_min: te.Tensor | None = None,
 ) -> te.Tensor:
     """Rows `ids` (T,) of the quantized table, dequantized: (T, k). Reads only the packed words it needs."""
-    dtype = dtype or q_scale.dtype
+    dtype = dtype or _scale_value_dtype(q_scale)
     return te.compute(
         (ids.shape[0], k),
         lambda t, j: _value(q_weight, q_scale, q_min, ids[t], j, dtype, layout),
@@ -155,8 +186,9 @@ def _dequant_op(module: nn.Module, k: int, dtype: str, name: str, ids: nn.Tensor
 
 def _guard_to(module: nn.Module, dtype: str | None) -> None:
     """`Module.to(dtype)` would recast the uint32 codes; allow only the dtype the scales already have."""
-    if dtype is not None and dtype != module.q_scale.dtype:
-        raise ValueError(f"{type(module).__name__} computes in {module.q_scale.dtype}, not {dtype}")
+    own = _scale_value_dtype(module.q_scale)
+    if dtype is not None and dtype != own:
+        raise ValueError(f"{type(module).__name__} computes in {own}, not {dtype}")
 
 
 class QuantizedLinear(nn.Module):

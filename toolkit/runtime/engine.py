@@ -299,6 +299,13 @@ def load_engine(
     if kv_cache is not None:
         preset = preset.with_kv_cache(kv_cache)
     dev = open_device(preset)
+    if preset.kind == "opencl":  # an fp16 library on PoCL would fail only at its first kernel build
+        from ..quantization import fp32_twin, get_scheme
+        from .opencl_caps import check_fp16
+
+        check_fp16(
+            dev.device_name, quantization, get_scheme(quantization).model_dtype, fp32_twin(quantization)
+        )
     compiled = compiled_for(source.config, quantization, preset)
     set_threads(threads)
     lib = tvm.runtime.load_module(str(compiled.library))
@@ -332,6 +339,3 @@ def open_device(preset) -> tvm.runtime.Device:
     raise UserError(
         f"cannot run '{preset.name}' here: use `phi3 compile --device {preset.name}` and deploy the library"
     )
-
-
-

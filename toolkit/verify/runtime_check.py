@@ -36,16 +36,20 @@ def _random_params(meta: list[dict], seed: int) -> list[np.ndarray]:
     out = []
     for p in meta:
         shape, dtype = tuple(p["shape"]), p["dtype"]
+        # uint16 params are fp16 scale / min bits (fp32 gguf schemes): drawn as fp16 values
+        value_dtype = np.float16 if dtype == "uint16" else dtype
         if dtype == "uint32":
             out.append(rng.integers(0, 2**32, size=shape, dtype=np.uint64).astype(np.uint32))
-        elif "scale" in p["name"]:
+            continue
+        if "scale" in p["name"]:
             # q4 scales: symmetric nibbles (-8..7) times scale -> entries ~ N(0, 1/fan_in) overall
             fan_in = max(1, shape[-1] * 32)
-            out.append((rng.uniform(0.5, 1.5, shape) / (4.6 * np.sqrt(fan_in))).astype(dtype))
+            v = (rng.uniform(0.5, 1.5, shape) / (4.6 * np.sqrt(fan_in))).astype(value_dtype)
         elif len(shape) == 1:
-            out.append(rng.uniform(0.5, 1.5, shape).astype(dtype))
+            v = rng.uniform(0.5, 1.5, shape).astype(value_dtype)
         else:
-            out.append((rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(dtype))
+            v = (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(value_dtype)
+        out.append(v.view(np.uint16) if dtype == "uint16" else v)
     return out
 
 

@@ -29,9 +29,9 @@ TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
 # Other integer inputs (e.g. a 0/1 table selector such as rope_long) are zero: any value > 0 may index out of
 # bounds, which reads garbage on every backend and can crash the llvm reference.
 _POSITION_LIKE = re.compile(r"(^|_)(pos|position|positions|position_map|ids|token_ids)$")
-# fp16 quantization scales and mins (q_scale / q_min params): drawn small, so that a GGUF K-quant's d * sc
-# (sc up to 255 for random bytes) * q (up to 63), summed over a row, stays inside fp16's range; standard
-# normal ones overflow to inf there and leave no finite output to compare
+# fp16 quantization scales and mins (q_scale / q_min params, or their bits as uint16): drawn small, so
+# that a GGUF K-quant's d * sc (sc up to 255 for random bytes) * q (up to 63), summed over a row, stays
+# inside fp16's range; standard normal ones overflow to inf there and leave no finite output to compare
 _QUANT_SCALE = re.compile(r"q_(scale|min)\d*$")
 QUANT_SCALE_STD = 2.0**-8
 DEFAULT_SHAPE_VALUE = 7  # odd and not a multiple of any tile size, so boundary handling is exercised
@@ -58,6 +58,11 @@ class KernelCheck:
         return asdict(self)
 
 
+def random_scales(shape, rng: np.random.Generator) -> np.ndarray:
+    """fp16 quantization scales / mins (about 1% of them fp16 subnormals, at this spread)."""
+    return (rng.standard_normal(shape) * QUANT_SCALE_STD).astype(np.float16)
+
+
 def random_inputs(
     info: FuncInfo, shape_values: dict[str, int], rng: np.random.Generator
 ) -> dict[str, np.ndarray]:
@@ -68,7 +73,9 @@ def random_inputs(
             arrays[p.name] = np.array(1, dtype=p.dtype)
             continue
         shape = p.concrete_shape(shape_values)
-        if p.dtype == "uint32":  # packed q4 weights: every bit pattern is a valid set of nibbles
+        if p.dtype == "uint16" and _QUANT_SCALE.search(p.name):  # fp16 scale bits (fp32 gguf schemes)
+            arrays[p.name] = random_scales(shape, rng).view(np.uint16)
+        elif p.dtype == "uint32":  # packed q4 weights: every bit pattern is a valid set of nibbles
             arrays[p.name] = rng.integers(0, 2**32, size=shape, dtype=np.uint64).astype(np.uint32)
         elif p.dtype.startswith(("int", "uint")) and len(shape) == 1 and _POSITION_LIKE.search(p.name):
             # token ids / positions / KV position maps: distinct small values, so scatters never write a slot
@@ -77,7 +84,7 @@ def random_inputs(
         elif p.dtype.startswith(("int", "uint", "bool")):
             arrays[p.name] = np.zeros(shape, dtype=p.dtype)
         elif p.dtype == "float16" and _QUANT_SCALE.search(p.name):
-            arrays[p.name] = (rng.standard_normal(shape) * QUANT_SCALE_STD).astype(p.dtype)
+            arrays[p.name] = random_scales(shape, rng)
         else:
             arrays[p.name] = rng.standard_normal(shape).astype(p.dtype)
     return arrays

@@ -47,7 +47,13 @@ def _fresh(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return tvm.ir.load_json(tvm.ir.save_json(func))
 
 
-def _random_input(shape, dtype: str, rng: np.random.Generator) -> np.ndarray:
+def _random_input(shape, dtype: str, rng: np.random.Generator, name: str = "") -> np.ndarray:
+    from .verify import _QUANT_SCALE, random_scales
+
+    if _QUANT_SCALE.search(name) and dtype in ("float16", "uint16"):
+        # quantization scales / mins as fp16 (or its bits): small, so a K-quant's d * sc * q summed over a
+        # row stays inside fp16's range (verify.QUANT_SCALE_STD)
+        return random_scales(shape, rng).view(dtype)
     if dtype == "uint32":  # packed q4 words: every nibble pattern
         return rng.integers(0, 2**32, size=shape, dtype=np.uint64).astype(np.uint32)
     if dtype.startswith(("int", "uint")):
@@ -120,7 +126,7 @@ def check_primfunc(
     arrays = {}
     for p in params:
         if isinstance(p.ty, tvm.ir.PointerType) or hasattr(p, "shape"):
-            arrays[p.name] = _random_input(_shape(p, env), str(p.dtype), rng)
+            arrays[p.name] = _random_input(_shape(p, env), str(p.dtype), rng, p.name)
     ref_lib = tvm.compile(tvm.IRModule({name: _fresh(func)}), target="llvm")
     ref_args = []
     for p in params:
