@@ -286,17 +286,78 @@ def test_attention_merge_kernel_has_no_race(devices, backend, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("device", ["vulkan", "opencl"])
-def test_verify_runs_every_kernel_through_the_runtime(tiny, devices, device):
+@pytest.mark.parametrize(
+    "device,quantization",
+    [
+        ("vulkan", "q4f32_1"),
+        ("opencl", "q4f32_1"),
+        # fp16 activations and KV pages on the device, fp32 in the host-exact build that records the inputs
+        ("vulkan", "q4f16_1"),
+        ("vulkan", "gguf_q4_1-q8_0"),
+    ],
+)
+def test_verify_runs_every_kernel_through_the_runtime(tiny, devices, device, quantization):
     """`phi3 verify` on a library of the device preset: every kernel, TVM's paged-attention ones included,
-    called in the library through TVM's runtime on the inputs the host-exact build's kernels received."""
+    called in the library through TVM's runtime on the inputs the host-exact build's kernels received (cast
+    to the kernel's own dtypes for fp16 libraries)."""
+    from toolkit.quantization import get_scheme
     from toolkit.verify.verify import verify_model
 
     ckpts, root = tiny
-    _engine(ckpts["mini-4k"], "q4f32_1", device, root / f"mini-4k-q4f32_1-{device}")
-    report = verify_model(root / f"mini-4k-q4f32_1-{device}")
+    out = root / f"mini-4k-{quantization}-{device}"
+    eng = _engine(ckpts["mini-4k"], quantization, device, out)
+    assert eng.compiled.manifest["dtype"] == get_scheme(quantization).model_dtype
+    report = verify_model(out)
     assert report.backend == f"{device} (TVM runtime plugin)"
     assert report.ok, [(c.func, c.status, c.note) for c in report.checks if c.status not in ("ok", "not-run")]
     ok = {c.func for c in report.checks if c.status == "ok"}
     attention = {"batch_prefill_ragged_kv", "batch_prefill_paged_kv", "batch_decode_paged_kv"}
     assert attention | {"tir_attention_merge_state", "tir_kv_cache_transpose_append"} <= ok, sorted(ok)
+
+
+def _rms_norm_lib(dtype: str):
+    from toolkit.verify.sample_kernels import rms_norm
+
+    func = rms_norm(64, dtype).with_attr("global_symbol", "rms_norm")
+    built = tvm.compile(tvm.IRModule({"rms_norm": func}), target="llvm")
+    return func, built["rms_norm"]
+
+
+def test_runtime_check_casts_recorded_inputs_to_the_kernel_dtypes():
+    """An fp16 kernel checked on an fp32 host call (what `phi3 verify` does for q4f16_1 on a runtime plugin):
+    its inputs are the recorded ones cast to fp16, the reference is the fp32 host kernel rerun on those
+    values, and the fp16 tolerance applies. A right fp16 kernel passes; one off in a single element by a
+    tenth of the output's range (5x the fp16 tolerance, far below what an indexing bug does) is a mismatch.
+    Both run on the CPU (llvm): the comparison, not the device, is under test here."""
+    from toolkit.verify.runtime_check import _check, in_kernel_dtypes
+
+    rng = np.random.default_rng(0)
+    _, host_fn = _rms_norm_lib("float32")
+    func16, fn16 = _rms_norm_lib("float16")
+    x, w = rng.standard_normal((1, 5, 64)).astype("float32"), rng.uniform(0.5, 1.5, 64).astype("float32")
+    before = [x, w, np.full((1, 5, 64), np.nan, "float32")]  # the output: uninitialised memory
+    args = [tvm.runtime.tensor(a) for a in before]
+    host_fn(*args)
+    after = [a.numpy() for a in args]
+
+    inputs, ref = in_kernel_dtypes(func16, host_fn, before, after)
+    assert [a.dtype for a in inputs] == [np.float16] * 3
+    assert [a.dtype for a in ref] == [np.float32] * 3
+    np.testing.assert_array_equal(ref[0], x.astype("float16").astype("float32"))  # the same values
+    good = _check("rms_norm", fn16, func16, inputs, ref, tvm.cpu(), "llvm")
+    assert good.status == "ok", good.note
+    assert 0 < good.error <= good.tolerance
+    assert good.tolerance == pytest.approx(2e-2 * max(1.0, float(np.abs(ref[2]).max())))  # fp16's
+
+    def wrong(*a):
+        fn16(*a)
+        out = a[2].numpy()
+        out[0, 3, 17] += 0.1 * np.abs(out).max()
+        a[2].copyfrom(out)
+
+    bad = _check("rms_norm", wrong, func16, inputs, ref, tvm.cpu(), "llvm")
+    assert bad.status == "mismatch" and bad.error > bad.tolerance, (bad.error, bad.tolerance)
+    # an fp32 kernel on an fp32 call: inputs and reference as recorded, no rerun
+    func32, fn32 = _rms_norm_lib("float32")
+    same = in_kernel_dtypes(func32, host_fn, before, after)
+    assert same[0] is before and same[1] is after

@@ -6,7 +6,10 @@ of every TIR function, its argument tensors before and after the call are record
 through `vm.set_instrument`, the paged KV cache's kernels (attention, append, copy; TVM schedules these
 itself) by wrapping the functions the cache's factory receives. Each device kernel is then called through
 the runtime, as the VM and the cache call it (its host wrapper computes the grid and the runtime launches
-it), on the recorded inputs, and every buffer the host build wrote is compared. Functions the host run never
+it), on the recorded inputs, and every buffer the host build wrote is compared. Where the kernel declares a
+float buffer in another dtype than the host build (fp16 activations and KV pages beside host-exact's fp32),
+the recorded values are cast to the kernel's dtype and the host kernel is run again on exactly those values
+for the reference, so only the kernel's own arithmetic differs. Functions the host run never
 calls (e.g. reshapes that are views on the CPU) run on random inputs against the llvm build of their
 unscheduled TIR, as the launcher-based check does.
 """
@@ -22,11 +25,7 @@ from tvm import tirx
 
 from ..compile.kernel_info import describe
 from .verify import DEFAULT_SHAPE_VALUE, KernelCheck, random_inputs, run_reference
-
-# max|gpu - ref| relative to max(1, max|ref|): the two builds differ in summation order (split/tree
-# reductions vs serial loops), so fp32 errors grow like K * eps * |partial sums|: 1e-4 * max(1, K/512) covers
-# K <= 8192 with margin; fp16 outputs round at 2^-11 and accumulate in fp16, so 2e-2 (as vulkan_check).
-FP32_REL, FP16_REL = 1e-4, 2e-2
+from .vulkan_check import output_tolerance
 
 
 def _random_params(meta: list[dict], seed: int) -> list[np.ndarray]:
@@ -58,7 +57,8 @@ def _snapshot(args) -> list:
 
 
 def capture_host_calls(cfg, quantization: str, dtype: str | None, seed: int = 0):
-    """(calls by VM symbol, calls by KV-cache factory position, params meta) of the host-exact build."""
+    """(calls by VM symbol, calls by KV-cache factory position, the factory's kernel names by position) of
+    the host-exact build; a call is (host function, arguments before, arguments after)."""
     from ..compile import pipeline
     from ..compile.compile_model import compiled_for, graph_options
     from ..runtime.engine import CacheOptions, Engine
@@ -72,8 +72,8 @@ def capture_host_calls(cfg, quantization: str, dtype: str | None, seed: int = 0)
     meta = compiled.manifest["params"]
     params = [tvm.runtime.tensor(a) for a in _random_params(meta, seed)]
     lib = tvm.runtime.load_module(str(compiled.library))
-    vm_calls: dict[str, tuple[list, list]] = {}
-    kv_calls: dict[int, tuple[list, list]] = {}
+    vm_calls: dict[str, tuple[object, list, list]] = {}
+    kv_calls: dict[int, tuple[object, list, list]] = {}
     pending: dict[str, list] = {}
     create_name = "vm.builtin.paged_attention_kv_cache_create"
     original = tvm.get_global_func(create_name)
@@ -83,7 +83,7 @@ def capture_host_calls(cfg, quantization: str, dtype: str | None, seed: int = 0)
             before = _snapshot(args) if pos not in kv_calls else None
             fn(*args)
             if before is not None:
-                kv_calls[pos] = (before, _snapshot(args))
+                kv_calls[pos] = (fn, before, _snapshot(args))
 
         return tvm_ffi.convert(call)
 
@@ -111,7 +111,7 @@ def capture_host_calls(cfg, quantization: str, dtype: str | None, seed: int = 0)
         if before_run:
             pending[symbol] = _snapshot(args)
         elif symbol in pending:
-            vm_calls[symbol] = (pending.pop(symbol), _snapshot(args))
+            vm_calls[symbol] = (func, pending.pop(symbol), _snapshot(args))
         return 0
 
     eng.vm.set_instrument(instrument)
@@ -126,10 +126,27 @@ def capture_host_calls(cfg, quantization: str, dtype: str | None, seed: int = 0)
     return vm_calls, kv_calls, positions
 
 
-def _tolerance(ref: np.ndarray, reduce_len: int) -> float:
-    scale = max(1.0, float(np.abs(np.nan_to_num(ref.astype(np.float64), posinf=0, neginf=0)).max(initial=0)))
-    rel = FP16_REL if ref.dtype == np.float16 else FP32_REL * max(1.0, reduce_len / 512)
-    return rel * scale
+def param_dtypes(func: tirx.PrimFunc) -> list[str]:
+    """The dtype of each parameter of `func`: its buffer's for a tensor, its own for a scalar."""
+    return [str(p.ty.dtype) for p in func.params]  # BufferType and PrimType both carry a dtype
+
+
+def in_kernel_dtypes(func: tirx.PrimFunc, host_fn, before: list, after: list) -> tuple[list, list]:
+    """(inputs, reference) of a recorded host call for the kernel `func`: float arrays the kernel declares
+    in another float dtype are cast to it, and the host function is run again on the cast values (exact
+    in the host's wider dtype) for the reference; calls already in the kernel's dtypes are returned as
+    recorded. Other dtype differences are left for the runtime to refuse (reported as an error)."""
+    cast = list(before)
+    for i, (b, d) in enumerate(zip(before, param_dtypes(func), strict=True)):
+        if isinstance(b, np.ndarray) and b.dtype.kind == "f" and np.dtype(d).kind == "f" and b.dtype != d:
+            # buffers the kernel only writes hold uninitialised memory, which may exceed fp16's range: inf
+            # there is harmless (overwritten), and an input out of range shows as a non-finite mismatch
+            with np.errstate(over="ignore"):
+                cast[i] = b.astype(d)
+    if all(c is b for c, b in zip(cast, before, strict=True)):
+        return before, after
+    host_in = [c.astype(b.dtype) if c is not b else b for c, b in zip(cast, before, strict=True)]
+    return cast, _run(host_fn, host_in, tvm.cpu())
 
 
 def _compare(ref: np.ndarray, got: np.ndarray) -> float:
@@ -164,7 +181,8 @@ def _check(
                 continue
             pname = func.params[i].name if func is not None and i < len(func.params) else f"arg{i}"
             outputs.append(pname)
-            err, tol = _compare(a, g), _tolerance(a, reduce_len)
+            # the tolerance follows what the kernel stores (fp16 beside an fp32 reference: its rounding)
+            err, tol = _compare(a, g), output_tolerance(str(g.dtype), a, reduce_len)
             if err / tol > worst[0]:
                 worst, where = (err / tol, err, tol), pname
         if not outputs:
@@ -187,15 +205,17 @@ def merge_state_reference(v, s, v_other, s_other) -> tuple[np.ndarray, np.ndarra
     return (v * a[..., None] + v_other * b[..., None]) / (a + b)[..., None], m + np.log2(a + b)
 
 
-def _merge_state_check(fn, cfg, dev, backend: str, rng) -> KernelCheck:
+def _merge_state_check(fn, func: tirx.PrimFunc, cfg, dev, backend: str, rng) -> KernelCheck:
     """The cache's merge kernel (chunked prefill, cascade decode) has no CPU counterpart in the host build:
-    check it against numpy on random partial states (its thread layout is fixed for the model's heads)."""
+    check it against numpy on random partial states (its thread layout is fixed for the model's heads), in
+    the kernel's dtypes (fp16 V beside fp32 log-sum-exp for fp16 caches), numpy in fp32 on those values."""
     n, h, d = 5, cfg.num_attention_heads, cfg.head_dim
-    v, vo = (rng.standard_normal((n, h, d)).astype("float32") for _ in range(2))
-    s, so = (rng.standard_normal((n, h)).astype("float32") for _ in range(2))
+    shapes = [(n, h, d), (n, h), (n, h, d), (n, h)]
+    before = [rng.standard_normal(sh).astype(dt) for sh, dt in zip(shapes, param_dtypes(func), strict=True)]
+    v, s, vo, so = (b.astype("float32") for b in before)
     ref_v, ref_s = merge_state_reference(v, s, vo, so)
-    before, after = [v, s, vo, so], [ref_v.astype("float32"), ref_s.astype("float32"), vo, so]
-    check = _check(MERGE_STATE, fn, None, before, after, dev, backend)
+    after = [ref_v.astype("float32"), ref_s.astype("float32"), before[2], before[3]]
+    check = _check(MERGE_STATE, fn, func, before, after, dev, backend)
     check.note = check.note.replace("on the host run's inputs", "on random states vs numpy")
     return check
 
@@ -239,13 +259,19 @@ def verify_with_runtime(
         if fn is None:
             checks.append(KernelCheck(name, [], backend, "not-run", note="not exported by the library"))
         elif name == MERGE_STATE:
-            checks.append(_merge_state_check(fn, cfg, dev, backend, rng))
+            checks.append(_merge_state_check(fn, func, cfg, dev, backend, rng))
         elif name in by_name:
-            (before, after), origin = by_name[name]
+            (host_fn, before, after), origin = by_name[name]
             if len(before) != len(func.params):
                 checks.append(
                     KernelCheck(name, [], backend, "not-run", note="host and device signatures differ")
                 )
+                continue
+            try:
+                before, after = in_kernel_dtypes(func, host_fn, before, after)
+            except Exception as e:  # the host kernel refused the cast values: reported for this kernel
+                note = f"host reference on the kernel's dtypes: {type(e).__name__}: {e}".splitlines()[0]
+                checks.append(KernelCheck(name, [name], backend, "error", note=note[:300]))
                 continue
             c = _check(name, fn, func, before, after, dev, backend)
             c.note = f"{origin}; {c.note}" if origin else c.note
