@@ -64,7 +64,9 @@ def test_row_blocked_pack_equals_whole(scales, act_order) -> None:
     assert _UPDATE_ROWS == 1024
     w, x = _correlated_linear(2600, 96, 300, seed=4)
     h = hessian(x)
-    q_weight, q_scale, _ = gptq_pack(w, h, "q4f16_1", scales=scales, act_order=act_order)
+    q_weight, q_scale, _ = gptq_pack(
+        w, h, "q4f16_1", scales=scales, act_order=act_order, update_rows=_UPDATE_ROWS
+    )
     blocked = gptq_pack_rows(w, h, "q4f16_1", scales=scales, act_order=act_order, row_block=1024)
     np.testing.assert_array_equal(blocked[0], q_weight)
     np.testing.assert_array_equal(blocked[1], q_scale)
