@@ -1,12 +1,15 @@
 """Time `phi3 convert` on a Phi-3-mini-sized checkpoint and measure its peak memory (goal: < 2 GB RSS).
 
-    python examples/bench_convert_phi3_mini.py WORK_DIR [--clip rtn|search|weighted] [--layers N] [--keep]
+    python examples/bench_convert_phi3_mini.py WORK_DIR [--clip rtn|search|weighted|gptq] [--layers N]
+        [--keep]
 
 Writes a random bf16 Hugging Face checkpoint with Phi-3-mini's shapes (3.82B parameters, 7.6 GB, two
 safetensors files + index, a placeholder tokenizer) into WORK_DIR/phi3-mini-bf16, streamed tensor by tensor
 in 64 MiB chunks (the generator itself stays small), then runs `phi3 convert` on it as a child process under
 /usr/bin/time -v (peak RSS of the converter, exact) with a psutil sampler as a cross-check, and prints time,
 peak RSS, shard count and sizes. Both folders are deleted afterwards unless --keep.
+`--clip gptq` takes hours at 32 layers: measure it with --layers 1 and 2 (the peak must not grow with layers;
+the difference of the two times is one layer's).
 """
 
 from __future__ import annotations

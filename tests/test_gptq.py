@@ -9,7 +9,14 @@ import pytest
 from toolkit.quantization import get_scheme
 from toolkit.quantization import group_quant as gq
 from toolkit.quantization.clip_search import search_scales
-from toolkit.quantization.gptq import _inverse_cholesky, gptq_pack, gptq_quantize, hessian
+from toolkit.quantization.gptq import (
+    _UPDATE_ROWS,
+    _inverse_cholesky,
+    gptq_pack,
+    gptq_pack_rows,
+    gptq_quantize,
+    hessian,
+)
 
 
 def _correlated_linear(n: int, k: int, t: int, seed: int = 0):
@@ -35,6 +42,37 @@ def test_inverse_cholesky_factor() -> None:
     want = np.linalg.inv(ridge)
     # float32 factorisations of a matrix with condition number ~1e3: 1e-4 of the largest entry
     np.testing.assert_allclose(u.astype(np.float64).T @ u, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+def test_inverse_cholesky_in_place() -> None:
+    """With overwrite, the factor is computed in H's own buffer (no second K x K matrix kept), bit for bit
+    the factor of a copy."""
+    _, x = _correlated_linear(4, 96, 200)
+    h = hessian(x)
+    copied = _inverse_cholesky(h, 0.01)
+    assert not np.shares_memory(copied, h)
+    u = _inverse_cholesky(h, 0.01, overwrite=True)
+    assert np.shares_memory(u, h)
+    np.testing.assert_array_equal(u, copied)
+
+
+@pytest.mark.parametrize("scales", ["rtn", "weighted"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_row_blocked_pack_equals_whole(scales, act_order) -> None:
+    """The lm_head's row-blocked GPTQ (no dequantized copy of the whole matrix) packs the same bits as GPTQ
+    of all rows at once: 2600 rows = two full blocks of 1024 and a partial one."""
+    assert _UPDATE_ROWS == 1024
+    w, x = _correlated_linear(2600, 96, 300, seed=4)
+    h = hessian(x)
+    q_weight, q_scale, _ = gptq_pack(
+        w, h, "q4f16_1", scales=scales, act_order=act_order, update_rows=_UPDATE_ROWS
+    )
+    blocked = gptq_pack_rows(w, h, "q4f16_1", scales=scales, act_order=act_order, row_block=1024)
+    np.testing.assert_array_equal(blocked[0], q_weight)
+    np.testing.assert_array_equal(blocked[1], q_scale)
+    assert blocked[1].dtype == q_scale.dtype
+    with pytest.raises(ValueError, match="row_block 1000"):
+        gptq_pack_rows(w, h, row_block=1000)
 
 
 @pytest.mark.parametrize("scheme", ["q4f16_1", "q4f32_1"])
@@ -185,3 +223,74 @@ def test_tiny_convert_gptq_close_to_transformers(variant, tmp_path) -> None:
         # GPTQ'd tied head lowered perplexity, 71.66 -> 68.16, see gptq_stream)
         assert errs[0]["gptq"] < errs[0]["rtn"], errs
         assert errs[1]["gptq"] < 1.05 * errs[1]["rtn"], errs
+
+
+def test_gptq_stream_reads_each_linear_when_used(tmp_path, monkeypatch) -> None:
+    """Memory: the layer stream reads each Linear's float weight just before its GPTQ, and the float weights
+    of the Linears before it are gone by then (one Linear's weight alive, not the layer's)."""
+    import weakref
+
+    from tiny import make_tiny_checkpoint
+
+    from toolkit.checkpoint import open_model
+    from toolkit.convert import converter as conv
+    from toolkit.convert import gptq_stream
+    from toolkit.quantization import get_scheme as scheme_of
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "medium", dtype="bfloat16", tokenizer=False)
+    _text_tokenizer(ckpt, gptq_stream.GPTQ_CALIBRATION_TEXT)
+    src = open_model(ckpt)
+    events: list[tuple[str, str]] = []
+    alive: dict[str, weakref.ref] = {}
+    real_get, real_pack = src.get_tensor, gptq_stream.gptq_pack
+
+    def get_tensor(name: str) -> np.ndarray:
+        arr = real_get(name)
+        events.append(("read", name))
+        alive[name] = weakref.ref(arr)
+        return arr
+
+    def gptq_pack_spy(w, h, *args, **kwargs):
+        (name,) = [n for n, ref in alive.items() if ref() is w]
+        others = [n for n, ref in alive.items() if n.endswith("proj.weight") and ref() is not None]
+        others.remove(name)
+        events.append(("gptq", name))
+        assert others == [], f"float weights still alive while {name} is quantized: {others}"
+        return real_pack(w, h, *args, **kwargs)
+
+    monkeypatch.setattr(src, "get_tensor", get_tensor)
+    monkeypatch.setattr(gptq_stream, "gptq_pack", gptq_pack_spy)
+    sch = scheme_of("q4f16_1")
+    out = list(
+        gptq_stream.gptq_tensors(
+            src,
+            sch,
+            gptq_stream.gptq_calibration_tokens(src),
+            check=lambda name, arr: None,
+            should_quantize=lambda name, shape: conv.should_quantize(name, shape, sch),
+        )
+    )
+    p = "model.layers.0."
+    linears = [p + n for n in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")]
+    layer0 = [e for e in events if e[1].startswith(p)]
+    assert layer0 == [
+        ("read", p + "input_layernorm.weight"),
+        ("read", linears[0] + ".weight"),
+        ("gptq", linears[0] + ".weight"),
+        ("read", linears[1] + ".weight"),
+        ("gptq", linears[1] + ".weight"),
+        ("read", p + "post_attention_layernorm.weight"),
+        ("read", linears[2] + ".weight"),
+        ("gptq", linears[2] + ".weight"),
+        ("read", linears[3] + ".weight"),
+        ("gptq", linears[3] + ".weight"),
+    ]
+    # every tensor of the checkpoint comes out once: a quantized pair, or the float tensor (norms)
+    names = [n for n, _ in out]
+    want = []
+    for n in src.tensor_names():
+        if conv.should_quantize(n, src.tensor_shape(n), sch):
+            want += [n.removesuffix(".weight") + ".q_weight", n.removesuffix(".weight") + ".q_scale"]
+        else:
+            want.append(n)
+    assert sorted(names) == sorted(want)

@@ -19,13 +19,31 @@ from __future__ import annotations
 
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
-from .runtime.engine import CacheOptions, ContextFullError, Engine
-from .runtime.generate import PromptTooLongError
 from .runtime.options import GenerationOptions
 from .runtime.request import Generation, Step
+
+if TYPE_CHECKING:
+    from .runtime.engine import Engine
+
+# the runtime's engine (and with it TVM, ~170 MB of RSS) loads only when a model runs; `convert` never does
+_RUNTIME_NAMES = {
+    "CacheOptions": "engine",
+    "ContextFullError": "engine",
+    "Engine": "engine",
+    "PromptTooLongError": "generate",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _RUNTIME_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".runtime.{_RUNTIME_NAMES[name]}", __package__), name)
+
 
 Messages = Sequence[dict[str, Any]]
 DEFAULT_CONTEXT_WINDOW = 4096
@@ -74,6 +92,8 @@ class Model:
         return self.prompts.encode(list(prompt), add_generation_prompt=True)
 
     def new_generation(self, ids: list[int], options: GenerationOptions) -> Generation:
+        from .runtime.generate import PromptTooLongError
+
         if len(ids) > self.engine.context_window:
             raise PromptTooLongError(
                 f"the prompt is {len(ids)} tokens; the context window is {self.engine.context_window} tokens"
@@ -118,6 +138,9 @@ class Chat:
         self.last: Generation | None = None
 
     def stream(self, text: str, **opts: Any) -> Iterator[str]:
+        from .runtime.engine import ContextFullError
+        from .runtime.generate import PromptTooLongError
+
         m = self.model
         options = m.options(**opts)
         self.messages.append({"role": "user", "content": text})
@@ -174,6 +197,7 @@ def _on_new_sequence(engine: Engine, gen: Generation) -> Generator[Step, None, N
 
 def _run(engine: Engine, sid: int, gen: Generation) -> Iterator[Step]:
     """Feed the prompt (reusing what the sequence already caches), then decode until `gen` finishes."""
+
     logits = feed(engine, sid, gen.prompt)
     while True:
         st = gen.step(logits)
@@ -215,7 +239,7 @@ def load(
     tokens of one prefill forward (default 256; at most the library's prefill_chunk_size)."""
     from .checkpoint import open_model
     from .checkpoint.mlc_format.model_config import default_window_sizes
-    from .runtime.engine import load_engine
+    from .runtime.engine import CacheOptions, load_engine
 
     if context_window < 1 or max_batch_size < 1 or (prefill_chunk is not None and prefill_chunk < 1):
         raise UserError("context_window, max_batch_size and prefill_chunk must be positive")

@@ -111,32 +111,38 @@ def layer_forward(
     t = h.shape[0]
     nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     x = rms_norm(h, w(p + "input_layernorm.weight"), cfg.rms_norm_eps)
+    if stats is not None:
+        stats[p + "self_attn.qkv_proj.weight"] = _mean_sq(x)
     qkv = x @ linear(p + "self_attn.qkv_proj.weight", x).T
+    del x  # each activation is dropped once used: at Phi-3-mini width and 2048 tokens they are 25-134 MB each
     q = qkv[:, : nh * hd].reshape(t, nh, hd).transpose(1, 0, 2)
     k = qkv[:, nh * hd : (nh + nkv) * hd].reshape(t, nkv, hd).transpose(1, 0, 2)
     v = qkv[:, (nh + nkv) * hd :].reshape(t, nkv, hd).transpose(1, 0, 2)
     q, k = _apply_rope(q, cos, sin, cfg.rotary_dim), _apply_rope(k, cos, sin, cfg.rotary_dim)
     rep = nh // nkv
     k, v = np.repeat(k, rep, axis=0), np.repeat(v, rep, axis=0)
+    del qkv
     attn = np.empty((nh, t, hd), np.float32)
     # independent sequences side by side: attention stays inside each (the scores are one segment squared)
     for seg in segments or [slice(0, t)]:
         attn[:, seg] = _attention(q[:, seg], k[:, seg], v[:, seg], cfg.sliding_window)
+    del q, k, v
     attn = attn.transpose(1, 0, 2).reshape(t, nh * hd)
+    if stats is not None:
+        stats[p + "self_attn.o_proj.weight"] = _mean_sq(attn)
     h = h + attn @ linear(p + "self_attn.o_proj.weight", attn).T
+    del attn
     x2 = rms_norm(h, w(p + "post_attention_layernorm.weight"), cfg.rms_norm_eps)
+    if stats is not None:
+        stats[p + "mlp.gate_up_proj.weight"] = _mean_sq(x2)
     gu = x2 @ linear(p + "mlp.gate_up_proj.weight", x2).T
+    del x2
     gate, up = gu[:, : cfg.intermediate_size], gu[:, cfg.intermediate_size :]
     act = gate / (1.0 + np.exp(-gate)) * up
-    h = h + act @ linear(p + "mlp.down_proj.weight", act).T
+    del gu, gate, up
     if stats is not None:
-        for name, inp in (
-            ("self_attn.qkv_proj", x),
-            ("self_attn.o_proj", attn),
-            ("mlp.gate_up_proj", x2),
-            ("mlp.down_proj", act),
-        ):
-            stats[f"{p}{name}.weight"] = _mean_sq(inp)
+        stats[p + "mlp.down_proj.weight"] = _mean_sq(act)
+    h = h + act @ linear(p + "mlp.down_proj.weight", act).T
     return h.astype(np.float32)
 
 

@@ -56,12 +56,13 @@ CLIP_METHODS = ("auto", "rtn", "search", "weighted", "gptq")
 # the methods that run the calibration forward
 CALIBRATED = ("weighted", "gptq")
 # "auto" = weighted (with too few calibration tokens it falls back to rtn). gptq has the lowest perplexity
-# but stays opt-in: at Phi-3-mini width it peaks at ~2.1 GB RSS (1-layer checkpoint, 2026-12-03; was
-# 5.1 GB), just above the converter's 2 GB goal, and costs hours of CPU. Measured on SmolLM2-135M (q4f16_1,
-# tinyshakespeare, 2040 tokens in 256-token windows, numpy reference forward), from the Q4_1 GGUF: fp32
-# 57.04, rtn 82.67, search 87.71 (lower weight error, WORSE perplexity), weighted 76.24; from a bf16 copy
-# of it (examples/make_smollm2_bf16.py): fp 57.07, rtn 82.81, weighted 76.43, gptq 68.16 (`phi3 eval --device
-# host`: 57.07, 82.85, 76.55, 68.55), i.e. 43-45% of rtn's rise, against 75% for weighted.
+# but stays opt-in: at Phi-3-mini width it peaks at 1.48 GiB RSS (1-2 layer checkpoints, 2026-12-03; was
+# 2.06, before that 5.1 GB), and takes ~30 s a layer (~16 min for 32, extrapolated). Measured on SmolLM2-135M
+# (q4f16_1, tinyshakespeare, 2040 tokens in 256-token windows, numpy reference forward), from the Q4_1
+# GGUF: fp32 57.04, rtn 82.67, search 87.71 (lower weight error, WORSE perplexity), weighted 76.24; from a
+# bf16 copy of it (examples/make_smollm2_bf16.py): fp 57.07, rtn 82.81, weighted 76.43, gptq 68.16 (one
+# draw of 67.8-71.9, see gptq_stream; `phi3 eval --device host`: 57.07, 82.85, 76.55, 68.80), i.e. 43-46%
+# of rtn's rise, against 75% for weighted.
 AUTO_CLIP = "weighted"
 
 

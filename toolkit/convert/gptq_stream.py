@@ -3,15 +3,21 @@
 The numpy Phi-3 forward of `calibration.py` runs over the calibration tokens one layer at a time. Each Linear
 is quantized from the inputs it actually receives (`layer_forward(..., linear=...)`): those come from the
 Linears before it already quantized, in this layer and in every earlier one (GPTQ's sequential order), so a
-Linear also corrects the error that reaches it from upstream. Memory: one layer's float32 weights, its
-quantized form, the calibration activations (T x intermediate floats) and one K x K Hessian.
+Linear also corrects the error that reaches it from upstream. Memory: one Linear's float32 weight (read when
+its inputs are ready) and its GPTQ result, the layer's quantized form, the live calibration activations
+(at most T x 2 intermediate floats) and one K x K Hessian with its inverse factor (computed in its buffer).
 
 The lm_head (or a tied embedding, which is the lm_head too) is GPTQ'd last, from the final hidden states of
 the quantized model; an untied input embedding is a lookup, not a matmul, so it gets the clip search with
 every channel weighed alike. Defaults, measured on a bf16 copy of SmolLM2-135M (q4f16_1, tinyshakespeare,
 8 x 256 tokens, numpy reference forward; fp 57.07, rtn 82.81, weighted 76.43): GPTQ on the Linears with the
 tied head clip-searched 71.66, with act order 70.30; the tied head GPTQ'd too 68.16 (the default), with
-act order 69.07 (act order helps only while the head is not GPTQ'd, and costs time: off).
+act order 69.07 (act order helps only while the head is not GPTQ'd, and costs time: off). These are single
+draws: GPTQ's codes depend chaotically on float rounding (one code flipped in layer 0 changes most codes of
+later layers), and rounding-only changes (BLAS threads, the lazy-update matmul's row chunks) moved the
+default's perplexity between 67.8 and 71.9 (2026-12-03: 67.77, 68.51, 69.65 with 1 or 2 BLAS/LAPACK threads;
+68.34, 69.72, 71.9 with row chunks of 512, 2048, 1024 in every Linear). So the decoder Linears update all
+rows at once, as before, and only the head runs in row blocks (`phi3 eval`: 68.80).
 Tensors come out layer by layer, then the non-layer tensors (embedding, final norm, lm_head); the tensor
 cache records names, so order is free.
 """
@@ -27,10 +33,9 @@ from ..checkpoint.mlc_format import quantized_param_names
 from ..quantization import QuantScheme
 from ..quantization import group_quant as gq
 from ..quantization.clip_search import search_scales
-from ..quantization.gptq import DEFAULT_DAMP, gptq_pack, hessian
+from ..quantization.gptq import DEFAULT_DAMP, gptq_pack, gptq_pack_rows, hessian
 from .calibration import (
     CALIBRATION_TEXT,
-    _layer_weights,
     calibration_tokens,
     layer_forward,
     rms_norm,
@@ -79,32 +84,40 @@ def gptq_tensors(
     cos, sin = rope_cos_sin(cfg, np.concatenate([np.arange(s.stop - s.start) for s in segments]))
 
     for i in range(cfg.num_hidden_layers):
-        weights = _layer_weights(source, i)
+        layer = [n for n in names if n.startswith(f"{LAYER_PREFIX}{i}.")]
+        plain: dict[str, np.ndarray] = {}  # the layer's weights that stay float (norms), read when used
         packed: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
-        def linear(name: str, x: np.ndarray, weights=weights, packed=packed) -> np.ndarray:
-            w = weights[name]
+        def weight(name: str, plain=plain) -> np.ndarray:
+            if name not in plain:
+                plain[name] = source.get_tensor(name)
+                check(name, plain[name])
+            return plain[name]
+
+        def linear(name: str, x: np.ndarray, packed=packed, weight=weight) -> np.ndarray:
+            # each Linear's float weight is read when its inputs are ready and dropped once quantized, so
+            # one Linear's weight is in memory, not the layer's (452 MB float32 at Phi-3-mini width)
+            if not should_quantize(name, source.tensor_shape(name)):
+                return weight(name)
+            w = source.get_tensor(name)
             check(name, w)
-            if not should_quantize(name, w.shape):
-                return w
             q_weight, q_scale, w_hat = gptq_pack(
                 w, hessian(x), scheme, scales=scales, damp=damp, act_order=act_order, overwrite_h=True
             )
             packed[name] = (q_weight, q_scale)
-            weights[name] = None  # the float weight is not needed again: free it before the next Linear
             return w_hat
 
-        h = layer_forward(h, weights.__getitem__, i, cfg, cos, sin, linear=linear, segments=segments)
-        for name, arr in weights.items():
+        h = layer_forward(h, weight, i, cfg, cos, sin, linear=linear, segments=segments)
+        for name in layer:
             if name in packed:
                 yield from zip(quantized_param_names(name), packed.pop(name))
-            else:
-                check(name, arr)
-                yield name, arr.astype(scheme.model_dtype)
+            else:  # a weight the forward does not use is still converted
+                yield name, weight(name).astype(scheme.model_dtype)
+                plain.pop(name)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix_str(name, refresh=False)
-        del weights, packed
+        del plain, packed
 
     x = rms_norm(h, source.get_tensor("model.norm.weight"), cfg.rms_norm_eps)
     del h
@@ -114,9 +127,10 @@ def gptq_tensors(
         if should_quantize(name, arr.shape):
             is_head = name == "lm_head.weight" or cfg.tie_word_embeddings
             if is_head and head == "gptq":
-                q = gptq_pack(
+                # nothing multiplies by the quantized head here: row blocks, no dequantized 394 MB copy
+                q = gptq_pack_rows(
                     arr, hessian(x), scheme, scales=scales, damp=damp, act_order=act_order, overwrite_h=True
-                )[:2]
+                )
             else:
                 act = head_act if is_head else np.ones(arr.shape[1], np.float32)
                 q = gq.quantize(arr, scheme, scales=search_scales(arr, scheme, act_sq=act))
