@@ -194,10 +194,16 @@ def test_phi3_mini_bytes_and_random_q4_0_blocks():
 
 def test_bandwidth_probe_reads_every_word():
     """The probe's kernel XOR-folds an array of ones (an even count per lane: zero when every load ran, which
-    it checks itself) and reports a rate; 1 and 2 parts both work, a bad thread count is a user error."""
-    for threads in (1, 2):
+    it checks itself) and reports a rate for every thread count TVM's pool has; more threads than the pool
+    is an error, not a one-thread figure; a bad thread count is a user error."""
+    import tvm
+
+    pool = int(tvm.get_global_func("runtime.NumThreads")())
+    for threads in range(1, pool + 1):
         bw = measure_read_bandwidth(threads, 4 << 20, repeats=2)
         assert np.isfinite(bw) and bw > 0
+    with pytest.raises(RuntimeError, match="TVM_NUM_THREADS"):  # never a silently single-threaded figure
+        measure_read_bandwidth(pool + 1, 4 << 20)
     with pytest.raises(UserError, match="threads"):
         measure_read_bandwidth(0)
 

@@ -183,7 +183,8 @@ def measure_bandwidth(threads: Sequence[int], nbytes: int) -> dict[str, float]:
         "import json,sys; from toolkit.bench.roofline import measure_read_bandwidth as m; "
         f"print(json.dumps({{str(t): m(t, {int(nbytes)}) for t in {list(threads)!r}}}))"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = dict(os.environ, TVM_NUM_THREADS=str(max(threads)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"bandwidth measurement failed: {proc.stderr[-1000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

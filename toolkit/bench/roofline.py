@@ -117,7 +117,8 @@ def _read_kernel(words: int, threads: int):
 
 def measure_read_bandwidth(threads: int = 1, nbytes: int = 1 << 30, repeats: int = 5) -> float:
     """Best-of-`repeats` read bandwidth in bytes/s of `threads` cores streaming `nbytes` (a TVM kernel
-    built for this CPU: wide loads, several in flight per core, as the decode kernels issue them).
+    built for this CPU: wide loads, several in flight per core, as the decode kernels issue them). TVM's
+    thread pool must have `threads` threads (TVM_NUM_THREADS, read when the pool starts).
 
     The best, not the median: the roofline is the ceiling the machine allows, and neighbours only lower it.
     A numpy sum split over Python threads measured a third less than this on AMD Zen 4/5, less than
@@ -126,6 +127,9 @@ def measure_read_bandwidth(threads: int = 1, nbytes: int = 1 << 30, repeats: int
 
     if threads < 1:
         raise UserError(f"threads must be >= 1, got {threads}")
+    pool = int(tvm.get_global_func("runtime.NumThreads")())
+    if pool < threads:  # TVM sizes its pool once, from TVM_NUM_THREADS (else half the CPUs on some hosts)
+        raise RuntimeError(f"TVM's thread pool has {pool} thread(s), not {threads}: set TVM_NUM_THREADS")
     words = nbytes // 4 // (threads * LANES * UNROLL) * (threads * LANES * UNROLL)
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
     read = tvm.compile(tvm.IRModule({"main": _read_kernel(words, threads)}), target=target)["main"]
