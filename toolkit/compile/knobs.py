@@ -43,7 +43,7 @@ DEFAULTS: dict[str, dict[str, int]] = {
     "q8_gemm": {"mr": 12},
 }
 TASKS_PER_THREAD = 4  # a GEMV split into fewer tasks leaves threads idle at its end
-# x86 decode GEMVs: the weight stream with a software prefetch this far ahead (Zen 5: 1.3-1.8x per GEMV)
+# x86 decode GEMVs: the weight stream with a software prefetch this far ahead (measured on Zen 5 only)
 X86_GEMV_PREFETCH = 8192
 
 
