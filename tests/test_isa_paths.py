@@ -18,7 +18,6 @@ from test_cpu_q8_gemv import _build, _q8_reference
 from test_cpu_schedule import _check_matmul, _matmul_func, _q4_weights
 
 from toolkit.compile import cpu_schedule as cs
-from toolkit.hostinfo import cpu_flags
 from toolkit.compile.cpu_isa import (
     Q8_DOT_ISAS,
     host_kernel_isas,
@@ -27,6 +26,7 @@ from toolkit.compile.cpu_isa import (
     q8_dot_isas,
     q8_gemm_isa,
 )
+from toolkit.hostinfo import cpu_flags
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
 HOST_ISAS = q8_dot_isas(HOST)

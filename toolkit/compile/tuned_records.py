@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import warnings
 from pathlib import Path
 
@@ -100,8 +101,10 @@ def apply_tuned_records(
         index.get("fingerprint", {}).get("match") != here["match"]
         or index.get("tvm_version") != tvm.__version__
     ):
-        warnings.warn(
-            f"{folder}: tuned records are for another device or TVM version; not applied", stacklevel=2
+        # one line, not a Python warning (whose echo of our source line reads like a fault to a user)
+        print(
+            f"notice: {folder}: tuned records are for another device or TVM version; not applied",
+            file=sys.stderr,
         )
         return mod
     wanted = {k["func_hash"] for k in index.get("kernels", []) if k.get("kept")}
