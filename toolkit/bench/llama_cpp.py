@@ -154,7 +154,8 @@ def ensure_llama_cpp(*, build: bool = True, log=print) -> str:
                     f"{PACKAGE}=={LLAMA_CPP_VERSION} is not installed and no wheel is cached; "
                     "build it with: python -m toolkit.bench.llama_cpp install"
                 )
-            log(f"building {PACKAGE}=={LLAMA_CPP_VERSION} with clang-15 + AMX (3-6 minutes, once)...")
+            amx = " + AMX" if cpu_has_amx() else ""
+            log(f"building {PACKAGE}=={LLAMA_CPP_VERSION} with clang-15{amx}, native (3-6 minutes, once)...")
             wheel = build_wheel()
         log(f"installing {wheel.name}")
         install_wheel(wheel)

@@ -77,7 +77,9 @@ def _int_list(ctx, param, value: str) -> list[int]:
     help="Our weight scheme (default: the engine's default).",
 )
 @click.option(
-    "--vs-llama-cpp", is_flag=True, help="Also run llama.cpp (AMX build) on the same model, interleaved."
+    "--vs-llama-cpp",
+    is_flag=True,
+    help="Also run llama.cpp (built for this CPU, AMX where present) on the same model, interleaved.",
 )
 @click.option(
     "--llama-gguf",
