@@ -14,7 +14,6 @@ graph's per-sequence rule picks the long factors for every token, as HF's single
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -24,6 +23,7 @@ from tvm.runtime import ShapeTuple
 from tvm.runtime.vm import VirtualMachine  # runtime-only: the engine also runs with TVM_USE_RUNTIME_LIB=1
 
 from ..config import Phi3Config
+from ..cpu_threads import size_thread_pool
 
 
 def _f(name: str):
@@ -257,19 +257,6 @@ class ContextFullError(Exception):
     """The sequence would outgrow the compiled context window."""
 
 
-# TVM's pool modes: 1/0 pin threads to the "big" cores, which on a VM without cpufreq data means all threads
-# (and this process, and every child it starts later, e.g. a llama.cpp worker) on CPU 0. -3
-# (kSpecifyThreadShareAllCore) lets each pool thread run on any CPU this process may use.
-_SHARE_ALL_CORES = -3
-
-
-def set_threads(n: int | None) -> None:
-    """Size TVM's CPU thread pool (None: one per physical core, TVM's default), without CPU pinning."""
-    if n:
-        cpus = [str(c) for c in sorted(os.sched_getaffinity(0))] if hasattr(os, "sched_getaffinity") else []
-        tvm.get_global_func("runtime.config_threadpool")(_SHARE_ALL_CORES, int(n), cpus)
-
-
 def load_engine(
     model: str | None = None,
     *,
@@ -307,7 +294,7 @@ def load_engine(
             dev.device_name, quantization, get_scheme(quantization).model_dtype, fp32_twin(quantization)
         )
     compiled = compiled_for(source.config, quantization, preset)
-    set_threads(threads)
+    size_thread_pool(threads)  # None: one per physical core
     lib = tvm.runtime.load_module(str(compiled.library))
     params = load_params(source, compiled, dev)
     eng = Engine(lib, params, source.config, dtype=compiled.manifest["dtype"], device=dev, cache=cache)

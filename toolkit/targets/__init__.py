@@ -15,6 +15,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from ..cpu_threads import physical_cores
 from ..errors import UserError
 
 # the preset files ship inside the package (toolkit/targets/*.json, tuned records in toolkit/schedules/), so a
@@ -182,14 +183,7 @@ def _system_cpu() -> str:
     return codegen.llvm_get_system_cpu()
 
 
-def _physical_cores() -> int:
-    import psutil
-
-    # physical cores: SMT siblings share the vector units, extra threads only add contention
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-
-
-_DETECTABLE = {"mtriple": _system_triple, "mcpu": _system_cpu, "num-cores": _physical_cores}
+_DETECTABLE = {"mtriple": _system_triple, "mcpu": _system_cpu, "num-cores": physical_cores}
 
 
 @cache

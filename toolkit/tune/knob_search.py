@@ -24,6 +24,7 @@ import numpy as np
 import tvm
 
 from ..compile.knobs import SCHEMA, SPACE, Knobs, knobs_for, record_path, shape_key
+from ..cpu_threads import size_thread_pool
 from ..targets import Preset
 
 Config = dict[str, int]
@@ -272,6 +273,8 @@ def search_model(
     the GEMVs' `rows` fixed at its default) against the sizes compile would use today."""
     if preset.kind != "llvm" or not preset.runs_here:
         raise ValueError(f"knob search measures here: '{preset.name}' is not this machine's CPU")
+    # timed with as many threads as the compiled library runs with (TVM's own default can be fewer)
+    size_thread_pool(int(preset.target.attrs.get("num-cores", 1) or 1))
     current = knobs_for(preset)
     found = attention_targets(cfg, preset, context, prefill_len) + matmul_targets(
         cfg, quantization, preset, prefill_len

@@ -26,6 +26,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.target import Target
 
 from ..compile.workloads import func_hash
+from ..cpu_threads import size_thread_pool
 from ..targets import Preset
 from ..tvm_compat import use_cpu_tensor_intrinsics_only
 from .extract import Kernel
@@ -209,6 +210,8 @@ def tune_kernel(
     target = preset.target
     use_cpu_tensor_intrinsics_only(target)
     cores = num_tuning_cores or int(target.attrs.get("num-cores", 1) or 1)
+    if rpc is None and target.kind.name == "llvm":  # the local runner's workers: as many threads as a run
+        size_thread_pool(int(target.attrs.get("num-cores", 1) or 1))
     search_eval = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20)
     final_eval = ms.runner.EvaluatorConfig(number=3, repeat=5, min_repeat_ms=50)
     builder = make_builder()
