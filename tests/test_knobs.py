@@ -30,11 +30,12 @@ TOY = {"toy": {"x": (1, 2, 3, 4), "y": (1, 2)}}
 
 
 def _sleeper(planted: dict):
-    """A real timed workload: 1 ms for the planted setting, 3 ms for every other."""
+    """A real timed workload: 1 ms for the planted setting, 10 ms for every other (sleep overshoots by a few
+    ms on a busy 2-core machine: with 3 ms, one planted run in ~15 searches lost to a default run)."""
 
     def measure(cfg: dict) -> float:
         t0 = time.perf_counter()
-        time.sleep(0.001 if cfg == planted else 0.003)
+        time.sleep(0.001 if cfg == planted else 0.010)
         return (time.perf_counter() - t0) * 1e3
 
     return measure
