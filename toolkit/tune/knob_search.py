@@ -134,8 +134,8 @@ def timer(
         evaluator = rt.mod.time_evaluator("main", dev, number=1, repeat=1, min_repeat_ms=40)
         evaluator(*args)  # warm: first touch of the buffers, thread pool start
         return lambda: float(evaluator(*args).mean) * 1e3
-    host = [a.numpy() for a in args]
-    big = [h.nbytes >= COLD_ARG_BYTES for h in host]
+    host = [a.numpy() if hasattr(a, "numpy") else None for a in args]  # scalars stay shared
+    big = [h is not None and h.nbytes >= COLD_ARG_BYTES for h in host]
     copies = max(2, -(-COLD_BYTES // max(sum(h.nbytes for h, b in zip(host, big) if b), 1)))
     fresh = [lambda a=a, h=h, b=b: tvm.runtime.tensor(h, dev) if b else a for a, h, b in zip(args, host, big)]
     sets = [args] + [[make() for make in fresh] for _ in range(copies - 1)]
