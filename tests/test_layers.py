@@ -13,7 +13,7 @@ import toolkit
 PKG = Path(toolkit.__file__).resolve().parent
 BASE = {  # shared helpers every stage may use
     "__init__", "errors", "config", "hf_schema", "outputs", "locks", "paths", "hostinfo", "targets",
-    "tokenizer", "chat_template", "jinja_template", "default_model", "tvm_compat",
+    "tokenizer", "chat_template", "jinja_template", "default_model", "tvm_compat", "cpu_threads",
 }  # fmt: skip
 STAGE = {
     **dict.fromkeys(BASE, 0),

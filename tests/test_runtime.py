@@ -113,7 +113,7 @@ def test_generate_cli_end_to_end_is_reproducible(tiny, tmp_path, monkeypatch):
     r1 = CliRunner().invoke(main, args)
     assert r1.exit_code == 0, r1.output
     r2 = CliRunner().invoke(main, args)  # second run: cached library
-    assert r2.output == r1.output
+    assert r2.stdout == r1.stdout  # stderr: notices of the first run's compile (e.g. records for another CPU)
     greedy = CliRunner().invoke(main, [*args[:-3], "--temperature", "0", "--raw", "--no-stats"])
     assert greedy.exit_code == 0, greedy.output
 
