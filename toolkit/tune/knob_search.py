@@ -136,7 +136,8 @@ def timer(
         return lambda: float(evaluator(*args).mean) * 1e3
     host = [a.numpy() if hasattr(a, "numpy") else None for a in args]  # scalars stay shared
     big = [h is not None and h.nbytes >= COLD_ARG_BYTES for h in host]
-    copies = max(2, -(-COLD_BYTES // max(sum(h.nbytes for h, b in zip(host, big) if b), 1)))
+    total = sum(h.nbytes for h, b in zip(host, big) if b)
+    copies = max(2, -(-COLD_BYTES // total)) if total else 1  # nothing large: nothing to keep cold
     fresh = [lambda a=a, h=h, b=b: tvm.runtime.tensor(h, dev) if b else a for a, h, b in zip(args, host, big)]
     sets = [args] + [[make() for make in fresh] for _ in range(copies - 1)]
     f = rt.mod["main"]
