@@ -17,6 +17,7 @@ from toolkit.compile.cpu_attention import AttentionKnobs
 from toolkit.compile.knobs import (
     DEFAULTS,
     X86_GEMV_PREFETCH,
+    X86_GEMV_PREFETCH_LEVEL,
     Knobs,
     heuristic_knobs,
     knobs_for,
@@ -24,7 +25,14 @@ from toolkit.compile.knobs import (
 )
 from toolkit.compile.tuned_records import device_fingerprint
 from toolkit.targets import load_preset
-from toolkit.tune.knob_search import SearchResult, candidates, interleaved_search, label, write_knob_record
+from toolkit.tune.knob_search import (
+    SearchResult,
+    candidates,
+    interleaved_search,
+    label,
+    sign_test_wins,
+    write_knob_record,
+)
 
 TOY = {"toy": {"x": (1, 2, 3, 4), "y": (1, 2)}}
 
@@ -47,9 +55,36 @@ def test_search_finds_the_planted_faster_setting():
     assert configs[0] == default and len(configs) == 8 and planted in configs
     chosen, kept, times = interleaved_search(configs, _sleeper(planted), rounds=4)
     assert chosen == planted and kept
-    assert all(len(v) == 4 for v in times.values())
+    assert all(len(v) == 4 for k, v in times.items() if not k.startswith("confirm:"))
     res = SearchResult("toy", "*", default, chosen, kept, times)
     assert res.fastest == planted and res.speedup > 1.5
+    # judged on fresh pairs, not on the runs it was picked from
+    assert len(times[f"confirm:{label(planted)}"]) == len(times[f"confirm:{label(default)}"]) == 12
+
+
+def test_sign_test_threshold():
+    """The wins two equally fast settings reach with probability <= 2%: 10 of 12 (P = 79/4096 = 1.9%;
+    9 of 12 would be 7.3%)."""
+    assert sign_test_wins(12) == 10
+    assert sign_test_wins(6) == 6  # 1/64 = 1.6%
+    assert sign_test_wins(4) == 5  # even 4 of 4 (6.25%) is not enough: never keep
+
+
+def test_a_lucky_pick_is_not_kept():
+    """The candidate that ranked fastest on its search runs only by chance (its first runs were fast, the
+    confirming runs are not): the confirmation keeps the default."""
+    default = {"x": 1, "y": 1}
+    configs = candidates("toy", default, lambda c: c["y"] == 1, space=TOY)
+    calls: dict[str, int] = {}
+
+    def measure(cfg: dict) -> float:
+        n = calls[label(cfg)] = calls.get(label(cfg), 0) + 1
+        lucky = cfg == {"x": 2, "y": 1} and n <= 4  # fast in the search rounds only
+        return 1.0 if lucky else 5.0 + (n % 3)  # same work for everyone otherwise
+
+    chosen, kept, times = interleaved_search(configs, measure, rounds=4)
+    assert chosen == default and not kept
+    assert f"confirm:{label({'x': 2, 'y': 1})}" in times  # it was the pick, and was tried again
 
 
 def test_search_keeps_the_default_when_nothing_is_faster():
@@ -74,6 +109,7 @@ def test_heuristics_follow_the_cpu_features():
     assert Knobs().get("attention_decode") == DEFAULTS["attention_decode"]
     # x86 decode GEMVs prefetch their weights; a CPU this project has not measured (arm64) does not
     assert heuristic_knobs(zen3).gemv(9216, 3072)["prefetch"] == X86_GEMV_PREFETCH
+    assert heuristic_knobs(zen3).gemv(9216, 3072)["prefetch_level"] == X86_GEMV_PREFETCH_LEVEL == 2
     arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]})
     assert heuristic_knobs(arm).gemv(9216, 3072)["prefetch"] == 0
 
@@ -145,14 +181,17 @@ def test_gemv_prefetch_is_emitted_and_changes_no_number(prefetch):
     x = rng.standard_normal((1, 1, k)).astype(np.float32)
     res = rng.standard_normal((1, 1, n)).astype(np.float32)
     dev, outs, asm = tvm.cpu(), [], []
-    for pf in (0, prefetch):
-        ex = _build(func, AVX2, [cs.CPUQ8DotGEMV(prefetch=pf)])
+    for pf, level in ((0, 1), (prefetch, 1), (prefetch, 2)):
+        ex = _build(func, AVX2, [cs.CPUQ8DotGEMV(prefetch=pf, prefetch_level=level)])
         asm.append(ex.mod.inspect_source("s"))
         out = tvm.runtime.empty((1, 1, n), "float32", dev)
         ex["main"](*[tvm.runtime.tensor(a, dev) for a in (x, qw, qs, res)], out)
         outs.append(out.numpy())
-    assert "prefetcht0" not in asm[0] and asm[1].count("prefetcht0") >= 2  # weights and scales
+    assert "prefetcht" not in asm[0]
+    assert asm[1].count("prefetcht0") >= 2 and "prefetcht1" not in asm[1]  # weights and scales, into L1
+    assert asm[2].count("prefetcht1") >= 2 and "prefetcht0" not in asm[2]  # into L2
     np.testing.assert_array_equal(outs[1], outs[0])
+    np.testing.assert_array_equal(outs[2], outs[0])
     ref, bound = _q8_reference(x, qw, qs)
     assert np.all(np.abs(outs[1] - res - ref) <= bound + 1e-6 * np.abs(res))
 

@@ -36,6 +36,7 @@ from .cpu_isa import Q8_DOT_LANES
 MASK = 0x0F0F0F0F  # low nibble of every byte of a word
 BATCH_BLOCK = 4  # rows of x per unrolled block of the batched path (accumulators in registers)
 BATCH_W_ROWS = 2  # weight rows per x load of the batched path: x's loads serve 2 rows (-8..14% time)
+PREFETCH_LOCALITY = {1: 3, 2: 2}  # cache level a software prefetch fills -> llvm.prefetch locality (t0, t1)
 
 
 def _nibbles(words: tirx.PrimExpr, lanes: int) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
@@ -92,7 +93,14 @@ def _lane_sum(acc, base, lanes: int) -> tirx.PrimExpr:
 
 
 def q8_dot_gemv(
-    func: tirx.PrimFunc, q, *, isa: str = "avx2", rows: int = 1, tile: int = 16, prefetch: int = 0
+    func: tirx.PrimFunc,
+    q,
+    *,
+    isa: str = "avx2",
+    rows: int = 1,
+    tile: int = 16,
+    prefetch: int = 0,
+    prefetch_level: int = 1,
 ) -> tirx.PrimFunc:
     """`func` (a `_Q4Matmul` match `q`: x, q_weight, q_scale, out, optional residual `other`) as the int8
     dot-product kernel for `isa` (a `cpu_isa.Q8_DOT_ISAS` key): same parameters, same result up to
@@ -101,7 +109,9 @@ def q8_dot_gemv(
     rows: weight rows per x load (1 streams the weights strictly in memory order, which the hardware
     prefetcher follows best: 8.2 GB/s vs 4.3 for 4 rows); tile: rows per parallel task; prefetch: bytes
     of the weight stream a software prefetch runs ahead of the loads (0: none), the scale stream the same
-    number of rows ahead. One row of x only: the batched path does several times the work per byte."""
+    number of rows ahead; prefetch_level: the cache level those lines go to (1: L1, which the activations
+    and accumulators share, so a long distance evicts them; 2: L2). One row of x only: the batched path
+    does several times the work per byte."""
     lay = check_layout(q)
     gs, zp = lay.group_size, lay.max_int
     lanes = Q8_DOT_LANES[isa]
@@ -144,6 +154,9 @@ def q8_dot_gemv(
     pf_words, scale_bytes = prefetch // 4, int(scale_dtype[5:]) // 8
     pf_scales = pf_words * n_groups // n_words
     pf_every = max(1, 64 // (2 * span * scale_bytes))
+    if prefetch_level not in PREFETCH_LOCALITY:
+        raise ValueError(f"prefetch_level must be one of {sorted(PREFETCH_LOCALITY)}, got {prefetch_level}")
+    locality = PREFETCH_LOCALITY[prefetch_level]
 
     # fmt: off
     @T.prim_func(private=True)
@@ -251,12 +264,12 @@ def q8_dot_gemv(
                                 qw_flat = T.decl_buffer((n * n_words,), "uint32", data=qw.data)
                                 T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
                                     qw_flat[T.min((t * tile + r0 * rows) * n_words + b * lanes + pf_words,
-                                                  n * n_words - 1)]), 0, 3, 1))
+                                                  n * n_words - 1)]), 0, locality, 1))
                                 if b % pf_every == 0:
                                     qs_flat = T.decl_buffer((n * n_groups,), scale_dtype, data=qs.data)
                                     T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
                                         qs_flat[T.min((t * tile + r0 * rows) * n_groups + b * 2 * span
-                                                      + pf_scales, n * n_groups - 1)]), 0, 3, 1))
+                                                      + pf_scales, n * n_groups - 1)]), 0, locality, 1))
                             for r in T.unroll(rows):
                                 # one expression, no vector temporaries: TVMScript would give each its own
                                 # buffer, which LowerTVMBuiltin turns into heap workspace (1.7x slower)

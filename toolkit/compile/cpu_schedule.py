@@ -739,11 +739,12 @@ class CPUQ8DotGEMV(ScheduleRule):
         isa: str | None = None,
         knobs: Knobs | None = None,
         prefetch: int | None = None,
+        prefetch_level: int | None = None,
     ) -> None:
-        """`rows` / `tile` / `prefetch` fix those sizes; else they come from `knobs` (compile/knobs.py), else
-        1 / 16 / 0."""
+        """`rows` / `tile` / `prefetch` / `prefetch_level` fix those sizes; else they come from `knobs`
+        (compile/knobs.py), else its DEFAULTS."""
         self.rows, self.tile, self.max_m, self.isa, self.knobs = rows, tile, max_m, isa, knobs
-        self.prefetch = prefetch
+        self.prefetch, self.prefetch_level = prefetch, prefetch_level
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         from .cpu_q8_gemv import q8_dot_gemv
@@ -759,12 +760,15 @@ class CPUQ8DotGEMV(ScheduleRule):
         sizes = self.knobs.gemv(q.n, q.k) if self.knobs is not None else DEFAULTS["q4_gemv"]
         rows, tile = self.rows or sizes["rows"], self.tile or sizes["tile"]
         prefetch = sizes["prefetch"] if self.prefetch is None else self.prefetch
+        level = sizes["prefetch_level"] if self.prefetch_level is None else self.prefetch_level
         if q.n % tile or tile % rows:
             return None
         isa = next((i for i in isas if q.k % (8 * Q8_DOT_LANES[i]) == 0), None)
         if isa is None:
             return None
-        return s_tir.Schedule(q8_dot_gemv(func, q, isa=isa, rows=rows, tile=tile, prefetch=prefetch))
+        return s_tir.Schedule(
+            q8_dot_gemv(func, q, isa=isa, rows=rows, tile=tile, prefetch=prefetch, prefetch_level=level)
+        )
 
 
 class CPUQ8VNNIGEMM(ScheduleRule):

@@ -9,7 +9,8 @@ Families (the kernels that read them):
 - `attention_decode`, `attention_prefill` (cpu_attention): `lanes` (fp32 lanes per vector op), `chunk`
   (keys per softmax rescale).
 - `q4_gemv` (cpu_q8_gemv, decode): `tile` (weight rows per parallel task), `rows` (rows per x load),
-  `prefetch` (bytes a software prefetch runs ahead in the weight stream; 0: none).
+  `prefetch` (bytes a software prefetch runs ahead in the weight stream; 0: none), `prefetch_level` (the
+  cache level it fills: 1 or 2).
 - `q8_gemm` (cpu_q8_gemm, prefill): `mr` (rows of x per register block).
 Records may hold a value per kernel shape (`"<n>x<k>"` for the matmuls) over the family's.
 """
@@ -32,19 +33,26 @@ SCHEMA = "phi3-knobs/1"
 SPACE: dict[str, dict[str, tuple[int, ...]]] = {
     "attention_decode": {"lanes": (8, 16), "chunk": (8, 16, 32)},
     "attention_prefill": {"lanes": (8, 16), "chunk": (8, 16, 32)},
-    "q4_gemv": {"tile": (8, 16, 32, 64), "rows": (1, 2, 4), "prefetch": (0, 4096, 8192, 16384)},
+    "q4_gemv": {
+        "tile": (8, 16, 32, 64),
+        "rows": (1, 2, 4),
+        "prefetch": (0, 2048, 4096, 8192, 16384),
+        "prefetch_level": (1, 2),
+    },
     "q8_gemm": {"mr": (4, 6, 8, 12)},
 }
 # what the kernels were written with (and what a Knobs without values gives)
 DEFAULTS: dict[str, dict[str, int]] = {
     "attention_decode": {"lanes": 8, "chunk": 16},
     "attention_prefill": {"lanes": 8, "chunk": 16},
-    "q4_gemv": {"tile": 16, "rows": 1, "prefetch": 0},
+    "q4_gemv": {"tile": 16, "rows": 1, "prefetch": 0, "prefetch_level": 1},
     "q8_gemm": {"mr": 12},
 }
 TASKS_PER_THREAD = 4  # a GEMV split into fewer tasks leaves threads idle at its end
-# x86 decode GEMVs: the weight stream with a software prefetch this far ahead (measured on Zen 5 only)
+# x86 decode GEMVs: the weight stream prefetched this far ahead into L2. Into L1 (prefetcht0) the lines
+# in flight evict the quantized activations of a 32 KiB L1 (Zen 4: down_proj slower than with no prefetch)
 X86_GEMV_PREFETCH = 8192
+X86_GEMV_PREFETCH_LEVEL = 2
 
 
 def shape_key(n: int, k: int) -> str:
@@ -94,7 +102,8 @@ class Knobs:
 def heuristic_knobs(target: Target) -> Knobs:
     """Sizes from the target's features alone: vector width (AVX-512: 16 fp32 lanes), the int8 GEMM's
     register budget (12 rows of x with 32 vector registers, 6 with 16), the thread count, and a weight
-    prefetch on x86 (measured only on Zen 5; arm64 keeps none until an arm64 CPU is at hand)."""
+    prefetch into L2 on x86 (measured on Zen 4 and, into L1, on Zen 5; arm64 keeps none until an arm64 CPU
+    is at hand)."""
     from .cpu_schedule import simd_lanes_f32
 
     lanes = max(8, simd_lanes_f32(target))
@@ -105,7 +114,14 @@ def heuristic_knobs(target: Target) -> Knobs:
     values = {
         "attention_decode": {"*": {"lanes": lanes, "chunk": 16}},
         "attention_prefill": {"*": {"lanes": lanes, "chunk": 16}},
-        "q4_gemv": {"*": {"tile": 16, "rows": 1, "prefetch": X86_GEMV_PREFETCH if x86 else 0}},
+        "q4_gemv": {
+            "*": {
+                "tile": 16,
+                "rows": 1,
+                "prefetch": X86_GEMV_PREFETCH if x86 else 0,
+                "prefetch_level": X86_GEMV_PREFETCH_LEVEL if x86 else 1,
+            }
+        },
         "q8_gemm": {"*": {"mr": mr}},
     }
     src = f"heuristics ({lanes}-lane fp32, gemv {gemv_isa or 'fp32'}, gemm {gemm or 'fp32'})"
