@@ -60,7 +60,7 @@ class SearchResult:
             self.times_ms.get(f"confirm:{label(self.default)}"),
             self.times_ms.get(f"confirm:{label(self.best)}"),
         )
-        if not d or not b:  # a record written before confirmation existed
+        if not d or not b:  # a result made without `interleaved_search`'s confirmation
             return self._median(self.default) / self._median(self.best)
         return statistics.median(x / y for x, y in zip(d, b, strict=True))
 
