@@ -7,6 +7,7 @@ per token) unless it doubles as the output layer (tied embeddings), where all of
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -133,6 +134,18 @@ def _read_kernel(words: int, threads: int, prefetch: int = 0):
     return main
 
 
+@functools.cache
+def _read_kernels(words: int, threads: int) -> list:
+    """The probe built for this CPU, once per size and thread count (`phi3 tune` probes per kernel)."""
+    import tvm
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    return [
+        tvm.compile(tvm.IRModule({"main": _read_kernel(words, threads, pf)}), target=target)["main"]
+        for pf in PROBE_PREFETCH
+    ]
+
+
 def measure_read_bandwidth(threads: int = 1, nbytes: int = 1 << 30, repeats: int = 5) -> float:
     """Best-of-`repeats` read bandwidth in bytes/s of `threads` cores streaming `nbytes` (a TVM kernel
     built for this CPU: wide loads, several in flight per core, as the decode kernels issue them). TVM's
@@ -150,11 +163,7 @@ def measure_read_bandwidth(threads: int = 1, nbytes: int = 1 << 30, repeats: int
     if pool < threads:  # TVM sizes its pool once, from TVM_NUM_THREADS (else half the CPUs on some hosts)
         raise RuntimeError(f"TVM's thread pool has {pool} thread(s), not {threads}: set TVM_NUM_THREADS")
     words = nbytes // 4 // (threads * LANES * UNROLL) * (threads * LANES * UNROLL)
-    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
-    reads = [
-        tvm.compile(tvm.IRModule({"main": _read_kernel(words, threads, pf)}), target=target)["main"]
-        for pf in PROBE_PREFETCH
-    ]
+    reads = _read_kernels(words, threads)
     dev = tvm.cpu()
     a = tvm.runtime.tensor(np.ones(words, dtype=np.uint32), dev)  # every page touched before timing
     out = tvm.runtime.empty((threads * LANES,), "uint32", dev)

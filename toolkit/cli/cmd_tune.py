@@ -117,7 +117,7 @@ def command(
     source = open_model(model)
     quant = quantization_for(source, quantization)
     if search in ("knobs", "both"):
-        from ..tune.knob_search import search_model, write_knob_record
+        from ..tune.knob_search import roofline_summary, search_model, write_knob_record
 
         found = search_model(
             source.config,
@@ -131,6 +131,9 @@ def command(
         path = write_knob_record(preset, found, schedules_dir)
         kept = sum(r.kept for r in found)
         click.echo(f"knobs: {kept} of {len(found)} kernel(s) beat their default sizes; record: {path}")
+        summary = roofline_summary(found)
+        if summary:
+            click.echo(f"knobs: {summary}")
         if search == "knobs":
             return
     _, results = tune_model(

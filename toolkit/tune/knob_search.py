@@ -47,6 +47,20 @@ class SearchResult:
     best: Config
     kept: bool  # best != default and it won beyond noise
     times_ms: dict[str, list[float]] = field(default_factory=dict)  # label -> per-round times
+    read_bytes: int = 0  # bytes a call streams from memory (cold families; 0 for the others)
+    bandwidth: float = 0.0  # this machine's read bandwidth (B/s) probed just before the kernel's search
+
+    @property
+    def chosen(self) -> Config:
+        return self.best if self.kept else self.default
+
+    @property
+    def roofline_fraction(self) -> float | None:
+        """Bytes/s the chosen setting streams (search median) over the probe's: how far from the memory
+        roofline the kernel is, whatever the search found (None: not a memory-bound timing)."""
+        if not self.read_bytes or not self.bandwidth:
+            return None
+        return self.read_bytes / (self._median(self.chosen) / 1e3) / self.bandwidth
 
     def _median(self, cfg: Config) -> float:
         return statistics.median(self.times_ms[label(cfg)])
@@ -150,6 +164,15 @@ def _random_args(func: tvm.tirx.PrimFunc, dev) -> list:
 
 COLD_BYTES = 256 << 20  # more than any last-level cache a host preset meets
 COLD_ARG_BYTES = 1 << 20  # arguments this large get their own copies in a cold timing (weights, KV pages)
+
+
+def _nbytes(a) -> int:
+    return int(np.prod(a.shape)) * np.dtype(str(a.dtype)).itemsize if hasattr(a, "shape") else 0
+
+
+def cold_bytes(args: list) -> int:
+    """Bytes of the arguments a cold timing keeps out of the caches: what a call must read from memory."""
+    return sum(n for n in map(_nbytes, args) if n >= COLD_ARG_BYTES)
 
 
 def cold_sets(args: list) -> list[list]:
@@ -344,7 +367,8 @@ def search_model(
     if preset.kind != "llvm" or not preset.runs_here:
         raise ValueError(f"knob search measures here: '{preset.name}' is not this machine's CPU")
     # timed with as many threads as the compiled library runs with (TVM's own default can be fewer)
-    size_thread_pool(int(preset.target.attrs.get("num-cores", 1) or 1))
+    threads = int(preset.target.attrs.get("num-cores", 1) or 1)
+    size_thread_pool(threads)
     current = knobs_for(preset)
     found = attention_targets(cfg, preset, context, prefill_len) + matmul_targets(
         cfg, quantization, preset, prefill_len
@@ -360,13 +384,31 @@ def search_model(
             default = current.gemv(n, k)
         else:
             default = current.get(tgt.family, None if tgt.key == "*" else tgt.key)
-        res = _search_one(tgt, default, target, quick, rounds, margin, progress)
+        # the ceiling a memory-bound kernel is judged against, probed next to it (bandwidth drifts here)
+        bandwidth = probe_bandwidth(threads) if tgt.family in COLD_FAMILIES else 0.0
+        res = _search_one(tgt, default, target, quick, rounds, margin, progress, bandwidth)
         if res is not None:
             results.append(res)
     return results
 
 
-def _search_one(tgt: Target_, default: Config, target, quick: bool, rounds: int, margin: float, progress):
+def probe_bandwidth(threads: int) -> float:
+    """Read bandwidth (B/s) of `threads` cores over as many bytes as a cold timing cycles through."""
+    from ..bench.roofline import measure_read_bandwidth
+
+    return measure_read_bandwidth(threads, nbytes=COLD_BYTES, repeats=3)
+
+
+def _search_one(
+    tgt: Target_,
+    default: Config,
+    target,
+    quick: bool,
+    rounds: int,
+    margin: float,
+    progress,
+    bandwidth: float = 0.0,
+):
     built: dict[str, Callable[[], float]] = {}
     cold = tgt.family in COLD_FAMILIES
     shared: dict[str, Any] = {}  # one set of arguments (and cold copies) for every setting
@@ -390,7 +432,8 @@ def _search_one(tgt: Target_, default: Config, target, quick: bool, rounds: int,
     configs = candidates(tgt.family, default, valid)
     progress(f"{tgt.family} {tgt.key}: {len(configs)} settings x {rounds} rounds")
     best, kept, times = interleaved_search(configs, lambda c: built[label(c)](), rounds, margin)
-    res = SearchResult(tgt.family, tgt.key, default, best, kept, times)
+    read_bytes = cold_bytes(shared["args"]) if cold else 0
+    res = SearchResult(tgt.family, tgt.key, default, best, kept, times, read_bytes, bandwidth)
     verdict = "default"
     if res.fastest != default:
         verdict = (
@@ -402,7 +445,27 @@ def _search_one(tgt: Target_, default: Config, target, quick: bool, rounds: int,
         f"  default {label(default)} {statistics.median(times[label(default)]):.3f} ms; "
         f"fastest {label(res.fastest)} ({res.fastest_speedup:.2f}x): {verdict}"
     )
+    if res.roofline_fraction is not None:
+        progress(f"  {_roofline_words(res)}")
     return res
+
+
+def _roofline_words(r: SearchResult) -> str:
+    rate = r.roofline_fraction * r.bandwidth
+    return (
+        f"reads {r.read_bytes / 2**20:.1f} MiB per call at {rate / 1e9:.1f} GB/s: "
+        f"{r.roofline_fraction:.0%} of the read bandwidth probed before it ({r.bandwidth / 1e9:.1f} GB/s)"
+    )
+
+
+def roofline_summary(results: list[SearchResult]) -> str | None:
+    """One line on how close the memory-bound kernels' chosen settings are to this machine's bandwidth."""
+    rows = [r for r in results if r.roofline_fraction is not None]
+    if not rows:
+        return None
+    fr = [r.roofline_fraction for r in rows]
+    each = ", ".join(f"{r.family} {r.key} {r.roofline_fraction:.0%}" for r in rows)
+    return f"memory-bound kernels at {min(fr):.0%}-{max(fr):.0%} of the probed read bandwidth ({each})"
 
 
 def write_knob_record(
@@ -434,6 +497,15 @@ def write_knob_record(
                 "best": r.best,
                 "kept": r.kept,
                 "median_ms": {k: statistics.median(v) for k, v in r.times_ms.items()},
+                **(
+                    {
+                        "read_bytes": r.read_bytes,
+                        "probe_bytes_s": r.bandwidth,
+                        "roofline_fraction": r.roofline_fraction,
+                    }
+                    if r.roofline_fraction is not None
+                    else {}
+                ),
             }
         )
     record = {
