@@ -199,14 +199,14 @@ def test_fp16_cache_decode_accumulates_in_fp32():
     assert np.abs(o).max() > 0.05
 
 
-@pytest.mark.parametrize("lanes,chunk", [(16, 16), (8, 32), (16, 8)])
-def test_every_knob_setting_computes_the_same_attention(lanes, chunk):
-    """`phi3 tune` picks lanes / chunk per CPU: any setting must give the default's numbers (fp32 summation
-    order only), with sliding window (decode) and causal ragged prefill."""
+@pytest.mark.parametrize("lanes,chunk,prefetch", [(16, 16, 1), (8, 32, 2), (16, 8, 0)])
+def test_every_knob_setting_computes_the_same_attention(lanes, chunk, prefetch):
+    """`phi3 tune` picks lanes / chunk / prefetch per CPU: any setting must give the default's numbers (fp32
+    summation order only), with sliding window (decode) and causal ragged prefill."""
     from toolkit.compile.cpu_attention import AttentionKnobs
 
     rng = np.random.default_rng(4)
-    knobs = AttentionKnobs(lanes=lanes, chunk=chunk)
+    knobs = AttentionKnobs(lanes=lanes, chunk=chunk, prefetch=prefetch)
     h_kv, h_qo, d, lens = 3, 9, 64, [137, 5, 16, 0, 300]
     b = len(lens)
     pages, indptr, values, info = _paged_cache(rng, lens, h_kv, d, True)
@@ -273,3 +273,32 @@ def test_pipeline_swaps_attention_on_llvm_targets_only(tmp_path):
     opts = graph_options("q4f16_1", gpu)
     ours, theirs = export_model(cfg, opts, gpu.target)[0], export_phi3(cfg, opts, gpu.target)[0]
     assert tvm_ffi.structural_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_decode_prefetch_is_emitted_and_changes_no_number(dtype):
+    """The K / V prefetch only moves lines into L2: outputs equal the kernel without it bit for bit, over
+    scattered pages and lengths that end mid-chunk (the rows a chunk ahead are clamped to the sequence's
+    last key), and the object code has `prefetcht1` (none without the knob)."""
+    from toolkit.compile.cpu_attention import AttentionKnobs
+
+    rng = np.random.default_rng(5)
+    h_kv, h_qo, d, lens = 4, 8, 96, [200, 1, 33, 0, 48]
+    b = len(lens)
+    pages, indptr, values, last = _paged_cache(rng, lens, h_kv, d, False)
+    q = rng.standard_normal((b, h_qo, d)).astype(dtype)
+    inputs = [q, pages.astype(dtype), indptr, values, last, np.zeros(b, "int32"), np.zeros(b, "int32")]
+    dev, outs, asm = tvm.cpu(), [], []
+    for pf in (0, 1, 2):
+        ex = _build(decode_attention_cpu(h_kv, h_qo, d, dtype, False, PS, knobs=AttentionKnobs(16, 16, pf)))
+        asm.append(ex.mod.inspect_source("s"))
+        o = tvm.runtime.tensor(np.zeros((b, h_qo, d), dtype), dev)
+        lse = tvm.runtime.tensor(np.zeros((b, h_qo), "float32"), dev)
+        ex(*[tvm.runtime.tensor(x, dev) for x in inputs], o, lse, 0, 1.0, 1e4, 1 / np.sqrt(d))
+        outs.append((o.numpy(), lse.numpy()))
+    assert "prefetch" not in asm[0]
+    assert asm[1].count("prefetcht1") >= 2 and asm[2].count("prefetcht1") >= 2  # K and V rows
+    for got in outs[1:]:
+        np.testing.assert_array_equal(got[0], outs[0][0])
+        np.testing.assert_array_equal(got[1], outs[0][1])
+    assert np.abs(outs[0][0].astype("float32")).max() > 0.05

@@ -102,8 +102,9 @@ def test_search_keeps_the_default_when_nothing_is_faster():
 def test_heuristics_follow_the_cpu_features():
     skx = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 4})
     zen3 = tvm.target.Target({"kind": "llvm", "mcpu": "znver3", "num-cores": 4})
-    assert heuristic_knobs(skx).attention("decode") == AttentionKnobs(lanes=16, chunk=16)
-    assert heuristic_knobs(zen3).attention("decode") == AttentionKnobs(lanes=8, chunk=16)
+    assert heuristic_knobs(skx).attention("decode") == AttentionKnobs(lanes=16, chunk=16, prefetch=1)
+    assert heuristic_knobs(zen3).attention("decode") == AttentionKnobs(lanes=8, chunk=16, prefetch=1)
+    assert heuristic_knobs(zen3).attention("prefill").prefetch == 0  # its rows are reused: no prefetch
     assert heuristic_knobs(skx).get("q8_gemm")["mr"] == 12  # 32 zmm registers
     # a small GEMV gets smaller tasks so 4 threads each have TASKS_PER_THREAD of them
     assert heuristic_knobs(zen3).gemv(9216, 3072)["tile"] == 16
@@ -114,6 +115,7 @@ def test_heuristics_follow_the_cpu_features():
     assert heuristic_knobs(zen3).gemv(9216, 3072)["prefetch_level"] == X86_GEMV_PREFETCH_LEVEL == 2
     arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]})
     assert heuristic_knobs(arm).gemv(9216, 3072)["prefetch"] == 0
+    assert heuristic_knobs(arm).attention("decode").prefetch == 0
 
 
 def test_records_apply_only_on_the_machine_they_were_measured_on(tmp_path):
@@ -121,15 +123,15 @@ def test_records_apply_only_on_the_machine_they_were_measured_on(tmp_path):
     won = SearchResult(
         "attention_decode",
         "*",
-        {"lanes": 16, "chunk": 16},
-        {"lanes": 8, "chunk": 32},
+        {"lanes": 16, "chunk": 16, "prefetch": 1},
+        {"lanes": 8, "chunk": 32, "prefetch": 2},
         True,
-        {"chunk=16,lanes=16": [2.0, 2.1], "chunk=32,lanes=8": [1.0, 1.1]},
+        {"chunk=16,lanes=16,prefetch=1": [2.0, 2.1], "chunk=32,lanes=8,prefetch=2": [1.0, 1.1]},
     )
     path = write_knob_record(host, [won], tmp_path)
     assert path == record_path(host, device_fingerprint(host), tmp_path)
     tuned = knobs_for(host, tmp_path)
-    assert tuned.attention("decode") == AttentionKnobs(lanes=8, chunk=32)
+    assert tuned.attention("decode") == AttentionKnobs(lanes=8, chunk=32, prefetch=2)
     assert "tuned record" in tuned.source
     assert tuned.digest() != knobs_for(host, tmp_path / "none").digest()  # a new library, not a stale one
     # the same file claiming another CPU: ignored, heuristics instead

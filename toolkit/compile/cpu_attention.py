@@ -9,7 +9,9 @@ the keys a query sees, keep q / o / scores in small buffers with explicit 8-lane
 softmax per chunk of 16 keys: scores, one max, one rescale of o, then o += p * v per key.
 Phi-3-mini shapes, 1 thread: decode with 136 keys 0.8 ms -> 0.15-0.22 ms per layer with the KV rows in cache
 (in the model they are cold and the read dominates: ~1 ms for either kernel); 128-token prefill, all layers,
-1.44 s -> 0.64 s for the attention builtin.
+1.44 s -> 0.64 s for the attention builtin. Cold decode over a long cache is bound by the latency of its
+short runs of rows, hence the K / V prefetch (`AttentionKnobs.prefetch`); q, o and each key's partial dot
+products stay in registers.
 
 Same parameters and outputs (o and the log2-sum-exp) as TVM's kernels, up to fp32 summation order.
 Only rotary_mode 0 is supported (rope applied before the cache, as our model does); the kernels assert it.
@@ -32,6 +34,7 @@ class AttentionKnobs:
 
     lanes: int = 8  # fp32 lanes per vector op; LLVM splits 8 for SSE, joins 16 on AVX-512
     chunk: int = 16  # keys per softmax rescale
+    prefetch: int = 0  # chunks ahead whose K and V rows are prefetched into L2 (0: none)
 
 
 NO_ROPE = "the host attention kernels expect rope applied before the KV cache (rotary_mode 0)"
@@ -69,12 +72,18 @@ def heads_per_task(h_qo: int) -> int:
     return max(x for x in range(1, 9) if h_qo % x == 0 and h_qo // x >= min(8, h_qo))
 
 
-def _attend(d: int, nh: int, group: int, row_offset, head_stride: int, knobs: AttentionKnobs):
+def _attend(d: int, nh: int, group: int, row_offset, head_stride: int, knobs: AttentionKnobs, dtype: str):
     """A macro: for query heads h0 .. h0 + nh of one query row, o = softmax(q . K[lo:hi]) V[lo:hi] and the
     log2-sum-exp. Key j of KV head g has its K row at flat offset `row_offset(j, ctx) + g * head_stride`
     in `k` (`row_offset` is a Python function of TIR values) and its V row at the same offset + `v_shift`
-    in `v`. q / out rows of the heads are contiguous (q_off + i * d); lse entries too."""
-    lanes, chunk = knobs.lanes, knobs.chunk
+    in `v`. q / out rows of the heads are contiguous (q_off + i * d); lse entries too.
+
+    With `knobs.prefetch` P > 0, each head's K and V rows of the chunk P ahead are prefetched into L2, one
+    64-byte line per key and vector step of the current chunk's loops (spread out: a burst of them stalls
+    on the miss buffers): a task reads a few KB per head and page, then jumps to the next page, runs too
+    short for the hardware prefetcher to keep enough lines in flight (decode is then latency-bound)."""
+    lanes, chunk, ahead = knobs.lanes, knobs.chunk, knobs.prefetch
+    line = 64 // _itemsize(dtype)  # cache elements per 64-byte line
     vd = d // lanes
     vec = f"float32x{lanes}"
 
@@ -93,9 +102,12 @@ def _attend(d: int, nh: int, group: int, row_offset, head_stride: int, knobs: At
         # small fixed-size buffers: stack allocas (or one pool workspace), never per-key allocations
         qv = T.alloc_buffer((nh * d,), "float32")
         ov = T.alloc_buffer((nh * d,), "float32")
-        acc = T.alloc_buffer((chunk * lanes,), "float32")  # per key of the chunk: 8 partial dot products
+        ot = T.alloc_buffer((d,), "float32")  # the head's o row (constant offsets only: registers)
+        qt = T.alloc_buffer((d,), "float32")  # the head's scaled q row (registers too)
+        at = T.alloc_buffer((lanes,), "float32")  # one key's partial dot products (a register)
         s = T.alloc_buffer((chunk,), "float32")  # scores, then softmax weights, of the chunk's keys
         ko = T.alloc_buffer((chunk,), "int32")  # flat offsets of the chunk's K rows (KV head 0)
+        kp = T.alloc_buffer((chunk,), "int32")  # ... and of the rows `ahead` chunks on (clamped to the last)
         m = T.alloc_buffer((nh,), "float32")  # running max per head
         l = T.alloc_buffer((nh,), "float32")  # running sum per head
         for j in T.vectorized(nh * d):
@@ -108,19 +120,26 @@ def _attend(d: int, nh: int, group: int, row_offset, head_stride: int, knobs: At
             n: T.int32 = T.min(chunk, hi - lo - ch * chunk)
             for r in range(n):
                 ko[r] = row_offset(lo + ch * chunk + r, ctx)
+            if ahead > 0:
+                for r in range(chunk):
+                    kp[r] = row_offset(T.min(lo + (ch + ahead) * chunk + r, hi - 1), ctx)
             for i in range(nh):
                 hk: T.int32 = (h0 + i) // group * head_stride
-                for j in T.vectorized(chunk * lanes):
-                    acc[j] = T.float32(0)
-                # keys innermost: consecutive FMAs are independent (no dependency chain through memory)
                 for u in T.unroll(vd):
-                    for r in range(n):
-                        acc[lane(r * lanes)] = acc[lane(r * lanes)] + qv[lane(i * d + u * lanes)] * T.Cast(
-                            vec, k[lane(ko[r] + hk + u * lanes)])
+                    qt[lane(u * lanes)] = qv[lane(i * d + u * lanes)]
                 new_m: T.float32 = m[i]
+                # a key's K row front to back into one register; keys are independent chains
                 for r in range(n):
-                    a: T.int32 = r * lanes
-                    s[r] = tree_sum(acc, a)
+                    for u in T.unroll(vd):
+                        if ahead > 0 and u * lanes % line == 0:  # spread out: one line per key and step
+                            T.evaluate(T.call_llvm_intrin(
+                                "void", "llvm.prefetch.p0", T.address_of(k[kp[r] + hk + u * lanes]), 0, 2, 1))
+                        if u == 0:
+                            at[lane(0)] = qt[lane(0)] * T.Cast(vec, k[lane(ko[r] + hk)])
+                        else:
+                            at[lane(0)] = at[lane(0)] + qt[lane(u * lanes)] * T.Cast(
+                                vec, k[lane(ko[r] + hk + u * lanes)])
+                    s[r] = tree_sum(at, 0)
                     new_m = T.max(new_m, s[r])
                 alpha: T.float32 = T.exp2(m[i] - new_m)  # one rescale per chunk, not per key
                 m[i] = new_m
@@ -129,11 +148,19 @@ def _attend(d: int, nh: int, group: int, row_offset, head_stride: int, knobs: At
                     s[r] = _exp2_nonpositive(T.if_then_else(r < n, s[r] - new_m, T.float32(-126)))
                 for r in range(n):
                     l[i] = l[i] + s[r]
+                # keys outer: each V row read front to back into vd independent FMA chains
                 for u in T.unroll(vd):
-                    ov[lane(i * d + u * lanes)] = ov[lane(i * d + u * lanes)] * T.broadcast(alpha, lanes)
-                    for r in range(n):
-                        ov[lane(i * d + u * lanes)] = ov[lane(i * d + u * lanes)] + T.broadcast(
-                            s[r], lanes) * T.Cast(vec, v[lane(ko[r] + hk + v_shift + u * lanes)])
+                    ot[lane(u * lanes)] = ov[lane(i * d + u * lanes)] * T.broadcast(alpha, lanes)
+                for r in range(n):
+                    for u in T.unroll(vd):
+                        if ahead > 0 and u * lanes % line == 0:
+                            T.evaluate(T.call_llvm_intrin(
+                                "void", "llvm.prefetch.p0", T.address_of(v[kp[r] + hk + v_shift + u * lanes]),
+                                0, 2, 1))
+                        ot[lane(u * lanes)] = ot[lane(u * lanes)] + T.broadcast(s[r], lanes) * T.Cast(
+                            vec, v[lane(ko[r] + hk + v_shift + u * lanes)])
+                for u in T.unroll(vd):
+                    ov[lane(i * d + u * lanes)] = ot[lane(u * lanes)]
         for i in range(nh):
             for j in T.vectorized(d):
                 out[o_off + i * d + j] = T.Cast(out.dtype, ov[i * d + j] / l[i])
@@ -141,6 +168,10 @@ def _attend(d: int, nh: int, group: int, row_offset, head_stride: int, knobs: At
     # fmt: on
 
     return attend
+
+
+def _itemsize(dtype: str) -> int:
+    return {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
 
 
 class _Pages:
@@ -209,7 +240,7 @@ def decode_attention_cpu(
     0 <= q - k < W over a cache that keeps every token, so positions stay absolute)."""
     assert d % knobs.lanes == 0 and h_qo % h_kv == 0
     group, pg, nh = h_qo // h_kv, _Pages(h_kv, d, page_size, sliding_window), heads_per_task(h_qo)
-    attend = _attend(d, nh, group, pg.row_offset, pg.head_stride, knobs)
+    attend = _attend(d, nh, group, pg.row_offset, pg.head_stride, knobs, dtype)
 
     # fmt: off
     @T.prim_func(private=True)
@@ -259,7 +290,7 @@ def prefill_paged_attention_cpu(
     split of a chunk into ragged + paged attention); it sees keys from that position - W + 1 on."""
     assert d % knobs.lanes == 0 and h_qo % h_kv == 0
     group, pg, nh = h_qo // h_kv, _Pages(h_kv, d, page_size, sliding_window), heads_per_task(h_qo)
-    attend = _attend(d, nh, group, pg.row_offset, pg.head_stride, knobs)
+    attend = _attend(d, nh, group, pg.row_offset, pg.head_stride, knobs, dtype)
     w = window if sliding_window else 0
 
     # TVM's mask, causal: keys < n - n_q + i + 1 for query row i; causal + window w: keys >= n - (w - i - 1)
@@ -324,7 +355,7 @@ def prefill_ragged_attention_cpu(
     def row_offset(j, base):
         return (base + j) * h_kv * d
 
-    attend = _attend(d, nh, group, row_offset, d, knobs)
+    attend = _attend(d, nh, group, row_offset, d, knobs, dtype)
 
     # fmt: off
     @T.prim_func(private=True)

@@ -7,7 +7,7 @@ never used: a size that won on one CPU says nothing about another.
 
 Families (the kernels that read them):
 - `attention_decode`, `attention_prefill` (cpu_attention): `lanes` (fp32 lanes per vector op), `chunk`
-  (keys per softmax rescale).
+  (keys per softmax rescale); decode also `prefetch` (chunks ahead whose K / V rows are prefetched; 0: none).
 - `q4_gemv` (cpu_q8_gemv, decode): `tile` (weight rows per parallel task), `rows` (rows per x load),
   `prefetch` (bytes a software prefetch runs ahead in the weight stream; 0: none), `prefetch_level` (the
   cache level it fills: 1 or 2).
@@ -31,7 +31,7 @@ from .cpu_isa import Q8_DOT_LANES, q8_dot_isa, q8_gemm_isa
 
 SCHEMA = "phi3-knobs/1"
 SPACE: dict[str, dict[str, tuple[int, ...]]] = {
-    "attention_decode": {"lanes": (8, 16), "chunk": (8, 16, 32)},
+    "attention_decode": {"lanes": (8, 16), "chunk": (8, 16, 32), "prefetch": (0, 1, 2)},
     "attention_prefill": {"lanes": (8, 16), "chunk": (8, 16, 32)},
     "q4_gemv": {
         "tile": (8, 16, 32, 64),
@@ -43,7 +43,7 @@ SPACE: dict[str, dict[str, tuple[int, ...]]] = {
 }
 # what the kernels were written with (and what a Knobs without values gives)
 DEFAULTS: dict[str, dict[str, int]] = {
-    "attention_decode": {"lanes": 8, "chunk": 16},
+    "attention_decode": {"lanes": 8, "chunk": 16, "prefetch": 0},
     "attention_prefill": {"lanes": 8, "chunk": 16},
     "q4_gemv": {"tile": 16, "rows": 1, "prefetch": 0, "prefetch_level": 1},
     "q8_gemm": {"mr": 12},
@@ -53,6 +53,8 @@ TASKS_PER_THREAD = 4  # a GEMV split into fewer tasks leaves threads idle at its
 # in flight evict the quantized activations of a 32 KiB L1 (Zen 4: down_proj slower than with no prefetch)
 X86_GEMV_PREFETCH = 8192
 X86_GEMV_PREFETCH_LEVEL = 2
+# x86 decode attention: K / V rows prefetched one chunk of keys ahead (the cache is read in runs of a few KB)
+X86_ATTENTION_PREFETCH = 1
 
 
 def shape_key(n: int, k: int) -> str:
@@ -101,9 +103,9 @@ class Knobs:
 
 def heuristic_knobs(target: Target) -> Knobs:
     """Sizes from the target's features alone: vector width (AVX-512: 16 fp32 lanes), the int8 GEMM's
-    register budget (12 rows of x with 32 vector registers, 6 with 16), the thread count, and a weight
-    prefetch into L2 on x86 (measured on Zen 4 and, into L1, on Zen 5; arm64 keeps none until an arm64 CPU
-    is at hand)."""
+    register budget (12 rows of x with 32 vector registers, 6 with 16), the thread count, and software
+    prefetch into L2 on x86: the GEMVs' weights (measured on Zen 4 and, into L1, on Zen 5) and decode
+    attention's K / V rows (Zen 4); arm64 keeps none until an arm64 CPU is at hand."""
     from .cpu_schedule import simd_lanes_f32
 
     lanes = max(8, simd_lanes_f32(target))
@@ -112,7 +114,9 @@ def heuristic_knobs(target: Target) -> Knobs:
     gemv_isa = q8_dot_isa(target)
     x86 = gemv_isa is not None and not gemv_isa.startswith("neon")
     values = {
-        "attention_decode": {"*": {"lanes": lanes, "chunk": 16}},
+        "attention_decode": {
+            "*": {"lanes": lanes, "chunk": 16, "prefetch": X86_ATTENTION_PREFETCH if x86 else 0}
+        },
         "attention_prefill": {"*": {"lanes": lanes, "chunk": 16}},
         "q4_gemv": {
             "*": {
