@@ -15,11 +15,12 @@ from click.testing import CliRunner
 
 from toolkit.bench import harness
 from toolkit.bench.harness import BenchSettings, InProcessRunner, run_bench
-from toolkit.bench.roofline import gguf_weight_bytes_per_token, measure_read_bandwidth, weight_bytes_per_token
+from toolkit.bench.roofline import gguf_weight_bytes_per_token, weight_bytes_per_token
 from toolkit.bench.timing import summarize, timed_generation
 from toolkit.cli import main as cli
 from toolkit.config import Phi3Config
 from toolkit.errors import UserError
+from toolkit.read_bandwidth import measure_read_bandwidth
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 

@@ -92,6 +92,9 @@ def test_perplexity_matches_transformers_same_windows(tiny):
     # fp32 logits agree to ~1e-6 relative; the mean NLL is then equal to ~1e-5
     assert math.isclose(res.perplexity, math.exp(nll / n), rel_tol=1e-4)
     assert by_decode.tokens_scored == n and math.isclose(by_decode.perplexity, res.perplexity, rel_tol=1e-4)
+    # disjoint windows whose last one is a single token (no history, nothing to score): two windows
+    disjoint = perplexity(eng, ids[:65], context=32, stride=32)
+    assert (disjoint.windows, disjoint.tokens_scored) == (2, 62)
 
 
 def test_generate_cli_end_to_end_is_reproducible(tiny, tmp_path, monkeypatch):

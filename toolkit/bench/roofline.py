@@ -1,17 +1,13 @@
 """The decode roofline: every weight is read once per generated token, so tok/s <= bandwidth / weight bytes.
 
-Bandwidth is measured here with a read-only TVM kernel over an array much larger than the caches, split over
-T cores (`measure_read_bandwidth`). Weight bytes come from a config and
-a storage scheme, or from the tensors of a GGUF file. The embedding table is not counted (one row is read
-per token) unless it doubles as the output layer (tied embeddings), where all of it is read."""
+Bandwidth is measured with a read-only TVM kernel over an array much larger than the caches, split over
+T cores (`toolkit.read_bandwidth`). Weight bytes come from a config and a storage scheme, or from the tensors
+of a GGUF file. The embedding table is not counted (one row is read per token) unless it doubles as the
+output layer (tied embeddings), where all of it is read."""
 
 from __future__ import annotations
 
-import functools
-import time
 from pathlib import Path
-
-import numpy as np
 
 from ..config import Phi3Config
 from ..errors import UserError
@@ -84,97 +80,3 @@ def gguf_weight_bytes_per_token(path: str | Path) -> int:
     if "output.weight" in sizes:
         total -= sizes.get("token_embd.weight", 0)
     return total
-
-
-LANES, UNROLL = 16, 4  # uint32 lanes per load (one 512-bit vector; two 256-bit ones on AVX2), loads in flight
-
-
-PROBE_PREFETCH = (0, 8192)  # bytes of software prefetch (into L2) ahead of the loads; the best one counts
-
-
-def _read_kernel(words: int, threads: int, prefetch: int = 0):
-    """A TVM kernel that reads `words` uint32 in `threads` contiguous parts, XOR-folding them into UNROLL
-    independent vectors per part: the loads a decode GEMV issues without any of its arithmetic, with a
-    software prefetch `prefetch` bytes ahead (one per 64-byte line, into L2) when not 0."""
-    from tvm.script import tirx as T
-
-    per = words // threads
-    steps = per // (LANES * UNROLL)
-
-    @T.prim_func
-    def main(a: T.Buffer((words,), "uint32"), out: T.Buffer((threads * LANES,), "uint32")):
-        T.func_attr({"tirx.noalias": True})
-        for t in T.parallel(threads):
-            acc = T.alloc_buffer((UNROLL * LANES,), "uint32")  # global scope, small: on the stack
-            for u in T.unroll(UNROLL):
-                acc[T.ramp(u * LANES, 1, LANES)] = T.broadcast(T.uint32(0), LANES)
-            for i in range(steps):
-                if prefetch > 0:  # LANES * UNROLL words = 4 lines per step
-                    for u in T.unroll(UNROLL):
-                        T.evaluate(
-                            T.call_llvm_intrin(
-                                "void",
-                                "llvm.prefetch.p0",
-                                T.address_of(
-                                    a[T.min(t * per + (i * UNROLL + u) * LANES + prefetch // 4, words - 1)]
-                                ),
-                                0,
-                                2,
-                                1,
-                            )
-                        )
-                for u in T.unroll(UNROLL):
-                    acc[T.ramp(u * LANES, 1, LANES)] = (
-                        acc[T.ramp(u * LANES, 1, LANES)]
-                        ^ a[T.ramp(t * per + (i * UNROLL + u) * LANES, 1, LANES)]
-                    )
-            for j in range(LANES):
-                out[t * LANES + j] = acc[j] ^ acc[LANES + j] ^ acc[2 * LANES + j] ^ acc[3 * LANES + j]
-
-    return main
-
-
-@functools.cache
-def _read_kernels(words: int, threads: int) -> list:
-    """The probe built for this CPU, once per size and thread count (`phi3 tune` probes per kernel)."""
-    import tvm
-
-    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
-    return [
-        tvm.compile(tvm.IRModule({"main": _read_kernel(words, threads, pf)}), target=target)["main"]
-        for pf in PROBE_PREFETCH
-    ]
-
-
-def measure_read_bandwidth(threads: int = 1, nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Best-of-`repeats` read bandwidth in bytes/s of `threads` cores streaming `nbytes` (a TVM kernel
-    built for this CPU: wide loads, several in flight per core, as the decode kernels issue them). TVM's
-    thread pool must have `threads` threads (TVM_NUM_THREADS, read when the pool starts).
-
-    The best, not the median: the roofline is the ceiling the machine allows, and neighbours only lower it.
-    A numpy sum split over Python threads measured a third less than this on AMD Zen 4/5, less than
-    decode itself moved, so it is not used. The kernel runs without and with a software prefetch
-    (`PROBE_PREFETCH`): on Zen 4 the decode GEMVs, which prefetch, read faster than the plain loop."""
-    import tvm
-
-    if threads < 1:
-        raise UserError(f"threads must be >= 1, got {threads}")
-    pool = int(tvm.get_global_func("runtime.NumThreads")())
-    if pool < threads:  # TVM sizes its pool once, from TVM_NUM_THREADS (else half the CPUs on some hosts)
-        raise RuntimeError(f"TVM's thread pool has {pool} thread(s), not {threads}: set TVM_NUM_THREADS")
-    words = nbytes // 4 // (threads * LANES * UNROLL) * (threads * LANES * UNROLL)
-    reads = _read_kernels(words, threads)
-    dev = tvm.cpu()
-    a = tvm.runtime.tensor(np.ones(words, dtype=np.uint32), dev)  # every page touched before timing
-    out = tvm.runtime.empty((threads * LANES,), "uint32", dev)
-    best = 0.0
-    for read in reads:
-        read(a, out)
-    for _ in range(repeats):
-        for read in reads:  # interleaved: a drift in the machine's bandwidth meets both alike
-            t0 = time.perf_counter()
-            read(a, out)
-            best = max(best, words * 4 / (time.perf_counter() - t0))
-            if not np.all(out.numpy() == 0):  # an even number of ones per lane: the loads really ran
-                raise RuntimeError("bandwidth probe read wrong data")
-    return best

@@ -53,7 +53,7 @@ def _int_list(ctx, param, value: str) -> list[int]:
     "--kv-cache",
     type=click.Choice(["float16", "float32"]),
     default=None,
-    help="KV cache dtype for a CPU preset (default: the preset's own, fp32 on `host`).",
+    help="KV cache dtype for a CPU preset (default: the preset's own, fp16 on `host`).",
 )
 @click.option(
     "--decode-tokens",

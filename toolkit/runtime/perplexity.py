@@ -58,6 +58,11 @@ def perplexity(
     start = 0
     while True:
         window = ids[start : start + context]
+        # index i predicts window[i+1]; the previous window already scored up to window[context - stride - 1]
+        # (with stride == context, a window's first token has no history and is not scored)
+        first = 0 if start == 0 else max(context - stride - 1, 0)
+        if len(window) - 1 <= first:  # disjoint windows: a last window of one token has nothing to score
+            break
         sid = engine.add_sequence()
         try:
             if through == "prefill":
@@ -69,10 +74,7 @@ def perplexity(
             logp = _log_softmax(logits)
         finally:
             engine.remove_sequence(sid)
-        # index i predicts window[i+1]; the previous window already scored up to window[context - stride - 1]
-        # (with stride == context, a window's first token has no history and is not scored)
-        first = 0 if start == 0 else max(context - stride - 1, 0)
-        targets = np.asarray(window[first + 1 :])
+        targets = np.asarray(window[first + 1 :], dtype=np.int64)
         nll -= float(logp[np.arange(first, len(window) - 1), targets].sum())
         scored += len(targets)
         windows += 1

@@ -394,7 +394,7 @@ def search_model(
 
 def probe_bandwidth(threads: int) -> float:
     """Read bandwidth (B/s) of `threads` cores over as many bytes as a cold timing cycles through."""
-    from ..bench.roofline import measure_read_bandwidth
+    from ..read_bandwidth import measure_read_bandwidth
 
     return measure_read_bandwidth(threads, nbytes=COLD_BYTES, repeats=3)
 
