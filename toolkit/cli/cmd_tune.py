@@ -127,6 +127,7 @@ def command(
             rounds=rounds,
             margin=min_gain,
             progress=click.echo,
+            schedules_root=schedules_dir,
         )
         path = write_knob_record(preset, found, schedules_dir)
         kept = sum(r.kept for r in found)

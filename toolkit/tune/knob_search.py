@@ -361,15 +361,17 @@ def search_model(
     context: int = 1024,
     prefill_len: int = 128,
     progress: Callable[[str], None] = lambda m: None,
+    schedules_root: Path | str | None = None,
 ) -> list[SearchResult]:
     """Search every hand kernel family of the model (`quick`: the 3 that move the most bytes per step,
-    the GEMVs' `rows` fixed at its default) against the sizes compile would use today."""
+    the GEMVs' `rows` fixed at its default) against the sizes a compile with the records under
+    `schedules_root` (the package's by default) uses: the record written there is a change of those."""
     if preset.kind != "llvm" or not preset.runs_here:
         raise ValueError(f"knob search measures here: '{preset.name}' is not this machine's CPU")
     # timed with as many threads as the compiled library runs with (TVM's own default can be fewer)
     threads = int(preset.target.attrs.get("num-cores", 1) or 1)
     size_thread_pool(threads)
-    current = knobs_for(preset)
+    current = knobs_for(preset, schedules_root)
     found = attention_targets(cfg, preset, context, prefill_len) + matmul_targets(
         cfg, quantization, preset, prefill_len
     )
