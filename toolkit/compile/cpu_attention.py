@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from tvm import tirx
+from tvm import DataType, tirx
 from tvm.script import tirx as T
 
 LOG2E = math.log2(math.e)
@@ -83,7 +83,7 @@ def _attend(d: int, nh: int, group: int, row_offset, head_stride: int, knobs: At
     on the miss buffers): a task reads a few KB per head and page, then jumps to the next page, runs too
     short for the hardware prefetcher to keep enough lines in flight (decode is then latency-bound)."""
     lanes, chunk, ahead = knobs.lanes, knobs.chunk, knobs.prefetch
-    line = 64 // _itemsize(dtype)  # cache elements per 64-byte line
+    line = 64 * 8 // DataType(dtype).bits  # cache elements per 64-byte line
     vd = d // lanes
     vec = f"float32x{lanes}"
 
@@ -168,10 +168,6 @@ def _attend(d: int, nh: int, group: int, row_offset, head_stride: int, knobs: At
     # fmt: on
 
     return attend
-
-
-def _itemsize(dtype: str) -> int:
-    return {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
 
 
 class _Pages:
