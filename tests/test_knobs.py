@@ -116,6 +116,12 @@ def test_heuristics_follow_the_cpu_features():
     arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]})
     assert heuristic_knobs(arm).gemv(9216, 3072)["prefetch"] == 0
     assert heuristic_knobs(arm).attention("decode").prefetch == 0
+    # an arm64 CPU with i8mm (Graviton 3, Apple M2+): its prefill GEMM is `smmla`, which has no GEMV twin
+    # to take a register budget from (this raised KeyError: 'neon-i8mm' for every such compile)
+    i8mm = tvm.target.Target(
+        {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod", "+i8mm"]}
+    )
+    assert heuristic_knobs(i8mm).get("q8_gemm")["mr"] == 6
 
 
 def test_records_apply_only_on_the_machine_they_were_measured_on(tmp_path):

@@ -110,7 +110,7 @@ def heuristic_knobs(target: Target) -> Knobs:
 
     lanes = max(8, simd_lanes_f32(target))
     gemm = q8_gemm_isa(target)
-    mr = 12 if gemm and Q8_DOT_LANES[gemm] == 16 else 6
+    mr = 12 if Q8_DOT_LANES.get(gemm or "") == 16 else 6  # arm64's GEMMs (neon-i8mm) fix their own
     gemv_isa = q8_dot_isa(target)
     x86 = gemv_isa is not None and not gemv_isa.startswith("neon")
     values = {
