@@ -63,10 +63,14 @@ def longrope_flags(
     def by_segments(pos: te.Tensor, ends_at: te.Tensor) -> te.Tensor:
         n, b = pos.shape[0], ends_at.shape[0]
         j = te.reduce_axis((0, b), name="j")
-        # the first sequence end at or after token i is where i's sequence ends
+        # the first sequence end at or after token i is where i's sequence ends. int32 throughout: an int64
+        # reduction (n is int64) puts int64 in GPU shared memory, which WGSL does not have
         last = te.compute(
             (n,),
-            lambda i: te.min(tirx.if_then_else(ends_at[j] >= i, ends_at[j], n - 1), axis=j),
+            lambda i: te.min(
+                tirx.if_then_else(ends_at[j] >= i.astype("int32"), ends_at[j], (n - 1).astype("int32")),
+                axis=j,
+            ),
             name="sequence_end",
         )
         return te.compute((n,), lambda i: (pos[last[i]] + 1 > orig).astype("int32"), name="rope_long")
@@ -78,9 +82,12 @@ def longrope_flags(
         def run_end(k):  # token k ends a run: the last token, or the next one does not continue it
             return tirx.any(k == n - 1, pos[tirx.min(k + 1, n - 1)] != pos[k] + 1)
 
-        last = te.compute(
+        last = te.compute(  # int32, as in by_segments
             (n,),
-            lambda i: te.min(tirx.if_then_else(tirx.all(j >= i, run_end(j)), j, n - 1), axis=j),
+            lambda i: te.min(
+                tirx.if_then_else(tirx.all(j >= i, run_end(j)), j.astype("int32"), (n - 1).astype("int32")),
+                axis=j,
+            ),
             name="sequence_end",
         )
         return te.compute((n,), lambda i: (pos[last[i]] + 1 > orig).astype("int32"), name="rope_long")
