@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from toolkit.bench import harness
 from toolkit.bench.harness import BenchSettings, InProcessRunner, run_bench
+from toolkit.bench.pairing import paired_decode, summarize_pairs
 from toolkit.bench.roofline import gguf_weight_bytes_per_token, weight_bytes_per_token
 from toolkit.bench.timing import summarize, timed_generation
 from toolkit.cli import main as cli
@@ -73,6 +74,35 @@ def test_summarize():
     assert summarize([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
 
 
+def test_paired_decode_alternates_probe_and_single_steps():
+    """Probe pass, one decode step, probe pass, ...: every step between two passes, fed its argmax."""
+    b = FakeBackend()
+    rates = iter([1.0, 2.0, 3.0, 4.0])
+
+    def probe() -> float:
+        b.calls.append(("probe", None))
+        return next(rates)
+
+    raw = paired_decode(b, [3, 4], 3, probe)
+    assert [k for k, _ in b.calls] == ["reset", "prefill", "probe", "decode", "probe", "decode", "probe",
+                                       "decode", "probe"]  # fmt: skip
+    assert raw["probe_bytes_s"] == [1.0, 2.0, 3.0, 4.0] and len(raw["decode_s"]) == 3
+    assert all(t > 0 for t in raw["decode_s"])
+    seq = [3, 4]
+    for tok in [a for k, a in b.calls if k == "decode"]:
+        assert tok == (sum(seq) * 7 + len(seq)) % VOCAB
+        seq.append(tok)
+
+
+def test_paired_fraction_uses_the_passes_around_each_step():
+    """30 bytes per step: 30 B/s over (10+20)/2 = 2.0 for the first, 15 B/s over 25 = 0.6 for the second."""
+    p = summarize_pairs(FAKE_PAIRS, 30)
+    assert p["steps"] == 2
+    assert p["fraction"] == pytest.approx((2.0 + 0.6) / 2)
+    assert p["decode_tok_s"] == {"median": 0.75, "min": 0.5, "max": 1.0, "n": 2}
+    assert p["probe_bytes_s"]["median"] == 20.0
+
+
 def _tiny_config() -> Phi3Config:
     return Phi3Config(
         vocab_size=VOCAB,
@@ -105,8 +135,13 @@ def test_ratios_use_llama_cpps_best_setting():
     assert e["llama_cpp"]["fa_off"]["roofline_fraction"] == pytest.approx(5 / 50)
 
 
+# what a fake run of `paired_decode` returns: probe passes of 10, 20, 30 bytes/s around steps of 1 s and 2 s
+FAKE_PAIRS = {"probe_bytes_s": [10.0, 20.0, 30.0], "decode_s": [1.0, 2.0]}
+
+
 def _fake_bench(tmp_path, **kw):
     backends: dict[str, FakeBackend] = {}
+    paired: list[tuple[int, list[int]]] = []  # our engine's pairing: thread count, prompt
 
     def ours(model, s, t):
         backends[f"ours{t}"] = FakeBackend()
@@ -114,7 +149,13 @@ def _fake_bench(tmp_path, **kw):
 
     def llama(gguf, s, t, fa):
         backends[f"llama{t}{fa}"] = FakeBackend()
-        return InProcessRunner(backends[f"llama{t}{fa}"], {"version": "fake", "amx": True})
+        return InProcessRunner(
+            backends[f"llama{t}{fa}"], {"version": "fake", "amx": True}, probe_rate=lambda: 5.0
+        )
+
+    def ours_pairs(model, s, t, prompt):
+        paired.append((t, list(prompt)))
+        return FAKE_PAIRS
 
     s = BenchSettings(threads=[1, 2], prompt_lengths=[4, 8], decode_tokens=3, repeats=2, warmup=1, **kw)
     res = run_bench(
@@ -125,8 +166,10 @@ def _fake_bench(tmp_path, **kw):
         ours_factory=ours,
         llama_factory=llama,
         measure_bw=lambda th, n: {str(t): 1e9 * t for t in th},
+        ours_pairs=ours_pairs,
         log=lambda m: None,
     )
+    assert [t for t, _ in paired] == [1, 2] and all(len(p) == 8 for _, p in paired)  # the headline prompt
     return res, backends
 
 
@@ -147,10 +190,19 @@ def test_run_bench_schema_with_test_doubles(tmp_path, monkeypatch):
         assert res["decode_ratio_vs_llama_cpp"][str(e["threads"])] == e["decode_ratio_vs_llama_cpp"]
         assert 0 < ours["ttft_s"]["min"] <= ours["ttft_s"]["median"] <= ours["ttft_s"]["max"]
         assert ours["peak_rss_bytes"] > 0
+        bytes_ = weight_bytes_per_token(_tiny_config(), "q4f32_1")
+        assert e["roofline"]["paired"] == summarize_pairs(FAKE_PAIRS, bytes_)
+        for side in llama.values():  # the llama.cpp runners paired in their own process, with their probe
+            assert (
+                side["roofline_paired"]["steps"] == 24
+                and side["roofline_paired"]["probe_bytes_s"]["median"] == 5
+            )
+    assert "probed just before and after each step" in harness.format_table(res)
     # every backend ran (warmup + repeats) x prompt lengths generations, each a prefill of the shared prompt
-    for b in backends.values():
+    for name, b in backends.items():
         prefills = [arg for kind, arg in b.calls if kind == "prefill"]
-        assert len(prefills) == (1 + 2) * 2
+        # llama.cpp's runners pair in their own process: one more prefill, of the headline prompt
+        assert len(prefills) == (1 + 2) * 2 + name.startswith("llama")
         assert sorted({len(p) for p in prefills}) == [4, 8]
     p8 = {tuple(a) for b in backends.values() for k, a in b.calls if k == "prefill" and len(a) == 8}
     assert len(p8) == 1  # the same prompt for every backend
@@ -244,6 +296,8 @@ def test_cli_bench_json_tiny(tmp_path):
         "1",
         "--bandwidth-mib",
         "64",
+        "--roofline-pairs",
+        "5",
         "--quantization",
         "q4f32_1",
         "--json",
@@ -258,6 +312,8 @@ def test_cli_bench_json_tiny(tmp_path):
     assert e["threads"] == 1 and e["ours"]["decode_tok_s"]["median"] > 0
     assert all(0 <= t < 512 for t in e["ours"]["greedy_tokens"])
     assert 0 < e["roofline"]["fraction"]
+    paired = e["roofline"]["paired"]  # our engine in a child process, between passes of the real probe
+    assert paired["steps"] == 5 and paired["fraction"] > 0 and paired["probe_bytes_s"]["n"] == 6
     assert (tmp_path / "p.png").is_file()
 
 
@@ -288,6 +344,8 @@ def test_cli_bench_vs_llama_cpp_tiny(tmp_path, monkeypatch):
         "64",
         "--vs-llama-cpp",
         "--no-build",
+        "--roofline-pairs",
+        "3",
         "--json",
     ]
     r = CliRunner().invoke(cli, args)
@@ -295,6 +353,8 @@ def test_cli_bench_vs_llama_cpp_tiny(tmp_path, monkeypatch):
     res = json.loads(r.stdout)
     assert res["decode_ratio_vs_llama_cpp"]["1"] > 0 and res["prefill_ratio_vs_llama_cpp"]["1"] > 0
     assert set(res["results"][0]["llama_cpp"]) == {"fa_off", "fa_on"}
+    for side in res["results"][0]["llama_cpp"].values():  # paired in the llama.cpp worker
+        assert side["roofline_paired"]["steps"] == 3 and side["roofline_paired"]["fraction"] > 0
 
 
 def test_peak_rss_is_per_process():

@@ -71,35 +71,48 @@ def _read_kernels(words: int, threads: int) -> list:
     ]
 
 
+class ReadProbe:
+    """The probe built and its array filled once, for repeated passes: `bench` pairs each decode step with
+    one (the machine's bandwidth drifts within seconds on shared hosts, so a single figure taken minutes
+    before a run says little about it). TVM's thread pool must have `threads` threads (TVM_NUM_THREADS,
+    read when the pool starts)."""
+
+    def __init__(self, threads: int = 1, nbytes: int = 1 << 30) -> None:
+        import tvm
+
+        if threads < 1:
+            raise UserError(f"threads must be >= 1, got {threads}")
+        pool = int(tvm.get_global_func("runtime.NumThreads")())
+        if pool < threads:  # TVM sizes its pool once, from TVM_NUM_THREADS (else half the CPUs on some hosts)
+            raise RuntimeError(f"TVM's thread pool has {pool} thread(s), not {threads}: set TVM_NUM_THREADS")
+        self.words = nbytes // 4 // (threads * LANES * UNROLL) * (threads * LANES * UNROLL)
+        self._reads = _read_kernels(self.words, threads)
+        dev = tvm.cpu()
+        self._a = tvm.runtime.tensor(np.ones(self.words, dtype=np.uint32), dev)  # every page touched now
+        self._out = tvm.runtime.empty((threads * LANES,), "uint32", dev)
+        for read in self._reads:  # first calls: thread pool start, code paged in
+            read(self._a, self._out)
+
+    def rate(self) -> float:
+        """One pass of each probe variant, back to back: the faster one's bytes/s."""
+        best = 0.0
+        for read in self._reads:
+            t0 = time.perf_counter()
+            read(self._a, self._out)
+            best = max(best, self.words * 4 / (time.perf_counter() - t0))
+            if not np.all(self._out.numpy() == 0):  # an even number of ones per lane: the loads really ran
+                raise RuntimeError("bandwidth probe read wrong data")
+        return best
+
+
 def measure_read_bandwidth(threads: int = 1, nbytes: int = 1 << 30, repeats: int = 5) -> float:
     """Best-of-`repeats` read bandwidth in bytes/s of `threads` cores streaming `nbytes` (a TVM kernel
-    built for this CPU: wide loads, several in flight per core, as the decode kernels issue them). TVM's
-    thread pool must have `threads` threads (TVM_NUM_THREADS, read when the pool starts).
+    built for this CPU: wide loads, several in flight per core, as the decode kernels issue them).
 
     The best, not the median: the roofline is the ceiling the machine allows, and neighbours only lower it.
     A numpy sum split over Python threads measured a third less than this on AMD Zen 4/5, less than
     decode itself moved, so it is not used. The kernel runs without and with a software prefetch
-    (`PROBE_PREFETCH`): on Zen 4 the decode GEMVs, which prefetch, read faster than the plain loop."""
-    import tvm
-
-    if threads < 1:
-        raise UserError(f"threads must be >= 1, got {threads}")
-    pool = int(tvm.get_global_func("runtime.NumThreads")())
-    if pool < threads:  # TVM sizes its pool once, from TVM_NUM_THREADS (else half the CPUs on some hosts)
-        raise RuntimeError(f"TVM's thread pool has {pool} thread(s), not {threads}: set TVM_NUM_THREADS")
-    words = nbytes // 4 // (threads * LANES * UNROLL) * (threads * LANES * UNROLL)
-    reads = _read_kernels(words, threads)
-    dev = tvm.cpu()
-    a = tvm.runtime.tensor(np.ones(words, dtype=np.uint32), dev)  # every page touched before timing
-    out = tvm.runtime.empty((threads * LANES,), "uint32", dev)
-    best = 0.0
-    for read in reads:
-        read(a, out)
-    for _ in range(repeats):
-        for read in reads:  # interleaved: a drift in the machine's bandwidth meets both alike
-            t0 = time.perf_counter()
-            read(a, out)
-            best = max(best, words * 4 / (time.perf_counter() - t0))
-            if not np.all(out.numpy() == 0):  # an even number of ones per lane: the loads really ran
-                raise RuntimeError("bandwidth probe read wrong data")
-    return best
+    (`PROBE_PREFETCH`), interleaved so that a drift in the machine's bandwidth meets both alike: on Zen 4
+    the decode GEMVs, which prefetch, read faster than the plain loop."""
+    probe = ReadProbe(threads, nbytes)
+    return max(probe.rate() for _ in range(repeats))

@@ -10,7 +10,8 @@ JSON (`schema` "phi3-bench/1"): `model`, `settings`, `machine` (CPU, load averag
 `roofline` (weight bytes per token, measured read bandwidth per thread count), `results` (one entry per
 thread count: `ours` and, with llama.cpp, `llama_cpp` keyed by flash-attention setting; each has
 `by_prompt_length` summaries plus the headline `prefill_tok_s` / `decode_tok_s` / `ttft_s` at the longest
-prompt length), and with llama.cpp the top-level `decode_ratio_vs_llama_cpp` and
+prompt length; on CPU presets `roofline.paired` for ours and `roofline_paired` per llama.cpp setting: decode
+steps timed between probe passes, `pairing`), and with llama.cpp the top-level `decode_ratio_vs_llama_cpp` and
 `prefill_ratio_vs_llama_cpp`: ours over llama.cpp's best flash-attention setting for that metric, keyed by
 thread count (as a string). A ratio > 1 means we are faster."""
 
@@ -30,6 +31,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..outputs import save_figure
+from .pairing import engine_pairs, paired_decode, summarize_pairs
 from .timing import Backend, peak_rss_bytes, summarize_runs, timed_generation
 
 SCHEMA = "phi3-bench/1"
@@ -49,6 +51,8 @@ class BenchSettings:
     llama_flash_attn: list[bool] = field(default_factory=lambda: [False, True])
     seed: int = 0
     bandwidth_bytes: int = 1 << 30
+    # decode steps timed between probe passes, per backend and thread count (`pairing`; 0: none)
+    roofline_pairs: int = 24
 
     def validate(self) -> None:
         if not self.threads or min(self.threads) < 1:
@@ -57,6 +61,8 @@ class BenchSettings:
             raise UserError("--prompt-lengths needs positive lengths")
         if self.decode_tokens < 1 or self.repeats < 1 or self.warmup < 0:
             raise UserError("--decode-tokens and --repeats must be >= 1, --warmup >= 0")
+        if self.roofline_pairs < 0:
+            raise UserError("--roofline-pairs must be >= 0")
         if self.kv_cache is not None:
             from ..targets import load_preset
 
@@ -80,15 +86,26 @@ class Runner(Protocol):
 
 
 class InProcessRunner:
-    """Times a `Backend` in this process."""
+    """Times a `Backend` in this process; pairs its decode steps with probe passes when given a probe."""
 
-    def __init__(self, backend: Backend, info: dict[str, Any] | None = None, close=None) -> None:
-        self.backend, self.info, self._close = backend, info or {}, close
+    def __init__(
+        self,
+        backend: Backend,
+        info: dict[str, Any] | None = None,
+        close=None,
+        probe_rate: Callable[[], float] | None = None,
+    ) -> None:
+        self.backend, self.info, self._close, self.probe_rate = backend, info or {}, close, probe_rate
 
     def run(self, tokens: Sequence[int], decode_tokens: int) -> dict[str, Any]:
         out = timed_generation(self.backend, tokens, decode_tokens)
         out["rss_peak_bytes"] = peak_rss_bytes()
         return out
+
+    def pair(self, tokens: Sequence[int], steps: int, nbytes: int) -> dict[str, list[float]] | None:
+        if self.probe_rate is None:
+            return None
+        return paired_decode(self.backend, tokens, steps, self.probe_rate)
 
     def close(self) -> None:
         if self._close is not None:
@@ -120,9 +137,17 @@ def _runs_here(device: str) -> bool:
     return load_preset(device).runs_here
 
 
+def _on_cpu(device: str) -> bool:
+    from ..targets import load_preset
+
+    return not load_preset(device).is_gpu
+
+
 # factories: (model, settings, threads) -> Runner; tests inject doubles, the CLI uses the defaults below
 OursFactory = Callable[[Any, BenchSettings, int], Runner]
 LlamaFactory = Callable[[Path, BenchSettings, int, bool], Runner]
+# (model, settings, threads, prompt) -> raw pairs of our engine (`pairing.paired_decode`)
+OursPairs = Callable[[Any, BenchSettings, int, Sequence[int]], dict[str, list[float]]]
 
 
 def load_our_engine(model: Any, quantization: str, device: str, threads: int, kv_cache: str | None = None):
@@ -219,6 +244,7 @@ def run_bench(
     ours_factory: OursFactory = engine_runner,
     llama_factory: LlamaFactory = llama_cpp_runner,
     measure_bw: Callable[[Sequence[int], int], dict[str, float]] = measure_bandwidth,
+    ours_pairs: OursPairs = engine_pairs,
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
 ) -> dict[str, Any]:
     """Run the whole bench and return the JSON-ready result. `config` is the model's Phi3Config."""
@@ -240,6 +266,7 @@ def run_bench(
 
     results = []
     llama_meta: dict[str, Any] = {}
+    n_pairs = s.roofline_pairs if _on_cpu(s.device) else 0  # the probe reads host memory
     for t in s.threads:
         log(f"[threads={t}] loading our engine ...")
         runners: dict[str, Runner] = {"ours": ours_factory(model, s, t)}
@@ -264,10 +291,21 @@ def run_bench(
             for key, runner in runners.items():
                 if key.startswith("llama_cpp") and not llama_meta:
                     llama_meta = {k: runner.info.get(k) for k in ("version", "amx", "system_info")}
+            pairs: dict[str, dict[str, list[float]]] = {}
+            if n_pairs:
+                for key, runner in runners.items():
+                    if key.startswith("llama_cpp") and hasattr(runner, "pair"):
+                        log(f"[threads={t}] {key}: {n_pairs} decode steps between probe passes ...")
+                        raw = runner.pair(prompts[headline], n_pairs, s.bandwidth_bytes)
+                        if raw is not None:
+                            pairs[key] = raw
         finally:
             for runner in runners.values():
                 runner.close()
-        entry = _thread_entry(t, runs, headline, bandwidth.get(str(t)), our_bytes, llama_bytes)
+        if n_pairs:  # after the runners are gone: the child loads an engine of its own
+            log(f"[threads={t}] ours: {n_pairs} decode steps between probe passes ...")
+            pairs["ours"] = ours_pairs(model, s, t, prompts[headline])
+        entry = _thread_entry(t, runs, headline, bandwidth.get(str(t)), our_bytes, llama_bytes, pairs)
         results.append(entry)
 
     out: dict[str, Any] = {
@@ -306,7 +344,9 @@ def _thread_entry(
     bw: float | None,
     our_bytes: int,
     llama_bytes: int | None,
+    pairs: dict[str, dict[str, list[float]]] | None = None,
 ) -> dict[str, Any]:
+    pairs = pairs or {}
     ours = _side_summary(runs["ours"], headline)
     entry: dict[str, Any] = {"threads": t, "ours": ours}
     if bw:
@@ -317,6 +357,9 @@ def _thread_entry(
             "decode_tok_s_ceiling": roof,
             "fraction": ours["decode_tok_s"]["median"] / roof,
         }
+    if "ours" in pairs:
+        entry.setdefault("roofline", {"weight_bytes_per_token": our_bytes})
+        entry["roofline"]["paired"] = summarize_pairs(pairs["ours"], our_bytes)
     llama = {
         k.removeprefix("llama_cpp_"): _side_summary(v, headline)
         for k, v in runs.items()
@@ -326,6 +369,10 @@ def _thread_entry(
         if bw and llama_bytes:
             for side in llama.values():
                 side["roofline_fraction"] = side["decode_tok_s"]["median"] / (bw / llama_bytes)
+        if llama_bytes:
+            for k, side in llama.items():
+                if f"llama_cpp_{k}" in pairs:
+                    side["roofline_paired"] = summarize_pairs(pairs[f"llama_cpp_{k}"], llama_bytes)
         entry["llama_cpp"] = llama
         best_decode = max(v["decode_tok_s"]["median"] for v in llama.values())
         best_prefill = max(v["prefill_tok_s"]["median"] for v in llama.values())
@@ -374,7 +421,9 @@ def format_table(result: dict[str, Any]) -> str:
             (f"llama.cpp {k.replace('_', ' ')}", v) for k, v in e.get("llama_cpp", {}).items()
         ]
         for name, side in sides:
-            frac = e.get("roofline", {}).get("fraction") if name == "ours" else side.get("roofline_fraction")
+            roof = e.get("roofline", {}) if name == "ours" else {}
+            paired = roof.get("paired") if name == "ours" else side.get("roofline_paired")
+            frac = paired["fraction"] if paired else roof.get("fraction", side.get("roofline_fraction"))
             frac_s = f"{100 * frac:.0f}%" if frac else "-"
             lines.append(
                 f"{e['threads']:>7}  {name:<16} {_fmt(side['prefill_tok_s']):>24} "
@@ -385,6 +434,11 @@ def format_table(result: dict[str, Any]) -> str:
                 f"{'':>7}  ours / llama.cpp best: decode {e['decode_ratio_vs_llama_cpp']:.2f}x, "
                 f"prefill {e['prefill_ratio_vs_llama_cpp']:.2f}x"
             )
+    if any("paired" in e.get("roofline", {}) for e in result["results"]):
+        lines.append(
+            "roofline: weight bytes read per second in decode over the read bandwidth probed just before "
+            "and after each step (median over steps)"
+        )
     return "\n".join(lines)
 
 
@@ -409,7 +463,7 @@ def plot(result: dict[str, Any], out: str | Path) -> Path:
             err = np.array([lo, hi])
             label = "ours" if b == "ours" else f"llama.cpp {b.replace('_', ' ')}"
             ax.bar(x + (i - (len(backends) - 1) / 2) * width, med, width, yerr=err, capsize=3, label=label)
-        if metric == "decode_tok_s" and all("roofline" in e for e in results):
+        if metric == "decode_tok_s" and all("decode_tok_s_ceiling" in e.get("roofline", {}) for e in results):
             ceil = [e["roofline"]["decode_tok_s_ceiling"] for e in results]
             ax.scatter(x, ceil, marker="_", s=800, color="black", label="roofline (ours)")
         ax.set_xticks(x, [f"{e['threads']} thr" for e in results])

@@ -234,6 +234,7 @@ def _serve(stdin, stdout) -> None:
     from .timing import peak_rss_bytes, timed_generation
 
     model: LlamaCppModel | None = None
+    probe = None  # read_bandwidth.ReadProbe, built on the first "pair"
     for line in stdin:
         req = json.loads(line)
         cmd = req["cmd"]
@@ -263,6 +264,14 @@ def _serve(stdin, stdout) -> None:
                     **timed_generation(model, req["tokens"], req["decode_tokens"]),
                     "rss_peak_bytes": peak_rss_bytes(),
                 }
+            elif cmd == "pair":
+                assert model is not None, "load first"
+                from ..read_bandwidth import ReadProbe
+                from .pairing import paired_decode
+
+                if probe is None:
+                    probe = ReadProbe(req["threads"], req["nbytes"])
+                resp = {"ok": True, **paired_decode(model, req["tokens"], req["steps"], probe.rate)}
             elif cmd == "logits":
                 assert model is not None, "load first"
                 model.reset()
@@ -297,12 +306,16 @@ class LlamaCppWorker:
     ) -> None:
         self.gguf_path, self.threads, self.flash_attn = Path(gguf_path), threads, flash_attn
         self._stderr = tempfile.TemporaryFile(mode="w+")
+        # TVM's pool in the worker serves only the bandwidth probe ("pair"): as many threads as llama.cpp's,
+        # asleep as soon as a pass ends, not spinning beside llama.cpp's threads
+        env = dict(os.environ, TVM_NUM_THREADS=str(threads), TVM_THREAD_POOL_SPIN_COUNT="0")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "toolkit.bench.llama_cpp", "worker"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,
+            env=env,
         )
         self.info = self._call(
             {
@@ -339,6 +352,19 @@ class LlamaCppWorker:
 
     def run(self, tokens: Sequence[int], decode_tokens: int) -> dict[str, Any]:
         return self._call({"cmd": "run", "tokens": [int(t) for t in tokens], "decode_tokens": decode_tokens})
+
+    def pair(self, tokens: Sequence[int], steps: int, nbytes: int) -> dict[str, list[float]]:
+        """`pairing.paired_decode` in the worker, against a probe in the worker's process."""
+        resp = self._call(
+            {
+                "cmd": "pair",
+                "tokens": [int(t) for t in tokens],
+                "steps": steps,
+                "threads": self.threads,
+                "nbytes": nbytes,
+            }
+        )
+        return {"probe_bytes_s": resp["probe_bytes_s"], "decode_s": resp["decode_s"]}
 
     def logits(self, tokens: Sequence[int], then: Sequence[int] = ()) -> np.ndarray:
         """Last-position logits after the prompt, then after each token of `then`: [1+len(then), V]."""

@@ -103,6 +103,14 @@ def _int_list(ctx, param, value: str) -> list[int]:
 @click.option(
     "--no-build", is_flag=True, help="Fail instead of building llama-cpp-python when it is missing."
 )
+@click.option(
+    "--roofline-pairs",
+    type=click.IntRange(0),
+    default=24,
+    show_default=True,
+    help="Decode steps timed one by one between read-bandwidth probe passes, per backend and thread count "
+    "(the roofline fraction; 0: off; CPU presets only).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG chart here.")
 def command(
@@ -121,6 +129,7 @@ def command(
     llama_flash_attn,
     bandwidth_mib,
     no_build,
+    roofline_pairs,
     as_json,
     plot,
 ) -> None:
@@ -147,6 +156,7 @@ def command(
         vs_llama_cpp=vs_llama_cpp,
         llama_flash_attn=fa,
         bandwidth_bytes=bandwidth_mib << 20,
+        roofline_pairs=roofline_pairs,
     )
     settings.validate()
     src = open_model(model)
