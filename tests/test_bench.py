@@ -208,6 +208,26 @@ def test_run_bench_schema_with_test_doubles(tmp_path, monkeypatch):
     assert len(p8) == 1  # the same prompt for every backend
 
 
+def test_gpu_bench_claims_no_host_roofline():
+    """A GPU preset's decode does not read host DRAM: no bandwidth probe, no pairs, no roofline column."""
+    calls = []
+    s = BenchSettings(
+        threads=[1], prompt_lengths=[4], decode_tokens=2, repeats=1, warmup=0, device="cuda-sm90"
+    )
+    res = run_bench(
+        None,
+        s,
+        config=_tiny_config(),
+        ours_factory=lambda model, s, t: InProcessRunner(FakeBackend()),
+        measure_bw=lambda th, n: calls.append("probe") or {"1": 1e9},
+        ours_pairs=lambda *a: calls.append("pairs") or FAKE_PAIRS,
+        log=lambda m: None,
+    )
+    assert calls == [] and "roofline" not in res["results"][0]
+    assert res["roofline"]["read_bandwidth_bytes_s"] == {}
+    assert "%" not in harness.format_table(res)
+
+
 def test_run_bench_without_llama_and_plot(tmp_path):
     res, backends = _fake_bench(tmp_path)
     assert "decode_ratio_vs_llama_cpp" not in res and "llama_cpp" not in res["results"][0]

@@ -259,14 +259,17 @@ def run_bench(
     prompts = {p: rng.integers(3, vocab, size=p).tolist() for p in sorted(set(s.prompt_lengths))}
 
     load_before = os.getloadavg()
-    log("measuring memory read bandwidth ...")
-    bandwidth = measure_bw(s.threads, s.bandwidth_bytes)
+    on_cpu = _on_cpu(s.device)
+    bandwidth: dict[str, float] = {}
+    if on_cpu:  # the host's DRAM: no ceiling for a GPU's decode
+        log("measuring memory read bandwidth ...")
+        bandwidth = measure_bw(s.threads, s.bandwidth_bytes)
     our_bytes = weight_bytes_per_token(config, s.quantization)
     llama_bytes = gguf_weight_bytes_per_token(llama_gguf) if s.vs_llama_cpp and llama_gguf else None
 
     results = []
     llama_meta: dict[str, Any] = {}
-    n_pairs = s.roofline_pairs if _on_cpu(s.device) else 0  # the probe reads host memory
+    n_pairs = s.roofline_pairs if on_cpu else 0
     for t in s.threads:
         log(f"[threads={t}] loading our engine ...")
         runners: dict[str, Runner] = {"ours": ours_factory(model, s, t)}
