@@ -208,6 +208,17 @@ def test_run_bench_schema_with_test_doubles(tmp_path, monkeypatch):
     assert len(p8) == 1  # the same prompt for every backend
 
 
+def test_pairing_child_failure_is_one_line(tmp_path):
+    """The child that pairs our engine fails (here: a model path that does not exist) -> a UserError of one
+    line that names the way around it, not a traceback of the child."""
+    from toolkit.bench.pairing import engine_pairs
+
+    s = BenchSettings(threads=[1], roofline_pairs=2, bandwidth_bytes=1 << 20)
+    with pytest.raises(UserError) as e:
+        engine_pairs(tmp_path / "missing", s, 1, [1, 2, 3])
+    assert "--roofline-pairs 0" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_gpu_bench_claims_no_host_roofline():
     """A GPU preset's decode does not read host DRAM: no bandwidth probe, no pairs, no roofline column."""
     calls = []

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import UserError
 from .timing import Backend, summarize
 
 
@@ -74,8 +75,12 @@ def engine_pairs(model: Any, s, threads: int, prompt: Sequence[int]) -> dict[str
         text=True,
         env=env,
     )
-    if proc.returncode != 0:
-        raise RuntimeError(f"paired roofline run failed: {proc.stderr[-1500:]}")
+    if proc.returncode != 0:  # one line, with the way around it (the timed runs are done by now)
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(
+            f"the paired roofline run of our engine failed (exit {proc.returncode}: {last}); "
+            "--roofline-pairs 0 skips it"
+        )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
