@@ -26,7 +26,7 @@ HOST_HAS_AVX2 = cs.has_avx2(
 )
 
 
-def _q8_reference(x: np.ndarray, qw: np.ndarray, qs: np.ndarray):
+def _q8_reference(x: np.ndarray, qw: np.ndarray, qs: np.ndarray, zero_point: int = 7):
     """(y, bound): y = the int8-activation product in float64; bound = fp32 accumulation allowance."""
     n, k = qw.shape[0], qw.shape[1] * 8
     codes = ((qw[..., None] >> (np.arange(8, dtype=np.uint32) * 4)) & 15).reshape(n, k).astype(np.int64)
@@ -36,7 +36,7 @@ def _q8_reference(x: np.ndarray, qw: np.ndarray, qs: np.ndarray):
     inv = np.where(amax > 0, np.float32(127) / safe, 0).astype(np.float32)
     q = np.round((xg * inv).astype(np.float32)).astype(np.int64)  # half to even (llvm.nearbyint)
     d = (amax / np.float32(127)).astype(np.float32)[..., 0]  # [rows, G]
-    dots = np.einsum("rgi,ngi->rng", q, codes.reshape(n, k // 32, 32) - 7)  # [rows, n, G] exact integers
+    dots = np.einsum("rgi,ngi->rng", q, codes.reshape(n, k // 32, 32) - zero_point)  # [rows, n, G] exact
     terms = dots * (qs.astype(np.float64)[None] * d[:, None, :].astype(np.float64))
     y = terms.sum(-1)
     bound = 2 * (k // 32) * 2.0**-24 * np.abs(terms).sum(-1) + 1e-6 * np.abs(y)

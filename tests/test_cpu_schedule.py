@@ -22,16 +22,23 @@ TARGET = tvm.target.Target({"kind": "llvm", "num-cores": 2})
 RNG = np.random.default_rng(0)
 
 
-def _q4_weights(n: int, k: int, scale_dtype: str):
+def _q4_weights(n: int, k: int, scale_dtype: str, zero_point: int = 7):
     qw = RNG.integers(0, 2**32, (n, k // 8), dtype=np.uint32)
     qs = (RNG.random((n, k // 32)) * 0.05 + 0.001).astype(scale_dtype)
     codes = ((qw[..., None] >> (np.arange(8, dtype=np.uint32) * 4)) & 15).reshape(n, k).astype(np.float64)
-    w = (codes - 7) * np.repeat(qs.astype(np.float64), 32, axis=1)
+    w = (codes - zero_point) * np.repeat(qs.astype(np.float64), 32, axis=1)
     return qw, qs, w
 
 
 def _matmul_func(
-    n: int, k: int, rows: tuple, *, quant: bool, scale_dtype: str = "float16", add: bool = False
+    n: int,
+    k: int,
+    rows: tuple,
+    *,
+    quant: bool,
+    scale_dtype: str = "float16",
+    add: bool = False,
+    zero_point: float = 7.0,
 ):
     """The PrimFunc the pipeline makes for a Linear: [dequantize block] -> NT_matmul block [-> T_add]."""
     dims = [tirx.Var(d, "int64") if isinstance(d, str) else d for d in rows]
@@ -47,7 +54,7 @@ def _matmul_func(
                     ((qw[i, j // 8] >> (j % 8 * 4).astype("uint32")) & tirx.const(15, "uint32")).astype(
                         "float32"
                     )
-                    - tirx.const(7.0, "float32")
+                    - tirx.const(zero_point, "float32")
                 )
                 * qs[i, j // 32].astype("float32")
             ),

@@ -187,14 +187,19 @@ def _gguf_nt_matmul(layout, n: int = 64, k: int = 256):
 
 
 @pytest.mark.parametrize("block", ["q4_0", "q4_1", "q8_0"])
-def test_host_q4_kernels_decline_gguf_layouts(block):
-    """The host's hand-written int8 kernels read MLC's q4 layout (zero point 7, no min); a GGUF layout must
-    go to the generic schedules instead."""
+def test_host_q4_kernels_take_q4_0_and_decline_other_gguf_layouts(block):
+    """The host's hand-written int8 kernels read 4-bit codes in groups of 32 with the layout's zero point
+    and no min: MLC's q4 and GGUF's Q4_0 (zero point 8); Q4_1 (a per-group min) and Q8_0 (8-bit codes) go
+    to the generic schedules instead."""
     from toolkit.compile.cpu_schedule import _match_q4_matmul
     from toolkit.quantization import GGUF_BLOCK_LAYOUTS, MLC_Q4_LAYOUT
 
     assert _match_q4_matmul(_gguf_nt_matmul(MLC_Q4_LAYOUT)) is not None  # the matcher works on this form
-    assert _match_q4_matmul(_gguf_nt_matmul(GGUF_BLOCK_LAYOUTS[block])) is None
+    q = _match_q4_matmul(_gguf_nt_matmul(GGUF_BLOCK_LAYOUTS[block]))
+    if block == "q4_0":
+        assert q is not None and q.layout.zero_point == 8
+    else:
+        assert q is None
 
 
 @pytest.mark.parametrize(

@@ -272,3 +272,44 @@ def test_object_code_has_the_paths_instructions(mcpu, k, present, absent) -> Non
         assert _count(asm, pat) >= present.count(pat), (mcpu, pat)
     for pat in absent:
         assert _count(asm, pat) == 0, (mcpu, pat)
+
+
+@pytest.mark.parametrize("kernel", ["gemv", "gemm", "fp32-gemv", "fp32-gemm"])
+def test_gguf_q4_0_takes_the_host_kernels_with_its_zero_point(kernel: str) -> None:
+    """GGUF's Q4_0, repacked like MLC's q4 but with codes - 8, runs in the same hand kernels (the decode
+    GEMV in every dot-product path this CPU has, the prefill VNNI GEMM, the fp32-activation GEMV and GEMM),
+    which must subtract 8: within the int8 reference's bound (fp32 kernels: the exact product's) with zero
+    point 8, and off by far more with MLC's 7."""
+    from toolkit.quantization import GGUF_BLOCK_LAYOUTS
+
+    n, k = 64, 512
+    decode = kernel.endswith("gemv")
+    func = _matmul_func(n, k, (1, 1) if decode else (1, "s"), quant=True, zero_point=8.0)
+    assert cs._match_q4_matmul(func).layout == GGUF_BLOCK_LAYOUTS["q4_0"]
+    qw, qs, w = _q4_weights(n, k, "float16", zero_point=8)
+    m = 1 if decode else 9
+    x = RNG.standard_normal((1, m, k)).astype(np.float32)
+    dev = tvm.cpu()
+    if kernel == "gemv":
+        builds = [_build(func, HOST, [cs.CPUQ8DotGEMV(isa=isa)]) for isa in HOST_ISAS]
+    elif kernel == "gemm":
+        if q8_gemm_isa(HOST) is None:
+            pytest.skip("this CPU has no vpdpbusd: no int8 GEMM")
+        builds = [_build(func, HOST, [cs.CPUQ8VNNIGEMM()])]
+    else:
+        # the first rule the fp32-activation host pipeline tries that takes it: the hand kernel
+        rule = next(r for r in cs.cpu_schedule_rules(HOST) if r.apply(func, HOST, False) is not None)
+        assert type(rule) is (cs.CPUDequantGEMV if decode else cs.CPUQ4OuterGEMM)
+        builds = [_build(func, HOST, [rule])]
+    assert builds, "no kernel for this CPU"
+    for ex in builds:
+        out = tvm.runtime.empty((1, m, n), "float32", dev)
+        ex["main"](*[tvm.runtime.tensor(a, dev) for a in (x, qw, qs)], out)
+        got = out.numpy()
+        if kernel.startswith("fp32"):
+            _check_matmul(got, x, w, None)
+            continue
+        ref, bound = _q8_reference(x, qw, qs, zero_point=8)
+        assert np.all(np.abs(got - ref) <= bound), np.abs(got - ref).max()
+        ref7, _ = _q8_reference(x, qw, qs, zero_point=7)
+        assert np.abs(got - ref7).max() > 100 * bound.max()

@@ -131,17 +131,22 @@ def _q4_nt_matmul(layout: GroupLayout, n: int = 64, k: int = 256):
 
 
 def test_host_q4_matcher_declines_other_layouts():
-    """The host's hand-written q4 kernels are built for MLC's layout; any other layout (here groups of 64)
-    must not match them, so a generic schedule takes it instead of a kernel reading it as groups of 32."""
-    from toolkit.compile.cpu_schedule import HOST_Q4_LAYOUT, _match_q4_matmul
+    """The host's hand-written q4 kernels are built for 4-bit codes, 8 per uint32, groups of 32, with the
+    zero point of the layout (MLC's q4: 7; GGUF's Q4_0: 8); any other layout (here groups of 64, or Q4_1's
+    per-group min) must not match them, so a generic schedule takes it instead of a kernel misreading it."""
+    from toolkit.compile.cpu_schedule import HOST_Q4_LAYOUTS, _match_q4_matmul
+    from toolkit.quantization import GGUF_BLOCK_LAYOUTS
 
-    assert HOST_Q4_LAYOUT == MLC_Q4_LAYOUT
-    q = _match_q4_matmul(_q4_nt_matmul(MLC_Q4_LAYOUT))
-    assert q is not None and (q.n, q.k, q.layout) == (64, 256, MLC_Q4_LAYOUT)
+    assert HOST_Q4_LAYOUTS == (MLC_Q4_LAYOUT, GGUF_BLOCK_LAYOUTS["q4_0"])
+    for lay in HOST_Q4_LAYOUTS:
+        q = _match_q4_matmul(_q4_nt_matmul(lay))
+        assert q is not None and (q.n, q.k, q.layout) == (64, 256, lay)
     g64 = GroupLayout(bits=4, group_size=64, storage="uint32")
     assert _match_q4_matmul(_q4_nt_matmul(g64)) is None
+    zp5 = GroupLayout(bits=4, group_size=32, storage="uint32", zero_point=5)  # no kernel subtracts 5
+    assert _match_q4_matmul(_q4_nt_matmul(zp5)) is None
     # the matcher reads the layout it is given: it does see a groups-of-64 dequantize as one
-    assert _match_q4_matmul(_q4_nt_matmul(g64), g64).layout == g64
+    assert _match_q4_matmul(_q4_nt_matmul(g64), (g64,)).layout == g64
 
 
 def test_scheme_layout_is_derived_and_validated():

@@ -35,7 +35,7 @@ import operator
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .cpu_q8_gemv import _nibbles, with_params_of
+from .cpu_q8_gemv import _nibbles, check_layout, with_params_of
 
 BITS = 4  # the code width these kernels unpack (nibbles); the group size comes from the matched shapes
 PER_WORD = 32 // BITS  # codes per uint32 word
@@ -128,7 +128,7 @@ def q8_arm_gemm(func: tirx.PrimFunc, q, *, isa: str, mr: int = 4, nr: int = 8) -
     x_shape, out_shape = [*list(q.x.shape)[:-1], k], [*list(q.x.shape)[:-1], n]
     has_other, other_first = q.other is not None, q.other_first
     scale_dtype = str(q.q_scale.dtype)
-    zero = 2 ** (BITS - 1) - 1  # MLC's symmetric codes: w = (code - 7) * scale
+    zero = check_layout(q).zero_point  # w = (code - zero) * scale: 7 for MLC's q4, 8 for GGUF's Q4_0
     bi = mr // 2 if mmla else mr  # blocks of x rows per register block (pairs for smmla)
     bj = nr // 2 if mmla else nr // 4  # 4-lane int32 blocks per tile row (pairs / quads of weight rows)
 
@@ -152,7 +152,7 @@ def q8_arm_gemm(func: tirx.PrimFunc, q, *, isa: str, mr: int = 4, nr: int = 8) -
         xf = T.decl_buffer((n_rows * k,), "float32", data=x.data)
         of = T.decl_buffer((n_rows * n,), "float32", data=out.data)
         xq = T.alloc_buffer((m_pad * k,), "int8")  # x quantized (`xq_at`)
-        xz = T.alloc_buffer((m_pad * n_groups,), "int32")  # -7 * sum of a group's int8 activations
+        xz = T.alloc_buffer((m_pad * n_groups,), "int32")  # -zp * sum of a group's int8 activations
         xs = T.alloc_buffer((m_pad * n_groups,), "float32")  # a group's activation scale
         # 1. quantize x per group (rows in parallel: M x K values, small next to the GEMM)
         for m in T.parallel(m_pad):

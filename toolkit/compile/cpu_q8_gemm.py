@@ -6,7 +6,8 @@ in one int32. Per parallel task a tile of `lanes` weight rows (16 with 512-bit A
 AVX-VNNI) is repacked once into u8 codes laid out [K/4, rows, 4 k] (one vector per 4 k), and for each
 block of `mr` rows of x one `vpdpbusd` per (row, 4 k) multiplies the tile rows' codes with the row's 4
 activations broadcast to every lane: 4 multiply-adds per lane against 1 for an fp32 FMA. Each 32-group's
-int32 sums start from the -7 zero-point term and are scaled into fp32 accumulators once per group.
+int32 sums start from the zero-point term (-7, or -8 for GGUF Q4_0) and are scaled into fp32 accumulators
+once per group.
 
 Numerics: the integer sums are exact; the result equals `cpu_q8_gemv`'s up to fp32 summation order."""
 
@@ -33,7 +34,7 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
     registers (16: 512-bit, 8: 256-bit), also the weight rows per tile."""
     NR = lanes  # noqa: N806 - a constant of the kernel below
     lay = check_layout(q)
-    gs, epw, zp = lay.group_size, lay.elems_per_word, lay.max_int
+    gs, epw, zp = lay.group_size, lay.elems_per_word, lay.zero_point
     n, k = q.n, q.k
     assert n % NR == 0 and k % gs == 0
     n_groups, n_words, n_quads = k // gs, k // epw, k // 4  # 4 int8 activations per int32 (vpdpbusd)
@@ -53,7 +54,7 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
         xf = T.decl_buffer((n_rows * k,), "float32", data=x.data)
         of = T.decl_buffer((n_rows * n,), "float32", data=out.data)
         xq = T.alloc_buffer((n_rows * n_quads,), "uint32")  # 4 int8 activations per word, k order
-        xz = T.alloc_buffer((n_rows * n_groups,), "int32")  # -7 * sum of a group's int8 activations
+        xz = T.alloc_buffer((n_rows * n_groups,), "int32")  # -zp * sum of a group's int8 activations
         xs = T.alloc_buffer((n_rows * n_groups,), "float32")  # a group's activation scale
         # 1. quantize x per 32-group (rows in parallel: M x K values, small next to the GEMM)
         for m in T.parallel(n_rows):

@@ -8,8 +8,8 @@ one 32-byte load whose low and high nibbles (u8) are multiplied with the matchin
 - `avx512vnni`: the same on 512-bit registers, 128 weights (two chunks) per step;
 - `neon-dotprod` / `neon` (arm64): `sdot`, or int16 products and pairwise adds, per 128-bit half
   (`cpu_arm_dot`).
-The -7 zero point is a per-lane integer term (`xz`, the VNNI chains start from it) and the weight and
-activation scales one fp32 multiply-add per step.
+The zero point (-7 for MLC's q4, -8 for GGUF's Q4_0) is a per-lane integer term (`xz`, the VNNI chains
+start from it) and the weight and activation scales one fp32 multiply-add per step.
 
 MLC's q4 layout (word j of row n holds k = 8j..8j+7, nibble c at bits 4c) is read as is: byte i of the 32
 bytes at word 8b holds k = 64b + 2i (low nibble) and 64b + 2i + 1 (high), so x is stored de-interleaved
@@ -76,12 +76,22 @@ def _dot_vnni(words, xe, xo, xz, lanes: int) -> tirx.PrimExpr:
 
 
 def check_layout(q) -> GroupLayout:
-    """The match's storage layout, which must be the one these kernels are written for: MLC's q4 (4-bit
-    codes, 8 per uint32, groups of 32); the byte/nibble tricks below depend on it. `_match_q4_matmul`
-    only matches that layout, so this is a guard against a caller bypassing it."""
-    if q.layout != MLC_Q4_LAYOUT:
-        raise ValueError(f"host q4 kernels handle {MLC_Q4_LAYOUT}, not {q.layout}")
-    return q.layout
+    """The match's storage layout, which must be one these kernels are written for: 4-bit codes, 8 per
+    uint32 in element order, groups of 32, no per-group min (MLC's q4, GGUF's Q4_0 as repacked); the
+    byte/nibble tricks below depend on it, the zero point comes from it. `_match_q4_matmul` only matches
+    such layouts, so this is a guard against a caller bypassing it."""
+    lay = q.layout
+    if (lay.bits, lay.elems_per_word, lay.group_size, lay.storage, lay.has_min) != (
+        4,
+        8,
+        32,
+        "uint32",
+        False,
+    ):
+        raise ValueError(
+            f"host q4 kernels handle 4-bit codes in groups of 32 like {MLC_Q4_LAYOUT}, not {lay}"
+        )
+    return lay
 
 
 def _lane_sum(acc, base, lanes: int) -> tirx.PrimExpr:
@@ -113,7 +123,7 @@ def q8_dot_gemv(
     and accumulators share, so a long distance evicts them; 2: L2). One row of x only: the batched path
     does several times the work per byte."""
     lay = check_layout(q)
-    gs, zp = lay.group_size, lay.max_int
+    gs, zp = lay.group_size, lay.zero_point
     lanes = Q8_DOT_LANES[isa]
     span = lanes // 8  # 64-weight chunks per step
     n, k = q.n, q.k
@@ -168,7 +178,7 @@ def q8_dot_gemv(
         of = T.decl_buffer((n_rows * n,), "float32", data=out.data)
         xe = T.alloc_buffer((n_rows * n_chunks * 32,), "int8")  # even k of each 64-chunk, quantized
         xo = T.alloc_buffer((n_rows * n_chunks * 32,), "int8")  # odd k
-        xz = T.alloc_buffer((n_rows * n_chunks * 8,), "int32")  # -7 * sum of the codes a lane covers
+        xz = T.alloc_buffer((n_rows * n_chunks * 8,), "int32")  # -zp * sum of the activations a lane covers
         xs = T.alloc_buffer((n_rows * n_chunks * 8,), "float32")  # activation scale of a lane's group
         amax = T.alloc_buffer((1,), "float32", scope="local")
         # 1. quantize x per 32-group (K values per row: negligible next to the N x K weights)

@@ -38,14 +38,15 @@ from tvm.s_tir.dlight.analysis import SBlockInfo, normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule, try_inline_contiguous_spatial
 from tvm.target import Target, codegen
 
-from ..quantization import MLC_Q4_LAYOUT, GroupLayout
+from ..quantization import GGUF_BLOCK_LAYOUTS, MLC_Q4_LAYOUT, GroupLayout
 from .cpu_isa import Q4_GEMM_LANES, Q8_DOT_LANES, q4_gemm_isa, q8_dot_isas, q8_gemm_isa
 from .knobs import DEFAULTS, Knobs, shape_key
 
 # The hand-written q4 kernels below (`_regrouped_q4_gemv`, `cpu_q8_gemv`, `cpu_q4_gemm`, `cpu_q8_gemm`) are
-# built for this one storage layout (4-bit codes, 8 per uint32, groups of 32); `_match_q4_matmul` declines
-# any other layout, which then takes the generic `CPUGEMV` / `CPUGEMM` schedules.
-HOST_Q4_LAYOUT: GroupLayout = MLC_Q4_LAYOUT
+# built for one storage of the codes (4-bit codes, 8 per uint32 in element order, groups of 32, no per-group
+# min) and take the zero point from the layout: MLC's q4 (c - 7) and GGUF's Q4_0 as repacked (c - 8).
+# `_match_q4_matmul` declines any other layout, which then takes the generic `CPUGEMV` / `CPUGEMM` schedules.
+HOST_Q4_LAYOUTS: tuple[GroupLayout, ...] = (MLC_Q4_LAYOUT, GGUF_BLOCK_LAYOUTS["q4_0"])
 
 ARM_GEMM_NR = 8  # weight rows per tile of the arm64 int8 GEMM (4 smmla row pairs / 2 sdot quads)
 
@@ -327,13 +328,13 @@ class _Q4Matmul:
     other_first: bool
     n: int
     k: int
-    layout: GroupLayout  # the storage layout of q_weight / q_scale (always HOST_Q4_LAYOUT today)
+    layout: GroupLayout  # the storage layout of q_weight / q_scale (one of HOST_Q4_LAYOUTS)
 
 
 def _match_dequant(stmt, analyzer, layout: GroupLayout):
     """(q_weight, q_scale, W) if `stmt` is the dequantize of `layout`:
     W[n, k] = (((qw[n, k // epw] >> bits*(k % epw)) & mask) - max_int) * s[n, k // group_size]
-    (for MLC's q4: ((qw[n, k//8] >> 4*(k%8)) & 15) - 7) * s[n, k//32])."""
+    (for MLC's q4: ((qw[n, k//8] >> 4*(k%8)) & 15) - 7) * s[n, k//32]; GGUF's Q4_0 subtracts 8)."""
     if len(stmt.iter_vars) != 2 or any(int(iv.iter_type) != 0 for iv in stmt.iter_vars):
         return None
     store = stmt.body
@@ -348,7 +349,7 @@ def _match_dequant(stmt, analyzer, layout: GroupLayout):
     sub, scale = val.a, val.b
     if _kind(sub) != "Sub":
         sub, scale = scale, sub
-    if _kind(sub) != "Sub" or not _is_const(sub.b, float(layout.max_int)):
+    if _kind(sub) != "Sub" or not _is_const(sub.b, float(layout.zero_point)):
         return None
     scale = _strip_cast(scale, "float32")
     if _kind(scale) != "TensorLoad" or len(scale.indices) != 2:
@@ -374,9 +375,11 @@ def _match_dequant(stmt, analyzer, layout: GroupLayout):
     return word.source, scale.source, store.buffer
 
 
-def _match_q4_matmul(func: tirx.PrimFunc, layout: GroupLayout = HOST_Q4_LAYOUT) -> _Q4Matmul | None:
-    """The q4 matmul of `func` if its dequantize reads exactly `layout`; None for anything else (another
-    group size or code width included), so that a generic rule schedules it instead."""
+def _match_q4_matmul(
+    func: tirx.PrimFunc, layouts: tuple[GroupLayout, ...] = HOST_Q4_LAYOUTS
+) -> _Q4Matmul | None:
+    """The q4 matmul of `func` if its dequantize reads exactly one of `layouts`; None for anything else
+    (another group size, code width or zero point included), so that a generic rule schedules it instead."""
     from tvm import sym
 
     analyzer = sym.Analyzer()
@@ -384,8 +387,11 @@ def _match_q4_matmul(func: tirx.PrimFunc, layout: GroupLayout = HOST_Q4_LAYOUT) 
     blocks = [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))] if _has_root(sch) else []
     if len(blocks) not in (2, 3):
         return None
-    deq = _match_dequant(blocks[0], analyzer, layout)
-    if deq is None:
+    for layout in layouts:
+        deq = _match_dequant(blocks[0], analyzer, layout)
+        if deq is not None:
+            break
+    else:
         return None
     q_weight, q_scale, w_buf = deq
     mm = blocks[1]
@@ -494,10 +500,10 @@ def _regrouped_q4_gemv(
     from tvm import te
 
     lay = q.layout
-    assert lay == HOST_Q4_LAYOUT, "written for 4-bit codes, 8 per uint32, groups of 32"
+    assert lay in HOST_Q4_LAYOUTS, "written for 4-bit codes, 8 per uint32, groups of 32"
     epw, bits, word_dtype = lay.elems_per_word, lay.bits, lay.storage
     g_count = q.k // lay.group_size
-    zero_point = tirx.const(float(lay.max_int), "float32")
+    zero_point = tirx.const(float(lay.zero_point), "float32")
     placeholders = {}
     for p in func.params:
         placeholders[p] = te.placeholder(list(p.shape), str(p.dtype), name=p.name)
