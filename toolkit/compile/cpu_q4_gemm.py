@@ -21,13 +21,8 @@ def q4_outer_gemm(func: tirx.PrimFunc, q, *, mr: int = 6, nr: int = 16, lanes: i
     """`func` (a `_Q4Matmul` match `q`: x [.., M, K] with a dynamic M, q_weight, q_scale, out, optional
     residual) as the outer-product kernel; `lanes`: fp32 lanes per vector (8: AVX2, 16: AVX-512)."""
     lay = check_layout(q)
-    epw, wpg, bits, mask, zp = (
-        lay.elems_per_word,
-        lay.words_per_group,
-        lay.bits,
-        lay.code_mask,
-        lay.zero_point,
-    )
+    epw, wpg, bits, mask = lay.elems_per_word, lay.words_per_group, lay.bits, lay.code_mask
+    zp = lay.zero_point
     n, k = q.n, q.k
     assert n % nr == 0 and k % lay.group_size == 0 and nr % lanes == 0
     n_groups, n_words = k // lay.group_size, k // epw

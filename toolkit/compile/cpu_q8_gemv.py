@@ -30,9 +30,14 @@ import operator
 from tvm import tirx
 from tvm.script import tirx as T
 
-from ..quantization import MLC_Q4_LAYOUT, GroupLayout
+from ..quantization import GGUF_BLOCK_LAYOUTS, MLC_Q4_LAYOUT, GroupLayout
 from .cpu_isa import Q8_DOT_LANES
 
+# The layouts the host's hand q4 kernels (this module, `cpu_q8_gemm`, `cpu_q4_gemm`, `cpu_arm_dot`,
+# `cpu_schedule._regrouped_q4_gemv`) are built for: 4-bit codes, 8 per uint32 in element order, groups of
+# 32, no per-group min; the zero point comes from the layout: MLC's q4 (c - 7) and GGUF's Q4_0 as repacked
+# (c - 8). `cpu_schedule._match_q4_matmul` declines any other layout (generic schedules take it).
+HOST_Q4_LAYOUTS: tuple[GroupLayout, ...] = (MLC_Q4_LAYOUT, GGUF_BLOCK_LAYOUTS["q4_0"])
 MASK = 0x0F0F0F0F  # low nibble of every byte of a word
 BATCH_BLOCK = 4  # rows of x per unrolled block of the batched path (accumulators in registers)
 BATCH_W_ROWS = 2  # weight rows per x load of the batched path: x's loads serve 2 rows (-8..14% time)
@@ -76,22 +81,11 @@ def _dot_vnni(words, xe, xo, xz, lanes: int) -> tirx.PrimExpr:
 
 
 def check_layout(q) -> GroupLayout:
-    """The match's storage layout, which must be one these kernels are written for: 4-bit codes, 8 per
-    uint32 in element order, groups of 32, no per-group min (MLC's q4, GGUF's Q4_0 as repacked); the
-    byte/nibble tricks below depend on it, the zero point comes from it. `_match_q4_matmul` only matches
-    such layouts, so this is a guard against a caller bypassing it."""
-    lay = q.layout
-    if (lay.bits, lay.elems_per_word, lay.group_size, lay.storage, lay.has_min) != (
-        4,
-        8,
-        32,
-        "uint32",
-        False,
-    ):
-        raise ValueError(
-            f"host q4 kernels handle 4-bit codes in groups of 32 like {MLC_Q4_LAYOUT}, not {lay}"
-        )
-    return lay
+    """The match's storage layout, which must be one of HOST_Q4_LAYOUTS (the byte/nibble tricks below
+    depend on it). `_match_q4_matmul` only matches those, so this guards against a caller bypassing it."""
+    if q.layout not in HOST_Q4_LAYOUTS:
+        raise ValueError(f"host q4 kernels handle {HOST_Q4_LAYOUTS}, not {q.layout}")
+    return q.layout
 
 
 def _lane_sum(acc, base, lanes: int) -> tirx.PrimExpr:

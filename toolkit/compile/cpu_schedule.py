@@ -38,15 +38,10 @@ from tvm.s_tir.dlight.analysis import SBlockInfo, normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule, try_inline_contiguous_spatial
 from tvm.target import Target, codegen
 
-from ..quantization import GGUF_BLOCK_LAYOUTS, MLC_Q4_LAYOUT, GroupLayout
+from ..quantization import GroupLayout
 from .cpu_isa import Q4_GEMM_LANES, Q8_DOT_LANES, q4_gemm_isa, q8_dot_isas, q8_gemm_isa
+from .cpu_q8_gemv import HOST_Q4_LAYOUTS
 from .knobs import DEFAULTS, Knobs, shape_key
-
-# The hand-written q4 kernels below (`_regrouped_q4_gemv`, `cpu_q8_gemv`, `cpu_q4_gemm`, `cpu_q8_gemm`) are
-# built for one storage of the codes (4-bit codes, 8 per uint32 in element order, groups of 32, no per-group
-# min) and take the zero point from the layout: MLC's q4 (c - 7) and GGUF's Q4_0 as repacked (c - 8).
-# `_match_q4_matmul` declines any other layout, which then takes the generic `CPUGEMV` / `CPUGEMM` schedules.
-HOST_Q4_LAYOUTS: tuple[GroupLayout, ...] = (MLC_Q4_LAYOUT, GGUF_BLOCK_LAYOUTS["q4_0"])
 
 ARM_GEMM_NR = 8  # weight rows per tile of the arm64 int8 GEMM (4 smmla row pairs / 2 sdot quads)
 
@@ -333,7 +328,7 @@ class _Q4Matmul:
 
 def _match_dequant(stmt, analyzer, layout: GroupLayout):
     """(q_weight, q_scale, W) if `stmt` is the dequantize of `layout`:
-    W[n, k] = (((qw[n, k // epw] >> bits*(k % epw)) & mask) - max_int) * s[n, k // group_size]
+    W[n, k] = (((qw[n, k // epw] >> bits*(k % epw)) & mask) - zero_point) * s[n, k // group_size]
     (for MLC's q4: ((qw[n, k//8] >> 4*(k%8)) & 15) - 7) * s[n, k//32]; GGUF's Q4_0 subtracts 8)."""
     if len(stmt.iter_vars) != 2 or any(int(iv.iter_type) != 0 for iv in stmt.iter_vars):
         return None
