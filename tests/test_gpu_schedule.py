@@ -52,6 +52,35 @@ def test_preset_parameters_reach_dlight():
     assert matmul.get_configs(preset.target).block_size_x == 4
 
 
+def test_low_batch_ranges_come_from_the_preset_and_are_validated(tmp_path):
+    assert load_preset("cuda-sm90").low_batch_gemv == ((2, 2), (8, 4))  # MLC's ranges by default
+    from toolkit.targets import _load
+
+    data = json.loads(open(load_preset("webgpu").path).read())
+
+    for bad in ([[8, 4], [2, 2]], [[2, 0]], [[2]], "2,2", [[2.5, 2]], [[True, 2]]):
+        data["dlight"]["low_batch_gemv"] = bad
+        (tmp_path / "webgpu.json").write_text(json.dumps(data))
+        with pytest.raises(UserError, match="low_batch_gemv"):
+            _load(tmp_path / "webgpu.json")
+    data["dlight"]["rules"] = [r for r in data["dlight"]["rules"] if r != "LowBatchGEMV"]
+    data["dlight"]["low_batch_gemv"] = [[4, 4]]
+    (tmp_path / "webgpu.json").write_text(json.dumps(data))
+    assert _load(tmp_path / "webgpu.json").low_batch_gemv == ()  # no LowBatchGEMV rule: no dispatch
+
+
+def test_low_batch_dispatch_gives_symbolic_batch_matmuls_a_gemv_branch():
+    """dlight's Matmul alone tiles a symbolic-row q4 matmul by 128 rows, a GEMM for a batch of one; the
+    scheduled kernel now branches on the row count, thread-invariantly, LowBatchGEMV first."""
+    mod = tvm.IRModule({"mm": dequant_matmul(256, 512, "float16", "n")})
+    out = gpu_schedule_pass(load_preset("cuda-sm90"))(mod)["mm"]
+    script = out.script()
+    assert script.count("tvm_thread_invariant") == 2 and "n <= T.int64(2)" in script
+    check_thread_bindings(tvm.IRModule({"mm": out}))
+    static = tvm.IRModule({"mm": dequant_matmul(256, 512, "float16", 1)})  # static rows: plain rules
+    assert "tvm_thread_invariant" not in gpu_schedule_pass(load_preset("cuda-sm90"))(static)["mm"].script()
+
+
 def test_host_preset_is_not_a_gpu_preset():
     with pytest.raises(ValueError):
         gpu_schedule_pass(load_preset("host"))

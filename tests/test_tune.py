@@ -135,3 +135,28 @@ def test_rpc_tuning_through_a_loopback_tracker(tiny_lowered, tmp_path):
     write_records(preset, [result], device_fingerprint(preset, "phi3-test"), tmp_path)
     index = json.loads((tmp_path / "host" / INDEX).read_text())
     assert index["fingerprint"]["rpc_key"] == "phi3-test"
+
+
+def test_a_static_kernels_workload_is_a_copy_and_its_replay_keeps_the_kernels_name():
+    """GPU decode kernels are static, so nothing is specialised: the tuning workload must still be a copy (a
+    Schedule edits its statements in place; the model's kernel changed hash and its records never applied),
+    and the replayed kernel must not take the workload's symbol "main" (duplicate symbols fail the build)."""
+    from tvm import s_tir
+
+    from toolkit.compile.gpu_schedule import dlight_rules
+    from toolkit.compile.tuned_records import replay_on_kernel
+    from toolkit.compile.workloads import as_workload, func_hash
+    from toolkit.tune.extract import default_schedule
+    from toolkit.verify.sample_kernels import dequant_matmul
+
+    preset = load_preset("cuda-sm90")
+    func = dequant_matmul(256, 512, "float16", 1).without_attr("global_symbol")  # as the model lowers them
+    before = func_hash(func)
+    rule, _, sch = default_schedule(func, preset.target, dlight_rules(preset))
+    assert rule == "GEMV"
+    probe = s_tir.Schedule(as_workload(func))
+    sch.trace.apply_to_schedule(probe, remove_postproc=False)
+    assert func_hash(func) == before
+    replayed = replay_on_kernel(func, sch.trace)
+    assert replayed is not None and "global_symbol" not in (replayed.attrs or {})
+    assert func_hash(func) == before

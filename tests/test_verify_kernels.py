@@ -89,7 +89,8 @@ def test_a_wrong_launch_is_caught(monkeypatch):
 def test_kernel_params_and_launch_sizes_come_from_lowered_tir():
     _mod, scheduled = _scheduled("webgpu", "float32")
     info = kernel_info.describe(scheduled, load_preset("webgpu").target)["dequant_matmul"]
-    (launch,) = info.kernels
+    *_low_batch, launch = info.kernels  # a kernel per batch range (compile/low_batch_gemv.py), Matmul last
+    assert len(_low_batch) == 2
     names = [p.name for p in launch.params]
     # SplitHostDevice order: buffers sorted by name, then the shape scalar
     assert names == ["NT_matmul_ptr", "q_scale_ptr", "q_weight_ptr", "x_ptr", "seq_len"]
@@ -263,3 +264,16 @@ def test_a_non_finite_output_never_reads_as_a_pass(ref, got, passes):
     ref, got = np.array(ref, "float32"), np.array(got, "float32")
     err, tol, _ = _compare(["out"], {"out": ref}, {"out": got})
     assert (err <= tol) == passes
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 9, 130])
+def test_low_batch_dispatch_branches_compute_the_same_matmul(rows):
+    """A q4 matmul over a symbolic row count is one kernel with a branch per batch range (LowBatchGEMV for
+    n <= 2 and n <= 8, Matmul beyond): every branch, run on PoCL, equals the llvm build unscheduled."""
+    gpu_apis.require("opencl")
+    mod = standalone_module("float32")
+    scheduled = gpu_schedule_pass(load_preset("android-adreno"))(mod)
+    assert "tvm_thread_invariant" in scheduled["dequant_matmul"].script()
+    checks = verify_kernels(mod, scheduled, "opencl", shape_values={"seq_len": rows})
+    gemm = next(c for c in checks if c.func == "dequant_matmul")
+    assert gemm.status == "ok" and gemm.shape_values == {"seq_len": rows}, gemm.to_dict()

@@ -26,8 +26,10 @@ def with_capture_hints(mod: IRModule, bounds: dict[str, int]) -> IRModule:
     for gv, f in mod.functions.items():
         if isinstance(f, relax.Function):
             f = f.with_attr("tir_var_upper_bound", bounds)
-            if gv.name_hint in CAPTURE_VARS:
-                f = f.with_attr("relax.rewrite_cuda_graph.capture_symbolic_vars", CAPTURE_VARS[gv.name_hint])
+            defined = {v.name for v in relax.analysis.defined_symbolic_vars(f)}
+            keys = [v for v in CAPTURE_VARS.get(gv.name_hint, []) if v in defined]  # GPU decode is static
+            if keys:
+                f = f.with_attr("relax.rewrite_cuda_graph.capture_symbolic_vars", keys)
         out[gv] = f
     return IRModule(out, attrs=mod.attrs)
 

@@ -55,7 +55,13 @@ def graph_options(quantization: str, preset: Preset, dtype: str | None = None) -
     scheme = get_scheme(quantization)
     if dtype is None:
         dtype = "float32" if preset.kind == "llvm" else scheme.model_dtype
-    return GraphOptions(quantization=scheme.name, dtype=dtype, kv_dtype=preset.kv_cache_dtype)
+    return GraphOptions(
+        quantization=scheme.name,
+        dtype=dtype,
+        kv_dtype=preset.kv_cache_dtype,
+        static_decode=preset.is_gpu,
+        cache_rope=preset.is_gpu,
+    )
 
 
 def schedule_rules(preset: Preset) -> list:

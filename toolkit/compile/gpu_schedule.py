@@ -69,17 +69,26 @@ def gpu_schedule_pass(preset: Preset) -> tvm.transform.Pass:
     `tirx.is_scheduled` (tuned records, applied before: compile/tuned_records.py) keep their schedule."""
     if not preset.is_gpu:
         raise ValueError(f"preset {preset.name} is not a GPU preset (kind {preset.kind})")
+    from .low_batch_gemv import low_batch_dispatch
+
     rules = dlight_rules(preset)
     if preset.kind in ("metal", "cuda") and "Matmul" in preset.dlight_rules:
         import_tensor_intrinsics()
     target = preset.target
+    dispatch = None
+    if preset.low_batch_gemv:  # matmuls over a symbolic batch: GEMV schedules for small batches first
+        large = [r for r, name in zip(rules, preset.dlight_rules, strict=True) if name != "LowBatchGEMV"]
+        dispatch = low_batch_dispatch(preset.low_batch_gemv, large)
 
     @tvm.transform.module_pass(opt_level=0, name="GPUSchedule")
     def _schedule(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
             # dlight assigns into the module it is given (mod[gv] = ...), which would also rewrite the
             # caller's unscheduled module (the verification reference): work on a copy
-            return dl.ApplyDefaultSchedule(*rules)(mod.clone())
+            mod = mod.clone()
+            if dispatch is not None:
+                mod = dispatch(mod)
+            return dl.ApplyDefaultSchedule(*rules)(mod)
 
     return _schedule
 

@@ -151,4 +151,6 @@ def replay_on_kernel(func: tirx.PrimFunc, trace: s_tir.Trace) -> tirx.PrimFunc |
     new = sch.mod["main"]
     if func.attrs is not None and "global_symbol" in func.attrs:
         new = new.with_attr("global_symbol", func.attrs["global_symbol"])
+    elif new.attrs is not None and "global_symbol" in new.attrs:
+        new = new.without_attr("global_symbol")  # the workload's "main", not the kernel's name
     return new.with_attr("tirx.is_scheduled", True)

@@ -105,6 +105,9 @@ def as_workload(func: tirx.PrimFunc) -> IRModule:
     """The IRModule form MetaSchedule keys its database by (same normalisation as tune_tir)."""
     from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
+    # a deep copy: a Schedule made on the workload edits its statements in place, and a static-shape kernel
+    # (GPU decode: nothing to specialise) would otherwise share them with the model's own PrimFunc
+    func = tvm.ir.load_json(tvm.ir.save_json(func))
     return _normalize_mod(
         func.without_attr("global_symbol") if func.attrs and "global_symbol" in func.attrs else func
     )

@@ -44,6 +44,13 @@ class GraphOptions:
     quantization: str = "q0f32"
     dtype: str = "float32"  # activations
     kv_dtype: str | None = None  # the paged KV cache; None = the activation dtype
+    # decode takes [1, 1, h] (MLC's own shape): GPU builds, where dlight's GEMV rule needs a static row count;
+    # the host keeps a symbolic batch (its batched GEMV schedules, see spec())
+    static_decode: bool = False
+    # GPU builds: the KV cache rotates q/k (TVM's split kernel, which runs anyway; MLC's own Phi-3 libraries
+    # do the same) wherever that is exactly our RoPE (see `cache_rope_exact`): our kernel reads positions
+    # from a cache builtin, so it can't join a CUDA graph and cost a launch and a graph break per layer
+    cache_rope: bool = False
 
     @property
     def cache_dtype(self) -> str:
@@ -87,13 +94,16 @@ class Phi3Attention(nn.Module):
             cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, opts, f"{prefix}.o_proj"
         )
 
-    def forward(self, x: nn.Tensor, positions: nn.Tensor, rope_long, kv: PagedKVCache, layer: int):
+    def forward(self, x: nn.Tensor, positions, rope_long, kv: PagedKVCache, layer: int):
         c = self.cfg
         b, s, _ = x.shape
         n_heads = c.num_attention_heads + 2 * c.num_key_value_heads
-        qkv = op.reshape(self.qkv_proj(x), (b * s, n_heads, c.head_dim))  # (n, nH+2nKV, hd)
-        qkv = apply_rope_to_qkv(qkv, positions, rope_long, c)
-        qkv = op.reshape(qkv, (b, s, n_heads, c.head_dim))
+        if positions is None:  # the cache rotates q/k
+            qkv = op.reshape(self.qkv_proj(x), (b, s, n_heads, c.head_dim))
+        else:
+            qkv = op.reshape(self.qkv_proj(x), (b * s, n_heads, c.head_dim))  # (n, nH+2nKV, hd)
+            qkv = apply_rope_to_qkv(qkv, positions, rope_long, c)
+            qkv = op.reshape(qkv, (b, s, n_heads, c.head_dim))
         if self.cache_dtype != self.dtype:  # the cache's kernels take q/k/v/o in its dtype (fp32 inside)
             qkv = qkv.astype(self.cache_dtype)
         o = kv.attention_with_fused_qkv(layer, qkv, c.num_attention_heads, sm_scale=c.head_dim**-0.5)
@@ -143,6 +153,7 @@ class Phi3Model(nn.Module):
 class Phi3ForCausalLM(nn.Module):
     def __init__(self, cfg: Phi3Config, opts: GraphOptions, target: Target) -> None:
         self.cfg, self.opts, self.target = cfg, opts, target
+        self.rope_in_cache = opts.cache_rope and cache_rope_exact(cfg)
         self.model = Phi3Model(cfg, opts)
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(
@@ -151,8 +162,10 @@ class Phi3ForCausalLM(nn.Module):
 
     def _body(self, x: nn.Tensor, kv: PagedKVCache, ends: str, logit_positions: nn.Tensor | None = None):
         b, s, _ = x.shape
-        positions = kv.get_query_positions(b * s)
-        rope_long = longrope_flags(positions, self.cfg, ends, logit_positions)
+        positions = rope_long = None
+        if not self.rope_in_cache:
+            positions = kv.get_query_positions(b * s)
+            rope_long = longrope_flags(positions, self.cfg, ends, logit_positions)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, positions, rope_long, kv, i)
         return self.model.norm(x)
@@ -207,7 +220,7 @@ class Phi3ForCausalLM(nn.Module):
             v_head_dim=c.head_dim,
             mla_original_qk_head_dim=0,
             mla_original_v_head_dim=0,
-            rope_mode=RopeMode.NONE,  # we rotate q/k ourselves (rope.py)
+            rope_mode=RopeMode.NORMAL if self.rope_in_cache else RopeMode.NONE,  # else ours (rope.py)
             rope_scale=1,
             rope_theta=int(c.rope_theta),
             rope_scaling={},
@@ -240,7 +253,7 @@ class Phi3ForCausalLM(nn.Module):
                 # MLC calls it with [1, 1, h]; a symbolic batch keeps the host's batched GEMV schedules, which
                 # the static-shape kernels miss (3.5x slower per token, SmolLM2, 1 thread)
                 "decode": {
-                    "input_embed": nn.spec.Tensor(["batch_size", 1, h], dt),
+                    "input_embed": nn.spec.Tensor([1 if self.opts.static_decode else "batch_size", 1, h], dt),
                     "paged_kv_cache": kv,
                     **packed,
                 },
@@ -263,6 +276,14 @@ class Phi3ForCausalLM(nn.Module):
             },
             self,
         )
+
+
+def cache_rope_exact(cfg: Phi3Config) -> bool:
+    """Whether the KV cache's own RoPE computes ours: one factor set (no LongRoPE, so no per-sequence choice
+    and no attention factor), every dimension rotated, and an integral theta (the cache takes it as an
+    int). The cache's query positions are absolute: its sliding window is never enabled
+    (engine.KV_SLIDING_WINDOW_SUPPORT)."""
+    return cfg.longrope is None and cfg.rotary_dim == cfg.head_dim and float(cfg.rope_theta).is_integer()
 
 
 def attention_window(cfg: Phi3Config) -> int:

@@ -38,6 +38,8 @@ DLIGHT_RULES = (
 )
 _REQUIRED_KEYS = ("name", "description", "target", "output", "why")
 # MLC-LLM's GPU rule order (compiler_pass/pipeline.py) plus LowBatchGEMV; used when a GPU preset names none
+# batch ranges and LowBatchGEMV buckets, MLC-LLM's (compiler_pass/low_batch_specialization.py, 79d603f0)
+LOW_BATCH_RANGES = ((2, 2), (8, 4))
 DEFAULT_GPU_RULES = ("Matmul", "GEMV", "LowBatchGEMV", "Reduction", "GeneralReduction", "Fallback")
 
 
@@ -53,6 +55,9 @@ class Preset:
     system_lib: bool
     dlight_rules: tuple[str, ...] = ()
     low_batch_gemv_bucket: int = 4
+    # ((n_max, bucket), ...): matmuls over a symbolic batch n take LowBatchGEMV(bucket) for the first
+    # n <= n_max, the other rules above (compile/low_batch_gemv.py); empty without LowBatchGEMV
+    low_batch_gemv: tuple[tuple[int, int], ...] = ()
     matmul_config: dict[str, Any] | None = field(default=None, hash=False, compare=False)
     cuda_gencode: tuple[str, ...] = ()
     q4_activations: str = "float32"  # CPU q4 GEMVs: "int8" = llama.cpp-style integer dot products
@@ -146,6 +151,9 @@ def _load(path: Path) -> Preset:
         # A GPU build without rules leaves kernels unscheduled (they would run as host code and crash on
         # device).
         raise UserError("a GPU preset's dlight rules must end with 'Fallback'", path)
+    low_batch = _low_batch_ranges(dlight.get("low_batch_gemv", LOW_BATCH_RANGES), path)
+    if "LowBatchGEMV" not in rules:
+        low_batch = ()
     q4_act = (data.get("cpu") or {}).get("q4_activations", "float32")
     if q4_act not in Q4_ACTIVATIONS or (q4_act != "float32" and is_gpu):
         raise UserError(f"cpu.q4_activations must be one of {Q4_ACTIVATIONS} (CPU presets only)", path)
@@ -160,6 +168,7 @@ def _load(path: Path) -> Preset:
         system_lib=bool(data.get("system_lib", False)),
         dlight_rules=rules,
         low_batch_gemv_bucket=int(dlight.get("low_batch_gemv_bucket", 4)),
+        low_batch_gemv=low_batch,
         matmul_config=dlight.get("matmul"),
         cuda_gencode=tuple((data.get("cuda") or {}).get("gencode", ())),
         q4_activations=q4_act,
@@ -169,6 +178,24 @@ def _load(path: Path) -> Preset:
         path=str(path),
         detect=detect,
     )
+
+
+def _low_batch_ranges(raw: Any, path: Path) -> tuple[tuple[int, int], ...]:
+    """dlight.low_batch_gemv: [[n_max, bucket], ...], n_max increasing, both positive integers."""
+    try:
+        ranges = tuple((int(a), int(b)) for a, b in raw)
+    except (TypeError, ValueError):
+        ranges = None
+    ok = ranges is not None and all(
+        type(v) is int and v > 0 for pair in raw for v in pair  # noqa: E721 - no bools, no floats
+    )
+    if not ok or [a for a, _ in ranges] != sorted({a for a, _ in ranges}):
+        raise UserError(
+            f"dlight.low_batch_gemv must be [[n_max, bucket], ...] with positive integers and increasing "
+            f"n_max, not {raw!r}",
+            path,
+        )
+    return ranges
 
 
 def _system_triple() -> str:
