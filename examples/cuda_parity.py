@@ -21,6 +21,8 @@ import numpy as np
 
 CASES = [  # (tiny variant, quantization)
     ("phi4-mini", "q0f32"),
+    # window 16, 24 tokens: GPU presets attend the whole context (README), the host the last 16 keys, so
+    # this case differs once the window is crossed, by design (rel_err ~0.7 on an H200)
     ("mini-4k", "q0f32"),
     ("medium", "q4f16_1"),
 ]
