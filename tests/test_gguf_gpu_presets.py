@@ -166,11 +166,15 @@ def test_gguf_kernels_on_our_vulkan_backend(tiny_cfg, scheme):
         device = LavapipeDevice()
     except VulkanUnavailable as err:
         pytest.skip(f"no Vulkan driver: {err}")
+    import dataclasses
+
     preset = load_preset("vulkan")
     target = preset.target
     mod, _ = pipeline.export_model(tiny_cfg, graph_options(scheme, preset), target)
     lowered = _dequantizing(pipeline.lower_to_tir(mod, target))
-    schedule = schedule_fn(preset)
+    # the checker launches one kernel per function: the low-batch dispatch (one kernel per batch range) is
+    # checked branch by branch (check_low_batch_branches)
+    schedule = schedule_fn(dataclasses.replace(preset, low_batch_gemv=()))
 
     def schedule_one(m):
         with target:
@@ -185,10 +189,12 @@ def test_gguf_kernels_on_our_vulkan_backend(tiny_cfg, scheme):
             results.append(
                 check(func, gv.name_hint, target, device, sizes, reduce_len=k, schedule=schedule_one)
             )
+            results += kc.check_low_batch_branches(func, gv.name_hint, target, device, preset, reduce_len=k)
     finally:
         device.close()
     assert [(r.name, r.max_abs_err, r.tolerance) for r in results if not r.ok] == []
     assert all(r.max_abs_ref > 0 and r.kernels == 1 for r in results)  # each produced data
+    assert any("[n<=" in r.name for r in results)  # the dispatch's LowBatchGEMV branches ran
     names = {r.name for r in results}
     assert sum("NT_matmul" in n for n in names) >= 6 and "take_dequantize" in names, sorted(names)
 

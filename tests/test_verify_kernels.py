@@ -130,7 +130,8 @@ def test_nvcc_compiles_every_kernel_for_the_cuda_preset(name):
     _mod, scheduled = _scheduled(name, "float16")
     source = tvm.compile(scheduled, target=preset.target).mod.imports[0].inspect_source()
     report = compile_kernels(source, preset)
-    assert report.ok and len(report.compiled) == len(KERNELS), report
+    # dequant_matmul (symbolic rows) is three kernels: two LowBatchGEMV branches and Matmul
+    assert report.ok and len(report.compiled) == len(KERNELS) + 2, report
 
 
 @pytest.mark.skipif(not HAS_NVCC, reason="nvcc not found: cannot build the CUDA fatbin")

@@ -34,6 +34,22 @@ def has_thread_binding(func: tirx.PrimFunc) -> bool:
     return tvm_ffi.structural_walk(func.body, ((tirx.For, tirx.AttrStmt), bound), order="pre") is not None
 
 
+def _declining(rule):
+    """`rule`, returning None (declined: the next rule tries) where dlight's access analysis asserts instead
+    of declining: the GGUF K-quant dequantize reads a multi-element region per output, which reached GEMV
+    and Reduction once decode's row count became static on GPU presets."""
+    inner = rule.apply
+
+    def apply(func, target, tunable):
+        try:
+            return inner(func, target, tunable)
+        except AssertionError:
+            return None
+
+    rule.apply = apply
+    return rule
+
+
 def dlight_rules(preset: Preset) -> list:
     """The preset's dlight rule objects, in its order, with the parameters dlight exposes set from the
     preset."""
@@ -47,7 +63,7 @@ def dlight_rules(preset: Preset) -> list:
         "Transpose": dl.gpu.Transpose,
         "Fallback": dl.gpu.Fallback,
     }
-    return [factories[name]() for name in preset.dlight_rules]
+    return [_declining(factories[name]()) for name in preset.dlight_rules]
 
 
 def _matmul_rule(preset: Preset):

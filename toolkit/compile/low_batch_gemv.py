@@ -18,7 +18,7 @@ import tvm_ffi
 from tvm import IRModule, s_tir, tirx
 from tvm.s_tir import dlight as dl
 
-from .gpu_schedule import has_thread_binding
+from .gpu_schedule import _declining, has_thread_binding
 
 
 def _schedule(func: tirx.PrimFunc, rules: Sequence) -> tirx.PrimFunc:
@@ -53,7 +53,7 @@ def low_batch_dispatch(ranges: Sequence[tuple[int, int]], large_rules: Sequence)
             n = _single_symbolic_var(func)
             if n is None:
                 continue
-            smalls = [_schedule(func, [dl.gpu.LowBatchGEMV(bucket)]) for _, bucket in ranges]
+            smalls = [_schedule(func, [_declining(dl.gpu.LowBatchGEMV(bucket))]) for _, bucket in ranges]
             if any(tvm_ffi.structural_equal(s, func) or not has_thread_binding(s) for s in smalls):
                 continue  # not GEMV-shaped (LowBatchGEMV left it alone)
             large = _schedule(func, large_rules)

@@ -8,7 +8,7 @@ different compiler). The kernels checked standalone are the verifiers' sample ke
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import tvm
@@ -448,6 +448,32 @@ def check_captured(
     return KernelResult(name, 1, err, mag, tol, compile_s, run_s)
 
 
+def check_low_batch_branches(
+    func: tirx.PrimFunc, name: str, target: tvm.target.Target, device, preset, reduce_len: int = 512
+) -> list[KernelResult]:
+    """Each LowBatchGEMV branch of the preset's low-batch dispatch (compile/low_batch_gemv.py) for `func`,
+    run alone at a batch inside its range (`name[n<=limit]`); [] where the dispatch leaves `func` alone. The
+    dispatch itself is one function with a kernel per branch, which these checkers cannot launch whole."""
+    from ..compile.gpu_schedule import has_thread_binding
+
+    sizes = [v for v in _shape_vars(func) if not v.endswith("_elem_offset")]
+    if len(sizes) != 1:
+        return []
+    results = []
+    for limit, bucket in preset.low_batch_gemv:
+
+        def branch(m, bucket=bucket):
+            with target:
+                return dl.ApplyDefaultSchedule(dl.gpu.LowBatchGEMV(bucket))(m)
+
+        if not has_thread_binding(branch(tvm.IRModule({"m": _fresh(func)}))["m"]):
+            return []  # not GEMV-shaped: no dispatch for it
+        env = {v: 0 if v.endswith("_elem_offset") else min(limit, 5) for v in _shape_vars(func)}
+        r = check_primfunc(func, name, target, device, env, reduce_len=reduce_len, schedule=branch)
+        results.append(replace(r, name=f"{name}[n<={limit}]"))
+    return results
+
+
 def check_model_on_cpu_inputs(
     checkpoint, quantization: str, preset_name: str, device, work_dir
 ) -> ModelReport:
@@ -475,7 +501,9 @@ def check_model_on_cpu_inputs(
     positions = kv_cache_kernel_positions(mod)
     calls = capture_cpu_calls(checkpoint, quantization, opts.dtype, Path(work_dir) / "host", positions)
     lowered = pipeline.lower_to_tir(mod, target)
-    sched = schedule_fn(preset)
+    # one kernel per function for the checks below: the low-batch dispatch's other branches are checked on
+    # their own (check_low_batch_branches); without it a symbolic matmul is its large-batch branch
+    sched = schedule_fn(replace(preset, low_batch_gemv=()))
 
     def schedule_one(m):
         with target:
@@ -489,6 +517,7 @@ def check_model_on_cpu_inputs(
         try:
             if name in calls:
                 results.append(check_captured(func, name, target, device, schedule_one, *calls[name]))
+                results += check_low_batch_branches(func, name, target, device, preset)
                 continue
             if func.attrs.get("tirx.is_scheduled", False):
                 not_run[name] = "paged-KV-cache kernel (called inside the cache): compiled and validated only"
