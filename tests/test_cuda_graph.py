@@ -49,6 +49,7 @@ def _body(text: str, name: str) -> str:
 def test_forward_functions_replay_captured_graphs(graph_build):
     cfg, compiled, text = graph_build
     assert compiled.manifest["cuda_graph"] is True
+    assert compiled.manifest["decode_attention"] == "ours"  # cuda-sm90's kernel, graphs as before
     assert "cuda_graph_alloc_init" in compiled.manifest["vm_functions"]
     for fn in ("decode", "batch_decode", "batch_verify"):
         body = _body(text, fn)

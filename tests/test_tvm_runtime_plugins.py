@@ -136,7 +136,7 @@ def test_plugins_are_recorded_for_this_wheel(runtimes):
 _COMPILED: dict[Path, object] = {}  # one compile per (checkpoint, quantization, preset) per session
 
 
-def _engine(ckpt: Path, quantization: str, preset: str, out: Path, chunk: int = 8):
+def _engine(ckpt: Path, quantization: str, preset, out: Path, chunk: int = 8):
     from toolkit.checkpoint import open_model
     from toolkit.compile.compile_model import compile_model
     from toolkit.runtime.engine import CacheOptions, Engine, open_device
@@ -147,7 +147,7 @@ def _engine(ckpt: Path, quantization: str, preset: str, out: Path, chunk: int = 
     if out not in _COMPILED:
         _COMPILED[out] = compile_model(src.config, quantization, preset, out)
     compiled = _COMPILED[out]
-    dev = open_device(load_preset(preset))
+    dev = open_device(load_preset(preset) if isinstance(preset, str) else preset)
     lib = tvm.runtime.load_module(str(compiled.library))
     params = load_params(src, compiled, dev)
     cache = CacheOptions(prefill_chunk=chunk)
@@ -164,12 +164,13 @@ def tiny(tmp_path_factory):
     return {v: make_tiny_checkpoint(root / v, v) for v in ("mini-4k", "mini-128k", "medium")}, root
 
 
-def _parity(tiny, variant: str, quantization: str, device: str, sizes: tuple[int, int, int]) -> dp.Parity:
+def _parity(tiny, variant: str, quantization: str, device, sizes: tuple[int, int, int]) -> dp.Parity:
     ckpts, root = tiny
     ref_eng = _engine(ckpts[variant], quantization, "host-exact", root / f"{variant}-{quantization}-host")
     sc = dp.scenario_for(ref_eng.cfg.vocab_size, *sizes)
     ref, forced = dp.run(ref_eng, sc)
-    eng = _engine(ckpts[variant], quantization, device, root / f"{variant}-{quantization}-{device}")
+    name = device if isinstance(device, str) else f"{device.name}-{device.decode_attention}"
+    eng = _engine(ckpts[variant], quantization, device, root / f"{variant}-{quantization}-{name}")
     got, _ = dp.run(eng, sc, forced)
     return dp.compare(ref, got)
 
@@ -214,6 +215,53 @@ def test_whole_model_variants_match_host_exact(tiny, devices, variant, quantizat
         f"{variant} {quantization} {device}: max|dlogit| {p.max_abs_diff:.3g}, max|logit| {p.max_abs_ref:.3g}"
     )
     assert p.rel <= REL_TOL[act], (p.max_abs_diff, p.max_abs_ref, p.worst_row)
+    assert p.agreement == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "variant,quantization,device,sizes",
+    [("mini-4k", "q4f32_1", "opencl", (11, 5, 4)), ("mini-4k", "q4f16_1", "vulkan", (11, 5, 4))],
+)
+def test_whole_model_with_our_decode_attention_matches_host_exact(
+    tiny, devices, variant, quantization, device, sizes
+):
+    """Our GPU decode attention (compile/gpu_decode_attention.py, cuda-sm90's choice) inside a whole model,
+    through TVM's runtime and the paged KV cache: single and batched decode against host-exact."""
+    import dataclasses
+
+    import tvm_ffi
+
+    from toolkit.compile import pipeline
+    from toolkit.compile.compile_model import graph_options
+    from toolkit.compile.gpu_decode_attention import decode_attention_gpu
+    from toolkit.config import load_hf_config
+    from toolkit.targets import load_preset
+
+    preset = dataclasses.replace(load_preset(device), decode_attention="ours")
+    cfg = load_hf_config(tiny[0][variant])
+    mod, _ = pipeline.export_model(cfg, graph_options(quantization, preset), preset.target)
+    (decode,) = [f for gv, f in mod.functions.items() if gv.name_hint == "batch_decode_paged_kv"]
+    page_size = int(decode.params[1].shape[3])
+    threads = min(int(preset.target.attrs["max_num_threads"]), 1024)
+    ours = decode_attention_gpu(
+        cfg.num_key_value_heads,
+        cfg.num_attention_heads,
+        cfg.head_dim,
+        str(decode.params[0].dtype),
+        False,
+        page_size,
+        threads,
+    )
+    assert tvm_ffi.structural_equal(
+        [*decode.params, decode.body], [*ours.params, ours.body], map_free_vars=True
+    )
+    p = _parity(tiny, variant, quantization, preset, sizes)
+    assert p.rel <= REL_TOL[graph_options(quantization, preset).dtype], (
+        p.max_abs_diff,
+        p.max_abs_ref,
+        p.worst_row,
+    )
     assert p.agreement == 1.0
 
 

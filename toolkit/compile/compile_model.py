@@ -43,6 +43,7 @@ from .artifacts import (
 from .attach_cuda_graph import with_capture_hints
 from .attach_metadata import Limits, attach_metadata, memory_usage, model_metadata, variable_bounds
 from .cpu_isa import host_kernel_isas
+from .gpu_attention import swapped
 from .knobs import knobs_for
 
 LIB_NAME = "model"  # model.so / model.tar / model.dylib
@@ -61,6 +62,7 @@ def graph_options(quantization: str, preset: Preset, dtype: str | None = None) -
         kv_dtype=preset.kv_cache_dtype,
         static_decode=preset.is_gpu,
         cache_rope=preset.is_gpu,
+        gpu_decode_attention=preset.decode_attention == "ours",
     )
 
 
@@ -160,6 +162,7 @@ def _build_library(
     t0 = time.time()
     knobs = knobs_for(preset) if preset.kind == "llvm" else None
     mod, named_params = pipeline.export_model(cfg, opts, target, knobs)
+    ours_attention = swapped(mod)
     limits = limits or Limits.default(cfg)
     from .attach_sampling import attach_sampling_functions  # MLC engine's sampling/logit functions
 
@@ -215,6 +218,8 @@ def _build_library(
         "build": notes,
         "cpu_isa": None if preset.is_gpu else host_kernel_isas(preset.target, preset.q4_activations),
         "cuda_graph": cuda_graph,
+        # whose paged decode attention kernel the library runs (compile/gpu_attention.py)
+        "decode_attention": None if not preset.is_gpu else "ours" if ours_attention else "tvm",
         "cpu_knobs": None if knobs is None else {"source": knobs.source, "values": knobs.values},
     }
     manifest = write_manifest(tmp, preset, opts.quantization, cfg, kernels, extra=extra)

@@ -21,12 +21,17 @@ def export_model(cfg: Phi3Config, opts: GraphOptions, target: tvm.target.Target,
     """-> (IRModule, [(param name, nn.Parameter)]): the model's graph as every build starts from it, the
     exported graph after the target's module passes. llvm: TVM's CPU attention kernels are scalar and
     single-threaded, so ours replace them (compile/host_attention.py), sized by `knobs`
-    (compile/knobs.Knobs; None: the kernels' defaults)."""
+    (compile/knobs.Knobs; None: the kernels' defaults). GPUs with `opts.gpu_decode_attention`: our decode
+    attention kernel replaces TVM's (compile/gpu_attention.py)."""
     mod, named_params = export_phi3(cfg, opts, target)
     if target.kind.name == "llvm":
         from .host_attention import host_attention
 
         mod = host_attention(cfg, knobs)(mod)
+    elif opts.gpu_decode_attention:
+        from .gpu_attention import GPUDecodeAttention
+
+        mod = GPUDecodeAttention(target)(mod)
     return mod, named_params
 
 

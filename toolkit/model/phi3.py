@@ -51,6 +51,9 @@ class GraphOptions:
     # do the same) wherever that is exactly our RoPE (see `cache_rope_exact`): our kernel reads positions
     # from a cache builtin, so it can't join a CUDA graph and cost a launch and a graph break per layer
     cache_rope: bool = False
+    # GPU builds: our decode attention kernel replaces TVM's (compile/gpu_attention.py; preset key
+    # `decode_attention`)
+    gpu_decode_attention: bool = False
 
     @property
     def cache_dtype(self) -> str:

@@ -25,6 +25,7 @@ OUTPUT_SUFFIXES = (".so", ".tar", ".dylib")
 # CPU q4 GEMVs: fp32 activations, or int8 activations with integer dot products (llama.cpp's Q4 x Q8)
 Q4_ACTIVATIONS = ("float32", "int8")
 KV_CACHE_DTYPES = ("float32", "float16")
+DECODE_ATTENTION = ("tvm", "ours")  # whose paged-KV decode attention kernel a GPU build runs
 GPU_KINDS = ("cuda", "metal", "opencl", "vulkan", "webgpu", "rocm")
 DLIGHT_RULES = (
     "Matmul",
@@ -62,6 +63,7 @@ class Preset:
     cuda_gencode: tuple[str, ...] = ()
     q4_activations: str = "float32"  # CPU q4 GEMVs: "int8" = llama.cpp-style integer dot products
     kv_cache_dtype: str | None = None  # CPU presets: the paged cache's dtype; None = the activation dtype
+    decode_attention: str = "tvm"  # GPU presets: "ours" swaps in compile/gpu_decode_attention.py
     runs_here: bool = False  # target detected from this machine (host presets): its code runs here
     why: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
     path: str = ""
@@ -160,6 +162,10 @@ def _load(path: Path) -> Preset:
     kv_cache = (data.get("cpu") or {}).get("kv_cache")
     if kv_cache is not None and (kv_cache not in KV_CACHE_DTYPES or is_gpu):
         raise UserError(f"cpu.kv_cache must be one of {KV_CACHE_DTYPES} (CPU presets only)", path)
+    decode_attention = data.get("decode_attention", "tvm")
+    if decode_attention not in DECODE_ATTENTION or (decode_attention != "tvm" and not is_gpu):
+        choices = DECODE_ATTENTION
+        raise UserError(f"decode_attention must be one of {choices} ('ours' on GPU presets only)", path)
     return Preset(
         name=data["name"],
         description=data["description"],
@@ -173,6 +179,7 @@ def _load(path: Path) -> Preset:
         cuda_gencode=tuple((data.get("cuda") or {}).get("gencode", ())),
         q4_activations=q4_act,
         kv_cache_dtype=kv_cache,
+        decode_attention=decode_attention,
         runs_here=bool(detect),
         why=dict(data["why"]),
         path=str(path),
@@ -187,7 +194,9 @@ def _low_batch_ranges(raw: Any, path: Path) -> tuple[tuple[int, int], ...]:
     except (TypeError, ValueError):
         ranges = None
     ok = ranges is not None and all(
-        type(v) is int and v > 0 for pair in raw for v in pair  # noqa: E721 - no bools, no floats
+        type(v) is int and v > 0
+        for pair in raw
+        for v in pair  # noqa: E721 - no bools, no floats
     )
     if not ok or [a for a, _ in ranges] != sorted({a for a, _ in ranges}):
         raise UserError(
