@@ -23,7 +23,7 @@ import arm64_qemu
 import numpy as np
 import pytest
 import tvm
-from test_cpu_q8_gemv import _build, _q8_reference
+from test_cpu_q8_gemv import _build, _q8_reference, _q8_reference_with_min
 from test_cpu_schedule import _check_matmul, _matmul_func, _q4_weights
 
 from toolkit.compile import cpu_schedule as cs
@@ -142,6 +142,20 @@ def test_gemv_path_under_qemu_matches_int8_reference(path, n, k, rows, real_rows
     assert host_kernel_isas(_path_target(path), "int8")["q4_gemv"] == f"int8-{path}"
     qw, qs, _, x, res, arrays = _inputs(n, k, real_rows, add, scale_dtype)
     _check_q8(_run(func, path, arrays), x, qw, qs, res)
+
+
+@pytest.mark.skipif(QEMU_MISSING is not None, reason=str(QEMU_MISSING))
+@pytest.mark.parametrize("path", ["neon", "neon-dotprod"])
+def test_gemv_path_with_gguf_q4_1_mins_under_qemu(path) -> None:
+    """GGUF's Q4_1 (code * scale + min) in the arm64 decode GEMV: the min term is shared with x86
+    (`cpu_q8_gemv`), the dot products are arm64's."""
+    n, k, rows = 64, 256, (3, 1)
+    func = _matmul_func(n, k, ("b", 1), quant=True, add=True, with_min=True)
+    qw, qs, _, x, res, arrays = _inputs(n, k, rows, True)
+    qm = (RNG.standard_normal((n, k // 32)) * 0.2).astype("float16")
+    ref, bound = _q8_reference_with_min(x, qw, qs, qm)
+    got = _run(func, path, [x, qw, qs, qm, res, arrays[-1]])
+    assert np.all(np.abs(got - ref - res) <= bound + 1e-7 * np.abs(ref + res)), np.abs(got - ref - res).max()
 
 
 # prefill: (n, k, rows at run time, residual add, scale dtype); 13 and 25 rows end in a partial register

@@ -43,6 +43,22 @@ def _q8_reference(x: np.ndarray, qw: np.ndarray, qs: np.ndarray, zero_point: int
     return y.reshape(*x.shape[:-1], n), bound.reshape(*x.shape[:-1], n)
 
 
+def _q8_reference_with_min(x: np.ndarray, qw: np.ndarray, qs: np.ndarray, qm: np.ndarray):
+    """(y, bound) for GGUF's Q4_1 (code * scale + min, no zero point): the codes' part as `_q8_reference`,
+    plus the mins times each group's sum of x as the kernels round it (per 32-group, as the codes see it),
+    in float64; bound adds fp32 summation of at most K/8 + 8 terms of the mins' part."""
+    k = qw.shape[1] * 8
+    codes, bound = _q8_reference(x, qw, qs, zero_point=0)
+    xg = x.reshape(-1, k // 32, 32).astype(np.float32)
+    amax = np.abs(xg).max(axis=-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    xr = np.round((xg * inv).astype(np.float32)) * (amax / np.float32(127)).astype(np.float32)
+    mins = xr.astype(np.float64).sum(-1) @ qm.astype(np.float64).T  # [rows, n]
+    abs_mins = np.abs(xr).astype(np.float64).sum(-1) @ np.abs(qm.astype(np.float64)).T
+    bound = bound + ((k // 8 + 8) * 2.0**-24 * abs_mins + 1e-6).reshape(bound.shape)
+    return codes + mins.reshape(codes.shape), bound
+
+
 def _build(func, target, rules):
     mod = tvm.IRModule({"main": func})
     with target:

@@ -39,28 +39,45 @@ def _matmul_func(
     scale_dtype: str = "float16",
     add: bool = False,
     zero_point: float = 7.0,
+    with_min: bool = False,
 ):
-    """The PrimFunc the pipeline makes for a Linear: [dequantize block] -> NT_matmul block [-> T_add]."""
+    """The PrimFunc the pipeline makes for a Linear: [dequantize block] -> NT_matmul block [-> T_add].
+    `with_min`: GGUF Q4_1's dequantize, code * scale + min (no zero point)."""
     dims = [tirx.Var(d, "int64") if isinstance(d, str) else d for d in rows]
     x = te.placeholder((*dims, k), "float32", name="x")
     args = [x]
     if quant:
         qw = te.placeholder((n, k // 8), "uint32", name="q_weight")
         qs = te.placeholder((n, k // 32), scale_dtype, name="q_scale")
-        w = te.compute(
-            (n, k),
-            lambda i, j: (
-                (
+        if with_min:
+            qm = te.placeholder((n, k // 32), scale_dtype, name="q_min")
+            w = te.compute(
+                (n, k),
+                lambda i, j: (
                     ((qw[i, j // 8] >> (j % 8 * 4).astype("uint32")) & tirx.const(15, "uint32")).astype(
                         "float32"
                     )
-                    - tirx.const(zero_point, "float32")
-                )
-                * qs[i, j // 32].astype("float32")
-            ),
-            name="dequantize",
-        )
-        args += [qw, qs]
+                    * qs[i, j // 32].astype("float32")
+                    + qm[i, j // 32].astype("float32")
+                ),
+                name="dequantize",
+            )
+            args += [qw, qs, qm]
+        else:
+            w = te.compute(
+                (n, k),
+                lambda i, j: (
+                    (
+                        ((qw[i, j // 8] >> (j % 8 * 4).astype("uint32")) & tirx.const(15, "uint32")).astype(
+                            "float32"
+                        )
+                        - tirx.const(zero_point, "float32")
+                    )
+                    * qs[i, j // 32].astype("float32")
+                ),
+                name="dequantize",
+            )
+            args += [qw, qs]
     else:
         w = te.placeholder((n, k), "float32", name="w")
         args.append(w)

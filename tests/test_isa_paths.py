@@ -14,7 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 import tvm
-from test_cpu_q8_gemv import _build, _q8_reference
+from test_cpu_q8_gemv import _build, _q8_reference, _q8_reference_with_min
 from test_cpu_schedule import _check_matmul, _matmul_func, _q4_weights
 
 from toolkit.compile import cpu_schedule as cs
@@ -313,3 +313,42 @@ def test_gguf_q4_0_takes_the_host_kernels_with_its_zero_point(kernel: str) -> No
         assert np.all(np.abs(got - ref) <= bound), np.abs(got - ref).max()
         ref7, _ = _q8_reference(x, qw, qs, zero_point=7)
         assert np.abs(got - ref7).max() > 100 * bound.max()
+
+
+@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
+@pytest.mark.parametrize("add", [False, True])
+def test_gguf_q4_1_takes_the_int8_kernels_with_its_min(kernel: str, add: bool) -> None:
+    """GGUF's Q4_1 (code * scale + min, no zero point) in the int8 decode GEMV (every dot-product path this
+    CPU has) and the VNNI prefill GEMM: the codes' part within the int8 reference's bound, the mins' part
+    (min x the group's sum of x as rounded for the codes) within fp32 summation of at most K/8 + 8 terms;
+    without the min term the result is off by far more. The fp32-activation kernels decline it (generic
+    schedules)."""
+    n, k = 64, 512
+    decode = kernel == "gemv"
+    func = _matmul_func(n, k, (1, 1) if decode else (1, "s"), quant=True, with_min=True, add=add)
+    assert cs._match_q4_matmul(func) is None  # not for the fp32-activation kernels
+    assert cs.CPUDequantGEMV().apply(func, HOST, False) is None
+    assert cs.CPUQ4OuterGEMM().apply(func, HOST, False) is None
+    qw, qs, _ = _q4_weights(n, k, "float16", zero_point=0)
+    qm = (RNG.standard_normal((n, k // 32)) * 0.2).astype("float16")
+    m = 1 if decode else 9
+    x = RNG.standard_normal((1, m, k)).astype(np.float32)
+    res = RNG.standard_normal((1, m, n)).astype(np.float32)
+    dev = tvm.cpu()
+    if decode:
+        builds = [_build(func, HOST, [cs.CPUQ8DotGEMV(isa=isa)]) for isa in HOST_ISAS]
+    else:
+        if q8_gemm_isa(HOST) is None:
+            pytest.skip("this CPU has no vpdpbusd: no int8 GEMM")
+        builds = [_build(func, HOST, [cs.CPUQ8VNNIGEMM()])]
+    assert builds, "no kernel for this CPU"
+    ref, bound = _q8_reference_with_min(x, qw, qs, qm)
+    without_mins, _ = _q8_reference(x, qw, qs, zero_point=0)
+    ref = ref + (res if add else 0)
+    for ex in builds:
+        out = tvm.runtime.empty((1, m, n), "float32", dev)
+        args = [x, qw, qs, qm, *([res] if add else [])]
+        ex["main"](*[tvm.runtime.tensor(a, dev) for a in args], out)
+        got = out.numpy()
+        assert np.all(np.abs(got - ref) <= bound), np.abs(got - ref).max()
+        assert np.abs(got - without_mins - (res if add else 0)).max() > 100 * bound.max()

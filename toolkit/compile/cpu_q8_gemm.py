@@ -7,7 +7,7 @@ AVX-VNNI) is repacked once into u8 codes laid out [K/4, rows, 4 k] (one vector p
 block of `mr` rows of x one `vpdpbusd` per (row, 4 k) multiplies the tile rows' codes with the row's 4
 activations broadcast to every lane: 4 multiply-adds per lane against 1 for an fp32 FMA. Each 32-group's
 int32 sums start from the zero-point term (-7, or -8 for GGUF Q4_0) and are scaled into fp32 accumulators
-once per group.
+once per group; GGUF's Q4_1 (no zero point, a per-group min) adds min x the group's sum of x there.
 
 Numerics: the integer sums are exact; the result equals `cpu_q8_gemv`'s up to fp32 summation order."""
 
@@ -33,8 +33,8 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
     int8 VNNI kernel: same parameters, same result up to activation rounding. `lanes`: int32 lanes of the
     registers (16: 512-bit, 8: 256-bit), also the weight rows per tile."""
     NR = lanes  # noqa: N806 - a constant of the kernel below
-    lay = check_layout(q)
-    gs, epw, zp = lay.group_size, lay.elems_per_word, lay.zero_point
+    lay = check_layout(q, with_min=True)
+    gs, epw, zp, has_min = lay.group_size, lay.elems_per_word, lay.zero_point, q.q_min is not None
     n, k = q.n, q.k
     assert n % NR == 0 and k % gs == 0
     n_groups, n_words, n_quads = k // gs, k // epw, k // 4  # 4 int8 activations per int32 (vpdpbusd)
@@ -48,14 +48,15 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
     # fmt: off
     @T.prim_func(private=True)
     def kernel(x: T.Buffer(x_shape, "float32"), qw: T.Buffer((n, n_words), "uint32"),
-               qs: T.Buffer((n, n_groups), scale_dtype), other: T.Buffer(out_shape, "float32"),
-               out: T.Buffer(out_shape, "float32")):
+               qs: T.Buffer((n, n_groups), scale_dtype), qm: T.Buffer((n, n_groups), scale_dtype),
+               other: T.Buffer(out_shape, "float32"), out: T.Buffer(out_shape, "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         xf = T.decl_buffer((n_rows * k,), "float32", data=x.data)
         of = T.decl_buffer((n_rows * n,), "float32", data=out.data)
         xq = T.alloc_buffer((n_rows * n_quads,), "uint32")  # 4 int8 activations per word, k order
         xz = T.alloc_buffer((n_rows * n_groups,), "int32")  # -zp * sum of a group's int8 activations
         xs = T.alloc_buffer((n_rows * n_groups,), "float32")  # a group's activation scale
+        xm = T.alloc_buffer((n_rows * n_groups if has_min else 1,), "float32")  # a group's sum of x
         # 1. quantize x per 32-group (rows in parallel: M x K values, small next to the GEMM)
         for m in T.parallel(n_rows):
             amax = T.alloc_buffer((1,), "float32", scope="local")
@@ -77,10 +78,16 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
                 for i in range(gs):
                     xz[m * n_groups + g] = xz[m * n_groups + g] - zp * qv[i]
                 xs[m * n_groups + g] = amax[0] / T.float32(127)
+                if has_min:  # the rounded x the codes see (cpu_q8_gemv: error follows |w|)
+                    xm[m * n_groups + g] = T.float32(0)
+                    for i in range(gs):
+                        xm[m * n_groups + g] = xm[m * n_groups + g] + T.Cast("float32", qv[i])
+                    xm[m * n_groups + g] = xm[m * n_groups + g] * xs[m * n_groups + g]
         # 2. per tile of NR weight rows: repack, then register blocks of mr rows of x
         for t in T.parallel(n // NR):
             wp = T.alloc_buffer((n_quads * NR,), "uint32")  # [K/4, NR rows]: 4 u8 codes per word
             ws = T.alloc_buffer((n_groups * NR,), "float32")  # [groups, NR rows] weight scales
+            wm = T.alloc_buffer((n_groups * NR if has_min else 1,), "float32")  # and mins
             words = T.alloc_buffer((NR,), "uint32")
             acc = T.alloc_buffer((mr * NR,), "float32")  # global scope + small: a stack alloca
             dots = T.alloc_buffer((mr * NR,), "int32")
@@ -94,6 +101,9 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
             for g in range(n_groups):
                 for j in T.vectorized(NR):
                     ws[g * NR + j] = T.Cast("float32", qs[t * NR + j, g])
+                if has_min:
+                    for j in T.vectorized(NR):
+                        wm[g * NR + j] = T.Cast("float32", qm[t * NR + j, g])
             for mo in range((n_rows + mr - 1) // mr):
                 for i in T.unroll(mr):
                     acc[T.ramp(i * NR, 1, NR)] = T.broadcast(T.float32(0), NR)
@@ -114,6 +124,11 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
                             f"float32x{NR}", dots[T.ramp(i * NR, 1, NR)]) * (
                             ws[T.ramp(g * NR, 1, NR)]
                             * T.broadcast(xs[T.min(mo * mr + i, n_rows - 1) * n_groups + g], NR))
+                    if has_min:
+                        for i in T.unroll(mr):
+                            acc[T.ramp(i * NR, 1, NR)] = acc[T.ramp(i * NR, 1, NR)] + wm[
+                                T.ramp(g * NR, 1, NR)] * T.broadcast(
+                                xm[T.min(mo * mr + i, n_rows - 1) * n_groups + g], NR)
                 for i in T.unroll(mr):
                     if mo * mr + i < n_rows:
                         for j in T.vectorized(NR):

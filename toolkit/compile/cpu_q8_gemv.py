@@ -9,7 +9,9 @@ one 32-byte load whose low and high nibbles (u8) are multiplied with the matchin
 - `neon-dotprod` / `neon` (arm64): `sdot`, or int16 products and pairwise adds, per 128-bit half
   (`cpu_arm_dot`).
 The zero point (-7 for MLC's q4, -8 for GGUF's Q4_0) is a per-lane integer term (`xz`, the VNNI chains
-start from it) and the weight and activation scales one fp32 multiply-add per step.
+start from it) and the weight and activation scales one fp32 multiply-add per step. GGUF's Q4_1 has no zero
+point but a per-group min: one more multiply-add per step, the mins times each lane's sum of x (`xm`, the
+rounded x the codes see, as llama.cpp's Q8_1 sums: the product's error then follows |w| as for Q4_0).
 
 MLC's q4 layout (word j of row n holds k = 8j..8j+7, nibble c at bits 4c) is read as is: byte i of the 32
 bytes at word 8b holds k = 64b + 2i (low nibble) and 64b + 2i + 1 (high), so x is stored de-interleaved
@@ -38,6 +40,10 @@ from .cpu_isa import Q8_DOT_LANES
 # 32, no per-group min; the zero point comes from the layout: MLC's q4 (c - 7) and GGUF's Q4_0 as repacked
 # (c - 8). `cpu_schedule._match_q4_matmul` declines any other layout (generic schedules take it).
 HOST_Q4_LAYOUTS: tuple[GroupLayout, ...] = (MLC_Q4_LAYOUT, GGUF_BLOCK_LAYOUTS["q4_0"])
+# The same codes with a per-group min instead of a zero point (GGUF's Q4_1: code * scale + min), which the
+# int8 kernels take (decode GEMV, every dot-product path; x86 VNNI prefill GEMM) as one more fp32
+# multiply-add per group: min times the group's activation sum.
+HOST_Q4_MIN_LAYOUTS: tuple[GroupLayout, ...] = (GGUF_BLOCK_LAYOUTS["q4_1"],)
 MASK = 0x0F0F0F0F  # low nibble of every byte of a word
 BATCH_BLOCK = 4  # rows of x per unrolled block of the batched path (accumulators in registers)
 BATCH_W_ROWS = 2  # weight rows per x load of the batched path: x's loads serve 2 rows (-8..14% time)
@@ -80,11 +86,13 @@ def _dot_vnni(words, xe, xo, xz, lanes: int) -> tirx.PrimExpr:
     return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(name), first, hi, xo, dtype=f"int32x{lanes}")
 
 
-def check_layout(q) -> GroupLayout:
-    """The match's storage layout, which must be one of HOST_Q4_LAYOUTS (the byte/nibble tricks below
-    depend on it). `_match_q4_matmul` only matches those, so this guards against a caller bypassing it."""
-    if q.layout not in HOST_Q4_LAYOUTS:
-        raise ValueError(f"host q4 kernels handle {HOST_Q4_LAYOUTS}, not {q.layout}")
+def check_layout(q, with_min: bool = False) -> GroupLayout:
+    """The match's storage layout, which must be one of HOST_Q4_LAYOUTS, or of HOST_Q4_MIN_LAYOUTS for a
+    kernel that adds the min (`with_min`): the byte/nibble tricks below depend on it. The rules only match
+    those, so this guards against a caller bypassing them."""
+    allowed = HOST_Q4_LAYOUTS + (HOST_Q4_MIN_LAYOUTS if with_min else ())
+    if q.layout not in allowed:
+        raise ValueError(f"this host q4 kernel handles {allowed}, not {q.layout}")
     return q.layout
 
 
@@ -116,8 +124,8 @@ def q8_dot_gemv(
     number of rows ahead; prefetch_level: the cache level those lines go to (1: L1, which the activations
     and accumulators share, so a long distance evicts them; 2: L2). One row of x only: the batched path
     does several times the work per byte."""
-    lay = check_layout(q)
-    gs, zp = lay.group_size, lay.zero_point
+    lay = check_layout(q, with_min=True)
+    gs, zp, has_min = lay.group_size, lay.zero_point, q.q_min is not None
     lanes = Q8_DOT_LANES[isa]
     span = lanes // 8  # 64-weight chunks per step
     n, k = q.n, q.k
@@ -140,17 +148,22 @@ def q8_dot_gemv(
     else:
         dot = functools.partial(_dot_vnni, lanes=lanes)
 
-    def term(qw, qs, xe, xo, xz, xs, row, m, b) -> tirx.PrimExpr:
-        """Weight row `row`'s step `b` against row `m` of x: the integer dot products as fp32, times the
-        weight and activation scales (one expression: vector temporaries would become heap workspace)."""
-        c = m * n_chunks + b * span  # the step's first chunk in x's quantized buffers
-        wscale = T.Shuffle(  # the group scales of the step, each over 4 lanes
-            [T.Cast(f"float32x{2 * span}", qs[row, T.ramp(b * 2 * span, 1, 2 * span)])] * 4, scale_lanes
+    def per_lane(buf, row, b) -> tirx.PrimExpr:
+        """The step's per-group values of `buf` (scales or mins) as fp32, each over its 4 lanes."""
+        return T.Shuffle(
+            [T.Cast(f"float32x{2 * span}", buf[row, T.ramp(b * 2 * span, 1, 2 * span)])] * 4, scale_lanes
         )
+
+    def term(qw, qs, qm, xe, xo, xz, xs, xm, row, m, b) -> tirx.PrimExpr:
+        """Weight row `row`'s step `b` against row `m` of x: the integer dot products as fp32, times the
+        weight and activation scales, plus the mins times the activation sums with a min (one expression:
+        vector temporaries would become heap workspace)."""
+        c = m * n_chunks + b * span  # the step's first chunk in x's quantized buffers
         words = qw[row, T.ramp(b * lanes, 1, lanes)]
         d = dot(words, xe[T.ramp(c * 32, 1, lanes * 4)], xo[T.ramp(c * 32, 1, lanes * 4)],
                 xz[T.ramp(c * 8, 1, lanes)])  # fmt: skip
-        return T.Cast(f"float32x{lanes}", d) * (wscale * xs[T.ramp(c * 8, 1, lanes)])
+        scaled = T.Cast(f"float32x{lanes}", d) * (per_lane(qs, row, b) * xs[T.ramp(c * 8, 1, lanes)])
+        return scaled + per_lane(qm, row, b) * xm[T.ramp(c * 8, 1, lanes)] if has_min else scaled
 
     w_rows = BATCH_W_ROWS if tile % BATCH_W_ROWS == 0 else 1
     # prefetch distances in elements, clamped to each buffer's last element (an address past the end would
@@ -165,11 +178,12 @@ def q8_dot_gemv(
     # fmt: off
     @T.prim_func(private=True)
     def kernel(x: T.Buffer(x_shape, "float32"), qw: T.Buffer((n, n_words), "uint32"),
-               qs: T.Buffer((n, n_groups), scale_dtype), other: T.Buffer(out_shape, "float32"),
-               out: T.Buffer(out_shape, "float32")):
+               qs: T.Buffer((n, n_groups), scale_dtype), qm: T.Buffer((n, n_groups), scale_dtype),
+               other: T.Buffer(out_shape, "float32"), out: T.Buffer(out_shape, "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         xf = T.decl_buffer((n_rows * k,), "float32", data=x.data)
         of = T.decl_buffer((n_rows * n,), "float32", data=out.data)
+        xm = T.alloc_buffer((n_rows * n_chunks * 8 if has_min else 1,), "float32")  # a lane's sum of x
         xe = T.alloc_buffer((n_rows * n_chunks * 32,), "int8")  # even k of each 64-chunk, quantized
         xo = T.alloc_buffer((n_rows * n_chunks * 32,), "int8")  # odd k
         xz = T.alloc_buffer((n_rows * n_chunks * 8,), "int32")  # -zp * sum of the activations a lane covers
@@ -204,6 +218,16 @@ def q8_dot_gemv(
                         + T.Cast("int32", xo[(m * n_chunks + b) * 32 + 4 * u + 1])
                         + T.Cast("int32", xo[(m * n_chunks + b) * 32 + 4 * u + 2])
                         + T.Cast("int32", xo[(m * n_chunks + b) * 32 + 4 * u + 3]))
+                    if has_min:  # x as rounded for the codes: the product's error follows |w|, not |code|
+                        xm[(m * n_chunks + b) * 8 + u] = xs[(m * n_chunks + b) * 8 + u] * T.Cast("float32", (
+                            T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u])
+                            + T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u + 1])
+                            + T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u + 2])
+                            + T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u + 3])
+                            + T.Cast("int32", xo[(m * n_chunks + b) * 32 + 4 * u])
+                            + T.Cast("int32", xo[(m * n_chunks + b) * 32 + 4 * u + 1])
+                            + T.Cast("int32", xo[(m * n_chunks + b) * 32 + 4 * u + 2])
+                            + T.Cast("int32", xo[(m * n_chunks + b) * 32 + 4 * u + 3])))
         # 2. rows of W: `lanes` fp32 lane accumulators per row, summed at the end. One row of x (decode of
         # one sequence): W streamed once, in order. Several rows (batched decode): each pair of W rows is
         # applied to every row of x while it sits in L1 (one pass over W, not one per row), BATCH_BLOCK rows
@@ -222,7 +246,7 @@ def q8_dot_gemv(
                                 for r in T.unroll(w_rows):
                                     acc_b[T.ramp((r * BATCH_BLOCK + mi) * lanes, 1, lanes)] = acc_b[T.ramp(
                                         (r * BATCH_BLOCK + mi) * lanes, 1, lanes)] + term(
-                                        qw, qs, xe, xo, xz, xs, t * tile + r0 * w_rows + r,
+                                        qw, qs, qm, xe, xo, xz, xs, xm, t * tile + r0 * w_rows + r,
                                         mb * BATCH_BLOCK + mi, b)
                         for r in T.unroll(w_rows):
                             for mi in T.unroll(BATCH_BLOCK):
@@ -242,7 +266,7 @@ def q8_dot_gemv(
                         for b in range(n_steps):
                             for r in T.unroll(w_rows):
                                 acc_b[T.ramp(r * lanes, 1, lanes)] = acc_b[T.ramp(r * lanes, 1, lanes)] + (
-                                    term(qw, qs, xe, xo, xz, xs, t * tile + r0 * w_rows + r, m, b))
+                                    term(qw, qs, qm, xe, xo, xz, xs, xm, t * tile + r0 * w_rows + r, m, b))
                         for r in T.unroll(w_rows):
                             o_t: T.int32 = m * n + t * tile + r0 * w_rows + r
                             s_t: T.float32 = lane_sum(acc_b, r * lanes, lanes)
@@ -278,7 +302,7 @@ def q8_dot_gemv(
                                 # one expression, no vector temporaries: TVMScript would give each its own
                                 # buffer, which LowerTVMBuiltin turns into heap workspace (1.7x slower)
                                 acc[T.ramp(r * lanes, 1, lanes)] = acc[T.ramp(r * lanes, 1, lanes)] + term(
-                                    qw, qs, xe, xo, xz, xs, t * tile + r0 * rows + r, m, b)
+                                    qw, qs, qm, xe, xo, xz, xs, xm, t * tile + r0 * rows + r, m, b)
                         for r in T.unroll(rows):
                             if has_other:
                                 oth = T.decl_buffer((n_rows * n,), "float32", data=other.data)
@@ -296,13 +320,20 @@ def q8_dot_gemv(
 
 
 def with_params_of(func: tirx.PrimFunc, q, kernel: tirx.PrimFunc) -> tirx.PrimFunc:
-    """`kernel`'s parameters (x, q_weight, q_scale, other, out) in `func`'s order and with `func`'s
-    attributes (a private Relax kernel has no global symbol). Without a residual, `other` is dropped: the
-    body never reads it (the epilogue branch was resolved when parsing)."""
-    x, qw, qs, other, out = kernel.params
+    """`kernel`'s parameters (x, q_weight, q_scale, [q_min,] other, out) in `func`'s order and with
+    `func`'s attributes (a private Relax kernel has no global symbol). Without a residual (a min), `other`
+    (`q_min`) is dropped: the body never reads it (its branch was resolved when parsing)."""
+    if len(kernel.params) == 6:
+        x, qw, qs, qm, other, out = kernel.params
+    else:
+        (x, qw, qs, other, out), qm = kernel.params, None
     by_role = [(q.x, x), (q.q_weight, qw), (q.q_scale, qs), (q.out, out)]
     if q.other is not None:
         by_role.append((q.other, other))
+    if getattr(q, "q_min", None) is not None:
+        if qm is None:
+            raise ValueError("this kernel has no min parameter")
+        by_role.append((q.q_min, qm))
     order = [next(mine for theirs, mine in by_role if theirs.same_as(p)) for p in func.params]
     attrs = dict(func.attrs.items()) if func.attrs is not None else {}
     attrs.update({"tirx.is_scheduled": True, "tirx.noalias": True})

@@ -40,7 +40,7 @@ from tvm.target import Target, codegen
 
 from ..quantization import GroupLayout
 from .cpu_isa import Q4_GEMM_LANES, Q8_DOT_LANES, q4_gemm_isa, q8_dot_isas, q8_gemm_isa
-from .cpu_q8_gemv import HOST_Q4_LAYOUTS
+from .cpu_q8_gemv import HOST_Q4_LAYOUTS, HOST_Q4_MIN_LAYOUTS
 from .knobs import DEFAULTS, Knobs, shape_key
 
 ARM_GEMM_NR = 8  # weight rows per tile of the arm64 int8 GEMM (4 smmla row pairs / 2 sdot quads)
@@ -324,12 +324,24 @@ class _Q4Matmul:
     n: int
     k: int
     layout: GroupLayout  # the storage layout of q_weight / q_scale (one of HOST_Q4_LAYOUTS)
+    q_min: object | None = None  # per-group offsets of a layout with a min (GGUF Q4_1: code * scale + min)
+
+
+def _group_load(e, analyzer, vn, vk, group_size: int):
+    """The buffer of `e` if it is (a float32 cast of) buf[n, k // group_size], else None."""
+    e = _strip_cast(e, "float32")
+    if _kind(e) != "TensorLoad" or len(e.indices) != 2:
+        return None
+    if not (_equal(analyzer, e.indices[0], vn) and _equal(analyzer, e.indices[1], vk // group_size)):
+        return None
+    return e.source
 
 
 def _match_dequant(stmt, analyzer, layout: GroupLayout):
-    """(q_weight, q_scale, W) if `stmt` is the dequantize of `layout`:
+    """(q_weight, q_scale, q_min or None, W) if `stmt` is the dequantize of `layout`:
     W[n, k] = (((qw[n, k // epw] >> bits*(k % epw)) & mask) - zero_point) * s[n, k // group_size]
-    (for MLC's q4: ((qw[n, k//8] >> 4*(k%8)) & 15) - 7) * s[n, k//32]; GGUF's Q4_0 subtracts 8)."""
+    (for MLC's q4: ((qw[n, k//8] >> 4*(k%8)) & 15) - 7) * s[n, k//32]; GGUF's Q4_0 subtracts 8), or with
+    a min: code * s[n, k // group_size] + m[n, k // group_size] (GGUF's Q4_1, zero point 0)."""
     if len(stmt.iter_vars) != 2 or any(int(iv.iter_type) != 0 for iv in stmt.iter_vars):
         return None
     store = stmt.body
@@ -338,22 +350,30 @@ def _match_dequant(stmt, analyzer, layout: GroupLayout):
     vn, vk = (iv.var for iv in stmt.iter_vars)
     if len(store.indices) != 2 or not (store.indices[0].same_as(vn) and store.indices[1].same_as(vk)):
         return None
-    val = store.value
+    val, q_min = store.value, None
+    if layout.has_min:
+        if _kind(val) != "Add" or layout.zero_point != 0:
+            return None
+        val, offset = (val.a, val.b) if _kind(val.a) == "Mul" else (val.b, val.a)
+        q_min = _group_load(offset, analyzer, vn, vk, layout.group_size)
+        if q_min is None:
+            return None
     if _kind(val) != "Mul":
         return None
-    sub, scale = val.a, val.b
-    if _kind(sub) != "Sub":
-        sub, scale = scale, sub
-    if _kind(sub) != "Sub" or not _is_const(sub.b, float(layout.zero_point)):
+    code, scale = val.a, val.b
+    if layout.has_min:  # no zero point to subtract: the code is one factor, the scale the other
+        if _group_load(code, analyzer, vn, vk, layout.group_size) is not None:
+            code, scale = scale, code
+    else:
+        if _kind(code) != "Sub":
+            code, scale = scale, code
+        if _kind(code) != "Sub" or not _is_const(code.b, float(layout.zero_point)):
+            return None
+        code = code.a
+    q_scale = _group_load(scale, analyzer, vn, vk, layout.group_size)
+    if q_scale is None:
         return None
-    scale = _strip_cast(scale, "float32")
-    if _kind(scale) != "TensorLoad" or len(scale.indices) != 2:
-        return None
-    if not (
-        _equal(analyzer, scale.indices[0], vn) and _equal(analyzer, scale.indices[1], vk // layout.group_size)
-    ):
-        return None
-    band = _strip_cast(sub.a, "float32")
+    band = _strip_cast(code, "float32")
     if _kind(band) != "BitwiseAnd" or not _is_const(band.b, layout.code_mask):
         return None
     shr = band.a
@@ -367,7 +387,7 @@ def _match_dequant(stmt, analyzer, layout: GroupLayout):
         return None
     if not _equal(analyzer, _strip_cast(shr.b), (vk % epw) * layout.bits):
         return None
-    return word.source, scale.source, store.buffer
+    return word.source, q_scale, q_min, store.buffer
 
 
 def _match_q4_matmul(
@@ -388,7 +408,7 @@ def _match_q4_matmul(
             break
     else:
         return None
-    q_weight, q_scale, w_buf = deq
+    q_weight, q_scale, q_min, w_buf = deq
     mm = blocks[1]
     store = mm.body
     if _kind(store) != "BufferStore" or mm.init is None:
@@ -455,14 +475,18 @@ def _match_q4_matmul(
         if str(other.dtype) != "float32" or len(other.shape) != len(out.shape):
             return None
     params = list(func.params)
-    needed = [x, q_weight, q_scale, out] + ([other] if other is not None else [])
+    needed = [x, q_weight, q_scale, out] + [b for b in (q_min, other) if b is not None]
     if not all(any(p.same_as(b) for p in params) for b in needed) or len(params) != len(needed):
         return None
     n, k = int(w_buf.shape[0]), int(w_buf.shape[1])
-    stored = (tuple(int(d) for d in q_weight.shape), tuple(int(d) for d in q_scale.shape))
-    if k % layout.group_size or stored != layout.quantized_shapes((n, k)):
+    stored = tuple(tuple(int(d) for d in b.shape) for b in (q_weight, q_scale, q_min) if b is not None)
+    expected = tuple(layout.quantized_shapes((n, k)))
+    expected += expected[1:] if layout.has_min else ()  # the min array is shaped like the scales
+    if k % layout.group_size or stored != expected:
         return None
-    return _Q4Matmul(x, q_weight, q_scale, out, other, other_first, n, k, layout)
+    if q_min is not None and str(q_min.dtype) != str(q_scale.dtype):
+        return None
+    return _Q4Matmul(x, q_weight, q_scale, out, other, other_first, n, k, layout, q_min)
 
 
 def _has_root(sch: s_tir.Schedule) -> bool:
@@ -755,7 +779,7 @@ class CPUQ8DotGEMV(ScheduleRule):
         isas = [i for i in q8_dot_isas(target) if self.isa in (None, i)]
         if not isas:
             return None
-        q = _match_q4_matmul(func)
+        q = _match_q4_matmul(func, HOST_Q4_LAYOUTS + HOST_Q4_MIN_LAYOUTS)
         if q is None or not _few_rows(list(q.x.shape)[:-1], self.max_m):
             return None
         sizes = self.knobs.gemv(q.n, q.k) if self.knobs is not None else DEFAULTS["q4_gemv"]
@@ -790,10 +814,12 @@ class CPUQ8VNNIGEMM(ScheduleRule):
         if isa is None:
             return None
         lanes = ARM_GEMM_NR if isa.startswith("neon") else Q8_DOT_LANES[isa]
-        q = _match_q4_matmul(func)
+        q = _match_q4_matmul(func, HOST_Q4_LAYOUTS + HOST_Q4_MIN_LAYOUTS)
         if q is None or q.n % lanes or _few_rows(list(q.x.shape)[:-1], self.max_m):
             return None
         if isa.startswith("neon"):
+            if q.q_min is not None:
+                return None  # the arm64 GEMM has no min term: CPUQ4OuterGEMM's rule declines it too
             from .cpu_arm_dot import gemm_fits, q8_arm_gemm
 
             if not gemm_fits(q, isa=isa, nr=lanes):
