@@ -26,10 +26,13 @@ HOST_HAS_AVX2 = cs.has_avx2(
 )
 
 
-def _q8_reference(x: np.ndarray, qw: np.ndarray, qs: np.ndarray, zero_point: int = 7):
-    """(y, bound): y = the int8-activation product in float64; bound = fp32 accumulation allowance."""
-    n, k = qw.shape[0], qw.shape[1] * 8
-    codes = ((qw[..., None] >> (np.arange(8, dtype=np.uint32) * 4)) & 15).reshape(n, k).astype(np.int64)
+def _q8_reference(x: np.ndarray, qw: np.ndarray, qs: np.ndarray, zero_point: int = 7, bits: int = 4):
+    """(y, bound): y = the int8-activation product in float64; bound = fp32 accumulation allowance.
+    `bits`: 4 (8 codes per uint32) or 8 (GGUF Q8_0: 4 codes per uint32, zero point 128)."""
+    epw = 32 // bits
+    n, k = qw.shape[0], qw.shape[1] * epw
+    shifts = np.arange(epw, dtype=np.uint32) * bits
+    codes = ((qw[..., None] >> shifts) & (2**bits - 1)).reshape(n, k).astype(np.int64)
     xg = x.reshape(-1, k // 32, 32).astype(np.float32)
     amax = np.abs(xg).max(axis=-1, keepdims=True)
     safe = np.where(amax > 0, amax, 1)

@@ -40,16 +40,34 @@ def _matmul_func(
     add: bool = False,
     zero_point: float = 7.0,
     with_min: bool = False,
+    bits: int = 4,
 ):
     """The PrimFunc the pipeline makes for a Linear: [dequantize block] -> NT_matmul block [-> T_add].
-    `with_min`: GGUF Q4_1's dequantize, code * scale + min (no zero point)."""
+    `with_min`: GGUF Q4_1's dequantize, code * scale + min (no zero point); `bits=8`: GGUF Q8_0's, 4 codes
+    per uint32, (code - zero_point) * scale."""
     dims = [tirx.Var(d, "int64") if isinstance(d, str) else d for d in rows]
     x = te.placeholder((*dims, k), "float32", name="x")
     args = [x]
     if quant:
-        qw = te.placeholder((n, k // 8), "uint32", name="q_weight")
+        epw = 32 // bits
+        qw = te.placeholder((n, k // epw), "uint32", name="q_weight")
         qs = te.placeholder((n, k // 32), scale_dtype, name="q_scale")
-        if with_min:
+        if bits == 8:
+            w = te.compute(
+                (n, k),
+                lambda i, j: (
+                    (
+                        ((qw[i, j // 4] >> (j % 4 * 8).astype("uint32")) & tirx.const(255, "uint32")).astype(
+                            "float32"
+                        )
+                        - tirx.const(zero_point, "float32")
+                    )
+                    * qs[i, j // 32].astype("float32")
+                ),
+                name="dequantize",
+            )
+            args += [qw, qs]
+        elif with_min:
             qm = te.placeholder((n, k // 32), scale_dtype, name="q_min")
             w = te.compute(
                 (n, k),

@@ -169,6 +169,49 @@ def test_logits_match_transformers_on_gguf_blocks(tmp_path, variant, types, mode
     assert rel_err(ours, ref) < 1e-4
 
 
+@pytest.mark.parametrize("linear", ["Q4_1", "Q8_0"])
+def test_host_preset_runs_q4_1_and_q8_0_blocks_in_int8_kernels(tmp_path, linear):
+    """The `host` preset (int8 activations) on a GGUF whose Linears are Q4_1 or Q8_0 blocks: every Linear
+    is one of the hand int8 kernels (no generic matmul left for them) and the logits stay within the
+    int8-activation rounding of transformers on the same blocks (test_q4_int8_activations_stay_close_to_
+    transformers: 2e-2..3e-2 measured on tiny random models), greedy choices unchanged where clear."""
+    from test_cpu_q8_gemv import HOST_HAS_AVX2
+
+    from toolkit.compile import pipeline
+    from toolkit.compile.compile_model import graph_options
+    from toolkit.compile.cpu_isa import q8_gemm_isa
+    from toolkit.compile.cpu_schedule import CPUQ8VNNIGEMM, CPUQ8DotGEMV
+    from toolkit.targets import load_preset
+
+    if not HOST_HAS_AVX2:
+        pytest.skip("this CPU has no AVX2: the host preset keeps fp32 activations")
+    hf_dir = make_tiny_checkpoint(tmp_path / "hf", "mini-4k")
+    path = tmp_path / "m.gguf"
+    write_phi3_gguf(hf_dir, path, _qtypes(linear, "Q8_0", None))
+    scheme = native_quantization(open_model(path), model_dtype="float16")
+    preset = load_preset("host")
+    mod, _ = pipeline.export_model(open_model(path).config, graph_options(scheme, preset), preset.target)
+    lowered = pipeline.lower_to_tir(mod, preset.target)
+    linears = {gv.name_hint: f for gv, f in lowered.functions.items() if "NT_matmul" in gv.name_hint}
+    rules = [CPUQ8DotGEMV(), *([CPUQ8VNNIGEMM()] if q8_gemm_isa(preset.target) else [])]
+    taken = {
+        n for n, f in linears.items() if any(r.apply(f, preset.target, False) is not None for r in rules)
+    }
+    # the f32 lm_head (kept as f16) is no block matmul; every other Linear is, decode and prefill
+    assert len(taken) >= 8 and all("matmul" in n for n in taken), sorted(set(linears) - taken)
+    eng = build_engine(path, tmp_path / "lib", scheme, device="host")
+    hf = _hf_on_gguf_blocks(hf_dir, path, "float16")
+    prompt = np.random.default_rng(1).integers(3, eng.cfg.vocab_size, 10).tolist()
+    pre, dec, ref = greedy_vs_transformers(eng, hf, prompt, 6)
+    ours = np.concatenate([pre, dec])
+    assert rel_err(ours, ref) < 6e-2
+    # greedy choices agree wherever transformers' top two logits are further apart than that row's error
+    # (tiny random models have near ties, which any rounding may flip)
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * np.abs(ours - ref).max(-1)
+    assert clear.sum() >= len(ref) // 2 and (ours.argmax(-1) == ref.argmax(-1))[clear].all()
+
+
 def _gguf_nt_matmul(layout, n: int = 64, k: int = 256):
     """A standalone dequant + NT matmul PrimFunc of a gguf layout, as the model's Linear writes it."""
     from tvm import te
@@ -190,8 +233,13 @@ def _gguf_nt_matmul(layout, n: int = 64, k: int = 256):
 def test_host_q4_kernels_take_q4_0_and_q4_1_and_decline_other_gguf_layouts(block):
     """The host's hand-written kernels read 4-bit codes in groups of 32: MLC's q4 and GGUF's Q4_0 (zero
     point 8) in all of them; GGUF's Q4_1 (a per-group min, no zero point) only where a kernel adds the min
-    (the int8 ones, HOST_Q4_MIN_LAYOUTS); Q8_0 (8-bit codes) goes to the generic schedules."""
-    from toolkit.compile.cpu_schedule import HOST_Q4_LAYOUTS, HOST_Q4_MIN_LAYOUTS, _match_q4_matmul
+    (the int8 ones, HOST_Q4_MIN_LAYOUTS); Q8_0 (8-bit codes) only in the x86 int8 ones (HOST_Q8_LAYOUTS)."""
+    from toolkit.compile.cpu_schedule import (
+        HOST_Q4_LAYOUTS,
+        HOST_Q4_MIN_LAYOUTS,
+        HOST_Q8_LAYOUTS,
+        _match_q4_matmul,
+    )
     from toolkit.quantization import GGUF_BLOCK_LAYOUTS, MLC_Q4_LAYOUT
 
     assert _match_q4_matmul(_gguf_nt_matmul(MLC_Q4_LAYOUT)) is not None  # the matcher works on this form
@@ -205,6 +253,8 @@ def test_host_q4_kernels_take_q4_0_and_q4_1_and_decline_other_gguf_layouts(block
         assert with_min is not None and with_min.q_min is not None and with_min.q_min.name == "q_min"
     else:
         assert q is None and with_min is None
+        q8 = _match_q4_matmul(func, HOST_Q8_LAYOUTS)  # the x86 int8 kernels read 8-bit codes too
+        assert q8 is not None and q8.layout.zero_point == 128 and q8.layout.bits == 8
 
 
 @pytest.mark.parametrize(

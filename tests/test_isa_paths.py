@@ -352,3 +352,42 @@ def test_gguf_q4_1_takes_the_int8_kernels_with_its_min(kernel: str, add: bool) -
         got = out.numpy()
         assert np.all(np.abs(got - ref) <= bound), np.abs(got - ref).max()
         assert np.abs(got - without_mins - (res if add else 0)).max() > 100 * bound.max()
+
+
+@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
+@pytest.mark.parametrize("add", [False, True])
+def test_gguf_q8_0_takes_the_x86_int8_kernels(kernel: str, add: bool) -> None:
+    """GGUF's Q8_0 (8-bit codes - 128, 4 per uint32) in the x86 int8 decode GEMV (every dot-product path
+    this CPU has: VNNI on u8 codes from a -128 x sum(x) term, AVX2 on |w| and sign-moved x) and the VNNI
+    prefill GEMM: within the int8 reference's bound (exact integer dots, fp32 scale sums); off by far
+    more with zero point 127. The fp32-activation kernels and arm64 decline it (generic schedules)."""
+    n, k = 64, 512
+    decode = kernel == "gemv"
+    func = _matmul_func(n, k, (1, 1) if decode else (1, "s"), quant=True, bits=8, zero_point=128.0, add=add)
+    assert cs._match_q4_matmul(func) is None  # not for the fp32-activation kernels
+    assert cs.CPUDequantGEMV().apply(func, HOST, False) is None
+    arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-n1"})
+    assert cs.CPUQ8DotGEMV().apply(func, arm, False) is None
+    qw = RNG.integers(0, 2**32, (n, k // 4), dtype=np.uint32)
+    qw[0, :8] = 0  # codes 0: weight -128 x scale, the extreme |w| of the AVX2 path
+    qs = (RNG.random((n, k // 32)) * 0.01 + 0.001).astype("float16")
+    m = 1 if decode else 9
+    x = RNG.standard_normal((1, m, k)).astype(np.float32)
+    res = RNG.standard_normal((1, m, n)).astype(np.float32)
+    dev = tvm.cpu()
+    if decode:
+        assert all(cs.CPUQ8DotGEMV(isa=isa).apply(func, HOST, False) is not None for isa in HOST_ISAS)
+        builds = [_build(func, HOST, [cs.CPUQ8DotGEMV(isa=isa)]) for isa in HOST_ISAS]
+    else:
+        if q8_gemm_isa(HOST) is None:
+            pytest.skip("this CPU has no vpdpbusd: no int8 GEMM")
+        builds = [_build(func, HOST, [cs.CPUQ8VNNIGEMM()])]
+    assert builds, "no kernel for this CPU"
+    ref, bound = _q8_reference(x, qw, qs, zero_point=128, bits=8)
+    ref127, _ = _q8_reference(x, qw, qs, zero_point=127, bits=8)
+    for ex in builds:
+        out = tvm.runtime.empty((1, m, n), "float32", dev)
+        ex["main"](*[tvm.runtime.tensor(a, dev) for a in [x, qw, qs, *([res] if add else [])]], out)
+        got = out.numpy() - (res if add else 0)
+        assert np.all(np.abs(got - ref) <= bound + 1e-6 * np.abs(res if add else 0)), np.abs(got - ref).max()
+        assert np.abs(got - ref127).max() > 100 * bound.max()

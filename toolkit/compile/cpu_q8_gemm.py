@@ -7,7 +7,8 @@ AVX-VNNI) is repacked once into u8 codes laid out [K/4, rows, 4 k] (one vector p
 block of `mr` rows of x one `vpdpbusd` per (row, 4 k) multiplies the tile rows' codes with the row's 4
 activations broadcast to every lane: 4 multiply-adds per lane against 1 for an fp32 FMA. Each 32-group's
 int32 sums start from the zero-point term (-7, or -8 for GGUF Q4_0) and are scaled into fp32 accumulators
-once per group; GGUF's Q4_1 (no zero point, a per-group min) adds min x the group's sum of x there.
+once per group; GGUF's Q4_1 (no zero point, a per-group min) adds min x the group's sum of x there. GGUF's
+Q8_0 (8-bit codes - 128) needs no repacking: its words are 4 u8 codes in k order already.
 
 Numerics: the integer sums are exact; the result equals `cpu_q8_gemv`'s up to fp32 summation order."""
 
@@ -33,8 +34,9 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
     int8 VNNI kernel: same parameters, same result up to activation rounding. `lanes`: int32 lanes of the
     registers (16: 512-bit, 8: 256-bit), also the weight rows per tile."""
     NR = lanes  # noqa: N806 - a constant of the kernel below
-    lay = check_layout(q, with_min=True)
+    lay = check_layout(q, with_min=True, with_q8=True)
     gs, epw, zp, has_min = lay.group_size, lay.elems_per_word, lay.zero_point, q.q_min is not None
+    eight = lay.bits == 8  # a word is already 4 u8 codes in k order
     n, k = q.n, q.k
     assert n % NR == 0 and k % gs == 0
     n_groups, n_words, n_quads = k // gs, k // epw, k // 4  # 4 int8 activations per int32 (vpdpbusd)
@@ -94,10 +96,14 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
             for w in range(n_words):
                 for j in T.vectorized(NR):
                     words[j] = qw[t * NR + j, w]
-                for h in T.unroll(2):  # k = 8w + 4h .. 8w + 4h + 3: nibbles 4h..4h+3 -> bytes 0..3
+                if eight:
                     for j in T.vectorized(NR):
-                        wp[(w * 2 + h) * NR + j] = _spread_nibbles(
-                            T.shift_right(words[j], T.uint32(16) * T.Cast("uint32", h)))
+                        wp[w * NR + j] = words[j]
+                else:
+                    for h in T.unroll(2):  # k = 8w + 4h .. 8w + 4h + 3: nibbles 4h..4h+3 -> bytes 0..3
+                        for j in T.vectorized(NR):
+                            wp[(w * 2 + h) * NR + j] = _spread_nibbles(
+                                T.shift_right(words[j], T.uint32(16) * T.Cast("uint32", h)))
             for g in range(n_groups):
                 for j in T.vectorized(NR):
                     ws[g * NR + j] = T.Cast("float32", qs[t * NR + j, g])

@@ -44,6 +44,9 @@ HOST_Q4_LAYOUTS: tuple[GroupLayout, ...] = (MLC_Q4_LAYOUT, GGUF_BLOCK_LAYOUTS["q
 # int8 kernels take (decode GEMV, every dot-product path; x86 VNNI prefill GEMM) as one more fp32
 # multiply-add per group: min times the group's activation sum.
 HOST_Q4_MIN_LAYOUTS: tuple[GroupLayout, ...] = (GGUF_BLOCK_LAYOUTS["q4_1"],)
+# 8-bit codes, 4 per uint32 in element order, groups of 32, code - 128 (GGUF's Q8_0 as repacked): the x86
+# int8 kernels read them as u8 next to x in element order (no nibbles to split).
+HOST_Q8_LAYOUTS: tuple[GroupLayout, ...] = (GGUF_BLOCK_LAYOUTS["q8_0"],)
 MASK = 0x0F0F0F0F  # low nibble of every byte of a word
 BATCH_BLOCK = 4  # rows of x per unrolled block of the batched path (accumulators in registers)
 BATCH_W_ROWS = 2  # weight rows per x load of the batched path: x's loads serve 2 rows (-8..14% time)
@@ -86,11 +89,43 @@ def _dot_vnni(words, xe, xo, xz, lanes: int) -> tirx.PrimExpr:
     return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(name), first, hi, xo, dtype=f"int32x{lanes}")
 
 
-def check_layout(q, with_min: bool = False) -> GroupLayout:
+def _dot8_avx2(words, xe, xo, xz) -> tirx.PrimExpr:
+    """8-bit codes c (u8, c - 128 the weight): `vpmaddubsw` on |c - 128| and x signed by c - 128 (u8 c
+    times i8 x would saturate int16 pairs; |w| <= 128 does not: 2 * 128 * 127 < 2**15), so no zero-point
+    term (`xz` is not read)."""
+    del xo, xz
+    w = T.reinterpret("int8x32", words ^ T.broadcast(T.uint32(0x80808080), 8))
+    absw = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.abs"), w, T.bool(False), dtype="int8x32")
+    signed_x = T.call_llvm_pure_intrin(
+        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.psign.b"), xe, w, dtype="int8x32"
+    )
+    pairs = T.call_llvm_pure_intrin(
+        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+        T.reinterpret("uint8x32", absw),
+        signed_x,
+        dtype="int16x16",
+    )
+    ones = T.broadcast(T.int16(1), 16)
+    return T.call_llvm_pure_intrin(
+        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, ones, dtype="int32x8"
+    )
+
+
+def _dot8_vnni(words, xe, xo, xz, lanes: int) -> tirx.PrimExpr:
+    """8-bit codes as u8 (4 per lane, element order) times x: one `vpdpbusd` from the zero-point term."""
+    del xo
+    name = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
+    codes = T.reinterpret(f"uint8x{4 * lanes}", words)
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(name), xz, codes, xe, dtype=f"int32x{lanes}")
+
+
+def check_layout(q, with_min: bool = False, with_q8: bool = False) -> GroupLayout:
     """The match's storage layout, which must be one of HOST_Q4_LAYOUTS, or of HOST_Q4_MIN_LAYOUTS for a
-    kernel that adds the min (`with_min`): the byte/nibble tricks below depend on it. The rules only match
-    those, so this guards against a caller bypassing them."""
+    kernel that adds the min (`with_min`), or of HOST_Q8_LAYOUTS for one that reads 8-bit codes (`with_q8`):
+    the byte/nibble tricks below depend on it. The rules only match those, so this guards against a caller
+    bypassing them."""
     allowed = HOST_Q4_LAYOUTS + (HOST_Q4_MIN_LAYOUTS if with_min else ())
+    allowed += HOST_Q8_LAYOUTS if with_q8 else ()
     if q.layout not in allowed:
         raise ValueError(f"this host q4 kernel handles {allowed}, not {q.layout}")
     return q.layout
@@ -124,22 +159,28 @@ def q8_dot_gemv(
     number of rows ahead; prefetch_level: the cache level those lines go to (1: L1, which the activations
     and accumulators share, so a long distance evicts them; 2: L2). One row of x only: the batched path
     does several times the work per byte."""
-    lay = check_layout(q, with_min=True)
-    gs, zp, has_min = lay.group_size, lay.zero_point, q.q_min is not None
+    lay = check_layout(q, with_min=True, with_q8=True)
+    gs, zp, has_min, eight = lay.group_size, lay.zero_point, q.q_min is not None, lay.bits == 8
     lanes = Q8_DOT_LANES[isa]
-    span = lanes // 8  # 64-weight chunks per step
+    span = lanes // 8  # chunks per step: 64 weights each with 4-bit codes, 32 (one group) with 8-bit
     n, k = q.n, q.k
-    assert k % (64 * span) == 0 and n % tile == 0 and tile % rows == 0
-    n_groups, n_words, n_chunks = k // gs, k // lay.elems_per_word, k // 64
+    chunk = 32 if eight else 64
+    assert k % (chunk * span) == 0 and n % tile == 0 and tile % rows == 0
+    assert not (eight and isa.startswith("neon")), "8-bit codes: x86 paths only"
+    n_groups, n_words, n_chunks = k // gs, k // lay.elems_per_word, k // chunk
     n_steps = n_chunks // span
+    lanes_per_group = 8 if eight else 4
+    step_groups = lanes // lanes_per_group
     m_shape = list(q.x.shape)[:-1]
     n_rows = functools.reduce(operator.mul, m_shape, 1)  # rows of x (PrimExpr when dynamic)
     x_shape, out_shape = [*m_shape, k], [*m_shape, n]
     has_other, other_first = q.other is not None, q.other_first
     scale_dtype = str(q.q_scale.dtype)
-    scale_lanes = [i // 4 for i in range(lanes)]
+    scale_lanes = [i // lanes_per_group for i in range(lanes)]
     lane_sum = _lane_sum
-    if isa == "avx2":
+    if eight:
+        dot = _dot8_avx2 if isa == "avx2" else functools.partial(_dot8_vnni, lanes=lanes)
+    elif isa == "avx2":
         dot = _dot_avx2
     elif isa.startswith("neon"):
         from .cpu_arm_dot import GEMV_DOTS  # arm64 steps on the same layout (imports this module)
@@ -149,9 +190,13 @@ def q8_dot_gemv(
         dot = functools.partial(_dot_vnni, lanes=lanes)
 
     def per_lane(buf, row, b) -> tirx.PrimExpr:
-        """The step's per-group values of `buf` (scales or mins) as fp32, each over its 4 lanes."""
+        """The step's per-group values of `buf` (scales or mins) as fp32, each over its lanes."""
+        if step_groups == 1:
+            return T.broadcast(T.Cast("float32", buf[row, b]), lanes)
         return T.Shuffle(
-            [T.Cast(f"float32x{2 * span}", buf[row, T.ramp(b * 2 * span, 1, 2 * span)])] * 4, scale_lanes
+            [T.Cast(f"float32x{step_groups}", buf[row, T.ramp(b * step_groups, 1, step_groups)])]
+            * lanes_per_group,
+            scale_lanes,
         )
 
     def term(qw, qs, qm, xe, xo, xz, xs, xm, row, m, b) -> tirx.PrimExpr:
@@ -170,7 +215,7 @@ def q8_dot_gemv(
     # not fault, but the buffer would be lying about its size); one scale prefetch per 64-byte line
     pf_words, scale_bytes = prefetch // 4, int(scale_dtype[5:]) // 8
     pf_scales = pf_words * n_groups // n_words
-    pf_every = max(1, 64 // (2 * span * scale_bytes))
+    pf_every = max(1, 64 // (step_groups * scale_bytes))
     if prefetch_level not in PREFETCH_LOCALITY:
         raise ValueError(f"prefetch_level must be one of {sorted(PREFETCH_LOCALITY)}, got {prefetch_level}")
     locality = PREFETCH_LOCALITY[prefetch_level]
@@ -184,8 +229,8 @@ def q8_dot_gemv(
         xf = T.decl_buffer((n_rows * k,), "float32", data=x.data)
         of = T.decl_buffer((n_rows * n,), "float32", data=out.data)
         xm = T.alloc_buffer((n_rows * n_chunks * 8 if has_min else 1,), "float32")  # a lane's sum of x
-        xe = T.alloc_buffer((n_rows * n_chunks * 32,), "int8")  # even k of each 64-chunk, quantized
-        xo = T.alloc_buffer((n_rows * n_chunks * 32,), "int8")  # odd k
+        xe = T.alloc_buffer((n_rows * n_chunks * 32,), "int8")  # even k of each 64-chunk (8-bit: all k)
+        xo = T.alloc_buffer((n_rows * n_chunks * 32 if not eight else 1,), "int8")  # odd k
         xz = T.alloc_buffer((n_rows * n_chunks * 8,), "int32")  # -zp * sum of the activations a lane covers
         xs = T.alloc_buffer((n_rows * n_chunks * 8,), "float32")  # activation scale of a lane's group
         amax = T.alloc_buffer((1,), "float32", scope="local")
@@ -197,7 +242,12 @@ def q8_dot_gemv(
                     amax[0] = T.max(amax[0], T.abs(xf[m * k + g * gs + i]))
                 for i in range(gs):
                     # k = 32g + i -> chunk g // 2, byte 16 (g % 2) + i // 2, low/high nibble by i % 2
-                    if i % 2 == 0:
+                    # (8-bit codes: chunk g, byte i)
+                    if eight:
+                        xe[(m * n_chunks + g) * 32 + i] = T.Cast("int8", T.Cast(
+                            "int32", T.nearbyint(xf[m * k + g * gs + i] * T.Select(
+                                amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0)))))
+                    elif i % 2 == 0:
                         xe[(m * n_chunks + g // 2) * 32 + 16 * (g % 2) + i // 2] = T.Cast("int8", T.Cast(
                             "int32", T.nearbyint(xf[m * k + g * gs + i] * T.Select(
                                 amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0)))))
@@ -205,19 +255,30 @@ def q8_dot_gemv(
                         xo[(m * n_chunks + g // 2) * 32 + 16 * (g % 2) + i // 2] = T.Cast("int8", T.Cast(
                             "int32", T.nearbyint(xf[m * k + g * gs + i] * T.Select(
                                 amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0)))))
-                for u in range(4):
-                    xs[(m * n_chunks + g // 2) * 8 + 4 * (g % 2) + u] = amax[0] / T.float32(127)
+                if eight:
+                    for u in range(8):
+                        xs[(m * n_chunks + g) * 8 + u] = amax[0] / T.float32(127)
+                else:
+                    for u in range(4):
+                        xs[(m * n_chunks + g // 2) * 8 + 4 * (g % 2) + u] = amax[0] / T.float32(127)
             for b in range(n_chunks):
                 for u in range(8):
-                    xz[(m * n_chunks + b) * 8 + u] = -zp * (
-                        T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u])
-                        + T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u + 1])
-                        + T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u + 2])
-                        + T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u + 3])
-                        + T.Cast("int32", xo[(m * n_chunks + b) * 32 + 4 * u])
-                        + T.Cast("int32", xo[(m * n_chunks + b) * 32 + 4 * u + 1])
-                        + T.Cast("int32", xo[(m * n_chunks + b) * 32 + 4 * u + 2])
-                        + T.Cast("int32", xo[(m * n_chunks + b) * 32 + 4 * u + 3]))
+                    if eight:  # lane u: k = 32b + 4u .. 4u + 3
+                        xz[(m * n_chunks + b) * 8 + u] = -zp * (
+                            T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u])
+                            + T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u + 1])
+                            + T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u + 2])
+                            + T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u + 3]))
+                    else:
+                        xz[(m * n_chunks + b) * 8 + u] = -zp * (
+                            T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u])
+                            + T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u + 1])
+                            + T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u + 2])
+                            + T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u + 3])
+                            + T.Cast("int32", xo[(m * n_chunks + b) * 32 + 4 * u])
+                            + T.Cast("int32", xo[(m * n_chunks + b) * 32 + 4 * u + 1])
+                            + T.Cast("int32", xo[(m * n_chunks + b) * 32 + 4 * u + 2])
+                            + T.Cast("int32", xo[(m * n_chunks + b) * 32 + 4 * u + 3]))
                     if has_min:  # x as rounded for the codes: the product's error follows |w|, not |code|
                         xm[(m * n_chunks + b) * 8 + u] = xs[(m * n_chunks + b) * 8 + u] * T.Cast("float32", (
                             T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u])
@@ -296,7 +357,7 @@ def q8_dot_gemv(
                                 if b % pf_every == 0:
                                     qs_flat = T.decl_buffer((n * n_groups,), scale_dtype, data=qs.data)
                                     T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
-                                        qs_flat[T.min((t * tile + r0 * rows) * n_groups + b * 2 * span
+                                        qs_flat[T.min((t * tile + r0 * rows) * n_groups + b * step_groups
                                                       + pf_scales, n * n_groups - 1)]), 0, locality, 1))
                             for r in T.unroll(rows):
                                 # one expression, no vector temporaries: TVMScript would give each its own

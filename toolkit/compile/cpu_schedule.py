@@ -40,7 +40,7 @@ from tvm.target import Target, codegen
 
 from ..quantization import GroupLayout
 from .cpu_isa import Q4_GEMM_LANES, Q8_DOT_LANES, q4_gemm_isa, q8_dot_isas, q8_gemm_isa
-from .cpu_q8_gemv import HOST_Q4_LAYOUTS, HOST_Q4_MIN_LAYOUTS
+from .cpu_q8_gemv import HOST_Q4_LAYOUTS, HOST_Q4_MIN_LAYOUTS, HOST_Q8_LAYOUTS
 from .knobs import DEFAULTS, Knobs, shape_key
 
 ARM_GEMM_NR = 8  # weight rows per tile of the arm64 int8 GEMM (4 smmla row pairs / 2 sdot quads)
@@ -779,16 +779,18 @@ class CPUQ8DotGEMV(ScheduleRule):
         isas = [i for i in q8_dot_isas(target) if self.isa in (None, i)]
         if not isas:
             return None
-        q = _match_q4_matmul(func, HOST_Q4_LAYOUTS + HOST_Q4_MIN_LAYOUTS)
+        q = _match_q4_matmul(func, HOST_Q4_LAYOUTS + HOST_Q4_MIN_LAYOUTS + HOST_Q8_LAYOUTS)
         if q is None or not _few_rows(list(q.x.shape)[:-1], self.max_m):
             return None
+        if q.layout.bits == 8:  # 8-bit codes: the x86 paths only
+            isas = [i for i in isas if not i.startswith("neon")]
         sizes = self.knobs.gemv(q.n, q.k) if self.knobs is not None else DEFAULTS["q4_gemv"]
         rows, tile = self.rows or sizes["rows"], self.tile or sizes["tile"]
         prefetch = sizes["prefetch"] if self.prefetch is None else self.prefetch
         level = sizes["prefetch_level"] if self.prefetch_level is None else self.prefetch_level
         if q.n % tile or tile % rows:
             return None
-        isa = next((i for i in isas if q.k % (8 * Q8_DOT_LANES[i]) == 0), None)
+        isa = next((i for i in isas if q.k % (q.layout.elems_per_word * Q8_DOT_LANES[i]) == 0), None)
         if isa is None:
             return None
         return s_tir.Schedule(
@@ -814,12 +816,12 @@ class CPUQ8VNNIGEMM(ScheduleRule):
         if isa is None:
             return None
         lanes = ARM_GEMM_NR if isa.startswith("neon") else Q8_DOT_LANES[isa]
-        q = _match_q4_matmul(func, HOST_Q4_LAYOUTS + HOST_Q4_MIN_LAYOUTS)
+        q = _match_q4_matmul(func, HOST_Q4_LAYOUTS + HOST_Q4_MIN_LAYOUTS + HOST_Q8_LAYOUTS)
         if q is None or q.n % lanes or _few_rows(list(q.x.shape)[:-1], self.max_m):
             return None
         if isa.startswith("neon"):
-            if q.q_min is not None:
-                return None  # the arm64 GEMM has no min term: CPUQ4OuterGEMM's rule declines it too
+            if q.q_min is not None or q.layout.bits == 8:
+                return None  # the arm64 GEMM reads 4-bit codes without a min: generic schedules take these
             from .cpu_arm_dot import gemm_fits, q8_arm_gemm
 
             if not gemm_fits(q, isa=isa, nr=lanes):
