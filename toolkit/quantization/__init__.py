@@ -395,8 +395,8 @@ def weight_role(name: str) -> str:
 
 
 # what a checkpoint runs in unless asked (MLC's default for phones too). A GGUF too: its own blocks
-# (`phi3 convert` keeps them, `native_quantization`) run on the host's generic schedules, not the int8
-# kernels (several times slower decode)
+# (`phi3 convert` keeps them, `native_quantization`) are one `-q` away; K-quant blocks still run the host's
+# generic schedules (several times slower decode than the int8 kernels Q4_0/Q4_1/Q8_0 get)
 DEFAULT_QUANTIZATION = "q4f16_1"
 
 
