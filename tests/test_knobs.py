@@ -239,3 +239,26 @@ def test_cold_bytes_counts_the_arguments_kept_out_of_the_caches():
     s = tvm.runtime.tensor(np.zeros((1024, 1024), "float16"), dev)  # 2 MiB
     x = tvm.runtime.tensor(np.zeros((1, 4096), "float32"), dev)  # 16 KiB
     assert cold_bytes([x, w, s, x, 1.0]) == 4 << 20
+
+
+@pytest.mark.skipif(not HOST_HAS_AVX2, reason="the int8 kernels need AVX2")
+def test_tuner_targets_include_gguf_q4_1_and_q8_0_matmuls(tmp_path):
+    """`phi3 tune` searches the same int8 kernels a GGUF's Q4_1 / Q8_0 Linears compile to: one target per
+    (family, shape), weighted by the code bytes they stream (8 bits per Q8_0 code, 4 per Q4_1), and each
+    builds with the default knobs."""
+    from tiny import make_tiny_checkpoint
+
+    from toolkit.compile.knobs import DEFAULTS
+    from toolkit.config import load_hf_config
+    from toolkit.tune.knob_search import matmul_targets
+
+    cfg = load_hf_config(make_tiny_checkpoint(tmp_path / "c", "mini-4k", hidden_size=256, tokenizer=False))
+    preset = load_preset("host")
+    weights = {}
+    for scheme in ("gguf_q4_1", "gguf_q8_0"):
+        targets = {f"{t.family}:{t.key}": t for t in matmul_targets(cfg, scheme, preset, prefill_len=32)}
+        gemvs = [t for t in targets.values() if t.family == "q4_gemv"]
+        assert len(gemvs) >= 3, sorted(targets)  # qkv, gate_up, o and down (one shape here)
+        assert all(t.build(DEFAULTS["q4_gemv"]) is not None for t in gemvs)
+        weights[scheme] = sum(t.weight for t in gemvs)
+    assert weights["gguf_q8_0"] == pytest.approx(2 * weights["gguf_q4_1"])

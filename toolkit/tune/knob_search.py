@@ -232,8 +232,16 @@ class Target_:
 
 
 def matmul_targets(cfg, quantization: str, preset: Preset, prefill_len: int) -> list[Target_]:
-    """The q4 GEMVs (decode) and int8 GEMMs (prefill) of the model, one per distinct shape."""
-    from ..compile.cpu_schedule import CPUQ8VNNIGEMM, CPUQ8DotGEMV, _match_q4_matmul
+    """The q4 GEMVs (decode) and int8 GEMMs (prefill) of the model, one per distinct shape (GGUF Q4_1 and
+    Q8_0 blocks included: the same kernels and knobs)."""
+    from ..compile.cpu_schedule import (
+        CPUQ8VNNIGEMM,
+        HOST_Q4_LAYOUTS,
+        HOST_Q4_MIN_LAYOUTS,
+        HOST_Q8_LAYOUTS,
+        CPUQ8DotGEMV,
+        _match_q4_matmul,
+    )
     from ..compile.workloads import call_counts, specialize, step_binding
     from .extract import lower_model
 
@@ -247,7 +255,7 @@ def matmul_targets(cfg, quantization: str, preset: Preset, prefill_len: int) -> 
     for gv, func in mod.functions_items():
         if not isinstance(func, tvm.tirx.PrimFunc):
             continue
-        q = _match_q4_matmul(func)
+        q = _match_q4_matmul(func, HOST_Q4_LAYOUTS + HOST_Q4_MIN_LAYOUTS + HOST_Q8_LAYOUTS)
         if q is None:
             continue
         key = shape_key(q.n, q.k)
@@ -270,7 +278,7 @@ def matmul_targets(cfg, quantization: str, preset: Preset, prefill_len: int) -> 
                 sch = rule.apply(static, target, False)
                 return None if sch is None else sch.mod["main"]
 
-            weight = q.n * q.k / 2 * calls
+            weight = q.n * q.k * q.layout.bits / 8 * calls  # code bytes (GGUF Q8_0: 8 bits)
             prev = out.get(f"{fam}:{key}")
             out[f"{fam}:{key}"] = Target_(fam, key, build, weight=weight + (prev.weight if prev else 0))
     return list(out.values())
