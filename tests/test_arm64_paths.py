@@ -158,6 +158,41 @@ def test_gemv_path_with_gguf_q4_1_mins_under_qemu(path) -> None:
     assert np.all(np.abs(got - ref - res) <= bound + 1e-7 * np.abs(ref + res)), np.abs(got - ref - res).max()
 
 
+@pytest.mark.skipif(QEMU_MISSING is not None, reason=str(QEMU_MISSING))
+@pytest.mark.parametrize("path", ["neon-dotprod", "neon-i8mm"])
+def test_int8_gemm_path_with_gguf_q4_1_mins_under_qemu(path) -> None:
+    """GGUF's Q4_1 in the arm64 prefill GEMM (`sdot` and `smmla` register blocks, 13 rows: a partial block
+    and an odd row): min x the group's sum of x added per group, within the int8 reference's bound."""
+    n, k, m = 64, 256, 13
+    assert host_kernel_isas(_path_target(path), "int8")["q4_gemm"] == f"int8-{path}"
+    func = _matmul_func(n, k, (1, "s"), quant=True, add=True, with_min=True)
+    qw, qs, _, x, res, arrays = _inputs(n, k, (1, m), True)
+    qm = (RNG.standard_normal((n, k // 32)) * 0.2).astype("float16")
+    ref, bound = _q8_reference_with_min(x, qw, qs, qm)
+    got = _run(func, path, [x, qw, qs, qm, res, arrays[-1]])
+    assert np.all(np.abs(got - ref - res) <= bound + 1e-7 * np.abs(ref + res)), np.abs(got - ref - res).max()
+
+
+@pytest.mark.skipif(QEMU_MISSING is not None, reason=str(QEMU_MISSING))
+@pytest.mark.parametrize("path", ["neon", "neon-dotprod"])
+def test_gemv_path_with_gguf_q8_0_codes_under_qemu(path) -> None:
+    """GGUF's Q8_0 (8-bit codes - 128, 4 per uint32) in the arm64 decode GEMV: code - 128 as a signed byte
+    times x (`sdot`, or int16 products), within the int8 reference's bound; prefill declines it (the arm64
+    GEMM reads nibbles): generic schedules."""
+    n, k, rows = 64, 256, (3, 1)
+    func = _matmul_func(n, k, ("b", 1), quant=True, add=True, bits=8, zero_point=128.0)
+    prefill = _matmul_func(n, k, (1, "s"), quant=True, bits=8, zero_point=128.0)
+    assert cs.CPUQ8VNNIGEMM().apply(prefill, _path_target("neon-dotprod"), False) is None
+    qw = RNG.integers(0, 2**32, (n, k // 4), dtype=np.uint32)
+    qw[0, :8] = 0  # codes 0: weight -128 x scale
+    qs = (RNG.random((n, k // 32)) * 0.01 + 0.001).astype("float16")
+    x = RNG.standard_normal((*rows, k)).astype(np.float32)
+    res = RNG.standard_normal((*rows, n)).astype(np.float32)
+    got = _run(func, path, [x, qw, qs, res, np.zeros((*rows, n), np.float32)])
+    ref, bound = _q8_reference(x, qw, qs, zero_point=128, bits=8)
+    assert np.all(np.abs(got - ref - res) <= bound + 1e-7 * np.abs(ref + res)), np.abs(got - ref - res).max()
+
+
 # prefill: (n, k, rows at run time, residual add, scale dtype); 13 and 25 rows end in a partial register
 # block (4 rows) and an odd row (smmla's row pairs)
 GEMM_CASES = [

@@ -15,7 +15,9 @@ Prefill GEMM (`q8_arm_gemm`): x quantized per group to int8 as the GEMV does; pe
   int32 block; the tile is laid out [K/8, nr/2 row pairs, 2 rows x 8 k] so each block is one load.
 - `neon-dotprod`: `sdot` of 4 weight rows x 4 k (laid out [K/4, nr, 4 k]) with one row's 4 activations
   broadcast to every lane, as the VNNI kernel does with `vpdpbusd`.
-Per group the int32 sums start from the zero-point term and are scaled into fp32 accumulators once.
+Per group the int32 sums start from the zero-point term and are scaled into fp32 accumulators once; GGUF's
+Q4_1 (a per-group min, no zero point) adds min x the group's sum of x there (the GEMV's min term is
+`cpu_q8_gemv`'s). GGUF's Q8_0 runs the GEMV only (`GEMV_DOTS8`; this GEMM unpacks nibbles).
 
 Numerics: the integer sums are exact (|sum| <= group * 15 * 127), so every path equals the exact int8
 reference up to fp32 summation over the K / group scaled group sums, as on x86.
@@ -86,6 +88,34 @@ def dot_neon(words, xe, xo, xz) -> tirx.PrimExpr:
 GEMV_DOTS = {"neon-dotprod": dot_dotprod, "neon": dot_neon}
 
 
+def _signed_codes(words) -> tirx.PrimExpr:
+    """8 words of 8-bit codes (u8, weight = code - 128) as the weights themselves, int8x32."""
+    return _s8(words ^ T.broadcast(T.uint32(0x80808080), 8), 32)
+
+
+def dot8_dotprod(words, xe, xo, xz) -> tirx.PrimExpr:
+    """The `q8_dot_gemv` step for 8-bit codes (GGUF Q8_0: 8 words = 32 codes in k order, int8x32
+    activations in k order): code - 128 is a signed byte, so two `sdot`s from 0 (`xz` is not read)."""
+    del xo, xz
+    w = _signed_codes(words)
+    zero = T.broadcast(T.int32(0), 4)
+    halves = [_sdot(zero, _half(w, h, 16), _half(xe, h, 16)) for h in range(2)]
+    return T.Shuffle(halves, list(range(8)))
+
+
+def dot8_neon(words, xe, xo, xz) -> tirx.PrimExpr:
+    """The same without DotProd: int16 products (|128 * 127| < 2^15), `saddlp`, `addp`."""
+    del xo, xz
+    i16 = functools.partial(T.Cast, "int16x32")
+    prod = i16(_signed_codes(words)) * i16(xe)
+    pairs = [_intrin("llvm.aarch64.neon.saddlp", "int32x4", _half(prod, i, 8)) for i in range(4)]
+    quads = [_intrin("llvm.aarch64.neon.addp", "int32x4", pairs[2 * h], pairs[2 * h + 1]) for h in range(2)]
+    return T.Shuffle(quads, list(range(8)))
+
+
+GEMV_DOTS8 = {"neon-dotprod": dot8_dotprod, "neon": dot8_neon}  # 8-bit codes (GGUF Q8_0)
+
+
 def _spread_nibbles(v: tirx.PrimExpr) -> tirx.PrimExpr:
     """The 4 nibbles in v's low 16 bits moved to the low nibbles of its 4 bytes (codes as bytes)."""
     parts = [T.shift_left(v & T.uint32(0xF << (4 * c)), T.uint32(4 * c)) for c in range(4)]
@@ -128,7 +158,8 @@ def q8_arm_gemm(func: tirx.PrimFunc, q, *, isa: str, mr: int = 4, nr: int = 8) -
     x_shape, out_shape = [*list(q.x.shape)[:-1], k], [*list(q.x.shape)[:-1], n]
     has_other, other_first = q.other is not None, q.other_first
     scale_dtype = str(q.q_scale.dtype)
-    zero = check_layout(q).zero_point  # w = (code - zero) * scale: 7 for MLC's q4, 8 for GGUF's Q4_0
+    # w = (code - zero) * scale: 7 for MLC's q4, 8 for GGUF's Q4_0; GGUF's Q4_1: code * scale + min
+    zero, has_min = check_layout(q, with_min=True).zero_point, q.q_min is not None
     bi = mr // 2 if mmla else mr  # blocks of x rows per register block (pairs for smmla)
     bj = nr // 2 if mmla else nr // 4  # 4-lane int32 blocks per tile row (pairs / quads of weight rows)
 
@@ -146,11 +177,12 @@ def q8_arm_gemm(func: tirx.PrimFunc, q, *, isa: str, mr: int = 4, nr: int = 8) -
     # fmt: off
     @T.prim_func(private=True)
     def kernel(x: T.Buffer(x_shape, "float32"), qw: T.Buffer((n, n_words), "uint32"),
-               qs: T.Buffer((n, n_groups), scale_dtype), other: T.Buffer(out_shape, "float32"),
-               out: T.Buffer(out_shape, "float32")):
+               qs: T.Buffer((n, n_groups), scale_dtype), qm: T.Buffer((n, n_groups), scale_dtype),
+               other: T.Buffer(out_shape, "float32"), out: T.Buffer(out_shape, "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         xf = T.decl_buffer((n_rows * k,), "float32", data=x.data)
         of = T.decl_buffer((n_rows * n,), "float32", data=out.data)
+        xm = T.alloc_buffer((m_pad * n_groups if has_min else 1,), "float32")  # a group's sum of rounded x
         xq = T.alloc_buffer((m_pad * k,), "int8")  # x quantized (`xq_at`)
         xz = T.alloc_buffer((m_pad * n_groups,), "int32")  # -zp * sum of a group's int8 activations
         xs = T.alloc_buffer((m_pad * n_groups,), "float32")  # a group's activation scale
@@ -169,10 +201,17 @@ def q8_arm_gemm(func: tirx.PrimFunc, q, *, isa: str, mr: int = 4, nr: int = 8) -
                     xz[m * n_groups + g] = xz[m * n_groups + g] - zero * T.Cast(
                         "int32", xq[xq_at(m, g * group + i)])
                 xs[m * n_groups + g] = amax[0] / T.float32(127)
+                if has_min:  # x as the codes see it (cpu_q8_gemv: the error then follows |w|)
+                    xm[m * n_groups + g] = T.float32(0)
+                    for i in range(group):
+                        xm[m * n_groups + g] = xm[m * n_groups + g] + T.Cast(
+                            "float32", xq[xq_at(m, g * group + i)])
+                    xm[m * n_groups + g] = xm[m * n_groups + g] * xs[m * n_groups + g]
         # 2. per tile of nr weight rows: repack the codes to bytes, then register blocks of mr rows of x
         for t in T.parallel(n // nr):
             wp = T.alloc_buffer((k // 4 * nr,), "uint32")  # 4 codes (bytes) per word
             ws = T.alloc_buffer((n_groups * bj * 4,), "float32")  # weight scales in the blocks' lanes
+            wm = T.alloc_buffer((n_groups * bj * 4 if has_min else 1,), "float32")  # and mins
             acc = T.alloc_buffer((bi * bj * 4,), "float32")  # global scope + small: a stack alloca
             dots = T.alloc_buffer((bi * bj * 4,), "int32")
             for w in range(n_words):
@@ -192,6 +231,11 @@ def q8_arm_gemm(func: tirx.PrimFunc, q, *, isa: str, mr: int = 4, nr: int = 8) -
                                 "float32", qs[t * nr + jb * 2 + lane % 2, g])
                         else:
                             ws[(g * bj + jb) * 4 + lane] = T.Cast("float32", qs[t * nr + jb * 4 + lane, g])
+                        if has_min and mmla:
+                            wm[(g * bj + jb) * 4 + lane] = T.Cast(
+                                "float32", qm[t * nr + jb * 2 + lane % 2, g])
+                        elif has_min:
+                            wm[(g * bj + jb) * 4 + lane] = T.Cast("float32", qm[t * nr + jb * 4 + lane, g])
             for mo in range((n_rows + mr - 1) // mr):
                 for b in T.unroll(bi * bj):
                     acc[T.ramp(b * 4, 1, 4)] = T.broadcast(T.float32(0), 4)
@@ -235,6 +279,20 @@ def q8_arm_gemm(func: tirx.PrimFunc, q, *, isa: str, mr: int = 4, nr: int = 8) -
                                     "float32x4", dots[T.ramp((ib * bj + jb) * 4, 1, 4)]) * (
                                     ws[T.ramp((g * bj + jb) * 4, 1, 4)]
                                     * T.broadcast(xs[x_row(mo, ib) * n_groups + g], 4))
+                    if has_min:
+                        for ib in T.unroll(bi):
+                            for jb in T.unroll(bj):
+                                if mmla:
+                                    acc[T.ramp((ib * bj + jb) * 4, 1, 4)] = acc[
+                                        T.ramp((ib * bj + jb) * 4, 1, 4)] + wm[
+                                        T.ramp((g * bj + jb) * 4, 1, 4)] * _bcast2(
+                                        xm, x_row(mo, 2 * ib) * n_groups + g,
+                                        x_row(mo, 2 * ib + 1) * n_groups + g)
+                                else:
+                                    acc[T.ramp((ib * bj + jb) * 4, 1, 4)] = acc[
+                                        T.ramp((ib * bj + jb) * 4, 1, 4)] + wm[
+                                        T.ramp((g * bj + jb) * 4, 1, 4)] * T.broadcast(
+                                        xm[x_row(mo, ib) * n_groups + g], 4)
                 # 3. store: acc block (ib, jb) lane -> (x row, weight row)
                 for i in T.unroll(mr):
                     if mo * mr + i < n_rows:

@@ -44,8 +44,8 @@ HOST_Q4_LAYOUTS: tuple[GroupLayout, ...] = (MLC_Q4_LAYOUT, GGUF_BLOCK_LAYOUTS["q
 # int8 kernels take (decode GEMV, every dot-product path; x86 VNNI prefill GEMM) as one more fp32
 # multiply-add per group: min times the group's activation sum.
 HOST_Q4_MIN_LAYOUTS: tuple[GroupLayout, ...] = (GGUF_BLOCK_LAYOUTS["q4_1"],)
-# 8-bit codes, 4 per uint32 in element order, groups of 32, code - 128 (GGUF's Q8_0 as repacked): the x86
-# int8 kernels read them as u8 next to x in element order (no nibbles to split).
+# 8-bit codes, 4 per uint32 in element order, groups of 32, code - 128 (GGUF's Q8_0 as repacked): the int8
+# decode GEMV (x86 and arm64) and the x86 VNNI GEMM read them next to x in element order (no nibbles).
 HOST_Q8_LAYOUTS: tuple[GroupLayout, ...] = (GGUF_BLOCK_LAYOUTS["q8_0"],)
 MASK = 0x0F0F0F0F  # low nibble of every byte of a word
 BATCH_BLOCK = 4  # rows of x per unrolled block of the batched path (accumulators in registers)
@@ -166,7 +166,6 @@ def q8_dot_gemv(
     n, k = q.n, q.k
     chunk = 32 if eight else 64
     assert k % (chunk * span) == 0 and n % tile == 0 and tile % rows == 0
-    assert not (eight and isa.startswith("neon")), "8-bit codes: x86 paths only"
     n_groups, n_words, n_chunks = k // gs, k // lay.elems_per_word, k // chunk
     n_steps = n_chunks // span
     lanes_per_group = 8 if eight else 4
@@ -178,7 +177,11 @@ def q8_dot_gemv(
     scale_dtype = str(q.q_scale.dtype)
     scale_lanes = [i // lanes_per_group for i in range(lanes)]
     lane_sum = _lane_sum
-    if eight:
+    if eight and isa.startswith("neon"):
+        from .cpu_arm_dot import GEMV_DOTS8
+
+        dot = GEMV_DOTS8[isa]
+    elif eight:
         dot = _dot8_avx2 if isa == "avx2" else functools.partial(_dot8_vnni, lanes=lanes)
     elif isa == "avx2":
         dot = _dot_avx2

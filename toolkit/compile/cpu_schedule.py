@@ -782,8 +782,6 @@ class CPUQ8DotGEMV(ScheduleRule):
         q = _match_q4_matmul(func, HOST_Q4_LAYOUTS + HOST_Q4_MIN_LAYOUTS + HOST_Q8_LAYOUTS)
         if q is None or not _few_rows(list(q.x.shape)[:-1], self.max_m):
             return None
-        if q.layout.bits == 8:  # 8-bit codes: the x86 paths only
-            isas = [i for i in isas if not i.startswith("neon")]
         sizes = self.knobs.gemv(q.n, q.k) if self.knobs is not None else DEFAULTS["q4_gemv"]
         rows, tile = self.rows or sizes["rows"], self.tile or sizes["tile"]
         prefetch = sizes["prefetch"] if self.prefetch is None else self.prefetch
@@ -820,8 +818,8 @@ class CPUQ8VNNIGEMM(ScheduleRule):
         if q is None or q.n % lanes or _few_rows(list(q.x.shape)[:-1], self.max_m):
             return None
         if isa.startswith("neon"):
-            if q.q_min is not None or q.layout.bits == 8:
-                return None  # the arm64 GEMM reads 4-bit codes without a min: generic schedules take these
+            if q.layout.bits == 8:
+                return None  # the arm64 GEMM unpacks nibbles: generic schedules take 8-bit codes
             from .cpu_arm_dot import gemm_fits, q8_arm_gemm
 
             if not gemm_fits(q, isa=isa, nr=lanes):
