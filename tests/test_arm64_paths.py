@@ -193,6 +193,23 @@ def test_gemv_path_with_gguf_q8_0_codes_under_qemu(path) -> None:
     assert np.all(np.abs(got - ref - res) <= bound + 1e-7 * np.abs(ref + res)), np.abs(got - ref - res).max()
 
 
+@pytest.mark.skipif(QEMU_MISSING is not None, reason=str(QEMU_MISSING))
+@pytest.mark.parametrize("path", ["neon", "neon-dotprod"])
+def test_gemv_path_with_gguf_q4_k_under_qemu(path) -> None:
+    """GGUF's Q4_K in the arm64 decode GEMV: the group scales and mins derived from the super-block values
+    (shared with x86, `cpu_q8_gemv`), the dot products arm64's; prefill declines it (generic schedules)."""
+    from test_gguf_kquants import q4_k_matmul
+
+    n, k = 64, 512
+    func, arrays, qs_eff, qm_eff = q4_k_matmul(n, k, "b", RNG)
+    prefill, *_ = q4_k_matmul(n, k, "s", RNG)
+    assert cs.CPUQ8VNNIGEMM().apply(prefill, _path_target("neon-dotprod"), False) is None
+    x = RNG.standard_normal((3, 1, k)).astype(np.float32)  # decode's batch of 3
+    got = _run(func, path, [x, *arrays.values(), np.zeros((3, 1, n), np.float32)])
+    ref, bound = _q8_reference_with_min(x, arrays["q_weight"], qs_eff, qm_eff)
+    assert np.all(np.abs(got - ref) <= bound), np.abs(got - ref).max()
+
+
 # prefill: (n, k, rows at run time, residual add, scale dtype); 13 and 25 rows end in a partial register
 # block (4 rows) and an odd row (smmla's row pairs)
 GEMM_CASES = [

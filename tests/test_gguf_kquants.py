@@ -395,3 +395,120 @@ def test_k_quant_kernels_compile_for_cuda_and_metal(tmp_path, preset_name):
 
         result = check_msl(source)
         assert result.ok, result.diagnostics
+
+
+def q4_k_matmul(n: int, k: int, rows, rng):
+    """(func, arrays, scales, offsets): a Q4_K dequant + NT matmul PrimFunc as the model's Linear writes it
+    (x [1, rows, k]; rows "s": a dynamic prefill length; "b": x [b, 1, k], decode's dynamic batch), random
+    planes of weights with a spread of 0.05, and the per-32-group scale d x sc and offset -dmin x m the
+    kernels must derive (exact fp32)."""
+    import tvm
+    from tvm import te
+
+    from toolkit.quantization.tvm_layers import te_dequantize_planes
+
+    layout = GGUF_BLOCK_LAYOUTS["q4_k"]
+    raw = random_k_blocks((n, k), "q4_k", rng, std=0.05)
+    arrays = dict(zip(layout.suffixes, gb.from_blocks(raw, "q4_k"), strict=True))
+    planes = {s: te.placeholder(a.shape, str(a.dtype), name=s) for s, a in arrays.items()}
+    lead = (
+        (tvm.tirx.Var("b", "int64"), 1)
+        if rows == "b"
+        else (1, tvm.tirx.Var(rows, "int64") if rows == "s" else rows)
+    )
+    x_ph = te.placeholder((*lead, k), "float32", name="x")
+    w = te_dequantize_planes(planes, k, "float32", layout)
+    r = te.reduce_axis((0, k), "k")
+    y = te.compute((*lead, n), lambda b, i, j: te.sum(x_ph[b, i, r] * w[j, r], axis=r), name="NT_matmul")
+    func = te.create_prim_func([x_ph, *planes.values(), y]).with_attr("global_symbol", "main")
+    sub = arrays["q_sub"].view(np.uint8).reshape(n, k // 256, 16).astype(np.float32)
+    d = arrays["q_scale"].astype(np.float32)[..., None]
+    dmin = arrays["q_min"].astype(np.float32)[..., None]
+    return func, arrays, (d * sub[..., :8]).reshape(n, k // 32), (-(dmin * sub[..., 8:])).reshape(n, k // 32)
+
+
+@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
+def test_q4_k_takes_the_host_int8_kernels(kernel):
+    """GGUF's Q4_K in the host's int8 decode GEMV (every dot-product path this CPU has) and VNNI prefill
+    GEMM: each 32-group's scale d x sc and min -dmin x m, derived in the kernel from the super-block's
+    fp16 d, dmin and sub-block bytes, equal Q4_1's int8 reference on those per-group values (bound as
+    there); the fp32-activation kernels decline it."""
+    import tvm
+    from test_cpu_q8_gemv import HOST_HAS_AVX2, _build, _q8_reference, _q8_reference_with_min
+    from test_isa_paths import HOST, HOST_ISAS
+
+    from toolkit.compile import cpu_schedule as cs
+    from toolkit.compile.cpu_isa import q8_gemm_isa
+
+    if not HOST_HAS_AVX2:
+        pytest.skip("no int8 kernels on this CPU")
+    if kernel == "gemm" and q8_gemm_isa(HOST) is None:
+        pytest.skip("this CPU has no vpdpbusd: no int8 GEMM")
+    rng = np.random.default_rng(3)
+    n, k, m = 64, 512, (1 if kernel == "gemv" else 9)
+    func, arrays, qs_eff, qm_eff = q4_k_matmul(n, k, 1 if kernel == "gemv" else "s", rng)
+    layout = GGUF_BLOCK_LAYOUTS["q4_k"]
+    assert cs._match_q4_matmul(func) is None  # not for the fp32-activation kernels
+    q = cs._match_q4_matmul(func, cs.INT8_LAYOUTS)
+    assert q is not None and q.q_sub is not None and q.layout == layout
+    x = rng.standard_normal((1, m, k)).astype(np.float32)
+    ref, bound = _q8_reference_with_min(x, arrays["q_weight"], qs_eff, qm_eff)
+    codes_only, _ = _q8_reference(x, arrays["q_weight"], qs_eff, zero_point=0)
+    if kernel == "gemv":
+        builds = [_build(func, HOST, [cs.CPUQ8DotGEMV(isa=isa)]) for isa in HOST_ISAS]
+    else:
+        builds = [_build(func, HOST, [cs.CPUQ8VNNIGEMM()])]
+    for ex in builds:
+        out = tvm.runtime.empty((1, m, n), "float32", tvm.cpu())
+        ex["main"](*[tvm.runtime.tensor(a) for a in (x, *arrays.values())], out)
+        got = out.numpy()
+        assert np.all(np.abs(got - ref) <= bound), np.abs(got - ref).max()
+        assert np.abs(got - codes_only).max() > 100 * bound.max()
+
+
+def test_host_preset_runs_q4_k_linears_in_int8_kernels(tmp_path):
+    """A GGUF whose Linears (and embedding) are Q4_K, on the `host` preset: every Linear is an int8 hand
+    kernel, logits within the int8-activation rounding of transformers on the same blocks (2e-2..3e-2 on
+    tiny random models, test_q4_int8_activations_stay_close_to_transformers), greedy choices equal where
+    transformers' top two are further apart than that row's error."""
+    import gguf
+    from test_cpu_q8_gemv import HOST_HAS_AVX2
+
+    from toolkit.compile import pipeline
+    from toolkit.compile.compile_model import graph_options
+    from toolkit.compile.cpu_isa import q8_gemm_isa
+    from toolkit.compile.cpu_schedule import CPUQ8VNNIGEMM, CPUQ8DotGEMV
+    from toolkit.targets import load_preset
+
+    if not HOST_HAS_AVX2:
+        pytest.skip("this CPU has no AVX2: the host preset keeps fp32 activations")
+    rng = np.random.default_rng(8)
+
+    def pick(gname: str, arr: np.ndarray):
+        if arr.ndim != 2 or gname == "output.weight":
+            return None
+        return gguf.GGMLQuantizationType.Q4_K, random_k_blocks(arr.shape, "q4_k", rng, std=float(arr.std()))
+
+    hf_dir = make_tiny_checkpoint(tmp_path / "hf", "mini-4k", hidden_size=256)
+    path = tmp_path / "m.gguf"
+    write_phi3_gguf(hf_dir, path, pick)
+    scheme = native_quantization(open_model(path), model_dtype="float16")
+    assert scheme.startswith("gguf_q4_k"), scheme
+    preset = load_preset("host")
+    mod, _ = pipeline.export_model(open_model(path).config, graph_options(scheme, preset), preset.target)
+    lowered = pipeline.lower_to_tir(mod, preset.target)
+    linears = {gv.name_hint: f for gv, f in lowered.functions.items() if "NT_matmul" in gv.name_hint}
+    rules = [CPUQ8DotGEMV(), *([CPUQ8VNNIGEMM()] if q8_gemm_isa(preset.target) else [])]
+    taken = {
+        n for n, f in linears.items() if any(r.apply(f, preset.target, False) is not None for r in rules)
+    }
+    assert len(taken) >= 6, sorted(set(linears) - taken)  # qkv, o, gate_up, down: decode and prefill
+    eng = build_engine(path, tmp_path / "lib", scheme, device="host")
+    hf = _hf_on_gguf_blocks(hf_dir, path, "float16")
+    prompt = np.random.default_rng(1).integers(3, eng.cfg.vocab_size, 10).tolist()
+    pre, dec, ref = greedy_vs_transformers(eng, hf, prompt, 6)
+    ours = np.concatenate([pre, dec])
+    assert rel_err(ours, ref) < 6e-2
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * np.abs(ours - ref).max(-1)
+    assert clear.sum() >= len(ref) // 2 and (ours.argmax(-1) == ref.argmax(-1))[clear].all()

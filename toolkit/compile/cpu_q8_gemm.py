@@ -8,7 +8,9 @@ block of `mr` rows of x one `vpdpbusd` per (row, 4 k) multiplies the tile rows' 
 activations broadcast to every lane: 4 multiply-adds per lane against 1 for an fp32 FMA. Each 32-group's
 int32 sums start from the zero-point term (-7, or -8 for GGUF Q4_0) and are scaled into fp32 accumulators
 once per group; GGUF's Q4_1 (no zero point, a per-group min) adds min x the group's sum of x there. GGUF's
-Q8_0 (8-bit codes - 128) needs no repacking: its words are 4 u8 codes in k order already.
+Q8_0 (8-bit codes - 128) needs no repacking: its words are 4 u8 codes in k order already. GGUF's Q4_K runs
+as Q4_1 with each 32-group's scale d x sc and min -dmin x m computed once per tile from the super-block's fp16
+d, dmin and sub-block bytes.
 
 Numerics: the integer sums are exact; the result equals `cpu_q8_gemv`'s up to fp32 summation order."""
 
@@ -34,8 +36,10 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
     int8 VNNI kernel: same parameters, same result up to activation rounding. `lanes`: int32 lanes of the
     registers (16: 512-bit, 8: 256-bit), also the weight rows per tile."""
     NR = lanes  # noqa: N806 - a constant of the kernel below
-    lay = check_layout(q, with_min=True, with_q8=True)
-    gs, epw, zp, has_min = lay.group_size, lay.elems_per_word, lay.zero_point, q.q_min is not None
+    lay = check_layout(q, with_min=True, with_q8=True, with_k=True)
+    kq = q.q_sub is not None  # Q4_K: a 32-group's scale d x sc and min -dmin x m from its super-block
+    gs, epw, zp = 32 if kq else lay.group_size, lay.elems_per_word, lay.zero_point
+    has_min = q.q_min is not None
     eight = lay.bits == 8  # a word is already 4 u8 codes in k order
     n, k = q.n, q.k
     assert n % NR == 0 and k % gs == 0
@@ -45,13 +49,16 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
     x_shape, out_shape = [*m_shape, k], [*m_shape, n]
     has_other, other_first = q.other is not None, q.other_first
     scale_dtype = str(q.q_scale.dtype)
+    qs_shape = (n, int(q.q_scale.shape[1]))
+    qsub_shape = (n, int(q.q_sub.shape[1])) if kq else (1, 1)
     dpbusd = T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{32 * lanes}")
 
     # fmt: off
     @T.prim_func(private=True)
     def kernel(x: T.Buffer(x_shape, "float32"), qw: T.Buffer((n, n_words), "uint32"),
-               qs: T.Buffer((n, n_groups), scale_dtype), qm: T.Buffer((n, n_groups), scale_dtype),
-               other: T.Buffer(out_shape, "float32"), out: T.Buffer(out_shape, "float32")):
+               qs: T.Buffer(qs_shape, scale_dtype), qm: T.Buffer(qs_shape, scale_dtype),
+               qsub: T.Buffer(qsub_shape, "uint32"), other: T.Buffer(out_shape, "float32"),
+               out: T.Buffer(out_shape, "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         xf = T.decl_buffer((n_rows * k,), "float32", data=x.data)
         of = T.decl_buffer((n_rows * n,), "float32", data=out.data)
@@ -105,11 +112,20 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
                             wp[(w * 2 + h) * NR + j] = _spread_nibbles(
                                 T.shift_right(words[j], T.uint32(16) * T.Cast("uint32", h)))
             for g in range(n_groups):
-                for j in T.vectorized(NR):
-                    ws[g * NR + j] = T.Cast("float32", qs[t * NR + j, g])
-                if has_min:
+                if kq:  # sub-block bytes g % 8 (scale) and 8 + g % 8 (min) of super-block g // 8
                     for j in T.vectorized(NR):
-                        wm[g * NR + j] = T.Cast("float32", qm[t * NR + j, g])
+                        ws[g * NR + j] = T.Cast("float32", qs[t * NR + j, g // 8]) * T.Cast(
+                            "float32", T.shift_right(qsub[t * NR + j, g // 8 * 4 + g % 8 // 4],
+                                                     T.Cast("uint32", 8 * (g % 4))) & T.uint32(255))
+                        wm[g * NR + j] = -(T.Cast("float32", qm[t * NR + j, g // 8]) * T.Cast(
+                            "float32", T.shift_right(qsub[t * NR + j, g // 8 * 4 + 2 + g % 8 // 4],
+                                                     T.Cast("uint32", 8 * (g % 4))) & T.uint32(255)))
+                else:
+                    for j in T.vectorized(NR):
+                        ws[g * NR + j] = T.Cast("float32", qs[t * NR + j, g])
+                    if has_min:
+                        for j in T.vectorized(NR):
+                            wm[g * NR + j] = T.Cast("float32", qm[t * NR + j, g])
             for mo in range((n_rows + mr - 1) // mr):
                 for i in T.unroll(mr):
                     acc[T.ramp(i * NR, 1, NR)] = T.broadcast(T.float32(0), NR)

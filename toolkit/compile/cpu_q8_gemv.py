@@ -47,6 +47,9 @@ HOST_Q4_MIN_LAYOUTS: tuple[GroupLayout, ...] = (GGUF_BLOCK_LAYOUTS["q4_1"],)
 # 8-bit codes, 4 per uint32 in element order, groups of 32, code - 128 (GGUF's Q8_0 as repacked): the int8
 # decode GEMV (x86 and arm64) and the x86 VNNI GEMM read them next to x in element order (no nibbles).
 HOST_Q8_LAYOUTS: tuple[GroupLayout, ...] = (GGUF_BLOCK_LAYOUTS["q8_0"],)
+# GGUF's Q4_K: q4 codes; each 32-group's scale d x sc and min -dmin x m come from its super-block's fp16 d,
+# dmin and sub-block bytes (q_sub), computed per step (GEMV) or per tile (GEMM) and then used like Q4_1's.
+HOST_Q4_K_LAYOUTS = (GGUF_BLOCK_LAYOUTS["q4_k"],)
 MASK = 0x0F0F0F0F  # low nibble of every byte of a word
 BATCH_BLOCK = 4  # rows of x per unrolled block of the batched path (accumulators in registers)
 BATCH_W_ROWS = 2  # weight rows per x load of the batched path: x's loads serve 2 rows (-8..14% time)
@@ -119,13 +122,13 @@ def _dot8_vnni(words, xe, xo, xz, lanes: int) -> tirx.PrimExpr:
     return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(name), xz, codes, xe, dtype=f"int32x{lanes}")
 
 
-def check_layout(q, with_min: bool = False, with_q8: bool = False) -> GroupLayout:
+def check_layout(q, with_min: bool = False, with_q8: bool = False, with_k: bool = False) -> GroupLayout:
     """The match's storage layout, which must be one of HOST_Q4_LAYOUTS, or of HOST_Q4_MIN_LAYOUTS for a
-    kernel that adds the min (`with_min`), or of HOST_Q8_LAYOUTS for one that reads 8-bit codes (`with_q8`):
-    the byte/nibble tricks below depend on it. The rules only match those, so this guards against a caller
-    bypassing them."""
+    kernel that adds the min (`with_min`), of HOST_Q8_LAYOUTS for one that reads 8-bit codes (`with_q8`), of
+    HOST_Q4_K_LAYOUTS for one that derives Q4_K's group scales (`with_k`): the byte/nibble tricks below
+    depend on it. The rules only match those, so this guards against a caller bypassing them."""
     allowed = HOST_Q4_LAYOUTS + (HOST_Q4_MIN_LAYOUTS if with_min else ())
-    allowed += HOST_Q8_LAYOUTS if with_q8 else ()
+    allowed += (HOST_Q8_LAYOUTS if with_q8 else ()) + (HOST_Q4_K_LAYOUTS if with_k else ())
     if q.layout not in allowed:
         raise ValueError(f"this host q4 kernel handles {allowed}, not {q.layout}")
     return q.layout
@@ -159,8 +162,9 @@ def q8_dot_gemv(
     number of rows ahead; prefetch_level: the cache level those lines go to (1: L1, which the activations
     and accumulators share, so a long distance evicts them; 2: L2). One row of x only: the batched path
     does several times the work per byte."""
-    lay = check_layout(q, with_min=True, with_q8=True)
-    gs, zp, has_min, eight = lay.group_size, lay.zero_point, q.q_min is not None, lay.bits == 8
+    lay = check_layout(q, with_min=True, with_q8=True, with_k=True)
+    kq = q.q_sub is not None  # Q4_K: 32-groups whose scale and min come from super-block values
+    gs, zp, has_min, eight = 32 if kq else lay.group_size, lay.zero_point, q.q_min is not None, lay.bits == 8
     lanes = Q8_DOT_LANES[isa]
     span = lanes // 8  # chunks per step: 64 weights each with 4-bit codes, 32 (one group) with 8-bit
     n, k = q.n, q.k
@@ -175,6 +179,9 @@ def q8_dot_gemv(
     x_shape, out_shape = [*m_shape, k], [*m_shape, n]
     has_other, other_first = q.other is not None, q.other_first
     scale_dtype = str(q.q_scale.dtype)
+    qs_shape = (n, int(q.q_scale.shape[1]))
+    qsub_shape = (n, int(q.q_sub.shape[1])) if kq else (1, 1)
+    scale_stream = not kq
     scale_lanes = [i // lanes_per_group for i in range(lanes)]
     lane_sum = _lane_sum
     if eight and isa.startswith("neon"):
@@ -192,17 +199,35 @@ def q8_dot_gemv(
     else:
         dot = functools.partial(_dot_vnni, lanes=lanes)
 
+    def spread(values: tirx.PrimExpr) -> tirx.PrimExpr:
+        """The step's per-group fp32 values (float32 x step_groups), each over its lanes."""
+        if step_groups == 1:
+            return T.broadcast(values, lanes)
+        return T.Shuffle([values] * lanes_per_group, scale_lanes)
+
     def per_lane(buf, row, b) -> tirx.PrimExpr:
         """The step's per-group values of `buf` (scales or mins) as fp32, each over its lanes."""
         if step_groups == 1:
-            return T.broadcast(T.Cast("float32", buf[row, b]), lanes)
-        return T.Shuffle(
-            [T.Cast(f"float32x{step_groups}", buf[row, T.ramp(b * step_groups, 1, step_groups)])]
-            * lanes_per_group,
-            scale_lanes,
-        )
+            return spread(T.Cast("float32", buf[row, b]))
+        return spread(T.Cast(f"float32x{step_groups}", buf[row, T.ramp(b * step_groups, 1, step_groups)]))
 
-    def term(qw, qs, qm, xe, xo, xz, xs, xm, row, m, b) -> tirx.PrimExpr:
+    def k_per_lane(qsub, sb_values, row, b, word_offset: int, sign: float) -> tirx.PrimExpr:
+        """Q4_K: the step's groups' d x sc (word_offset 0) or -dmin x m (2, sign -1) over their lanes: the
+        step_groups bytes from byte t0 of the super-block's sub-block words (t0 = first group % 8)."""
+        g0 = b * step_groups
+        sb, t0 = g0 // 8, g0 % 8
+        word = qsub[row, sb * 4 + word_offset + t0 // 4]
+        bytes4 = T.reinterpret("uint8x4", T.shift_right(word, T.Cast("uint32", 8 * (t0 % 4))))
+        if step_groups == 1:
+            subs = T.Cast("float32", T.shift_right(word, T.Cast("uint32", 8 * (t0 % 4))) & T.uint32(255))
+        elif step_groups == 4:
+            subs = T.Cast("float32x4", bytes4)
+        else:
+            subs = T.Cast(f"float32x{step_groups}", T.Shuffle([bytes4], list(range(step_groups))))
+        d = T.Cast("float32", sb_values[row, sb]) * T.float32(sign)
+        return spread(subs * (d if step_groups == 1 else T.broadcast(d, step_groups)))
+
+    def term(qw, qs, qm, qsub, xe, xo, xz, xs, xm, row, m, b) -> tirx.PrimExpr:
         """Weight row `row`'s step `b` against row `m` of x: the integer dot products as fp32, times the
         weight and activation scales, plus the mins times the activation sums with a min (one expression:
         vector temporaries would become heap workspace)."""
@@ -210,8 +235,12 @@ def q8_dot_gemv(
         words = qw[row, T.ramp(b * lanes, 1, lanes)]
         d = dot(words, xe[T.ramp(c * 32, 1, lanes * 4)], xo[T.ramp(c * 32, 1, lanes * 4)],
                 xz[T.ramp(c * 8, 1, lanes)])  # fmt: skip
-        scaled = T.Cast(f"float32x{lanes}", d) * (per_lane(qs, row, b) * xs[T.ramp(c * 8, 1, lanes)])
-        return scaled + per_lane(qm, row, b) * xm[T.ramp(c * 8, 1, lanes)] if has_min else scaled
+        if kq:
+            scales, mins = k_per_lane(qsub, qs, row, b, 0, 1.0), k_per_lane(qsub, qm, row, b, 2, -1.0)
+        else:
+            scales, mins = per_lane(qs, row, b), per_lane(qm, row, b) if has_min else None
+        scaled = T.Cast(f"float32x{lanes}", d) * (scales * xs[T.ramp(c * 8, 1, lanes)])
+        return scaled + mins * xm[T.ramp(c * 8, 1, lanes)] if has_min else scaled
 
     w_rows = BATCH_W_ROWS if tile % BATCH_W_ROWS == 0 else 1
     # prefetch distances in elements, clamped to each buffer's last element (an address past the end would
@@ -226,8 +255,9 @@ def q8_dot_gemv(
     # fmt: off
     @T.prim_func(private=True)
     def kernel(x: T.Buffer(x_shape, "float32"), qw: T.Buffer((n, n_words), "uint32"),
-               qs: T.Buffer((n, n_groups), scale_dtype), qm: T.Buffer((n, n_groups), scale_dtype),
-               other: T.Buffer(out_shape, "float32"), out: T.Buffer(out_shape, "float32")):
+               qs: T.Buffer(qs_shape, scale_dtype), qm: T.Buffer(qs_shape, scale_dtype),
+               qsub: T.Buffer(qsub_shape, "uint32"), other: T.Buffer(out_shape, "float32"),
+               out: T.Buffer(out_shape, "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         xf = T.decl_buffer((n_rows * k,), "float32", data=x.data)
         of = T.decl_buffer((n_rows * n,), "float32", data=out.data)
@@ -310,7 +340,7 @@ def q8_dot_gemv(
                                 for r in T.unroll(w_rows):
                                     acc_b[T.ramp((r * BATCH_BLOCK + mi) * lanes, 1, lanes)] = acc_b[T.ramp(
                                         (r * BATCH_BLOCK + mi) * lanes, 1, lanes)] + term(
-                                        qw, qs, qm, xe, xo, xz, xs, xm, t * tile + r0 * w_rows + r,
+                                        qw, qs, qm, qsub, xe, xo, xz, xs, xm, t * tile + r0 * w_rows + r,
                                         mb * BATCH_BLOCK + mi, b)
                         for r in T.unroll(w_rows):
                             for mi in T.unroll(BATCH_BLOCK):
@@ -330,7 +360,8 @@ def q8_dot_gemv(
                         for b in range(n_steps):
                             for r in T.unroll(w_rows):
                                 acc_b[T.ramp(r * lanes, 1, lanes)] = acc_b[T.ramp(r * lanes, 1, lanes)] + (
-                                    term(qw, qs, qm, xe, xo, xz, xs, xm, t * tile + r0 * w_rows + r, m, b))
+                                    term(qw, qs, qm, qsub, xe, xo, xz, xs, xm, t * tile + r0 * w_rows + r, m,
+                                         b))
                         for r in T.unroll(w_rows):
                             o_t: T.int32 = m * n + t * tile + r0 * w_rows + r
                             s_t: T.float32 = lane_sum(acc_b, r * lanes, lanes)
@@ -357,16 +388,18 @@ def q8_dot_gemv(
                                 T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
                                     qw_flat[T.min((t * tile + r0 * rows) * n_words + b * lanes + pf_words,
                                                   n * n_words - 1)]), 0, locality, 1))
-                                if b % pf_every == 0:
-                                    qs_flat = T.decl_buffer((n * n_groups,), scale_dtype, data=qs.data)
-                                    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
-                                        qs_flat[T.min((t * tile + r0 * rows) * n_groups + b * step_groups
-                                                      + pf_scales, n * n_groups - 1)]), 0, locality, 1))
+                                if scale_stream:  # one fp16 scale per 32-group (not Q4_K's super-blocks)
+                                    if b % pf_every == 0:
+                                        qs_flat = T.decl_buffer((n * n_groups,), scale_dtype, data=qs.data)
+                                        T.evaluate(T.call_llvm_intrin(
+                                            "void", "llvm.prefetch.p0", T.address_of(qs_flat[T.min(
+                                                (t * tile + r0 * rows) * n_groups + b * step_groups
+                                                + pf_scales, n * n_groups - 1)]), 0, locality, 1))
                             for r in T.unroll(rows):
                                 # one expression, no vector temporaries: TVMScript would give each its own
                                 # buffer, which LowerTVMBuiltin turns into heap workspace (1.7x slower)
                                 acc[T.ramp(r * lanes, 1, lanes)] = acc[T.ramp(r * lanes, 1, lanes)] + term(
-                                    qw, qs, qm, xe, xo, xz, xs, xm, t * tile + r0 * rows + r, m, b)
+                                    qw, qs, qm, qsub, xe, xo, xz, xs, xm, t * tile + r0 * rows + r, m, b)
                         for r in T.unroll(rows):
                             if has_other:
                                 oth = T.decl_buffer((n_rows * n,), "float32", data=other.data)
@@ -384,21 +417,18 @@ def q8_dot_gemv(
 
 
 def with_params_of(func: tirx.PrimFunc, q, kernel: tirx.PrimFunc) -> tirx.PrimFunc:
-    """`kernel`'s parameters (x, q_weight, q_scale, [q_min,] other, out) in `func`'s order and with
-    `func`'s attributes (a private Relax kernel has no global symbol). Without a residual (a min), `other`
-    (`q_min`) is dropped: the body never reads it (its branch was resolved when parsing)."""
-    if len(kernel.params) == 6:
-        x, qw, qs, qm, other, out = kernel.params
-    else:
-        (x, qw, qs, other, out), qm = kernel.params, None
-    by_role = [(q.x, x), (q.q_weight, qw), (q.q_scale, qs), (q.out, out)]
-    if q.other is not None:
-        by_role.append((q.other, other))
-    if getattr(q, "q_min", None) is not None:
-        if qm is None:
-            raise ValueError("this kernel has no min parameter")
-        by_role.append((q.q_min, qm))
-    order = [next(mine for theirs, mine in by_role if theirs.same_as(p)) for p in func.params]
+    """`kernel`'s parameters (named x, qw, qs, [qm, qsub,] other, out) in `func`'s order and with `func`'s
+    attributes (a private Relax kernel has no global symbol). Those the match lacks (a residual `other`, a
+    min `qm`, K-quant bytes `qsub`) are dropped: the body never reads them (their branches were resolved
+    when parsing)."""
+    role = {"x": q.x, "qw": q.q_weight, "qs": q.q_scale, "out": q.out, "other": q.other}
+    role |= {"qm": getattr(q, "q_min", None), "qsub": getattr(q, "q_sub", None)}
+    mine = {p.name: p for p in kernel.params}
+    missing = [name for name, theirs in role.items() if theirs is not None and name not in mine]
+    if missing:
+        raise ValueError(f"this kernel has no {missing} parameter")
+    by_role = [(theirs, mine[name]) for name, theirs in role.items() if theirs is not None]
+    order = [next(m for theirs, m in by_role if theirs.same_as(p)) for p in func.params]
     attrs = dict(func.attrs.items()) if func.attrs is not None else {}
     attrs.update({"tirx.is_scheduled": True, "tirx.noalias": True})
     return tirx.PrimFunc(order, kernel.body, kernel.ret_type).with_attrs(attrs)

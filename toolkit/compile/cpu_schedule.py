@@ -38,10 +38,13 @@ from tvm.s_tir.dlight.analysis import SBlockInfo, normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule, try_inline_contiguous_spatial
 from tvm.target import Target, codegen
 
-from ..quantization import GroupLayout
+from ..quantization import GGUF_BLOCK_LAYOUTS, GroupLayout, KQuantLayout
 from .cpu_isa import Q4_GEMM_LANES, Q8_DOT_LANES, q4_gemm_isa, q8_dot_isas, q8_gemm_isa
-from .cpu_q8_gemv import HOST_Q4_LAYOUTS, HOST_Q4_MIN_LAYOUTS, HOST_Q8_LAYOUTS
+from .cpu_q8_gemv import HOST_Q4_K_LAYOUTS, HOST_Q4_LAYOUTS, HOST_Q4_MIN_LAYOUTS, HOST_Q8_LAYOUTS
 from .knobs import DEFAULTS, Knobs, shape_key
+
+# what the int8-activation rules (CPUQ8DotGEMV, CPUQ8VNNIGEMM) take; the fp32 ones take HOST_Q4_LAYOUTS
+INT8_LAYOUTS = HOST_Q4_LAYOUTS + HOST_Q4_MIN_LAYOUTS + HOST_Q8_LAYOUTS + HOST_Q4_K_LAYOUTS
 
 ARM_GEMM_NR = 8  # weight rows per tile of the arm64 int8 GEMM (4 smmla row pairs / 2 sdot quads)
 
@@ -325,6 +328,7 @@ class _Q4Matmul:
     k: int
     layout: GroupLayout  # the storage layout of q_weight / q_scale (one of HOST_Q4_LAYOUTS)
     q_min: object | None = None  # per-group offsets of a layout with a min (GGUF Q4_1: code * scale + min)
+    q_sub: object | None = None  # GGUF Q4_K's sub-block scale / min bytes (q_scale, q_min: d, dmin)
 
 
 def _group_load(e, analyzer, vn, vk, group_size: int):
@@ -371,23 +375,58 @@ def _match_dequant(stmt, analyzer, layout: GroupLayout):
             return None
         code = code.a
     q_scale = _group_load(scale, analyzer, vn, vk, layout.group_size)
-    if q_scale is None:
+    epw = layout.elems_per_word
+    q_weight = _field_load(code, analyzer, vn, vk // epw, (vk % epw) * layout.bits, layout.code_mask)
+    if q_scale is None or q_weight is None or str(q_weight.dtype) != layout.storage:
         return None
-    band = _strip_cast(code, "float32")
-    if _kind(band) != "BitwiseAnd" or not _is_const(band.b, layout.code_mask):
+    return q_weight, q_scale, q_min, store.buffer
+
+
+def _field_load(e, analyzer, vn, word_index, shift, mask: int):
+    """The buffer of `e` if it is (a float32 cast of) (buf[n, word_index] >> shift) & mask, else None."""
+    band = _strip_cast(e, "float32")
+    if _kind(band) != "BitwiseAnd" or not _is_const(band.b, mask):
         return None
     shr = band.a
     if _kind(shr) != "RShift":
         return None
     word = shr.a
-    if _kind(word) != "TensorLoad" or str(word.source.dtype) != layout.storage or len(word.indices) != 2:
+    if _kind(word) != "TensorLoad" or len(word.indices) != 2:
         return None
-    epw = layout.elems_per_word
-    if not (_equal(analyzer, word.indices[0], vn) and _equal(analyzer, word.indices[1], vk // epw)):
+    if not (_equal(analyzer, word.indices[0], vn) and _equal(analyzer, word.indices[1], word_index)):
         return None
-    if not _equal(analyzer, _strip_cast(shr.b), (vk % epw) * layout.bits):
+    if not _equal(analyzer, _strip_cast(shr.b), shift):
         return None
-    return word.source, q_scale, q_min, store.buffer
+    return word.source
+
+
+def _match_q4_k_dequant(stmt, analyzer):
+    """(q_weight, q_scale (d), q_min (dmin), q_sub, W) if `stmt` is GGUF Q4_K's dequantize as
+    quantization/tvm_layers writes it: W[n, k] = (d[n, sb] * sc) * code - dmin[n, sb] * m, sb = k // 256,
+    sc / m the bytes t and 8 + t (t = k % 256 // 32) of the super-block's 4 q_sub words."""
+    if len(stmt.iter_vars) != 2 or any(int(iv.iter_type) != 0 for iv in stmt.iter_vars):
+        return None
+    store = stmt.body
+    if _kind(store) != "BufferStore" or str(store.buffer.dtype) != "float32":
+        return None
+    vn, vk = (iv.var for iv in stmt.iter_vars)
+    if len(store.indices) != 2 or not (store.indices[0].same_as(vn) and store.indices[1].same_as(vk)):
+        return None
+    val = store.value
+    if _kind(val) != "Sub" or _kind(val.a) != "Mul" or _kind(val.b) != "Mul":
+        return None
+    scaled, code = val.a.a, val.a.b
+    if _kind(scaled) != "Mul":
+        return None
+    word, shift = (vk // 256) * 4 + (vk % 256) // 128, (vk % 128) // 32 * 8
+    q_scale = _group_load(scaled.a, analyzer, vn, vk, 256)
+    q_sub = _field_load(scaled.b, analyzer, vn, word, shift, 255)
+    q_weight = _field_load(code, analyzer, vn, vk // 8, (vk % 8) * 4, 15)
+    q_min = _group_load(val.b.a, analyzer, vn, vk, 256)
+    sub_min = _field_load(val.b.b, analyzer, vn, word + 2, shift, 255)
+    if None in (q_scale, q_sub, q_weight, q_min) or not (sub_min is not None and sub_min.same_as(q_sub)):
+        return None
+    return q_weight, q_scale, q_min, q_sub, store.buffer
 
 
 def _match_q4_matmul(
@@ -403,12 +442,16 @@ def _match_q4_matmul(
     if len(blocks) not in (2, 3):
         return None
     for layout in layouts:
-        deq = _match_dequant(blocks[0], analyzer, layout)
+        if isinstance(layout, KQuantLayout):
+            deq = _match_q4_k_dequant(blocks[0], analyzer) if layout == GGUF_BLOCK_LAYOUTS["q4_k"] else None
+        else:
+            deq = _match_dequant(blocks[0], analyzer, layout)
+            deq = None if deq is None else (*deq[:3], None, deq[3])
         if deq is not None:
             break
     else:
         return None
-    q_weight, q_scale, q_min, w_buf = deq
+    q_weight, q_scale, q_min, q_sub, w_buf = deq
     mm = blocks[1]
     store = mm.body
     if _kind(store) != "BufferStore" or mm.init is None:
@@ -475,18 +518,22 @@ def _match_q4_matmul(
         if str(other.dtype) != "float32" or len(other.shape) != len(out.shape):
             return None
     params = list(func.params)
-    needed = [x, q_weight, q_scale, out] + [b for b in (q_min, other) if b is not None]
+    needed = [x, q_weight, q_scale, out] + [b for b in (q_min, q_sub, other) if b is not None]
     if not all(any(p.same_as(b) for p in params) for b in needed) or len(params) != len(needed):
         return None
     n, k = int(w_buf.shape[0]), int(w_buf.shape[1])
-    stored = tuple(tuple(int(d) for d in b.shape) for b in (q_weight, q_scale, q_min) if b is not None)
-    expected = tuple(layout.quantized_shapes((n, k)))
-    expected += expected[1:] if layout.has_min else ()  # the min array is shaped like the scales
+    if q_sub is not None:  # K-quant planes in the layout's own order
+        stored = tuple(tuple(int(d) for d in b.shape) for b in (q_weight, q_sub, q_scale, q_min))
+        expected = tuple(layout.param_shapes((n, k)))
+    else:
+        stored = tuple(tuple(int(d) for d in b.shape) for b in (q_weight, q_scale, q_min) if b is not None)
+        expected = tuple(layout.quantized_shapes((n, k)))
+        expected += expected[1:] if layout.has_min else ()  # the min array is shaped like the scales
     if k % layout.group_size or stored != expected:
         return None
     if q_min is not None and str(q_min.dtype) != str(q_scale.dtype):
         return None
-    return _Q4Matmul(x, q_weight, q_scale, out, other, other_first, n, k, layout, q_min)
+    return _Q4Matmul(x, q_weight, q_scale, out, other, other_first, n, k, layout, q_min, q_sub)
 
 
 def _has_root(sch: s_tir.Schedule) -> bool:
@@ -779,7 +826,7 @@ class CPUQ8DotGEMV(ScheduleRule):
         isas = [i for i in q8_dot_isas(target) if self.isa in (None, i)]
         if not isas:
             return None
-        q = _match_q4_matmul(func, HOST_Q4_LAYOUTS + HOST_Q4_MIN_LAYOUTS + HOST_Q8_LAYOUTS)
+        q = _match_q4_matmul(func, INT8_LAYOUTS)
         if q is None or not _few_rows(list(q.x.shape)[:-1], self.max_m):
             return None
         sizes = self.knobs.gemv(q.n, q.k) if self.knobs is not None else DEFAULTS["q4_gemv"]
@@ -814,12 +861,12 @@ class CPUQ8VNNIGEMM(ScheduleRule):
         if isa is None:
             return None
         lanes = ARM_GEMM_NR if isa.startswith("neon") else Q8_DOT_LANES[isa]
-        q = _match_q4_matmul(func, HOST_Q4_LAYOUTS + HOST_Q4_MIN_LAYOUTS + HOST_Q8_LAYOUTS)
+        q = _match_q4_matmul(func, INT8_LAYOUTS)
         if q is None or q.n % lanes or _few_rows(list(q.x.shape)[:-1], self.max_m):
             return None
         if isa.startswith("neon"):
-            if q.layout.bits == 8:
-                return None  # the arm64 GEMM unpacks nibbles: generic schedules take 8-bit codes
+            if q.layout.bits == 8 or q.q_sub is not None:
+                return None  # the arm64 GEMM unpacks nibbles with per-group scales: not Q8_0 or Q4_K
             from .cpu_arm_dot import gemm_fits, q8_arm_gemm
 
             if not gemm_fits(q, isa=isa, nr=lanes):

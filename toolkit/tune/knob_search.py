@@ -232,16 +232,9 @@ class Target_:
 
 
 def matmul_targets(cfg, quantization: str, preset: Preset, prefill_len: int) -> list[Target_]:
-    """The q4 GEMVs (decode) and int8 GEMMs (prefill) of the model, one per distinct shape (GGUF Q4_1 and
-    Q8_0 blocks included: the same kernels and knobs)."""
-    from ..compile.cpu_schedule import (
-        CPUQ8VNNIGEMM,
-        HOST_Q4_LAYOUTS,
-        HOST_Q4_MIN_LAYOUTS,
-        HOST_Q8_LAYOUTS,
-        CPUQ8DotGEMV,
-        _match_q4_matmul,
-    )
+    """The q4 GEMVs (decode) and int8 GEMMs (prefill) of the model, one per distinct shape (GGUF Q4_1, Q8_0
+    and Q4_K blocks included: the same kernels and knobs)."""
+    from ..compile.cpu_schedule import CPUQ8VNNIGEMM, INT8_LAYOUTS, CPUQ8DotGEMV, _match_q4_matmul
     from ..compile.workloads import call_counts, specialize, step_binding
     from .extract import lower_model
 
@@ -255,7 +248,7 @@ def matmul_targets(cfg, quantization: str, preset: Preset, prefill_len: int) -> 
     for gv, func in mod.functions_items():
         if not isinstance(func, tvm.tirx.PrimFunc):
             continue
-        q = _match_q4_matmul(func, HOST_Q4_LAYOUTS + HOST_Q4_MIN_LAYOUTS + HOST_Q8_LAYOUTS)
+        q = _match_q4_matmul(func, INT8_LAYOUTS)
         if q is None:
             continue
         key = shape_key(q.n, q.k)
