@@ -315,14 +315,18 @@ def test_gguf_library_follows_mlc_interface(tmp_path, blocks):
     ours = eng.prefill(sid, prompt, all_logits=True)
     ref = hf_incremental(hf, prompt, [])
     # the host preset's fp16 KV cache rounds q/k/v (2**-11 relative): logits move by ~1e-3 of max|logit|
-    # (test_fp16_kv_cache_stays_close_to_transformers). Q4_1's matmuls run in the int8-activation kernels
-    # where the CPU has them, as q4f16_1's do: 2e-2..3e-2 more (test_q4_int8_activations_stay_close_to_
-    # transformers); the K-quant and fp32 ones compute in fp32
+    # (test_fp16_kv_cache_stays_close_to_transformers). Q4_1's and Q4_K's matmuls run in the int8-activation
+    # kernels where the CPU has them, as q4f16_1's do: 2e-2..3e-2 more (test_q4_int8_activations_stay_close_
+    # to_transformers); Q5_K / Q6_K and the fp32 twin compute in fp32
     from test_cpu_q8_gemv import HOST_HAS_AVX2
 
-    int8 = blocks == "q4_1" and HOST_HAS_AVX2
+    int8 = blocks in ("q4_1", "k_mix") and HOST_HAS_AVX2
     assert rel_err(ours, ref) < (6e-2 if int8 else 1e-2)
-    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    # greedy choices agree (int8: wherever transformers' top two are further apart than that row's error;
+    # tiny random models have near ties that the activation rounding may flip)
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * np.abs(ours - ref).max(-1) if int8 else np.ones(len(ref), bool)
+    assert clear.sum() >= len(ref) // 2 and (ours.argmax(-1) == ref.argmax(-1))[clear].all()
 
 
 def test_every_gguf_linear_is_one_fused_kernel(tmp_path):
