@@ -26,13 +26,18 @@ HOST_HAS_AVX2 = cs.has_avx2(
 )
 
 
-def _q8_reference(x: np.ndarray, qw: np.ndarray, qs: np.ndarray, zero_point: int = 7, bits: int = 4):
+def _q8_reference(
+    x: np.ndarray, qw: np.ndarray, qs: np.ndarray, zero_point: int = 7, bits: int = 4, high=None
+):
     """(y, bound): y = the int8-activation product in float64; bound = fp32 accumulation allowance.
-    `bits`: 4 (8 codes per uint32) or 8 (GGUF Q8_0: 4 codes per uint32, zero point 128)."""
+    `bits`: 4 (8 codes per uint32) or 8 (GGUF Q8_0: 4 codes per uint32, zero point 128); `high`: a plane
+    of one more code bit per weight, 32 per uint32 (GGUF Q5_K), bit 4 of the codes."""
     epw = 32 // bits
     n, k = qw.shape[0], qw.shape[1] * epw
     shifts = np.arange(epw, dtype=np.uint32) * bits
     codes = ((qw[..., None] >> shifts) & (2**bits - 1)).reshape(n, k).astype(np.int64)
+    if high is not None:
+        codes |= ((high[..., None] >> np.arange(32, dtype=np.uint32)) & 1).reshape(n, k).astype(np.int64) << 4
     xg = x.reshape(-1, k // 32, 32).astype(np.float32)
     amax = np.abs(xg).max(axis=-1, keepdims=True)
     safe = np.where(amax > 0, amax, 1)
@@ -46,12 +51,12 @@ def _q8_reference(x: np.ndarray, qw: np.ndarray, qs: np.ndarray, zero_point: int
     return y.reshape(*x.shape[:-1], n), bound.reshape(*x.shape[:-1], n)
 
 
-def _q8_reference_with_min(x: np.ndarray, qw: np.ndarray, qs: np.ndarray, qm: np.ndarray):
+def _q8_reference_with_min(x: np.ndarray, qw: np.ndarray, qs: np.ndarray, qm: np.ndarray, high=None):
     """(y, bound) for GGUF's Q4_1 (code * scale + min, no zero point): the codes' part as `_q8_reference`,
     plus the mins times each group's sum of x as the kernels round it (per 32-group, as the codes see it),
     in float64; bound adds fp32 summation of at most K/8 + 8 terms of the mins' part."""
     k = qw.shape[1] * 8
-    codes, bound = _q8_reference(x, qw, qs, zero_point=0)
+    codes, bound = _q8_reference(x, qw, qs, zero_point=0, high=high)
     xg = x.reshape(-1, k // 32, 32).astype(np.float32)
     amax = np.abs(xg).max(axis=-1, keepdims=True)
     inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)

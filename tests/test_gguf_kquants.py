@@ -397,19 +397,19 @@ def test_k_quant_kernels_compile_for_cuda_and_metal(tmp_path, preset_name):
         assert result.ok, result.diagnostics
 
 
-def q4_k_matmul(n: int, k: int, rows, rng):
-    """(func, arrays, scales, offsets): a Q4_K dequant + NT matmul PrimFunc as the model's Linear writes it
-    (x [1, rows, k]; rows "s": a dynamic prefill length; "b": x [b, 1, k], decode's dynamic batch), random
-    planes of weights with a spread of 0.05, and the per-32-group scale d x sc and offset -dmin x m the
-    kernels must derive (exact fp32)."""
+def q4_k_matmul(n: int, k: int, rows, rng, block: str = "q4_k"):
+    """(func, arrays, scales, offsets): a `block` (Q4_K or Q5_K) dequant + NT matmul PrimFunc as the model's
+    Linear writes it (x [1, rows, k]; rows "s": a dynamic prefill length; "b": x [b, 1, k], decode's
+    dynamic batch), random planes of weights with a spread of 0.05, and the per-32-group scale d x sc and
+    offset -dmin x m the kernels must derive (exact fp32)."""
     import tvm
     from tvm import te
 
     from toolkit.quantization.tvm_layers import te_dequantize_planes
 
-    layout = GGUF_BLOCK_LAYOUTS["q4_k"]
-    raw = random_k_blocks((n, k), "q4_k", rng, std=0.05)
-    arrays = dict(zip(layout.suffixes, gb.from_blocks(raw, "q4_k"), strict=True))
+    layout = GGUF_BLOCK_LAYOUTS[block]
+    raw = random_k_blocks((n, k), block, rng, std=0.05)
+    arrays = dict(zip(layout.suffixes, gb.from_blocks(raw, block), strict=True))
     planes = {s: te.placeholder(a.shape, str(a.dtype), name=s) for s, a in arrays.items()}
     lead = (
         (tvm.tirx.Var("b", "int64"), 1)
@@ -427,12 +427,13 @@ def q4_k_matmul(n: int, k: int, rows, rng):
     return func, arrays, (d * sub[..., :8]).reshape(n, k // 32), (-(dmin * sub[..., 8:])).reshape(n, k // 32)
 
 
+@pytest.mark.parametrize("block", ["q4_k", "q5_k"])
 @pytest.mark.parametrize("kernel", ["gemv", "gemm"])
-def test_q4_k_takes_the_host_int8_kernels(kernel):
-    """GGUF's Q4_K in the host's int8 decode GEMV (every dot-product path this CPU has) and VNNI prefill
-    GEMM: each 32-group's scale d x sc and min -dmin x m, derived in the kernel from the super-block's
-    fp16 d, dmin and sub-block bytes, equal Q4_1's int8 reference on those per-group values (bound as
-    there); the fp32-activation kernels decline it."""
+def test_q4_k_and_q5_k_take_the_host_int8_kernels(kernel, block):
+    """GGUF's Q4_K and Q5_K in the host's int8 decode GEMV (every dot-product path this CPU has) and VNNI
+    prefill GEMM: each 32-group's scale d x sc and min -dmin x m, derived in the kernel from the
+    super-block's fp16 d, dmin and sub-block bytes, equal Q4_1's int8 reference on those per-group values
+    (Q5_K: with the codes' fifth bit; bound as there); the fp32-activation kernels decline them."""
     import tvm
     from test_cpu_q8_gemv import HOST_HAS_AVX2, _build, _q8_reference, _q8_reference_with_min
     from test_isa_paths import HOST, HOST_ISAS
@@ -446,14 +447,16 @@ def test_q4_k_takes_the_host_int8_kernels(kernel):
         pytest.skip("this CPU has no vpdpbusd: no int8 GEMM")
     rng = np.random.default_rng(3)
     n, k, m = 64, 512, (1 if kernel == "gemv" else 9)
-    func, arrays, qs_eff, qm_eff = q4_k_matmul(n, k, 1 if kernel == "gemv" else "s", rng)
-    layout = GGUF_BLOCK_LAYOUTS["q4_k"]
+    func, arrays, qs_eff, qm_eff = q4_k_matmul(n, k, 1 if kernel == "gemv" else "s", rng, block)
+    layout = GGUF_BLOCK_LAYOUTS[block]
     assert cs._match_q4_matmul(func) is None  # not for the fp32-activation kernels
     q = cs._match_q4_matmul(func, cs.INT8_LAYOUTS)
     assert q is not None and q.q_sub is not None and q.layout == layout
+    assert (q.q_high is not None) == (block == "q5_k")
+    high = arrays.get("q_high")
     x = rng.standard_normal((1, m, k)).astype(np.float32)
-    ref, bound = _q8_reference_with_min(x, arrays["q_weight"], qs_eff, qm_eff)
-    codes_only, _ = _q8_reference(x, arrays["q_weight"], qs_eff, zero_point=0)
+    ref, bound = _q8_reference_with_min(x, arrays["q_weight"], qs_eff, qm_eff, high=high)
+    codes_only, _ = _q8_reference(x, arrays["q_weight"], qs_eff, zero_point=0, high=high)
     if kernel == "gemv":
         builds = [_build(func, HOST, [cs.CPUQ8DotGEMV(isa=isa)]) for isa in HOST_ISAS]
     else:
@@ -466,8 +469,9 @@ def test_q4_k_takes_the_host_int8_kernels(kernel):
         assert np.abs(got - codes_only).max() > 100 * bound.max()
 
 
-def test_host_preset_runs_q4_k_linears_in_int8_kernels(tmp_path):
-    """A GGUF whose Linears (and embedding) are Q4_K, on the `host` preset: every Linear is an int8 hand
+def test_host_preset_runs_q4_k_and_q5_k_linears_in_int8_kernels(tmp_path):
+    """A GGUF whose Linears (and embedding) are Q4_K, qkv Q5_K (as llama.cpp's Q4_K_M makes Phi-3's fused
+    qkv), on the `host` preset: every Linear is an int8 hand
     kernel, logits within the int8-activation rounding of transformers on the same blocks (2e-2..3e-2 on
     tiny random models, test_q4_int8_activations_stay_close_to_transformers), greedy choices equal where
     transformers' top two are further apart than that row's error."""
@@ -484,10 +488,17 @@ def test_host_preset_runs_q4_k_linears_in_int8_kernels(tmp_path):
         pytest.skip("this CPU has no AVX2: the host preset keeps fp32 activations")
     rng = np.random.default_rng(8)
 
+    def cs_match(f) -> bool:  # a Q5_K matmul: its codes have a high-bit plane
+        from toolkit.compile.cpu_schedule import INT8_LAYOUTS, _match_q4_matmul
+
+        q = _match_q4_matmul(f, INT8_LAYOUTS)
+        return q is not None and q.q_high is not None
+
     def pick(gname: str, arr: np.ndarray):
         if arr.ndim != 2 or gname == "output.weight":
             return None
-        return gguf.GGMLQuantizationType.Q4_K, random_k_blocks(arr.shape, "q4_k", rng, std=float(arr.std()))
+        t = "q5_k" if gname.endswith("attn_qkv.weight") else "q4_k"
+        return gguf.GGMLQuantizationType[t.upper()], random_k_blocks(arr.shape, t, rng, std=float(arr.std()))
 
     hf_dir = make_tiny_checkpoint(tmp_path / "hf", "mini-4k", hidden_size=256)
     path = tmp_path / "m.gguf"
@@ -503,6 +514,7 @@ def test_host_preset_runs_q4_k_linears_in_int8_kernels(tmp_path):
         n for n, f in linears.items() if any(r.apply(f, preset.target, False) is not None for r in rules)
     }
     assert len(taken) >= 6, sorted(set(linears) - taken)  # qkv, o, gate_up, down: decode and prefill
+    assert any(cs_match(f) for n, f in linears.items() if n in taken)  # the Q5_K qkv among them
     eng = build_engine(path, tmp_path / "lib", scheme, device="host")
     hf = _hf_on_gguf_blocks(hf_dir, path, "float16")
     prompt = np.random.default_rng(1).integers(3, eng.cfg.vocab_size, 10).tolist()

@@ -10,7 +10,7 @@ int32 sums start from the zero-point term (-7, or -8 for GGUF Q4_0) and are scal
 once per group; GGUF's Q4_1 (no zero point, a per-group min) adds min x the group's sum of x there. GGUF's
 Q8_0 (8-bit codes - 128) needs no repacking: its words are 4 u8 codes in k order already. GGUF's Q4_K runs
 as Q4_1 with each 32-group's scale d x sc and min -dmin x m computed once per tile from the super-block's fp16
-d, dmin and sub-block bytes.
+d, dmin and sub-block bytes; Q5_K the same with each code's fifth bit put in while repacking.
 
 Numerics: the integer sums are exact; the result equals `cpu_q8_gemv`'s up to fp32 summation order."""
 
@@ -28,6 +28,12 @@ from .cpu_q8_gemv import check_layout, with_params_of
 def _spread_nibbles(v: tirx.PrimExpr) -> tirx.PrimExpr:
     """The 4 nibbles in v's low 16 bits moved to the low nibbles of its 4 bytes (u8 codes)."""
     parts = [T.shift_left(v & T.uint32(0xF << (4 * c)), T.uint32(4 * c)) for c in range(4)]
+    return functools.reduce(operator.or_, parts)
+
+
+def _spread_high(v: tirx.PrimExpr) -> tirx.PrimExpr:
+    """The 4 bits in v's low nibble moved to bit 4 of its 4 bytes (a 5-bit code's top bit)."""
+    parts = [T.shift_left(v & T.uint32(1 << c), T.uint32(7 * c + 4)) for c in range(4)]
     return functools.reduce(operator.or_, parts)
 
 
@@ -51,14 +57,22 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
     scale_dtype = str(q.q_scale.dtype)
     qs_shape = (n, int(q.q_scale.shape[1]))
     qsub_shape = (n, int(q.q_sub.shape[1])) if kq else (1, 1)
+    five = q.q_high is not None  # Q5_K: a fifth code bit per weight from its own plane
+    qh_shape = (n, int(q.q_high.shape[1])) if five else (1, 1)
+
+    def five_bit_codes(word, high_word, w, h) -> tirx.PrimExpr:
+        """Codes k = 8w + 4h .. + 3 as bytes: the word's nibbles 4h..4h+3, bit 4 from the high plane."""
+        nibbles = _spread_nibbles(T.shift_right(word, T.uint32(16) * T.Cast("uint32", h)))
+        return nibbles | _spread_high(T.shift_right(high_word, T.Cast("uint32", (8 * w + 4 * h) % 32)))
+
     dpbusd = T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{32 * lanes}")
 
     # fmt: off
     @T.prim_func(private=True)
     def kernel(x: T.Buffer(x_shape, "float32"), qw: T.Buffer((n, n_words), "uint32"),
                qs: T.Buffer(qs_shape, scale_dtype), qm: T.Buffer(qs_shape, scale_dtype),
-               qsub: T.Buffer(qsub_shape, "uint32"), other: T.Buffer(out_shape, "float32"),
-               out: T.Buffer(out_shape, "float32")):
+               qsub: T.Buffer(qsub_shape, "uint32"), qh: T.Buffer(qh_shape, "uint32"),
+               other: T.Buffer(out_shape, "float32"), out: T.Buffer(out_shape, "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         xf = T.decl_buffer((n_rows * k,), "float32", data=x.data)
         of = T.decl_buffer((n_rows * n,), "float32", data=out.data)
@@ -108,9 +122,14 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
                         wp[w * NR + j] = words[j]
                 else:
                     for h in T.unroll(2):  # k = 8w + 4h .. 8w + 4h + 3: nibbles 4h..4h+3 -> bytes 0..3
-                        for j in T.vectorized(NR):
-                            wp[(w * 2 + h) * NR + j] = _spread_nibbles(
-                                T.shift_right(words[j], T.uint32(16) * T.Cast("uint32", h)))
+                        if five:
+                            for j in T.vectorized(NR):
+                                wp[(w * 2 + h) * NR + j] = five_bit_codes(
+                                    words[j], qh[t * NR + j, (8 * w + 4 * h) // 32], w, h)
+                        else:
+                            for j in T.vectorized(NR):
+                                wp[(w * 2 + h) * NR + j] = _spread_nibbles(
+                                    T.shift_right(words[j], T.uint32(16) * T.Cast("uint32", h)))
             for g in range(n_groups):
                 if kq:  # sub-block bytes g % 8 (scale) and 8 + g % 8 (min) of super-block g // 8
                     for j in T.vectorized(NR):

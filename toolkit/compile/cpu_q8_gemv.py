@@ -49,19 +49,35 @@ HOST_Q4_MIN_LAYOUTS: tuple[GroupLayout, ...] = (GGUF_BLOCK_LAYOUTS["q4_1"],)
 HOST_Q8_LAYOUTS: tuple[GroupLayout, ...] = (GGUF_BLOCK_LAYOUTS["q8_0"],)
 # GGUF's Q4_K: q4 codes; each 32-group's scale d x sc and min -dmin x m come from its super-block's fp16 d,
 # dmin and sub-block bytes (q_sub), computed per step (GEMV) or per tile (GEMM) and then used like Q4_1's.
-HOST_Q4_K_LAYOUTS = (GGUF_BLOCK_LAYOUTS["q4_k"],)
+# Q5_K the same with a fifth code bit from its own plane (bit 4 of the code bytes: u8 codes up to 31).
+HOST_Q4_K_LAYOUTS = (GGUF_BLOCK_LAYOUTS["q4_k"], GGUF_BLOCK_LAYOUTS["q5_k"])
 MASK = 0x0F0F0F0F  # low nibble of every byte of a word
 BATCH_BLOCK = 4  # rows of x per unrolled block of the batched path (accumulators in registers)
 BATCH_W_ROWS = 2  # weight rows per x load of the batched path: x's loads serve 2 rows (-8..14% time)
 PREFETCH_LOCALITY = {1: 3, 2: 2}  # cache level a software prefetch fills -> llvm.prefetch locality (t0, t1)
 
 
-def _nibbles(words: tirx.PrimExpr, lanes: int) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
-    """(low, high) nibbles of `lanes` uint32 words as u8 vectors (one weight code per byte)."""
+def _high_bits(high: tirx.PrimExpr, first: int, lanes: int) -> tirx.PrimExpr:
+    """Bits first, first + 2, first + 4, first + 6 of each lane of `high` moved to bit 4 of the lane's
+    bytes 0..3: a 5-bit code's top bit for the even (first 0) or odd (first 1) elements of the lane."""
+    parts = [
+        T.shift_left(high & T.broadcast(T.uint32(1 << (2 * j + first)), lanes),
+                     T.broadcast(T.uint32(6 * j + 4 - first), lanes))
+        for j in range(4)
+    ]  # fmt: skip
+    return functools.reduce(operator.or_, parts)
+
+
+def _nibbles(words, lanes: int) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
+    """(low, high) nibbles of `lanes` uint32 words as u8 vectors (one weight code per byte). `words` may be
+    (words, high) for 5-bit codes (GGUF Q5_K): `high` holds each lane's 8 top bits (its elements in k order),
+    which become bit 4 of the codes."""
+    words, high = words if isinstance(words, tuple) else (words, None)
     mask = T.broadcast(T.uint32(MASK), lanes)
-    lo = T.reinterpret(f"uint8x{4 * lanes}", words & mask)
-    hi = T.reinterpret(f"uint8x{4 * lanes}", T.shift_right(words, T.broadcast(T.uint32(4), lanes)) & mask)
-    return lo, hi
+    lo, hi = words & mask, T.shift_right(words, T.broadcast(T.uint32(4), lanes)) & mask
+    if high is not None:
+        lo, hi = lo | _high_bits(high, 0, lanes), hi | _high_bits(high, 1, lanes)
+    return T.reinterpret(f"uint8x{4 * lanes}", lo), T.reinterpret(f"uint8x{4 * lanes}", hi)
 
 
 def _dot_avx2(words, xe, xo, xz) -> tirx.PrimExpr:
@@ -71,7 +87,7 @@ def _dot_avx2(words, xe, xo, xz) -> tirx.PrimExpr:
     ) + T.call_llvm_pure_intrin(
         T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), hi, xo, dtype="int16x16"
     )
-    # |pair sum| <= 4 * 15 * 128: no int16 saturation
+    # |pair sum| <= 4 * 31 * 128 (5-bit codes): no int16 saturation
     return (
         T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
@@ -182,6 +198,9 @@ def q8_dot_gemv(
     qs_shape = (n, int(q.q_scale.shape[1]))
     qsub_shape = (n, int(q.q_sub.shape[1])) if kq else (1, 1)
     scale_stream = not kq
+    five = q.q_high is not None  # Q5_K: each lane's 8 top code bits from the high plane (4 lanes a word)
+    qh_shape = (n, int(q.q_high.shape[1])) if five else (1, 1)
+    byte_shifts = T.Shuffle([T.ramp(T.uint32(0), T.uint32(8), 4)] * (lanes // 4), list(range(lanes)))
     scale_lanes = [i // lanes_per_group for i in range(lanes)]
     lane_sum = _lane_sum
     if eight and isa.startswith("neon"):
@@ -227,12 +246,15 @@ def q8_dot_gemv(
         d = T.Cast("float32", sb_values[row, sb]) * T.float32(sign)
         return spread(subs * (d if step_groups == 1 else T.broadcast(d, step_groups)))
 
-    def term(qw, qs, qm, qsub, xe, xo, xz, xs, xm, row, m, b) -> tirx.PrimExpr:
+    def term(qw, qs, qm, qsub, qh, xe, xo, xz, xs, xm, row, m, b) -> tirx.PrimExpr:
         """Weight row `row`'s step `b` against row `m` of x: the integer dot products as fp32, times the
         weight and activation scales, plus the mins times the activation sums with a min (one expression:
         vector temporaries would become heap workspace)."""
         c = m * n_chunks + b * span  # the step's first chunk in x's quantized buffers
         words = qw[row, T.ramp(b * lanes, 1, lanes)]
+        if five:
+            high = qh[row, T.ramp(b * (lanes // 4), 1, lanes // 4)]
+            words = (words, T.shift_right(T.Shuffle([high] * 4, [i // 4 for i in range(lanes)]), byte_shifts))
         d = dot(words, xe[T.ramp(c * 32, 1, lanes * 4)], xo[T.ramp(c * 32, 1, lanes * 4)],
                 xz[T.ramp(c * 8, 1, lanes)])  # fmt: skip
         if kq:
@@ -256,8 +278,8 @@ def q8_dot_gemv(
     @T.prim_func(private=True)
     def kernel(x: T.Buffer(x_shape, "float32"), qw: T.Buffer((n, n_words), "uint32"),
                qs: T.Buffer(qs_shape, scale_dtype), qm: T.Buffer(qs_shape, scale_dtype),
-               qsub: T.Buffer(qsub_shape, "uint32"), other: T.Buffer(out_shape, "float32"),
-               out: T.Buffer(out_shape, "float32")):
+               qsub: T.Buffer(qsub_shape, "uint32"), qh: T.Buffer(qh_shape, "uint32"),
+               other: T.Buffer(out_shape, "float32"), out: T.Buffer(out_shape, "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         xf = T.decl_buffer((n_rows * k,), "float32", data=x.data)
         of = T.decl_buffer((n_rows * n,), "float32", data=out.data)
@@ -340,7 +362,7 @@ def q8_dot_gemv(
                                 for r in T.unroll(w_rows):
                                     acc_b[T.ramp((r * BATCH_BLOCK + mi) * lanes, 1, lanes)] = acc_b[T.ramp(
                                         (r * BATCH_BLOCK + mi) * lanes, 1, lanes)] + term(
-                                        qw, qs, qm, qsub, xe, xo, xz, xs, xm, t * tile + r0 * w_rows + r,
+                                        qw, qs, qm, qsub, qh, xe, xo, xz, xs, xm, t * tile + r0 * w_rows + r,
                                         mb * BATCH_BLOCK + mi, b)
                         for r in T.unroll(w_rows):
                             for mi in T.unroll(BATCH_BLOCK):
@@ -360,8 +382,8 @@ def q8_dot_gemv(
                         for b in range(n_steps):
                             for r in T.unroll(w_rows):
                                 acc_b[T.ramp(r * lanes, 1, lanes)] = acc_b[T.ramp(r * lanes, 1, lanes)] + (
-                                    term(qw, qs, qm, qsub, xe, xo, xz, xs, xm, t * tile + r0 * w_rows + r, m,
-                                         b))
+                                    term(qw, qs, qm, qsub, qh, xe, xo, xz, xs, xm,
+                                         t * tile + r0 * w_rows + r, m, b))
                         for r in T.unroll(w_rows):
                             o_t: T.int32 = m * n + t * tile + r0 * w_rows + r
                             s_t: T.float32 = lane_sum(acc_b, r * lanes, lanes)
@@ -399,7 +421,7 @@ def q8_dot_gemv(
                                 # one expression, no vector temporaries: TVMScript would give each its own
                                 # buffer, which LowerTVMBuiltin turns into heap workspace (1.7x slower)
                                 acc[T.ramp(r * lanes, 1, lanes)] = acc[T.ramp(r * lanes, 1, lanes)] + term(
-                                    qw, qs, qm, qsub, xe, xo, xz, xs, xm, t * tile + r0 * rows + r, m, b)
+                                    qw, qs, qm, qsub, qh, xe, xo, xz, xs, xm, t * tile + r0 * rows + r, m, b)
                         for r in T.unroll(rows):
                             if has_other:
                                 oth = T.decl_buffer((n_rows * n,), "float32", data=other.data)
@@ -422,7 +444,11 @@ def with_params_of(func: tirx.PrimFunc, q, kernel: tirx.PrimFunc) -> tirx.PrimFu
     min `qm`, K-quant bytes `qsub`) are dropped: the body never reads them (their branches were resolved
     when parsing)."""
     role = {"x": q.x, "qw": q.q_weight, "qs": q.q_scale, "out": q.out, "other": q.other}
-    role |= {"qm": getattr(q, "q_min", None), "qsub": getattr(q, "q_sub", None)}
+    role |= {
+        "qm": getattr(q, "q_min", None),
+        "qsub": getattr(q, "q_sub", None),
+        "qh": getattr(q, "q_high", None),
+    }
     mine = {p.name: p for p in kernel.params}
     missing = [name for name, theirs in role.items() if theirs is not None and name not in mine]
     if missing:

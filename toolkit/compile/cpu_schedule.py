@@ -38,7 +38,7 @@ from tvm.s_tir.dlight.analysis import SBlockInfo, normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule, try_inline_contiguous_spatial
 from tvm.target import Target, codegen
 
-from ..quantization import GGUF_BLOCK_LAYOUTS, GroupLayout, KQuantLayout
+from ..quantization import GroupLayout, KQuantLayout
 from .cpu_isa import Q4_GEMM_LANES, Q8_DOT_LANES, q4_gemm_isa, q8_dot_isas, q8_gemm_isa
 from .cpu_q8_gemv import HOST_Q4_K_LAYOUTS, HOST_Q4_LAYOUTS, HOST_Q4_MIN_LAYOUTS, HOST_Q8_LAYOUTS
 from .knobs import DEFAULTS, Knobs, shape_key
@@ -329,6 +329,7 @@ class _Q4Matmul:
     layout: GroupLayout  # the storage layout of q_weight / q_scale (one of HOST_Q4_LAYOUTS)
     q_min: object | None = None  # per-group offsets of a layout with a min (GGUF Q4_1: code * scale + min)
     q_sub: object | None = None  # GGUF Q4_K's sub-block scale / min bytes (q_scale, q_min: d, dmin)
+    q_high: object | None = None  # GGUF Q5_K's top code bits, 32 per word
 
 
 def _group_load(e, analyzer, vn, vk, group_size: int):
@@ -400,10 +401,11 @@ def _field_load(e, analyzer, vn, word_index, shift, mask: int):
     return word.source
 
 
-def _match_q4_k_dequant(stmt, analyzer):
-    """(q_weight, q_scale (d), q_min (dmin), q_sub, W) if `stmt` is GGUF Q4_K's dequantize as
-    quantization/tvm_layers writes it: W[n, k] = (d[n, sb] * sc) * code - dmin[n, sb] * m, sb = k // 256,
-    sc / m the bytes t and 8 + t (t = k % 256 // 32) of the super-block's 4 q_sub words."""
+def _match_k_dequant(stmt, analyzer, high_bits: int):
+    """(q_weight, q_scale (d), q_min (dmin), q_sub, q_high or None, W) if `stmt` is GGUF Q4_K's
+    (`high_bits` 0) or Q5_K's (1) dequantize as quantization/tvm_layers writes it: W[n, k] = (d[n, sb] *
+    sc) * code - dmin[n, sb] * m, sb = k // 256, sc / m the bytes t and 8 + t (t = k % 256 // 32) of the
+    super-block's 4 q_sub words; Q5_K's code = nibble | high bit << 4 (q_high: 32 bits per word)."""
     if len(stmt.iter_vars) != 2 or any(int(iv.iter_type) != 0 for iv in stmt.iter_vars):
         return None
     store = stmt.body
@@ -421,12 +423,21 @@ def _match_q4_k_dequant(stmt, analyzer):
     word, shift = (vk // 256) * 4 + (vk % 256) // 128, (vk % 128) // 32 * 8
     q_scale = _group_load(scaled.a, analyzer, vn, vk, 256)
     q_sub = _field_load(scaled.b, analyzer, vn, word, shift, 255)
+    q_high = None
+    if high_bits:  # Cast(float32, nibble | (high bit << 4))
+        code = _strip_cast(code, "float32")
+        if _kind(code) != "BitwiseOr" or _kind(code.b) != "LShift" or not _is_const(code.b.b, 4):
+            return None
+        q_high = _field_load(code.b.a, analyzer, vn, vk // 32, vk % 32, 1)
+        code = code.a
+        if q_high is None:
+            return None
     q_weight = _field_load(code, analyzer, vn, vk // 8, (vk % 8) * 4, 15)
     q_min = _group_load(val.b.a, analyzer, vn, vk, 256)
     sub_min = _field_load(val.b.b, analyzer, vn, word + 2, shift, 255)
     if None in (q_scale, q_sub, q_weight, q_min) or not (sub_min is not None and sub_min.same_as(q_sub)):
         return None
-    return q_weight, q_scale, q_min, q_sub, store.buffer
+    return q_weight, q_scale, q_min, q_sub, q_high, store.buffer
 
 
 def _match_q4_matmul(
@@ -443,15 +454,15 @@ def _match_q4_matmul(
         return None
     for layout in layouts:
         if isinstance(layout, KQuantLayout):
-            deq = _match_q4_k_dequant(blocks[0], analyzer) if layout == GGUF_BLOCK_LAYOUTS["q4_k"] else None
+            deq = _match_k_dequant(blocks[0], analyzer, layout.high_bits) if layout.has_min else None
         else:
             deq = _match_dequant(blocks[0], analyzer, layout)
-            deq = None if deq is None else (*deq[:3], None, deq[3])
+            deq = None if deq is None else (*deq[:3], None, None, deq[3])
         if deq is not None:
             break
     else:
         return None
-    q_weight, q_scale, q_min, q_sub, w_buf = deq
+    q_weight, q_scale, q_min, q_sub, q_high, w_buf = deq
     mm = blocks[1]
     store = mm.body
     if _kind(store) != "BufferStore" or mm.init is None:
@@ -518,12 +529,13 @@ def _match_q4_matmul(
         if str(other.dtype) != "float32" or len(other.shape) != len(out.shape):
             return None
     params = list(func.params)
-    needed = [x, q_weight, q_scale, out] + [b for b in (q_min, q_sub, other) if b is not None]
+    needed = [x, q_weight, q_scale, out] + [b for b in (q_min, q_sub, q_high, other) if b is not None]
     if not all(any(p.same_as(b) for p in params) for b in needed) or len(params) != len(needed):
         return None
     n, k = int(w_buf.shape[0]), int(w_buf.shape[1])
     if q_sub is not None:  # K-quant planes in the layout's own order
-        stored = tuple(tuple(int(d) for d in b.shape) for b in (q_weight, q_sub, q_scale, q_min))
+        planes = (q_weight, q_high, q_sub, q_scale, q_min)
+        stored = tuple(tuple(int(d) for d in b.shape) for b in planes if b is not None)
         expected = tuple(layout.param_shapes((n, k)))
     else:
         stored = tuple(tuple(int(d) for d in b.shape) for b in (q_weight, q_scale, q_min) if b is not None)
@@ -533,7 +545,7 @@ def _match_q4_matmul(
         return None
     if q_min is not None and str(q_min.dtype) != str(q_scale.dtype):
         return None
-    return _Q4Matmul(x, q_weight, q_scale, out, other, other_first, n, k, layout, q_min, q_sub)
+    return _Q4Matmul(x, q_weight, q_scale, out, other, other_first, n, k, layout, q_min, q_sub, q_high)
 
 
 def _has_root(sch: s_tir.Schedule) -> bool:

@@ -395,8 +395,8 @@ def weight_role(name: str) -> str:
 
 
 # what a checkpoint runs in unless asked (MLC's default for phones too). A GGUF too: its own blocks
-# (`phi3 convert` keeps them, `native_quantization`) are one `-q` away; Q5_K / Q6_K blocks still run the
-# host's generic schedules (several times slower decode than the int8 kernels Q4_0/Q4_1/Q8_0/Q4_K get)
+# (`phi3 convert` keeps them, `native_quantization`) are one `-q` away; Q6_K blocks still run the host's
+# generic schedules (several times slower decode than the int8 kernels the other GGUF blocks get)
 DEFAULT_QUANTIZATION = "q4f16_1"
 
 
