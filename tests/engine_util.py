@@ -79,3 +79,13 @@ def greedy_vs_transformers(eng, hf, prompt: list[int], steps: int):
         toks.append(int(np.argmax((rows[-1] if rows else pre)[-1])))
         rows.append(eng.decode(sid, toks[-1])[None])
     return pre, np.concatenate(rows), hf_incremental(hf, prompt, toks)
+
+
+def assert_greedy_agrees_where_clear(ours: np.ndarray, ref: np.ndarray) -> None:
+    """Greedy choices equal wherever the reference's top two logits are further apart than twice that
+    row's error (tiny random models have near ties, which int8 activation rounding may flip), and at least
+    half the rows are that clear (so the check is not vacuous)."""
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * np.abs(ours - ref).max(-1)
+    assert clear.sum() >= len(ref) // 2, (clear.sum(), len(ref))
+    assert (ours.argmax(-1) == ref.argmax(-1))[clear].all()

@@ -218,6 +218,11 @@ def q8_dot_gemv(
     else:
         dot = functools.partial(_dot_vnni, lanes=lanes)
 
+    def lane_sum_q(xe, xo, at) -> tirx.PrimExpr:
+        """Sum (int32) of the quantized activations one int32 lane covers: bytes at..at+3 of xe (and xo)."""
+        parts = [T.Cast("int32", buf[at + i]) for buf in ((xe,) if eight else (xe, xo)) for i in range(4)]
+        return functools.reduce(operator.add, parts)
+
     def spread(values: tirx.PrimExpr) -> tirx.PrimExpr:
         """The step's per-group fp32 values (float32 x step_groups), each over its lanes."""
         if step_groups == 1:
@@ -318,32 +323,12 @@ def q8_dot_gemv(
                         xs[(m * n_chunks + g // 2) * 8 + 4 * (g % 2) + u] = amax[0] / T.float32(127)
             for b in range(n_chunks):
                 for u in range(8):
-                    if eight:  # lane u: k = 32b + 4u .. 4u + 3
-                        xz[(m * n_chunks + b) * 8 + u] = -zp * (
-                            T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u])
-                            + T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u + 1])
-                            + T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u + 2])
-                            + T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u + 3]))
-                    else:
-                        xz[(m * n_chunks + b) * 8 + u] = -zp * (
-                            T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u])
-                            + T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u + 1])
-                            + T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u + 2])
-                            + T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u + 3])
-                            + T.Cast("int32", xo[(m * n_chunks + b) * 32 + 4 * u])
-                            + T.Cast("int32", xo[(m * n_chunks + b) * 32 + 4 * u + 1])
-                            + T.Cast("int32", xo[(m * n_chunks + b) * 32 + 4 * u + 2])
-                            + T.Cast("int32", xo[(m * n_chunks + b) * 32 + 4 * u + 3]))
+                    # the lane's int8 activations: k = 32b + 4u .. 4u + 3 (8-bit codes), else the 4 even and
+                    # 4 odd k of 64b + 8u .. 8u + 7
+                    xz[(m * n_chunks + b) * 8 + u] = -zp * lane_sum_q(xe, xo, (m * n_chunks + b) * 32 + 4 * u)
                     if has_min:  # x as rounded for the codes: the product's error follows |w|, not |code|
-                        xm[(m * n_chunks + b) * 8 + u] = xs[(m * n_chunks + b) * 8 + u] * T.Cast("float32", (
-                            T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u])
-                            + T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u + 1])
-                            + T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u + 2])
-                            + T.Cast("int32", xe[(m * n_chunks + b) * 32 + 4 * u + 3])
-                            + T.Cast("int32", xo[(m * n_chunks + b) * 32 + 4 * u])
-                            + T.Cast("int32", xo[(m * n_chunks + b) * 32 + 4 * u + 1])
-                            + T.Cast("int32", xo[(m * n_chunks + b) * 32 + 4 * u + 2])
-                            + T.Cast("int32", xo[(m * n_chunks + b) * 32 + 4 * u + 3])))
+                        xm[(m * n_chunks + b) * 8 + u] = xs[(m * n_chunks + b) * 8 + u] * T.Cast(
+                            "float32", lane_sum_q(xe, xo, (m * n_chunks + b) * 32 + 4 * u))
         # 2. rows of W: `lanes` fp32 lane accumulators per row, summed at the end. One row of x (decode of
         # one sequence): W streamed once, in order. Several rows (batched decode): each pair of W rows is
         # applied to every row of x while it sits in L1 (one pass over W, not one per row), BATCH_BLOCK rows

@@ -342,11 +342,8 @@ def _group_load(e, analyzer, vn, vk, group_size: int):
     return e.source
 
 
-def _match_dequant(stmt, analyzer, layout: GroupLayout):
-    """(q_weight, q_scale, q_min or None, W) if `stmt` is the dequantize of `layout`:
-    W[n, k] = (((qw[n, k // epw] >> bits*(k % epw)) & mask) - zero_point) * s[n, k // group_size]
-    (for MLC's q4: ((qw[n, k//8] >> 4*(k%8)) & 15) - 7) * s[n, k//32]; GGUF's Q4_0 subtracts 8), or with
-    a min: code * s[n, k // group_size] + m[n, k // group_size] (GGUF's Q4_1, zero point 0)."""
+def _elementwise_store(stmt):
+    """(store, vn, vk) if `stmt` is a 2-D spatial block writing float32 W[vn, vk], else None."""
     if len(stmt.iter_vars) != 2 or any(int(iv.iter_type) != 0 for iv in stmt.iter_vars):
         return None
     store = stmt.body
@@ -355,6 +352,18 @@ def _match_dequant(stmt, analyzer, layout: GroupLayout):
     vn, vk = (iv.var for iv in stmt.iter_vars)
     if len(store.indices) != 2 or not (store.indices[0].same_as(vn) and store.indices[1].same_as(vk)):
         return None
+    return store, vn, vk
+
+
+def _match_dequant(stmt, analyzer, layout: GroupLayout):
+    """(q_weight, q_scale, q_min or None, W) if `stmt` is the dequantize of `layout`:
+    W[n, k] = (((qw[n, k // epw] >> bits*(k % epw)) & mask) - zero_point) * s[n, k // group_size]
+    (for MLC's q4: ((qw[n, k//8] >> 4*(k%8)) & 15) - 7) * s[n, k//32]; GGUF's Q4_0 subtracts 8), or with
+    a min: code * s[n, k // group_size] + m[n, k // group_size] (GGUF's Q4_1, zero point 0)."""
+    spatial = _elementwise_store(stmt)
+    if spatial is None:
+        return None
+    store, vn, vk = spatial
     val, q_min = store.value, None
     if layout.has_min:
         if _kind(val) != "Add" or layout.zero_point != 0:
@@ -406,14 +415,10 @@ def _match_k_dequant(stmt, analyzer, high_bits: int):
     (`high_bits` 0) or Q5_K's (1) dequantize as quantization/tvm_layers writes it: W[n, k] = (d[n, sb] *
     sc) * code - dmin[n, sb] * m, sb = k // 256, sc / m the bytes t and 8 + t (t = k % 256 // 32) of the
     super-block's 4 q_sub words; Q5_K's code = nibble | high bit << 4 (q_high: 32 bits per word)."""
-    if len(stmt.iter_vars) != 2 or any(int(iv.iter_type) != 0 for iv in stmt.iter_vars):
+    spatial = _elementwise_store(stmt)
+    if spatial is None:
         return None
-    store = stmt.body
-    if _kind(store) != "BufferStore" or str(store.buffer.dtype) != "float32":
-        return None
-    vn, vk = (iv.var for iv in stmt.iter_vars)
-    if len(store.indices) != 2 or not (store.indices[0].same_as(vn) and store.indices[1].same_as(vk)):
-        return None
+    store, vn, vk = spatial
     val = store.value
     if _kind(val) != "Sub" or _kind(val.a) != "Mul" or _kind(val.b) != "Mul":
         return None
