@@ -469,6 +469,7 @@ def test_q4_k_and_q5_k_take_the_host_int8_kernels(kernel, block):
         assert np.abs(got - codes_only).max() > 100 * bound.max()
 
 
+@pytest.mark.slow  # a whole-model build; the fast tier: the kernels above
 def test_host_preset_runs_q4_k_and_q5_k_linears_in_int8_kernels(tmp_path):
     """A GGUF whose Linears (and embedding) are Q4_K, qkv Q5_K (as llama.cpp's Q4_K_M makes Phi-3's fused
     qkv), on the `host` preset: every Linear is an int8 hand
