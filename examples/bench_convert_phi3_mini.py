@@ -125,8 +125,20 @@ class RssSampler(threading.Thread):
 
 def run_convert(ckpt: Path, out: Path, quantization: str, clip: str) -> dict:
     phi3 = shutil.which("phi3") or sys.exit("phi3 is not on PATH (pip install -e .)")
-    cmd = ["/usr/bin/time", "-v", phi3, "convert", str(ckpt), "-q", quantization, "-o", str(out),
-           "--clip", clip, "--no-progress"]
+    cmd = [
+        "/usr/bin/time",
+        "-v",
+        phi3,
+        "convert",
+        str(ckpt),
+        "-q",
+        quantization,
+        "-o",
+        str(out),
+        "--clip",
+        clip,
+        "--no-progress",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sampler = RssSampler(proc.pid)
@@ -138,9 +150,13 @@ def run_convert(ckpt: Path, out: Path, quantization: str, clip: str) -> dict:
         sys.exit(f"convert failed ({proc.returncode}):\n{stdout}\n{stderr[-3000:]}")
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
     user = re.search(r"User time \(seconds\): ([\d.]+)", stderr)
-    return {"wall_s": wall, "peak_rss_bytes": int(m.group(1)) * 1024 if m else None,
-            "sampled_peak_rss_bytes": sampler.peak, "user_cpu_s": float(user.group(1)) if user else None,
-            "stdout": stdout.strip()}
+    return {
+        "wall_s": wall,
+        "peak_rss_bytes": int(m.group(1)) * 1024 if m else None,
+        "sampled_peak_rss_bytes": sampler.peak,
+        "user_cpu_s": float(user.group(1)) if user else None,
+        "stdout": stdout.strip(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,19 +172,27 @@ def main(argv: list[str] | None = None) -> int:
         if not (ckpt / "model.safetensors.index.json").is_file():
             n_params, gen_s = make_checkpoint(ckpt, args.layers)
             size = sum(p.stat().st_size for p in ckpt.iterdir())
-            print(f"checkpoint: {n_params / 1e9:.2f}B params, {size / 1e9:.2f} GB bf16, "
-                  f"generated in {gen_s:.0f} s")
+            print(
+                f"checkpoint: {n_params / 1e9:.2f}B params, {size / 1e9:.2f} GB bf16, "
+                f"generated in {gen_s:.0f} s"
+            )
         res = run_convert(ckpt, out, args.quantization, args.clip)
         cache = json.loads((out / "tensor-cache.json").read_text())
         sizes = [s["nbytes"] for s in cache["records"]]
         print(res["stdout"])
-        print(f"convert --clip {args.clip}: wall {res['wall_s']:.1f} s (user CPU {res['user_cpu_s']} s, "
-              f"machine load {os.getloadavg()[0]:.1f})")
-        print(f"peak RSS: {res['peak_rss_bytes'] / 2**20:.0f} MiB (/usr/bin/time), "
-              f"{res['sampled_peak_rss_bytes'] / 2**20:.0f} MiB (sampled)")
-        print(f"shards: {len(sizes)}, {sum(sizes) / 2**30:.2f} GiB, min {min(sizes) / 2**20:.1f} MiB, "
-              f"max {max(sizes) / 2**20:.1f} MiB, median {sorted(sizes)[len(sizes) // 2] / 2**20:.1f} MiB; "
-              f"BitsPerParam {cache['metadata']['BitsPerParam']:.3f}")
+        print(
+            f"convert --clip {args.clip}: wall {res['wall_s']:.1f} s (user CPU {res['user_cpu_s']} s, "
+            f"machine load {os.getloadavg()[0]:.1f})"
+        )
+        print(
+            f"peak RSS: {res['peak_rss_bytes'] / 2**20:.0f} MiB (/usr/bin/time), "
+            f"{res['sampled_peak_rss_bytes'] / 2**20:.0f} MiB (sampled)"
+        )
+        print(
+            f"shards: {len(sizes)}, {sum(sizes) / 2**30:.2f} GiB, min {min(sizes) / 2**20:.1f} MiB, "
+            f"max {max(sizes) / 2**20:.1f} MiB, median {sorted(sizes)[len(sizes) // 2] / 2**20:.1f} MiB; "
+            f"BitsPerParam {cache['metadata']['BitsPerParam']:.3f}"
+        )
     finally:
         if not args.keep:
             shutil.rmtree(ckpt, ignore_errors=True)

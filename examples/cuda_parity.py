@@ -5,9 +5,10 @@
 
 `prepare` writes, per case, the cuda library, the weights (npz, manifest order), the token sequence and the
 host build's logits for a prefill + greedy decode; `run` replays the same tokens on the GPU (prefill, then
-one decode step per token, so both sides see identical inputs) and reports max|diff|/max|ref| per case,
-plus decode speed. fp32 cases should agree to ~1e-5 (different summation order); q4f16_1 on the GPU computes
-in fp16 while the host computes in fp32, so there the bound is fp16-level (~1e-2).
+one decode step per token, so both sides see identical inputs) and reports max|diff|/max|ref| per case
+(decode speed of Phi-3-mini shapes: examples/cuda_speed.py). fp32 cases should agree to ~1e-5 (different
+summation order); q4f16_1 on the GPU computes in fp16 while the host computes in fp32, so there the bound
+is fp16-level (~1e-2).
 """
 
 from __future__ import annotations
@@ -69,75 +70,6 @@ def prepare(out: Path) -> None:
     (out / "index.json").write_text(json.dumps(index, indent=1))
 
 
-def prepare_speed(out: Path) -> None:
-    """Phi-3-mini-shaped q4f16_1 library for the decode-speed part (random weights, made on the GPU box)."""
-    from toolkit.compile.compile_model import compile_model
-    from toolkit.config import phi3_mini_4k
-
-    cfg = phi3_mini_4k(sliding_window=None)  # decode-speed run: no window needed at 192 tokens
-    for name, graph in (("phi3-mini-speed", False), ("phi3-mini-speed-graph", True)):
-        t0 = time.time()
-        compile_model(cfg, "q4f16_1", "cuda-sm90", out / name, cuda_graph=graph)
-        (out / name / "case.json").write_text(
-            json.dumps({"cfg": cfg.to_dict(), "compile_s": round(time.time() - t0, 1)})
-        )
-
-
-def run_speed(out: Path, dev, name: str = "phi3-mini-speed") -> dict:
-    """Decode / prefill speed of one prepared library (`-graph`: the `--cuda-graph` build)."""
-    import tvm
-
-    from toolkit.config import Phi3Config
-    from toolkit.runtime.engine import CacheOptions, Engine
-
-    d = out / name
-    if not d.is_dir():
-        return {}
-    case = json.loads((d / "case.json").read_text())
-    manifest = json.loads((d / "manifest.json").read_text())
-    cfg = Phi3Config.from_dict(case["cfg"])
-    rng = np.random.default_rng(0)
-    params = []
-    for p in manifest["params"]:
-        shape = tuple(p["shape"])
-        if p["dtype"] == "uint32":
-            a = rng.integers(0, 2**32, size=shape, dtype=np.uint32)
-        elif p["name"].endswith("q_scale"):
-            a = np.full(shape, 0.002, dtype=p["dtype"])
-        else:
-            a = np.ones(shape, dtype=p["dtype"])
-        params.append(tvm.runtime.tensor(a, dev))
-    eng = Engine(
-        tvm.runtime.load_module(str(d / manifest["library"])),
-        params,
-        cfg,
-        dtype=manifest["dtype"],
-        device=dev,
-        cache=CacheOptions(max_batch_size=1, context_window=1024, prefill_chunk=512),
-    )
-    prompt = rng.integers(0, cfg.vocab_size, 128).tolist()
-    res = {}
-    for rep in range(3):
-        sid = eng.add_sequence()
-        t0 = time.perf_counter()
-        logits = eng.prefill(sid, prompt)
-        dev.sync()
-        t1 = time.perf_counter()
-        for _ in range(64):
-            logits = eng.decode(sid, int(np.argmax(logits)))
-        dev.sync()
-        t2 = time.perf_counter()
-        eng.remove_sequence(sid)
-        res = {
-            "prefill_tok_s": round(128 / (t1 - t0), 1),
-            "decode_tok_s": round(64 / (t2 - t1), 1),
-            "rep": rep,
-            "compile_s": case["compile_s"],
-        }
-        print(f"phi3-mini q4f16_1 cuda-sm90 {name}", json.dumps(res))
-    return res
-
-
 def run(out: Path) -> None:
     import ctypes
 
@@ -185,11 +117,8 @@ def run(out: Path) -> None:
             }
         )
         print(json.dumps(results[-1]))
-    for name in ("phi3-mini-speed", "phi3-mini-speed-graph"):  # plain launches, then CUDA graphs
-        if (out / name / "manifest.json").is_file():
-            results.append({"speed": run_speed(out, dev, name), "library": name})
     print("RESULTS", json.dumps(results))
 
 
 if __name__ == "__main__":
-    {"prepare": prepare, "prepare-speed": prepare_speed, "run": run}[sys.argv[1]](Path(sys.argv[2]))
+    {"prepare": prepare, "run": run}[sys.argv[1]](Path(sys.argv[2]))

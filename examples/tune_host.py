@@ -20,10 +20,24 @@ from toolkit.targets import load_preset
 from toolkit.tune.tuner import format_results, tune_model
 
 PHI3_MINI = Phi3Config(
-    vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=32, head_dim=96, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
-    partial_rotary_factor=1.0, longrope=None, sliding_window=2047, tie_word_embeddings=False, bos_token_id=1,
-    eos_token_ids=(32000,), pad_token_id=32000, source_arch="phi3",
+    vocab_size=32064,
+    hidden_size=3072,
+    intermediate_size=8192,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    head_dim=96,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    max_position_embeddings=4096,
+    partial_rotary_factor=1.0,
+    longrope=None,
+    sliding_window=2047,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_ids=(32000,),
+    pad_token_id=32000,
+    source_arch="phi3",
 )
 
 
@@ -38,15 +52,25 @@ def main() -> None:
     preset = load_preset("host")
     root = args.schedules_dir or tempfile.mkdtemp(prefix="phi3-tune-")
     t0 = time.time()
-    _, results = tune_model(PHI3_MINI, args.quantization, preset, args.trials, kernels=args.kernels,
-                            schedules_root=root, progress=print, cost_model=args.cost_model)
+    _, results = tune_model(
+        PHI3_MINI,
+        args.quantization,
+        preset,
+        args.trials,
+        kernels=args.kernels,
+        schedules_root=root,
+        progress=print,
+        cost_model=args.cost_model,
+    )
     print(format_results(results))
     measured = [r for r in results if r.default_ms is not None]
     default = sum(r.decode_calls * r.default_ms for r in measured)
     tuned = sum(r.decode_calls * (r.tuned_ms if r.kept else r.default_ms) for r in measured)
     if default:
-        print(f"decode time in these {len(measured)} kernel(s) per token: default {default:.1f} ms, "
-              f"with kept records {tuned:.1f} ms ({default / tuned:.2f}x)")
+        print(
+            f"decode time in these {len(measured)} kernel(s) per token: default {default:.1f} ms, "
+            f"with kept records {tuned:.1f} ms ({default / tuned:.2f}x)"
+        )
     print(f"records: {root}/host ({time.time() - t0:.0f} s total)")
 
 

@@ -478,12 +478,7 @@ def test_host_preset_runs_q4_k_and_q5_k_linears_in_int8_kernels(tmp_path):
     transformers' top two are further apart than that row's error."""
     import gguf
     from test_cpu_q8_gemv import HOST_HAS_AVX2
-
-    from toolkit.compile import pipeline
-    from toolkit.compile.compile_model import graph_options
-    from toolkit.compile.cpu_isa import q8_gemm_isa
-    from toolkit.compile.cpu_schedule import CPUQ8VNNIGEMM, CPUQ8DotGEMV
-    from toolkit.targets import load_preset
+    from test_gguf_schemes import host_int8_linears
 
     if not HOST_HAS_AVX2:
         pytest.skip("this CPU has no AVX2: the host preset keeps fp32 activations")
@@ -506,14 +501,7 @@ def test_host_preset_runs_q4_k_and_q5_k_linears_in_int8_kernels(tmp_path):
     write_phi3_gguf(hf_dir, path, pick)
     scheme = native_quantization(open_model(path), model_dtype="float16")
     assert scheme.startswith("gguf_q4_k"), scheme
-    preset = load_preset("host")
-    mod, _ = pipeline.export_model(open_model(path).config, graph_options(scheme, preset), preset.target)
-    lowered = pipeline.lower_to_tir(mod, preset.target)
-    linears = {gv.name_hint: f for gv, f in lowered.functions.items() if "NT_matmul" in gv.name_hint}
-    rules = [CPUQ8DotGEMV(), *([CPUQ8VNNIGEMM()] if q8_gemm_isa(preset.target) else [])]
-    taken = {
-        n for n, f in linears.items() if any(r.apply(f, preset.target, False) is not None for r in rules)
-    }
+    linears, taken = host_int8_linears(path, scheme)
     assert len(taken) >= 6, sorted(set(linears) - taken)  # qkv, o, gate_up, down: decode and prefill
     assert any(cs_match(f) for n, f in linears.items() if n in taken)  # the Q5_K qkv among them
     eng = build_engine(path, tmp_path / "lib", scheme, device="host")

@@ -175,6 +175,25 @@ def test_logits_match_transformers_on_gguf_blocks(tmp_path, variant, types, mode
     assert rel_err(ours, ref) < 1e-4
 
 
+def host_int8_linears(path, scheme: str) -> tuple[dict, set]:
+    """The `host` build's Linear (NT_matmul) kernels of the model at `path` in `scheme`, by name, and the
+    names of those the int8 rules (decode GEMV, prefill GEMM where the CPU has VNNI) take."""
+    from toolkit.compile import pipeline
+    from toolkit.compile.compile_model import graph_options
+    from toolkit.compile.cpu_isa import q8_gemm_isa
+    from toolkit.compile.cpu_schedule import CPUQ8VNNIGEMM, CPUQ8DotGEMV
+    from toolkit.targets import load_preset
+
+    preset = load_preset("host")
+    target = preset.target
+    mod, _ = pipeline.export_model(open_model(path).config, graph_options(scheme, preset), target)
+    lowered = pipeline.lower_to_tir(mod, target)
+    linears = {gv.name_hint: f for gv, f in lowered.functions.items() if "NT_matmul" in gv.name_hint}
+    rules = [CPUQ8DotGEMV(), *([CPUQ8VNNIGEMM()] if q8_gemm_isa(target) else [])]
+    taken = {n for n, f in linears.items() if any(r.apply(f, target, False) is not None for r in rules)}
+    return linears, taken
+
+
 @pytest.mark.slow  # two whole-model builds; the fast tier: kernels in test_isa_paths, Q4_1 end to end below
 @pytest.mark.parametrize("linear", ["Q4_1", "Q8_0"])
 def test_host_preset_runs_q4_1_and_q8_0_blocks_in_int8_kernels(tmp_path, linear):
@@ -184,26 +203,13 @@ def test_host_preset_runs_q4_1_and_q8_0_blocks_in_int8_kernels(tmp_path, linear)
     transformers: 2e-2..3e-2 measured on tiny random models), greedy choices unchanged where clear."""
     from test_cpu_q8_gemv import HOST_HAS_AVX2
 
-    from toolkit.compile import pipeline
-    from toolkit.compile.compile_model import graph_options
-    from toolkit.compile.cpu_isa import q8_gemm_isa
-    from toolkit.compile.cpu_schedule import CPUQ8VNNIGEMM, CPUQ8DotGEMV
-    from toolkit.targets import load_preset
-
     if not HOST_HAS_AVX2:
         pytest.skip("this CPU has no AVX2: the host preset keeps fp32 activations")
     hf_dir = make_tiny_checkpoint(tmp_path / "hf", "mini-4k")
     path = tmp_path / "m.gguf"
     write_phi3_gguf(hf_dir, path, _qtypes(linear, "Q8_0", None))
     scheme = native_quantization(open_model(path), model_dtype="float16")
-    preset = load_preset("host")
-    mod, _ = pipeline.export_model(open_model(path).config, graph_options(scheme, preset), preset.target)
-    lowered = pipeline.lower_to_tir(mod, preset.target)
-    linears = {gv.name_hint: f for gv, f in lowered.functions.items() if "NT_matmul" in gv.name_hint}
-    rules = [CPUQ8DotGEMV(), *([CPUQ8VNNIGEMM()] if q8_gemm_isa(preset.target) else [])]
-    taken = {
-        n for n, f in linears.items() if any(r.apply(f, preset.target, False) is not None for r in rules)
-    }
+    linears, taken = host_int8_linears(path, scheme)
     # the f32 lm_head (kept as f16) is no block matmul; every other Linear is, decode and prefill
     assert len(taken) >= 8 and all("matmul" in n for n in taken), sorted(set(linears) - taken)
     eng = build_engine(path, tmp_path / "lib", scheme, device="host")
