@@ -194,13 +194,13 @@ def test_gemv_path_with_gguf_q8_0_codes_under_qemu(path) -> None:
 
 
 @pytest.mark.skipif(QEMU_MISSING is not None, reason=str(QEMU_MISSING))
-@pytest.mark.parametrize("block", ["q4_k", "q5_k"])
+@pytest.mark.parametrize("block", ["q4_k", "q5_k", "q6_k"])
 @pytest.mark.parametrize("path", ["neon", "neon-dotprod"])
-def test_gemv_path_with_gguf_q4_k_and_q5_k_under_qemu(path, block) -> None:
-    """GGUF's Q4_K / Q5_K in the arm64 decode GEMV: the group scales and mins derived from the super-block
-    values and Q5_K's fifth code bit (shared with x86, `cpu_q8_gemv`), the dot products arm64's; prefill
-    declines them (generic schedules)."""
-    from test_gguf_kquants import q4_k_matmul
+def test_gemv_path_with_gguf_k_quants_under_qemu(path, block) -> None:
+    """GGUF's Q4_K / Q5_K / Q6_K in the arm64 decode GEMV: the sub-block scales (and mins) derived from the
+    super-block values and the codes' high bits (shared with x86, `cpu_q8_gemv`), the dot products arm64's;
+    prefill declines them (generic schedules)."""
+    from test_gguf_kquants import k_quant_reference, q4_k_matmul
 
     n, k = 64, 512
     func, arrays, qs_eff, qm_eff = q4_k_matmul(n, k, "b", RNG, block)
@@ -208,8 +208,9 @@ def test_gemv_path_with_gguf_q4_k_and_q5_k_under_qemu(path, block) -> None:
     assert cs.CPUQ8VNNIGEMM().apply(prefill, _path_target("neon-dotprod"), False) is None
     x = RNG.standard_normal((3, 1, k)).astype(np.float32)  # decode's batch of 3
     got = _run(func, path, [x, *arrays.values(), np.zeros((3, 1, n), np.float32)])
-    ref, bound = _q8_reference_with_min(x, arrays["q_weight"], qs_eff, qm_eff, high=arrays.get("q_high"))
+    ref, bound, wrong = k_quant_reference(x, arrays, block, qs_eff, qm_eff)
     assert np.all(np.abs(got - ref) <= bound), np.abs(got - ref).max()
+    assert np.abs(got - wrong).max() > 100 * bound.max()
 
 
 # prefill: (n, k, rows at run time, residual add, scale dtype); 13 and 25 rows end in a partial register

@@ -27,27 +27,39 @@ HOST_HAS_AVX2 = cs.has_avx2(
 
 
 def _q8_reference(
-    x: np.ndarray, qw: np.ndarray, qs: np.ndarray, zero_point: int = 7, bits: int = 4, high=None
+    x: np.ndarray,
+    qw: np.ndarray,
+    qs: np.ndarray,
+    zero_point: int = 7,
+    bits: int = 4,
+    high=None,
+    high_bits: int = 1,
 ):
     """(y, bound): y = the int8-activation product in float64; bound = fp32 accumulation allowance.
     `bits`: 4 (8 codes per uint32) or 8 (GGUF Q8_0: 4 codes per uint32, zero point 128); `high`: a plane
-    of one more code bit per weight, 32 per uint32 (GGUF Q5_K), bit 4 of the codes."""
+    of `high_bits` more code bits per weight, 32 / high_bits per uint32 (GGUF Q5_K 1, Q6_K 2), bits 4.. of
+    the codes. `qs` (n, K / wg): one weight scale per wg weights, 32 or 16 (GGUF Q6_K); x's per 32."""
     epw = 32 // bits
     n, k = qw.shape[0], qw.shape[1] * epw
     shifts = np.arange(epw, dtype=np.uint32) * bits
     codes = ((qw[..., None] >> shifts) & (2**bits - 1)).reshape(n, k).astype(np.int64)
     if high is not None:
-        codes |= ((high[..., None] >> np.arange(32, dtype=np.uint32)) & 1).reshape(n, k).astype(np.int64) << 4
+        at = np.arange(32 // high_bits, dtype=np.uint32) * high_bits
+        top = (high[..., None] >> at) & (2**high_bits - 1)
+        codes |= top.reshape(n, k).astype(np.int64) << 4
+    wg = k // qs.shape[1]
     xg = x.reshape(-1, k // 32, 32).astype(np.float32)
     amax = np.abs(xg).max(axis=-1, keepdims=True)
     safe = np.where(amax > 0, amax, 1)
     inv = np.where(amax > 0, np.float32(127) / safe, 0).astype(np.float32)
     q = np.round((xg * inv).astype(np.float32)).astype(np.int64)  # half to even (llvm.nearbyint)
     d = (amax / np.float32(127)).astype(np.float32)[..., 0]  # [rows, G]
-    dots = np.einsum("rgi,ngi->rng", q, codes.reshape(n, k // 32, 32) - zero_point)  # [rows, n, G] exact
+    d = np.repeat(d, 32 // wg, axis=-1)  # [rows, K / wg]
+    q, codes = q.reshape(-1, k // wg, wg), codes.reshape(n, k // wg, wg)
+    dots = np.einsum("rgi,ngi->rng", q, codes - zero_point)  # [rows, n, K / wg] exact
     terms = dots * (qs.astype(np.float64)[None] * d[:, None, :].astype(np.float64))
     y = terms.sum(-1)
-    bound = 2 * (k // 32) * 2.0**-24 * np.abs(terms).sum(-1) + 1e-6 * np.abs(y)
+    bound = 2 * (k // wg) * 2.0**-24 * np.abs(terms).sum(-1) + 1e-6 * np.abs(y)
     return y.reshape(*x.shape[:-1], n), bound.reshape(*x.shape[:-1], n)
 
 

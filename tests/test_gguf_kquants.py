@@ -398,10 +398,10 @@ def test_k_quant_kernels_compile_for_cuda_and_metal(tmp_path, preset_name):
 
 
 def q4_k_matmul(n: int, k: int, rows, rng, block: str = "q4_k"):
-    """(func, arrays, scales, offsets): a `block` (Q4_K or Q5_K) dequant + NT matmul PrimFunc as the model's
-    Linear writes it (x [1, rows, k]; rows "s": a dynamic prefill length; "b": x [b, 1, k], decode's
-    dynamic batch), random planes of weights with a spread of 0.05, and the per-32-group scale d x sc and
-    offset -dmin x m the kernels must derive (exact fp32)."""
+    """(func, arrays, scales, offsets): a `block` (Q4_K, Q5_K or Q6_K) dequant + NT matmul PrimFunc as the
+    model's Linear writes it (x [1, rows, k]; rows "s": a dynamic prefill length; "b": x [b, 1, k], decode's
+    dynamic batch), random planes of weights with a spread of 0.05, and the per-sub-block scale d x sc and
+    offset -dmin x m the kernels must derive (exact fp32): per 32 weights; Q6_K per 16, offsets None."""
     import tvm
     from tvm import te
 
@@ -423,19 +423,37 @@ def q4_k_matmul(n: int, k: int, rows, rng, block: str = "q4_k"):
     func = te.create_prim_func([x_ph, *planes.values(), y]).with_attr("global_symbol", "main")
     sub = arrays["q_sub"].view(np.uint8).reshape(n, k // 256, 16).astype(np.float32)
     d = arrays["q_scale"].astype(np.float32)[..., None]
+    if block == "q6_k":  # 16 signed scales per super-block, stored sc + 128
+        return func, arrays, (d * (sub - 128)).reshape(n, k // 16), None
     dmin = arrays["q_min"].astype(np.float32)[..., None]
     return func, arrays, (d * sub[..., :8]).reshape(n, k // 32), (-(dmin * sub[..., 8:])).reshape(n, k // 32)
 
 
-@pytest.mark.parametrize("block", ["q4_k", "q5_k"])
+def k_quant_reference(x, arrays, block, qs_eff, qm_eff):
+    """(y, bound, wrong): the int8-activation reference of a `q4_k_matmul` weight (test_cpu_q8_gemv), and
+    the same without what K-quants add to the q4 kernels (Q4_K / Q5_K: the mins; Q6_K: the high bits), which
+    a kernel must be far from."""
+    from test_cpu_q8_gemv import _q8_reference, _q8_reference_with_min
+
+    high = arrays.get("q_high")
+    if block == "q6_k":
+        ref, bound = _q8_reference(x, arrays["q_weight"], qs_eff, zero_point=32, high=high, high_bits=2)
+        wrong, _ = _q8_reference(x, arrays["q_weight"], qs_eff, zero_point=32)
+        return ref, bound, wrong
+    ref, bound = _q8_reference_with_min(x, arrays["q_weight"], qs_eff, qm_eff, high=high)
+    wrong, _ = _q8_reference(x, arrays["q_weight"], qs_eff, zero_point=0, high=high)
+    return ref, bound, wrong
+
+
+@pytest.mark.parametrize("block", K_TYPES)
 @pytest.mark.parametrize("kernel", ["gemv", "gemm"])
-def test_q4_k_and_q5_k_take_the_host_int8_kernels(kernel, block):
-    """GGUF's Q4_K and Q5_K in the host's int8 decode GEMV (every dot-product path this CPU has) and VNNI
-    prefill GEMM: each 32-group's scale d x sc and min -dmin x m, derived in the kernel from the
-    super-block's fp16 d, dmin and sub-block bytes, equal Q4_1's int8 reference on those per-group values
-    (Q5_K: with the codes' fifth bit; bound as there); the fp32-activation kernels decline them."""
+def test_k_quants_take_the_host_int8_kernels(kernel, block):
+    """GGUF's Q4_K, Q5_K and Q6_K in the host's int8 decode GEMV (every dot-product path this CPU has) and
+    VNNI prefill GEMM: each sub-block's scale d x sc (and min -dmin x m), derived in the kernel from the
+    super-block's fp16 d (dmin) and sub-block bytes, equal the int8 reference on those per-sub-block values
+    (Q5_K / Q6_K: with the codes' high bits; bound as there); the fp32-activation kernels decline them."""
     import tvm
-    from test_cpu_q8_gemv import HOST_HAS_AVX2, _build, _q8_reference, _q8_reference_with_min
+    from test_cpu_q8_gemv import HOST_HAS_AVX2, _build
     from test_isa_paths import HOST, HOST_ISAS
 
     from toolkit.compile import cpu_schedule as cs
@@ -452,11 +470,9 @@ def test_q4_k_and_q5_k_take_the_host_int8_kernels(kernel, block):
     assert cs._match_q4_matmul(func) is None  # not for the fp32-activation kernels
     q = cs._match_q4_matmul(func, cs.INT8_LAYOUTS)
     assert q is not None and q.q_sub is not None and q.layout == layout
-    assert (q.q_high is not None) == (block == "q5_k")
-    high = arrays.get("q_high")
+    assert (q.q_high is not None) == (block != "q4_k")
     x = rng.standard_normal((1, m, k)).astype(np.float32)
-    ref, bound = _q8_reference_with_min(x, arrays["q_weight"], qs_eff, qm_eff, high=high)
-    codes_only, _ = _q8_reference(x, arrays["q_weight"], qs_eff, zero_point=0, high=high)
+    ref, bound, wrong = k_quant_reference(x, arrays, block, qs_eff, qm_eff)
     if kernel == "gemv":
         builds = [_build(func, HOST, [cs.CPUQ8DotGEMV(isa=isa)]) for isa in HOST_ISAS]
     else:
@@ -466,44 +482,77 @@ def test_q4_k_and_q5_k_take_the_host_int8_kernels(kernel, block):
         ex["main"](*[tvm.runtime.tensor(a) for a in (x, *arrays.values())], out)
         got = out.numpy()
         assert np.all(np.abs(got - ref) <= bound), np.abs(got - ref).max()
-        assert np.abs(got - codes_only).max() > 100 * bound.max()
+        assert np.abs(got - wrong).max() > 100 * bound.max()
+
+
+@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
+def test_q6_k_largest_codes_and_activations_do_not_overflow(kernel):
+    """Q6_K's largest products: every code 63 against activations quantized to +-127 (x constant per group).
+    AVX2's `vpmaddubsw` sums 4 such products in int16 (4 x 63 x 127 = 32004 < 2**15); the results must equal
+    the exact reference there and in every other path."""
+    import tvm
+    from test_cpu_q8_gemv import HOST_HAS_AVX2, _build
+    from test_isa_paths import HOST, HOST_ISAS
+
+    from toolkit.compile import cpu_schedule as cs
+    from toolkit.compile.cpu_isa import q8_gemm_isa
+
+    if not HOST_HAS_AVX2:
+        pytest.skip("no int8 kernels on this CPU")
+    if kernel == "gemm" and q8_gemm_isa(HOST) is None:
+        pytest.skip("this CPU has no vpdpbusd: no int8 GEMM")
+    n, k, m = 32, 512, (2 if kernel == "gemv" else 5)
+    func, arrays, _, _ = q4_k_matmul(n, k, "b" if kernel == "gemv" else "s", np.random.default_rng(0), "q6_k")
+    raw = gb.to_blocks(tuple(arrays.values()), "q6_k").reshape(n, k // 256, 210)
+    raw[..., :192] = 0xFF  # every code 63 (4 low bits and 2 high bits set)
+    negative = np.arange(16) % 4 == 3
+    raw[..., 192:208] = np.where(negative, 0x81, 0x7F).astype(np.uint8)  # scales +127, every 4th -127
+    raw[..., 208:210] = np.frombuffer(np.float16(2.0**-10).tobytes(), np.uint8)
+    arrays = dict(zip(arrays, gb.from_blocks(raw.reshape(n, -1), "q6_k"), strict=True))
+    qs_eff = (2.0**-10 * np.tile(np.where(negative, -127.0, 127.0), k // 256))[None].repeat(n, 0)
+    sign = np.where(np.arange(m) % 2, -1.0, 1.0)[:, None, None]
+    x = (sign * np.ones((1, k))).astype(np.float32).reshape((m, 1, k) if kernel == "gemv" else (1, m, k))
+    ref, bound, _ = k_quant_reference(x, arrays, "q6_k", qs_eff, None)
+    assert np.abs(ref).min() > 0  # the test has teeth: (63 - 32) x 127 per weight, scales of either sign
+    if kernel == "gemv":
+        builds = [_build(func, HOST, [cs.CPUQ8DotGEMV(isa=isa)]) for isa in HOST_ISAS]
+    else:
+        builds = [_build(func, HOST, [cs.CPUQ8VNNIGEMM()])]
+    for ex in builds:
+        out = tvm.runtime.empty(x.shape[:-1] + (n,), "float32", tvm.cpu())
+        ex["main"](*[tvm.runtime.tensor(a) for a in (x, *arrays.values())], out)
+        assert np.all(np.abs(out.numpy() - ref) <= bound), np.abs(out.numpy() - ref).max()
 
 
 @pytest.mark.slow  # a whole-model build; the fast tier: the kernels above
-def test_host_preset_runs_q4_k_and_q5_k_linears_in_int8_kernels(tmp_path):
-    """A GGUF whose Linears (and embedding) are Q4_K, qkv Q5_K (as llama.cpp's Q4_K_M makes Phi-3's fused
-    qkv), on the `host` preset: every Linear is an int8 hand
-    kernel, logits within the int8-activation rounding of transformers on the same blocks (2e-2..3e-2 on
-    tiny random models, test_q4_int8_activations_stay_close_to_transformers), greedy choices equal where
-    transformers' top two are further apart than that row's error."""
-    import gguf
+def test_host_preset_runs_k_quant_linears_in_int8_kernels(tmp_path):
+    """A Q4_K_M-like GGUF (`_k_mix`: Q4_K Linears, Q5_K qkv, Q6_K down_proj in two layers and lm_head) on
+    the `host` preset: every Linear is an int8 hand kernel, logits within the int8-activation rounding of
+    transformers on the same blocks (2e-2..3e-2 on tiny random models,
+    test_q4_int8_activations_stay_close_to_transformers), greedy choices equal where transformers' top two
+    are further apart than that row's error."""
     from test_cpu_q8_gemv import HOST_HAS_AVX2
     from test_gguf_schemes import host_int8_linears
 
+    from toolkit.compile.cpu_schedule import INT8_LAYOUTS, _match_q4_matmul
+
     if not HOST_HAS_AVX2:
         pytest.skip("this CPU has no AVX2: the host preset keeps fp32 activations")
-    rng = np.random.default_rng(8)
 
-    def cs_match(f) -> bool:  # a Q5_K matmul: its codes have a high-bit plane
-        from toolkit.compile.cpu_schedule import INT8_LAYOUTS, _match_q4_matmul
-
+    def code_bits(f) -> int:
         q = _match_q4_matmul(f, INT8_LAYOUTS)
-        return q is not None and q.q_high is not None
+        return 0 if q is None else q.layout.bits
 
-    def pick(gname: str, arr: np.ndarray):
-        if arr.ndim != 2 or gname == "output.weight":
-            return None
-        t = "q5_k" if gname.endswith("attn_qkv.weight") else "q4_k"
-        return gguf.GGMLQuantizationType[t.upper()], random_k_blocks(arr.shape, t, rng, std=float(arr.std()))
-
+    pick = _k_mix()
     hf_dir = make_tiny_checkpoint(tmp_path / "hf", "mini-4k", hidden_size=256)
     path = tmp_path / "m.gguf"
     write_phi3_gguf(hf_dir, path, pick)
     scheme = native_quantization(open_model(path), model_dtype="float16")
     assert scheme.startswith("gguf_q4_k"), scheme
     linears, taken = host_int8_linears(path, scheme)
-    assert len(taken) >= 6, sorted(set(linears) - taken)  # qkv, o, gate_up, down: decode and prefill
-    assert any(cs_match(f) for n, f in linears.items() if n in taken)  # the Q5_K qkv among them
+    assert taken == set(linears), sorted(set(linears) - taken)
+    # qkv (Q5_K), down (Q4_K and Q6_K), lm_head (Q6_K) among them, decode and prefill
+    assert {code_bits(f) for f in linears.values()} == {4, 5, 6}
     eng = build_engine(path, tmp_path / "lib", scheme, device="host")
     hf = _hf_on_gguf_blocks(hf_dir, path, "float16")
     prompt = np.random.default_rng(1).integers(3, eng.cfg.vocab_size, 10).tolist()

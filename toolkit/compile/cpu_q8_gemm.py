@@ -10,7 +10,9 @@ int32 sums start from the zero-point term (-7, or -8 for GGUF Q4_0) and are scal
 once per group; GGUF's Q4_1 (no zero point, a per-group min) adds min x the group's sum of x there. GGUF's
 Q8_0 (8-bit codes - 128) needs no repacking: its words are 4 u8 codes in k order already. GGUF's Q4_K runs
 as Q4_1 with each 32-group's scale d x sc and min -dmin x m computed once per tile from the super-block's fp16
-d, dmin and sub-block bytes; Q5_K the same with each code's fifth bit put in while repacking.
+d, dmin and sub-block bytes; Q5_K the same with each code's fifth bit put in while repacking. Q6_K puts its
+two high bits in while repacking, and its int32 sums start from the -32 zero-point term and are scaled per
+16-weight sub-block (d x signed sc), against the 32-group's activation scale.
 
 Numerics: the integer sums are exact; the result equals `cpu_q8_gemv`'s up to fp32 summation order."""
 
@@ -31,9 +33,13 @@ def _spread_nibbles(v: tirx.PrimExpr) -> tirx.PrimExpr:
     return functools.reduce(operator.or_, parts)
 
 
-def _spread_high(v: tirx.PrimExpr) -> tirx.PrimExpr:
-    """The 4 bits in v's low nibble moved to bit 4 of its 4 bytes (a 5-bit code's top bit)."""
-    parts = [T.shift_left(v & T.uint32(1 << c), T.uint32(7 * c + 4)) for c in range(4)]
+def _spread_high(v: tirx.PrimExpr, width: int) -> tirx.PrimExpr:
+    """The 4 fields of `width` bits in v's low 4 x width bits moved to bits 4.. of its 4 bytes (the codes'
+    top bits above the nibble: Q5_K 1, Q6_K 2)."""
+    mask = (1 << width) - 1
+    parts = [
+        T.shift_left(v & T.uint32(mask << (width * c)), T.uint32(8 * c + 4 - width * c)) for c in range(4)
+    ]
     return functools.reduce(operator.or_, parts)
 
 
@@ -43,13 +49,17 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
     registers (16: 512-bit, 8: 256-bit), also the weight rows per tile."""
     NR = lanes  # noqa: N806 - a constant of the kernel below
     lay = check_layout(q, with_min=True, with_q8=True, with_k=True)
-    kq = q.q_sub is not None  # Q4_K: a 32-group's scale d x sc and min -dmin x m from its super-block
+    kq = q.q_sub is not None  # K-quants: a sub-block's scale (and min) from its super-block
     gs, epw, zp = 32 if kq else lay.group_size, lay.elems_per_word, lay.zero_point
     has_min = q.q_min is not None
+    six = kq and not has_min  # Q6_K: a signed scale per 16 weights, zero point 32
+    wg = 16 if six else gs  # weights per weight scale: the int32 sums are scaled once per wg
+    per_wg = gs // wg
     eight = lay.bits == 8  # a word is already 4 u8 codes in k order
     n, k = q.n, q.k
     assert n % NR == 0 and k % gs == 0
     n_groups, n_words, n_quads = k // gs, k // epw, k // 4  # 4 int8 activations per int32 (vpdpbusd)
+    n_wg = k // wg
     m_shape = list(q.x.shape)[:-1]
     n_rows = functools.reduce(operator.mul, m_shape, 1)
     x_shape, out_shape = [*m_shape, k], [*m_shape, n]
@@ -57,13 +67,15 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
     scale_dtype = str(q.q_scale.dtype)
     qs_shape = (n, int(q.q_scale.shape[1]))
     qsub_shape = (n, int(q.q_sub.shape[1])) if kq else (1, 1)
-    five = q.q_high is not None  # Q5_K: a fifth code bit per weight from its own plane
-    qh_shape = (n, int(q.q_high.shape[1])) if five else (1, 1)
+    width = lay.high_bits if q.q_high is not None else 0  # Q5_K / Q6_K: code bits above the nibble
+    qh_shape = (n, int(q.q_high.shape[1])) if width else (1, 1)
+    per_high = 32 // width if width else 1  # codes per high-plane word
 
-    def five_bit_codes(word, high_word, w, h) -> tirx.PrimExpr:
-        """Codes k = 8w + 4h .. + 3 as bytes: the word's nibbles 4h..4h+3, bit 4 from the high plane."""
+    def wide_codes(word, high_word, w, h) -> tirx.PrimExpr:
+        """Codes k = 8w + 4h .. + 3 as bytes: the word's nibbles 4h..4h+3, bits 4.. from the high plane."""
         nibbles = _spread_nibbles(T.shift_right(word, T.uint32(16) * T.Cast("uint32", h)))
-        return nibbles | _spread_high(T.shift_right(high_word, T.Cast("uint32", (8 * w + 4 * h) % 32)))
+        at = T.Cast("uint32", (8 * w + 4 * h) % per_high * width)
+        return nibbles | _spread_high(T.shift_right(high_word, at), width)
 
     dpbusd = T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{32 * lanes}")
 
@@ -77,7 +89,7 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
         xf = T.decl_buffer((n_rows * k,), "float32", data=x.data)
         of = T.decl_buffer((n_rows * n,), "float32", data=out.data)
         xq = T.alloc_buffer((n_rows * n_quads,), "uint32")  # 4 int8 activations per word, k order
-        xz = T.alloc_buffer((n_rows * n_groups,), "int32")  # -zp * sum of a group's int8 activations
+        xz = T.alloc_buffer((n_rows * n_wg,), "int32")  # -zp * sum of a weight group's int8 activations
         xs = T.alloc_buffer((n_rows * n_groups,), "float32")  # a group's activation scale
         xm = T.alloc_buffer((n_rows * n_groups if has_min else 1,), "float32")  # a group's sum of x
         # 1. quantize x per 32-group (rows in parallel: M x K values, small next to the GEMM)
@@ -97,9 +109,10 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
                         | T.shift_left(T.Cast("uint32", qv[4 * j + 1]) & T.uint32(255), T.uint32(8))
                         | T.shift_left(T.Cast("uint32", qv[4 * j + 2]) & T.uint32(255), T.uint32(16))
                         | T.shift_left(T.Cast("uint32", qv[4 * j + 3]) & T.uint32(255), T.uint32(24)))
-                xz[m * n_groups + g] = T.int32(0)
-                for i in range(gs):
-                    xz[m * n_groups + g] = xz[m * n_groups + g] - zp * qv[i]
+                for h in range(per_wg):
+                    xz[m * n_wg + g * per_wg + h] = T.int32(0)
+                    for i in range(wg):
+                        xz[m * n_wg + g * per_wg + h] = xz[m * n_wg + g * per_wg + h] - zp * qv[h * wg + i]
                 xs[m * n_groups + g] = amax[0] / T.float32(127)
                 if has_min:  # the rounded x the codes see (cpu_q8_gemv: error follows |w|)
                     xm[m * n_groups + g] = T.float32(0)
@@ -109,7 +122,7 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
         # 2. per tile of NR weight rows: repack, then register blocks of mr rows of x
         for t in T.parallel(n // NR):
             wp = T.alloc_buffer((n_quads * NR,), "uint32")  # [K/4, NR rows]: 4 u8 codes per word
-            ws = T.alloc_buffer((n_groups * NR,), "float32")  # [groups, NR rows] weight scales
+            ws = T.alloc_buffer((n_wg * NR,), "float32")  # [weight groups, NR rows] weight scales
             wm = T.alloc_buffer((n_groups * NR if has_min else 1,), "float32")  # and mins
             words = T.alloc_buffer((NR,), "uint32")
             acc = T.alloc_buffer((mr * NR,), "float32")  # global scope + small: a stack alloca
@@ -122,49 +135,56 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
                         wp[w * NR + j] = words[j]
                 else:
                     for h in T.unroll(2):  # k = 8w + 4h .. 8w + 4h + 3: nibbles 4h..4h+3 -> bytes 0..3
-                        if five:
+                        if width > 0:
                             for j in T.vectorized(NR):
-                                wp[(w * 2 + h) * NR + j] = five_bit_codes(
-                                    words[j], qh[t * NR + j, (8 * w + 4 * h) // 32], w, h)
+                                wp[(w * 2 + h) * NR + j] = wide_codes(
+                                    words[j], qh[t * NR + j, (8 * w + 4 * h) // per_high], w, h)
                         else:
                             for j in T.vectorized(NR):
                                 wp[(w * 2 + h) * NR + j] = _spread_nibbles(
                                     T.shift_right(words[j], T.uint32(16) * T.Cast("uint32", h)))
-            for g in range(n_groups):
-                if kq:  # sub-block bytes g % 8 (scale) and 8 + g % 8 (min) of super-block g // 8
+            if six:  # sub-block g: signed byte g % 4 (sc + 128) of word g // 4, d of super-block g // 16
+                for g in range(n_wg):
                     for j in T.vectorized(NR):
-                        ws[g * NR + j] = T.Cast("float32", qs[t * NR + j, g // 8]) * T.Cast(
-                            "float32", T.shift_right(qsub[t * NR + j, g // 8 * 4 + g % 8 // 4],
-                                                     T.Cast("uint32", 8 * (g % 4))) & T.uint32(255))
-                        wm[g * NR + j] = -(T.Cast("float32", qm[t * NR + j, g // 8]) * T.Cast(
-                            "float32", T.shift_right(qsub[t * NR + j, g // 8 * 4 + 2 + g % 8 // 4],
-                                                     T.Cast("uint32", 8 * (g % 4))) & T.uint32(255)))
-                else:
-                    for j in T.vectorized(NR):
-                        ws[g * NR + j] = T.Cast("float32", qs[t * NR + j, g])
-                    if has_min:
+                        ws[g * NR + j] = T.Cast("float32", qs[t * NR + j, g // 16]) * (T.Cast(
+                            "float32", T.shift_right(qsub[t * NR + j, g // 4], T.Cast("uint32", 8 * (g % 4)))
+                            & T.uint32(255)) - T.float32(128))
+            else:
+                for g in range(n_groups):
+                    if kq:  # sub-block bytes g % 8 (scale) and 8 + g % 8 (min) of super-block g // 8
                         for j in T.vectorized(NR):
-                            wm[g * NR + j] = T.Cast("float32", qm[t * NR + j, g])
+                            ws[g * NR + j] = T.Cast("float32", qs[t * NR + j, g // 8]) * T.Cast(
+                                "float32", T.shift_right(qsub[t * NR + j, g // 8 * 4 + g % 8 // 4],
+                                                         T.Cast("uint32", 8 * (g % 4))) & T.uint32(255))
+                            wm[g * NR + j] = -(T.Cast("float32", qm[t * NR + j, g // 8]) * T.Cast(
+                                "float32", T.shift_right(qsub[t * NR + j, g // 8 * 4 + 2 + g % 8 // 4],
+                                                         T.Cast("uint32", 8 * (g % 4))) & T.uint32(255)))
+                    else:
+                        for j in T.vectorized(NR):
+                            ws[g * NR + j] = T.Cast("float32", qs[t * NR + j, g])
+                        if has_min:
+                            for j in T.vectorized(NR):
+                                wm[g * NR + j] = T.Cast("float32", qm[t * NR + j, g])
             for mo in range((n_rows + mr - 1) // mr):
                 for i in T.unroll(mr):
                     acc[T.ramp(i * NR, 1, NR)] = T.broadcast(T.float32(0), NR)
-                for g in range(n_groups):
+                for g in range(n_wg):  # a weight group: its int32 sums, then one scaling
                     for i in T.unroll(mr):
                         dots[T.ramp(i * NR, 1, NR)] = T.broadcast(
-                            xz[T.min(mo * mr + i, n_rows - 1) * n_groups + g], NR)
-                    for s in T.unroll(8):
+                            xz[T.min(mo * mr + i, n_rows - 1) * n_wg + g], NR)
+                    for s in T.unroll(wg // 4):
                         for i in T.unroll(mr):
                             dots[T.ramp(i * NR, 1, NR)] = T.call_llvm_pure_intrin(
                                 dpbusd, dots[T.ramp(i * NR, 1, NR)],
-                                T.reinterpret(f"uint8x{4 * NR}", wp[T.ramp((g * 8 + s) * NR, 1, NR)]),
+                                T.reinterpret(f"uint8x{4 * NR}", wp[T.ramp((g * (wg // 4) + s) * NR, 1, NR)]),
                                 T.reinterpret(f"int8x{4 * NR}", T.broadcast(
-                                    xq[T.min(mo * mr + i, n_rows - 1) * n_quads + g * 8 + s], NR)),
+                                    xq[T.min(mo * mr + i, n_rows - 1) * n_quads + g * (wg // 4) + s], NR)),
                                 dtype=f"int32x{NR}")
                     for i in T.unroll(mr):
                         acc[T.ramp(i * NR, 1, NR)] = acc[T.ramp(i * NR, 1, NR)] + T.Cast(
                             f"float32x{NR}", dots[T.ramp(i * NR, 1, NR)]) * (
                             ws[T.ramp(g * NR, 1, NR)]
-                            * T.broadcast(xs[T.min(mo * mr + i, n_rows - 1) * n_groups + g], NR))
+                            * T.broadcast(xs[T.min(mo * mr + i, n_rows - 1) * n_groups + g // per_wg], NR))
                     if has_min:
                         for i in T.unroll(mr):
                             acc[T.ramp(i * NR, 1, NR)] = acc[T.ramp(i * NR, 1, NR)] + wm[

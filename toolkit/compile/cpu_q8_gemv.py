@@ -47,36 +47,43 @@ HOST_Q4_MIN_LAYOUTS: tuple[GroupLayout, ...] = (GGUF_BLOCK_LAYOUTS["q4_1"],)
 # 8-bit codes, 4 per uint32 in element order, groups of 32, code - 128 (GGUF's Q8_0 as repacked): the int8
 # decode GEMV (x86 and arm64) and the x86 VNNI GEMM read them next to x in element order (no nibbles).
 HOST_Q8_LAYOUTS: tuple[GroupLayout, ...] = (GGUF_BLOCK_LAYOUTS["q8_0"],)
-# GGUF's Q4_K: q4 codes; each 32-group's scale d x sc and min -dmin x m come from its super-block's fp16 d,
-# dmin and sub-block bytes (q_sub), computed per step (GEMV) or per tile (GEMM) and then used like Q4_1's.
-# Q5_K the same with a fifth code bit from its own plane (bit 4 of the code bytes: u8 codes up to 31).
-HOST_Q4_K_LAYOUTS = (GGUF_BLOCK_LAYOUTS["q4_k"], GGUF_BLOCK_LAYOUTS["q5_k"])
+# GGUF's K-quants. Q4_K: q4 codes; each 32-group's scale d x sc and min -dmin x m come from its
+# super-block's fp16 d, dmin and sub-block bytes (q_sub), computed per step (GEMV) or per tile (GEMM) and
+# then used like Q4_1's. Q5_K the same with a fifth code bit from its own plane (bit 4 of the code bytes: u8
+# codes up to 31). Q6_K: two high bits (bits 4-5: codes up to 63), zero point 32 like Q4_0's, and a signed
+# scale d x sc per 16 weights (two int32 lanes), no min.
+HOST_K_LAYOUTS = (GGUF_BLOCK_LAYOUTS["q4_k"], GGUF_BLOCK_LAYOUTS["q5_k"], GGUF_BLOCK_LAYOUTS["q6_k"])
 MASK = 0x0F0F0F0F  # low nibble of every byte of a word
 BATCH_BLOCK = 4  # rows of x per unrolled block of the batched path (accumulators in registers)
 BATCH_W_ROWS = 2  # weight rows per x load of the batched path: x's loads serve 2 rows (-8..14% time)
 PREFETCH_LOCALITY = {1: 3, 2: 2}  # cache level a software prefetch fills -> llvm.prefetch locality (t0, t1)
 
 
-def _high_bits(high: tirx.PrimExpr, first: int, lanes: int) -> tirx.PrimExpr:
-    """Bits first, first + 2, first + 4, first + 6 of each lane of `high` moved to bit 4 of the lane's
-    bytes 0..3: a 5-bit code's top bit for the even (first 0) or odd (first 1) elements of the lane."""
-    parts = [
-        T.shift_left(high & T.broadcast(T.uint32(1 << (2 * j + first)), lanes),
-                     T.broadcast(T.uint32(6 * j + 4 - first), lanes))
-        for j in range(4)
-    ]  # fmt: skip
-    return functools.reduce(operator.or_, parts)
+def _pair_fields(high: tirx.PrimExpr, lanes: int, width: int) -> tirx.PrimExpr:
+    """Each lane's 8 top-bit fields of `width` bits (element e at bits width x e, above them garbage) as
+    byte j = the fields of elements 2j and 2j + 1 (bits 0.. and width..), by two shift-or-mask steps."""
+
+    def u(v: int) -> tirx.PrimExpr:
+        return T.broadcast(T.uint32(v), lanes)
+
+    x = high & u((1 << 8 * width) - 1)
+    x = (x | T.shift_left(x, u(16 - 4 * width))) & u(((1 << 4 * width) - 1) * 0x00010001)
+    return (x | T.shift_left(x, u(8 - 2 * width))) & u(((1 << 2 * width) - 1) * 0x01010101)
 
 
 def _nibbles(words, lanes: int) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
     """(low, high) nibbles of `lanes` uint32 words as u8 vectors (one weight code per byte). `words` may be
-    (words, high) for 5-bit codes (GGUF Q5_K): `high` holds each lane's 8 top bits (its elements in k order),
-    which become bit 4 of the codes."""
-    words, high = words if isinstance(words, tuple) else (words, None)
-    mask = T.broadcast(T.uint32(MASK), lanes)
-    lo, hi = words & mask, T.shift_right(words, T.broadcast(T.uint32(4), lanes)) & mask
-    if high is not None:
-        lo, hi = lo | _high_bits(high, 0, lanes), hi | _high_bits(high, 1, lanes)
+    (words, high, width) for codes of 4 + width bits (GGUF Q5_K: 1, Q6_K: 2): `high` holds each lane's 8
+    top-bit fields (its elements in k order, `width` bits each), which become bits 4.. of the codes."""
+    words, high, width = words if isinstance(words, tuple) else (words, None, 0)
+
+    def u(v: int) -> tirx.PrimExpr:
+        return T.broadcast(T.uint32(v), lanes)
+
+    lo, hi = words & u(MASK), T.shift_right(words, u(4)) & u(MASK)
+    if high is not None:  # element 2j's field to bits 4.. of byte j (lo), element 2j + 1's (hi)
+        pairs, top = _pair_fields(high, lanes, width), u(((1 << width) - 1) * 0x10101010)
+        lo, hi = lo | (T.shift_left(pairs, u(4)) & top), hi | (T.shift_left(pairs, u(4 - width)) & top)
     return T.reinterpret(f"uint8x{4 * lanes}", lo), T.reinterpret(f"uint8x{4 * lanes}", hi)
 
 
@@ -87,7 +94,7 @@ def _dot_avx2(words, xe, xo, xz) -> tirx.PrimExpr:
     ) + T.call_llvm_pure_intrin(
         T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), hi, xo, dtype="int16x16"
     )
-    # |pair sum| <= 4 * 31 * 128 (5-bit codes): no int16 saturation
+    # |pair sum| <= 4 * 63 * 127 < 2**15 (6-bit codes; x is never -128): no int16 saturation
     return (
         T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
@@ -141,10 +148,10 @@ def _dot8_vnni(words, xe, xo, xz, lanes: int) -> tirx.PrimExpr:
 def check_layout(q, with_min: bool = False, with_q8: bool = False, with_k: bool = False) -> GroupLayout:
     """The match's storage layout, which must be one of HOST_Q4_LAYOUTS, or of HOST_Q4_MIN_LAYOUTS for a
     kernel that adds the min (`with_min`), of HOST_Q8_LAYOUTS for one that reads 8-bit codes (`with_q8`), of
-    HOST_Q4_K_LAYOUTS for one that derives Q4_K's group scales (`with_k`): the byte/nibble tricks below
+    HOST_K_LAYOUTS for one that derives K-quants' group scales (`with_k`): the byte/nibble tricks below
     depend on it. The rules only match those, so this guards against a caller bypassing them."""
     allowed = HOST_Q4_LAYOUTS + (HOST_Q4_MIN_LAYOUTS if with_min else ())
-    allowed += (HOST_Q8_LAYOUTS if with_q8 else ()) + (HOST_Q4_K_LAYOUTS if with_k else ())
+    allowed += (HOST_Q8_LAYOUTS if with_q8 else ()) + (HOST_K_LAYOUTS if with_k else ())
     if q.layout not in allowed:
         raise ValueError(f"this host q4 kernel handles {allowed}, not {q.layout}")
     return q.layout
@@ -179,8 +186,9 @@ def q8_dot_gemv(
     and accumulators share, so a long distance evicts them; 2: L2). One row of x only: the batched path
     does several times the work per byte."""
     lay = check_layout(q, with_min=True, with_q8=True, with_k=True)
-    kq = q.q_sub is not None  # Q4_K: 32-groups whose scale and min come from super-block values
+    kq = q.q_sub is not None  # K-quants: sub-blocks whose scale (and min) come from super-block values
     gs, zp, has_min, eight = 32 if kq else lay.group_size, lay.zero_point, q.q_min is not None, lay.bits == 8
+    six = kq and not has_min  # Q6_K: a signed scale per 16 weights (2 lanes), zero point 32
     lanes = Q8_DOT_LANES[isa]
     span = lanes // 8  # chunks per step: 64 weights each with 4-bit codes, 32 (one group) with 8-bit
     n, k = q.n, q.k
@@ -198,9 +206,18 @@ def q8_dot_gemv(
     qs_shape = (n, int(q.q_scale.shape[1]))
     qsub_shape = (n, int(q.q_sub.shape[1])) if kq else (1, 1)
     scale_stream = not kq
-    five = q.q_high is not None  # Q5_K: each lane's 8 top code bits from the high plane (4 lanes a word)
-    qh_shape = (n, int(q.q_high.shape[1])) if five else (1, 1)
-    byte_shifts = T.Shuffle([T.ramp(T.uint32(0), T.uint32(8), 4)] * (lanes // 4), list(range(lanes)))
+    # Q5_K / Q6_K: each lane's 8 top-bit fields (`width` bits each) from the high plane (4 / width lanes
+    # a word)
+    width = lay.high_bits if q.q_high is not None else 0
+    qh_shape = (n, int(q.q_high.shape[1])) if width else (1, 1)
+    per_high = 4 // width if width else 1
+    high_shifts = (
+        T.Shuffle(
+            [T.ramp(T.uint32(0), T.uint32(8 * width), per_high)] * (lanes // per_high), list(range(lanes))
+        )
+        if width
+        else None
+    )
     scale_lanes = [i // lanes_per_group for i in range(lanes)]
     lane_sum = _lane_sum
     if eight and isa.startswith("neon"):
@@ -251,18 +268,31 @@ def q8_dot_gemv(
         d = T.Cast("float32", sb_values[row, sb]) * T.float32(sign)
         return spread(subs * (d if step_groups == 1 else T.broadcast(d, step_groups)))
 
+    def k6_per_lane(qsub, qs, row, b) -> tirx.PrimExpr:
+        """Q6_K: the step's sub-blocks' d x sc over their 2 lanes each: `lanes` / 2 signed scale bytes (stored
+        sc + 128) from q_sub words b x lanes / 8.., d from the step's super-block."""
+        n_sub, n_w = lanes // 2, lanes // 8
+        at = T.ramp(b * n_w, 1, n_w) if n_w > 1 else b * n_w
+        flip = T.broadcast(T.uint32(0x80808080), n_w) if n_w > 1 else T.uint32(0x80808080)
+        subs = T.Cast(f"float32x{n_sub}", T.reinterpret(f"int8x{n_sub}", qsub[row, at] ^ flip))
+        d = T.broadcast(T.Cast("float32", qs[row, b * lanes // 32]), n_sub)
+        return T.Shuffle([subs * d] * 2, [i // 2 for i in range(lanes)])
+
     def term(qw, qs, qm, qsub, qh, xe, xo, xz, xs, xm, row, m, b) -> tirx.PrimExpr:
         """Weight row `row`'s step `b` against row `m` of x: the integer dot products as fp32, times the
         weight and activation scales, plus the mins times the activation sums with a min (one expression:
         vector temporaries would become heap workspace)."""
         c = m * n_chunks + b * span  # the step's first chunk in x's quantized buffers
         words = qw[row, T.ramp(b * lanes, 1, lanes)]
-        if five:
-            high = qh[row, T.ramp(b * (lanes // 4), 1, lanes // 4)]
-            words = (words, T.shift_right(T.Shuffle([high] * 4, [i // 4 for i in range(lanes)]), byte_shifts))
+        if width:
+            high = qh[row, T.ramp(b * (lanes // per_high), 1, lanes // per_high)]
+            high = T.Shuffle([high] * per_high, [i // per_high for i in range(lanes)])
+            words = (words, T.shift_right(high, high_shifts), width)
         d = dot(words, xe[T.ramp(c * 32, 1, lanes * 4)], xo[T.ramp(c * 32, 1, lanes * 4)],
                 xz[T.ramp(c * 8, 1, lanes)])  # fmt: skip
-        if kq:
+        if six:
+            scales, mins = k6_per_lane(qsub, qs, row, b), None
+        elif kq:
             scales, mins = k_per_lane(qsub, qs, row, b, 0, 1.0), k_per_lane(qsub, qm, row, b, 2, -1.0)
         else:
             scales, mins = per_lane(qs, row, b), per_lane(qm, row, b) if has_min else None
@@ -275,6 +305,9 @@ def q8_dot_gemv(
     pf_words, scale_bytes = prefetch // 4, int(scale_dtype[5:]) // 8
     pf_scales = pf_words * n_groups // n_words
     pf_every = max(1, 64 // (step_groups * scale_bytes))
+    # Q5_K / Q6_K: the high-bit plane is a second weight stream, prefetched as far ahead (once per line)
+    has_high, n_hwords, step_hwords = width > 0, qh_shape[1], lanes // per_high
+    pf_high, high_every = pf_words * n_hwords // n_words, max(1, 16 // step_hwords)
     if prefetch_level not in PREFETCH_LOCALITY:
         raise ValueError(f"prefetch_level must be one of {sorted(PREFETCH_LOCALITY)}, got {prefetch_level}")
     locality = PREFETCH_LOCALITY[prefetch_level]
@@ -402,6 +435,13 @@ def q8_dot_gemv(
                                             "void", "llvm.prefetch.p0", T.address_of(qs_flat[T.min(
                                                 (t * tile + r0 * rows) * n_groups + b * step_groups
                                                 + pf_scales, n * n_groups - 1)]), 0, locality, 1))
+                                if has_high:
+                                    if b % high_every == 0:
+                                        qh_flat = T.decl_buffer((n * n_hwords,), "uint32", data=qh.data)
+                                        T.evaluate(T.call_llvm_intrin(
+                                            "void", "llvm.prefetch.p0", T.address_of(qh_flat[T.min(
+                                                (t * tile + r0 * rows) * n_hwords + b * step_hwords + pf_high,
+                                                n * n_hwords - 1)]), 0, locality, 1))
                             for r in T.unroll(rows):
                                 # one expression, no vector temporaries: TVMScript would give each its own
                                 # buffer, which LowerTVMBuiltin turns into heap workspace (1.7x slower)

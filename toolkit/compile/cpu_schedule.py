@@ -40,11 +40,11 @@ from tvm.target import Target, codegen
 
 from ..quantization import GroupLayout, KQuantLayout
 from .cpu_isa import Q4_GEMM_LANES, Q8_DOT_LANES, q4_gemm_isa, q8_dot_isas, q8_gemm_isa
-from .cpu_q8_gemv import HOST_Q4_K_LAYOUTS, HOST_Q4_LAYOUTS, HOST_Q4_MIN_LAYOUTS, HOST_Q8_LAYOUTS
+from .cpu_q8_gemv import HOST_K_LAYOUTS, HOST_Q4_LAYOUTS, HOST_Q4_MIN_LAYOUTS, HOST_Q8_LAYOUTS
 from .knobs import DEFAULTS, Knobs, shape_key
 
 # what the int8-activation rules (CPUQ8DotGEMV, CPUQ8VNNIGEMM) take; the fp32 ones take HOST_Q4_LAYOUTS
-INT8_LAYOUTS = HOST_Q4_LAYOUTS + HOST_Q4_MIN_LAYOUTS + HOST_Q8_LAYOUTS + HOST_Q4_K_LAYOUTS
+INT8_LAYOUTS = HOST_Q4_LAYOUTS + HOST_Q4_MIN_LAYOUTS + HOST_Q8_LAYOUTS + HOST_K_LAYOUTS
 
 ARM_GEMM_NR = 8  # weight rows per tile of the arm64 int8 GEMM (4 smmla row pairs / 2 sdot quads)
 
@@ -328,8 +328,8 @@ class _Q4Matmul:
     k: int
     layout: GroupLayout  # the storage layout of q_weight / q_scale (one of HOST_Q4_LAYOUTS)
     q_min: object | None = None  # per-group offsets of a layout with a min (GGUF Q4_1: code * scale + min)
-    q_sub: object | None = None  # GGUF Q4_K's sub-block scale / min bytes (q_scale, q_min: d, dmin)
-    q_high: object | None = None  # GGUF Q5_K's top code bits, 32 per word
+    q_sub: object | None = None  # GGUF K-quants' sub-block scale (and min) bytes (q_scale, q_min: d, dmin)
+    q_high: object | None = None  # GGUF Q5_K's / Q6_K's top code bits, 32 / 16 codes per word
 
 
 def _group_load(e, analyzer, vn, vk, group_size: int):
@@ -445,6 +445,31 @@ def _match_k_dequant(stmt, analyzer, high_bits: int):
     return q_weight, q_scale, q_min, q_sub, q_high, store.buffer
 
 
+def _match_k6_dequant(stmt, analyzer):
+    """(q_weight, q_scale (d), None, q_sub, q_high, W) if `stmt` is GGUF Q6_K's dequantize as
+    quantization/tvm_layers writes it: W[n, k] = (d[n, k // 256] * (sc - 128)) * (code - 32), sc the byte
+    k // 16 of the row's q_sub bytes (4 per word), code = nibble | (2 high bits << 4) (16 per q_high word)."""
+    spatial = _elementwise_store(stmt)
+    if spatial is None:
+        return None
+    store, vn, vk = spatial
+    val = store.value
+    if _kind(val) != "Mul" or _kind(val.a) != "Mul" or _kind(val.b) != "Sub" or not _is_const(val.b.b, 32):
+        return None
+    scaled, code = val.a, _strip_cast(val.b.a, "float32")
+    if _kind(scaled.b) != "Sub" or not _is_const(scaled.b.b, 128):
+        return None
+    q_scale = _group_load(scaled.a, analyzer, vn, vk, 256)
+    q_sub = _field_load(scaled.b.a, analyzer, vn, vk // 64, (vk // 16) % 4 * 8, 255)
+    if _kind(code) != "BitwiseOr" or _kind(code.b) != "LShift" or not _is_const(code.b.b, 4):
+        return None
+    q_high = _field_load(code.b.a, analyzer, vn, vk // 16, (vk % 16) * 2, 3)
+    q_weight = _field_load(code.a, analyzer, vn, vk // 8, (vk % 8) * 4, 15)
+    if None in (q_scale, q_sub, q_high, q_weight):
+        return None
+    return q_weight, q_scale, None, q_sub, q_high, store.buffer
+
+
 def _match_q4_matmul(
     func: tirx.PrimFunc, layouts: tuple[GroupLayout, ...] = HOST_Q4_LAYOUTS
 ) -> _Q4Matmul | None:
@@ -459,7 +484,11 @@ def _match_q4_matmul(
         return None
     for layout in layouts:
         if isinstance(layout, KQuantLayout):
-            deq = _match_k_dequant(blocks[0], analyzer, layout.high_bits) if layout.has_min else None
+            deq = (
+                _match_k_dequant(blocks[0], analyzer, layout.high_bits)
+                if layout.has_min
+                else _match_k6_dequant(blocks[0], analyzer)
+            )
         else:
             deq = _match_dequant(blocks[0], analyzer, layout)
             deq = None if deq is None else (*deq[:3], None, None, deq[3])
@@ -883,7 +912,7 @@ class CPUQ8VNNIGEMM(ScheduleRule):
             return None
         if isa.startswith("neon"):
             if q.layout.bits == 8 or q.q_sub is not None:
-                return None  # the arm64 GEMM unpacks nibbles with per-group scales: not Q8_0 or Q4_K
+                return None  # the arm64 GEMM unpacks nibbles with per-group scales: not Q8_0 or K-quants
             from .cpu_arm_dot import gemm_fits, q8_arm_gemm
 
             if not gemm_fits(q, isa=isa, nr=lanes):
