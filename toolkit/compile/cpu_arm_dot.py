@@ -4,9 +4,9 @@ instructions `cpu_isa` picks from the target CPU's features.
 Decode GEMV: the dot-product step of `cpu_q8_gemv.q8_dot_gemv` (same data layout: one 64-weight chunk per
 step, 8 int32 lanes, lane u summing bytes 4u..4u+3 of the chunk's 32 bytes), as two 128-bit halves:
 - `neon-dotprod`: two `sdot` per half (low nibbles x even-k activations, high x odd), chained from the -7
-  zero-point term. The 4-bit codes (0..15) are valid signed bytes, so `sdot` (s8 x s8) is exact for them;
+  zero-point term. The codes (0..15; K-quants' up to 63) are valid signed bytes, so `sdot` (s8 x s8) is exact;
   `udot` (u8 x u8) does not fit signed activations.
-- `neon`: `smull`/`smlal` products in int16 (|2 * 15 * 127| < 2^15), `saddlp` pairs to int32 and `addp`
+- `neon`: `smull`/`smlal` products in int16 (|2 * 63 * 127| < 2^15), `saddlp` pairs to int32 and `addp`
   pairs of those: the same lanes as `sdot`, on any Armv8 CPU.
 
 Prefill GEMM (`q8_arm_gemm`): x quantized per group to int8 as the GEMV does; per parallel task a tile of

@@ -19,7 +19,7 @@ per 64-chunk: `xe[b, i] = q(x[64b + 2i])`, `xo[b, i] = q(x[64b + 2i + 1])`. int3
 bytes 4u..4u+3, i.e. k in 64b + 8u .. 8u + 7, all in group 2b + u // 4. Chunks are contiguous in xe/xo/xz/
 xs, so a 512-bit step over chunks 2b, 2b + 1 reads them as one vector: lane u is in group 4b + u // 4.
 
-Numerics: the integer dot products are exact in every path (|lane| <= 8 * 15 * 128), so all paths give
+Numerics: the integer dot products are exact in every path (|lane| <= 8 * 63 * 127), so all paths give
 the same result up to fp32 summation; it differs from the fp32-activation kernel by the activation
 rounding, a relative error of about 5e-3 of max|y| per matmul on random data (llama.cpp's Q8_0
 activations do the same)."""
