@@ -278,10 +278,33 @@ def q8_dot_gemv(
         d = T.broadcast(T.Cast("float32", qs[row, b * lanes // 32]), n_sub)
         return T.Shuffle([subs * d] * 2, [i // 2 for i in range(lanes)])
 
-    def term(qw, qs, qm, qsub, qh, xe, xo, xz, xs, xm, row, m, b) -> tirx.PrimExpr:
+    steps_per_sb = 256 // (8 * lanes)  # K-quants: steps per super-block
+
+    def k_values(qsub, qs, qm, row, sb) -> tirx.PrimExpr:
+        """A K-quant super-block's 16 per-sub-block values, fp32, in one vector: Q4_K / Q5_K the 8 scales
+        d x sc then the 8 mins -dmin x m (its 16 q_sub bytes in that order); Q6_K the 16 scales d x sc."""
+        words = qsub[row, T.ramp(sb * 4, 1, 4)]
+        if six:
+            signed = T.reinterpret("int8x16", words ^ T.broadcast(T.uint32(0x80808080), 4))
+            return T.Cast("float32x16", signed) * T.broadcast(T.Cast("float32", qs[row, sb]), 16)
+        d, dmin = T.Cast("float32", qs[row, sb]), T.Cast("float32", qm[row, sb]) * T.float32(-1.0)
+        dd = T.Shuffle([T.broadcast(d, 8), T.broadcast(dmin, 8)], list(range(16)))
+        return T.Cast("float32x16", T.reinterpret("uint8x16", words)) * dd
+
+    def k_from(ks, at, b) -> tuple[tirx.PrimExpr, tirx.PrimExpr | None]:
+        """Step b's scales (and mins) over their lanes from a row's `k_values` stored at ks[at]."""
+        j = b % steps_per_sb
+        if six:
+            n_sub = lanes // 2
+            return T.Shuffle([ks[T.ramp(at + j * n_sub, 1, n_sub)]] * 2, [i // 2 for i in range(lanes)]), None
+        first = at + j * step_groups
+        return spread(ks[T.ramp(first, 1, step_groups)]), spread(ks[T.ramp(first + 8, 1, step_groups)])
+
+    def term(qw, qs, qm, qsub, qh, xe, xo, xz, xs, xm, row, m, b, ks=None, at=None) -> tirx.PrimExpr:
         """Weight row `row`'s step `b` against row `m` of x: the integer dot products as fp32, times the
         weight and activation scales, plus the mins times the activation sums with a min (one expression:
-        vector temporaries would become heap workspace)."""
+        vector temporaries would become heap workspace). K-quants: the row's super-block values from
+        ks[at] (`k_values`, stored once per super-block) when `at` is given, else derived here."""
         c = m * n_chunks + b * span  # the step's first chunk in x's quantized buffers
         words = qw[row, T.ramp(b * lanes, 1, lanes)]
         if width:
@@ -290,7 +313,9 @@ def q8_dot_gemv(
             words = (words, T.shift_right(high, high_shifts), width)
         d = dot(words, xe[T.ramp(c * 32, 1, lanes * 4)], xo[T.ramp(c * 32, 1, lanes * 4)],
                 xz[T.ramp(c * 8, 1, lanes)])  # fmt: skip
-        if six:
+        if kq and at is not None:
+            scales, mins = k_from(ks, at, b)
+        elif six:
             scales, mins = k6_per_lane(qsub, qs, row, b), None
         elif kq:
             scales, mins = k_per_lane(qsub, qs, row, b, 0, 1.0), k_per_lane(qsub, qm, row, b, 2, -1.0)
@@ -416,6 +441,7 @@ def q8_dot_gemv(
         else:
             for t in T.parallel(n // tile):
                 acc = T.alloc_buffer((rows * lanes,), "float32")  # stack, as acc_b
+                ks = T.alloc_buffer((rows * 16 if kq else 1,), "float32")  # K-quants: `k_values` per row
                 for m in range(n_rows):
                     for r0 in range(tile // rows):
                         for r in T.unroll(rows):
@@ -442,11 +468,17 @@ def q8_dot_gemv(
                                             "void", "llvm.prefetch.p0", T.address_of(qh_flat[T.min(
                                                 (t * tile + r0 * rows) * n_hwords + b * step_hwords + pf_high,
                                                 n * n_hwords - 1)]), 0, locality, 1))
+                            if kq:  # a K-quant super-block's values once, for its steps
+                                if b % steps_per_sb == 0:
+                                    for r in T.unroll(rows):
+                                        ks[T.ramp(r * 16, 1, 16)] = k_values(
+                                            qsub, qs, qm, t * tile + r0 * rows + r, b // steps_per_sb)
                             for r in T.unroll(rows):
                                 # one expression, no vector temporaries: TVMScript would give each its own
                                 # buffer, which LowerTVMBuiltin turns into heap workspace (1.7x slower)
                                 acc[T.ramp(r * lanes, 1, lanes)] = acc[T.ramp(r * lanes, 1, lanes)] + term(
-                                    qw, qs, qm, qsub, qh, xe, xo, xz, xs, xm, t * tile + r0 * rows + r, m, b)
+                                    qw, qs, qm, qsub, qh, xe, xo, xz, xs, xm, t * tile + r0 * rows + r, m, b,
+                                    ks, r * 16)
                         for r in T.unroll(rows):
                             if has_other:
                                 oth = T.decl_buffer((n_rows * n,), "float32", data=other.data)
