@@ -446,12 +446,13 @@ def k_quant_reference(x, arrays, block, qs_eff, qm_eff):
 
 
 @pytest.mark.parametrize("block", K_TYPES)
-@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
+@pytest.mark.parametrize("kernel", ["gemv", "batched", "gemm"])
 def test_k_quants_take_the_host_int8_kernels(kernel, block):
     """GGUF's Q4_K, Q5_K and Q6_K in the host's int8 decode GEMV (every dot-product path this CPU has) and
     VNNI prefill GEMM: each sub-block's scale d x sc (and min -dmin x m), derived in the kernel from the
     super-block's fp16 d (dmin) and sub-block bytes, equal the int8 reference on those per-sub-block values
-    (Q5_K / Q6_K: with the codes' high bits; bound as there); the fp32-activation kernels decline them."""
+    (Q5_K / Q6_K: with the codes' high bits; bound as there); the fp32-activation kernels decline them.
+    "batched": decode of 5 sequences (one register block of 4 rows of x and one row left over)."""
     import tvm
     from test_cpu_q8_gemv import HOST_HAS_AVX2, _build
     from test_isa_paths import HOST, HOST_ISAS
@@ -464,21 +465,23 @@ def test_k_quants_take_the_host_int8_kernels(kernel, block):
     if kernel == "gemm" and q8_gemm_isa(HOST) is None:
         pytest.skip("this CPU has no vpdpbusd: no int8 GEMM")
     rng = np.random.default_rng(3)
-    n, k, m = 64, 512, (1 if kernel == "gemv" else 9)
-    func, arrays, qs_eff, qm_eff = q4_k_matmul(n, k, 1 if kernel == "gemv" else "s", rng, block)
+    n, k, m = 64, 512, {"gemv": 1, "batched": 5, "gemm": 9}[kernel]
+    func, arrays, qs_eff, qm_eff = q4_k_matmul(
+        n, k, {"gemv": 1, "batched": "b", "gemm": "s"}[kernel], rng, block
+    )
     layout = GGUF_BLOCK_LAYOUTS[block]
     assert cs._match_q4_matmul(func) is None  # not for the fp32-activation kernels
     q = cs._match_q4_matmul(func, cs.INT8_LAYOUTS)
     assert q is not None and q.q_sub is not None and q.layout == layout
     assert (q.q_high is not None) == (block != "q4_k")
-    x = rng.standard_normal((1, m, k)).astype(np.float32)
+    x = rng.standard_normal((m, 1, k) if kernel == "batched" else (1, m, k)).astype(np.float32)
     ref, bound, wrong = k_quant_reference(x, arrays, block, qs_eff, qm_eff)
-    if kernel == "gemv":
+    if kernel != "gemm":
         builds = [_build(func, HOST, [cs.CPUQ8DotGEMV(isa=isa)]) for isa in HOST_ISAS]
     else:
         builds = [_build(func, HOST, [cs.CPUQ8VNNIGEMM()])]
     for ex in builds:
-        out = tvm.runtime.empty((1, m, n), "float32", tvm.cpu())
+        out = tvm.runtime.empty((*x.shape[:-1], n), "float32", tvm.cpu())
         ex["main"](*[tvm.runtime.tensor(a) for a in (x, *arrays.values())], out)
         got = out.numpy()
         assert np.all(np.abs(got - ref) <= bound), np.abs(got - ref).max()

@@ -252,32 +252,6 @@ def q8_dot_gemv(
             return spread(T.Cast("float32", buf[row, b]))
         return spread(T.Cast(f"float32x{step_groups}", buf[row, T.ramp(b * step_groups, 1, step_groups)]))
 
-    def k_per_lane(qsub, sb_values, row, b, word_offset: int, sign: float) -> tirx.PrimExpr:
-        """Q4_K: the step's groups' d x sc (word_offset 0) or -dmin x m (2, sign -1) over their lanes: the
-        step_groups bytes from byte t0 of the super-block's sub-block words (t0 = first group % 8)."""
-        g0 = b * step_groups
-        sb, t0 = g0 // 8, g0 % 8
-        word = qsub[row, sb * 4 + word_offset + t0 // 4]
-        bytes4 = T.reinterpret("uint8x4", T.shift_right(word, T.Cast("uint32", 8 * (t0 % 4))))
-        if step_groups == 1:
-            subs = T.Cast("float32", T.shift_right(word, T.Cast("uint32", 8 * (t0 % 4))) & T.uint32(255))
-        elif step_groups == 4:
-            subs = T.Cast("float32x4", bytes4)
-        else:
-            subs = T.Cast(f"float32x{step_groups}", T.Shuffle([bytes4], list(range(step_groups))))
-        d = T.Cast("float32", sb_values[row, sb]) * T.float32(sign)
-        return spread(subs * (d if step_groups == 1 else T.broadcast(d, step_groups)))
-
-    def k6_per_lane(qsub, qs, row, b) -> tirx.PrimExpr:
-        """Q6_K: the step's sub-blocks' d x sc over their 2 lanes each: `lanes` / 2 signed scale bytes (stored
-        sc + 128) from q_sub words b x lanes / 8.., d from the step's super-block."""
-        n_sub, n_w = lanes // 2, lanes // 8
-        at = T.ramp(b * n_w, 1, n_w) if n_w > 1 else b * n_w
-        flip = T.broadcast(T.uint32(0x80808080), n_w) if n_w > 1 else T.uint32(0x80808080)
-        subs = T.Cast(f"float32x{n_sub}", T.reinterpret(f"int8x{n_sub}", qsub[row, at] ^ flip))
-        d = T.broadcast(T.Cast("float32", qs[row, b * lanes // 32]), n_sub)
-        return T.Shuffle([subs * d] * 2, [i // 2 for i in range(lanes)])
-
     steps_per_sb = 256 // (8 * lanes)  # K-quants: steps per super-block
 
     def k_values(qsub, qs, qm, row, sb) -> tirx.PrimExpr:
@@ -300,11 +274,11 @@ def q8_dot_gemv(
         first = at + j * step_groups
         return spread(ks[T.ramp(first, 1, step_groups)]), spread(ks[T.ramp(first + 8, 1, step_groups)])
 
-    def term(qw, qs, qm, qsub, qh, xe, xo, xz, xs, xm, row, m, b, ks=None, at=None) -> tirx.PrimExpr:
+    def term(qw, qs, qm, qsub, qh, xe, xo, xz, xs, xm, row, m, b, ks, at) -> tirx.PrimExpr:
         """Weight row `row`'s step `b` against row `m` of x: the integer dot products as fp32, times the
         weight and activation scales, plus the mins times the activation sums with a min (one expression:
         vector temporaries would become heap workspace). K-quants: the row's super-block values from
-        ks[at] (`k_values`, stored once per super-block) when `at` is given, else derived here."""
+        ks[at] (`k_values`, stored once per super-block)."""
         c = m * n_chunks + b * span  # the step's first chunk in x's quantized buffers
         words = qw[row, T.ramp(b * lanes, 1, lanes)]
         if width:
@@ -313,12 +287,8 @@ def q8_dot_gemv(
             words = (words, T.shift_right(high, high_shifts), width)
         d = dot(words, xe[T.ramp(c * 32, 1, lanes * 4)], xo[T.ramp(c * 32, 1, lanes * 4)],
                 xz[T.ramp(c * 8, 1, lanes)])  # fmt: skip
-        if kq and at is not None:
+        if kq:
             scales, mins = k_from(ks, at, b)
-        elif six:
-            scales, mins = k6_per_lane(qsub, qs, row, b), None
-        elif kq:
-            scales, mins = k_per_lane(qsub, qs, row, b, 0, 1.0), k_per_lane(qsub, qm, row, b, 2, -1.0)
         else:
             scales, mins = per_lane(qs, row, b), per_lane(qm, row, b) if has_min else None
         scaled = T.Cast(f"float32x{lanes}", d) * (scales * xs[T.ramp(c * 8, 1, lanes)])
@@ -396,17 +366,23 @@ def q8_dot_gemv(
             for t in T.parallel(n // tile):
                 # global scope + under 1 KB: a stack alloca (a "local" buffer here is heap workspace per task)
                 acc_b = T.alloc_buffer((w_rows * BATCH_BLOCK * lanes,), "float32")
+                ks_b = T.alloc_buffer((w_rows * 16 if kq else 1,), "float32")  # K-quants: `k_values` per row
                 for r0 in range(tile // w_rows):
                     for mb in range(n_rows // BATCH_BLOCK):
                         for j in T.unroll(w_rows * BATCH_BLOCK):
                             acc_b[T.ramp(j * lanes, 1, lanes)] = T.broadcast(T.float32(0), lanes)
                         for b in range(n_steps):
+                            if kq:  # a K-quant super-block's values once, for its steps
+                                if b % steps_per_sb == 0:
+                                    for r in T.unroll(w_rows):
+                                        ks_b[T.ramp(r * 16, 1, 16)] = k_values(
+                                            qsub, qs, qm, t * tile + r0 * w_rows + r, b // steps_per_sb)
                             for mi in T.unroll(BATCH_BLOCK):
                                 for r in T.unroll(w_rows):
                                     acc_b[T.ramp((r * BATCH_BLOCK + mi) * lanes, 1, lanes)] = acc_b[T.ramp(
                                         (r * BATCH_BLOCK + mi) * lanes, 1, lanes)] + term(
                                         qw, qs, qm, qsub, qh, xe, xo, xz, xs, xm, t * tile + r0 * w_rows + r,
-                                        mb * BATCH_BLOCK + mi, b)
+                                        mb * BATCH_BLOCK + mi, b, ks_b, r * 16)
                         for r in T.unroll(w_rows):
                             for mi in T.unroll(BATCH_BLOCK):
                                 o_b: T.int32 = (mb * BATCH_BLOCK + mi) * n + t * tile + r0 * w_rows + r
@@ -423,10 +399,15 @@ def q8_dot_gemv(
                         for r in T.unroll(w_rows):
                             acc_b[T.ramp(r * lanes, 1, lanes)] = T.broadcast(T.float32(0), lanes)
                         for b in range(n_steps):
+                            if kq:
+                                if b % steps_per_sb == 0:
+                                    for r in T.unroll(w_rows):
+                                        ks_b[T.ramp(r * 16, 1, 16)] = k_values(
+                                            qsub, qs, qm, t * tile + r0 * w_rows + r, b // steps_per_sb)
                             for r in T.unroll(w_rows):
                                 acc_b[T.ramp(r * lanes, 1, lanes)] = acc_b[T.ramp(r * lanes, 1, lanes)] + (
                                     term(qw, qs, qm, qsub, qh, xe, xo, xz, xs, xm,
-                                         t * tile + r0 * w_rows + r, m, b))
+                                         t * tile + r0 * w_rows + r, m, b, ks_b, r * 16))
                         for r in T.unroll(w_rows):
                             o_t: T.int32 = m * n + t * tile + r0 * w_rows + r
                             s_t: T.float32 = lane_sum(acc_b, r * lanes, lanes)
