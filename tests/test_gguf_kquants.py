@@ -488,6 +488,35 @@ def test_k_quants_take_the_host_int8_kernels(kernel, block):
         assert np.abs(got - wrong).max() > 100 * bound.max()
 
 
+@pytest.mark.parametrize("block", K_TYPES)
+def test_k_quant_batched_decode_equals_one_row_kernel_bit_for_bit(block):
+    """Decode of 7 sequences (a register block of 4 rows of x and 3 left over) computes each row exactly as
+    the one-row kernel does (super-block values and mins added in the same order), so a stream's greedy
+    tokens don't depend on how many others run beside it."""
+    import tvm
+    from test_cpu_q8_gemv import HOST_HAS_AVX2, _build
+    from test_isa_paths import HOST
+
+    from toolkit.compile import cpu_schedule as cs
+
+    if not HOST_HAS_AVX2:
+        pytest.skip("no int8 kernels on this CPU")
+    n, k, b = 32, 512, 7
+    one, arrays, _, _ = q4_k_matmul(n, k, 1, np.random.default_rng(4), block)
+    many, *_ = q4_k_matmul(n, k, "b", np.random.default_rng(4), block)
+    one, many = (_build(f, HOST, [cs.CPUQ8DotGEMV()]) for f in (one, many))
+    x = np.random.default_rng(5).standard_normal((b, 1, k)).astype(np.float32)
+
+    def run(ex, xs):
+        out = tvm.runtime.empty((xs.shape[0], 1, n), "float32", tvm.cpu())
+        ex["main"](*[tvm.runtime.tensor(a) for a in (xs, *arrays.values())], out)
+        return out.numpy()
+
+    batched = run(many, x)
+    for i in range(b):
+        np.testing.assert_array_equal(batched[i], run(one, x[i : i + 1])[0])
+
+
 @pytest.mark.parametrize("kernel", ["gemv", "gemm"])
 def test_q6_k_largest_codes_and_activations_do_not_overflow(kernel):
     """Q6_K's largest products: every code 63 against activations quantized to +-127 (x constant per group).

@@ -60,21 +60,21 @@ PREFETCH_LOCALITY = {1: 3, 2: 2}  # cache level a software prefetch fills -> llv
 
 
 def _pair_fields(high: tirx.PrimExpr, lanes: int, width: int) -> tirx.PrimExpr:
-    """Each lane's 8 top-bit fields of `width` bits (element e at bits width x e, above them garbage) as
+    """Each lane's 8 top-bit fields of `width` bits (element e at bits width x e, above them zeros) as
     byte j = the fields of elements 2j and 2j + 1 (bits 0.. and width..), by two shift-or-mask steps."""
 
     def u(v: int) -> tirx.PrimExpr:
         return T.broadcast(T.uint32(v), lanes)
 
-    x = high & u((1 << 8 * width) - 1)
-    x = (x | T.shift_left(x, u(16 - 4 * width))) & u(((1 << 4 * width) - 1) * 0x00010001)
+    x = (high | T.shift_left(high, u(16 - 4 * width))) & u(((1 << 4 * width) - 1) * 0x00010001)
     return (x | T.shift_left(x, u(8 - 2 * width))) & u(((1 << 2 * width) - 1) * 0x01010101)
 
 
 def _nibbles(words, lanes: int) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
     """(low, high) nibbles of `lanes` uint32 words as u8 vectors (one weight code per byte). `words` may be
     (words, high, width) for codes of 4 + width bits (GGUF Q5_K: 1, Q6_K: 2): `high` holds each lane's 8
-    top-bit fields (its elements in k order, `width` bits each), which become bits 4.. of the codes."""
+    top-bit fields (its elements in k order, `width` bits each, zeros above), which become bits 4.. of the
+    codes."""
     words, high, width = words if isinstance(words, tuple) else (words, None, 0)
 
     def u(v: int) -> tirx.PrimExpr:
@@ -211,13 +211,6 @@ def q8_dot_gemv(
     width = lay.high_bits if q.q_high is not None else 0
     qh_shape = (n, int(q.q_high.shape[1])) if width else (1, 1)
     per_high = 4 // width if width else 1
-    high_shifts = (
-        T.Shuffle(
-            [T.ramp(T.uint32(0), T.uint32(8 * width), per_high)] * (lanes // per_high), list(range(lanes))
-        )
-        if width
-        else None
-    )
     scale_lanes = [i // lanes_per_group for i in range(lanes)]
     lane_sum = _lane_sum
     if eight and isa.startswith("neon"):
@@ -253,6 +246,7 @@ def q8_dot_gemv(
         return spread(T.Cast(f"float32x{step_groups}", buf[row, T.ramp(b * step_groups, 1, step_groups)]))
 
     steps_per_sb = 256 // (8 * lanes)  # K-quants: steps per super-block
+    n_sb, k_min = k // 256, kq and has_min  # Q4_K / Q5_K: mins added per super-block (`k_mins`)
 
     def k_values(qsub, qs, qm, row, sb) -> tirx.PrimExpr:
         """A K-quant super-block's 16 per-sub-block values, fp32, in one vector: Q4_K / Q5_K the 8 scales
@@ -265,34 +259,41 @@ def q8_dot_gemv(
         dd = T.Shuffle([T.broadcast(d, 8), T.broadcast(dmin, 8)], list(range(16)))
         return T.Cast("float32x16", T.reinterpret("uint8x16", words)) * dd
 
-    def k_from(ks, at, b) -> tuple[tirx.PrimExpr, tirx.PrimExpr | None]:
-        """Step b's scales (and mins) over their lanes from a row's `k_values` stored at ks[at]."""
+    def k_scales(ks, at, b) -> tirx.PrimExpr:
+        """Step b's sub-block scales over their lanes from a row's `k_values` stored at ks[at]."""
         j = b % steps_per_sb
         if six:
             n_sub = lanes // 2
-            return T.Shuffle([ks[T.ramp(at + j * n_sub, 1, n_sub)]] * 2, [i // 2 for i in range(lanes)]), None
-        first = at + j * step_groups
-        return spread(ks[T.ramp(first, 1, step_groups)]), spread(ks[T.ramp(first + 8, 1, step_groups)])
+            return T.Shuffle([ks[T.ramp(at + j * n_sub, 1, n_sub)]] * 2, [i // 2 for i in range(lanes)])
+        return spread(ks[T.ramp(at + j * step_groups, 1, step_groups)])
+
+    def k_mins(ks, r, xk, m, b) -> tirx.PrimExpr:
+        """Q4_K / Q5_K: the mins of weight row r's super-block (`k_values` at ks[16 r]) times x row m's group
+        sums (`xk`), in the last `lanes` of the 16 (for 16 lanes the first 8 are scales times xk's zeros):
+        once per super-block (step b its first), not per step."""
+        off, sb = 16 - lanes, b // steps_per_sb
+        return ks[T.ramp(r * 16 + off, 1, lanes)] * xk[T.ramp((m * n_sb + sb) * 16 + off, 1, lanes)]
 
     def term(qw, qs, qm, qsub, qh, xe, xo, xz, xs, xm, row, m, b, ks, at) -> tirx.PrimExpr:
         """Weight row `row`'s step `b` against row `m` of x: the integer dot products as fp32, times the
         weight and activation scales, plus the mins times the activation sums with a min (one expression:
-        vector temporaries would become heap workspace). K-quants: the row's super-block values from
-        ks[at] (`k_values`, stored once per super-block)."""
+        vector temporaries would become heap workspace). K-quants: the scales from the row's super-block
+        values at ks[at] (`k_values`, stored once per super-block), the mins added per super-block."""
         c = m * n_chunks + b * span  # the step's first chunk in x's quantized buffers
         words = qw[row, T.ramp(b * lanes, 1, lanes)]
         if width:
+            # each lane's 8 x width bits, zero-extended (one vpmovzx{b,w}d from memory)
             high = qh[row, T.ramp(b * (lanes // per_high), 1, lanes // per_high)]
-            high = T.Shuffle([high] * per_high, [i // per_high for i in range(lanes)])
-            words = (words, T.shift_right(high, high_shifts), width)
-        d = dot(words, xe[T.ramp(c * 32, 1, lanes * 4)], xo[T.ramp(c * 32, 1, lanes * 4)],
-                xz[T.ramp(c * 8, 1, lanes)])  # fmt: skip
+            high = T.Cast(f"uint32x{lanes}", T.reinterpret(f"uint{8 * width}x{lanes}", high))
+            words = (words, high, width)
+        start = xz[T.ramp(c * 8, 1, lanes)] if zp else T.broadcast(T.int32(0), lanes)  # the zero-point term
+        d = dot(words, xe[T.ramp(c * 32, 1, lanes * 4)], xo[T.ramp(c * 32, 1, lanes * 4)], start)
         if kq:
-            scales, mins = k_from(ks, at, b)
+            scales, mins = k_scales(ks, at, b), None
         else:
             scales, mins = per_lane(qs, row, b), per_lane(qm, row, b) if has_min else None
         scaled = T.Cast(f"float32x{lanes}", d) * (scales * xs[T.ramp(c * 8, 1, lanes)])
-        return scaled + mins * xm[T.ramp(c * 8, 1, lanes)] if has_min else scaled
+        return scaled + mins * xm[T.ramp(c * 8, 1, lanes)] if mins is not None else scaled
 
     w_rows = BATCH_W_ROWS if tile % BATCH_W_ROWS == 0 else 1
     # prefetch distances in elements, clamped to each buffer's last element (an address past the end would
@@ -317,6 +318,8 @@ def q8_dot_gemv(
         xf = T.decl_buffer((n_rows * k,), "float32", data=x.data)
         of = T.decl_buffer((n_rows * n,), "float32", data=out.data)
         xm = T.alloc_buffer((n_rows * n_chunks * 8 if has_min else 1,), "float32")  # a lane's sum of x
+        # Q4_K / Q5_K: per super-block 8 zeros, then its 8 group sums of x (`k_mins`)
+        xk = T.alloc_buffer((n_rows * n_sb * 16 if k_min else 1,), "float32")
         xe = T.alloc_buffer((n_rows * n_chunks * 32,), "int8")  # even k of each 64-chunk (8-bit: all k)
         xo = T.alloc_buffer((n_rows * n_chunks * 32 if not eight else 1,), "int8")  # odd k
         xz = T.alloc_buffer((n_rows * n_chunks * 8,), "int32")  # -zp * sum of the activations a lane covers
@@ -357,6 +360,12 @@ def q8_dot_gemv(
                     if has_min:  # x as rounded for the codes: the product's error follows |w|, not |code|
                         xm[(m * n_chunks + b) * 8 + u] = xs[(m * n_chunks + b) * 8 + u] * T.Cast(
                             "float32", lane_sum_q(xe, xo, (m * n_chunks + b) * 32 + 4 * u))
+            if k_min:  # group g of super-block sb: the 4 lanes of chunk 4sb + g // 2 from lane 4 (g % 2)
+                for sb in range(n_sb):
+                    for g in range(8):
+                        xk[(m * n_sb + sb) * 16 + g] = T.float32(0)
+                        xk[(m * n_sb + sb) * 16 + 8 + g] = _lane_sum(
+                            xm, (m * n_chunks + sb * 4 + g // 2) * 8 + 4 * (g % 2), 4)
         # 2. rows of W: `lanes` fp32 lane accumulators per row, summed at the end. One row of x (decode of
         # one sequence): W streamed once, in order. Several rows (batched decode): each pair of W rows is
         # applied to every row of x while it sits in L1 (one pass over W, not one per row), BATCH_BLOCK rows
@@ -377,6 +386,12 @@ def q8_dot_gemv(
                                     for r in T.unroll(w_rows):
                                         ks_b[T.ramp(r * 16, 1, 16)] = k_values(
                                             qsub, qs, qm, t * tile + r0 * w_rows + r, b // steps_per_sb)
+                                    if k_min:
+                                        for mi in T.unroll(BATCH_BLOCK):
+                                            for r in T.unroll(w_rows):
+                                                acc_b[T.ramp((r * BATCH_BLOCK + mi) * lanes, 1, lanes)] = (
+                                                    acc_b[T.ramp((r * BATCH_BLOCK + mi) * lanes, 1, lanes)]
+                                                    + k_mins(ks_b, r, xk, mb * BATCH_BLOCK + mi, b))
                             for mi in T.unroll(BATCH_BLOCK):
                                 for r in T.unroll(w_rows):
                                     acc_b[T.ramp((r * BATCH_BLOCK + mi) * lanes, 1, lanes)] = acc_b[T.ramp(
@@ -404,6 +419,9 @@ def q8_dot_gemv(
                                     for r in T.unroll(w_rows):
                                         ks_b[T.ramp(r * 16, 1, 16)] = k_values(
                                             qsub, qs, qm, t * tile + r0 * w_rows + r, b // steps_per_sb)
+                                        if k_min:
+                                            acc_b[T.ramp(r * lanes, 1, lanes)] = acc_b[T.ramp(
+                                                r * lanes, 1, lanes)] + k_mins(ks_b, r, xk, m, b)
                             for r in T.unroll(w_rows):
                                 acc_b[T.ramp(r * lanes, 1, lanes)] = acc_b[T.ramp(r * lanes, 1, lanes)] + (
                                     term(qw, qs, qm, qsub, qh, xe, xo, xz, xs, xm,
@@ -454,6 +472,9 @@ def q8_dot_gemv(
                                     for r in T.unroll(rows):
                                         ks[T.ramp(r * 16, 1, 16)] = k_values(
                                             qsub, qs, qm, t * tile + r0 * rows + r, b // steps_per_sb)
+                                        if k_min:
+                                            acc[T.ramp(r * lanes, 1, lanes)] = acc[T.ramp(
+                                                r * lanes, 1, lanes)] + k_mins(ks, r, xk, m, b)
                             for r in T.unroll(rows):
                                 # one expression, no vector temporaries: TVMScript would give each its own
                                 # buffer, which LowerTVMBuiltin turns into heap workspace (1.7x slower)
