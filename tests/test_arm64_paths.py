@@ -198,16 +198,33 @@ def test_gemv_path_with_gguf_q8_0_codes_under_qemu(path) -> None:
 @pytest.mark.parametrize("path", ["neon", "neon-dotprod"])
 def test_gemv_path_with_gguf_k_quants_under_qemu(path, block) -> None:
     """GGUF's Q4_K / Q5_K / Q6_K in the arm64 decode GEMV: the sub-block scales (and mins) derived from the
-    super-block values and the codes' high bits (shared with x86, `cpu_q8_gemv`), the dot products arm64's;
-    prefill declines them (generic schedules)."""
+    super-block values and the codes' high bits (shared with x86, `cpu_q8_gemv`), the dot products arm64's."""
     from test_gguf_kquants import k_quant_reference, q4_k_matmul
 
     n, k = 64, 512
     func, arrays, qs_eff, qm_eff = q4_k_matmul(n, k, "b", RNG, block)
-    prefill, *_ = q4_k_matmul(n, k, "s", RNG, block)
-    assert cs.CPUQ8VNNIGEMM().apply(prefill, _path_target("neon-dotprod"), False) is None
     x = RNG.standard_normal((3, 1, k)).astype(np.float32)  # decode's batch of 3
     got = _run(func, path, [x, *arrays.values(), np.zeros((3, 1, n), np.float32)])
+    ref, bound, wrong = k_quant_reference(x, arrays, block, qs_eff, qm_eff)
+    assert np.all(np.abs(got - ref) <= bound), np.abs(got - ref).max()
+    assert np.abs(got - wrong).max() > 100 * bound.max()
+
+
+@pytest.mark.skipif(QEMU_MISSING is not None, reason=str(QEMU_MISSING))
+@pytest.mark.parametrize("block", ["q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("path", ["neon-dotprod", "neon-i8mm"])
+def test_int8_gemm_path_with_gguf_k_quants_under_qemu(path, block) -> None:
+    """GGUF's K-quants in the arm64 prefill GEMM (`sdot` and `smmla` blocks, 13 rows: a partial block and an
+    odd row): scales (and mins) derived per tile from the super-block, high bits put in while repacking,
+    Q6_K's scales per 16 weights; within the int8 reference's bound and far from it without the high bits
+    or mins."""
+    from test_gguf_kquants import k_quant_reference, q4_k_matmul
+
+    n, k, m = 16, 512, 13
+    func, arrays, qs_eff, qm_eff = q4_k_matmul(n, k, "s", RNG, block)
+    assert cs.CPUQ8VNNIGEMM().apply(func, _path_target(path), False) is not None
+    x = RNG.standard_normal((1, m, k)).astype(np.float32)
+    got = _run(func, path, [x, *arrays.values(), np.zeros((1, m, n), np.float32)])
     ref, bound, wrong = k_quant_reference(x, arrays, block, qs_eff, qm_eff)
     assert np.all(np.abs(got - ref) <= bound), np.abs(got - ref).max()
     assert np.abs(got - wrong).max() > 100 * bound.max()

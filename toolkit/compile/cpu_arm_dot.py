@@ -17,9 +17,11 @@ Prefill GEMM (`q8_arm_gemm`): x quantized per group to int8 as the GEMV does; pe
   broadcast to every lane, as the VNNI kernel does with `vpdpbusd`.
 Per group the int32 sums start from the zero-point term and are scaled into fp32 accumulators once; GGUF's
 Q4_1 (a per-group min, no zero point) adds min x the group's sum of x there (the GEMV's min term is
-`cpu_q8_gemv`'s). GGUF's Q8_0 runs the GEMV only (`GEMV_DOTS8`; this GEMM unpacks nibbles).
+`cpu_q8_gemv`'s). GGUF's K-quants as on x86 (`cpu_q8_gemm`): each weight group's scale (and min) derived
+from its super-block, Q5_K / Q6_K's high bits put in while repacking, Q6_K's scales per 16 weights against
+x's per 32. GGUF's Q8_0 runs the GEMV only (`GEMV_DOTS8`; this GEMM unpacks nibbles).
 
-Numerics: the integer sums are exact (|sum| <= group * 15 * 127), so every path equals the exact int8
+Numerics: the integer sums are exact (|sum| <= group * 63 * 127), so every path equals the exact int8
 reference up to fp32 summation over the K / group scaled group sums, as on x86.
 
 Speed: not measured on any arm64 CPU (none was at hand; the paths are checked for numbers under qemu-user,
@@ -37,7 +39,7 @@ import operator
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .cpu_q8_gemv import _nibbles, check_layout, with_params_of
+from .cpu_q8_gemv import _nibbles, check_layout, four_codes, k_group_min, k_group_scale, with_params_of
 
 BITS = 4  # the code width these kernels unpack (nibbles); the group size comes from the matched shapes
 PER_WORD = 32 // BITS  # codes per uint32 word
@@ -116,26 +118,31 @@ def dot8_neon(words, xe, xo, xz) -> tirx.PrimExpr:
 GEMV_DOTS8 = {"neon-dotprod": dot8_dotprod, "neon": dot8_neon}  # 8-bit codes (GGUF Q8_0)
 
 
-def _spread_nibbles(v: tirx.PrimExpr) -> tirx.PrimExpr:
-    """The 4 nibbles in v's low 16 bits moved to the low nibbles of its 4 bytes (codes as bytes)."""
-    parts = [T.shift_left(v & T.uint32(0xF << (4 * c)), T.uint32(4 * c)) for c in range(4)]
-    return functools.reduce(operator.or_, parts)
-
-
 def _bcast2(buf, i0, i1) -> tirx.PrimExpr:
     """[buf[i0], buf[i0], buf[i1], buf[i1]]: a per-x-row value over a 2x2 `smmla` block."""
     return T.Shuffle([T.broadcast(buf[i0], 2), T.broadcast(buf[i1], 2)], [0, 1, 2, 3])
 
 
+def _groups(q) -> tuple[int, int]:
+    """(weights per weight scale, activations per activation scale) of a match: the layout's group for
+    both, except K-quants: scales per 32 weights (Q6_K 16) and x quantized per 32, as on x86."""
+    if q.q_sub is None:
+        group = q.k // int(q.q_scale.shape[1])
+        return group, group
+    return (16 if q.q_min is None else 32), 32
+
+
 def gemm_fits(q, *, isa: str, nr: int = 8) -> bool:
-    """Whether `q8_arm_gemm` can run `q` (a `_Q4Matmul`): 4-bit codes, whole weight tiles, groups of whole
-    instruction steps."""
-    n_groups, n_words = int(q.q_scale.shape[1]), int(q.q_weight.shape[1])
+    """Whether `q8_arm_gemm` can run `q` (a `_Q4Matmul`): 4-bit codes (K-quants' with their high bits),
+    whole weight tiles, groups of whole instruction steps."""
+    group, xgroup = _groups(q)
     step = 8 if isa == "neon-i8mm" else 4
     return (
-        q.k == n_words * PER_WORD
-        and q.k % n_groups == 0
-        and (q.k // n_groups) % max(step, PER_WORD) == 0
+        q.layout.bits != 8
+        and q.k == int(q.q_weight.shape[1]) * PER_WORD
+        and q.k % xgroup == 0
+        and xgroup % group == 0
+        and group % max(step, PER_WORD) == 0
         and q.n % nr == 0
         and nr % 4 == 0
     )
@@ -149,8 +156,12 @@ def q8_arm_gemm(func: tirx.PrimFunc, q, *, isa: str, mr: int = 4, nr: int = 8) -
     assert isa in ("neon-i8mm", "neon-dotprod"), isa
     mmla = isa == "neon-i8mm"
     n, k = q.n, q.k
-    n_groups, n_words = int(q.q_scale.shape[1]), int(q.q_weight.shape[1])
-    group = k // n_groups
+    group, xgroup = _groups(q)  # weights per weight scale, activations per activation scale
+    n_groups, n_xg, per, n_words = k // group, k // xgroup, xgroup // group, int(q.q_weight.shape[1])
+    kq, width = q.q_sub is not None, q.layout.high_bits if q.q_high is not None else 0
+    six = kq and q.q_min is None  # Q6_K: signed scales per 16 weights, zero point 32
+    qs_shape = (n, int(q.q_scale.shape[1]))
+    qsub_shape, qh_shape = [(n, int(b.shape[1])) if b is not None else (1, 1) for b in (q.q_sub, q.q_high)]
     step = 8 if mmla else 4  # k per instruction and row
     assert gemm_fits(q, isa=isa, nr=nr) and (mr % 2 == 0 or not mmla), (isa, mr, nr)
     steps = group // step  # instructions per group and block of rows
@@ -158,8 +169,9 @@ def q8_arm_gemm(func: tirx.PrimFunc, q, *, isa: str, mr: int = 4, nr: int = 8) -
     x_shape, out_shape = [*list(q.x.shape)[:-1], k], [*list(q.x.shape)[:-1], n]
     has_other, other_first = q.other is not None, q.other_first
     scale_dtype = str(q.q_scale.dtype)
-    # w = (code - zero) * scale: 7 for MLC's q4, 8 for GGUF's Q4_0; GGUF's Q4_1: code * scale + min
-    zero, has_min = check_layout(q, with_min=True).zero_point, q.q_min is not None
+    # w = (code - zero) * scale: 7 for MLC's q4, 8 for GGUF's Q4_0, 32 for Q6_K; Q4_1 / Q4_K / Q5_K: code *
+    # scale + min
+    zero, has_min = check_layout(q, with_min=True, with_k=True).zero_point, q.q_min is not None
     bi = mr // 2 if mmla else mr  # blocks of x rows per register block (pairs for smmla)
     bj = nr // 2 if mmla else nr // 4  # 4-lane int32 blocks per tile row (pairs / quads of weight rows)
 
@@ -169,6 +181,15 @@ def q8_arm_gemm(func: tirx.PrimFunc, q, *, isa: str, mr: int = 4, nr: int = 8) -
     def x_row(mo, i):
         return mo * mr + i
 
+    def lane_row(t, jb, lane):  # the weight row of lane `lane` of tile t's int32 block jb
+        return t * nr + (jb * 2 + lane % 2 if mmla else jb * 4 + lane)  # smmla: lane = 2 x row + w row
+
+    def w_scale(qs, qsub, row, g):  # weight group g's fp32 scale (K-quants: from the super-block)
+        return k_group_scale(qs, qsub, row, g, six) if kq else T.Cast("float32", qs[row, g])
+
+    def w_min(qm, qsub, row, g):
+        return k_group_min(qm, qsub, row, g) if kq else T.Cast("float32", qm[row, g])
+
     def xq_at(m, kk):  # smmla: [row pairs, K/8, 2 rows x 8 k], so an operand is one 16-byte load
         if mmla:
             return ((m // 2) * (k // 8) + kk // 8) * 16 + (m % 2) * 8 + kk % 8
@@ -177,36 +198,39 @@ def q8_arm_gemm(func: tirx.PrimFunc, q, *, isa: str, mr: int = 4, nr: int = 8) -
     # fmt: off
     @T.prim_func(private=True)
     def kernel(x: T.Buffer(x_shape, "float32"), qw: T.Buffer((n, n_words), "uint32"),
-               qs: T.Buffer((n, n_groups), scale_dtype), qm: T.Buffer((n, n_groups), scale_dtype),
+               qs: T.Buffer(qs_shape, scale_dtype), qm: T.Buffer(qs_shape, scale_dtype),
+               qsub: T.Buffer(qsub_shape, "uint32"), qh: T.Buffer(qh_shape, "uint32"),
                other: T.Buffer(out_shape, "float32"), out: T.Buffer(out_shape, "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         xf = T.decl_buffer((n_rows * k,), "float32", data=x.data)
         of = T.decl_buffer((n_rows * n,), "float32", data=out.data)
         xm = T.alloc_buffer((m_pad * n_groups if has_min else 1,), "float32")  # a group's sum of rounded x
         xq = T.alloc_buffer((m_pad * k,), "int8")  # x quantized (`xq_at`)
-        xz = T.alloc_buffer((m_pad * n_groups,), "int32")  # -zp * sum of a group's int8 activations
-        xs = T.alloc_buffer((m_pad * n_groups,), "float32")  # a group's activation scale
-        # 1. quantize x per group (rows in parallel: M x K values, small next to the GEMM)
+        xz = T.alloc_buffer((m_pad * n_groups,), "int32")  # -zp * sum of a weight group's int8 activations
+        xs = T.alloc_buffer((m_pad * n_xg,), "float32")  # an activation group's scale
+        # 1. quantize x per activation group (rows in parallel: M x K values, small next to the GEMM)
         for m in T.parallel(m_pad):
             amax = T.alloc_buffer((1,), "float32", scope="local")
-            for g in range(n_groups):
+            for xg in range(n_xg):
                 amax[0] = T.float32(0)
-                for i in range(group):
-                    amax[0] = T.max(amax[0], T.abs(xf[T.min(m, n_rows - 1) * k + g * group + i]))
-                xz[m * n_groups + g] = T.int32(0)
-                for i in range(group):
-                    xq[xq_at(m, g * group + i)] = T.Cast("int8", T.Cast("int32", T.nearbyint(
-                        xf[T.min(m, n_rows - 1) * k + g * group + i] * T.Select(
+                for i in range(xgroup):
+                    amax[0] = T.max(amax[0], T.abs(xf[T.min(m, n_rows - 1) * k + xg * xgroup + i]))
+                for h in range(per):  # the weight groups it covers
+                    xz[m * n_groups + xg * per + h] = T.int32(0)
+                for i in range(xgroup):
+                    xq[xq_at(m, xg * xgroup + i)] = T.Cast("int8", T.Cast("int32", T.nearbyint(
+                        xf[T.min(m, n_rows - 1) * k + xg * xgroup + i] * T.Select(
                             amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0)))))
-                    xz[m * n_groups + g] = xz[m * n_groups + g] - zero * T.Cast(
-                        "int32", xq[xq_at(m, g * group + i)])
-                xs[m * n_groups + g] = amax[0] / T.float32(127)
-                if has_min:  # x as the codes see it (cpu_q8_gemv: the error then follows |w|)
-                    xm[m * n_groups + g] = T.float32(0)
-                    for i in range(group):
-                        xm[m * n_groups + g] = xm[m * n_groups + g] + T.Cast(
-                            "float32", xq[xq_at(m, g * group + i)])
-                    xm[m * n_groups + g] = xm[m * n_groups + g] * xs[m * n_groups + g]
+                    xz[m * n_groups + xg * per + i // group] = xz[m * n_groups + xg * per + i // group] - (
+                        zero * T.Cast("int32", xq[xq_at(m, xg * xgroup + i)]))
+                xs[m * n_xg + xg] = amax[0] / T.float32(127)
+                for h in range(per):
+                    if has_min:  # x as the codes see it (cpu_q8_gemv: the error then follows |w|)
+                        xm[m * n_groups + xg * per + h] = T.float32(0)
+                        for i in range(group):
+                            xm[m * n_groups + xg * per + h] = xm[m * n_groups + xg * per + h] + T.Cast(
+                                "float32", xq[xq_at(m, (xg * per + h) * group + i)])
+                        xm[m * n_groups + xg * per + h] = xm[m * n_groups + xg * per + h] * xs[m * n_xg + xg]
         # 2. per tile of nr weight rows: repack the codes to bytes, then register blocks of mr rows of x
         for t in T.parallel(n // nr):
             wp = T.alloc_buffer((k // 4 * nr,), "uint32")  # 4 codes (bytes) per word
@@ -216,26 +240,18 @@ def q8_arm_gemm(func: tirx.PrimFunc, q, *, isa: str, mr: int = 4, nr: int = 8) -
             dots = T.alloc_buffer((bi * bj * 4,), "int32")
             for w in range(n_words):
                 for j in range(nr):
-                    for h in T.unroll(2):  # k = 8w + 4h .. 8w + 4h + 3: nibbles 4h..4h+3 -> bytes 0..3
+                    for h in T.unroll(2):  # k = 8w + 4h .. 8w + 4h + 3 -> bytes 0..3
                         if mmla:  # [K/8, nr/2 pairs, 2 rows, 8 k]: a word is one smmla step
-                            wp[(w * bj + j // 2) * 4 + (j % 2) * 2 + h] = _spread_nibbles(
-                                T.shift_right(qw[t * nr + j, w], T.uint32(16) * T.Cast("uint32", h)))
+                            wp[(w * bj + j // 2) * 4 + (j % 2) * 2 + h] = four_codes(
+                                qw, qh, t * nr + j, w, h, width)
                         else:  # [K/4, nr, 4 k]
-                            wp[(w * 2 + h) * nr + j] = _spread_nibbles(
-                                T.shift_right(qw[t * nr + j, w], T.uint32(16) * T.Cast("uint32", h)))
+                            wp[(w * 2 + h) * nr + j] = four_codes(qw, qh, t * nr + j, w, h, width)
             for g in range(n_groups):
                 for jb in range(bj):
                     for lane in range(4):
-                        if mmla:  # lane = 2 * (x row) + (weight row) of the 2x2 block
-                            ws[(g * bj + jb) * 4 + lane] = T.Cast(
-                                "float32", qs[t * nr + jb * 2 + lane % 2, g])
-                        else:
-                            ws[(g * bj + jb) * 4 + lane] = T.Cast("float32", qs[t * nr + jb * 4 + lane, g])
-                        if has_min and mmla:
-                            wm[(g * bj + jb) * 4 + lane] = T.Cast(
-                                "float32", qm[t * nr + jb * 2 + lane % 2, g])
-                        elif has_min:
-                            wm[(g * bj + jb) * 4 + lane] = T.Cast("float32", qm[t * nr + jb * 4 + lane, g])
+                        ws[(g * bj + jb) * 4 + lane] = w_scale(qs, qsub, lane_row(t, jb, lane), g)
+                        if has_min:
+                            wm[(g * bj + jb) * 4 + lane] = w_min(qm, qsub, lane_row(t, jb, lane), g)
             for mo in range((n_rows + mr - 1) // mr):
                 for b in T.unroll(bi * bj):
                     acc[T.ramp(b * 4, 1, 4)] = T.broadcast(T.float32(0), 4)
@@ -271,14 +287,14 @@ def q8_arm_gemm(func: tirx.PrimFunc, q, *, isa: str, mr: int = 4, nr: int = 8) -
                                     T.ramp((ib * bj + jb) * 4, 1, 4)] + T.Cast(
                                     "float32x4", dots[T.ramp((ib * bj + jb) * 4, 1, 4)]) * (
                                     ws[T.ramp((g * bj + jb) * 4, 1, 4)] * _bcast2(
-                                        xs, x_row(mo, 2 * ib) * n_groups + g,
-                                        x_row(mo, 2 * ib + 1) * n_groups + g))
+                                        xs, x_row(mo, 2 * ib) * n_xg + g // per,
+                                        x_row(mo, 2 * ib + 1) * n_xg + g // per))
                             else:
                                 acc[T.ramp((ib * bj + jb) * 4, 1, 4)] = acc[
                                     T.ramp((ib * bj + jb) * 4, 1, 4)] + T.Cast(
                                     "float32x4", dots[T.ramp((ib * bj + jb) * 4, 1, 4)]) * (
                                     ws[T.ramp((g * bj + jb) * 4, 1, 4)]
-                                    * T.broadcast(xs[x_row(mo, ib) * n_groups + g], 4))
+                                    * T.broadcast(xs[x_row(mo, ib) * n_xg + g // per], 4))
                     if has_min:
                         for ib in T.unroll(bi):
                             for jb in T.unroll(bj):

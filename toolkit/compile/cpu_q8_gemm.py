@@ -24,23 +24,7 @@ import operator
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .cpu_q8_gemv import check_layout, with_params_of
-
-
-def _spread_nibbles(v: tirx.PrimExpr) -> tirx.PrimExpr:
-    """The 4 nibbles in v's low 16 bits moved to the low nibbles of its 4 bytes (u8 codes)."""
-    parts = [T.shift_left(v & T.uint32(0xF << (4 * c)), T.uint32(4 * c)) for c in range(4)]
-    return functools.reduce(operator.or_, parts)
-
-
-def _spread_high(v: tirx.PrimExpr, width: int) -> tirx.PrimExpr:
-    """The 4 fields of `width` bits in v's low 4 x width bits moved to bits 4.. of its 4 bytes (the codes'
-    top bits above the nibble: Q5_K 1, Q6_K 2)."""
-    mask = (1 << width) - 1
-    parts = [
-        T.shift_left(v & T.uint32(mask << (width * c)), T.uint32(8 * c + 4 - width * c)) for c in range(4)
-    ]
-    return functools.reduce(operator.or_, parts)
+from .cpu_q8_gemv import check_layout, four_codes, k_group_min, k_group_scale, with_params_of
 
 
 def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> tirx.PrimFunc:
@@ -69,13 +53,6 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
     qsub_shape = (n, int(q.q_sub.shape[1])) if kq else (1, 1)
     width = lay.high_bits if q.q_high is not None else 0  # Q5_K / Q6_K: code bits above the nibble
     qh_shape = (n, int(q.q_high.shape[1])) if width else (1, 1)
-    per_high = 32 // width if width else 1  # codes per high-plane word
-
-    def wide_codes(word, high_word, w, h) -> tirx.PrimExpr:
-        """Codes k = 8w + 4h .. + 3 as bytes: the word's nibbles 4h..4h+3, bits 4.. from the high plane."""
-        nibbles = _spread_nibbles(T.shift_right(word, T.uint32(16) * T.Cast("uint32", h)))
-        at = T.Cast("uint32", (8 * w + 4 * h) % per_high * width)
-        return nibbles | _spread_high(T.shift_right(high_word, at), width)
 
     dpbusd = T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{32 * lanes}")
 
@@ -124,47 +101,29 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
             wp = T.alloc_buffer((n_quads * NR,), "uint32")  # [K/4, NR rows]: 4 u8 codes per word
             ws = T.alloc_buffer((n_wg * NR,), "float32")  # [weight groups, NR rows] weight scales
             wm = T.alloc_buffer((n_groups * NR if has_min else 1,), "float32")  # and mins
-            words = T.alloc_buffer((NR,), "uint32")
             acc = T.alloc_buffer((mr * NR,), "float32")  # global scope + small: a stack alloca
             dots = T.alloc_buffer((mr * NR,), "int32")
             for w in range(n_words):
-                for j in T.vectorized(NR):
-                    words[j] = qw[t * NR + j, w]
                 if eight:
                     for j in T.vectorized(NR):
-                        wp[w * NR + j] = words[j]
+                        wp[w * NR + j] = qw[t * NR + j, w]
                 else:
-                    for h in T.unroll(2):  # k = 8w + 4h .. 8w + 4h + 3: nibbles 4h..4h+3 -> bytes 0..3
-                        if width > 0:
-                            for j in T.vectorized(NR):
-                                wp[(w * 2 + h) * NR + j] = wide_codes(
-                                    words[j], qh[t * NR + j, (8 * w + 4 * h) // per_high], w, h)
-                        else:
-                            for j in T.vectorized(NR):
-                                wp[(w * 2 + h) * NR + j] = _spread_nibbles(
-                                    T.shift_right(words[j], T.uint32(16) * T.Cast("uint32", h)))
-            if six:  # sub-block g: signed byte g % 4 (sc + 128) of word g // 4, d of super-block g // 16
-                for g in range(n_wg):
+                    for h in T.unroll(2):  # k = 8w + 4h .. 8w + 4h + 3
+                        for j in T.vectorized(NR):
+                            wp[(w * 2 + h) * NR + j] = four_codes(qw, qh, t * NR + j, w, h, width)
+            for g in range(n_wg):
+                if kq:  # derived from the super-block's d (dmin) and sub-block bytes
                     for j in T.vectorized(NR):
-                        ws[g * NR + j] = T.Cast("float32", qs[t * NR + j, g // 16]) * (T.Cast(
-                            "float32", T.shift_right(qsub[t * NR + j, g // 4], T.Cast("uint32", 8 * (g % 4)))
-                            & T.uint32(255)) - T.float32(128))
-            else:
-                for g in range(n_groups):
-                    if kq:  # sub-block bytes g % 8 (scale) and 8 + g % 8 (min) of super-block g // 8
+                        ws[g * NR + j] = k_group_scale(qs, qsub, t * NR + j, g, six)
+                    if has_min:
                         for j in T.vectorized(NR):
-                            ws[g * NR + j] = T.Cast("float32", qs[t * NR + j, g // 8]) * T.Cast(
-                                "float32", T.shift_right(qsub[t * NR + j, g // 8 * 4 + g % 8 // 4],
-                                                         T.Cast("uint32", 8 * (g % 4))) & T.uint32(255))
-                            wm[g * NR + j] = -(T.Cast("float32", qm[t * NR + j, g // 8]) * T.Cast(
-                                "float32", T.shift_right(qsub[t * NR + j, g // 8 * 4 + 2 + g % 8 // 4],
-                                                         T.Cast("uint32", 8 * (g % 4))) & T.uint32(255)))
-                    else:
+                            wm[g * NR + j] = k_group_min(qm, qsub, t * NR + j, g)
+                else:
+                    for j in T.vectorized(NR):
+                        ws[g * NR + j] = T.Cast("float32", qs[t * NR + j, g])
+                    if has_min:
                         for j in T.vectorized(NR):
-                            ws[g * NR + j] = T.Cast("float32", qs[t * NR + j, g])
-                        if has_min:
-                            for j in T.vectorized(NR):
-                                wm[g * NR + j] = T.Cast("float32", qm[t * NR + j, g])
+                            wm[g * NR + j] = T.Cast("float32", qm[t * NR + j, g])
             for mo in range((n_rows + mr - 1) // mr):
                 for i in T.unroll(mr):
                     acc[T.ramp(i * NR, 1, NR)] = T.broadcast(T.float32(0), NR)

@@ -145,6 +145,51 @@ def _dot8_vnni(words, xe, xo, xz, lanes: int) -> tirx.PrimExpr:
     return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(name), xz, codes, xe, dtype=f"int32x{lanes}")
 
 
+def _spread_nibbles(v: tirx.PrimExpr) -> tirx.PrimExpr:
+    """The 4 nibbles in v's low 16 bits moved to the low nibbles of its 4 bytes (u8 codes)."""
+    parts = [T.shift_left(v & T.uint32(0xF << (4 * c)), T.uint32(4 * c)) for c in range(4)]
+    return functools.reduce(operator.or_, parts)
+
+
+def _spread_high(v: tirx.PrimExpr, width: int) -> tirx.PrimExpr:
+    """The 4 fields of `width` bits in v's low 4 x width bits moved to bits 4.. of its 4 bytes."""
+    mask = (1 << width) - 1
+    parts = [
+        T.shift_left(v & T.uint32(mask << (width * c)), T.uint32(8 * c + 4 - width * c)) for c in range(4)
+    ]
+    return functools.reduce(operator.or_, parts)
+
+
+def four_codes(qw, qh, row, w, h, width: int) -> tirx.PrimExpr:
+    """The prefill GEMMs' repack: codes k = 8w + 4h .. 8w + 4h + 3 of weight row `row` as the 4 bytes of a
+    uint32, from nibbles 4h..4h+3 of word w, and for K-quants with high bits (`width` 1: Q5_K, 2: Q6_K)
+    bits 4.. from the high plane `qh`."""
+    nibbles = _spread_nibbles(T.shift_right(qw[row, w], T.uint32(16) * T.Cast("uint32", h)))
+    if not width:
+        return nibbles
+    per_word = 32 // width
+    at = T.Cast("uint32", (8 * w + 4 * h) % per_word * width)
+    return nibbles | _spread_high(T.shift_right(qh[row, (8 * w + 4 * h) // per_word], at), width)
+
+
+def _qsub_byte(qsub, row, word, g) -> tirx.PrimExpr:
+    """Byte g % 4 of q_sub word `word` of weight row `row`, as fp32."""
+    return T.Cast("float32", T.shift_right(qsub[row, word], T.Cast("uint32", 8 * (g % 4))) & T.uint32(255))
+
+
+def k_group_scale(qs, qsub, row, g, six: bool) -> tirx.PrimExpr:
+    """A K-quant weight group's fp32 scale: Q4_K / Q5_K group g (of 32) d x sc, sc byte g % 8 of its
+    super-block's 16 q_sub bytes; Q6_K group g (of 16) d x (byte g - 128)."""
+    if six:
+        return T.Cast("float32", qs[row, g // 16]) * (_qsub_byte(qsub, row, g // 4, g) - T.float32(128))
+    return T.Cast("float32", qs[row, g // 8]) * _qsub_byte(qsub, row, g // 8 * 4 + g % 8 // 4, g)
+
+
+def k_group_min(qm, qsub, row, g) -> tirx.PrimExpr:
+    """Q4_K / Q5_K group g's fp32 min -dmin x m, m byte 8 + g % 8 of its super-block's q_sub bytes."""
+    return -(T.Cast("float32", qm[row, g // 8]) * _qsub_byte(qsub, row, g // 8 * 4 + 2 + g % 8 // 4, g))
+
+
 def check_layout(q, with_min: bool = False, with_q8: bool = False, with_k: bool = False) -> GroupLayout:
     """The match's storage layout, which must be one of HOST_Q4_LAYOUTS, or of HOST_Q4_MIN_LAYOUTS for a
     kernel that adds the min (`with_min`), of HOST_Q8_LAYOUTS for one that reads 8-bit codes (`with_q8`), of

@@ -911,9 +911,7 @@ class CPUQ8VNNIGEMM(ScheduleRule):
         if q is None or q.n % lanes or _few_rows(list(q.x.shape)[:-1], self.max_m):
             return None
         if isa.startswith("neon"):
-            if q.layout.bits == 8 or q.q_sub is not None:
-                return None  # the arm64 GEMM unpacks nibbles with per-group scales: not Q8_0 or K-quants
-            from .cpu_arm_dot import gemm_fits, q8_arm_gemm
+            from .cpu_arm_dot import gemm_fits, q8_arm_gemm  # nibble codes only: not Q8_0
 
             if not gemm_fits(q, isa=isa, nr=lanes):
                 return None
