@@ -81,7 +81,13 @@ def _nibbles(words, lanes: int) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
         return T.broadcast(T.uint32(v), lanes)
 
     lo, hi = words & u(MASK), T.shift_right(words, u(4)) & u(MASK)
-    if high is not None:  # element 2j's field to bits 4.. of byte j (lo), element 2j + 1's (hi)
+    if high is not None and width == 1:
+        # bit 2j (lo) / 2j + 1 (hi) to bit 8j + 4 by one multiply: the other partial products land on even
+        # bits off the targets, at most two on one, whose carry stops at an odd bit no product reaches
+        spread = sum(1 << (4 + 6 * j) for j in range(4))
+        lo = lo | ((high & u(0x55)) * u(spread) & u(0x10101010))
+        hi = hi | ((high & u(0xAA)) * u(spread >> 1) & u(0x10101010))
+    elif high is not None:  # element 2j's field to bits 4.. of byte j (lo), element 2j + 1's (hi)
         pairs, top = _pair_fields(high, lanes, width), u(((1 << width) - 1) * 0x10101010)
         lo, hi = lo | (T.shift_left(pairs, u(4)) & top), hi | (T.shift_left(pairs, u(4 - width)) & top)
     return T.reinterpret(f"uint8x{4 * lanes}", lo), T.reinterpret(f"uint8x{4 * lanes}", hi)
