@@ -454,16 +454,13 @@ def test_k_quants_take_the_host_int8_kernels(kernel, block):
     (Q5_K / Q6_K: with the codes' high bits; bound as there); the fp32-activation kernels decline them.
     "batched": decode of 5 sequences (one register block of 4 rows of x and one row left over)."""
     import tvm
-    from test_cpu_q8_gemv import HOST_HAS_AVX2, _build
-    from test_isa_paths import HOST, HOST_ISAS
+    from test_cpu_q8_gemv import HOST_HAS_AVX2
+    from test_isa_paths import int8_builds
 
     from toolkit.compile import cpu_schedule as cs
-    from toolkit.compile.cpu_isa import q8_gemm_isa
 
     if not HOST_HAS_AVX2:
         pytest.skip("no int8 kernels on this CPU")
-    if kernel == "gemm" and q8_gemm_isa(HOST) is None:
-        pytest.skip("this CPU has no vpdpbusd: no int8 GEMM")
     rng = np.random.default_rng(3)
     n, k, m = 64, 512, {"gemv": 1, "batched": 5, "gemm": 9}[kernel]
     func, arrays, qs_eff, qm_eff = q4_k_matmul(
@@ -476,10 +473,7 @@ def test_k_quants_take_the_host_int8_kernels(kernel, block):
     assert (q.q_high is not None) == (block != "q4_k")
     x = rng.standard_normal((m, 1, k) if kernel == "batched" else (1, m, k)).astype(np.float32)
     ref, bound, wrong = k_quant_reference(x, arrays, block, qs_eff, qm_eff)
-    if kernel != "gemm":
-        builds = [_build(func, HOST, [cs.CPUQ8DotGEMV(isa=isa)]) for isa in HOST_ISAS]
-    else:
-        builds = [_build(func, HOST, [cs.CPUQ8VNNIGEMM()])]
+    builds = int8_builds(func, gemm=kernel == "gemm")
     for ex in builds:
         out = tvm.runtime.empty((*x.shape[:-1], n), "float32", tvm.cpu())
         ex["main"](*[tvm.runtime.tensor(a) for a in (x, *arrays.values())], out)
@@ -523,16 +517,11 @@ def test_q6_k_largest_codes_and_activations_do_not_overflow(kernel):
     AVX2's `vpmaddubsw` sums 4 such products in int16 (4 x 63 x 127 = 32004 < 2**15); the results must equal
     the exact reference there and in every other path."""
     import tvm
-    from test_cpu_q8_gemv import HOST_HAS_AVX2, _build
-    from test_isa_paths import HOST, HOST_ISAS
-
-    from toolkit.compile import cpu_schedule as cs
-    from toolkit.compile.cpu_isa import q8_gemm_isa
+    from test_cpu_q8_gemv import HOST_HAS_AVX2
+    from test_isa_paths import int8_builds
 
     if not HOST_HAS_AVX2:
         pytest.skip("no int8 kernels on this CPU")
-    if kernel == "gemm" and q8_gemm_isa(HOST) is None:
-        pytest.skip("this CPU has no vpdpbusd: no int8 GEMM")
     n, k, m = 32, 512, (2 if kernel == "gemv" else 5)
     func, arrays, _, _ = q4_k_matmul(n, k, "b" if kernel == "gemv" else "s", np.random.default_rng(0), "q6_k")
     raw = gb.to_blocks(tuple(arrays.values()), "q6_k").reshape(n, k // 256, 210)
@@ -546,10 +535,7 @@ def test_q6_k_largest_codes_and_activations_do_not_overflow(kernel):
     x = (sign * np.ones((1, k))).astype(np.float32).reshape((m, 1, k) if kernel == "gemv" else (1, m, k))
     ref, bound, _ = k_quant_reference(x, arrays, "q6_k", qs_eff, None)
     assert np.abs(ref).min() > 0  # the test has teeth: (63 - 32) x 127 per weight, scales of either sign
-    if kernel == "gemv":
-        builds = [_build(func, HOST, [cs.CPUQ8DotGEMV(isa=isa)]) for isa in HOST_ISAS]
-    else:
-        builds = [_build(func, HOST, [cs.CPUQ8VNNIGEMM()])]
+    builds = int8_builds(func, gemm=kernel == "gemm")
     for ex in builds:
         out = tvm.runtime.empty(x.shape[:-1] + (n,), "float32", tvm.cpu())
         ex["main"](*[tvm.runtime.tensor(a) for a in (x, *arrays.values())], out)

@@ -34,6 +34,16 @@ RNG = np.random.default_rng(7)
 OBJDUMP = next((t for t in ("llvm-objdump-15", "llvm-objdump", "objdump") if shutil.which(t)), None)
 
 
+def int8_builds(func, gemm: bool) -> list:
+    """`func` built by each int8 kernel path this CPU has: the decode GEMV in every dot-product path, or
+    (`gemm`) the prefill VNNI GEMM, skipping the test where the CPU has none."""
+    if not gemm:
+        return [_build(func, HOST, [cs.CPUQ8DotGEMV(isa=isa)]) for isa in HOST_ISAS]
+    if q8_gemm_isa(HOST) is None:
+        pytest.skip("this CPU has no vpdpbusd: no int8 GEMM")
+    return [_build(func, HOST, [cs.CPUQ8VNNIGEMM()])]
+
+
 def _cpu(mcpu: str) -> tvm.target.Target:
     return tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu, "num-cores": 2})
 
@@ -290,12 +300,8 @@ def test_gguf_q4_0_takes_the_host_kernels_with_its_zero_point(kernel: str) -> No
     m = 1 if decode else 9
     x = RNG.standard_normal((1, m, k)).astype(np.float32)
     dev = tvm.cpu()
-    if kernel == "gemv":
-        builds = [_build(func, HOST, [cs.CPUQ8DotGEMV(isa=isa)]) for isa in HOST_ISAS]
-    elif kernel == "gemm":
-        if q8_gemm_isa(HOST) is None:
-            pytest.skip("this CPU has no vpdpbusd: no int8 GEMM")
-        builds = [_build(func, HOST, [cs.CPUQ8VNNIGEMM()])]
+    if kernel in ("gemv", "gemm"):
+        builds = int8_builds(func, gemm=kernel == "gemm")
     else:
         # the first rule the fp32-activation host pipeline tries that takes it: the hand kernel
         rule = next(r for r in cs.cpu_schedule_rules(HOST) if r.apply(func, HOST, False) is not None)
@@ -335,12 +341,7 @@ def test_gguf_q4_1_takes_the_int8_kernels_with_its_min(kernel: str, add: bool) -
     x = RNG.standard_normal((1, m, k)).astype(np.float32)
     res = RNG.standard_normal((1, m, n)).astype(np.float32)
     dev = tvm.cpu()
-    if decode:
-        builds = [_build(func, HOST, [cs.CPUQ8DotGEMV(isa=isa)]) for isa in HOST_ISAS]
-    else:
-        if q8_gemm_isa(HOST) is None:
-            pytest.skip("this CPU has no vpdpbusd: no int8 GEMM")
-        builds = [_build(func, HOST, [cs.CPUQ8VNNIGEMM()])]
+    builds = int8_builds(func, gemm=not decode)
     assert builds, "no kernel for this CPU"
     ref, bound = _q8_reference_with_min(x, qw, qs, qm)
     without_mins, _ = _q8_reference(x, qw, qs, zero_point=0)
@@ -376,11 +377,7 @@ def test_gguf_q8_0_takes_the_x86_int8_kernels(kernel: str, add: bool) -> None:
     dev = tvm.cpu()
     if decode:
         assert all(cs.CPUQ8DotGEMV(isa=isa).apply(func, HOST, False) is not None for isa in HOST_ISAS)
-        builds = [_build(func, HOST, [cs.CPUQ8DotGEMV(isa=isa)]) for isa in HOST_ISAS]
-    else:
-        if q8_gemm_isa(HOST) is None:
-            pytest.skip("this CPU has no vpdpbusd: no int8 GEMM")
-        builds = [_build(func, HOST, [cs.CPUQ8VNNIGEMM()])]
+    builds = int8_builds(func, gemm=not decode)
     assert builds, "no kernel for this CPU"
     ref, bound = _q8_reference(x, qw, qs, zero_point=128, bits=8)
     ref127, _ = _q8_reference(x, qw, qs, zero_point=127, bits=8)

@@ -39,7 +39,15 @@ import operator
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .cpu_q8_gemv import _nibbles, check_layout, four_codes, k_group_min, k_group_scale, with_params_of
+from .cpu_q8_gemv import (
+    _nibbles,
+    check_layout,
+    four_codes,
+    k_group_min,
+    k_group_scale,
+    scale_groups,
+    with_params_of,
+)
 
 BITS = 4  # the code width these kernels unpack (nibbles); the group size comes from the matched shapes
 PER_WORD = 32 // BITS  # codes per uint32 word
@@ -123,19 +131,10 @@ def _bcast2(buf, i0, i1) -> tirx.PrimExpr:
     return T.Shuffle([T.broadcast(buf[i0], 2), T.broadcast(buf[i1], 2)], [0, 1, 2, 3])
 
 
-def _groups(q) -> tuple[int, int]:
-    """(weights per weight scale, activations per activation scale) of a match: the layout's group for
-    both, except K-quants: scales per 32 weights (Q6_K 16) and x quantized per 32, as on x86."""
-    if q.q_sub is None:
-        group = q.k // int(q.q_scale.shape[1])
-        return group, group
-    return (16 if q.q_min is None else 32), 32
-
-
 def gemm_fits(q, *, isa: str, nr: int = 8) -> bool:
     """Whether `q8_arm_gemm` can run `q` (a `_Q4Matmul`): 4-bit codes (K-quants' with their high bits),
     whole weight tiles, groups of whole instruction steps."""
-    group, xgroup = _groups(q)
+    group, xgroup = scale_groups(q)
     step = 8 if isa == "neon-i8mm" else 4
     return (
         q.layout.bits != 8
@@ -156,7 +155,7 @@ def q8_arm_gemm(func: tirx.PrimFunc, q, *, isa: str, mr: int = 4, nr: int = 8) -
     assert isa in ("neon-i8mm", "neon-dotprod"), isa
     mmla = isa == "neon-i8mm"
     n, k = q.n, q.k
-    group, xgroup = _groups(q)  # weights per weight scale, activations per activation scale
+    group, xgroup = scale_groups(q)  # weights per weight scale, activations per activation scale
     n_groups, n_xg, per, n_words = k // group, k // xgroup, xgroup // group, int(q.q_weight.shape[1])
     kq, width = q.q_sub is not None, q.layout.high_bits if q.q_high is not None else 0
     six = kq and q.q_min is None  # Q6_K: signed scales per 16 weights, zero point 32

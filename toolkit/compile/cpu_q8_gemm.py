@@ -24,7 +24,7 @@ import operator
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .cpu_q8_gemv import check_layout, four_codes, k_group_min, k_group_scale, with_params_of
+from .cpu_q8_gemv import check_layout, four_codes, k_group_min, k_group_scale, scale_groups, with_params_of
 
 
 def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> tirx.PrimFunc:
@@ -34,10 +34,10 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
     NR = lanes  # noqa: N806 - a constant of the kernel below
     lay = check_layout(q, with_min=True, with_q8=True, with_k=True)
     kq = q.q_sub is not None  # K-quants: a sub-block's scale (and min) from its super-block
-    gs, epw, zp = 32 if kq else lay.group_size, lay.elems_per_word, lay.zero_point
+    epw, zp = lay.elems_per_word, lay.zero_point
     has_min = q.q_min is not None
     six = kq and not has_min  # Q6_K: a signed scale per 16 weights, zero point 32
-    wg = 16 if six else gs  # weights per weight scale: the int32 sums are scaled once per wg
+    wg, gs = scale_groups(q)  # the int32 sums are scaled once per wg weights; x quantized per gs
     per_wg = gs // wg
     eight = lay.bits == 8  # a word is already 4 u8 codes in k order
     n, k = q.n, q.k

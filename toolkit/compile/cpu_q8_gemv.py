@@ -178,6 +178,15 @@ def four_codes(qw, qh, row, w, h, width: int) -> tirx.PrimExpr:
     return nibbles | _spread_high(T.shift_right(qh[row, (8 * w + 4 * h) // per_word], at), width)
 
 
+def scale_groups(q) -> tuple[int, int]:
+    """(weights per weight scale, activations per activation scale) of a match for the prefill GEMMs: the
+    layout's group for both, except K-quants: scales per 32 weights (Q6_K 16), x quantized per 32."""
+    if q.q_sub is None:
+        group = q.k // int(q.q_scale.shape[1])
+        return group, group
+    return (16 if q.q_min is None else 32), 32
+
+
 def _qsub_byte(qsub, row, word, g) -> tirx.PrimExpr:
     """Byte g % 4 of q_sub word `word` of weight row `row`, as fp32."""
     return T.Cast("float32", T.shift_right(qsub[row, word], T.Cast("uint32", 8 * (g % 4))) & T.uint32(255))
