@@ -5,7 +5,7 @@ change in machine load hits all of them alike; per path the median ms per call i
 median over rounds of its time divided by the first path's in the same round (the figure to trust on a
 shared machine). Decode GEMV paths: avx2, avxvnni, avx512vnni; each call reads a different weight copy
 (cold caches, as in decode) unless --hot. With --prefill M, the prefill GEMM paths at M rows (hot):
-fp32-avx2 (8-lane tiles), fp32-avx512 (16-lane tiles), int8-avxvnni, int8-avx512vnni.
+fp32-avx2 (8-lane tiles), fp32-avx512 (16-lane tiles), int8-avxvnni, int8-avx512vnni, int8-amx (AMX tiles).
 
     python examples/bench_isa_gemv.py --threads 1,2
     python examples/bench_isa_gemv.py --threads 1 --hot --rounds 30
@@ -45,13 +45,16 @@ def _build_gemm(n: int, k: int, path: str, target):
     """A prefill GEMM path built directly (the rules pick only one per target)."""
     import tvm
 
+    from toolkit.compile.cpu_amx_gemm import q8_amx_gemm
     from toolkit.compile.cpu_q4_gemm import q4_outer_gemm
     from toolkit.compile.cpu_q8_gemm import q8_vnni_gemm
     from toolkit.compile.cpu_schedule import _match_q4_matmul
 
     func = _q4_func(n, k, (1, "s"))
     q = _match_q4_matmul(func)
-    if path == "int8-avx512vnni":
+    if path == "int8-amx":
+        kernel = q8_amx_gemm(func, q)
+    elif path == "int8-avx512vnni":
         kernel = q8_vnni_gemm(func, q, mr=12, lanes=16)
     elif path == "int8-avxvnni":
         kernel = q8_vnni_gemm(func, q, mr=6, lanes=8)
@@ -62,10 +65,11 @@ def _build_gemm(n: int, k: int, path: str, target):
 
 
 def _gemm_paths(target) -> list[str]:
-    from toolkit.compile.cpu_isa import q4_gemm_isa, q8_dot_isas
+    from toolkit.compile.cpu_isa import q4_gemm_isa, q8_dot_isas, q8_gemm_isa
 
     vnni = [f"int8-{i}" for i in ("avxvnni", "avx512vnni") if i in q8_dot_isas(target)]
-    return ["fp32-avx2"] + (["fp32-avx512"] if q4_gemm_isa(target) == "avx512" else []) + vnni
+    amx = ["int8-amx"] if q8_gemm_isa(target) == "amx" else []
+    return ["fp32-avx2"] + (["fp32-avx512"] if q4_gemm_isa(target) == "avx512" else []) + vnni + amx
 
 
 def run_child(args) -> dict:

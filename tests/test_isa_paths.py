@@ -27,21 +27,29 @@ from toolkit.compile.cpu_isa import (
     q8_gemm_isa,
 )
 from toolkit.hostinfo import cpu_flags
+from toolkit.targets import load_preset
 
-HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
+# this machine as the host preset targets it: LLVM's CPU name, plus AMX where the name leaves it out
+HOST = tvm.target.Target({**load_preset("host").target_dict, "num-cores": 2})
 HOST_ISAS = q8_dot_isas(HOST)
+# the same without AMX: the prefill GEMM's vpdpbusd path, which AMX CPUs would otherwise never build
+HOST_VNNI = tvm.target.Target(
+    {**HOST.export(), "mattr": [*HOST.attrs.get("mattr", []), "-amx-tile", "-amx-int8"]}
+)
 RNG = np.random.default_rng(7)
 OBJDUMP = next((t for t in ("llvm-objdump-15", "llvm-objdump", "objdump") if shutil.which(t)), None)
 
 
 def int8_builds(func, gemm: bool) -> list:
     """`func` built by each int8 kernel path this CPU has: the decode GEMV in every dot-product path, or
-    (`gemm`) the prefill VNNI GEMM, skipping the test where the CPU has none."""
+    (`gemm`) the prefill VNNI GEMM and, on AMX CPUs, the tile GEMM; skipping the test where the CPU has
+    none."""
     if not gemm:
         return [_build(func, HOST, [cs.CPUQ8DotGEMV(isa=isa)]) for isa in HOST_ISAS]
     if q8_gemm_isa(HOST) is None:
         pytest.skip("this CPU has no vpdpbusd: no int8 GEMM")
-    return [_build(func, HOST, [cs.CPUQ8VNNIGEMM()])]
+    builds = [_build(func, HOST_VNNI, [cs.CPUQ8VNNIGEMM()])]
+    return builds + ([_build(func, HOST, [cs.CPUQ8VNNIGEMM()])] if q8_gemm_isa(HOST) == "amx" else [])
 
 
 def _cpu(mcpu: str) -> tvm.target.Target:
@@ -49,26 +57,26 @@ def _cpu(mcpu: str) -> tvm.target.Target:
 
 
 @pytest.mark.parametrize(
-    "mcpu,isas,gemm",
+    "mcpu,isas,gemm,gemm8",
     [
-        ("znver3", ["avx2"], "avx2"),  # Zen 3: AVX2 only
-        ("skylake-avx512", ["avx2"], "avx512"),  # AVX-512 BW without VNNI: no integer dot product
-        ("cascadelake", ["avx512vnni", "avxvnni", "avx2"], "avx512"),  # AVX-512 VNNI (+VL: 256-bit EVEX)
-        ("alderlake", ["avxvnni", "avx2"], "avx2"),  # AVX-VNNI (VEX) without AVX-512
-        ("znver4", ["avx512vnni", "avxvnni", "avx2"], "avx512"),
-        ("sapphirerapids", ["avx512vnni", "avxvnni", "avx2"], "avx512"),
-        ("x86-64", [], "avx2"),  # baseline x86-64: no AVX2, the fp32-activation kernel
+        ("znver3", ["avx2"], "avx2", None),  # Zen 3: AVX2 only
+        ("skylake-avx512", ["avx2"], "avx512", None),  # AVX-512 BW without VNNI: no integer dot product
+        # AVX-512 VNNI (+VL: 256-bit EVEX)
+        ("cascadelake", ["avx512vnni", "avxvnni", "avx2"], "avx512", "avx512vnni"),
+        ("alderlake", ["avxvnni", "avx2"], "avx2", "avxvnni"),  # AVX-VNNI (VEX) without AVX-512
+        ("znver4", ["avx512vnni", "avxvnni", "avx2"], "avx512", "avx512vnni"),
+        ("sapphirerapids", ["avx512vnni", "avxvnni", "avx2"], "avx512", "amx"),  # AMX tiles for prefill
+        ("x86-64", [], "avx2", None),  # baseline x86-64: no AVX2, the fp32-activation kernel
     ],
 )
-def test_isa_choice_follows_the_target_cpu(mcpu: str, isas: list[str], gemm: str) -> None:
+def test_isa_choice_follows_the_target_cpu(mcpu: str, isas: list[str], gemm: str, gemm8: str | None) -> None:
     target = _cpu(mcpu)
     assert q8_dot_isas(target) == isas
     assert q8_dot_isa(target) == (isas[0] if isas else None)
     assert q4_gemm_isa(target) == gemm
     gemv = f"int8-{isas[0]}" if isas else "fp32"
-    vnni = next((i for i in isas if i != "avx2"), None)  # the prefill GEMM's: the widest vpdpbusd
-    int8_gemm = f"int8-{vnni}" if vnni else f"fp32-{gemm}"
-    assert q8_gemm_isa(target) == vnni
+    int8_gemm = f"int8-{gemm8}" if gemm8 else f"fp32-{gemm}"
+    assert q8_gemm_isa(target) == gemm8
     assert host_kernel_isas(target, "int8") == {"q4_gemv": gemv, "q4_gemm": int8_gemm}
     assert host_kernel_isas(target, "float32") == {"q4_gemv": "fp32", "q4_gemm": f"fp32-{gemm}"}
 
@@ -170,14 +178,16 @@ def _build_q8_gemm_256(func, target):
     return _build(func, target, [Rule256()])
 
 
-@pytest.mark.parametrize("isa", ["avx512vnni", "avxvnni"])
+@pytest.mark.parametrize("isa", ["amx", "avx512vnni", "avxvnni"])
 @pytest.mark.parametrize("n,k,m,add", Q8_GEMM_CASES)
 def test_vnni_gemm_matches_int8_reference(isa: str, n: int, k: int, m: int, add: bool) -> None:
-    if isa not in HOST_ISAS:
+    if isa not in [*HOST_ISAS, q8_gemm_isa(HOST)]:
         pytest.skip(f"this CPU has no {isa}")
     func = _matmul_func(n, k, (1, "s"), quant=True, add=add)
-    if isa == "avx512vnni":
+    if isa == "amx":  # 13 and 25 rows: one and two blocks of 16, the last padded with zeros
         ex = _build(func, HOST, [cs.CPUQ8VNNIGEMM()])
+    elif isa == "avx512vnni":
+        ex = _build(func, HOST_VNNI, [cs.CPUQ8VNNIGEMM()])
     elif "avx_vnni" in cpu_flags():
         # the 256-bit path as built for an AVX-VNNI CPU without AVX-512 (VEX, 16 vector registers)
         assert q8_gemm_isa(_cpu("alderlake")) == isa
@@ -272,6 +282,15 @@ def test_vnni_gemm_object_code(mcpu: str, dot: str, rows: int) -> None:
     # the register block: `rows` rows of x, 8 steps of 4 k per group, one vpdpbusd each
     assert _count(asm, dot) >= rows * 8, mcpu
     assert _count(asm, r"vfmadd\d+ps") < rows * 8  # the fp32 tiles are not what runs
+
+
+@pytest.mark.skipif(OBJDUMP is None, reason="no objdump / llvm-objdump to disassemble with")
+def test_amx_gemm_object_code() -> None:
+    asm = _disassemble(_matmul_func(64, 256, (1, "s"), quant=True), _cpu("sapphirerapids"))
+    # per task: its own tile configuration, released at the end; per weight group one tile product
+    for pat in (r"ldtilecfg", r"tdpbssd\s", r"tilestored", r"tilerelease", r"call.*syscall"):
+        assert _count(asm, pat) >= 1, pat
+    assert _count(asm, r"vpdpbusd") == 0  # not the VNNI tiles
 
 
 @pytest.mark.skipif(OBJDUMP is None, reason="no objdump / llvm-objdump to disassemble with")

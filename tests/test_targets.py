@@ -101,6 +101,36 @@ def test_arm64_host_gets_the_dot_product_extensions_it_has(monkeypatch, cpu, hos
     assert isas["q4_gemm"] == ("int8-neon-i8mm" if mm else "int8-neon-dotprod" if dot else "fp32-neon")
 
 
+@pytest.mark.parametrize(
+    "cpu,host_features,mattr,gemm",
+    [
+        # a Sapphire Rapids guest reporting Rocket Lake's model number: AMX added, the tile GEMM chosen
+        ("rocketlake", {"amx-tile": True, "amx-int8": True}, ["+amx-tile", "+amx-int8"], "int8-amx"),
+        ("rocketlake", {"amx-tile": False, "amx-int8": False}, None, "int8-avx512vnni"),  # OS without tiles
+        ("sapphirerapids", {"amx-tile": True, "amx-int8": True}, None, "int8-amx"),  # its name says it all
+        ("znver4", {}, None, "int8-avx512vnni"),
+    ],
+)
+def test_x86_host_gets_the_amx_extensions_it_has(monkeypatch, cpu, host_features, mattr, gemm):
+    from tvm.target import codegen
+
+    from toolkit.compile.cpu_isa import host_kernel_isas
+
+    monkeypatch.setattr(codegen, "llvm_get_system_triple", lambda: "x86_64-pc-linux-gnu")
+    monkeypatch.setattr(codegen, "llvm_get_system_cpu", lambda: cpu)
+    monkeypatch.setattr(targets, "_host_cpu_features", lambda: host_features)
+    targets._load.cache_clear()
+    targets._filled_target.cache_clear()
+    try:
+        p = targets.load_preset("host")
+        target_dict, target = p.target_dict, p.target
+    finally:
+        targets._load.cache_clear()
+        targets._filled_target.cache_clear()
+    assert target_dict["mcpu"] == cpu and target_dict.get("mattr") == mattr
+    assert host_kernel_isas(target, "int8")["q4_gemm"] == gemm
+
+
 def test_unknown_preset_lists_known_ones():
     with pytest.raises(UserError) as e:
         targets.load_preset("iphone-a99")

@@ -8,8 +8,9 @@ On x86 the int8 dot-product GEMV has three paths, widest first:
 - `avxvnni`: `vpdpbusd` on 256-bit registers, VEX (AVX-VNNI) or EVEX (AVX-512 VNNI + VL) encoded;
 - `avx2`: `vpmaddubsw` + `vpmaddwd`, the fallback every x86-64-v3 CPU has.
 
-The prefill GEMM, with int8 activations, runs the widest `vpdpbusd` (512- or 256-bit, `cpu_q8_gemm`);
-without VNNI (or with fp32 activations) fp32 FMA tiles 16 lanes wide with AVX-512F, else 8 (`cpu_q4_gemm`).
+The prefill GEMM, with int8 activations, runs on AMX tiles (`tdpbssd`, `cpu_amx_gemm`) where the CPU has
+them (Sapphire Rapids and later), else the widest `vpdpbusd` (512- or 256-bit, `cpu_q8_gemm`); without
+VNNI (or with fp32 activations) fp32 FMA tiles 16 lanes wide with AVX-512F, else 8 (`cpu_q4_gemm`).
 
 On arm64 (`cpu_arm_dot`) the GEMV has two paths: `neon-dotprod` (`sdot`, Armv8.2 DotProd) and `neon`
 (`smull`/`saddlp`/`addp`, every Armv8 CPU); the prefill GEMM runs `smmla` 2x2 int8 blocks where the CPU
@@ -34,6 +35,7 @@ Q8_DOT_ISAS: dict[str, list[tuple[str, ...]]] = {
 Q8_DOT_LANES = {"avx512vnni": 16, "avxvnni": 8, "avx2": 8, "neon-dotprod": 8, "neon": 8}
 # the int8-activation prefill GEMM's paths, widest first (features as in Q8_DOT_ISAS)
 Q8_GEMM_ISAS: dict[str, list[tuple[str, ...]]] = {
+    "amx": [("amx-int8", "amx-tile", "avx512bw")],  # the tiles' sums are scaled on 512-bit vectors
     "avx512vnni": Q8_DOT_ISAS["avx512vnni"],
     "avxvnni": Q8_DOT_ISAS["avxvnni"],
     "neon-i8mm": [("neon", "i8mm")],
@@ -73,9 +75,9 @@ def q4_gemm_isa(target: Target) -> str:
 
 
 def q8_gemm_isa(target: Target) -> str | None:
-    """The int8-activation prefill GEMM's path (a `Q8_GEMM_ISAS` key): the widest `vpdpbusd` the CPU has
-    (`cpu_q8_gemm`), else `smmla` or `sdot` on arm64 (`cpu_arm_dot`); None without any (the fp32 tiles
-    serve those CPUs)."""
+    """The int8-activation prefill GEMM's path (a `Q8_GEMM_ISAS` key): AMX tiles (`cpu_amx_gemm`), else the
+    widest `vpdpbusd` the CPU has (`cpu_q8_gemm`), else `smmla` or `sdot` on arm64 (`cpu_arm_dot`); None
+    without any (the fp32 tiles serve those CPUs)."""
     if target.kind.name != "llvm":
         return None
     return next(

@@ -24,7 +24,7 @@ import operator
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .cpu_q8_gemv import check_layout, four_codes, k_group_min, k_group_scale, scale_groups, with_params_of
+from .cpu_q8_gemv import check_layout, k_group_min, k_group_scale, repack_tile, scale_groups, with_params_of
 
 
 def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> tirx.PrimFunc:
@@ -54,6 +54,7 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
     width = lay.high_bits if q.q_high is not None else 0  # Q5_K / Q6_K: code bits above the nibble
     qh_shape = (n, int(q.q_high.shape[1])) if width else (1, 1)
 
+    repack = repack_tile(NR, n_words, width, eight)
     dpbusd = T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{32 * lanes}")
 
     # fmt: off
@@ -103,14 +104,7 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
             wm = T.alloc_buffer((n_groups * NR if has_min else 1,), "float32")  # and mins
             acc = T.alloc_buffer((mr * NR,), "float32")  # global scope + small: a stack alloca
             dots = T.alloc_buffer((mr * NR,), "int32")
-            for w in range(n_words):
-                if eight:
-                    for j in T.vectorized(NR):
-                        wp[w * NR + j] = qw[t * NR + j, w]
-                else:
-                    for h in T.unroll(2):  # k = 8w + 4h .. 8w + 4h + 3
-                        for j in T.vectorized(NR):
-                            wp[(w * 2 + h) * NR + j] = four_codes(qw, qh, t * NR + j, w, h, width)
+            repack(qw, qh, wp, t)
             for g in range(n_wg):
                 if kq:  # derived from the super-block's d (dmin) and sub-block bytes
                     for j in T.vectorized(NR):

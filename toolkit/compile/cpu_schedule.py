@@ -890,7 +890,8 @@ class CPUQ8DotGEMV(ScheduleRule):
 
 
 class CPUQ8VNNIGEMM(ScheduleRule):
-    """q4 dequant + matmul (+ residual add) with many rows of x (prefill), int8 activations and the widest
+    """q4 dequant + matmul (+ residual add) with many rows of x (prefill), int8 activations and AMX tiles
+    (`cpu_amx_gemm.q8_amx_gemm`: 16 rows of x by 16 weight rows per tile product) or else the widest
     `vpdpbusd` the CPU has (`cpu_q8_gemm.q8_vnni_gemm`): for presets with int8 activations on CPUs with
     VNNI; others keep `CPUQ4OuterGEMM`'s fp32 tiles. Register block: 12 rows of x by 16 weight rows on
     512 bits (32 registers), 6 by 8 on 256 bits (AVX-VNNI CPUs without AVX-512 have 16). On arm64 the
@@ -906,10 +907,14 @@ class CPUQ8VNNIGEMM(ScheduleRule):
         isa = q8_gemm_isa(target) if isinstance(func, tirx.PrimFunc) and _is_llvm(target) else None
         if isa is None:
             return None
-        lanes = ARM_GEMM_NR if isa.startswith("neon") else Q8_DOT_LANES[isa]
+        lanes = ARM_GEMM_NR if isa.startswith("neon") else 16 if isa == "amx" else Q8_DOT_LANES[isa]
         q = _match_q4_matmul(func, INT8_LAYOUTS)
         if q is None or q.n % lanes or _few_rows(list(q.x.shape)[:-1], self.max_m):
             return None
+        if isa == "amx":
+            from .cpu_amx_gemm import q8_amx_gemm
+
+            return s_tir.Schedule(q8_amx_gemm(func, q))
         if isa.startswith("neon"):
             from .cpu_arm_dot import gemm_fits, q8_arm_gemm  # nibble codes only: not Q8_0
 

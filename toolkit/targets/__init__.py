@@ -234,33 +234,43 @@ def _fill_host_detection(target: dict[str, Any], detect: tuple[str, ...]) -> dic
     for key in detect:
         if key not in target:
             target[key] = _DETECTABLE[key]()
-    if "mcpu" in detect and str(target.get("mtriple", "")).startswith(("aarch64", "arm64")):
-        extra = _arm_extensions_beyond_mcpu(target)
+    if "mcpu" in detect:
+        extra = _extensions_beyond_mcpu(target)
         if extra and "mattr" not in target:
             target["mattr"] = extra
     return target
 
 
-# the arm64 extensions the host kernels use (`compile/cpu_isa.py`): DotProd (`sdot`) and i8mm (`smmla`)
-ARM_KERNEL_EXTENSIONS = ("dotprod", "i8mm")
+# the extensions the host kernels use (`compile/cpu_isa.py`) that LLVM's CPU name may not imply: on arm64
+# DotProd (`sdot`) and i8mm (`smmla`), on x86 the AMX tiles (`tdpbssd`)
+KERNEL_EXTENSIONS = {"arm64": ("dotprod", "i8mm"), "x86": ("amx-tile", "amx-int8")}
 
 
 def _host_cpu_features() -> dict[str, bool]:
-    """LLVM's view of this machine's CPU features (on arm64 Linux: /proc/cpuinfo's Features line)."""
+    """LLVM's view of this machine's CPU features (on arm64 Linux: /proc/cpuinfo's Features line; on x86
+    CPUID, with AMX only where the OS enables the tile state)."""
     import tvm_ffi
 
     return dict(tvm_ffi.get_global_func("tvm.codegen.llvm.GetHostCPUFeatures")().items())
 
 
-def _arm_extensions_beyond_mcpu(target: dict[str, Any]) -> list[str]:
-    """`+dotprod` / `+i8mm` where this arm64 host has them but its detected `mcpu` doesn't say so: LLVM names
-    CPUs by part number, and a part it doesn't know comes out "generic" (Armv8.0, no dot products)."""
+def _extensions_beyond_mcpu(target: dict[str, Any]) -> list[str]:
+    """`+feature` for the kernels' extensions this host has but its detected `mcpu` doesn't say so. arm64:
+    LLVM names CPUs by part number, and a part it doesn't know comes out "generic" (Armv8.0, no dot
+    products). x86: a virtual machine may report an older model number than its CPU (a Sapphire Rapids
+    guest seen as family 6 model 167, which LLVM calls rocketlake: no AMX)."""
     import tvm
 
+    triple = str(target.get("mtriple", ""))
+    arch = (
+        "arm64" if triple.startswith(("aarch64", "arm64")) else "x86" if triple.startswith("x86_64") else None
+    )
+    if arch is None:
+        return []
     features = _host_cpu_features()
     cpu = tvm.target.Target({k: v for k, v in target.items() if k in ("kind", "mtriple", "mcpu")})
     return [
         f"+{f}"
-        for f in ARM_KERNEL_EXTENSIONS
+        for f in KERNEL_EXTENSIONS[arch]
         if features.get(f) and not tvm.target.codegen.llvm_cpu_has_features([f], cpu)
     ]
