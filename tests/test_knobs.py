@@ -248,6 +248,7 @@ def test_tuner_targets_include_gguf_q4_1_and_q8_0_matmuls(tmp_path):
     builds with the default knobs."""
     from tiny import make_tiny_checkpoint
 
+    from toolkit.compile.cpu_isa import q8_gemm_isa
     from toolkit.compile.knobs import DEFAULTS
     from toolkit.config import load_hf_config
     from toolkit.tune.knob_search import matmul_targets
@@ -261,4 +262,7 @@ def test_tuner_targets_include_gguf_q4_1_and_q8_0_matmuls(tmp_path):
         assert len(gemvs) >= 3, sorted(targets)  # qkv, gate_up, o and down (one shape here)
         assert all(t.build(DEFAULTS["q4_gemv"]) is not None for t in gemvs)
         weights[scheme] = sum(t.weight for t in gemvs)
+        # the prefill GEMM's knob (`mr`) is searched where it means something: not on AMX tiles
+        gemm = q8_gemm_isa(preset.target)
+        assert any(t.family == "q8_gemm" for t in targets.values()) == (gemm not in (None, "amx"))
     assert weights["gguf_q8_0"] == pytest.approx(2 * weights["gguf_q4_1"])

@@ -11,7 +11,8 @@ Families (the kernels that read them):
 - `q4_gemv` (cpu_q8_gemv, decode): `tile` (weight rows per parallel task), `rows` (rows per x load),
   `prefetch` (bytes a software prefetch runs ahead in the weight stream; 0: none), `prefetch_level` (the
   cache level it fills: 1 or 2).
-- `q8_gemm` (cpu_q8_gemm, prefill): `mr` (rows of x per register block).
+- `q8_gemm` (cpu_q8_gemm, prefill): `mr` (rows of x per register block); the AMX GEMM (cpu_amx_gemm) has no
+  knobs (its tiles are 16 x 16 by the instruction set).
 Records may hold a value per kernel shape (`"<n>x<k>"` for the matmuls) over the family's.
 """
 

@@ -233,7 +233,9 @@ class Target_:
 
 def matmul_targets(cfg, quantization: str, preset: Preset, prefill_len: int) -> list[Target_]:
     """The q4 GEMVs (decode) and int8 GEMMs (prefill) of the model, one per distinct shape (GGUF Q4_1, Q8_0
-    and Q4_K blocks included: the same kernels and knobs)."""
+    and Q4_K blocks included: the same kernels and knobs); not the GEMMs on CPUs that run them on AMX
+    tiles (`cpu_amx_gemm`: no knobs)."""
+    from ..compile.cpu_isa import q8_gemm_isa
     from ..compile.cpu_schedule import CPUQ8VNNIGEMM, INT8_LAYOUTS, CPUQ8DotGEMV, _match_q4_matmul
     from ..compile.workloads import call_counts, specialize, step_binding
     from .extract import lower_model
@@ -244,6 +246,7 @@ def matmul_targets(cfg, quantization: str, preset: Preset, prefill_len: int) -> 
     decode = call_counts(mod, "decode")
     prefill = call_counts(mod, "prefill")
     target = preset.target
+    amx = q8_gemm_isa(target) == "amx"
     out: dict[str, Target_] = {}
     for gv, func in mod.functions_items():
         if not isinstance(func, tvm.tirx.PrimFunc):
@@ -253,7 +256,7 @@ def matmul_targets(cfg, quantization: str, preset: Preset, prefill_len: int) -> 
             continue
         key = shape_key(q.n, q.k)
         for step, calls in (("decode", decode[gv.name_hint]), ("prefill", prefill[gv.name_hint])):
-            if not calls:
+            if not calls or (step == "prefill" and amx):  # the AMX GEMM has no knobs to search
                 continue
             fam = "q4_gemv" if step == "decode" else "q8_gemm"
             static = specialize(func, step_binding(func, step == "decode", prefill_len))
