@@ -31,7 +31,7 @@ from ..errors import UserError
 from ..quantization import get_scheme
 from ..quantization.tvm_layers import make_embedding, make_linear
 from .kv_kernels import install as _install_kv_kernels
-from .rope import apply_rope_to_qkv, longrope_flags
+from .rope import apply_rope_to_qkv, longrope_flags, rope_table
 
 # the wheel's GPU attention-merge kernel races on its in-place log-sum-exp (kv_kernels.py)
 _install_kv_kernels()
@@ -97,15 +97,15 @@ class Phi3Attention(nn.Module):
             cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, opts, f"{prefix}.o_proj"
         )
 
-    def forward(self, x: nn.Tensor, positions, rope_long, kv: PagedKVCache, layer: int):
+    def forward(self, x: nn.Tensor, rope, kv: PagedKVCache, layer: int):
         c = self.cfg
         b, s, _ = x.shape
         n_heads = c.num_attention_heads + 2 * c.num_key_value_heads
-        if positions is None:  # the cache rotates q/k
+        if rope is None:  # the cache rotates q/k
             qkv = op.reshape(self.qkv_proj(x), (b, s, n_heads, c.head_dim))
         else:
             qkv = op.reshape(self.qkv_proj(x), (b * s, n_heads, c.head_dim))  # (n, nH+2nKV, hd)
-            qkv = apply_rope_to_qkv(qkv, positions, rope_long, c)
+            qkv = apply_rope_to_qkv(qkv, rope, c)
             qkv = op.reshape(qkv, (b, s, n_heads, c.head_dim))
         if self.cache_dtype != self.dtype:  # the cache's kernels take q/k/v/o in its dtype (fp32 inside)
             qkv = qkv.astype(self.cache_dtype)
@@ -135,8 +135,8 @@ class Phi3DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(*norm)
         self.mlp = Phi3MLP(cfg, opts, f"model.layers.{index}.mlp")
 
-    def forward(self, x, positions, rope_long, kv: PagedKVCache, layer: int):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope_long, kv, layer)
+    def forward(self, x, rope, kv: PagedKVCache, layer: int):
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -165,12 +165,12 @@ class Phi3ForCausalLM(nn.Module):
 
     def _body(self, x: nn.Tensor, kv: PagedKVCache, ends: str, logit_positions: nn.Tensor | None = None):
         b, s, _ = x.shape
-        positions = rope_long = None
+        rope = None
         if not self.rope_in_cache:
             positions = kv.get_query_positions(b * s)
-            rope_long = longrope_flags(positions, self.cfg, ends, logit_positions)
+            rope = rope_table(positions, longrope_flags(positions, self.cfg, ends, logit_positions), self.cfg)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, positions, rope_long, kv, i)
+            x = layer(x, rope, kv, i)
         return self.model.norm(x)
 
     def _logits(self, x: nn.Tensor) -> nn.Tensor:
