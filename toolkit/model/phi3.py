@@ -30,6 +30,7 @@ from ..config import Phi3Config
 from ..errors import UserError
 from ..quantization import get_scheme
 from ..quantization.tvm_layers import make_embedding, make_linear
+from .activation import silu_mul
 from .kv_kernels import install as _install_kv_kernels
 from .rope import apply_rope_to_qkv, longrope_flags, rope_table
 
@@ -123,8 +124,7 @@ class Phi3MLP(nn.Module):
         self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, opts, f"{prefix}.down_proj")
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
-        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)  # HF: first half is the gate
-        return self.down_proj(op.silu(gate) * up)
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))  # HF: first half is the gate
 
 
 class Phi3DecoderLayer(nn.Module):
