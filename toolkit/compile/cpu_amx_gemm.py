@@ -31,7 +31,15 @@ import operator
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .cpu_q8_gemv import check_layout, k_group_min, k_group_scale, repack_tile, scale_groups, with_params_of
+from .cpu_q8_gemv import (
+    check_layout,
+    pack_four,
+    quantize_x_group,
+    repack_tile,
+    scale_groups,
+    weight_group_values,
+    with_params_of,
+)
 
 TILE_ROWS = 16  # rows of x per A tile, and weight rows per B tile (16 int32 columns of 64 bytes)
 SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
@@ -91,6 +99,8 @@ def q8_amx_gemm(func: tirx.PrimFunc, q) -> tirx.PrimFunc:
     config = tile_config(wg)
     # (c | 0x80) - zp, then the top bit flipped back: c - zp per byte, no borrow (c < 128, zp <= 128)
     flip, zp4 = T.uint32(0x80808080), T.uint32(0x01010101 * zp)
+    quantize = quantize_x_group(k, gs, has_min)
+    group_values = weight_group_values(NR, n_wg, kq, has_min, six)
     if eight:  # 4 codes c (x - 128 stored as c): c - 128 is the top bit flipped
         repack = repack_tile(NR, n_words, width, eight, lambda v: v ^ flip)
     else:
@@ -143,28 +153,16 @@ def q8_amx_gemm(func: tirx.PrimFunc, q) -> tirx.PrimFunc:
             qv = T.alloc_buffer((gs,), "int32", scope="local")
             for g in range(n_groups):
                 if m < n_rows:
-                    amax[0] = T.float32(0)
-                    for i in range(gs):
-                        amax[0] = T.max(amax[0], T.abs(xf[m * k + g * gs + i]))
-                    for i in range(gs):
-                        qv[i] = T.Cast("int32", T.nearbyint(xf[m * k + g * gs + i] * T.Select(
-                            amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))))
+                    quantize(xf, m, g, amax, qv, xs, xm)
                 else:
-                    amax[0] = T.float32(0)
                     for i in range(gs):
                         qv[i] = 0
+                    xs[m * n_groups + g] = T.float32(0)
+                    if has_min:
+                        xm[m * n_groups + g] = T.float32(0)
                 for j in range(gs // 4):
-                    xb[((m // MR * n_wg + (g * gs + 4 * j) // wg) * MR + m % MR) * qpg + j % qpg] = (
-                        (T.Cast("uint32", qv[4 * j]) & T.uint32(255))
-                        | T.shift_left(T.Cast("uint32", qv[4 * j + 1]) & T.uint32(255), T.uint32(8))
-                        | T.shift_left(T.Cast("uint32", qv[4 * j + 2]) & T.uint32(255), T.uint32(16))
-                        | T.shift_left(T.Cast("uint32", qv[4 * j + 3]) & T.uint32(255), T.uint32(24)))
-                xs[m * n_groups + g] = amax[0] / T.float32(127)
-                if has_min:  # the rounded x the codes see (cpu_q8_gemv: error follows |w|)
-                    xm[m * n_groups + g] = T.float32(0)
-                    for i in range(gs):
-                        xm[m * n_groups + g] = xm[m * n_groups + g] + T.Cast("float32", qv[i])
-                    xm[m * n_groups + g] = xm[m * n_groups + g] * xs[m * n_groups + g]
+                    xb[((m // MR * n_wg + (g * gs + 4 * j) // wg) * MR + m % MR) * qpg + j % qpg] = pack_four(
+                        qv, j)
         # 2. per tile of 16 weight rows: repack as signed codes, then for each block of 16 rows of x one
         # tile product per weight group
         for t in T.parallel(n // NR):
@@ -181,19 +179,7 @@ def q8_amx_gemm(func: tirx.PrimFunc, q) -> tirx.PrimFunc:
                 cfg[i] = _config_word(config, i)
             T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0])))
             repack(qw, qh, wp, t)
-            for g in range(n_wg):
-                if kq:
-                    for j in T.vectorized(NR):
-                        ws[g * NR + j] = k_group_scale(qs, qsub, t * NR + j, g, six)
-                    if has_min:
-                        for j in T.vectorized(NR):
-                            wm[g * NR + j] = k_group_min(qm, qsub, t * NR + j, g)
-                else:
-                    for j in T.vectorized(NR):
-                        ws[g * NR + j] = T.Cast("float32", qs[t * NR + j, g])
-                    if has_min:
-                        for j in T.vectorized(NR):
-                            wm[g * NR + j] = T.Cast("float32", qm[t * NR + j, g])
+            group_values(qs, qm, qsub, ws, wm, t)
             for mo in range(n_blocks):
                 for i in T.unroll(HALF):
                     acc0[T.ramp(i * NR, 1, NR)] = T.broadcast(T.float32(0), NR)

@@ -24,7 +24,15 @@ import operator
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .cpu_q8_gemv import check_layout, k_group_min, k_group_scale, repack_tile, scale_groups, with_params_of
+from .cpu_q8_gemv import (
+    check_layout,
+    pack_four,
+    quantize_x_group,
+    repack_tile,
+    scale_groups,
+    weight_group_values,
+    with_params_of,
+)
 
 
 def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> tirx.PrimFunc:
@@ -55,6 +63,8 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
     qh_shape = (n, int(q.q_high.shape[1])) if width else (1, 1)
 
     repack = repack_tile(NR, n_words, width, eight)
+    quantize = quantize_x_group(k, gs, has_min)
+    group_values = weight_group_values(NR, n_wg, kq, has_min, six)
     dpbusd = T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{32 * lanes}")
 
     # fmt: off
@@ -75,28 +85,13 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
             amax = T.alloc_buffer((1,), "float32", scope="local")
             qv = T.alloc_buffer((gs,), "int32", scope="local")
             for g in range(n_groups):
-                amax[0] = T.float32(0)
-                for i in range(gs):
-                    amax[0] = T.max(amax[0], T.abs(xf[m * k + g * gs + i]))
-                for i in range(gs):
-                    qv[i] = T.Cast("int32", T.nearbyint(xf[m * k + g * gs + i] * T.Select(
-                        amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))))
+                quantize(xf, m, g, amax, qv, xs, xm)
                 for j in range(8):
-                    xq[m * n_quads + g * 8 + j] = (
-                        (T.Cast("uint32", qv[4 * j]) & T.uint32(255))
-                        | T.shift_left(T.Cast("uint32", qv[4 * j + 1]) & T.uint32(255), T.uint32(8))
-                        | T.shift_left(T.Cast("uint32", qv[4 * j + 2]) & T.uint32(255), T.uint32(16))
-                        | T.shift_left(T.Cast("uint32", qv[4 * j + 3]) & T.uint32(255), T.uint32(24)))
+                    xq[m * n_quads + g * 8 + j] = pack_four(qv, j)
                 for h in range(per_wg):
                     xz[m * n_wg + g * per_wg + h] = T.int32(0)
                     for i in range(wg):
                         xz[m * n_wg + g * per_wg + h] = xz[m * n_wg + g * per_wg + h] - zp * qv[h * wg + i]
-                xs[m * n_groups + g] = amax[0] / T.float32(127)
-                if has_min:  # the rounded x the codes see (cpu_q8_gemv: error follows |w|)
-                    xm[m * n_groups + g] = T.float32(0)
-                    for i in range(gs):
-                        xm[m * n_groups + g] = xm[m * n_groups + g] + T.Cast("float32", qv[i])
-                    xm[m * n_groups + g] = xm[m * n_groups + g] * xs[m * n_groups + g]
         # 2. per tile of NR weight rows: repack, then register blocks of mr rows of x
         for t in T.parallel(n // NR):
             wp = T.alloc_buffer((n_quads * NR,), "uint32")  # [K/4, NR rows]: 4 u8 codes per word
@@ -105,19 +100,7 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
             acc = T.alloc_buffer((mr * NR,), "float32")  # global scope + small: a stack alloca
             dots = T.alloc_buffer((mr * NR,), "int32")
             repack(qw, qh, wp, t)
-            for g in range(n_wg):
-                if kq:  # derived from the super-block's d (dmin) and sub-block bytes
-                    for j in T.vectorized(NR):
-                        ws[g * NR + j] = k_group_scale(qs, qsub, t * NR + j, g, six)
-                    if has_min:
-                        for j in T.vectorized(NR):
-                            wm[g * NR + j] = k_group_min(qm, qsub, t * NR + j, g)
-                else:
-                    for j in T.vectorized(NR):
-                        ws[g * NR + j] = T.Cast("float32", qs[t * NR + j, g])
-                    if has_min:
-                        for j in T.vectorized(NR):
-                            wm[g * NR + j] = T.Cast("float32", qm[t * NR + j, g])
+            group_values(qs, qm, qsub, ws, wm, t)
             for mo in range((n_rows + mr - 1) // mr):
                 for i in T.unroll(mr):
                     acc[T.ramp(i * NR, 1, NR)] = T.broadcast(T.float32(0), NR)

@@ -179,6 +179,67 @@ def four_codes(qw, qh, row, w, h, width: int, word=None) -> tirx.PrimExpr:
     return nibbles | _spread_high(T.shift_right(qh[row, (8 * w + 4 * h) // per_word], at), width)
 
 
+def pack_four(qv, j) -> tirx.PrimExpr:
+    """int8 values qv[4j .. 4j + 3] (int32 in -127..127) as the 4 bytes of a uint32, lowest first."""
+    return functools.reduce(
+        operator.or_,
+        [T.shift_left(T.Cast("uint32", qv[4 * j + c]) & T.uint32(255), T.uint32(8 * c)) for c in range(4)],
+    )
+
+
+def quantize_x_group(k: int, gs: int, has_min: bool):
+    """A TVMScript macro `(xf, m, g, amax, qv, xs, xm)` for the prefill GEMMs: group g (of `gs`) of row m of
+    the flat fp32 x (rows of `k`) rounded to int8 into qv[gs], its scale amax / 127 into xs[m, g] and, for
+    layouts with mins, the group's sum of x as rounded into xm[m, g] (an all-zero group: codes and scale 0).
+    xs / xm are flat, K / gs per row."""
+    n_groups = k // gs
+
+    # fmt: off
+    @T.macro
+    def quantize(xf, m, g, amax, qv, xs, xm):
+        amax[0] = T.float32(0)
+        for i in range(gs):
+            amax[0] = T.max(amax[0], T.abs(xf[m * k + g * gs + i]))
+        for i in range(gs):
+            qv[i] = T.Cast("int32", T.nearbyint(xf[m * k + g * gs + i] * T.Select(
+                amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))))
+        xs[m * n_groups + g] = amax[0] / T.float32(127)
+        if has_min:  # the rounded x the codes see (cpu_q8_gemv: error follows |w|)
+            xm[m * n_groups + g] = T.float32(0)
+            for i in range(gs):
+                xm[m * n_groups + g] = xm[m * n_groups + g] + T.Cast("float32", qv[i])
+            xm[m * n_groups + g] = xm[m * n_groups + g] * xs[m * n_groups + g]
+    # fmt: on
+
+    return quantize
+
+
+def weight_group_values(nr: int, n_wg: int, kq: bool, has_min: bool, six: bool):
+    """A TVMScript macro `(qs, qm, qsub, ws, wm, t)` for the prefill GEMMs: the fp32 scale (and min) of each
+    weight group of rows t * nr .. t * nr + nr - 1, laid out [group, nr rows]; K-quants' derived from the
+    super-block's d (dmin) and sub-block bytes."""
+
+    # fmt: off
+    @T.macro
+    def values(qs, qm, qsub, ws, wm, t):
+        for g in range(n_wg):
+            if kq:
+                for j in T.vectorized(nr):
+                    ws[g * nr + j] = k_group_scale(qs, qsub, t * nr + j, g, six)
+                if has_min:
+                    for j in T.vectorized(nr):
+                        wm[g * nr + j] = k_group_min(qm, qsub, t * nr + j, g)
+            else:
+                for j in T.vectorized(nr):
+                    ws[g * nr + j] = T.Cast("float32", qs[t * nr + j, g])
+                if has_min:
+                    for j in T.vectorized(nr):
+                        wm[g * nr + j] = T.Cast("float32", qm[t * nr + j, g])
+    # fmt: on
+
+    return values
+
+
 def _transpose_pattern(nr: int, b: int, upper: bool) -> list[int]:
     """Lane picks from the concatenation (row p, row p + b) for one butterfly step of an nr x nr transpose:
     the lower row keeps its lanes without bit b and takes the upper row's below them, the upper row the
