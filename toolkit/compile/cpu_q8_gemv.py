@@ -253,8 +253,8 @@ def repack_tile(nr: int, n_words: int, width: int, eight: bool, post=None):
     """A TVMScript macro `(qw, qh, wp, t)` that repacks weight rows t * nr .. t * nr + nr - 1 for the
     prefill GEMMs: wp[(K/4) x nr] holds, per 4 k, the 4 u8 codes of each row (`four_codes`; GGUF Q8_0's
     words as they are), `post` applied to each word (None: as is). The rows are read in runs of nr
-    words and transposed in registers (log2(nr) shuffle steps), not gathered column by column, which
-    cost the GEMMs a quarter of their time; the last n_words % nr words are gathered."""
+    words and transposed in registers (log2(nr) shuffle steps) rather than gathered a column (one word of
+    each of nr rows) at a time; the last n_words % nr words are gathered."""
     post = post or (lambda v: v)
     full = n_words // nr * nr
     assert nr in (8, 16)

@@ -101,8 +101,7 @@ def longrope_flags(
 
 def rope_table(positions: nn.Tensor, rope_long: nn.Tensor | None, cfg: Phi3Config) -> nn.Tensor:
     """(n, 2, rotary_dim/2) float32: per token the cosines (row 0) and sines (row 1) of its angles, times
-    LongRoPE's attention factor. Once per forward for every layer: computed per element of q and k instead,
-    the trigonometry was most of the rotation's time (Phi-3-mini: 12 per token and head pair, 64 heads)."""
+    LongRoPE's attention factor. Once per forward for every layer, not per element of every q and k head."""
     half = cfg.rotary_dim // 2
     mscale = float(attention_factor(cfg))
     table = nn.Tensor.from_const(inv_freq_table(cfg))
