@@ -150,6 +150,74 @@ def test_ragged_prefill_matches_tvm_kernel(causal):
     np.testing.assert_allclose(ours[1], ref[1], atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("causal", [0, 1])
+def test_prefill_kernels_apply_hf_sliding_window(causal):
+    """`mask_window` W (HF's sliding window over a cache that never rolls): a query at absolute position p
+    sees keys p - W + 1 .. p. Ragged (the chunk's own keys, causal) and paged (the keys before the chunk
+    when not causal, the whole prefix including the chunk when causal), both against numpy; sequences of
+    1 to 40 query rows cover partial blocks of the prefill tasks."""
+    rng = np.random.default_rng(5)
+    h_kv, h_qo, d, w = 2, 6, 32, 5
+    scale = 1 / np.sqrt(d)
+    # ragged: chunk rows at positions n - n_q + i
+    n_q = [7, 1, 40]
+    q = rng.standard_normal((sum(n_q), h_qo, d)).astype("float32")
+    k = rng.standard_normal((sum(n_q), h_kv, d)).astype("float32")
+    v = rng.standard_normal((sum(n_q), h_kv, d)).astype("float32")
+    ptr = np.concatenate([[0], np.cumsum(n_q)]).astype("int32")
+    inputs = [q, ptr, k, v, ptr, np.zeros(sum(n_q), "int32"), np.zeros(len(n_q), "int32")]
+    shapes, scalars = [(sum(n_q), h_qo, d), (sum(n_q), h_qo)], [causal, 0, 1.0, 1e4, scale]
+    ours = _run(
+        _build(prefill_ragged_attention_cpu(h_kv, h_qo, d, "float32", mask_window=w)), inputs, shapes, scalars
+    )[0]
+    for s_, n in enumerate(n_q):
+        for i in range(n):
+            lo, hi = (max(i + 1 - w, 0), i + 1) if causal else (0, n)
+            kk, vv = (
+                k[ptr[s_] + lo : ptr[s_] + hi].transpose(1, 0, 2),
+                v[ptr[s_] + lo : ptr[s_] + hi].transpose(1, 0, 2),
+            )
+            np.testing.assert_allclose(
+                ours[ptr[s_] + i], _softmax_attention(q[ptr[s_] + i], kk, vv), atol=TOL
+            )
+    # paged: query row i of a chunk of n_q sits at n - n_q + i (causal: pages hold the chunk) or n + i
+    lens, n_q = [70, 3, 33], [5, 3, 20]
+    pages, indptr, values, info = _paged_cache(rng, lens, h_kv, d, False)
+    total = sum(n_q)
+    q = rng.standard_normal((total, h_qo, d)).astype("float32")
+    q_indptr = np.concatenate([[0], np.cumsum(n_q)]).astype("int32")
+    inputs = [
+        q,
+        q_indptr,
+        pages,
+        indptr,
+        values,
+        info,
+        np.zeros(len(lens), "int32"),
+        np.zeros(total, "int32"),
+    ]
+    shapes, scalars = [(total, h_qo, d), (total, h_qo)], [causal, 0, 1.0, 1e4, scale]
+    mine = prefill_paged_attention_cpu(h_kv, h_qo, d, "float32", False, PS, 0, mask_window=w)
+    ours = _run(_build(mine), inputs, shapes, scalars)[0]
+    seen = 0
+    for s_, (n, m) in enumerate(zip(lens, n_q)):
+        slots = [(p, j) for p in values[indptr[s_] : indptr[s_ + 1]] for j in range(PS)][:n]
+        keys = np.stack([pages[p, 0, :, j] for p, j in slots], 1)  # [H_kv, n, d]
+        vals = np.stack([pages[p, 1, :, j] for p, j in slots], 1)
+        for i in range(m):
+            pos = n - m + i if causal else n + i
+            lo, hi = max(pos - w + 1, 0), min(pos + 1, n)
+            got = ours[q_indptr[s_] + i]
+            if hi <= lo:
+                np.testing.assert_array_equal(got, 0)  # no key in the window: o = 0, as TVM's kernels
+                continue
+            seen += 1
+            np.testing.assert_allclose(
+                got, _softmax_attention(q[q_indptr[s_] + i], keys[:, lo:hi], vals[:, lo:hi]), atol=TOL
+            )
+    assert seen >= 10
+
+
 def test_replace_attention_swaps_kernels_by_symbol():
     mod = tvm.IRModule(
         {

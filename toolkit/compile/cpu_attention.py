@@ -4,14 +4,14 @@ compile/host_attention.py).
 TVM's CPU kernels run every (sequence, query head, query row) one after another on one thread, with scalar
 loops over the head dimension and an online-softmax rescale of the output after every key; the ragged
 prefill kernel scores every key for every query (masked ones too) and the paged prefill kernel walks the
-whole cache capacity per query row. Ours run (group of query heads, query row) tasks in parallel, visit only
-the keys a query sees, keep q / o / scores in small buffers with explicit 8-lane vector loads, and run the
-softmax per chunk of 16 keys: scores, one max, one rescale of o, then o += p * v per key.
-Phi-3-mini shapes, 1 thread: decode with 136 keys 0.8 ms -> 0.15-0.22 ms per layer with the KV rows in cache
-(in the model they are cold and the read dominates: ~1 ms for either kernel); 128-token prefill, all layers,
-1.44 s -> 0.64 s for the attention builtin. Cold decode over a long cache is bound by the latency of its
-short runs of rows, hence the K / V prefetch (`AttentionKnobs.prefetch`); q, o and each key's partial dot
-products stay in registers.
+whole cache capacity per query row. Ours run tasks in parallel and visit only the keys a query sees.
+Decode (`_attend`): a task is a group of query heads of one query row; q, o and each key's partial dot
+products stay in registers, the softmax runs per chunk of keys (scores, one max, one rescale of o, then
+o += p * v per key), and K / V rows can be prefetched a chunk ahead (`AttentionKnobs.prefetch`): cold
+decode over a long cache is bound by the latency of its short runs of rows. Prefill (`_attend_block`): a
+task is 16 query rows of every query head of one KV head, so each chunk of keys is transposed and converted
+once for all of them and the scores are vectors over keys (a GEMM-like inner loop with no horizontal sum
+per key).
 
 Same parameters and outputs (o and the log2-sum-exp) as TVM's kernels, up to fp32 summation order.
 Only rotary_mode 0 is supported (rope applied before the cache, as our model does); the kernels assert it.
@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 from tvm import DataType, tirx
 from tvm.script import tirx as T
+
+from .cpu_q8_gemv import transpose_pattern
 
 LOG2E = math.log2(math.e)
 
@@ -51,17 +53,25 @@ _EXP2_POLY = (
 )
 
 
-def _exp2_nonpositive(x):
-    """2^x for x <= 0 in plain arithmetic, so a vectorized loop stays vector: LLVM has no vector exp2 on
-    x86 and splits `exp2` into one libm call per lane (the prefill's softmax made 300k calls per layer)."""
-    x = T.max(x, T.float32(-126))  # 2^-126, the smallest normal: a weight below that is negligible
-    n = T.floor(x + T.float32(0.5))
+def _exp2_nonpositive(x, lanes: int = 1):
+    """2^x for x <= 0 (a scalar, or a vector of `lanes`) in plain arithmetic, so a vectorized loop stays
+    vector: LLVM has no vector exp2 on x86 and splits `exp2` into one libm call per lane (the prefill's
+    softmax made 300k calls per layer)."""
+    suffix = f"x{lanes}" if lanes > 1 else ""
+
+    def c(value):
+        return T.broadcast(T.float32(value), lanes) if lanes > 1 else T.float32(value)
+
+    x = T.max(x, c(-126))  # 2^-126, the smallest normal: a weight below that is negligible
+    n = T.floor(x + c(0.5))
     f = x - n
-    p = T.float32(_EXP2_POLY[0])
-    for c in _EXP2_POLY[1:]:
-        p = p * f + T.float32(c)
-    scale = T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
-    return (p * f + T.float32(1)) * scale
+    p = c(_EXP2_POLY[0])
+    for coef in _EXP2_POLY[1:]:
+        p = p * f + c(coef)
+    bias = T.broadcast(T.int32(127), lanes) if lanes > 1 else T.int32(127)
+    shift = T.broadcast(T.int32(23), lanes) if lanes > 1 else T.int32(23)
+    scale = T.reinterpret("float32" + suffix, T.shift_left(T.Cast("int32" + suffix, n) + bias, shift))
+    return (p * f + c(1)) * scale
 
 
 def heads_per_task(h_qo: int) -> int:
@@ -165,6 +175,189 @@ def _attend(d: int, nh: int, group: int, row_offset, head_stride: int, knobs: At
             for j in T.vectorized(d):
                 out[o_off + i * d + j] = T.Cast(out.dtype, ov[i * d + j] / l[i])
             lse[lse_off + i] = m[i] + T.log2(l[i])
+    # fmt: on
+
+    return attend
+
+
+def _rotate(lanes: int, b: int) -> list[int]:
+    """Lane picks that rotate a vector by b lanes (a shuffle of the vector with itself)."""
+    return [(lane + b) % lanes for lane in range(lanes)]
+
+
+def _fold(x, n):
+    """Task order 0, n-1, 1, n-2, ... over the query blocks: a thread's contiguous share of the tasks then
+    mixes short and long causal rows."""
+    return T.if_then_else(x % 2 == 0, x // 2, n - 1 - x // 2)
+
+
+PREFILL_ROWS = 16  # query rows per prefill task: they share each chunk's K / V conversion
+
+
+def _attend_block(
+    d: int, h_qo: int, group: int, row_offset, head_stride: int, knobs: AttentionKnobs, dtype: str, bounds
+):
+    """A macro for prefill: o = softmax(q . K) V and the log2-sum-exp for `nr` <= PREFILL_ROWS consecutive
+    query rows of every query head of KV head g (GQA: the `group` heads share the keys), each row over its
+    keys [lo, hi) = `bounds(i, bctx)` (i: the row's index in the task).
+
+    Keys go in chunks of `knobs.chunk`: a chunk's K rows are transposed once into [d, chunk] (fp32, by
+    lanes x lanes blocks in registers) and its V rows converted into [chunk, d], then used by every row and
+    head of the task. Per register block of rows the scores are a few vectors over the chunk's keys, one
+    FMA per query element and vector of keys (no horizontal sum per key as in `_attend`); then per row one
+    masked max and one rescale per chunk, and o += p V with the weights broadcast, the row's o in
+    registers. The running sums stay lane-wise until the end. q / out rows start at q_base / o_base, h_qo
+    x d apart; lse entries at lse_base, h_qo apart; K and V rows are addressed as in `_attend`."""
+    rows = PREFILL_ROWS
+    lanes = knobs.lanes
+    assert lanes in (8, 16)
+    chunk = max(knobs.chunk, lanes) // lanes * lanes
+    nv = chunk // lanes  # score vectors per row and chunk
+    rb = max(1, 8 // nv)  # rows per register block: 8 score vectors live
+    assert rows % rb == 0
+    vd = d // lanes
+    vec = f"float32x{lanes}"
+    neg = T.float32(-1e30)  # a masked score
+    rot = {b: _rotate(lanes, b) for b in (8, 4, 2, 1)}
+    pats = {b: (transpose_pattern(lanes, b, False), transpose_pattern(lanes, b, True)) for b in (8, 4, 2, 1)}
+
+    def lane(base):
+        return T.ramp(base, 1, lanes)
+
+    def bc(x):
+        return T.broadcast(x, lanes)
+
+    def s_(i, u):  # score vector u of register-block row i
+        return lane(i * chunk + u * lanes)
+
+    # fmt: off
+    @T.macro
+    def step(src, dst, b):  # one butterfly step of the transpose over the row pairs (p, p + b)
+        for i in T.unroll(lanes // 2):
+            lo_row: T.int32 = (i // b) * 2 * b + i % b
+            dst[lane(lo_row * lanes)] = T.Shuffle(
+                [src[lane(lo_row * lanes)], src[lane((lo_row + b) * lanes)]], pats[b][0])
+            dst[lane((lo_row + b) * lanes)] = T.Shuffle(
+                [src[lane(lo_row * lanes)], src[lane((lo_row + b) * lanes)]], pats[b][1])
+
+    @T.macro
+    def attend(q, q_base, k, v, v_shift, ctx, g, nr, bctx, scale, out, o_base, lse, lse_base):
+        qs = T.alloc_buffer((group * rows * d,), "float32")  # the rows' scaled q, [head, row, d]
+        os = T.alloc_buffer((group * rows * d,), "float32")  # their o
+        lv = T.alloc_buffer((group * rows * chunk,), "float32")  # running sums, lane-wise
+        m = T.alloc_buffer((group * rows,), "float32")  # running max
+        lo = T.alloc_buffer((rows,), "int32")
+        hi = T.alloc_buffer((rows,), "int32")
+        kt = T.alloc_buffer((d * chunk,), "float32")  # the chunk's K, transposed
+        ko = T.alloc_buffer((chunk,), "int32")  # flat offsets of its K rows
+        vc = T.alloc_buffer((chunk * d,), "float32")  # its V
+        tr = T.alloc_buffer((lanes * lanes,), "float32", scope="local")
+        tt = T.alloc_buffer((lanes * lanes,), "float32", scope="local")
+        sc = T.alloc_buffer((rb * chunk,), "float32")  # scores of a register block (registers)
+        pw = T.alloc_buffer((rb * chunk,), "float32")  # their softmax weights
+        al = T.alloc_buffer((rb,), "float32")  # the block's rescale factors
+        hv = T.alloc_buffer((lanes,), "float32")  # a row's max, every lane
+        ac = T.alloc_buffer((d,), "float32")  # a row's o (registers)
+        tot = T.alloc_buffer((2,), "float32")
+        span = T.alloc_buffer((2,), "int32")  # the task's keys: first, end
+        span[0] = T.int32(2**30)
+        span[1] = T.int32(0)
+        for i in range(rows):
+            lo[i] = T.int32(0)
+            hi[i] = T.int32(0)
+            if i < nr:
+                lo[i] = bounds(i, bctx)[0]
+                hi[i] = bounds(i, bctx)[1]
+                if hi[i] > lo[i]:
+                    span[0] = T.min(span[0], lo[i])
+                    span[1] = T.max(span[1], hi[i])
+        for hq in range(group):
+            for i in range(rows):
+                m[hq * rows + i] = T.float32(-5e4)  # TVM's start: no keys gives o = 0
+                for j in T.vectorized(chunk):
+                    lv[(hq * rows + i) * chunk + j] = T.float32(0)
+                for j in T.vectorized(d):
+                    os[(hq * rows + i) * d + j] = T.float32(0)
+                    qs[(hq * rows + i) * d + j] = T.if_then_else(
+                        i < nr, T.Cast("float32", q[q_base + i * h_qo * d + hq * d + j]) * scale,
+                        T.float32(0))
+        for c in range((T.max(span[1] - span[0], 0) + chunk - 1) // chunk):
+            j0: T.int32 = span[0] + c * chunk
+            for jj in range(chunk):  # keys past the end: the last one again (masked below)
+                ko[jj] = row_offset(T.min(j0 + jj, span[1] - 1), ctx) + g * head_stride
+                for dd in T.vectorized(d):
+                    vc[jj * d + dd] = T.Cast("float32", v[ko[jj] + v_shift + dd])
+            for ub in range(nv):
+                for db in range(vd):
+                    for i in T.unroll(lanes):
+                        tr[lane(i * lanes)] = T.Cast(vec, k[lane(ko[ub * lanes + i] + db * lanes)])
+                    if lanes == 16:
+                        step(tr, tt, 8)
+                        step(tt, tr, 4)
+                        step(tr, tt, 2)
+                        step(tt, tr, 1)
+                    else:
+                        step(tr, tt, 4)
+                        step(tt, tr, 2)
+                        step(tr, tt, 1)
+                        for i in T.unroll(lanes):
+                            tr[lane(i * lanes)] = tt[lane(i * lanes)]
+                    for u in T.unroll(lanes):
+                        kt[lane((db * lanes + u) * chunk + ub * lanes)] = tr[lane(u * lanes)]
+            for hq in range(group):
+                for blk in range(rows // rb):
+                    r0: T.int32 = hq * rows + blk * rb  # the block's first row of m / lv / qs / os
+                    for i in T.unroll(rb):
+                        for u in T.unroll(nv):
+                            sc[s_(i, u)] = bc(T.float32(0))
+                    for dd in range(d):
+                        for i in T.unroll(rb):
+                            for u in T.unroll(nv):
+                                sc[s_(i, u)] = sc[s_(i, u)] + bc(qs[(r0 + i) * d + dd]) * kt[
+                                    lane(dd * chunk + u * lanes)]
+                    for i in T.unroll(rb):
+                        for u in T.unroll(nv):
+                            sc[s_(i, u)] = T.Select(
+                                (T.ramp(j0 + u * lanes, 1, lanes) >= bc(lo[blk * rb + i]))
+                                & (T.ramp(j0 + u * lanes, 1, lanes) < bc(hi[blk * rb + i])),
+                                sc[s_(i, u)], bc(neg))
+                        hv[lane(0)] = sc[s_(i, 0)]
+                        for u in T.unroll(1, nv):
+                            hv[lane(0)] = T.max(hv[lane(0)], sc[s_(i, u)])
+                        if lanes == 16:
+                            hv[lane(0)] = T.max(hv[lane(0)], T.Shuffle([hv[lane(0)], hv[lane(0)]], rot[8]))
+                        hv[lane(0)] = T.max(hv[lane(0)], T.Shuffle([hv[lane(0)], hv[lane(0)]], rot[4]))
+                        hv[lane(0)] = T.max(hv[lane(0)], T.Shuffle([hv[lane(0)], hv[lane(0)]], rot[2]))
+                        hv[lane(0)] = T.max(hv[lane(0)], T.Shuffle([hv[lane(0)], hv[lane(0)]], rot[1]))
+                        new_m: T.float32 = T.max(m[r0 + i], hv[0])
+                        al[i] = _exp2_nonpositive(m[r0 + i] - new_m)
+                        m[r0 + i] = new_m
+                        for u in T.unroll(nv):
+                            pw[s_(i, u)] = T.Select(
+                                sc[s_(i, u)] > bc(neg), _exp2_nonpositive(sc[s_(i, u)] - bc(new_m), lanes),
+                                bc(T.float32(0)))
+                            lv[lane((r0 + i) * chunk + u * lanes)] = (
+                                lv[lane((r0 + i) * chunk + u * lanes)] * bc(al[i]) + pw[s_(i, u)])
+                    for i in range(rb):  # o = o * alpha + p V: d / lanes independent chains
+                        if blk * rb + i < nr:
+                            for u in T.unroll(vd):
+                                ac[lane(u * lanes)] = os[lane((r0 + i) * d + u * lanes)] * bc(al[i])
+                            for jj in T.unroll(chunk):
+                                for u in T.unroll(vd):
+                                    ac[lane(u * lanes)] = ac[lane(u * lanes)] + bc(pw[i * chunk + jj]) * vc[
+                                        lane(jj * d + u * lanes)]
+                            for u in T.unroll(vd):
+                                os[lane((r0 + i) * d + u * lanes)] = ac[lane(u * lanes)]
+        for hq in range(group):
+            for i in range(nr):
+                tot[0] = T.float32(0)
+                for j in range(chunk):
+                    tot[0] = tot[0] + lv[(hq * rows + i) * chunk + j]
+                tot[1] = T.if_then_else(tot[0] > T.float32(0), tot[0], T.float32(1))
+                for j in T.vectorized(d):
+                    out[o_base + i * h_qo * d + hq * d + j] = T.Cast(
+                        out.dtype, os[(hq * rows + i) * d + j] / tot[1])
+                lse[lse_base + i * h_qo + hq] = m[hq * rows + i] + T.log2(tot[1])
     # fmt: on
 
     return attend
@@ -285,8 +478,7 @@ def prefill_paged_attention_cpu(
     (the pages hold the chunk too) and n + i when not (the pages hold only the keys before the chunk, TVM's
     split of a chunk into ragged + paged attention); it sees keys from that position - W + 1 on."""
     assert d % knobs.lanes == 0 and h_qo % h_kv == 0
-    group, pg, nh = h_qo // h_kv, _Pages(h_kv, d, page_size, sliding_window), heads_per_task(h_qo)
-    attend = _attend(d, nh, group, pg.row_offset, pg.head_stride, knobs, dtype)
+    group, pg, rows = h_qo // h_kv, _Pages(h_kv, d, page_size, sliding_window), PREFILL_ROWS
     w = window if sliding_window else 0
 
     # TVM's mask, causal: keys < n - n_q + i + 1 for query row i; causal + window w: keys >= n - (w - i - 1)
@@ -301,6 +493,13 @@ def prefill_paged_attention_cpu(
             return lo
         q_pos = T.if_then_else(causal > 0, n - n_q + i, n + i)
         return T.max(lo, q_pos - mask_window + 1)
+
+    def bounds(i, bctx):  # row i of the task's block: row row0 + i of the sequence's chunk
+        causal, n, n_q, row0 = bctx
+        lo = window_first(causal, n, n_q, row0 + i, T.if_then_else(causal > 0, first_key(n, row0 + i), 0))
+        return lo, T.max(T.if_then_else(causal > 0, end_key(n, n_q, row0 + i), n), lo)
+
+    attend = _attend_block(d, h_qo, group, pg.row_offset, pg.head_stride, knobs, dtype, bounds)
 
     # fmt: off
     @T.prim_func(private=True)
@@ -325,15 +524,14 @@ def prefill_paged_attention_cpu(
             begin: T.int32 = indptr[b]
             n: T.int32 = pg.keys_of(b, indptr, length_info)
             n_q: T.int32 = q_indptr[b + 1] - q_indptr[b]
-            # head-major: each thread's share of the tasks has the same mix of short and long query rows
-            for t in T.parallel(h_qo // nh * n_q):
-                h0: T.int32 = t // n_q * nh
-                row: T.int32 = q_indptr[b] + t % n_q
-                lo: T.int32 = window_first(
-                    causal, n, n_q, t % n_q, T.if_then_else(causal > 0, first_key(n, t % n_q), 0))
-                hi: T.int32 = T.max(T.if_then_else(causal > 0, end_key(n, n_q, t % n_q), n), lo)
-                attend(qf, (row * h_qo + h0) * d, pf, pf, pg.v_shift, (values, begin, b, length_info), h0,
-                       lo, hi, sm_scale * T.float32(LOG2E), of, (row * h_qo + h0) * d, lf, row * h_qo + h0)
+            n_blk: T.int32 = (n_q + rows - 1) // rows
+            for t in T.parallel(h_kv * n_blk):
+                g: T.int32 = t // n_blk
+                row0: T.int32 = _fold(t % n_blk, n_blk) * rows
+                first: T.int32 = (q_indptr[b] + row0) * h_qo + g * group
+                attend(qf, first * d, pf, pf, pg.v_shift, (values, begin, b, length_info), g,
+                       T.min(rows, n_q - row0), (causal, n, n_q, row0), sm_scale * T.float32(LOG2E),
+                       of, first * d, lf, first)
     # fmt: on
 
     return kernel
@@ -346,12 +544,19 @@ def prefill_ragged_attention_cpu(
     keys and values (contiguous [len, H_kv, d]), causal or not. `mask_window` W > 0: a causal query row sees
     at most the last W of them (itself included)."""
     assert d % knobs.lanes == 0 and h_qo % h_kv == 0
-    group, nh = h_qo // h_kv, heads_per_task(h_qo)
+    group, rows = h_qo // h_kv, PREFILL_ROWS
 
     def row_offset(j, base):
         return (base + j) * h_kv * d
 
-    attend = _attend(d, nh, group, row_offset, d, knobs, dtype)
+    def bounds(i, bctx):  # row i of the task's block: row row0 + i of the sequence's chunk
+        causal, n, n_q, row0 = bctx
+        hi = T.if_then_else(causal > 0, T.min(n, n - n_q + row0 + i + 1), n)
+        if mask_window <= 0:
+            return 0, hi
+        return T.if_then_else(causal > 0, T.max(hi - mask_window, 0), 0), hi
+
+    attend = _attend_block(d, h_qo, group, row_offset, d, knobs, dtype, bounds)
 
     # fmt: off
     @T.prim_func(private=True)
@@ -377,13 +582,13 @@ def prefill_ragged_attention_cpu(
         for b in range(B):
             n: T.int32 = kv_indptr[b + 1] - kv_indptr[b]
             n_q: T.int32 = q_indptr[b + 1] - q_indptr[b]
-            for t in T.parallel(h_qo // nh * n_q):  # head-major, as above
-                h0: T.int32 = t // n_q * nh
-                row: T.int32 = q_indptr[b] + t % n_q
-                hi: T.int32 = T.if_then_else(causal > 0, T.min(n, n - n_q + t % n_q + 1), n)
-                lo: T.int32 = T.if_then_else(causal > 0 and mask_window > 0, T.max(hi - mask_window, 0), 0)
-                attend(qf, (row * h_qo + h0) * d, kf, vf, 0, kv_indptr[b], h0, lo, hi,
-                       sm_scale * T.float32(LOG2E), of, (row * h_qo + h0) * d, lf, row * h_qo + h0)
+            n_blk: T.int32 = (n_q + rows - 1) // rows
+            for t in T.parallel(h_kv * n_blk):
+                g: T.int32 = t // n_blk
+                row0: T.int32 = _fold(t % n_blk, n_blk) * rows
+                first: T.int32 = (q_indptr[b] + row0) * h_qo + g * group
+                attend(qf, first * d, kf, vf, 0, kv_indptr[b], g, T.min(rows, n_q - row0),
+                       (causal, n, n_q, row0), sm_scale * T.float32(LOG2E), of, first * d, lf, first)
     # fmt: on
 
     return kernel

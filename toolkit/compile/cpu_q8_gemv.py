@@ -240,7 +240,7 @@ def weight_group_values(nr: int, n_wg: int, kq: bool, has_min: bool, six: bool):
     return values
 
 
-def _transpose_pattern(nr: int, b: int, upper: bool) -> list[int]:
+def transpose_pattern(nr: int, b: int, upper: bool) -> list[int]:
     """Lane picks from the concatenation (row p, row p + b) for one butterfly step of an nr x nr transpose:
     the lower row keeps its lanes without bit b and takes the upper row's below them, the upper row the
     rest. After the steps b = nr/2 .. 1, row i holds what was column i."""
@@ -258,7 +258,7 @@ def repack_tile(nr: int, n_words: int, width: int, eight: bool, post=None):
     post = post or (lambda v: v)
     full = n_words // nr * nr
     assert nr in (8, 16)
-    pats = {b: (_transpose_pattern(nr, b, False), _transpose_pattern(nr, b, True)) for b in (8, 4, 2, 1)}
+    pats = {b: (transpose_pattern(nr, b, False), transpose_pattern(nr, b, True)) for b in (8, 4, 2, 1)}
 
     # fmt: off
     @T.macro
