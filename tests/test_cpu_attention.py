@@ -310,7 +310,7 @@ def test_pipeline_swaps_attention_on_llvm_targets_only(tmp_path):
 
     from toolkit.checkpoint import open_model
     from toolkit.compile.compile_model import graph_options
-    from toolkit.compile.knobs import Knobs
+    from toolkit.compile.knobs import Knobs, attention_key
     from toolkit.compile.pipeline import export_model
     from toolkit.model.phi3 import export_phi3
 
@@ -336,6 +336,14 @@ def test_pipeline_swaps_attention_on_llvm_targets_only(tmp_path):
     for name in swapped:
         same = tvm_ffi.structural_equal(wide[name], swapped[name])
         assert same != name.startswith("batch_decode"), name
+    # a record's sizes for this model's attention shape reach it; those for another head shape do not
+    key = attention_key(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+    assert key != "9x3x64"
+    for rec_key, expect in ((key, wide), ("9x3x64", swapped)):
+        got = kernels(
+            export_model(cfg, opts, host.target, Knobs({"attention_decode": {rec_key: {"lanes": 16}}}))[0]
+        )
+        assert tvm_ffi.structural_equal(got[decode], expect[decode]), rec_key
 
     gpu = load_preset("webgpu")
     opts = graph_options("q4f16_1", gpu)

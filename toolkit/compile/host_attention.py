@@ -15,6 +15,7 @@ from .cpu_attention import (
     prefill_paged_attention_cpu,
     prefill_ragged_attention_cpu,
 )
+from .knobs import attention_key
 
 SYMBOLS = ("batch_decode_paged_kv_cpu", "batch_prefill_paged_kv_cpu", "batch_prefill_ragged_kv")  # TVM's
 DEFAULT_KNOBS = AttentionKnobs()  # what the kernels were written with
@@ -104,7 +105,8 @@ class HostAttention:
 def host_attention(cfg: Phi3Config, knobs=None) -> tvm.transform.Pass:
     """The swap for a model: the window the KV cache's paged prefill kernel masks with, HF's sliding window
     inside the kernels (the cache then never rolls, so the query positions the graph reads from it stay
-    absolute; RoPE is applied before the cache), kernel sizes from `knobs` (compile/knobs.Knobs; None: the
-    kernels' defaults)."""
-    sizes = {step: knobs.attention(step) for step in ("decode", "prefill")} if knobs else {}
+    absolute; RoPE is applied before the cache), kernel sizes from `knobs` (compile/knobs.Knobs, at the
+    model's attention shape; None: the kernels' defaults)."""
+    key = attention_key(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+    sizes = {step: knobs.attention(step, key) for step in ("decode", "prefill")} if knobs else {}
     return HostAttention(attention_window(cfg), mask_window=cfg.sliding_window or 0, **sizes)

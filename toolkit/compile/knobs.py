@@ -13,7 +13,9 @@ Families (the kernels that read them):
   cache level it fills: 1 or 2).
 - `q8_gemm` (cpu_q8_gemm, prefill): `mr` (rows of x per register block); the AMX GEMM (cpu_amx_gemm) has no
   knobs (its tiles are 16 x 16 by the instruction set).
-Records may hold a value per kernel shape (`"<n>x<k>"` for the matmuls) over the family's.
+Records may hold a value per kernel shape over the family's: `"<n>x<k>"` for the matmuls, the model's
+attention shape `"<H_qo>x<H_kv>x<d>"` for the attention kernels (sizes that win at one head shape can lose
+at another: `phi3 tune` on one model must not slow another's attention).
 """
 
 from __future__ import annotations
@@ -62,6 +64,11 @@ def shape_key(n: int, k: int) -> str:
     return f"{n}x{k}"
 
 
+def attention_key(h_qo: int, h_kv: int, d: int) -> str:
+    """The attention families' shape key: query heads, KV heads, head size."""
+    return f"{h_qo}x{h_kv}x{d}"
+
+
 @dataclass(frozen=True)
 class Knobs:
     """Knob values per family (`"*"`: the family's value, or a shape key); `source` says where from."""
@@ -78,8 +85,10 @@ class Knobs:
             out.update(by_key.get(shape, {}))
         return out
 
-    def attention(self, step: str) -> AttentionKnobs:
-        return AttentionKnobs(**self.get(f"attention_{step}"))
+    def attention(self, step: str, key: str | None = None) -> AttentionKnobs:
+        """The sizes of the `step` kernel ("decode" / "prefill") for the attention shape `key`
+        (`attention_key`; None: the family's)."""
+        return AttentionKnobs(**self.get(f"attention_{step}", key))
 
     def gemv(self, n: int, k: int) -> dict[str, int]:
         """`tile`, `rows` and `prefetch` for an n x k GEMV: a shape's record, else the family value (`tile`

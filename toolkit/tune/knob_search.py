@@ -42,7 +42,7 @@ SIGN_TEST_ALPHA = 0.02
 @dataclass
 class SearchResult:
     family: str
-    key: str  # shape key, or "*" for the attention families
+    key: str  # shape key (compile/knobs: shape_key, attention_key)
     default: Config
     best: Config
     kept: bool  # best != default and it won beyond noise
@@ -285,6 +285,7 @@ def attention_targets(cfg, preset: Preset, context: int, prefill_len: int) -> li
     at the model's head shapes and the preset's cache dtype."""
     from ..compile.compile_model import graph_options
     from ..compile.cpu_attention import AttentionKnobs, decode_attention_cpu, prefill_ragged_attention_cpu
+    from ..compile.knobs import attention_key
 
     dtype = graph_options("q0f32", preset).cache_dtype
     h_kv, h_qo, d = cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim
@@ -348,9 +349,10 @@ def attention_targets(cfg, preset: Preset, context: int, prefill_len: int) -> li
         return prefill_ragged_attention_cpu(h_kv, h_qo, d, dtype, 0, AttentionKnobs(**c)) if fits(c) else None
 
     kv_bytes = 2 * context * h_kv * d * np.dtype(dtype).itemsize * cfg.num_hidden_layers
+    key = attention_key(h_qo, h_kv, d)
     return [
-        Target_("attention_decode", "*", decode, args=decode_args, weight=kv_bytes),
-        Target_("attention_prefill", "*", prefill, args=prefill_args, weight=kv_bytes / 4),
+        Target_("attention_decode", key, decode, args=decode_args, weight=kv_bytes),
+        Target_("attention_prefill", key, prefill, args=prefill_args, weight=kv_bytes / 4),
     ]
 
 
@@ -389,7 +391,7 @@ def search_model(
             n, k = (int(x) for x in tgt.key.split("x"))
             default = current.gemv(n, k)
         else:
-            default = current.get(tgt.family, None if tgt.key == "*" else tgt.key)
+            default = current.get(tgt.family, tgt.key)
         # the ceiling a memory-bound kernel is judged against, probed next to it (bandwidth drifts here)
         bandwidth = probe_bandwidth(threads) if tgt.family in COLD_FAMILIES else 0.0
         res = _search_one(tgt, default, target, quick, rounds, margin, progress, bandwidth)
