@@ -64,7 +64,7 @@ def _small_kernel(tiny_lowered):
 @pytest.mark.slow  # a MetaSchedule search; applying records stays by default (test_gpu_schedule)
 def test_tuned_record_is_written_and_applied_by_compile(tiny_lowered, tmp_path, monkeypatch, capsys):
     from toolkit.compile.compile_model import schedule_fn
-    from toolkit.compile.tuned_records import INDEX, device_fingerprint
+    from toolkit.compile.tuned_records import INDEX, apply_tuned_records, device_fingerprint, replay_on_kernel
     from toolkit.tune.records import write_records
     from toolkit.tune.tuner import tune_kernel
 
@@ -90,7 +90,13 @@ def test_tuned_record_is_written_and_applied_by_compile(tiny_lowered, tmp_path, 
     default, key_before = scheduled_script(), cache_key(cfg, QUANT, preset)
     monkeypatch.setattr(Preset, "schedule_dir", property(lambda self: tmp_path / self.name))
     tuned = scheduled_script()
-    assert tuned != default
+    # the compile runs the record's trace on the kernel (for this elementwise kernel a few random trials
+    # can land on the default's very loops, so the scripts alone need not differ) ...
+    assert tuned == replay_on_kernel(lowered[kernel.name], result.record.trace).script()
+    # ... because the record replaced the kernel before the default rules saw it
+    applied = apply_tuned_records(lowered, preset)
+    assert not applied[kernel.name].same_as(lowered[kernel.name])
+    assert bool(applied[kernel.name].attrs["tirx.is_scheduled"])
     assert cache_key(cfg, QUANT, preset) != key_before  # new records: a new library, not the cached one
 
     # another device's records are not applied
