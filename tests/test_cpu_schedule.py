@@ -225,19 +225,28 @@ def _rms_norm_func(rows, h: int):
     return te.create_prim_func([x, wt, y]).with_attr("global_symbol", "main")
 
 
-def test_rms_norm_and_elementwise() -> None:
-    h = 96
+@pytest.mark.parametrize("h,rule", [(96, "CPURowReduction"), (90, "Reduction")])
+def test_rms_norm(h, rule) -> None:
+    """A row width the vector width divides: partial sums per lane (rfactor), vectorized; another width:
+    dlight's scalar reduction. Both against numpy."""
     func = _rms_norm_func((1, "s"), h)
-    assert _rule_used(func) == "Reduction"
+    assert _rule_used(func) == rule
+    mod = _schedule(func)
+    assert ("_rf" in mod["main"].script()) == (rule == "CPURowReduction")
+    if rule == "CPURowReduction":
+        _assert_parallel_vectorized(mod)
     x = RNG.standard_normal((1, 5, h)).astype(np.float32)
     wt = RNG.standard_normal(h).astype(np.float32)
-    out = _run(_schedule(func), [x, wt], (1, 5, h))
+    out = _run(mod, [x, wt], (1, 5, h))
     x64 = x.astype(np.float64)
     ref = x64 * wt / np.sqrt((x64**2).mean(-1, keepdims=True) + 1e-5)
     # fp32 sum of 96 squares and one sqrt/divide: relative 1e-5 of the row scale is ample and still strict
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
-    # silu(gate) * up over a dynamic number of rows: elementwise rule, vectorized and threaded
+
+def test_silu_mul_is_elementwise() -> None:
+    """silu(gate) * up over a dynamic number of rows: elementwise rule, vectorized and threaded."""
+    h = 96
     s = tirx.Var("s", "int64")
     gu = te.placeholder((1, s, 2 * h), "float32", name="gate_up")
     y = te.compute(

@@ -1110,8 +1110,18 @@ def cpu_schedule_rules(
     from tvm.s_tir.dlight.cpu import Reduction
 
     from ..targets import Q4_ACTIVATIONS
+    from .cpu_row_reduction import CPURowReduction
 
     if q4_activations not in Q4_ACTIVATIONS:
         raise ValueError(f"q4_activations must be one of {Q4_ACTIVATIONS}, got {q4_activations!r}")
     int8 = [CPUQ8DotGEMV(knobs=knobs), CPUQ8VNNIGEMM(knobs=knobs)] if q4_activations == "int8" else []
-    return [*int8, CPUDequantGEMV(), CPUGEMV(), CPUQ4OuterGEMM(), CPUGEMM(), CPUElementwise(), Reduction()]
+    return [
+        *int8,
+        CPUDequantGEMV(),
+        CPUGEMV(),
+        CPUQ4OuterGEMM(),
+        CPUGEMM(),
+        CPUElementwise(),
+        CPURowReduction(simd_lanes_f32(target)),
+        Reduction(),
+    ]

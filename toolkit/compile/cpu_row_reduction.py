@@ -1,0 +1,92 @@
+"""Row reductions on the host (RMS norm; any rows -> reduce over the last axis -> elementwise function):
+vector accumulators instead of one scalar chain per row.
+
+dlight's CPU `Reduction` rule parallelizes the rows and vectorizes the elementwise blocks, but it leaves
+each reduction a serial scalar loop (one dependent add per element) and keeps every intermediate block as a
+full-size buffer. Here the intermediate elementwise blocks are inlined, each reduction's last axis is split
+by the vector width and rfactored into `lanes` partial sums per row (a vector accumulated along the row,
+then one sum of `lanes` values), and the rest follows `Reduction`: rows in parallel, every block computed
+under its row, the elementwise output vectorized. Functions of another shape (or any schedule error) are
+left to the rules after this one."""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import get_root_block, normalize_prim_func
+from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.s_tir.dlight.cpu import Reduction
+from tvm.target import Target
+
+
+def _leading_spatial(dom_kind: str) -> int:
+    return len(dom_kind) - len(dom_kind.lstrip("S"))
+
+
+class CPURowReduction(ScheduleRule):
+    """The schedule above for `func`, or None (not this shape, or the rule's vector width does not divide
+    a reduction's extent: `Reduction` then takes it)."""
+
+    def __init__(self, lanes: int) -> None:
+        self.lanes = lanes
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or "llvm" not in str(target.kind.name):
+            return None
+        try:
+            return self._schedule(func)
+        except (s_tir.ScheduleError, ValueError, TypeError):
+            return None
+
+    def _schedule(self, func: tirx.PrimFunc) -> s_tir.Schedule | None:
+        lanes = self.lanes
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos or len(infos) < 2 or not infos[-1].is_injective():
+            return None
+        if all(bi.is_injective() for bi in infos):
+            return None
+        for bi in infos[:-1]:  # the elementwise steps between input, reductions and output
+            if bi.is_injective():
+                sch.compute_inline(bi.block_rv)
+        infos = normalize_prim_func(sch)
+        if not infos or not infos[-1].is_injective():
+            return None
+        kinds = [bi.dom_kind() for bi in infos]
+        if any(not k or k[0] != "S" for k in kinds):
+            return None
+        lead = min(_leading_spatial(k) for k in kinds)
+        reductions = infos[:-1]
+        # only [rows..., one reduced axis] reductions, the reduced extent a multiple of the vector width
+        for bi in reductions:
+            k = bi.dom_kind()
+            if bi.is_injective() or k != "S" * lead + "R":
+                return None
+            ext = sch.get(sch.get_loops(bi.block_rv)[-1]).extent
+            if not isinstance(ext, tirx.IntImm) or int(ext) % lanes or int(ext) <= lanes:
+                return None
+        last_name = sch.get(infos[-1].block_rv).name_hint
+        partial = []
+        for bi in reductions:
+            loops = sch.get_loops(bi.block_rv)
+            _, inner = sch.split(loops[-1], [None, lanes])
+            # partial sums last in their buffer: a row's lanes are contiguous
+            rf = sch.rfactor(inner, factor_axis=len(sch.get(bi.block_rv).writes[0].region))
+            partial.append(sch.get(rf).name_hint)
+        last = sch.get_sblock(last_name)
+        loops = sch.get_loops(last)
+        rows = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]
+        sch.parallel(rows)
+        Reduction._vectorize_inner(sch, last, lanes)
+        order = [sch.get(b).name_hint for b in sch.get_child_blocks(get_root_block(sch))]
+        for name in reversed([n for n in order if n != last_name]):
+            sch.compute_at(sch.get_sblock(name), rows, preserve_unit_loops=True)
+        for name in partial:  # the partial sums' lane loop innermost, vectorized
+            block = sch.get_sblock(name)
+            inner_loops = sch.get_loops(block)[1:]
+            lane_loops = [lp for lp in inner_loops if int(sch.get(lp).extent) == lanes]
+            if len(lane_loops) != 1:
+                return None  # the row's other loop has the same extent: which is which is not known here
+            rest = [lp for lp in inner_loops if not lp.same_as(lane_loops[0])]
+            sch.reorder(*rest, lane_loops[0])
+            sch.vectorize(lane_loops[0])
+        return sch
