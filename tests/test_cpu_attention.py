@@ -218,6 +218,64 @@ def test_prefill_kernels_apply_hf_sliding_window(causal):
     assert seen >= 10
 
 
+def test_kv_copy_kernels_match_tvm():
+    """The qkv split and the page append: ours equal TVM's bit for bit (copies), with a token the position
+    map skips (-1) and tokens landing mid-page; the split refuses the rotary flag it does not implement."""
+    from tvm.relax.frontend.nn.llm._page_kernels import _kv_cache_transpose_append
+
+    from toolkit.compile.cpu_kv_copy import split_qkv_cpu, transpose_append_cpu
+    from toolkit.compile.host_attention import replace_attention
+
+    rng = np.random.default_rng(6)
+    h_qo, h_kv, d, n, dtype = 9, 3, 64, 21, "float16"
+    dev = tvm.cpu()
+    pages0 = rng.standard_normal((4, 2, h_kv, PS, d)).astype(dtype)
+    kd = rng.standard_normal((n, h_kv, d)).astype(dtype)
+    vd = rng.standard_normal((n, h_kv, d)).astype(dtype)
+    pos = (np.arange(n) + 5).astype("int32")
+    pos[3] = -1
+    outs = []
+    for f in (_kv_cache_transpose_append(h_kv, d, dtype, PS), transpose_append_cpu(h_kv, d, dtype, PS)):
+        pages = tvm.runtime.tensor(pages0.copy(), dev)
+        _build(f)(pages, *[tvm.runtime.tensor(a, dev) for a in (kd, vd, pos)])
+        outs.append(pages.numpy())
+    np.testing.assert_array_equal(outs[1], outs[0])
+    assert not np.array_equal(outs[1], pages0)
+    np.testing.assert_array_equal(outs[1][0, 0, :, 5], kd[0])  # token 0 -> slot 5 of page 0
+    np.testing.assert_array_equal(outs[1][0, 1, :, 5], vd[0])
+    np.testing.assert_array_equal(outs[1][0, :, :, 8], pages0[0, :, :, 8])  # token 3's slot: skipped
+
+    # the split (TVM's fused_rope, with the runtime rotary flag)
+    qkv = rng.standard_normal((n, h_qo + 2 * h_kv, d)).astype(dtype)
+    theirs = _tvm_fused_rope(h_qo, h_kv, d, dtype)
+    mine = split_qkv_cpu(h_qo, h_kv, d, dtype)
+    res = []
+    for f in (theirs, mine):
+        outs = [tvm.runtime.empty((n, h, d), dtype, dev) for h in (h_qo, h_kv, h_kv)]
+        _build(f)(tvm.runtime.tensor(qkv, dev), tvm.runtime.tensor(pos, dev), *outs, 0)
+        res.append([o.numpy() for o in outs])
+    for a, b in zip(res[1], res[0]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(res[1][2], qkv[:, h_qo + h_kv :])
+    outs = [tvm.runtime.empty((n, h, d), dtype, dev) for h in (h_qo, h_kv, h_kv)]
+    with pytest.raises(Exception, match="rope applied before the cache"):
+        _build(mine)(tvm.runtime.tensor(qkv, dev), tvm.runtime.tensor(pos, dev), *outs, 1)
+    # the swap picks both by symbol
+    mod = tvm.IRModule({"split": theirs, "append": _kv_cache_transpose_append(h_kv, d, dtype, PS)})
+    swapped = replace_attention(mod, 0)
+    for name in ("split", "append"):
+        assert "T.vectorized" in swapped[name].script() and "T.vectorized" not in mod[name].script()
+
+
+def _tvm_fused_rope(h_qo, h_kv, d, dtype):
+    """TVM's qkv split kernel (`fused_rope`), as the KV cache builds it."""
+    from tvm.relax.frontend.nn.llm import position_embedding as pe
+
+    return pe.llama_rope_with_position_map(1e4, 1.0, d, h_qo, h_kv, dtype, {}, None).with_attr(
+        "global_symbol", "fused_rope"
+    )
+
+
 def test_replace_attention_swaps_kernels_by_symbol():
     mod = tvm.IRModule(
         {

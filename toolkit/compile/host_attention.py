@@ -1,5 +1,6 @@
 """The host attention swap, a module pass: TVM's scalar CPU attention kernels (decode, paged prefill,
-ragged prefill; found by global symbol) become ours (compile/cpu_attention.py). The compile pipeline applies
+ragged prefill; found by global symbol) become ours (compile/cpu_attention.py), and so do the KV cache's
+copy kernels (qkv split, page append: compile/cpu_kv_copy.py). The compile pipeline applies
 it to llvm targets right after export (`pipeline.export_model`), so every path that builds a model runs it."""
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from .cpu_attention import (
     prefill_paged_attention_cpu,
     prefill_ragged_attention_cpu,
 )
+from .cpu_kv_copy import split_qkv_cpu, transpose_append_cpu
 from .knobs import attention_key
 
 SYMBOLS = ("batch_decode_paged_kv_cpu", "batch_prefill_paged_kv_cpu", "batch_prefill_ragged_kv")  # TVM's
+COPIES = ("fused_rope", "tir_kv_cache_transpose_append")  # TVM's KV-cache copy kernels (cpu_kv_copy)
 DEFAULT_KNOBS = AttentionKnobs()  # what the kernels were written with
 
 
@@ -29,6 +32,8 @@ def _ours(
     func: tirx.PrimFunc, symbol: str, window: int, mask_window: int, knobs: AttentionKnobs
 ) -> tirx.PrimFunc | None:
     """Our kernel for TVM's kernel `func` (named by its global symbol), or None to keep TVM's."""
+    if symbol in COPIES:
+        return _copy_kernel(func, symbol)
     if not symbol.startswith(SYMBOLS):
         return None
     dtype = str(func.params[0].dtype)
@@ -52,6 +57,20 @@ def _ours(
         h_v, d_v = _shape(func, 3)
         if (d_k, h_v, d_v) == (d, h_kv, d):
             return prefill_ragged_attention_cpu(h_kv, h_qo, d, dtype, mask_window, knobs)
+    return None
+
+
+def _copy_kernel(func: tirx.PrimFunc, symbol: str) -> tirx.PrimFunc | None:
+    if symbol == "fused_rope" and len(func.params) == 6:
+        heads, d = _shape(func, 0)  # qkv: [n, H_qo + 2 H_kv, d]
+        h_qo, _ = _shape(func, 2)
+        h_kv, _ = _shape(func, 3)
+        if heads == h_qo + 2 * h_kv and d % 8 == 0:
+            return split_qkv_cpu(h_qo, h_kv, d, str(func.params[0].dtype))
+    if symbol == "tir_kv_cache_transpose_append" and len(func.params) == 4:
+        _, h_kv, page_size, d = _shape(func, 0)  # pages: [P, 2, H_kv, page_size, d]
+        if d % 8 == 0:
+            return transpose_append_cpu(h_kv, d, str(func.params[0].dtype), page_size)
     return None
 
 
