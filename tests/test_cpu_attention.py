@@ -53,6 +53,17 @@ def _paged_cache(rng, lens, h_kv, d, sliding):
     return pages, indptr, values, np.stack([last, offset, sink]).astype("int32")
 
 
+def _ragged_self_attention(rng, n_q, h_qo, h_kv, d):
+    """A ragged prefill batch where each sequence's chunk attends to its own keys: (q, k, v, indptr, the
+    kernels' tensor inputs, their output shapes)."""
+    q = rng.standard_normal((sum(n_q), h_qo, d)).astype("float32")
+    k = rng.standard_normal((sum(n_q), h_kv, d)).astype("float32")
+    v = rng.standard_normal((sum(n_q), h_kv, d)).astype("float32")
+    ptr = np.concatenate([[0], np.cumsum(n_q)]).astype("int32")
+    inputs = [q, ptr, k, v, ptr, np.zeros(sum(n_q), "int32"), np.zeros(len(n_q), "int32")]
+    return q, k, v, ptr, inputs, [(sum(n_q), h_qo, d), (sum(n_q), h_qo)]
+
+
 def _softmax_attention(q, keys, vals):
     """numpy reference for one query row: q [H_qo, d], keys / vals [H_kv, n, d] (GQA: H_qo / H_kv each)."""
     g = q.shape[0] // keys.shape[0]
@@ -161,12 +172,8 @@ def test_prefill_kernels_apply_hf_sliding_window(causal):
     scale = 1 / np.sqrt(d)
     # ragged: chunk rows at positions n - n_q + i
     n_q = [7, 1, 40]
-    q = rng.standard_normal((sum(n_q), h_qo, d)).astype("float32")
-    k = rng.standard_normal((sum(n_q), h_kv, d)).astype("float32")
-    v = rng.standard_normal((sum(n_q), h_kv, d)).astype("float32")
-    ptr = np.concatenate([[0], np.cumsum(n_q)]).astype("int32")
-    inputs = [q, ptr, k, v, ptr, np.zeros(sum(n_q), "int32"), np.zeros(len(n_q), "int32")]
-    shapes, scalars = [(sum(n_q), h_qo, d), (sum(n_q), h_qo)], [causal, 0, 1.0, 1e4, scale]
+    q, k, v, ptr, inputs, shapes = _ragged_self_attention(rng, n_q, h_qo, h_kv, d)
+    scalars = [causal, 0, 1.0, 1e4, scale]
     ours = _run(
         _build(prefill_ragged_attention_cpu(h_kv, h_qo, d, "float32", mask_window=w)), inputs, shapes, scalars
     )[0]
@@ -345,13 +352,8 @@ def test_every_knob_setting_computes_the_same_attention(lanes, chunk, prefetch):
     )
     for a, r in zip(got, ref):
         np.testing.assert_allclose(a, r, atol=TOL, rtol=0)
-    n_q = [7, 1, 40]
-    qr = rng.standard_normal((sum(n_q), h_qo, d)).astype("float32")
-    k = rng.standard_normal((sum(n_q), h_kv, d)).astype("float32")
-    v = rng.standard_normal((sum(n_q), h_kv, d)).astype("float32")
-    ptr = np.concatenate([[0], np.cumsum(n_q)]).astype("int32")
-    inputs = [qr, ptr, k, v, ptr, np.zeros(sum(n_q), "int32"), np.zeros(len(n_q), "int32")]
-    shapes, scalars = [(sum(n_q), h_qo, d), (sum(n_q), h_qo)], [1, 0, 1.0, 1e4, 1 / np.sqrt(d)]
+    _, _, _, _, inputs, shapes = _ragged_self_attention(rng, [7, 1, 40], h_qo, h_kv, d)
+    scalars = [1, 0, 1.0, 1e4, 1 / np.sqrt(d)]
     ref = _run(_build(prefill_ragged_attention_cpu(h_kv, h_qo, d, "float32")), inputs, shapes, scalars)
     got = _run(
         _build(prefill_ragged_attention_cpu(h_kv, h_qo, d, "float32", knobs=knobs)), inputs, shapes, scalars
