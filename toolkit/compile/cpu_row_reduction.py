@@ -34,7 +34,7 @@ class CPURowReduction(ScheduleRule):
             return None
         try:
             return self._schedule(func)
-        except (s_tir.ScheduleError, ValueError, TypeError):
+        except (RuntimeError, ValueError, TypeError):  # TVM's errors (ScheduleError among them): next rule
             return None
 
     def _schedule(self, func: tirx.PrimFunc) -> s_tir.Schedule | None:
