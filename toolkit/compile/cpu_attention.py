@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from tvm import DataType, tirx
 from tvm.script import tirx as T
 
-from .cpu_q8_gemv import transpose_pattern
+from .cpu_q8_gemv import transpose_in_registers
 
 LOG2E = math.log2(math.e)
 
@@ -219,7 +219,7 @@ def _attend_block(
     vec = f"float32x{lanes}"
     neg = T.float32(-1e30)  # a masked score
     rot = {b: _rotate(lanes, b) for b in (8, 4, 2, 1)}
-    pats = {b: (transpose_pattern(lanes, b, False), transpose_pattern(lanes, b, True)) for b in (8, 4, 2, 1)}
+    transpose = transpose_in_registers(lanes)
 
     def lane(base):
         return T.ramp(base, 1, lanes)
@@ -231,15 +231,6 @@ def _attend_block(
         return lane(i * chunk + u * lanes)
 
     # fmt: off
-    @T.macro
-    def step(src, dst, b):  # one butterfly step of the transpose over the row pairs (p, p + b)
-        for i in T.unroll(lanes // 2):
-            lo_row: T.int32 = (i // b) * 2 * b + i % b
-            dst[lane(lo_row * lanes)] = T.Shuffle(
-                [src[lane(lo_row * lanes)], src[lane((lo_row + b) * lanes)]], pats[b][0])
-            dst[lane((lo_row + b) * lanes)] = T.Shuffle(
-                [src[lane(lo_row * lanes)], src[lane((lo_row + b) * lanes)]], pats[b][1])
-
     @T.macro
     def attend(q, q_base, k, v, v_shift, ctx, g, nr, bctx, scale, out, o_base, lse, lse_base):
         qs = T.alloc_buffer((group * rows * d,), "float32")  # the rows' scaled q, [head, row, d]
@@ -291,17 +282,7 @@ def _attend_block(
                 for db in range(vd):
                     for i in T.unroll(lanes):
                         tr[lane(i * lanes)] = T.Cast(vec, k[lane(ko[ub * lanes + i] + db * lanes)])
-                    if lanes == 16:
-                        step(tr, tt, 8)
-                        step(tt, tr, 4)
-                        step(tr, tt, 2)
-                        step(tt, tr, 1)
-                    else:
-                        step(tr, tt, 4)
-                        step(tt, tr, 2)
-                        step(tr, tt, 1)
-                        for i in T.unroll(lanes):
-                            tr[lane(i * lanes)] = tt[lane(i * lanes)]
+                    transpose(tr, tt)
                     for u in T.unroll(lanes):
                         kt[lane((db * lanes + u) * chunk + ub * lanes)] = tr[lane(u * lanes)]
             for hq in range(group):

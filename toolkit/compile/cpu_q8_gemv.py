@@ -240,13 +240,48 @@ def weight_group_values(nr: int, n_wg: int, kq: bool, has_min: bool, six: bool):
     return values
 
 
-def transpose_pattern(nr: int, b: int, upper: bool) -> list[int]:
+def _transpose_pattern(nr: int, b: int, upper: bool) -> list[int]:
     """Lane picks from the concatenation (row p, row p + b) for one butterfly step of an nr x nr transpose:
     the lower row keeps its lanes without bit b and takes the upper row's below them, the upper row the
     rest. After the steps b = nr/2 .. 1, row i holds what was column i."""
     if upper:
         return [lane + b if not lane & b else nr + lane for lane in range(nr)]
     return [lane if not lane & b else nr + lane - b for lane in range(nr)]
+
+
+def transpose_in_registers(nr: int):
+    """A TVMScript macro `(tr, tt)`: the nr x nr matrix in the local buffer tr (row i at i * nr, one vector)
+    transposed in place by log2(nr) butterfly shuffle steps, tt the scratch; nr 8 or 16."""
+    assert nr in (8, 16)
+    pats = {b: (_transpose_pattern(nr, b, False), _transpose_pattern(nr, b, True)) for b in (8, 4, 2, 1)}
+
+    def row(i):
+        return T.ramp(i * nr, 1, nr)
+
+    # fmt: off
+    @T.macro
+    def step(src, dst, b):  # one butterfly step over all row pairs (p, p + b)
+        for i in T.unroll(nr // 2):
+            lo_row: T.int32 = (i // b) * 2 * b + i % b
+            dst[row(lo_row)] = T.Shuffle([src[row(lo_row)], src[row(lo_row + b)]], pats[b][0])
+            dst[row(lo_row + b)] = T.Shuffle([src[row(lo_row)], src[row(lo_row + b)]], pats[b][1])
+
+    @T.macro
+    def transpose(tr, tt):
+        if nr == 16:  # 4 steps: the columns end in tr
+            step(tr, tt, 8)
+            step(tt, tr, 4)
+            step(tr, tt, 2)
+            step(tt, tr, 1)
+        else:  # 3 steps, then back into tr
+            step(tr, tt, 4)
+            step(tt, tr, 2)
+            step(tr, tt, 1)
+            for i in T.unroll(nr):
+                tr[row(i)] = tt[row(i)]
+    # fmt: on
+
+    return transpose
 
 
 def repack_tile(nr: int, n_words: int, width: int, eight: bool, post=None):
@@ -257,20 +292,9 @@ def repack_tile(nr: int, n_words: int, width: int, eight: bool, post=None):
     each of nr rows) at a time; the last n_words % nr words are gathered."""
     post = post or (lambda v: v)
     full = n_words // nr * nr
-    assert nr in (8, 16)
-    pats = {b: (transpose_pattern(nr, b, False), transpose_pattern(nr, b, True)) for b in (8, 4, 2, 1)}
+    transpose = transpose_in_registers(nr)
 
     # fmt: off
-    @T.macro
-    def step(src, dst, b, lo, hi):  # one butterfly step over all row pairs (p, p + b)
-        for i in T.unroll(nr // 2):
-            dst[T.ramp(((i // b) * 2 * b + i % b) * nr, 1, nr)] = T.Shuffle(
-                [src[T.ramp(((i // b) * 2 * b + i % b) * nr, 1, nr)],
-                 src[T.ramp(((i // b) * 2 * b + i % b + b) * nr, 1, nr)]], lo)
-            dst[T.ramp(((i // b) * 2 * b + i % b + b) * nr, 1, nr)] = T.Shuffle(
-                [src[T.ramp(((i // b) * 2 * b + i % b) * nr, 1, nr)],
-                 src[T.ramp(((i // b) * 2 * b + i % b + b) * nr, 1, nr)]], hi)
-
     @T.macro
     def store(qw, qh, wp, t, w, word, j):
         if eight:
@@ -286,17 +310,7 @@ def repack_tile(nr: int, n_words: int, width: int, eight: bool, post=None):
             tt = T.alloc_buffer((nr * nr,), "uint32", scope="local")
             for i in T.unroll(nr):
                 tr[T.ramp(i * nr, 1, nr)] = qw[t * nr + i, T.ramp(c * nr, 1, nr)]
-            if nr == 16:  # 4 steps: the columns end in tr
-                step(tr, tt, 8, pats[8][0], pats[8][1])
-                step(tt, tr, 4, pats[4][0], pats[4][1])
-                step(tr, tt, 2, pats[2][0], pats[2][1])
-                step(tt, tr, 1, pats[1][0], pats[1][1])
-            else:  # 3 steps, then back into tr
-                step(tr, tt, 4, pats[4][0], pats[4][1])
-                step(tt, tr, 2, pats[2][0], pats[2][1])
-                step(tr, tt, 1, pats[1][0], pats[1][1])
-                for i in T.unroll(nr):
-                    tr[T.ramp(i * nr, 1, nr)] = tt[T.ramp(i * nr, 1, nr)]
+            transpose(tr, tt)
             for u in T.unroll(nr):  # tr row u: word c * nr + u of the nr weight rows
                 for j in T.vectorized(nr):
                     store(qw, qh, wp, t, c * nr + u, tr[u * nr + j], j)

@@ -65,12 +65,11 @@ def _copy_kernel(func: tirx.PrimFunc, symbol: str) -> tirx.PrimFunc | None:
         heads, d = _shape(func, 0)  # qkv: [n, H_qo + 2 H_kv, d]
         h_qo, _ = _shape(func, 2)
         h_kv, _ = _shape(func, 3)
-        if heads == h_qo + 2 * h_kv and d % 8 == 0:
+        if heads == h_qo + 2 * h_kv:
             return split_qkv_cpu(h_qo, h_kv, d, str(func.params[0].dtype))
     if symbol == "tir_kv_cache_transpose_append" and len(func.params) == 4:
         _, h_kv, page_size, d = _shape(func, 0)  # pages: [P, 2, H_kv, page_size, d]
-        if d % 8 == 0:
-            return transpose_append_cpu(h_kv, d, str(func.params[0].dtype), page_size)
+        return transpose_append_cpu(h_kv, d, str(func.params[0].dtype), page_size)
     return None
 
 
