@@ -1,5 +1,5 @@
-"""Host weights moved into transparent huge pages (`toolkit/runtime/hugepages.py`): same values, the large
-tensors on 2 MiB pages where the kernel offers them, the small ones and other devices untouched."""
+"""Host weights moved into transparent huge pages (`toolkit/runtime/hugepages.py`): same values, all of them
+in one mapping on 2 MiB pages where the kernel offers them, aligned; other devices untouched."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tvm
 
-from toolkit.runtime.hugepages import HUGE_PAGE, in_huge_pages, thp_mode
+from toolkit.runtime.hugepages import ALIGN, HUGE_PAGE, in_huge_pages, thp_mode
 
 
 def _huge_kib_at(address: int) -> int:
@@ -23,22 +23,35 @@ def _huge_kib_at(address: int) -> int:
     return 0
 
 
-def test_large_weights_move_to_huge_pages_with_their_values() -> None:
+def test_weights_move_into_one_huge_page_mapping_with_their_values() -> None:
     if thp_mode() not in ("always", "madvise"):
         pytest.skip(f"transparent huge pages are {thp_mode()!r} here")
     rng = np.random.default_rng(0)
     big = rng.integers(0, 2**32, (2048, 1024), dtype=np.uint32)  # 8 MiB: at least three whole huge pages
-    small = rng.standard_normal(3072).astype(np.float16)
-    params = [tvm.runtime.tensor(big), tvm.runtime.tensor(small)]
-    small_before = params[1]
+    small = rng.standard_normal(3072).astype(np.float16)  # a norm weight, or a GEMV's fp16 scales
+    odd = rng.standard_normal((7, 3)).astype(np.float32)  # 84 bytes: the next one must still be aligned
+    params = [tvm.runtime.tensor(a) for a in (big, odd, small)]
     out = in_huge_pages(params, tvm.cpu())
     assert out is params  # in place: the old copies are dropped as they are replaced
-    np.testing.assert_array_equal(out[0].numpy(), big)
-    np.testing.assert_array_equal(out[1].numpy(), small)
-    assert out[1].same_as(small_before)  # below a huge page: left where it was
-    view = np.from_dlpack(out[0])
-    assert view.ctypes.data % HUGE_PAGE == 0
-    assert _huge_kib_at(view.ctypes.data) >= 2 * HUGE_PAGE // 1024, "no huge pages behind the weight"
+    for t, ref in zip(out, (big, odd, small)):
+        np.testing.assert_array_equal(t.numpy(), ref)
+    starts = [np.from_dlpack(t).ctypes.data for t in out]
+    assert starts[0] % HUGE_PAGE == 0
+    assert all(a % ALIGN == 0 for a in starts)  # TVM's kernels assume 64-byte aligned tensors
+    # one after another in one mapping, so the small tensors share the big one's huge pages
+    assert starts[1] == starts[0] + big.nbytes and starts[2] == starts[1] + ALIGN
+    assert _huge_kib_at(starts[0]) >= 2 * HUGE_PAGE // 1024, "no huge pages behind the weights"
+
+
+def test_dtypes_numpy_cannot_view_stay_where_they_are() -> None:
+    if thp_mode() not in ("always", "madvise"):
+        pytest.skip(f"transparent huge pages are {thp_mode()!r} here")
+    bf16 = tvm.runtime.empty((64,), "bfloat16", tvm.cpu())
+    f32 = tvm.runtime.tensor(np.arange(64, dtype=np.float32))
+    out = in_huge_pages([bf16, f32], tvm.cpu())
+    assert out[0].same_as(bf16)
+    np.testing.assert_array_equal(out[1].numpy(), np.arange(64, dtype=np.float32))
+    assert np.from_dlpack(out[1]).ctypes.data % HUGE_PAGE == 0
 
 
 def test_other_devices_and_thp_off_are_left_alone(monkeypatch) -> None:

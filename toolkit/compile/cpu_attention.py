@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from tvm import DataType, tirx
 from tvm.script import tirx as T
 
-from .cpu_q8_gemv import transpose_in_registers
+from .cpu_q8_gemv import rotation, transpose_in_registers
 
 LOG2E = math.log2(math.e)
 
@@ -180,11 +180,6 @@ def _attend(d: int, nh: int, group: int, row_offset, head_stride: int, knobs: At
     return attend
 
 
-def _rotate(lanes: int, b: int) -> list[int]:
-    """Lane picks that rotate a vector by b lanes (a shuffle of the vector with itself)."""
-    return [(lane + b) % lanes for lane in range(lanes)]
-
-
 def _fold(x, n):
     """Task order 0, n-1, 1, n-2, ... over the query blocks: a thread's contiguous share of the tasks then
     mixes short and long causal rows."""
@@ -218,7 +213,7 @@ def _attend_block(
     vd = d // lanes
     vec = f"float32x{lanes}"
     neg = T.float32(-1e30)  # a masked score
-    rot = {b: _rotate(lanes, b) for b in (8, 4, 2, 1)}
+    rot = {b: rotation(lanes, b) for b in (8, 4, 2, 1)}
     transpose = transpose_in_registers(lanes)
 
     def lane(base):

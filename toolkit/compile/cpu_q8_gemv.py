@@ -361,6 +361,68 @@ def check_layout(q, with_min: bool = False, with_q8: bool = False, with_k: bool 
     return q.layout
 
 
+def quantize_x_vectors(k: int, zp: int, eight: bool, has_min: bool):
+    """A TVMScript macro `(xf, m, g, qv, hv, xe, xo, xz, xs, xm)` for the decode GEMV: group g (32 values)
+    of row m of the flat fp32 x rounded to int8 in 16-lane vectors, stored as the kernel reads it (see
+    `q8_dot_gemv`): the codes in xe (and xo), and per int32 lane the zero-point term -zp x (sum of the codes
+    it covers) in xz, the scale in xs, and with a min the scaled sum in xm. qv (32 int32) and hv (16 fp32)
+    are scratch. Same values as one element at a time (max is exact, 127 / max the same fp32 division),
+    without a division per element: this runs on one thread while the others wait."""
+    n_chunks = k // (32 if eight else 64)
+    per_lane = 4 if eight else 8  # codes an int32 lane covers (8-bit: 4 in order; 4-bit: 4 even + 4 odd)
+    n_sums = 32 // per_lane  # lanes of the group
+    rot = {b: rotation(16, b) for b in (8, 4, 2, 1)}
+
+    def v16(buf, at):
+        return buf[T.ramp(at, 1, 16)]
+
+    def first_lane(m, g):  # the group's first int32 lane in xz / xs / xm
+        return (m * n_chunks + g) * 8 if eight else (m * n_chunks + g // 2) * 8 + 4 * (g % 2)
+
+    def lane_sums(qv):  # int32 x n_sums: lane u = qv[u * per_lane] + ... + qv[u * per_lane + per_lane - 1]
+        parts = [
+            T.Shuffle([v16(qv, 0), v16(qv, 16)], [u * per_lane + j for u in range(n_sums)])
+            for j in range(per_lane)
+        ]
+        return functools.reduce(operator.add, parts)
+
+    # fmt: off
+    @T.macro
+    def quantize(xf, m, g, qv, hv, xe, xo, xz, xs, xm):
+        base: T.int32 = m * k + g * 32
+        hv[T.ramp(0, 1, 16)] = T.max(T.abs(v16(xf, base)), T.abs(v16(xf, base + 16)))
+        hv[T.ramp(0, 1, 16)] = T.max(v16(hv, 0), T.Shuffle([v16(hv, 0), v16(hv, 0)], rot[8]))
+        hv[T.ramp(0, 1, 16)] = T.max(v16(hv, 0), T.Shuffle([v16(hv, 0), v16(hv, 0)], rot[4]))
+        hv[T.ramp(0, 1, 16)] = T.max(v16(hv, 0), T.Shuffle([v16(hv, 0), v16(hv, 0)], rot[2]))
+        hv[T.ramp(0, 1, 16)] = T.max(v16(hv, 0), T.Shuffle([v16(hv, 0), v16(hv, 0)], rot[1]))
+        inv: T.float32 = T.Select(hv[0] > T.float32(0), T.float32(127) / hv[0], T.float32(0))
+        for h in T.unroll(2):
+            qv[T.ramp(16 * h, 1, 16)] = T.Cast("int32x16", T.nearbyint(
+                v16(xf, base + 16 * h) * T.broadcast(inv, 16)))
+        if eight:  # chunk g, codes in order
+            for h in T.unroll(2):
+                xe[T.ramp((m * n_chunks + g) * 32 + 16 * h, 1, 16)] = T.Cast("int8x16", v16(qv, 16 * h))
+        else:  # chunk g // 2, bytes 16 (g % 2) ..: even k to xe, odd k to xo
+            at: T.int32 = (m * n_chunks + g // 2) * 32 + 16 * (g % 2)
+            xe[T.ramp(at, 1, 16)] = T.Cast("int8x16", T.Shuffle(
+                [v16(qv, 0), v16(qv, 16)], list(range(0, 32, 2))))
+            xo[T.ramp(at, 1, 16)] = T.Cast("int8x16", T.Shuffle(
+                [v16(qv, 0), v16(qv, 16)], list(range(1, 32, 2))))
+        xs[T.ramp(first_lane(m, g), 1, n_sums)] = T.broadcast(hv[0] / T.float32(127), n_sums)
+        xz[T.ramp(first_lane(m, g), 1, n_sums)] = lane_sums(qv) * T.broadcast(T.int32(-zp), n_sums)
+        if has_min:  # x as rounded for the codes: the product's error follows |w|, not |code|
+            xm[T.ramp(first_lane(m, g), 1, n_sums)] = T.broadcast(hv[0] / T.float32(127), n_sums) * T.Cast(
+                f"float32x{n_sums}", lane_sums(qv))
+    # fmt: on
+
+    return quantize
+
+
+def rotation(lanes: int, b: int) -> list[int]:
+    """Lane picks that rotate a vector by b lanes (a shuffle of the vector with itself)."""
+    return [(lane + b) % lanes for lane in range(lanes)]
+
+
 def _lane_sum(acc, base, lanes: int) -> tirx.PrimExpr:
     """acc[base] + ... + acc[base + lanes - 1] as a balanced tree (independent adds)."""
     terms = [acc[base + i] for i in range(lanes)]
@@ -432,11 +494,6 @@ def q8_dot_gemv(
     else:
         dot = functools.partial(_dot_vnni, lanes=lanes)
 
-    def lane_sum_q(xe, xo, at) -> tirx.PrimExpr:
-        """Sum (int32) of the quantized activations one int32 lane covers: bytes at..at+3 of xe (and xo)."""
-        parts = [T.Cast("int32", buf[at + i]) for buf in ((xe,) if eight else (xe, xo)) for i in range(4)]
-        return functools.reduce(operator.add, parts)
-
     def spread(values: tirx.PrimExpr) -> tirx.PrimExpr:
         """The step's per-group fp32 values (float32 x step_groups), each over its lanes."""
         if step_groups == 1:
@@ -449,6 +506,8 @@ def q8_dot_gemv(
             return spread(T.Cast("float32", buf[row, b]))
         return spread(T.Cast(f"float32x{step_groups}", buf[row, T.ramp(b * step_groups, 1, step_groups)]))
 
+    assert gs == 32, gs  # x is quantized per 32 (every host layout's group, and K-quants' sub-block)
+    quantize_x = quantize_x_vectors(k, zp, eight, has_min)
     steps_per_sb = 256 // (8 * lanes)  # K-quants: steps per super-block
     n_sb, k_min = k // 256, kq and has_min  # Q4_K / Q5_K: mins added per super-block (`k_mins`)
 
@@ -528,42 +587,12 @@ def q8_dot_gemv(
         xo = T.alloc_buffer((n_rows * n_chunks * 32 if not eight else 1,), "int8")  # odd k
         xz = T.alloc_buffer((n_rows * n_chunks * 8,), "int32")  # -zp * sum of the activations a lane covers
         xs = T.alloc_buffer((n_rows * n_chunks * 8,), "float32")  # activation scale of a lane's group
-        amax = T.alloc_buffer((1,), "float32", scope="local")
-        # 1. quantize x per 32-group (K values per row: negligible next to the N x K weights)
+        qv = T.alloc_buffer((32,), "int32")  # global scope + under 1 KB: on the stack
+        hv = T.alloc_buffer((16,), "float32")
+        # 1. quantize x per 32-group (K values per row: small next to the N x K weights, if vectorized)
         for m in range(n_rows):
             for g in range(n_groups):
-                amax[0] = T.float32(0)
-                for i in range(gs):
-                    amax[0] = T.max(amax[0], T.abs(xf[m * k + g * gs + i]))
-                for i in range(gs):
-                    # k = 32g + i -> chunk g // 2, byte 16 (g % 2) + i // 2, low/high nibble by i % 2
-                    # (8-bit codes: chunk g, byte i)
-                    if eight:
-                        xe[(m * n_chunks + g) * 32 + i] = T.Cast("int8", T.Cast(
-                            "int32", T.nearbyint(xf[m * k + g * gs + i] * T.Select(
-                                amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0)))))
-                    elif i % 2 == 0:
-                        xe[(m * n_chunks + g // 2) * 32 + 16 * (g % 2) + i // 2] = T.Cast("int8", T.Cast(
-                            "int32", T.nearbyint(xf[m * k + g * gs + i] * T.Select(
-                                amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0)))))
-                    else:
-                        xo[(m * n_chunks + g // 2) * 32 + 16 * (g % 2) + i // 2] = T.Cast("int8", T.Cast(
-                            "int32", T.nearbyint(xf[m * k + g * gs + i] * T.Select(
-                                amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0)))))
-                if eight:
-                    for u in range(8):
-                        xs[(m * n_chunks + g) * 8 + u] = amax[0] / T.float32(127)
-                else:
-                    for u in range(4):
-                        xs[(m * n_chunks + g // 2) * 8 + 4 * (g % 2) + u] = amax[0] / T.float32(127)
-            for b in range(n_chunks):
-                for u in range(8):
-                    # the lane's int8 activations: k = 32b + 4u .. 4u + 3 (8-bit codes), else the 4 even and
-                    # 4 odd k of 64b + 8u .. 8u + 7
-                    xz[(m * n_chunks + b) * 8 + u] = -zp * lane_sum_q(xe, xo, (m * n_chunks + b) * 32 + 4 * u)
-                    if has_min:  # x as rounded for the codes: the product's error follows |w|, not |code|
-                        xm[(m * n_chunks + b) * 8 + u] = xs[(m * n_chunks + b) * 8 + u] * T.Cast(
-                            "float32", lane_sum_q(xe, xo, (m * n_chunks + b) * 32 + 4 * u))
+                quantize_x(xf, m, g, qv, hv, xe, xo, xz, xs, xm)
             if k_min:  # group g of super-block sb: the 4 lanes of chunk 4sb + g // 2 from lane 4 (g % 2)
                 for sb in range(n_sb):
                     for g in range(8):
