@@ -244,6 +244,39 @@ def test_rms_norm(h, rule) -> None:
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def _runs_of_block(stmt, name: str, times: int = 1) -> int:
+    """How many times block `name` runs: the product of the loop extents around it (static loops)."""
+    from tvm.s_tir.stmt import SBlock, SBlockRealize
+
+    if isinstance(stmt, tirx.For):
+        return _runs_of_block(stmt.body, name, times * int(stmt.extent))
+    if isinstance(stmt, tirx.SeqStmt):
+        return sum(_runs_of_block(s, name, times) for s in stmt.seq)
+    if isinstance(stmt, SBlockRealize):
+        return _runs_of_block(stmt.block, name, times)
+    if isinstance(stmt, SBlock):
+        return times if stmt.name_hint == name else _runs_of_block(stmt.body, name, times)
+    return 0
+
+
+def test_rms_norm_of_one_static_row_sums_it_once() -> None:
+    """A static (1, 1, h) norm: its output loop is over the row's elements, not over rows, so the sum must
+    not be computed under it (h times the work; dlight's Reduction does that)."""
+    h = 3072
+    func = _rms_norm_func((1, 1), h)
+    assert _rule_used(func) == "CPURowReduction"
+    mod = _schedule(func)
+    lanes = cs.simd_lanes_f32(TARGET)
+    assert _runs_of_block(mod["main"].body, "sq_sum_rf") == h  # each element's square once, in lanes
+    x = RNG.standard_normal((1, 1, h)).astype(np.float32)
+    wt = RNG.standard_normal(h).astype(np.float32)
+    out = _run(mod, [x, wt], (1, 1, h))
+    x64 = x.astype(np.float64)
+    ref = x64 * wt / np.sqrt((x64**2).mean(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)  # fp32 sum of 3072 squares, one rsqrt
+    assert lanes > 1 and "T.vectorized" in mod["main"].script()
+
+
 def test_silu_mul_is_elementwise() -> None:
     """silu(gate) * up over a dynamic number of rows: elementwise rule, vectorized and threaded."""
     h = 96

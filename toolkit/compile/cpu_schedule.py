@@ -40,6 +40,7 @@ from tvm.target import Target, codegen
 
 from ..quantization import GroupLayout, KQuantLayout
 from .cpu_isa import Q4_GEMM_LANES, Q8_DOT_LANES, q4_gemm_isa, q8_dot_isas, q8_gemm_isa
+from .cpu_parallel_guard import parallel_if_enough
 from .cpu_q8_gemv import HOST_K_LAYOUTS, HOST_Q4_LAYOUTS, HOST_Q4_MIN_LAYOUTS, HOST_Q8_LAYOUTS
 from .knobs import DEFAULTS, Knobs, shape_key
 
@@ -1065,10 +1066,8 @@ def _schedule_elementwise(sch: s_tir.Schedule, block, lanes: int) -> None:
 
 class CPUElementwise(ScheduleRule):
     """Injective-only PrimFuncs (rope, silu*mul, casts, adds): inline into one loop nest, vectorize the
-    innermost `lanes`, and use threads only when there is enough work to pay for the launch (~10 us)."""
-
-    def __init__(self, min_parallel_elems: int = 1 << 15) -> None:
-        self.min_parallel_elems = min_parallel_elems
+    innermost `lanes`, and use threads only when there is enough work to pay for the launch
+    (`cpu_parallel_guard`: decided at run time when the size is symbolic)."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or not _is_llvm(target):
@@ -1088,15 +1087,13 @@ class CPUElementwise(ScheduleRule):
         lanes = simd_lanes_f32(target)
         inner_ext = _extent(sch, loops[-1])
         fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-        total = _extent(sch, fused)
         vectorizable = isinstance(inner_ext, int) and inner_ext % lanes == 0
         if vectorizable:
             outer, inner = sch.split(fused, [None, lanes])
             sch.vectorize(inner)
         else:
             outer = fused
-        if not isinstance(total, int) or total >= self.min_parallel_elems:
-            sch.parallel(outer)
+        parallel_if_enough(sch, outer, lanes if vectorizable else 1)
         return sch
 
 

@@ -58,12 +58,16 @@ def lower_to_tir(mod: IRModule, target: tvm.target.Target) -> IRModule:
 
 
 def finalize(mod: IRModule, target: tvm.target.Target, cuda_graph: bool = False) -> IRModule:
-    """Relax VM lowering after scheduling (`cuda_graph`: see compile/attach_cuda_graph.py)."""
+    """Relax VM lowering after scheduling (`cuda_graph`: see compile/attach_cuda_graph.py), with the host
+    kernels' small-work loops made serial at run time (compile/cpu_parallel_guard.py)."""
     from .attach_cuda_graph import rewrite
+    from .cpu_parallel_guard import guard_small_parallel_loops
 
     seq = tvm.transform.Sequential(
         [
             relax.transform.RewriteDataflowReshape(),
+            # after the reshape rewrite: a kernel whose loop it splits is no longer seen as a view
+            tvm.transform.module_pass(lambda m, _c: guard_small_parallel_loops(m), 0, "phi3_parallel_guard"),
             relax.transform.ToNonDataflow(),
             relax.transform.RemovePurityChecking(),
             relax.transform.CallTIRRewrite(),
