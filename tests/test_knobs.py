@@ -29,6 +29,7 @@ from toolkit.tune.knob_search import (
     SearchResult,
     candidates,
     cold_bytes,
+    cold_sets,
     interleaved_search,
     label,
     roofline_summary,
@@ -266,3 +267,26 @@ def test_tuner_targets_include_gguf_q4_1_and_q8_0_matmuls(tmp_path):
         gemm = q8_gemm_isa(preset.target)
         assert any(t.family == "q8_gemm" for t in targets.values()) == (gemm not in (None, "amx"))
     assert weights["gguf_q8_0"] == pytest.approx(2 * weights["gguf_q4_1"])
+
+
+@pytest.mark.parametrize("huge", [False, True])
+def test_cold_copies_of_weights_sit_in_huge_pages_as_in_the_engine(huge: bool) -> None:
+    """A GEMV's cold timing reads its weights from huge pages when the engine would (runtime/hugepages.py);
+    the KV cache's pages (attention) stay where TVM puts them. Small arguments are shared by every copy."""
+    import numpy as np
+    import tvm
+
+    from toolkit.runtime.hugepages import HUGE_PAGE, thp_mode
+
+    if huge and thp_mode() not in ("always", "madvise"):
+        pytest.skip(f"transparent huge pages are {thp_mode()!r} here")
+    rng = np.random.default_rng(0)
+    weight = rng.integers(0, 2**32, (4096, 384), dtype=np.uint32)  # 6 MiB: large
+    x = rng.standard_normal(3072).astype(np.float32)  # 12 KiB: shared
+    sets = cold_sets([tvm.runtime.tensor(x), tvm.runtime.tensor(weight)], huge=huge)
+    assert len(sets) >= 2 and all(s[0].same_as(sets[0][0]) for s in sets)
+    starts = [np.from_dlpack(s[1]).ctypes.data for s in sets]
+    assert len(set(starts)) == len(sets)  # a copy each
+    for s in sets:
+        np.testing.assert_array_equal(s[1].numpy(), weight)
+    assert all(a % HUGE_PAGE == 0 for a in starts) == huge

@@ -71,6 +71,19 @@ def _read_kernels(words: int, threads: int) -> list:
     ]
 
 
+def _ones(words: int) -> np.ndarray:
+    """The probe's array, all ones, on huge pages where the system offers them: the engine keeps the
+    weights there (runtime/hugepages.py), and a stream over 4 KiB pages reads slower (a TLB walk per
+    page), which would put the ceiling below what the weights can be read at."""
+    from .runtime.hugepages import huge_pages_available, huge_region
+
+    if not huge_pages_available():
+        return np.ones(words, dtype=np.uint32)
+    a = huge_region(words * 4).view(np.uint32)
+    a[:] = 1
+    return a
+
+
 class ReadProbe:
     """The probe built and its array filled once, for repeated passes: `bench` pairs each decode step with
     one (the machine's bandwidth drifts within seconds on shared hosts, so a single figure taken minutes
@@ -88,7 +101,7 @@ class ReadProbe:
         self.words = nbytes // 4 // (threads * LANES * UNROLL) * (threads * LANES * UNROLL)
         self._reads = _read_kernels(self.words, threads)
         dev = tvm.cpu()
-        self._a = tvm.runtime.tensor(np.ones(self.words, dtype=np.uint32), dev)  # every page touched now
+        self._a = tvm.runtime.from_dlpack(_ones(self.words))  # every page touched now
         self._out = tvm.runtime.empty((threads * LANES,), "uint32", dev)
         for read in self._reads:  # first calls: thread pool start, code paged in
             read(self._a, self._out)

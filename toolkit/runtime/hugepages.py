@@ -37,7 +37,12 @@ def thp_mode() -> str | None:
     return next((w.strip("[]") for w in text.split() if w.startswith("[")), None)
 
 
-def _huge_region(nbytes: int) -> np.ndarray:
+def huge_pages_available() -> bool:
+    """Whether this system backs advised anonymous memory with huge pages (Linux, THP not "never")."""
+    return sys.platform.startswith("linux") and thp_mode() in ("always", "madvise")
+
+
+def huge_region(nbytes: int) -> np.ndarray:
     """An uninitialised uint8 array of `nbytes` on a 2 MiB-aligned anonymous mapping advised to use huge
     pages; the array keeps the mapping alive."""
     size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE  # room to align the start
@@ -59,15 +64,13 @@ def in_huge_pages(params: list, device) -> list:
     on its own would leave most of its huge page empty, and on 4 KiB pages a GEMV's scale stream costs a
     TLB walk per page). Other devices, other systems, THP off, and dtypes numpy can't view (e.g. bfloat16)
     are left as they are."""
-    if device.dlpack_device_type() != KDL_CPU or not sys.platform.startswith("linux"):
-        return params
-    if thp_mode() not in ("always", "madvise"):
+    if device.dlpack_device_type() != KDL_CPU or not huge_pages_available():
         return params
     sizes = [_nbytes(t) for t in params]
     total = sum(_aligned(n) for n in sizes if n)
     if not total:
         return params
-    region, at = _huge_region(total), 0
+    region, at = huge_region(total), 0
     for i, n in enumerate(sizes):
         if not n:
             continue

@@ -35,6 +35,7 @@ from ..targets import Preset
 
 Config = dict[str, int]
 COLD_FAMILIES = ("q4_gemv", "attention_decode")  # decode: timed with cold caches (see `timer`)
+WEIGHT_FAMILIES = ("q4_gemv",)  # their large arguments are weights: in huge pages, as the engine has them
 CONFIRM_ROUNDS = 12
 SIGN_TEST_ALPHA = 0.02
 
@@ -175,7 +176,7 @@ def cold_bytes(args: list) -> int:
     return sum(n for n in map(_nbytes, args) if n >= COLD_ARG_BYTES)
 
 
-def cold_sets(args: list) -> list[list]:
+def cold_sets(args: list, huge: bool = False) -> list[list]:
     """`args` and copies of its large arguments (scalars and small buffers shared), enough copies to
     overflow the caches."""
     dev = tvm.cpu()
@@ -184,7 +185,18 @@ def cold_sets(args: list) -> list[list]:
     total = sum(h.nbytes for h, b in zip(host, big) if b)
     copies = max(2, -(-COLD_BYTES // total)) if total else 1  # nothing large: nothing to keep cold
     fresh = [lambda a=a, h=h, b=b: tvm.runtime.tensor(h, dev) if b else a for a, h, b in zip(args, host, big)]
-    return [args] + [[make() for make in fresh] for _ in range(copies - 1)]
+    sets = [list(args)] + [[make() for make in fresh] for _ in range(copies - 1)]
+    return [_large_in_huge_pages(s, big) for s in sets] if huge else sets
+
+
+def _large_in_huge_pages(args: list, big: list[bool]) -> list:
+    """`args` with its large arguments moved into huge pages, as the engine keeps a model's weights
+    (runtime/hugepages.py; not the KV cache, which TVM allocates): a weight on 4 KiB pages would time
+    another memory system."""
+    from ..runtime.hugepages import in_huge_pages
+
+    moved = iter(in_huge_pages([a for a, b in zip(args, big) if b], tvm.cpu()))
+    return [next(moved) if b else a for a, b in zip(args, big)]
 
 
 def timer(
@@ -431,7 +443,8 @@ def _search_one(
             return False
         if not shared:
             args = tgt.args() if tgt.args else _random_args(func, tvm.cpu())
-            shared.update(args=args, sets=cold_sets(args) if cold else None)
+            sets = cold_sets(args, huge=tgt.family in WEIGHT_FAMILIES) if cold else None
+            shared.update(args=args, sets=sets)
         built[label(c)] = timer(func, target, shared["args"], cold, shared["sets"])
         return True
 
