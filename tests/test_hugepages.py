@@ -1,4 +1,4 @@
-"""Host weights moved into transparent huge pages (`toolkit/runtime/hugepages.py`): same values, all of them
+"""Host weights moved into transparent huge pages (`toolkit/hugepages.py`): same values, all of them
 in one mapping on 2 MiB pages where the kernel offers them, aligned; other devices untouched."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tvm
 
-from toolkit.runtime.hugepages import ALIGN, HUGE_PAGE, in_huge_pages, thp_mode
+from toolkit.hugepages import ALIGN, HUGE_PAGE, in_huge_pages, thp_mode
 
 
 def _huge_kib_at(address: int) -> int:
@@ -55,7 +55,7 @@ def test_dtypes_numpy_cannot_view_stay_where_they_are() -> None:
 
 
 def test_other_devices_and_thp_off_are_left_alone(monkeypatch) -> None:
-    import toolkit.runtime.hugepages as hp
+    import toolkit.hugepages as hp
 
     t = tvm.runtime.tensor(np.zeros((1024, 1024), np.float32))
     monkeypatch.setattr(hp, "thp_mode", lambda: "never")

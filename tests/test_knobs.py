@@ -271,12 +271,12 @@ def test_tuner_targets_include_gguf_q4_1_and_q8_0_matmuls(tmp_path):
 
 @pytest.mark.parametrize("huge", [False, True])
 def test_cold_copies_of_weights_sit_in_huge_pages_as_in_the_engine(huge: bool) -> None:
-    """A GEMV's cold timing reads its weights from huge pages when the engine would (runtime/hugepages.py);
+    """A GEMV's cold timing reads its weights from huge pages when the engine would (toolkit/hugepages.py);
     the KV cache's pages (attention) stay where TVM puts them. Small arguments are shared by every copy."""
     import numpy as np
     import tvm
 
-    from toolkit.runtime.hugepages import HUGE_PAGE, thp_mode
+    from toolkit.hugepages import HUGE_PAGE, thp_mode
 
     if huge and thp_mode() not in ("always", "madvise"):
         pytest.skip(f"transparent huge pages are {thp_mode()!r} here")

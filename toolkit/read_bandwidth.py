@@ -73,9 +73,9 @@ def _read_kernels(words: int, threads: int) -> list:
 
 def _ones(words: int) -> np.ndarray:
     """The probe's array, all ones, on huge pages where the system offers them: the engine keeps the
-    weights there (runtime/hugepages.py), and a stream over 4 KiB pages reads slower (a TLB walk per
+    weights there (toolkit/hugepages.py), and a stream over 4 KiB pages reads slower (a TLB walk per
     page), which would put the ceiling below what the weights can be read at."""
-    from .runtime.hugepages import huge_pages_available, huge_region
+    from .hugepages import huge_pages_available, huge_region
 
     if not huge_pages_available():
         return np.ones(words, dtype=np.uint32)

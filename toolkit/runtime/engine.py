@@ -289,9 +289,9 @@ def load_engine(
     overrides a CPU preset's KV cache dtype."""
     from ..checkpoint import open_model
     from ..compile.compile_model import compiled_for
+    from ..hugepages import in_huge_pages
     from ..quantization import quantization_for
     from ..targets import load_preset
-    from .hugepages import in_huge_pages
     from .weights import load_params
 
     source = open_model(model, allow_pickle=allow_pickle)

@@ -191,9 +191,9 @@ def cold_sets(args: list, huge: bool = False) -> list[list]:
 
 def _large_in_huge_pages(args: list, big: list[bool]) -> list:
     """`args` with its large arguments moved into huge pages, as the engine keeps a model's weights
-    (runtime/hugepages.py; not the KV cache, which TVM allocates): a weight on 4 KiB pages would time
+    (toolkit/hugepages.py; not the KV cache, which TVM allocates): a weight on 4 KiB pages would time
     another memory system."""
-    from ..runtime.hugepages import in_huge_pages
+    from ..hugepages import in_huge_pages
 
     moved = iter(in_huge_pages([a for a, b in zip(args, big) if b], tvm.cpu()))
     return [next(moved) if b else a for a, b in zip(args, big)]

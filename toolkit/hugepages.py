@@ -1,4 +1,5 @@
-"""Model weights on the host in transparent huge pages (Linux).
+"""Memory on transparent huge pages (Linux): a host model's weights, and what the bandwidth probe and the
+tuner read in their place.
 
 Decode reads every weight once per token, in long runs. On 4 KiB pages the CPU's prefetchers stop at each
 page boundary and each page costs a TLB walk; on 2 MiB pages the same GEMVs read faster (Phi-3-mini
