@@ -290,3 +290,26 @@ def test_cold_copies_of_weights_sit_in_huge_pages_as_in_the_engine(huge: bool) -
     for s in sets:
         np.testing.assert_array_equal(s[1].numpy(), weight)
     assert all(a % HUGE_PAGE == 0 for a in starts) == huge
+
+
+def test_cold_timings_cycle_through_twice_the_last_level_cache(tmp_path, monkeypatch) -> None:
+    """The largest cache level sysfs lists sizes a cold timing (a VM may report 480 MiB of L3: 256 MiB of
+    copies would then be timed partly from that cache)."""
+    import toolkit.hostinfo as hi
+    from toolkit.tune.knob_search import COLD_BYTES, cold_target_bytes
+
+    for i, (level, size) in enumerate([(1, "48K"), (1, "32K"), (2, "2048K"), (3, "480M")]):
+        d = tmp_path / f"index{i}"
+        d.mkdir()
+        (d / "level").write_text(f"{level}\n")
+        (d / "size").write_text(f"{size}\n")
+    monkeypatch.setattr(hi, "CPU_CACHES", tmp_path)
+    hi.last_level_cache_bytes.cache_clear()
+    try:
+        assert hi.last_level_cache_bytes() == 480 << 20
+        assert cold_target_bytes() == 960 << 20
+        (tmp_path / "index3" / "size").write_text("32M\n")
+        hi.last_level_cache_bytes.cache_clear()
+        assert cold_target_bytes() == COLD_BYTES  # a small cache: the floor
+    finally:
+        hi.last_level_cache_bytes.cache_clear()

@@ -38,3 +38,27 @@ def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (x86 `flags`, ARM `Features`); empty when unknown."""
     f = _fields()
     return frozenset((f.get("flags") or f.get("Features") or "").split())
+
+
+CPU_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
+
+
+@cache
+def last_level_cache_bytes() -> int:
+    """Size of the largest cache level cpu0 sees (Linux sysfs: `index*/level` and `size`, e.g. "480M"),
+    0 where unknown. On a VM this is what the hypervisor reports, shared with its neighbours."""
+    best_level, best = 0, 0
+    for index in sorted(CPU_CACHES.glob("index*")):
+        try:
+            level = int((index / "level").read_text())
+            text = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        try:
+            size = int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+        except ValueError:
+            continue
+        if level > best_level or level == best_level and size > best:
+            best_level, best = level, size
+    return best

@@ -163,7 +163,17 @@ def _random_args(func: tvm.tirx.PrimFunc, dev) -> list:
     return args
 
 
-COLD_BYTES = 256 << 20  # more than any last-level cache a host preset meets
+COLD_BYTES = 256 << 20  # at least this much per cold timing; twice the last-level cache where that is more
+
+
+def cold_target_bytes() -> int:
+    """Bytes a cold timing cycles through: enough that no copy is still cached when its turn comes again
+    (a VM may report a last-level cache of hundreds of MiB)."""
+    from ..hostinfo import last_level_cache_bytes
+
+    return max(COLD_BYTES, 2 * last_level_cache_bytes())
+
+
 COLD_ARG_BYTES = 1 << 20  # arguments this large get their own copies in a cold timing (weights, KV pages)
 
 
@@ -183,7 +193,7 @@ def cold_sets(args: list, huge: bool = False) -> list[list]:
     host = [a.numpy() if hasattr(a, "numpy") else None for a in args]  # scalars stay shared
     big = [h is not None and h.nbytes >= COLD_ARG_BYTES for h in host]
     total = sum(h.nbytes for h, b in zip(host, big) if b)
-    copies = max(2, -(-COLD_BYTES // total)) if total else 1  # nothing large: nothing to keep cold
+    copies = max(2, -(-cold_target_bytes() // total)) if total else 1  # nothing large: nothing to keep cold
     fresh = [lambda a=a, h=h, b=b: tvm.runtime.tensor(h, dev) if b else a for a, h, b in zip(args, host, big)]
     sets = [list(args)] + [[make() for make in fresh] for _ in range(copies - 1)]
     return [_large_in_huge_pages(s, big) for s in sets] if huge else sets
@@ -416,7 +426,7 @@ def probe_bandwidth(threads: int) -> float:
     """Read bandwidth (B/s) of `threads` cores over as many bytes as a cold timing cycles through."""
     from ..read_bandwidth import measure_read_bandwidth
 
-    return measure_read_bandwidth(threads, nbytes=COLD_BYTES, repeats=3)
+    return measure_read_bandwidth(threads, nbytes=cold_target_bytes(), repeats=3)
 
 
 def _search_one(
