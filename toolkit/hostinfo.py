@@ -1,4 +1,5 @@
-"""Facts about this machine's CPU, read once from /proc/cpuinfo (Linux; empty elsewhere).
+"""Facts about this machine's CPU, read once from /proc/cpuinfo and its cache sizes from sysfs (Linux; empty
+elsewhere).
 
 The one parser for the tuned-records fingerprint (`compile.tuned_records`), the benchmark report
 (`bench.harness`) and the llama.cpp wheel cache key (`bench.llama_cpp`). x86 names the fields "model name" /
