@@ -63,3 +63,9 @@ def last_level_cache_bytes() -> int:
         if level > best_level or level == best_level and size > best:
             best_level, best = level, size
     return best
+
+
+def uncached_bytes(floor: int) -> int:
+    """Bytes to cycle through so that none of them is still cached when its turn comes again: `floor`, or
+    twice the last-level cache where that is more (a VM may report hundreds of MiB)."""
+    return max(floor, 2 * last_level_cache_bytes())

@@ -96,9 +96,9 @@ def _int_list(ctx, param, value: str) -> list[int]:
 @click.option(
     "--bandwidth-mib",
     type=click.IntRange(1, 1 << 20),
-    default=1024,
-    show_default=True,
-    help="Array size for the read-bandwidth measurement (well above the last-level cache).",
+    default=None,
+    help="Array size for the read-bandwidth measurement (default: 1024, or twice the last-level cache "
+    "where that is more).",
 )
 @click.option(
     "--no-build", is_flag=True, help="Fail instead of building llama-cpp-python when it is missing."
@@ -137,6 +137,7 @@ def command(
     from ..bench.harness import BenchSettings, default_quantization, format_table, llama_gguf_for, run_bench
     from ..bench.harness import plot as write_plot
     from ..checkpoint import open_model
+    from ..hostinfo import uncached_bytes
     from ..outputs import check_output_file, model_input_path
 
     if plot:  # checked before the (long) run, not when the plot is written at its end
@@ -155,7 +156,7 @@ def command(
         kv_cache=kv_cache,
         vs_llama_cpp=vs_llama_cpp,
         llama_flash_attn=fa,
-        bandwidth_bytes=bandwidth_mib << 20,
+        bandwidth_bytes=bandwidth_mib << 20 if bandwidth_mib else uncached_bytes(1 << 30),
         roofline_pairs=roofline_pairs,
     )
     settings.validate()

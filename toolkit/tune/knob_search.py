@@ -167,11 +167,10 @@ COLD_BYTES = 256 << 20  # at least this much per cold timing; twice the last-lev
 
 
 def cold_target_bytes() -> int:
-    """Bytes a cold timing cycles through: enough that no copy is still cached when its turn comes again
-    (a VM may report a last-level cache of hundreds of MiB)."""
-    from ..hostinfo import last_level_cache_bytes
+    """Bytes a cold timing cycles through (`hostinfo.uncached_bytes`)."""
+    from ..hostinfo import uncached_bytes
 
-    return max(COLD_BYTES, 2 * last_level_cache_bytes())
+    return uncached_bytes(COLD_BYTES)
 
 
 COLD_ARG_BYTES = 1 << 20  # arguments this large get their own copies in a cold timing (weights, KV pages)
