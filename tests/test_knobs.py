@@ -24,6 +24,7 @@ from toolkit.compile.knobs import (
     record_path,
 )
 from toolkit.compile.tuned_records import device_fingerprint
+from toolkit.read_bandwidth import paired_fractions
 from toolkit.targets import load_preset
 from toolkit.tune.knob_search import (
     SearchResult,
@@ -32,7 +33,9 @@ from toolkit.tune.knob_search import (
     cold_sets,
     interleaved_search,
     label,
+    pair_with_probe,
     roofline_summary,
+    roofline_words,
     sign_test_wins,
     write_knob_record,
 )
@@ -230,6 +233,24 @@ def test_roofline_fraction_is_the_chosen_settings_read_rate_over_the_probe(tmp_p
     (m,) = rec["measurements"]
     assert m["read_bytes"] == 10_000_000 and m["probe_bytes_s"] == 20e9
     assert m["roofline_fraction"] == pytest.approx(0.25)
+
+
+def test_paired_fraction_judges_each_timing_against_the_probe_passes_around_it():
+    """The bandwidth flips between 2x states within seconds on shared hosts: 15 MB in 1 ms is 15 GB/s, half
+    of the 30 GB/s mean of the passes around it, whichever state each pass caught; one figure probed before
+    the search (here the slow 20 GB/s) would have said 75%. Passes and timings alternate, n + 1 passes."""
+    calls = []
+    rates = iter([20e9, 40e9, 20e9, 40e9])
+    pairs = pair_with_probe(
+        lambda: calls.append("run") or 1.0, lambda: calls.append("probe") or next(rates), n=3
+    )
+    assert calls == ["probe", "run", "probe", "run", "probe", "run", "probe"]
+    d = {"x": 1}
+    res = SearchResult("q4_gemv", "8x8", d, d, False, {label(d): [9.0]}, read_bytes=15_000_000, pairs=pairs)
+    assert res.roofline_fraction == pytest.approx(0.5)
+    assert "around each of 3 timings" in roofline_words(res) and "15.0 GB/s" in roofline_words(res)
+    with pytest.raises(ValueError, match="3 probe passes"):
+        paired_fractions([1.0], [1.0, 2.0], 1)
 
 
 def test_cold_bytes_counts_the_arguments_kept_out_of_the_caches():

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
+from ..read_bandwidth import paired_fractions
 from .timing import Backend, summarize
 
 
@@ -44,8 +45,7 @@ def summarize_pairs(raw: dict[str, list[float]], weight_bytes: int) -> dict[str,
     """Median fraction of the probed bandwidth that the decode steps' weight reads reached, its quartiles,
     and the spread of both sides."""
     rates, times = np.asarray(raw["probe_bytes_s"]), np.asarray(raw["decode_s"])
-    around = (rates[:-1] + rates[1:]) / 2
-    frac = weight_bytes / times / around
+    frac = paired_fractions(rates, times, weight_bytes)
     return {
         "steps": int(len(times)),
         "fraction": float(np.median(frac)),

@@ -31,6 +31,7 @@ import tvm
 
 from ..compile.knobs import SCHEMA, SPACE, Knobs, knobs_for, record_path, shape_key
 from ..cpu_threads import size_thread_pool
+from ..read_bandwidth import paired_fractions
 from ..targets import Preset
 
 Config = dict[str, int]
@@ -49,7 +50,9 @@ class SearchResult:
     kept: bool  # best != default and it won beyond noise
     times_ms: dict[str, list[float]] = field(default_factory=dict)  # label -> per-round times
     read_bytes: int = 0  # bytes a call streams from memory (cold families; 0 for the others)
-    bandwidth: float = 0.0  # this machine's read bandwidth (B/s) probed just before the kernel's search
+    bandwidth: float = 0.0  # this machine's read bandwidth (B/s): median of the probe passes around it
+    # probe passes (B/s) and the chosen setting's cold timings (ms) between them (`pair_with_probe`)
+    pairs: dict[str, list[float]] | None = None
 
     @property
     def chosen(self) -> Config:
@@ -57,9 +60,19 @@ class SearchResult:
 
     @property
     def roofline_fraction(self) -> float | None:
-        """Bytes/s the chosen setting streams (search median) over the probe's: how far from the memory
-        roofline the kernel is, whatever the search found (None: not a memory-bound timing)."""
-        if not self.read_bytes or not self.bandwidth:
+        """Bytes/s the chosen setting streams over the probe's: how far from the memory roofline the kernel
+        is, whatever the search found (None: not a memory-bound timing). With `pairs`, the median over
+        timings each judged against the probe passes around it; else the search median over `bandwidth`."""
+        if not self.read_bytes:
+            return None
+        if self.pairs is not None:
+            ms = self.pairs["ms"]
+            return float(
+                np.median(
+                    paired_fractions(self.pairs["probe_bytes_s"], np.asarray(ms) / 1e3, self.read_bytes)
+                )
+            )
+        if not self.bandwidth:
             return None
         return self.read_bytes / (self._median(self.chosen) / 1e3) / self.bandwidth
 
@@ -407,25 +420,34 @@ def search_model(
         found = found[:3]
     results = []
     target = preset.target
+    probe = None
     for tgt in found:
         if tgt.family == "q4_gemv":
             n, k = (int(x) for x in tgt.key.split("x"))
             default = current.gemv(n, k)
         else:
             default = current.get(tgt.family, tgt.key)
-        # the ceiling a memory-bound kernel is judged against, probed next to it (bandwidth drifts here)
-        bandwidth = probe_bandwidth(threads) if tgt.family in COLD_FAMILIES else 0.0
-        res = _search_one(tgt, default, target, quick, rounds, margin, progress, bandwidth)
+        # the ceiling a memory-bound kernel is judged against, probed around its timings (it drifts here)
+        if tgt.family in COLD_FAMILIES and probe is None:
+            from ..read_bandwidth import ReadProbe
+
+            probe = ReadProbe(threads, cold_target_bytes())
+        res = _search_one(tgt, default, target, quick, rounds, margin, progress, probe)
         if res is not None:
             results.append(res)
     return results
 
 
-def probe_bandwidth(threads: int) -> float:
-    """Read bandwidth (B/s) of `threads` cores over as many bytes as a cold timing cycles through."""
-    from ..read_bandwidth import measure_read_bandwidth
+PAIRS = 16  # cold timings of the chosen setting, each between two probe passes
 
-    return measure_read_bandwidth(threads, nbytes=cold_target_bytes(), repeats=3)
+
+def pair_with_probe(run: Callable[[], float], rate: Callable[[], float], n: int = PAIRS) -> dict:
+    """`n` timings of `run` (ms), each between two passes of `rate` (B/s): `n + 1` passes."""
+    rates, ms = [rate()], []
+    for _ in range(n):
+        ms.append(run())
+        rates.append(rate())
+    return {"probe_bytes_s": rates, "ms": ms}
 
 
 def _search_one(
@@ -436,7 +458,7 @@ def _search_one(
     rounds: int,
     margin: float,
     progress,
-    bandwidth: float = 0.0,
+    probe=None,
 ):
     built: dict[str, Callable[[], float]] = {}
     cold = tgt.family in COLD_FAMILIES
@@ -463,7 +485,10 @@ def _search_one(
     progress(f"{tgt.family} {tgt.key}: {len(configs)} settings x {rounds} rounds")
     best, kept, times = interleaved_search(configs, lambda c: built[label(c)](), rounds, margin)
     read_bytes = cold_bytes(shared["args"]) if cold else 0
-    res = SearchResult(tgt.family, tgt.key, default, best, kept, times, read_bytes, bandwidth)
+    res = SearchResult(tgt.family, tgt.key, default, best, kept, times, read_bytes)
+    if cold and probe is not None:
+        res.pairs = pair_with_probe(built[label(res.chosen)], probe.rate)
+        res.bandwidth = float(np.median(res.pairs["probe_bytes_s"]))
     verdict = "default"
     if res.fastest != default:
         verdict = (
@@ -476,15 +501,23 @@ def _search_one(
         f"fastest {label(res.fastest)} ({res.fastest_speedup:.2f}x): {verdict}"
     )
     if res.roofline_fraction is not None:
-        progress(f"  {_roofline_words(res)}")
+        progress(f"  {roofline_words(res)}")
     return res
 
 
-def _roofline_words(r: SearchResult) -> str:
-    rate = r.roofline_fraction * r.bandwidth
+def roofline_words(r: SearchResult) -> str:
+    if r.pairs is None:
+        rate = r.roofline_fraction * r.bandwidth
+        around = f"probed before it ({r.bandwidth / 1e9:.1f} GB/s)"
+    else:
+        rate = r.read_bytes / (statistics.median(r.pairs["ms"]) / 1e3)
+        around = (
+            f"probed around each of {len(r.pairs['ms'])} timings (median; probe "
+            f"{min(r.pairs['probe_bytes_s']) / 1e9:.0f}-{max(r.pairs['probe_bytes_s']) / 1e9:.0f} GB/s)"
+        )
     return (
         f"reads {r.read_bytes / 2**20:.1f} MiB per call at {rate / 1e9:.1f} GB/s: "
-        f"{r.roofline_fraction:.0%} of the read bandwidth probed before it ({r.bandwidth / 1e9:.1f} GB/s)"
+        f"{r.roofline_fraction:.0%} of the read bandwidth {around}"
     )
 
 
