@@ -248,7 +248,19 @@ def test_paired_fraction_judges_each_timing_against_the_probe_passes_around_it()
     d = {"x": 1}
     res = SearchResult("q4_gemv", "8x8", d, d, False, {label(d): [9.0]}, read_bytes=15_000_000, pairs=pairs)
     assert res.roofline_fraction == pytest.approx(0.5)
-    assert "around each of 3 timings" in roofline_words(res) and "15.0 GB/s" in roofline_words(res)
+    words = roofline_words(res)
+    assert "around each of 3 timings" in words and "15.0 GB/s" in words and "shifted" in words
+    steady = SearchResult(
+        "q4_gemv",
+        "8x8",
+        d,
+        d,
+        False,
+        {},
+        read_bytes=15_000_000,
+        pairs={"probe_bytes_s": [30e9] * 2, "ms": [1.0]},
+    )
+    assert steady.roofline_fraction == pytest.approx(0.5) and "shifted" not in roofline_words(steady)
     with pytest.raises(ValueError, match="3 probe passes"):
         paired_fractions([1.0], [1.0, 2.0], 1)
 

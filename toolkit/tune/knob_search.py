@@ -439,6 +439,7 @@ def search_model(
 
 
 PAIRS = 16  # cold timings of the chosen setting, each between two probe passes
+BANDWIDTH_SHIFT = 1.3  # max/min of the probe passes beyond which the host changed state during the timings
 
 
 def pair_with_probe(run: Callable[[], float], rate: Callable[[], float], n: int = PAIRS) -> dict:
@@ -515,10 +516,18 @@ def roofline_words(r: SearchResult) -> str:
             f"probed around each of {len(r.pairs['ms'])} timings (median; probe "
             f"{min(r.pairs['probe_bytes_s']) / 1e9:.0f}-{max(r.pairs['probe_bytes_s']) / 1e9:.0f} GB/s)"
         )
-    return (
+    words = (
         f"reads {r.read_bytes / 2**20:.1f} MiB per call at {rate / 1e9:.1f} GB/s: "
         f"{r.roofline_fraction:.0%} of the read bandwidth {around}"
     )
+    if r.pairs is not None and max(r.pairs["probe_bytes_s"]) > BANDWIDTH_SHIFT * min(
+        r.pairs["probe_bytes_s"]
+    ):
+        words += (
+            "; the bandwidth shifted during these timings (a shared host): prefetch settings rank "
+            "differently in its slow and fast states, so re-run the tune when it holds steady"
+        )
+    return words
 
 
 def roofline_summary(results: list[SearchResult]) -> str | None:
