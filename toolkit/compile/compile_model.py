@@ -144,12 +144,14 @@ def _build_library(
     limits: Limits | None = None,
     lib_prefix: str | None = None,
     cuda_graph: bool = False,
+    kernel_timeline: bool = False,
 ) -> CompiledModel:
     """Build the library into `out_dir` (written to a temp folder, renamed when complete).
 
     `dtype` overrides the activation dtype (default: see `graph_options`); `limits` the sizes recorded in
     `_metadata` (default: MLC's); `lib_prefix` a static library's symbol prefix (default: MLC's);
-    `cuda_graph` (CUDA presets) captures the forward functions as CUDA graphs (attach_cuda_graph.py)."""
+    `cuda_graph` (CUDA presets) captures the forward functions as CUDA graphs (attach_cuda_graph.py);
+    `kernel_timeline` ticks after every kernel call, for measurement only (kernel_timeline.py)."""
     preset = load_preset(preset) if isinstance(preset, str) else preset
     opts = graph_options(quantization, preset, dtype)
     target = preset.target
@@ -193,6 +195,7 @@ def _build_library(
         system_lib_prefix=prefix,
         attach=with_metadata,
         cuda_graph=cuda_graph,
+        timeline=kernel_timeline,
     )
     lib_file = LIB_NAME + preset.output
     notes = export_library(ex, tmp / lib_file, preset)
@@ -218,6 +221,7 @@ def _build_library(
         "build": notes,
         "cpu_isa": None if preset.is_gpu else host_kernel_isas(preset.target, preset.q4_activations),
         "cuda_graph": cuda_graph,
+        "kernel_timeline": kernel_timeline,
         # whose paged decode attention kernel the library runs (compile/gpu_attention.py)
         "decode_attention": None if not preset.is_gpu else "ours" if ours_attention else "tvm",
         "cpu_knobs": None if knobs is None else {"source": knobs.source, "values": knobs.values},

@@ -57,11 +57,15 @@ def lower_to_tir(mod: IRModule, target: tvm.target.Target) -> IRModule:
         return seq(mod)
 
 
-def finalize(mod: IRModule, target: tvm.target.Target, cuda_graph: bool = False) -> IRModule:
-    """Relax VM lowering after scheduling (`cuda_graph`: see compile/attach_cuda_graph.py), with the host
-    kernels' small-work loops made serial at run time (compile/cpu_parallel_guard.py)."""
+def finalize(
+    mod: IRModule, target: tvm.target.Target, cuda_graph: bool = False, timeline: bool = False
+) -> IRModule:
+    """Relax VM lowering after scheduling (`cuda_graph`: see compile/attach_cuda_graph.py; `timeline`:
+    compile/kernel_timeline.py), with the host kernels' small-work loops made serial at run time
+    (compile/cpu_parallel_guard.py)."""
     from .attach_cuda_graph import rewrite
     from .cpu_parallel_guard import guard_small_parallel_loops
+    from .kernel_timeline import insert_ticks
 
     seq = tvm.transform.Sequential(
         [
@@ -72,6 +76,9 @@ def finalize(mod: IRModule, target: tvm.target.Target, cuda_graph: bool = False)
             relax.transform.RemovePurityChecking(),
             relax.transform.CallTIRRewrite(),
             relax.transform.StaticPlanBlockMemory(),
+            tvm.transform.module_pass(lambda m, _c: insert_ticks(m), 0, "phi3_timeline")
+            if timeline
+            else tvm.transform.Sequential([]),
             tvm.transform.module_pass(lambda m, _c: rewrite(m), 0, "phi3_cuda_graph")
             if cuda_graph
             else tvm.transform.Sequential([]),
@@ -124,6 +131,7 @@ def build(
     system_lib_prefix: str = "",
     attach: Callable[[IRModule], IRModule] | None = None,
     cuda_graph: bool = False,
+    timeline: bool = False,
 ) -> tuple[relax.VMExecutable, IRModule]:
     """Full pipeline: lower, schedule (target-specific callable), `attach` (e.g. the `_metadata` function,
     which reads the scheduled module), finalize, codegen. A system library's symbols carry
@@ -138,7 +146,7 @@ def build(
 
     @tvm.transform.module_pass(opt_level=0, name="phi3_finalize")
     def _finalize(m: IRModule, _ctx) -> IRModule:
-        m = finalize(m, target, cuda_graph)
+        m = finalize(m, target, cuda_graph, timeline)
         return with_symbol_prefix(m, system_lib_prefix) if system_lib and system_lib_prefix else m
 
     # OpenCL: built with TIR CSE, the wheel's ragged-prefill attention kernel computed a wrong output on PoCL
