@@ -25,6 +25,7 @@ from toolkit.checkpoint import open_model
 from toolkit.compile.compile_model import compile_model
 from toolkit.compile.kernel_timeline import START, TICK
 from toolkit.cpu_threads import size_thread_pool
+from toolkit.errors import UserError
 from toolkit.hugepages import in_huge_pages
 from toolkit.quantization import quantization_for
 from toolkit.runtime.engine import Engine
@@ -56,8 +57,12 @@ def main() -> int:
         print("error: --steps, --prompt and --threads must be >= 1", file=sys.stderr)
         return 2
 
-    source = open_model(args.model)
-    quant = quantization_for(source, None)
+    try:
+        source = open_model(args.model)
+        quant = quantization_for(source, None)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     preset = load_preset("host")
     ticks: list[tuple[int, str]] = []
     tvm.register_global_func(
