@@ -43,7 +43,7 @@ def insert_ticks(mod: IRModule) -> IRModule:
                 bindings.append(b)
                 value = b.value if isinstance(b, relax.VarBinding) else None
                 name = _callee(value, mod) if isinstance(value, relax.Call) else None
-                if name is not None and name != TICK:
+                if name is not None:
                     bindings.append(_tick(name))
             blocks.append(relax.BindingBlock(bindings))
         body = relax.SeqExpr(blocks, func.body.body)

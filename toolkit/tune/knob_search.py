@@ -507,6 +507,7 @@ def _search_one(
 
 
 def roofline_words(r: SearchResult) -> str:
+    """The line `phi3 tune` prints on a memory-bound kernel: its read rate and fraction of the probe."""
     if r.pairs is None:
         rate = r.roofline_fraction * r.bandwidth
         around = f"probed before it ({r.bandwidth / 1e9:.1f} GB/s)"
