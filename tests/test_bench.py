@@ -139,22 +139,37 @@ def test_ratios_use_llama_cpps_best_setting():
 FAKE_PAIRS = {"probe_bytes_s": [10.0, 20.0, 30.0], "decode_s": [1.0, 2.0]}
 
 
-def _fake_bench(tmp_path, **kw):
+class LoggedBackend(FakeBackend):
+    """A FakeBackend that also writes its name to a shared log on each reset (one per timed generation)."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        super().__init__()
+        self.name, self.log = name, log
+
+    def reset(self) -> None:
+        self.log.append(self.name)
+        super().reset()
+
+
+def _fake_bench(tmp_path, order: list[str] | None = None, **kw):
+    """The bench on test doubles; `order` collects the backends' names generation by generation."""
+    order = [] if order is None else order
     backends: dict[str, FakeBackend] = {}
-    paired: list[tuple[int, list[int]]] = []  # our engine's pairing: thread count, prompt
+    paired: list[tuple[int, str | None, list[int]]] = []  # our engine's pairing: threads, KV dtype, prompt
 
     def ours(model, s, t):
-        backends[f"ours{t}"] = FakeBackend()
-        return InProcessRunner(backends[f"ours{t}"], {"quantization": s.quantization})
+        name = f"ours{t}" + (f"_{s.kv_cache}" if s.kv_cache else "")
+        backends[name] = LoggedBackend(name, order)
+        return InProcessRunner(backends[name], {"quantization": s.quantization})
 
     def llama(gguf, s, t, fa):
-        backends[f"llama{t}{fa}"] = FakeBackend()
+        backends[f"llama{t}{fa}"] = LoggedBackend(f"llama{t}{fa}", order)
         return InProcessRunner(
             backends[f"llama{t}{fa}"], {"version": "fake", "amx": True}, probe_rate=lambda: 5.0
         )
 
     def ours_pairs(model, s, t, prompt):
-        paired.append((t, list(prompt)))
+        paired.append((t, s.kv_cache, list(prompt)))
         return FAKE_PAIRS
 
     s = BenchSettings(threads=[1, 2], prompt_lengths=[4, 8], decode_tokens=3, repeats=2, warmup=1, **kw)
@@ -169,7 +184,9 @@ def _fake_bench(tmp_path, **kw):
         ours_pairs=ours_pairs,
         log=lambda m: None,
     )
-    assert [t for t, _ in paired] == [1, 2] and all(len(p) == 8 for _, p in paired)  # the headline prompt
+    # each engine (one per KV dtype) paired once per thread count, with its own dtype, on the headline prompt
+    assert [(t, kv) for t, kv, _ in paired] == [(t, kv) for t in (1, 2) for kv in s.kv_cache_dtypes]
+    assert all(len(p) == 8 for _, _, p in paired)
     return res, backends
 
 
@@ -246,6 +263,91 @@ def test_run_bench_without_llama_and_plot(tmp_path):
     png = harness.plot(res, tmp_path / "b.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "ours" in harness.format_table(res)
+
+
+def test_single_kv_cache_keeps_the_json(tmp_path, monkeypatch):
+    """One --kv-cache dtype: the engine gets it, and the results have the very keys of a run without one."""
+    monkeypatch.setattr("toolkit.bench.roofline.gguf_weight_bytes_per_token", lambda p: 12345)
+    plain, _ = _fake_bench(tmp_path, vs_llama_cpp=True)
+    res, backends = _fake_bench(tmp_path, vs_llama_cpp=True, kv_cache="float32")
+    assert {"ours1_float32", "ours2_float32"} <= set(backends) and "ours1" not in backends
+    assert res["settings"]["kv_cache"] == "float32"
+    for e, p in zip(res["results"], plain["results"], strict=True):
+        assert set(e) == set(p) and set(e["ours"]) == set(p["ours"])
+        assert set(e["roofline"]) == set(p["roofline"])
+    table = harness.format_table(res)
+    assert "ours kv" not in table and "\n      1  ours " in table
+
+
+def test_kv_cache_list_interleaves_one_engine_per_dtype(tmp_path, monkeypatch):
+    """--kv-cache float16,float32: two engines per thread count, timed round by round between the other
+    backends; `ours` stays the first dtype (and the llama.cpp ratios use it), each dtype has its summary and
+    paired roofline, and the ratio of the two is float32's median over float16's."""
+    monkeypatch.setattr("toolkit.bench.roofline.gguf_weight_bytes_per_token", lambda p: 12345)
+    order: list[str] = []
+    res, backends = _fake_bench(tmp_path, order, vs_llama_cpp=True, kv_cache="float16,float32")
+    json.dumps(res)
+    assert {"ours1_float16", "ours1_float32", "ours2_float16", "ours2_float32"} <= set(backends)
+    # per thread count: 1 warm-up + 2 timed rounds, each round every backend once per prompt length (4, 8)
+    for t in (1, 2):
+        one_round = [n for n in (f"ours{t}_float16", f"ours{t}_float32", f"llama{t}False", f"llama{t}True")
+                     for _ in (4, 8)]  # fmt: skip
+        mine = [n for n in order if n.startswith((f"ours{t}_", f"llama{t}"))]
+        # then llama.cpp's runners pair in their own process (ours pair in a child: `ours_pairs`)
+        assert mine == one_round * 3 + [f"llama{t}False", f"llama{t}True"]
+    bytes_ = weight_bytes_per_token(_tiny_config(), "q4f32_1")
+    for e in res["results"]:
+        by_kv = e["ours_by_kv_cache"]
+        assert list(by_kv) == ["float16", "float32"]
+        headline = {k: v for k, v in by_kv["float16"].items() if not k.startswith("roofline")}
+        assert headline == e["ours"]  # `ours` is the first dtype listed
+        for side in by_kv.values():
+            assert side["decode_tok_s"]["n"] == 2  # warm-up dropped
+            assert [b["prompt_len"] for b in side["by_prompt_length"]] == [4, 8]
+            assert side["roofline_paired"] == summarize_pairs(FAKE_PAIRS, bytes_)
+            bw = 1e9 * e["threads"]
+            assert side["roofline_fraction"] == pytest.approx(side["decode_tok_s"]["median"] * bytes_ / bw)
+        r = e["kv_cache_ratio"]
+        assert (r["of"], r["over"]) == ("float32", "float16")
+        f16, f32 = by_kv["float16"], by_kv["float32"]
+        assert r["decode"] == pytest.approx(f32["decode_tok_s"]["median"] / f16["decode_tok_s"]["median"])
+        assert r["prefill"] == pytest.approx(f32["prefill_tok_s"]["median"] / f16["prefill_tok_s"]["median"])
+        best = max(v["decode_tok_s"]["median"] for v in e["llama_cpp"].values())
+        assert e["decode_ratio_vs_llama_cpp"] == pytest.approx(f16["decode_tok_s"]["median"] / best)
+    table = harness.format_table(res)
+    rows = [ln.split() for ln in table.splitlines()]
+    assert [r[:4] for r in rows if r[1:2] == ["ours"]] == [
+        [t, "ours", "kv", kv] for t in ("1", "2") for kv in ("float16", "float32")
+    ]
+    assert "ours kv float32 / kv float16: decode" in table and "ours kv float16 / llama.cpp best" in table
+    png = harness.plot(res, tmp_path / "kv.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "value, needle",
+    [
+        ("float16,float16", "float16 listed twice"),
+        ("float8", "float8"),
+        ("float16,", "empty entry"),
+        ("", "empty entry"),
+        ("float16,,float32", "empty entry"),
+    ],
+)
+def test_bench_bad_kv_cache_list(value, needle):
+    """A bad --kv-cache list is refused before any model is opened: one line naming the flag, no traceback."""
+    r = CliRunner().invoke(cli, ["bench", "/nonexistent-model", "--kv-cache", value])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code != 0 and "Traceback" not in r.output, r.output
+    assert len(lines) == 1 and "--kv-cache" in lines[0] and needle in lines[0], lines
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+
+
+def test_kv_cache_list_needs_a_cpu_preset():
+    with pytest.raises(UserError, match="--kv-cache float16.*CPU preset"):
+        BenchSettings(device="cuda-sm90", kv_cache="float16,float32").validate()
+    assert BenchSettings(kv_cache="float16, float32").kv_cache_dtypes == ["float16", "float32"]
+    assert BenchSettings().kv_cache_dtypes == [None]
 
 
 @pytest.mark.parametrize("variant", ["mini-4k", "phi4-mini"])

@@ -84,6 +84,9 @@ PAST = [
     ("bench", ["--warmup", "-1"], "--warmup"),
     ("bench", ["--bandwidth-mib", "0"], "--bandwidth-mib"),
     ("bench", ["--llama-flash-attn", "maybe"], "--llama-flash-attn"),
+    ("bench", ["--kv-cache", "float8"], "--kv-cache"),
+    ("bench", ["--kv-cache", "float16,float16"], "--kv-cache"),
+    ("bench", ["--kv-cache", "float16,"], "--kv-cache"),
     # tune
     ("tune", ["--trials", "0"], "--trials"),
     ("tune", ["--kernels", "0"], "--kernels"),
@@ -129,6 +132,7 @@ AT_BOUND = [
     ("export-coreml", ["-o", "x.mlpackage", "--context", str(MAX_CONTEXT)]),
     ("verify-coreml", ["--decode-steps", "0", "--prompt-len", "1", "--seed", "0"]),
     ("bench", ["--threads", "1", "--decode-tokens", "1", "--repeats", "1", "--warmup", "0"]),
+    ("bench", ["--kv-cache", "float16,float32"]),
     ("tune", ["--trials", "1", "--kernels", "1", "--min-gain", "0"]),
 ]
 

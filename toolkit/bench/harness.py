@@ -13,7 +13,14 @@ thread count: `ours` and, with llama.cpp, `llama_cpp` keyed by flash-attention s
 prompt length; on CPU presets `roofline.paired` for ours and `roofline_paired` per llama.cpp setting: decode
 steps timed between probe passes, `pairing`), and with llama.cpp the top-level `decode_ratio_vs_llama_cpp` and
 `prefill_ratio_vs_llama_cpp`: ours over llama.cpp's best flash-attention setting for that metric, keyed by
-thread count (as a string). A ratio > 1 means we are faster."""
+thread count (as a string). A ratio > 1 means we are faster.
+
+With several KV cache dtypes (`--kv-cache float16,float32`: one engine per dtype, interleaved run by run
+with the other backends) `ours`, the roofline and the llama.cpp ratios are those of the first dtype listed,
+and each result also has `ours_by_kv_cache` (dtype -> the same summary as `ours`, in the order listed, plus
+`roofline_fraction` / `roofline_paired` as the llama.cpp sides have them) and, with two dtypes,
+`kv_cache_ratio`: `of` (the second dtype) over `over` (the first), `decode` and `prefill` medians at the
+headline prompt length. One dtype (or none) gives neither key."""
 
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ import platform
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,7 +53,8 @@ class BenchSettings:
     warmup: int = 1
     quantization: str = "q4f32_1"
     device: str = "host"
-    kv_cache: str | None = None  # override the preset's KV cache dtype (CPU presets)
+    # override the preset's KV cache dtype (CPU presets); a comma-separated list runs one engine per dtype
+    kv_cache: str | None = None
     vs_llama_cpp: bool = False
     llama_flash_attn: list[bool] = field(default_factory=lambda: [False, True])
     seed: int = 0
@@ -66,9 +74,24 @@ class BenchSettings:
         if self.kv_cache is not None:
             from ..targets import load_preset
 
-            load_preset(self.device).with_kv_cache(self.kv_cache)  # CPU presets only
+            dtypes = self.kv_cache_dtypes
+            if "" in dtypes:
+                raise UserError(f"--kv-cache {self.kv_cache!r}: an empty entry in the list")
+            twice = sorted({d for d in dtypes if dtypes.count(d) > 1})
+            if twice:
+                raise UserError(f"--kv-cache {self.kv_cache}: {', '.join(twice)} listed twice")
+            preset = load_preset(self.device)
+            for dtype in dtypes:
+                preset.with_kv_cache(dtype)  # a known dtype, CPU presets only
         if self.vs_llama_cpp and not _runs_here(self.device):
             raise UserError(f"llama.cpp is only built for the host CPU here, not --device {self.device}")
+
+    @property
+    def kv_cache_dtypes(self) -> list[str | None]:
+        """The KV cache dtype of each of our engines, the headline first; [None]: the preset's own."""
+        if self.kv_cache is None:
+            return [None]
+        return [d.strip() for d in self.kv_cache.split(",")]
 
     @property
     def context_needed(self) -> int:
@@ -143,7 +166,8 @@ def _on_cpu(device: str) -> bool:
     return not load_preset(device).is_gpu
 
 
-# factories: (model, settings, threads) -> Runner; tests inject doubles, the CLI uses the defaults below
+# factories: (model, settings, threads) -> Runner; tests inject doubles, the CLI uses the defaults below.
+# Our engine's factory and pairs get settings whose `kv_cache` is the one dtype of that engine.
 OursFactory = Callable[[Any, BenchSettings, int], Runner]
 LlamaFactory = Callable[[Path, BenchSettings, int, bool], Runner]
 # (model, settings, threads, prompt) -> raw pairs of our engine (`pairing.paired_decode`)
@@ -167,7 +191,8 @@ def default_quantization() -> str:
 
 
 def engine_runner(model: Any, s: BenchSettings, threads: int) -> Runner:
-    engine = load_our_engine(model, s.quantization, s.device, threads, s.kv_cache)
+    (kv_cache,) = s.kv_cache_dtypes  # one engine per dtype: run_bench hands each its own settings
+    engine = load_our_engine(model, s.quantization, s.device, threads, kv_cache)
     info: dict[str, Any] = {
         "quantization": s.quantization,
         "device": s.device,
@@ -221,6 +246,11 @@ def _cpu_name() -> str:
     return cpu_model() or platform.processor()
 
 
+def _ours_key(index: int, kv_cache: str | None) -> str:
+    """Runner / pairs key of our engine with the `index`-th listed KV dtype: the first is plain `ours`."""
+    return "ours" if index == 0 else f"ours_kv_{kv_cache}"
+
+
 def _side_summary(runs_by_len: dict[int, list[dict]], headline: int) -> dict[str, Any]:
     by_len = [summarize_runs(runs_by_len[p]) for p in sorted(runs_by_len)]
     head = next(b for b in by_len if b["prompt_len"] == headline)
@@ -270,11 +300,18 @@ def run_bench(
     results = []
     llama_meta: dict[str, Any] = {}
     n_pairs = s.roofline_pairs if on_cpu else 0
+    kv_caches = s.kv_cache_dtypes
+    # one settings per engine, each with its one KV dtype (the list form never reaches the engine)
+    ours_settings = {_ours_key(i, kv): replace(s, kv_cache=kv) for i, kv in enumerate(kv_caches)}
     for t in s.threads:
-        log(f"[threads={t}] loading our engine ...")
-        runners: dict[str, Runner] = {"ours": ours_factory(model, s, t)}
-        our_bytes = runners["ours"].info.get("weight_bytes_per_token", our_bytes)
+        runners: dict[str, Runner] = {}
         try:
+            # every KV variant is loaded at once (two Phi-3-mini engines fit) so that runs interleave
+            for key, vs in ours_settings.items():
+                kv = f" (kv cache {vs.kv_cache})" if len(kv_caches) > 1 else ""
+                log(f"[threads={t}] loading our engine{kv} ...")
+                runners[key] = ours_factory(model, vs, t)
+            our_bytes = runners["ours"].info.get("weight_bytes_per_token", our_bytes)
             if s.vs_llama_cpp:
                 for fa in s.llama_flash_attn:
                     log(f"[threads={t}] loading llama.cpp (flash_attn={'on' if fa else 'off'}) ...")
@@ -306,9 +343,12 @@ def run_bench(
             for runner in runners.values():
                 runner.close()
         if n_pairs:  # after the runners are gone: the child loads an engine of its own
-            log(f"[threads={t}] ours: {n_pairs} decode steps between probe passes ...")
-            pairs["ours"] = ours_pairs(model, s, t, prompts[headline])
-        entry = _thread_entry(t, runs, headline, bandwidth.get(str(t)), our_bytes, llama_bytes, pairs)
+            for key, vs in ours_settings.items():
+                log(f"[threads={t}] {key}: {n_pairs} decode steps between probe passes ...")
+                pairs[key] = ours_pairs(model, vs, t, prompts[headline])
+        entry = _thread_entry(
+            t, runs, headline, bandwidth.get(str(t)), our_bytes, llama_bytes, pairs, kv_caches
+        )
         results.append(entry)
 
     out: dict[str, Any] = {
@@ -348,10 +388,31 @@ def _thread_entry(
     our_bytes: int,
     llama_bytes: int | None,
     pairs: dict[str, dict[str, list[float]]] | None = None,
+    kv_caches: Sequence[str | None] = (None,),
 ) -> dict[str, Any]:
     pairs = pairs or {}
     ours = _side_summary(runs["ours"], headline)
     entry: dict[str, Any] = {"threads": t, "ours": ours}
+    if len(kv_caches) > 1:
+        by_kv: dict[str, dict[str, Any]] = {}
+        for i, kv in enumerate(kv_caches):
+            key = _ours_key(i, kv)
+            side = {**ours} if i == 0 else _side_summary(runs[key], headline)
+            # weight bytes only, as for `ours`: the fp32 cache's larger KV reads count in no fraction
+            if bw:
+                side["roofline_fraction"] = side["decode_tok_s"]["median"] / (bw / our_bytes)
+            if key in pairs:
+                side["roofline_paired"] = summarize_pairs(pairs[key], our_bytes)
+            by_kv[str(kv)] = side
+        entry["ours_by_kv_cache"] = by_kv
+    if len(kv_caches) == 2:
+        first, second = (entry["ours_by_kv_cache"][str(kv)] for kv in kv_caches)
+        entry["kv_cache_ratio"] = {
+            "of": kv_caches[1],
+            "over": kv_caches[0],
+            "decode": second["decode_tok_s"]["median"] / first["decode_tok_s"]["median"],
+            "prefill": second["prefill_tok_s"]["median"] / first["prefill_tok_s"]["median"],
+        }
     if bw:
         roof = bw / our_bytes
         entry["roofline"] = {
@@ -420,9 +481,11 @@ def format_table(result: dict[str, Any]) -> str:
         f"{'threads':>7}  {'backend':<16} {'prefill tok/s':>24} {'decode tok/s':>24} {'roofline':>9}"
     )
     for e in result["results"]:
-        sides = [("ours", e["ours"])] + [
-            (f"llama.cpp {k.replace('_', ' ')}", v) for k, v in e.get("llama_cpp", {}).items()
-        ]
+        # one row per KV cache variant of ours when there are several; their sides carry their own roofline
+        ours = [("ours", e["ours"])]
+        if "ours_by_kv_cache" in e:
+            ours = [(f"ours kv {kv}", side) for kv, side in e["ours_by_kv_cache"].items()]
+        sides = ours + [(f"llama.cpp {k.replace('_', ' ')}", v) for k, v in e.get("llama_cpp", {}).items()]
         for name, side in sides:
             roof = e.get("roofline", {}) if name == "ours" else {}
             paired = roof.get("paired") if name == "ours" else side.get("roofline_paired")
@@ -432,9 +495,16 @@ def format_table(result: dict[str, Any]) -> str:
                 f"{e['threads']:>7}  {name:<16} {_fmt(side['prefill_tok_s']):>24} "
                 f"{_fmt(side['decode_tok_s']):>24} {frac_s:>9}"
             )
-        if "decode_ratio_vs_llama_cpp" in e:
+        if "kv_cache_ratio" in e:
+            r = e["kv_cache_ratio"]
             lines.append(
-                f"{'':>7}  ours / llama.cpp best: decode {e['decode_ratio_vs_llama_cpp']:.2f}x, "
+                f"{'':>7}  ours kv {r['of']} / kv {r['over']}: decode {r['decode']:.2f}x, "
+                f"prefill {r['prefill']:.2f}x"
+            )
+        if "decode_ratio_vs_llama_cpp" in e:
+            head = f"ours kv {next(iter(e['ours_by_kv_cache']))}" if "ours_by_kv_cache" in e else "ours"
+            lines.append(
+                f"{'':>7}  {head} / llama.cpp best: decode {e['decode_ratio_vs_llama_cpp']:.2f}x, "
                 f"prefill {e['prefill_ratio_vs_llama_cpp']:.2f}x"
             )
     if any("paired" in e.get("roofline", {}) for e in result["results"]):
@@ -453,18 +523,25 @@ def plot(result: dict[str, Any], out: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     results = result["results"]
-    backends = ["ours"] + sorted({k for e in results for k in e.get("llama_cpp", {})})
+    # (label, the side in each result): one bar per KV cache variant of ours, then llama.cpp's settings
+    backends: list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]] = [("ours", lambda e: e["ours"])]
+    if "ours_by_kv_cache" in results[0]:
+        backends = [
+            (f"ours kv {kv}", lambda e, kv=kv: e["ours_by_kv_cache"][kv])
+            for kv in results[0]["ours_by_kv_cache"]
+        ]
+    for k in sorted({k for e in results for k in e.get("llama_cpp", {})}):
+        backends.append((f"llama.cpp {k.replace('_', ' ')}", lambda e, k=k: e["llama_cpp"][k]))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     x = np.arange(len(results))
     width = 0.8 / len(backends)
     for ax, metric, title in ((axes[0], "prefill_tok_s", "prefill"), (axes[1], "decode_tok_s", "decode")):
-        for i, b in enumerate(backends):
-            stats = [e["ours"] if b == "ours" else e["llama_cpp"][b] for e in results]
+        for i, (label, side_of) in enumerate(backends):
+            stats = [side_of(e) for e in results]
             med = np.array([st[metric]["median"] for st in stats])
             lo = [m - st[metric]["min"] for m, st in zip(med, stats, strict=True)]
             hi = [st[metric]["max"] - m for m, st in zip(med, stats, strict=True)]
             err = np.array([lo, hi])
-            label = "ours" if b == "ours" else f"llama.cpp {b.replace('_', ' ')}"
             ax.bar(x + (i - (len(backends) - 1) / 2) * width, med, width, yerr=err, capsize=3, label=label)
         if metric == "decode_tok_s" and all("decode_tok_s_ceiling" in e.get("roofline", {}) for e in results):
             ceil = [e["roofline"]["decode_tok_s_ceiling"] for e in results]

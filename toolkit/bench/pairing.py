@@ -56,12 +56,14 @@ def summarize_pairs(raw: dict[str, list[float]], weight_bytes: int) -> dict[str,
 
 
 def engine_pairs(model: Any, s, threads: int, prompt: Sequence[int]) -> dict[str, list[float]]:
-    """`paired_decode` of our engine in a child process (settings `s`: a `harness.BenchSettings`)."""
+    """`paired_decode` of our engine in a child process (settings `s`: a `harness.BenchSettings` of one KV
+    cache dtype, the engine's; `run_bench` pairs each dtype of a `--kv-cache` list with its own)."""
+    (kv_cache,) = s.kv_cache_dtypes  # a list would reach the child as one unknown dtype
     req = {
         "model": None if model is None else str(model),
         "quantization": s.quantization,
         "device": s.device,
-        "kv_cache": s.kv_cache,
+        "kv_cache": kv_cache,
         "threads": threads,
         "prompt": [int(t) for t in prompt],
         "steps": s.roofline_pairs,

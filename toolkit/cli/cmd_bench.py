@@ -51,9 +51,10 @@ def _int_list(ctx, param, value: str) -> list[int]:
 )
 @click.option(
     "--kv-cache",
-    type=click.Choice(["float16", "float32"]),
+    metavar="DTYPE[,DTYPE]",
     default=None,
-    help="KV cache dtype for a CPU preset (default: the preset's own, fp16 on `host`).",
+    help="KV cache dtype for a CPU preset: float16 or float32, or both comma-separated for one engine each, "
+    "interleaved run by run (the first is the headline); default: the preset's own, fp16 on `host`.",
 )
 @click.option(
     "--decode-tokens",
