@@ -438,3 +438,69 @@ def test_decode_prefetch_is_emitted_and_changes_no_number(dtype):
         np.testing.assert_array_equal(got[0], outs[0][0])
         np.testing.assert_array_equal(got[1], outs[0][1])
     assert np.abs(outs[0][0].astype("float32")).max() > 0.05
+
+
+@pytest.mark.parametrize(
+    "dtype,sliding,window",
+    [("float32", False, 0), ("float32", True, 0), ("float16", False, 0), ("float32", False, 500)],
+)
+def test_split_key_decode_matches_head_tasks(dtype, sliding, window):
+    """`splits`: a lone sequence's keys in ranges over all heads, merged by their log2-sum-exp. Against the
+    head-task kernel on the same arguments (fp32 summation order only, plus o's own fp16 rounding for an fp16
+    cache): long enough to split (ragged ranges, a partial last page, a window cut), too short to split, and a
+    batch of two (never split). The head tasks are the same code either way, so where the kernel does not
+    split the numbers are bit-equal, and where it does they are not (another summation order)."""
+    from toolkit.compile.cpu_attention import SPLIT_MIN_KEYS, AttentionKnobs
+
+    rng = np.random.default_rng(5)
+    h_kv, h_qo, d, splits = 4, 8, 96, 3
+    tol = 2e-3 if dtype == "float16" else TOL
+    long = splits * SPLIT_MIN_KEYS + 37  # splits into 3 ranges of unequal pages
+    plain = _build(
+        decode_attention_cpu(h_kv, h_qo, d, dtype, sliding, PS, window, AttentionKnobs(8, 16, 1, 0))
+    )
+    split = _build(
+        decode_attention_cpu(h_kv, h_qo, d, dtype, sliding, PS, window, AttentionKnobs(8, 16, 1, splits))
+    )
+    for lens, splits_here in (
+        ([long], True),
+        ([long + 300], True),
+        ([splits * SPLIT_MIN_KEYS - 1], False),
+        ([long, 20], False),
+    ):
+        b = len(lens)
+        pages, indptr, values, info = _paged_cache(rng, lens, h_kv, d, sliding)
+        q = rng.standard_normal((b, h_qo, d)).astype(dtype)
+        inputs = [q, pages.astype(dtype), indptr, values, info, np.zeros(b, "int32"), np.zeros(b, "int32")]
+        scalars = [0, 1.0, 1e4, 1 / np.sqrt(d)]
+        outs = []
+        for f in (plain, split):
+            dev = tvm.cpu()
+            o = tvm.runtime.tensor(np.zeros((b, h_qo, d), dtype), dev)
+            lse = tvm.runtime.tensor(np.zeros((b, h_qo), "float32"), dev)
+            f(*[tvm.runtime.tensor(x, dev) for x in inputs], o, lse, *scalars)
+            outs.append((o.numpy().astype("float32"), lse.numpy()))
+        np.testing.assert_allclose(outs[1][0], outs[0][0], atol=tol, rtol=0)
+        np.testing.assert_allclose(outs[1][1], outs[0][1], atol=1e-4, rtol=0)
+        assert np.array_equal(outs[1][1], outs[0][1]) != splits_here, lens
+        assert np.abs(outs[0][0]).max() > 0.01
+    if not sliding and not window and dtype == "float32":  # and by numpy, the split case
+        lens = [long]
+        pages, indptr, values, info = _paged_cache(rng, lens, h_kv, d, False)
+        q = rng.standard_normal((1, h_qo, d)).astype("float32")
+        inputs = [q, pages, indptr, values, info, np.zeros(1, "int32"), np.zeros(1, "int32")]
+        o, _ = _run(split, inputs, [(1, h_qo, d), (1, h_qo)], [0, 1.0, 1e4, 1 / np.sqrt(d)])
+        keys = np.concatenate([pages[p, 0] for p in values[: indptr[1]]], axis=1)[:, :long]
+        vals = np.concatenate([pages[p, 1] for p in values[: indptr[1]]], axis=1)[:, :long]
+        np.testing.assert_allclose(o[0], _softmax_attention(q[0], keys, vals), atol=TOL, rtol=0)
+
+
+def test_split_key_decode_is_emitted_only_with_splits():
+    """The split branch (its merge buffers) is in the kernel only when the knob asks for it."""
+    from toolkit.compile.cpu_attention import AttentionKnobs
+
+    with_splits = decode_attention_cpu(
+        4, 8, 96, "float32", False, PS, 0, AttentionKnobs(8, 16, 1, 2)
+    ).script()
+    without = decode_attention_cpu(4, 8, 96, "float32", False, PS, 0, AttentionKnobs(8, 16, 1, 0)).script()
+    assert with_splits.count("T.parallel") == 2 and without.count("T.parallel") == 1

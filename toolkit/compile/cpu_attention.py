@@ -5,10 +5,12 @@ TVM's CPU kernels run every (sequence, query head, query row) one after another 
 loops over the head dimension and an online-softmax rescale of the output after every key; the ragged
 prefill kernel scores every key for every query (masked ones too) and the paged prefill kernel walks the
 whole cache capacity per query row. Ours run tasks in parallel and visit only the keys a query sees.
-Decode (`_attend`): a task is a group of query heads of one query row; q, o and each key's partial dot
-products stay in registers, the softmax runs per chunk of keys (scores, one max, one rescale of o, then
+Decode (`_attend`): a task is a group of query heads of one query row; q, o and the keys' partial dot
+products stay in registers (a block of `lanes` keys summed into one score vector by a butterfly, not a
+horizontal sum per key), the softmax runs per chunk of keys (scores, one max, one rescale of o, then
 o += p * v per key), and K / V rows can be prefetched a chunk ahead (`AttentionKnobs.prefetch`): cold
-decode over a long cache is bound by the latency of its short runs of rows. Prefill (`_attend_block`): a
+decode over a long cache is bound by the latency of its short runs of rows. A lone sequence with a long
+cache instead splits its keys into ranges over all heads (`AttentionKnobs.splits`), merged at the end. Prefill (`_attend_block`): a
 task is 16 query rows of every query head of one KV head, so each chunk of keys is transposed and converted
 once for all of them and the scores are vectors over keys (a GEMM-like inner loop with no horizontal sum
 per key).
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from tvm import DataType, tirx
 from tvm.script import tirx as T
 
-from .cpu_q8_gemv import rotation, transpose_in_registers
+from .cpu_q8_gemv import rotation, row_sums_in_registers, transpose_in_registers
 
 LOG2E = math.log2(math.e)
 
@@ -37,6 +39,7 @@ class AttentionKnobs:
     lanes: int = 8  # fp32 lanes per vector op; LLVM splits 8 for SSE, joins 16 on AVX-512
     chunk: int = 16  # keys per softmax rescale
     prefetch: int = 0  # chunks ahead whose K and V rows are prefetched into L2 (0: none)
+    splits: int = 0  # decode of one sequence: key ranges run as tasks over all heads, then merged (0: off)
 
 
 NO_ROPE = "the host attention kernels expect rope applied before the KV cache (rotary_mode 0)"
@@ -94,6 +97,8 @@ def _attend(d: int, nh: int, group: int, row_offset, head_stride: int, knobs: At
     short for the hardware prefetcher to keep enough lines in flight (decode is then latency-bound)."""
     lanes, chunk, ahead = knobs.lanes, knobs.chunk, knobs.prefetch
     line = 64 * 8 // DataType(dtype).bits  # cache elements per 64-byte line
+    blocked = chunk % lanes == 0 and lanes in (8, 16)
+    row_sums = row_sums_in_registers(lanes) if lanes in (8, 16) else None
     vd = d // lanes
     vec = f"float32x{lanes}"
 
@@ -115,6 +120,7 @@ def _attend(d: int, nh: int, group: int, row_offset, head_stride: int, knobs: At
         ot = T.alloc_buffer((d,), "float32")  # the head's o row (constant offsets only: registers)
         qt = T.alloc_buffer((d,), "float32")  # the head's scaled q row (registers too)
         at = T.alloc_buffer((lanes,), "float32")  # one key's partial dot products (a register)
+        tr = T.alloc_buffer((lanes * lanes,), "float32", scope="local")  # lanes keys' partial dot products
         s = T.alloc_buffer((chunk,), "float32")  # scores, then softmax weights, of the chunk's keys
         ko = T.alloc_buffer((chunk,), "int32")  # flat offsets of the chunk's K rows (KV head 0)
         kp = T.alloc_buffer((chunk,), "int32")  # ... and of the rows `ahead` chunks on (clamped to the last)
@@ -128,8 +134,8 @@ def _attend(d: int, nh: int, group: int, row_offset, head_stride: int, knobs: At
             l[i] = T.float32(1)
         for ch in range((hi - lo + chunk - 1) // chunk):
             n: T.int32 = T.min(chunk, hi - lo - ch * chunk)
-            for r in range(n):
-                ko[r] = row_offset(lo + ch * chunk + r, ctx)
+            for r in range(chunk if blocked else n):  # blocked: keys past the end read the last one again
+                ko[r] = row_offset(T.min(lo + ch * chunk + r, hi - 1), ctx)
             if ahead > 0:
                 for r in range(chunk):
                     kp[r] = row_offset(T.min(lo + (ch + ahead) * chunk + r, hi - 1), ctx)
@@ -138,20 +144,42 @@ def _attend(d: int, nh: int, group: int, row_offset, head_stride: int, knobs: At
                 for u in T.unroll(vd):
                     qt[lane(u * lanes)] = qv[lane(i * d + u * lanes)]
                 new_m: T.float32 = m[i]
-                # a key's K row front to back into one register; keys are independent chains
-                for r in range(n):
-                    for u in T.unroll(vd):
-                        if ahead > 0 and u * lanes % line == 0:  # spread out: one line per key and step
-                            T.evaluate(T.call_llvm_intrin(
-                                "void", "llvm.prefetch.p0", T.address_of(k[kp[r] + hk + u * lanes]), 0, 2, 1))
-                        if u == 0:
-                            at[lane(0)] = qt[lane(0)] * T.Cast(vec, k[lane(ko[r] + hk)])
-                        else:
-                            at[lane(0)] = at[lane(0)] + qt[lane(u * lanes)] * T.Cast(
-                                vec, k[lane(ko[r] + hk + u * lanes)])
-                    s[r] = tree_sum(at, 0)
-                    new_m = T.max(new_m, s[r])
-                alpha: T.float32 = T.exp2(m[i] - new_m)  # one rescale per chunk, not per key
+                if blocked:
+                    # lanes keys at a time: each key's partial dot products in one row of tr, the rows'
+                    # sums by a butterfly into one vector of scores (no horizontal sum per key)
+                    for blk in range(chunk // lanes):
+                        for r in T.unroll(lanes):
+                            for u in T.unroll(vd):
+                                if ahead > 0 and u * lanes % line == 0:
+                                    T.evaluate(T.call_llvm_intrin(
+                                        "void", "llvm.prefetch.p0",
+                                        T.address_of(k[kp[blk * lanes + r] + hk + u * lanes]), 0, 2, 1))
+                                if u == 0:
+                                    tr[lane(r * lanes)] = qt[lane(0)] * T.Cast(
+                                        vec, k[lane(ko[blk * lanes + r] + hk)])
+                                else:
+                                    tr[lane(r * lanes)] = tr[lane(r * lanes)] + qt[lane(u * lanes)] * T.Cast(
+                                        vec, k[lane(ko[blk * lanes + r] + hk + u * lanes)])
+                        row_sums(tr)
+                        s[lane(blk * lanes)] = tr[lane(0)]
+                    for r in range(n):
+                        new_m = T.max(new_m, s[r])
+                else:
+                    # a key's K row front to back into one register; keys are independent chains
+                    for r in range(n):
+                        for u in T.unroll(vd):
+                            if ahead > 0 and u * lanes % line == 0:  # spread out: one line per key and step
+                                T.evaluate(T.call_llvm_intrin(
+                                    "void", "llvm.prefetch.p0", T.address_of(k[kp[r] + hk + u * lanes]), 0, 2,
+                                    1))
+                            if u == 0:
+                                at[lane(0)] = qt[lane(0)] * T.Cast(vec, k[lane(ko[r] + hk)])
+                            else:
+                                at[lane(0)] = at[lane(0)] + qt[lane(u * lanes)] * T.Cast(
+                                    vec, k[lane(ko[r] + hk + u * lanes)])
+                        s[r] = tree_sum(at, 0)
+                        new_m = T.max(new_m, s[r])
+                alpha: T.float32 = _exp2_nonpositive(m[i] - new_m)  # one rescale per chunk, not per key
                 m[i] = new_m
                 l[i] = l[i] * alpha
                 for r in T.vectorized(chunk):  # keys past n: exp2(-126), never read below
@@ -390,6 +418,9 @@ def _flat(buf):
     return T.decl_buffer((size,), buf.dtype, data=buf.data)
 
 
+SPLIT_MIN_KEYS = 128  # keys per split below which a lone sequence keeps the head tasks
+
+
 def decode_attention_cpu(
     h_kv: int,
     h_qo: int,
@@ -402,12 +433,60 @@ def decode_attention_cpu(
 ) -> tirx.PrimFunc:
     """TVM's `batch_decode_paged_kv_cpu[_sliding_window]`: one query row per sequence against its pages.
     `mask_window` W > 0 (plain kernel only): the query, the last key, sees the last W keys (HF's window
-    0 <= q - k < W over a cache that keeps every token, so positions stay absolute)."""
+    0 <= q - k < W over a cache that keeps every token, so positions stay absolute).
+
+    With `knobs.splits` S > 0, a batch of one sequence with at least S * SPLIT_MIN_KEYS keys runs S tasks
+    of consecutive key ranges over all heads (each writes its o and log2-sum-exp per head), then merges
+    them: a thread then streams whole pages front to back, where head tasks read a few KB per page and
+    jump on (runs too short for the hardware prefetchers)."""
     assert d % knobs.lanes == 0 and h_qo % h_kv == 0
     group, pg, nh = h_qo // h_kv, _Pages(h_kv, d, page_size, sliding_window), heads_per_task(h_qo)
     attend = _attend(d, nh, group, pg.row_offset, pg.head_stride, knobs, dtype)
+    splits = knobs.splits
+    attend_all = _attend(d, h_qo, group, pg.row_offset, pg.head_stride, knobs, dtype) if splits else None
 
     # fmt: off
+    @T.macro
+    def split_keys(qf, pf, of, lf, values, indptr, length_info, sm_scale):
+        po = T.alloc_buffer((splits * h_qo * d,), "float32")  # each split's o, [split, head, d]
+        pl = T.alloc_buffer((splits * h_qo,), "float32")  # ... and log2-sum-exp
+        n: T.int32 = pg.keys_of(0, indptr, length_info)
+        lo: T.int32 = T.max(n - mask_window, 0) if mask_window > 0 else 0
+        per: T.int32 = (n - lo + splits - 1) // splits
+        for s in T.parallel(splits):
+            attend_all(qf, 0, pf, pf, pg.v_shift, (values, indptr[0], 0, length_info), 0,
+                       T.min(lo + s * per, n), T.min(lo + (s + 1) * per, n), sm_scale * T.float32(LOG2E),
+                       po, s * h_qo * d, pl, s * h_qo)
+        acc = T.alloc_buffer((d,), "float32")
+        w = T.alloc_buffer((splits,), "float32")
+        for h in range(h_qo):
+            mx: T.float32 = pl[h]
+            for s in range(1, splits):
+                mx = T.max(mx, pl[s * h_qo + h])
+            tot: T.float32 = T.float32(0)
+            for s in range(splits):
+                w[s] = _exp2_nonpositive(pl[s * h_qo + h] - mx)
+                tot = tot + w[s]
+            for j in T.vectorized(d):
+                acc[j] = T.float32(0)
+            for s in range(splits):
+                for j in T.vectorized(d):
+                    acc[j] = acc[j] + w[s] * po[(s * h_qo + h) * d + j]
+            for j in T.vectorized(d):
+                of[h * d + j] = T.Cast(of.dtype, acc[j] / tot)
+            lf[h] = mx + T.log2(tot)
+
+    @T.macro
+    def head_tasks(B, qf, pf, of, lf, values, indptr, length_info, sm_scale):
+        for task in T.parallel(B * (h_qo // nh)):
+            b: T.int32 = task // (h_qo // nh)
+            h0: T.int32 = task % (h_qo // nh) * nh
+            begin: T.int32 = indptr[b]
+            n: T.int32 = pg.keys_of(b, indptr, length_info)
+            lo: T.int32 = T.max(n - mask_window, 0) if mask_window > 0 else 0
+            attend(qf, (b * h_qo + h0) * d, pf, pf, pg.v_shift, (values, begin, b, length_info), h0,
+                   lo, n, sm_scale * T.float32(LOG2E), of, (b * h_qo + h0) * d, lf, b * h_qo + h0)
+
     @T.prim_func(private=True)
     def kernel(q_handle: T.handle, pages_handle: T.handle, indptr_handle: T.handle, values_handle: T.handle,
                length_info_handle: T.handle, k_rope_pos_offset_handle: T.handle,
@@ -424,14 +503,15 @@ def decode_attention_cpu(
         lse = T.match_buffer(lse_handle, (B, h_qo), "float32")
         qf, pf, of, lf = _flat(Q), _flat(pages), _flat(output), _flat(lse)
         assert rotary_mode == 0, NO_ROPE
-        for task in T.parallel(B * (h_qo // nh)):
-            b: T.int32 = task // (h_qo // nh)
-            h0: T.int32 = task % (h_qo // nh) * nh
-            begin: T.int32 = indptr[b]
-            n: T.int32 = pg.keys_of(b, indptr, length_info)
-            lo: T.int32 = T.max(n - mask_window, 0) if mask_window > 0 else 0
-            attend(qf, (b * h_qo + h0) * d, pf, pf, pg.v_shift, (values, begin, b, length_info), h0,
-                   lo, n, sm_scale * T.float32(LOG2E), of, (b * h_qo + h0) * d, lf, b * h_qo + h0)
+        if splits > 0:
+            n1: T.int32 = pg.keys_of(0, indptr, length_info)
+            lo1: T.int32 = T.max(n1 - mask_window, 0) if mask_window > 0 else 0
+            if B == 1 and n1 - lo1 >= splits * SPLIT_MIN_KEYS:
+                split_keys(qf, pf, of, lf, values, indptr, length_info, sm_scale)
+            else:
+                head_tasks(B, qf, pf, of, lf, values, indptr, length_info, sm_scale)
+        else:
+            head_tasks(B, qf, pf, of, lf, values, indptr, length_info, sm_scale)
     # fmt: on
 
     return kernel

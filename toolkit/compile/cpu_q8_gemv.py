@@ -418,6 +418,35 @@ def quantize_x_vectors(k: int, zp: int, eight: bool, has_min: bool):
     return quantize
 
 
+def row_sums_in_registers(nr: int):
+    """A TVMScript macro `(tr)`: the nr rows of the local buffer tr (row i at i * nr, one vector) summed
+    lane-wise into row 0, lane i = the sum of row i: log2(nr) butterfly steps, each adding two shuffles of
+    a row pair (nr - 1 pairs in all; a horizontal sum per row costs about as many per row); nr 8 or 16."""
+    assert nr in (8, 16)
+    pats = {b: (_transpose_pattern(nr, b, False), _transpose_pattern(nr, b, True)) for b in (8, 4, 2, 1)}
+
+    def row(i):
+        return T.ramp(i * nr, 1, nr)
+
+    # fmt: off
+    @T.macro
+    def step(tr, b):  # rows r and r + b -> row r (the lanes with bit b set: row r + b's)
+        for r in T.unroll(b):
+            tr[row(r)] = T.Shuffle([tr[row(r)], tr[row(r + b)]], pats[b][0]) + T.Shuffle(
+                [tr[row(r)], tr[row(r + b)]], pats[b][1])
+
+    @T.macro
+    def row_sums(tr):
+        if nr == 16:
+            step(tr, 8)
+        step(tr, 4)
+        step(tr, 2)
+        step(tr, 1)
+    # fmt: on
+
+    return row_sums
+
+
 def rotation(lanes: int, b: int) -> list[int]:
     """Lane picks that rotate a vector by b lanes (a shuffle of the vector with itself)."""
     return [(lane + b) % lanes for lane in range(lanes)]

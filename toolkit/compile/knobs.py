@@ -7,7 +7,8 @@ never used: a size that won on one CPU says nothing about another.
 
 Families (the kernels that read them):
 - `attention_decode`, `attention_prefill` (cpu_attention): `lanes` (fp32 lanes per vector op), `chunk`
-  (keys per softmax rescale); decode also `prefetch` (chunks ahead whose K / V rows are prefetched; 0: none).
+  (keys per softmax rescale); decode also `prefetch` (chunks ahead whose K / V rows are prefetched; 0: none)
+  and `splits` (a lone sequence's key ranges run as tasks over all heads, then merged; 0: head tasks).
 - `q4_gemv` (cpu_q8_gemv, decode): `tile` (weight rows per parallel task), `rows` (rows per x load),
   `prefetch` (bytes a software prefetch runs ahead in the weight stream; 0: none), `prefetch_level` (the
   cache level it fills: 1 or 2).
@@ -34,7 +35,12 @@ from .cpu_isa import Q8_DOT_LANES, q8_dot_isa, q8_gemm_isa
 
 SCHEMA = "phi3-knobs/1"
 SPACE: dict[str, dict[str, tuple[int, ...]]] = {
-    "attention_decode": {"lanes": (8, 16), "chunk": (8, 16, 32), "prefetch": (0, 1, 2)},
+    "attention_decode": {
+        "lanes": (8, 16),
+        "chunk": (8, 16, 32),
+        "prefetch": (0, 1, 2),
+        "splits": (0, 2, 4, 8),
+    },
     "attention_prefill": {"lanes": (8, 16), "chunk": (8, 16, 32)},
     "q4_gemv": {
         "tile": (8, 16, 32, 64),
@@ -46,7 +52,7 @@ SPACE: dict[str, dict[str, tuple[int, ...]]] = {
 }
 # what the kernels were written with (and what a Knobs without values gives)
 DEFAULTS: dict[str, dict[str, int]] = {
-    "attention_decode": {"lanes": 8, "chunk": 16, "prefetch": 0},
+    "attention_decode": {"lanes": 8, "chunk": 16, "prefetch": 0, "splits": 0},
     "attention_prefill": {"lanes": 8, "chunk": 16},
     "q4_gemv": {"tile": 16, "rows": 1, "prefetch": 0, "prefetch_level": 1},
     "q8_gemm": {"mr": 12},
@@ -115,7 +121,8 @@ def heuristic_knobs(target: Target) -> Knobs:
     """Sizes from the target's features alone: vector width (AVX-512: 16 fp32 lanes), the int8 GEMM's
     register budget (12 rows of x with 32 vector registers, 6 with 16), the thread count, and software
     prefetch into L2 on x86: the GEMVs' weights (measured on Zen 4 and, into L1, on Zen 5) and decode
-    attention's K / V rows (Zen 4); arm64 keeps none until an arm64 CPU is at hand."""
+    attention's K / V rows (Zen 4); arm64 keeps none until an arm64 CPU is at hand. Decode attention of one
+    sequence splits its keys into one range per core (each thread streams whole pages; Zen 4)."""
     from .cpu_schedule import simd_lanes_f32
 
     lanes = max(8, simd_lanes_f32(target))
@@ -125,7 +132,12 @@ def heuristic_knobs(target: Target) -> Knobs:
     x86 = gemv_isa is not None and not gemv_isa.startswith("neon")
     values = {
         "attention_decode": {
-            "*": {"lanes": lanes, "chunk": 16, "prefetch": X86_ATTENTION_PREFETCH if x86 else 0}
+            "*": {
+                "lanes": lanes,
+                "chunk": 16,
+                "prefetch": X86_ATTENTION_PREFETCH if x86 else 0,
+                "splits": _cores(target),
+            }
         },
         "attention_prefill": {"*": {"lanes": lanes, "chunk": 16}},
         "q4_gemv": {
