@@ -10,10 +10,10 @@ products stay in registers (a block of `lanes` keys summed into one score vector
 horizontal sum per key), the softmax runs per chunk of keys (scores, one max, one rescale of o, then
 o += p * v per key), and K / V rows can be prefetched a chunk ahead (`AttentionKnobs.prefetch`): cold
 decode over a long cache is bound by the latency of its short runs of rows. A lone sequence with a long
-cache instead splits its keys into ranges over all heads (`AttentionKnobs.splits`), merged at the end. Prefill (`_attend_block`): a
-task is 16 query rows of every query head of one KV head, so each chunk of keys is transposed and converted
-once for all of them and the scores are vectors over keys (a GEMM-like inner loop with no horizontal sum
-per key).
+cache instead splits its keys into ranges over all heads (`AttentionKnobs.splits`), merged at the end.
+Prefill (`_attend_block`): a task is 16 query rows of every query head of one KV head, so each chunk of
+keys is transposed and converted once for all of them and the scores are vectors over keys (a GEMM-like
+inner loop with no horizontal sum per key).
 
 Same parameters and outputs (o and the log2-sum-exp) as TVM's kernels, up to fp32 summation order.
 Only rotary_mode 0 is supported (rope applied before the cache, as our model does); the kernels assert it.
@@ -98,7 +98,7 @@ def _attend(d: int, nh: int, group: int, row_offset, head_stride: int, knobs: At
     lanes, chunk, ahead = knobs.lanes, knobs.chunk, knobs.prefetch
     line = 64 * 8 // DataType(dtype).bits  # cache elements per 64-byte line
     blocked = chunk % lanes == 0 and lanes in (8, 16)
-    row_sums = row_sums_in_registers(lanes) if lanes in (8, 16) else None
+    row_sums = row_sums_in_registers(lanes) if blocked else None
     vd = d // lanes
     vec = f"float32x{lanes}"
 
@@ -447,11 +447,9 @@ def decode_attention_cpu(
 
     # fmt: off
     @T.macro
-    def split_keys(qf, pf, of, lf, values, indptr, length_info, sm_scale):
+    def split_keys(qf, pf, of, lf, values, indptr, length_info, sm_scale, n, lo):  # keys lo..n of sequence 0
         po = T.alloc_buffer((splits * h_qo * d,), "float32")  # each split's o, [split, head, d]
         pl = T.alloc_buffer((splits * h_qo,), "float32")  # ... and log2-sum-exp
-        n: T.int32 = pg.keys_of(0, indptr, length_info)
-        lo: T.int32 = T.max(n - mask_window, 0) if mask_window > 0 else 0
         per: T.int32 = (n - lo + splits - 1) // splits
         for s in T.parallel(splits):
             attend_all(qf, 0, pf, pf, pg.v_shift, (values, indptr[0], 0, length_info), 0,
@@ -507,7 +505,7 @@ def decode_attention_cpu(
             n1: T.int32 = pg.keys_of(0, indptr, length_info)
             lo1: T.int32 = T.max(n1 - mask_window, 0) if mask_window > 0 else 0
             if B == 1 and n1 - lo1 >= splits * SPLIT_MIN_KEYS:
-                split_keys(qf, pf, of, lf, values, indptr, length_info, sm_scale)
+                split_keys(qf, pf, of, lf, values, indptr, length_info, sm_scale, n1, lo1)
             else:
                 head_tasks(B, qf, pf, of, lf, values, indptr, length_info, sm_scale)
         else:
