@@ -109,6 +109,8 @@ def test_heuristics_follow_the_cpu_features():
     # one key range per core for a lone sequence's decode attention
     assert heuristic_knobs(skx).attention("decode") == AttentionKnobs(16, 16, prefetch=1, splits=4)
     assert heuristic_knobs(zen3).attention("decode") == AttentionKnobs(8, 16, prefetch=1, splits=4)
+    no_count = tvm.target.Target({"kind": "llvm", "mcpu": "znver3"})
+    assert heuristic_knobs(no_count).attention("decode").splits == 0
     assert heuristic_knobs(zen3).attention("prefill").prefetch == 0  # its rows are reused: no prefetch
     assert heuristic_knobs(skx).get("q8_gemm")["mr"] == 12  # 32 zmm registers
     # a small GEMV gets smaller tasks so 4 threads each have TASKS_PER_THREAD of them

@@ -136,7 +136,9 @@ def heuristic_knobs(target: Target) -> Knobs:
                 "lanes": lanes,
                 "chunk": 16,
                 "prefetch": X86_ATTENTION_PREFETCH if x86 else 0,
-                "splits": _cores(target),
+                # one key range per core; a target that names no core count (a cross build) or one
+                # core keeps head tasks: a single range would put the whole attention on one thread
+                "splits": _cores(target) if _cores(target) > 1 else 0,
             }
         },
         "attention_prefill": {"*": {"lanes": lanes, "chunk": 16}},
