@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tvm import relax, te
+from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
@@ -77,8 +77,25 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter((dim,), dtype=weight_dtype)
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
-        w = self.weight if self.weight.dtype == self.dtype else self.weight.astype(self.dtype)
-        return op.rms_norm(x, w, axes=[-1], epsilon=self.eps)
+        if self.weight.dtype == self.dtype:
+            return op.rms_norm(x, self.weight, axes=[-1], epsilon=self.eps)
+        # the weight widened inside the norm's own kernel: a separate cast would be a kernel per norm and
+        # step (FuseOps leaves it outside the norm), for a value that never changes
+        return op.tensor_expr_op(_rms_norm_widened, "rms_norm", [x, self.weight, self.eps])
+
+
+def _rms_norm_widened(x: te.Tensor, w: te.Tensor, eps: float) -> te.Tensor:
+    """RMS norm over the last axis of fp32 `x` with `w` stored in another dtype, in the expression order of
+    TVM's `rms_norm` legalization (rsqrt(sum(x^2) / d + eps) * x * w), so the result is the same."""
+    d = x.shape[-1]
+    k = te.reduce_axis((0, d), name="k")
+    sq = te.compute(x.shape[:-1], lambda *i: te.sum(x[(*i, k)] * x[(*i, k)], axis=k), name="rms_sq")
+
+    def out(*i):
+        r = te.rsqrt(sq[i[:-1]] / tirx.const(float(int(d)), x.dtype) + tirx.const(eps, x.dtype))
+        return r * x[i] * w[i[-1]].astype(x.dtype)
+
+    return te.compute(x.shape, out, name="rms_norm")
 
 
 def _linear(
@@ -104,11 +121,11 @@ class Phi3Attention(nn.Module):
         n_heads = c.num_attention_heads + 2 * c.num_key_value_heads
         if rope is None:  # the cache rotates q/k
             qkv = op.reshape(self.qkv_proj(x), (b, s, n_heads, c.head_dim))
-        else:
+        else:  # the rope kernel writes q/k/v in the cache's dtype
             qkv = op.reshape(self.qkv_proj(x), (b * s, n_heads, c.head_dim))  # (n, nH+2nKV, hd)
-            qkv = apply_rope_to_qkv(qkv, rope, c)
+            qkv = apply_rope_to_qkv(qkv, rope, c, out_dtype=self.cache_dtype)
             qkv = op.reshape(qkv, (b, s, n_heads, c.head_dim))
-        if self.cache_dtype != self.dtype:  # the cache's kernels take q/k/v/o in its dtype (fp32 inside)
+        if qkv.dtype != self.cache_dtype:  # the cache's kernels take q/k/v/o in its dtype (fp32 inside)
             qkv = qkv.astype(self.cache_dtype)
         o = kv.attention_with_fused_qkv(layer, qkv, c.num_attention_heads, sm_scale=c.head_dim**-0.5)
         if self.cache_dtype != self.dtype:
