@@ -19,6 +19,20 @@ from toolkit.model.rope import apply_rope_to_qkv  # noqa: E402
 DIM, EPS = 96, 1e-5
 
 
+def _cfg(**overrides) -> Phi3Config:
+    """A tiny Phi-3 config: 2 MHA heads of 32, one layer, unless `overrides` say otherwise."""
+    base = dict(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=32,
+    )
+    return Phi3Config(**(base | overrides))
+
+
 def _run(
     module: nn.Module, spec: dict, inputs: list[np.ndarray], params: dict[str, np.ndarray]
 ) -> np.ndarray:
@@ -63,21 +77,13 @@ class _Rope(nn.Module):
 
 @pytest.mark.parametrize("partial", [False, True])
 def test_rope_writes_the_cache_dtype_as_a_cast_after_it_would(partial):
-    cfg = Phi3Config(
-        vocab_size=64,
-        hidden_size=128,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        partial_rotary_factor=0.5 if partial else 1.0,
-    )
-    heads, half = 4 + 2 * 2, cfg.rotary_dim // 2
+    # GQA (4 q heads, 2 k/v heads): the v heads that pass through sit after q and k
+    cfg = _cfg(hidden_size=128, num_attention_heads=4, partial_rotary_factor=0.5 if partial else 1.0)
+    heads, d, half = cfg.num_attention_heads + 2 * cfg.num_key_value_heads, cfg.head_dim, cfg.rotary_dim // 2
     rng = np.random.default_rng(1)
-    qkv = (rng.standard_normal((3, heads, 32)) * 4).astype("float32")
+    qkv = (rng.standard_normal((3, heads, d)) * 4).astype("float32")
     rope = rng.uniform(-1, 1, (3, 2, half)).astype("float32")
-    spec = {"qkv": nn.spec.Tensor([3, heads, 32], "float32"), "rope": nn.spec.Tensor([3, 2, half], "float32")}
+    spec = {"qkv": nn.spec.Tensor([3, heads, d], "float32"), "rope": nn.spec.Tensor([3, 2, half], "float32")}
     direct = _run(_Rope(cfg, "float16", None), spec, [qkv, rope], {})
     after = _run(_Rope(cfg, None, "float16"), spec, [qkv, rope], {})
     assert direct.dtype == np.float16
@@ -94,15 +100,7 @@ def _astype_count(func: relax.Function) -> int:
 
 
 def test_host_decode_graph_casts_only_the_attention_output():
-    cfg = Phi3Config(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=32,
-    )
+    cfg = _cfg(num_hidden_layers=3)
     opts = GraphOptions(quantization="q4f16_1", dtype="float32", kv_dtype="float16")
     mod, _ = export_phi3(cfg, opts, tvm.target.Target("llvm"))
     # per layer one cast: the cache's fp16 attention output back to fp32 (the cache builtin's dtype); none
