@@ -254,7 +254,7 @@ def load(
             raise UserError(f"--prefill-chunk {prefill_chunk} exceeds the library's prefill chunk ({limit})")
         cache.prefill_chunk = prefill_chunk
     engine, source = load_engine(
-        model,
+        src,
         quantization=quantization,
         device=device,
         threads=threads,

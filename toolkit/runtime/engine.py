@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tvm
@@ -24,6 +25,9 @@ from tvm.runtime.vm import VirtualMachine  # runtime-only: the engine also runs 
 
 from ..config import Phi3Config
 from ..cpu_threads import size_thread_pool
+
+if TYPE_CHECKING:
+    from ..checkpoint import ModelSource
 
 
 def _f(name: str):
@@ -275,7 +279,7 @@ class ContextFullError(Exception):
 
 
 def load_engine(
-    model: str | None = None,
+    model: str | ModelSource | None = None,
     *,
     quantization: str | None = None,
     device: str = "host",
@@ -287,14 +291,15 @@ def load_engine(
     """Open a model (HF folder, GGUF, converter output, or None = the embedded default), compile it for the
     device preset on first use (cached), load its weights and return (Engine, ModelSource). `kv_cache`
     overrides a CPU preset's KV cache dtype."""
-    from ..checkpoint import open_model
+    from ..checkpoint import ModelSource, open_model
     from ..compile.compile_model import compiled_for
     from ..hugepages import in_huge_pages
     from ..quantization import quantization_for
     from ..targets import load_preset
     from .weights import load_params
 
-    source = open_model(model, allow_pickle=allow_pickle)
+    # opening parses the whole header (a GGUF's vocabulary: ~1 s for the embedded model): once per load
+    source = model if isinstance(model, ModelSource) else open_model(model, allow_pickle=allow_pickle)
     if source.kind == "mlc":
         if quantization and quantization != source.scheme.name:
             raise ValueError(f"{source.path} holds {source.scheme.name} weights, not {quantization}")
