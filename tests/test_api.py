@@ -336,20 +336,27 @@ def test_convert_then_compile_through_the_api(tiny_ckpt, tmp_path):
         phi3.compile(str(tmp_path / "w"), str(tmp_path / "lib3"), cuda_graph=True)
 
 
-def test_load_opens_the_checkpoint_once(tiny_ckpt, monkeypatch):
-    """`phi3.load` hands the source it opened to the engine: opening parses the whole header (a GGUF's
-    vocabulary), so a second open is time a user waits for nothing."""
+@pytest.mark.parametrize("via", ["api", "cli"])
+def test_load_opens_the_checkpoint_once(tiny_ckpt, monkeypatch, via):
+    """`phi3.load` and `phi3 generate` hand the source they opened to the engine: opening parses the whole
+    header (a GGUF's vocabulary), so a second open is time a user waits for nothing."""
     import toolkit.checkpoint as checkpoint
 
     opened = []
     real = checkpoint.open_model
 
     def counting(model, *args, **kwargs):
-        opened.append(model)
+        opened.append(str(model))
         return real(model, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint, "open_model", counting)
-    m = phi3.load(str(tiny_ckpt), context_window=64, max_batch_size=1)
-    assert [str(p) for p in opened].count(str(tiny_ckpt)) == 1, opened
-    out = m.generate("hi", max_tokens=2, temperature=0)  # and the engine runs on the handed-over source
-    assert out.prompt_tokens > 0 and out.finish_reason in ("stop", "length")
+    if via == "api":
+        out = phi3.load(str(tiny_ckpt), context_window=64, max_batch_size=1).generate(
+            "hi", max_tokens=2, temperature=0
+        )
+        assert out.prompt_tokens > 0 and out.finish_reason in ("stop", "length")
+    else:
+        args = ["generate", str(tiny_ckpt), "--prompt", "hi", "--max-tokens", "2", "--temperature", "0"]
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 0 and "stop:" in r.output, r.output
+    assert opened.count(str(tiny_ckpt)) == 1, opened

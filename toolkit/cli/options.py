@@ -41,8 +41,9 @@ def open_engine(model: str | None, *, quantization: str | None, allow_pickle: bo
     from ..checkpoint import open_model
     from ..runtime.engine import load_engine
 
-    check_scheme(open_model(model, allow_pickle=allow_pickle), quantization)
-    return load_engine(model, quantization=quantization, allow_pickle=allow_pickle, **kwargs)
+    source = open_model(model, allow_pickle=allow_pickle)
+    check_scheme(source, quantization)
+    return load_engine(source, quantization=quantization, allow_pickle=allow_pickle, **kwargs)
 
 
 def eval_window_options(f):
