@@ -517,3 +517,58 @@ def test_gguf_name_table_is_two_way():
             hf_name(bad, arch)
     with pytest.raises(KeyError):
         gguf_names("model.layers.0.mlp.nope.weight")
+
+
+def _same_reader(a, b) -> None:
+    """Two GGUFReaders hold the same fields (offsets, parts with dtypes and shapes, data indices, types)
+    and tensors."""
+    assert list(a.fields) == list(b.fields)
+    for key, fa in a.fields.items():
+        fb = b.fields[key]
+        assert (fa.offset, fa.name, fa.data, fa.types) == (fb.offset, fb.name, fb.data, fb.types), key
+        assert len(fa.parts) == len(fb.parts), key
+        for x, y in zip(fa.parts, fb.parts):
+            assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y), key
+        assert fa.contents() == fb.contents(), key
+    assert a.data_offset == b.data_offset
+    assert [(t.name, t.data_offset, t.n_bytes) for t in a.tensors] == [
+        (t.name, t.data_offset, t.n_bytes) for t in b.tensors
+    ]
+
+
+@pytest.mark.parametrize("endian", ["little", "big"])
+def test_fast_field_walk_equals_gguf_py(tmp_path, endian) -> None:
+    """`read_gguf` walks flat arrays in one loop: every field is what gguf-py's own reader builds, for
+    each array element type, empty arrays, an array of arrays (gguf-py's walk) and a big-endian file
+    (gguf-py's walk: the fast path is for little-endian files only)."""
+    import gguf
+
+    from toolkit.checkpoint.gguf_source import read_gguf
+
+    order = gguf.GGUFEndian.LITTLE if endian == "little" else gguf.GGUFEndian.BIG
+    p = tmp_path / "fields.gguf"
+    w = gguf.GGUFWriter(str(p), "llama", endianess=order)
+    w.add_array("t.strings", ["", "a", "naïve 日本語 🙂", "x" * 300])
+    w.add_array("t.empty", [])
+    w.add_array("t.floats", [0.5, -1.25, 3.0])
+    w.add_array("t.ints", [1, -2, 3])
+    w.add_array("t.bools", [True, False, True])
+    w.add_array("t.nested", [[1, 2], [3]])
+    w.add_key_value("t.u8s", [1, 2, 255], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT8)
+    w.add_uint32("t.scalar", 7)
+    w.add_string("t.string", "hello")
+    w.add_tensor("w", np.arange(12, dtype=np.float32).reshape(3, 4))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    _same_reader(read_gguf(p), gguf.GGUFReader(p))
+
+
+def test_fast_field_walk_equals_gguf_py_on_the_embedded_model(smol) -> None:
+    """The embedded SmolLM2 GGUF: a 49k-token vocabulary, its scores, token types and merges."""
+    from gguf import GGUFReader
+
+    from toolkit.checkpoint.gguf_source import read_gguf
+
+    _same_reader(read_gguf(smol.path), GGUFReader(smol.path))

@@ -9,6 +9,7 @@ Tensors are dequantized to float32 one at a time, when iterated.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,13 @@ _DEQUANT_ELEMS = 1 << 22
 
 
 def read_gguf(path: Path | str):
-    """gguf-py's reader, parsing over a plain ndarray view of the file map: its field walk slices the map
-    ~10^6 times for a 49k-token vocabulary, and every np.memmap slice pays memmap's __array_finalize__
-    (about 2.7x the whole parse). Tensor data stay lazily mapped views of the same file."""
-    from gguf import GGUFReader
+    """gguf-py's reader, with the same fields, parts and tensors, parsed faster:
+    - over a plain ndarray view of the file map: its field walk slices the map ~10^6 times for a
+      49k-token vocabulary, and every np.memmap slice pays memmap's __array_finalize__;
+    - a little-endian array of strings or scalars is walked in one loop (`_array_parts`) instead of one
+      generic `_get_field_parts` call per element.
+    Tensor data stay lazily mapped views of the same file."""
+    from gguf import GGUFReader, GGUFValueType
 
     class _Reader(GGUFReader):
         def _get(self, *args, **kwargs):
@@ -40,6 +44,44 @@ def read_gguf(path: Path | str):
                 self._map = self.data  # the view below keeps the map alive; held here for clarity
                 self.data = self.data.view(np.ndarray)
             return super()._get(*args, **kwargs)
+
+        def _get_field_parts(self, orig_offs: int, raw_type: int):
+            if raw_type == GGUFValueType.ARRAY and self.byte_order == "I" and sys.byteorder == "little":
+                parsed = self._array_parts(orig_offs)
+                if parsed is not None:
+                    return parsed
+            return super()._get_field_parts(orig_offs, raw_type)
+
+        def _array_parts(self, orig_offs: int):
+            """(size, parts, data indices, types) exactly as gguf-py builds them for a flat array: the
+            element type and length, then per element its parts (a string: its length and its bytes)."""
+            itype, alen = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+            sub, n, offs = GGUFValueType(int(itype[0])), int(alen[0]), orig_offs + 12
+            parts: list[np.ndarray] = [itype, alen]
+            data = self.data
+            if sub == GGUFValueType.STRING:
+                mv, end = memoryview(data), len(data)
+                for _ in range(n):
+                    if offs + 8 > end:
+                        return None  # a truncated or damaged file: gguf-py's own walk raises its error
+                    size = int.from_bytes(mv[offs : offs + 8], "little")
+                    parts.append(data[offs : offs + 8].view(np.uint64))
+                    parts.append(data[offs + 8 : offs + 8 + size])
+                    offs += 8 + size
+                idxs = list(range(3, 2 + 2 * n + 1, 2))
+            elif sub in self.gguf_scalar_to_np:
+                dt = np.dtype(self.gguf_scalar_to_np[sub])
+                arr = data[offs : offs + n * dt.itemsize].view(dt)
+                if arr.size != n:
+                    return None  # a truncated file: gguf-py's own walk raises its error
+                parts += list(arr.reshape(n, 1))
+                offs += n * dt.itemsize
+                idxs = list(range(2, 2 + n))
+            else:
+                return None  # arrays of arrays: gguf-py's generic walk
+            if offs > len(data):
+                return None
+            return offs - orig_offs, parts, idxs, [GGUFValueType.ARRAY] + ([sub] if n else [])
 
     return _Reader(path)
 
