@@ -11,12 +11,18 @@ Kept here so they are found in one place and nowhere else patches TVM:
   resolve closure variables; the stdlib version looks up each frame's module by scanning `sys.modules`,
   which with torch/transformers loaded (tests, Core ML export) made parsing our kernels the larger part of
   a compile. The parser's `inspect` gets frames with their source line read from linecache instead.
+- `tvm_without_torch`: `import tvm` imports torch whenever it is installed (tvm_ffi and relax's Python
+  module, for their optional torch interop), which is most of the time a `phi3` command spends importing
+  TVM. `phi3` never hands torch tensors to TVM, so its first `import tvm` runs as if torch were not
+  installed (a setup both support); torch itself stays importable afterwards.
 
 (Registering our `target.build.vulkan` over TVM's is the Vulkan backend itself: `toolkit.backends.vulkan`.)
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import inspect
 import linecache
 import sys
@@ -115,3 +121,42 @@ def fast_script_frames() -> None:
         if getattr(module, "inspect", None) is inspect:
             fast = fast or _fast_inspect()
             module.inspect = fast
+
+
+class _TvmWithoutTorch(importlib.abc.MetaPathFinder):
+    """Finds `tvm_ffi` and `tvm` through the normal path finder and runs each package's import with torch
+    hidden; answers nothing else (None: the next finder looks)."""
+
+    def __init__(self) -> None:
+        self.pending = {"tvm_ffi", "tvm"}
+
+    def find_spec(self, name, path, target=None):
+        if name not in self.pending:
+            return None
+        self.pending.discard(name)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_without_torch(module: types.ModuleType) -> None:
+            hidden = "torch" not in sys.modules
+            if hidden:
+                sys.modules["torch"] = None  # `import torch` raises ImportError, as when it is not installed
+            try:
+                exec_module(module)
+            finally:
+                if hidden and "torch" in sys.modules and sys.modules["torch"] is None:
+                    del sys.modules["torch"]
+
+        spec.loader.exec_module = exec_without_torch
+        return spec
+
+
+def tvm_without_torch() -> None:
+    """Make this process's first `import tvm` (and `import tvm_ffi`) skip torch (see the module docstring).
+    No effect once TVM or torch is imported; idempotent."""
+    if "tvm" in sys.modules or "torch" in sys.modules:
+        return
+    if not any(isinstance(f, _TvmWithoutTorch) for f in sys.meta_path):
+        sys.meta_path.insert(0, _TvmWithoutTorch())

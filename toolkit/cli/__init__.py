@@ -62,6 +62,9 @@ class _Group(click.Group):
             raise _one_line_usage(e) from None
 
     def invoke(self, ctx: click.Context):
+        from ..tvm_compat import tvm_without_torch
+
+        tvm_without_torch()  # a command that imports TVM: ~2 s less without torch (tvm_compat.py)
         try:
             return super().invoke(ctx)
         except click.exceptions.NoArgsIsHelpError:
