@@ -296,7 +296,7 @@ def load_engine(
     from ..hugepages import in_huge_pages
     from ..quantization import quantization_for
     from ..targets import load_preset
-    from .weights import load_params
+    from .weights import converting_alongside, load_params
 
     # opening parses the whole header (a GGUF's vocabulary: ~1 s for the embedded model): once per load
     source = model if isinstance(model, ModelSource) else open_model(model, allow_pickle=allow_pickle)
@@ -316,7 +316,8 @@ def load_engine(
         check_fp16(
             dev.device_name, quantization, get_scheme(quantization).model_dtype, fp32_twin(quantization)
         )
-    compiled = compiled_for(source.config, quantization, preset)
+    with converting_alongside(source, quantization):  # a first run converts while it compiles
+        compiled = compiled_for(source.config, quantization, preset)
     size_thread_pool(threads)  # None: one per physical core
     lib = tvm.runtime.load_module(str(compiled.library))
     params = load_params(source, compiled, dev)

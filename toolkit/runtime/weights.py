@@ -11,7 +11,9 @@ import hashlib
 import json
 import shutil
 import sys
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +85,51 @@ def _convert_into_cache(source: ModelSource, scheme, folder: Path) -> None:
     convert(source, scheme, folder, clip=JIT_CLIP, progress=True)
 
 
+def _needs_conversion(source: ModelSource, quantization: str) -> bool:
+    """A checkpoint (not a converted folder) whose weights `quantization` quantizes, not yet in the cache."""
+    scheme = get_scheme(quantization)
+    if source.kind == "mlc" or not scheme.is_quantized:
+        return False
+    return not (converted_weights_dir(source, scheme.name) / "tensor-cache.json").is_file()
+
+
+def _ensure_converted(source: ModelSource, scheme) -> Path:
+    """The cache folder of `source` converted to `scheme`, converted first if absent (one process at a
+    time: a second waits for the first's conversion, then finds it)."""
+    folder = converted_weights_dir(source, scheme.name)
+    with output_lock(folder):
+        if not (folder / "tensor-cache.json").is_file():
+            if folder.exists():
+                shutil.rmtree(folder)  # an incomplete entry: ours, and useless
+            _convert_into_cache(source, scheme, folder)
+    return folder
+
+
+@contextmanager
+def converting_alongside(source: ModelSource, quantization: str) -> Iterator[None]:
+    """Convert `source`'s weights into the cache in a thread while the caller's block runs (the library's
+    compile: mostly one core of Python and LLVM, while the conversion is numpy that leaves the GIL), so a
+    first run waits for the longer of the two rather than their sum. The block's own error wins; a
+    conversion error is raised when the block ends. Nothing to do: the block just runs."""
+    if not _needs_conversion(source, quantization):
+        yield
+        return
+    failed: list[BaseException] = []
+
+    def convert() -> None:
+        try:
+            _ensure_converted(source, get_scheme(quantization))
+        except BaseException as e:  # handed to the caller's thread below
+            failed.append(e)
+
+    worker = threading.Thread(target=convert, name="phi3-convert", daemon=True)
+    worker.start()
+    yield  # an exception here leaves the worker to finish (or die with the process): no wait on an error
+    worker.join()
+    if failed:
+        raise failed[0]
+
+
 def _cached_converted(
     source: ModelSource, scheme, compiled: CompiledModel, device, param_meta: list[dict] | None
 ) -> list[tvm.runtime.Tensor]:
@@ -90,10 +137,7 @@ def _cached_converted(
     ours to rebuild, once, with a notice."""
     folder = converted_weights_dir(source, scheme.name)
     with output_lock(folder):
-        if not (folder / "tensor-cache.json").is_file():
-            if folder.exists():
-                shutil.rmtree(folder)  # an incomplete entry: ours, and useless
-            _convert_into_cache(source, scheme, folder)
+        _ensure_converted(source, scheme)
         try:
             return load_params(open_model(folder), compiled, device, param_meta)
         except UserError as e:
