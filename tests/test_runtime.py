@@ -69,6 +69,36 @@ def test_chat_second_turn_reuses_cache_and_equals_fresh_prefill(tiny):
     assert tok.encode(reply2, add_bos=False)[:1] == [first] or reply2 == ""
 
 
+def test_host_logits_are_views_that_later_steps_leave_alone(tiny):
+    """On the CPU `decode` returns a view of the forward's output tensor, not a copy; each step's array keeps
+    its values after later steps and equals what a fresh run of the same tokens computes."""
+    _, eng = tiny
+    ids = [5, 17, 99, 3]
+    sid = eng.add_sequence()
+    try:
+        kept = [eng.prefill(sid, ids)]
+        tok = int(np.argmax(kept[-1]))
+        for _ in range(4):
+            kept.append(eng.decode(sid, tok))
+            tok = int(np.argmax(kept[-1]))
+        fed = eng.seqs[sid].tokens[len(ids) :]
+    finally:
+        eng.remove_sequence(sid)
+    for a in kept[1:]:
+        while isinstance(a.base, np.ndarray):  # reshapes of the array numpy made
+            a = a.base
+        assert not a.flags.owndata  # the memory is the VM tensor's (a .numpy() copy owns its own)
+    snapshot = [a.copy() for a in kept]
+    sid = eng.add_sequence()
+    try:
+        fresh = [eng.prefill(sid, ids)] + [eng.decode(sid, t) for t in fed]
+    finally:
+        eng.remove_sequence(sid)
+    for a, b, c in zip(kept, snapshot, fresh):
+        np.testing.assert_array_equal(a, b)  # untouched by the second run's steps
+        np.testing.assert_array_equal(a, c)  # same library, same tokens: the same numbers
+
+
 def test_perplexity_matches_transformers_same_windows(tiny):
     ckpt, eng = tiny
     hf = load_hf_model(ckpt)

@@ -34,6 +34,7 @@ def _f(name: str):
     return tvm.get_global_func(name)
 
 
+_DL_CPU = 1  # DLPack's kDLCPU
 KV_SLIDING_WINDOW_SUPPORT = 0  # create_tir_paged_kv_cache's 5th argument; see Engine.__init__
 FORWARD_FUNCTIONS = ("embed", "prefill", "decode", "batch_prefill", "batch_decode", "batch_verify")
 
@@ -140,6 +141,14 @@ class Engine:
     def _tensor(self, a: np.ndarray) -> tvm.runtime.Tensor:
         return tvm.runtime.tensor(a, self.device)
 
+    def _host(self, t: tvm.runtime.Tensor) -> np.ndarray:
+        """A forward's output as numpy: on the CPU a view of the tensor itself, no copy per step (the view
+        keeps the tensor, and so its storage, alive; the VM hands each call fresh outputs); elsewhere a copy
+        to the host."""
+        if self.device.dlpack_device_type() == _DL_CPU:
+            return np.from_dlpack(t)
+        return t.numpy()
+
     def _embed(self, ids: Sequence[int], lead: tuple[int, int]) -> tvm.runtime.Tensor:
         """Embeddings of `ids` as [b, s, h]: a view of embed's [n, h], as MLC's engine passes them."""
         ids = np.asarray(ids, dtype="int32")
@@ -193,7 +202,7 @@ class Engine:
             logits, self.kv = fn(emb, self.kv, self.params)
             self._end(self.kv)
             if all_logits or off + n == len(ids):
-                outs.append(logits.numpy().reshape(-1, self.cfg.vocab_size))
+                outs.append(self._host(logits).reshape(-1, self.cfg.vocab_size))
         seq.length += len(ids)
         seq.tokens.extend(ids)
         return np.concatenate(outs)[skip:] if all_logits else outs[-1][-1]
@@ -219,7 +228,7 @@ class Engine:
         for s, p in zip(sids, prompts):
             self.seqs[s].length += len(p)
             self.seqs[s].tokens.extend(p)
-        return logits.numpy().reshape(len(sids), self.cfg.vocab_size)
+        return self._host(logits).reshape(len(sids), self.cfg.vocab_size)
 
     def prefill_pieces(self, start: int, n: int) -> list[tuple[int, int]]:
         """Split `n` tokens fed after `start` cached ones into (offset, size) forward calls of at most the
@@ -247,7 +256,7 @@ class Engine:
         self._end(self.kv)
         seq.length += 1
         seq.tokens.append(int(token))
-        return logits.numpy().reshape(self.cfg.vocab_size)
+        return self._host(logits).reshape(self.cfg.vocab_size)
 
     def decode_batch(self, sids: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
         """One token for each sequence in one forward (`decode` for one, `batch_decode` for several, as MLC's
@@ -267,7 +276,7 @@ class Engine:
             fn = self._fn["decode"] if b == 1 else self._fn["batch_decode"]
             logits, self.kv = fn(emb, self.kv, self.params)
             self._end(self.kv)
-            out[rest] = logits.numpy().reshape(b, self.cfg.vocab_size)
+            out[rest] = self._host(logits).reshape(b, self.cfg.vocab_size)
             for i in rest:
                 self.seqs[sids[i]].length += 1
                 self.seqs[sids[i]].tokens.append(tokens[i])
