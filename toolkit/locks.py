@@ -71,8 +71,9 @@ def output_lock(target: str | Path, timeout: float | None = None) -> Iterator[No
     timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
     lock_path = str(_lock_file(target))
     # one FileLock object per file: it counts nested acquisitions (the JIT cache locks a folder, then convert
-    # locks it again); two objects on one file would deadlock this process against itself
-    lock = _LOCKS.setdefault(lock_path, FileLock(lock_path))
+    # locks it again); two objects on one file would deadlock this process against itself. Thread-local
+    # counts: another thread of this process (a first run's weight conversion) waits like another process.
+    lock = _LOCKS.setdefault(lock_path, FileLock(lock_path, thread_local=True))
     if lock.is_locked:
         with lock:
             yield

@@ -72,6 +72,30 @@ def test_second_writer_waits_with_a_message_then_proceeds(tmp_path, capfd) -> No
     assert "another phi3 process is writing it; waiting" in capfd.readouterr().err
 
 
+def test_another_thread_of_this_process_waits_like_another_process(tmp_path) -> None:
+    """A first run converts its weights in a thread (`weights.converting_alongside`): a second thread that
+    locks the same folder meanwhile must wait for it, not slip in because this process holds the lock."""
+    from toolkit.locks import output_lock
+
+    events: list[str] = []
+    entered = threading.Event()
+
+    def writer() -> None:
+        with output_lock(tmp_path / "out"):
+            events.append("t1 in")
+            entered.set()
+            time.sleep(0.5)
+            events.append("t1 out")
+
+    t = threading.Thread(target=writer)
+    t.start()
+    assert entered.wait(30)
+    with output_lock(tmp_path / "out", timeout=30):
+        events.append("main in")
+    t.join()
+    assert events == ["t1 in", "t1 out", "main in"]
+
+
 def test_killed_writer_does_not_block(tmp_path) -> None:
     from toolkit.locks import output_lock
 
