@@ -10,8 +10,9 @@ Output folder (MLC-LLM's format, toolkit/checkpoint/mlc_format/), what MLC's con
 Everything is written into `<out>.tmp-<pid>` and renamed to `<out>` at the end, so a folder named `<out>` is
 always complete. A rerun discards temp folders left by a dead (interrupted) run instead of resuming from them.
 
-Memory: one source tensor (float32) + its quantized form + one pending shard (32 MiB); quantization works in
-row blocks, so its temporaries are small.
+Memory: two source tensors (float32: the one being quantized and the next, read meanwhile, `read_ahead.py`) +
+its quantized form + one pending shard (32 MiB); quantization works in row blocks, so its temporaries are
+small.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from ..outputs import check_output_dir
 from ..quantization import QuantScheme, get_scheme
 from ..quantization import group_quant as gq
 from .gen_config import gen_chat_config, write_tokenizer_files
+from .read_ahead import read_ahead
 
 if TYPE_CHECKING:
     from ..checkpoint import ModelSource
@@ -173,7 +175,7 @@ def converted_tensors(
             progress=progress,
         )
         return
-    for name, arr in source.iter_tensors():
+    for name, arr in read_ahead(source.iter_tensors()):
         _check_values(name, arr, scheme, source.path)
         if should_quantize(name, arr.shape, scheme):
             scales = None
