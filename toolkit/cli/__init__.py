@@ -64,7 +64,7 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         from ..tvm_compat import tvm_without_torch
 
-        tvm_without_torch()  # a command that imports TVM: ~2 s less without torch (tvm_compat.py)
+        tvm_without_torch()  # a command that imports TVM starts faster without torch (tvm_compat.py)
         try:
             return super().invoke(ctx)
         except click.exceptions.NoArgsIsHelpError:

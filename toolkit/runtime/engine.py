@@ -297,9 +297,9 @@ def load_engine(
     allow_pickle: bool = False,
     kv_cache: str | None = None,
 ):
-    """Open a model (HF folder, GGUF, converter output, or None = the embedded default), compile it for the
-    device preset on first use (cached), load its weights and return (Engine, ModelSource). `kv_cache`
-    overrides a CPU preset's KV cache dtype."""
+    """Open a model (HF folder, GGUF, converter output, or None = the embedded default; or take a source the
+    caller opened), compile it for the device preset on first use (cached), load its weights and return
+    (Engine, ModelSource). `kv_cache` overrides a CPU preset's KV cache dtype."""
     from ..checkpoint import ModelSource, open_model
     from ..compile.compile_model import compiled_for
     from ..hugepages import in_huge_pages
@@ -307,7 +307,7 @@ def load_engine(
     from ..targets import load_preset
     from .weights import converting_alongside, load_params
 
-    # opening parses the whole header (a GGUF's vocabulary: ~1 s for the embedded model): once per load
+    # opening parses the whole header (a GGUF's vocabulary): once per load
     source = model if isinstance(model, ModelSource) else open_model(model, allow_pickle=allow_pickle)
     if source.kind == "mlc":
         if quantization and quantization != source.scheme.name:

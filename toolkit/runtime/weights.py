@@ -93,16 +93,15 @@ def _needs_conversion(source: ModelSource, quantization: str) -> bool:
     return not (converted_weights_dir(source, scheme.name) / "tensor-cache.json").is_file()
 
 
-def _ensure_converted(source: ModelSource, scheme) -> Path:
-    """The cache folder of `source` converted to `scheme`, converted first if absent (one process at a
-    time: a second waits for the first's conversion, then finds it)."""
+def _ensure_converted(source: ModelSource, scheme) -> None:
+    """Convert `source` to `scheme` into its cache folder unless it is there (one writer at a time: a
+    second process or thread waits for the first's conversion, then finds it)."""
     folder = converted_weights_dir(source, scheme.name)
     with output_lock(folder):
         if not (folder / "tensor-cache.json").is_file():
             if folder.exists():
                 shutil.rmtree(folder)  # an incomplete entry: ours, and useless
             _convert_into_cache(source, scheme, folder)
-    return folder
 
 
 @contextmanager
