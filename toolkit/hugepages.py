@@ -8,8 +8,8 @@ memory with huge pages only where asked (`madvise(MADV_HUGEPAGE)`, THP mode "mad
 default) or everywhere ("always"), and only for 2 MiB-aligned ranges touched after the advice. TVM's
 loader has already filled the weights by the time we get them, so each one is copied once into a
 2 MiB-aligned anonymous mapping advised before the copies (all weights in one, small ones too), then
-handed to TVM without a copy (DLPack). Each old tensor is released before the next copy, and its pages
-returned to the system at the end: peak memory is the weights plus one tensor.
+handed to TVM without a copy (DLPack). Each old tensor is released before the next copy, and the freed
+pages are returned to the system every TRIM_BYTES: peak memory is the weights plus about that much.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ MADV_HUGEPAGE = 14
 THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 KDL_CPU = 1
 ALIGN = 256  # bytes between tensors in the shared mapping (TVM's kernels assume 64)
+TRIM_BYTES = 128 << 20  # old copies freed between two returns of heap pages: the peak above the weights
 
 
 def thp_mode() -> str | None:
@@ -71,7 +72,11 @@ def in_huge_pages(params: list, device) -> list:
     total = sum(_aligned(n) for n in sizes if n)
     if not total:
         return params
-    region, at = huge_region(total), 0
+    # the old copies go back to the C heap, and glibc keeps freed chunks below its mmap threshold (up to 32
+    # MiB each, i.e. nearly every weight) in the process: unless handed back to the system as we go, RSS
+    # peaks at the weights twice, just before the end
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; other C libraries differ
+    region, at, freed = huge_region(total), 0, 0
     for i, n in enumerate(sizes):
         if not n:
             continue
@@ -79,11 +84,12 @@ def in_huge_pages(params: list, device) -> list:
         dst = region[at : at + n].view(src.dtype).reshape(src.shape)
         np.copyto(dst, src)
         del src
-        params[i] = tvm.runtime.from_dlpack(dst)  # the old tensor goes now: peak is the weights plus one
+        params[i] = tvm.runtime.from_dlpack(dst)  # the old tensor goes now
         at += _aligned(n)
-    # the old copies went back to the C heap (glibc keeps freed chunks below its mmap threshold, up to
-    # 32 MiB each, in the process): hand those pages back to the system, or RSS holds the weights twice
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; other C libraries differ
+        freed += n
+        if trim is not None and freed >= TRIM_BYTES:
+            trim(0)
+            freed = 0
     if trim is not None:
         trim(0)
     return params
