@@ -245,6 +245,48 @@ def test_damaged_converted_weights_cache_is_rebuilt_with_a_notice(ckpt, tmp_path
     assert shard.stat().st_size > 7
 
 
+def test_cached_weights_are_hashed_once_then_again_when_a_shard_changes(ckpt, tmp_path, capfd, monkeypatch):
+    """The md5 of a cache entry's shards is checked on its first load; later loads trust shards whose
+    size, mtime and inode are unchanged, and a shard changed in place (a flipped byte) is hashed again,
+    found damaged and rebuilt."""
+    import tvm
+
+    import toolkit.runtime.weights as weights
+    from toolkit.checkpoint import open_model
+    from toolkit.checkpoint.mlc_format import read_cache_json
+    from toolkit.compile.compile_model import CompiledModel
+    from toolkit.convert.converter import convert
+
+    src = open_model(ckpt)
+    folder = weights.converted_weights_dir(src, "q4f16_1")
+    shutil.rmtree(folder, ignore_errors=True)
+    convert(src, "q4f16_1", folder, clip=weights.JIT_CLIP, progress=False)  # as the rebuild will
+    params = [
+        {"name": p["name"], "shape": p["shape"], "dtype": p["dtype"]}
+        for rec in read_cache_json(folder)["records"]
+        for p in rec["records"]
+    ]
+    compiled = CompiledModel(tmp_path, {"quantization": "q4f16_1", "params": params})
+    hashed = []
+    real = weights.verify_tensor_cache
+    monkeypatch.setattr(weights, "verify_tensor_cache", lambda d: hashed.append(d) or real(d))
+    first = [t.numpy() for t in weights.load_params(src, compiled, tvm.cpu())]
+    weights.load_params(src, compiled, tvm.cpu())
+    assert len(hashed) == 1  # the second load trusted the unchanged shards
+    shard = sorted(folder.glob("params_shard_*.bin"))[0]
+    st = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    with open(shard, "r+b") as f:  # in place: same inode and size
+        f.write(data)
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    again = [t.numpy() for t in weights.load_params(src, compiled, tvm.cpu())]
+    assert len(hashed) == 3  # hashed again: damaged; rebuilt and hashed once more
+    assert "cached weights" in capfd.readouterr().err
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_weights_cache_key_follows_files_inside_the_checkpoint(tmp_path, ckpt) -> None:
     """Replacing model.safetensors (same size, same mtime) is a different model: a different cache entry."""
     from toolkit.checkpoint import open_model

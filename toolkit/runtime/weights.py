@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sys
 import threading
@@ -30,6 +31,8 @@ from ..quantization import get_scheme
 # scales for checkpoints quantized on first use (e.g. the embedded model run directly): "auto", as `phi3
 # convert` defaults to (a GGUF with a placeholder vocabulary still falls back to rtn)
 JIT_CLIP = "auto"
+# in a cached weights folder: the identities of the shards whose md5 the last full check passed
+VERIFIED_STAMP = ".shards-verified.json"
 
 
 def _to_device(
@@ -138,20 +141,48 @@ def _cached_converted(
     with output_lock(folder):
         _ensure_converted(source, scheme)
         try:
-            return load_params(open_model(folder), compiled, device, param_meta)
+            return load_params(open_model(folder), compiled, device, param_meta, cache_entry=True)
         except UserError as e:
             print(f"notice: cached weights {folder} are damaged ({e}); rebuilding them", file=sys.stderr)
             shutil.rmtree(folder)
             _convert_into_cache(source, scheme, folder)
-            return load_params(open_model(folder), compiled, device, param_meta)
+            return load_params(open_model(folder), compiled, device, param_meta, cache_entry=True)
 
 
-def load_mlc_params(folder: Path, param_meta: list[dict], device) -> list[tvm.runtime.Tensor]:
+def _verify_shards(folder: Path, cache_entry: bool) -> None:
+    """md5 of every shard (a damaged file is a one-line error, not a crash inside TVM). In a folder of our
+    cache, only on its first load: the shards' identities (size, mtime, inode) are then recorded beside them,
+    and a later load re-hashes only when one differs (a shard rewritten, truncated or replaced)."""
+    if not cache_entry:
+        verify_tensor_cache(folder)
+        return
+    stamp = folder / VERIFIED_STAMP
+    # the json is read (and checked) first: only the shards it names count
+    shards = sorted(shard["dataPath"] for shard in read_cache_json(folder)["records"])
+    try:
+        now = [_file_identity(folder / name) for name in shards]
+    except OSError:
+        now = None  # a shard is missing: the full check says which
+    try:
+        if now is not None and json.loads(stamp.read_text()) == now:
+            return
+    except (OSError, ValueError):
+        pass
+    verify_tensor_cache(folder)
+    tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(now))
+    tmp.replace(stamp)
+
+
+def load_mlc_params(
+    folder: Path, param_meta: list[dict], device, cache_entry: bool = False
+) -> list[tvm.runtime.Tensor]:
     """A weights folder's tensors in the library's parameter order, loaded the way MLC-LLM's engine loads
     them (cpp/serve/function_table.cc `LoadParams`): `vm.builtin.tensor_cache.load`, then
     `param_array_from_cache_by_name` with the names of the library's `_metadata`, then
     `tensor_cache.clear`. Names, shapes, dtypes and shard checksums are checked first, so a mismatch or a
-    damaged file is a one-line error here rather than a crash inside TVM."""
+    damaged file is a one-line error here rather than a crash inside TVM (`cache_entry`: a folder of our
+    cache, see `_verify_shards`)."""
     stored = {}
     for shard in read_cache_json(folder)["records"]:
         for rec in shard["records"]:
@@ -165,7 +196,7 @@ def load_mlc_params(folder: Path, param_meta: list[dict], device) -> list[tvm.ru
                 f"{list(p['shape'])}",
                 folder,
             )
-    verify_tensor_cache(folder)
+    _verify_shards(folder, cache_entry)
     load = tvm.get_global_func("vm.builtin.tensor_cache.load")
     load(str(folder), device.dlpack_device_type(), device.index)
     try:
@@ -176,11 +207,16 @@ def load_mlc_params(folder: Path, param_meta: list[dict], device) -> list[tvm.ru
 
 
 def load_params(
-    source: ModelSource, compiled: CompiledModel, device, param_meta: list[dict] | None = None
+    source: ModelSource,
+    compiled: CompiledModel,
+    device,
+    param_meta: list[dict] | None = None,
+    *,
+    cache_entry: bool = False,
 ) -> list[tvm.runtime.Tensor]:
     """Weights for `compiled`: a weights folder through MLC's builtins (`param_meta`: the `params` of the
-    library's `_metadata`, default the manifest's), a checkpoint converted into the cache first when
-    quantized, streamed tensor by tensor when not."""
+    library's `_metadata`, default the manifest's; `cache_entry`: the folder is our cache's), a checkpoint
+    converted into the cache first when quantized, streamed tensor by tensor when not."""
     scheme = get_scheme(compiled.manifest["quantization"])
     if source.kind == "mlc":
         if source.scheme.name != scheme.name:
@@ -189,7 +225,7 @@ def load_params(
             )
         meta = param_meta or compiled.manifest["params"]
         if all(source.stored_dtype(p["name"]) == p["dtype"] for p in meta):
-            return load_mlc_params(source.path, meta, device)
+            return load_mlc_params(source.path, meta, device, cache_entry)
         # an unquantized folder (q0f16) under a library computing in fp32 (the host): cast on the way in;
         # MLC's runtime would refuse this pair, quantized schemes never hit it (norms keep the folder dtype)
         return _to_device(source.iter_params(), compiled, device, source.path)
