@@ -287,6 +287,44 @@ def test_cached_weights_are_hashed_once_then_again_when_a_shard_changes(ckpt, tm
         np.testing.assert_array_equal(a, b)
 
 
+def test_cached_weights_load_when_their_stamp_cannot_be_written(ckpt, tmp_path, monkeypatch):
+    """The stamp of verified shards is a shortcut: a full disk (or a cache we may only read) while writing it
+    leaves no stamp and no temp file, and the weights still load."""
+    import errno
+    from pathlib import Path
+
+    import tvm
+
+    import toolkit.runtime.weights as weights
+    from toolkit.checkpoint import open_model
+    from toolkit.checkpoint.mlc_format import read_cache_json
+    from toolkit.compile.compile_model import CompiledModel
+    from toolkit.convert.converter import convert
+
+    src = open_model(ckpt)
+    folder = weights.converted_weights_dir(src, "q4f16_1")
+    shutil.rmtree(folder, ignore_errors=True)
+    convert(src, "q4f16_1", folder, clip=weights.JIT_CLIP, progress=False)
+    params = [
+        {"name": p["name"], "shape": p["shape"], "dtype": p["dtype"]}
+        for rec in read_cache_json(folder)["records"]
+        for p in rec["records"]
+    ]
+    compiled = CompiledModel(tmp_path, {"quantization": "q4f16_1", "params": params})
+    real = Path.write_text
+
+    def full_disk(self, *args, **kwargs):
+        if self.name.startswith(weights.VERIFIED_STAMP):
+            real(self, "")  # the temp file exists when the disk fills up
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    got = weights.load_params(src, compiled, tvm.cpu())
+    assert len(got) == len(params)
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(weights.VERIFIED_STAMP)]
+
+
 def test_weights_cache_key_follows_files_inside_the_checkpoint(tmp_path, ckpt) -> None:
     """Replacing model.safetensors (same size, same mtime) is a different model: a different cache entry."""
     from toolkit.checkpoint import open_model

@@ -170,8 +170,11 @@ def _verify_shards(folder: Path, cache_entry: bool) -> None:
         pass
     verify_tensor_cache(folder)
     tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(now))
-    tmp.replace(stamp)
+    try:
+        tmp.write_text(json.dumps(now))
+        tmp.replace(stamp)
+    except OSError:  # a cache we may read but not write (full disk, read-only): hash again next time
+        tmp.unlink(missing_ok=True)
 
 
 def load_mlc_params(
