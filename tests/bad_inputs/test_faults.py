@@ -216,31 +216,37 @@ def test_damaged_compiled_cache_entry_is_rebuilt_with_a_notice(fake_compile, cap
         assert "is damaged" in err and "rebuilding" in err
 
 
-def test_damaged_converted_weights_cache_is_rebuilt_with_a_notice(ckpt, tmp_path, capfd) -> None:
-    import tvm
-
+def _cached_weights_entry(ckpt, tmp_path):
+    """(source, its weights cache folder freshly converted as the JIT path converts, a CompiledModel asking
+    for every converted tensor by name, shape and dtype, as a compiled library would)."""
+    import toolkit.runtime.weights as weights
     from toolkit.checkpoint import open_model
     from toolkit.checkpoint.mlc_format import read_cache_json
     from toolkit.compile.compile_model import CompiledModel
-    from toolkit.runtime.weights import converted_weights_dir, load_params
-
-    src = open_model(ckpt)
-    folder = converted_weights_dir(src, "q4f16_1")
-    shutil.rmtree(folder, ignore_errors=True)
-    # what a compiled library would ask for: every converted tensor, by name, shape and dtype
     from toolkit.convert.converter import convert
 
-    convert(src, "q4f16_1", folder, clip="rtn", progress=False)
+    src = open_model(ckpt)
+    folder = weights.converted_weights_dir(src, "q4f16_1")
+    shutil.rmtree(folder, ignore_errors=True)
+    convert(src, "q4f16_1", folder, clip=weights.JIT_CLIP, progress=False)  # as a rebuild will
     params = [
         {"name": p["name"], "shape": p["shape"], "dtype": p["dtype"]}
         for rec in read_cache_json(folder)["records"]
         for p in rec["records"]
     ]
-    compiled = CompiledModel(tmp_path, {"quantization": "q4f16_1", "params": params})
+    return src, folder, CompiledModel(tmp_path, {"quantization": "q4f16_1", "params": params})
+
+
+def test_damaged_converted_weights_cache_is_rebuilt_with_a_notice(ckpt, tmp_path, capfd) -> None:
+    import tvm
+
+    from toolkit.runtime.weights import load_params
+
+    src, folder, compiled = _cached_weights_entry(ckpt, tmp_path)
     shard = sorted(folder.glob("params_shard_*.bin"))[0]
     shard.write_bytes(shard.read_bytes()[:-7])  # truncated
     got = load_params(src, compiled, tvm.cpu())
-    assert len(got) == len(params)
+    assert len(got) == len(compiled.manifest["params"])
     assert "cached weights" in capfd.readouterr().err
     assert shard.stat().st_size > 7
 
@@ -252,21 +258,8 @@ def test_cached_weights_are_hashed_once_then_again_when_a_shard_changes(ckpt, tm
     import tvm
 
     import toolkit.runtime.weights as weights
-    from toolkit.checkpoint import open_model
-    from toolkit.checkpoint.mlc_format import read_cache_json
-    from toolkit.compile.compile_model import CompiledModel
-    from toolkit.convert.converter import convert
 
-    src = open_model(ckpt)
-    folder = weights.converted_weights_dir(src, "q4f16_1")
-    shutil.rmtree(folder, ignore_errors=True)
-    convert(src, "q4f16_1", folder, clip=weights.JIT_CLIP, progress=False)  # as the rebuild will
-    params = [
-        {"name": p["name"], "shape": p["shape"], "dtype": p["dtype"]}
-        for rec in read_cache_json(folder)["records"]
-        for p in rec["records"]
-    ]
-    compiled = CompiledModel(tmp_path, {"quantization": "q4f16_1", "params": params})
+    src, folder, compiled = _cached_weights_entry(ckpt, tmp_path)
     hashed = []
     real = weights.verify_tensor_cache
     monkeypatch.setattr(weights, "verify_tensor_cache", lambda d: hashed.append(d) or real(d))
@@ -296,21 +289,8 @@ def test_cached_weights_load_when_their_stamp_cannot_be_written(ckpt, tmp_path, 
     import tvm
 
     import toolkit.runtime.weights as weights
-    from toolkit.checkpoint import open_model
-    from toolkit.checkpoint.mlc_format import read_cache_json
-    from toolkit.compile.compile_model import CompiledModel
-    from toolkit.convert.converter import convert
 
-    src = open_model(ckpt)
-    folder = weights.converted_weights_dir(src, "q4f16_1")
-    shutil.rmtree(folder, ignore_errors=True)
-    convert(src, "q4f16_1", folder, clip=weights.JIT_CLIP, progress=False)
-    params = [
-        {"name": p["name"], "shape": p["shape"], "dtype": p["dtype"]}
-        for rec in read_cache_json(folder)["records"]
-        for p in rec["records"]
-    ]
-    compiled = CompiledModel(tmp_path, {"quantization": "q4f16_1", "params": params})
+    src, folder, compiled = _cached_weights_entry(ckpt, tmp_path)
     real = Path.write_text
 
     def full_disk(self, *args, **kwargs):
@@ -321,7 +301,7 @@ def test_cached_weights_load_when_their_stamp_cannot_be_written(ckpt, tmp_path, 
 
     monkeypatch.setattr(Path, "write_text", full_disk)
     got = weights.load_params(src, compiled, tvm.cpu())
-    assert len(got) == len(params)
+    assert len(got) == len(compiled.manifest["params"])
     assert not [p.name for p in folder.iterdir() if p.name.startswith(weights.VERIFIED_STAMP)]
 
 

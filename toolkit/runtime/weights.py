@@ -149,7 +149,7 @@ def _cached_converted(
             return load_params(open_model(folder), compiled, device, param_meta, cache_entry=True)
 
 
-def _verify_shards(folder: Path, cache_entry: bool) -> None:
+def _verify_shards(folder: Path, shards: list[str], cache_entry: bool) -> None:
     """md5 of every shard (a damaged file is a one-line error, not a crash inside TVM). In a folder of our
     cache, only on its first load: the shards' identities (size, mtime, inode) are then recorded beside them,
     and a later load re-hashes only when one differs (a shard rewritten, truncated or replaced)."""
@@ -157,8 +157,6 @@ def _verify_shards(folder: Path, cache_entry: bool) -> None:
         verify_tensor_cache(folder)
         return
     stamp = folder / VERIFIED_STAMP
-    # the json is read (and checked) first: only the shards it names count
-    shards = sorted(shard["dataPath"] for shard in read_cache_json(folder)["records"])
     try:
         now = [_file_identity(folder / name) for name in shards]
     except OSError:
@@ -186,8 +184,9 @@ def load_mlc_params(
     `tensor_cache.clear`. Names, shapes, dtypes and shard checksums are checked first, so a mismatch or a
     damaged file is a one-line error here rather than a crash inside TVM (`cache_entry`: a folder of our
     cache, see `_verify_shards`)."""
-    stored = {}
+    stored, shards = {}, []
     for shard in read_cache_json(folder)["records"]:
+        shards.append(shard["dataPath"])  # the shards the json names: only they count
         for rec in shard["records"]:
             stored[rec["name"]] = (tuple(rec["shape"]), rec["dtype"])
     for p in param_meta:
@@ -199,7 +198,7 @@ def load_mlc_params(
                 f"{list(p['shape'])}",
                 folder,
             )
-    _verify_shards(folder, cache_entry)
+    _verify_shards(folder, sorted(shards), cache_entry)
     load = tvm.get_global_func("vm.builtin.tensor_cache.load")
     load(str(folder), device.dlpack_device_type(), device.index)
     try:
