@@ -81,6 +81,31 @@ def _pattern(n_dequant_args: int, n_epilogue_args: int, dequant_gvs: set[str], m
     return matmul, {"x": x, "w": w, "matmul": matmul}, check
 
 
+def _arg_counts(mod: tvm.IRModule, dequant_gvs: set[str], matmul_gvs: set[str]) -> tuple[set[int], set[int]]:
+    """The argument counts of the dequantize calls and the epilogue-argument counts of the matmul calls
+    that occur in the module's Relax functions, within the limits the patterns cover."""
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    n_dequant: set[int] = set()
+    n_epilogue: set[int] = set()
+
+    for _gv, func in mod.functions_items():
+        if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
+            continue
+        for block in func.body.blocks:  # normalized Relax: every call is a binding's value
+            for binding in block.bindings:
+                call = binding.value
+                if not (isinstance(call, relax.Call) and call.op.same_as(call_tir)):
+                    continue
+                callee, args = call.args[0], call.args[1]
+                if not isinstance(callee, relax.GlobalVar) or not isinstance(args, relax.Tuple):
+                    continue
+                if callee.name_hint in dequant_gvs and len(args.fields) <= _MAX_DEQUANT_ARGS:
+                    n_dequant.add(len(args.fields))
+                elif callee.name_hint in matmul_gvs and 2 <= len(args.fields) <= 2 + _MAX_EPILOGUE_ARGS:
+                    n_epilogue.add(len(args.fields) - 2)
+    return n_dequant, n_epilogue
+
+
 @tvm.transform.module_pass(opt_level=0, name="FuseDequantizeMatmul")
 class FuseDequantizeMatmul:
     """Fuse call_tir(dequantize) -> call_tir(matmul [+ epilogue]) into one PrimFunc. Run after FuseTIR."""
@@ -95,15 +120,18 @@ class FuseDequantizeMatmul:
                     matmul_gvs.add(gv.name_hint)
         if not dequant_gvs or not matmul_gvs:
             return mod
-        seq = [
-            relax.transform.FuseOpsByPattern(
-                [("dequantize_matmul", *_pattern(n_args, n_epi, dequant_gvs, matmul_gvs))]
-            )
-            for n_args in range(1, _MAX_DEQUANT_ARGS + 1)
-            for n_epi in range(_MAX_EPILOGUE_ARGS + 1)
+        n_dequant, n_epilogue = _arg_counts(mod, dequant_gvs, matmul_gvs)
+        if not n_dequant or not n_epilogue:
+            return mod
+        # only the arities the graph holds (the patterns are exclusive: a tuple pattern has one length)
+        patterns = [
+            ("dequantize_matmul", *_pattern(n_args, n_epi, dequant_gvs, matmul_gvs))
+            for n_args in sorted(n_dequant)
+            for n_epi in sorted(n_epilogue)
         ]
-        seq.append(relax.transform.FuseTIR())
-        return tvm.transform.Sequential(seq)(mod)
+        return tvm.transform.Sequential(
+            [relax.transform.FuseOpsByPattern(patterns), relax.transform.FuseTIR()]
+        )(mod)
 
 
 def fused_dequant_kernels(mod: tvm.IRModule) -> list[str]:
