@@ -152,6 +152,11 @@ def export_library(executable, path: str | Path, preset: Preset) -> dict:
         from .cuda_aot import export_cuda_library
 
         return export_cuda_library(executable, path, preset)
+    if preset.kind == "llvm":
+        from .parallel_codegen import export_shared
+
+        export_shared(executable, path)
+        return {}
     executable.export_library(str(path))
     return {}
 

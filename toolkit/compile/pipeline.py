@@ -157,5 +157,10 @@ def build(
     # the kernel through the runtime. OpenCL compilers do their own CSE.
     config = {"tirx.disable_cse_tir": True} if target.kind.name == "opencl" else {}
     with tvm.transform.PassContext(config=config):
-        ex = relax.build(scheduled, target, relax_pipeline=_finalize, system_lib=system_lib)
+        if target.kind.name == "llvm" and not system_lib:
+            from .parallel_codegen import build_vm
+
+            ex = build_vm(scheduled, target, _finalize)
+        else:
+            ex = relax.build(scheduled, target, relax_pipeline=_finalize, system_lib=system_lib)
     return ex, scheduled
