@@ -450,12 +450,15 @@ def test_split_key_decode_matches_head_tasks(dtype, sliding, window):
     cache): long enough to split (ragged ranges, a partial last page, a window cut), too short to split, and a
     batch of two (never split). The head tasks are the same code either way, so where the kernel does not
     split the numbers are bit-equal, and where it does they are not (another summation order)."""
-    from toolkit.compile.cpu_attention import SPLIT_MIN_KEYS, AttentionKnobs
+    from toolkit.compile.cpu_attention import SPLIT_MIN_KEYS, AttentionKnobs, split_min_keys
 
     rng = np.random.default_rng(5)
     h_kv, h_qo, d, splits = 4, 8, 96, 3
     tol = 2e-3 if dtype == "float16" else TOL
     long = splits * SPLIT_MIN_KEYS + 37  # splits into 3 ranges of unequal pages
+    # single-head tasks over pairs of heads: GQA's threshold (in keys the kernel sees: a sliding cache's
+    # window offset 5 and sink 4 take one off a sequence's length)
+    least = splits * split_min_keys(h_kv, h_qo) + (1 if sliding else 0)
     plain = _build(
         decode_attention_cpu(h_kv, h_qo, d, dtype, sliding, PS, window, AttentionKnobs(8, 16, 1, 0))
     )
@@ -465,7 +468,8 @@ def test_split_key_decode_matches_head_tasks(dtype, sliding, window):
     for lens, splits_here in (
         ([long], True),
         ([long + 300], True),
-        ([splits * SPLIT_MIN_KEYS - 1], False),
+        ([least], True),
+        ([least - 1], False),
         ([long, 20], False),
     ):
         b = len(lens)
@@ -493,6 +497,23 @@ def test_split_key_decode_matches_head_tasks(dtype, sliding, window):
         keys = np.concatenate([pages[p, 0] for p in values[: indptr[1]]], axis=1)[:, :long]
         vals = np.concatenate([pages[p, 1] for p in values[: indptr[1]]], axis=1)[:, :long]
         np.testing.assert_allclose(o[0], _softmax_attention(q[0], keys, vals), atol=TOL, rtol=0)
+
+
+def test_split_threshold_is_low_where_head_tasks_split_gqa_groups():
+    """Key ranges run over all heads, so a GQA group's K / V rows are read once; a head task that holds less
+    than a group reads them once per query head, and ranges win from short sequences on."""
+    from toolkit.compile.cpu_attention import (
+        SPLIT_MIN_KEYS,
+        SPLIT_MIN_KEYS_GQA,
+        heads_per_task,
+        split_min_keys,
+    )
+
+    assert SPLIT_MIN_KEYS_GQA < SPLIT_MIN_KEYS
+    # (KV heads, query heads): SmolLM2, Phi-3-mini, Phi-4-mini, Phi-3-medium
+    for h_kv, h_qo, gqa_split in ((3, 9, True), (32, 32, False), (8, 24, False), (10, 40, False)):
+        assert (heads_per_task(h_qo) < h_qo // h_kv) == gqa_split
+        assert split_min_keys(h_kv, h_qo) == (SPLIT_MIN_KEYS_GQA if gqa_split else SPLIT_MIN_KEYS)
 
 
 def test_split_key_decode_is_emitted_only_with_splits():

@@ -419,6 +419,14 @@ def _flat(buf):
 
 
 SPLIT_MIN_KEYS = 128  # keys per split below which a lone sequence keeps the head tasks
+# ... when a head task holds less than a GQA group: its K / V rows are read once per query head there, and a
+# key range over all heads reads them once (SmolLM2's 9 single-head tasks over 3 KV heads; Zen 4)
+SPLIT_MIN_KEYS_GQA = 16
+
+
+def split_min_keys(h_kv: int, h_qo: int) -> int:
+    """Keys per split from which a lone sequence's decode runs key ranges instead of head tasks."""
+    return SPLIT_MIN_KEYS_GQA if heads_per_task(h_qo) < h_qo // h_kv else SPLIT_MIN_KEYS
 
 
 def decode_attention_cpu(
@@ -435,7 +443,7 @@ def decode_attention_cpu(
     `mask_window` W > 0 (plain kernel only): the query, the last key, sees the last W keys (HF's window
     0 <= q - k < W over a cache that keeps every token, so positions stay absolute).
 
-    With `knobs.splits` S > 0, a batch of one sequence with at least S * SPLIT_MIN_KEYS keys runs S tasks
+    With `knobs.splits` S > 0, a batch of one sequence with at least S * `split_min_keys` keys runs S tasks
     of consecutive key ranges over all heads (each writes its o and log2-sum-exp per head), then merges
     them: a thread then streams whole pages front to back, where head tasks read a few KB per page and
     jump on (runs too short for the hardware prefetchers)."""
@@ -443,6 +451,7 @@ def decode_attention_cpu(
     group, pg, nh = h_qo // h_kv, _Pages(h_kv, d, page_size, sliding_window), heads_per_task(h_qo)
     attend = _attend(d, nh, group, pg.row_offset, pg.head_stride, knobs, dtype)
     splits = knobs.splits
+    min_keys = splits * split_min_keys(h_kv, h_qo)
     attend_all = _attend(d, h_qo, group, pg.row_offset, pg.head_stride, knobs, dtype) if splits else None
 
     # fmt: off
@@ -504,7 +513,7 @@ def decode_attention_cpu(
         if splits > 0:
             n1: T.int32 = pg.keys_of(0, indptr, length_info)
             lo1: T.int32 = T.max(n1 - mask_window, 0) if mask_window > 0 else 0
-            if B == 1 and n1 - lo1 >= splits * SPLIT_MIN_KEYS:
+            if B == 1 and n1 - lo1 >= min_keys:
                 split_keys(qf, pf, of, lf, values, indptr, length_info, sm_scale, n1, lo1)
             else:
                 head_tasks(B, qf, pf, of, lf, values, indptr, length_info, sm_scale)
