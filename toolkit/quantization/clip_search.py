@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import GroupLayout, QuantScheme, get_scheme
+from . import GroupLayout, QuantScheme, clip_kernel, get_scheme
 from . import group_quant as gq
 
 # Coarse grid (1.0 = RTN first, so ties keep RTN), then +-half a step around each group's best coarse ratio.
@@ -101,20 +101,12 @@ def search_scales(
     return out
 
 
-def _search_block(w, r0, r1, dtype, weights, coarse, fine, out, layout: GroupLayout) -> None:
-    """Best scales for rows r0 : r1 of `w`, written into `out`."""
-    wg = gq._grouped(w[r0:r1], dtype, layout)
-    max_int = layout.max_int
+def _best_ratios(wg, weights, coarse, fine, max_int, scales_for) -> np.ndarray:
+    """The candidate loop in numpy (float32 proxy errors): the best ratio per group. `clip_kernel` computes
+    the same ratios bit for bit in one pass, for group sizes it supports."""
     buf = np.empty_like(wg)
-    max_abs = np.abs(wg).max(axis=-1)
-
-    def scales_for(ratio):
-        # ratio 1.0 reproduces rtn_scales exactly (max * 1 / max_int, one rounding)
-        return (max_abs * np.float32(ratio) / np.float32(max_int)).astype(dtype)
-
-    rtn = scales_for(np.float32(1.0))
-    best_ratio = np.ones_like(max_abs)
-    best_err = _candidate_errors(wg, rtn.astype(np.float32), weights, buf, max_int)
+    best_ratio = np.ones(wg.shape[:-1], np.float32)
+    best_err = _candidate_errors(wg, scales_for(np.float32(1.0)).astype(np.float32), weights, buf, max_int)
     for ratio in coarse[1:]:
         err = _candidate_errors(wg, scales_for(ratio).astype(np.float32), weights, buf, max_int)
         better = err < best_err  # strict: ties keep the larger ratio
@@ -127,7 +119,24 @@ def _search_block(w, r0, r1, dtype, weights, coarse, fine, out, layout: GroupLay
         better = err < best_err
         best_ratio = np.where(better, ratio, best_ratio)
         best_err = np.minimum(err, best_err)
-    best = scales_for(best_ratio)
+    return best_ratio
+
+
+def _search_block(w, r0, r1, dtype, weights, coarse, fine, out, layout: GroupLayout) -> None:
+    """Best scales for rows r0 : r1 of `w`, written into `out`."""
+    wg = gq._grouped(w[r0:r1], dtype, layout)
+    max_int = layout.max_int
+    max_abs = np.abs(wg).max(axis=-1)
+
+    def scales_for(ratio):
+        # ratio 1.0 reproduces rtn_scales exactly (max * 1 / max_int, one rounding)
+        return (max_abs * np.float32(ratio) / np.float32(max_int)).astype(dtype)
+
+    if clip_kernel.supports(layout.group_size):  # the same choice, compiled
+        out[r0:r1] = scales_for(clip_kernel.clip_ratios(wg, max_abs, weights, coarse, fine, dtype, layout))
+        return
+    rtn = scales_for(np.float32(1.0))
+    best = scales_for(_best_ratios(wg, weights, coarse, fine, max_int, scales_for))
     # the float32 error is a proxy; keep RTN wherever the exact (runtime) error is not strictly smaller
     keep_rtn = _exact_errors(wg, best, weights, layout) >= _exact_errors(wg, rtn, weights, layout)
     out[r0:r1] = np.where(keep_rtn, rtn, best)

@@ -1,0 +1,198 @@
+"""The clip search's per-group choice (`clip_search`) as one compiled host kernel.
+
+Per group it scores every ratio in float32 exactly as the numpy loop does, then checks the winner against
+RTN with the exact codes and a float64 sum: the same operations in the same order, a group's errors summed
+the way numpy sums 8 to 128 contiguous values (8 running sums, then a fixed tree), and no fused multiply-add
+(LLVM would contract `w - q * s`), so it picks the same scales bit for bit. numpy makes a dozen passes over
+memory per ratio; the kernel reads a group once per batch of ratios, in registers.
+
+Built once per process and layout on first use (TVM, then about two seconds of LLVM).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from . import GroupLayout
+
+LANES = 8  # numpy's pairwise sum keeps 8 running sums
+_MAX_GROUP = 128  # numpy's pairwise block: longer runs are split in halves first
+
+
+def supports(group_size: int) -> bool:
+    """Whether the kernel sums a group in numpy's order (a multiple of 8, at most 128 values)."""
+    return group_size % LANES == 0 and 0 < group_size <= _MAX_GROUP
+
+
+def _build(group_size: int, max_int: int, zero_point: int, scale_dtype: str, n_coarse: int, n_fine: int):
+    import tvm
+    from tvm.script import tirx as T
+
+    from ..targets import load_preset
+
+    chunks = group_size // LANES
+    mi = float(max_int)
+
+    def squared_error(w, s):
+        # an expression, not Let bindings: TVM's vectorizer miscomputes a Let inside a vectorized loop
+        d = w - T.min(T.max(T.nearbyint(w / s), T.float32(-mi)), T.float32(mi)) * s
+        return d * d
+
+    def to_scale(x):
+        # the stored scale's rounding (numpy: .astype(scale dtype)), back in float32
+        return T.Cast("float32", T.Cast("float16", x)) if scale_dtype == "float16" else x
+
+    def to_grid(x):
+        # group_quant.round_to_f16_grid: the runtime's fp16 arithmetic, on float32 bits
+        if scale_dtype != "float16":
+            return x
+        u = T.reinterpret("uint32", x)
+        u = (u + (T.uint32(0xFFF) + ((u >> T.uint32(13)) & T.uint32(1)))) & T.uint32(0xFFFFE000)
+        return T.reinterpret("float32", u)
+
+    def exact_error(w, s):
+        # group_quant.group_codes and dequantize_groups: the codes and values the runtime sees
+        shifted = to_grid(to_grid(w / s) + T.float32(mi))
+        code = T.min(T.max(T.nearbyint(shifted), T.float32(0)), T.float32(2 * mi))
+        code = T.if_then_else(s == T.float32(0), T.float32(mi), code)
+        d = w - to_grid((code - T.float32(zero_point)) * s)
+        return d * d
+
+    n_most = max(n_coarse, n_fine)
+
+    # fmt: off
+    @T.macro
+    def errors(wg, wt, b, g, sc, n, acc, err):
+        """err[c] for the n scales sc[c]: every candidate's sums advance with each chunk of the group read
+        once (n independent chains for the core to overlap)."""
+        for i in range(n * LANES):
+            acc[i] = T.float32(0)
+        for k in range(chunks):
+            for c in T.unroll(n):
+                for j in T.vectorized(LANES):
+                    acc[c * LANES + j] = acc[c * LANES + j] + squared_error(
+                        wg[b, g, k * LANES + j], sc[c]) * wt[g, k * LANES + j]
+        for c in range(n):
+            err[c] = T.if_then_else(
+                sc[c] > T.float32(0),
+                ((acc[c * LANES] + acc[c * LANES + 1]) + (acc[c * LANES + 2] + acc[c * LANES + 3]))
+                + ((acc[c * LANES + 4] + acc[c * LANES + 5]) + (acc[c * LANES + 6] + acc[c * LANES + 7])),
+                T.float32(float("inf")),  # an all-zero group: RTN (code 7) is exact
+            )
+
+    @T.macro
+    def exact(wg, wt, b, g, s, acc64, out, i):
+        """out[i]: the exact squared error of scale s, summed in float64 (clip_search._exact_errors)."""
+        for j in T.vectorized(LANES):
+            acc64[j] = T.float64(0)
+        for k in range(chunks):
+            for j in T.vectorized(LANES):
+                acc64[j] = acc64[j] + T.Cast("float64", exact_error(wg[b, g, k * LANES + j], s)
+                                              * wt[g, k * LANES + j])
+        out[i] = (((acc64[0] + acc64[1]) + (acc64[2] + acc64[3]))
+                  + ((acc64[4] + acc64[5]) + (acc64[6] + acc64[7])))
+
+    @T.prim_func
+    def search(wg_h: T.handle, wt_h: T.handle, ma_h: T.handle, co_h: T.handle, fi_h: T.handle,
+               out_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "global_symbol": "search"})
+        B = T.int64()
+        G = T.int64()
+        wg = T.match_buffer(wg_h, (B, G, group_size), "float32", align=4)
+        wt = T.match_buffer(wt_h, (G, group_size), "float32", align=4)
+        ma = T.match_buffer(ma_h, (B, G), "float32", align=4)
+        co = T.match_buffer(co_h, (n_coarse,), "float32", align=4)
+        fi = T.match_buffer(fi_h, (n_fine,), "float32", align=4)
+        out = T.match_buffer(out_h, (B, G), "float32", align=4)
+        acc = T.alloc_buffer((n_most * LANES,), "float32", scope="local")
+        sc = T.alloc_buffer((n_most,), "float32", scope="local")  # candidate scales
+        ratio = T.alloc_buffer((n_most,), "float32", scope="local")
+        err = T.alloc_buffer((n_most,), "float32", scope="local")
+        best = T.alloc_buffer((2,), "float32", scope="local")  # ratio, error
+        acc64 = T.alloc_buffer((LANES,), "float64", scope="local")
+        kept = T.alloc_buffer((2,), "float64", scope="local")  # exact errors: best, RTN
+
+        for b, g in T.grid(B, G):
+            # coarse ratios (the first is 1.0), then offsets around the best of them; strict comparisons:
+            # ties keep the earlier (larger) ratio
+            for c in range(n_coarse):
+                ratio[c] = co[c]
+                sc[c] = to_scale(ma[b, g] * co[c] / T.float32(mi))
+            errors(wg, wt, b, g, sc, n_coarse, acc, err)
+            best[0] = ratio[0]
+            best[1] = err[0]
+            for c in range(1, n_coarse):
+                if err[c] < best[1]:
+                    best[0] = ratio[c]
+                    best[1] = err[c]
+            if n_fine > 0:
+                for c in range(n_fine):
+                    ratio[c] = T.min(T.max(best[0] + fi[c], T.float32(0)), T.float32(1))
+                    sc[c] = to_scale(ma[b, g] * ratio[c] / T.float32(mi))
+                errors(wg, wt, b, g, sc, n_fine, acc, err)
+                for c in range(n_fine):
+                    if err[c] < best[1]:
+                        best[0] = ratio[c]
+                        best[1] = err[c]
+            # the float32 error is a proxy: RTN (ratio 1) stays wherever the exact error is not smaller
+            exact(wg, wt, b, g, to_scale(ma[b, g] * best[0] / T.float32(mi)), acc64, kept, 0)
+            exact(wg, wt, b, g, to_scale(ma[b, g] / T.float32(mi)), acc64, kept, 1)
+            out[b, g] = T.if_then_else(kept[0] >= kept[1], T.float32(1), best[0])
+    # fmt: on
+
+    target = dict(load_preset("host").target_dict)
+    target.pop("num-cores", None)
+    # no FMA: numpy rounds the product q * s before the subtraction
+    target["mattr"] = [*target.get("mattr", []), "-fma"]
+    lib = tvm.compile(tvm.IRModule({"search": search}), target=tvm.target.Target(target))
+    with tempfile.TemporaryDirectory(prefix="phi3-clip-kernel-") as folder:
+        path = Path(folder) / "search.so"
+        lib.export_library(str(path))
+        return tvm.runtime.load_module(str(path))["search"]  # mapped: the file may go
+
+
+_lock = threading.Lock()
+_kernels: dict[tuple, object] = {}
+
+
+def _kernel(*key):
+    """The kernel for (group size, max_int, zero point, scale dtype, coarse and fine counts)."""
+    with _lock:  # one LLVM build per layout, whichever row-block thread asks first
+        if key not in _kernels:
+            _kernels[key] = _build(*key)
+        return _kernels[key]
+
+
+def clip_ratios(
+    wg: np.ndarray,
+    max_abs: np.ndarray,
+    weights: np.ndarray | None,
+    coarse: tuple[float, ...],
+    fine: tuple[float, ...],
+    scale_dtype: np.dtype,
+    layout: GroupLayout,
+) -> np.ndarray:
+    """The clipping ratio per group (B, G) of grouped float32 weights `wg` (B, G, group size) that
+    `clip_search` picks: the best coarse ratio (the first is 1.0), refined by the `fine` offsets, and 1.0
+    (RTN) wherever that is not strictly better by the exact error."""
+    import tvm_ffi
+
+    b, g, gs = wg.shape
+    fn = _kernel(gs, layout.max_int, layout.zero_point, np.dtype(scale_dtype).name, len(coarse), len(fine))
+    wt = np.ones((g, gs), np.float32) if weights is None else np.ascontiguousarray(weights, np.float32)
+    out = np.empty((b, g), np.float32)
+    args = [
+        np.ascontiguousarray(wg, np.float32),
+        wt,
+        np.ascontiguousarray(max_abs, np.float32),
+        np.array([np.float32(r) for r in coarse], np.float32),
+        np.array([np.float32(f) for f in fine], np.float32),
+        out,
+    ]
+    # numpy's arrays are 16-byte aligned; the kernel's buffers declare only float alignment
+    fn(*[tvm_ffi.from_dlpack(a, require_alignment=4) for a in args])
+    return out
