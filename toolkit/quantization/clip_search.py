@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import GroupLayout, QuantScheme, clip_kernel, get_scheme
+from . import GroupLayout, QuantScheme, get_scheme, kernels
 from . import group_quant as gq
 
 # Coarse grid (1.0 = RTN first, so ties keep RTN), then +-half a step around each group's best coarse ratio.
@@ -132,8 +132,8 @@ def _search_block(w, r0, r1, dtype, weights, coarse, fine, out, layout: GroupLay
         # ratio 1.0 reproduces rtn_scales exactly (max * 1 / max_int, one rounding)
         return (max_abs * np.float32(ratio) / np.float32(max_int)).astype(dtype)
 
-    if clip_kernel.supports(layout.group_size):  # the same choice, compiled
-        out[r0:r1] = scales_for(clip_kernel.clip_ratios(wg, max_abs, weights, coarse, fine, dtype, layout))
+    if kernels.supports(layout.group_size):  # the same choice, compiled
+        out[r0:r1] = scales_for(kernels.clip_ratios(wg, max_abs, weights, coarse, fine, dtype, layout))
         return
     rtn = scales_for(np.float32(1.0))
     best = scales_for(_best_ratios(wg, weights, coarse, fine, max_int, scales_for))

@@ -1,12 +1,14 @@
-"""The clip search's per-group choice (`clip_search`) as one compiled host kernel.
+"""Compiled host kernels for the numpy-heavy parts of group quantization, bit-identical to the numpy code
+they stand in for: the clip search's per-group choice (`clip_search`) and RTN codes packed into words
+(`group_quant.quantize`).
 
-Per group it scores every ratio in float32 exactly as the numpy loop does, then checks the winner against
-RTN with the exact codes and a float64 sum: the same operations in the same order, a group's errors summed
-the way numpy sums 8 to 128 contiguous values (8 running sums, then a fixed tree), and no fused multiply-add
-(LLVM would contract `w - q * s`), so it picks the same scales bit for bit. numpy makes a dozen passes over
-memory per ratio; the kernel reads a group once per batch of ratios, in registers.
+The clip search scores every ratio of a group in float32 exactly as the numpy loop does, then checks the
+winner against RTN with the exact codes and a float64 sum: the same operations in the same order, a group's
+errors summed the way numpy sums 8 to 128 contiguous values (8 running sums, then a fixed tree), and no fused
+multiply-add (LLVM would contract `w - q * s`), so it picks the same scales bit for bit. numpy makes a dozen
+passes over memory per ratio; the kernel reads a group once per batch of ratios, in registers.
 
-Built once per process and layout on first use (TVM, then about two seconds of LLVM).
+Each kernel is built once per process and layout on first use (TVM, then a second or two of LLVM).
 """
 
 from __future__ import annotations
@@ -24,27 +26,38 @@ _MAX_GROUP = 128  # numpy's pairwise block: longer runs are split in halves firs
 
 
 def supports(group_size: int) -> bool:
-    """Whether the kernel sums a group in numpy's order (a multiple of 8, at most 128 values)."""
+    """Whether the clip kernel sums a group in numpy's order (a multiple of 8, at most 128 values)."""
     return group_size % LANES == 0 and 0 < group_size <= _MAX_GROUP
 
 
-def _build(group_size: int, max_int: int, zero_point: int, scale_dtype: str, n_coarse: int, n_fine: int):
-    import tvm
+def packs(layout: GroupLayout) -> bool:
+    """Whether the quantize kernel packs this layout (4-bit codes, eight to a uint32 word)."""
+    return layout.bits == 4 and np.dtype(layout.storage) == np.uint32 and layout.group_size % 8 == 0
+
+
+def _squared_error(mi: float):
     from tvm.script import tirx as T
-
-    from ..targets import load_preset
-
-    chunks = group_size // LANES
-    mi = float(max_int)
 
     def squared_error(w, s):
         # an expression, not Let bindings: TVM's vectorizer miscomputes a Let inside a vectorized loop
         d = w - T.min(T.max(T.nearbyint(w / s), T.float32(-mi)), T.float32(mi)) * s
         return d * d
 
+    return squared_error
+
+
+def _to_scale(scale_dtype: str):
+    from tvm.script import tirx as T
+
     def to_scale(x):
         # the stored scale's rounding (numpy: .astype(scale dtype)), back in float32
         return T.Cast("float32", T.Cast("float16", x)) if scale_dtype == "float16" else x
+
+    return to_scale
+
+
+def _to_grid(scale_dtype: str):
+    from tvm.script import tirx as T
 
     def to_grid(x):
         # group_quant.round_to_f16_grid: the runtime's fp16 arithmetic, on float32 bits
@@ -54,13 +67,63 @@ def _build(group_size: int, max_int: int, zero_point: int, scale_dtype: str, n_c
         u = (u + (T.uint32(0xFFF) + ((u >> T.uint32(13)) & T.uint32(1)))) & T.uint32(0xFFFFE000)
         return T.reinterpret("float32", u)
 
-    def exact_error(w, s):
-        # group_quant.group_codes and dequantize_groups: the codes and values the runtime sees
+    return to_grid
+
+
+def _code(mi: float, scale_dtype: str):
+    from tvm.script import tirx as T
+
+    to_grid = _to_grid(scale_dtype)
+
+    def code(w, s):
+        # group_quant.group_codes: round(fp(fp(w / s) + max_int)), clamped; max_int for a zero scale
         shifted = to_grid(to_grid(w / s) + T.float32(mi))
-        code = T.min(T.max(T.nearbyint(shifted), T.float32(0)), T.float32(2 * mi))
-        code = T.if_then_else(s == T.float32(0), T.float32(mi), code)
-        d = w - to_grid((code - T.float32(zero_point)) * s)
+        c = T.min(T.max(T.nearbyint(shifted), T.float32(0)), T.float32(2 * mi))
+        return T.if_then_else(s == T.float32(0), T.float32(mi), c)
+
+    return code
+
+
+def _exact_error(mi: float, zero_point: int, scale_dtype: str):
+    from tvm.script import tirx as T
+
+    code, to_grid = _code(mi, scale_dtype), _to_grid(scale_dtype)
+
+    def exact_error(w, s):
+        # group_quant.dequantize_groups of the codes: the values the runtime sees
+        d = w - to_grid((code(w, s) - T.float32(zero_point)) * s)
         return d * d
+
+    return exact_error
+
+
+def _load(func, name: str):
+    """Compile a PrimFunc for this host, without FMA (numpy rounds a product before it adds), and load it."""
+    import tvm
+
+    from ..targets import load_preset
+
+    target = dict(load_preset("host").target_dict)
+    target.pop("num-cores", None)
+    target["mattr"] = [*target.get("mattr", []), "-fma"]
+    lib = tvm.compile(tvm.IRModule({name: func}), target=tvm.target.Target(target))
+    with tempfile.TemporaryDirectory(prefix="phi3-quant-kernel-") as folder:
+        path = Path(folder) / f"{name}.so"
+        lib.export_library(str(path))
+        return tvm.runtime.load_module(str(path))[name]  # mapped: the file may go
+
+
+def _build_search(
+    group_size: int, max_int: int, zero_point: int, scale_dtype: str, n_coarse: int, n_fine: int
+):
+    from tvm.script import tirx as T
+
+    chunks = group_size // LANES
+    mi = float(max_int)
+
+    squared_error = _squared_error(mi)
+    to_scale = _to_scale(scale_dtype)
+    exact_error = _exact_error(mi, zero_point, scale_dtype)
 
     n_most = max(n_coarse, n_fine)
 
@@ -144,27 +207,19 @@ def _build(group_size: int, max_int: int, zero_point: int, scale_dtype: str, n_c
             out[b, g] = T.if_then_else(kept[0] >= kept[1], T.float32(1), best[0])
     # fmt: on
 
-    target = dict(load_preset("host").target_dict)
-    target.pop("num-cores", None)
-    # no FMA: numpy rounds the product q * s before the subtraction
-    target["mattr"] = [*target.get("mattr", []), "-fma"]
-    lib = tvm.compile(tvm.IRModule({"search": search}), target=tvm.target.Target(target))
-    with tempfile.TemporaryDirectory(prefix="phi3-clip-kernel-") as folder:
-        path = Path(folder) / "search.so"
-        lib.export_library(str(path))
-        return tvm.runtime.load_module(str(path))["search"]  # mapped: the file may go
+    return _load(search, "search")
 
 
 _lock = threading.Lock()
 _kernels: dict[tuple, object] = {}
 
 
-def _kernel(*key):
-    """The kernel for (group size, max_int, zero point, scale dtype, coarse and fine counts)."""
-    with _lock:  # one LLVM build per layout, whichever row-block thread asks first
-        if key not in _kernels:
-            _kernels[key] = _build(*key)
-        return _kernels[key]
+def _kernel(build, *key):
+    """The kernel `build(*key)` returns, built once per process (whichever row-block thread asks first)."""
+    with _lock:
+        if (build, *key) not in _kernels:
+            _kernels[(build, *key)] = build(*key)
+        return _kernels[(build, *key)]
 
 
 def clip_ratios(
@@ -182,7 +237,8 @@ def clip_ratios(
     import tvm_ffi
 
     b, g, gs = wg.shape
-    fn = _kernel(gs, layout.max_int, layout.zero_point, np.dtype(scale_dtype).name, len(coarse), len(fine))
+    key = (gs, layout.max_int, layout.zero_point, np.dtype(scale_dtype).name, len(coarse), len(fine))
+    fn = _kernel(_build_search, *key)
     wt = np.ones((g, gs), np.float32) if weights is None else np.ascontiguousarray(weights, np.float32)
     out = np.empty((b, g), np.float32)
     args = [
@@ -196,3 +252,114 @@ def clip_ratios(
     # numpy's arrays are 16-byte aligned; the kernel's buffers declare only float alignment
     fn(*[tvm_ffi.from_dlpack(a, require_alignment=4) for a in args])
     return out
+
+
+def _build_quantize(group_size: int, max_int: int, scale_dtype: str, given_scales: bool):
+    from tvm.script import tirx as T
+
+    mi = float(max_int)
+    code = _code(mi, scale_dtype)
+    to_scale = _to_scale(scale_dtype)
+    words = group_size // 8
+
+    def word(wg, sb, b, g, i, k):
+        # group_quant.pack: code e of word i at bits 4e; padding past column k packs as 0
+        out = None
+        for e in range(8):
+            col = i * 8 + e
+            c = T.if_then_else(g * group_size + col < k, code(wg[b, g, col], sb[b, g]), T.float32(0))
+            c = T.Cast("uint32", c) << T.uint32(4 * e)
+            out = c if out is None else out | c
+        return out
+
+    # fmt: off
+    @T.prim_func
+    def quantize(wg_h: T.handle, s_h: T.handle, q_h: T.handle, k: T.int64):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "global_symbol": "quantize"})
+        B = T.int64()
+        G = T.int64()
+        wg = T.match_buffer(wg_h, (B, G, group_size), "float32", align=4)
+        sb = T.match_buffer(s_h, (B, G), "float32", align=4)  # given scales in, else RTN's out
+        q = T.match_buffer(q_h, (B, G * words), "uint32", align=4)
+        mx = T.alloc_buffer((1,), "float32", scope="local")
+        for b, g in T.grid(B, G):
+            if not given_scales:  # group_quant.rtn_scales: max|w| / max_int in the scale dtype
+                mx[0] = T.float32(0)
+                for i in range(group_size):
+                    mx[0] = T.max(mx[0], T.fabs(wg[b, g, i]))
+                sb[b, g] = to_scale(mx[0] / T.float32(mi))
+            for i in range(words):
+                q[b, g * words + i] = word(wg, sb, b, g, i, k)
+    # fmt: on
+
+    return _load(quantize, "quantize")
+
+
+def quantize_groups(
+    wg: np.ndarray, k: int, scales: np.ndarray | None, scale_dtype: np.dtype, layout: GroupLayout
+) -> tuple[np.ndarray, np.ndarray]:
+    """`group_quant.quantize` of one row block, grouped (B, G, group size) float32 values of the model dtype
+    over `k` real columns: (packed words (B, G * group size / 8) uint32, scales (B, G) in `scale_dtype`).
+    `scales` given: those (values of `scale_dtype`), else RTN's."""
+    import tvm_ffi
+
+    b, g, gs = wg.shape
+    dtype = np.dtype(scale_dtype)
+    fn = _kernel(_build_quantize, gs, layout.max_int, dtype.name, scales is not None)
+    s = (
+        np.empty((b, g), np.float32)
+        if scales is None
+        else np.ascontiguousarray(scales, dtype).astype(np.float32)
+    )
+    q = np.empty((b, g * gs // 8), np.uint32)
+    fn(
+        *[tvm_ffi.from_dlpack(a, require_alignment=4) for a in (np.ascontiguousarray(wg, np.float32), s, q)],
+        k,
+    )
+    return q, s.astype(dtype)
+
+
+def _build_group(group_size: int, fp16: bool):
+    from tvm.script import tirx as T
+
+    # fmt: off
+    @T.prim_func
+    def group(w_h: T.handle, wg_h: T.handle, big_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "global_symbol": "group"})
+        B = T.int64()
+        K = T.int64()
+        G = T.int64()
+        w = T.match_buffer(w_h, (B, K), "float32", align=4)
+        wg = T.match_buffer(wg_h, (B, G, group_size), "float32", align=4)
+        big = T.match_buffer(big_h, (B,), "float32", align=4)
+        for b in range(B):
+            big[b] = T.float32(0)
+            for g, i in T.grid(G, group_size):
+                # zero padding past column K; fp16: astype(float16) and back
+                col = g * group_size + i
+                x = T.if_then_else(col < K, w[b, T.min(col, K - 1)], T.float32(0))
+                wg[b, g, i] = T.Cast("float32", T.Cast("float16", x)) if fp16 else x
+                if fp16:  # the largest magnitude; a NaN sticks (numpy's max of a row with one is NaN)
+                    big[b] = T.if_then_else(T.isnan(wg[b, g, i]) or T.isnan(big[b]), T.float32(float("nan")),
+                                            T.max(big[b], T.fabs(wg[b, g, i])))
+    # fmt: on
+
+    return _load(group, "group")
+
+
+def grouped(w: np.ndarray, dtype: np.dtype, layout: GroupLayout) -> np.ndarray:
+    """`group_quant._grouped`: (N, K) -> (N, G, group size) float32 values of the model dtype, zero-padded
+    along K, the same values and the same refusal of weights beyond float16."""
+    import tvm_ffi
+
+    n, k = w.shape
+    fp16 = np.dtype(dtype) == np.float16
+    fn = _kernel(_build_group, layout.group_size, fp16)
+    wg = np.empty((n, layout.num_groups(k), layout.group_size), np.float32)
+    big = np.zeros(n, np.float32)
+    rows = np.ascontiguousarray(w, np.float32)
+    fn(*[tvm_ffi.from_dlpack(a, require_alignment=4) for a in (rows, wg, big)])
+    top = big.max(initial=0.0)
+    if fp16 and not top <= 65504:
+        raise ValueError(f"weight magnitude {top} does not fit float16")
+    return wg
