@@ -448,8 +448,9 @@ def test_split_key_decode_matches_head_tasks(dtype, sliding, window):
     """`splits`: a lone sequence's keys in ranges over all heads, merged by their log2-sum-exp. Against the
     head-task kernel on the same arguments (fp32 summation order only, plus o's own fp16 rounding for an fp16
     cache): long enough to split (ragged ranges, a partial last page, a window cut), too short to split, and a
-    batch of two (never split). The head tasks are the same code either way, so where the kernel does not
-    split the numbers are bit-equal, and where it does they are not (another summation order)."""
+    batch where each sequence splits by its own length, to the same numbers it gets alone. The head tasks
+    are the same code either way, so where the kernel does not split the numbers are bit-equal, and where it
+    does they are not (another summation order)."""
     from toolkit.compile.cpu_attention import SPLIT_MIN_KEYS, AttentionKnobs, split_min_keys
 
     rng = np.random.default_rng(5)
@@ -465,28 +466,40 @@ def test_split_key_decode_matches_head_tasks(dtype, sliding, window):
     split = _build(
         decode_attention_cpu(h_kv, h_qo, d, dtype, sliding, PS, window, AttentionKnobs(8, 16, 1, splits))
     )
+    scalars = [0, 1.0, 1e4, 1 / np.sqrt(d)]
+
+    def run(f, q, pages, indptr, values, info):
+        b, dev = q.shape[0], tvm.cpu()
+        inputs = [q, pages.astype(dtype), indptr, values, info, np.zeros(b, "int32"), np.zeros(b, "int32")]
+        o = tvm.runtime.tensor(np.zeros((b, h_qo, d), dtype), dev)
+        lse = tvm.runtime.tensor(np.zeros((b, h_qo), "float32"), dev)
+        f(*[tvm.runtime.tensor(x, dev) for x in inputs], o, lse, *scalars)
+        return o.numpy().astype("float32"), lse.numpy()
+
     for lens, splits_here in (
-        ([long], True),
-        ([long + 300], True),
-        ([least], True),
-        ([least - 1], False),
-        ([long, 20], False),
+        ([long], [True]),
+        ([long + 300], [True]),
+        ([least], [True]),
+        ([least - 1], [False]),
+        ([long, 20, least - 1, least + 5], [True, False, False, True]),  # each sequence decides alone
     ):
         b = len(lens)
         pages, indptr, values, info = _paged_cache(rng, lens, h_kv, d, sliding)
         q = rng.standard_normal((b, h_qo, d)).astype(dtype)
-        inputs = [q, pages.astype(dtype), indptr, values, info, np.zeros(b, "int32"), np.zeros(b, "int32")]
-        scalars = [0, 1.0, 1e4, 1 / np.sqrt(d)]
-        outs = []
-        for f in (plain, split):
-            dev = tvm.cpu()
-            o = tvm.runtime.tensor(np.zeros((b, h_qo, d), dtype), dev)
-            lse = tvm.runtime.tensor(np.zeros((b, h_qo), "float32"), dev)
-            f(*[tvm.runtime.tensor(x, dev) for x in inputs], o, lse, *scalars)
-            outs.append((o.numpy().astype("float32"), lse.numpy()))
+        outs = [run(f, q, pages, indptr, values, info) for f in (plain, split)]
         np.testing.assert_allclose(outs[1][0], outs[0][0], atol=tol, rtol=0)
         np.testing.assert_allclose(outs[1][1], outs[0][1], atol=1e-4, rtol=0)
-        assert np.array_equal(outs[1][1], outs[0][1]) != splits_here, lens
+        for i in range(b):
+            same = np.array_equal(outs[1][0][i], outs[0][0][i]) and np.array_equal(
+                outs[1][1][i], outs[0][1][i]
+            )
+            assert same != splits_here[i], (lens, i)
+            # alone, a sequence gets the same numbers bit for bit as in the batch
+            one = values[indptr[i] : indptr[i + 1]]
+            info_i = info[..., i : i + 1] if info.ndim == 2 else info[i : i + 1]
+            alone = run(split, q[i : i + 1], pages, np.array([0, len(one)], "int32"), one, info_i)
+            np.testing.assert_array_equal(alone[0][0], outs[1][0][i])
+            np.testing.assert_array_equal(alone[1][0], outs[1][1][i])
         assert np.abs(outs[0][0]).max() > 0.01
     if not sliding and not window and dtype == "float32":  # and by numpy, the split case
         lens = [long]

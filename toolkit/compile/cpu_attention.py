@@ -443,10 +443,11 @@ def decode_attention_cpu(
     `mask_window` W > 0 (plain kernel only): the query, the last key, sees the last W keys (HF's window
     0 <= q - k < W over a cache that keeps every token, so positions stay absolute).
 
-    With `knobs.splits` S > 0, a batch of one sequence with at least S * `split_min_keys` keys runs S tasks
-    of consecutive key ranges over all heads (each writes its o and log2-sum-exp per head), then merges
-    them: a thread then streams whole pages front to back, where head tasks read a few KB per page and
-    jump on (runs too short for the hardware prefetchers)."""
+    With `knobs.splits` S > 0, a sequence with at least S * `split_min_keys` keys runs S tasks of
+    consecutive key ranges over all heads (each writes its o and log2-sum-exp per head), then merges them: a
+    thread then streams whole pages front to back, where head tasks read a few KB per page and jump on (runs
+    too short for the hardware prefetchers). The choice is the sequence's own, at any batch size, so a
+    sequence decodes to the same numbers alone or in a batch."""
     assert d % knobs.lanes == 0 and h_qo % h_kv == 0
     group, pg, nh = h_qo // h_kv, _Pages(h_kv, d, page_size, sliding_window), heads_per_task(h_qo)
     attend = _attend(d, nh, group, pg.row_offset, pg.head_stride, knobs, dtype)
@@ -456,43 +457,59 @@ def decode_attention_cpu(
 
     # fmt: off
     @T.macro
-    def split_keys(qf, pf, of, lf, values, indptr, length_info, sm_scale, n, lo):  # keys lo..n of sequence 0
-        po = T.alloc_buffer((splits * h_qo * d,), "float32")  # each split's o, [split, head, d]
-        pl = T.alloc_buffer((splits * h_qo,), "float32")  # ... and log2-sum-exp
-        per: T.int32 = (n - lo + splits - 1) // splits
-        for s in T.parallel(splits):
-            attend_all(qf, 0, pf, pf, pg.v_shift, (values, indptr[0], 0, length_info), 0,
-                       T.min(lo + s * per, n), T.min(lo + (s + 1) * per, n), sm_scale * T.float32(LOG2E),
-                       po, s * h_qo * d, pl, s * h_qo)
+    def split_keys(B, qf, pf, of, lf, values, indptr, length_info, sm_scale):
+        """Sequences with at least `min_keys` keys: `splits` tasks each, of consecutive key ranges over all
+        heads, then merged by their log2-sum-exp. Per sequence the same ranges at any batch size, so a
+        sequence's numbers do not depend on what else is in the batch."""
+        po = T.alloc_buffer((B * splits * h_qo * d,), "float32")  # each range's o, [seq, split, head, d]
+        pl = T.alloc_buffer((B * splits * h_qo,), "float32")  # ... and log2-sum-exp
+        for t in T.parallel(B * splits):
+            b: T.int32 = t // splits
+            s: T.int32 = t % splits
+            n: T.int32 = pg.keys_of(b, indptr, length_info)
+            lo: T.int32 = T.max(n - mask_window, 0) if mask_window > 0 else 0
+            if n - lo >= min_keys:
+                per: T.int32 = (n - lo + splits - 1) // splits
+                attend_all(qf, b * h_qo * d, pf, pf, pg.v_shift, (values, indptr[b], b, length_info), 0,
+                           T.min(lo + s * per, n), T.min(lo + (s + 1) * per, n), sm_scale * T.float32(LOG2E),
+                           po, t * h_qo * d, pl, t * h_qo)
         acc = T.alloc_buffer((d,), "float32")
         w = T.alloc_buffer((splits,), "float32")
-        for h in range(h_qo):
-            mx: T.float32 = pl[h]
-            for s in range(1, splits):
-                mx = T.max(mx, pl[s * h_qo + h])
-            tot: T.float32 = T.float32(0)
-            for s in range(splits):
-                w[s] = _exp2_nonpositive(pl[s * h_qo + h] - mx)
-                tot = tot + w[s]
-            for j in T.vectorized(d):
-                acc[j] = T.float32(0)
-            for s in range(splits):
-                for j in T.vectorized(d):
-                    acc[j] = acc[j] + w[s] * po[(s * h_qo + h) * d + j]
-            for j in T.vectorized(d):
-                of[h * d + j] = T.Cast(of.dtype, acc[j] / tot)
-            lf[h] = mx + T.log2(tot)
+        for b in range(B):
+            n: T.int32 = pg.keys_of(b, indptr, length_info)
+            lo: T.int32 = T.max(n - mask_window, 0) if mask_window > 0 else 0
+            if n - lo >= min_keys:
+                for h in range(h_qo):
+                    base: T.int32 = b * splits * h_qo + h
+                    mx: T.float32 = pl[base]
+                    for s in range(1, splits):
+                        mx = T.max(mx, pl[base + s * h_qo])
+                    tot: T.float32 = T.float32(0)
+                    for s in range(splits):
+                        w[s] = _exp2_nonpositive(pl[base + s * h_qo] - mx)
+                        tot = tot + w[s]
+                    for j in T.vectorized(d):
+                        acc[j] = T.float32(0)
+                    for s in range(splits):
+                        for j in T.vectorized(d):
+                            acc[j] = acc[j] + w[s] * po[(base + s * h_qo) * d + j]
+                    for j in T.vectorized(d):
+                        of[(b * h_qo + h) * d + j] = T.Cast(of.dtype, acc[j] / tot)
+                    lf[b * h_qo + h] = mx + T.log2(tot)
 
     @T.macro
-    def head_tasks(B, qf, pf, of, lf, values, indptr, length_info, sm_scale):
+    def head_tasks(B, qf, pf, of, lf, values, indptr, length_info, sm_scale, short_only):
+        """Each task: `nh` query heads of one sequence over all its keys (with `short_only`, only sequences
+        with fewer than `min_keys` keys; the others are split_keys')."""
         for task in T.parallel(B * (h_qo // nh)):
             b: T.int32 = task // (h_qo // nh)
             h0: T.int32 = task % (h_qo // nh) * nh
             begin: T.int32 = indptr[b]
             n: T.int32 = pg.keys_of(b, indptr, length_info)
             lo: T.int32 = T.max(n - mask_window, 0) if mask_window > 0 else 0
-            attend(qf, (b * h_qo + h0) * d, pf, pf, pg.v_shift, (values, begin, b, length_info), h0,
-                   lo, n, sm_scale * T.float32(LOG2E), of, (b * h_qo + h0) * d, lf, b * h_qo + h0)
+            if not short_only or n - lo < min_keys:
+                attend(qf, (b * h_qo + h0) * d, pf, pf, pg.v_shift, (values, begin, b, length_info), h0,
+                       lo, n, sm_scale * T.float32(LOG2E), of, (b * h_qo + h0) * d, lf, b * h_qo + h0)
 
     @T.prim_func(private=True)
     def kernel(q_handle: T.handle, pages_handle: T.handle, indptr_handle: T.handle, values_handle: T.handle,
@@ -511,14 +528,20 @@ def decode_attention_cpu(
         qf, pf, of, lf = _flat(Q), _flat(pages), _flat(output), _flat(lse)
         assert rotary_mode == 0, NO_ROPE
         if splits > 0:
-            n1: T.int32 = pg.keys_of(0, indptr, length_info)
-            lo1: T.int32 = T.max(n1 - mask_window, 0) if mask_window > 0 else 0
-            if B == 1 and n1 - lo1 >= min_keys:
-                split_keys(qf, pf, of, lf, values, indptr, length_info, sm_scale, n1, lo1)
-            else:
-                head_tasks(B, qf, pf, of, lf, values, indptr, length_info, sm_scale)
+            # each sequence takes key ranges or head tasks by its own length; a loop none needs is skipped
+            n_long = T.alloc_buffer((1,), "int32")
+            n_long[0] = 0
+            for b in range(B):
+                n: T.int32 = pg.keys_of(b, indptr, length_info)
+                lo: T.int32 = T.max(n - mask_window, 0) if mask_window > 0 else 0
+                if n - lo >= min_keys:
+                    n_long[0] = n_long[0] + 1
+            if n_long[0] > 0:
+                split_keys(B, qf, pf, of, lf, values, indptr, length_info, sm_scale)
+            if n_long[0] < B:
+                head_tasks(B, qf, pf, of, lf, values, indptr, length_info, sm_scale, True)
         else:
-            head_tasks(B, qf, pf, of, lf, values, indptr, length_info, sm_scale)
+            head_tasks(B, qf, pf, of, lf, values, indptr, length_info, sm_scale, False)
     # fmt: on
 
     return kernel
