@@ -114,3 +114,22 @@ def test_grouping_refuses_weights_beyond_float16(bad: float) -> None:
     with pytest.raises(ValueError, match="does not fit float16"):
         gq._grouped(w, np.dtype("float16"), get_scheme("q4f16_1").layout)
     gq._grouped(w, np.dtype("float32"), get_scheme("q4f32_1").layout)  # fp32 keeps them
+
+
+def test_numpy_only_gives_the_same_bytes_and_gptq_runs_without_the_kernels(monkeypatch) -> None:
+    rng = np.random.default_rng(8)
+    w = _weights(rng, 64, 1000)
+    with_kernels = gq.quantize(w, "q4f16_1", scales=clip_search.search_scales(w, "q4f16_1"))
+    with kernels.numpy_only():
+        assert not kernels.active()
+        monkeypatch.setattr(kernels, "_kernel", lambda *a: pytest.fail("a kernel was built"))
+        plain = gq.quantize(w, "q4f16_1", scales=clip_search.search_scales(w, "q4f16_1"))
+    assert kernels.active()
+    np.testing.assert_array_equal(with_kernels[0], plain[0])
+    np.testing.assert_array_equal(with_kernels[1].view(np.uint16), plain[1].view(np.uint16))
+    from toolkit.convert import gptq_stream
+
+    seen = []
+    monkeypatch.setattr(gptq_stream, "_gptq_tensors", lambda *a, **kw: iter([seen.append(kernels.active())]))
+    list(gptq_stream.gptq_tensors())
+    assert seen == [False]

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..checkpoint.mlc_format import quantized_param_names
-from ..quantization import QuantScheme
+from ..quantization import QuantScheme, kernels
 from ..quantization import group_quant as gq
 from ..quantization.clip_search import search_scales
 from ..quantization.gptq import DEFAULT_DAMP, gptq_pack, gptq_pack_rows, hessian
@@ -58,7 +58,14 @@ def gptq_calibration_tokens(source: ModelSource) -> list[int]:
     return calibration_tokens(source, GPTQ_CALIBRATION_TEXT, max_tokens=GPTQ_MAX_TOKENS)
 
 
-def gptq_tensors(
+def gptq_tensors(*args, **kwargs) -> Iterator[tuple[str, np.ndarray]]:
+    """`_gptq_tensors` on the numpy paths of quantization (`kernels.numpy_only`): TVM stays out of a GPTQ
+    conversion, whose peak memory is its limit."""
+    with kernels.numpy_only():
+        yield from _gptq_tensors(*args, **kwargs)
+
+
+def _gptq_tensors(
     source: ModelSource,
     scheme: QuantScheme,
     token_ids: list[int],

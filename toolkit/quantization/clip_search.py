@@ -132,7 +132,7 @@ def _search_block(w, r0, r1, dtype, weights, coarse, fine, out, layout: GroupLay
         # ratio 1.0 reproduces rtn_scales exactly (max * 1 / max_int, one rounding)
         return (max_abs * np.float32(ratio) / np.float32(max_int)).astype(dtype)
 
-    if kernels.supports(layout.group_size):  # the same choice, compiled
+    if kernels.active() and kernels.supports(layout.group_size):  # the same choice, compiled
         out[r0:r1] = scales_for(kernels.clip_ratios(wg, max_abs, weights, coarse, fine, dtype, layout))
         return
     rtn = scales_for(np.float32(1.0))

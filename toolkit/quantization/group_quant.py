@@ -76,10 +76,35 @@ def _rounder(dtype: np.dtype):
     return round_to_f16_grid if dtype == np.float16 else (lambda x: x)
 
 
+def round_to_f16(x: np.ndarray) -> np.ndarray:
+    """float32 -> the nearest fp16 value as float32, exactly like astype(float16) (subnormals included).
+
+    Overflow (|x| >= 65520) is refused instead of becoming inf (MLC would then write NaN codes).
+    """
+    y = round_to_f16_grid(x)
+    tiny = np.abs(x) < np.float32(2**-14)
+    if tiny.any():  # fp16 subnormals: multiples of 2**-24 (x * 2**24 is exact, rint is half to even)
+        y = np.where(tiny, np.rint(x * np.float32(2**24)) * np.float32(2**-24), y)
+    big = np.abs(y).max(initial=0.0)
+    if not big <= 65504:
+        raise ValueError(f"weight magnitude {big} does not fit float16")
+    return y
+
+
 def _grouped(w: np.ndarray, dtype: np.dtype, layout: GroupLayout = MLC_Q4_LAYOUT) -> np.ndarray:
     """(N, K) -> (N, G, group_size) float32 holding values of the model dtype (astype(float16) and back,
     subnormals included; a weight beyond float16 is refused, not made inf), zero-padded along K."""
-    return kernels.grouped(w, dtype, layout)
+    if kernels.active():  # the same values, in one compiled pass
+        return kernels.grouped(w, dtype, layout)
+    n, k = w.shape
+    gs = layout.group_size
+    wd = w.astype(np.float32, copy=False)
+    if dtype == np.float16:
+        wd = round_to_f16(wd)
+    kp = layout.num_groups(k) * gs
+    if kp != k:
+        wd = np.concatenate([wd, np.zeros((n, kp - k), np.float32)], axis=1)
+    return wd.reshape(n, kp // gs, gs)
 
 
 def rtn_scales(
@@ -171,7 +196,7 @@ def quantize(
 
     def block(r0: int) -> None:
         wg = _grouped(w[r0 : r0 + _ROW_BLOCK], dtype, layout)
-        if kernels.packs(layout):  # the same words and scales, compiled
+        if kernels.active() and kernels.packs(layout):  # the same words and scales, compiled
             given = None if scales is None else scales[r0 : r0 + _ROW_BLOCK]
             q_weight[r0 : r0 + _ROW_BLOCK], q_scale[r0 : r0 + _ROW_BLOCK] = kernels.quantize_groups(
                 wg, k, given, dtype, layout

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,27 @@ from . import GroupLayout
 
 LANES = 8  # numpy's pairwise sum keeps 8 running sums
 _MAX_GROUP = 128  # numpy's pairwise block: longer runs are split in halves first
+
+
+_numpy_only = 0  # > 0: inside numpy_only()
+
+
+@contextmanager
+def numpy_only() -> Iterator[None]:
+    """The numpy paths instead of the kernels (bit-identical) while the block runs, and TVM not imported
+    for them: GPTQ's peak memory is its limit, and the kernels' process (TVM's compiler, LLVM) adds about
+    0.5 GB of peak RSS there, for seconds against its minutes."""
+    global _numpy_only
+    _numpy_only += 1
+    try:
+        yield
+    finally:
+        _numpy_only -= 1
+
+
+def active() -> bool:
+    """Whether the compiled kernels stand in for the numpy code (everywhere but inside `numpy_only`)."""
+    return _numpy_only == 0
 
 
 def supports(group_size: int) -> bool:
