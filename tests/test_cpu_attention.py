@@ -445,7 +445,7 @@ def test_decode_prefetch_is_emitted_and_changes_no_number(dtype):
     [("float32", False, 0), ("float32", True, 0), ("float16", False, 0), ("float32", False, 500)],
 )
 def test_split_key_decode_matches_head_tasks(dtype, sliding, window):
-    """`splits`: a lone sequence's keys in ranges over all heads, merged by their log2-sum-exp. Against the
+    """`splits`: a long sequence's keys in ranges over all heads, merged by their log2-sum-exp. Against the
     head-task kernel on the same arguments (fp32 summation order only, plus o's own fp16 rounding for an fp16
     cache): long enough to split (ragged ranges, a partial last page, a window cut), too short to split, and a
     batch where each sequence splits by its own length, to the same numbers it gets alone. The head tasks

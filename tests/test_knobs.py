@@ -106,7 +106,7 @@ def test_search_keeps_the_default_when_nothing_is_faster():
 def test_heuristics_follow_the_cpu_features():
     skx = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 4})
     zen3 = tvm.target.Target({"kind": "llvm", "mcpu": "znver3", "num-cores": 4})
-    # one key range per core for a lone sequence's decode attention
+    # one key range per core for a long sequence's decode attention
     assert heuristic_knobs(skx).attention("decode") == AttentionKnobs(16, 16, prefetch=1, splits=4)
     assert heuristic_knobs(zen3).attention("decode") == AttentionKnobs(8, 16, prefetch=1, splits=4)
     no_count = tvm.target.Target({"kind": "llvm", "mcpu": "znver3"})

@@ -9,8 +9,9 @@ Decode (`_attend`): a task is a group of query heads of one query row; q, o and 
 products stay in registers (a block of `lanes` keys summed into one score vector by a butterfly, not a
 horizontal sum per key), the softmax runs per chunk of keys (scores, one max, one rescale of o, then
 o += p * v per key), and K / V rows can be prefetched a chunk ahead (`AttentionKnobs.prefetch`): cold
-decode over a long cache is bound by the latency of its short runs of rows. A lone sequence with a long
-cache instead splits its keys into ranges over all heads (`AttentionKnobs.splits`), merged at the end.
+decode over a long cache is bound by the latency of its short runs of rows. A sequence with a long cache
+(alone or in a batch) instead splits its keys into ranges over all heads (`AttentionKnobs.splits`), merged
+at the end.
 Prefill (`_attend_block`): a task is 16 query rows of every query head of one KV head, so each chunk of
 keys is transposed and converted once for all of them and the scores are vectors over keys (a GEMM-like
 inner loop with no horizontal sum per key).
@@ -418,14 +419,14 @@ def _flat(buf):
     return T.decl_buffer((size,), buf.dtype, data=buf.data)
 
 
-SPLIT_MIN_KEYS = 128  # keys per split below which a lone sequence keeps the head tasks
+SPLIT_MIN_KEYS = 128  # keys per split below which a sequence keeps the head tasks
 # ... when a head task holds less than a GQA group: its K / V rows are read once per query head there, and a
 # key range over all heads reads them once (SmolLM2's 9 single-head tasks over 3 KV heads; Zen 4)
 SPLIT_MIN_KEYS_GQA = 16
 
 
 def split_min_keys(h_kv: int, h_qo: int) -> int:
-    """Keys per split from which a lone sequence's decode runs key ranges instead of head tasks."""
+    """Keys per split from which a sequence's decode runs key ranges instead of head tasks."""
     return SPLIT_MIN_KEYS_GQA if heads_per_task(h_qo) < h_qo // h_kv else SPLIT_MIN_KEYS
 
 

@@ -8,7 +8,7 @@ never used: a size that won on one CPU says nothing about another.
 Families (the kernels that read them):
 - `attention_decode`, `attention_prefill` (cpu_attention): `lanes` (fp32 lanes per vector op), `chunk`
   (keys per softmax rescale); decode also `prefetch` (chunks ahead whose K / V rows are prefetched; 0: none)
-  and `splits` (a lone sequence's key ranges run as tasks over all heads, then merged; 0: head tasks).
+  and `splits` (a long sequence's key ranges run as tasks over all heads, then merged; 0: head tasks).
 - `q4_gemv` (cpu_q8_gemv, decode): `tile` (weight rows per parallel task), `rows` (rows per x load),
   `prefetch` (bytes a software prefetch runs ahead in the weight stream; 0: none), `prefetch_level` (the
   cache level it fills: 1 or 2).

@@ -13,6 +13,7 @@ from each module's own constructor, and GPU presets build device modules, so tho
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -93,8 +94,6 @@ def export_shared(executable: relax.VMExecutable, path: str | Path, threads: int
 
     The same steps as TVM's export: one object per compiled module, the imports packed into one more, all
     linked by the system compiler."""
-    import tempfile
-
     from tvm.runtime import _ffi_api
     from tvm.support import cc
 

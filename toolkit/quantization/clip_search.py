@@ -102,8 +102,8 @@ def search_scales(
 
 
 def _best_ratios(wg, weights, coarse, fine, max_int, scales_for) -> np.ndarray:
-    """The candidate loop in numpy (float32 proxy errors): the best ratio per group. `clip_kernel` computes
-    the same ratios bit for bit in one pass, for group sizes it supports."""
+    """The candidate loop in numpy (float32 proxy errors): the best ratio per group. `kernels.clip_ratios`
+    makes the same choice bit for bit (with the RTN check), for group sizes it supports."""
     buf = np.empty_like(wg)
     best_ratio = np.ones(wg.shape[:-1], np.float32)
     best_err = _candidate_errors(wg, scales_for(np.float32(1.0)).astype(np.float32), weights, buf, max_int)

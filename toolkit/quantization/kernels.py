@@ -233,6 +233,14 @@ def _build_search(
     return _load(search, "search")
 
 
+def _call(fn, *args) -> None:
+    """Call a kernel on numpy arrays without copies (and scalars as they are). numpy's arrays are 16-byte
+    aligned; the kernels' buffers declare only float alignment."""
+    import tvm_ffi
+
+    fn(*[tvm_ffi.from_dlpack(a, require_alignment=4) if isinstance(a, np.ndarray) else a for a in args])
+
+
 _lock = threading.Lock()
 _kernels: dict[tuple, object] = {}
 
@@ -257,8 +265,6 @@ def clip_ratios(
     """The clipping ratio per group (B, G) of grouped float32 weights `wg` (B, G, group size) that
     `clip_search` picks: the best coarse ratio (the first is 1.0), refined by the `fine` offsets, and 1.0
     (RTN) wherever that is not strictly better by the exact error."""
-    import tvm_ffi
-
     b, g, gs = wg.shape
     key = (gs, layout.max_int, layout.zero_point, np.dtype(scale_dtype).name, len(coarse), len(fine))
     fn = _kernel(_build_search, *key)
@@ -272,8 +278,7 @@ def clip_ratios(
         np.array([np.float32(f) for f in fine], np.float32),
         out,
     ]
-    # numpy's arrays are 16-byte aligned; the kernel's buffers declare only float alignment
-    fn(*[tvm_ffi.from_dlpack(a, require_alignment=4) for a in args])
+    _call(fn, *args)
     return out
 
 
@@ -324,8 +329,6 @@ def quantize_groups(
     """`group_quant.quantize` of one row block, grouped (B, G, group size) float32 values of the model dtype
     over `k` real columns: (packed words (B, G * group size / 8) uint32, scales (B, G) in `scale_dtype`).
     `scales` given: those (values of `scale_dtype`), else RTN's."""
-    import tvm_ffi
-
     b, g, gs = wg.shape
     dtype = np.dtype(scale_dtype)
     fn = _kernel(_build_quantize, gs, layout.max_int, dtype.name, scales is not None)
@@ -335,10 +338,7 @@ def quantize_groups(
         else np.ascontiguousarray(scales, dtype).astype(np.float32)
     )
     q = np.empty((b, g * gs // 8), np.uint32)
-    fn(
-        *[tvm_ffi.from_dlpack(a, require_alignment=4) for a in (np.ascontiguousarray(wg, np.float32), s, q)],
-        k,
-    )
+    _call(fn, np.ascontiguousarray(wg, np.float32), s, q, k)
     return q, s.astype(dtype)
 
 
@@ -373,15 +373,13 @@ def _build_group(group_size: int, fp16: bool):
 def grouped(w: np.ndarray, dtype: np.dtype, layout: GroupLayout) -> np.ndarray:
     """`group_quant._grouped`: (N, K) -> (N, G, group size) float32 values of the model dtype, zero-padded
     along K, the same values and the same refusal of weights beyond float16."""
-    import tvm_ffi
-
     n, k = w.shape
     fp16 = np.dtype(dtype) == np.float16
     fn = _kernel(_build_group, layout.group_size, fp16)
     wg = np.empty((n, layout.num_groups(k), layout.group_size), np.float32)
     big = np.zeros(n, np.float32)
     rows = np.ascontiguousarray(w, np.float32)
-    fn(*[tvm_ffi.from_dlpack(a, require_alignment=4) for a in (rows, wg, big)])
+    _call(fn, rows, wg, big)
     top = big.max(initial=0.0)
     if fp16 and not top <= 65504:
         raise ValueError(f"weight magnitude {top} does not fit float16")
