@@ -157,6 +157,29 @@ def test_convert_killed_midway_leaves_nothing_and_the_rerun_works(tmp_path, ckpt
     assert sorted(x.name for x in tmp_path.iterdir()) == ["q"]
 
 
+# -- Ctrl-C --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("then", ["swallows it", "raises RuntimeError"])
+def test_ctrl_c_that_a_library_swallows_or_rewraps_still_ends_the_command_as_one_line(monkeypatch, then):
+    """TVM hands a KeyboardInterrupt raised in its callbacks back as a bare RuntimeError, and code that takes
+    any error for "does not apply" may swallow that: either way the command ends, interrupted, in one line."""
+    import toolkit.cli.cmd_targets as cmd
+
+    real = cmd.list_presets
+
+    def library_call():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler raises in here
+        except KeyboardInterrupt:
+            if then == "raises RuntimeError":
+                raise RuntimeError from None
+        return real()
+
+    monkeypatch.setattr(cmd, "list_presets", library_call)
+    r = run(["targets"])
+    assert r.exit_code == 130 and r.stderr.strip() == "error: interrupted", r.output
+
+
 # -- caches that heal ----------------------------------------------------------------------------------
 @pytest.fixture
 def fake_compile(monkeypatch, tmp_path):
@@ -440,6 +463,27 @@ def test_chat_drops_a_message_that_does_not_fit(stub_engine) -> None:
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "context window" in errors[0] and "dropped" in errors[0]
     assert len(r.stdout.splitlines()) == 2  # the turns before and after were answered
+
+
+def test_ctrl_c_in_a_chat_stops_the_reply_and_the_chat_goes_on(stub_engine, monkeypatch) -> None:
+    """A real SIGINT during a reply (the engine's third step sends it to this process): the chat prints
+    [stopped], answers the next message, and ends with exit 0, not as an interrupted command."""
+    assert threading.current_thread() is threading.main_thread()  # where Python runs signal handlers
+    steps = []
+    real = stub_engine.decode
+
+    def decode(sid, tok):
+        steps.append(tok)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(sid, tok)
+
+    monkeypatch.setattr(stub_engine, "decode", decode)
+    r = run(["chat", "--temperature", "0", "--max-tokens", "8"], input="hi\nhi again\n")
+    assert r.exit_code == 0, r.output
+    assert " [stopped]" in r.stderr and "interrupted" not in r.stderr
+    replies = r.stdout.splitlines()
+    assert len(replies) == 2 and len(replies[0]) < len(replies[1]) == 8
 
 
 def test_chat_session_keeps_no_unanswered_message(stub_engine, ckpt) -> None:

@@ -12,8 +12,9 @@ import pkgutil
 
 import click
 
-from .. import __version__
+from .. import __version__, interrupts
 from ..errors import UserError
+from ..interrupts import interrupted
 
 
 def one_line(text: str) -> str:
@@ -66,7 +67,11 @@ class _Group(click.Group):
 
         tvm_without_torch()  # a command that imports TVM starts faster without torch (tvm_compat.py)
         try:
-            return super().invoke(ctx)
+            with interrupts.watching():
+                result = super().invoke(ctx)
+                if interrupts.fired():  # a KeyboardInterrupt that some library call swallowed
+                    raise KeyboardInterrupt
+            return result
         except click.exceptions.NoArgsIsHelpError:
             raise
         except click.UsageError as e:
@@ -79,6 +84,10 @@ class _Group(click.Group):
             # disk full, permission denied, ...: the file and the reason, not a traceback
             where = f"{e.filename}: " if e.filename else ""
             raise OneLineError(f"{where}{e.strerror or e}") from None
+        except (Exception, KeyboardInterrupt) as e:
+            if interrupted(e):  # Ctrl-C, also when TVM hands it back as another error
+                raise OneLineError("interrupted", exit_code=130) from None
+            raise
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

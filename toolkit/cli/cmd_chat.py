@@ -10,6 +10,7 @@ import time
 
 import click
 
+from .. import interrupts
 from .cmd_generate import speed_line
 from .options import model_argument, open_engine, run_options, sampling_changes, sampling_options
 
@@ -47,6 +48,7 @@ def command(model, system, stats, quantization, device, threads, allow_pickle, *
             click.echo("error: stdin: that line is not valid UTF-8 text; not sent", err=True)
             continue
         except KeyboardInterrupt:
+            interrupts.handled()
             click.echo("\n(Ctrl-D or /exit quits)", err=True)
             continue
         except (EOFError, RuntimeError, OSError, ValueError):
@@ -77,6 +79,7 @@ def command(model, system, stats, quantization, device, threads, allow_pickle, *
             click.echo(f"error: {e}; message dropped (/reset clears the history)", err=True)
             continue
         except KeyboardInterrupt:
+            interrupts.handled()
             reply.close()  # the partial reply stays in the conversation
             click.echo(" [stopped]", err=True)
         sys.stdout.write("\n")
