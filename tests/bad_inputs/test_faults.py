@@ -73,8 +73,8 @@ def test_second_writer_waits_with_a_message_then_proceeds(tmp_path, capfd) -> No
 
 
 def test_another_thread_of_this_process_waits_like_another_process(tmp_path) -> None:
-    """A first run converts its weights in a thread (`weights.converting_alongside`): a second thread that
-    locks the same folder meanwhile must wait for it, not slip in because this process holds the lock."""
+    """Two threads of one process (an app loading two engines at once) that lock the same folder: the second
+    waits for the first, not slipping in because this process holds the lock."""
     from toolkit.locks import output_lock
 
     events: list[str] = []
@@ -158,6 +158,31 @@ def test_convert_killed_midway_leaves_nothing_and_the_rerun_works(tmp_path, ckpt
 
 
 # -- Ctrl-C --------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a first run in a fresh cache: ~10-17 s; in-process tests below cover the CLI's handling
+def test_ctrl_c_during_a_first_run_is_one_line_and_leaves_no_process(ckpt, tmp_path) -> None:
+    """SIGINT to the command's process group (what a terminal's Ctrl-C sends) while it compiles and converts:
+    exit 130 and `error: interrupted`, not a traceback (TVM hands a KeyboardInterrupt raised inside its
+    callbacks back as a bare RuntimeError), and the command stops its conversion process."""
+    env = dict(os.environ, PHI3_TOOLKIT_CACHE=str(tmp_path / "cache"))
+    cmd = [sys.executable, "-m", "toolkit.cli", "generate", str(ckpt), "--prompt", "hi", "--max-tokens", "2"]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.monotonic() + 60
+    while not any((tmp_path / "cache" / "weights").glob("*.tmp-*")) and time.monotonic() < deadline:
+        time.sleep(0.02)  # the conversion process is writing (it ignores the terminal: its own session)
+    assert proc.poll() is None
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    # the last words, and the only error (a progress bar of the conversion may end without a newline)
+    assert err.rstrip().endswith("error: interrupted") and err.count("error:") == 1, err
+    time.sleep(0.2)
+    alive = subprocess.run(["pgrep", "-f", f"convert_process {ckpt}"], capture_output=True, text=True)
+    assert alive.stdout == ""
+
+
 @pytest.mark.parametrize("then", ["swallows it", "raises RuntimeError"])
 def test_ctrl_c_that_a_library_swallows_or_rewraps_still_ends_the_command_as_one_line(monkeypatch, then):
     """TVM hands a KeyboardInterrupt raised in its callbacks back as a bare RuntimeError, and code that takes
@@ -301,6 +326,28 @@ def test_cached_weights_are_hashed_once_then_again_when_a_shard_changes(ckpt, tm
     assert "cached weights" in capfd.readouterr().err
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_first_run_conversion_is_not_hashed_again_on_its_first_load(ckpt, tmp_path, monkeypatch):
+    """The conversion computed the md5 sums from the bytes it wrote, and stamps the entry: its first load
+    hashes nothing, and a shard truncated afterwards is still caught (its size changed) and rebuilt."""
+    import tvm
+
+    import toolkit.runtime.weights as weights
+    from toolkit.quantization import get_scheme
+
+    src, folder, compiled = _cached_weights_entry(ckpt, tmp_path)
+    shutil.rmtree(folder)
+    weights.ensure_converted(src, get_scheme("q4f16_1"))
+    hashed = []
+    real = weights.verify_tensor_cache
+    monkeypatch.setattr(weights, "verify_tensor_cache", lambda d: hashed.append(d) or real(d))
+    weights.load_params(src, compiled, tvm.cpu())
+    assert hashed == []
+    shard = sorted(folder.glob("params_shard_*.bin"))[0]
+    shard.write_bytes(shard.read_bytes()[:-7])
+    got = weights.load_params(src, compiled, tvm.cpu())
+    assert len(hashed) == 2 and len(got) == len(compiled.manifest["params"])  # damaged, rebuilt, hashed
 
 
 def test_cached_weights_load_when_their_stamp_cannot_be_written(ckpt, tmp_path, monkeypatch):

@@ -62,6 +62,11 @@ class HFSource(ModelSource):
             self._scan_safetensors(files)
         self._validate()
 
+    @property
+    def uses_pickle(self) -> bool:
+        """Whether the weights are pickle `.bin` files (the folder was opened with allow_pickle)."""
+        return self._pickle
+
     # ---- discovery -----------------------------------------------------------------------------------------
     def _weight_files(self, allow_pickle: bool) -> dict[Path, set[str] | None]:
         """Weight files mapped to the names the index puts in them (None: no index, take what is there)."""

@@ -319,10 +319,20 @@ def _records_hash(preset: Preset) -> str:
     return h.hexdigest()[:12]
 
 
+def library_folder(cfg: Phi3Config, quantization: str, preset: Preset) -> Path:
+    """Where `compiled_for` keeps the library for (config, quantization, preset)."""
+    return cache_root() / "lib" / cache_key(cfg, quantization, preset)
+
+
+def is_compiled(cfg: Phi3Config, quantization: str, preset: Preset) -> bool:
+    """Whether `compiled_for` will find the library in the cache (if undamaged) rather than compile it."""
+    return library_folder(cfg, quantization, preset).is_dir()
+
+
 def compiled_for(cfg: Phi3Config, quantization: str, preset: Preset | str) -> CompiledModel:
     """The cached library for (config, quantization, preset), compiled on first use."""
     preset = load_preset(preset) if isinstance(preset, str) else preset
-    folder = cache_root() / "lib" / cache_key(cfg, quantization, preset)
+    folder = library_folder(cfg, quantization, preset)
     with output_lock(folder):  # a second process waits, then finds the library built
         if folder.exists():
             try:

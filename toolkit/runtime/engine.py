@@ -301,7 +301,7 @@ def load_engine(
     caller opened), compile it for the device preset on first use (cached), load its weights and return
     (Engine, ModelSource). `kv_cache` overrides a CPU preset's KV cache dtype."""
     from ..checkpoint import ModelSource, open_model
-    from ..compile.compile_model import compiled_for
+    from ..compile.compile_model import compiled_for, is_compiled
     from ..hugepages import in_huge_pages
     from ..quantization import quantization_for
     from ..targets import load_preset
@@ -325,8 +325,11 @@ def load_engine(
         check_fp16(
             dev.device_name, quantization, get_scheme(quantization).model_dtype, fp32_twin(quantization)
         )
-    with converting_alongside(source, quantization):  # a first run converts while it compiles
-        compiled = compiled_for(source.config, quantization, preset)
+    if is_compiled(source.config, quantization, preset):
+        compiled = compiled_for(source.config, quantization, preset)  # weights convert (if new) on load
+    else:
+        with converting_alongside(source, quantization):  # a first run converts while it compiles
+            compiled = compiled_for(source.config, quantization, preset)
     size_thread_pool(threads)  # None: one per physical core
     lib = tvm.runtime.load_module(str(compiled.library))
     params = load_params(source, compiled, dev)

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import sys
-import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import tvm
 
+from .. import interrupts
 from ..checkpoint import ModelSource, open_model, require_finite
 from ..checkpoint.mlc_format import read_cache_json, verify_tensor_cache
 from ..compile.compile_model import CompiledModel
@@ -96,40 +96,39 @@ def _needs_conversion(source: ModelSource, quantization: str) -> bool:
     return not (converted_weights_dir(source, scheme.name) / "tensor-cache.json").is_file()
 
 
-def _ensure_converted(source: ModelSource, scheme) -> None:
+def ensure_converted(source: ModelSource, scheme) -> None:
     """Convert `source` to `scheme` into its cache folder unless it is there (one writer at a time: a
-    second process or thread waits for the first's conversion, then finds it)."""
+    second process or thread waits for the first's conversion, then finds it). The shards' md5 sums were
+    computed from the bytes just written, so the entry is stamped as verified (see `_verify_shards`)."""
     folder = converted_weights_dir(source, scheme.name)
     with output_lock(folder):
         if not (folder / "tensor-cache.json").is_file():
             if folder.exists():
                 shutil.rmtree(folder)  # an incomplete entry: ours, and useless
             _convert_into_cache(source, scheme, folder)
+            _stamp_verified(folder, _shard_names(folder))
 
 
 @contextmanager
 def converting_alongside(source: ModelSource, quantization: str) -> Iterator[None]:
-    """Convert `source`'s weights into the cache in a thread while the caller's block runs (the library's
-    compile: mostly one core of Python and LLVM, while the conversion is numpy that leaves the GIL), so a
-    first run waits for the longer of the two rather than their sum. The block's own error wins; a
-    conversion error is raised when the block ends. Nothing to do: the block just runs."""
+    """Convert `source`'s weights into the cache in a child process while the caller's block runs (the
+    library's compile), so a first run waits for the longer of the two rather than their sum
+    (`convert_process` says why not a thread). The block's own error wins and stops the child; a
+    conversion error is raised when the block ends. Nothing to convert: the block just runs."""
     if not _needs_conversion(source, quantization):
         yield
         return
-    failed: list[BaseException] = []
+    from .convert_process import ConversionProcess
 
-    def convert() -> None:
-        try:
-            _ensure_converted(source, get_scheme(quantization))
-        except BaseException as e:  # handed to the caller's thread below
-            failed.append(e)
-
-    worker = threading.Thread(target=convert, name="phi3-convert", daemon=True)
-    worker.start()
-    yield  # an exception here leaves the worker to finish (or die with the process): no wait on an error
-    worker.join()
-    if failed:
-        raise failed[0]
+    child = ConversionProcess(source, quantization)
+    try:
+        yield
+        if interrupts.fired():  # a Ctrl-C that the block swallowed: the command ends, no need to wait
+            raise KeyboardInterrupt
+    except BaseException:
+        child.stop()
+        raise
+    child.wait()
 
 
 def _cached_converted(
@@ -139,7 +138,7 @@ def _cached_converted(
     ours to rebuild, once, with a notice."""
     folder = converted_weights_dir(source, scheme.name)
     with output_lock(folder):
-        _ensure_converted(source, scheme)
+        ensure_converted(source, scheme)
         try:
             return load_params(open_model(folder), compiled, device, param_meta, cache_entry=True)
         except UserError as e:
@@ -167,8 +166,19 @@ def _verify_shards(folder: Path, shards: list[str], cache_entry: bool) -> None:
     except (OSError, ValueError):
         pass
     verify_tensor_cache(folder)
+    _stamp_verified(folder, shards, now)
+
+
+def _shard_names(folder: Path) -> list[str]:
+    return sorted(shard["dataPath"] for shard in read_cache_json(folder)["records"])
+
+
+def _stamp_verified(folder: Path, shards: list[str], identities: list | None = None) -> None:
+    """Record the shards' identities as checked (`identities`: taken before the check, default now)."""
+    stamp = folder / VERIFIED_STAMP
     tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")
     try:
+        now = identities if identities is not None else [_file_identity(folder / n) for n in shards]
         tmp.write_text(json.dumps(now))
         tmp.replace(stamp)
     except OSError:  # a cache we may read but not write (full disk, read-only): hash again next time
