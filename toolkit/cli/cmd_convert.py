@@ -78,10 +78,6 @@ def command(
         raise click.BadParameter(
             f"{prefill_chunk} is larger than --context-window {context_window}", param_hint="--prefill-chunk"
         )
-    from ..convert.heap import reuse_freed_memory
-
-    if clip != "gptq":  # GPTQ's peak memory is its limit, and freed pages kept in the heap raise it
-        reuse_freed_memory()  # this process only converts
     res = api.convert(
         checkpoint,
         output,

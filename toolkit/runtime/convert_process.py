@@ -128,11 +128,9 @@ def _convert(model: str, quantization: str, allow_pickle: bool) -> None:
 
     tvm_without_torch()
     from ..checkpoint import open_model
-    from ..convert.heap import reuse_freed_memory
     from ..quantization import get_scheme
     from .weights import ensure_converted
 
-    reuse_freed_memory()  # this process only converts
     ensure_converted(open_model(model, allow_pickle=allow_pickle), get_scheme(quantization))
 
 
