@@ -170,7 +170,7 @@ def test_ctrl_c_during_a_first_run_is_one_line_and_leaves_no_process(ckpt, tmp_p
     )
     deadline = time.monotonic() + 60
     while not any((tmp_path / "cache" / "weights").glob("*.tmp-*")) and time.monotonic() < deadline:
-        time.sleep(0.02)  # the conversion process is writing (it ignores the terminal: its own session)
+        time.sleep(0.02)  # the conversion process is writing (its own process group: no Ctrl-C)
     assert proc.poll() is None
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
