@@ -15,7 +15,7 @@ import toolkit.compile.compile_model as cm
 from toolkit.checkpoint import open_model
 from toolkit.errors import UserError
 from toolkit.quantization import get_scheme
-from toolkit.runtime import convert_process, weights
+from toolkit.runtime import convert_process, weight_cache
 from toolkit.runtime.engine import load_engine
 
 
@@ -50,7 +50,7 @@ def test_weights_convert_while_the_library_compiles_and_in_line_once_it_is(ckpt,
     alongside it can end that wait; a conversion after the compile would leave it timing out. With the
     library compiled (the first load's), new weights of the same config convert in this process."""
     real = cm.compiled_for
-    folder = weights.converted_weights_dir(open_model(ckpt), "q4f16_1")
+    folder = weight_cache.converted_weights_dir(open_model(ckpt), "q4f16_1")
     seen = []
 
     def compiled_for(*args, **kwargs):
@@ -71,7 +71,7 @@ def test_weights_convert_while_the_library_compiles_and_in_line_once_it_is(ckpt,
     other = make_tiny_checkpoint(ckpt.parent / "other", "mini-4k", seed=1)  # same config, new weights
     load_engine(str(other), quantization="q4f16_1", threads=1)
     assert len(children) == 1
-    assert (weights.converted_weights_dir(open_model(other), "q4f16_1") / "tensor-cache.json").is_file()
+    assert (weight_cache.converted_weights_dir(open_model(other), "q4f16_1") / "tensor-cache.json").is_file()
 
 
 def _poison(ckpt, name="model.layers.0.mlp.down_proj.weight"):
@@ -121,5 +121,5 @@ def test_a_killed_child_is_one_error_and_the_next_run_converts(ckpt):
     child._proc.send_signal(signal.SIGKILL)
     with pytest.raises(UserError, match="killed by SIGKILL"):
         child.wait()
-    weights.ensure_converted(source, get_scheme("q4f16_1"))
-    assert (weights.converted_weights_dir(source, "q4f16_1") / "tensor-cache.json").is_file()
+    weight_cache.ensure_converted(source, get_scheme("q4f16_1"))
+    assert (weight_cache.converted_weights_dir(source, "q4f16_1") / "tensor-cache.json").is_file()

@@ -267,16 +267,16 @@ def test_damaged_compiled_cache_entry_is_rebuilt_with_a_notice(fake_compile, cap
 def _cached_weights_entry(ckpt, tmp_path):
     """(source, its weights cache folder freshly converted as the JIT path converts, a CompiledModel asking
     for every converted tensor by name, shape and dtype, as a compiled library would)."""
-    import toolkit.runtime.weights as weights
     from toolkit.checkpoint import open_model
     from toolkit.checkpoint.mlc_format import read_cache_json
     from toolkit.compile.compile_model import CompiledModel
     from toolkit.convert.converter import convert
+    from toolkit.runtime import weight_cache
 
     src = open_model(ckpt)
-    folder = weights.converted_weights_dir(src, "q4f16_1")
+    folder = weight_cache.converted_weights_dir(src, "q4f16_1")
     shutil.rmtree(folder, ignore_errors=True)
-    convert(src, "q4f16_1", folder, clip=weights.JIT_CLIP, progress=False)  # as a rebuild will
+    convert(src, "q4f16_1", folder, clip=weight_cache.JIT_CLIP, progress=False)  # as a rebuild will
     params = [
         {"name": p["name"], "shape": p["shape"], "dtype": p["dtype"]}
         for rec in read_cache_json(folder)["records"]
@@ -335,10 +335,11 @@ def test_a_first_run_conversion_is_not_hashed_again_on_its_first_load(ckpt, tmp_
 
     import toolkit.runtime.weights as weights
     from toolkit.quantization import get_scheme
+    from toolkit.runtime import weight_cache
 
     src, folder, compiled = _cached_weights_entry(ckpt, tmp_path)
     shutil.rmtree(folder)
-    weights.ensure_converted(src, get_scheme("q4f16_1"))
+    weight_cache.ensure_converted(src, get_scheme("q4f16_1"))
     hashed = []
     real = weights.verify_tensor_cache
     monkeypatch.setattr(weights, "verify_tensor_cache", lambda d: hashed.append(d) or real(d))
@@ -359,12 +360,13 @@ def test_cached_weights_load_when_their_stamp_cannot_be_written(ckpt, tmp_path, 
     import tvm
 
     import toolkit.runtime.weights as weights
+    from toolkit.runtime import weight_cache
 
     src, folder, compiled = _cached_weights_entry(ckpt, tmp_path)
     real = Path.write_text
 
     def full_disk(self, *args, **kwargs):
-        if self.name.startswith(weights.VERIFIED_STAMP):
+        if self.name.startswith(weight_cache.VERIFIED_STAMP):
             real(self, "")  # the temp file exists when the disk fills up
             raise OSError(errno.ENOSPC, "No space left on device", str(self))
         return real(self, *args, **kwargs)
@@ -372,13 +374,13 @@ def test_cached_weights_load_when_their_stamp_cannot_be_written(ckpt, tmp_path, 
     monkeypatch.setattr(Path, "write_text", full_disk)
     got = weights.load_params(src, compiled, tvm.cpu())
     assert len(got) == len(compiled.manifest["params"])
-    assert not [p.name for p in folder.iterdir() if p.name.startswith(weights.VERIFIED_STAMP)]
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(weight_cache.VERIFIED_STAMP)]
 
 
 def test_weights_cache_key_follows_files_inside_the_checkpoint(tmp_path, ckpt) -> None:
     """Replacing model.safetensors (same size, same mtime) is a different model: a different cache entry."""
     from toolkit.checkpoint import open_model
-    from toolkit.runtime.weights import converted_weights_dir
+    from toolkit.runtime.weight_cache import converted_weights_dir
 
     d = tmp_path / "m"
     shutil.copytree(ckpt, d)

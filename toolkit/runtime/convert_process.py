@@ -129,7 +129,7 @@ def _convert(model: str, quantization: str, allow_pickle: bool) -> None:
     tvm_without_torch()
     from ..checkpoint import open_model
     from ..quantization import get_scheme
-    from .weights import ensure_converted
+    from .weight_cache import ensure_converted
 
     ensure_converted(open_model(model, allow_pickle=allow_pickle), get_scheme(quantization))
 

@@ -7,9 +7,7 @@ always produce the same bytes.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import sys
 from collections.abc import Iterable, Iterator
@@ -25,14 +23,15 @@ from ..checkpoint.mlc_format import read_cache_json, verify_tensor_cache
 from ..compile.compile_model import CompiledModel
 from ..errors import UserError
 from ..locks import output_lock
-from ..paths import cache_root
 from ..quantization import get_scheme
-
-# scales for checkpoints quantized on first use (e.g. the embedded model run directly): "auto", as `phi3
-# convert` defaults to (a GGUF with a placeholder vocabulary still falls back to rtn)
-JIT_CLIP = "auto"
-# in a cached weights folder: the identities of the shards whose md5 the last full check passed
-VERIFIED_STAMP = ".shards-verified.json"
+from .weight_cache import (
+    VERIFIED_STAMP,
+    convert_into_cache,
+    converted_weights_dir,
+    ensure_converted,
+    file_identity,
+    stamp_verified,
+)
 
 
 def _to_device(
@@ -58,55 +57,12 @@ def _to_device(
     return [got[n] for n in want]
 
 
-def converted_weights_dir(source: ModelSource, quantization: str) -> Path:
-    """Where the JIT path keeps a checkpoint converted to `quantization`."""
-    from ..checkpoint.mlc_format import FOLDER_REVISION
-
-    # per-file identity: replacing model.safetensors in place must not reuse the old model's weights
-    key = [str(source.path.resolve()), source_identity(source.path), quantization, JIT_CLIP]
-    key = json.dumps(key + ([FOLDER_REVISION] if FOLDER_REVISION > 1 else []))
-    return cache_root() / "weights" / hashlib.sha256(key.encode()).hexdigest()[:20]
-
-
-def _file_identity(path: Path) -> list:
-    st = path.stat()
-    return [path.name, st.st_size, st.st_mtime_ns, st.st_ino]
-
-
-def source_identity(path: Path) -> list:
-    """What the weights were read from: every file of the checkpoint (name, size, mtime_ns, inode). A
-    folder's own stat does not change when a file inside it is replaced, so the files are keyed one by one."""
-    path = Path(path)
-    if path.is_file():
-        return [_file_identity(path)]
-    return [_file_identity(f) for f in sorted(path.iterdir()) if f.is_file()]
-
-
-def _convert_into_cache(source: ModelSource, scheme, folder: Path) -> None:
-    from ..convert.converter import convert
-
-    convert(source, scheme, folder, clip=JIT_CLIP, progress=True)
-
-
 def _needs_conversion(source: ModelSource, quantization: str) -> bool:
     """A checkpoint (not a converted folder) whose weights `quantization` quantizes, not yet in the cache."""
     scheme = get_scheme(quantization)
     if source.kind == "mlc" or not scheme.is_quantized:
         return False
     return not (converted_weights_dir(source, scheme.name) / "tensor-cache.json").is_file()
-
-
-def ensure_converted(source: ModelSource, scheme) -> None:
-    """Convert `source` to `scheme` into its cache folder unless it is there (one writer at a time: a
-    second process or thread waits for the first's conversion, then finds it). The shards' md5 sums were
-    computed from the bytes just written, so the entry is stamped as verified (see `_verify_shards`)."""
-    folder = converted_weights_dir(source, scheme.name)
-    with output_lock(folder):
-        if not (folder / "tensor-cache.json").is_file():
-            if folder.exists():
-                shutil.rmtree(folder)  # an incomplete entry: ours, and useless
-            _convert_into_cache(source, scheme, folder)
-            _stamp_verified(folder, _shard_names(folder))
 
 
 @contextmanager
@@ -144,7 +100,7 @@ def _cached_converted(
         except UserError as e:
             print(f"notice: cached weights {folder} are damaged ({e}); rebuilding them", file=sys.stderr)
             shutil.rmtree(folder)
-            _convert_into_cache(source, scheme, folder)
+            convert_into_cache(source, scheme, folder)
             return load_params(open_model(folder), compiled, device, param_meta, cache_entry=True)
 
 
@@ -157,7 +113,7 @@ def _verify_shards(folder: Path, shards: list[str], cache_entry: bool) -> None:
         return
     stamp = folder / VERIFIED_STAMP
     try:
-        now = [_file_identity(folder / name) for name in shards]
+        now = [file_identity(folder / name) for name in shards]
     except OSError:
         now = None  # a shard is missing: the full check says which
     try:
@@ -166,23 +122,7 @@ def _verify_shards(folder: Path, shards: list[str], cache_entry: bool) -> None:
     except (OSError, ValueError):
         pass
     verify_tensor_cache(folder)
-    _stamp_verified(folder, shards, now)
-
-
-def _shard_names(folder: Path) -> list[str]:
-    return sorted(shard["dataPath"] for shard in read_cache_json(folder)["records"])
-
-
-def _stamp_verified(folder: Path, shards: list[str], identities: list | None = None) -> None:
-    """Record the shards' identities as checked (`identities`: taken before the check, default now)."""
-    stamp = folder / VERIFIED_STAMP
-    tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")
-    try:
-        now = identities if identities is not None else [_file_identity(folder / n) for n in shards]
-        tmp.write_text(json.dumps(now))
-        tmp.replace(stamp)
-    except OSError:  # a cache we may read but not write (full disk, read-only): hash again next time
-        tmp.unlink(missing_ok=True)
+    stamp_verified(folder, shards, now)
 
 
 def load_mlc_params(
