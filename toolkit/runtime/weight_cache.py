@@ -56,7 +56,8 @@ def convert_into_cache(source: ModelSource, scheme, folder: Path) -> None:
 def ensure_converted(source: ModelSource, scheme) -> None:
     """Convert `source` to `scheme` into its cache folder unless it is there (one writer at a time: a
     second process or thread waits for the first's conversion, then finds it). The shards' md5 sums were
-    computed from the bytes just written, so the entry is stamped as verified (see `_verify_shards`)."""
+    computed from the bytes just written, so the entry is stamped as verified (`weights._verify_shards`
+    then skips hashing them on the first load)."""
     folder = converted_weights_dir(source, scheme.name)
     with output_lock(folder):
         if not (folder / "tensor-cache.json").is_file():
