@@ -123,3 +123,15 @@ def test_a_killed_child_is_one_error_and_the_next_run_converts(ckpt):
         child.wait()
     weight_cache.ensure_converted(source, get_scheme("q4f16_1"))
     assert (weight_cache.converted_weights_dir(source, "q4f16_1") / "tensor-cache.json").is_file()
+
+
+def test_without_a_python_to_start_the_weights_convert_after_the_compile(ckpt, monkeypatch, compile_pending):
+    """A frozen app or an embedding host (`sys.executable` empty) starts no child; the load still converts."""
+    import sys
+
+    monkeypatch.setattr(sys, "executable", "")
+    monkeypatch.setattr(
+        convert_process.ConversionProcess, "__init__", lambda *a: pytest.fail("child started")
+    )
+    engine, _ = load_engine(str(ckpt), quantization="q4f16_1", threads=1)
+    assert len(engine.params) == len(engine.compiled.manifest["params"])

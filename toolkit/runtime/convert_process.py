@@ -21,6 +21,12 @@ from pathlib import Path
 from ..errors import UserError
 
 
+def can_start() -> bool:
+    """Whether this interpreter can start the child: not where `sys.executable` is no Python (a frozen app,
+    an embedding host), which then converts after the compile instead."""
+    return bool(sys.executable) and not getattr(sys, "frozen", False)
+
+
 class ConversionProcess:
     """A running child conversion: `wait` for it (raising its error), or `stop` it."""
 

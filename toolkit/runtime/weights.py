@@ -71,10 +71,11 @@ def converting_alongside(source: ModelSource, quantization: str) -> Iterator[Non
     library's compile), so a first run waits for the longer of the two rather than their sum
     (`convert_process` says why not a thread). The block's own error wins and stops the child; a
     conversion error is raised when the block ends. Nothing to convert: the block just runs."""
-    if not _needs_conversion(source, quantization):
-        yield
+    from .convert_process import ConversionProcess, can_start
+
+    if not _needs_conversion(source, quantization) or not can_start():
+        yield  # (no child possible: `load_params` converts after the block)
         return
-    from .convert_process import ConversionProcess
 
     child = ConversionProcess(source, quantization)
     try:
