@@ -168,10 +168,11 @@ def test_ctrl_c_during_a_first_run_is_one_line_and_leaves_no_process(ckpt, tmp_p
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
-    deadline = time.monotonic() + 60
-    while not any((tmp_path / "cache" / "weights").glob("*.tmp-*")) and time.monotonic() < deadline:
-        time.sleep(0.02)  # the conversion process is writing (its own process group: no Ctrl-C)
-    assert proc.poll() is None
+    deadline, writing = time.monotonic() + 60, False
+    while not writing and time.monotonic() < deadline:
+        time.sleep(0.02)
+        writing = any((tmp_path / "cache" / "weights").glob("*.tmp-*"))
+    assert writing and proc.poll() is None  # the conversion process is writing (its own group: no Ctrl-C)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
