@@ -158,6 +158,19 @@ def test_convert_killed_midway_leaves_nothing_and_the_rerun_works(tmp_path, ckpt
 
 
 # -- Ctrl-C --------------------------------------------------------------------------------------------
+# A shell starts a background job (`scripts/test &`, nohup) with SIGINT ignored, and Python keeps that: these
+# tests give themselves, and their child, the handler a terminal's `phi3` has.
+@pytest.fixture
+def terminal_sigint():
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow  # a first run in a fresh cache: ~10-17 s; in-process tests below cover the CLI's handling
 def test_ctrl_c_during_a_first_run_is_one_line_and_leaves_no_process(ckpt, tmp_path) -> None:
     """SIGINT to the command's process group (what a terminal's Ctrl-C sends) while it compiles and converts:
@@ -166,7 +179,13 @@ def test_ctrl_c_during_a_first_run_is_one_line_and_leaves_no_process(ckpt, tmp_p
     env = dict(os.environ, PHI3_TOOLKIT_CACHE=str(tmp_path / "cache"))
     cmd = [sys.executable, "-m", "toolkit.cli", "generate", str(ckpt), "--prompt", "hi", "--max-tokens", "2"]
     proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=_default_sigint,
     )
     deadline, writing = time.monotonic() + 60, False
     while not writing and time.monotonic() < deadline:
@@ -185,7 +204,9 @@ def test_ctrl_c_during_a_first_run_is_one_line_and_leaves_no_process(ckpt, tmp_p
 
 
 @pytest.mark.parametrize("then", ["swallows it", "raises RuntimeError"])
-def test_ctrl_c_that_a_library_swallows_or_rewraps_still_ends_the_command_as_one_line(monkeypatch, then):
+def test_ctrl_c_that_a_library_swallows_or_rewraps_still_ends_the_command_as_one_line(
+    monkeypatch, then, terminal_sigint
+):
     """TVM hands a KeyboardInterrupt raised in its callbacks back as a bare RuntimeError, and code that takes
     any error for "does not apply" may swallow that: either way the command ends, interrupted, in one line."""
     import toolkit.cli.cmd_targets as cmd
@@ -515,7 +536,9 @@ def test_chat_drops_a_message_that_does_not_fit(stub_engine) -> None:
     assert len(r.stdout.splitlines()) == 2  # the turns before and after were answered
 
 
-def test_ctrl_c_in_a_chat_stops_the_reply_and_the_chat_goes_on(stub_engine, monkeypatch) -> None:
+def test_ctrl_c_in_a_chat_stops_the_reply_and_the_chat_goes_on(
+    stub_engine, monkeypatch, terminal_sigint
+) -> None:
     """A real SIGINT during a reply (the engine's third step sends it to this process): the chat prints
     [stopped], answers the next message, and ends with exit 0, not as an interrupted command."""
     assert threading.current_thread() is threading.main_thread()  # where Python runs signal handlers
