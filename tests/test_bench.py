@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -399,6 +400,53 @@ def test_bench_bad_input():
     assert r.exit_code != 0 and "Traceback" not in r.output
     r = CliRunner().invoke(cli, ["bench", "--threads", "a,b"])
     assert r.exit_code != 0 and "Traceback" not in r.output
+
+
+# -- another CPU class measured here: both sides built for it (`--device host:CPU`) ------------------------
+ZEN4_INFO = (
+    "CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | AVX512 = 1 | "
+    "AVX512_VBMI = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | LLAMAFILE = 1 | REPACK = 1 |"
+)
+ZEN3_INFO = (
+    "CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | LLAMAFILE = 1 |"
+)
+
+
+def test_llama_cpp_for_another_cpu_is_built_for_it_and_kept_apart():
+    from toolkit.bench import llama_cpp as lc
+
+    args = lc.build_env("znver3")["CMAKE_ARGS"]
+    assert "-DGGML_NATIVE=OFF" in args and "-march=znver3" in args and "-DGGML_NATIVE=ON" not in args
+    # ggml's own switches would add -mavx512f etc. on top of the CPU's flags
+    assert all(f"-DGGML_{o}=OFF" in args for o in ("AVX2", "AVX512", "AVX512_VNNI", "AMX_INT8"))
+    assert "__AMX_INT8__" not in args and "__AMX_INT8__" in lc.build_env("sapphirerapids")["CMAKE_ARGS"]
+    assert lc.wheelhouse("znver3") != lc.wheelhouse() and lc.variant_site("znver3").parent == lc.wheelhouse(
+        "znver3"
+    )
+    path = lc.worker_env("znver3")["PYTHONPATH"].split(":")
+    assert path[0] == str(lc.variant_site("znver3"))
+    assert lc.worker_env() == dict(os.environ)  # this machine's own build: the installed package
+    lc.check_variant_info(ZEN3_INFO, "znver3")
+    lc.check_variant_info(ZEN4_INFO, "znver4")
+    with pytest.raises(
+        UserError, match="reports AVX512, AVX512_BF16, AVX512_VBMI, AVX512_VNNI, which znver3"
+    ):
+        lc.check_variant_info(ZEN4_INFO, "znver3")  # the flags did not reach the compiler: a native build
+    with pytest.raises(UserError, match="no AVX2"):
+        lc.check_variant_info("CPU : SSE3 = 1 | SSSE3 = 1 |", "znver3")
+
+
+def test_bench_refuses_a_cpu_class_whose_code_cannot_run_here(monkeypatch):
+    from toolkit import targets
+
+    monkeypatch.setattr(targets, "_host_cpu_features", lambda: {"amx-tile": False, "amx-int8": False})
+    targets._load.cache_clear()
+    try:
+        r = CliRunner().invoke(cli, ["bench", "--device", "host:sapphirerapids", "--vs-llama-cpp"])
+    finally:
+        targets._load.cache_clear()
+    assert r.exit_code == 1 and "this CPU lacks amx-int8, amx-tile" in r.output, r.output
+    assert "Traceback" not in r.output
 
 
 def _engine_ready() -> bool:

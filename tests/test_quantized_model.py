@@ -67,20 +67,29 @@ def test_every_linear_is_one_fused_dequant_kernel(tmp_path):
     assert len(fused) >= 5, fused
 
 
-def test_q4_int8_activations_stay_close_to_transformers(tmp_path):
+@pytest.mark.parametrize(
+    "device", ["host", pytest.param("host:x86-64-v3", marks=pytest.mark.slow, id="avx2-cpu-class")]
+)
+def test_q4_int8_activations_stay_close_to_transformers(tmp_path, device):
     """The `host` preset's decode GEMVs quantize activations to int8 (llama.cpp's scheme): logits move by
     the activation rounding, measured 2.3e-2..3.1e-2 of max|logit| on the tiny random variants (random
     weights make every layer's output as large as its input, the worst case), greedy choices unchanged.
     Prefill (GEMM) rounds them too on CPUs with VNNI; elsewhere it keeps fp32 activations and its rows
-    move only by the preset's fp16 KV cache (< 1e-2, test_fp16_kv_cache_stays_close_to_transformers)."""
+    move only by the preset's fp16 KV cache (< 1e-2, test_fp16_kv_cache_stays_close_to_transformers).
+    `host:x86-64-v3`: the library of an AVX2 CPU class (Zen 3, Haswell), built and run on this one."""
+    import platform
+
     from test_cpu_q8_gemv import HOST_HAS_AVX2
 
     if not HOST_HAS_AVX2:
         pytest.skip("this CPU has no AVX2: the host preset keeps fp32 activations")
+    if ":" in device and platform.machine() != "x86_64":
+        pytest.skip("an x86-64 CPU class")
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "phi4-mini")
-    eng = build_engine(ckpt, tmp_path / "lib", "q4f16_1", device="host")
-    # the manifest records the host matmuls' instruction-set paths, chosen from this CPU's features
-    host = load_preset("host").target
+    eng = build_engine(ckpt, tmp_path / "lib", "q4f16_1", device=device)
+    assert eng.compiled.manifest["preset"] == device
+    # the manifest records the host matmuls' instruction-set paths, chosen from the target CPU's features
+    host = load_preset(device).target
     gemm = f"int8-{q8_gemm_isa(host)}" if q8_gemm_isa(host) else f"fp32-{q4_gemm_isa(host)}"
     assert eng.compiled.manifest["cpu_isa"] == {"q4_gemv": f"int8-{q8_dot_isa(host)}", "q4_gemm": gemm}
     hf = _hf_with_engine_weights(ckpt, eng)

@@ -265,3 +265,76 @@ def test_presets_and_records_ship_inside_the_package():
     on_disk = set((pkg / "targets").glob("*.json")) | set((pkg / "schedules").rglob("*.json"))
     assert len(on_disk) >= len(targets.list_presets()) + 1
     assert on_disk <= shipped, sorted(str(p) for p in on_disk - shipped)
+
+
+# -- host:CPU: the host preset built for another CPU class --------------------------------------------------
+@pytest.fixture
+def zen4_guest(monkeypatch):
+    """This machine as a Zen 4 VM: AVX-512 with VNNI, no AMX, no AVX-VNNI, and Zen 3's mwaitx hidden."""
+    from tvm.target import codegen
+
+    monkeypatch.setattr(codegen, "llvm_get_system_triple", lambda: "x86_64-pc-linux-gnu")
+    monkeypatch.setattr(codegen, "llvm_get_system_cpu", lambda: "znver4")
+    features = {"avx2": True, "avx512f": True, "avx512vnni": True, "avxvnni": False, "mwaitx": False}
+    features |= {"amx-tile": False, "amx-int8": False, "amx-bf16": False, "avx512fp16": False}
+    monkeypatch.setattr(targets, "_host_cpu_features", lambda: features)
+    targets._load.cache_clear()
+    targets._filled_target.cache_clear()
+    yield
+    targets._load.cache_clear()
+    targets._filled_target.cache_clear()
+
+
+def test_a_pinned_cpu_takes_that_cpus_paths_and_none_of_this_machines(zen4_guest):
+    from toolkit.compile.cpu_isa import host_kernel_isas
+
+    host, avx2 = targets.load_preset("host"), targets.load_preset("host:x86-64-v3")
+    assert avx2.spec == "host:x86-64-v3" and host.spec == "host" and avx2 != host
+    assert avx2.target_dict["mcpu"] == "x86-64-v3" and "mattr" not in avx2.target_dict
+    assert avx2.runs_here and not avx2.missing_features
+    assert host_kernel_isas(host.target, "int8") == {
+        "q4_gemv": "int8-avx512vnni",
+        "q4_gemm": "int8-avx512vnni",
+    }
+    assert host_kernel_isas(avx2.target, "int8") == {"q4_gemv": "int8-avx2", "q4_gemm": "fp32-avx2"}
+    # Zen 3 runs here although the VM hides its mwaitx (no kernel emits it); Sapphire Rapids' AMX does not
+    assert targets.load_preset("host:znver3").runs_here
+    spr = targets.load_preset("host:sapphirerapids")
+    assert not spr.runs_here and {"amx-tile", "amx-int8", "avx512fp16"} <= set(spr.missing_features)
+    assert "mwaitx" not in spr.missing_features
+
+
+def test_a_pinned_cpu_keys_its_own_library(zen4_guest):
+    from toolkit.compile.compile_model import cache_key
+    from toolkit.config import phi3_mini_4k
+
+    cfg = phi3_mini_4k()
+    key = {
+        d: cache_key(cfg, "q4f16_1", targets.load_preset(d)) for d in ("host", "host:znver3", "host:znver4")
+    }
+    assert key["host:znver3"] != key["host"]
+    assert key["host:znver4"] == key["host"]  # this machine named as what it is: the same target, one library
+
+
+def test_a_pinned_cpu_this_machine_lacks_is_compiled_not_run(zen4_guest):
+    from toolkit.runtime.engine import open_device
+
+    with pytest.raises(UserError, match=r"cannot run 'host:sapphirerapids' here: this CPU lacks .*amx-int8"):
+        open_device(targets.load_preset("host:sapphirerapids"))
+    assert open_device(targets.load_preset("host:znver3")).dlpack_device_type() == 1  # the CPU
+
+
+@pytest.mark.parametrize(
+    "device,needle",
+    [
+        ("host:zen9", "LLVM knows no CPU 'zen9'"),
+        ("cuda-sm90:znver3", "only 'host' takes a CPU"),
+        ("nope:znver3", "'nope' is not one of"),
+    ],
+)
+def test_cli_rejects_a_bad_pinned_cpu_before_loading_anything(tmp_path, device, needle):
+    res = CliRunner().invoke(
+        main, ["compile", str(tmp_path / "absent"), "--device", device, "-o", str(tmp_path)]
+    )
+    assert res.exit_code == 2 and needle in res.output, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)

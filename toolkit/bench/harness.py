@@ -63,6 +63,8 @@ class BenchSettings:
     roofline_pairs: int = 24
 
     def validate(self) -> None:
+        from ..targets import load_preset
+
         if not self.threads or min(self.threads) < 1:
             raise UserError("--threads needs positive thread counts")
         if not self.prompt_lengths or min(self.prompt_lengths) < 1:
@@ -72,8 +74,6 @@ class BenchSettings:
         if self.roofline_pairs < 0:
             raise UserError("--roofline-pairs must be >= 0")
         if self.kv_cache is not None:
-            from ..targets import load_preset
-
             dtypes = self.kv_cache_dtypes
             if "" in dtypes:
                 raise UserError(f"--kv-cache {self.kv_cache!r}: an empty entry in the list")
@@ -83,8 +83,19 @@ class BenchSettings:
             preset = load_preset(self.device)
             for dtype in dtypes:
                 preset.with_kv_cache(dtype)  # a known dtype, CPU presets only
+        missing = load_preset(self.device).missing_features
+        if missing:
+            lacks = ", ".join(missing)
+            raise UserError(f"--device {self.device}: this CPU lacks {lacks}; that code can't run here")
         if self.vs_llama_cpp and not _runs_here(self.device):
             raise UserError(f"llama.cpp is only built for the host CPU here, not --device {self.device}")
+
+    @property
+    def cpu(self) -> str | None:
+        """The CPU class both sides are built for (`--device host:CPU`); None: this machine's own."""
+        from ..targets import load_preset
+
+        return load_preset(self.device).cpu
 
     @property
     def kv_cache_dtypes(self) -> list[str | None]:
@@ -206,7 +217,9 @@ def llama_cpp_runner(gguf_path: Path, s: BenchSettings, threads: int, flash_attn
 
     n_ctx = max(512, -(-s.context_needed // 256) * 256)
     n_batch = max(512, max(s.prompt_lengths))  # the whole prompt is one ubatch, as in the reference method
-    return LlamaCppWorker(gguf_path, threads=threads, flash_attn=flash_attn, n_ctx=n_ctx, n_batch=n_batch)
+    return LlamaCppWorker(
+        gguf_path, threads=threads, flash_attn=flash_attn, n_ctx=n_ctx, n_batch=n_batch, cpu=s.cpu
+    )
 
 
 def llama_gguf_for(model: Any, src, log: Callable[[str], None]) -> Path:
@@ -370,7 +383,7 @@ def run_bench(
         "results": results,
     }
     if s.vs_llama_cpp:
-        out["llama_cpp"] = {"gguf": str(llama_gguf), **llama_meta}
+        out["llama_cpp"] = {"gguf": str(llama_gguf), "march": s.cpu or "native", **llama_meta}
         out["decode_ratio_vs_llama_cpp"] = {
             str(e["threads"]): e["decode_ratio_vs_llama_cpp"] for e in results
         }

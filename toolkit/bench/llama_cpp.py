@@ -9,7 +9,12 @@ without AMX (e.g. AMD EPYC) the recipe drops the macros: the plain native build,
 
 llama.cpp runs in a worker process (`python -m toolkit.bench.llama_cpp worker`) that speaks JSON lines: a
 crash in native code then cannot take the bench down, its peak RSS is its own, and both sides run the same
-timing loop (`toolkit.bench.timing.timed_generation`)."""
+timing loop (`toolkit.bench.timing.timed_generation`).
+
+For `--device host:CPU` (our code built for another CPU class, measured here) llama.cpp is built for the same
+CPU: `-march=CPU` with ggml's own ISA switches off, so the compiler's macros for that CPU pick ggml's paths as
+a native build on it would. That wheel goes into a folder of its own (`variant_site`), which the worker puts
+first on its path; the `system_info` line it reports is checked against the CPU's features."""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import importlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,8 +49,40 @@ CMAKE_BASE = (
 )
 
 
-def cpu_has_amx() -> bool:
-    return {"amx_tile", "amx_int8"} <= cpu_flags()
+# ggml's x86 ISA switches: all off for a `-march=CPU` build, so the CPU's own macros decide
+GGML_ISA_OPTIONS = (
+    "SSE42 AVX AVX2 BMI2 FMA F16C AVX_VNNI AVX512 AVX512_VBMI AVX512_VNNI AVX512_BF16 "
+    "AMX_TILE AMX_INT8 AMX_BF16"
+).split()
+# system_info's names for ISA extensions, and the LLVM feature each needs: a `-march=CPU` build that reports
+# one its CPU lacks did not take the flags
+SYSTEM_INFO_FEATURES = {
+    "AVX2": "avx2",
+    "F16C": "f16c",
+    "FMA": "fma",
+    "AVX_VNNI": "avxvnni",
+    "AVX512": "avx512f",
+    "AVX512_VBMI": "avx512vbmi",
+    "AVX512_VNNI": "avx512vnni",
+    "AVX512_BF16": "avx512bf16",
+    "AMX_INT8": "amx-int8",
+}
+
+
+def cpu_has_amx(cpu: str | None = None) -> bool:
+    """This machine has AMX, or the LLVM CPU `cpu` has it."""
+    if cpu is None:
+        return {"amx_tile", "amx_int8"} <= cpu_flags()
+    return {"amx-tile", "amx-int8"} <= llvm_cpu_features(cpu)
+
+
+def llvm_cpu_features(cpu: str) -> set[str]:
+    """The LLVM features of x86-64 CPU `cpu` (`-mcpu` / `-march` name)."""
+    import tvm
+    from tvm.target import codegen
+
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu})
+    return {str(f) for f in codegen.llvm_get_cpu_features(target)}
 
 
 def cpu_fingerprint() -> str:
@@ -53,8 +91,15 @@ def cpu_fingerprint() -> str:
     return digest[:16]
 
 
-def wheelhouse() -> Path:
-    return cache_root() / "wheels" / f"llama-cpp-python-{LLAMA_CPP_VERSION}-{cpu_fingerprint()}"
+def wheelhouse(cpu: str | None = None) -> Path:
+    """Where the wheel built on this machine (for its own CPU, or `-march=cpu`) is kept."""
+    tail = f"-march-{cpu}" if cpu else ""
+    return cache_root() / "wheels" / f"llama-cpp-python-{LLAMA_CPP_VERSION}-{cpu_fingerprint()}{tail}"
+
+
+def variant_site(cpu: str) -> Path:
+    """The folder the `-march=cpu` wheel is installed into (put first on the worker's PYTHONPATH)."""
+    return wheelhouse(cpu) / "site"
 
 
 def find_wheel(where: Path | None = None) -> Path | None:
@@ -63,27 +108,33 @@ def find_wheel(where: Path | None = None) -> Path | None:
     return wheels[-1] if wheels else None
 
 
-def build_env() -> dict[str, str]:
-    """Environment for `pip wheel`: clang-15, and on AMX CPUs the AMX macros in both C and C++ flags."""
-    flags = f"-DCMAKE_C_FLAGS='{AMX_DEFINES}' -DCMAKE_CXX_FLAGS='{AMX_DEFINES}'" if cpu_has_amx() else ""
+def build_env(cpu: str | None = None) -> dict[str, str]:
+    """Environment for `pip wheel`: clang-15, `-march=native` (or `-march=cpu` with ggml's ISA switches
+    off), and for an AMX CPU the AMX macros in both C and C++ flags."""
+    cflags = ([f"-march={cpu}"] if cpu else []) + ([AMX_DEFINES] if cpu_has_amx(cpu) else [])
+    flags = f"-DCMAKE_C_FLAGS='{' '.join(cflags)}' -DCMAKE_CXX_FLAGS='{' '.join(cflags)}'" if cflags else ""
+    base = CMAKE_BASE
+    if cpu:
+        isa_off = " ".join(f"-DGGML_{o}=OFF" for o in GGML_ISA_OPTIONS)
+        base = base.replace("-DGGML_NATIVE=ON", f"-DGGML_NATIVE=OFF {isa_off}")
     env = dict(os.environ)
     env.update(
         CC=COMPILER_C,
         CXX=COMPILER_CXX,
         CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2),
-        CMAKE_ARGS=f"{CMAKE_BASE} {flags}".strip(),
+        CMAKE_ARGS=f"{base} {flags}".strip(),
     )
     return env
 
 
-def build_wheel(where: Path | None = None, *, log: Path | None = None) -> Path:
+def build_wheel(where: Path | None = None, *, log: Path | None = None, cpu: str | None = None) -> Path:
     """Build the wheel (3-6 minutes on 2 cores) into the wheelhouse and return its path."""
     for exe in (COMPILER_C, COMPILER_CXX):
         if shutil.which(exe) is None:
             raise UserError(
                 f"{exe} is needed to build llama.cpp with working AMX; install it: apt-get install clang-15"
             )
-    where = where or wheelhouse()
+    where = where or wheelhouse(cpu)
     where.mkdir(parents=True, exist_ok=True)
     log = log or where / "build.log"
     with tempfile.TemporaryDirectory(dir=where) as tmp:
@@ -103,7 +154,7 @@ def build_wheel(where: Path | None = None, *, log: Path | None = None) -> Path:
             tmp,
         ]
         with open(log, "w") as f:
-            rc = subprocess.run(cmd, env=build_env(), stdout=f, stderr=subprocess.STDOUT).returncode
+            rc = subprocess.run(cmd, env=build_env(cpu), stdout=f, stderr=subprocess.STDOUT).returncode
         built = sorted(Path(tmp).glob("llama_cpp_python-*.whl"))
         if rc != 0 or not built:
             raise UserError(f"building {PACKAGE}=={LLAMA_CPP_VERSION} failed (exit {rc}); see the log", log)
@@ -130,6 +181,41 @@ def install_wheel(wheel: Path) -> None:
     importlib.invalidate_caches()
 
 
+def install_variant(wheel: Path, cpu: str) -> Path:
+    """Install a `-march=cpu` wheel into `variant_site(cpu)` (the installed llama-cpp-python is left alone)
+    and its pure-Python dependencies into this environment; returns the folder."""
+    site = variant_site(cpu)
+    tmp = site.with_name(f"site.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pip = [sys.executable, "-m", "pip", "install", "--quiet"]
+    cmd = pip + ["--no-deps", "--target", str(tmp), str(wheel)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"pip install failed: {proc.stderr.strip()[-500:]}", wheel)
+    dists = list(importlib.metadata.distributions(path=[str(tmp)]))
+    reqs = [r for d in dists for r in (d.requires or []) if "extra ==" not in r]
+    if reqs:
+        proc = subprocess.run(pip + reqs, capture_output=True, text=True)
+        if proc.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"pip install {' '.join(reqs)} failed: {proc.stderr.strip()[-500:]}")
+    old = site.with_name(f"site.old-{os.getpid()}")
+    if site.exists():
+        os.replace(site, old)
+    os.replace(tmp, site)
+    shutil.rmtree(old, ignore_errors=True)
+    return site
+
+
+def worker_env(cpu: str | None = None) -> dict[str, str]:
+    """The environment a llama.cpp process runs in: the `-march=cpu` build first on its path."""
+    env = dict(os.environ)
+    if cpu:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(variant_site(cpu)), env.get("PYTHONPATH")]))
+    return env
+
+
 def system_info() -> str:
     import llama_cpp
 
@@ -141,11 +227,14 @@ def amx_in(info: str) -> bool:
     return "AMX_INT8 = 1" in info
 
 
-def ensure_llama_cpp(*, build: bool = True, log=print) -> str:
-    """Make llama-cpp-python LLAMA_CPP_VERSION importable: installed, else the cached wheel, else build it.
+def ensure_llama_cpp(*, build: bool = True, log=print, cpu: str | None = None) -> str:
+    """Make llama-cpp-python LLAMA_CPP_VERSION importable: installed, else the cached wheel, else build it;
+    with `cpu`, the `-march=cpu` build in its own folder (`variant_site`).
 
     Returns its `system_info` line. On an AMX CPU a build without AMX is refused: it is not the reference.
     """
+    if cpu:
+        return _ensure_variant(cpu, build=build, log=log)
     if installed_version() != LLAMA_CPP_VERSION:
         wheel = find_wheel()
         if wheel is None:
@@ -174,6 +263,42 @@ def ensure_llama_cpp(*, build: bool = True, log=print) -> str:
             "rebuild it with: python -m toolkit.bench.llama_cpp install --rebuild"
         )
     return line
+
+
+def _ensure_variant(cpu: str, *, build: bool, log) -> str:
+    if not (variant_site(cpu) / "llama_cpp").is_dir():
+        wheel = find_wheel(wheelhouse(cpu))
+        if wheel is None:
+            if not build:
+                raise UserError(
+                    f"{PACKAGE}=={LLAMA_CPP_VERSION} for -march={cpu} is not built; build it with: "
+                    f"python -m toolkit.bench.llama_cpp install --cpu {cpu}"
+                )
+            log(f"building {PACKAGE}=={LLAMA_CPP_VERSION} with clang-15, -march={cpu} (3-6 minutes, once)...")
+            wheel = build_wheel(cpu=cpu)
+        log(f"installing {wheel.name} into {variant_site(cpu)}")
+        install_variant(wheel, cpu)
+    code = "import llama_cpp as l; print(l.__file__); print(l.llama_print_system_info().decode())"
+    info = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=worker_env(cpu))
+    if info.returncode != 0:
+        raise UserError(f"llama_cpp for -march={cpu} does not import: {info.stderr.strip()[-500:]}")
+    where, _, line = info.stdout.strip().partition("\n")
+    if not Path(where).resolve().is_relative_to(variant_site(cpu).resolve()):
+        raise UserError(f"the worker imports llama_cpp from {where}, not the -march={cpu} build")
+    check_variant_info(line, cpu)
+    return line.strip()
+
+
+def check_variant_info(line: str, cpu: str) -> None:
+    """UserError unless a `-march=cpu` build's system_info reports only extensions that `cpu` has, and AVX2
+    where it has that (a build that ignored the flags would report this machine's, or none)."""
+    has = llvm_cpu_features(cpu)
+    on = {k for k in SYSTEM_INFO_FEATURES if re.search(rf"\b{k} = 1\b", line)}
+    extra = sorted(k for k in on if SYSTEM_INFO_FEATURES[k] not in has)
+    if extra:
+        raise UserError(f"the -march={cpu} build of llama.cpp reports {', '.join(extra)}, which {cpu} lacks")
+    if "avx2" in has and "AVX2" not in on:
+        raise UserError(f"the -march={cpu} build of llama.cpp reports no AVX2, which {cpu} has")
 
 
 class LlamaCppModel:
@@ -303,12 +428,13 @@ class LlamaCppWorker:
         n_ctx: int = 512,
         n_batch: int = 512,
         use_mmap: bool = True,
+        cpu: str | None = None,
     ) -> None:
         self.gguf_path, self.threads, self.flash_attn = Path(gguf_path), threads, flash_attn
         self._stderr = tempfile.TemporaryFile(mode="w+")
         # TVM's pool in the worker serves only the bandwidth probe ("pair"): as many threads as llama.cpp's,
         # asleep as soon as a pass ends, not spinning beside llama.cpp's threads
-        env = dict(os.environ, TVM_NUM_THREADS=str(threads), TVM_THREAD_POOL_SPIN_COUNT="0")
+        env = dict(worker_env(cpu), TVM_NUM_THREADS=str(threads), TVM_THREAD_POOL_SPIN_COUNT="0")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "toolkit.bench.llama_cpp", "worker"],
             stdin=subprocess.PIPE,
@@ -456,8 +582,8 @@ def bench_gguf(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m toolkit.bench.llama_cpp {install [--rebuild] | info | worker | bench GGUF [--threads 1,2]
-    [--prompt-len 128] [--decode-tokens 64] [--repeats 3]}`."""
+    """`python -m toolkit.bench.llama_cpp {install [--rebuild] [--cpu CPU] | info | worker | bench GGUF
+    [--threads 1,2] [--prompt-len 128] [--decode-tokens 64] [--repeats 3]}`."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["worker"]:
         # keep the protocol channel clean: anything native code prints to fd 1 goes to stderr instead
@@ -467,6 +593,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         _serve(sys.stdin, proto)
         return 0
     if args[:1] == ["install"]:
+        cpu = args[args.index("--cpu") + 1] if "--cpu" in args[:-1] else None
+        if cpu:
+            if "--rebuild" in args:
+                install_variant(build_wheel(cpu=cpu), cpu)
+            print(ensure_llama_cpp(cpu=cpu))
+            return 0
         if "--rebuild" in args:
             print(f"built {build_wheel()}")
             install_wheel(find_wheel())  # type: ignore[arg-type]

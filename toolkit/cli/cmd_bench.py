@@ -31,7 +31,8 @@ def _int_list(ctx, param, value: str) -> list[int]:
     type=device_choice(),
     default="host",
     show_default=True,
-    help="Device preset to run our engine on.",
+    help="Device preset to run our engine on; host:CPU (an LLVM CPU name such as znver3) builds both sides "
+    "for that CPU class, to measure its code paths on a machine that has all its features.",
 )
 @click.option(
     "--threads", default="1,2", show_default=True, callback=_int_list, help="Thread counts to test."
@@ -80,7 +81,8 @@ def _int_list(ctx, param, value: str) -> list[int]:
 @click.option(
     "--vs-llama-cpp",
     is_flag=True,
-    help="Also run llama.cpp (built for this CPU, AMX where present) on the same model, interleaved.",
+    help="Also run llama.cpp (built for this CPU, AMX where present; for CPU with --device host:CPU) on the "
+    "same model, interleaved.",
 )
 @click.option(
     "--llama-gguf",
@@ -170,7 +172,7 @@ def command(
     if vs_llama_cpp:
         from ..bench.llama_cpp import ensure_llama_cpp
 
-        info = ensure_llama_cpp(build=not no_build, log=log)
+        info = ensure_llama_cpp(build=not no_build, log=log, cpu=settings.cpu)
         log(f"llama.cpp: {info}")
         gguf = Path(llama_gguf) if llama_gguf else llama_gguf_for(model, src, log)
     elif llama_gguf:

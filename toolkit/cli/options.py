@@ -7,6 +7,8 @@ import math
 
 import click
 
+from ..errors import UserError
+
 model_argument = click.argument("model", required=False)
 
 
@@ -29,10 +31,27 @@ def quantization_choice() -> click.ParamType:
     return QuantizationName()
 
 
+class DeviceChoice(click.Choice):
+    """A preset name, or `host:CPU` (an LLVM CPU name: the host preset built for that CPU), checked when
+    the command line is parsed, before anything loads."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and ":" in value:
+            base = super().convert(value.split(":", 1)[0], param, ctx)
+            from ..targets import load_preset
+
+            try:
+                load_preset(value)
+            except UserError as e:
+                self.fail(str(e).split(": ", 1)[-1] if str(e).startswith("--device") else str(e), param, ctx)
+            return f"{base}:{value.split(':', 1)[1]}"
+        return super().convert(value, param, ctx)
+
+
 def device_choice() -> click.Choice:
     from ..targets import list_presets
 
-    return click.Choice(list_presets())
+    return DeviceChoice(list_presets())
 
 
 def open_engine(model: str | None, *, quantization: str | None, allow_pickle: bool, **kwargs):

@@ -67,7 +67,7 @@ def write_manifest(
     manifest = dict(extra or {})
     manifest.update(
         {
-            "preset": preset.name,
+            "preset": preset.spec,  # `host:CPU` for a pinned CPU: load_preset reads it back
             "target": preset.target_dict,
             "tvm_version": tvm.__version__,
             "quantization": quantization,

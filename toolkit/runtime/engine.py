@@ -346,6 +346,11 @@ def open_device(preset) -> tvm.runtime.Device:
     from ..errors import UserError
 
     if not preset.is_gpu:
+        if preset.missing_features:  # its first kernel would die of SIGILL
+            raise UserError(
+                f"cannot run '{preset.spec}' here: this CPU lacks {', '.join(preset.missing_features)}; "
+                f"use `phi3 compile --device {preset.spec}` and deploy the library"
+            )
         return tvm.cpu()
     if preset.kind == "cuda":
         return tvm.cuda()

@@ -68,6 +68,13 @@ class Preset:
     why: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
     path: str = ""
     detect: tuple[str, ...] = ()  # target keys filled from this machine (`host` preset)
+    cpu: str | None = None  # `host:CPU`: built for that LLVM CPU instead of this machine's (`for_cpu`)
+    missing_features: tuple[str, ...] = ()  # that CPU's features this machine lacks (its code can't run here)
+
+    @property
+    def spec(self) -> str:
+        """The `--device` value that names this preset (`host:znver3` for a pinned CPU)."""
+        return f"{self.name}:{self.cpu}" if self.cpu else self.name
 
     @property
     def target_dict(self) -> dict[str, Any]:
@@ -116,7 +123,11 @@ def list_presets() -> list[str]:
 
 
 def load_preset(name: str) -> Preset:
-    """Load and validate preset `name`; unknown names raise UserError listing the known ones."""
+    """Load and validate preset `name`; unknown names raise UserError listing the known ones. `PRESET:CPU`
+    pins a detecting preset's CPU (`for_cpu`)."""
+    if ":" in name:
+        base, cpu = name.split(":", 1)
+        return for_cpu(load_preset(base), cpu)
     path = TARGETS_DIR / f"{name}.json"
     if not path.is_file():
         known = ", ".join(list_presets()) or "(none)"
@@ -184,6 +195,54 @@ def _load(path: Path) -> Preset:
         why=dict(data["why"]),
         path=str(path),
         detect=detect,
+    )
+
+
+# x86 features of OS, virtualization and power-management instructions: a compiler emits them only for their
+# intrinsics (none in our kernels), and virtual machines often hide them (a Zen 4 guest lacks Zen 3's mwaitx)
+SYSTEM_ONLY_FEATURES = frozenset(
+    "cldemote clflushopt clwb clzero enqcmd fsgsbase hreset invpcid kl lwp movdir64b movdiri mwaitx pconfig "
+    "pku prefetchi ptwrite rdpid rdpru rdseed rtm serialize sgx shstk tsxldtrk uintr waitpkg wbnoinvd widekl "
+    "xsave xsavec xsaveopt xsaves".split()
+)
+
+
+def for_cpu(preset: Preset, cpu: str) -> Preset:
+    """`preset` built for the LLVM CPU `cpu` (`-mcpu`: znver3, skylake-avx512, sapphirerapids, ...) instead of
+    this machine's: its kernels take that CPU's ISA paths and heuristics, none of this machine's tuned records
+    (their fingerprint holds the target), and no extension this machine adds beyond its own CPU name. For
+    deploying to another server, and for measuring another CPU class's code on a machine that has all its
+    features (`missing_features` empty; otherwise the code is compiled but not run here)."""
+    if "mcpu" not in preset.detect:
+        raise UserError(f"--device {preset.name}:{cpu}: only 'host' takes a CPU")
+    import tvm
+    from tvm.target import codegen
+
+    triple = preset.target_dict["mtriple"]
+    probe = tvm.target.Target({"kind": "llvm", "mtriple": triple})
+    known = sorted(str(c) for c in codegen.llvm_get_cpu_archlist(probe))
+    if cpu not in known:
+        near = [c for c in known if c.startswith(cpu[:3])][:8] or known[:8]
+        raise UserError(f"--device {preset.name}:{cpu}: LLVM knows no CPU {cpu!r} for {triple} (e.g. {near})")
+    target = {**preset.target_json, "mcpu": cpu}
+    target.pop("mattr", None)
+    pinned = tvm.target.Target({"kind": "llvm", "mtriple": triple, "mcpu": cpu})
+    wanted = codegen.llvm_get_cpu_features(pinned)
+    have = _host_cpu_features() if preset.runs_here else {}
+    # only features this machine's list names (LLVM's CPU lists also hold tuning flags such as fast-lzcnt),
+    # and not the system instructions a hypervisor hides, which generated code never uses
+    missing = tuple(
+        sorted(
+            f for f in map(str, wanted) if f in have and not bool(have[f]) and f not in SYSTEM_ONLY_FEATURES
+        )
+    )
+    return replace(
+        preset,
+        target_json=target,
+        detect=tuple(k for k in preset.detect if k != "mcpu"),
+        cpu=cpu,
+        missing_features=missing,
+        runs_here=preset.runs_here and not missing,
     )
 
 
