@@ -170,7 +170,8 @@ def test_int8_rule_is_chosen_only_where_it_applies() -> None:
     odd_k = _matmul_func(64, 96, (1, 1), quant=True)  # K not a multiple of 64
     assert isinstance(_first_rule(odd_k, AVX2, "int8"), cs.CPUDequantGEMV)
     prefill = _matmul_func(64, 128, (1, "s"), quant=True)
-    assert isinstance(_first_rule(prefill, AVX2, "int8"), cs.CPUQ4OuterGEMM)
+    assert isinstance(_first_rule(prefill, AVX2, "int8"), cs.CPUQ8VNNIGEMM)  # vpmaddubsw's form
+    assert isinstance(_first_rule(prefill, AVX2, "float32"), cs.CPUQ4OuterGEMM)
     fp32 = _matmul_func(64, 128, (1, 1), quant=False)
     assert not isinstance(_first_rule(fp32, AVX2, "int8"), cs.CPUQ8DotGEMV)
     with pytest.raises(ValueError, match="q4_activations"):

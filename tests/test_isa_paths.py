@@ -42,14 +42,20 @@ OBJDUMP = next((t for t in ("llvm-objdump-15", "llvm-objdump", "objdump") if shu
 
 def int8_builds(func, gemm: bool) -> list:
     """`func` built by each int8 kernel path this CPU has: the decode GEMV in every dot-product path, or
-    (`gemm`) the prefill VNNI GEMM and, on AMX CPUs, the tile GEMM; skipping the test where the CPU has
-    none."""
+    (`gemm`) the prefill GEMM in its VNNI, AMX and AVX2 forms; skipping the test where the CPU has none."""
     if not gemm:
         return [_build(func, HOST, [cs.CPUQ8DotGEMV(isa=isa)]) for isa in HOST_ISAS]
-    if q8_gemm_isa(HOST) is None:
-        pytest.skip("this CPU has no vpdpbusd: no int8 GEMM")
-    builds = [_build(func, HOST_VNNI, [cs.CPUQ8VNNIGEMM()])]
-    return builds + ([_build(func, HOST, [cs.CPUQ8VNNIGEMM()])] if q8_gemm_isa(HOST) == "amx" else [])
+    builds = []
+    if q8_gemm_isa(HOST_VNNI) in ("avx512vnni", "avxvnni"):
+        builds.append(_build(func, HOST_VNNI, [cs.CPUQ8VNNIGEMM()]))
+    if q8_gemm_isa(HOST) == "amx":
+        builds.append(_build(func, HOST, [cs.CPUQ8VNNIGEMM()]))
+    # the AVX2 form as built for a CPU without VNNI (Haswell, Zen 3), where it takes the codes (not Q8_0)
+    if "avx2" in HOST_ISAS and cs.CPUQ8VNNIGEMM().apply(func, _cpu("haswell"), False) is not None:
+        builds.append(_build(func, _cpu("haswell"), [cs.CPUQ8VNNIGEMM()]))
+    if not builds:
+        pytest.skip("this CPU has no integer dot products: no int8 GEMM")
+    return builds
 
 
 def _cpu(mcpu: str) -> tvm.target.Target:
@@ -59,8 +65,8 @@ def _cpu(mcpu: str) -> tvm.target.Target:
 @pytest.mark.parametrize(
     "mcpu,isas,gemm,gemm8",
     [
-        ("znver3", ["avx2"], "avx2", None),  # Zen 3: AVX2 only
-        ("skylake-avx512", ["avx2"], "avx512", None),  # AVX-512 BW without VNNI: no integer dot product
+        ("znver3", ["avx2"], "avx2", "avx2"),  # Zen 3: AVX2 only (vpmaddubsw)
+        ("skylake-avx512", ["avx2"], "avx512", "avx2"),  # AVX-512 BW without VNNI: AVX2's int8 products
         # AVX-512 VNNI (+VL: 256-bit EVEX)
         ("cascadelake", ["avx512vnni", "avxvnni", "avx2"], "avx512", "avx512vnni"),
         ("alderlake", ["avxvnni", "avx2"], "avx2", "avxvnni"),  # AVX-VNNI (VEX) without AVX-512
@@ -178,13 +184,16 @@ def _build_q8_gemm_256(func, target):
     return _build(func, target, [Rule256()])
 
 
-@pytest.mark.parametrize("isa", ["amx", "avx512vnni", "avxvnni"])
+@pytest.mark.parametrize("isa", ["amx", "avx512vnni", "avxvnni", "avx2"])
 @pytest.mark.parametrize("n,k,m,add", Q8_GEMM_CASES)
 def test_vnni_gemm_matches_int8_reference(isa: str, n: int, k: int, m: int, add: bool) -> None:
     if isa not in [*HOST_ISAS, q8_gemm_isa(HOST)]:
         pytest.skip(f"this CPU has no {isa}")
     func = _matmul_func(n, k, (1, "s"), quant=True, add=add)
-    if isa == "amx":  # 13 and 25 rows: one and two blocks of 16, the last padded with zeros
+    if isa == "avx2":  # as built for an AVX2 CPU without VNNI (Haswell, Zen 3): runs on any AVX2 CPU
+        assert q8_gemm_isa(_cpu("haswell")) == "avx2"
+        ex = _build(func, _cpu("haswell"), [cs.CPUQ8VNNIGEMM()])
+    elif isa == "amx":  # 13 and 25 rows: one and two blocks of 16, the last padded with zeros
         ex = _build(func, HOST, [cs.CPUQ8VNNIGEMM()])
     elif isa == "avx512vnni":
         ex = _build(func, HOST_VNNI, [cs.CPUQ8VNNIGEMM()])
@@ -219,17 +228,22 @@ def test_prefill_rule_follows_activations_and_cpu() -> None:
     assert isinstance(first(_cpu("cascadelake"), "int8"), cs.CPUQ8VNNIGEMM)
     assert isinstance(first(_cpu("cascadelake"), "float32"), cs.CPUQ4OuterGEMM)  # host-exact
     assert isinstance(first(_cpu("alderlake"), "int8"), cs.CPUQ8VNNIGEMM)  # 256-bit AVX-VNNI
-    assert isinstance(first(_cpu("znver3"), "int8"), cs.CPUQ4OuterGEMM)  # no VNNI
+    assert isinstance(first(_cpu("znver3"), "int8"), cs.CPUQ8VNNIGEMM)  # no VNNI: AVX2's vpmaddubsw
+    assert isinstance(first(_cpu("znver3"), "float32"), cs.CPUQ4OuterGEMM)
+    # GGUF Q8_0's 8-bit codes would saturate vpmaddubsw's int16 pairs: fp32 tiles there, VNNI elsewhere
+    q8_0 = _matmul_func(64, 256, (1, "s"), quant=True, bits=8, zero_point=128.0)
+    assert cs.CPUQ8VNNIGEMM().apply(q8_0, _cpu("znver3"), False) is None
+    assert cs.CPUQ8VNNIGEMM().apply(q8_0, _cpu("cascadelake"), False) is not None
     decode = _matmul_func(64, 256, (1, 1), quant=True)
     assert cs.CPUQ8VNNIGEMM().apply(decode, _cpu("cascadelake"), False) is None
 
 
-def _disassemble(func, target) -> str:
+def _disassemble(func, target, activations: str = "int8") -> str:
     """The object code of `func` built by our rules for `target` (not necessarily runnable here)."""
     import tempfile
     from pathlib import Path
 
-    ex = _build(func, target, cs.cpu_schedule_rules(target, "int8"))
+    ex = _build(func, target, cs.cpu_schedule_rules(target, activations))
     with tempfile.TemporaryDirectory() as d:
         lib = Path(d) / "k.so"
         ex.export_library(str(lib))
@@ -261,7 +275,8 @@ DISASM = [
     "mcpu,present,absent", [("skylake-avx512", r"%zmm", None), ("znver3", r"%ymm", r"%zmm")]
 )
 def test_gemm_object_code_has_the_paths_vector_width(mcpu, present, absent) -> None:
-    asm = _disassemble(_matmul_func(64, 256, (1, "s"), quant=True), _cpu(mcpu))
+    # the fp32 tiles: fp32 activations (host-exact), or a CPU without integer products
+    asm = _disassemble(_matmul_func(64, 256, (1, "s"), quant=True), _cpu(mcpu), "float32")
     # the register block: 6 rows of x by 2 vectors of weight rows, one FMA each per k
     assert _count(asm, rf"vfmadd\d+ps\s.*{present}") >= 12, mcpu
     assert absent is None or _count(asm, absent) == 0, mcpu
@@ -275,13 +290,16 @@ def test_gemm_object_code_has_the_paths_vector_width(mcpu, present, absent) -> N
         ("cascadelake", VNNI_512, 12),
         ("znver4", VNNI_512, 12),
         ("alderlake", AVX_VNNI, 6),
+        ("znver3", r"vpmaddubsw\s.*%ymm", 3),
     ],
 )
 def test_vnni_gemm_object_code(mcpu: str, dot: str, rows: int) -> None:
     asm = _disassemble(_matmul_func(64, 256, (1, "s"), quant=True), _cpu(mcpu))
-    # the register block: `rows` rows of x, 8 steps of 4 k per group, one vpdpbusd each
+    # the register block: `rows` rows of x, 8 steps of 4 k per group, one vpdpbusd (or vpmaddubsw) each
     assert _count(asm, dot) >= rows * 8, mcpu
     assert _count(asm, r"vfmadd\d+ps") < rows * 8  # the fp32 tiles are not what runs
+    if "vpmaddubsw" in dot:  # AVX2: a group's 8 int16 products per row widen once, by one vpmaddwd
+        assert rows <= _count(asm, r"vpmaddwd\s.*%ymm") < rows * 8 and _count(asm, r"%zmm") == 0
 
 
 @pytest.mark.skipif(OBJDUMP is None, reason="no objdump / llvm-objdump to disassemble with")

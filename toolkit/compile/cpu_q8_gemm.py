@@ -1,5 +1,5 @@
-"""q4 dequant-GEMM for prefill with int8 activations and VNNI (`vpdpbusd`): llama.cpp's Q4 x Q8 scheme
-for many rows of x.
+"""q4 dequant-GEMM for prefill with int8 activations and VNNI (`vpdpbusd`), or AVX2 (`vpmaddubsw`) on CPUs
+without it: llama.cpp's Q4 x Q8 scheme for many rows of x.
 
 x is quantized per 32-group to int8 as the decode GEMV does (`cpu_q8_gemv`), 4 consecutive values packed
 in one int32. Per parallel task a tile of `lanes` weight rows (16 with 512-bit AVX-512 VNNI, 8 with 256-bit
@@ -35,12 +35,27 @@ from .cpu_q8_gemv import (
 )
 
 
-def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> tirx.PrimFunc:
+def avx2_fits(q) -> bool:
+    """Whether the AVX2 form can take `q`'s codes: up to 6 bits (GGUF's 8-bit Q8_0 codes would saturate
+    `vpmaddubsw`'s int16 pairs; those keep the fp32 tiles)."""
+    return check_layout(q, with_min=True, with_q8=True, with_k=True).bits != 8
+
+
+def q8_vnni_gemm(
+    func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16, isa: str = "vnni"
+) -> tirx.PrimFunc:
     """`func` (a `_Q4Matmul` match `q`: x [.., M, K], q_weight, q_scale, out, optional residual) as the
     int8 VNNI kernel: same parameters, same result up to activation rounding. `lanes`: int32 lanes of the
-    registers (16: 512-bit, 8: 256-bit), also the weight rows per tile."""
+    registers (16: 512-bit, 8: 256-bit), also the weight rows per tile.
+
+    `isa="avx2"` (8 lanes, CPUs without VNNI): each (row, 4 k) product is a `vpmaddubsw` (u8 codes x int8
+    activations into int16 pairs) instead; a run of them adds up in int16 as long as it cannot overflow
+    (`2 * max code * 127` per product: 8 products of 4-bit codes, 4 of 5-bit, 2 of 6-bit) before one
+    `vpmaddwd` widens the run to int32 - llama.cpp's AVX2 Q4 x Q8 dot product, for many rows of x."""
     NR = lanes  # noqa: N806 - a constant of the kernel below
     lay = check_layout(q, with_min=True, with_q8=True, with_k=True)
+    avx2 = isa == "avx2"
+    assert not avx2 or (lanes == 8 and lay.bits != 8)
     kq = q.q_sub is not None  # K-quants: a sub-block's scale (and min) from its super-block
     epw, zp = lay.elems_per_word, lay.zero_point
     has_min = q.q_min is not None
@@ -66,6 +81,11 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
     quantize = quantize_x_group(k, gs, has_min)
     group_values = weight_group_values(NR, n_wg, kq, has_min, six)
     dpbusd = T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{32 * lanes}")
+    maddubs = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw")
+    maddwd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
+    max_code = (1 << (4 + width)) - 1
+    run = min(wg // 4, 32767 // (2 * max_code * 127))  # 4 k products summed in int16 before widening
+    assert not avx2 or (wg // 4) % run == 0
 
     # fmt: off
     @T.prim_func(private=True)
@@ -99,6 +119,7 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
             wm = T.alloc_buffer((n_groups * NR if has_min else 1,), "float32")  # and mins
             acc = T.alloc_buffer((mr * NR,), "float32")  # global scope + small: a stack alloca
             dots = T.alloc_buffer((mr * NR,), "int32")
+            pairs = T.alloc_buffer((mr * 16 if avx2 else 1,), "int16")  # AVX2: a run's int16 sums
             repack(qw, qh, wp, t)
             group_values(qs, qm, qsub, ws, wm, t)
             for mo in range((n_rows + mr - 1) // mr):
@@ -108,14 +129,35 @@ def q8_vnni_gemm(func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16) -> ti
                     for i in T.unroll(mr):
                         dots[T.ramp(i * NR, 1, NR)] = T.broadcast(
                             xz[T.min(mo * mr + i, n_rows - 1) * n_wg + g], NR)
-                    for s in T.unroll(wg // 4):
-                        for i in T.unroll(mr):
-                            dots[T.ramp(i * NR, 1, NR)] = T.call_llvm_pure_intrin(
-                                dpbusd, dots[T.ramp(i * NR, 1, NR)],
-                                T.reinterpret(f"uint8x{4 * NR}", wp[T.ramp((g * (wg // 4) + s) * NR, 1, NR)]),
-                                T.reinterpret(f"int8x{4 * NR}", T.broadcast(
-                                    xq[T.min(mo * mr + i, n_rows - 1) * n_quads + g * (wg // 4) + s], NR)),
-                                dtype=f"int32x{NR}")
+                    if avx2:
+                        for r in T.unroll(wg // 4 // run):
+                            for i in T.unroll(mr):
+                                pairs[T.ramp(i * 16, 1, 16)] = T.broadcast(T.int16(0), 16)
+                            for s in T.unroll(run):
+                                for i in T.unroll(mr):
+                                    pairs[T.ramp(i * 16, 1, 16)] = pairs[
+                                        T.ramp(i * 16, 1, 16)] + T.call_llvm_pure_intrin(
+                                        maddubs, T.reinterpret("uint8x32", wp[
+                                            T.ramp((g * (wg // 4) + r * run + s) * NR, 1, NR)]),
+                                        T.reinterpret("int8x32", T.broadcast(xq[
+                                            T.min(mo * mr + i, n_rows - 1) * n_quads + g * (wg // 4)
+                                            + r * run + s], NR)),
+                                        dtype="int16x16")
+                            for i in T.unroll(mr):
+                                dots[T.ramp(i * NR, 1, NR)] = dots[T.ramp(i * NR, 1, NR)] + (
+                                    T.call_llvm_pure_intrin(maddwd, pairs[T.ramp(i * 16, 1, 16)],
+                                                            T.broadcast(T.int16(1), 16), dtype="int32x8"))
+                    else:
+                        for s in T.unroll(wg // 4):
+                            for i in T.unroll(mr):
+                                dots[T.ramp(i * NR, 1, NR)] = T.call_llvm_pure_intrin(
+                                    dpbusd, dots[T.ramp(i * NR, 1, NR)],
+                                    T.reinterpret(f"uint8x{4 * NR}",
+                                                  wp[T.ramp((g * (wg // 4) + s) * NR, 1, NR)]),
+                                    T.reinterpret(f"int8x{4 * NR}", T.broadcast(
+                                        xq[T.min(mo * mr + i, n_rows - 1) * n_quads + g * (wg // 4) + s],
+                                        NR)),
+                                    dtype=f"int32x{NR}")
                     for i in T.unroll(mr):
                         acc[T.ramp(i * NR, 1, NR)] = acc[T.ramp(i * NR, 1, NR)] + T.Cast(
                             f"float32x{NR}", dots[T.ramp(i * NR, 1, NR)]) * (

@@ -42,7 +42,7 @@ from ..quantization import GroupLayout, KQuantLayout
 from .cpu_isa import Q4_GEMM_LANES, Q8_DOT_LANES, q4_gemm_isa, q8_dot_isas, q8_gemm_isa
 from .cpu_parallel_guard import parallel_if_enough
 from .cpu_q8_gemv import HOST_K_LAYOUTS, HOST_Q4_LAYOUTS, HOST_Q4_MIN_LAYOUTS, HOST_Q8_LAYOUTS
-from .knobs import DEFAULTS, Knobs, shape_key
+from .knobs import DEFAULTS, Knobs, gemm_rows, shape_key
 
 # what the int8-activation rules (CPUQ8DotGEMV, CPUQ8VNNIGEMM) take; the fp32 ones take HOST_Q4_LAYOUTS
 INT8_LAYOUTS = HOST_Q4_LAYOUTS + HOST_Q4_MIN_LAYOUTS + HOST_Q8_LAYOUTS + HOST_K_LAYOUTS
@@ -893,9 +893,10 @@ class CPUQ8DotGEMV(ScheduleRule):
 class CPUQ8VNNIGEMM(ScheduleRule):
     """q4 dequant + matmul (+ residual add) with many rows of x (prefill), int8 activations and AMX tiles
     (`cpu_amx_gemm.q8_amx_gemm`: 16 rows of x by 16 weight rows per tile product) or else the widest
-    `vpdpbusd` the CPU has (`cpu_q8_gemm.q8_vnni_gemm`): for presets with int8 activations on CPUs with
-    VNNI; others keep `CPUQ4OuterGEMM`'s fp32 tiles. Register block: 12 rows of x by 16 weight rows on
-    512 bits (32 registers), 6 by 8 on 256 bits (AVX-VNNI CPUs without AVX-512 have 16). On arm64 the
+    `vpdpbusd` the CPU has (`cpu_q8_gemm.q8_vnni_gemm`), else AVX2's `vpmaddubsw` in the same kernel (codes
+    up to 6 bits: GGUF's Q8_0 keeps `CPUQ4OuterGEMM`'s fp32 tiles, as do fp32 activations). Register block:
+    12 rows of x by 16 weight rows on 512 bits (32 registers), 6 by 8 on 256 bits (AVX-VNNI CPUs without
+    AVX-512 have 16), 3 by 8 for AVX2 (`knobs.gemm_rows`). On arm64 the
     same with `smmla` (i8mm) or `sdot` (DotProd) (`cpu_arm_dot.q8_arm_gemm`): 4 rows of x by 8 weight
     rows, 8 int32 + 8 fp32 accumulator registers of the 32."""
 
@@ -903,7 +904,7 @@ class CPUQ8VNNIGEMM(ScheduleRule):
         self.max_m, self.knobs = max_m, knobs
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
-        from .cpu_q8_gemm import q8_vnni_gemm
+        from .cpu_q8_gemm import avx2_fits, q8_vnni_gemm
 
         isa = q8_gemm_isa(target) if isinstance(func, tirx.PrimFunc) and _is_llvm(target) else None
         if isa is None:
@@ -922,10 +923,14 @@ class CPUQ8VNNIGEMM(ScheduleRule):
             if not gemm_fits(q, isa=isa, nr=lanes):
                 return None
             return s_tir.Schedule(q8_arm_gemm(func, q, isa=isa, mr=4, nr=lanes))
-        mr = 12 if lanes == 16 else 6
+        if isa == "avx2" and not avx2_fits(q):
+            return None
+        mr = gemm_rows(isa)
         if self.knobs is not None:  # a 256-bit path has 16 registers: at most 6 rows of x
-            mr = min(self.knobs.get("q8_gemm", shape_key(q.n, q.k))["mr"], mr)
-        return s_tir.Schedule(q8_vnni_gemm(func, q, mr=mr, lanes=lanes))
+            mr = min(self.knobs.get("q8_gemm", shape_key(q.n, q.k))["mr"], 12 if lanes == 16 else 6)
+        return s_tir.Schedule(
+            q8_vnni_gemm(func, q, mr=mr, lanes=lanes, isa="avx2" if isa == "avx2" else "vnni")
+        )
 
 
 class CPUQ4OuterGEMM(ScheduleRule):
