@@ -26,6 +26,7 @@ from toolkit.compile.cpu_isa import (
     q8_dot_isas,
     q8_gemm_isa,
 )
+from toolkit.errors import UserError
 from toolkit.hostinfo import cpu_flags
 from toolkit.targets import load_preset
 
@@ -50,12 +51,22 @@ def int8_builds(func, gemm: bool) -> list:
         builds.append(_build(func, HOST_VNNI, [cs.CPUQ8VNNIGEMM()]))
     if q8_gemm_isa(HOST) == "amx":
         builds.append(_build(func, HOST, [cs.CPUQ8VNNIGEMM()]))
-    # the AVX2 form as built for a CPU without VNNI (Haswell, Zen 3), where it takes the codes (not Q8_0)
-    if "avx2" in HOST_ISAS and cs.CPUQ8VNNIGEMM().apply(func, _cpu("haswell"), False) is not None:
-        builds.append(_build(func, _cpu("haswell"), [cs.CPUQ8VNNIGEMM()]))
+    # the vpmaddubsw forms as built for CPUs without VNNI (Haswell / Zen 3, Skylake-SP), where they take the
+    # codes (not Q8_0)
+    for cpu in ("haswell", "skylake-avx512"):
+        if _runs_here(cpu) and cs.CPUQ8VNNIGEMM().apply(func, _cpu(cpu), False) is not None:
+            builds.append(_build(func, _cpu(cpu), [cs.CPUQ8VNNIGEMM()]))
     if not builds:
         pytest.skip("this CPU has no integer dot products: no int8 GEMM")
     return builds
+
+
+def _runs_here(mcpu: str) -> bool:
+    """Whether code built for `mcpu` runs on this machine (the check of `--device host:CPU`)."""
+    try:
+        return load_preset(f"host:{mcpu}").runs_here
+    except UserError:  # not an x86-64 machine
+        return False
 
 
 def _cpu(mcpu: str) -> tvm.target.Target:
@@ -66,7 +77,7 @@ def _cpu(mcpu: str) -> tvm.target.Target:
     "mcpu,isas,gemm,gemm8",
     [
         ("znver3", ["avx2"], "avx2", "avx2"),  # Zen 3: AVX2 only (vpmaddubsw)
-        ("skylake-avx512", ["avx2"], "avx512", "avx2"),  # AVX-512 BW without VNNI: AVX2's int8 products
+        ("skylake-avx512", ["avx2"], "avx512", "avx512bw"),  # AVX-512BW without VNNI: 512-bit vpmaddubsw
         # AVX-512 VNNI (+VL: 256-bit EVEX)
         ("cascadelake", ["avx512vnni", "avxvnni", "avx2"], "avx512", "avx512vnni"),
         ("alderlake", ["avxvnni", "avx2"], "avx2", "avxvnni"),  # AVX-VNNI (VEX) without AVX-512
@@ -184,15 +195,18 @@ def _build_q8_gemm_256(func, target):
     return _build(func, target, [Rule256()])
 
 
-@pytest.mark.parametrize("isa", ["amx", "avx512vnni", "avxvnni", "avx2"])
+@pytest.mark.parametrize("isa", ["amx", "avx512vnni", "avxvnni", "avx512bw", "avx2"])
 @pytest.mark.parametrize("n,k,m,add", Q8_GEMM_CASES)
 def test_vnni_gemm_matches_int8_reference(isa: str, n: int, k: int, m: int, add: bool) -> None:
-    if isa not in [*HOST_ISAS, q8_gemm_isa(HOST)]:
+    if isa not in [*HOST_ISAS, q8_gemm_isa(HOST), "avx512bw"]:
         pytest.skip(f"this CPU has no {isa}")
     func = _matmul_func(n, k, (1, "s"), quant=True, add=add)
-    if isa == "avx2":  # as built for an AVX2 CPU without VNNI (Haswell, Zen 3): runs on any AVX2 CPU
-        assert q8_gemm_isa(_cpu("haswell")) == "avx2"
-        ex = _build(func, _cpu("haswell"), [cs.CPUQ8VNNIGEMM()])
+    if isa in ("avx2", "avx512bw"):  # as built for a CPU without VNNI: Haswell / Zen 3, Skylake-SP
+        cpu = "haswell" if isa == "avx2" else "skylake-avx512"
+        if not _runs_here(cpu):
+            pytest.skip(f"this CPU can't run a {cpu} build")
+        assert q8_gemm_isa(_cpu(cpu)) == isa
+        ex = _build(func, _cpu(cpu), [cs.CPUQ8VNNIGEMM()])
     elif isa == "amx":  # 13 and 25 rows: one and two blocks of 16, the last padded with zeros
         ex = _build(func, HOST, [cs.CPUQ8VNNIGEMM()])
     elif isa == "avx512vnni":
@@ -291,6 +305,7 @@ def test_gemm_object_code_has_the_paths_vector_width(mcpu, present, absent) -> N
         ("znver4", VNNI_512, 12),
         ("alderlake", AVX_VNNI, 6),
         ("znver3", r"vpmaddubsw\s.*%ymm", 3),
+        ("skylake-avx512", r"vpmaddubsw\s.*%zmm", 3),
     ],
 )
 def test_vnni_gemm_object_code(mcpu: str, dot: str, rows: int) -> None:
@@ -298,8 +313,10 @@ def test_vnni_gemm_object_code(mcpu: str, dot: str, rows: int) -> None:
     # the register block: `rows` rows of x, 8 steps of 4 k per group, one vpdpbusd (or vpmaddubsw) each
     assert _count(asm, dot) >= rows * 8, mcpu
     assert _count(asm, r"vfmadd\d+ps") < rows * 8  # the fp32 tiles are not what runs
-    if "vpmaddubsw" in dot:  # AVX2: a group's 8 int16 products per row widen once, by one vpmaddwd
-        assert rows <= _count(asm, r"vpmaddwd\s.*%ymm") < rows * 8 and _count(asm, r"%zmm") == 0
+    if "vpmaddubsw" in dot:  # a group's 8 int16 products per row widen once, by one vpmaddwd
+        reg = dot[-4:]
+        assert rows <= _count(asm, rf"vpmaddwd\s.*{reg}") < rows * 8, mcpu
+        assert reg == "%zmm" or _count(asm, r"%zmm") == 0  # AVX2: no 512-bit register anywhere
 
 
 @pytest.mark.skipif(OBJDUMP is None, reason="no objdump / llvm-objdump to disassemble with")

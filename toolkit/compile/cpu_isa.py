@@ -9,9 +9,9 @@ On x86 the int8 dot-product GEMV has three paths, widest first:
 - `avx2`: `vpmaddubsw` + `vpmaddwd`, the fallback every x86-64-v3 CPU has.
 
 The prefill GEMM, with int8 activations, runs on AMX tiles (`tdpbssd`, `cpu_amx_gemm`) where the CPU has
-them (Sapphire Rapids and later), else the widest `vpdpbusd` (512- or 256-bit, `cpu_q8_gemm`), else AVX2's
-`vpmaddubsw` in the same kernel; with fp32 activations (or GGUF Q8_0 codes on AVX2) fp32 FMA tiles 16 lanes
-wide with AVX-512F, else 8 (`cpu_q4_gemm`).
+them (Sapphire Rapids and later), else the widest `vpdpbusd` (512- or 256-bit, `cpu_q8_gemm`), else
+`vpmaddubsw` in the same kernel (512-bit with AVX-512BW, else AVX2's); with fp32 activations (or GGUF Q8_0
+codes without VNNI) fp32 FMA tiles 16 lanes wide with AVX-512F, else 8 (`cpu_q4_gemm`).
 
 On arm64 (`cpu_arm_dot`) the GEMV has two paths: `neon-dotprod` (`sdot`, Armv8.2 DotProd) and `neon`
 (`smull`/`saddlp`/`addp`, every Armv8 CPU); the prefill GEMM runs `smmla` 2x2 int8 blocks where the CPU
@@ -39,10 +39,15 @@ Q8_GEMM_ISAS: dict[str, list[tuple[str, ...]]] = {
     "amx": [("amx-int8", "amx-tile", "avx512bw")],  # the tiles' sums are scaled on 512-bit vectors
     "avx512vnni": Q8_DOT_ISAS["avx512vnni"],
     "avxvnni": Q8_DOT_ISAS["avxvnni"],
-    "avx2": Q8_DOT_ISAS["avx2"],  # `vpmaddubsw` + `vpmaddwd`: codes of up to 6 bits (not Q8_0)
+    # `vpmaddubsw` + `vpmaddwd` where there is no VNNI, 512-bit with AVX-512BW (Skylake-SP): codes of up to
+    # 6 bits (not Q8_0)
+    "avx512bw": [("avx512bw",)],
+    "avx2": Q8_DOT_ISAS["avx2"],
     "neon-i8mm": [("neon", "i8mm")],
     "neon-dotprod": Q8_DOT_ISAS["neon-dotprod"],
 }
+# int32 lanes of the x86 int8 GEMM's registers, also the weight rows per tile (arm64's: cpu_arm_dot)
+Q8_GEMM_LANES = {"amx": 16, "avx512vnni": 16, "avxvnni": 8, "avx512bw": 16, "avx2": 8}
 # the prefill GEMM's fp32 FMA tiles: vector width per path (`avx2` also serves x86 CPUs without AVX2, where
 # LLVM splits the 8-lane vectors; `neon` the same on arm64's 128-bit registers)
 Q4_GEMM_LANES = {"avx512": 16, "avx2": 8, "neon": 8}

@@ -24,6 +24,7 @@ import operator
 from tvm import tirx
 from tvm.script import tirx as T
 
+from .cpu_isa import Q8_GEMM_LANES
 from .cpu_q8_gemv import (
     check_layout,
     pack_four,
@@ -33,6 +34,12 @@ from .cpu_q8_gemv import (
     weight_group_values,
     with_params_of,
 )
+
+# the vpmaddubsw forms' intrinsics by int32 lanes (u8 x i8 -> i16 pairs, i16 -> i32 pairs)
+MADDUBS = {
+    8: ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"),
+    16: ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512"),
+}
 
 
 def avx2_fits(q) -> bool:
@@ -48,14 +55,15 @@ def q8_vnni_gemm(
     int8 VNNI kernel: same parameters, same result up to activation rounding. `lanes`: int32 lanes of the
     registers (16: 512-bit, 8: 256-bit), also the weight rows per tile.
 
-    `isa="avx2"` (8 lanes, CPUs without VNNI): each (row, 4 k) product is a `vpmaddubsw` (u8 codes x int8
-    activations into int16 pairs) instead; a run of them adds up in int16 as long as it cannot overflow
-    (`2 * max code * 127` per product: 8 products of 4-bit codes, 4 of 5-bit, 2 of 6-bit) before one
-    `vpmaddwd` widens the run to int32 - llama.cpp's AVX2 Q4 x Q8 dot product, for many rows of x."""
+    `isa="avx2"` (8 lanes) or `"avx512bw"` (16 lanes), for CPUs without VNNI: each (row, 4 k) product is a
+    `vpmaddubsw` (u8 codes x int8 activations into int16 pairs) instead; a run of them adds up in int16 as
+    long as it cannot overflow (`2 * max code * 127` per product: 8 products of 4-bit codes, 4 of 5-bit, 2
+    of 6-bit) before one `vpmaddwd` widens the run to int32 - llama.cpp's AVX2 Q4 x Q8 dot product, for
+    many rows of x."""
     NR = lanes  # noqa: N806 - a constant of the kernel below
     lay = check_layout(q, with_min=True, with_q8=True, with_k=True)
-    avx2 = isa == "avx2"
-    assert not avx2 or (lanes == 8 and lay.bits != 8)
+    avx2 = isa in ("avx2", "avx512bw")  # the vpmaddubsw form
+    assert not avx2 or (lanes == Q8_GEMM_LANES[isa] and lay.bits != 8)
     kq = q.q_sub is not None  # K-quants: a sub-block's scale (and min) from its super-block
     epw, zp = lay.elems_per_word, lay.zero_point
     has_min = q.q_min is not None
@@ -81,8 +89,8 @@ def q8_vnni_gemm(
     quantize = quantize_x_group(k, gs, has_min)
     group_values = weight_group_values(NR, n_wg, kq, has_min, six)
     dpbusd = T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{32 * lanes}")
-    maddubs = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw")
-    maddwd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
+    maddubs, maddwd = (T.llvm_lookup_intrinsic_id(name) for name in MADDUBS[8 if lanes == 8 else 16])
+    i16 = 2 * NR  # int16 lanes of a register
     max_code = (1 << (4 + width)) - 1
     run = min(wg // 4, 32767 // (2 * max_code * 127))  # 4 k products summed in int16 before widening
     assert not avx2 or (wg // 4) % run == 0
@@ -119,7 +127,7 @@ def q8_vnni_gemm(
             wm = T.alloc_buffer((n_groups * NR if has_min else 1,), "float32")  # and mins
             acc = T.alloc_buffer((mr * NR,), "float32")  # global scope + small: a stack alloca
             dots = T.alloc_buffer((mr * NR,), "int32")
-            pairs = T.alloc_buffer((mr * 16 if avx2 else 1,), "int16")  # AVX2: a run's int16 sums
+            pairs = T.alloc_buffer((mr * i16 if avx2 else 1,), "int16")  # vpmaddubsw: a run's int16 sums
             repack(qw, qh, wp, t)
             group_values(qs, qm, qsub, ws, wm, t)
             for mo in range((n_rows + mr - 1) // mr):
@@ -132,21 +140,22 @@ def q8_vnni_gemm(
                     if avx2:
                         for r in T.unroll(wg // 4 // run):
                             for i in T.unroll(mr):
-                                pairs[T.ramp(i * 16, 1, 16)] = T.broadcast(T.int16(0), 16)
+                                pairs[T.ramp(i * i16, 1, i16)] = T.broadcast(T.int16(0), i16)
                             for s in T.unroll(run):
                                 for i in T.unroll(mr):
-                                    pairs[T.ramp(i * 16, 1, 16)] = pairs[
-                                        T.ramp(i * 16, 1, 16)] + T.call_llvm_pure_intrin(
-                                        maddubs, T.reinterpret("uint8x32", wp[
+                                    pairs[T.ramp(i * i16, 1, i16)] = pairs[
+                                        T.ramp(i * i16, 1, i16)] + T.call_llvm_pure_intrin(
+                                        maddubs, T.reinterpret(f"uint8x{4 * NR}", wp[
                                             T.ramp((g * (wg // 4) + r * run + s) * NR, 1, NR)]),
-                                        T.reinterpret("int8x32", T.broadcast(xq[
+                                        T.reinterpret(f"int8x{4 * NR}", T.broadcast(xq[
                                             T.min(mo * mr + i, n_rows - 1) * n_quads + g * (wg // 4)
                                             + r * run + s], NR)),
-                                        dtype="int16x16")
+                                        dtype=f"int16x{i16}")
                             for i in T.unroll(mr):
                                 dots[T.ramp(i * NR, 1, NR)] = dots[T.ramp(i * NR, 1, NR)] + (
-                                    T.call_llvm_pure_intrin(maddwd, pairs[T.ramp(i * 16, 1, 16)],
-                                                            T.broadcast(T.int16(1), 16), dtype="int32x8"))
+                                    T.call_llvm_pure_intrin(
+                                        maddwd, pairs[T.ramp(i * i16, 1, i16)], T.broadcast(T.int16(1), i16),
+                                        dtype=f"int32x{NR}"))
                     else:
                         for s in T.unroll(wg // 4):
                             for i in T.unroll(mr):

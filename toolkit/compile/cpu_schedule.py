@@ -39,7 +39,7 @@ from tvm.s_tir.dlight.base import ScheduleRule, try_inline_contiguous_spatial
 from tvm.target import Target, codegen
 
 from ..quantization import GroupLayout, KQuantLayout
-from .cpu_isa import Q4_GEMM_LANES, Q8_DOT_LANES, q4_gemm_isa, q8_dot_isas, q8_gemm_isa
+from .cpu_isa import Q4_GEMM_LANES, Q8_DOT_LANES, Q8_GEMM_LANES, q4_gemm_isa, q8_dot_isas, q8_gemm_isa
 from .cpu_parallel_guard import parallel_if_enough
 from .cpu_q8_gemv import HOST_K_LAYOUTS, HOST_Q4_LAYOUTS, HOST_Q4_MIN_LAYOUTS, HOST_Q8_LAYOUTS
 from .knobs import DEFAULTS, Knobs, gemm_rows, shape_key
@@ -909,7 +909,7 @@ class CPUQ8VNNIGEMM(ScheduleRule):
         isa = q8_gemm_isa(target) if isinstance(func, tirx.PrimFunc) and _is_llvm(target) else None
         if isa is None:
             return None
-        lanes = ARM_GEMM_NR if isa.startswith("neon") else 16 if isa == "amx" else Q8_DOT_LANES[isa]
+        lanes = ARM_GEMM_NR if isa.startswith("neon") else Q8_GEMM_LANES[isa]
         q = _match_q4_matmul(func, INT8_LAYOUTS)
         if q is None or q.n % lanes or _few_rows(list(q.x.shape)[:-1], self.max_m):
             return None
@@ -923,13 +923,13 @@ class CPUQ8VNNIGEMM(ScheduleRule):
             if not gemm_fits(q, isa=isa, nr=lanes):
                 return None
             return s_tir.Schedule(q8_arm_gemm(func, q, isa=isa, mr=4, nr=lanes))
-        if isa == "avx2" and not avx2_fits(q):
+        if isa in ("avx512bw", "avx2") and not avx2_fits(q):
             return None
         mr = gemm_rows(isa)
         if self.knobs is not None:  # a 256-bit path has 16 registers: at most 6 rows of x
             mr = min(self.knobs.get("q8_gemm", shape_key(q.n, q.k))["mr"], 12 if lanes == 16 else 6)
         return s_tir.Schedule(
-            q8_vnni_gemm(func, q, mr=mr, lanes=lanes, isa="avx2" if isa == "avx2" else "vnni")
+            q8_vnni_gemm(func, q, mr=mr, lanes=lanes, isa=isa if isa in ("avx512bw", "avx2") else "vnni")
         )
 
 

@@ -31,7 +31,7 @@ from tvm.target import Target
 
 from ..targets import Preset
 from .cpu_attention import AttentionKnobs
-from .cpu_isa import Q8_DOT_LANES, q8_dot_isa, q8_gemm_isa
+from .cpu_isa import Q8_GEMM_LANES, q8_dot_isa, q8_gemm_isa
 
 SCHEMA = "phi3-knobs/1"
 SPACE: dict[str, dict[str, tuple[int, ...]]] = {
@@ -68,9 +68,12 @@ X86_ATTENTION_PREFETCH = 1
 
 def gemm_rows(isa: str | None) -> int:
     """The int8 GEMM's rows of x per register block for a `q8_gemm_isa` path: 12 with 32 vector registers,
-    6 with 16; AVX2's form keeps a run of int16 sums per row beside the int32 and fp32 ones: 3 rows measured
-    fastest on Phi-3-mini's prefill shapes. arm64's GEMMs (neon-i8mm) fix their own."""
-    return 12 if Q8_DOT_LANES.get(isa or "") == 16 else 3 if isa == "avx2" else 6
+    6 with 16; the `vpmaddubsw` forms (AVX2, AVX-512BW) keep a run of int16 sums per row beside the int32 and
+    fp32 ones: 3 rows measured fastest on Phi-3-mini's prefill shapes, at both widths. arm64's GEMMs
+    (neon-i8mm) fix their own."""
+    if isa in ("avx2", "avx512bw"):
+        return 3
+    return 12 if Q8_GEMM_LANES.get(isa or "") == 16 else 6
 
 
 def shape_key(n: int, k: int) -> str:
