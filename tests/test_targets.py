@@ -338,3 +338,15 @@ def test_cli_rejects_a_bad_pinned_cpu_before_loading_anything(tmp_path, device, 
     )
     assert res.exit_code == 2 and needle in res.output, res.output
     assert res.exception is None or isinstance(res.exception, SystemExit)
+
+
+def test_cli_shows_a_pinned_cpu(zen4_guest):
+    res = CliRunner().invoke(main, ["targets", "host:sapphirerapids"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0].startswith("host:sapphirerapids: ") and '"mcpu": "sapphirerapids"' in res.output
+    assert lines[1].startswith(
+        "  built for CPU sapphirerapids, not this machine's; runs here: no: this CPU lacks"
+    )
+    res = CliRunner().invoke(main, ["targets", "host:znver3", "--json"])
+    assert json.loads(res.output)[0]["name"] == "host:znver3"

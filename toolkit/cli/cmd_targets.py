@@ -19,7 +19,7 @@ def command(as_json: bool, name: str | None) -> None:
     if as_json:
         rows = [
             {
-                "name": p.name,
+                "name": p.spec,
                 "description": p.description,
                 "target": p.target_dict,
                 "output": p.output,
@@ -32,7 +32,10 @@ def command(as_json: bool, name: str | None) -> None:
         return
     if name:
         p = presets[0]
-        click.echo(f"{p.name}: {p.description}")
+        click.echo(f"{p.spec}: {p.description}")
+        if p.cpu:  # `host:CPU`: the detection below fills all but the CPU
+            lacks = f"no: this CPU lacks {', '.join(p.missing_features)}" if p.missing_features else "yes"
+            click.echo(f"  built for CPU {p.cpu}, not this machine's; runs here: {lacks}")
         click.echo(f"  target: {json.dumps(p.target_dict)}")
         click.echo(f"  output: {p.output}{'  (system lib)' if p.system_lib else ''}")
         for key, reason in p.why.items():
