@@ -436,6 +436,38 @@ def test_llama_cpp_for_another_cpu_is_built_for_it_and_kept_apart():
         lc.check_variant_info("CPU : SSE3 = 1 | SSSE3 = 1 |", "znver3")
 
 
+def test_two_benches_that_need_llama_cpp_build_it_once(monkeypatch, tmp_path):
+    """A second bench waits on the first one's build and install (the lock), then finds it installed."""
+    import subprocess
+    import threading
+    import time
+
+    from toolkit.bench import llama_cpp as lc
+
+    monkeypatch.setenv("PHI3_TOOLKIT_CACHE", str(tmp_path))
+    installed, builds = [], []
+
+    def install(build, log):
+        builds.append(threading.get_ident())
+        time.sleep(0.3)  # the other caller arrives while this one builds
+        installed.append(lc.LLAMA_CPP_VERSION)
+
+    monkeypatch.setattr(lc, "installed_version", lambda: installed[-1] if installed else None)
+    monkeypatch.setattr(lc, "_install_native", install)
+    monkeypatch.setattr(
+        lc.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, "CPU : AVX2 = 1 |", "")
+    )
+    lines = []
+    threads = [
+        threading.Thread(target=lambda: lines.append(lc.ensure_llama_cpp(log=print))) for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and lines == ["CPU : AVX2 = 1 |"] * 2
+
+
 def test_bench_refuses_a_cpu_class_whose_code_cannot_run_here(monkeypatch):
     from toolkit import targets
 

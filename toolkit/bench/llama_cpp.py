@@ -227,6 +227,21 @@ def amx_in(info: str) -> bool:
     return "AMX_INT8 = 1" in info
 
 
+def _install_native(build: bool, log) -> None:
+    wheel = find_wheel()
+    if wheel is None:
+        if not build:
+            raise UserError(
+                f"{PACKAGE}=={LLAMA_CPP_VERSION} is not installed and no wheel is cached; "
+                "build it with: python -m toolkit.bench.llama_cpp install"
+            )
+        amx = " + AMX" if cpu_has_amx() else ""
+        log(f"building {PACKAGE}=={LLAMA_CPP_VERSION} with clang-15{amx}, native (3-6 minutes, once)...")
+        wheel = build_wheel()
+    log(f"installing {wheel.name}")
+    install_wheel(wheel)
+
+
 def ensure_llama_cpp(*, build: bool = True, log=print, cpu: str | None = None) -> str:
     """Make llama-cpp-python LLAMA_CPP_VERSION importable: installed, else the cached wheel, else build it;
     with `cpu`, the `-march=cpu` build in its own folder (`variant_site`).
@@ -236,18 +251,12 @@ def ensure_llama_cpp(*, build: bool = True, log=print, cpu: str | None = None) -
     if cpu:
         return _ensure_variant(cpu, build=build, log=log)
     if installed_version() != LLAMA_CPP_VERSION:
-        wheel = find_wheel()
-        if wheel is None:
-            if not build:
-                raise UserError(
-                    f"{PACKAGE}=={LLAMA_CPP_VERSION} is not installed and no wheel is cached; "
-                    "build it with: python -m toolkit.bench.llama_cpp install"
-                )
-            amx = " + AMX" if cpu_has_amx() else ""
-            log(f"building {PACKAGE}=={LLAMA_CPP_VERSION} with clang-15{amx}, native (3-6 minutes, once)...")
-            wheel = build_wheel()
-        log(f"installing {wheel.name}")
-        install_wheel(wheel)
+        from ..locks import output_lock
+
+        with output_lock(wheelhouse()):  # a second bench waits for the first one's build and install
+            importlib.invalidate_caches()
+            if installed_version() != LLAMA_CPP_VERSION:
+                _install_native(build, log)
     # a fresh interpreter: this one may have imported an older build already
     info = subprocess.run(
         [sys.executable, "-c", "import llama_cpp as l; print(l.llama_print_system_info().decode())"],
@@ -266,18 +275,23 @@ def ensure_llama_cpp(*, build: bool = True, log=print, cpu: str | None = None) -
 
 
 def _ensure_variant(cpu: str, *, build: bool, log) -> str:
-    if not (variant_site(cpu) / "llama_cpp").is_dir():
-        wheel = find_wheel(wheelhouse(cpu))
-        if wheel is None:
-            if not build:
-                raise UserError(
-                    f"{PACKAGE}=={LLAMA_CPP_VERSION} for -march={cpu} is not built; build it with: "
-                    f"python -m toolkit.bench.llama_cpp install --cpu {cpu}"
+    from ..locks import output_lock
+
+    with output_lock(variant_site(cpu)):  # a second bench waits for the build, then finds it
+        if not (variant_site(cpu) / "llama_cpp").is_dir():
+            wheel = find_wheel(wheelhouse(cpu))
+            if wheel is None:
+                if not build:
+                    raise UserError(
+                        f"{PACKAGE}=={LLAMA_CPP_VERSION} for -march={cpu} is not built; build it with: "
+                        f"python -m toolkit.bench.llama_cpp install --cpu {cpu}"
+                    )
+                log(
+                    f"building {PACKAGE}=={LLAMA_CPP_VERSION} with clang-15, -march={cpu} (3-6 minutes, once)"
                 )
-            log(f"building {PACKAGE}=={LLAMA_CPP_VERSION} with clang-15, -march={cpu} (3-6 minutes, once)...")
-            wheel = build_wheel(cpu=cpu)
-        log(f"installing {wheel.name} into {variant_site(cpu)}")
-        install_variant(wheel, cpu)
+                wheel = build_wheel(cpu=cpu)
+            log(f"installing {wheel.name} into {variant_site(cpu)}")
+            install_variant(wheel, cpu)
     code = "import llama_cpp as l; print(l.__file__); print(l.llama_print_system_info().decode())"
     info = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=worker_env(cpu))
     if info.returncode != 0:
@@ -596,7 +610,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cpu = args[args.index("--cpu") + 1] if "--cpu" in args[:-1] else None
         if cpu:
             if "--rebuild" in args:
-                install_variant(build_wheel(cpu=cpu), cpu)
+                from ..locks import output_lock
+
+                with output_lock(variant_site(cpu)):
+                    install_variant(build_wheel(cpu=cpu), cpu)
             print(ensure_llama_cpp(cpu=cpu))
             return 0
         if "--rebuild" in args:

@@ -225,7 +225,6 @@ def for_cpu(preset: Preset, cpu: str) -> Preset:
         near = [c for c in known if c.startswith(cpu[:3])][:8] or known[:8]
         raise UserError(f"--device {preset.name}:{cpu}: LLVM knows no CPU {cpu!r} for {triple} (e.g. {near})")
     target = {**preset.target_json, "mcpu": cpu}
-    target.pop("mattr", None)
     pinned = tvm.target.Target({"kind": "llvm", "mtriple": triple, "mcpu": cpu})
     wanted = codegen.llvm_get_cpu_features(pinned)
     have = _host_cpu_features() if preset.runs_here else {}
