@@ -39,7 +39,15 @@ from tvm.s_tir.dlight.base import ScheduleRule, try_inline_contiguous_spatial
 from tvm.target import Target, codegen
 
 from ..quantization import GroupLayout, KQuantLayout
-from .cpu_isa import Q4_GEMM_LANES, Q8_DOT_LANES, Q8_GEMM_LANES, q4_gemm_isa, q8_dot_isas, q8_gemm_isa
+from .cpu_isa import (
+    MADDUBS_GEMM_ISAS,
+    Q4_GEMM_LANES,
+    Q8_DOT_LANES,
+    Q8_GEMM_LANES,
+    q4_gemm_isa,
+    q8_dot_isas,
+    q8_gemm_isa,
+)
 from .cpu_parallel_guard import parallel_if_enough
 from .cpu_q8_gemv import HOST_K_LAYOUTS, HOST_Q4_LAYOUTS, HOST_Q4_MIN_LAYOUTS, HOST_Q8_LAYOUTS
 from .knobs import DEFAULTS, Knobs, gemm_rows, shape_key
@@ -893,10 +901,10 @@ class CPUQ8DotGEMV(ScheduleRule):
 class CPUQ8VNNIGEMM(ScheduleRule):
     """q4 dequant + matmul (+ residual add) with many rows of x (prefill), int8 activations and AMX tiles
     (`cpu_amx_gemm.q8_amx_gemm`: 16 rows of x by 16 weight rows per tile product) or else the widest
-    `vpdpbusd` the CPU has (`cpu_q8_gemm.q8_vnni_gemm`), else AVX2's `vpmaddubsw` in the same kernel (codes
-    up to 6 bits: GGUF's Q8_0 keeps `CPUQ4OuterGEMM`'s fp32 tiles, as do fp32 activations). Register block:
-    12 rows of x by 16 weight rows on 512 bits (32 registers), 6 by 8 on 256 bits (AVX-VNNI CPUs without
-    AVX-512 have 16), 3 by 8 for AVX2 (`knobs.gemm_rows`). On arm64 the
+    `vpdpbusd` the CPU has (`cpu_q8_gemm.q8_vnni_gemm`), else `vpmaddubsw` in the same kernel, 512-bit with
+    AVX-512BW, else AVX2's (codes up to 6 bits: GGUF's Q8_0 keeps `CPUQ4OuterGEMM`'s fp32 tiles, as do fp32
+    activations). Register block: 12 rows of x by 16 weight rows on 512 bits (32 registers), 6 by 8 on 256
+    bits (AVX-VNNI CPUs without AVX-512 have 16), 3 rows for `vpmaddubsw` (`knobs.gemm_rows`). On arm64 the
     same with `smmla` (i8mm) or `sdot` (DotProd) (`cpu_arm_dot.q8_arm_gemm`): 4 rows of x by 8 weight
     rows, 8 int32 + 8 fp32 accumulator registers of the 32."""
 
@@ -923,13 +931,13 @@ class CPUQ8VNNIGEMM(ScheduleRule):
             if not gemm_fits(q, isa=isa, nr=lanes):
                 return None
             return s_tir.Schedule(q8_arm_gemm(func, q, isa=isa, mr=4, nr=lanes))
-        if isa in ("avx512bw", "avx2") and not avx2_fits(q):
+        if isa in MADDUBS_GEMM_ISAS and not avx2_fits(q):
             return None
         mr = gemm_rows(isa)
         if self.knobs is not None:  # a 256-bit path has 16 registers: at most 6 rows of x
             mr = min(self.knobs.get("q8_gemm", shape_key(q.n, q.k))["mr"], 12 if lanes == 16 else 6)
         return s_tir.Schedule(
-            q8_vnni_gemm(func, q, mr=mr, lanes=lanes, isa=isa if isa in ("avx512bw", "avx2") else "vnni")
+            q8_vnni_gemm(func, q, mr=mr, lanes=lanes, isa=isa if isa in MADDUBS_GEMM_ISAS else "vnni")
         )
 
 
