@@ -2,10 +2,12 @@
 
 The target's `mcpu` (host detection for the `host` preset, or whatever a preset names) is asked through
 LLVM's feature table, so a build for another CPU (`-mcpu=znver3`) picks that CPU's path, not this machine's.
-On x86 the int8 dot-product GEMV has three paths, widest first:
+On x86 the int8 dot-product GEMV has four paths, widest first:
 
 - `avx512vnni`: `vpdpbusd` on 512-bit registers (128 weights per instruction pair);
 - `avxvnni`: `vpdpbusd` on 256-bit registers, VEX (AVX-VNNI) or EVEX (AVX-512 VNNI + VL) encoded;
+- `avx512bw`: `vpmaddubsw` + `vpmaddwd` on 512-bit registers, for AVX-512 without VNNI (Skylake-SP); not
+  for 8-bit codes (GGUF Q8_0), whose sign trick (`vpsignb`) has no 512-bit form;
 - `avx2`: `vpmaddubsw` + `vpmaddwd`, the fallback every x86-64-v3 CPU has.
 
 The prefill GEMM, with int8 activations, runs on AMX tiles (`tdpbssd`, `cpu_amx_gemm`) where the CPU has
@@ -27,21 +29,21 @@ from tvm.target import Target, codegen
 Q8_DOT_ISAS: dict[str, list[tuple[str, ...]]] = {
     "avx512vnni": [("avx512vnni", "avx512bw")],
     "avxvnni": [("avxvnni",), ("avx512vnni", "avx512vl")],
+    "avx512bw": [("avx512bw",)],  # `vpmaddubsw` on 512-bit registers (Skylake-SP: AVX-512 without VNNI)
     "avx2": [("avx2",)],
     "neon-dotprod": [("neon", "dotprod")],
     "neon": [("neon",)],
 }
 # fp32 lanes of a vector register per GEMV path (the accumulators' width; 8 on arm64 = two 128-bit
 # registers, one 64-weight chunk per step as on AVX2)
-Q8_DOT_LANES = {"avx512vnni": 16, "avxvnni": 8, "avx2": 8, "neon-dotprod": 8, "neon": 8}
+Q8_DOT_LANES = {"avx512vnni": 16, "avxvnni": 8, "avx512bw": 16, "avx2": 8, "neon-dotprod": 8, "neon": 8}
 # the int8-activation prefill GEMM's paths, widest first (features as in Q8_DOT_ISAS)
 Q8_GEMM_ISAS: dict[str, list[tuple[str, ...]]] = {
     "amx": [("amx-int8", "amx-tile", "avx512bw")],  # the tiles' sums are scaled on 512-bit vectors
     "avx512vnni": Q8_DOT_ISAS["avx512vnni"],
     "avxvnni": Q8_DOT_ISAS["avxvnni"],
-    # `vpmaddubsw` + `vpmaddwd` where there is no VNNI, 512-bit with AVX-512BW (Skylake-SP): codes of up to
-    # 6 bits (not Q8_0)
-    "avx512bw": [("avx512bw",)],
+    # `vpmaddubsw` + `vpmaddwd` where there is no VNNI: codes of up to 6 bits (not Q8_0)
+    "avx512bw": Q8_DOT_ISAS["avx512bw"],
     "avx2": Q8_DOT_ISAS["avx2"],
     "neon-i8mm": [("neon", "i8mm")],
     "neon-dotprod": Q8_DOT_ISAS["neon-dotprod"],

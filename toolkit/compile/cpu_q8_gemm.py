@@ -26,6 +26,7 @@ from tvm.script import tirx as T
 
 from .cpu_isa import MADDUBS_GEMM_ISAS, Q8_GEMM_LANES
 from .cpu_q8_gemv import (
+    MADDUBS,
     check_layout,
     pack_four,
     quantize_x_group,
@@ -34,12 +35,6 @@ from .cpu_q8_gemv import (
     weight_group_values,
     with_params_of,
 )
-
-# the vpmaddubsw forms' intrinsics by int32 lanes (u8 x i8 -> i16 pairs, i16 -> i32 pairs)
-MADDUBS = {
-    8: ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"),
-    16: ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512"),
-}
 
 
 def avx2_fits(q) -> bool:

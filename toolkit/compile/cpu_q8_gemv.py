@@ -93,23 +93,23 @@ def _nibbles(words, lanes: int) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
     return T.reinterpret(f"uint8x{4 * lanes}", lo), T.reinterpret(f"uint8x{4 * lanes}", hi)
 
 
-def _dot_avx2(words, xe, xo, xz) -> tirx.PrimExpr:
-    lo, hi = _nibbles(words, 8)
-    pairs = T.call_llvm_pure_intrin(
-        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), lo, xe, dtype="int16x16"
-    ) + T.call_llvm_pure_intrin(
-        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), hi, xo, dtype="int16x16"
+# `vpmaddubsw` / `vpmaddwd` by int32 lanes (u8 x i8 -> i16 pairs, i16 -> i32 pairs): AVX2, AVX-512BW
+MADDUBS = {
+    8: ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"),
+    16: ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512"),
+}
+
+
+def _dot_maddubs(words, xe, xo, xz, lanes: int) -> tirx.PrimExpr:
+    ubsw, wd = (T.llvm_lookup_intrinsic_id(name) for name in MADDUBS[lanes])
+    lo, hi = _nibbles(words, lanes)
+    i16 = f"int16x{2 * lanes}"
+    pairs = T.call_llvm_pure_intrin(ubsw, lo, xe, dtype=i16) + T.call_llvm_pure_intrin(
+        ubsw, hi, xo, dtype=i16
     )
     # |pair sum| <= 4 * 63 * 127 < 2**15 (6-bit codes; x is never -128): no int16 saturation
-    return (
-        T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-            pairs,
-            T.broadcast(T.int16(1), 16),
-            dtype="int32x8",
-        )
-        + xz
-    )
+    ones = T.broadcast(T.int16(1), 2 * lanes)
+    return T.call_llvm_pure_intrin(wd, pairs, ones, dtype=f"int32x{lanes}") + xz
 
 
 def _dot_vnni(words, xe, xo, xz, lanes: int) -> tirx.PrimExpr:
@@ -513,9 +513,10 @@ def q8_dot_gemv(
 
         dot = GEMV_DOTS8[isa]
     elif eight:
+        assert isa != "avx512bw", "8-bit codes take the avx2 path: vpsignb has no 512-bit form"
         dot = _dot8_avx2 if isa == "avx2" else functools.partial(_dot8_vnni, lanes=lanes)
-    elif isa == "avx2":
-        dot = _dot_avx2
+    elif isa in ("avx2", "avx512bw"):
+        dot = functools.partial(_dot_maddubs, lanes=lanes)
     elif isa.startswith("neon"):
         from .cpu_arm_dot import GEMV_DOTS  # arm64 steps on the same layout (imports this module)
 

@@ -890,7 +890,16 @@ class CPUQ8DotGEMV(ScheduleRule):
         level = sizes["prefetch_level"] if self.prefetch_level is None else self.prefetch_level
         if q.n % tile or tile % rows:
             return None
-        isa = next((i for i in isas if q.k % (q.layout.elems_per_word * Q8_DOT_LANES[i]) == 0), None)
+        # a path that can't step through K takes the next narrower one; 8-bit codes skip AVX-512BW's
+        isa = next(
+            (
+                i
+                for i in isas
+                if q.k % (q.layout.elems_per_word * Q8_DOT_LANES[i]) == 0
+                and not (i == "avx512bw" and q.layout.bits == 8)
+            ),
+            None,
+        )
         if isa is None:
             return None
         return s_tir.Schedule(
