@@ -48,8 +48,8 @@ Q8_GEMM_ISAS: dict[str, list[tuple[str, ...]]] = {
     "neon-i8mm": [("neon", "i8mm")],
     "neon-dotprod": Q8_DOT_ISAS["neon-dotprod"],
 }
-# the GEMM paths that run `vpmaddubsw` in place of `vpdpbusd` (`cpu_q8_gemm`)
-MADDUBS_GEMM_ISAS = ("avx512bw", "avx2")
+# the paths (GEMV and GEMM) that run `vpmaddubsw` in place of `vpdpbusd` where there is no VNNI
+MADDUBS_ISAS = ("avx512bw", "avx2")
 # int32 lanes of the x86 int8 GEMM's registers, also the weight rows per tile (arm64's: cpu_arm_dot)
 Q8_GEMM_LANES = {"amx": 16, "avx512vnni": 16, "avxvnni": 8, "avx512bw": 16, "avx2": 8}
 # the prefill GEMM's fp32 FMA tiles: vector width per path (`avx2` also serves x86 CPUs without AVX2, where

@@ -24,7 +24,7 @@ import operator
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .cpu_isa import MADDUBS_GEMM_ISAS, Q8_GEMM_LANES
+from .cpu_isa import MADDUBS_ISAS, Q8_GEMM_LANES
 from .cpu_q8_gemv import (
     MADDUBS,
     check_layout,
@@ -57,7 +57,7 @@ def q8_vnni_gemm(
     many rows of x."""
     NR = lanes  # noqa: N806 - a constant of the kernel below
     lay = check_layout(q, with_min=True, with_q8=True, with_k=True)
-    avx2 = isa in MADDUBS_GEMM_ISAS  # the vpmaddubsw form
+    avx2 = isa in MADDUBS_ISAS  # the vpmaddubsw form
     assert not avx2 or (lanes == Q8_GEMM_LANES[isa] and lay.bits != 8)
     kq = q.q_sub is not None  # K-quants: a sub-block's scale (and min) from its super-block
     epw, zp = lay.elems_per_word, lay.zero_point

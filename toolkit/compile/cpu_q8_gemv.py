@@ -33,7 +33,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from ..quantization import GGUF_BLOCK_LAYOUTS, MLC_Q4_LAYOUT, GroupLayout
-from .cpu_isa import Q8_DOT_LANES
+from .cpu_isa import MADDUBS_ISAS, Q8_DOT_LANES
 
 # The layouts the host's hand q4 kernels (this module, `cpu_q8_gemm`, `cpu_q4_gemm`, `cpu_arm_dot`,
 # `cpu_schedule._regrouped_q4_gemv`) are built for: 4-bit codes, 8 per uint32 in element order, groups of
@@ -515,7 +515,7 @@ def q8_dot_gemv(
     elif eight:
         assert isa != "avx512bw", "8-bit codes take the avx2 path: vpsignb has no 512-bit form"
         dot = _dot8_avx2 if isa == "avx2" else functools.partial(_dot8_vnni, lanes=lanes)
-    elif isa in ("avx2", "avx512bw"):
+    elif isa in MADDUBS_ISAS:
         dot = functools.partial(_dot_maddubs, lanes=lanes)
     elif isa.startswith("neon"):
         from .cpu_arm_dot import GEMV_DOTS  # arm64 steps on the same layout (imports this module)

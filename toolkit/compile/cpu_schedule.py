@@ -40,7 +40,7 @@ from tvm.target import Target, codegen
 
 from ..quantization import GroupLayout, KQuantLayout
 from .cpu_isa import (
-    MADDUBS_GEMM_ISAS,
+    MADDUBS_ISAS,
     Q4_GEMM_LANES,
     Q8_DOT_LANES,
     Q8_GEMM_LANES,
@@ -940,13 +940,13 @@ class CPUQ8VNNIGEMM(ScheduleRule):
             if not gemm_fits(q, isa=isa, nr=lanes):
                 return None
             return s_tir.Schedule(q8_arm_gemm(func, q, isa=isa, mr=4, nr=lanes))
-        if isa in MADDUBS_GEMM_ISAS and not avx2_fits(q):
+        if isa in MADDUBS_ISAS and not avx2_fits(q):
             return None
         mr = gemm_rows(isa)
         if self.knobs is not None:  # a 256-bit path has 16 registers: at most 6 rows of x
             mr = min(self.knobs.get("q8_gemm", shape_key(q.n, q.k))["mr"], 12 if lanes == 16 else 6)
         return s_tir.Schedule(
-            q8_vnni_gemm(func, q, mr=mr, lanes=lanes, isa=isa if isa in MADDUBS_GEMM_ISAS else "vnni")
+            q8_vnni_gemm(func, q, mr=mr, lanes=lanes, isa=isa if isa in MADDUBS_ISAS else "vnni")
         )
 
 

@@ -31,7 +31,7 @@ from tvm.target import Target
 
 from ..targets import Preset
 from .cpu_attention import AttentionKnobs
-from .cpu_isa import MADDUBS_GEMM_ISAS, Q8_GEMM_LANES, q8_dot_isa, q8_gemm_isa
+from .cpu_isa import MADDUBS_ISAS, Q8_GEMM_LANES, q8_dot_isa, q8_gemm_isa
 
 SCHEMA = "phi3-knobs/1"
 SPACE: dict[str, dict[str, tuple[int, ...]]] = {
@@ -71,7 +71,7 @@ def gemm_rows(isa: str | None) -> int:
     6 with 16; the `vpmaddubsw` forms (AVX2, AVX-512BW) keep a run of int16 sums per row beside the int32 and
     fp32 ones: 3 rows measured fastest on Phi-3-mini's prefill shapes, at both widths. arm64's GEMMs
     (neon-i8mm) fix their own."""
-    if isa in MADDUBS_GEMM_ISAS:
+    if isa in MADDUBS_ISAS:
         return 3
     return 12 if Q8_GEMM_LANES.get(isa or "") == 16 else 6
 
