@@ -216,6 +216,12 @@ def test_run_bench_schema_with_test_doubles(tmp_path, monkeypatch):
                 and side["roofline_paired"]["probe_bytes_s"]["median"] == 5
             )
     assert "probed just before and after each step" in harness.format_table(res)
+    assert "device:" not in harness.format_table(res) and res["llama_cpp"]["march"] == "native"
+    # another CPU class's code: the table says so above its numbers
+    pinned = {**res, "settings": {**res["settings"], "device": "host:znver3"}}
+    pinned["llama_cpp"] = {**res["llama_cpp"], "march": "znver3"}
+    line = harness.format_table(pinned).splitlines()[1]
+    assert line == "device: host:znver3 (code for CPU znver3; llama.cpp -march=znver3; run on this machine)"
     # every backend ran (warmup + repeats) x prompt lengths generations, each a prefill of the shared prompt
     for name, b in backends.items():
         prefills = [arg for kind, arg in b.calls if kind == "prefill"]

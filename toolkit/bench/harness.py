@@ -490,6 +490,11 @@ def _fmt(stat: dict[str, float]) -> str:
 def format_table(result: dict[str, Any]) -> str:
     """A plain-text table: one row per thread count and backend, headline prompt length."""
     lines = [f"model: {result['model']['path'] or 'default model'} ({result['model']['quantization']})"]
+    device = result.get("settings", {}).get("device", "host")
+    if ":" in device:  # another CPU class's code on this machine: say so above its numbers
+        march = result.get("llama_cpp", {}).get("march")
+        both = f"; llama.cpp -march={march}" if march else ""
+        lines.append(f"device: {device} (code for CPU {device.split(':', 1)[1]}{both}; run on this machine)")
     lines.append(
         f"{'threads':>7}  {'backend':<16} {'prefill tok/s':>24} {'decode tok/s':>24} {'roofline':>9}"
     )
