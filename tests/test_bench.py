@@ -777,3 +777,11 @@ def test_serve_bench_dead_server_is_one_line():
     with pytest.raises(UserError, match="ConnectError") as e:
         run_level(f"http://127.0.0.1:{free_port()}", streams=1, rounds=1, max_tokens=3, ban=[])
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("args,needle", [(["--cpu"], "needs an LLVM CPU name"), (["--cpu", "zen9"], "zen9")])
+def test_llama_cpp_install_for_a_bad_cpu_fails_before_building(capsys, args, needle):
+    from toolkit.bench import llama_cpp as lc
+
+    assert lc.main(["install", *args]) == 2
+    assert needle in capsys.readouterr().err

@@ -607,8 +607,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         _serve(sys.stdin, proto)
         return 0
     if args[:1] == ["install"]:
-        cpu = args[args.index("--cpu") + 1] if "--cpu" in args[:-1] else None
+        if args[-1:] == ["--cpu"]:
+            print("install --cpu needs an LLVM CPU name (e.g. znver3)", file=sys.stderr)
+            return 2
+        cpu = args[args.index("--cpu") + 1] if "--cpu" in args else None
         if cpu:
+            from ..targets import load_preset
+
+            try:  # a name LLVM knows, before minutes of a build that would fail on it
+                load_preset(f"host:{cpu}")
+            except UserError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
             if "--rebuild" in args:
                 from ..locks import output_lock
 

@@ -37,12 +37,6 @@ from .cpu_q8_gemv import (
 )
 
 
-def avx2_fits(q) -> bool:
-    """Whether the AVX2 form can take `q`'s codes: up to 6 bits (GGUF's 8-bit Q8_0 codes would saturate
-    `vpmaddubsw`'s int16 pairs; those keep the fp32 tiles)."""
-    return check_layout(q, with_min=True, with_q8=True, with_k=True).bits != 8
-
-
 def q8_vnni_gemm(
     func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16, isa: str = "vnni"
 ) -> tirx.PrimFunc:

@@ -921,7 +921,7 @@ class CPUQ8VNNIGEMM(ScheduleRule):
         self.max_m, self.knobs = max_m, knobs
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
-        from .cpu_q8_gemm import avx2_fits, q8_vnni_gemm
+        from .cpu_q8_gemm import q8_vnni_gemm
 
         isa = q8_gemm_isa(target) if isinstance(func, tirx.PrimFunc) and _is_llvm(target) else None
         if isa is None:
@@ -940,7 +940,7 @@ class CPUQ8VNNIGEMM(ScheduleRule):
             if not gemm_fits(q, isa=isa, nr=lanes):
                 return None
             return s_tir.Schedule(q8_arm_gemm(func, q, isa=isa, mr=4, nr=lanes))
-        if isa in MADDUBS_ISAS and not avx2_fits(q):
+        if isa in MADDUBS_ISAS and q.layout.bits == 8:  # Q8_0's codes would saturate the int16 pairs
             return None
         mr = gemm_rows(isa)
         if self.knobs is not None:  # a 256-bit path has 16 registers: at most 6 rows of x
