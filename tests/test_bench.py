@@ -452,17 +452,16 @@ def test_two_benches_that_need_llama_cpp_build_it_once(monkeypatch, tmp_path):
 
     monkeypatch.setenv("PHI3_TOOLKIT_CACHE", str(tmp_path))
     installed, builds = [], []
+    ok = subprocess.CompletedProcess([], 0, "/site/llama_cpp/__init__.py\nCPU : AVX2 = 1 |", "")
 
-    def install(build, log):
+    def install_and_probe(cpu, *, build, log, broken):
         builds.append(threading.get_ident())
         time.sleep(0.3)  # the other caller arrives while this one builds
         installed.append(lc.LLAMA_CPP_VERSION)
+        return ok
 
-    monkeypatch.setattr(lc, "installed_version", lambda: installed[-1] if installed else None)
-    monkeypatch.setattr(lc, "_install_native", install)
-    monkeypatch.setattr(
-        lc.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, "CPU : AVX2 = 1 |", "")
-    )
+    monkeypatch.setattr(lc, "_probe", lambda cpu: ok if installed else None)
+    monkeypatch.setattr(lc, "_install_and_probe", install_and_probe)
     lines = []
     threads = [
         threading.Thread(target=lambda: lines.append(lc.ensure_llama_cpp(log=print))) for _ in range(2)

@@ -227,79 +227,86 @@ def amx_in(info: str) -> bool:
     return "AMX_INT8 = 1" in info
 
 
-def _install_native(build: bool, log) -> None:
-    wheel = find_wheel()
+def _name(cpu: str | None) -> str:
+    return f"{PACKAGE}=={LLAMA_CPP_VERSION}" + (f" for -march={cpu}" if cpu else "")
+
+
+def _probe(cpu: str | None) -> subprocess.CompletedProcess | None:
+    """Import llama_cpp as the worker will (a fresh interpreter: this one may hold an older build): its file
+    and `system_info` on stdout; None when it is not installed."""
+    if (cpu and not (variant_site(cpu) / "llama_cpp").is_dir()) or (
+        not cpu and installed_version() != LLAMA_CPP_VERSION
+    ):
+        return None
+    code = "import llama_cpp as l; print(l.__file__); print(l.llama_print_system_info().decode())"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=worker_env(cpu))
+
+
+def _why(probe: subprocess.CompletedProcess) -> str:
+    lines = probe.stderr.strip().splitlines()
+    return lines[-1][-300:] if lines else f"exit {probe.returncode}"
+
+
+def _install_and_probe(
+    cpu: str | None, *, build: bool, log, broken: str | None
+) -> subprocess.CompletedProcess:
+    """Install the cached wheel, building it when there is none, and probe the import. A cached wheel that
+    installs but does not import is rebuilt once: the wheelhouse is ours, so it repairs itself."""
+    install = (lambda w: install_variant(w, cpu)) if cpu else install_wheel
+    if broken:
+        log(f"{_name(cpu)} does not import ({broken}); reinstalling it")
+    wheel, fresh = find_wheel(wheelhouse(cpu)), False
     if wheel is None:
         if not build:
             raise UserError(
-                f"{PACKAGE}=={LLAMA_CPP_VERSION} is not installed and no wheel is cached; "
-                "build it with: python -m toolkit.bench.llama_cpp install"
+                f"{_name(cpu)} is not installed and no wheel is cached; build it with: "
+                f"python -m toolkit.bench.llama_cpp install" + (f" --cpu {cpu}" if cpu else "")
             )
-        amx = " + AMX" if cpu_has_amx() else ""
-        log(f"building {PACKAGE}=={LLAMA_CPP_VERSION} with clang-15{amx}, native (3-6 minutes, once)...")
-        wheel = build_wheel()
-    log(f"installing {wheel.name}")
-    install_wheel(wheel)
+        how = f"-march={cpu}" if cpu else "native" + (" + AMX" if cpu_has_amx() else "")
+        log(f"building {PACKAGE}=={LLAMA_CPP_VERSION} with clang-15, {how} (3-6 minutes, once)...")
+        wheel, fresh = build_wheel(cpu=cpu), True
+    log(f"installing {wheel.name}" + (f" into {variant_site(cpu)}" if cpu else ""))
+    install(wheel)
+    probe = _probe(cpu)
+    if probe is not None and probe.returncode != 0 and build and not fresh:
+        log(f"{_name(cpu)} from the cached {wheel.name} does not import ({_why(probe)}); rebuilding it")
+        install(build_wheel(cpu=cpu))
+        probe = _probe(cpu)
+    if probe is None:
+        raise UserError(f"{_name(cpu)} is not there after installing", wheel)
+    return probe
 
 
 def ensure_llama_cpp(*, build: bool = True, log=print, cpu: str | None = None) -> str:
     """Make llama-cpp-python LLAMA_CPP_VERSION importable: installed, else the cached wheel, else build it;
-    with `cpu`, the `-march=cpu` build in its own folder (`variant_site`).
+    with `cpu`, the `-march=cpu` build in its own folder (`variant_site`). An install that no longer imports
+    is reinstalled, and its wheel rebuilt if that does not help.
 
     Returns its `system_info` line. On an AMX CPU a build without AMX is refused: it is not the reference.
     """
-    if cpu:
-        return _ensure_variant(cpu, build=build, log=log)
-    if installed_version() != LLAMA_CPP_VERSION:
-        from ..locks import output_lock
+    from ..locks import output_lock
 
-        with output_lock(wheelhouse()):  # a second bench waits for the first one's build and install
+    probe = _probe(cpu)
+    if probe is None or probe.returncode != 0:
+        # a second bench waits for the first one's build and install, then finds it
+        with output_lock(variant_site(cpu) if cpu else wheelhouse()):
             importlib.invalidate_caches()
-            if installed_version() != LLAMA_CPP_VERSION:
-                _install_native(build, log)
-    # a fresh interpreter: this one may have imported an older build already
-    info = subprocess.run(
-        [sys.executable, "-c", "import llama_cpp as l; print(l.llama_print_system_info().decode())"],
-        capture_output=True,
-        text=True,
-    )
-    if info.returncode != 0:
-        raise UserError(f"llama_cpp does not import: {info.stderr.strip()[-500:]}")
-    line = info.stdout.strip()
-    if cpu_has_amx() and not amx_in(line):
+            probe = _probe(cpu)
+            if probe is None or probe.returncode != 0:
+                broken = _why(probe) if probe is not None else None
+                probe = _install_and_probe(cpu, build=build, log=log, broken=broken)
+    if probe.returncode != 0:
+        raise UserError(f"{_name(cpu)} does not import: {_why(probe)}")
+    where, _, line = probe.stdout.strip().partition("\n")
+    if cpu:
+        if not Path(where).resolve().is_relative_to(variant_site(cpu).resolve()):
+            raise UserError(f"the worker imports llama_cpp from {where}, not the -march={cpu} build")
+        check_variant_info(line, cpu)
+    elif cpu_has_amx() and not amx_in(line):
         raise UserError(
             "the installed llama-cpp-python was built without AMX (2-3x slower here, not a fair reference); "
             "rebuild it with: python -m toolkit.bench.llama_cpp install --rebuild"
         )
-    return line
-
-
-def _ensure_variant(cpu: str, *, build: bool, log) -> str:
-    from ..locks import output_lock
-
-    with output_lock(variant_site(cpu)):  # a second bench waits for the build, then finds it
-        if not (variant_site(cpu) / "llama_cpp").is_dir():
-            wheel = find_wheel(wheelhouse(cpu))
-            if wheel is None:
-                if not build:
-                    raise UserError(
-                        f"{PACKAGE}=={LLAMA_CPP_VERSION} for -march={cpu} is not built; build it with: "
-                        f"python -m toolkit.bench.llama_cpp install --cpu {cpu}"
-                    )
-                log(
-                    f"building {PACKAGE}=={LLAMA_CPP_VERSION} with clang-15, -march={cpu} (3-6 minutes, once)"
-                )
-                wheel = build_wheel(cpu=cpu)
-            log(f"installing {wheel.name} into {variant_site(cpu)}")
-            install_variant(wheel, cpu)
-    code = "import llama_cpp as l; print(l.__file__); print(l.llama_print_system_info().decode())"
-    info = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=worker_env(cpu))
-    if info.returncode != 0:
-        raise UserError(f"llama_cpp for -march={cpu} does not import: {info.stderr.strip()[-500:]}")
-    where, _, line = info.stdout.strip().partition("\n")
-    if not Path(where).resolve().is_relative_to(variant_site(cpu).resolve()):
-        raise UserError(f"the worker imports llama_cpp from {where}, not the -march={cpu} build")
-    check_variant_info(line, cpu)
     return line.strip()
 
 
@@ -627,8 +634,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(ensure_llama_cpp(cpu=cpu))
             return 0
         if "--rebuild" in args:
-            print(f"built {build_wheel()}")
-            install_wheel(find_wheel())  # type: ignore[arg-type]
+            from ..locks import output_lock
+
+            with output_lock(wheelhouse()):
+                wheel = build_wheel()
+                print(f"built {wheel}")
+                install_wheel(wheel)
         print(ensure_llama_cpp())
         return 0
     if args[:1] == ["info"]:
