@@ -5,16 +5,24 @@ Python) back as a bare RuntimeError, so the exception that reaches the top does 
 Ctrl-C, and code that tries a schedule and takes any error for "does not apply" may swallow it and go on.
 While `watching`, a SIGINT handler notes that it fired, then raises KeyboardInterrupt as Python's own does;
 the command's end asks whether it fired.
+
+Between the command's end and the process's (joining threads, exit-time cleanup) a KeyboardInterrupt would
+print "Exception ignored" and a traceback and still exit 0: `exiting` lets that cleanup finish, then exits
+130 with one line; a second Ctrl-C exits at once.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 _fired = False
+_fired_exiting = False
 
 
 def _on_sigint(signum, frame) -> None:
@@ -57,3 +65,37 @@ def fired() -> bool:
 def interrupted(error: BaseException) -> bool:
     """Whether `error` is the user's Ctrl-C: a KeyboardInterrupt, or any error raised after SIGINT fired."""
     return isinstance(error, KeyboardInterrupt) or _fired
+
+
+def _stop_now() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed pipe: nothing more to say on it
+            pass
+    os.write(2, b"error: interrupted\n")
+    os._exit(130)
+
+
+def _on_sigint_exiting(signum, frame) -> None:
+    global _fired_exiting
+    if _fired_exiting:
+        _stop_now()
+    _fired_exiting = True
+
+
+def exiting() -> None:
+    """The command is over: from here a Ctrl-C is noted, not raised (main thread only, over Python's default
+    handler: a process started with SIGINT ignored keeps ignoring it)."""
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    ):
+        signal.signal(signal.SIGINT, _on_sigint_exiting)
+
+
+# registered at import, before the libraries a command loads: atexit runs it after their cleanup
+@atexit.register
+def _exit_interrupted() -> None:
+    if _fired_exiting:
+        _stop_now()

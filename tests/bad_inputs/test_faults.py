@@ -227,6 +227,51 @@ def test_ctrl_c_that_a_library_swallows_or_rewraps_still_ends_the_command_as_one
     assert r.exit_code == 130 and r.stderr.strip() == "error: interrupted", r.output
 
 
+EXIT_TIME_CTRL_C = """
+import atexit, os, signal, sys, time
+import toolkit.cli as cli
+
+presses, sleep = int(sys.argv[1]), float(sys.argv[2])
+sys.argv[1:] = sys.argv[3:]
+real = cli._Group.invoke
+
+
+def cleanup():
+    for _ in range(presses):
+        os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(sleep)
+    print("cleanup went on", file=sys.stderr)
+
+
+def invoke(self, ctx):
+    result = real(self, ctx)
+    atexit.register(cleanup)  # registered after the command: atexit runs it first, as exit-time cleanup
+    return result
+
+
+cli._Group.invoke = invoke
+cli.run()
+"""
+
+
+@pytest.mark.parametrize("presses", [0, 1, 2])
+def test_ctrl_c_while_the_process_exits_is_one_line_and_exit_130(presses) -> None:
+    """After the command, during thread joins and atexit cleanup: one Ctrl-C lets the cleanup finish, then
+    exits 130 with one line (Python alone prints "Exception ignored" and a traceback, and exits 0); a second
+    exits at once (the cleanup here would sleep 60 s: the timeout fails the test)."""
+    sleep = "60" if presses == 2 else "0.2"
+    cmd = [sys.executable, "-c", EXIT_TIME_CTRL_C, str(presses), sleep, "targets", "host"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, preexec_fn=_default_sigint)
+    assert "host" in proc.stdout and "Traceback" not in proc.stderr, proc.stderr
+    if presses == 0:
+        assert proc.returncode == 0 and proc.stderr == "cleanup went on\n", proc.stderr
+    elif presses == 1:
+        assert proc.returncode == 130, proc.stderr
+        assert proc.stderr == "cleanup went on\nerror: interrupted\n", proc.stderr
+    else:
+        assert proc.returncode == 130 and proc.stderr == "error: interrupted\n", proc.stderr
+
+
 # -- caches that heal ----------------------------------------------------------------------------------
 @pytest.fixture
 def fake_compile(monkeypatch, tmp_path):

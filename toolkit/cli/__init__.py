@@ -94,3 +94,12 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="phi3")
 def main() -> None:
     """Compile, quantize, run and benchmark Phi-3 family models (TVM and Core ML)."""
+
+
+def run() -> None:
+    """The `phi3` program: `main`, then a Ctrl-C during the process's own exit is one line and exit 130
+    (`interrupts.exiting`). Not in `main` itself: a test that invokes it in-process keeps its own Ctrl-C."""
+    try:
+        main(prog_name="phi3")
+    finally:
+        interrupts.exiting()

@@ -1,5 +1,5 @@
 """`python -m toolkit.cli` = `phi3` (for a checkout that is not installed)."""
 
-from . import main
+from . import run
 
-main(prog_name="phi3")
+run()
