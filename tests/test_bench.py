@@ -217,6 +217,19 @@ def test_run_bench_schema_with_test_doubles(tmp_path, monkeypatch):
             )
     assert "probed just before and after each step" in harness.format_table(res)
     assert "device:" not in harness.format_table(res) and res["llama_cpp"]["march"] == "native"
+    # the CPU, its vector extensions and the load stand above the numbers
+    from tvm.target import codegen
+
+    from toolkit import hostinfo
+
+    m = res["machine"]
+    assert m["isa_flags"] == hostinfo.isa_flags() and m["llvm_cpu"] == codegen.llvm_get_system_cpu()
+    machine = harness.format_table(res).splitlines()[1]
+    assert machine.startswith(f"machine: {m['cpu']} (LLVM {m['llvm_cpu']}), {m['cores']} cpus; ")
+    assert " ".join(m["isa_flags"]) in machine
+    assert machine.endswith(
+        f"load average {m['loadavg_before'][0]:.2f} before, {m['loadavg_after'][0]:.2f} after"
+    )
     # another CPU class's code: the table says so above its numbers
     pinned = {**res, "settings": {**res["settings"], "device": "host:znver3"}}
     pinned["llama_cpp"] = {**res["llama_cpp"], "march": "znver3"}
@@ -675,6 +688,21 @@ def test_serve_bench_summary_percentiles():
     assert res["ttft_p50_s"] == pytest.approx(50.5) and res["ttft_p99_s"] == pytest.approx(99.01)
 
 
+def test_serve_bench_table_names_the_cpu_and_its_extensions():
+    from toolkit.bench.serve import format_table
+
+    level = {"aggregate_tok_s": 10.0, "ttft_p50_s": 0.1, "ttft_p99_s": 0.2}
+    res = {
+        "machine": {"cpu": "AMD EPYC", "cpus": 2, "isa_flags": ["avx2", "avx512_vnni"]},
+        "levels": [{"streams": 1, "ours": level, "llama_cpp": level, "throughput_ratio": 1.0}],
+        "loadavg_before": [0.5, 0.4, 0.3],
+        "loadavg_after": [1.0, 0.9, 0.8],
+    }
+    rows = format_table(res).splitlines()
+    assert rows[0] == "machine: AMD EPYC, 2 cpus; avx2 avx512_vnni"
+    assert rows[-1] == "load average before 0.50 0.40 0.30, after 1.00 0.90 0.80"
+
+
 def test_serve_bench_server_that_fails_to_start_is_one_line():
     from toolkit.bench.serve import ServerProcess
     from toolkit.errors import UserError
@@ -759,6 +787,9 @@ def test_bench_serve_script_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert [e["streams"] for e in res["levels"]] == [1, 2]
+    from toolkit.hostinfo import isa_flags
+
+    assert res["machine"]["isa_flags"] == isa_flags()
     for e in res["levels"]:
         for name in ("ours", "llama_cpp"):
             assert e[name]["requests"] == e["streams"] and e[name]["tokens"] == 4 * e["streams"]

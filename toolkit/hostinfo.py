@@ -8,6 +8,7 @@ The one parser for the tuned-records fingerprint (`compile.tuned_records`), the 
 
 from __future__ import annotations
 
+import platform
 from functools import cache
 from pathlib import Path
 
@@ -39,6 +40,41 @@ def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (x86 `flags`, ARM `Features`); empty when unknown."""
     f = _fields()
     return frozenset((f.get("flags") or f.get("Features") or "").split())
+
+
+def cpu_name() -> str:
+    """The model name, else what `platform` says (for reports: never empty where the OS knows anything)."""
+    return cpu_model() or platform.processor()
+
+
+# The flags (as /proc/cpuinfo spells them) of the vector extensions the host kernels choose paths by: what
+# a tuned record's speed depends on, and what a benchmark table must name beside its numbers
+ISA_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+    "asimd",
+    "asimddp",
+    "i8mm",
+    "sve",
+)
+
+
+def isa_flags() -> list[str]:
+    """This CPU's ISA_FLAGS, sorted."""
+    return sorted(f for f in cpu_flags() if f in ISA_FLAGS)
 
 
 CPU_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")

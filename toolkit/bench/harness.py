@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import UserError
+from ..hostinfo import cpu_name, isa_flags
 from ..outputs import save_figure
 from .pairing import engine_pairs, paired_decode, summarize_pairs
 from .timing import Backend, peak_rss_bytes, summarize_runs, timed_generation
@@ -253,12 +254,6 @@ def measure_bandwidth(threads: Sequence[int], nbytes: int) -> dict[str, float]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _cpu_name() -> str:
-    from ..hostinfo import cpu_model
-
-    return cpu_model() or platform.processor()
-
-
 def _ours_key(index: int, kv_cache: str | None) -> str:
     """Runner / pairs key of our engine with the `index`-th listed KV dtype: the first is plain `ours`."""
     return "ours" if index == 0 else f"ours_kv_{kv_cache}"
@@ -364,12 +359,16 @@ def run_bench(
         )
         results.append(entry)
 
+    from tvm.target import codegen
+
     out: dict[str, Any] = {
         "schema": SCHEMA,
         "model": _model_info(model, config, s),
         "settings": asdict(s),
         "machine": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
+            "llvm_cpu": codegen.llvm_get_system_cpu(),
+            "isa_flags": isa_flags(),
             "cores": os.cpu_count(),
             "loadavg_before": list(load_before),
             "loadavg_after": list(os.getloadavg()),
@@ -487,6 +486,19 @@ def _fmt(stat: dict[str, float]) -> str:
     return f"{stat['median']:.2f} [{stat['min']:.2f}-{stat['max']:.2f}]"
 
 
+def _machine_line(m: dict[str, Any]) -> str:
+    """The CPU, its vector extensions and the load around the run: a number means little without them."""
+    cpu = m.get("cpu") or "unknown CPU"
+    if m.get("llvm_cpu"):
+        cpu += f" (LLVM {m['llvm_cpu']})"
+    parts = [f"machine: {cpu}, {m.get('cores', '?')} cpus"]
+    if m.get("isa_flags"):
+        parts.append(" ".join(m["isa_flags"]))
+    if "loadavg_before" in m and "loadavg_after" in m:
+        parts.append(f"load average {m['loadavg_before'][0]:.2f} before, {m['loadavg_after'][0]:.2f} after")
+    return "; ".join(parts)
+
+
 def format_table(result: dict[str, Any]) -> str:
     """A plain-text table: one row per thread count and backend, headline prompt length."""
     lines = [f"model: {result['model']['path'] or 'default model'} ({result['model']['quantization']})"]
@@ -495,6 +507,7 @@ def format_table(result: dict[str, Any]) -> str:
         march = result.get("llama_cpp", {}).get("march")
         both = f"; llama.cpp -march={march}" if march else ""
         lines.append(f"device: {device} (code for CPU {device.split(':', 1)[1]}{both}; run on this machine)")
+    lines.append(_machine_line(result.get("machine", {})))
     lines.append(
         f"{'threads':>7}  {'backend':<16} {'prefill tok/s':>24} {'decode tok/s':>24} {'roofline':>9}"
     )

@@ -35,6 +35,7 @@ import httpx
 import numpy as np
 
 from ..errors import UserError
+from ..hostinfo import cpu_name, isa_flags
 from ..outputs import save_figure
 
 # distinct story openers: streams do not share a prompt (no server caches prefixes here, but to be sure)
@@ -314,7 +315,12 @@ def run_serve_bench(st: ServeBenchSettings, log=print) -> dict[str, Any]:
             srv.wait_ready(st.startup_timeout_s)
         result: dict[str, Any] = {
             "settings": {**asdict(st), "gguf": str(st.gguf)},
-            "machine": {"cpu": _cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform()},
+            "machine": {
+                "cpu": cpu_name(),
+                "isa_flags": isa_flags(),
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+            },
             "versions": {
                 "llama_cpp_python": _version("llama-cpp-python"),
                 "toolkit": _version("phi3-toolkit"),
@@ -355,14 +361,11 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _cpu_model() -> str:
-    from ..hostinfo import cpu_model
-
-    return cpu_model() or platform.processor()
-
-
 def format_table(result: dict[str, Any]) -> str:
-    rows = [f"{'streams':>7}  {'server':9}  {'tok/s':>8}  {'TTFT p50 ms':>11}  {'TTFT p99 ms':>11}"]
+    m = result.get("machine", {})
+    flags = " ".join(m.get("isa_flags", []))
+    rows = [f"machine: {m.get('cpu') or 'unknown CPU'}, {m.get('cpus', '?')} cpus; {flags}"]
+    rows.append(f"{'streams':>7}  {'server':9}  {'tok/s':>8}  {'TTFT p50 ms':>11}  {'TTFT p99 ms':>11}")
     for e in result["levels"]:
         for name in ("ours", "llama_cpp"):
             r = e[name]

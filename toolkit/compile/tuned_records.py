@@ -30,27 +30,6 @@ DB_RECORDS = "database_tuning_record.json"
 INDEX = "index.json"
 
 
-_ISA_FLAGS = (
-    "sse4_2",
-    "avx",
-    "avx2",
-    "fma",
-    "f16c",
-    "avx512f",
-    "avx512bw",
-    "avx512vl",
-    "avx512_vnni",
-    "avx512_bf16",
-    "avx512_fp16",
-    "amx_tile",
-    "amx_int8",
-    "amx_bf16",
-    "asimd",
-    "asimddp",
-    "sve",
-)
-
-
 def device_fingerprint(preset: Preset, rpc_key: str | None = None) -> dict:
     """What a record's speed depends on. `match` is the part that must be equal for records to apply: for
     the host preset this CPU's model and ISA flags plus the target; for other presets (compiled here, run on
@@ -67,10 +46,9 @@ def device_fingerprint(preset: Preset, rpc_key: str | None = None) -> dict:
 
 
 def _cpu_info() -> tuple[str, list[str]]:
-    from ..hostinfo import cpu_flags, cpu_model
+    from ..hostinfo import cpu_model, isa_flags
 
-    model = platform.processor() or cpu_model()
-    return model, sorted(f for f in cpu_flags() if f in _ISA_FLAGS)
+    return platform.processor() or cpu_model(), isa_flags()
 
 
 def records_dir(preset: Preset, schedules_root: Path | str | None = None) -> Path:
