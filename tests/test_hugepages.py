@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tvm
 
-from toolkit.hugepages import ALIGN, HUGE_PAGE, TRIM_BYTES, in_huge_pages, thp_mode
+from toolkit.hugepages import ALIGN, HUGE_PAGE, TRIM_BYTES, copy_runs, in_huge_pages, thp_mode
 
 
 def _huge_kib_at(address: int) -> int:
@@ -41,6 +41,34 @@ def test_weights_move_into_one_huge_page_mapping_with_their_values() -> None:
     # one after another in one mapping, so the small tensors share the big one's huge pages
     assert starts[1] == starts[0] + big.nbytes and starts[2] == starts[1] + ALIGN
     assert _huge_kib_at(starts[0]) >= 2 * HUGE_PAGE // 1024, "no huge pages behind the weights"
+
+
+@pytest.mark.parametrize("offset", [0, 64, HUGE_PAGE - 256])
+@pytest.mark.parametrize("nbytes", [4 * HUGE_PAGE, 9 * HUGE_PAGE + 37, HUGE_PAGE // 2])
+@pytest.mark.parametrize("runs", [2, 3])
+def test_parallel_copy_runs_cover_the_tensor_and_never_share_a_huge_page(offset, nbytes, runs) -> None:
+    """A large tensor is copied by several threads, each faulting its own huge pages: the runs tile the
+    tensor, and every cut falls on a page boundary of the destination."""
+    address = 7 * HUGE_PAGE + offset
+    got = copy_runs(address, nbytes, runs)
+    assert got[0][0] == 0 and got[-1][1] == nbytes
+    assert all(a < b for a, b in got) and all(b == c for (_, b), (c, _) in zip(got, got[1:]))
+    assert all((address + b) % HUGE_PAGE == 0 for _, b in got[:-1])
+    assert len(got) <= runs + (offset != 0)
+
+
+def test_a_large_tensor_that_starts_mid_page_is_copied_whole() -> None:
+    """After a small tensor the next one starts inside a huge page: the parallel copy's head run and its
+    odd-sized tail carry the same bytes as the source."""
+    if thp_mode() not in ("always", "madvise"):
+        pytest.skip(f"transparent huge pages are {thp_mode()!r} here")
+    rng = np.random.default_rng(1)
+    small = rng.standard_normal(100).astype(np.float32)
+    big = rng.integers(0, 256, 9 * HUGE_PAGE + 37, dtype=np.uint8)
+    out = in_huge_pages([tvm.runtime.tensor(small), tvm.runtime.tensor(big)], tvm.cpu())
+    assert np.from_dlpack(out[1]).ctypes.data % HUGE_PAGE != 0
+    np.testing.assert_array_equal(out[0].numpy(), small)
+    np.testing.assert_array_equal(out[1].numpy(), big)
 
 
 def test_dtypes_numpy_cannot_view_stay_where_they_are() -> None:

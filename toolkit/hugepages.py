@@ -10,13 +10,19 @@ loader has already filled the weights by the time we get them, so each one is co
 2 MiB-aligned anonymous mapping advised before the copies (all weights in one, small ones too), then
 handed to TVM without a copy (DLPack). Each old tensor is released before the next copy, and the freed
 pages are returned to the system every TRIM_BYTES: peak memory is the weights plus about that much.
+
+The copies fault the huge pages in, and the kernel has to assemble each one (compaction, zeroing): most of
+the time goes there, not into the copy itself. A large tensor is copied by one thread per CPU, each its own
+run of whole huge pages, so the faults are taken in parallel.
 """
 
 from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +34,7 @@ THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 KDL_CPU = 1
 ALIGN = 256  # bytes between tensors in the shared mapping (TVM's kernels assume 64)
 TRIM_BYTES = 128 << 20  # old copies freed between two returns of heap pages: the peak above the weights
+PARALLEL_BYTES = 4 * HUGE_PAGE  # smaller tensors are copied by the calling thread alone
 
 
 def thp_mode() -> str | None:
@@ -77,22 +84,43 @@ def in_huge_pages(params: list, device) -> list:
     # peaks at the weights twice, just before the end
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; other C libraries differ
     region, at, freed = huge_region(total), 0, 0
-    for i, n in enumerate(sizes):
-        if not n:
-            continue
-        src = np.from_dlpack(params[i])
-        dst = region[at : at + n].view(src.dtype).reshape(src.shape)
-        np.copyto(dst, src)
-        del src
-        params[i] = tvm.runtime.from_dlpack(dst)  # the old tensor goes now
-        at += _aligned(n)
-        freed += n
-        if trim is not None and freed >= TRIM_BYTES:
-            trim(0)
-            freed = 0
+    workers = os.cpu_count() or 1
+    with ThreadPoolExecutor(workers) as pool:
+        for i, n in enumerate(sizes):
+            if not n:
+                continue
+            src = np.from_dlpack(params[i])
+            dst = region[at : at + n].view(src.dtype).reshape(src.shape)
+            _copy(dst, src, region.ctypes.data + at, pool, workers if n >= PARALLEL_BYTES else 1)
+            del src
+            params[i] = tvm.runtime.from_dlpack(dst)  # the old tensor goes now
+            at += _aligned(n)
+            freed += n
+            if trim is not None and freed >= TRIM_BYTES:
+                trim(0)
+                freed = 0
     if trim is not None:
         trim(0)
     return params
+
+
+def _copy(dst: np.ndarray, src: np.ndarray, address: int, pool: ThreadPoolExecutor, runs: int) -> None:
+    """dst[...] = src on the pool's threads, in `copy_runs(address, dst.nbytes, runs)`; numpy releases the
+    GIL while it copies."""
+    if runs <= 1:
+        np.copyto(dst, src)
+        return
+    d, s = dst.reshape(-1).view(np.uint8), src.reshape(-1).view(np.uint8)
+    list(pool.map(lambda r: np.copyto(d[r[0] : r[1]], s[r[0] : r[1]]), copy_runs(address, d.size, runs)))
+
+
+def copy_runs(address: int, nbytes: int, runs: int) -> list[tuple[int, int]]:
+    """(start, end) byte ranges that cover nbytes at `address`, about `runs` of them (one more for a head
+    before the first huge-page boundary), every cut on a huge-page boundary: no two share a page."""
+    first = min(-(-address // HUGE_PAGE) * HUGE_PAGE - address, nbytes)  # bytes before the first boundary
+    per = max(1, -(-(nbytes - first) // HUGE_PAGE // runs)) * HUGE_PAGE
+    cuts = ([0] if first else []) + list(range(first, nbytes, per)) + [nbytes]
+    return list(zip(cuts, cuts[1:]))
 
 
 def _nbytes(t) -> int:
