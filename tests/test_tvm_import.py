@@ -49,3 +49,15 @@ def test_without_the_hook_tvm_imports_torch():
         """
     )
     assert "torch after tvm: True" in out, out
+
+
+def test_the_python_api_imports_tvm_without_torch_too():
+    out = _run(
+        """
+        import sys
+        import toolkit.api as phi3
+        from toolkit.runtime import engine  # what phi3.load imports: TVM's runtime
+        print("torch after tvm:", "torch" in sys.modules, "tvm" in sys.modules)
+        """
+    )
+    assert "torch after tvm: False True" in out, out

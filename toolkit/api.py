@@ -24,6 +24,11 @@ from typing import TYPE_CHECKING, Any
 from .errors import UserError
 from .runtime.options import GenerationOptions
 from .runtime.request import Generation, Step
+from .tvm_compat import tvm_without_torch
+
+# the API's first `import tvm` skips torch as the `phi3` command's does (tvm_compat.py); no effect where the
+# caller imported torch or TVM first
+tvm_without_torch()
 
 if TYPE_CHECKING:
     from .runtime.engine import Engine
