@@ -132,3 +132,65 @@ def test_peak_memory_is_the_weights_plus_a_bounded_margin(tmp_path) -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     grew = int(r.stdout)
     assert grew <= (TRIM_BYTES >> 20) + 64, f"peak grew {grew} MiB for 384 MiB of weights already in memory"
+
+
+# -- a weights folder read straight into huge pages (runtime/weights.py) ---------------------------------
+def _weights_folder(tmp_path):
+    from toolkit.checkpoint.mlc_format import write_tensor_cache
+
+    rng = np.random.default_rng(2)
+    arrays = {
+        "a.q_weight": rng.integers(0, 2**32, (1536, 1024), dtype=np.uint32),  # 6 MiB: split among threads
+        "a.q_scale": rng.standard_normal((1536, 32)).astype(np.float16),
+        "norm.weight": rng.standard_normal(1000).astype(np.float32),
+        "b.q_weight": rng.integers(0, 2**32, (700, 1000), dtype=np.uint32),
+    }
+    folder = tmp_path / "w"
+    write_tensor_cache(arrays.items(), folder, shard_cap=4 << 20)  # several shards, one tensor alone
+    meta = [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype)} for n, a in arrays.items()]
+    return folder, meta[::-1], arrays  # the library's order need not be the folder's
+
+
+def test_weights_read_from_their_shards_into_huge_pages_equal_tvms_loader(tmp_path) -> None:
+    from toolkit.runtime.weights import load_mlc_params
+
+    if thp_mode() not in ("always", "madvise"):
+        pytest.skip(f"transparent huge pages are {thp_mode()!r} here")
+    folder, meta, arrays = _weights_folder(tmp_path)
+    by_tvm = load_mlc_params(folder, meta, tvm.cpu())
+    placed = load_mlc_params(folder, meta, tvm.cpu(), huge_pages=True)
+    for p, ref, got in zip(meta, by_tvm, placed):
+        np.testing.assert_array_equal(got.numpy(), arrays[p["name"]])
+        np.testing.assert_array_equal(ref.numpy(), arrays[p["name"]])
+        assert got.dtype == ref.dtype and tuple(got.shape) == tuple(ref.shape)
+    starts = [np.from_dlpack(t).ctypes.data for t in placed]
+    assert starts[0] % HUGE_PAGE == 0 and all(a % ALIGN == 0 for a in starts)
+    assert _huge_kib_at(starts[-1]) >= 2 * HUGE_PAGE // 1024, "no huge pages behind the weights"
+
+
+def test_records_the_reader_cannot_place_go_through_tvms_loader(tmp_path) -> None:
+    import json
+
+    from toolkit.checkpoint.mlc_format import CACHE_JSON
+    from toolkit.runtime.weights import _read_into_huge_pages
+
+    folder, meta, _ = _weights_folder(tmp_path)
+    cache = json.loads((folder / CACHE_JSON).read_text())
+    rec = next(r for s in cache["records"] for r in s["records"] if r["name"] == "norm.weight")
+    rec["format"] = "f32-to-bf16"  # MLC's encoding: bytes to decode, not to place
+    (folder / CACHE_JSON).write_text(json.dumps(cache))
+    assert _read_into_huge_pages(folder, meta) is None
+
+
+def test_a_shard_shorter_than_its_records_is_one_error(tmp_path) -> None:
+    from toolkit.errors import UserError
+    from toolkit.runtime.weights import _read_into_huge_pages
+
+    if thp_mode() not in ("always", "madvise"):
+        pytest.skip(f"transparent huge pages are {thp_mode()!r} here")
+    folder, meta, _ = _weights_folder(tmp_path)
+    shard = max(folder.glob("params_shard_*.bin"), key=lambda p: p.stat().st_size)
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    with pytest.raises(UserError, match="runs past the end of its shard"):
+        _read_into_huge_pages(folder, meta)

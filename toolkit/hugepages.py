@@ -5,15 +5,16 @@ Decode reads every weight once per token, in long runs. On 4 KiB pages the CPU's
 page boundary and each page costs a TLB walk; on 2 MiB pages the same GEMVs read faster (Phi-3-mini
 shapes, Sapphire Rapids VM, 2 threads: shared/notes and the closing notes give the figures). Linux backs
 memory with huge pages only where asked (`madvise(MADV_HUGEPAGE)`, THP mode "madvise", the common
-default) or everywhere ("always"), and only for 2 MiB-aligned ranges touched after the advice. TVM's
-loader has already filled the weights by the time we get them, so each one is copied once into a
-2 MiB-aligned anonymous mapping advised before the copies (all weights in one, small ones too), then
-handed to TVM without a copy (DLPack). Each old tensor is released before the next copy, and the freed
-pages are returned to the system every TRIM_BYTES: peak memory is the weights plus about that much.
+default) or everywhere ("always"), and only for 2 MiB-aligned ranges touched after the advice. So the
+weights go into one 2 MiB-aligned anonymous mapping advised before it is written (all weights in one,
+small ones too), and are handed to TVM without a copy (DLPack): a weights folder's shards are read
+straight into it (`huge_arrays`, runtime/weights.py); tensors already loaded are copied into it
+(`in_huge_pages`), each old one released before the next copy and the freed pages returned to the system
+every TRIM_BYTES, so that peak memory is the weights plus about that much.
 
-The copies fault the huge pages in, and the kernel has to assemble each one (compaction, zeroing): most of
-the time goes there, not into the copy itself. A large tensor is copied by one thread per CPU, each its own
-run of whole huge pages, so the faults are taken in parallel.
+Writing faults the huge pages in, and the kernel has to assemble each one (compaction, zeroing): most of
+the time goes there, not into the bytes themselves. A large tensor is written by one thread per CPU, each
+its own run of whole huge pages, so the faults are taken in parallel.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import ctypes
 import mmap
 import os
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -102,6 +104,29 @@ def in_huge_pages(params: list, device) -> list:
     if trim is not None:
         trim(0)
     return params
+
+
+def huge_arrays(specs: list[tuple[tuple[int, ...], np.dtype]], fill: Callable[[int, int, np.ndarray], None]):
+    """Arrays of the (shape, dtype) `specs`, one after another in one mapping on huge pages (ALIGN bytes
+    apart, as `in_huge_pages` places them), their bytes written by `fill(i, start, dst)`: dst is bytes
+    start .. start + dst.size of array i as uint8. The calls run on one thread per CPU, a large array's
+    split among them in runs of whole pages (`copy_runs`); fill must release the GIL to gain from that
+    (a file read, a numpy copy)."""
+    sizes = [int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in specs]
+    region = huge_region(max(1, sum(_aligned(n) for n in sizes)))
+    workers, at, arrays, jobs = os.cpu_count() or 1, 0, [], []
+    for i, ((shape, dtype), n) in enumerate(zip(specs, sizes, strict=True)):
+        raw = region[at : at + n]
+        runs = copy_runs(region.ctypes.data + at, n, workers) if n >= PARALLEL_BYTES else [(0, n)]
+        jobs += [(i, a, raw[a:b]) for a, b in runs if b > a]
+        arrays.append(raw.view(dtype).reshape(shape))
+        at += _aligned(n)
+    pool = ThreadPoolExecutor(workers)
+    try:
+        list(pool.map(lambda job: fill(*job), jobs))
+    finally:  # an error or a Ctrl-C: the runs not started are dropped, not read
+        pool.shutdown(cancel_futures=True)
+    return arrays
 
 
 def _copy(dst: np.ndarray, src: np.ndarray, address: int, pool: ThreadPoolExecutor, runs: int) -> None:

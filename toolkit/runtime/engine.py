@@ -302,7 +302,6 @@ def load_engine(
     (Engine, ModelSource). `kv_cache` overrides a CPU preset's KV cache dtype."""
     from ..checkpoint import ModelSource, open_model
     from ..compile.compile_model import compiled_for, is_compiled
-    from ..hugepages import in_huge_pages
     from ..quantization import quantization_for
     from ..targets import load_preset
     from .weights import converting_alongside, load_params
@@ -332,9 +331,8 @@ def load_engine(
             compiled = compiled_for(source.config, quantization, preset)
     size_thread_pool(threads)  # None: one per physical core
     lib = tvm.runtime.load_module(str(compiled.library))
-    params = load_params(source, compiled, dev)
-    if preset.kind == "llvm":  # decode streams the weights: 2 MiB pages read faster than 4 KiB ones
-        params = in_huge_pages(params, dev)
+    # decode streams the weights: on the host 2 MiB pages read faster than 4 KiB ones (hugepages.py)
+    params = load_params(source, compiled, dev, huge_pages=preset.kind == "llvm")
     eng = Engine(lib, params, source.config, dtype=compiled.manifest["dtype"], device=dev, cache=cache)
     eng.compiled = compiled
     return eng, source

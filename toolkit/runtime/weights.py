@@ -8,6 +8,7 @@ always produce the same bytes.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from collections.abc import Iterable, Iterator
@@ -89,7 +90,12 @@ def converting_alongside(source: ModelSource, quantization: str) -> Iterator[Non
 
 
 def _cached_converted(
-    source: ModelSource, scheme, compiled: CompiledModel, device, param_meta: list[dict] | None
+    source: ModelSource,
+    scheme,
+    compiled: CompiledModel,
+    device,
+    param_meta: list[dict] | None,
+    huge_pages: bool,
 ) -> list[tvm.runtime.Tensor]:
     """Load the cached conversion, converting on first use; a damaged entry (truncated shard, bad json) is
     ours to rebuild, once, with a notice."""
@@ -97,12 +103,16 @@ def _cached_converted(
     with output_lock(folder):
         ensure_converted(source, scheme)
         try:
-            return load_params(open_model(folder), compiled, device, param_meta, cache_entry=True)
+            return load_params(
+                open_model(folder), compiled, device, param_meta, cache_entry=True, huge_pages=huge_pages
+            )
         except UserError as e:
             print(f"notice: cached weights {folder} are damaged ({e}); rebuilding them", file=sys.stderr)
             shutil.rmtree(folder)
             convert_into_cache(source, scheme, folder)
-            return load_params(open_model(folder), compiled, device, param_meta, cache_entry=True)
+            return load_params(
+                open_model(folder), compiled, device, param_meta, cache_entry=True, huge_pages=huge_pages
+            )
 
 
 def _verify_shards(folder: Path, shards: list[str], cache_entry: bool) -> None:
@@ -127,14 +137,18 @@ def _verify_shards(folder: Path, shards: list[str], cache_entry: bool) -> None:
 
 
 def load_mlc_params(
-    folder: Path, param_meta: list[dict], device, cache_entry: bool = False
+    folder: Path, param_meta: list[dict], device, cache_entry: bool = False, huge_pages: bool = False
 ) -> list[tvm.runtime.Tensor]:
     """A weights folder's tensors in the library's parameter order, loaded the way MLC-LLM's engine loads
     them (cpp/serve/function_table.cc `LoadParams`): `vm.builtin.tensor_cache.load`, then
     `param_array_from_cache_by_name` with the names of the library's `_metadata`, then
     `tensor_cache.clear`. Names, shapes, dtypes and shard checksums are checked first, so a mismatch or a
     damaged file is a one-line error here rather than a crash inside TVM (`cache_entry`: a folder of our
-    cache, see `_verify_shards`)."""
+    cache, see `_verify_shards`).
+
+    `huge_pages` (host libraries: decode streams the weights, see hugepages.py): the tensors end on huge
+    pages; raw records are read from their shards straight into place, in parallel, instead of TVM's
+    loader filling its own tensors and those being copied (`in_huge_pages`, the way for anything else)."""
     stored, shards = {}, []
     for shard in read_cache_json(folder)["records"]:
         shards.append(shard["dataPath"])  # the shards the json names: only they count
@@ -150,6 +164,17 @@ def load_mlc_params(
                 folder,
             )
     _verify_shards(folder, sorted(shards), cache_entry)
+    if huge_pages and device.dlpack_device_type() == tvm.cpu().dlpack_device_type():
+        from ..hugepages import huge_pages_available
+
+        if huge_pages_available():
+            placed = _read_into_huge_pages(folder, param_meta)
+            if placed is not None:
+                return placed
+    return _placed(_load_with_tvm(folder, param_meta, device), device, huge_pages)
+
+
+def _load_with_tvm(folder: Path, param_meta: list[dict], device) -> list[tvm.runtime.Tensor]:
     load = tvm.get_global_func("vm.builtin.tensor_cache.load")
     load(str(folder), device.dlpack_device_type(), device.index)
     try:
@@ -159,6 +184,48 @@ def load_mlc_params(
         tvm.get_global_func("vm.builtin.tensor_cache.clear")()
 
 
+def _read_into_huge_pages(folder: Path, param_meta: list[dict]) -> list[tvm.runtime.Tensor] | None:
+    """The parameters read from their shards into one huge-page mapping (`hugepages.huge_arrays`); None
+    when a record is not plain bytes numpy can view (MLC's f32-to-bf16, bfloat16): TVM's loader decodes
+    those."""
+    from ..hugepages import huge_arrays
+
+    where = {}
+    for shard in read_cache_json(folder)["records"]:
+        for rec in shard["records"]:
+            where[rec["name"]] = (folder / shard["dataPath"], rec)
+    specs, spans = [], []
+    for p in param_meta:
+        path, rec = where[p["name"]]
+        try:
+            dtype = np.dtype(rec["dtype"])
+        except TypeError:
+            return None
+        shape = tuple(int(d) for d in rec["shape"])
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if rec.get("format", "raw") != "raw" or int(rec["nbytes"]) != nbytes or dtype.kind not in "biuf":
+            return None
+        specs.append((shape, dtype))
+        spans.append((path, int(rec["byteOffset"])))
+    fds = {path: os.open(path, os.O_RDONLY) for path in {path for path, _ in spans}}
+
+    def fill(i: int, start: int, dst: np.ndarray) -> None:
+        path, offset = spans[i]
+        done = 0
+        while done < dst.size:  # preadv may return less than asked
+            got = os.preadv(fds[path], [dst[done:]], offset + start + done)
+            if got == 0:
+                raise UserError(f"tensor {param_meta[i]['name']} runs past the end of its shard", path)
+            done += got
+
+    try:
+        arrays = huge_arrays(specs, fill)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return [tvm.runtime.from_dlpack(a) for a in arrays]
+
+
 def load_params(
     source: ModelSource,
     compiled: CompiledModel,
@@ -166,10 +233,12 @@ def load_params(
     param_meta: list[dict] | None = None,
     *,
     cache_entry: bool = False,
+    huge_pages: bool = False,
 ) -> list[tvm.runtime.Tensor]:
     """Weights for `compiled`: a weights folder through MLC's builtins (`param_meta`: the `params` of the
     library's `_metadata`, default the manifest's; `cache_entry`: the folder is our cache's), a checkpoint
-    converted into the cache first when quantized, streamed tensor by tensor when not."""
+    converted into the cache first when quantized, streamed tensor by tensor when not. `huge_pages`: host
+    tensors end on huge pages (`load_mlc_params`)."""
     scheme = get_scheme(compiled.manifest["quantization"])
     if source.kind == "mlc":
         if source.scheme.name != scheme.name:
@@ -178,13 +247,21 @@ def load_params(
             )
         meta = param_meta or compiled.manifest["params"]
         if all(source.stored_dtype(p["name"]) == p["dtype"] for p in meta):
-            return load_mlc_params(source.path, meta, device, cache_entry)
+            return load_mlc_params(source.path, meta, device, cache_entry, huge_pages)
         # an unquantized folder (q0f16) under a library computing in fp32 (the host): cast on the way in;
         # MLC's runtime would refuse this pair, quantized schemes never hit it (norms keep the folder dtype)
-        return _to_device(source.iter_params(), compiled, device, source.path)
+        return _placed(_to_device(source.iter_params(), compiled, device, source.path), device, huge_pages)
     if scheme.is_quantized:
-        return _cached_converted(source, scheme, compiled, device, param_meta)
+        return _cached_converted(source, scheme, compiled, device, param_meta, huge_pages)
     # unquantized: stream the checkpoint straight into device tensors, one at a time
     wanted = {p["name"] for p in compiled.manifest["params"]}
     names = [n for n in source.tensor_names() if n in wanted]
-    return _to_device(source.iter_tensors(names), compiled, device, source.path)
+    return _placed(_to_device(source.iter_tensors(names), compiled, device, source.path), device, huge_pages)
+
+
+def _placed(params: list[tvm.runtime.Tensor], device, huge_pages: bool) -> list[tvm.runtime.Tensor]:
+    if not huge_pages:
+        return params
+    from ..hugepages import in_huge_pages
+
+    return in_huge_pages(params, device)
