@@ -135,6 +135,17 @@ def test_peak_memory_is_the_weights_plus_a_bounded_margin(tmp_path) -> None:
 
 
 # -- a weights folder read straight into huge pages (runtime/weights.py) ---------------------------------
+def _records(folder, meta):
+    """(shard, record) of each parameter, as `load_mlc_params` hands them to the reader."""
+    import json
+
+    from toolkit.checkpoint.mlc_format import CACHE_JSON
+
+    shards = json.loads((folder / CACHE_JSON).read_text())["records"]
+    where = {r["name"]: (folder / s["dataPath"], r) for s in shards for r in s["records"]}
+    return [where[p["name"]] for p in meta]
+
+
 def _weights_folder(tmp_path):
     from toolkit.checkpoint.mlc_format import write_tensor_cache
 
@@ -179,7 +190,7 @@ def test_records_the_reader_cannot_place_go_through_tvms_loader(tmp_path) -> Non
     rec = next(r for s in cache["records"] for r in s["records"] if r["name"] == "norm.weight")
     rec["format"] = "f32-to-bf16"  # MLC's encoding: bytes to decode, not to place
     (folder / CACHE_JSON).write_text(json.dumps(cache))
-    assert _read_into_huge_pages(folder, meta) is None
+    assert _read_into_huge_pages(_records(folder, meta)) is None
 
 
 def test_a_shard_shorter_than_its_records_is_one_error(tmp_path) -> None:
@@ -193,4 +204,4 @@ def test_a_shard_shorter_than_its_records_is_one_error(tmp_path) -> None:
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size // 2)
     with pytest.raises(UserError, match="runs past the end of its shard"):
-        _read_into_huge_pages(folder, meta)
+        _read_into_huge_pages(_records(folder, meta))

@@ -149,11 +149,12 @@ def load_mlc_params(
     `huge_pages` (host libraries: decode streams the weights, see hugepages.py): the tensors end on huge
     pages; raw records are read from their shards straight into place, in parallel, instead of TVM's
     loader filling its own tensors and those being copied (`in_huge_pages`, the way for anything else)."""
-    stored, shards = {}, []
+    stored, shards, where = {}, [], {}
     for shard in read_cache_json(folder)["records"]:
         shards.append(shard["dataPath"])  # the shards the json names: only they count
         for rec in shard["records"]:
             stored[rec["name"]] = (tuple(rec["shape"]), rec["dtype"])
+            where[rec["name"]] = (folder / shard["dataPath"], rec)
     for p in param_meta:
         if p["name"] not in stored:
             raise UserError(f"weights have no tensor {p['name']!r} that the compiled model needs", folder)
@@ -168,7 +169,7 @@ def load_mlc_params(
         from ..hugepages import huge_pages_available
 
         if huge_pages_available():
-            placed = _read_into_huge_pages(folder, param_meta)
+            placed = _read_into_huge_pages([where[p["name"]] for p in param_meta])
             if placed is not None:
                 return placed
     return _placed(_load_with_tvm(folder, param_meta, device), device, huge_pages)
@@ -184,19 +185,14 @@ def _load_with_tvm(folder: Path, param_meta: list[dict], device) -> list[tvm.run
         tvm.get_global_func("vm.builtin.tensor_cache.clear")()
 
 
-def _read_into_huge_pages(folder: Path, param_meta: list[dict]) -> list[tvm.runtime.Tensor] | None:
-    """The parameters read from their shards into one huge-page mapping (`hugepages.huge_arrays`); None
-    when a record is not plain bytes numpy can view (MLC's f32-to-bf16, bfloat16): TVM's loader decodes
-    those."""
+def _read_into_huge_pages(records: list[tuple[Path, dict]]) -> list[tvm.runtime.Tensor] | None:
+    """The parameters, given as (shard, record) in the library's order, read from their shards into one
+    huge-page mapping (`hugepages.huge_arrays`); None when a record is not plain bytes numpy can view (MLC's
+    f32-to-bf16, bfloat16): TVM's loader decodes those."""
     from ..hugepages import huge_arrays
 
-    where = {}
-    for shard in read_cache_json(folder)["records"]:
-        for rec in shard["records"]:
-            where[rec["name"]] = (folder / shard["dataPath"], rec)
     specs, spans = [], []
-    for p in param_meta:
-        path, rec = where[p["name"]]
+    for path, rec in records:
         try:
             dtype = np.dtype(rec["dtype"])
         except TypeError:
@@ -206,19 +202,22 @@ def _read_into_huge_pages(folder: Path, param_meta: list[dict]) -> list[tvm.runt
         if rec.get("format", "raw") != "raw" or int(rec["nbytes"]) != nbytes or dtype.kind not in "biuf":
             return None
         specs.append((shape, dtype))
-        spans.append((path, int(rec["byteOffset"])))
-    fds = {path: os.open(path, os.O_RDONLY) for path in {path for path, _ in spans}}
+        spans.append((path, int(rec["byteOffset"]), rec["name"]))
+    fds: dict[Path, int] = {}
 
     def fill(i: int, start: int, dst: np.ndarray) -> None:
-        path, offset = spans[i]
+        path, offset, name = spans[i]
         done = 0
         while done < dst.size:  # preadv may return less than asked
             got = os.preadv(fds[path], [dst[done:]], offset + start + done)
             if got == 0:
-                raise UserError(f"tensor {param_meta[i]['name']} runs past the end of its shard", path)
+                raise UserError(f"tensor {name} runs past the end of its shard", path)
             done += got
 
     try:
+        for path, _, _ in spans:
+            if path not in fds:
+                fds[path] = os.open(path, os.O_RDONLY)
         arrays = huge_arrays(specs, fill)
     finally:
         for fd in fds.values():
