@@ -216,6 +216,10 @@ def test_run_bench_schema_with_test_doubles(tmp_path, monkeypatch):
                 and side["roofline_paired"]["probe_bytes_s"]["median"] == 5
             )
     assert "probed just before and after each step" in harness.format_table(res)
+    probe = [e["roofline"]["paired"]["probe_bytes_s"]["median"] / 1e9 for e in res["results"]]
+    assert f"probe median: 1 thread {probe[0]:.1f} GB/s, 2 threads {probe[1]:.1f} GB/s)" in (
+        harness.format_table(res)
+    )
     assert "device:" not in harness.format_table(res) and res["llama_cpp"]["march"] == "native"
     # the CPU, its vector extensions and the load stand above the numbers
     from tvm.target import codegen

@@ -539,9 +539,15 @@ def format_table(result: dict[str, Any]) -> str:
                 f"prefill {e['prefill_ratio_vs_llama_cpp']:.2f}x"
             )
     if any("paired" in e.get("roofline", {}) for e in result["results"]):
+        probes = [
+            f"{e['threads']} thread{'s' if e['threads'] > 1 else ''} "
+            f"{e['roofline']['paired']['probe_bytes_s']['median'] / 1e9:.1f} GB/s"
+            for e in result["results"]
+            if "paired" in e.get("roofline", {})
+        ]
         lines.append(
             "roofline: weight bytes read per second in decode over the read bandwidth probed just before "
-            "and after each step (median over steps)"
+            f"and after each step (median over steps; probe median: {', '.join(probes)})"
         )
     return "\n".join(lines)
 
