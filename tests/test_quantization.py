@@ -134,6 +134,20 @@ def test_pack_unpack_round_trip() -> None:
     assert int(gq.pack(one)[0, 0]) == 0xA << 12
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_pack_bits_puts_element_e_at_bits_times_e_of_its_word(bits) -> None:
+    """The byte-wise packer against the definition, word by word in Python integers."""
+    rng = np.random.default_rng(bits)
+    per = 32 // bits
+    codes = rng.integers(0, 1 << bits, size=(3, 5 * per), dtype=np.uint8)
+    words = gq.pack_bits(codes, bits)
+    assert words.shape == (3, 5) and words.dtype == np.uint32
+    for r in range(3):
+        for w in range(5):
+            want = sum(int(codes[r, w * per + e]) << (bits * e) for e in range(per))
+            assert int(words[r, w]) == want
+
+
 @pytest.mark.parametrize("scheme", ["q4f16_1", "q4f32_1"])
 def test_dequantize_is_code_minus_7_times_scale(scheme: str) -> None:
     w = tricky_weights(6, 96, seed=1)

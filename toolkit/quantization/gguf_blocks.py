@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import GGUF_BLOCK_LAYOUTS, SUPER_BLOCK, KQuantLayout, Layout
-from .group_quant import pack, unpack
+from .group_quant import pack, pack_bits, unpack
 
 BLOCK = 32
 # bytes of one block, and where its fp16 fields and codes start
@@ -171,17 +171,8 @@ def param_suffixes(layout: Layout) -> tuple[str, ...]:
 # ---- K-quants ---------------------------------------------------------------------------------------------
 
 
-def _pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
-    """(n, m) codes of `bits` bits -> (n, m * bits / 32) uint32, element e at bits [bits * (e % per), ...)."""
-    per = 32 // bits
-    n = codes.shape[0]
-    c = codes.reshape(n, -1, per).astype(np.uint32)
-    shifts = (np.arange(per, dtype=np.uint32) * np.uint32(bits)).reshape(1, 1, per)
-    return np.bitwise_or.reduce(c << shifts, axis=-1)
-
-
 def _unpack_bits(words: np.ndarray, bits: int) -> np.ndarray:
-    """Inverse of `_pack_bits`: (n, w) uint32 -> (n, w * 32 / bits) uint8."""
+    """Inverse of `pack_bits`: (n, w) uint32 -> (n, w * 32 / bits) uint8."""
     per = 32 // bits
     shifts = (np.arange(per, dtype=np.uint32) * np.uint32(bits)).reshape(1, 1, per)
     codes = (words[..., None].astype(np.uint32) >> shifts) & np.uint32((1 << bits) - 1)
@@ -204,8 +195,8 @@ def _k_from_blocks(blocks: np.ndarray, layout: KQuantLayout) -> tuple[np.ndarray
         qh = blocks[..., 128:192].reshape(n, nb, 2, 1, 32)
         high = (qh >> (np.arange(4, dtype=np.uint8) * np.uint8(2)).reshape(1, 1, 1, 4, 1)) & np.uint8(3)
         sub = blocks[..., 192:208] ^ np.uint8(0x80)  # int8 -> sc + 128
-        arrays = [_pack_bits(low.reshape(n, -1), 4), _pack_bits(high.reshape(n, -1), 2)]
-        return (*arrays, _pack_bits(sub.reshape(n, -1), 8), f16(208))
+        arrays = [pack_bits(low.reshape(n, -1), 4), pack_bits(high.reshape(n, -1), 2)]
+        return (*arrays, pack_bits(sub.reshape(n, -1), 8), f16(208))
     packed = blocks[..., 4:16].reshape(n, nb, 3, 4)
     a, b, c = packed[..., 0, :], packed[..., 1, :], packed[..., 2, :]
     sc = np.concatenate(
@@ -215,13 +206,13 @@ def _k_from_blocks(blocks: np.ndarray, layout: KQuantLayout) -> tuple[np.ndarray
     qs_at = 16 + 32 * layout.high_bits
     qs = blocks[..., qs_at:].reshape(n, nb, 4, 1, 32)
     low = np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=3)  # (n, nb, chunk, nibble, 32)
-    arrays = [_pack_bits(low.reshape(n, -1), 4)]
+    arrays = [pack_bits(low.reshape(n, -1), 4)]
     if layout.high_bits:
         qh = blocks[..., 16:48].reshape(n, nb, 1, 32)
         high = (qh >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)) & np.uint8(1)
-        arrays.append(_pack_bits(high.reshape(n, -1), 1))
+        arrays.append(pack_bits(high.reshape(n, -1), 1))
     sub = np.concatenate([sc, mn], axis=-1)  # (n, nb, 16): 8 scales, then 8 mins
-    return (*arrays, _pack_bits(sub.reshape(n, -1), 8), f16(0), f16(2))
+    return (*arrays, pack_bits(sub.reshape(n, -1), 8), f16(0), f16(2))
 
 
 def _k_to_blocks(arrays: tuple[np.ndarray, ...], layout: KQuantLayout) -> np.ndarray:
