@@ -146,6 +146,7 @@ def test_pack_bits_puts_element_e_at_bits_times_e_of_its_word(bits) -> None:
         for w in range(5):
             want = sum(int(codes[r, w * per + e]) << (bits * e) for e in range(per))
             assert int(words[r, w]) == want
+    np.testing.assert_array_equal(gq.unpack_bits(words, bits), codes)
 
 
 @pytest.mark.parametrize("scheme", ["q4f16_1", "q4f32_1"])

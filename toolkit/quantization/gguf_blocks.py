@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import GGUF_BLOCK_LAYOUTS, SUPER_BLOCK, KQuantLayout, Layout
-from .group_quant import pack, pack_bits, unpack
+from .group_quant import pack, pack_bits, unpack, unpack_bits
 
 BLOCK = 32
 # bytes of one block, and where its fp16 fields and codes start
@@ -171,14 +171,6 @@ def param_suffixes(layout: Layout) -> tuple[str, ...]:
 # ---- K-quants ---------------------------------------------------------------------------------------------
 
 
-def _unpack_bits(words: np.ndarray, bits: int) -> np.ndarray:
-    """Inverse of `pack_bits`: (n, w) uint32 -> (n, w * 32 / bits) uint8."""
-    per = 32 // bits
-    shifts = (np.arange(per, dtype=np.uint32) * np.uint32(bits)).reshape(1, 1, per)
-    codes = (words[..., None].astype(np.uint32) >> shifts) & np.uint32((1 << bits) - 1)
-    return codes.astype(np.uint8).reshape(words.shape[0], -1)
-
-
 def _fp16_bytes(a: np.ndarray, n: int, nb: int) -> np.ndarray:
     return np.ascontiguousarray(_f16(a)).view(np.uint8).reshape(n, nb, 2)
 
@@ -217,9 +209,9 @@ def _k_from_blocks(blocks: np.ndarray, layout: KQuantLayout) -> tuple[np.ndarray
 
 def _k_to_blocks(arrays: tuple[np.ndarray, ...], layout: KQuantLayout) -> np.ndarray:
     n, nb = arrays[layout.suffixes.index("q_scale")].shape
-    low = _unpack_bits(arrays[0], 4)
-    high = _unpack_bits(arrays[1], layout.high_bits) if layout.high_bits else None
-    sub = _unpack_bits(arrays[layout.suffixes.index("q_sub")], 8).reshape(n, nb, 16)
+    low = unpack_bits(arrays[0], 4)
+    high = unpack_bits(arrays[1], layout.high_bits) if layout.high_bits else None
+    sub = unpack_bits(arrays[layout.suffixes.index("q_sub")], 8).reshape(n, nb, 16)
     d = _fp16_bytes(arrays[layout.suffixes.index("q_scale")], n, nb)
     if layout.bits == 6:
         low = low.reshape(n, nb, 2, 2, 64)
@@ -249,10 +241,10 @@ def _k_dequantize(arrays: tuple[np.ndarray, ...], layout: KQuantLayout) -> np.nd
     """float32 values of repacked K-quant arrays, with gguf's order of operations (see the module doc)."""
     d = _f16(arrays[layout.suffixes.index("q_scale")]).astype(np.float32)
     n, nb = d.shape
-    q = _unpack_bits(arrays[0], 4).astype(np.int32)
+    q = unpack_bits(arrays[0], 4).astype(np.int32)
     if layout.high_bits:
-        q |= _unpack_bits(arrays[1], layout.high_bits).astype(np.int32) << 4
-    sub = _unpack_bits(arrays[layout.suffixes.index("q_sub")], 8).reshape(n, nb, 16).astype(np.float32)
+        q |= unpack_bits(arrays[1], layout.high_bits).astype(np.int32) << 4
+    sub = unpack_bits(arrays[layout.suffixes.index("q_sub")], 8).reshape(n, nb, 16).astype(np.float32)
     per = SUPER_BLOCK // layout.sub_block  # sub-blocks per super-block
     if layout.bits == 6:
         scale = d[..., None] * (sub - np.float32(128))  # (n, nb, 16)

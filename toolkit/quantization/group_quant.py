@@ -176,8 +176,19 @@ def unpack(q_weight: np.ndarray, layout: GroupLayout = MLC_Q4_LAYOUT) -> np.ndar
     if q_weight.dtype != word:
         raise ValueError(f"q_weight must be {word}, got {q_weight.dtype}")
     n, w = q_weight.shape
+    if 8 % layout.bits == 0:
+        return unpack_bits(q_weight, layout.bits)
     codes = (q_weight[..., None] >> _shifts(layout)) & word.type(layout.code_mask)
     return codes.astype(np.uint8).reshape(n, w * layout.elems_per_word)
+
+
+def unpack_bits(words: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of `pack_bits`: (N, W) words -> (N, W * word bits / bits) uint8 codes, a byte at a time."""
+    n = words.shape[0]
+    raw = np.ascontiguousarray(words).astype(words.dtype.newbyteorder("<"), copy=False).view(np.uint8)
+    shifts = np.arange(8 // bits, dtype=np.uint8) * np.uint8(bits)
+    codes = (raw.reshape(n, -1, 1) >> shifts) & np.uint8((1 << bits) - 1)
+    return codes.reshape(n, -1)
 
 
 def _pad_mask(k: int, layout: GroupLayout = MLC_Q4_LAYOUT) -> np.ndarray | None:
