@@ -704,6 +704,8 @@ def test_serve_bench_table_names_the_cpu_and_its_extensions():
     }
     rows = format_table(res).splitlines()
     assert rows[0] == "machine: AMD EPYC, 2 cpus; avx2 avx512_vnni"
+    res["machine"]["isa_flags"] = []  # a CPU that names none of them (or no /proc/cpuinfo)
+    assert format_table(res).splitlines()[0] == "machine: AMD EPYC, 2 cpus"
     assert rows[-1] == "load average before 0.50 0.40 0.30, after 1.00 0.90 0.80"
 
 

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import os
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -95,7 +96,7 @@ def test_the_native_install_repairs_itself_too(own_cache, monkeypatch):
 
     def install_wheel(wheel):
         cmd = [
-            "python3",
+            sys.executable,
             "-m",
             "pip",
             "install",

@@ -363,8 +363,8 @@ def _version(dist: str) -> str | None:
 
 def format_table(result: dict[str, Any]) -> str:
     m = result.get("machine", {})
-    flags = " ".join(m.get("isa_flags", []))
-    rows = [f"machine: {m.get('cpu') or 'unknown CPU'}, {m.get('cpus', '?')} cpus; {flags}"]
+    flags = "; " + " ".join(m["isa_flags"]) if m.get("isa_flags") else ""
+    rows = [f"machine: {m.get('cpu') or 'unknown CPU'}, {m.get('cpus', '?')} cpus{flags}"]
     rows.append(f"{'streams':>7}  {'server':9}  {'tok/s':>8}  {'TTFT p50 ms':>11}  {'TTFT p99 ms':>11}")
     for e in result["levels"]:
         for name in ("ours", "llama_cpp"):
