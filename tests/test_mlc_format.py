@@ -397,6 +397,31 @@ def test_tensor_cache_round_trip(tmp_path) -> None:
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_failed_shard_write_is_raised_and_nothing_writes_after_close(tmp_path, monkeypatch) -> None:
+    # shards are written in a thread: its error must reach the caller, and close() must leave no writer behind
+    import builtins
+    import threading
+
+    real_open = builtins.open
+
+    def failing_open(path, *args, **kwargs):
+        if str(path).endswith("params_shard_1.bin"):
+            raise OSError(28, "No space left on device", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", failing_open)
+    writer = mf.TensorCacheWriter(tmp_path, shard_cap=1024)
+    with pytest.raises(OSError, match="No space left"):
+        with writer:
+            for i in range(8):
+                # 800 bytes: t0 waits in the pending shard, t1 on gets shard 0 of its own, t2 shard 1...
+                writer.add(f"t{i}", np.full(200, i, np.float32))
+            writer.finish()
+    assert not any(t.name == "phi3-shard-writer" for t in threading.enumerate())
+    assert (tmp_path / "params_shard_0.bin").read_bytes() == np.ones(200, np.float32).tobytes()
+    assert not (tmp_path / "params_shard_1.bin").exists() and not (tmp_path / "tensor-cache.json").exists()
+
+
 def test_chat_config_round_trip(phi3_out, tmp_path) -> None:
     chat = mf.read_chat_config(phi3_out)
     path = mf.write_chat_config(chat, tmp_path)

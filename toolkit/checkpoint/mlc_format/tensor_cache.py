@@ -9,7 +9,9 @@ runtimes (C++ `function_table.cc`, iOS, Android, web) can read what we write:
 Shards hold about `shard_cap` bytes (32 MiB); a tensor that does not fit the current shard and is at least
 half the cap gets a shard of its own (tvmjs' rule, numbering included). We always write "raw" records (MLC
 bf16-encodes float32 with "f32-to-bf16"; the reader decodes that too).
-Memory: the writer holds one pending shard plus the tensor being added; the reader one shard at a time.
+Memory: the writer holds one pending shard plus the tensor being added, and up to two finished shards being
+written; the reader one shard at a time. Finished shards are written and hashed in a thread
+("phi3-shard-writer": both leave the GIL), so a converter quantizes the next tensors meanwhile.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import hashlib
 import json
 import math
 import os
+import queue
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +37,10 @@ _DTYPES = {"float16", "float32", "float64", "uint32", "int32", "int64", "uint8",
 
 
 class TensorCacheWriter:
-    """Append tensors one at a time; `finish()` writes the last shard and tensor-cache.json."""
+    """Append tensors one at a time; `finish()` writes the last shard and tensor-cache.json. Shards are
+    written in a thread: `close()` (or leaving a `with` block) waits for it, so call it before removing a
+    folder that an unfinished writer writes into. A failed shard write is raised by the next `add` or
+    `finish`."""
 
     def __init__(self, out_dir: str | Path, shard_cap: int = DEFAULT_SHARD_CAP) -> None:
         self.out_dir = Path(out_dir)
@@ -45,8 +52,18 @@ class TensorCacheWriter:
         self._counter = 0
         self._names: set[str] = set()
         self.param_bytes = 0
+        self._jobs: queue.Queue = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> TensorCacheWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def add(self, name: str, array: np.ndarray) -> None:
+        self._raise_failed()
         if name in self._names:
             raise ValueError(f"duplicate tensor name {name!r}")
         dtype = str(array.dtype)
@@ -78,20 +95,42 @@ class TensorCacheWriter:
             self._pending = bytearray()
             self._pending_records = []
 
-    def _write_shard(self, data: bytes | bytearray | memoryview, records: list[dict[str, Any]]) -> None:
+    def _write_shard(self, data: bytearray | memoryview, records: list[dict[str, Any]]) -> None:
+        """Queue a shard (its bytes are not changed afterwards: a new pending buffer is started, and an
+        out-of-band tensor's memoryview keeps its array alive); its entry takes its place in order now."""
         path = f"{SHARD_PREFIX}_{self._counter}.bin"
         self._counter += 1
-        with open(self.out_dir / path, "wb") as f:
-            f.write(data)
-        self.shards.append(
-            {
-                "dataPath": path,
-                "format": "raw-shard",
-                "nbytes": len(data),
-                "records": records,
-                "md5sum": hashlib.md5(data).hexdigest(),
-            }
-        )
+        entry = {"dataPath": path, "format": "raw-shard", "nbytes": len(data), "records": records}
+        self.shards.append(entry)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._write_loop, name="phi3-shard-writer", daemon=True)
+            self._thread.start()
+        self._jobs.put((entry, data))
+
+    def _write_loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            entry, data = job
+            if self._error is not None:
+                continue  # after a failure the rest is dropped; the caller raises it
+            try:
+                with open(self.out_dir / entry["dataPath"], "wb") as f:
+                    f.write(data)
+                entry["md5sum"] = hashlib.md5(data).hexdigest()
+            except BaseException as e:
+                self._error = e
+            del job, entry, data
+
+    def close(self) -> None:
+        """Wait until every queued shard is written (or dropped after a failure); idempotent."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _raise_failed(self) -> None:
+        if self._error is not None:
+            self.close()
+            raise self._error
 
     def finish(
         self, num_original_params: int | None = None, extra_metadata: dict | None = None
@@ -102,6 +141,8 @@ class TensorCacheWriter:
         of what was written).
         """
         self._flush()
+        self.close()
+        self._raise_failed()
         n_params = num_original_params
         if n_params is None:
             n_params = sum(math.prod(r["shape"]) for s in self.shards for r in s["records"])
@@ -124,10 +165,10 @@ def write_tensor_cache(
     shard_cap: int = DEFAULT_SHARD_CAP,
     num_original_params: int | None = None,
 ) -> dict[str, Any]:
-    writer = TensorCacheWriter(out_dir, shard_cap)
-    for name, array in tensors:
-        writer.add(name, array)
-    return writer.finish(num_original_params)
+    with TensorCacheWriter(out_dir, shard_cap) as writer:
+        for name, array in tensors:
+            writer.add(name, array)
+        return writer.finish(num_original_params)
 
 
 def read_cache_json(cache_dir: str | Path) -> dict[str, Any]:
