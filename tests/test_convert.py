@@ -306,6 +306,52 @@ def test_weighted_clip_uses_activation_stats(ckpt, converted, tmp_path) -> None:
     assert json.loads((out / "mlc-chat-config.json").read_text())["toolkit"]["clip"] == "weighted"
 
 
+@pytest.mark.parametrize("preset", ["mini-4k", "phi4-mini"])  # untied, tied embeddings
+def test_weighted_stream_reads_each_tensor_once_with_a_forwards_stats(preset, tmp_path) -> None:
+    from toolkit.convert.calibration import calibration_tokens, layer_forward, rms_norm, rope_cos_sin
+    from toolkit.convert.calibration import tensors_with_stats
+
+    path = make_tiny_checkpoint(tmp_path / preset, preset, dtype="bfloat16")
+    _write_tokenizer(path)
+    src = open_model(path)
+    cfg, ids = src.config, calibration_tokens(src)
+    every = dict(src.iter_tensors())
+    # the reference: every weight in memory at once, one forward, as the converter did before streaming
+    cos, sin = rope_cos_sin(cfg, np.arange(len(ids)))
+    h, want = every["model.embed_tokens.weight"][ids], {}
+    for i in range(cfg.num_hidden_layers):
+        h = layer_forward(h, every.__getitem__, i, cfg, cos, sin, want)
+    x = rms_norm(h, every["model.norm.weight"], cfg.rms_norm_eps)
+    want["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"] = np.mean(
+        x.astype(np.float64) ** 2, axis=0
+    )
+    reads = []
+    real_iter = type(src).iter_tensors
+
+    def counting(self, names=None):
+        for name, arr in real_iter(self, names):
+            reads.append(name)
+            yield name, arr
+
+    type(src).iter_tensors = counting
+    try:
+        got = {name: (arr, act) for name, arr, act in tensors_with_stats(src, ids)}
+    finally:
+        type(src).iter_tensors = real_iter
+    assert set(got) == set(every)
+    # a tied embedding is read twice: its rows start the forward, and it is quantized last, as the head
+    twice = ["model.embed_tokens.weight"] if cfg.tie_word_embeddings else []
+    assert sorted(reads) == sorted([*every, *twice])
+    for name, (arr, act) in got.items():
+        np.testing.assert_array_equal(arr, every[name])
+        if name in want:
+            np.testing.assert_array_equal(act, want[name])
+        elif name == "model.embed_tokens.weight":  # untied: a lookup, every channel alike
+            np.testing.assert_array_equal(act, np.ones(cfg.hidden_size))
+        else:
+            assert act is None, name
+
+
 def test_mlc_param_names(ckpt, converted, tmp_path) -> None:
     out = tmp_path / "mlc-names"
     conv.convert(

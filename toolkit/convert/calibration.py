@@ -146,29 +146,70 @@ def layer_forward(
     return h.astype(np.float32)
 
 
-def _layer_weights(source: ModelSource, i: int) -> dict[str, np.ndarray]:
-    prefix = f"model.layers.{i}."
-    return dict(source.iter_tensors([n for n in source.tensor_names() if n.startswith(prefix)]))
+EMBED = "model.embed_tokens.weight"
+_LAYER = "model.layers."
+
+
+def _stages(source: ModelSource) -> list[list[str]]:
+    """The source's tensor names in the order the forward needs them: an untied embedding (its lookups
+    start the forward), each decoder layer, then the rest (final norm, lm_head; a tied embedding, the
+    head, last)."""
+    cfg = source.config
+    names = source.tensor_names()
+    layers = [[n for n in names if n.startswith(f"{_LAYER}{i}.")] for i in range(cfg.num_hidden_layers)]
+    rest = [n for n in names if not n.startswith(_LAYER) and (cfg.tie_word_embeddings or n != EMBED)]
+    return ([] if cfg.tie_word_embeddings else [[EMBED]]) + layers + [rest]
+
+
+def tensors_with_stats(
+    source: ModelSource, token_ids: list[int]
+) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
+    """Every source tensor once, float32, with E[x_k^2] of the input it multiplies (None for norms), in the
+    forward's order (`_stages`): a decoder layer's tensors come after its forward over the calibration tokens,
+    so a converter quantizes what it has just read, and the checkpoint is read once.
+
+    The next stage is read in a thread, tensor j of it while the consumer works on tensor j of this one (the
+    same role: the same size), so memory holds one layer's float32 weights plus one tensor, not two layers."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    cfg = source.config
+    ids = np.asarray(token_ids, np.int64)
+    cos, sin = rope_cos_sin(cfg, np.arange(len(ids)))
+    h = None
+    if cfg.tie_word_embeddings:  # the head comes last; only its rows for the tokens are kept until then
+        h = source.get_tensor(EMBED)[ids]
+    stages = _stages(source)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="phi3-read-ahead")  # one reader thread, reads in order
+    try:
+        reads: dict[str, Future] = {n: pool.submit(source.get_tensor, n) for n in stages[0]}
+        for i, names in enumerate(stages):
+            weights = {n: reads.pop(n).result() for n in names}
+            layer = i if cfg.tie_word_embeddings else i - 1  # -1: the untied embedding
+            stats: dict[str, np.ndarray] = {}
+            if layer == -1:  # a lookup, not a matmul: every channel matters alike
+                h = weights[EMBED][ids]
+                stats[EMBED] = np.ones(cfg.hidden_size)
+            elif layer < cfg.num_hidden_layers:
+                h = layer_forward(h, weights.__getitem__, layer, cfg, cos, sin, stats)
+            else:
+                x = rms_norm(h, weights["model.norm.weight"], cfg.rms_norm_eps)
+                stats[EMBED if cfg.tie_word_embeddings else "lm_head.weight"] = _mean_sq(x)
+            following = stages[i + 1] if i + 1 < len(stages) else []
+            for j, name in enumerate(names):
+                if j < len(following):
+                    reads[following[j]] = pool.submit(source.get_tensor, following[j])
+                yield name, weights.pop(name), stats.get(name)  # handed over: the consumer frees it
+            for name in following[len(names) :]:
+                reads[name] = pool.submit(source.get_tensor, name)
+    finally:
+        # a consumer that stopped early: drop the queued reads, wait for the one in flight, so nothing
+        # reads the source after this returns
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def activation_stats(source: ModelSource, token_ids: list[int]) -> dict[str, np.ndarray]:
     """E[x_k^2] of the input of every Linear (by its HF weight name, lm_head/tied embedding included)."""
-    cfg = source.config
-    ids = np.asarray(token_ids, np.int64)
-    h = source.get_tensor("model.embed_tokens.weight")[ids]  # the one full-size read of the embedding
-    cos, sin = rope_cos_sin(cfg, np.arange(len(ids)))
-    stats: dict[str, np.ndarray] = {}
-    for i in range(cfg.num_hidden_layers):
-        weights = _layer_weights(source, i)
-        h = layer_forward(h, weights.__getitem__, i, cfg, cos, sin, stats)
-        del weights
-    x = rms_norm(h, source.get_tensor("model.norm.weight"), cfg.rms_norm_eps)
-    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-    stats[head] = _mean_sq(x)
-    if not cfg.tie_word_embeddings:
-        # the input embedding is a lookup, not a matmul: every row matters alike
-        stats["model.embed_tokens.weight"] = np.ones(cfg.hidden_size)
-    return stats
+    return {name: act for name, _, act in tensors_with_stats(source, token_ids) if act is not None}
 
 
 MIN_CALIBRATION_TOKENS = 16  # fewer: the E[x^2] weights are mostly noise

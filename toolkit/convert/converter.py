@@ -12,7 +12,8 @@ always complete. A rerun discards temp folders left by a dead (interrupted) run 
 
 Memory: two source tensors (float32: the one being quantized and the next, read meanwhile, `read_ahead.py`) +
 its quantized form + one pending shard (32 MiB); quantization works in row blocks, so its temporaries are
-small.
+small. The weighted clip search holds a decoder layer instead (the one its calibration forward has just run
+through) plus the next layer's tensor of the role being quantized, read meanwhile.
 """
 
 from __future__ import annotations
@@ -154,10 +155,11 @@ def converted_tensors(
     scheme: QuantScheme,
     clip: str,
     progress=None,
-    act_stats: dict[str, np.ndarray] | None = None,
     calib_tokens: list[int] | None = None,
 ):
-    """Yield (param name, array) in the output format, one source tensor at a time (for gptq: one layer)."""
+    """Yield (param name, array) in the output format, one source tensor at a time (for gptq: one layer).
+    `calib_tokens` (weighted, gptq): the calibration text's ids; the forward over them runs as the tensors
+    stream (`calibration.tensors_with_stats`), so the checkpoint is read once."""
     from ..quantization.clip_search import search_scales
 
     if scheme.kind == "gguf":
@@ -175,12 +177,17 @@ def converted_tensors(
             progress=progress,
         )
         return
-    for name, arr in read_ahead(source.iter_tensors()):
+    if clip == "weighted":
+        from .calibration import tensors_with_stats
+
+        items = tensors_with_stats(source, calib_tokens)
+    else:
+        items = ((name, arr, None) for name, arr in read_ahead(source.iter_tensors()))
+    for name, arr, act in items:
         _check_values(name, arr, scheme, source.path)
         if should_quantize(name, arr.shape, scheme):
             scales = None
             if clip in ("search", "weighted"):
-                act = None if act_stats is None else act_stats.get(name)
                 scales = search_scales(arr, scheme, act_sq=None if act is None else act.astype(np.float32))
             q_weight, q_scale = gq.quantize(arr, scheme, scales=scales)
             qw_name, qs_name = quantized_param_names(name)
@@ -274,13 +281,9 @@ def _convert_locked(
     t0 = time.perf_counter()
     try:
         names = source.tensor_names()
-        act_stats = tokens = None
+        tokens = None
         if clip_used in CALIBRATED:
-            from .calibration import (
-                MIN_CALIBRATION_TOKENS,
-                activation_stats,
-                calibration_tokens,
-            )
+            from .calibration import MIN_CALIBRATION_TOKENS, calibration_tokens
 
             if clip_used == "gptq":
                 from .gptq_stream import gptq_calibration_tokens
@@ -288,34 +291,33 @@ def _convert_locked(
                 tokens = gptq_calibration_tokens(source)
             else:
                 tokens = calibration_tokens(source)
-            if len(tokens) >= MIN_CALIBRATION_TOKENS:
-                if clip_used == "weighted":
-                    act_stats = activation_stats(source, tokens)
-            elif clip == "auto":  # e.g. a GGUF with a placeholder vocabulary: nothing to calibrate on
+            if len(tokens) < MIN_CALIBRATION_TOKENS:
+                if clip != "auto":
+                    raise UserError(
+                        f"{source.path}: its tokenizer gives only {len(tokens)} tokens of the calibration "
+                        f"text (need {MIN_CALIBRATION_TOKENS}); use --clip rtn or search"
+                    )
+                # e.g. a GGUF with a placeholder vocabulary: nothing to calibrate on
                 print(
                     f"{source.path}: its tokenizer gives {len(tokens)} tokens of the calibration text; "
                     "quantizing with round-to-nearest scales instead",
                     file=sys.stderr,
                 )
                 clip_used = "rtn"
-            else:
-                raise UserError(
-                    f"{source.path}: its tokenizer gives only {len(tokens)} tokens of the calibration text "
-                    f"(need {MIN_CALIBRATION_TOKENS}); use --clip rtn or search"
-                )
-        writer = TensorCacheWriter(tmp, **({"shard_cap": shard_cap} if shard_cap else {}))
         bar = None
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(total=len(names), unit="tensor", desc=f"convert {scheme.name}", dynamic_ncols=True)
-        try:
-            for pname, arr in converted_tensors(source, scheme, clip_used, bar, act_stats, tokens):
-                writer.add(rename(pname), arr)
-        finally:
-            if bar is not None:
-                bar.close()
-        cache = writer.finish(num_original_params=source.num_params())
+        # leaving the block waits for the shard writer's thread: nothing writes into `tmp` once it is removed
+        with TensorCacheWriter(tmp, **({"shard_cap": shard_cap} if shard_cap else {})) as writer:
+            try:
+                for pname, arr in converted_tensors(source, scheme, clip_used, bar, tokens):
+                    writer.add(rename(pname), arr)
+            finally:
+                if bar is not None:
+                    bar.close()
+            cache = writer.finish(num_original_params=source.num_params())
         tok_files = write_tokenizer_files(source, tmp)
         chat = gen_chat_config(
             source,
