@@ -290,15 +290,19 @@ def _build_quantize(group_size: int, max_int: int, scale_dtype: str, given_scale
     to_scale = _to_scale(scale_dtype)
     words = group_size // 8
 
-    def word(wg, sb, b, g, i, k):
-        # group_quant.pack: code e of word i at bits 4e; padding past column k packs as 0
-        out = None
-        for e in range(8):
-            col = i * 8 + e
-            c = T.if_then_else(g * group_size + col < k, code(wg[b, g, col], sb[b, g]), T.float32(0))
-            c = T.Cast("uint32", c) << T.uint32(4 * e)
-            out = c if out is None else out | c
+    def masked_code(wg, b, g, i, s, k):
+        # padding past column k packs as 0 (MLC's layout)
+        return T.Cast("uint32", T.if_then_else(g * group_size + i < k, code(wg[b, g, i], s), T.float32(0)))
+
+    def word(c, i):
+        # group_quant.pack: code e of word i at bits 4e
+        out = c[i * 8]
+        for e in range(1, 8):
+            out = out | (c[i * 8 + e] << T.uint32(4 * e))
         return out
+
+    def largest(m):
+        return T.max(T.max(T.max(m[0], m[1]), T.max(m[2], m[3])), T.max(T.max(m[4], m[5]), T.max(m[6], m[7])))
 
     # fmt: off
     @T.prim_func
@@ -309,15 +313,24 @@ def _build_quantize(group_size: int, max_int: int, scale_dtype: str, given_scale
         wg = T.match_buffer(wg_h, (B, G, group_size), "float32", align=4)
         sb = T.match_buffer(s_h, (B, G), "float32", align=4)  # given scales in, else RTN's out
         q = T.match_buffer(q_h, (B, G * words), "uint32", align=4)
-        mx = T.alloc_buffer((1,), "float32", scope="local")
+        mx = T.alloc_buffer((LANES,), "float32", scope="local")
+        s = T.alloc_buffer((1,), "float32", scope="local")  # the group's scale, loaded once
+        c = T.alloc_buffer((group_size,), "uint32", scope="local")
+        # the max and the codes run on vectors of a group's values; expressions only inside them (a Let
+        # inside a vectorized loop is miscomputed, as `_squared_error` says)
         for b, g in T.grid(B, G):
             if not given_scales:  # group_quant.rtn_scales: max|w| / max_int in the scale dtype
-                mx[0] = T.float32(0)
-                for i in range(group_size):
-                    mx[0] = T.max(mx[0], T.fabs(wg[b, g, i]))
-                sb[b, g] = to_scale(mx[0] / T.float32(mi))
+                for j in T.vectorized(LANES):
+                    mx[j] = T.float32(0)
+                for i in range(group_size // LANES):
+                    for j in T.vectorized(LANES):
+                        mx[j] = T.max(mx[j], T.fabs(wg[b, g, i * LANES + j]))
+                sb[b, g] = to_scale(largest(mx) / T.float32(mi))
+            s[0] = sb[b, g]
+            for i in T.vectorized(group_size):
+                c[i] = masked_code(wg, b, g, i, s[0], k)
             for i in range(words):
-                q[b, g * words + i] = word(wg, sb, b, g, i, k)
+                q[b, g * words + i] = word(c, i)
     # fmt: on
 
     return _load(quantize, "quantize")
