@@ -308,8 +308,13 @@ def test_weighted_clip_uses_activation_stats(ckpt, converted, tmp_path) -> None:
 
 @pytest.mark.parametrize("preset", ["mini-4k", "phi4-mini"])  # untied, tied embeddings
 def test_weighted_stream_reads_each_tensor_once_with_a_forwards_stats(preset, tmp_path) -> None:
-    from toolkit.convert.calibration import calibration_tokens, layer_forward, rms_norm, rope_cos_sin
-    from toolkit.convert.calibration import tensors_with_stats
+    from toolkit.convert.calibration import (
+        calibration_tokens,
+        layer_forward,
+        rms_norm,
+        rope_cos_sin,
+        tensors_with_stats,
+    )
 
     path = make_tiny_checkpoint(tmp_path / preset, preset, dtype="bfloat16")
     _write_tokenizer(path)

@@ -126,15 +126,16 @@ def _search_block(w, r0, r1, dtype, weights, coarse, fine, out, layout: GroupLay
     """Best scales for rows r0 : r1 of `w`, written into `out`."""
     wg = gq._grouped(w[r0:r1], dtype, layout)
     max_int = layout.max_int
-    max_abs = np.abs(wg).max(axis=-1)
 
     def scales_for(ratio):
         # ratio 1.0 reproduces rtn_scales exactly (max * 1 / max_int, one rounding)
         return (max_abs * np.float32(ratio) / np.float32(max_int)).astype(dtype)
 
-    if kernels.active() and kernels.supports(layout.group_size):  # the same choice, compiled
-        out[r0:r1] = scales_for(kernels.clip_ratios(wg, max_abs, weights, coarse, fine, dtype, layout))
+    if kernels.active() and kernels.supports(layout.group_size):  # the same choice (and max), compiled
+        ratios, max_abs = kernels.clip_ratios(wg, weights, coarse, fine, dtype, layout)
+        out[r0:r1] = scales_for(ratios)
         return
+    max_abs = np.abs(wg).max(axis=-1)
     rtn = scales_for(np.float32(1.0))
     best = scales_for(_best_ratios(wg, weights, coarse, fine, max_int, scales_for))
     # the float32 error is a proxy; keep RTN wherever the exact (runtime) error is not strictly smaller

@@ -120,6 +120,13 @@ def _exact_error(mi: float, zero_point: int, scale_dtype: str):
     return exact_error
 
 
+def _largest(m):
+    """The largest of LANES local values (a vector max's lanes folded; exact, so any order)."""
+    from tvm.script import tirx as T
+
+    return T.max(T.max(T.max(m[0], m[1]), T.max(m[2], m[3])), T.max(T.max(m[4], m[5]), T.max(m[6], m[7])))
+
+
 def _load(func, name: str):
     """Compile a PrimFunc for this host, without FMA (numpy rounds a product before it adds), and load it."""
     import tvm
@@ -190,7 +197,7 @@ def _build_search(
         G = T.int64()
         wg = T.match_buffer(wg_h, (B, G, group_size), "float32", align=4)
         wt = T.match_buffer(wt_h, (G, group_size), "float32", align=4)
-        ma = T.match_buffer(ma_h, (B, G), "float32", align=4)
+        ma = T.match_buffer(ma_h, (B, G), "float32", align=4)  # out: max |w| per group
         co = T.match_buffer(co_h, (n_coarse,), "float32", align=4)
         fi = T.match_buffer(fi_h, (n_fine,), "float32", align=4)
         out = T.match_buffer(out_h, (B, G), "float32", align=4)
@@ -201,8 +208,15 @@ def _build_search(
         best = T.alloc_buffer((2,), "float32", scope="local")  # ratio, error
         acc64 = T.alloc_buffer((LANES,), "float64", scope="local")
         kept = T.alloc_buffer((2,), "float64", scope="local")  # exact errors: best, RTN
+        mx = T.alloc_buffer((LANES,), "float32", scope="local")
 
         for b, g in T.grid(B, G):
+            for j in T.vectorized(LANES):
+                mx[j] = T.float32(0)
+            for k in range(chunks):
+                for j in T.vectorized(LANES):
+                    mx[j] = T.max(mx[j], T.fabs(wg[b, g, k * LANES + j]))
+            ma[b, g] = _largest(mx)
             # coarse ratios (the first is 1.0), then offsets around the best of them; strict comparisons:
             # ties keep the earlier (larger) ratio
             for c in range(n_coarse):
@@ -255,31 +269,31 @@ def _kernel(build, *key):
 
 def clip_ratios(
     wg: np.ndarray,
-    max_abs: np.ndarray,
     weights: np.ndarray | None,
     coarse: tuple[float, ...],
     fine: tuple[float, ...],
     scale_dtype: np.dtype,
     layout: GroupLayout,
-) -> np.ndarray:
-    """The clipping ratio per group (B, G) of grouped float32 weights `wg` (B, G, group size) that
-    `clip_search` picks: the best coarse ratio (the first is 1.0), refined by the `fine` offsets, and 1.0
-    (RTN) wherever that is not strictly better by the exact error."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """(the clipping ratio per group (B, G), max |w| per group) of grouped float32 weights `wg` (B, G, group
+    size) that `clip_search` picks: the best coarse ratio (the first is 1.0), refined by the `fine` offsets,
+    and 1.0 (RTN) wherever that is not strictly better by the exact error."""
     b, g, gs = wg.shape
     key = (gs, layout.max_int, layout.zero_point, np.dtype(scale_dtype).name, len(coarse), len(fine))
     fn = _kernel(_build_search, *key)
     wt = np.ones((g, gs), np.float32) if weights is None else np.ascontiguousarray(weights, np.float32)
     out = np.empty((b, g), np.float32)
+    max_abs = np.empty((b, g), np.float32)
     args = [
         np.ascontiguousarray(wg, np.float32),
         wt,
-        np.ascontiguousarray(max_abs, np.float32),
+        max_abs,
         np.array([np.float32(r) for r in coarse], np.float32),
         np.array([np.float32(f) for f in fine], np.float32),
         out,
     ]
     _call(fn, *args)
-    return out
+    return out, max_abs
 
 
 def _build_quantize(group_size: int, max_int: int, scale_dtype: str, given_scales: bool):
@@ -300,9 +314,6 @@ def _build_quantize(group_size: int, max_int: int, scale_dtype: str, given_scale
         for e in range(1, 8):
             out = out | (c[i * 8 + e] << T.uint32(4 * e))
         return out
-
-    def largest(m):
-        return T.max(T.max(T.max(m[0], m[1]), T.max(m[2], m[3])), T.max(T.max(m[4], m[5]), T.max(m[6], m[7])))
 
     # fmt: off
     @T.prim_func
@@ -325,7 +336,7 @@ def _build_quantize(group_size: int, max_int: int, scale_dtype: str, given_scale
                 for i in range(group_size // LANES):
                     for j in T.vectorized(LANES):
                         mx[j] = T.max(mx[j], T.fabs(wg[b, g, i * LANES + j]))
-                sb[b, g] = to_scale(largest(mx) / T.float32(mi))
+                sb[b, g] = to_scale(_largest(mx) / T.float32(mi))
             s[0] = sb[b, g]
             for i in T.vectorized(group_size):
                 c[i] = masked_code(wg, b, g, i, s[0], k)
