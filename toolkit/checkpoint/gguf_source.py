@@ -9,8 +9,10 @@ Tensors are dequantized to float32 one at a time, when iterated.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -294,9 +296,16 @@ class GGUFSource(ModelSource):
         if fast is not None and data.ndim == 2 and data.shape[1] % fast[0] == 0:
             block_bytes, into = fast
             arr = np.empty((data.shape[0], data.shape[1] // block_bytes * 32), np.float32)
-            with np.errstate(invalid="ignore", over="ignore"):  # a NaN scale is refused later, by name
-                for r0 in range(0, data.shape[0], _FAST_ROWS):
+
+            def rows(r0: int) -> None:
+                with np.errstate(invalid="ignore", over="ignore"):  # a NaN scale is refused later, by name
                     into(data[r0 : r0 + _FAST_ROWS], arr[r0 : r0 + _FAST_ROWS])
+
+            # row blocks in a thread per CPU (numpy leaves the GIL): the dequantization, not the quantizer
+            # after it, is what a conversion from these blocks waits for
+            starts = range(0, data.shape[0], _FAST_ROWS)
+            with ThreadPoolExecutor(max(1, min(len(starts), os.cpu_count() or 1))) as pool:
+                list(pool.map(rows, starts))
             return arr.reshape(self._gguf_shape(t.name))
         # gguf-py's dequantizers hold several full-size temporaries (a 32064 x 3072 Q4_0 embedding peaks at
         # ~1 GB): dequantize rows of blocks into one float32 output instead (blocks never span rows)
