@@ -62,8 +62,9 @@ class HFSource(ModelSource):
         self._pickle = False
         # name -> (file, shape, dtype string)
         self._entries: dict[str, tuple[Path, tuple[int, ...], str]] = {}
-        # name -> byte offset of its data in its safetensors file
+        # name -> byte offset of its data in its safetensors file; file -> (size, mtime) when scanned
         self._offsets: dict[str, int] = {}
+        self._scanned: dict[Path, tuple[int, int]] = {}
         files = self._weight_files(allow_pickle)
         if self._pickle:
             self._scan_pickle(files)
@@ -123,6 +124,7 @@ class HFSource(ModelSource):
                         sl = h.get_slice(name)
                         self._add(name, f, tuple(int(d) for d in sl.get_shape()), str(sl.get_dtype()))
                 self._offsets.update(_data_offsets(f))
+                self._scanned[f] = _identity(f)
             except SafetensorError as e:
                 raise UserError(_safetensors_error(e), f) from None
             except OSError as e:
@@ -229,6 +231,8 @@ class HFSource(ModelSource):
                     except OSError as e:
                         raise UserError(f"cannot read ({e.strerror or e})", f) from None
                     fd_file = f
+                    if _identity(f) != self._scanned[f]:  # its offsets were read from another version
+                        raise UserError("changed since the checkpoint was opened; run the command again", f)
                 arr = _read_tensor(fd, f, name, self._offsets[name], shape, dtype)
                 yield name, require_finite(name, arr, f)
                 del arr
@@ -256,6 +260,11 @@ def _to_float32(t) -> np.ndarray:
     import torch
 
     return np.ascontiguousarray(t.to(torch.float32).numpy())
+
+
+def _identity(f: Path) -> tuple[int, int]:
+    st = os.stat(f)
+    return st.st_size, st.st_mtime_ns
 
 
 def _data_offsets(f: Path) -> dict[str, int]:
