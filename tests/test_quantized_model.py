@@ -67,6 +67,27 @@ def test_every_linear_is_one_fused_dequant_kernel(tmp_path):
     assert len(fused) >= 5, fused
 
 
+@pytest.mark.parametrize("quant", ["q4f16_1", "q0f32"])  # a quantized and a plain embedding
+def test_every_gather_clamps_its_indices(tmp_path, quant):
+    # TVM's "fast" take reads wherever an id points (and warns on every build): ours clamp into range
+    import tvm
+    from tvm import relax
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "medium")
+    preset = load_preset("host")
+    mod, _ = export_model(open_model(ckpt).config, graph_options(quant, preset), preset.target)
+    modes = []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.take":
+            modes.append(str(expr.attrs.mode))
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    assert modes and set(modes) == {"clip"}, modes
+
+
 @pytest.mark.parametrize(
     "device", ["host", pytest.param("host:x86-64-v3", marks=pytest.mark.slow, id="avx2-cpu-class")]
 )

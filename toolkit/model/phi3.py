@@ -29,7 +29,7 @@ from tvm.target import Target
 from ..config import Phi3Config
 from ..errors import UserError
 from ..quantization import get_scheme
-from ..quantization.tvm_layers import make_embedding, make_linear
+from ..quantization.tvm_layers import make_embedding, make_linear, take
 from .activation import silu_mul
 from .kv_kernels import install as _install_kv_kernels
 from .rope import apply_rope_to_qkv, longrope_flags, rope_table
@@ -212,7 +212,7 @@ class Phi3ForCausalLM(nn.Module):
 
     def batch_prefill(self, input_embeds: nn.Tensor, logit_positions: nn.Tensor, paged_kv_cache):
         h = self._body(input_embeds, paged_kv_cache, "segments", logit_positions)
-        return self._logits(op.take(h, logit_positions, axis=1)), paged_kv_cache
+        return self._logits(take(h, logit_positions, axis=1)), paged_kv_cache
 
     def batch_decode(self, input_embeds: nn.Tensor, paged_kv_cache: PagedKVCache):
         return self._logits(self._body(input_embeds, paged_kv_cache, "token")), paged_kv_cache

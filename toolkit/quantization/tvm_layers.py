@@ -18,8 +18,10 @@ accept only `to()` with their own model dtype (a no-op) and raise otherwise.
 from __future__ import annotations
 
 from tvm import te, tirx
+from tvm.relax import op as relax_op
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
+from tvm.relax.frontend.nn.core import wrap_nested
 
 from . import MLC_Q4_LAYOUT, SUPER_BLOCK, GroupLayout, KQuantLayout, Layout, QuantScheme, get_scheme
 
@@ -232,6 +234,14 @@ def _widened(w: nn.Tensor, dtype: str) -> nn.Tensor:
     return op.tensor_expr_op(cast, "dequantize", [w])
 
 
+def take(x: nn.Tensor, indices: nn.Tensor, axis: int, name: str = "take") -> nn.Tensor:
+    """`nn.op.take` with the indices clamped into range. TVM's default ("fast") reads wherever an index
+    points, and its compiler warns so on every build ("Fast mode segfaults when there are out-of-bounds
+    indices"). Token ids are checked before they reach a library, so clamping changes no result; it costs a
+    min and a max per index, and a bad id from another runtime reads a wrong row, not outside the tensor."""
+    return wrap_nested(relax_op.take(x._expr, indices._expr, axis, mode="clip"), name)
+
+
 class Embedding(nn.Module):
     """Unquantized token embedding with `weight` (vocab, dim); `lm_head_forward` reuses it for tied heads.
     The weight is stored in `weight_dtype` (default `dtype`) and used in `dtype`."""
@@ -245,7 +255,7 @@ class Embedding(nn.Module):
 
     def forward(self, ids: nn.Tensor) -> nn.Tensor:
         flat = ids if ids.ndim == 1 else op.reshape(ids, [-1])
-        rows = op.take(self.weight, flat, axis=0)
+        rows = take(self.weight, flat, axis=0)
         if rows.dtype != self.dtype:
             rows = rows.astype(self.dtype)
         return rows if ids.ndim == 1 else op.reshape(rows, [*ids.shape, self.dim])
