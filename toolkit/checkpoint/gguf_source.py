@@ -297,15 +297,11 @@ class GGUFSource(ModelSource):
             block_bytes, into = fast
             arr = np.empty((data.shape[0], data.shape[1] // block_bytes * 32), np.float32)
 
-            def rows(r0: int) -> None:
+            def fast_rows(r0: int) -> None:
                 with np.errstate(invalid="ignore", over="ignore"):  # a NaN scale is refused later, by name
                     into(data[r0 : r0 + _FAST_ROWS], arr[r0 : r0 + _FAST_ROWS])
 
-            # row blocks in a thread per CPU (numpy leaves the GIL): the dequantization, not the quantizer
-            # after it, is what a conversion from these blocks waits for
-            starts = range(0, data.shape[0], _FAST_ROWS)
-            with ThreadPoolExecutor(max(1, min(len(starts), os.cpu_count() or 1))) as pool:
-                list(pool.map(rows, starts))
+            _row_blocks(fast_rows, range(0, data.shape[0], _FAST_ROWS))
             return arr.reshape(self._gguf_shape(t.name))
         # gguf-py's dequantizers hold several full-size temporaries (a 32064 x 3072 Q4_0 embedding peaks at
         # ~1 GB): dequantize rows of blocks into one float32 output instead (blocks never span rows)
@@ -318,8 +314,11 @@ class GGUFSource(ModelSource):
                 first = dequantize(data[:step], t.tensor_type)
                 arr = np.empty((rows, *first.shape[1:]), np.float32)
                 arr[:step] = first
-                for r0 in range(step, rows, step):
+
+                def block_rows(r0: int) -> None:
                     arr[r0 : r0 + step] = dequantize(data[r0 : r0 + step], t.tensor_type)
+
+                _row_blocks(block_rows, range(step, rows, step))
         except NotImplementedError as e:
             raise UserError(
                 f"cannot dequantize {t.name} of type {t.tensor_type.name} ({e})", self.path
@@ -389,6 +388,13 @@ class GGUFSource(ModelSource):
             fields = {k: _field(self._reader, k) for k in keys}
             self._tokenizer = Tokenizer.from_gguf_fields(fields, self.path)
         return self._tokenizer
+
+
+def _row_blocks(fn, starts: range) -> None:
+    """fn(r0) for each start, on a thread per CPU (numpy leaves the GIL): the dequantization, not the
+    quantizer after it, is what a conversion from a GGUF's blocks waits for. Blocks write disjoint rows."""
+    with ThreadPoolExecutor(max(1, min(len(starts), os.cpu_count() or 1))) as pool:
+        list(pool.map(fn, starts))  # list(): re-raises the first block's exception
 
 
 # Q4_0 / Q4_1 rows dequantized straight into the output, a few rows at a time (temporaries stay in cache):
