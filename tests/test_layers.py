@@ -14,7 +14,7 @@ PKG = Path(toolkit.__file__).resolve().parent
 BASE = {  # shared helpers every stage may use
     "__init__", "errors", "config", "hf_schema", "outputs", "locks", "paths", "hostinfo", "targets",
     "tokenizer", "chat_template", "jinja_template", "default_model", "tvm_compat", "cpu_threads",
-    "read_bandwidth", "hugepages", "interrupts",
+    "read_bandwidth", "hugepages", "interrupts", "row_blocks",
 }  # fmt: skip
 STAGE = {
     **dict.fromkeys(BASE, 0),

@@ -9,10 +9,8 @@ Tensors are dequantized to float32 one at a time, when iterated.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import numpy as np
 
 from ..config import ConfigError, LongRope, Phi3Config
 from ..errors import UserError
+from ..row_blocks import parallel_row_blocks
 from . import ModelSource, expected_tensor_shapes, require_finite
 from .gguf_names import ROPE_FACTOR_TENSORS, gguf_names
 
@@ -301,7 +300,8 @@ class GGUFSource(ModelSource):
                 with np.errstate(invalid="ignore", over="ignore"):  # a NaN scale is refused later, by name
                     into(data[r0 : r0 + _FAST_ROWS], arr[r0 : r0 + _FAST_ROWS])
 
-            _row_blocks(fast_rows, range(0, data.shape[0], _FAST_ROWS))
+            # the dequantization, not the quantizer after it, is what a conversion from these blocks waits on
+            parallel_row_blocks(fast_rows, data.shape[0], _FAST_ROWS)
             return arr.reshape(self._gguf_shape(t.name))
         # gguf-py's dequantizers hold several full-size temporaries (a 32064 x 3072 Q4_0 embedding peaks at
         # ~1 GB): dequantize rows of blocks into one float32 output instead (blocks never span rows)
@@ -318,7 +318,7 @@ class GGUFSource(ModelSource):
                 def block_rows(r0: int) -> None:
                     arr[r0 : r0 + step] = dequantize(data[r0 : r0 + step], t.tensor_type)
 
-                _row_blocks(block_rows, range(step, rows, step))
+                parallel_row_blocks(block_rows, rows, step, start=step)
         except NotImplementedError as e:
             raise UserError(
                 f"cannot dequantize {t.name} of type {t.tensor_type.name} ({e})", self.path
@@ -388,13 +388,6 @@ class GGUFSource(ModelSource):
             fields = {k: _field(self._reader, k) for k in keys}
             self._tokenizer = Tokenizer.from_gguf_fields(fields, self.path)
         return self._tokenizer
-
-
-def _row_blocks(fn, starts: range) -> None:
-    """fn(r0) for each start, on a thread per CPU (numpy leaves the GIL): the dequantization, not the
-    quantizer after it, is what a conversion from a GGUF's blocks waits for. Blocks write disjoint rows."""
-    with ThreadPoolExecutor(max(1, min(len(starts), os.cpu_count() or 1))) as pool:
-        list(pool.map(fn, starts))  # list(): re-raises the first block's exception
 
 
 # Q4_0 / Q4_1 rows dequantized straight into the output, a few rows at a time (temporaries stay in cache):

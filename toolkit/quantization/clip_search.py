@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..row_blocks import parallel_row_blocks
 from . import GroupLayout, QuantScheme, get_scheme, kernels
 from . import group_quant as gq
 
@@ -93,7 +94,7 @@ def search_scales(
         padded[:k] = act_sq
         weights = padded.reshape(g, layout.group_size)
     out = np.empty((n, g), dtype)
-    gq.parallel_row_blocks(
+    parallel_row_blocks(
         lambda r0: _search_block(w, r0, r0 + row_block, dtype, weights, coarse, fine, out, layout),
         n,
         row_block,

@@ -26,11 +26,9 @@ float->uint cast); here its codes are 7, which dequantize to 0 whatever the scal
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
+from ..row_blocks import parallel_row_blocks
 from . import MLC_Q4_LAYOUT, GroupLayout, QuantScheme, get_scheme, kernels
 
 # rows per block: keeps temporaries of a 32064 x 3072 embedding at a few tens of MB
@@ -239,18 +237,6 @@ def quantize(
 
     parallel_row_blocks(block, n, _ROW_BLOCK)
     return q_weight, q_scale
-
-
-def parallel_row_blocks(fn, n_rows: int, block_rows: int, max_threads: int = 8) -> None:
-    """fn(r0) for every row block, in threads (numpy releases the GIL in its loops); blocks are disjoint."""
-    starts = range(0, n_rows, block_rows)
-    workers = min(len(starts), os.cpu_count() or 1, max_threads)
-    if workers <= 1:
-        for r0 in starts:
-            fn(r0)
-        return
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(fn, starts))  # list(): re-raises the first exception of a block
 
 
 def dequantize(
