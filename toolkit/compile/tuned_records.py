@@ -79,9 +79,14 @@ def apply_tuned_records(
         index.get("fingerprint", {}).get("match") != here["match"]
         or index.get("tvm_version") != tvm.__version__
     ):
-        # one line, not a Python warning (whose echo of our source line reads like a fault to a user)
+        # one line, not a Python warning (whose echo of our source line reads like a fault to a user), that
+        # says what the records are for and what to do about it
+        fp = index.get("fingerprint", {})
+        mcpu = fp.get("target", {}).get("mcpu") or "?"
+        made_for = f"{fp.get('cpu_model') or '?'} ({mcpu}), TVM {index.get('tvm_version') or '?'}"
         print(
-            f"notice: {folder}: tuned records are for another device or TVM version; not applied",
+            f"notice: {folder}: tuned records are for another device or TVM version ({made_for}); not "
+            "applied, the built-in schedules are used (`phi3 tune` tunes for this machine)",
             file=sys.stderr,
         )
         return mod
