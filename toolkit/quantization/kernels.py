@@ -238,10 +238,14 @@ def _build_search(
                     if err[c] < best[1]:
                         best[0] = ratio[c]
                         best[1] = err[c]
-            # the float32 error is a proxy: RTN (ratio 1) stays wherever the exact error is not smaller
-            exact(wg, wt, b, g, to_scale(ma[b, g] * best[0] / T.float32(mi)), acc64, kept, 0)
-            exact(wg, wt, b, g, to_scale(ma[b, g] / T.float32(mi)), acc64, kept, 1)
-            out[b, g] = T.if_then_else(kept[0] >= kept[1], T.float32(1), best[0])
+            # the float32 error is a proxy: RTN (ratio 1) stays wherever the exact error is not smaller. When
+            # the proxy already chose ratio 1, both exact errors are of the same scale (ma * 1 is ma): RTN
+            if best[0] == T.float32(1):
+                out[b, g] = T.float32(1)
+            else:
+                exact(wg, wt, b, g, to_scale(ma[b, g] * best[0] / T.float32(mi)), acc64, kept, 0)
+                exact(wg, wt, b, g, to_scale(ma[b, g] / T.float32(mi)), acc64, kept, 1)
+                out[b, g] = T.if_then_else(kept[0] >= kept[1], T.float32(1), best[0])
     # fmt: on
 
     return _load(search, "search")
