@@ -17,7 +17,7 @@ from toolkit.compile.cpu_isa import q4_gemm_isa, q8_dot_isa, q8_gemm_isa
 from toolkit.compile.fuse_dequant import fused_dequant_kernels, unfused_dequant_kernels
 from toolkit.compile.pipeline import export_model, lower_to_tir
 from toolkit.quantization import MLC_Q4_LAYOUT, QUANTIZATIONS, GroupLayout, get_scheme
-from toolkit.quantization.group_quant import dequantize
+from toolkit.quantization.group_quant import dequantize, unpack
 from toolkit.targets import load_preset
 
 
@@ -67,15 +67,15 @@ def test_every_linear_is_one_fused_dequant_kernel(tmp_path):
     assert len(fused) >= 5, fused
 
 
-@pytest.mark.parametrize("quant", ["q4f16_1", "q0f32"])  # a quantized and a plain embedding
-def test_every_gather_clamps_its_indices(tmp_path, quant):
+def test_every_gather_clamps_its_indices(tmp_path):
     # TVM's "fast" take reads wherever an id points (and warns on every build): ours clamp into range
     import tvm
     from tvm import relax
 
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "medium")
     preset = load_preset("host")
-    mod, _ = export_model(open_model(ckpt).config, graph_options(quant, preset), preset.target)
+    # q0f32: the plain embedding's gather and the logit positions' (a q4 embedding gathers in its own kernel)
+    mod, _ = export_model(open_model(ckpt).config, graph_options("q0f32", preset), preset.target)
     modes = []
 
     def visit(expr):
@@ -86,6 +86,29 @@ def test_every_gather_clamps_its_indices(tmp_path, quant):
         if isinstance(func, relax.Function):
             relax.analysis.post_order_visit(func, visit)
     assert modes and set(modes) == {"clip"}, modes
+
+
+def test_a_quantized_embedding_gathers_clamped_rows():
+    # the q4 table's own gather (take_dequantize) clamps like `take` mode "clip": an id past either end
+    # reads the first or last row, never outside the table
+    import tvm
+    from tvm import te
+
+    from toolkit.quantization.tvm_layers import te_take_dequantize
+
+    rng = np.random.default_rng(0)
+    q_weight = rng.integers(0, 2**32, (8, 4), dtype=np.uint32)  # 8 rows of one group of 32 codes
+    q_scale = rng.uniform(0.5, 2, (8, 1)).astype(np.float16)
+    qw, qs = te.placeholder((8, 4), "uint32", name="qw"), te.placeholder((8, 1), "float16", name="qs")
+    ids = te.placeholder((4,), "int32", name="ids")
+    out = te_take_dequantize(qw, qs, ids, 32, "float32")
+    fn = tvm.compile(te.create_prim_func([qw, qs, ids, out]), target="llvm")
+    got = tvm.runtime.tensor(np.zeros((4, 32), np.float32))
+    want_rows = [0, 3, 7, 7]
+    fn(*(tvm.runtime.tensor(a) for a in (q_weight, q_scale, np.array([-5, 3, 7, 100], np.int32))), got)
+    # fp16 scales times small integers are exact in float32
+    codes = unpack(q_weight).astype(np.float32) - MLC_Q4_LAYOUT.max_int
+    np.testing.assert_array_equal(got.numpy(), (codes * q_scale.astype(np.float32))[want_rows])
 
 
 @pytest.mark.parametrize(

@@ -120,8 +120,11 @@ def te_dequantize_planes(
     if ids is None:
         n = planes["q_weight"].shape[0]
         return te.compute((n, k), lambda i, j: _k_value(planes, i, j, dtype, layout), name="dequantize")
+    n = planes["q_weight"].shape[0]
     return te.compute(
-        (ids.shape[0], k), lambda t, j: _k_value(planes, ids[t], j, dtype, layout), name="take_dequantize"
+        (ids.shape[0], k),
+        lambda t, j: _k_value(planes, _in_range(ids, t, n), j, dtype, layout),
+        name="take_dequantize",
     )
 
 
@@ -155,11 +158,17 @@ def te_take_dequantize(
 ) -> te.Tensor:
     """Rows `ids` (T,) of the quantized table, dequantized: (T, k). Reads only the packed words it needs."""
     dtype = dtype or _scale_value_dtype(q_scale)
+    n = q_weight.shape[0]
     return te.compute(
         (ids.shape[0], k),
-        lambda t, j: _value(q_weight, q_scale, q_min, ids[t], j, dtype, layout),
+        lambda t, j: _value(q_weight, q_scale, q_min, _in_range(ids, t, n), j, dtype, layout),
         name="take_dequantize",
     )
+
+
+def _in_range(ids: te.Tensor, t, n) -> tirx.PrimExpr:
+    """ids[t] clamped to a row of an n-row table, like `take` below (mode "clip")."""
+    return tirx.max(tirx.min(ids[t], tirx.const(int(n) - 1, ids.dtype)), tirx.const(0, ids.dtype))
 
 
 def _quant_params(module: nn.Module, n: int, k: int, scheme: QuantScheme, layout: Layout) -> None:
