@@ -235,11 +235,11 @@ def perplexity(
     nll, count, n_win = 0.0, 0, 0
     for chunk in _windows(ids, window):
         cos, sin = rope_cos_sin(cfg, np.arange(len(chunk)))
-        h = w("model.embed_tokens.weight")[chunk].astype(np.float32)
+        h = w(EMBED)[chunk].astype(np.float32)
         for i in range(cfg.num_hidden_layers):
             h = layer_forward(h, w, i, cfg, cos, sin)
         x = rms_norm(h, w("model.norm.weight"), cfg.rms_norm_eps)
-        head = w("model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight")
+        head = w(EMBED if cfg.tie_word_embeddings else "lm_head.weight")
         logits = (x[:-1] @ head.T).astype(np.float64)
         m = logits.max(axis=-1, keepdims=True)
         logp = logits - m - np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))
