@@ -213,6 +213,9 @@ def test_scheme_layout_is_derived_and_validated():
         GroupLayout(bits=3, group_size=30, storage="uint32")
 
 
+# slow tier: no shipped scheme has groups of 64 (the fast tier keeps the layout's derivation and the g64
+# kernels of test_quant_kernels); this compiles and runs a model of its own for ~8 s of a suite near 5 min
+@pytest.mark.slow
 def test_group_size_64_scheme_runs_end_to_end_on_the_host(tmp_path, monkeypatch):
     """A scheme with another layout (groups of 64) converts, compiles for the `host` preset and runs, with
     the logits of transformers on the same dequantized weights: the layout is read from the scheme by the
