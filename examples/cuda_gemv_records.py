@@ -7,8 +7,9 @@ decode step with their GPU time per token (torch.profiler). The libraries `d-gem
 table, the default) and `g-<table>` (the same model with dlight's GEMV scheduled under another parameter
 table, examples/cuda_speed.py GEMV_TABLES) ran the same weights through the same step. For each decode GEMV,
 a table whose kernel was faster than the default by more than MARGIN in every run becomes a record: its
-schedule, taken here on the kernel's tuning workload, as a MetaSchedule trace in schedules/cuda-sm90/ (what
-`phi3 compile --device cuda-sm90` applies, compile/tuned_records.py), with both times in index.json.
+schedule, taken here on the kernel's tuning workload, as a MetaSchedule trace in the preset's record set,
+schedules/cuda-sm90/metaschedule/<key>/ (what `phi3 compile --device cuda-sm90` applies,
+compile/tuned_records.py), with both times in index.json.
 """
 
 from __future__ import annotations

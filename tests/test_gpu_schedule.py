@@ -4,6 +4,7 @@ bindings."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,13 @@ from toolkit.compile.gpu_schedule import (
     gpu_schedule_pass,
     unbound_kernels,
 )
-from toolkit.compile.tuned_records import INDEX, apply_tuned_records, device_fingerprint
+from toolkit.compile.tuned_records import (
+    INDEX,
+    apply_tuned_records,
+    device_fingerprint,
+    fingerprint_key,
+    records_dir,
+)
 from toolkit.compile.workloads import as_workload, func_hash
 from toolkit.errors import UserError
 from toolkit.targets import load_preset
@@ -86,17 +93,16 @@ def test_host_preset_is_not_a_gpu_preset():
         gpu_schedule_pass(load_preset("host"))
 
 
-def test_tuned_records_take_precedence_over_dlight(tmp_path, capsys):
+def _fallback_record_set(folder, preset, func, fingerprint) -> dict:
+    """A record set in `folder` holding the Fallback schedule (no split reduction) of `func`, which dlight's
+    GEMV rule would not pick; returns its index."""
     from tvm.s_tir import dlight as dl
     from tvm.s_tir import meta_schedule as ms
 
-    preset = load_preset("webgpu")
-    func = dequant_matmul(256, 512, "float32", 1).with_attr("global_symbol", "dequant_gemv")
-    # a record holding the Fallback schedule (no split reduction), which dlight's GEMV rule would not pick
     with preset.target:
         fallback = dl.gpu.Fallback().apply(func, preset.target, False)
-    (tmp_path / preset.name).mkdir()
-    db = ms.database.JSONDatabase(work_dir=str(tmp_path / preset.name))
+    folder.mkdir(parents=True, exist_ok=True)
+    db = ms.database.JSONDatabase(work_dir=str(folder))
     workload = db.commit_workload(as_workload(func))
     db.commit_tuning_record(
         ms.database.TuningRecord(
@@ -105,24 +111,66 @@ def test_tuned_records_take_precedence_over_dlight(tmp_path, capsys):
     )
     # index.json: the one place that says for which device and TVM version the records hold
     index = {
-        "fingerprint": device_fingerprint(preset),
+        "fingerprint": fingerprint,
         "tvm_version": tvm.__version__,
         "kernels": [{"name": "dequant_gemv", "func_hash": func_hash(func), "kept": True}],
     }
-    (tmp_path / preset.name / INDEX).write_text(json.dumps(index))
+    (folder / INDEX).write_text(json.dumps(index))
+    return index
+
+
+def test_tuned_records_take_precedence_over_dlight(tmp_path, capsys):
+    preset = load_preset("webgpu")
+    func = dequant_matmul(256, 512, "float32", 1).with_attr("global_symbol", "dequant_gemv")
+    mine = records_dir(preset, tmp_path)
+    assert mine.parent.name == "metaschedule" and mine.name == fingerprint_key(device_fingerprint(preset))
+    index = _fallback_record_set(mine, preset, func, device_fingerprint(preset))
+    # another device's set beside it, whose record (the same Fallback) must not be the reason for anything
+    other_fp = {**device_fingerprint(preset), "match": "another device"}
+    _fallback_record_set(records_dir(preset, tmp_path, other_fp), preset, func, other_fp)
     mod = tvm.IRModule({"dequant_gemv": func})
     gpu = gpu_schedule_pass(preset)
     tuned = gpu(apply_tuned_records(mod, preset, tmp_path))["dequant_gemv"]
     untuned = gpu(apply_tuned_records(mod, preset, tmp_path / "absent"))["dequant_gemv"]
-    assert "_rf" not in tuned.script() and "_rf" in untuned.script()
+    assert "_rf" not in tuned.script()  # the record's Fallback, not dlight's split-reduction GEMV
+    assert "_rf" in untuned.script()
     assert "thread_binding" in tuned.script()
-    # records for another device (another target) are not applied
-    index["fingerprint"] = {**index["fingerprint"], "match": "another device"}
-    (tmp_path / preset.name / INDEX).write_text(json.dumps(index))
-    capsys.readouterr()
-    other = gpu(apply_tuned_records(mod, preset, tmp_path))["dequant_gemv"]
-    assert "tuned records are for another device" in capsys.readouterr().err
-    assert "_rf" in other.script()
+    assert capsys.readouterr().err == ""  # another device's records sit there without a word
+
+    # only another device's set: not applied, and nothing said (it is not this machine's to apply)
+    shutil.rmtree(mine)
+    assert "_rf" in gpu(apply_tuned_records(mod, preset, tmp_path))["dequant_gemv"].script()
+    assert capsys.readouterr().err == ""
+
+    # a set copied under this device's name whose index names another device: not applied
+    shutil.copytree(records_dir(preset, tmp_path, other_fp), mine)
+    assert "_rf" in gpu(apply_tuned_records(mod, preset, tmp_path))["dequant_gemv"].script()
+
+    # this device's own set from another TVM version: not applied, and one line says to tune again
+    (mine / INDEX).write_text(json.dumps({**index, "tvm_version": "0.0.1"}))
+    assert "_rf" in gpu(apply_tuned_records(mod, preset, tmp_path))["dequant_gemv"].script()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "made with TVM 0.0.1" in err and str(mine) in err
+
+    # the layout before sets were keyed (one set in schedules/<preset>/) still applies when it is this one's
+    shutil.rmtree(tmp_path / preset.name)
+    _fallback_record_set(tmp_path / preset.name, preset, func, device_fingerprint(preset))
+    assert "_rf" not in gpu(apply_tuned_records(mod, preset, tmp_path))["dequant_gemv"].script()
+
+
+def test_shipped_record_sets_sit_under_their_fingerprints_key():
+    """Each shipped MetaSchedule set is in the folder its own index's fingerprint names, and the GPU
+    presets' sets (keyed by the target alone) are found for the preset as it loads today."""
+    from toolkit.compile.tuned_records import METASCHEDULE, active_records, load_index
+    from toolkit.targets import TARGETS_DIR
+
+    sets = sorted((TARGETS_DIR.parent / "schedules").glob(f"*/{METASCHEDULE}/*/{INDEX}"))
+    assert sets
+    for path in sets:
+        assert path.parent.name == fingerprint_key(load_index(path.parent)["fingerprint"]), path
+    found = active_records(load_preset("cuda-sm90"))
+    assert found is not None and found[0].parent.parent.name == "cuda-sm90"
+    assert any(k["kept"] for k in found[1]["kernels"])
 
 
 @pytest.mark.slow  # 37 s: TVM's tensor-intrinsic registry for every GPU

@@ -64,7 +64,13 @@ def _small_kernel(tiny_lowered):
 @pytest.mark.slow  # a MetaSchedule search; applying records stays by default (test_gpu_schedule)
 def test_tuned_record_is_written_and_applied_by_compile(tiny_lowered, tmp_path, monkeypatch, capsys):
     from toolkit.compile.compile_model import schedule_fn
-    from toolkit.compile.tuned_records import INDEX, apply_tuned_records, device_fingerprint, replay_on_kernel
+    from toolkit.compile.tuned_records import (
+        INDEX,
+        apply_tuned_records,
+        device_fingerprint,
+        records_dir,
+        replay_on_kernel,
+    )
     from toolkit.tune.records import write_records
     from toolkit.tune.tuner import tune_kernel
 
@@ -76,10 +82,11 @@ def test_tuned_record_is_written_and_applied_by_compile(tiny_lowered, tmp_path, 
     result = tune_kernel(kernel, preset, 4, cost_model="random", min_gain=-math.inf, rounds=1)
     assert result.record is not None and result.kept, result.note
     assert result.default_ms and result.tuned_ms
-    write_records(preset, [result], device_fingerprint(preset), tmp_path)
-    index = json.loads((tmp_path / "host" / INDEX).read_text())
+    folder = write_records(preset, [result], device_fingerprint(preset), tmp_path)
+    assert folder == records_dir(preset, tmp_path)  # this machine's set
+    index = json.loads((folder / INDEX).read_text())
     assert index["kernels"][0]["name"] == kernel.name and index["kernels"][0]["kept"]
-    assert (tmp_path / "host" / "database_tuning_record.json").stat().st_size > 0
+    assert (folder / "database_tuning_record.json").stat().st_size > 0
 
     def scheduled_script() -> str:
         with preset.target:  # the compile pipeline schedules inside the target context
@@ -99,12 +106,12 @@ def test_tuned_record_is_written_and_applied_by_compile(tiny_lowered, tmp_path, 
     assert bool(applied[kernel.name].attrs["tirx.is_scheduled"])
     assert cache_key(cfg, QUANT, preset) != key_before  # new records: a new library, not the cached one
 
-    # another device's records are not applied
+    # records that say they are another device's are not applied, and not talked about
     index["fingerprint"]["match"] = "some other cpu"
-    (tmp_path / "host" / INDEX).write_text(json.dumps(index))
+    (folder / INDEX).write_text(json.dumps(index))
     capsys.readouterr()
     again = scheduled_script()
-    assert "tuned records are for another device" in capsys.readouterr().err
+    assert "tuned records" not in capsys.readouterr().err
     assert again == default
 
 
@@ -114,7 +121,7 @@ def test_rpc_tuning_through_a_loopback_tracker(tiny_lowered, tmp_path):
     import tvm.rpc.server
     import tvm.rpc.tracker
 
-    from toolkit.compile.tuned_records import INDEX, device_fingerprint
+    from toolkit.compile.tuned_records import INDEX, device_fingerprint, records_dir
     from toolkit.tune.records import write_records
     from toolkit.tune.tuner import RPCTarget, tune_kernel
 
@@ -136,8 +143,9 @@ def test_rpc_tuning_through_a_loopback_tracker(tiny_lowered, tmp_path):
         server.terminate()
         tracker.terminate()
     assert result.record is not None and result.tuned_ms is not None and result.default_ms is not None
-    write_records(preset, [result], device_fingerprint(preset, "phi3-test"), tmp_path)
-    index = json.loads((tmp_path / "host" / INDEX).read_text())
+    fingerprint = device_fingerprint(preset, "phi3-test")
+    write_records(preset, [result], fingerprint, tmp_path)
+    index = json.loads((records_dir(preset, tmp_path, fingerprint) / INDEX).read_text())
     assert index["fingerprint"]["rpc_key"] == "phi3-test"
 
 
@@ -164,3 +172,32 @@ def test_a_static_kernels_workload_is_a_copy_and_its_replay_keeps_the_kernels_na
     replayed = replay_on_kernel(func, sch.trace)
     assert replayed is not None and "global_symbol" not in (replayed.attrs or {})
     assert func_hash(func) == before
+
+
+def test_record_sets_of_two_devices_sit_side_by_side(tmp_path):
+    """`phi3 tune` on one machine leaves another machine's records as they are (a shipped set included),
+    and a re-run on the same machine and TVM version keeps the kernels it did not tune again."""
+    from toolkit.compile.tuned_records import INDEX, device_fingerprint, load_index, records_dir
+    from toolkit.tune.records import write_records
+    from toolkit.tune.tuner import KernelResult
+
+    def result(name: str) -> KernelResult:
+        return KernelResult(name, 1, 1, 4, 1.0, 1.1, kept=False, note="slower", func_hash=f"h-{name}")
+
+    def names(folder) -> list[str]:
+        return [k["name"] for k in load_index(folder)["kernels"]]
+
+    preset = load_preset("host")
+    here = device_fingerprint(preset)
+    there = {**here, "match": "another cpu"}
+    a = write_records(preset, [result("rms_norm")], here, tmp_path)
+    b = write_records(preset, [result("softmax")], there, tmp_path)
+    assert a == records_dir(preset, tmp_path) and b == records_dir(preset, tmp_path, there) and a != b
+    write_records(preset, [result("apply_rope")], here, tmp_path)
+    assert names(a) == ["apply_rope", "rms_norm"] and names(b) == ["softmax"]
+    assert load_index(b)["fingerprint"]["match"] == "another cpu"
+    # under another TVM version this machine's set starts over
+    (a / INDEX).write_text(json.dumps({**load_index(a), "tvm_version": "0.0.1"}))
+    write_records(preset, [result("softmax")], here, tmp_path)
+    assert names(a) == ["softmax"] and names(b) == ["softmax"]
+    assert sorted(p.name for p in (tmp_path / "host" / "metaschedule").iterdir()) == sorted([a.name, b.name])

@@ -92,7 +92,7 @@ def command(
     rounds,
     schedules_dir,
 ):
-    """Tune MODEL's kernels for a device preset; records go to schedules/<preset>/."""
+    """Tune MODEL's kernels for a device preset; records go to schedules/<preset>/, keyed by this device."""
     from ..errors import UserError
     from ..tune.guard import check_tracker
 
@@ -103,7 +103,7 @@ def command(
         check_tracker(tracker[0], tracker[1], rpc_key)
 
     from ..checkpoint import open_model
-    from ..compile.tuned_records import records_dir
+    from ..compile.tuned_records import device_fingerprint, records_dir
     from ..quantization import quantization_for
     from ..targets import load_preset
     from ..tune.tuner import RPCTarget, format_results, tune_model
@@ -153,5 +153,5 @@ def command(
     kept = sum(r.kept for r in results)
     click.echo(
         f"{kept} of {len(results)} kernel(s) beat the default schedule; records: "
-        f"{records_dir(preset, schedules_dir)}"
+        f"{records_dir(preset, schedules_dir, device_fingerprint(preset, rpc_key))}"
     )

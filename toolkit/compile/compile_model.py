@@ -79,8 +79,8 @@ def schedule_rules(preset: Preset) -> list:
 
 
 def schedule_fn(preset: Preset):
-    """The scheduling step of the pipeline for a preset: tuned records from schedules/<preset>/ first (when
-    they match this device and TVM version), then `schedule_rules`."""
+    """The scheduling step of the pipeline for a preset: this device's tuned records from schedules/<preset>/
+    first (when its TVM version made them), then `schedule_rules`."""
     from .tuned_records import apply_tuned_records
 
     if preset.is_gpu:
@@ -308,13 +308,13 @@ def _toolkit_source_hash() -> str:
 
 
 def _records_hash(preset: Preset) -> str:
-    """Hash of the preset's tuned records (schedules/<preset>/), which `compile` applies: new records mean a
+    """Hash of the tuned MetaSchedule records that `compile` applies for this machine: new records mean a
     new library."""
-    from .tuned_records import records_dir
+    from .tuned_records import active_records
 
     h = hashlib.sha256()
-    folder = records_dir(preset)
-    for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+    found = active_records(preset)
+    for f in sorted(found[0].glob("*.json")) if found else []:
         h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()[:12]
 

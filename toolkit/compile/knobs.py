@@ -172,14 +172,16 @@ def _cores(target: Target) -> int:
 
 
 def records_folder(preset: Preset, schedules_root: Path | str | None = None) -> Path:
-    base = preset.schedule_dir if schedules_root is None else Path(schedules_root) / preset.name
-    return base / "knobs"
+    from .tuned_records import preset_records_root
+
+    return preset_records_root(preset, schedules_root) / "knobs"
 
 
 def record_path(preset: Preset, fingerprint: dict[str, Any], schedules_root: Path | str | None = None):
     """One file per CPU fingerprint, so records of several machines can sit side by side."""
-    name = hashlib.sha256(fingerprint["match"].encode()).hexdigest()[:16]
-    return records_folder(preset, schedules_root) / f"{name}.json"
+    from .tuned_records import fingerprint_key
+
+    return records_folder(preset, schedules_root) / f"{fingerprint_key(fingerprint)}.json"
 
 
 def knobs_for(preset: Preset, schedules_root: Path | str | None = None) -> Knobs:

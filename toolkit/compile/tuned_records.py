@@ -1,13 +1,15 @@
-"""Tuned records in `schedules/<preset>/`: MetaSchedule's JSON database plus `index.json`, and applying
-them at compile time (`phi3 tune` writes them: tune/records.py).
+"""Tuned MetaSchedule records and applying them at compile time (`phi3 tune` writes them: tune/records.py).
 
-index.json holds the device fingerprint, TVM version and per-kernel default vs tuned times (kept or not).
-Records are applied only when the fingerprint and TVM version match: a schedule measured on one CPU says
-nothing about another, and traces may not replay across TVM versions.
+One record set per device fingerprint, `schedules/<preset>/metaschedule/<fingerprint key>/`: MetaSchedule's
+JSON database plus `index.json` (the fingerprint, TVM version and per-kernel default vs tuned times, kept or
+not). Sets of several machines sit side by side, like the knob records (`knobs/<fingerprint key>.json`); a
+compile reads only this machine's, and only under the TVM version that tuned it: a schedule measured on one
+CPU says nothing about another, and traces may not replay across TVM versions.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import sys
@@ -22,12 +24,9 @@ from ..targets import Preset
 from .workloads import DEFAULT_PREFILL_LEN, as_workload, call_counts, func_hash, specialize, step_binding
 
 DB_WORKLOAD = "database_workload.json"
-
-
 DB_RECORDS = "database_tuning_record.json"
-
-
 INDEX = "index.json"
+METASCHEDULE = "metaschedule"  # the record sets' folder in schedules/<preset>/
 
 
 def device_fingerprint(preset: Preset, rpc_key: str | None = None) -> dict:
@@ -51,8 +50,22 @@ def _cpu_info() -> tuple[str, list[str]]:
     return platform.processor() or cpu_model(), isa_flags()
 
 
-def records_dir(preset: Preset, schedules_root: Path | str | None = None) -> Path:
+def fingerprint_key(fingerprint: dict) -> str:
+    """The file or folder name of one device's records (knobs and MetaSchedule alike)."""
+    return hashlib.sha256(fingerprint["match"].encode()).hexdigest()[:16]
+
+
+def preset_records_root(preset: Preset, schedules_root: Path | str | None = None) -> Path:
+    """schedules/<preset>/ under `schedules_root` (the package's by default)."""
     return preset.schedule_dir if schedules_root is None else Path(schedules_root) / preset.name
+
+
+def records_dir(
+    preset: Preset, schedules_root: Path | str | None = None, fingerprint: dict | None = None
+) -> Path:
+    """The MetaSchedule record set of one device fingerprint (this machine's by default)."""
+    fp = device_fingerprint(preset) if fingerprint is None else fingerprint
+    return preset_records_root(preset, schedules_root) / METASCHEDULE / fingerprint_key(fp)
 
 
 def load_index(folder: Path) -> dict | None:
@@ -62,6 +75,36 @@ def load_index(folder: Path) -> dict | None:
         return None
 
 
+def active_records(
+    preset: Preset, schedules_root: Path | str | None = None, *, quiet: bool = True
+) -> tuple[Path, dict] | None:
+    """This machine's record set and its index, when there is one that this TVM version can apply.
+
+    A set made under another TVM version is not applied; unless `quiet`, one line says so (it is this
+    machine's own, so re-tuning is what to do). Other machines' sets are not looked at, so nothing is said
+    of them: they are never this machine's to apply."""
+    here = device_fingerprint(preset)
+    # the layout before record sets were keyed (one set in schedules/<preset>/) is still read
+    for folder in (records_dir(preset, schedules_root, here), preset_records_root(preset, schedules_root)):
+        index = load_index(folder)
+        if index is not None and (folder / DB_RECORDS).is_file():
+            if index.get("fingerprint", {}).get("match") == here["match"]:
+                break
+    else:
+        return None
+    if index.get("tvm_version") != tvm.__version__:
+        if not quiet:
+            # one line, not a Python warning (whose echo of our source line reads like a fault to a user)
+            print(
+                f"notice: {folder}: this machine's tuned records were made with TVM "
+                f"{index.get('tvm_version') or '?'}, not {tvm.__version__}; not applied, the built-in "
+                "schedules are used (`phi3 tune` tunes again)",
+                file=sys.stderr,
+            )
+        return None
+    return folder, index
+
+
 def apply_tuned_records(
     mod: IRModule,
     preset: Preset,
@@ -69,27 +112,11 @@ def apply_tuned_records(
     prefill_len: int = DEFAULT_PREFILL_LEN,
 ) -> IRModule:
     """Replace the PrimFuncs that have a kept record by the tuned schedule (marked `tirx.is_scheduled`, so
-    the default rules skip them). No-op without records, or when fingerprint / TVM version differ."""
-    folder = records_dir(preset, schedules_root)
-    index = load_index(folder)
-    if index is None or not (folder / DB_RECORDS).is_file():
+    the default rules skip them). No-op without this machine's records for this TVM version."""
+    found = active_records(preset, schedules_root, quiet=False)
+    if found is None:
         return mod
-    here = device_fingerprint(preset)
-    if (
-        index.get("fingerprint", {}).get("match") != here["match"]
-        or index.get("tvm_version") != tvm.__version__
-    ):
-        # one line, not a Python warning (whose echo of our source line reads like a fault to a user), that
-        # says what the records are for and what to do about it
-        fp = index.get("fingerprint", {})
-        mcpu = fp.get("target", {}).get("mcpu") or "?"
-        made_for = f"{fp.get('cpu_model') or '?'} ({mcpu}), TVM {index.get('tvm_version') or '?'}"
-        print(
-            f"notice: {folder}: tuned records are for another device or TVM version ({made_for}); not "
-            "applied, the built-in schedules are used (`phi3 tune` tunes for this machine)",
-            file=sys.stderr,
-        )
-        return mod
+    folder, index = found
     wanted = {k["func_hash"] for k in index.get("kernels", []) if k.get("kept")}
     if not wanted:
         return mod

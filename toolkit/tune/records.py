@@ -1,5 +1,6 @@
-"""Writing tuned records (`phi3 tune`): MetaSchedule's JSON database plus `index.json` in
-`schedules/<preset>/`. Reading and applying them is compile's (compile/tuned_records.py)."""
+"""Writing tuned records (`phi3 tune`): MetaSchedule's JSON database plus `index.json` in the device's
+record set, `schedules/<preset>/metaschedule/<fingerprint key>/`. Reading and applying them is compile's
+(compile/tuned_records.py)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ from ..targets import Preset
 def write_records(
     preset: Preset, results: list, fingerprint: dict, schedules_root: Path | str | None = None
 ) -> Path:
-    """Add the kept records to the preset's database and all results to index.json (atomic per file).
+    """Add the kept records to the device's database and all results to its index.json (atomic per file).
 
-    An existing database from another device fingerprint or TVM version is replaced, not mixed in."""
-    folder = records_dir(preset, schedules_root)
+    An existing database from another TVM version is replaced, not mixed in; other devices' sets are left
+    as they are."""
+    folder = records_dir(preset, schedules_root, fingerprint)
     old = load_index(folder)
     same_device = (
         bool(old)
