@@ -574,22 +574,24 @@ def test_fast_field_walk_equals_gguf_py_on_the_embedded_model(smol) -> None:
     _same_reader(read_gguf(smol.path), GGUFReader(smol.path))
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
 def test_fast_block_dequantization_equals_gguf_py_bit_for_bit(type_name: str) -> None:
-    """Random block bytes (their fp16 scales include NaN and inf), rows as a GGUF tensor holds them."""
+    """Random block bytes (their fp16 scales include NaN and inf, the K-quants' 6-bit scales and mins and
+    high bits take every value), rows as a GGUF tensor holds them."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    from toolkit.checkpoint import gguf_source
+    from toolkit.checkpoint.ggml_dequant import DEQUANT_INTO
 
-    block_bytes, into = gguf_source._DEQUANT_INTO[type_name]
+    block_bytes, block_weights, into = DEQUANT_INTO[type_name]
     raw = np.random.default_rng(2).integers(0, 256, (130, 12 * block_bytes), dtype=np.uint8)
-    out = np.empty((130, 12 * 32), np.float32)
+    out = np.empty((130, 12 * block_weights), np.float32)
     with np.errstate(invalid="ignore", over="ignore"):
         into(raw, out)
         ref = dequantize(raw, GGMLQuantizationType[type_name]).reshape(out.shape)
     np.testing.assert_array_equal(out.view(np.uint32), ref.view(np.uint32))
     assert np.isfinite(ref).mean() > 0.9
+    assert len(np.unique(ref[np.isfinite(ref)])) > 1000  # not a degenerate pattern
 
 
 def test_the_embedded_models_q4_1_tensors_read_as_gguf_py_dequantizes_them(smol) -> None:

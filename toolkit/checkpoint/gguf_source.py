@@ -20,14 +20,17 @@ from ..config import ConfigError, LongRope, Phi3Config
 from ..errors import UserError
 from ..row_blocks import parallel_row_blocks
 from . import ModelSource, expected_tensor_shapes, require_finite
+from .ggml_dequant import DEQUANT_INTO
 from .gguf_names import ROPE_FACTOR_TENSORS, gguf_names
 
 SUPPORTED_GGUF_ARCHS = ("llama", "phi3")
 CONTROL_TOKEN_TYPE = 3
 # llama.cpp rope types that need more than plain RoPE; we refuse them rather than run them wrong
 _UNSUPPORTED_ROPE_SCALING = ("linear", "yarn", "longrope")
-# elements per dequantization step (16 MB of float32 output)
+# elements per dequantization step of gguf-py's dequantizer (16 MB of float32 output)
 _DEQUANT_ELEMS = 1 << 22
+# rows per step of ours (ggml_dequant), whose temporaries are a few rows' size
+_FAST_ROWS = 64
 
 
 def read_gguf(path: Path | str):
@@ -291,10 +294,10 @@ class GGUFSource(ModelSource):
         from gguf.quants import dequantize
 
         data = t.data
-        fast = _DEQUANT_INTO.get(t.tensor_type.name)
+        fast = DEQUANT_INTO.get(t.tensor_type.name)
         if fast is not None and data.ndim == 2 and data.shape[1] % fast[0] == 0:
-            block_bytes, into = fast
-            arr = np.empty((data.shape[0], data.shape[1] // block_bytes * 32), np.float32)
+            block_bytes, block_weights, into = fast
+            arr = np.empty((data.shape[0], data.shape[1] // block_bytes * block_weights), np.float32)
 
             def fast_rows(r0: int) -> None:
                 with np.errstate(invalid="ignore", over="ignore"):  # a NaN scale is refused later, by name
@@ -388,40 +391,3 @@ class GGUFSource(ModelSource):
             fields = {k: _field(self._reader, k) for k in keys}
             self._tokenizer = Tokenizer.from_gguf_fields(fields, self.path)
         return self._tokenizer
-
-
-# Q4_0 / Q4_1 rows dequantized straight into the output, a few rows at a time (temporaries stay in cache):
-# 3x gguf-py's speed on Q4_0, with the same float32 operations (d * (q - 8); d * q + m), so equal bit for bit
-_FAST_ROWS = 64
-
-
-def _nibbles(blocks: np.ndarray, at: int) -> tuple[np.ndarray, np.ndarray]:
-    """The low and high nibbles of a block's 16 code bytes from byte `at`: elements 0-15 and 16-31."""
-    qs = blocks[..., at : at + 16]
-    return qs & np.uint8(0x0F), qs >> np.uint8(4)
-
-
-def _scale(blocks: np.ndarray, at: int) -> np.ndarray:
-    return blocks[..., at : at + 2].copy().view(np.float16).astype(np.float32)
-
-
-def _q4_0_into(rows: np.ndarray, out: np.ndarray) -> None:
-    blocks = rows.reshape(rows.shape[0], -1, 18)
-    o = out.reshape(rows.shape[0], -1, 32)
-    lo, hi = _nibbles(blocks, 2)
-    np.subtract(lo, 8, out=o[..., :16], dtype=np.float32, casting="unsafe")
-    np.subtract(hi, 8, out=o[..., 16:], dtype=np.float32, casting="unsafe")
-    o *= _scale(blocks, 0)
-
-
-def _q4_1_into(rows: np.ndarray, out: np.ndarray) -> None:
-    blocks = rows.reshape(rows.shape[0], -1, 20)
-    o = out.reshape(rows.shape[0], -1, 32)
-    lo, hi = _nibbles(blocks, 4)
-    o[..., :16] = lo
-    o[..., 16:] = hi
-    o *= _scale(blocks, 0)
-    o += _scale(blocks, 2)
-
-
-_DEQUANT_INTO = {"Q4_0": (18, _q4_0_into), "Q4_1": (20, _q4_1_into)}
