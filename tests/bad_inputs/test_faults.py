@@ -72,6 +72,39 @@ def test_second_writer_waits_with_a_message_then_proceeds(tmp_path, capfd) -> No
     assert "another phi3 process is writing it; waiting" in capfd.readouterr().err
 
 
+def test_two_tuners_of_one_machine_wait_and_merge_their_records(tmp_path, capfd) -> None:
+    """`phi3 tune` writes this machine's MetaSchedule set and knob record by read-merge-replace: a second
+    tuner waits for the first's lock, then merges over what it wrote (nothing is lost)."""
+    from toolkit.compile.knobs import DEFAULTS, record_path
+    from toolkit.compile.tuned_records import device_fingerprint, load_index, records_dir
+    from toolkit.targets import load_preset
+    from toolkit.tune.knob_search import SearchResult, write_knob_record
+    from toolkit.tune.records import write_records
+    from toolkit.tune.tuner import KernelResult
+
+    preset = load_preset("host")
+    fp = device_fingerprint(preset)
+    folder = records_dir(preset, tmp_path, fp)
+    write_records(preset, [KernelResult("rms_norm", 1, 1, 4, 1.0, 1.1, False, func_hash="a")], fp, tmp_path)
+    holder = _hold_lock(folder, 1.0)
+    t0 = time.monotonic()
+    write_records(preset, [KernelResult("softmax", 1, 1, 4, 1.0, 1.1, False, func_hash="b")], fp, tmp_path)
+    assert time.monotonic() - t0 > 0.3
+    holder.wait()
+    assert [k["name"] for k in load_index(folder)["kernels"]] == ["rms_norm", "softmax"]
+    assert "another phi3 process is writing it; waiting" in capfd.readouterr().err
+
+    gemv = dict(DEFAULTS["q4_gemv"])
+    write_knob_record(preset, [SearchResult("q4_gemv", "64x64", gemv, {**gemv, "tile": 64}, True)], tmp_path)
+    holder = _hold_lock(record_path(preset, fp, tmp_path), 1.0)
+    t0 = time.monotonic()
+    write_knob_record(preset, [SearchResult("q4_gemv", "32x32", gemv, {**gemv, "tile": 8}, True)], tmp_path)
+    assert time.monotonic() - t0 > 0.3
+    holder.wait()
+    kernels = json.loads(record_path(preset, fp, tmp_path).read_text())["kernels"]["q4_gemv"]
+    assert kernels["64x64"]["tile"] == 64 and kernels["32x32"]["tile"] == 8
+
+
 def test_another_thread_of_this_process_waits_like_another_process(tmp_path) -> None:
     """Two threads of one process (an app loading two engines at once) that lock the same folder: the second
     waits for the first, not slipping in because this process holds the lock."""

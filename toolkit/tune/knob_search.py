@@ -31,6 +31,7 @@ import tvm
 
 from ..compile.knobs import SCHEMA, SPACE, Knobs, knobs_for, record_path, shape_key
 from ..cpu_threads import size_thread_pool
+from ..locks import output_lock
 from ..read_bandwidth import paired_fractions
 from ..targets import Preset
 
@@ -549,52 +550,53 @@ def write_knob_record(
 
     fp = device_fingerprint(preset)
     path = record_path(preset, fp, schedules_root)
-    try:
-        old = json.loads(path.read_text())
-        ok = old.get("schema") == SCHEMA and old.get("fingerprint", {}).get("match") == fp["match"]
-        kernels = old.get("kernels", {}) if ok and old.get("tvm_version") == tvm.__version__ else {}
-        measured = old.get("measurements", []) if kernels else []
-    except (OSError, ValueError):
-        kernels, measured = {}, []
-    for r in results:
-        if r.kept:
-            kernels.setdefault(r.family, {})[r.key] = r.best
-        else:  # a re-run that no longer beats the default drops the old choice
-            kernels.get(r.family, {}).pop(r.key, None)
-        measured = [m for m in measured if (m["family"], m["key"]) != (r.family, r.key)]
-        measured.append(
-            {
-                "family": r.family,
-                "key": r.key,
-                "default": r.default,
-                "best": r.best,
-                "kept": r.kept,
-                "median_ms": {k: statistics.median(v) for k, v in r.times_ms.items()},
-                **(
-                    {
-                        "read_bytes": r.read_bytes,
-                        "probe_bytes_s": r.bandwidth,
-                        "roofline_fraction": r.roofline_fraction,
-                    }
-                    if r.roofline_fraction is not None
-                    else {}
-                ),
-            }
-        )
-    record = {
-        "schema": SCHEMA,
-        "fingerprint": fp,
-        "tvm_version": tvm.__version__,
-        "kernels": {f: v for f, v in kernels.items() if v},
-        "measurements": measured,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with output_lock(path):  # a second tuner merges over this one's record, not under it
+        try:
+            old = json.loads(path.read_text())
+            ok = old.get("schema") == SCHEMA and old.get("fingerprint", {}).get("match") == fp["match"]
+            kernels = old.get("kernels", {}) if ok and old.get("tvm_version") == tvm.__version__ else {}
+            measured = old.get("measurements", []) if kernels else []
+        except (OSError, ValueError):
+            kernels, measured = {}, []
+        for r in results:
+            if r.kept:
+                kernels.setdefault(r.family, {})[r.key] = r.best
+            else:  # a re-run that no longer beats the default drops the old choice
+                kernels.get(r.family, {}).pop(r.key, None)
+            measured = [m for m in measured if (m["family"], m["key"]) != (r.family, r.key)]
+            measured.append(
+                {
+                    "family": r.family,
+                    "key": r.key,
+                    "default": r.default,
+                    "best": r.best,
+                    "kept": r.kept,
+                    "median_ms": {k: statistics.median(v) for k, v in r.times_ms.items()},
+                    **(
+                        {
+                            "read_bytes": r.read_bytes,
+                            "probe_bytes_s": r.bandwidth,
+                            "roofline_fraction": r.roofline_fraction,
+                        }
+                        if r.roofline_fraction is not None
+                        else {}
+                    ),
+                }
+            )
+        record = {
+            "schema": SCHEMA,
+            "fingerprint": fp,
+            "tvm_version": tvm.__version__,
+            "kernels": {f: v for f, v in kernels.items() if v},
+            "measurements": measured,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f, indent=1)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return path
