@@ -356,6 +356,23 @@ def test_weighted_stream_reads_each_tensor_once_with_a_forwards_stats(preset, tm
         else:
             assert act is None, name
 
+    # statistics only (quant-report): the same numbers, and the head, which the forward never needs, unread
+    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    reads.clear()
+    type(src).iter_tensors = counting
+    try:
+        stats_only = {name: (arr, act) for name, arr, act in tensors_with_stats(src, ids, head=False)}
+    finally:
+        type(src).iter_tensors = real_iter
+    # a tied embedding is still read once, for the rows that start the forward
+    assert sorted(reads) == sorted(every if cfg.tie_word_embeddings else set(every) - {head})
+    assert stats_only[head][0] is None and set(stats_only) == set(got)
+    for name, (_, act) in stats_only.items():
+        if got[name][1] is None:
+            assert act is None, name
+        else:
+            np.testing.assert_array_equal(act, got[name][1])
+
 
 def test_mlc_param_names(ckpt, converted, tmp_path) -> None:
     out = tmp_path / "mlc-names"

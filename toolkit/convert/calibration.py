@@ -162,11 +162,13 @@ def _stages(source: ModelSource) -> list[list[str]]:
 
 
 def tensors_with_stats(
-    source: ModelSource, token_ids: list[int]
-) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
+    source: ModelSource, token_ids: list[int], *, head: bool = True
+) -> Iterator[tuple[str, np.ndarray | None, np.ndarray | None]]:
     """Every source tensor once, float32, with E[x_k^2] of the input it multiplies (None for norms), in the
     forward's order (`_stages`): a decoder layer's tensors come after its forward over the calibration tokens,
-    so a converter quantizes what it has just read, and the checkpoint is read once.
+    so a converter quantizes what it has just read, and the checkpoint is read once. With `head` False the
+    head's weights (lm_head, or a tied embedding as the head), which the forward never needs, are not read:
+    that tensor comes with None, for callers that want the statistics only.
 
     The next stage is read in a thread, tensor j of it while the consumer works on tensor j of this one (the
     same role: the same size), so memory holds one layer's float32 weights plus one tensor, not two layers."""
@@ -179,11 +181,19 @@ def tensors_with_stats(
     if cfg.tie_word_embeddings:  # the head comes last; only its rows for the tokens are kept until then
         h = source.get_tensor(EMBED)[ids]
     stages = _stages(source)
+    unread = set() if head else {EMBED if cfg.tie_word_embeddings else "lm_head.weight"}
     pool = ThreadPoolExecutor(1, thread_name_prefix="phi3-read-ahead")  # one reader thread, reads in order
+    reads: dict[str, Future] = {}
+
+    def read(name: str) -> None:
+        if name not in unread:
+            reads[name] = pool.submit(source.get_tensor, name)
+
     try:
-        reads: dict[str, Future] = {n: pool.submit(source.get_tensor, n) for n in stages[0]}
+        for n in stages[0]:
+            read(n)
         for i, names in enumerate(stages):
-            weights = {n: reads.pop(n).result() for n in names}
+            weights = {n: None if n in unread else reads.pop(n).result() for n in names}
             layer = i if cfg.tie_word_embeddings else i - 1  # -1: the untied embedding
             stats: dict[str, np.ndarray] = {}
             if layer == -1:  # a lookup, not a matmul: every channel matters alike
@@ -197,10 +207,10 @@ def tensors_with_stats(
             following = stages[i + 1] if i + 1 < len(stages) else []
             for j, name in enumerate(names):
                 if j < len(following):
-                    reads[following[j]] = pool.submit(source.get_tensor, following[j])
+                    read(following[j])
                 yield name, weights.pop(name), stats.get(name)  # handed over: the consumer frees it
             for name in following[len(names) :]:
-                reads[name] = pool.submit(source.get_tensor, name)
+                read(name)
     finally:
         # a consumer that stopped early: drop the queued reads, wait for the one in flight, so nothing
         # reads the source after this returns
@@ -209,7 +219,8 @@ def tensors_with_stats(
 
 def activation_stats(source: ModelSource, token_ids: list[int]) -> dict[str, np.ndarray]:
     """E[x_k^2] of the input of every Linear (by its HF weight name, lm_head/tied embedding included)."""
-    return {name: act for name, _, act in tensors_with_stats(source, token_ids) if act is not None}
+    items = tensors_with_stats(source, token_ids, head=False)
+    return {name: act for name, _, act in items if act is not None}
 
 
 MIN_CALIBRATION_TOKENS = 16  # fewer: the E[x^2] weights are mostly noise
