@@ -1,4 +1,9 @@
-"""Token sampling on the host: greedy, temperature, top-k / top-p / min-p, penalties, logit bias; seeded."""
+"""Token sampling on the host: greedy, temperature, top-k / top-p / min-p, penalties, logit bias; seeded.
+
+Per token this runs over the whole vocabulary, beside a decode step of a few milliseconds for a small model:
+top-p sorts only the head of the distribution (`top_p_keep`) and the draw walks only the tokens left
+(`draw`), each giving what a full sort and `Generator.choice` give, token for token, for a given seed.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,44 @@ from dataclasses import dataclass
 import numpy as np
 
 from .options import GenerationOptions
+
+# top_p_keep's first head: tokens within this factor of the most probable one (then 2**-24, ...)
+_HEAD = 2.0**-12
+
+
+def top_p_keep(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """Ids of the smallest set of most probable tokens whose mass reaches `top_p` (at least the top token),
+    ranked as a stable sort of the whole vocabulary ranks them (ties: lower id first).
+
+    Any {p >= t} is a prefix of that ranking, so sorting such a head gives the same ranking, the same running
+    sums and the same cut wherever the head's mass reaches `top_p`; otherwise t is lowered, down to the whole
+    vocabulary (a NaN distribution goes there at once)."""
+    n = probs.size
+    thr = float(probs.max()) * _HEAD
+    while True:
+        head = np.flatnonzero(probs >= thr) if thr > 0 else np.arange(n)
+        head = head[np.argsort(-probs[head], kind="stable")]
+        cut = int(np.searchsorted(np.cumsum(probs[head]), top_p))
+        if cut < head.size or head.size == n:
+            return head[: cut + 1]
+        thr *= _HEAD
+
+
+def draw(rng: np.random.Generator, probs: np.ndarray) -> int:
+    """One token from normalised `probs`: `rng.choice(len(probs), p=probs)`, from the same single uniform
+    number and the same cumulative sums (a zero adds nothing to them), over the tokens with p > 0 only."""
+    ids = np.flatnonzero(probs)
+    cdf = np.cumsum(probs[ids])
+    if not (ids.size and np.isfinite(cdf[-1]) and cdf[-1] > 0):
+        return int(rng.choice(len(probs), p=probs))  # numpy's own error for a broken distribution
+    cdf /= cdf[-1]
+    return int(ids[np.searchsorted(cdf, rng.random(), side="right")])
+
+
+def _renormalised(probs: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    mask = np.zeros_like(probs)
+    mask[keep] = probs[keep]
+    return mask / mask.sum()
 
 
 @dataclass(frozen=True)
@@ -35,14 +78,8 @@ class Sampler:
         probs = np.exp(z - z.max())
         probs /= probs.sum()
         if p.top_p < 1.0:
-            order = np.argsort(-probs, kind="stable")
-            cum = np.cumsum(probs[order])
-            # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-            keep = order[: int(np.searchsorted(cum, p.top_p) + 1)]
-            mask = np.zeros_like(probs)
-            mask[keep] = probs[keep]
-            probs = mask / mask.sum()
-        return int(self.rng.choice(len(probs), p=probs))
+            probs = _renormalised(probs, top_p_keep(probs, p.top_p))
+        return draw(self.rng, probs)
 
 
 class TokenSampler:
@@ -86,13 +123,8 @@ class TokenSampler:
         probs = np.exp(z - z.max())
         probs /= probs.sum()
         if o.top_p < 1.0:
-            order = np.argsort(-probs, kind="stable")
-            cum = np.cumsum(probs[order])
-            keep = order[: int(np.searchsorted(cum, o.top_p) + 1)]  # at least the top token
-            mask = np.zeros_like(probs)
-            mask[keep] = probs[keep]
-            probs = mask / mask.sum()
+            probs = _renormalised(probs, top_p_keep(probs, o.top_p))
         if o.min_p > 0:
             probs = np.where(probs >= o.min_p * probs.max(), probs, 0.0)
             probs /= probs.sum()
-        return int(self.rng.choice(len(probs), p=probs))
+        return draw(self.rng, probs)
