@@ -31,10 +31,13 @@ class PerplexityResult:
         return dict(self.__dict__)
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+def _target_log_probs(logits: np.ndarray, first: int, targets: np.ndarray) -> np.ndarray:
+    """log softmax(logits[first + i])[targets[i]] in float64: only the scored rows, and only their targets'
+    entries formed (the same operations on them as a whole log-softmax matrix)."""
+    x = logits[first : first + len(targets)].astype(np.float64)
+    m = x.max(-1)
+    lse = np.log(np.exp(x - m[:, None]).sum(-1))
+    return x[np.arange(len(targets)), targets] - m - lse
 
 
 def perplexity(
@@ -71,11 +74,10 @@ def perplexity(
                 rows = [engine.prefill(sid, window[:1])]
                 rows += [engine.decode(sid, t) for t in window[1:-1]]
                 logits = np.stack(rows)
-            logp = _log_softmax(logits)
         finally:
             engine.remove_sequence(sid)
         targets = np.asarray(window[first + 1 :], dtype=np.int64)
-        nll -= float(logp[np.arange(first, len(window) - 1), targets].sum())
+        nll -= float(_target_log_probs(logits, first, targets).sum())
         scored += len(targets)
         windows += 1
         if start + context >= len(ids):
