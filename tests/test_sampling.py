@@ -29,6 +29,10 @@ def distributions(seed: int):
                 z[0] = 1.0
             p = np.exp(z - z.max())
             yield p / p.sum()
+    # a spike holding half the mass over a flat tail far below it: a top-p cut inside the tail
+    tail = np.full(49152, 0.5 / 49151)
+    tail[rng.integers(49152)] = 0.5
+    yield tail
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -13,8 +13,8 @@ import numpy as np
 
 from .options import GenerationOptions
 
-# top_p_keep's first head: tokens within this factor of the most probable one (then 2**-24, ...)
-_HEAD = 2.0**-12
+# top_p_keep's heads: tokens within these factors of the most probable one, then the whole vocabulary
+_HEADS = (2.0**-12, 2.0**-24, 0.0)
 
 
 def top_p_keep(probs: np.ndarray, top_p: float) -> np.ndarray:
@@ -22,17 +22,18 @@ def top_p_keep(probs: np.ndarray, top_p: float) -> np.ndarray:
     ranked as a stable sort of the whole vocabulary ranks them (ties: lower id first).
 
     Any {p >= t} is a prefix of that ranking, so sorting such a head gives the same ranking, the same running
-    sums and the same cut wherever the head's mass reaches `top_p`; otherwise t is lowered, down to the whole
-    vocabulary (a NaN distribution goes there at once)."""
+    sums and the same cut wherever the head's mass reaches `top_p`; otherwise t is lowered, at last to the
+    whole vocabulary (where a NaN distribution goes at once)."""
     n = probs.size
-    thr = float(probs.max()) * _HEAD
-    while True:
+    top = float(probs.max())
+    for factor in _HEADS:
+        thr = top * factor
         head = np.flatnonzero(probs >= thr) if thr > 0 else np.arange(n)
         head = head[np.argsort(-probs[head], kind="stable")]
         cut = int(np.searchsorted(np.cumsum(probs[head]), top_p))
         if cut < head.size or head.size == n:
-            return head[: cut + 1]
-        thr *= _HEAD
+            break
+    return head[: cut + 1]
 
 
 def draw(rng: np.random.Generator, probs: np.ndarray) -> int:
