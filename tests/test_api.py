@@ -269,6 +269,11 @@ def test_chat_session_reuses_cache_and_refuses_bad_input(model):
     cached = len(model.engine.seqs[chat.seq].tokens)
     chat.send("What is my name?", temperature=0, max_tokens=8)
     assert chat.last is not None and len(chat.last.prompt) > cached
+    # only the new turn was prefilled onto the cached sequence, and it answers as a fresh prefill would
+    sid = model.engine.add_sequence()
+    fresh = int(np.argmax(model.engine.prefill(sid, chat.last.prompt)))
+    model.engine.remove_sequence(sid)
+    assert chat.last.tokens[:1] == [fresh] or (not chat.last.tokens and fresh in chat.last.stop_ids)
     assert [m["role"] for m in chat.messages] == ["system", "user", "assistant", "user", "assistant"]
     assert chat.messages[2]["content"] == first
     with pytest.raises(UserError, match="temperature"):

@@ -1,4 +1,4 @@
-"""Runtime behaviour: sampling, chat sessions reusing the KV cache, perplexity, and the generate CLI."""
+"""Runtime behaviour: sampling, host logits, perplexity, and the generate CLI."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from tiny import load_hf_model, make_tiny_checkpoint
 from tiny_tokenizer import write_tiny_tokenizer
 
 from toolkit.cli import main
-from toolkit.runtime.generate import ChatSession
+from toolkit.runtime.options import GenerationOptions
 from toolkit.runtime.perplexity import perplexity
-from toolkit.runtime.sampling import Sampler, SamplingParams
+from toolkit.runtime.sampling import TokenSampler
 
 
 @pytest.fixture(scope="module")
@@ -28,45 +28,21 @@ def tiny(tmp_path_factory):
 
 def test_sampler_greedy_seeded_and_top_p():
     logits = np.array([0.0, 3.0, 2.9, -5.0])
-    assert Sampler(SamplingParams(temperature=0))(logits) == 1
+    assert TokenSampler(GenerationOptions(temperature=0))(logits) == 1
 
     def draws(seed: int) -> list[int]:
-        s = Sampler(SamplingParams(1.0, 1.0, seed=seed))
+        s = TokenSampler(GenerationOptions(temperature=1.0, top_p=1.0, seed=seed))
         return [s(logits) for _ in range(50)]
 
     assert draws(7) == draws(7)  # same seed, same tokens
     assert draws(7) != draws(8)
     # top_p=0.5: the top token alone holds > 50% of the mass at temperature 0.1 -> always token 1
-    s = Sampler(SamplingParams(temperature=0.1, top_p=0.5, seed=0))
+    s = TokenSampler(GenerationOptions(temperature=0.1, top_p=0.5, seed=0))
     assert {s(logits) for _ in range(50)} == {1}
     # top_p keeps {1, 2} (cum mass ~0.97 before token 0): token 3 never drawn, token 2 sometimes
-    s = Sampler(SamplingParams(temperature=1.0, top_p=0.9, seed=0))
+    s = TokenSampler(GenerationOptions(temperature=1.0, top_p=0.9, seed=0))
     seen = {s(logits) for _ in range(300)}
     assert seen == {1, 2}
-
-
-def test_chat_second_turn_reuses_cache_and_equals_fresh_prefill(tiny):
-    ckpt, eng = tiny
-    from toolkit.checkpoint import open_model
-
-    tok = open_model(ckpt).tokenizer()
-    greedy = SamplingParams(temperature=0)
-    chat = ChatSession(eng, tok, "phi3")
-    chat.send("Hello there", greedy, 6)
-    cached_before = len(eng.seqs[chat.seq].tokens)
-    reply2, _ = chat.send("And Paris?", greedy, 6)
-    # the second turn only prefilled the new turn's tokens
-    assert len(eng.seqs[chat.seq].tokens) > cached_before
-    fresh = ChatSession(eng, tok, "phi3")
-    fresh.messages = list(chat.messages[:-1])  # history up to the second user message
-    from toolkit.chat_template import render
-
-    ids = tok.encode(render(fresh.messages, "phi3"))
-    sid = eng.add_sequence()
-    logits = eng.prefill(sid, ids)
-    first = int(np.argmax(logits))
-    eng.remove_sequence(sid)
-    assert tok.encode(reply2, add_bos=False)[:1] == [first] or reply2 == ""
 
 
 def test_host_logits_are_views_that_later_steps_leave_alone(tiny):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from toolkit.runtime.options import GenerationOptions
-from toolkit.runtime.sampling import Sampler, SamplingParams, TokenSampler, draw, top_p_keep
+from toolkit.runtime.sampling import TokenSampler, draw, top_p_keep
 
 
 def full_sort_keep(probs: np.ndarray, top_p: float) -> np.ndarray:
@@ -85,8 +85,3 @@ def test_seeded_tokens_are_those_of_the_full_sort_sampler(changes):
     logits = np.random.default_rng(5).standard_normal((60, 49152)).astype(np.float32) * 3
     s, rng = TokenSampler(o), np.random.default_rng(11)
     assert [s(row) for row in logits] == [reference_token(o, row.astype(np.float64), rng) for row in logits]
-    old = Sampler(SamplingParams(o.temperature, o.top_p, seed=11))
-    rng = np.random.default_rng(11)
-    plain = GenerationOptions(temperature=o.temperature, top_p=o.top_p)
-    want = [reference_token(plain, row.astype(np.float64), rng) for row in logits]
-    assert [old(row) for row in logits] == want
