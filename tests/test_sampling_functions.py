@@ -3,9 +3,10 @@
 Host: the whole Relax functions through our pipeline, relax.build and the VM, found the way the engine finds
 them (VM functions, then the library's imports). GPUs: our kernels scheduled for each preset and run on the
 GPU APIs this machine has (WGSL on wgpu/lavapipe, OpenCL C on PoCL), nvcc for CUDA, MSL parsed for Metal.
-On GPUs the sort is ours (bitonic, toolkit/compile/gpu_sort.py) and runs here launch by launch; TVM's scan
-kernels (cumsum) have host-side loops and workspaces our launchers don't model: they are compiled (WGSL
-validated, nvcc) and the tests feed our kernels numpy cumsums; TVM's scan runs for real in the host tests.
+On GPUs the sort is ours (bitonic, toolkit/compile/gpu_sort.py) and runs here launch by launch; the running
+sums are ours too (reductions, `prefix_sum`: TVM's scan gave wrong sums through the Vulkan runtime), and
+these tests feed the kernels after them numpy running sums; tests/test_tvm_runtime_plugins.py runs whole
+functions through the VM on lavapipe.
 
 Tolerances: probabilities come from fp32 exp/sum over v = 777 values: reordering changes a sum by about
 sqrt(v) * 6e-8 = 1.7e-6 relative, so rtol 1e-5 leaves ~6x. Logit updates are one to three fp32 operations;
@@ -27,7 +28,7 @@ from tvm import IRModule, relax
 from tvm.target import Target
 
 from toolkit.compile import pipeline
-from toolkit.compile.attach_sampling import GPU_SAMPLER_NAMES, attach_sampling_functions
+from toolkit.compile.attach_sampling import ENGINE_SAMPLER_NAMES, GPU_SAMPLER_NAMES, attach_sampling_functions
 from toolkit.compile.compile_model import schedule_fn
 from toolkit.compile.gpu_schedule import check_thread_bindings
 from toolkit.compile.gpu_sort import padded_length, stages
@@ -244,8 +245,10 @@ def test_gpu_presets_get_thread_bound_kernels(preset_name, samplers):
     scheduled = _scheduled(preset_name)
     check_thread_bindings(scheduled)  # raises if any kernel would run as host code
     names = {gv.name_hint for gv in scheduled.get_global_vars()}
-    expected = {"softmax_with_temperature", "alloc_embedding_tensor", *PROCESSORS, *samplers}
-    assert expected <= names and not (set(GPU_SAMPLER_NAMES) - set(samplers)) & names
+    ours = list(ENGINE_SAMPLER_NAMES) if samplers else []  # the engine's own, wherever the GPU sampler is
+    expected = {"softmax_with_temperature", "alloc_embedding_tensor", *PROCESSORS, *samplers, *ours}
+    everything = set(GPU_SAMPLER_NAMES) | set(ENGINE_SAMPLER_NAMES)
+    assert expected <= names and not (everything - set(samplers) - set(ours)) & names
 
 
 @pytest.mark.parametrize(
@@ -436,7 +439,7 @@ def test_every_webgpu_shader_validates():
     built = tvm.compile(with_global_symbols(_scheduled("webgpu")), target=preset.target)
     shaders = split_wgsl_source(next(m for m in built.mod.imports if m.kind != "llvm").inspect_source())
     names = {k.split("_kernel")[0] for k in shaders}
-    assert {"bitonic_stage", "cumsum", "softmax_temperature", "top_p_token"} <= names
+    assert {"bitonic_stage", "prefix_sum", "softmax_temperature", "top_p_token"} <= names
     for name, code in shaders.items():
         device().create_shader_module(code=code)  # raises GPUValidationError on invalid WGSL
         assert name

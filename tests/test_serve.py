@@ -328,9 +328,9 @@ class RecordingEngine:
         self._events.append(("prefill", sid, len(ids)))
         return self._engine.prefill(sid, ids, **kw)
 
-    def decode_batch(self, sids, tokens):
+    def decode_batch(self, sids, tokens, draws=None):
         self._events.append(("decode", tuple(sids)))
-        return self._engine.decode_batch(sids, tokens)
+        return self._engine.decode_batch(sids, tokens, draws)
 
 
 def _job(sched, model, events, name: str, ids: list[int], max_tokens: int):

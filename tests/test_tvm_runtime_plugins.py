@@ -184,6 +184,78 @@ def test_whole_model_on_lavapipe_matches_host_exact(tiny, devices):
     assert p.agreement == 1.0
 
 
+def test_sampling_on_lavapipe_draws_the_host_samplers_tokens(tiny, devices):
+    """The engine's device sampler (runtime/device_sampling.py) on lavapipe: softmax, the running sums and
+    the id-order draw as Vulkan kernels. Greedy and seeded temperature tokens equal host sampling of the
+    same library's logits, decoding two sequences in one batch."""
+    from toolkit.runtime.device_sampling import DeviceSampler
+    from toolkit.runtime.options import GenerationOptions
+    from toolkit.runtime.sampling import TokenSampler
+
+    ckpts, root = tiny
+    eng = _engine(ckpts["mini-4k"], "q4f32_1", "vulkan", root / "mini-4k-q4f32_1-vulkan")
+    eng.sampler = DeviceSampler(eng.vm, eng.device, eng.cache_opts.max_batch_size)
+    prompt = [5, 17, 99, 3, 250, 11, 42]
+    cases = [
+        dict(temperature=0),
+        dict(temperature=0.8, top_p=1.0, seed=1),
+        dict(temperature=1.2, top_p=1.0, seed=2),
+    ]
+    for case in cases:
+        opts = GenerationOptions(**case)
+        host_s = [TokenSampler(opts, prompt) for _ in range(2)]
+        dev_s = [TokenSampler(opts, prompt) for _ in range(2)]
+        host = [eng.add_sequence() for _ in range(2)]
+        dev = [eng.add_sequence() for _ in range(2)]
+        try:
+            toks_h = [[host_s[i](eng.prefill(host[i], prompt[: 5 + i]))] for i in range(2)]
+            toks_d = [[eng.prefill(dev[i], prompt[: 5 + i], draw=dev_s[i].device_draw())] for i in range(2)]
+            for _ in range(6):
+                rows = eng.decode_batch(host, [t[-1] for t in toks_h])
+                for i in range(2):
+                    toks_h[i].append(host_s[i](rows[i]))
+                drawn = eng.decode_batch(dev, [t[-1] for t in toks_d], [s.device_draw() for s in dev_s])
+                for i in range(2):
+                    toks_d[i].append(drawn[i])
+        finally:
+            for sid in host + dev:
+                eng.remove_sequence(sid)
+        assert toks_d == toks_h, (case, toks_h, toks_d)
+
+
+def test_mlc_sampler_functions_through_the_vm_on_lavapipe(devices, tmp_path):
+    """multinomial_from_uniform and renormalize_by_top_p as MLC's engine calls them (through the VM, on the
+    device) on lavapipe, against numpy: their running sums are reductions (attach_sampling._prefix_sum_te);
+    with TVM's GPU scan multinomial_from_uniform drew 64 / 227 / 440 where 79 / 342 / 693 were right."""
+    import sampling_refs as ref
+    from tvm import IRModule, relax
+
+    from toolkit.backends import vulkan  # noqa: F401  (registers target.build.vulkan)
+    from toolkit.compile import pipeline
+    from toolkit.compile.attach_sampling import attach_sampling_functions
+    from toolkit.compile.compile_model import export_library, schedule_fn
+    from toolkit.targets import load_preset
+
+    v, dev, preset = 777, devices["vulkan"], load_preset("vulkan")
+    mod = attach_sampling_functions(
+        IRModule(), preset.target, vocab_size=v, hidden_size=16, dtype="float32", prefill_chunk_size=8
+    )
+    ex, _ = pipeline.build(mod, preset.target, schedule_fn(preset))
+    export_library(ex, tmp_path / "lib.so", preset)
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "lib.so")), dev)
+    rng = np.random.default_rng(0)
+    probs = ref.random_probs(rng, 2, v)
+    uniform, rows = np.array([0.1, 0.5, 0.9, 0.3], np.float32), np.array([0, 0, 1, 1], np.int32)
+    t = lambda a: tvm.runtime.tensor(np.ascontiguousarray(a), dev)  # noqa: E731
+    got = vm["multinomial_from_uniform"](t(probs), t(uniform), t(rows)).numpy()
+    np.testing.assert_array_equal(got, ref.multinomial(probs, uniform, rows))
+    top_p = np.array([0.9, 0.5], np.float32)
+    got = vm["renormalize_by_top_p"](t(probs), t(top_p), t(np.zeros((2, 3), np.float32))).numpy()
+    expected = ref.renormalize_by_top_p(probs, top_p)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-9)
+    assert ((got > 0) == (expected > 0)).all()
+
+
 CASES = [
     ("mini-4k", "q4f16_1", "vulkan", (11, 5, 4)),
     ("mini-4k", "q0f32", "vulkan", (11, 5, 4)),

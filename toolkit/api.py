@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
 from .runtime.options import GenerationOptions
-from .runtime.request import Generation, Step
+from .runtime.request import Generation, Step, draw_for
 from .tvm_compat import tvm_without_torch
 
 # the API's first `import tvm` skips torch as the `phi3` command's does (tvm_compat.py); no effect where the
@@ -31,6 +31,7 @@ from .tvm_compat import tvm_without_torch
 tvm_without_torch()
 
 if TYPE_CHECKING:
+    from .runtime.device_sampling import Draw
     from .runtime.engine import Engine
 
 # the runtime's engine (and with it TVM, ~170 MB of RSS) loads only when a model runs; `convert` never does
@@ -203,18 +204,18 @@ def _on_new_sequence(engine: Engine, gen: Generation) -> Generator[Step, None, N
 def _run(engine: Engine, sid: int, gen: Generation) -> Iterator[Step]:
     """Feed the prompt (reusing what the sequence already caches), then decode until `gen` finishes."""
 
-    logits = feed(engine, sid, gen.prompt)
+    out = feed(engine, sid, gen.prompt, draw_for(engine, gen))
     while True:
-        st = gen.step(logits)
+        st = gen.step(out)
         yield st
         if st.finish_reason:
             return
-        logits = engine.decode(sid, gen.last_token)
+        out = engine.decode(sid, gen.last_token, draw_for(engine, gen))
 
 
-def feed(engine: Engine, sid: int, ids: list[int]):
+def feed(engine: Engine, sid: int, ids: list[int], draw: Draw | None = None):
     """Bring sequence `sid` to hold `ids`: keep the common prefix, drop what diverged, prefill the rest;
-    returns the logits of the last token."""
+    returns the logits of the last token (with `draw`, the token drawn from them on the device)."""
     cached = engine.seqs[sid].tokens
     common = 0
     for a, b in zip(cached, ids):
@@ -224,7 +225,7 @@ def feed(engine: Engine, sid: int, ids: list[int]):
     common = min(common, len(ids) - 1)  # the last token is always fed: its logits are needed
     if common < len(cached):
         engine.popn(sid, len(cached) - common)
-    return engine.prefill(sid, ids[common:])
+    return engine.prefill(sid, ids[common:], draw=draw)
 
 
 def load(
@@ -237,17 +238,20 @@ def load(
     max_batch_size: int = 4,
     prefill_chunk: int | None = None,
     allow_pickle: bool = False,
+    device_sampling: bool = False,
 ) -> Model:
     """Open MODEL (HF folder, .gguf, converted folder; None = the embedded SmolLM2), compile it for
     `device` on first use (cached) and load it. `max_batch_size` bounds the sequences alive at once
     (chat sessions, streams, server requests); `context_window` the tokens of each; `prefill_chunk` the
-    tokens of one prefill forward (default 256; at most the library's prefill_chunk_size)."""
+    tokens of one prefill forward (default 256; at most the library's prefill_chunk_size);
+    `device_sampling` (GPU presets) draws greedy / plain-temperature tokens on the device."""
     from .checkpoint import open_model
     from .checkpoint.mlc_format.model_config import default_window_sizes
     from .runtime.engine import CacheOptions, load_engine
 
     if context_window < 1 or max_batch_size < 1 or (prefill_chunk is not None and prefill_chunk < 1):
         raise UserError("context_window, max_batch_size and prefill_chunk must be positive")
+    check_device_sampling(device, device_sampling)
     src = open_model(model, allow_pickle=allow_pickle)
     if src.kind == "mlc" and quantization and quantization != src.scheme.name:
         raise UserError(f"holds {src.scheme.name} weights, not {quantization}; drop quantization", src.path)
@@ -265,8 +269,17 @@ def load(
         threads=threads,
         cache=cache,
         allow_pickle=allow_pickle,
+        device_sampling=device_sampling,
     )
     return Model(engine, source)
+
+
+def check_device_sampling(device: str, device_sampling: bool) -> None:
+    """Only GPU presets' libraries carry the sampler functions (compile/attach_sampling.py)."""
+    from .targets import load_preset
+
+    if device_sampling and not load_preset(device).is_gpu:
+        raise UserError(f"--sample-on device needs a GPU preset, not --device {device}")
 
 
 def compile(  # noqa: A001 - the verb users know from `phi3 compile`

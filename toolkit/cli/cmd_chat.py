@@ -12,7 +12,14 @@ import click
 
 from .. import interrupts
 from .cmd_generate import speed_line
-from .options import model_argument, open_engine, run_options, sampling_changes, sampling_options
+from .options import (
+    model_argument,
+    open_engine,
+    run_options,
+    sample_on_option,
+    sampling_changes,
+    sampling_options,
+)
 
 HELP = "/help this list, /reset clear the history, /stats speed of the last reply, /exit quit (or Ctrl-D)"
 
@@ -22,8 +29,9 @@ HELP = "/help this list, /reset clear the history, /stats speed of the last repl
 @click.option("--system", default=None, help="System message.")
 @click.option("--stats", is_flag=True, help="Print speed statistics after each reply.")
 @sampling_options
+@sample_on_option
 @run_options
-def command(model, system, stats, quantization, device, threads, allow_pickle, **sampling):
+def command(model, system, stats, quantization, device, threads, allow_pickle, sample_on, **sampling):
     """Chat with MODEL (default: SmolLM2-135M). Commands: /help, /reset, /stats, /exit (or Ctrl-D)."""
     from ..api import Model
     from ..runtime.generate import PromptTooLongError
@@ -32,7 +40,12 @@ def command(model, system, stats, quantization, device, threads, allow_pickle, *
     if sys.stdin is None or sys.stdin.closed:
         return  # nothing can be read (stdin closed, e.g. `phi3 chat <&-`): nothing to answer, before loading
     engine, source = open_engine(
-        model, quantization=quantization, device=device, threads=threads, allow_pickle=allow_pickle
+        model,
+        quantization=quantization,
+        device=device,
+        threads=threads,
+        allow_pickle=allow_pickle,
+        sample_on=sample_on,
     )
     chat = Model(engine, source).chat(system=system)
     interactive = sys.stdin.isatty()

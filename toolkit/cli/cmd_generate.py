@@ -12,6 +12,7 @@ from .options import (
     open_engine,
     prompt_option,
     run_options,
+    sample_on_option,
     sampling_changes,
     sampling_options,
 )
@@ -24,14 +25,22 @@ from .options import (
 @click.option("--system", default=None, help="System message (chat templates that have one).")
 @click.option("--stats/--no-stats", default=True, help="Print speed statistics to stderr.")
 @sampling_options
+@sample_on_option
 @run_options
-def command(model, prompt, raw, system, stats, quantization, device, threads, allow_pickle, **sampling):
+def command(
+    model, prompt, raw, system, stats, quantization, device, threads, allow_pickle, sample_on, **sampling
+):
     """Generate from PROMPT with MODEL (HF folder, .gguf, converted folder; default: SmolLM2-135M)."""
     from ..api import Model
 
     changes = sampling_changes(sampling)
     engine, source = open_engine(
-        model, quantization=quantization, device=device, threads=threads, allow_pickle=allow_pickle
+        model,
+        quantization=quantization,
+        device=device,
+        threads=threads,
+        allow_pickle=allow_pickle,
+        sample_on=sample_on,
     )
     m = Model(engine, source)
     t0 = time.perf_counter()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import model_argument, positive_int, run_options
+from .options import model_argument, positive_int, run_options, sample_on_option
 
 NON_NEGATIVE = click.IntRange(0)
 DEFAULT_PREFILL_CHUNK = 256
@@ -48,6 +48,7 @@ DEFAULT_PREFILL_CHUNK = 256
     envvar="PHI3_API_KEY",
     help="Require `Authorization: Bearer KEY` on /v1/ (env PHI3_API_KEY).",
 )
+@sample_on_option
 @run_options
 def command(
     model,
@@ -62,6 +63,7 @@ def command(
     device,
     threads,
     allow_pickle,
+    sample_on,
 ):
     """Serve MODEL (default: SmolLM2-135M) on /v1/chat/completions, /v1/completions, /v1/models, /health."""
     from ..api import load
@@ -82,6 +84,7 @@ def command(
         max_batch_size=max_sequences,
         prefill_chunk=prefill_chunk,
         allow_pickle=allow_pickle,
+        device_sampling=sample_on == "device",
     )
     click.echo(f"serving {m.name} on http://{host}:{port}/v1 (up to {max_sequences} sequences)", err=True)
     serve_forever(m, host=host, port=port, max_sequences=max_sequences, max_queue=max_queue, api_key=api_key)

@@ -54,12 +54,16 @@ def device_choice() -> click.Choice:
     return DeviceChoice(list_presets())
 
 
-def open_engine(model: str | None, *, quantization: str | None, allow_pickle: bool, **kwargs):
-    """`load_engine` with -q checked against a converted folder first (before any compile)."""
-    from ..api import check_scheme
+def open_engine(
+    model: str | None, *, quantization: str | None, allow_pickle: bool, sample_on: str = "host", **kwargs
+):
+    """`load_engine` with -q and --sample-on checked first (before any compile)."""
+    from ..api import check_device_sampling, check_scheme
     from ..checkpoint import open_model
     from ..runtime.engine import load_engine
 
+    kwargs["device_sampling"] = sample_on == "device"
+    check_device_sampling(kwargs.get("device", "host"), kwargs["device_sampling"])
     source = open_model(model, allow_pickle=allow_pickle)
     check_scheme(source, quantization)
     return load_engine(source, quantization=quantization, allow_pickle=allow_pickle, **kwargs)
@@ -147,6 +151,18 @@ def run_options(f):
         "Q5_K/Q6_K blocks and converter output keep their own; fp32 schemes for OpenCL without fp16).",
     )(f)
     return f
+
+
+def sample_on_option(f):
+    """--sample-on: where generating commands draw tokens."""
+    return click.option(
+        "--sample-on",
+        type=click.Choice(["host", "device"]),
+        default="host",
+        show_default=True,
+        help="Draw tokens on the host, or on the GPU with the library's sampler (GPU presets; greedy and "
+        "plain temperature, top-p 1: other requests stay on the host). Only token ids leave the device.",
+    )(f)
 
 
 SAMPLING_FLAGS = (

@@ -11,7 +11,9 @@ Which target gets what (as MLC's engine expects):
 - every target: `softmax_with_temperature`, the three `apply_*_inplace` processors (plain loops on llvm,
   thread-bound kernels on GPUs) and `alloc_embedding_tensor`;
 - cuda, metal, vulkan, webgpu: the GPU sampler (`multinomial_from_uniform`, `argsort_probs`,
-  `sample_with_top_p`, `sampler_take_probs`, `renormalize_by_top_p`, `sampler_verify_draft_tokens`).
+  `sample_with_top_p`, `sampler_take_probs`, `renormalize_by_top_p`, `sampler_verify_draft_tokens`), and
+  our engine's own `sample_tokens` (runtime/device_sampling.py: one call per step, drawing as the host
+  sampler draws; MLC's engine never looks it up).
   WebGPU leaves out `sampler_verify_draft_tokens`: its tree walk synchronises threads inside a loop whose
   trip count is read from memory, which WGSL's uniformity rules reject (MLC's web build leaves it out too).
 """
@@ -34,6 +36,8 @@ GPU_SAMPLER_NAMES = (
     "renormalize_by_top_p",
     "sampler_verify_draft_tokens",
 )
+# our engine's (runtime/device_sampling.py), attached wherever the GPU sampler is
+ENGINE_SAMPLER_NAMES = ("sample_tokens",)
 # temperatures at or below this mean greedy (MLC's softmax kernel uses the same threshold)
 GREEDY_TEMPERATURE = 1e-5
 # top_p this close to 1 keeps the distribution unchanged (MLC's top-p pivot search uses the same bound)
@@ -51,8 +55,10 @@ def sampler_names(target: tvm.target.Target, include: bool | None = None) -> tup
     if not include:
         return ()
     if kind not in GPU_SAMPLER_KINDS or kind == "webgpu":  # the thread-cooperative tree walk: see above
-        return tuple(n for n in GPU_SAMPLER_NAMES if n != "sampler_verify_draft_tokens")
-    return GPU_SAMPLER_NAMES
+        return (
+            tuple(n for n in GPU_SAMPLER_NAMES if n != "sampler_verify_draft_tokens") + ENGINE_SAMPLER_NAMES
+        )
+    return GPU_SAMPLER_NAMES + ENGINE_SAMPLER_NAMES
 
 
 def attach_sampling_functions(
@@ -81,6 +87,7 @@ def attach_sampling_functions(
         "sampler_take_probs": _sampler_take_probs,
         "renormalize_by_top_p": _renormalize_by_top_p,
         "sampler_verify_draft_tokens": emit_verify_function,
+        "sample_tokens": _sample_tokens,
     }
     names = sampler_names(target, gpu_sampler)
     for name in names:
@@ -179,7 +186,7 @@ def _multinomial_from_uniform(bb: relax.BlockBuilder, vocab: int, target: tvm.ta
 
     with bb.function("multinomial_from_uniform", [probs, uniform, rows]):
         with bb.dataflow():
-            cumsum = bb.emit(relax.op.cumsum(probs, axis=1))
+            cumsum = bb.emit_te(_prefix_sum_te, probs, primfunc_name_hint="prefix_sum")
             out = bb.emit_output(bb.emit_te(pick, cumsum, uniform, rows, primfunc_name_hint="sample_token"))
         bb.emit_func_output(out)
 
@@ -189,18 +196,23 @@ def _argsort_probs(bb: relax.BlockBuilder, vocab: int, target: tvm.target.Target
     b = _var("batch_size")
     probs = _tensor("probs", [b, vocab], F32)
 
+    with bb.function("argsort_probs", [probs]):
+        with bb.dataflow():
+            values, order = _ranked(bb, probs, vocab, target)
+            out = bb.emit_output(relax.Tuple([values, order]))
+        bb.emit_func_output(out)
+
+
+def _ranked(bb: relax.BlockBuilder, probs: relax.Expr, vocab: int, target: tvm.target.Target):
+    """(probabilities descending, their token ids) per row."""
+    if _on_gpu(target):
+        return emit_argsort(bb, probs, vocab, target)
+
     def gather(p: te.Tensor, order: te.Tensor):
         return te.compute(p.shape, lambda i, j: p[i, order[i, j]], name="sorted_probs")
 
-    with bb.function("argsort_probs", [probs]):
-        with bb.dataflow():
-            if _on_gpu(target):
-                values, order = emit_argsort(bb, probs, vocab, target)
-            else:
-                order = bb.emit(relax.op.argsort(probs, axis=-1, descending=True, dtype=I32))
-                values = bb.emit_te(gather, probs, order, primfunc_name_hint="take_sorted_probs")
-            out = bb.emit_output(relax.Tuple([values, order]))
-        bb.emit_func_output(out)
+    order = bb.emit(relax.op.argsort(probs, axis=-1, descending=True, dtype=I32))
+    return bb.emit_te(gather, probs, order, primfunc_name_hint="take_sorted_probs"), order
 
 
 def _sample_with_top_p(bb: relax.BlockBuilder, vocab: int, target: tvm.target.Target) -> None:
@@ -232,7 +244,7 @@ def _sample_with_top_p(bb: relax.BlockBuilder, vocab: int, target: tvm.target.Ta
 
     with bb.function("sample_with_top_p", [sorted_probs, sorted_ids, uniform, rows, top_p]):
         with bb.dataflow():
-            cumsum = bb.emit(relax.op.cumsum(sorted_probs, axis=1))
+            cumsum = bb.emit_te(_prefix_sum_te, sorted_probs, primfunc_name_hint="prefix_sum")
             token = bb.emit_te(
                 pick, cumsum, sorted_ids, uniform, rows, top_p, primfunc_name_hint="top_p_token"
             )
@@ -309,7 +321,86 @@ def _renormalize_by_top_p(bb: relax.BlockBuilder, vocab: int, target: tvm.target
                 sorted_p, _order = emit_argsort(bb, probs, vocab, target)
             else:
                 sorted_p = bb.emit(relax.op.sort(probs, axis=-1, descending=True))
-            before = bb.emit(relax.op.cumsum(sorted_p, axis=1, exclusive=True))  # mass ranked above each
+            # the mass ranked above each
+            before = bb.emit_te(_prefix_sum_te, sorted_p, exclusive=True, primfunc_name_hint="prefix_sum")
             out = bb.emit_te(renorm, probs, sorted_p, before, top_p, primfunc_name_hint="top_p_renormalize")
             out = bb.emit_output(out)
+        bb.emit_func_output(out)
+
+
+# -- the engine's own: one call per step ---------------------------------------------------------------------
+# rows of their `params` argument: one host-to-device copy per step carries all three
+TEMPERATURE, TOP_P, UNIFORM = 0, 1, 2
+
+
+PREFIX_BLOCK = 64  # _prefix_sum_te's block: per row (v / 64)^2 adds for the block prefix, 64 per element
+
+
+def _prefix_sum_te(x: te.Tensor, exclusive: bool = False) -> te.Tensor:
+    """Running sums along each row (inclusive, or of the elements before each), as reductions only: block
+    sums, an exclusive prefix over the blocks, then the sum inside each element's block. Through TVM's
+    Vulkan runtime on lavapipe, TVM's GPU scan (relax.op.cumsum after DispatchSortScan) gave wrong sums,
+    and so wrong tokens from multinomial_from_uniform; plain reductions run right there."""
+    rows, v = x.shape
+    nb = (int(v) + PREFIX_BLOCK - 1) // PREFIX_BLOCK
+    zero = tirx.const(0, F32)
+    i = te.reduce_axis((0, PREFIX_BLOCK), name="i")
+    at = lambda r, pos: tirx.Select(pos < v, x[r, te.min(pos, v - 1)], zero)  # noqa: E731
+    block = te.compute((rows, nb), lambda r, g: te.sum(at(r, g * PREFIX_BLOCK + i), axis=i), name="block_sum")
+    h = te.reduce_axis((0, nb), name="h")
+    before = te.compute(
+        (rows, nb), lambda r, g: te.sum(tirx.Select(h < g, block[r, h], zero), axis=h), name="block_prefix"
+    )
+    j = te.reduce_axis((0, PREFIX_BLOCK), name="j")
+    start = lambda c: c // PREFIX_BLOCK * PREFIX_BLOCK  # noqa: E731
+    inside = te.compute(
+        (rows, v),
+        lambda r, c: te.sum(
+            tirx.Select(start(c) + j < c + (0 if exclusive else 1), at(r, start(c) + j), zero), axis=j
+        ),
+        name="in_block",
+    )
+    return te.compute((rows, v), lambda r, c: before[r, c // PREFIX_BLOCK] + inside[r, c], name="prefix_sum")
+
+
+def _draw_in_id_order(kept_cumsum: te.Tensor, params: te.Tensor):
+    """Per row: the first token (in id order) whose running sum / the row's total exceeds the row's uniform
+    number, capped at the last token. Dividing by the total (x / x is exactly 1) keeps u < 1 on a token with
+    probability even where float32 sums fall short of 1, and a zero-probability token never comes first (its
+    sum equals the one before it)."""
+    rows, vocab = kept_cumsum.shape
+    k = te.reduce_axis((0, vocab), name="k")
+    u = lambda r: params[UNIFORM, r]  # noqa: E731
+    below = te.compute(
+        (rows,),
+        lambda r: te.sum((kept_cumsum[r, k] / kept_cumsum[r, vocab - 1] <= u(r)).astype(I32), axis=k),
+        name="below",
+    )
+    return te.compute((rows,), lambda r: te.min(below[r], vocab - 1).astype(I32), name="token")
+
+
+def _probs(bb: relax.BlockBuilder, logits: relax.Expr, params: relax.Expr, b, vocab: int) -> relax.Expr:
+    """softmax(logits / T) as [b, v]: the same kernel as softmax_with_temperature (T <= 1e-5: greedy)."""
+
+    # a row of params as its own tensor: dlight's softmax schedule is only right for a plain [b] input
+    row = bb.emit(relax.op.strided_slice(params, axes=[0], begin=[TEMPERATURE], end=[TEMPERATURE + 1]))
+    temperature = bb.emit(relax.op.reshape(row, relax.ShapeExpr([b])))
+    probs = bb.emit_te(_softmax_te, logits, temperature, primfunc_name_hint="softmax_temperature")
+    return bb.emit(relax.op.reshape(probs, relax.ShapeExpr([b, vocab])))
+
+
+def _sample_tokens(bb: relax.BlockBuilder, vocab: int, target: tvm.target.Target) -> None:
+    """sample_tokens(logits f32[b, 1, v], params f32[3, b]) -> i32[b]; params rows: temperature, top_p
+    (unused here), uniform. One token per row from softmax(logits / T), drawn at the row's uniform number
+    walking the vocabulary in id order (the host sampler's draw, runtime/sampling.py); T = 0 with u = 0
+    gives the first maximum (argmax)."""
+    b = _var("batch_size")
+    logits, params = _tensor("logits", [b, 1, vocab], F32), _tensor("params", [3, b], F32)
+    with bb.function("sample_tokens", [logits, params]):
+        with bb.dataflow():
+            flat = _probs(bb, logits, params, b, vocab)
+            cumsum = bb.emit_te(_prefix_sum_te, flat, primfunc_name_hint="prefix_sum")
+            out = bb.emit_output(
+                bb.emit_te(_draw_in_id_order, cumsum, params, primfunc_name_hint="draw_token")
+            )
         bb.emit_func_output(out)

@@ -145,13 +145,16 @@ def _build_library(
     lib_prefix: str | None = None,
     cuda_graph: bool = False,
     kernel_timeline: bool = False,
+    gpu_sampler: bool | None = None,
 ) -> CompiledModel:
     """Build the library into `out_dir` (written to a temp folder, renamed when complete).
 
     `dtype` overrides the activation dtype (default: see `graph_options`); `limits` the sizes recorded in
     `_metadata` (default: MLC's); `lib_prefix` a static library's symbol prefix (default: MLC's);
     `cuda_graph` (CUDA presets) captures the forward functions as CUDA graphs (attach_cuda_graph.py);
-    `kernel_timeline` ticks after every kernel call, for measurement only (kernel_timeline.py)."""
+    `kernel_timeline` ticks after every kernel call, for measurement only (kernel_timeline.py);
+    `gpu_sampler` overrides which targets get the sampler functions (default: GPU presets; True on the host
+    lets tests run the engine's device-sampling path there)."""
     preset = load_preset(preset) if isinstance(preset, str) else preset
     opts = graph_options(quantization, preset, dtype)
     target = preset.target
@@ -175,6 +178,7 @@ def _build_library(
         hidden_size=cfg.hidden_size,
         dtype=opts.dtype,
         prefill_chunk_size=limits.prefill_chunk_size,
+        gpu_sampler=gpu_sampler,
     )
     prefix = system_lib_prefix(cfg, opts.quantization) if lib_prefix is None else lib_prefix
     metadata = model_metadata(cfg, opts.quantization, limits, named_params)

@@ -25,6 +25,7 @@ from tvm.runtime.vm import VirtualMachine  # runtime-only: the engine also runs 
 
 from ..config import Phi3Config
 from ..cpu_threads import size_thread_pool
+from .device_sampling import DeviceSampler, Draw
 
 if TYPE_CHECKING:
     from ..checkpoint import ModelSource
@@ -65,6 +66,7 @@ class Engine:
         dtype: str = "float32",
         device: tvm.runtime.Device | None = None,
         cache: CacheOptions | None = None,
+        device_sampling: bool = False,
     ) -> None:
         self.cfg, self.dtype = cfg, dtype
         self.device = device or tvm.cpu()
@@ -104,6 +106,8 @@ class Engine:
         )
         self.seqs: dict[int, _Seq] = {}
         self._next_id = 0
+        # `device_sampling`: forwards given a Draw return its token, drawn where the logits are
+        self.sampler = DeviceSampler(self.vm, self.device, c.max_batch_size) if device_sampling else None
 
     # -- sequences -----------------------------------------------------------------------------------------
     def add_sequence(self) -> int:
@@ -182,9 +186,11 @@ class Engine:
         return ids
 
     # -- forward -------------------------------------------------------------------------------------------
-    def prefill(self, sid: int, ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
+    def prefill(
+        self, sid: int, ids: Sequence[int], *, all_logits: bool = False, draw: Draw | None = None
+    ) -> np.ndarray | int:
         """Feed `ids` to sequence `sid`. Returns logits of the last token [V] (or of every token [n, V]:
-        `batch_verify`, which returns every row)."""
+        `batch_verify`, which returns every row), or with `draw` (device sampling) the token drawn there."""
         ids = list(ids)
         if not ids:
             raise ValueError("empty prompt")
@@ -202,10 +208,12 @@ class Engine:
             logits, self.kv = fn(emb, self.kv, self.params)
             self._end(self.kv)
             if all_logits or off + n == len(ids):
-                outs.append(self._host(logits).reshape(-1, self.cfg.vocab_size))
+                outs.append(logits if self._on_device(draw) else self._host(logits).reshape(-1, self.vocab))
         seq.length += len(ids)
         seq.tokens.extend(ids)
-        return np.concatenate(outs)[skip:] if all_logits else outs[-1][-1]
+        if all_logits:
+            return np.concatenate(outs)[skip:]
+        return self.sampler.sample(outs[-1], [(0, draw)])[0] if self._on_device(draw) else outs[-1][-1]
 
     def prefill_batch(self, sids: Sequence[int], prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """Several sequences in one `batch_prefill` forward -> logits of each one's last token [b, V].
@@ -245,10 +253,12 @@ class Engine:
             off += size
         return pieces
 
-    def decode(self, sid: int, token: int) -> np.ndarray:
+    def decode(self, sid: int, token: int, draw: Draw | None = None) -> np.ndarray | int:
+        """Feed one token -> the logits after it [V], or with `draw` (device sampling) the token drawn."""
         seq = self.seqs[sid]
         if seq.length + 1 > self.context_window or self._crosses_longrope_switch(sid, 1):
-            return self.decode_batch([sid], [token])[0]  # the error, or the re-encode at the switch
+            # the error, or the re-encode at the switch
+            return self.decode_batch([sid], [token], None if draw is None else [draw])[0]
         # the per-token path, kept short: on a GPU every microsecond here is one the GPU idles
         emb = self._embed([token], (1, 1))
         self._begin(self.kv, ShapeTuple([sid]), self._one)
@@ -256,18 +266,27 @@ class Engine:
         self._end(self.kv)
         seq.length += 1
         seq.tokens.append(int(token))
-        return self._host(logits).reshape(self.cfg.vocab_size)
+        if self._on_device(draw):
+            return self.sampler.sample(logits, [(0, draw)])[0]
+        return self._host(logits).reshape(self.vocab)
 
-    def decode_batch(self, sids: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+    def decode_batch(
+        self, sids: Sequence[int], tokens: Sequence[int], draws: Sequence[Draw | None] | None = None
+    ) -> np.ndarray | list[np.ndarray | int]:
         """One token for each sequence in one forward (`decode` for one, `batch_decode` for several, as MLC's
-        engine picks) -> logits [b, V]. A sequence at the LongRoPE switch is re-encoded on its own first."""
+        engine picks) -> logits [b, V]. With `draws` (device sampling), a list: the token drawn for each
+        sequence with a Draw, its logits [V] for each with None. A sequence at the LongRoPE switch is
+        re-encoded on its own first."""
         sids, tokens = list(sids), [int(t) for t in tokens]
+        picks = list(draws) if draws is not None else [None] * len(sids)
+        if len(picks) != len(sids):
+            raise ValueError("one draw (or None) per sequence")
         for s in sids:
             self._check_room(s, 1)
-        out = np.empty((len(sids), self.cfg.vocab_size), dtype="float32")
+        out: list = [None] * len(sids)
         crossing = [i for i, s in enumerate(sids) if self._crosses_longrope_switch(s, 1)]
         for i in crossing:
-            out[i] = self.prefill(sids[i], [tokens[i]])
+            out[i] = self.prefill(sids[i], [tokens[i]], draw=picks[i])
         rest = [i for i in range(len(sids)) if i not in crossing]
         if rest:
             b = len(rest)
@@ -276,11 +295,27 @@ class Engine:
             fn = self._fn["decode"] if b == 1 else self._fn["batch_decode"]
             logits, self.kv = fn(emb, self.kv, self.params)
             self._end(self.kv)
-            out[rest] = self._host(logits).reshape(b, self.cfg.vocab_size)
+            on_device = [(j, i) for j, i in enumerate(rest) if self._on_device(picks[i])]
+            if on_device:
+                drawn = self.sampler.sample(logits, [(j, picks[i]) for j, i in on_device])
+                for (_, i), tok in zip(on_device, drawn):
+                    out[i] = tok
+            if len(on_device) < b:
+                rows = self._host(logits).reshape(b, self.vocab)
+                for j, i in enumerate(rest):
+                    if out[i] is None:
+                        out[i] = rows[j]
             for i in rest:
                 self.seqs[sids[i]].length += 1
                 self.seqs[sids[i]].tokens.append(tokens[i])
-        return out
+        return out if draws is not None else np.stack(out).astype("float32", copy=False)
+
+    @property
+    def vocab(self) -> int:
+        return self.cfg.vocab_size
+
+    def _on_device(self, draw: Draw | None) -> bool:
+        return draw is not None and self.sampler is not None
 
 
 class ContextFullError(Exception):
@@ -296,10 +331,12 @@ def load_engine(
     cache: CacheOptions | None = None,
     allow_pickle: bool = False,
     kv_cache: str | None = None,
+    device_sampling: bool = False,
 ):
     """Open a model (HF folder, GGUF, converter output, or None = the embedded default; or take a source the
     caller opened), compile it for the device preset on first use (cached), load its weights and return
-    (Engine, ModelSource). `kv_cache` overrides a CPU preset's KV cache dtype."""
+    (Engine, ModelSource). `kv_cache` overrides a CPU preset's KV cache dtype; `device_sampling` draws tokens
+    with the library's sampler functions (GPU presets) instead of on the host."""
     from ..checkpoint import ModelSource, open_model
     from ..compile.compile_model import compiled_for, is_compiled
     from ..quantization import quantization_for
@@ -333,7 +370,15 @@ def load_engine(
     lib = tvm.runtime.load_module(str(compiled.library))
     # decode streams the weights: on the host 2 MiB pages read faster than 4 KiB ones (hugepages.py)
     params = load_params(source, compiled, dev, huge_pages=preset.kind == "llvm")
-    eng = Engine(lib, params, source.config, dtype=compiled.manifest["dtype"], device=dev, cache=cache)
+    eng = Engine(
+        lib,
+        params,
+        source.config,
+        dtype=compiled.manifest["dtype"],
+        device=dev,
+        cache=cache,
+        device_sampling=device_sampling,
+    )
     eng.compiled = compiled
     return eng, source
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..tokenizer import Tokenizer
+from .device_sampling import Draw
 from .options import GenerationOptions
 from .sampling import TokenSampler
 from .stops import StopText
@@ -44,10 +45,15 @@ class Generation:
     def last_token(self) -> int:
         return self.tokens[-1]
 
-    def step(self, logits: np.ndarray) -> Step:
-        """Sample from the logits of the last fed token. After a step with a finish reason, feed nothing more;
-        otherwise the caller feeds `last_token` and calls again with its logits."""
-        tok = self.sampler(logits)
+    def device_draw(self) -> Draw | None:
+        """What the device sampler draws for the next token (None: these options sample on the host)."""
+        return self.sampler.device_draw()
+
+    def step(self, out: np.ndarray | int) -> Step:
+        """Take the next token: sampled here from the logits of the last fed token, or the id the device
+        sampler drew for `device_draw()`'s draw. After a step with a finish reason, feed nothing more;
+        otherwise the caller feeds `last_token` and calls again with its output."""
+        tok = out if isinstance(out, int) else self.sampler(out)
         if tok in self.stop_ids:
             return self._finish(STOP, "")
         self.sampler.accept(tok)
@@ -66,3 +72,8 @@ class Generation:
         if reason == LENGTH or not self._stops.stopped:  # flush held-back text unless a stop string cut it
             text += self._stops.feed(self._decoder.flush()) + self._stops.flush()
         return Step(text, reason)
+
+
+def draw_for(engine, gen: Generation) -> Draw | None:
+    """The draw for `gen`'s next token where `engine` samples on its device (None: logits come back)."""
+    return gen.device_draw() if engine.sampler is not None else None

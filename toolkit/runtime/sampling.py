@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .device_sampling import Draw
 from .options import GenerationOptions
 
 # top_p_keep's heads: tokens within these factors of the most probable one, then the whole vocabulary
@@ -64,6 +65,30 @@ class TokenSampler:
     def accept(self, tok: int) -> None:
         self.seen.add(tok)
         self.counts[tok] = self.counts.get(tok, 0) + 1
+
+    @property
+    def fits_device(self) -> bool:
+        """Whether the device sampler (greedy, plain temperature) can draw for these options."""
+        o = self.o
+        return not (
+            (o.top_p < 1.0 and o.temperature != 0)
+            or o.top_k
+            or o.min_p
+            or o.logit_bias
+            or o.repetition_penalty != 1.0
+            or o.frequency_penalty
+            or o.presence_penalty
+        )
+
+    def device_draw(self) -> Draw | None:
+        """The next token's draw for the device sampler, from the number `draw` would take from this seed's
+        stream (greedy takes none); None when these options need the host."""
+        if not self.fits_device:
+            return None
+        o = self.o
+        if o.temperature == 0:
+            return Draw(0.0, 0.0)
+        return Draw(o.temperature, float(self.rng.random()))
 
     def adjust(self, logits: np.ndarray) -> np.ndarray:
         o = self.o

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..runtime.engine import Engine
-from ..runtime.request import Generation, Step
+from ..runtime.request import Generation, Step, draw_for
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,9 @@ class Scheduler:
                 try:
                     if job.sid is None:
                         job.sid = eng.add_sequence()
-                    logits = eng.prefill(job.sid, prompt[fed : fed + size])
+                    last = len(job.pieces) == 1  # the piece whose logits give the first token
+                    draw = draw_for(eng, job.gen) if last else None
+                    out = eng.prefill(job.sid, prompt[fed : fed + size], draw=draw)
                 except Exception as e:  # this request's problem (e.g. the context window): only it fails
                     self._fail(job, e)
                     break
@@ -161,16 +163,18 @@ class Scheduler:
                 if not job.pieces:
                     self._running.append(job)
                     self._prefilling.remove(job)
-                    self._emit(job, job.gen.step(logits))
+                    self._emit(job, job.gen.step(out))
             if job in self._prefilling:  # its next piece waits for the next step; nobody jumps ahead
                 return
 
     def _decode(self) -> None:
         batch = [j for j in self._running if not j.cancelled]
         if batch:
-            logits = self.engine.decode_batch([j.sid for j in batch], [j.gen.last_token for j in batch])
-            for j, row in zip(batch, logits):
-                self._emit(j, j.gen.step(row))
+            eng = self.engine
+            draws = None if eng.sampler is None else [draw_for(eng, j.gen) for j in batch]
+            outs = eng.decode_batch([j.sid for j in batch], [j.gen.last_token for j in batch], draws)
+            for j, out in zip(batch, outs):
+                self._emit(j, j.gen.step(out))
 
     def _emit(self, job: Job, st: Step) -> None:
         job.sink(st)

@@ -1,0 +1,210 @@
+"""The engine's device-sampling path (runtime/device_sampling.py) against host sampling on the same logits.
+
+The library is a host build that carries the GPU sampler's Relax functions (`gpu_sampler=True`): the same
+graphs a GPU preset compiles, lowered for the CPU, so the engine's calls, buffers and row bookkeeping run
+here; tests/test_tvm_runtime_plugins.py repeats the check on lavapipe with the GPU kernels.
+References are numpy in float64 (TokenSampler and a direct inverse-CDF pick), and the tokens must be equal:
+a float32 boundary moving past the drawn number has a chance of about 1e-7 per token at these sizes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from click.testing import CliRunner
+from tiny import make_tiny_checkpoint
+from tiny_tokenizer import write_tiny_tokenizer
+
+from toolkit.api import Model
+from toolkit.checkpoint import open_model
+from toolkit.cli import main
+from toolkit.compile.compile_model import compile_model, compiled_for
+from toolkit.errors import UserError
+from toolkit.runtime.device_sampling import DeviceSampler, Draw
+from toolkit.runtime.engine import CacheOptions, Engine
+from toolkit.runtime.options import GenerationOptions
+from toolkit.runtime.sampling import TokenSampler
+from toolkit.runtime.weights import load_params
+from toolkit.serve.scheduler import Scheduler
+
+PROMPT = [5, 17, 99, 3, 250, 11, 42, 7, 300, 8]  # 10 tokens: decoding crosses LongRoPE's switch at 16
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """mini-128k (LongRoPE, original_max 16) with the sampler compiled in; an engine that samples on its
+    device (the CPU here), built once."""
+    d = tmp_path_factory.mktemp("devsample")
+    ckpt = make_tiny_checkpoint(d / "ckpt", "mini-128k")
+    src = open_model(ckpt)
+    write_tiny_tokenizer(ckpt, src.config.vocab_size)
+    src = open_model(ckpt)
+    compiled = compile_model(src.config, "q0f32", "host-exact", d / "lib", gpu_sampler=True)
+    lib = tvm.runtime.load_module(str(compiled.library))
+    eng = Engine(
+        lib,
+        load_params(src, compiled, tvm.cpu()),
+        src.config,
+        dtype=compiled.manifest["dtype"],
+        cache=CacheOptions(max_batch_size=4, context_window=64, prefill_chunk=32),
+        device_sampling=True,
+    )
+    eng.compiled = compiled
+    return src, eng
+
+
+def _pick(logits: np.ndarray, d: Draw) -> int:
+    """float64 reference: argmax, or the inverse CDF at d.uniform over softmax(logits / T) in id order."""
+    if d.temperature == 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / d.temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    keep = np.flatnonzero(p)
+    cdf = np.cumsum(p[keep])
+    return int(keep[np.searchsorted(cdf / cdf[-1], d.uniform, side="right")])
+
+
+def test_greedy_on_the_device_is_the_host_argmax_across_the_longrope_switch(tiny):
+    _, eng = tiny
+    host, dev = eng.add_sequence(), eng.add_sequence()
+    greedy = Draw(0.0, 0.0)
+    try:
+        tok_h = int(np.argmax(eng.prefill(host, PROMPT)))
+        tok_d = eng.prefill(dev, PROMPT, draw=greedy)
+        assert isinstance(tok_d, int) and tok_d == tok_h
+        for _ in range(10):  # positions 10..19: the switch at 16 re-encodes each sequence once
+            tok_h = int(np.argmax(eng.decode(host, tok_h)))
+            tok_d = eng.decode(dev, tok_d, greedy)
+            assert tok_d == tok_h
+        assert eng.seqs[host].tokens == eng.seqs[dev].tokens and eng.sequence_length(dev) == 20
+    finally:
+        eng.remove_sequence(host)
+        eng.remove_sequence(dev)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_seeded_sampling_draws_the_host_samplers_tokens(tiny, temperature):
+    """A seed gives the same tokens whether TokenSampler samples the logits or the device draws from the
+    number it hands over (its stream advances the same way)."""
+    _, eng = tiny
+    for seed in (0, 1, 2):
+        opts = GenerationOptions(temperature=temperature, top_p=1.0, seed=seed)
+        host_s, dev_s = TokenSampler(opts, PROMPT), TokenSampler(opts, PROMPT)
+        host, dev = eng.add_sequence(), eng.add_sequence()
+        try:
+            th, td = host_s(eng.prefill(host, PROMPT)), eng.prefill(dev, PROMPT, draw=dev_s.device_draw())
+            toks_h, toks_d = [th], [td]
+            for _ in range(12):
+                toks_h.append(host_s(eng.decode(host, toks_h[-1])))
+                toks_d.append(eng.decode(dev, toks_d[-1], dev_s.device_draw()))
+        finally:
+            eng.remove_sequence(host)
+            eng.remove_sequence(dev)
+        assert toks_d == toks_h, (seed, toks_h, toks_d)
+        assert len(set(toks_h)) > 3  # really sampled, not one token over and over
+
+
+def test_a_batch_mixes_device_rows_and_host_rows(tiny):
+    """decode_batch with draws: tokens for the rows with one, logits for the rows without, each what the
+    same batch without draws gives (its logits, picked in float64)."""
+    _, eng = tiny
+    draws = [None, Draw(0.0, 0.0), Draw(0.8, 0.37), Draw(1.1, 0.999)]
+    prompts = [PROMPT[: 4 + i] for i in range(4)]
+    ref = [eng.add_sequence() for _ in draws]
+    dev = [eng.add_sequence() for _ in draws]
+    try:
+        for sids in (ref, dev):
+            for s, p in zip(sids, prompts):
+                eng.prefill(s, p)
+        tokens = [1, 2, 3, 4]
+        logits = eng.decode_batch(ref, tokens)
+        out = eng.decode_batch(dev, tokens, draws)
+        np.testing.assert_array_equal(out[0], logits[0])
+        assert out[1:] == [_pick(logits[i], draws[i]) for i in (1, 2, 3)]
+        assert all(isinstance(t, int) for t in out[1:])
+    finally:
+        for s in ref + dev:
+            eng.remove_sequence(s)
+
+
+def test_a_number_just_below_one_lands_on_a_token_with_probability(tiny):
+    """float32 rounds 1 - 1e-9 up to 1.0 and float32 sums can fall short of 1: the draw still lands on the
+    last token with any probability, never on a token of zero probability at the end of the vocabulary;
+    greedy ties go to the lowest id."""
+    _, eng = tiny
+    v = eng.vocab
+    logits = np.full((3, 1, v), -1e4, np.float32)  # exp(-1e4 / T) is 0 in float32: only 5 tokens count
+    hot = [3, 40, 41, 200, 301]
+    logits[:, 0, hot] = [2.0, 1.5, 1.0, 0.5, 0.25]
+    logits[2, 0, 41] = 2.0  # a tie with token 3
+    u = 1 - 1e-9
+    got = eng.sampler.sample(
+        tvm.runtime.tensor(logits), [(0, Draw(1.0, u)), (1, Draw(0.5, 0.0)), (2, Draw(0.0, 0.0))]
+    )
+    assert got == [301, 3, 3]
+
+
+def test_top_p_and_other_knobs_stay_on_the_host():
+    assert TokenSampler(GenerationOptions(temperature=0.7, top_p=1.0)).fits_device
+    assert TokenSampler(GenerationOptions(temperature=0, top_p=0.5)).fits_device  # greedy: no cut
+    for o in (dict(top_p=0.95), dict(top_p=1.0, top_k=5), dict(top_p=1.0, repetition_penalty=1.1)):
+        s = TokenSampler(GenerationOptions(temperature=0.7, seed=0, **o))
+        assert s.device_draw() is None
+        assert s.rng.random() == np.random.default_rng(0).random()  # asking took nothing from the stream
+
+
+def test_the_api_and_the_scheduler_give_the_host_samplers_text(tiny):
+    """Model.generate and the server's scheduler through the device path give the same text for a seed as
+    with the sampler switched off (host sampling of returned logits); options the device cannot express
+    (top-p below 1 here) fall back to the host for their request only."""
+    src, eng = tiny
+    m = Model(eng, src)
+    ids = m.prompt_ids("hello there", raw=True)
+    cases = [dict(temperature=0.8, top_p=1.0, seed=3), dict(temperature=0), dict(temperature=1.5, seed=4)]
+
+    def run_all() -> list[tuple[str, str]]:
+        api = [m.generate("hello there", raw=True, max_tokens=12, **c).text for c in cases]
+        sched = Scheduler(eng, max_sequences=4, max_queue=4)
+        gens, texts = [], []
+        for c in cases:
+            gen = m.new_generation(ids, m.options(max_tokens=12, **c))
+            pieces: list[str] = []
+            sched.submit(gen, lambda st, pieces=pieces: pieces.append(st.text))
+            gens.append(gen)
+            texts.append(pieces)
+        while sched.step():
+            pass
+        return list(zip(api, ["".join(t) for t in texts]))
+
+    on_device = run_all()
+    sampler, eng.sampler = eng.sampler, None
+    try:
+        on_host = run_all()
+    finally:
+        eng.sampler = sampler
+    assert on_device == on_host
+    assert all(a == s for a, s in on_host)  # one request alone, or three in one batch: the same text
+    assert len({a for a, _ in on_host}) == 3, on_host
+
+
+def test_a_library_without_the_sampler_is_refused(tiny):
+    src, _ = tiny
+    compiled = compiled_for(src.config, "q0f32", "host-exact")
+    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(compiled.library)), tvm.cpu())
+    with pytest.raises(UserError, match="no sampler functions .sample_tokens"):
+        DeviceSampler(vm, tvm.cpu(), 4)
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+def test_sample_on_device_needs_a_gpu_preset_before_loading(command, tmp_path):
+    args = [command, str(tmp_path / "no-such-model"), "--sample-on", "device"]
+    if command == "generate":
+        args += ["--prompt", "hi"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--sample-on device needs a GPU preset, not --device host" in lines[0], (
+        r.output
+    )

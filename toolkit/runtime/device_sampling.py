@@ -1,0 +1,65 @@
+"""Sampling on the model's device with the library's own `sample_tokens` (compile/attach_sampling.py): a
+forward's logits stay where they are and only the chosen token ids come back, 4 bytes per sequence instead
+of a vocabulary-sized row of float32 logits, and no softmax on the host.
+
+It covers greedy and plain temperature, drawn as the host sampler (`TokenSampler`) draws: the same walk in
+id order, from the uniform number the host would have taken from the seed's stream for that token. So a seed
+gives the same text either way, unless float32 rounding moves a boundary that float64 on the host puts
+elsewhere. Greedy takes the lowest id among the maxima, as numpy's argmax does. Requests with other knobs
+(top-p below 1, top-k, min-p, penalties, logit bias) stay on the host (`TokenSampler.fits_device`): a top-p
+cut as a GPU kernel gave wrong tokens on lavapipe and is not shipped until it is right.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+
+from ..errors import UserError
+
+FUNCTIONS = ("sample_tokens",)
+# the largest float32 below 1: a uniform number rounded up to 1.0 would run past the last token
+_BELOW_ONE = np.nextafter(np.float32(1), np.float32(0))
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One token to draw: temperature 0 is greedy; `uniform` is the host sampler's number for this token."""
+
+    temperature: float
+    uniform: float
+
+
+class DeviceSampler:
+    """Draws one token per row of a forward's logits [b, 1, v] on the device they were computed on, in one
+    library call per step."""
+
+    def __init__(self, vm, device: tvm.runtime.Device, max_rows: int) -> None:
+        missing = [n for n in FUNCTIONS if not vm.module.implements_function(n)]
+        if missing:
+            raise UserError(
+                f"this library has no sampler functions ({', '.join(missing)}): sample on the host, or "
+                "compile for a GPU preset"
+            )
+        self._fn = vm["sample_tokens"]
+        self.max_rows = max_rows
+        # params [3, b] (rows: temperature, top_p, uniform): one host-to-device copy per step
+        self._buf = tvm.runtime.empty((3 * max_rows,), "float32", device)
+
+    def sample(self, logits: tvm.runtime.Tensor, picks: Sequence[tuple[int, Draw]]) -> list[int]:
+        """Token ids for `picks` (row of `logits`, draw), in their order."""
+        b = int(logits.shape[0])
+        if b > self.max_rows:
+            raise ValueError(f"{b} rows exceed the sampler's {self.max_rows}")
+        # sample_tokens' params rows: temperature, top_p (kept at 1), uniform; rows without a pick are greedy
+        params = np.zeros((3, b), np.float32)
+        params[1] = 1.0
+        for r, d in picks:
+            params[0, r], params[2, r] = d.temperature, min(np.float32(d.uniform), _BELOW_ONE)
+        buf = self._buf._create_view((3, b))
+        buf.copyfrom(params)
+        tok = self._fn(logits._create_view((b, 1, int(logits.shape[-1]))), buf).numpy()
+        return [int(tok[r]) for r, _ in picks]
