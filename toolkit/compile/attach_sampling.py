@@ -330,7 +330,7 @@ def _renormalize_by_top_p(bb: relax.BlockBuilder, vocab: int, target: tvm.target
 
 # -- the engine's own: one call per step ---------------------------------------------------------------------
 # rows of their `params` argument: one host-to-device copy per step carries all three
-TEMPERATURE, TOP_P, UNIFORM = 0, 1, 2
+TEMPERATURE, UNIFORM = 0, 1
 
 
 PREFIX_BLOCK = 64  # _prefix_sum_te's block: per row (v / 64)^2 adds for the block prefix, 64 per element
@@ -382,7 +382,7 @@ def _draw_in_id_order(kept_cumsum: te.Tensor, params: te.Tensor):
 def _probs(bb: relax.BlockBuilder, logits: relax.Expr, params: relax.Expr, b, vocab: int) -> relax.Expr:
     """softmax(logits / T) as [b, v]: the same kernel as softmax_with_temperature (T <= 1e-5: greedy)."""
 
-    # a row of params as its own tensor: dlight's softmax schedule is only right for a plain [b] input
+    # temperatures as their own [b] tensor: the same softmax kernel as softmax_with_temperature's
     row = bb.emit(relax.op.strided_slice(params, axes=[0], begin=[TEMPERATURE], end=[TEMPERATURE + 1]))
     temperature = bb.emit(relax.op.reshape(row, relax.ShapeExpr([b])))
     probs = bb.emit_te(_softmax_te, logits, temperature, primfunc_name_hint="softmax_temperature")
@@ -390,12 +390,12 @@ def _probs(bb: relax.BlockBuilder, logits: relax.Expr, params: relax.Expr, b, vo
 
 
 def _sample_tokens(bb: relax.BlockBuilder, vocab: int, target: tvm.target.Target) -> None:
-    """sample_tokens(logits f32[b, 1, v], params f32[3, b]) -> i32[b]; params rows: temperature, top_p
-    (unused here), uniform. One token per row from softmax(logits / T), drawn at the row's uniform number
-    walking the vocabulary in id order (the host sampler's draw, runtime/sampling.py); T = 0 with u = 0
-    gives the first maximum (argmax)."""
+    """sample_tokens(logits f32[b, 1, v], params f32[2, b]) -> i32[b]; params rows: temperature, uniform.
+
+    One token per row from softmax(logits / T), drawn at the row's uniform number walking the vocabulary in
+    id order (the host sampler's draw, runtime/sampling.py); T = 0 with u = 0 gives the first maximum."""
     b = _var("batch_size")
-    logits, params = _tensor("logits", [b, 1, vocab], F32), _tensor("params", [3, b], F32)
+    logits, params = _tensor("logits", [b, 1, vocab], F32), _tensor("params", [2, b], F32)
     with bb.function("sample_tokens", [logits, params]):
         with bb.dataflow():
             flat = _probs(bb, logits, params, b, vocab)

@@ -46,20 +46,19 @@ class DeviceSampler:
             )
         self._fn = vm["sample_tokens"]
         self.max_rows = max_rows
-        # params [3, b] (rows: temperature, top_p, uniform): one host-to-device copy per step
-        self._buf = tvm.runtime.empty((3 * max_rows,), "float32", device)
+        # params [2, b] (rows: temperature, uniform): one host-to-device copy per step
+        self._buf = tvm.runtime.empty((2 * max_rows,), "float32", device)
 
     def sample(self, logits: tvm.runtime.Tensor, picks: Sequence[tuple[int, Draw]]) -> list[int]:
         """Token ids for `picks` (row of `logits`, draw), in their order."""
         b = int(logits.shape[0])
         if b > self.max_rows:
             raise ValueError(f"{b} rows exceed the sampler's {self.max_rows}")
-        # sample_tokens' params rows: temperature, top_p (kept at 1), uniform; rows without a pick are greedy
-        params = np.zeros((3, b), np.float32)
-        params[1] = 1.0
+        # sample_tokens' params rows: temperature, uniform; rows without a pick are greedy (not read)
+        params = np.zeros((2, b), np.float32)
         for r, d in picks:
-            params[0, r], params[2, r] = d.temperature, min(np.float32(d.uniform), _BELOW_ONE)
-        buf = self._buf._create_view((3, b))
+            params[:, r] = d.temperature, min(np.float32(d.uniform), _BELOW_ONE)
+        buf = self._buf._create_view((2, b))
         buf.copyfrom(params)
         tok = self._fn(logits._create_view((b, 1, int(logits.shape[-1]))), buf).numpy()
         return [int(tok[r]) for r, _ in picks]
