@@ -549,6 +549,7 @@ class StubEngine:
 
     def __init__(self, vocab: int, window: int = 40) -> None:
         self.vocab, self.context_window, self.seqs, self._n = vocab, window, {}, 0
+        self.sampler = None  # logits come back to the host
         self.compiled = SimpleNamespace(manifest={"quantization": "q0f32"})
 
     def add_sequence(self) -> int:
@@ -568,7 +569,7 @@ class StubEngine:
         z[ord("a")] = 10.0  # greedy: always the byte token "a"
         return z
 
-    def prefill(self, sid: int, ids) -> np.ndarray:
+    def prefill(self, sid: int, ids, draw=None) -> np.ndarray:
         from toolkit.runtime.engine import ContextFullError
 
         if len(self.seqs[sid].tokens) + len(ids) > self.context_window:
@@ -576,7 +577,7 @@ class StubEngine:
         self.seqs[sid].tokens += list(ids)
         return self._logits()
 
-    def decode(self, sid: int, tok: int) -> np.ndarray:
+    def decode(self, sid: int, tok: int, draw=None) -> np.ndarray:
         return self.prefill(sid, [tok])
 
 
@@ -623,7 +624,7 @@ def test_ctrl_c_in_a_chat_stops_the_reply_and_the_chat_goes_on(
     steps = []
     real = stub_engine.decode
 
-    def decode(sid, tok):
+    def decode(sid, tok, draw=None):
         steps.append(tok)
         if len(steps) == 3:
             os.kill(os.getpid(), signal.SIGINT)

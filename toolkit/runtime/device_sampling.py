@@ -14,11 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tvm
 
 from ..errors import UserError
+
+if TYPE_CHECKING:  # tvm is imported where it is used: the API imports this module before it may import tvm
+    import tvm
 
 FUNCTIONS = ("sample_tokens",)
 # the largest float32 below 1: a uniform number rounded up to 1.0 would run past the last token
@@ -44,6 +47,8 @@ class DeviceSampler:
                 f"this library has no sampler functions ({', '.join(missing)}): sample on the host, or "
                 "compile for a GPU preset"
             )
+        import tvm
+
         self._fn = vm["sample_tokens"]
         self.max_rows = max_rows
         # params [2, b] (rows: temperature, uniform): one host-to-device copy per step
