@@ -350,3 +350,12 @@ def test_cli_shows_a_pinned_cpu(zen4_guest):
     )
     res = CliRunner().invoke(main, ["targets", "host:znver3", "--json"])
     assert json.loads(res.output)[0]["name"] == "host:znver3"
+
+
+def test_a_library_is_keyed_by_the_code_generators_we_own():
+    """A fix in our Vulkan code generator (or any compile source) must not reuse a library built before it."""
+    from toolkit.compile.compile_model import hashed_sources
+
+    names = {f.as_posix().split("toolkit/", 1)[1] for f in hashed_sources()}
+    assert {"backends/vulkan/codegen_glsl.py", "compile/top_p_cut.py", "model/phi3.py"} <= names
+    assert {"quantization/__init__.py", "compile/pipeline.py"} <= names

@@ -101,6 +101,24 @@ def test_many_scalars_go_to_a_uniform_buffer(target):
     assert "uniform TVMScalarArgs" in glsl and "binding = 2" in glsl and "push_constant" not in glsl
 
 
+def test_bitwise_operators_on_bool_become_logical_ones(target):
+    """GLSL has no & | ^ ~ on bool (TVMScript writes `a & b` on conditions as a bitwise op): they must be
+    spelled && || ^^ !, and the shader must compile."""
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def func(a: T.Buffer((64,), "float32"), out: T.Buffer((64,), "float32")):
+        T.func_attr({"global_symbol": "bool_ops", "tirx.noalias": True})
+        for tx in T.thread_binding(64, thread="threadIdx.x"):
+            x = a[tx]
+            keep = ((x > T.float32(0)) & (x < T.float32(1))) | ~(x == T.float32(2))
+            out[tx] = T.Select(keep ^ (x > T.float32(5)), x, T.float32(0))
+
+    lib = tvm.compile(tvm.IRModule({"bool_ops": func}), target=target)
+    glsl = vkb.vulkan_imports(lib.mod)[0].inspect_source("glsl")
+    assert "&&" in glsl and "||" in glsl and "^^" in glsl and "(!" in glsl
+
+
 def test_unsupported_construct_is_a_compile_error(target):
     from tvm import te, tirx
 

@@ -83,6 +83,42 @@ def test_wrong_push_constants_are_detected(device, target):
     assert np.all(got[10:] == 0) and np.allclose(got[:10], np.tanh(1.0) + 1.0)
 
 
+def _sign_extend_compare_func():
+    """out[i] packs the comparisons of int64(a[i]) (a sign-extended int32 load) with constants: the pattern
+    Mesa 22.3.6's lavapipe answered wrongly (int64(29) < 776 false, int64(-1) < 0 false)."""
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def func(a: T.Buffer((64,), "int32"), out: T.Buffer((64,), "int32")):
+        T.func_attr({"global_symbol": "sext_compare", "tirx.noalias": True})
+        for tx in T.thread_binding(64, thread="threadIdx.x"):
+            x = T.Cast("int64", a[tx])
+            out[tx] = (
+                T.Cast("int32", x < T.int64(776))
+                + T.Cast("int32", x <= T.int64(-1)) * 2
+                + T.Cast("int32", x > T.int64(28)) * 4
+                + T.Cast("int32", x >= T.int64(-3)) * 8
+                + T.Cast("int32", T.min(x, T.int64(30)) * T.int64(16))
+            )
+
+    return func
+
+
+def test_sign_extended_compare_on_driver(device, target):
+    """int32 -> int64 casts compared with constants give numpy's answers on lavapipe (codegen_glsl emits the
+    sign extension as bit operations, which the driver compiles right)."""
+    a = np.array([29, -1, 0, 776, 775, 777, -3, -4, 28, 30, 31, 2**31 - 1, -(2**31)] * 5, np.int32)[:64]
+    a = np.concatenate([a, np.arange(64 - len(a), dtype=np.int32) - 5])
+    lib = tvm.compile(tvm.IRModule({"sext_compare": _sign_extend_compare_func()}), target=target)
+    (k,) = vkb.build_of(vkb.vulkan_imports(lib.mod)[0]).kernels.values()
+    by_name = {"a_ptr": a, "out_ptr": np.zeros(64, np.int32)}
+    out = device.run(k.name, k.spirv, k.info, k.flag, [by_name[p.name] for p in k.glsl.params], k.grid({}))
+    got = out[[p.name for p in k.glsl.params].index("out_ptr")]
+    x = a.astype(np.int64)
+    expected = (x < 776) + (x <= -1) * 2 + (x > 28) * 4 + (x >= -3) * 8 + np.minimum(x, 30) * 16
+    np.testing.assert_array_equal(got, expected.astype(np.int32))
+
+
 _MODEL_REPORTS: dict = {}
 
 # (quantization, tiny variant, paged-KV kernels the run must reach): mini-4k has a sliding window, medium not.

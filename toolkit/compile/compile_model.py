@@ -301,13 +301,19 @@ def cache_key(cfg: Phi3Config, quantization: str, preset: Preset) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _toolkit_source_hash() -> str:
-    """Hash of the graph/compile sources, so a development change never reuses a stale library."""
+def hashed_sources() -> list[Path]:
+    """The sources a library is built from: graph, quantization, compile passes and the code generators we
+    own (the Vulkan backend), so that a change to any of them never reuses a stale library."""
     root = Path(__file__).resolve().parent.parent
+    subs = ("model", "compile", "quantization", "backends")
+    return [f for sub in subs for f in sorted((root / sub).rglob("*.py"))]
+
+
+def _toolkit_source_hash() -> str:
     h = hashlib.sha256()
-    for sub in ("model", "compile", "quantization"):
-        for f in sorted((root / sub).glob("*.py")):
-            h.update(f.read_bytes())
+    root = Path(__file__).resolve().parent.parent
+    for f in hashed_sources():
+        h.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
     return h.hexdigest()[:12]
 
 

@@ -849,17 +849,22 @@ class _Emitter:
     def expr_Not(self, e):
         return [f"(!{x})" for x in self.expr(e.a)]
 
+    # GLSL has no bitwise operators on bool: its logical ones give the same values
+    def _bitwise(self, e, op: str, bool_op: str):
+        return self._bin(e, bool_op if _split_dtype(_dtype_of(e))[0] == "bool" else op)
+
     def expr_BitwiseAnd(self, e):
-        return self._bin(e, "&")
+        return self._bitwise(e, "&", "&&")
 
     def expr_BitwiseOr(self, e):
-        return self._bin(e, "|")
+        return self._bitwise(e, "|", "||")
 
     def expr_BitwiseXor(self, e):
-        return self._bin(e, "^")
+        return self._bitwise(e, "^", "^^")
 
     def expr_BitwiseNot(self, e):
-        return [f"(~{x})" for x in self.expr(e.a)]
+        op = "!" if _split_dtype(_dtype_of(e))[0] == "bool" else "~"
+        return [f"({op}{x})" for x in self.expr(e.a)]
 
     def expr_LShift(self, e):
         return self._bin(e, "<<")
@@ -885,6 +890,12 @@ class _Emitter:
         self.note_type(from_base)
         if from_base == "bool" and _is_float(to_base):
             return [f"{gt}(({v}) ? 1 : 0)" for v in vals]
+        if to_base == "int64" and _is_signed_int(from_base):
+            # Mesa 22.3.6's lavapipe compared int64_t(x) (an OpSConvert) with constants wrongly
+            # (int64_t(29) < 776 was false); the same value built from its two halves compares right
+            self.helpers.add("tvm_sext64")
+            narrow = "" if from_base == "int32" else "int"
+            return [f"tvm_sext64({narrow}({v}))" for v in vals]
         return [f"{gt}({v})" for v in vals]
 
     def expr_Ramp(self, e):
@@ -996,13 +1007,15 @@ class _Emitter:
                 "bitwise_or": "|",
                 "bitwise_xor": "^",
             }[short]
+            if base == "bool":  # as in _bitwise
+                op_s = {"&": "&&", "|": "||", "^": "^^"}.get(op_s, op_s)
             a, b = self.expr(args[0]), self.expr(args[1])
             n = max(len(a), len(b))
             a = a * n if len(a) == 1 else a
             b = b * n if len(b) == 1 else b
             return [f"({x} {op_s} {y})" for x, y in zip(a, b, strict=False)]
         if short == "bitwise_not":
-            return [f"(~{x})" for x in self.expr(args[0])]
+            return [f"({'!' if base == 'bool' else '~'}{x})" for x in self.expr(args[0])]
         if short == "popcount":
             return [f"{self.glsl_type(base)}(bitCount({x}))" for x in self.expr(args[0])]
         if short == "reinterpret":
@@ -1100,6 +1113,7 @@ def _helper_defs() -> dict[str, str]:
     for t, key in (("float", "float32"), ("float16_t", "float16")):
         defs[f"tvm_fmod:{key}"] = f"{t} tvm_fmod({t} a, {t} b) {{ return a - b * trunc(a / b); }}"
         defs[f"tvm_floormod:{key}"] = f"{t} tvm_floormod({t} a, {t} b) {{ return a - b * floor(a / b); }}"
+    defs["tvm_sext64"] = "int64_t tvm_sext64(int x) { return packInt2x32(ivec2(x, x >> 31)); }"
     return defs
 
 
