@@ -7,6 +7,8 @@ the small-batch kernels agree with the batch-1 ones.
 `run` takes every library folder under OUT (each with case.json + manifest.json) and, with random weights
 made there (codes uniform, scales 0.002: activations stay finite through 32 layers):
 - prefill of 128 tokens and decode of 128 tokens, 3 repeats, median tok/s;
+- decode tok/s at the default sampling (T 0.7, top-p 0.95) drawn on the host against on the GPU
+  (`sample_tokens`, ids back only), and whether both gave the same tokens;
 - a kernel profile of 16 decode steps (torch.profiler sees every kernel of the process, TVM's included):
   GPU time per token against wall time per token, and the top kernels;
 - batch_decode of 2, 3 and 5 sequences against the same sequences decoded one at a time (the batch kernels
@@ -130,6 +132,44 @@ def _speed(eng, dev, rng) -> dict:
     }
 
 
+def _sampling_speed(eng, dev, rng, steps: int = DECODE) -> dict:
+    """Decode tok/s at the default sampling (T 0.7, top-p 0.95, seeded) drawn on the host from returned
+    logits, against the same draws made on the GPU by the library's `sample_tokens` (ids back only), and
+    whether both gave the same tokens."""
+    from toolkit.runtime.device_sampling import DeviceSampler
+    from toolkit.runtime.options import GenerationOptions
+    from toolkit.runtime.sampling import TokenSampler
+
+    prompt = rng.integers(0, eng.cfg.vocab_size, PROMPT).tolist()
+    opts = GenerationOptions(temperature=0.7, top_p=0.95, seed=0)
+    device = DeviceSampler(eng.vm, dev, eng.cache_opts.max_batch_size)
+    out: dict = {}
+    for where in ("host", "device", "host", "device"):  # the first pair warms up
+        sampler = TokenSampler(opts, prompt)
+        eng.sampler = device if where == "device" else None
+        sid = eng.add_sequence()
+        try:
+            if where == "device":
+                tokens = [eng.prefill(sid, prompt, draw=sampler.device_draw())]
+            else:
+                tokens = [sampler(eng.prefill(sid, prompt))]
+            dev.sync()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                if where == "device":
+                    tokens.append(eng.decode(sid, tokens[-1], sampler.device_draw()))
+                else:
+                    tokens.append(sampler(eng.decode(sid, tokens[-1])))
+            dev.sync()
+            out[f"{where}_tok_s"] = round(steps / (time.perf_counter() - t0), 1)
+            out[f"{where}_tokens"] = tokens
+        finally:
+            eng.remove_sequence(sid)
+            eng.sampler = None
+    same = out.pop("host_tokens") == out.pop("device_tokens")
+    return {**out, "same_tokens": same}
+
+
 def _profile(eng, dev, rng, name: str) -> dict:
     try:
         from torch.profiler import ProfilerActivity, profile
@@ -218,6 +258,8 @@ def run(out: Path) -> None:
             rng = np.random.default_rng(1)
             res["speed"] = _speed(eng, dev, rng)
             print(d.name, "speed", json.dumps(res["speed"]), flush=True)
+            res["sampling"] = _sampling_speed(eng, dev, rng)
+            print(d.name, "sampling", json.dumps(res["sampling"]), flush=True)
             res["batch"] = _batch_check(eng, rng)
             print(d.name, "batch", json.dumps(res["batch"]), flush=True)
             res["profile"] = _profile(eng, dev, rng, d.name)

@@ -55,12 +55,19 @@ def tiny(tmp_path_factory):
 
 
 def _pick(logits: np.ndarray, d: Draw) -> int:
-    """float64 reference: argmax, or the inverse CDF at d.uniform over softmax(logits / T) in id order."""
+    """float64 reference: argmax, or the inverse CDF at d.uniform over softmax(logits / T) in id order, cut
+    to the top-p nucleus of a full stable sort (the shortest ranked prefix whose mass reaches top_p)."""
     if d.temperature == 0:
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / d.temperature
     p = np.exp(z - z.max())
     p /= p.sum()
+    if d.top_p < 1:
+        ranked = np.argsort(-p, kind="stable")
+        cut = np.zeros_like(p)
+        nucleus = ranked[: np.searchsorted(np.cumsum(p[ranked]), d.top_p) + 1]
+        cut[nucleus] = p[nucleus]
+        p = cut
     keep = np.flatnonzero(p)
     cdf = np.cumsum(p[keep])
     return int(keep[np.searchsorted(cdf / cdf[-1], d.uniform, side="right")])
@@ -84,13 +91,13 @@ def test_greedy_on_the_device_is_the_host_argmax_across_the_longrope_switch(tiny
         eng.remove_sequence(dev)
 
 
-@pytest.mark.parametrize("temperature", [0.7, 1.3])
-def test_seeded_sampling_draws_the_host_samplers_tokens(tiny, temperature):
+@pytest.mark.parametrize("temperature,top_p", [(0.7, 1.0), (1.3, 1.0), (0.7, 0.95), (1.3, 0.5)])
+def test_seeded_sampling_draws_the_host_samplers_tokens(tiny, temperature, top_p):
     """A seed gives the same tokens whether TokenSampler samples the logits or the device draws from the
-    number it hands over (its stream advances the same way)."""
+    number it hands over (its stream advances the same way), with and without a top-p cut."""
     _, eng = tiny
     for seed in (0, 1, 2):
-        opts = GenerationOptions(temperature=temperature, top_p=1.0, seed=seed)
+        opts = GenerationOptions(temperature=temperature, top_p=top_p, seed=seed)
         host_s, dev_s = TokenSampler(opts, PROMPT), TokenSampler(opts, PROMPT)
         host, dev = eng.add_sequence(), eng.add_sequence()
         try:
@@ -110,7 +117,7 @@ def test_a_batch_mixes_device_rows_and_host_rows(tiny):
     """decode_batch with draws: tokens for the rows with one, logits for the rows without, each what the
     same batch without draws gives (its logits, picked in float64)."""
     _, eng = tiny
-    draws = [None, Draw(0.0, 0.0), Draw(0.8, 0.37), Draw(1.1, 0.999)]
+    draws = [None, Draw(0.0, 0.0), Draw(0.8, 0.37, 0.9), Draw(1.1, 0.999)]
     prompts = [PROMPT[: 4 + i] for i in range(4)]
     ref = [eng.add_sequence() for _ in draws]
     dev = [eng.add_sequence() for _ in draws]
@@ -146,10 +153,35 @@ def test_a_number_just_below_one_lands_on_a_token_with_probability(tiny):
     assert got == [301, 3, 3]
 
 
-def test_top_p_and_other_knobs_stay_on_the_host():
+def test_the_top_p_cut_keeps_ties_at_its_edge_by_lower_id(tiny):
+    """p = 0.1 (id 5), 0.2 (ids 10, 50, 90), 0.3 (id 70); top_p 0.6: ranked 70, 10, 50, 90, 5 with running
+    sums 0.3, 0.5, 0.7, so the nucleus is {70, 10, 50}, and id 90 (tied with 10 and 50) is left out. Drawn
+    in id order over the nucleus: u = 0.95 lands on 70 (on 90 without the cut, or with the wrong tie), 0.5
+    on 50. Greedy ignores top_p; top_p 1 keeps 90."""
+    _, eng = tiny
+    logits = np.full((4, 1, eng.vocab), -1e4, np.float32)
+    hot = {5: 0.1, 10: 0.2, 50: 0.2, 70: 0.3, 90: 0.2}
+    logits[:, 0, list(hot)] = np.log(np.array(list(hot.values()), np.float32))
+    cases = [
+        (
+            [Draw(1.0, 0.95, 0.6), Draw(1.0, 0.5, 0.6), Draw(1.0, 0.95, 1.0), Draw(0.0, 0.0, 0.6)],
+            [70, 50, 90, 70],
+        ),
+        ([Draw(1.0, 0.99, 0.25), Draw(1.0, 0.99, 0.75)], [70, 90]),  # only 70; all three ties
+    ]
+    for draws, expected in cases:
+        got = eng.sampler.sample(tvm.runtime.tensor(logits), list(enumerate(draws)))
+        assert got == expected == [_pick(logits[i, 0], d) for i, d in enumerate(draws)]
+
+
+def test_top_k_and_other_knobs_stay_on_the_host():
     assert TokenSampler(GenerationOptions(temperature=0.7, top_p=1.0)).fits_device
+    assert TokenSampler(GenerationOptions(temperature=0.7, top_p=0.95)).fits_device
     assert TokenSampler(GenerationOptions(temperature=0, top_p=0.5)).fits_device  # greedy: no cut
-    for o in (dict(top_p=0.95), dict(top_p=1.0, top_k=5), dict(top_p=1.0, repetition_penalty=1.1)):
+    draw = TokenSampler(GenerationOptions(temperature=0.7, top_p=0.95, seed=0)).device_draw()
+    assert draw == Draw(0.7, np.random.default_rng(0).random(), 0.95)
+    assert not TokenSampler(GenerationOptions(temperature=0.7, top_p=1 - 1e-9)).fits_device  # float32: 1
+    for o in (dict(top_p=1.0, top_k=5), dict(min_p=0.1), dict(top_p=1.0, repetition_penalty=1.1)):
         s = TokenSampler(GenerationOptions(temperature=0.7, seed=0, **o))
         assert s.device_draw() is None
         assert s.rng.random() == np.random.default_rng(0).random()  # asking took nothing from the stream
@@ -158,11 +190,16 @@ def test_top_p_and_other_knobs_stay_on_the_host():
 def test_the_api_and_the_scheduler_give_the_host_samplers_text(tiny):
     """Model.generate and the server's scheduler through the device path give the same text for a seed as
     with the sampler switched off (host sampling of returned logits); options the device cannot express
-    (top-p below 1 here) fall back to the host for their request only."""
+    (top-k here) fall back to the host for their request only."""
     src, eng = tiny
     m = Model(eng, src)
     ids = m.prompt_ids("hello there", raw=True)
-    cases = [dict(temperature=0.8, top_p=1.0, seed=3), dict(temperature=0), dict(temperature=1.5, seed=4)]
+    cases = [
+        dict(temperature=0.8, top_p=1.0, seed=3),
+        dict(temperature=0),
+        dict(temperature=1.5, seed=4),  # top_p 0.95 by default: cut on the device
+        dict(temperature=1.2, top_k=20, seed=5),  # on the host
+    ]
 
     def run_all() -> list[tuple[str, str]]:
         api = [m.generate("hello there", raw=True, max_tokens=12, **c).text for c in cases]
@@ -186,7 +223,7 @@ def test_the_api_and_the_scheduler_give_the_host_samplers_text(tiny):
         eng.sampler = sampler
     assert on_device == on_host
     assert all(a == s for a, s in on_host)  # one request alone, or three in one batch: the same text
-    assert len({a for a, _ in on_host}) == 3, on_host
+    assert len({a for a, _ in on_host}) == 4, on_host
 
 
 def test_a_library_without_the_sampler_is_refused(tiny):

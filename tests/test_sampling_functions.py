@@ -347,6 +347,34 @@ def _check_sampler(scheduled: IRModule, backend: str) -> None:
 
     _check_bitonic_argsort(scheduled, backend, probs)
     _check_bitonic_argsort(scheduled, backend, _renorm_inputs(rng)[0])  # ties: 0.2 x 3 and 771 zeros
+    _check_top_p_cut(scheduled, backend, rng)
+
+
+def _nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
+    """p with only its top-p nucleus left: the shortest prefix of a stable sort by -p whose float64 mass
+    reaches top_p (runtime/sampling.py's rule, from a full sort)."""
+    if top_p >= 1:
+        return p
+    ranked = np.argsort(-p, kind="stable")
+    keep = ranked[: np.searchsorted(np.cumsum(p[ranked].astype(np.float64)), top_p) + 1]
+    out = np.zeros_like(p)
+    out[keep] = p[keep]
+    return out
+
+
+def _check_top_p_cut(scheduled: IRModule, backend: str, rng: np.random.Generator) -> None:
+    """sample_tokens' top-p cut (compile/top_p_cut.py): rows of random probabilities and rows of 0.2 ties
+    across the cut (ids 2, 3, 4 at top_p 0.6: 2 and 3 kept), with top_p 1 copying a row."""
+    probs = ref.random_probs(rng, 2, V)
+    ties = np.zeros((2, V), np.float32)
+    ties[:, [0, 2, 3, 4, 9]] = [0.1, 0.2, 0.2, 0.2, 0.3]
+    rows = np.concatenate([probs, probs, ties, ties])
+    top_p = np.array([0.5, 0.95, 0.1, 1.0, 0.6, 0.75], np.float32)
+    params = np.stack([np.ones(6, np.float32), np.zeros(6, np.float32), top_p])
+    *_, kept = _run(scheduled, "top_p_cut", backend, rows[:6], params, np.zeros_like(rows[:6]))
+    for r in range(6):
+        np.testing.assert_array_equal(kept[r], _nucleus(rows[r], float(top_p[r])), err_msg=f"row {r}")
+    assert np.count_nonzero(kept[4]) == 3 and kept[4, 4] == 0  # the third tie is cut
 
     args = _take_inputs(rng)
     n, m = len(args[2]), len(args[4])
@@ -439,7 +467,7 @@ def test_every_webgpu_shader_validates():
     built = tvm.compile(with_global_symbols(_scheduled("webgpu")), target=preset.target)
     shaders = split_wgsl_source(next(m for m in built.mod.imports if m.kind != "llvm").inspect_source())
     names = {k.split("_kernel")[0] for k in shaders}
-    assert {"bitonic_stage", "prefix_sum", "softmax_temperature", "top_p_token"} <= names
+    assert {"bitonic_stage", "prefix_sum", "softmax_temperature", "top_p_token", "top_p_cut"} <= names
     for name, code in shaders.items():
         device().create_shader_module(code=code)  # raises GPUValidationError on invalid WGSL
         assert name
@@ -453,7 +481,7 @@ def test_metal_source_parses():
     built = tvm.compile(with_global_symbols(_scheduled("iphone-a16")), target=preset.target)
     result = check_msl(next(m for m in built.mod.imports if m.kind != "llvm").inspect_source())
     assert result.ok, result.diagnostics
-    assert "verify_draft_tokens_kernel" in result.kernels
+    assert {"verify_draft_tokens_kernel", "top_p_cut_kernel"} <= set(result.kernels)
 
 
 @pytest.mark.skipif(not HAS_NVCC, reason="nvcc not found: CUDA kernels can only be compile-checked with nvcc")
@@ -465,7 +493,7 @@ def test_nvcc_compiles_every_sampling_kernel():
     built = tvm.compile(with_global_symbols(_scheduled("cuda-sm80")), target=preset.target)
     report = compile_kernels(next(m for m in built.mod.imports if m.kind == "cuda").inspect_source(), preset)
     assert report.ok, report
-    assert "verify_draft_tokens_kernel" in report.compiled
+    assert {"verify_draft_tokens_kernel", "top_p_cut_kernel"} <= set(report.compiled)
 
 
 def test_compile_model_attaches_the_functions(tmp_path):

@@ -185,9 +185,9 @@ def test_whole_model_on_lavapipe_matches_host_exact(tiny, devices):
 
 
 def test_sampling_on_lavapipe_draws_the_host_samplers_tokens(tiny, devices):
-    """The engine's device sampler (runtime/device_sampling.py) on lavapipe: softmax, the running sums and
-    the id-order draw as Vulkan kernels. Greedy and seeded temperature tokens equal host sampling of the
-    same library's logits, decoding two sequences in one batch."""
+    """The engine's device sampler (runtime/device_sampling.py) on lavapipe: softmax, the top-p cut, the
+    running sums and the id-order draw as Vulkan kernels. Greedy, seeded temperature and top-p tokens equal
+    host sampling of the same library's logits, decoding two sequences in one batch."""
     from toolkit.runtime.device_sampling import DeviceSampler
     from toolkit.runtime.options import GenerationOptions
     from toolkit.runtime.sampling import TokenSampler
@@ -200,6 +200,8 @@ def test_sampling_on_lavapipe_draws_the_host_samplers_tokens(tiny, devices):
         dict(temperature=0),
         dict(temperature=0.8, top_p=1.0, seed=1),
         dict(temperature=1.2, top_p=1.0, seed=2),
+        dict(temperature=0.7, top_p=0.95, seed=3),  # the defaults
+        dict(temperature=1.5, top_p=0.5, seed=4),
     ]
     for case in cases:
         opts = GenerationOptions(**case)
@@ -224,9 +226,12 @@ def test_sampling_on_lavapipe_draws_the_host_samplers_tokens(tiny, devices):
 
 
 def test_mlc_sampler_functions_through_the_vm_on_lavapipe(devices, tmp_path):
-    """multinomial_from_uniform and renormalize_by_top_p as MLC's engine calls them (through the VM, on the
-    device) on lavapipe, against numpy: their running sums are reductions (attach_sampling._prefix_sum_te);
-    with TVM's GPU scan multinomial_from_uniform drew 64 / 227 / 440 where 79 / 342 / 693 were right."""
+    """multinomial_from_uniform, sample_with_top_p and renormalize_by_top_p as MLC's engine calls them
+    (through the VM, on the device) on lavapipe, against numpy. Their running sums are reductions
+    (attach_sampling._prefix_sum_te): with TVM's GPU scan multinomial_from_uniform drew 64 / 227 / 440
+    where 79 / 342 / 693 were right. sample_with_top_p compares an int32 count widened to int64 with a
+    constant, which lavapipe answered wrongly until codegen_glsl built the widening from its two halves
+    (it drew the last-ranked token every time)."""
     import sampling_refs as ref
     from tvm import IRModule, relax
 
@@ -250,10 +255,45 @@ def test_mlc_sampler_functions_through_the_vm_on_lavapipe(devices, tmp_path):
     got = vm["multinomial_from_uniform"](t(probs), t(uniform), t(rows)).numpy()
     np.testing.assert_array_equal(got, ref.multinomial(probs, uniform, rows))
     top_p = np.array([0.9, 0.5], np.float32)
+    ids = np.argsort(-probs, axis=1, kind="stable").astype(np.int32)
+    ranked = np.take_along_axis(probs, ids, 1)
+    for tp in ([0.5, 0.999], [0.05, 0.9]):
+        tp = np.array(tp, np.float32)
+        got = vm["sample_with_top_p"](t(ranked), t(ids), t(uniform), t(rows), t(tp)).numpy()
+        np.testing.assert_array_equal(got, ref.sample_with_top_p(ranked, ids, uniform, rows, tp))
     got = vm["renormalize_by_top_p"](t(probs), t(top_p), t(np.zeros((2, 3), np.float32))).numpy()
     expected = ref.renormalize_by_top_p(probs, top_p)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-9)
     assert ((got > 0) == (expected > 0)).all()
+
+
+def test_wheel_bug_gpu_scan_races(devices, tmp_path):
+    """Why attach_sampling has its own running sums: TVM's GPU cumsum (DispatchSortScan) adds a neighbour's
+    shared-memory entry while that neighbour rewrites it, right only where 32 threads run in lockstep. On
+    lavapipe and PoCL it sums wrongly. When this fails, the wheel's scan is right here and the reductions in
+    `_prefix_sum_te` can give way to it."""
+    from tvm import relax
+
+    from toolkit.backends import vulkan  # noqa: F401  (registers target.build.vulkan)
+    from toolkit.compile import pipeline
+    from toolkit.compile.compile_model import export_library, schedule_fn
+    from toolkit.targets import load_preset
+
+    a = np.random.default_rng(0).random((2, 777), dtype=np.float32)
+    for name in ("vulkan", "opencl"):
+        preset = load_preset(name)
+        bb = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType((tvm.tirx.Var("n", "int64"), 777), "float32"))
+        with bb.function("cumsum", [x]):
+            with bb.dataflow():
+                out = bb.emit_output(relax.op.cumsum(x, axis=-1))
+            bb.emit_func_output(out)
+        ex, _ = pipeline.build(bb.get(), preset.target, schedule_fn(preset))
+        export_library(ex, tmp_path / f"{name}.so", preset)
+        dev = devices[preset.kind]
+        vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / f"{name}.so")), dev)
+        got = vm["cumsum"](tvm.runtime.tensor(a, dev)).numpy()
+        assert np.abs(got - np.cumsum(a, axis=1)).max() > 0.1, name
 
 
 CASES = [
@@ -481,3 +521,30 @@ def test_runtime_check_casts_recorded_inputs_to_the_kernel_dtypes():
     func32, fn32 = _rms_norm_lib("float32")
     same = in_kernel_dtypes(func32, host_fn, before, after)
     assert same[0] is before and same[1] is after
+
+
+def test_runtime_check_uses_a_host_call_only_where_its_shapes_fit():
+    """FuseOps numbers twin functions (rms_norm, rms_norm1, ...) in the order each graph emits them, and the
+    fp16 and fp32 builds emit prefill's and decode's in different orders: a namesake whose arguments do not
+    fit the device kernel is not its reference (the kernel is checked against its own TIR instead)."""
+    from tvm.script import tirx as T
+
+    from toolkit.verify.runtime_check import fits, host_call_for
+
+    @T.prim_func
+    def decode_shaped(x: T.handle, y: T.handle):
+        b = T.int64()
+        X = T.match_buffer(x, (b, 1, 8), "float16")
+        Y = T.match_buffer(y, (b, 1, 8), "float16")
+        for i in range(b):
+            Y[i, 0, 0] = X[i, 0, 0]
+
+    prefill = [np.zeros((1, 7, 8), "float32"), np.zeros((1, 7, 8), "float32")]
+    decode = [np.zeros((2, 1, 8), "float32"), np.zeros((2, 1, 8), "float32")]
+    assert fits(decode_shaped, decode) and not fits(decode_shaped, prefill)
+    assert not fits(decode_shaped, [decode[0], np.zeros((3, 1, 8), "float32")])  # b bound once
+    assert not fits(decode_shaped, decode[:1])
+    calls = {"rms_norm": (("f0", prefill, prefill), ""), "rms_norm1": (("f1", decode, decode), "")}
+    assert host_call_for("rms_norm", decode_shaped, calls) is None
+    assert host_call_for("rms_norm1", decode_shaped, calls)[0][0] == "f1"
+    assert host_call_for("softmax", decode_shaped, calls) is None

@@ -160,8 +160,9 @@ def sample_on_option(f):
         type=click.Choice(["host", "device"]),
         default="host",
         show_default=True,
-        help="Draw tokens on the host, or on the GPU with the library's sampler (GPU presets; greedy and "
-        "plain temperature, top-p 1: other requests stay on the host). Only token ids leave the device.",
+        help="Draw tokens on the host, or on the GPU with the library's sampler (GPU presets; greedy, "
+        "temperature and top-p: top-k, min-p, penalties and bias stay on the host). Only token ids leave "
+        "the device.",
     )(f)
 
 

@@ -26,6 +26,7 @@ from tvm import IRModule, relax, te, tirx
 from .gpu_sort import emit_argsort
 from .logit_processor import logit_processors
 from .spec_verify import emit_verify_function
+from .top_p_cut import top_p_cut
 
 GPU_SAMPLER_KINDS = ("cuda", "metal", "vulkan", "webgpu")
 GPU_SAMPLER_NAMES = (
@@ -330,7 +331,7 @@ def _renormalize_by_top_p(bb: relax.BlockBuilder, vocab: int, target: tvm.target
 
 # -- the engine's own: one call per step ---------------------------------------------------------------------
 # rows of their `params` argument: one host-to-device copy per step carries all three
-TEMPERATURE, UNIFORM = 0, 1
+TEMPERATURE, UNIFORM = 0, 1  # and top_p.TOP_P = 2
 
 
 PREFIX_BLOCK = 64  # _prefix_sum_te's block: per row (v / 64)^2 adds for the block prefix, 64 per element
@@ -338,9 +339,11 @@ PREFIX_BLOCK = 64  # _prefix_sum_te's block: per row (v / 64)^2 adds for the blo
 
 def _prefix_sum_te(x: te.Tensor, exclusive: bool = False) -> te.Tensor:
     """Running sums along each row (inclusive, or of the elements before each), as reductions only: block
-    sums, an exclusive prefix over the blocks, then the sum inside each element's block. Through TVM's
-    Vulkan runtime on lavapipe, TVM's GPU scan (relax.op.cumsum after DispatchSortScan) gave wrong sums,
-    and so wrong tokens from multinomial_from_uniform; plain reductions run right there."""
+    sums, an exclusive prefix over the blocks, then the sum inside each element's block. Not TVM's GPU scan
+    (relax.op.cumsum after DispatchSortScan): its in-block step adds a neighbour's shared-memory entry while
+    that neighbour rewrites it, with no barrier between, so it is right only where 32 threads run in
+    lockstep (NVIDIA warps); it gave wrong sums on lavapipe and PoCL, and on any GPU with narrower
+    subgroups it would."""
     rows, v = x.shape
     nb = (int(v) + PREFIX_BLOCK - 1) // PREFIX_BLOCK
     zero = tirx.const(0, F32)
@@ -390,16 +393,20 @@ def _probs(bb: relax.BlockBuilder, logits: relax.Expr, params: relax.Expr, b, vo
 
 
 def _sample_tokens(bb: relax.BlockBuilder, vocab: int, target: tvm.target.Target) -> None:
-    """sample_tokens(logits f32[b, 1, v], params f32[2, b]) -> i32[b]; params rows: temperature, uniform.
+    """sample_tokens(logits f32[b, 1, v], params f32[3, b]) -> i32[b]; params rows: temperature, uniform,
+    top_p.
 
-    One token per row from softmax(logits / T), drawn at the row's uniform number walking the vocabulary in
-    id order (the host sampler's draw, runtime/sampling.py); T = 0 with u = 0 gives the first maximum."""
+    One token per row from softmax(logits / T) cut to its top-p nucleus (top_p_cut.py; top_p >= 1 keeps
+    every token), drawn at the row's uniform number walking the vocabulary in id order (the host sampler's
+    draw, runtime/sampling.py); T = 0 with u = 0 and top_p 1 gives the first maximum."""
     b = _var("batch_size")
-    logits, params = _tensor("logits", [b, 1, vocab], F32), _tensor("params", [2, b], F32)
+    logits, params = _tensor("logits", [b, 1, vocab], F32), _tensor("params", [3, b], F32)
+    cut = bb.add_func(top_p_cut(vocab, target), "top_p_cut")
     with bb.function("sample_tokens", [logits, params]):
         with bb.dataflow():
             flat = _probs(bb, logits, params, b, vocab)
-            cumsum = bb.emit_te(_prefix_sum_te, flat, primfunc_name_hint="prefix_sum")
+            kept = bb.emit(relax.call_tir(cut, [flat, params], out_ty=relax.TensorType([b, vocab], F32)))
+            cumsum = bb.emit_te(_prefix_sum_te, kept, primfunc_name_hint="prefix_sum")
             out = bb.emit_output(
                 bb.emit_te(_draw_in_id_order, cumsum, params, primfunc_name_hint="draw_token")
             )

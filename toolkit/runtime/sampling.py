@@ -68,10 +68,11 @@ class TokenSampler:
 
     @property
     def fits_device(self) -> bool:
-        """Whether the device sampler (greedy, plain temperature) can draw for these options."""
+        """Whether the device sampler (greedy, temperature, top-p) can draw for these options."""
         o = self.o
         return not (
-            (o.top_p < 1.0 and o.temperature != 0)
+            # a top_p that float32 rounds up to 1 would keep tokens the host cuts
+            (o.temperature != 0 and o.top_p < 1.0 and np.float32(o.top_p) >= 1.0)
             or o.top_k
             or o.min_p
             or o.logit_bias
@@ -88,7 +89,7 @@ class TokenSampler:
         o = self.o
         if o.temperature == 0:
             return Draw(0.0, 0.0)
-        return Draw(o.temperature, float(self.rng.random()))
+        return Draw(o.temperature, float(self.rng.random()), o.top_p)
 
     def adjust(self, logits: np.ndarray) -> np.ndarray:
         o = self.o
