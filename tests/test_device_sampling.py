@@ -56,18 +56,23 @@ def tiny(tmp_path_factory):
 
 def _pick(logits: np.ndarray, d: Draw) -> int:
     """float64 reference: argmax, or the inverse CDF at d.uniform over softmax(logits / T) in id order, cut
-    to the top-p nucleus of a full stable sort (the shortest ranked prefix whose mass reaches top_p)."""
+    to the top-k logits (ties kept), then the top-p nucleus of a full stable sort (the shortest ranked
+    prefix whose mass reaches top_p), then p >= min_p * max p."""
     if d.temperature == 0:
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / d.temperature
     p = np.exp(z - z.max())
     p /= p.sum()
+    if 0 < d.top_k < z.size:
+        p[z < np.sort(z)[-d.top_k]] = 0
+        p /= p.sum()
     if d.top_p < 1:
         ranked = np.argsort(-p, kind="stable")
         cut = np.zeros_like(p)
         nucleus = ranked[: np.searchsorted(np.cumsum(p[ranked]), d.top_p) + 1]
         cut[nucleus] = p[nucleus]
         p = cut
+    p[p < d.min_p * p.max()] = 0
     keep = np.flatnonzero(p)
     cdf = np.cumsum(p[keep])
     return int(keep[np.searchsorted(cdf / cdf[-1], d.uniform, side="right")])
@@ -91,13 +96,23 @@ def test_greedy_on_the_device_is_the_host_argmax_across_the_longrope_switch(tiny
         eng.remove_sequence(dev)
 
 
-@pytest.mark.parametrize("temperature,top_p", [(0.7, 1.0), (1.3, 1.0), (0.7, 0.95), (1.3, 0.5)])
-def test_seeded_sampling_draws_the_host_samplers_tokens(tiny, temperature, top_p):
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        dict(temperature=0.7, top_p=1.0),
+        dict(temperature=1.3, top_p=1.0),
+        dict(temperature=0.7, top_p=0.95),
+        dict(temperature=1.3, top_p=0.5),
+        dict(temperature=1.5, top_p=1.0, top_k=40),
+        dict(temperature=1.5, top_p=0.95, top_k=40, min_p=0.05),  # llama.cpp's defaults, hotter
+    ],
+)
+def test_seeded_sampling_draws_the_host_samplers_tokens(tiny, knobs):
     """A seed gives the same tokens whether TokenSampler samples the logits or the device draws from the
-    number it hands over (its stream advances the same way), with and without a top-p cut."""
+    number it hands over (its stream advances the same way), with and without the cuts."""
     _, eng = tiny
     for seed in (0, 1, 2):
-        opts = GenerationOptions(temperature=temperature, top_p=top_p, seed=seed)
+        opts = GenerationOptions(seed=seed, **knobs)
         host_s, dev_s = TokenSampler(opts, PROMPT), TokenSampler(opts, PROMPT)
         host, dev = eng.add_sequence(), eng.add_sequence()
         try:
@@ -117,7 +132,7 @@ def test_a_batch_mixes_device_rows_and_host_rows(tiny):
     """decode_batch with draws: tokens for the rows with one, logits for the rows without, each what the
     same batch without draws gives (its logits, picked in float64)."""
     _, eng = tiny
-    draws = [None, Draw(0.0, 0.0), Draw(0.8, 0.37, 0.9), Draw(1.1, 0.999)]
+    draws = [None, Draw(0.0, 0.0), Draw(0.8, 0.37, 0.9), Draw(1.1, 0.999, 1.0, 30, 0.02)]
     prompts = [PROMPT[: 4 + i] for i in range(4)]
     ref = [eng.add_sequence() for _ in draws]
     dev = [eng.add_sequence() for _ in draws]
@@ -174,14 +189,40 @@ def test_the_top_p_cut_keeps_ties_at_its_edge_by_lower_id(tiny):
         assert got == expected == [_pick(logits[i, 0], d) for i, d in enumerate(draws)]
 
 
-def test_top_k_and_other_knobs_stay_on_the_host():
+def test_top_k_and_min_p_cut_on_the_device(tiny):
+    """Top-k keeps every token tied with the k-th logit; min-p keeps p >= min_p * max p; with top-p between
+    them as the host sampler orders the three. Same hot tokens as above (ids 5, 10, 50, 70, 90 at 0.1,
+    0.2, 0.2, 0.2, 0.3 of the mass)."""
+    _, eng = tiny
+    logits = np.full((4, 1, eng.vocab), -1e4, np.float32)
+    hot = {5: 0.1, 10: 0.2, 50: 0.2, 70: 0.3, 90: 0.2}
+    logits[:, 0, list(hot)] = np.log(np.array(list(hot.values()), np.float32))
+    draws = [
+        Draw(1.0, 0.99, 1.0, 2),  # k 2: 70 and the three 0.2 ties; u 0.99 -> 90, the last of them
+        Draw(1.0, 0.0, 1.0, 1),  # k 1: only 70
+        Draw(1.0, 0.99, 1.0, 0, 0.5),  # p >= 0.15: the 0.1 token goes; 90 still last
+        Draw(1.0, 0.6, 0.4, 2, 0.0),  # k 2 keeps 0.9 of the mass; top-p 0.4 of it (0.36): 70 and 10
+    ]
+    got = eng.sampler.sample(tvm.runtime.tensor(logits), list(enumerate(draws)))
+    assert got == [90, 70, 90, 70] == [_pick(logits[i, 0], d) for i, d in enumerate(draws)]
+    low = eng.sampler.sample(tvm.runtime.tensor(logits[:1]), [(0, Draw(1.0, 0.05, 1.0, 0, 0.5))])
+    assert low == [10] != [_pick(logits[0, 0], Draw(1.0, 0.05))]  # without min-p, 5 comes first
+
+
+def test_penalties_and_bias_stay_on_the_host():
     assert TokenSampler(GenerationOptions(temperature=0.7, top_p=1.0)).fits_device
-    assert TokenSampler(GenerationOptions(temperature=0.7, top_p=0.95)).fits_device
+    assert TokenSampler(GenerationOptions(temperature=0.7, top_p=0.95, top_k=40, min_p=0.05)).fits_device
     assert TokenSampler(GenerationOptions(temperature=0, top_p=0.5)).fits_device  # greedy: no cut
-    draw = TokenSampler(GenerationOptions(temperature=0.7, top_p=0.95, seed=0)).device_draw()
-    assert draw == Draw(0.7, np.random.default_rng(0).random(), 0.95)
+    draw = TokenSampler(
+        GenerationOptions(temperature=0.7, top_p=0.95, top_k=9, min_p=0.1, seed=0)
+    ).device_draw()
+    assert draw == Draw(0.7, np.random.default_rng(0).random(), 0.95, 9, 0.1)
     assert not TokenSampler(GenerationOptions(temperature=0.7, top_p=1 - 1e-9)).fits_device  # float32: 1
-    for o in (dict(top_p=1.0, top_k=5), dict(min_p=0.1), dict(top_p=1.0, repetition_penalty=1.1)):
+    for o in (
+        dict(logit_bias={3: 1.0}),
+        dict(frequency_penalty=0.5),
+        dict(top_p=1.0, repetition_penalty=1.1),
+    ):
         s = TokenSampler(GenerationOptions(temperature=0.7, seed=0, **o))
         assert s.device_draw() is None
         assert s.rng.random() == np.random.default_rng(0).random()  # asking took nothing from the stream
@@ -190,7 +231,7 @@ def test_top_k_and_other_knobs_stay_on_the_host():
 def test_the_api_and_the_scheduler_give_the_host_samplers_text(tiny):
     """Model.generate and the server's scheduler through the device path give the same text for a seed as
     with the sampler switched off (host sampling of returned logits); options the device cannot express
-    (top-k here) fall back to the host for their request only."""
+    (a repetition penalty here) fall back to the host for their request only."""
     src, eng = tiny
     m = Model(eng, src)
     ids = m.prompt_ids("hello there", raw=True)
@@ -198,12 +239,13 @@ def test_the_api_and_the_scheduler_give_the_host_samplers_text(tiny):
         dict(temperature=0.8, top_p=1.0, seed=3),
         dict(temperature=0),
         dict(temperature=1.5, seed=4),  # top_p 0.95 by default: cut on the device
-        dict(temperature=1.2, top_k=20, seed=5),  # on the host
+        dict(temperature=1.2, top_k=20, min_p=0.02, seed=5),  # cut on the device
+        dict(temperature=1.2, repetition_penalty=1.3, seed=6),  # on the host
     ]
 
     def run_all() -> list[tuple[str, str]]:
         api = [m.generate("hello there", raw=True, max_tokens=12, **c).text for c in cases]
-        sched = Scheduler(eng, max_sequences=4, max_queue=4)
+        sched = Scheduler(eng, max_sequences=4, max_queue=len(cases))
         gens, texts = [], []
         for c in cases:
             gen = m.new_generation(ids, m.options(max_tokens=12, **c))
@@ -223,7 +265,7 @@ def test_the_api_and_the_scheduler_give_the_host_samplers_text(tiny):
         eng.sampler = sampler
     assert on_device == on_host
     assert all(a == s for a, s in on_host)  # one request alone, or three in one batch: the same text
-    assert len({a for a, _ in on_host}) == 4, on_host
+    assert len({a for a, _ in on_host}) == 5, on_host
 
 
 def test_a_library_without_the_sampler_is_refused(tiny):

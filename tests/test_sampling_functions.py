@@ -347,49 +347,57 @@ def _check_sampler(scheduled: IRModule, backend: str) -> None:
 
     _check_bitonic_argsort(scheduled, backend, probs)
     _check_bitonic_argsort(scheduled, backend, _renorm_inputs(rng)[0])  # ties: 0.2 x 3 and 771 zeros
-    _check_top_p_cut(scheduled, backend, rng)
+    _check_sampling_cut(scheduled, backend, rng)
 
 
-def _nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
-    """p with only its top-p nucleus left: the shortest prefix of a stable sort by -p whose float64 mass
-    reaches top_p (runtime/sampling.py's rule, from a full sort)."""
-    if top_p >= 1:
-        return p
-    ranked = np.argsort(-p, kind="stable")
-    keep = ranked[: np.searchsorted(np.cumsum(p[ranked].astype(np.float64)), top_p) + 1]
-    out = np.zeros_like(p)
-    out[keep] = p[keep]
+def _cut(p: np.ndarray, top_p: float, top_k: int = 0, min_p: float = 0.0) -> np.ndarray:
+    """p with only what the host sampler keeps (runtime/sampling.py's rules, from a full sort): top-k keeps
+    p >= the k-th largest (ties too); top-p, on those renormalised, the shortest prefix of a stable sort by
+    -p whose float64 mass reaches top_p; min-p, p >= min_p * max p."""
+    out = p.copy()
+    if 0 < top_k < p.size:
+        out[out < np.sort(p)[-top_k]] = 0
+    if top_p < 1:
+        ranked = np.argsort(-out, kind="stable")
+        mass = np.cumsum(out[ranked].astype(np.float64)) / out.sum(dtype=np.float64)
+        dropped = ranked[np.searchsorted(mass, top_p) + 1 :]
+        out[dropped] = 0
+    out[out < min_p * p.max()] = 0
     return out
 
 
-def _check_top_p_cut(scheduled: IRModule, backend: str, rng: np.random.Generator) -> None:
-    """sample_tokens' top-p cut (compile/top_p_cut.py): rows of random probabilities and rows of 0.2 ties
-    across the cut (ids 2, 3, 4 at top_p 0.6: 2 and 3 kept), with top_p 1 copying a row."""
+def _check_sampling_cut(scheduled: IRModule, backend: str, rng: np.random.Generator) -> None:
+    """sample_tokens' cuts (compile/sampling_cut.py): rows of random probabilities under top-p, top-k and
+    min-p alone and together, and rows of 0.2 ties across the top-p edge (ids 2, 3, 4 at top_p 0.6: 2 and 3
+    kept) and across the top-k edge (k 2: all three kept); top_p 1, k 0, min_p 0 copy a row."""
     probs = ref.random_probs(rng, 2, V)
     ties = np.zeros((2, V), np.float32)
     ties[:, [0, 2, 3, 4, 9]] = [0.1, 0.2, 0.2, 0.2, 0.3]
-    rows = np.concatenate([probs, probs, ties, ties])
-    top_p = np.array([0.5, 0.95, 0.1, 1.0, 0.6, 0.75], np.float32)
-    params = np.stack([np.ones(6, np.float32), np.zeros(6, np.float32), top_p])
-    *_, kept = _run(scheduled, "top_p_cut", backend, rows[:6], params, np.zeros_like(rows[:6]))
-    for r in range(6):
-        np.testing.assert_array_equal(kept[r], _nucleus(rows[r], float(top_p[r])), err_msg=f"row {r}")
+    cases = [  # (row, top_p, top_k, min_p)
+        (probs[0], 0.5, 0, 0.0),
+        (probs[1], 0.95, 0, 0.0),
+        (probs[0], 0.1, 0, 0.0),
+        (probs[1], 1.0, 0, 0.0),
+        (ties[0], 0.6, 0, 0.0),
+        (ties[1], 0.75, 0, 0.0),
+        (probs[0], 1.0, 40, 0.0),
+        (probs[1], 0.9, 100, 0.0),
+        (probs[0], 1.0, 0, 0.3),
+        (probs[1], 0.95, 60, 0.1),
+        (ties[0], 1.0, 2, 0.0),
+        (ties[1], 0.5, 2, 0.0),
+    ]
+    rows = np.stack([c[0] for c in cases])
+    n = len(cases)
+    params = np.zeros((5, n), np.float32)
+    params[0] = 1.0
+    params[2:] = np.array([c[1:] for c in cases], np.float32).T
+    *_, kept = _run(scheduled, "sampling_cut", backend, rows, params, np.zeros_like(rows))
+    for r, (p, top_p, top_k, min_p) in enumerate(cases):
+        np.testing.assert_array_equal(kept[r], _cut(p, top_p, top_k, min_p), err_msg=f"case {r}")
     assert np.count_nonzero(kept[4]) == 3 and kept[4, 4] == 0  # the third tie is cut
-
-    args = _take_inputs(rng)
-    n, m = len(args[2]), len(args[4])
-    outs = (np.zeros(n, np.float32), np.zeros(m, np.float32), np.zeros(m, np.int32))
-    got = _run(scheduled, "take_probs", backend, *args, *outs)[-3:]
-    for g, e in zip(got, _take_expected(*args), strict=True):
-        np.testing.assert_array_equal(g, e)
-
-    probs, top_p, _pivots = _renorm_inputs(rng)
-    sorted_p = -np.sort(-probs, axis=1)
-    before = (np.cumsum(sorted_p, axis=1, dtype=np.float32) - sorted_p).astype(np.float32)
-    *_, got = _run(
-        scheduled, "top_p_renormalize", backend, probs, sorted_p, before, top_p, np.zeros_like(probs)
-    )
-    np.testing.assert_allclose(got, ref.renormalize_by_top_p(probs, top_p), P_RTOL, P_ATOL)
+    assert np.count_nonzero(kept[10]) == 4  # top-k 2 keeps 0.3 and all three 0.2 ties
+    assert 0 < np.count_nonzero(kept[6]) == 40 and np.count_nonzero(kept[8]) < np.count_nonzero(probs[0])
 
 
 def _check_bitonic_argsort(scheduled: IRModule, backend: str, probs: np.ndarray) -> None:
@@ -467,7 +475,7 @@ def test_every_webgpu_shader_validates():
     built = tvm.compile(with_global_symbols(_scheduled("webgpu")), target=preset.target)
     shaders = split_wgsl_source(next(m for m in built.mod.imports if m.kind != "llvm").inspect_source())
     names = {k.split("_kernel")[0] for k in shaders}
-    assert {"bitonic_stage", "prefix_sum", "softmax_temperature", "top_p_token", "top_p_cut"} <= names
+    assert {"bitonic_stage", "prefix_sum", "softmax_temperature", "top_p_token", "sampling_cut"} <= names
     for name, code in shaders.items():
         device().create_shader_module(code=code)  # raises GPUValidationError on invalid WGSL
         assert name
@@ -481,7 +489,7 @@ def test_metal_source_parses():
     built = tvm.compile(with_global_symbols(_scheduled("iphone-a16")), target=preset.target)
     result = check_msl(next(m for m in built.mod.imports if m.kind != "llvm").inspect_source())
     assert result.ok, result.diagnostics
-    assert {"verify_draft_tokens_kernel", "top_p_cut_kernel"} <= set(result.kernels)
+    assert {"verify_draft_tokens_kernel", "sampling_cut_kernel"} <= set(result.kernels)
 
 
 @pytest.mark.skipif(not HAS_NVCC, reason="nvcc not found: CUDA kernels can only be compile-checked with nvcc")
@@ -493,7 +501,7 @@ def test_nvcc_compiles_every_sampling_kernel():
     built = tvm.compile(with_global_symbols(_scheduled("cuda-sm80")), target=preset.target)
     report = compile_kernels(next(m for m in built.mod.imports if m.kind == "cuda").inspect_source(), preset)
     assert report.ok, report
-    assert {"verify_draft_tokens_kernel", "top_p_cut_kernel"} <= set(report.compiled)
+    assert {"verify_draft_tokens_kernel", "sampling_cut_kernel"} <= set(report.compiled)
 
 
 def test_compile_model_attaches_the_functions(tmp_path):

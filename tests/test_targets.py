@@ -357,5 +357,5 @@ def test_a_library_is_keyed_by_the_code_generators_we_own():
     from toolkit.compile.compile_model import hashed_sources
 
     names = {f.as_posix().split("toolkit/", 1)[1] for f in hashed_sources()}
-    assert {"backends/vulkan/codegen_glsl.py", "compile/top_p_cut.py", "model/phi3.py"} <= names
+    assert {"backends/vulkan/codegen_glsl.py", "compile/sampling_cut.py", "model/phi3.py"} <= names
     assert {"quantization/__init__.py", "compile/pipeline.py"} <= names

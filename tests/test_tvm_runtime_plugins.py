@@ -185,9 +185,10 @@ def test_whole_model_on_lavapipe_matches_host_exact(tiny, devices):
 
 
 def test_sampling_on_lavapipe_draws_the_host_samplers_tokens(tiny, devices):
-    """The engine's device sampler (runtime/device_sampling.py) on lavapipe: softmax, the top-p cut, the
-    running sums and the id-order draw as Vulkan kernels. Greedy, seeded temperature and top-p tokens equal
-    host sampling of the same library's logits, decoding two sequences in one batch."""
+    """The engine's device sampler (runtime/device_sampling.py) on lavapipe: softmax, the top-k / top-p /
+    min-p cuts, the running sums and the id-order draw as Vulkan kernels. Greedy and seeded tokens with and
+    without the cuts equal host sampling of the same library's logits, decoding two sequences in one
+    batch."""
     from toolkit.runtime.device_sampling import DeviceSampler
     from toolkit.runtime.options import GenerationOptions
     from toolkit.runtime.sampling import TokenSampler
@@ -202,6 +203,7 @@ def test_sampling_on_lavapipe_draws_the_host_samplers_tokens(tiny, devices):
         dict(temperature=1.2, top_p=1.0, seed=2),
         dict(temperature=0.7, top_p=0.95, seed=3),  # the defaults
         dict(temperature=1.5, top_p=0.5, seed=4),
+        dict(temperature=1.5, top_p=0.95, top_k=40, min_p=0.05, seed=5),
     ]
     for case in cases:
         opts = GenerationOptions(**case)

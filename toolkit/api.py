@@ -244,7 +244,7 @@ def load(
     `device` on first use (cached) and load it. `max_batch_size` bounds the sequences alive at once
     (chat sessions, streams, server requests); `context_window` the tokens of each; `prefill_chunk` the
     tokens of one prefill forward (default 256; at most the library's prefill_chunk_size);
-    `device_sampling` (GPU presets) draws greedy, temperature and top-p tokens on the device."""
+    `device_sampling` (GPU presets) draws greedy, temperature, top-k/p and min-p tokens on the device."""
     from .checkpoint import open_model
     from .checkpoint.mlc_format.model_config import default_window_sizes
     from .runtime.engine import CacheOptions, load_engine

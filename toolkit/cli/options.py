@@ -161,7 +161,7 @@ def sample_on_option(f):
         default="host",
         show_default=True,
         help="Draw tokens on the host, or on the GPU with the library's sampler (GPU presets; greedy, "
-        "temperature and top-p: top-k, min-p, penalties and bias stay on the host). Only token ids leave "
+        "temperature, top-k, top-p, min-p: penalties and bias stay on the host). Only token ids leave "
         "the device.",
     )(f)
 

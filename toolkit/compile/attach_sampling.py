@@ -25,8 +25,8 @@ from tvm import IRModule, relax, te, tirx
 
 from .gpu_sort import emit_argsort
 from .logit_processor import logit_processors
+from .sampling_cut import PARAM_ROWS, sampling_cut
 from .spec_verify import emit_verify_function
-from .top_p_cut import top_p_cut
 
 GPU_SAMPLER_KINDS = ("cuda", "metal", "vulkan", "webgpu")
 GPU_SAMPLER_NAMES = (
@@ -331,7 +331,7 @@ def _renormalize_by_top_p(bb: relax.BlockBuilder, vocab: int, target: tvm.target
 
 # -- the engine's own: one call per step ---------------------------------------------------------------------
 # rows of their `params` argument: one host-to-device copy per step carries all three
-TEMPERATURE, UNIFORM = 0, 1  # and top_p.TOP_P = 2
+TEMPERATURE, UNIFORM = 0, 1  # then sampling_cut's: top_p, top_k, min_p
 
 
 PREFIX_BLOCK = 64  # _prefix_sum_te's block: per row (v / 64)^2 adds for the block prefix, 64 per element
@@ -393,15 +393,16 @@ def _probs(bb: relax.BlockBuilder, logits: relax.Expr, params: relax.Expr, b, vo
 
 
 def _sample_tokens(bb: relax.BlockBuilder, vocab: int, target: tvm.target.Target) -> None:
-    """sample_tokens(logits f32[b, 1, v], params f32[3, b]) -> i32[b]; params rows: temperature, uniform,
-    top_p.
+    """sample_tokens(logits f32[b, 1, v], params f32[5, b]) -> i32[b]; params rows: temperature, uniform,
+    top_p, top_k, min_p.
 
-    One token per row from softmax(logits / T) cut to its top-p nucleus (top_p_cut.py; top_p >= 1 keeps
-    every token), drawn at the row's uniform number walking the vocabulary in id order (the host sampler's
-    draw, runtime/sampling.py); T = 0 with u = 0 and top_p 1 gives the first maximum."""
+    One token per row from softmax(logits / T) cut by top-k, top-p and min-p (sampling_cut.py; top_p >= 1,
+    top_k 0 and min_p 0 switch a cut off), drawn at the row's uniform number walking the vocabulary in id
+    order (the host sampler's draw, runtime/sampling.py); T = 0 with u = 0 and no cuts gives the first
+    maximum."""
     b = _var("batch_size")
-    logits, params = _tensor("logits", [b, 1, vocab], F32), _tensor("params", [3, b], F32)
-    cut = bb.add_func(top_p_cut(vocab, target), "top_p_cut")
+    logits, params = _tensor("logits", [b, 1, vocab], F32), _tensor("params", [PARAM_ROWS, b], F32)
+    cut = bb.add_func(sampling_cut(vocab, target), "sampling_cut")
     with bb.function("sample_tokens", [logits, params]):
         with bb.dataflow():
             flat = _probs(bb, logits, params, b, vocab)

@@ -2,12 +2,12 @@
 forward's logits stay where they are and only the chosen token ids come back, 4 bytes per sequence instead
 of a vocabulary-sized row of float32 logits, and no softmax on the host.
 
-It covers greedy, temperature and top-p (the defaults among them), drawn as the host sampler (`TokenSampler`)
-draws: the same nucleus (ties at its edge by lower id), the same walk in id order, from the uniform number
-the host would have taken from the seed's stream for that token. So a seed gives the same text either way,
-unless float32 rounding moves a boundary that float64 on the host puts elsewhere. Greedy takes the lowest id
-among the maxima, as numpy's argmax does. Requests with other knobs (top-k, min-p, penalties, logit bias)
-stay on the host (`TokenSampler.fits_device`).
+It covers greedy, temperature, top-k, top-p and min-p (the defaults among them), drawn as the host sampler
+(`TokenSampler`) draws: the same cuts (ties at the top-p edge by lower id), the same walk in id order, from
+the uniform number the host would have taken from the seed's stream for that token. So a seed gives the
+same text either way, unless float32 rounding moves a boundary that float64 on the host puts elsewhere.
+Greedy takes the lowest id among the maxima, as numpy's argmax does. Requests with penalties or a logit
+bias stay on the host (`TokenSampler.fits_device`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ class Draw:
 
     temperature: float
     uniform: float
-    top_p: float = 1.0  # 1 keeps every token
+    top_p: float = 1.0  # 1: no top-p cut
+    top_k: int = 0  # 0: no top-k cut
+    min_p: float = 0.0  # 0: no min-p cut
 
 
 class DeviceSampler:
@@ -52,20 +54,21 @@ class DeviceSampler:
 
         self._fn = vm["sample_tokens"]
         self.max_rows = max_rows
-        # params [3, b] (rows: temperature, uniform, top_p): one host-to-device copy per step
-        self._buf = tvm.runtime.empty((3 * max_rows,), "float32", device)
+        # params [5, b] (rows: temperature, uniform, top_p, top_k, min_p): one host-to-device copy per step
+        self._buf = tvm.runtime.empty((5 * max_rows,), "float32", device)
 
     def sample(self, logits: tvm.runtime.Tensor, picks: Sequence[tuple[int, Draw]]) -> list[int]:
         """Token ids for `picks` (row of `logits`, draw), in their order."""
         b = int(logits.shape[0])
         if b > self.max_rows:
             raise ValueError(f"{b} rows exceed the sampler's {self.max_rows}")
-        # sample_tokens' params rows: temperature, uniform, top_p; rows without a pick are greedy (not read)
-        params = np.zeros((3, b), np.float32)
+        # sample_tokens' params rows: temperature, uniform, top_p, top_k, min_p; rows without a pick are
+        # greedy (not read)
+        params = np.zeros((5, b), np.float32)
         params[2] = 1.0
         for r, d in picks:
-            params[:, r] = d.temperature, min(np.float32(d.uniform), _BELOW_ONE), d.top_p
-        buf = self._buf._create_view((3, b))
+            params[:, r] = d.temperature, min(np.float32(d.uniform), _BELOW_ONE), d.top_p, d.top_k, d.min_p
+        buf = self._buf._create_view((5, b))
         buf.copyfrom(params)
         tok = self._fn(logits._create_view((b, 1, int(logits.shape[-1]))), buf).numpy()
         return [int(tok[r]) for r, _ in picks]

@@ -68,13 +68,11 @@ class TokenSampler:
 
     @property
     def fits_device(self) -> bool:
-        """Whether the device sampler (greedy, temperature, top-p) can draw for these options."""
+        """Whether the device sampler (greedy, temperature, top-k, top-p, min-p) can draw for these."""
         o = self.o
         return not (
             # a top_p that float32 rounds up to 1 would keep tokens the host cuts
             (o.temperature != 0 and o.top_p < 1.0 and np.float32(o.top_p) >= 1.0)
-            or o.top_k
-            or o.min_p
             or o.logit_bias
             or o.repetition_penalty != 1.0
             or o.frequency_penalty
@@ -89,7 +87,7 @@ class TokenSampler:
         o = self.o
         if o.temperature == 0:
             return Draw(0.0, 0.0)
-        return Draw(o.temperature, float(self.rng.random()), o.top_p)
+        return Draw(o.temperature, float(self.rng.random()), o.top_p, o.top_k or 0, o.min_p or 0.0)
 
     def adjust(self, logits: np.ndarray) -> np.ndarray:
         o = self.o
