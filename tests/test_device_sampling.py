@@ -276,6 +276,27 @@ def test_a_library_without_the_sampler_is_refused(tiny):
         DeviceSampler(vm, tvm.cpu(), 4)
 
 
+def test_a_sampler_with_the_old_params_is_refused_at_load(tmp_path):
+    """A library compiled before top-k / min-p took params [3, b]: named at load, not a TVM shape error at
+    the first token."""
+    from tvm import relax, tirx
+
+    v = 64
+    b = tirx.Var("b", "int64")
+    bb = relax.BlockBuilder()
+    logits = relax.Var("logits", relax.TensorType([b, 1, v], "float32"))
+    params = relax.Var("params", relax.TensorType([3, b], "float32"))
+    with bb.function("sample_tokens", [logits, params]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.argmax(relax.op.reshape(logits, [b, v]), axis=1))
+        bb.emit_func_output(out)
+    ex = tvm.compile(bb.get(), target="llvm")
+    vm = tvm.runtime.vm.VirtualMachine(ex, tvm.cpu())
+    with pytest.raises(UserError, match=r"does not take \[5, b\] params .*recompile it"):
+        DeviceSampler(vm, tvm.cpu(), 4, v)
+    DeviceSampler(vm, tvm.cpu(), 4)  # without a vocabulary there is no probe
+
+
 @pytest.mark.parametrize("command", ["generate", "chat", "serve"])
 def test_sample_on_device_needs_a_gpu_preset_before_loading(command, tmp_path):
     args = [command, str(tmp_path / "no-such-model"), "--sample-on", "device"]

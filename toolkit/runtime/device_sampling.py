@@ -43,7 +43,7 @@ class DeviceSampler:
     """Draws one token per row of a forward's logits [b, 1, v] on the device they were computed on, in one
     library call per step."""
 
-    def __init__(self, vm, device: tvm.runtime.Device, max_rows: int) -> None:
+    def __init__(self, vm, device: tvm.runtime.Device, max_rows: int, vocab: int | None = None) -> None:
         missing = [n for n in FUNCTIONS if not vm.module.implements_function(n)]
         if missing:
             raise UserError(
@@ -56,6 +56,14 @@ class DeviceSampler:
         self.max_rows = max_rows
         # params [5, b] (rows: temperature, uniform, top_p, top_k, min_p): one host-to-device copy per step
         self._buf = tvm.runtime.empty((5 * max_rows,), "float32", device)
+        if vocab is not None:  # one greedy draw: a library whose sample_tokens takes other params says so now
+            try:
+                self.sample(tvm.runtime.empty((1, 1, vocab), "float32", device), [(0, Draw(0.0, 0.0))])
+            except Exception as e:
+                raise UserError(
+                    "this library's sample_tokens does not take [5, b] params (compiled by an older "
+                    f"toolkit?): recompile it, or sample on the host ({type(e).__name__})"
+                ) from e
 
     def sample(self, logits: tvm.runtime.Tensor, picks: Sequence[tuple[int, Draw]]) -> list[int]:
         """Token ids for `picks` (row of `logits`, draw), in their order."""

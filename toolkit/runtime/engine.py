@@ -107,7 +107,9 @@ class Engine:
         self.seqs: dict[int, _Seq] = {}
         self._next_id = 0
         # `device_sampling`: forwards given a Draw return its token, drawn where the logits are
-        self.sampler = DeviceSampler(self.vm, self.device, c.max_batch_size) if device_sampling else None
+        self.sampler = (
+            DeviceSampler(self.vm, self.device, c.max_batch_size, cfg.vocab_size) if device_sampling else None
+        )
 
     # -- sequences -----------------------------------------------------------------------------------------
     def add_sequence(self) -> int:
