@@ -504,6 +504,46 @@ def test_nvcc_compiles_every_sampling_kernel():
     assert {"verify_draft_tokens_kernel", "sampling_cut_kernel"} <= set(report.compiled)
 
 
+@pytest.mark.parametrize("vocab", [49152, pytest.param(32064, marks=pytest.mark.slow)])  # SmolLM2's, Phi-3's
+def test_the_gpu_sampler_fits_shared_memory_at_real_vocabularies(vocab):
+    """Tests elsewhere use a 777-token vocabulary; a kernel that stages a whole row in shared memory passes
+    there and fails at a real one (a dlight-scheduled prefix sum wanted 203520 bytes at 49152). Our Vulkan
+    code generator refuses a kernel over the preset's limit, and ptxas one over CUDA's 48 KB of static
+    shared memory."""
+    mod = attach_sampling_functions(
+        IRModule(),
+        load_preset("vulkan").target,
+        vocab_size=vocab,
+        hidden_size=HIDDEN,
+        dtype="float32",
+        prefill_chunk_size=CHUNK,
+    )
+    _scheduled("vulkan")  # imports the Vulkan backend
+    preset = load_preset("vulkan")
+    ex, _ = pipeline.build(mod, preset.target, schedule_fn(preset))
+    assert ex is not None
+    if HAS_NVCC:
+        from toolkit.compile.kernel_info import with_global_symbols
+        from toolkit.verify.cuda_check import compile_kernels
+
+        preset = load_preset("cuda-sm80")
+        mod = attach_sampling_functions(
+            IRModule(),
+            preset.target,
+            vocab_size=vocab,
+            hidden_size=HIDDEN,
+            dtype="float32",
+            prefill_chunk_size=CHUNK,
+        )
+        lowered = pipeline.lower_to_tir(mod, preset.target)
+        with preset.target:
+            scheduled = schedule_fn(preset)(lowered)
+        built = tvm.compile(with_global_symbols(scheduled), target=preset.target)
+        cuda = next(m for m in built.mod.imports if m.kind == "cuda").inspect_source()
+        report = compile_kernels(cuda, preset)
+        assert report.ok, report
+
+
 def test_compile_model_attaches_the_functions(tmp_path):
     """`phi3 compile` output: the engine finds every function in the library, and softmax runs."""
     from tiny import make_tiny_checkpoint

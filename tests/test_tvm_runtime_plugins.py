@@ -229,8 +229,8 @@ def test_sampling_on_lavapipe_draws_the_host_samplers_tokens(tiny, devices):
 
 def test_mlc_sampler_functions_through_the_vm_on_lavapipe(devices, tmp_path):
     """multinomial_from_uniform, sample_with_top_p and renormalize_by_top_p as MLC's engine calls them
-    (through the VM, on the device) on lavapipe, against numpy. Their running sums are reductions
-    (attach_sampling._prefix_sum_te): with TVM's GPU scan multinomial_from_uniform drew 64 / 227 / 440
+    (through the VM, on the device) on lavapipe, against numpy. Their running sums are ours
+    (compile/prefix_sum.py): with TVM's GPU scan multinomial_from_uniform drew 64 / 227 / 440
     where 79 / 342 / 693 were right. sample_with_top_p compares an int32 count widened to int64 with a
     constant, which lavapipe answered wrongly until codegen_glsl built the widening from its two halves
     (it drew the last-ranked token every time)."""
@@ -272,8 +272,8 @@ def test_mlc_sampler_functions_through_the_vm_on_lavapipe(devices, tmp_path):
 def test_wheel_bug_gpu_scan_races(devices, tmp_path):
     """Why attach_sampling has its own running sums: TVM's GPU cumsum (DispatchSortScan) adds a neighbour's
     shared-memory entry while that neighbour rewrites it, right only where 32 threads run in lockstep. On
-    lavapipe and PoCL it sums wrongly. When this fails, the wheel's scan is right here and the reductions in
-    `_prefix_sum_te` can give way to it."""
+    lavapipe and PoCL it sums wrongly. When this fails, the wheel's scan is right here and the kernel in
+    compile/prefix_sum.py can give way to it."""
     from tvm import relax
 
     from toolkit.backends import vulkan  # noqa: F401  (registers target.build.vulkan)

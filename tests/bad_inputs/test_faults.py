@@ -731,3 +731,19 @@ def test_meta_schedule_logging_survives_a_foreign_unnamed_handler(tmp_path) -> N
         assert foreign in logger.handlers and len(logger.handlers) == 1
     finally:
         logger.removeHandler(foreign)
+
+
+def test_a_code_generation_failure_is_one_line_and_leaves_nothing(monkeypatch, tmp_path, ckpt) -> None:
+    """A kernel the code generator refuses (here: TVM's error from inside relax.build) ends `compile` as a
+    UserError naming the preset and the first line of the reason, with no output folder or temp left."""
+    from toolkit.checkpoint import open_model
+    from toolkit.compile import compile_model as cm
+
+    def refuse(*_a, **_k):
+        raise RuntimeError("203520 bytes of shared memory (target allows 32768)\n  stack line")
+
+    monkeypatch.setattr(cm.pipeline, "build", refuse)
+    out = tmp_path / "lib"
+    with pytest.raises(UserError, match=r"^compiling for vulkan failed in code generation .*: 203520 bytes"):
+        cm.compile_model(open_model(ckpt).config, "q4f16_1", "vulkan", out)
+    assert list(tmp_path.iterdir()) == []

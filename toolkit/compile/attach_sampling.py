@@ -25,6 +25,7 @@ from tvm import IRModule, relax, te, tirx
 
 from .gpu_sort import emit_argsort
 from .logit_processor import logit_processors
+from .prefix_sum import prefix_sum
 from .sampling_cut import PARAM_ROWS, sampling_cut
 from .spec_verify import emit_verify_function
 
@@ -102,6 +103,13 @@ def attach_sampling_functions(
 def _on_gpu(target: tvm.target.Target) -> bool:
     """GPU targets sort with our bitonic kernels (gpu_sort.py says why not TVM's); llvm with TVM's sort."""
     return target.kind.name not in ("llvm", "c")
+
+
+def _prefix_sum(bb: relax.BlockBuilder, x: relax.Expr, vocab: int, target, exclusive: bool = False):
+    """Running sums along the rows of x f32[b, v] (prefix_sum.py), inside a dataflow block of `bb`."""
+    name = "prefix_sum_exclusive" if exclusive else "prefix_sum"
+    gv = bb.add_func(prefix_sum(vocab, target, exclusive), name)
+    return bb.emit(relax.call_tir(gv, [x], out_ty=relax.TensorType([x.ty.shape[0], vocab], F32)))
 
 
 def _var(name: str) -> tirx.Var:
@@ -187,7 +195,7 @@ def _multinomial_from_uniform(bb: relax.BlockBuilder, vocab: int, target: tvm.ta
 
     with bb.function("multinomial_from_uniform", [probs, uniform, rows]):
         with bb.dataflow():
-            cumsum = bb.emit_te(_prefix_sum_te, probs, primfunc_name_hint="prefix_sum")
+            cumsum = _prefix_sum(bb, probs, vocab, target)
             out = bb.emit_output(bb.emit_te(pick, cumsum, uniform, rows, primfunc_name_hint="sample_token"))
         bb.emit_func_output(out)
 
@@ -245,7 +253,7 @@ def _sample_with_top_p(bb: relax.BlockBuilder, vocab: int, target: tvm.target.Ta
 
     with bb.function("sample_with_top_p", [sorted_probs, sorted_ids, uniform, rows, top_p]):
         with bb.dataflow():
-            cumsum = bb.emit_te(_prefix_sum_te, sorted_probs, primfunc_name_hint="prefix_sum")
+            cumsum = _prefix_sum(bb, sorted_probs, vocab, target)
             token = bb.emit_te(
                 pick, cumsum, sorted_ids, uniform, rows, top_p, primfunc_name_hint="top_p_token"
             )
@@ -323,7 +331,7 @@ def _renormalize_by_top_p(bb: relax.BlockBuilder, vocab: int, target: tvm.target
             else:
                 sorted_p = bb.emit(relax.op.sort(probs, axis=-1, descending=True))
             # the mass ranked above each
-            before = bb.emit_te(_prefix_sum_te, sorted_p, exclusive=True, primfunc_name_hint="prefix_sum")
+            before = _prefix_sum(bb, sorted_p, vocab, target, exclusive=True)
             out = bb.emit_te(renorm, probs, sorted_p, before, top_p, primfunc_name_hint="top_p_renormalize")
             out = bb.emit_output(out)
         bb.emit_func_output(out)
@@ -332,38 +340,6 @@ def _renormalize_by_top_p(bb: relax.BlockBuilder, vocab: int, target: tvm.target
 # -- the engine's own: one call per step ---------------------------------------------------------------------
 # rows of their `params` argument: one host-to-device copy per step carries all three
 TEMPERATURE, UNIFORM = 0, 1  # then sampling_cut's: top_p, top_k, min_p
-
-
-PREFIX_BLOCK = 64  # _prefix_sum_te's block: per row (v / 64)^2 adds for the block prefix, 64 per element
-
-
-def _prefix_sum_te(x: te.Tensor, exclusive: bool = False) -> te.Tensor:
-    """Running sums along each row (inclusive, or of the elements before each), as reductions only: block
-    sums, an exclusive prefix over the blocks, then the sum inside each element's block. Not TVM's GPU scan
-    (relax.op.cumsum after DispatchSortScan): its in-block step adds a neighbour's shared-memory entry while
-    that neighbour rewrites it, with no barrier between, so it is right only where 32 threads run in
-    lockstep (NVIDIA warps); it gave wrong sums on lavapipe and PoCL, and on any GPU with narrower
-    subgroups it would."""
-    rows, v = x.shape
-    nb = (int(v) + PREFIX_BLOCK - 1) // PREFIX_BLOCK
-    zero = tirx.const(0, F32)
-    i = te.reduce_axis((0, PREFIX_BLOCK), name="i")
-    at = lambda r, pos: tirx.Select(pos < v, x[r, te.min(pos, v - 1)], zero)  # noqa: E731
-    block = te.compute((rows, nb), lambda r, g: te.sum(at(r, g * PREFIX_BLOCK + i), axis=i), name="block_sum")
-    h = te.reduce_axis((0, nb), name="h")
-    before = te.compute(
-        (rows, nb), lambda r, g: te.sum(tirx.Select(h < g, block[r, h], zero), axis=h), name="block_prefix"
-    )
-    j = te.reduce_axis((0, PREFIX_BLOCK), name="j")
-    start = lambda c: c // PREFIX_BLOCK * PREFIX_BLOCK  # noqa: E731
-    inside = te.compute(
-        (rows, v),
-        lambda r, c: te.sum(
-            tirx.Select(start(c) + j < c + (0 if exclusive else 1), at(r, start(c) + j), zero), axis=j
-        ),
-        name="in_block",
-    )
-    return te.compute((rows, v), lambda r, c: before[r, c // PREFIX_BLOCK] + inside[r, c], name="prefix_sum")
 
 
 def _draw_in_id_order(kept_cumsum: te.Tensor, params: te.Tensor):
@@ -407,7 +383,7 @@ def _sample_tokens(bb: relax.BlockBuilder, vocab: int, target: tvm.target.Target
         with bb.dataflow():
             flat = _probs(bb, logits, params, b, vocab)
             kept = bb.emit(relax.call_tir(cut, [flat, params], out_ty=relax.TensorType([b, vocab], F32)))
-            cumsum = bb.emit_te(_prefix_sum_te, kept, primfunc_name_hint="prefix_sum")
+            cumsum = _prefix_sum(bb, kept, vocab, target)
             out = bb.emit_output(
                 bb.emit_te(_draw_in_id_order, cumsum, params, primfunc_name_hint="draw_token")
             )

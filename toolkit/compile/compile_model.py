@@ -21,7 +21,7 @@ import tvm
 from tvm import IRModule
 from tvm.s_tir import dlight as dl
 
-from .. import __version__
+from .. import __version__, interrupts
 from ..config import Phi3Config
 from ..errors import UserError
 from ..locks import output_lock
@@ -191,16 +191,25 @@ def _build_library(
         out = attach_metadata(scheduled, metadata)
         return with_capture_hints(out, variable_bounds(limits)) if cuda_graph else out
 
-    ex, scheduled = pipeline.build(
-        mod,
-        target,
-        schedule_fn(preset),
-        system_lib=preset.system_lib,
-        system_lib_prefix=prefix,
-        attach=with_metadata,
-        cuda_graph=cuda_graph,
-        timeline=kernel_timeline,
-    )
+    try:
+        ex, scheduled = pipeline.build(
+            mod,
+            target,
+            schedule_fn(preset),
+            system_lib=preset.system_lib,
+            system_lib_prefix=prefix,
+            attach=with_metadata,
+            cuda_graph=cuda_graph,
+            timeline=kernel_timeline,
+        )
+    except RuntimeError as e:  # TVM's errors, and ours from inside its codegen callbacks, arrive as these
+        if interrupts.interrupted(e):
+            raise
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise UserError(
+            f"compiling for {preset.name} failed in code generation (a toolkit bug; please report it): "
+            f"{first[:300]}"
+        ) from e
     lib_file = LIB_NAME + preset.output
     notes = export_library(ex, tmp / lib_file, preset)
     check_object_format(tmp / lib_file, preset)  # real object code for the preset's triple
