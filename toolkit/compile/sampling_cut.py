@@ -60,6 +60,36 @@ def _blocked(v: int, tx_n: int) -> tirx.PrimFunc:
     strided = (v + tx_n - 1) // tx_n  # k = i * tx_n + tx: coalesced sums
     chunk = strided  # k = tx * chunk + i: contiguous runs, for the id-order rank of ties
 
+    @T.macro
+    def tree_sum(partial, tx):
+        """partial[0] = the sum of partial[0..tx_n), seen by every thread."""
+        T.tvm_storage_sync("shared")
+        for step in range(steps):
+            if tx < T.shift_right(tx_n, step + 1):
+                partial[tx] = partial[tx] + partial[tx + T.shift_right(tx_n, step + 1)]
+            T.tvm_storage_sync("shared")
+
+    @T.macro
+    def bisect(probs, row, tx, partial, bits, acc, active, goal, per_token, per_mass):
+        """bits[0]: the largest t whose sum of per_token + per_mass * p over p >= t reaches `goal` (a count
+        with (1, 0), a mass with (0, 1)). An inactive row reads nothing; its result is not used."""
+        bits[0] = 0
+        bits[1] = INF_BITS
+        for _s in range(SEARCH_STEPS):
+            acc[0] = T.float32(0)
+            for i in range(strided):
+                if i * tx_n + tx < v and active:
+                    p = probs[row, i * tx_n + tx]
+                    hit = p >= T.reinterpret("float32", _mid(bits))
+                    acc[0] = acc[0] + T.Select(hit, per_token + per_mass * p, T.float32(0))
+            partial[tx] = acc[0]
+            tree_sum(partial, tx)
+            acc[0] = partial[0]
+            T.tvm_storage_sync("shared")  # nobody rewrites `partial` before everyone has read the sum
+            m = _mid(bits)  # one halving: keep [mid, hi) when the sum at mid reaches the goal
+            bits[0] = T.Select(acc[0] >= goal, m, bits[0])
+            bits[1] = T.Select(acc[0] >= goal, bits[1], m)
+
     @T.prim_func(private=True)
     def cut(var_probs: T.handle, var_params: T.handle, var_kept: T.handle):
         T.func_attr(_ATTRS)
@@ -81,26 +111,7 @@ def _blocked(v: int, tx_n: int) -> tirx.PrimFunc:
         min_p = params[MIN_P, row]
         use_k = (top_k >= T.float32(1)) & (top_k < T.float32(v))
         use_p = top_p < T.float32(1)
-        # top-k: count(p >= t) reaches k
-        bits[0] = 0
-        bits[1] = INF_BITS
-        for _s in range(SEARCH_STEPS):
-            acc[0] = T.float32(0)
-            for i in range(strided):
-                if i * tx_n + tx < v and use_k:  # a row without top-k reads nothing here
-                    p = probs[row, i * tx_n + tx]
-                    acc[0] = acc[0] + T.Select(p >= T.reinterpret("float32", _mid(bits)), T.float32(1), 0.0)
-            partial[tx] = acc[0]
-            T.tvm_storage_sync("shared")
-            for step in range(steps):
-                if tx < T.shift_right(tx_n, step + 1):
-                    partial[tx] = partial[tx] + partial[tx + T.shift_right(tx_n, step + 1)]
-                T.tvm_storage_sync("shared")
-            acc[0] = partial[0]
-            T.tvm_storage_sync("shared")  # nobody rewrites `partial` before everyone has read the sum
-            m = _mid(bits)  # one halving: keep [mid, hi) when the sum at mid reaches the goal
-            bits[0] = T.Select(acc[0] >= top_k, m, bits[0])
-            bits[1] = T.Select(acc[0] >= top_k, bits[1], m)
+        bisect(probs, row, tx, partial, bits, acc, use_k, top_k, T.float32(1), T.float32(0))  # top-k
         t_k = T.Select(use_k, T.reinterpret("float32", bits[0]), T.float32(0))
         # the mass top-k keeps, and the top probability
         acc[0] = T.float32(0)
@@ -125,25 +136,7 @@ def _blocked(v: int, tx_n: int) -> tirx.PrimFunc:
         goal = bounds[0]
         floor = bounds[1]
         # top-p: mass(p >= t) reaches top_p of what top-k keeps
-        bits[0] = 0
-        bits[1] = INF_BITS
-        for _s in range(SEARCH_STEPS):
-            acc[0] = T.float32(0)
-            for i in range(strided):
-                if i * tx_n + tx < v and use_p:
-                    p = probs[row, i * tx_n + tx]
-                    acc[0] = acc[0] + T.Select(p >= T.reinterpret("float32", _mid(bits)), p, T.float32(0))
-            partial[tx] = acc[0]
-            T.tvm_storage_sync("shared")
-            for step in range(steps):
-                if tx < T.shift_right(tx_n, step + 1):
-                    partial[tx] = partial[tx] + partial[tx + T.shift_right(tx_n, step + 1)]
-                T.tvm_storage_sync("shared")
-            acc[0] = partial[0]
-            T.tvm_storage_sync("shared")
-            m = _mid(bits)  # one halving: keep [mid, hi) when the sum at mid reaches the goal
-            bits[0] = T.Select(acc[0] >= goal, m, bits[0])
-            bits[1] = T.Select(acc[0] >= goal, bits[1], m)
+        bisect(probs, row, tx, partial, bits, acc, use_p, goal, T.float32(0), T.float32(1))
         c = T.max(T.Select(use_p, T.reinterpret("float32", bits[0]), T.float32(0)), t_k)
         # the mass ranked above the ties at c
         acc[0] = T.float32(0)
@@ -158,11 +151,7 @@ def _blocked(v: int, tx_n: int) -> tirx.PrimFunc:
             if tx * chunk + i < v:
                 rank[0] = rank[0] + T.Cast("int32", probs[row, tx * chunk + i] == c)
         ties[tx] = rank[0]
-        T.tvm_storage_sync("shared")
-        for step in range(steps):
-            if tx < T.shift_right(tx_n, step + 1):
-                partial[tx] = partial[tx] + partial[tx + T.shift_right(tx_n, step + 1)]
-            T.tvm_storage_sync("shared")
+        tree_sum(partial, tx)
         acc[0] = partial[0]
         rank[0] = 0  # ties in the runs before this thread's
         for t in range(tx_n):
