@@ -60,9 +60,11 @@ class DeviceSampler:
             try:
                 self.sample(tvm.runtime.empty((1, 1, vocab), "float32", device), [(0, Draw(0.0, 0.0))])
             except Exception as e:
+                first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
                 raise UserError(
-                    "this library's sample_tokens does not take [5, b] params (compiled by an older "
-                    f"toolkit?): recompile it, or sample on the host ({type(e).__name__})"
+                    f"this library's sample_tokens failed a test draw ({type(e).__name__}: {first[:160]}); "
+                    "one compiled by an older toolkit takes other params than [5, b]: recompile it, or "
+                    "sample on the host"
                 ) from e
 
     def sample(self, logits: tvm.runtime.Tensor, picks: Sequence[tuple[int, Draw]]) -> list[int]:
