@@ -338,7 +338,7 @@ def _renormalize_by_top_p(bb: relax.BlockBuilder, vocab: int, target: tvm.target
 
 
 # -- the engine's own: one call per step ---------------------------------------------------------------------
-# rows of their `params` argument: one host-to-device copy per step carries all three
+# rows of their `params` argument: one host-to-device copy per step carries them all
 TEMPERATURE, UNIFORM = 0, 1  # then sampling_cut's: top_p, top_k, min_p
 
 
