@@ -849,21 +849,20 @@ class _Emitter:
     def expr_Not(self, e):
         return [f"(!{x})" for x in self.expr(e.a)]
 
-    # GLSL has no bitwise operators on bool: its logical ones give the same values
-    def _bitwise(self, e, op: str, bool_op: str):
-        return self._bin(e, bool_op if _split_dtype(_dtype_of(e))[0] == "bool" else op)
+    def _bitwise(self, e, op: str):
+        return self._bin(e, _bitwise_op(op, _split_dtype(_dtype_of(e))[0]))
 
     def expr_BitwiseAnd(self, e):
-        return self._bitwise(e, "&", "&&")
+        return self._bitwise(e, "&")
 
     def expr_BitwiseOr(self, e):
-        return self._bitwise(e, "|", "||")
+        return self._bitwise(e, "|")
 
     def expr_BitwiseXor(self, e):
-        return self._bitwise(e, "^", "^^")
+        return self._bitwise(e, "^")
 
     def expr_BitwiseNot(self, e):
-        op = "!" if _split_dtype(_dtype_of(e))[0] == "bool" else "~"
+        op = _bitwise_op("~", _split_dtype(_dtype_of(e))[0])
         return [f"({op}{x})" for x in self.expr(e.a)]
 
     def expr_LShift(self, e):
@@ -1007,15 +1006,14 @@ class _Emitter:
                 "bitwise_or": "|",
                 "bitwise_xor": "^",
             }[short]
-            if base == "bool":  # as in _bitwise
-                op_s = {"&": "&&", "|": "||", "^": "^^"}.get(op_s, op_s)
+            op_s = _bitwise_op(op_s, base)
             a, b = self.expr(args[0]), self.expr(args[1])
             n = max(len(a), len(b))
             a = a * n if len(a) == 1 else a
             b = b * n if len(b) == 1 else b
             return [f"({x} {op_s} {y})" for x, y in zip(a, b, strict=False)]
         if short == "bitwise_not":
-            return [f"({'!' if base == 'bool' else '~'}{x})" for x in self.expr(args[0])]
+            return [f"({_bitwise_op('~', base)}{x})" for x in self.expr(args[0])]
         if short == "popcount":
             return [f"{self.glsl_type(base)}(bitCount({x}))" for x in self.expr(args[0])]
         if short == "reinterpret":
@@ -1085,6 +1083,14 @@ class _Emitter:
             else:
                 raise UnsupportedConstruct(f"math intrinsic {fn}")
         return out
+
+
+# GLSL has no bitwise operators on bool: its logical ones give the same values
+_BOOL_OPS = {"&": "&&", "|": "||", "^": "^^", "~": "!"}
+
+
+def _bitwise_op(op: str, base: str) -> str:
+    return _BOOL_OPS.get(op, op) if base == "bool" else op
 
 
 def _bits(base: str) -> int:
