@@ -7,8 +7,9 @@ the small-batch kernels agree with the batch-1 ones.
 `run` takes every library folder under OUT (each with case.json + manifest.json) and, with random weights
 made there (codes uniform, scales 0.002: activations stay finite through 32 layers):
 - prefill of 128 tokens and decode of 128 tokens, 3 repeats, median tok/s;
-- decode tok/s at the default sampling (T 0.7, top-p 0.95) drawn on the host against on the GPU
-  (`sample_tokens`, ids back only), and whether both gave the same tokens;
+- decode tok/s at the default sampling (T 0.7, top-p 0.95) drawn on the host, on the GPU after the forward
+  (`sample_tokens`, ids back only) and in one call with it (`decode_and_sample`), and whether all three
+  gave the same tokens;
 - a kernel profile of 16 decode steps (torch.profiler sees every kernel of the process, TVM's included):
   GPU time per token against wall time per token, and the top kernels;
 - batch_decode of 2, 3 and 5 sequences against the same sequences decoded one at a time (the batch kernels
@@ -134,8 +135,9 @@ def _speed(eng, dev, rng) -> dict:
 
 def _sampling_speed(eng, dev, rng, steps: int = DECODE) -> dict:
     """Decode tok/s at the default sampling (T 0.7, top-p 0.95, seeded) drawn on the host from returned
-    logits, against the same draws made on the GPU by the library's `sample_tokens` (ids back only), and
-    whether both gave the same tokens."""
+    logits, against the same draws made on the GPU by the library's `sample_tokens` (ids back only) after
+    the forward, and by the fused step (embed, decode and sample_tokens in one call), and whether all gave
+    the same tokens."""
     from toolkit.runtime.device_sampling import DeviceSampler
     from toolkit.runtime.options import GenerationOptions
     from toolkit.runtime.sampling import TokenSampler
@@ -144,19 +146,21 @@ def _sampling_speed(eng, dev, rng, steps: int = DECODE) -> dict:
     opts = GenerationOptions(temperature=0.7, top_p=0.95, seed=0)
     device = DeviceSampler(eng.vm, dev, eng.cache_opts.max_batch_size)
     out: dict = {}
-    for where in ("host", "device", "host", "device"):  # the first pair warms up
+    fused = eng._fused
+    for where in ("host", "device", "fused", "host", "device", "fused"):  # the first round warms up
         sampler = TokenSampler(opts, prompt)
-        eng.sampler = device if where == "device" else None
+        eng.sampler = None if where == "host" else device
+        eng._fused = fused if where == "fused" else {}  # "device": embed, decode, sample_tokens, 3 calls
         sid = eng.add_sequence()
         try:
-            if where == "device":
+            if where != "host":
                 tokens = [eng.prefill(sid, prompt, draw=sampler.device_draw())]
             else:
                 tokens = [sampler(eng.prefill(sid, prompt))]
             dev.sync()
             t0 = time.perf_counter()
             for _ in range(steps):
-                if where == "device":
+                if where != "host":
                     tokens.append(eng.decode(sid, tokens[-1], sampler.device_draw()))
                 else:
                     tokens.append(sampler(eng.decode(sid, tokens[-1])))
@@ -165,8 +169,12 @@ def _sampling_speed(eng, dev, rng, steps: int = DECODE) -> dict:
             out[f"{where}_tokens"] = tokens
         finally:
             eng.remove_sequence(sid)
-            eng.sampler = None
-    same = out.pop("host_tokens") == out.pop("device_tokens")
+            eng.sampler, eng._fused = None, fused
+    if not fused:
+        out.pop("fused_tokens")
+        out["fused_tok_s"] = "no decode_and_sample in this library"
+    host = out.pop("host_tokens")
+    same = all(out.pop(f"{w}_tokens", host) == host for w in ("device", "fused"))
     return {**out, "same_tokens": same}
 
 

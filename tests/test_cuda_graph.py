@@ -54,6 +54,11 @@ def test_forward_functions_replay_captured_graphs(graph_build):
     for fn in ("decode", "batch_decode", "batch_verify"):
         body = _body(text, fn)
         assert body.count("vm.builtin.cuda_graph.run_or_capture") == cfg.num_hidden_layers + 1, fn
+    # the fused steps (compile/attach_decode_sample.py): the forward's graphs, and one more for the sampler's
+    # running sums; the kernels that read the ids or the draws' params (call arguments) launch outside
+    for fn in ("decode_and_sample", "batch_decode_and_sample"):
+        body = _body(text, fn)
+        assert body.count("vm.builtin.cuda_graph.run_or_capture") == cfg.num_hidden_layers + 2, fn
     # prefill (one chunk of any length) keeps plain launches
     assert "run_or_capture" not in _body(text, "prefill")
     assert re.search(r"cuda_graph_capture\d*", text)

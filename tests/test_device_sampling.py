@@ -9,6 +9,9 @@ a float32 boundary moving past the drawn number has a chance of about 1e-7 per t
 
 from __future__ import annotations
 
+from collections import Counter
+from unittest import mock
+
 import numpy as np
 import pytest
 import tvm
@@ -19,9 +22,11 @@ from tiny_tokenizer import write_tiny_tokenizer
 from toolkit.api import Model
 from toolkit.checkpoint import open_model
 from toolkit.cli import main
+from toolkit.compile import compile_model as compile_model_module
+from toolkit.compile.attach_decode_sample import FUSED, attach_decode_sample
 from toolkit.compile.compile_model import compile_model, compiled_for
 from toolkit.errors import UserError
-from toolkit.runtime.device_sampling import DeviceSampler, Draw
+from toolkit.runtime.device_sampling import FUSED_STEPS, DeviceSampler, Draw
 from toolkit.runtime.engine import CacheOptions, Engine
 from toolkit.runtime.options import GenerationOptions
 from toolkit.runtime.sampling import TokenSampler
@@ -40,7 +45,14 @@ def tiny(tmp_path_factory):
     src = open_model(ckpt)
     write_tiny_tokenizer(ckpt, src.config.vocab_size)
     src = open_model(ckpt)
-    compiled = compile_model(src.config, "q0f32", "host-exact", d / "lib", gpu_sampler=True)
+    seen = {}  # the module before and after attach_decode_sample, for the fused steps' test
+
+    def spy(mod):
+        seen["before"], seen["after"] = mod, attach_decode_sample(mod)
+        return seen["after"]
+
+    with mock.patch.object(compile_model_module, "attach_decode_sample", spy):
+        compiled = compile_model(src.config, "q0f32", "host-exact", d / "lib", gpu_sampler=True)
     lib = tvm.runtime.load_module(str(compiled.library))
     eng = Engine(
         lib,
@@ -50,7 +62,7 @@ def tiny(tmp_path_factory):
         cache=CacheOptions(max_batch_size=4, context_window=64, prefill_chunk=32),
         device_sampling=True,
     )
-    eng.compiled = compiled
+    eng.compiled, eng.attach_seen = compiled, seen
     return src, eng
 
 
@@ -149,6 +161,87 @@ def test_a_batch_mixes_device_rows_and_host_rows(tiny):
     finally:
         for s in ref + dev:
             eng.remove_sequence(s)
+
+
+def test_the_fused_step_draws_what_the_three_calls_draw(tiny):
+    """decode_and_sample / batch_decode_and_sample (compile/attach_decode_sample.py): one library call per
+    step draws the tokens that embed, the forward and sample_tokens called one after the other draw, for one
+    sequence and for three in a batch, across the LongRoPE switch (where a sequence is re-encoded by a
+    prefill instead). A library without them, from before, takes the three calls."""
+    _, eng = tiny
+    assert {FUSED_STEPS[fwd] for fwd in eng._fused} == set(FUSED) == set(FUSED_STEPS.values())
+    fused, calls = dict(eng._fused), Counter()
+
+    def counted(fwd):
+        def call(*args):
+            calls[fwd] += 1
+            return fused[fwd](*args)
+
+        return call
+
+    def run(batch: int) -> list[list[int]]:
+        rng = np.random.default_rng(batch)
+        knobs = [(0.0, 1.0, 0, 0.0), (0.9, 0.95, 0, 0.0), (1.4, 0.9, 20, 0.05)]
+        draw = lambda k: Draw(knobs[k][0], float(rng.random()), *knobs[k][1:])  # noqa: E731
+        sids = [eng.add_sequence() for _ in range(batch)]
+        try:
+            toks = [[eng.prefill(s, PROMPT[: 8 + k], draw=draw(k))] for k, s in enumerate(sids)]
+            for _ in range(9):  # past position 16 for every sequence
+                if batch == 1:
+                    toks[0].append(eng.decode(sids[0], toks[0][-1], draw(1)))
+                else:
+                    drawn = eng.decode_batch(sids, [t[-1] for t in toks], [draw(k) for k in range(batch)])
+                    for t, d in zip(toks, drawn):
+                        t.append(d)
+        finally:
+            for s in sids:
+                eng.remove_sequence(s)
+        return toks
+
+    eng._fused = {fwd: counted(fwd) for fwd in fused}
+    try:
+        one, three = run(1), run(3)
+    finally:
+        eng._fused = fused
+    # one sequence: 9 steps, one of them the re-encode at the switch; three: the switch comes one step
+    # apart for each (prompts of 8, 9, 10), so 6 steps take all three rows and 3 steps two
+    assert calls == {"decode": 8, "batch_decode": 9}, calls
+    eng._fused = {}
+    try:
+        assert (run(1), run(3)) == (one, three)
+    finally:
+        eng._fused = fused
+    assert all(len(set(t)) > 3 for t in three[1:]), three  # sampled, not one token over and over
+
+
+def test_the_fused_steps_launch_only_the_kernels_of_the_functions_they_join(tiny):
+    """attach_decode_sample adds the two functions and no kernel: each fused step calls exactly the kernels
+    embed, its forward and sample_tokens call, in that order."""
+    _, eng = tiny
+    before, after = eng.attach_seen["before"], eng.attach_seen["after"]
+
+    def names(mod, kind) -> set[str]:
+        return {gv.name_hint for gv, f in mod.functions_items() if isinstance(f, kind)}
+
+    assert names(after, tvm.tirx.PrimFunc) == names(before, tvm.tirx.PrimFunc)
+    assert names(after, tvm.relax.Function) == names(before, tvm.relax.Function) | set(FUSED)
+
+    def launched(f) -> list[str]:
+        found = []
+        tvm.relax.analysis.post_order_visit(
+            f.body,
+            lambda e: (
+                found.append(e.args[0].name_hint)
+                if isinstance(e, tvm.relax.Call) and getattr(e.op, "name", "") == "relax.call_tir"
+                else None
+            ),
+        )
+        return found
+
+    for name, fwd in FUSED.items():
+        parts = [launched(before[n]) for n in ("embed", fwd, "sample_tokens")]
+        assert all(parts), name
+        assert launched(after[name]) == [k for p in parts for k in p], name
 
 
 def test_a_number_just_below_one_lands_on_a_token_with_probability(tiny):

@@ -188,7 +188,7 @@ def test_sampling_on_lavapipe_draws_the_host_samplers_tokens(tiny, devices):
     """The engine's device sampler (runtime/device_sampling.py) on lavapipe: softmax, the top-k / top-p /
     min-p cuts, the running sums and the id-order draw as Vulkan kernels. Greedy and seeded tokens with and
     without the cuts equal host sampling of the same library's logits, decoding two sequences in one
-    batch."""
+    batch and each alone, through the fused steps (decode_and_sample, batch_decode_and_sample)."""
     from toolkit.runtime.device_sampling import DeviceSampler
     from toolkit.runtime.options import GenerationOptions
     from toolkit.runtime.sampling import TokenSampler
@@ -196,6 +196,7 @@ def test_sampling_on_lavapipe_draws_the_host_samplers_tokens(tiny, devices):
     ckpts, root = tiny
     eng = _engine(ckpts["mini-4k"], "q4f32_1", "vulkan", root / "mini-4k-q4f32_1-vulkan")
     eng.sampler = DeviceSampler(eng.vm, eng.device, eng.cache_opts.max_batch_size)
+    assert set(eng._fused) == {"decode", "batch_decode"}
     prompt = [5, 17, 99, 3, 250, 11, 42]
     cases = [
         dict(temperature=0),
@@ -214,7 +215,12 @@ def test_sampling_on_lavapipe_draws_the_host_samplers_tokens(tiny, devices):
         try:
             toks_h = [[host_s[i](eng.prefill(host[i], prompt[: 5 + i]))] for i in range(2)]
             toks_d = [[eng.prefill(dev[i], prompt[: 5 + i], draw=dev_s[i].device_draw())] for i in range(2)]
-            for _ in range(6):
+            for step in range(6):
+                if step % 2:  # each sequence alone: decode_and_sample
+                    for i in range(2):
+                        toks_h[i].append(host_s[i](eng.decode(host[i], toks_h[i][-1])))
+                        toks_d[i].append(eng.decode(dev[i], toks_d[i][-1], dev_s[i].device_draw()))
+                    continue
                 rows = eng.decode_batch(host, [t[-1] for t in toks_h])
                 for i in range(2):
                     toks_h[i].append(host_s[i](rows[i]))

@@ -15,8 +15,14 @@ from __future__ import annotations
 import tvm
 from tvm import IRModule, relax
 
-# the forward functions whose graphs are keyed by these sizes (names from model/phi3.py's spec)
-CAPTURE_VARS = {"decode": ["batch_size"], "batch_decode": ["batch_size"], "batch_verify": ["seq_len"]}
+# the forward functions whose graphs are keyed by these sizes (names from model/phi3.py's spec and
+# attach_decode_sample.py)
+CAPTURE_VARS = {
+    "decode": ["batch_size"],
+    "batch_decode": ["batch_size"],
+    "batch_verify": ["seq_len"],
+    "batch_decode_and_sample": ["batch_size"],  # attach_decode_sample.py's
+}
 INIT_FUNC = "cuda_graph_alloc_init"
 
 

@@ -41,6 +41,7 @@ from .artifacts import (
     write_manifest,
 )
 from .attach_cuda_graph import with_capture_hints
+from .attach_decode_sample import attach_decode_sample
 from .attach_metadata import Limits, attach_metadata, memory_usage, model_metadata, variable_bounds
 from .cpu_isa import host_kernel_isas
 from .gpu_attention import swapped
@@ -188,7 +189,7 @@ def _build_library(
 
     def with_metadata(scheduled: IRModule) -> IRModule:
         metadata["memory_usage"] = memory_usage(scheduled, target, limits)
-        out = attach_metadata(scheduled, metadata)
+        out = attach_decode_sample(attach_metadata(scheduled, metadata))
         return with_capture_hints(out, variable_bounds(limits)) if cuda_graph else out
 
     try:

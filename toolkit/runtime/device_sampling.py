@@ -24,6 +24,9 @@ if TYPE_CHECKING:  # tvm is imported where it is used: the API imports this modu
     import tvm
 
 FUNCTIONS = ("sample_tokens",)
+# forward -> its fused step: embed, forward and sample_tokens in one call (compile/attach_decode_sample.py;
+# libraries from before it have none, and the engine makes the three calls)
+FUSED_STEPS = {"decode": "decode_and_sample", "batch_decode": "batch_decode_and_sample"}
 # the largest float32 below 1: a uniform number rounded up to 1.0 would run past the last token
 _BELOW_ONE = np.nextafter(np.float32(1), np.float32(0))
 
@@ -67,9 +70,23 @@ class DeviceSampler:
                     "sample on the host"
                 ) from e
 
-    def sample(self, logits: tvm.runtime.Tensor, picks: Sequence[tuple[int, Draw]]) -> list[int]:
-        """Token ids for `picks` (row of `logits`, draw), in their order."""
+    def sample(
+        self,
+        logits: tvm.runtime.Tensor,
+        picks: Sequence[tuple[int, Draw]],
+        params: tvm.runtime.Tensor | None = None,
+    ) -> list[int]:
+        """Token ids for `picks` (row of `logits`, draw), in their order. `params`: `upload`'s for them, made
+        before the forward that computed `logits` (an upload waits for the device's queue: after the forward
+        it would wait for the whole forward with nothing queued behind it)."""
         b = int(logits.shape[0])
+        params = self.upload(b, picks) if params is None else params
+        tok = self._fn(logits._create_view((b, 1, int(logits.shape[-1]))), params).numpy()
+        return [int(tok[r]) for r, _ in picks]
+
+    def upload(self, b: int, picks: Sequence[tuple[int, Draw]]) -> tvm.runtime.Tensor:
+        """The params [5, b] of `b` rows drawing `picks` (row, draw), on the device: `sample_tokens`' second
+        argument, and the fused steps' third."""
         if b > self.max_rows:
             raise ValueError(f"{b} rows exceed the sampler's {self.max_rows}")
         # sample_tokens' params rows: temperature, uniform, top_p, top_k, min_p; rows without a pick are
@@ -80,5 +97,4 @@ class DeviceSampler:
             params[:, r] = d.temperature, min(np.float32(d.uniform), _BELOW_ONE), d.top_p, d.top_k, d.min_p
         buf = self._buf._create_view((5, b))
         buf.copyfrom(params)
-        tok = self._fn(logits._create_view((b, 1, int(logits.shape[-1]))), buf).numpy()
-        return [int(tok[r]) for r, _ in picks]
+        return buf

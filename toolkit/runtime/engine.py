@@ -25,7 +25,7 @@ from tvm.runtime.vm import VirtualMachine  # runtime-only: the engine also runs 
 
 from ..config import Phi3Config
 from ..cpu_threads import size_thread_pool
-from .device_sampling import DeviceSampler, Draw
+from .device_sampling import FUSED_STEPS, DeviceSampler, Draw
 
 if TYPE_CHECKING:
     from ..checkpoint import ModelSource
@@ -110,6 +110,12 @@ class Engine:
         self.sampler = (
             DeviceSampler(self.vm, self.device, c.max_batch_size, cfg.vocab_size) if device_sampling else None
         )
+        # forward -> its fused step (embed, forward, sample_tokens in one call), where the library has one
+        self._fused = {
+            fwd: self.vm[name]
+            for fwd, name in FUSED_STEPS.items()
+            if self.vm.module.implements_function(name)
+        }
 
     # -- sequences -----------------------------------------------------------------------------------------
     def add_sequence(self) -> int:
@@ -203,6 +209,7 @@ class Engine:
             ids = self._reencode(sid, ids)
         seq = self.seqs[sid]
         outs = []
+        params = self.sampler.upload(1, [(0, draw)]) if self._on_device(draw) else None
         for off, n in self.prefill_pieces(seq.length, len(ids)):
             emb = self._embed(ids[off : off + n], (1, n))
             self._begin(self.kv, ShapeTuple([sid]), ShapeTuple([n]))
@@ -215,7 +222,7 @@ class Engine:
         seq.tokens.extend(ids)
         if all_logits:
             return np.concatenate(outs)[skip:]
-        return self.sampler.sample(outs[-1], [(0, draw)])[0] if self._on_device(draw) else outs[-1][-1]
+        return self.sampler.sample(outs[-1], [(0, draw)], params)[0] if params is not None else outs[-1][-1]
 
     def prefill_batch(self, sids: Sequence[int], prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """Several sequences in one `batch_prefill` forward -> logits of each one's last token [b, V].
@@ -262,15 +269,34 @@ class Engine:
             # the error, or the re-encode at the switch
             return self.decode_batch([sid], [token], None if draw is None else [draw])[0]
         # the per-token path, kept short: on a GPU every microsecond here is one the GPU idles
+        on_device = self._on_device(draw)
+        if on_device and "decode" in self._fused:
+            return self._fused_step("decode", [sid], [int(token)], [draw])[0]
+        params = self.sampler.upload(1, [(0, draw)]) if on_device else None
         emb = self._embed([token], (1, 1))
         self._begin(self.kv, ShapeTuple([sid]), self._one)
         logits, self.kv = self._fn["decode"](emb, self.kv, self.params)
         self._end(self.kv)
         seq.length += 1
         seq.tokens.append(int(token))
-        if self._on_device(draw):
-            return self.sampler.sample(logits, [(0, draw)])[0]
+        if on_device:
+            return self.sampler.sample(logits, [(0, draw)], params)[0]
         return self._host(logits).reshape(self.vocab)
+
+    def _fused_step(self, fwd: str, sids: list[int], tokens: list[int], draws: list[Draw]) -> list[int]:
+        """One token into each sequence and one drawn from each, in one library call (the forward's fused
+        step): only the ids and the draws' params go to the device, only the drawn ids come back."""
+        b = len(sids)
+        params = self.sampler.upload(b, list(enumerate(draws)))
+        ids = self._ids._create_view((b,))
+        ids.copyfrom(np.asarray(tokens, dtype="int32"))
+        self._begin(self.kv, ShapeTuple(sids), self._one if b == 1 else ShapeTuple([1] * b))
+        drawn, self.kv = self._fused[fwd](ids, self.kv, params, self.params)
+        self._end(self.kv)
+        for s, t in zip(sids, tokens):
+            self.seqs[s].length += 1
+            self.seqs[s].tokens.append(t)
+        return [int(t) for t in drawn.numpy()]
 
     def decode_batch(
         self, sids: Sequence[int], tokens: Sequence[int], draws: Sequence[Draw | None] | None = None
@@ -290,16 +316,23 @@ class Engine:
         for i in crossing:
             out[i] = self.prefill(sids[i], [tokens[i]], draw=picks[i])
         rest = [i for i in range(len(sids)) if i not in crossing]
-        if rest:
+        fwd = "decode" if len(rest) == 1 else "batch_decode"
+        if rest and fwd in self._fused and all(self._on_device(picks[i]) for i in rest):
+            drawn = self._fused_step(
+                fwd, [sids[i] for i in rest], [tokens[i] for i in rest], [picks[i] for i in rest]
+            )
+            for i, tok in zip(rest, drawn):
+                out[i] = tok
+        elif rest:
             b = len(rest)
+            on_device = [(j, i) for j, i in enumerate(rest) if self._on_device(picks[i])]
+            params = self.sampler.upload(b, [(j, picks[i]) for j, i in on_device]) if on_device else None
             emb = self._embed([tokens[i] for i in rest], (b, 1))
             self._begin(self.kv, ShapeTuple([sids[i] for i in rest]), ShapeTuple([1] * b))
-            fn = self._fn["decode"] if b == 1 else self._fn["batch_decode"]
-            logits, self.kv = fn(emb, self.kv, self.params)
+            logits, self.kv = self._fn[fwd](emb, self.kv, self.params)
             self._end(self.kv)
-            on_device = [(j, i) for j, i in enumerate(rest) if self._on_device(picks[i])]
             if on_device:
-                drawn = self.sampler.sample(logits, [(j, picks[i]) for j, i in on_device])
+                drawn = self.sampler.sample(logits, [(j, picks[i]) for j, i in on_device], params)
                 for (_, i), tok in zip(on_device, drawn):
                     out[i] = tok
             if len(on_device) < b:
