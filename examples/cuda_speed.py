@@ -56,7 +56,8 @@ def gemv_under(table: str):
     return TableGEMV
 
 
-def prepare(out: Path, graph: bool, name: str, table: str | None = None) -> None:
+def prepare(out: Path, graph: bool, name: str, table: str | None = None, preset=None) -> None:
+    """A Phi-3-mini q4f16_1 library in out/name, for `preset` (default cuda-sm90)."""
     from toolkit.compile.compile_model import compile_model
     from toolkit.config import phi3_mini_4k
 
@@ -67,7 +68,7 @@ def prepare(out: Path, graph: bool, name: str, table: str | None = None) -> None
 
     cfg = phi3_mini_4k(sliding_window=None)  # a 256-token run needs no window
     t0 = time.time()
-    compile_model(cfg, "q4f16_1", "cuda-sm90", out / name, cuda_graph=graph)
+    compile_model(cfg, "q4f16_1", preset or "cuda-sm90", out / name, cuda_graph=graph)
     (out / name / "case.json").write_text(
         json.dumps({"cfg": cfg.to_dict(), "compile_s": round(time.time() - t0, 1)})
     )
@@ -262,6 +263,7 @@ def run(out: Path) -> None:
         try:
             eng, case, manifest = _engine(d, dev)
             res["cuda_graph"] = manifest.get("cuda_graph")
+            res["decode_attention"] = manifest.get("decode_attention")
             res["compile_s"] = case.get("compile_s")
             rng = np.random.default_rng(1)
             res["speed"] = _speed(eng, dev, rng)
