@@ -1,7 +1,7 @@
 """All that one call of the device tool needs to measure the CUDA build on a lent GPU, prepared here.
 
-    python examples/gpu_kit.py prepare [--python 3.12]   # here: .whl/gpu-kit (git-ignored, so carried)
-    python examples/gpu_kit.py check                     # here: the kit's runtime under that Python, on the CPU
+    python examples/gpu_kit.py prepare [--python 3.12] [--keep-libraries]  # .whl/gpu-kit (git-ignored)
+    python examples/gpu_kit.py check    # the kit's runtime under that Python, here on the CPU
     # then the device tool: run(command="python3 examples/gpu_kit.py run", carry=[".whl/gpu-kit"])
 
 The GPU machines have a Python (3.12 as seen; numpy, torch, safetensors, tokenizers, jinja2 in it) but no
@@ -41,9 +41,9 @@ def _runtime(python: str) -> None:
 
     shutil.rmtree(SITE, ignore_errors=True)
     src = Path(tvm.__file__).parent
-    shutil.copytree(
-        src, SITE / "tvm", ignore=shutil.ignore_patterns("__pycache__", "libtvm_compiler.so", "*.pyc")
-    )
+    # C++ sources and headers are for building against TVM, not for running a library
+    skip = ("__pycache__", "*.pyc", "libtvm_compiler.so", "3rdparty", "src", "include", "cmake", "web")
+    shutil.copytree(src, SITE / "tvm", ignore=shutil.ignore_patterns(*skip))
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:"]
@@ -52,6 +52,8 @@ def _runtime(python: str) -> None:
         )
         (wheel,) = Path(tmp).glob("*.whl")
         zipfile.ZipFile(wheel).extractall(SITE)
+    for sub in ("3rdparty", "src", "include", "cmake"):
+        shutil.rmtree(SITE / "tvm_ffi" / sub, ignore_errors=True)
 
 
 def _libraries() -> None:
@@ -76,9 +78,10 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def prepare(python: str) -> None:
+def prepare(python: str, libraries: bool = True) -> None:
     _runtime(python)
-    _libraries()
+    if libraries or not LIBS.exists():
+        _libraries()
     (KIT / "python.txt").write_text(python)
     tree = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
     tracked = sum((ROOT / f).stat().st_size for f in tree.decode().split("\0") if f and (ROOT / f).is_file())
@@ -106,33 +109,40 @@ def check() -> None:
     lib = KIT / "check"
     shutil.rmtree(lib, ignore_errors=True)
     sys.path.insert(0, str(ROOT / "tests"))
+    import numpy as np
+    import tvm
     from tiny import make_tiny_checkpoint
 
     from toolkit.checkpoint import open_model
     from toolkit.compile.compile_model import compile_model
     from toolkit.runtime.weights import load_params
 
-    import tvm
-
     src = open_model(make_tiny_checkpoint(lib / "ckpt", "mini-4k"))
     compiled = compile_model(src.config, "q0f32", "host-exact", lib / "lib", gpu_sampler=True)
-    weights = [p.numpy() for p in load_params(src, compiled, tvm.cpu())]
-    import numpy as np
-
-    np.savez(lib / "weights.npz", *weights)
-    (lib / "case.json").write_text(json.dumps({"cfg": src.config.to_dict(), "library": str(compiled.library)}))
-    venv = Path(tempfile.mkdtemp()) / "venv"
-    py = shutil.which(f"python{python}")
-    if py is None:
-        raise SystemExit(f"no python{python} here to check the kit with")
-    subprocess.run([py, "-m", "venv", str(venv)], check=True)
-    # what the GPU machines' image has of ours, at the versions it holds (shared tool notes: KINDS.md)
-    pkgs = ["numpy>=2.4", "ml-dtypes", "psutil", "filelock", "tqdm", "click", "typing-extensions"]
-    subprocess.run([venv / "bin" / "python", "-m", "pip", "install", "-q", *pkgs], check=True)
-    res = subprocess.run([venv / "bin" / "python", __file__, "check-run"], capture_output=True, text=True)
+    np.savez(lib / "weights.npz", *[p.numpy() for p in load_params(src, compiled, tvm.cpu())])
+    case = {"cfg": src.config.to_dict(), "library": str(compiled.library)}
+    (lib / "case.json").write_text(json.dumps(case))
+    with tempfile.TemporaryDirectory() as tmp:
+        venv = Path(tmp) / "venv"
+        subprocess.run([_interpreter(python), "-m", "venv", str(venv)], check=True)
+        # of what the GPU machines' image holds (the device tool's KINDS.md), what the runtime imports
+        pkgs = ["numpy>=2.4", "ml-dtypes", "psutil", "filelock", "tqdm", "click", "typing-extensions"]
+        subprocess.run([venv / "bin" / "python", "-m", "pip", "install", "-q", *pkgs], check=True)
+        res = subprocess.run([venv / "bin" / "python", __file__, "check-run"], capture_output=True, text=True)
     print(res.stdout + res.stderr)
     if res.returncode:
         raise SystemExit("the kit's runtime failed on the CPU")
+
+
+def _interpreter(version: str) -> str:
+    """A python`version` that runs here: on PATH, or one of pyenv's (whose shim refuses versions not
+    selected)."""
+    found = [shutil.which(f"python{version}")]
+    found += sorted(str(p) for p in Path.home().glob(f".pyenv/versions/{version}*/bin/python{version}"))
+    for exe in filter(None, found):
+        if subprocess.run([exe, "-c", "pass"], capture_output=True).returncode == 0:
+            return exe
+    raise SystemExit(f"no python{version} here to check the kit with")
 
 
 def check_run() -> None:
@@ -144,7 +154,7 @@ def check_run() -> None:
     from toolkit.runtime.device_sampling import Draw
     from toolkit.runtime.engine import CacheOptions, Engine
 
-    assert not hasattr(tvm, "relax") or "relax" not in sys.modules, "the compiler was imported"
+    assert not (SITE / "tvm" / "lib" / "libtvm_compiler.so").exists(), "the kit holds TVM's compiler"
     lib = KIT / "check"
     case = json.loads((lib / "case.json").read_text())
     weights = np.load(lib / "weights.npz")
@@ -183,7 +193,8 @@ def run() -> None:
 if __name__ == "__main__":
     cmd = sys.argv[1] if len(sys.argv) > 1 else ""
     if cmd == "prepare":
-        prepare(sys.argv[sys.argv.index("--python") + 1] if "--python" in sys.argv else "3.12")
+        python = sys.argv[sys.argv.index("--python") + 1] if "--python" in sys.argv else "3.12"
+        prepare(python, libraries="--keep-libraries" not in sys.argv)
     elif cmd in ("check", "check-run", "run"):
         {"check": check, "check-run": check_run, "run": run}[cmd]()
     else:
