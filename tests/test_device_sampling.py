@@ -302,29 +302,89 @@ def test_top_k_and_min_p_cut_on_the_device(tiny):
     assert low == [10] != [_pick(logits[0, 0], Draw(1.0, 0.05))]  # without min-p, 5 comes first
 
 
-def test_penalties_and_bias_stay_on_the_host():
-    assert TokenSampler(GenerationOptions(temperature=0.7, top_p=1.0)).fits_device
-    assert TokenSampler(GenerationOptions(temperature=0.7, top_p=0.95, top_k=40, min_p=0.05)).fits_device
-    assert TokenSampler(GenerationOptions(temperature=0, top_p=0.5)).fits_device  # greedy: no cut
+def test_which_options_draw_on_the_device():
+    assert TokenSampler(GenerationOptions(temperature=0.7, top_p=1.0)).fits_device()
+    assert TokenSampler(GenerationOptions(temperature=0.7, top_p=0.95, top_k=40, min_p=0.05)).fits_device()
+    assert TokenSampler(GenerationOptions(temperature=0, top_p=0.5)).fits_device()  # greedy: no cut
     draw = TokenSampler(
         GenerationOptions(temperature=0.7, top_p=0.95, top_k=9, min_p=0.1, seed=0)
     ).device_draw()
     assert draw == Draw(0.7, np.random.default_rng(0).random(), 0.95, 9, 0.1)
-    assert not TokenSampler(GenerationOptions(temperature=0.7, top_p=1 - 1e-9)).fits_device  # float32: 1
+    assert not TokenSampler(GenerationOptions(temperature=0.7, top_p=1 - 1e-9)).fits_device()  # float32: 1
     for o in (
         dict(logit_bias={3: 1.0}),
         dict(frequency_penalty=0.5),
         dict(top_p=1.0, repetition_penalty=1.1),
     ):
-        s = TokenSampler(GenerationOptions(temperature=0.7, seed=0, **o))
-        assert s.device_draw() is None
-        assert s.rng.random() == np.random.default_rng(0).random()  # asking took nothing from the stream
+        s = TokenSampler(GenerationOptions(temperature=0.7, seed=0, **o), prompt=[4, 9])
+        # a library without adjust_logits: the host, and the seed's stream is left as it was
+        assert s.device_draw(adjusts=False) is None
+        d = s.device_draw()
+        assert d.uniform == np.random.default_rng(0).random() and d.top_p == o.get("top_p", 0.95)
+        assert d.adjust is not None
+
+
+def test_a_draws_adjustment_lists_each_token_once():
+    """The rows adjust_logits gets: each token the bias, the repetition penalty (prompt and generated) or the
+    frequency / presence penalties (generated only) touch, once, with its bias, coverage and count."""
+    o = GenerationOptions(
+        temperature=1.0,
+        repetition_penalty=1.3,
+        frequency_penalty=0.5,
+        presence_penalty=0.2,
+        logit_bias={7: 2.0, 100: -1.5},
+        seed=0,
+    )
+    s = TokenSampler(o, prompt=[9, 4, 9])
+    for t in (7, 50, 7):
+        s.accept(t)
+    a = s.device_draw().adjust
+    assert a.tokens.tolist() == [4, 7, 9, 50, 100]
+    assert a.bias.tolist() == [0.0, 2.0, 0.0, 0.0, -1.5]
+    assert a.covered.tolist() == [1, 1, 1, 1, 0]
+    assert a.counts.tolist() == [0, 2, 0, 1, 0]
+    assert (a.repetition, a.frequency, a.presence) == (1.3, 0.5, 0.2)
+    only_bias = TokenSampler(GenerationOptions(temperature=0, logit_bias={3: 1.0}), prompt=[1, 2])
+    only_bias.accept(5)
+    a = only_bias.device_draw().adjust
+    assert a.tokens.tolist() == [3] and a.covered.tolist() == [0] and a.counts.tolist() == [0]
+
+
+def test_bias_and_penalties_on_the_device_equal_the_hosts(tiny):
+    """adjust_logits (compile/adjust_logits.py) then the draw, against TokenSampler.adjust in float64 and
+    its pick, on random logits in a batch of four rows with different knobs; a row without any is left
+    alone."""
+    _, eng = tiny
+    rng = np.random.default_rng(5)
+    v = eng.vocab
+    logits = (rng.standard_normal((4, 1, v)) * 2).astype(np.float32)
+    knobs = [
+        dict(repetition_penalty=1.5),
+        dict(frequency_penalty=1.5, presence_penalty=0.7, logit_bias={11: 5.0, 12: -100.0}),
+        dict(),
+        dict(repetition_penalty=0.7, frequency_penalty=-0.8, presence_penalty=-0.3, logit_bias={200: 3.0}),
+    ]
+    samplers = []
+    for k in knobs:
+        s = TokenSampler(GenerationOptions(temperature=0, **k), prompt=rng.integers(0, v, 20).tolist())
+        for t in rng.integers(0, v, 15).tolist():
+            s.accept(t)
+        samplers.append(s)
+    draws = [s.device_draw() for s in samplers]
+    assert [d.adjust is None for d in draws] == [False, False, True, False]
+    out = tvm.runtime.tensor(logits)
+    got = eng.sampler.sample(out, list(enumerate(draws)))
+    want = np.stack([s.adjust(logits[r, 0]) for r, s in enumerate(samplers)])
+    np.testing.assert_allclose(out.numpy()[:, 0], want, rtol=1e-6, atol=1e-6)  # float32 against float64
+    assert not np.allclose(want, logits[:, 0])
+    assert got == [int(np.argmax(w)) for w in want]
+    assert got != [int(np.argmax(x)) for x in logits[:, 0]]  # the adjustments moved a token
 
 
 def test_the_api_and_the_scheduler_give_the_host_samplers_text(tiny):
     """Model.generate and the server's scheduler through the device path give the same text for a seed as
-    with the sampler switched off (host sampling of returned logits); options the device cannot express
-    (a repetition penalty here) fall back to the host for their request only."""
+    with the sampler switched off (host sampling of returned logits), penalties and a logit bias
+    included."""
     src, eng = tiny
     m = Model(eng, src)
     ids = m.prompt_ids("hello there", raw=True)
@@ -333,7 +393,8 @@ def test_the_api_and_the_scheduler_give_the_host_samplers_text(tiny):
         dict(temperature=0),
         dict(temperature=1.5, seed=4),  # top_p 0.95 by default: cut on the device
         dict(temperature=1.2, top_k=20, min_p=0.02, seed=5),  # cut on the device
-        dict(temperature=1.2, repetition_penalty=1.3, seed=6),  # on the host
+        dict(temperature=1.2, repetition_penalty=1.3, seed=6),
+        dict(temperature=0.9, frequency_penalty=1.0, presence_penalty=0.5, logit_bias={7: 3.0}, seed=7),
     ]
 
     def run_all() -> list[tuple[str, str]]:
@@ -358,7 +419,7 @@ def test_the_api_and_the_scheduler_give_the_host_samplers_text(tiny):
         eng.sampler = sampler
     assert on_device == on_host
     assert all(a == s for a, s in on_host)  # one request alone, or three in one batch: the same text
-    assert len({a for a, _ in on_host}) == 5, on_host
+    assert len({a for a, _ in on_host}) == 6, on_host
 
 
 def test_a_library_without_the_sampler_is_refused(tiny):

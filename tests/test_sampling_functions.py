@@ -322,6 +322,39 @@ def _check_softmax_and_processors(scheduled: IRModule, backend: str) -> None:
     np.testing.assert_allclose(out, ref.penalty(logits2, *penalty), rtol=LOGIT_RTOL)
     out = _run(scheduled, "apply_bitmask_inplace", backend, logits2, *mask)[0]
     _assert_masked(out, ref.bitmask(logits2, *mask))
+    if "adjust_logits" in {gv.name_hint for gv in scheduled.get_global_vars()}:  # wherever sample_tokens is
+        _check_adjust_logits(scheduled, backend, logits2)
+
+
+def _check_adjust_logits(scheduled: IRModule, backend: str, logits: np.ndarray) -> None:
+    """The engine's bias and penalties (compile/adjust_logits.py) against the host sampler's own rule
+    (TokenSampler.adjust, float64) on rows 0 and 2 of four, with tokens under each change and all three."""
+    from toolkit.runtime.device_sampling import pack_adjust
+    from toolkit.runtime.options import GenerationOptions
+    from toolkit.runtime.sampling import TokenSampler
+
+    samplers = {
+        0: TokenSampler(
+            GenerationOptions(
+                repetition_penalty=1.4,
+                frequency_penalty=0.6,
+                presence_penalty=0.2,
+                logit_bias={5: 2.5, 9: -1.0},
+            ),
+            prompt=[5, 7, 300],
+        ),
+        2: TokenSampler(GenerationOptions(repetition_penalty=0.8, logit_bias={700: 4.0}), prompt=[1, 2, 700]),
+    }
+    for t in (5, 5, 9, 40):
+        samplers[0].accept(t)
+    adjusts = [(r, s.device_draw().adjust) for r, s in samplers.items()]
+    pairs, values = pack_adjust(logits.shape[0], adjusts)
+    out = _run(scheduled, "adjust_logits", backend, logits, pairs, values)[0]
+    expected = logits.astype(np.float64)
+    for r, s in samplers.items():
+        expected[r] = s.adjust(logits[r])
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)  # float32 against float64
+    assert not np.allclose(expected, logits)
 
 
 def _assert_masked(got: np.ndarray, expected: np.ndarray) -> None:

@@ -188,7 +188,8 @@ def test_sampling_on_lavapipe_draws_the_host_samplers_tokens(tiny, devices):
     """The engine's device sampler (runtime/device_sampling.py) on lavapipe: softmax, the top-k / top-p /
     min-p cuts, the running sums and the id-order draw as Vulkan kernels. Greedy and seeded tokens with and
     without the cuts equal host sampling of the same library's logits, decoding two sequences in one
-    batch and each alone, through the fused steps (decode_and_sample, batch_decode_and_sample)."""
+    batch and each alone, through the fused steps (decode_and_sample, batch_decode_and_sample); with a bias
+    and penalties, through adjust_logits before sample_tokens."""
     from toolkit.runtime.device_sampling import DeviceSampler
     from toolkit.runtime.options import GenerationOptions
     from toolkit.runtime.sampling import TokenSampler
@@ -205,7 +206,15 @@ def test_sampling_on_lavapipe_draws_the_host_samplers_tokens(tiny, devices):
         dict(temperature=0.7, top_p=0.95, seed=3),  # the defaults
         dict(temperature=1.5, top_p=0.5, seed=4),
         dict(temperature=1.5, top_p=0.95, top_k=40, min_p=0.05, seed=5),
+        # bias and penalties first (adjust_logits)
+        dict(temperature=1.1, repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.3, seed=6),
+        dict(temperature=0, repetition_penalty=2.0, logit_bias={7: 1.5, 99: -3.0}),
     ]
+
+    def took(s, tok: int) -> int:  # the token, counted for the penalties as Generation.step counts it
+        s.accept(tok)
+        return tok
+
     for case in cases:
         opts = GenerationOptions(**case)
         host_s = [TokenSampler(opts, prompt) for _ in range(2)]
@@ -213,20 +222,24 @@ def test_sampling_on_lavapipe_draws_the_host_samplers_tokens(tiny, devices):
         host = [eng.add_sequence() for _ in range(2)]
         dev = [eng.add_sequence() for _ in range(2)]
         try:
-            toks_h = [[host_s[i](eng.prefill(host[i], prompt[: 5 + i]))] for i in range(2)]
-            toks_d = [[eng.prefill(dev[i], prompt[: 5 + i], draw=dev_s[i].device_draw())] for i in range(2)]
+            toks_h = [[took(host_s[i], host_s[i](eng.prefill(host[i], prompt[: 5 + i])))] for i in range(2)]
+            toks_d = [
+                [took(dev_s[i], eng.prefill(dev[i], prompt[: 5 + i], draw=dev_s[i].device_draw()))]
+                for i in range(2)
+            ]
             for step in range(6):
-                if step % 2:  # each sequence alone: decode_and_sample
+                if step % 2:  # each alone: decode_and_sample, or with bias / penalties decode + adjust_logits
                     for i in range(2):
-                        toks_h[i].append(host_s[i](eng.decode(host[i], toks_h[i][-1])))
-                        toks_d[i].append(eng.decode(dev[i], toks_d[i][-1], dev_s[i].device_draw()))
+                        toks_h[i].append(took(host_s[i], host_s[i](eng.decode(host[i], toks_h[i][-1]))))
+                        tok = eng.decode(dev[i], toks_d[i][-1], dev_s[i].device_draw())
+                        toks_d[i].append(took(dev_s[i], tok))
                     continue
                 rows = eng.decode_batch(host, [t[-1] for t in toks_h])
                 for i in range(2):
-                    toks_h[i].append(host_s[i](rows[i]))
+                    toks_h[i].append(took(host_s[i], host_s[i](rows[i])))
                 drawn = eng.decode_batch(dev, [t[-1] for t in toks_d], [s.device_draw() for s in dev_s])
                 for i in range(2):
-                    toks_d[i].append(drawn[i])
+                    toks_d[i].append(took(dev_s[i], drawn[i]))
         finally:
             for sid in host + dev:
                 eng.remove_sequence(sid)

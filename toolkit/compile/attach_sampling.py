@@ -12,8 +12,8 @@ Which target gets what (as MLC's engine expects):
   thread-bound kernels on GPUs) and `alloc_embedding_tensor`;
 - cuda, metal, vulkan, webgpu: the GPU sampler (`multinomial_from_uniform`, `argsort_probs`,
   `sample_with_top_p`, `sampler_take_probs`, `renormalize_by_top_p`, `sampler_verify_draft_tokens`), and
-  our engine's own `sample_tokens` (runtime/device_sampling.py: one call per step, drawing as the host
-  sampler draws; MLC's engine never looks it up).
+  our engine's own `sample_tokens` and `adjust_logits` (runtime/device_sampling.py: one call per step,
+  drawing as the host sampler draws, after its bias and penalties; MLC's engine never looks them up).
   WebGPU leaves out `sampler_verify_draft_tokens`: its tree walk synchronises threads inside a loop whose
   trip count is read from memory, which WGSL's uniformity rules reject (MLC's web build leaves it out too).
 """
@@ -23,6 +23,8 @@ from __future__ import annotations
 import tvm
 from tvm import IRModule, relax, te, tirx
 
+from .adjust_logits import NAME as ADJUST
+from .adjust_logits import adjust_logits
 from .gpu_sort import emit_argsort
 from .logit_processor import logit_processors
 from .prefix_sum import prefix_sum
@@ -39,7 +41,7 @@ GPU_SAMPLER_NAMES = (
     "sampler_verify_draft_tokens",
 )
 # our engine's (runtime/device_sampling.py), attached wherever the GPU sampler is
-ENGINE_SAMPLER_NAMES = ("sample_tokens",)
+ENGINE_SAMPLER_NAMES = ("sample_tokens", ADJUST)
 # temperatures at or below this mean greedy (MLC's softmax kernel uses the same threshold)
 GREEDY_TEMPERATURE = 1e-5
 # top_p this close to 1 keeps the distribution unchanged (MLC's top-p pivot search uses the same bound)
@@ -90,6 +92,8 @@ def attach_sampling_functions(
         "renormalize_by_top_p": _renormalize_by_top_p,
         "sampler_verify_draft_tokens": emit_verify_function,
         "sample_tokens": _sample_tokens,
+        # the engine's bias and penalties before its draw: a kernel, called on the logits in place
+        ADJUST: lambda bb, _vocab, target: bb.add_func(adjust_logits(target), ADJUST),
     }
     names = sampler_names(target, gpu_sampler)
     for name in names:

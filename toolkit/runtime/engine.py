@@ -25,7 +25,7 @@ from tvm.runtime.vm import VirtualMachine  # runtime-only: the engine also runs 
 
 from ..config import Phi3Config
 from ..cpu_threads import size_thread_pool
-from .device_sampling import FUSED_STEPS, DeviceSampler, Draw
+from .device_sampling import FUSED_STEPS, DeviceSampler, Draw, Upload
 
 if TYPE_CHECKING:
     from ..checkpoint import ModelSource
@@ -209,7 +209,7 @@ class Engine:
             ids = self._reencode(sid, ids)
         seq = self.seqs[sid]
         outs = []
-        params = self.sampler.upload(1, [(0, draw)]) if self._on_device(draw) else None
+        upload = self.sampler.upload(1, [(0, draw)]) if self._on_device(draw) else None
         for off, n in self.prefill_pieces(seq.length, len(ids)):
             emb = self._embed(ids[off : off + n], (1, n))
             self._begin(self.kv, ShapeTuple([sid]), ShapeTuple([n]))
@@ -222,7 +222,7 @@ class Engine:
         seq.tokens.extend(ids)
         if all_logits:
             return np.concatenate(outs)[skip:]
-        return self.sampler.sample(outs[-1], [(0, draw)], params)[0] if params is not None else outs[-1][-1]
+        return self.sampler.sample(outs[-1], [(0, draw)], upload)[0] if upload is not None else outs[-1][-1]
 
     def prefill_batch(self, sids: Sequence[int], prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """Several sequences in one `batch_prefill` forward -> logits of each one's last token [b, V].
@@ -269,29 +269,27 @@ class Engine:
             # the error, or the re-encode at the switch
             return self.decode_batch([sid], [token], None if draw is None else [draw])[0]
         # the per-token path, kept short: on a GPU every microsecond here is one the GPU idles
-        on_device = self._on_device(draw)
-        if on_device and "decode" in self._fused:
-            return self._fused_step("decode", [sid], [int(token)], [draw])[0]
-        params = self.sampler.upload(1, [(0, draw)]) if on_device else None
+        upload = self.sampler.upload(1, [(0, draw)]) if self._on_device(draw) else None
+        if upload is not None and upload.adjust is None and "decode" in self._fused:
+            return self._fused_step("decode", [sid], [int(token)], upload)[0]
         emb = self._embed([token], (1, 1))
         self._begin(self.kv, ShapeTuple([sid]), self._one)
         logits, self.kv = self._fn["decode"](emb, self.kv, self.params)
         self._end(self.kv)
         seq.length += 1
         seq.tokens.append(int(token))
-        if on_device:
-            return self.sampler.sample(logits, [(0, draw)], params)[0]
+        if upload is not None:
+            return self.sampler.sample(logits, [(0, draw)], upload)[0]
         return self._host(logits).reshape(self.vocab)
 
-    def _fused_step(self, fwd: str, sids: list[int], tokens: list[int], draws: list[Draw]) -> list[int]:
+    def _fused_step(self, fwd: str, sids: list[int], tokens: list[int], upload: Upload) -> list[int]:
         """One token into each sequence and one drawn from each, in one library call (the forward's fused
         step): only the ids and the draws' params go to the device, only the drawn ids come back."""
         b = len(sids)
-        params = self.sampler.upload(b, list(enumerate(draws)))
         ids = self._ids._create_view((b,))
         ids.copyfrom(np.asarray(tokens, dtype="int32"))
         self._begin(self.kv, ShapeTuple(sids), self._one if b == 1 else ShapeTuple([1] * b))
-        drawn, self.kv = self._fused[fwd](ids, self.kv, params, self.params)
+        drawn, self.kv = self._fused[fwd](ids, self.kv, upload.params, self.params)
         self._end(self.kv)
         for s, t in zip(sids, tokens):
             self.seqs[s].length += 1
@@ -316,23 +314,22 @@ class Engine:
         for i in crossing:
             out[i] = self.prefill(sids[i], [tokens[i]], draw=picks[i])
         rest = [i for i in range(len(sids)) if i not in crossing]
-        fwd = "decode" if len(rest) == 1 else "batch_decode"
-        if rest and fwd in self._fused and all(self._on_device(picks[i]) for i in rest):
-            drawn = self._fused_step(
-                fwd, [sids[i] for i in rest], [tokens[i] for i in rest], [picks[i] for i in rest]
-            )
-            for i, tok in zip(rest, drawn):
-                out[i] = tok
-        elif rest:
+        if rest:
             b = len(rest)
+            fwd = "decode" if b == 1 else "batch_decode"
+            rest_sids, rest_tokens = [sids[i] for i in rest], [tokens[i] for i in rest]
             on_device = [(j, i) for j, i in enumerate(rest) if self._on_device(picks[i])]
-            params = self.sampler.upload(b, [(j, picks[i]) for j, i in on_device]) if on_device else None
-            emb = self._embed([tokens[i] for i in rest], (b, 1))
-            self._begin(self.kv, ShapeTuple([sids[i] for i in rest]), ShapeTuple([1] * b))
+            upload = self.sampler.upload(b, [(j, picks[i]) for j, i in on_device]) if on_device else None
+            if len(on_device) == b and upload.adjust is None and fwd in self._fused:
+                for i, tok in zip(rest, self._fused_step(fwd, rest_sids, rest_tokens, upload)):
+                    out[i] = tok
+                return out
+            emb = self._embed(rest_tokens, (b, 1))
+            self._begin(self.kv, ShapeTuple(rest_sids), ShapeTuple([1] * b))
             logits, self.kv = self._fn[fwd](emb, self.kv, self.params)
             self._end(self.kv)
             if on_device:
-                drawn = self.sampler.sample(logits, [(j, picks[i]) for j, i in on_device], params)
+                drawn = self.sampler.sample(logits, [(j, picks[i]) for j, i in on_device], upload)
                 for (_, i), tok in zip(on_device, drawn):
                     out[i] = tok
             if len(on_device) < b:
@@ -340,9 +337,9 @@ class Engine:
                 for j, i in enumerate(rest):
                     if out[i] is None:
                         out[i] = rows[j]
-            for i in rest:
-                self.seqs[sids[i]].length += 1
-                self.seqs[sids[i]].tokens.append(tokens[i])
+            for s, t in zip(rest_sids, rest_tokens):
+                self.seqs[s].length += 1
+                self.seqs[s].tokens.append(t)
         return out if draws is not None else np.stack(out).astype("float32", copy=False)
 
     @property

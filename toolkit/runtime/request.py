@@ -45,9 +45,10 @@ class Generation:
     def last_token(self) -> int:
         return self.tokens[-1]
 
-    def device_draw(self) -> Draw | None:
-        """What the device sampler draws for the next token (None: these options sample on the host)."""
-        return self.sampler.device_draw()
+    def device_draw(self, adjusts: bool = True) -> Draw | None:
+        """What the device sampler draws for the next token (None: these options sample on the host;
+        `adjusts`: the library applies bias and penalties)."""
+        return self.sampler.device_draw(adjusts)
 
     def step(self, out: np.ndarray | int) -> Step:
         """Take the next token: sampled here from the logits of the last fed token, or the id the device
@@ -76,4 +77,4 @@ class Generation:
 
 def draw_for(engine, gen: Generation) -> Draw | None:
     """The draw for `gen`'s next token where `engine` samples on its device (None: logits come back)."""
-    return gen.device_draw() if engine.sampler is not None else None
+    return gen.device_draw(engine.sampler.adjusts) if engine.sampler is not None else None

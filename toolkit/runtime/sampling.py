@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .device_sampling import Draw
+from .device_sampling import Adjust, Draw
 from .options import GenerationOptions
 
 # top_p_keep's heads: tokens within these factors of the most probable one, then the whole vocabulary
@@ -67,27 +67,63 @@ class TokenSampler:
         self.counts[tok] = self.counts.get(tok, 0) + 1
 
     @property
-    def fits_device(self) -> bool:
-        """Whether the device sampler (greedy, temperature, top-k, top-p, min-p) can draw for these."""
+    def adjusts_logits(self) -> bool:
+        """Whether a logit bias or a penalty changes the logits before the draw."""
         o = self.o
-        return not (
-            # a top_p that float32 rounds up to 1 would keep tokens the host cuts
-            (o.temperature != 0 and o.top_p < 1.0 and np.float32(o.top_p) >= 1.0)
-            or o.logit_bias
-            or o.repetition_penalty != 1.0
-            or o.frequency_penalty
-            or o.presence_penalty
-        )
+        return bool(o.logit_bias or o.repetition_penalty != 1.0 or o.frequency_penalty or o.presence_penalty)
 
-    def device_draw(self) -> Draw | None:
+    def fits_device(self, adjusts: bool = True) -> bool:
+        """Whether the device sampler can draw for these options (`adjusts`: the library has the bias and
+        penalties, `adjust_logits`)."""
+        o = self.o
+        # a top_p that float32 rounds up to 1 would keep tokens the host cuts
+        if o.temperature != 0 and o.top_p < 1.0 and np.float32(o.top_p) >= 1.0:
+            return False
+        return adjusts or not self.adjusts_logits
+
+    def device_draw(self, adjusts: bool = True) -> Draw | None:
         """The next token's draw for the device sampler, from the number `draw` would take from this seed's
-        stream (greedy takes none); None when these options need the host."""
-        if not self.fits_device:
+        stream (greedy takes none), with this step's bias and penalties; None when these options need the
+        host (then no number is taken)."""
+        if not self.fits_device(adjusts):
             return None
         o = self.o
+        adjust = self._device_adjust() if self.adjusts_logits else None
         if o.temperature == 0:
-            return Draw(0.0, 0.0)
-        return Draw(o.temperature, float(self.rng.random()), o.top_p, o.top_k or 0, o.min_p or 0.0)
+            return Draw(0.0, 0.0, adjust=adjust)
+        u = float(self.rng.random())
+        return Draw(o.temperature, u, o.top_p, o.top_k or 0, o.min_p or 0.0, adjust=adjust)
+
+    def _device_adjust(self) -> Adjust:
+        """`adjust`'s changes as (token, bias, covered, count) rows, one per token it touches."""
+        o = self.o
+
+        def ids(keys, n: int) -> np.ndarray:
+            return np.fromiter(keys, np.int64, n)
+
+        seen = ids(self.seen, len(self.seen)) if o.repetition_penalty != 1.0 else ids((), 0)
+        counted = o.frequency_penalty or o.presence_penalty
+        count_ids = ids(self.counts, len(self.counts)) if counted else ids((), 0)
+        bias_ids = ids(o.logit_bias, len(o.logit_bias))
+        tokens = np.union1d(np.union1d(seen, count_ids), bias_ids)
+        bias, counts = np.zeros(tokens.size, np.float32), np.zeros(tokens.size, np.int32)
+        bias[np.searchsorted(tokens, bias_ids)] = np.fromiter(
+            o.logit_bias.values(), np.float64, bias_ids.size
+        )
+        if counted:
+            counts[np.searchsorted(tokens, count_ids)] = np.fromiter(
+                self.counts.values(), np.int64, count_ids.size
+            )
+        covered = np.isin(tokens, seen).astype(np.int32)
+        return Adjust(
+            tokens.astype(np.int32),
+            bias,
+            covered,
+            counts,
+            o.repetition_penalty,
+            o.frequency_penalty,
+            o.presence_penalty,
+        )
 
     def adjust(self, logits: np.ndarray) -> np.ndarray:
         o = self.o
