@@ -324,9 +324,14 @@ def test_which_options_draw_on_the_device():
         assert d.adjust is not None
 
 
+def _rows(a) -> dict[int, tuple]:
+    return {t: (b, c, n) for t, b, c, n in zip(a.tokens.tolist(), a.bias.tolist(), a.covered, a.counts)}
+
+
 def test_a_draws_adjustment_lists_each_token_once():
     """The rows adjust_logits gets: each token the bias, the repetition penalty (prompt and generated) or the
-    frequency / presence penalties (generated only) touch, once, with its bias, coverage and count."""
+    frequency / presence penalties (generated only) touch, once, with its bias, coverage and count; kept up
+    to date across tokens accepted after the first draw."""
     o = GenerationOptions(
         temperature=1.0,
         repetition_penalty=1.3,
@@ -336,18 +341,28 @@ def test_a_draws_adjustment_lists_each_token_once():
         seed=0,
     )
     s = TokenSampler(o, prompt=[9, 4, 9])
-    for t in (7, 50, 7):
+    s.accept(7)
+    first = s.device_draw().adjust
+    assert _rows(first) == {4: (0, 1, 0), 7: (2, 1, 1), 9: (0, 1, 0), 100: (-1.5, 0, 0)}
+    for t in (50, 7) + tuple(range(200, 300)):  # past the rows' first capacity
         s.accept(t)
     a = s.device_draw().adjust
-    assert a.tokens.tolist() == [4, 7, 9, 50, 100]
-    assert a.bias.tolist() == [0.0, 2.0, 0.0, 0.0, -1.5]
-    assert a.covered.tolist() == [1, 1, 1, 1, 0]
-    assert a.counts.tolist() == [0, 2, 0, 1, 0]
+    assert len(a.tokens) == len(set(a.tokens.tolist())) == 105
+    assert _rows(a) == {
+        4: (0, 1, 0),
+        7: (2, 1, 2),
+        9: (0, 1, 0),
+        50: (0, 1, 1),
+        100: (-1.5, 0, 0),
+        **{t: (0, 1, 1) for t in range(200, 300)},
+    }
     assert (a.repetition, a.frequency, a.presence) == (1.3, 0.5, 0.2)
+    assert _rows(first)[7] == (2, 1, 1)  # an earlier draw's rows stay as they were
     only_bias = TokenSampler(GenerationOptions(temperature=0, logit_bias={3: 1.0}), prompt=[1, 2])
     only_bias.accept(5)
-    a = only_bias.device_draw().adjust
-    assert a.tokens.tolist() == [3] and a.covered.tolist() == [0] and a.counts.tolist() == [0]
+    only_bias.device_draw()
+    only_bias.accept(6)
+    assert _rows(only_bias.device_draw().adjust) == {3: (1.0, 0, 0)}
 
 
 def test_bias_and_penalties_on_the_device_equal_the_hosts(tiny):

@@ -264,8 +264,7 @@ class Engine:
 
     def decode(self, sid: int, token: int, draw: Draw | None = None) -> np.ndarray | int:
         """Feed one token -> the logits after it [V], or with `draw` (device sampling) the token drawn."""
-        seq = self.seqs[sid]
-        if seq.length + 1 > self.context_window or self._crosses_longrope_switch(sid, 1):
+        if self.seqs[sid].length + 1 > self.context_window or self._crosses_longrope_switch(sid, 1):
             # the error, or the re-encode at the switch
             return self.decode_batch([sid], [token], None if draw is None else [draw])[0]
         # the per-token path, kept short: on a GPU every microsecond here is one the GPU idles
@@ -276,8 +275,7 @@ class Engine:
         self._begin(self.kv, ShapeTuple([sid]), self._one)
         logits, self.kv = self._fn["decode"](emb, self.kv, self.params)
         self._end(self.kv)
-        seq.length += 1
-        seq.tokens.append(int(token))
+        self._fed([sid], [int(token)])
         if upload is not None:
             return self.sampler.sample(logits, [(0, draw)], upload)[0]
         return self._host(logits).reshape(self.vocab)
@@ -291,10 +289,14 @@ class Engine:
         self._begin(self.kv, ShapeTuple(sids), self._one if b == 1 else ShapeTuple([1] * b))
         drawn, self.kv = self._fused[fwd](ids, self.kv, upload.params, self.params)
         self._end(self.kv)
+        self._fed(sids, tokens)
+        return [int(t) for t in drawn.numpy()]
+
+    def _fed(self, sids: Sequence[int], tokens: Sequence[int]) -> None:
+        """One token more in each sequence's cache."""
         for s, t in zip(sids, tokens):
             self.seqs[s].length += 1
             self.seqs[s].tokens.append(t)
-        return [int(t) for t in drawn.numpy()]
 
     def decode_batch(
         self, sids: Sequence[int], tokens: Sequence[int], draws: Sequence[Draw | None] | None = None
@@ -337,9 +339,7 @@ class Engine:
                 for j, i in enumerate(rest):
                     if out[i] is None:
                         out[i] = rows[j]
-            for s, t in zip(rest_sids, rest_tokens):
-                self.seqs[s].length += 1
-                self.seqs[s].tokens.append(t)
+            self._fed(rest_sids, rest_tokens)
         return out if draws is not None else np.stack(out).astype("float32", copy=False)
 
     @property

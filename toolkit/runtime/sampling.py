@@ -61,10 +61,13 @@ class TokenSampler:
         self.rng = np.random.default_rng(options.seed)
         self.seen = set(prompt or [])  # the repetition penalty covers the prompt too
         self.counts: dict[int, int] = {}  # generated tokens only (OpenAI's penalties)
+        self._rows: _AdjustRows | None = None  # the device's view of the two, from the first device draw
 
     def accept(self, tok: int) -> None:
         self.seen.add(tok)
         self.counts[tok] = self.counts.get(tok, 0) + 1
+        if self._rows is not None:
+            self._rows.accept(tok)
 
     @property
     def adjusts_logits(self) -> bool:
@@ -88,42 +91,15 @@ class TokenSampler:
         if not self.fits_device(adjusts):
             return None
         o = self.o
-        adjust = self._device_adjust() if self.adjusts_logits else None
+        adjust = None
+        if self.adjusts_logits:
+            if self._rows is None:
+                self._rows = _AdjustRows(o, self.seen, self.counts)
+            adjust = self._rows.snapshot()
         if o.temperature == 0:
             return Draw(0.0, 0.0, adjust=adjust)
         u = float(self.rng.random())
         return Draw(o.temperature, u, o.top_p, o.top_k or 0, o.min_p or 0.0, adjust=adjust)
-
-    def _device_adjust(self) -> Adjust:
-        """`adjust`'s changes as (token, bias, covered, count) rows, one per token it touches."""
-        o = self.o
-
-        def ids(keys, n: int) -> np.ndarray:
-            return np.fromiter(keys, np.int64, n)
-
-        seen = ids(self.seen, len(self.seen)) if o.repetition_penalty != 1.0 else ids((), 0)
-        counted = o.frequency_penalty or o.presence_penalty
-        count_ids = ids(self.counts, len(self.counts)) if counted else ids((), 0)
-        bias_ids = ids(o.logit_bias, len(o.logit_bias))
-        tokens = np.union1d(np.union1d(seen, count_ids), bias_ids)
-        bias, counts = np.zeros(tokens.size, np.float32), np.zeros(tokens.size, np.int32)
-        bias[np.searchsorted(tokens, bias_ids)] = np.fromiter(
-            o.logit_bias.values(), np.float64, bias_ids.size
-        )
-        if counted:
-            counts[np.searchsorted(tokens, count_ids)] = np.fromiter(
-                self.counts.values(), np.int64, count_ids.size
-            )
-        covered = np.isin(tokens, seen).astype(np.int32)
-        return Adjust(
-            tokens.astype(np.int32),
-            bias,
-            covered,
-            counts,
-            o.repetition_penalty,
-            o.frequency_penalty,
-            o.presence_penalty,
-        )
 
     def adjust(self, logits: np.ndarray) -> np.ndarray:
         o = self.o
@@ -157,3 +133,60 @@ class TokenSampler:
             probs = np.where(probs >= o.min_p * probs.max(), probs, 0.0)
             probs /= probs.sum()
         return draw(self.rng, probs)
+
+
+class _AdjustRows:
+    """`TokenSampler.adjust`'s changes as the device takes them (runtime/device_sampling.Adjust): one row per
+    token they touch, with its bias, whether the repetition penalty covers it and its generated count. Kept
+    up to date token by token, so a step copies them instead of rebuilding them from the sets."""
+
+    def __init__(self, o: GenerationOptions, seen: set[int], counts: dict[int, int]) -> None:
+        self.o = o
+        self.repetition = o.repetition_penalty != 1.0
+        self.counted = bool(o.frequency_penalty or o.presence_penalty)
+        self.index: dict[int, int] = {}
+        self.tokens = np.zeros(64, np.int32)
+        self.bias = np.zeros(64, np.float32)
+        self.covered = np.zeros(64, np.int32)
+        self.counts = np.zeros(64, np.int32)
+        # each row index is taken before the array it indexes: taking it may grow (replace) the arrays
+        for t, b in o.logit_bias.items():
+            i = self._row(t)
+            self.bias[i] = b
+        if self.repetition:
+            for t in seen:
+                i = self._row(t)
+                self.covered[i] = 1
+        if self.counted:
+            for t, c in counts.items():
+                i = self._row(t)
+                self.counts[i] = c
+
+    def _row(self, tok: int) -> int:
+        i = self.index.get(tok)
+        if i is None:
+            i = self.index[tok] = len(self.index)
+            if i == self.tokens.size:  # grown by doubling
+                for name in ("tokens", "bias", "covered", "counts"):
+                    a = getattr(self, name)
+                    setattr(self, name, np.concatenate([a, np.zeros_like(a)]))
+            self.tokens[i] = tok
+        return i
+
+    def accept(self, tok: int) -> None:
+        if self.repetition or self.counted:
+            i = self._row(tok)
+            self.covered[i] |= self.repetition
+            self.counts[i] += self.counted
+
+    def snapshot(self) -> Adjust:
+        n, o = len(self.index), self.o
+        return Adjust(
+            self.tokens[:n].copy(),
+            self.bias[:n].copy(),
+            self.covered[:n].copy(),
+            self.counts[:n].copy(),
+            o.repetition_penalty,
+            o.frequency_penalty,
+            o.presence_penalty,
+        )
