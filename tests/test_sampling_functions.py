@@ -35,7 +35,7 @@ from toolkit.compile.gpu_sort import padded_length, stages
 from toolkit.compile.kernel_info import describe
 from toolkit.compile.logit_processor import NAMES as PROCESSORS
 from toolkit.compile.spec_verify import spec_verify
-from toolkit.targets import load_preset
+from toolkit.targets import Preset, load_preset
 from toolkit.verify.verify import RUN_TARGETS, build_runner, retarget
 
 V, HIDDEN, CHUNK = 777, 16, 8  # odd vocabulary: partial thread blocks and a partial bitmask word
@@ -537,44 +537,44 @@ def test_nvcc_compiles_every_sampling_kernel():
     assert {"verify_draft_tokens_kernel", "sampling_cut_kernel"} <= set(report.compiled)
 
 
-@pytest.mark.parametrize("vocab", [49152, pytest.param(32064, marks=pytest.mark.slow)])  # SmolLM2's, Phi-3's
-def test_the_gpu_sampler_fits_shared_memory_at_real_vocabularies(vocab):
-    """Tests elsewhere use a 777-token vocabulary; a kernel that stages a whole row in shared memory passes
-    there and fails at a real one (a dlight-scheduled prefix sum wanted 203520 bytes at 49152). Our Vulkan
-    code generator refuses a kernel over the preset's limit, and ptxas one over CUDA's 48 KB of static
-    shared memory."""
+def _sampler_at(vocab: int, preset_name: str) -> tuple[IRModule, Preset]:
+    preset = load_preset(preset_name)
     mod = attach_sampling_functions(
         IRModule(),
-        load_preset("vulkan").target,
+        preset.target,
         vocab_size=vocab,
         hidden_size=HIDDEN,
         dtype="float32",
         prefill_chunk_size=CHUNK,
     )
+    return mod, preset
+
+
+@pytest.mark.parametrize("vocab", [49152, pytest.param(32064, marks=pytest.mark.slow)])  # SmolLM2's, Phi-3's
+def test_the_gpu_sampler_fits_shared_memory_at_real_vocabularies(vocab):
+    """Tests elsewhere use a 777-token vocabulary; a kernel that stages a whole row in shared memory passes
+    there and fails at a real one (a dlight-scheduled prefix sum wanted 203520 bytes at 49152). Our Vulkan
+    code generator refuses a kernel over the preset's limit (32 KB, the tightest of the presets)."""
     _scheduled("vulkan")  # imports the Vulkan backend
-    preset = load_preset("vulkan")
+    mod, preset = _sampler_at(vocab, "vulkan")
     ex, _ = pipeline.build(mod, preset.target, schedule_fn(preset))
     assert ex is not None
-    if HAS_NVCC:
-        from toolkit.compile.kernel_info import with_global_symbols
-        from toolkit.verify.cuda_check import compile_kernels
 
-        preset = load_preset("cuda-sm80")
-        mod = attach_sampling_functions(
-            IRModule(),
-            preset.target,
-            vocab_size=vocab,
-            hidden_size=HIDDEN,
-            dtype="float32",
-            prefill_chunk_size=CHUNK,
-        )
-        lowered = pipeline.lower_to_tir(mod, preset.target)
-        with preset.target:
-            scheduled = schedule_fn(preset)(lowered)
-        built = tvm.compile(with_global_symbols(scheduled), target=preset.target)
-        cuda = next(m for m in built.mod.imports if m.kind == "cuda").inspect_source()
-        report = compile_kernels(cuda, preset)
-        assert report.ok, report
+
+@pytest.mark.slow  # nvcc over every sampler kernel at a real vocabulary: 6 s
+@pytest.mark.skipif(not HAS_NVCC, reason="nvcc not found: CUDA kernels can only be compile-checked with nvcc")
+def test_ptxas_takes_the_gpu_sampler_at_a_real_vocabulary():
+    """ptxas refuses a kernel over CUDA's 48 KB of static shared memory."""
+    from toolkit.compile.kernel_info import with_global_symbols
+    from toolkit.verify.cuda_check import compile_kernels
+
+    mod, preset = _sampler_at(49152, "cuda-sm80")
+    lowered = pipeline.lower_to_tir(mod, preset.target)
+    with preset.target:
+        scheduled = schedule_fn(preset)(lowered)
+    built = tvm.compile(with_global_symbols(scheduled), target=preset.target)
+    report = compile_kernels(next(m for m in built.mod.imports if m.kind == "cuda").inspect_source(), preset)
+    assert report.ok, report
 
 
 def test_compile_model_attaches_the_functions(tmp_path):
