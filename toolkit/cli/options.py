@@ -160,9 +160,8 @@ def sample_on_option(f):
         type=click.Choice(["host", "device"]),
         default="host",
         show_default=True,
-        help="Draw tokens on the host, or on the GPU with the library's sampler (GPU presets; greedy, "
-        "temperature, top-k, top-p, min-p: penalties and bias stay on the host). Only token ids leave "
-        "the device.",
+        help="Draw tokens on the host, or on the GPU with the library's sampler (GPU presets; every "
+        "sampling option, drawn as the host draws). Only token ids leave the device.",
     )(f)
 
 
