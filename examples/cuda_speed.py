@@ -8,8 +8,8 @@ the small-batch kernels agree with the batch-1 ones.
 made there (codes uniform, scales 0.002: activations stay finite through 32 layers):
 - prefill of 128 tokens and decode of 128 tokens, 3 repeats, median tok/s;
 - decode tok/s at the default sampling (T 0.7, top-p 0.95) drawn on the host, on the GPU after the forward
-  (`sample_tokens`, ids back only) and in one call with it (`decode_and_sample`), and whether all three
-  gave the same tokens;
+  (`sample_tokens`, ids back only) and in one call with it (`decode_and_sample`), and with penalties on the
+  host and on the GPU (`adjust_logits`), and whether the GPU gave the host's tokens;
 - a kernel profile of 16 decode steps (torch.profiler sees every kernel of the process, TVM's included):
   GPU time per token against wall time per token, and the top kernels;
 - batch_decode of 2, 3 and 5 sequences against the same sequences decoded one at a time (the batch kernels
@@ -137,46 +137,61 @@ def _speed(eng, dev, rng) -> dict:
 def _sampling_speed(eng, dev, rng, steps: int = DECODE) -> dict:
     """Decode tok/s at the default sampling (T 0.7, top-p 0.95, seeded) drawn on the host from returned
     logits, against the same draws made on the GPU by the library's `sample_tokens` (ids back only) after
-    the forward, and by the fused step (embed, decode and sample_tokens in one call), and whether all gave
-    the same tokens."""
+    the forward, and by the fused step (embed, decode and sample_tokens in one call); and with a repetition
+    and a frequency penalty on top, on the host against on the GPU (`adjust_logits` first). Whether each
+    GPU run gave its host run's tokens."""
     from toolkit.runtime.device_sampling import DeviceSampler
     from toolkit.runtime.options import GenerationOptions
     from toolkit.runtime.sampling import TokenSampler
 
     prompt = rng.integers(0, eng.cfg.vocab_size, PROMPT).tolist()
-    opts = GenerationOptions(temperature=0.7, top_p=0.95, seed=0)
+    plain = GenerationOptions(temperature=0.7, top_p=0.95, seed=0)
+    penalised = GenerationOptions(
+        temperature=0.7, top_p=0.95, seed=0, repetition_penalty=1.1, frequency_penalty=0.2
+    )
+    modes = {  # name: (options, sampled on the device, fused step)
+        "host": (plain, False, False),
+        "device": (plain, True, False),
+        "fused": (plain, True, True),
+        "host_penalty": (penalised, False, False),
+        "device_penalty": (penalised, True, True),  # the fused step is skipped: adjust_logits runs first
+    }
     device = DeviceSampler(eng.vm, dev, eng.cache_opts.max_batch_size)
     out: dict = {}
     fused = eng._fused
-    for where in ("host", "device", "fused", "host", "device", "fused"):  # the first round warms up
+    for name in [*modes, *modes]:  # the first round warms up
+        opts, on_device, use_fused = modes[name]
         sampler = TokenSampler(opts, prompt)
-        eng.sampler = None if where == "host" else device
-        eng._fused = fused if where == "fused" else {}  # "device": embed, decode, sample_tokens, 3 calls
+        eng.sampler = device if on_device else None
+        eng._fused = fused if use_fused else {}  # "device": embed, decode, sample_tokens, 3 calls
+
+        def step(out, sampler=sampler, on_device=on_device) -> int:
+            tok = out if on_device else sampler(out)
+            sampler.accept(tok)  # as Generation.step: the penalties count it
+            return tok
+
         sid = eng.add_sequence()
         try:
-            if where != "host":
-                tokens = [eng.prefill(sid, prompt, draw=sampler.device_draw())]
-            else:
-                tokens = [sampler(eng.prefill(sid, prompt))]
+            tokens = [step(eng.prefill(sid, prompt, draw=sampler.device_draw() if on_device else None))]
             dev.sync()
             t0 = time.perf_counter()
             for _ in range(steps):
-                if where != "host":
-                    tokens.append(eng.decode(sid, tokens[-1], sampler.device_draw()))
-                else:
-                    tokens.append(sampler(eng.decode(sid, tokens[-1])))
+                tokens.append(step(eng.decode(sid, tokens[-1], sampler.device_draw() if on_device else None)))
             dev.sync()
-            out[f"{where}_tok_s"] = round(steps / (time.perf_counter() - t0), 1)
-            out[f"{where}_tokens"] = tokens
+            out[f"{name}_tok_s"] = round(steps / (time.perf_counter() - t0), 1)
+            out[f"{name}_tokens"] = tokens
         finally:
             eng.remove_sequence(sid)
             eng.sampler, eng._fused = None, fused
     if not fused:
-        out.pop("fused_tokens")
         out["fused_tok_s"] = "no decode_and_sample in this library"
-    host = out.pop("host_tokens")
-    same = all(out.pop(f"{w}_tokens", host) == host for w in ("device", "fused"))
-    return {**out, "same_tokens": same}
+    tokens = {k[: -len("_tokens")]: out.pop(k) for k in [k for k in out if k.endswith("_tokens")]}
+    same = [tokens[w] == tokens["host"] for w in ("device", "fused")]
+    return {
+        **out,
+        "same_tokens": all(same),
+        "same_tokens_penalty": tokens["device_penalty"] == tokens["host_penalty"],
+    }
 
 
 def _profile(eng, dev, rng, name: str) -> dict:
