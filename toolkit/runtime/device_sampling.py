@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # tvm is imported where it is used: the API imports this modu
     import tvm
 
 FUNCTIONS = ("sample_tokens",)
-ADJUST = "adjust_logits"  # the bias and penalties (compile/adjust_logits.py), from after sample_tokens
+ADJUST = "adjust_logits"  # bias and penalties (compile/adjust_logits.py); older libraries have none
 # forward -> its fused step: embed, forward and sample_tokens in one call (compile/attach_decode_sample.py;
 # libraries from before it have none, and the engine makes the three calls)
 FUSED_STEPS = {"decode": "decode_and_sample", "batch_decode": "batch_decode_and_sample"}
