@@ -25,13 +25,14 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KIT = ROOT / ".whl" / "gpu-kit"
 SITE, LIBS = KIT / "site", KIT / "libs"
 CARRY_LIMIT = 64 * 2**20  # what the device tool carries: working tree and carried paths together
-FFI = "apache-tvm-ffi==0.1.14.post1"  # pyproject.toml's pin
+FFI = f"apache-tvm-ffi=={metadata.version('apache-tvm-ffi')}"  # the one installed here (pyproject.toml's pin)
 
 
 def _runtime(python: str) -> None:

@@ -22,10 +22,16 @@ from .logit_processor import max_threads
 NAME = "adjust_logits"
 
 
-def _adjusted(x, bias, covered, count, repetition, frequency, presence):
-    y = x + bias
-    y = T.if_then_else(covered != 0, T.if_then_else(y > T.float32(0), y / repetition, y * repetition), y)
-    return T.if_then_else(count > 0, y - (T.Cast("float32", count) * frequency + presence), y)
+def _adjusted(logits, pairs, values, n, i):
+    """Pair i's logit after its change: bias, then repetition where covered, then frequency / presence where
+    generated (its row's three values follow the n biases). One expression: no lets, which a GPU kernel's
+    block could read before they are bound."""
+    r, count = pairs[0, i], pairs[3, i]
+    y = logits[r, pairs[1, i]] + values[i]
+    repetition = values[n + 3 * r]
+    y = T.if_then_else(pairs[2, i] != 0, T.if_then_else(y > T.float32(0), y / repetition, y * repetition), y)
+    penalty = T.Cast("float32", count) * values[n + 3 * r + 1] + values[n + 3 * r + 2]
+    return T.if_then_else(count > 0, y - penalty, y)
 
 
 def adjust_logits(target: tvm.target.Target) -> tirx.PrimFunc:
@@ -41,16 +47,7 @@ def adjust_logits(target: tvm.target.Target) -> tirx.PrimFunc:
             pairs = T.match_buffer(var_pairs, (4, n), "int32")
             values = T.match_buffer(var_values, (n + 3 * b,), "float32")
             for i in range(n):
-                r = pairs[0, i]
-                logits[r, pairs[1, i]] = _adjusted(
-                    logits[r, pairs[1, i]],
-                    values[i],
-                    pairs[2, i],
-                    pairs[3, i],
-                    values[n + 3 * r],
-                    values[n + 3 * r + 1],
-                    values[n + 3 * r + 2],
-                )
+                logits[pairs[0, i], pairs[1, i]] = _adjusted(logits, pairs, values, n, i)
 
         return cpu
 
@@ -68,14 +65,6 @@ def adjust_logits(target: tvm.target.Target) -> tirx.PrimFunc:
                 with T.sblock("adjust"):
                     i = T.axis.spatial(n, bx * tx + t)
                     T.where(bx * tx + t < n)
-                    logits[pairs[0, i], pairs[1, i]] = _adjusted(
-                        logits[pairs[0, i], pairs[1, i]],
-                        values[i],
-                        pairs[2, i],
-                        pairs[3, i],
-                        values[n + 3 * pairs[0, i]],
-                        values[n + 3 * pairs[0, i] + 1],
-                        values[n + 3 * pairs[0, i] + 2],
-                    )
+                    logits[pairs[0, i], pairs[1, i]] = _adjusted(logits, pairs, values, n, i)
 
     return gpu
