@@ -715,6 +715,48 @@ def test_tune_tracker_port_that_is_not_a_tracker(tmp_path) -> None:
     assert_clean_failure(r, "--rpc-tracker", snapshot(tmp_path), tmp_path)
 
 
+def _a_cpu_this_machine_lacks() -> str | None:
+    from toolkit.targets import for_cpu, load_preset
+
+    host = load_preset("host")
+    for cpu in ("sapphirerapids", "graniterapids", "znver5"):
+        if for_cpu(host, cpu).missing_features:
+            return cpu
+    return None
+
+
+def test_tune_refuses_a_device_it_cannot_time_here_before_reading_the_model(tmp_path) -> None:
+    """Without a tracker `phi3 tune` times kernels on this machine: a GPU preset with no such GPU here, or a
+    CPU class whose instructions this CPU lacks, is one line naming --device (checked before the model,
+    which does not exist here), and the records folder stays as it was. It used to tune on, every
+    measurement failing, and end in exit 0 with "0 kernel(s) beat the default" and a new index entry."""
+    import tvm
+
+    devices = [] if tvm.cuda(0).exist else ["cuda-sm90"]
+    devices += [] if tvm.vulkan(0).exist else ["vulkan"]
+    devices += ["webgpu"]  # TVM has no WebGPU runtime to time with
+    cpu = _a_cpu_this_machine_lacks()
+    devices += [f"host:{cpu}"] if cpu else []
+    records = tmp_path / "schedules"
+    records.mkdir()
+    before = snapshot(tmp_path)
+    for device in devices:
+        r = run(
+            [
+                "tune",
+                "/nonexistent-model",
+                "--device",
+                device,
+                "--search",
+                "metaschedule",
+                "--schedules-dir",
+                records,
+            ]
+        )
+        line = assert_clean_failure(r, f"--device {device}", before, tmp_path)
+        assert "--rpc-tracker" in line, line  # the way around it
+
+
 def test_meta_schedule_logging_survives_a_foreign_unnamed_handler(tmp_path) -> None:
     from tvm.s_tir.meta_schedule.logging import create_loggers
 

@@ -94,7 +94,7 @@ def command(
 ):
     """Tune MODEL's kernels for a device preset; records go to schedules/<preset>/, keyed by this device."""
     from ..errors import UserError
-    from ..tune.guard import check_tracker
+    from ..tune.guard import check_local_device, check_tracker
 
     tracker = _parse_tracker(rpc_tracker)
     if (tracker is None) != (rpc_key is None):
@@ -114,6 +114,8 @@ def command(
     search = "knobs" if quick else search or ("both" if on_host else "metaschedule")
     if search != "metaschedule" and not on_host:
         raise UserError(f"--search {search}: knob search times kernels here; '{device}' is not this CPU")
+    if rpc is None:
+        check_local_device(preset)
     source = open_model(model)
     quant = quantization_for(source, quantization)
     if search in ("knobs", "both"):

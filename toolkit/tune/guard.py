@@ -2,6 +2,9 @@
 
 - An unreachable RPC tracker (or a key no device registered) is one line and a non-zero exit within seconds,
   not a minute of retries and thread tracebacks followed by exit 0.
+- Without a tracker the kernels are timed on this machine: a preset whose device is not here (a GPU preset
+  on a machine without that GPU, a CPU class whose instructions this CPU lacks) is refused before the model
+  is read, not tuned into every measurement failing and "0 kernels beat the default", exit 0.
 - MetaSchedule's logging setup crashes (`'NoneType' object has no attribute 'format'`) when its logger already
   has a handler without a name, which a program that configures logging can add: its handlers are set aside
   while MetaSchedule runs and put back afterwards.
@@ -45,6 +48,20 @@ def check_tracker(host: str, port: int, key: str, timeout: float = 5.0) -> None:
     if key not in queue:
         known = ", ".join(sorted(queue)) or "none"
         raise UserError(f"--rpc-key {key}: no device registered under it at {host}:{port} (keys: {known})")
+
+
+def check_local_device(preset) -> None:
+    """UserError unless `preset`'s kernels can be timed on this machine (`phi3 tune` without a tracker)."""
+    hint = "tune on a machine that has it, or time there through --rpc-tracker and --rpc-key"
+    if preset.kind == "llvm":
+        if not preset.runs_here:
+            why = f" (it lacks {', '.join(preset.missing_features)})" if preset.missing_features else ""
+            raise UserError(f"--device {preset.spec}: its code does not run on this CPU{why}; {hint}")
+        return
+    import tvm
+
+    if not tvm.device(preset.kind, 0).exist:
+        raise UserError(f"--device {preset.spec}: no {preset.kind} device here to time kernels on; {hint}")
 
 
 @contextmanager
