@@ -757,6 +757,29 @@ def test_tune_refuses_a_device_it_cannot_time_here_before_reading_the_model(tmp_
         assert "--rpc-tracker" in line, line  # the way around it
 
 
+def test_running_a_cuda_preset_without_a_cuda_gpu_is_one_line(tmp_path) -> None:
+    """generate / eval / bench / serve / chat on a CUDA preset where there is no CUDA GPU: one line naming
+    the preset before anything is compiled. It used to compile, then end in the traceback of TVM's CUDA
+    module loader."""
+    import tvm
+
+    if tvm.cuda(0).exist:
+        pytest.skip("this machine has a CUDA GPU: the preset runs here")
+    text = tmp_path / "t.txt"
+    text.write_text("some text to score")
+    before = snapshot(tmp_path)
+    for args in (
+        ["generate", "--prompt", "hi", "--max-tokens", "2"],
+        ["eval", "--ppl", text],
+        ["bench", "--threads", "1"],
+        ["serve", "--port", "0"],
+        ["chat"],
+    ):
+        r = run([*args, "--device", "cuda-sm90"], input="")
+        line = assert_clean_failure(r, "'cuda-sm90'", before, tmp_path)
+        assert "no CUDA GPU" in line, line
+
+
 def test_meta_schedule_logging_survives_a_foreign_unnamed_handler(tmp_path) -> None:
     from tvm.s_tir.meta_schedule.logging import create_loggers
 

@@ -163,6 +163,10 @@ def command(
         roofline_pairs=roofline_pairs,
     )
     settings.validate()
+    from ..runtime.engine import open_device
+    from ..targets import load_preset
+
+    open_device(load_preset(device))  # a device this machine lacks: said now, not after a build
     src = open_model(model)
 
     def log(msg: str) -> None:

@@ -428,6 +428,11 @@ def open_device(preset) -> tvm.runtime.Device:
             )
         return tvm.cpu()
     if preset.kind == "cuda":
+        if not tvm.cuda().exist:  # else the library's CUDA module fails to load, a traceback
+            raise UserError(
+                f"cannot run '{preset.name}' here: no CUDA GPU on this machine; "
+                f"use `phi3 compile --device {preset.name}` and deploy the library"
+            )
         return tvm.cuda()
     if preset.kind in ("vulkan", "opencl"):
         import platform
