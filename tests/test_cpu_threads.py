@@ -53,3 +53,12 @@ def test_a_pool_started_too_small_says_so_and_leaves_the_cpus_alone() -> None:
     got, err = _run(started + SIZE.format(n=2), env_threads="1")
     assert got["pool"] == 1 and got["cpus"] == ALL_CPUS
     assert "notice: TVM's CPU thread pool started earlier with 1 thread(s); running 1, not 2" in err
+
+
+def test_more_threads_than_cpus_says_what_runs_and_why() -> None:
+    """TVM makes at most one pool thread per CPU: asking for more runs that many, and the notice names the
+    CPUs, not a pool started too early (which it was not)."""
+    got, err = _run(SIZE.format(n=len(ALL_CPUS) + 5))
+    assert got["pool"] == len(ALL_CPUS)
+    notice = f"notice: running {len(ALL_CPUS)} thread(s), not {len(ALL_CPUS) + 5}: this process may use"
+    assert notice in err and "started earlier" not in err, err

@@ -46,7 +46,13 @@ def size_thread_pool(n: int | None = None) -> int:
     if _AFFINITY and os.sched_getaffinity(0) != _AFFINITY:
         os.sched_setaffinity(0, _AFFINITY)
     got = pool_threads()
-    if got < n:
+    cpus = len(_AFFINITY) if _AFFINITY else os.cpu_count() or 1
+    if got < n and n > cpus and got >= cpus:  # TVM makes at most one pool thread per CPU
+        print(
+            f"notice: running {got} thread(s), not {n}: this process may use {cpus} CPU(s)",
+            file=sys.stderr,
+        )
+    elif got < n:
         print(
             f"notice: TVM's CPU thread pool started earlier with {got} thread(s); running {got}, not {n} "
             "(set TVM_NUM_THREADS before the first kernel runs)",
