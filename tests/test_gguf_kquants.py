@@ -578,3 +578,35 @@ def test_host_preset_runs_k_quant_linears_in_int8_kernels(tmp_path):
     ours = np.concatenate([pre, dec])
     assert rel_err(ours, ref) < 6e-2
     assert_greedy_agrees_where_clear(ours, ref)
+
+
+def test_a_scheme_whose_blocks_do_not_tile_a_row_is_refused_before_converting(tmp_path):
+    """GGUF blocks have no padding: a K-quant (256-weight super-blocks) cannot store SmolLM2's 576-wide rows.
+    `phi3 convert -q gguf_q4_k` on it is one line naming the scheme and the first such weight, before any
+    tensor is read, and no output; it used to end in gguf-py's QuantError traceback mid-conversion. Phi-3's
+    widths (3072, 8192) take every block type."""
+    import dataclasses
+
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+    from toolkit.config import phi3_mini_4k
+
+    smollm = open_model(None).config
+    assert smollm.hidden_size % 256 and smollm.hidden_size % 32 == 0
+    with pytest.raises(UserError, match=r"gguf_q4_k: model.embed_tokens.weight has rows of 576 weights"):
+        get_scheme("gguf_q4_k").check_widths(smollm)
+    with pytest.raises(UserError, match=r"gguf_q4_0-q8_0-q6_k: lm_head.weight has rows of 576"):
+        get_scheme("gguf_q4_0-q8_0-q6_k").check_widths(dataclasses.replace(smollm, tie_word_embeddings=False))
+    for fits in ("q4f16_1", "gguf_q4_0", "gguf_q4_1-q8_0"):
+        get_scheme(fits).check_widths(smollm)
+    mini = phi3_mini_4k()
+    for name in ("gguf_q4_k", "gguf_q6_k", "gguf_q4_k-q4_k-q6_k-qkv_q5_k-down_q6_k_l5"):
+        get_scheme(name).check_widths(mini)
+
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["convert", "-q", "gguf_q4_k", "-o", str(out)])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "gguf_q4_k" in lines[0] and "576" in lines[0], lines
+    assert not out.exists() and not list(tmp_path.iterdir())

@@ -284,6 +284,27 @@ class QuantScheme:
             return 16.0 if self.model_dtype == "float16" else 32.0
         return self.layout.bits_per_weight(16 if self.scale_dtype in ("float16", "uint16") else 32)
 
+    def check_widths(self, cfg) -> None:
+        """UserError when a weight of the Phi3Config `cfg` has a row length (K) that is not a whole number of
+        its GGUF blocks: llama.cpp's blocks have no padding, and a K-quant's super-block is 256 weights
+        (SmolLM2's 576 wide rows are not). Group schemes pad K and fit any model."""
+        if self.kind != "gguf":
+            return
+        h, o = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim
+        widths = {"qkv": h, "o": o, "gateup": h, "down": cfg.intermediate_size}
+        names = {"model.embed_tokens.weight": h, "lm_head.weight": h}
+        for i in range(cfg.num_hidden_layers):
+            names.update({f"model.layers.{i}.{LINEAR_KINDS[k]}.weight": w for k, w in widths.items()})
+        for name, width in names.items():
+            block = self.weight_block_type(name)
+            size = GGUF_BLOCK_LAYOUTS[block].group_size if block else 1
+            if width % size:
+                raise UserError(
+                    f"quantization {self.name}: {name} has rows of {width} weights, not a whole number of "
+                    f"{block.upper()}'s {size}-weight blocks (GGUF blocks have no padding); use a scheme "
+                    "whose blocks fit, such as q4f16_1 or gguf_q4_0"
+                )
+
     def max_layer(self) -> int:
         """Highest layer index a per-tensor exception names (-1: none); a model needs more layers."""
         return max((mask.bit_length() - 1 for _, _, mask in self.gguf_overrides), default=-1)
@@ -403,11 +424,11 @@ DEFAULT_QUANTIZATION = "q4f16_1"
 def quantization_for(source, requested: str | None, *, keep_native: bool = False) -> str:
     """The scheme a command uses for `source`: the one asked for, else a converted folder's own, else (when
     `keep_native`, i.e. `convert`) a GGUF's own blocks, else DEFAULT_QUANTIZATION."""
-    if requested:
-        return requested
-    if getattr(source, "kind", None) == "mlc":
+    if getattr(source, "kind", None) == "mlc" and not requested:
         return source.scheme.name
-    return (native_quantization(source) if keep_native else None) or DEFAULT_QUANTIZATION
+    name = requested or (native_quantization(source) if keep_native else None) or DEFAULT_QUANTIZATION
+    get_scheme(name).check_widths(source.config)  # before anything is converted or compiled
+    return name
 
 
 def native_quantization(source, model_dtype: str = "float16") -> str | None:
