@@ -129,7 +129,9 @@ def _build_placeholder_model(src, context: int):
 
 
 def _convert_frontend(model, context: int):
-    import coremltools as ct
+    from . import import_coremltools
+
+    ct = import_coremltools()
     import torch
 
     from .torch_model import CAUSAL_MASK, INPUT_IDS, KEY_CACHE, LOGITS, VALUE_CACHE
@@ -240,7 +242,9 @@ def export_coreml(
     """Export a checkpoint to `output` (.mlpackage) and, with `tokenizer_files`, the tokenizer/config files
     swift-transformers loads into the same folder. Raises UserError for bad input; never leaves a partial
     package or file under an output name."""
-    import coremltools as ct
+    from . import import_coremltools
+
+    ct = import_coremltools()
     import torch
     from tqdm import tqdm
 

@@ -37,7 +37,9 @@ _NP_DTYPES = {
 
 def load_program(package: str | Path):
     """(MLModel spec, pymil Program) for an .mlpackage; a damaged package is a one-line UserError."""
-    import coremltools as ct
+    from . import import_coremltools
+
+    ct = import_coremltools()
     from coremltools.converters.mil.frontend.milproto.load import load
 
     package = Path(package)

@@ -129,7 +129,9 @@ def _tokens(cfg: Phi3Config, n: int, seed: int) -> list[int]:
 
 def _run_coreml(package: Path, chunks: list[list[int]]) -> list[np.ndarray]:
     """Core ML itself (macOS 15+ only), fed the way swift-transformers feeds it."""
-    import coremltools as ct
+    from . import import_coremltools
+
+    ct = import_coremltools()
 
     ml = ct.models.MLModel(str(package))
     state = ml.make_state()
