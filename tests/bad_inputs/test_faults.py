@@ -615,6 +615,28 @@ def test_chat_drops_a_message_that_does_not_fit(stub_engine) -> None:
     assert len(r.stdout.splitlines()) == 2  # the turns before and after were answered
 
 
+def test_chat_drops_a_line_of_bad_bytes_that_stdin_passed_on_as_surrogates(stub_engine, monkeypatch) -> None:
+    """Under the C locale or Python's UTF-8 mode stdin decodes with surrogateescape: bytes that are not UTF-8
+    arrive as lone surrogates, not as a UnicodeDecodeError. Such a line is one error and the chat goes on; it
+    used to reach the tokenizer and end the chat in a TypeError traceback."""
+    import toolkit.cli.cmd_chat as cmd_chat
+
+    lines = iter([b"\xff\xfe hi".decode("utf-8", "surrogateescape"), "hi again"])
+
+    def fake_input(prompt: str = "") -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr(cmd_chat, "input", fake_input, raising=False)
+    r = run(["chat", "--temperature", "0", "--max-tokens", "2"])
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "not valid UTF-8" in errors[0], r.stderr
+    assert len(r.stdout.splitlines()) == 1  # the good line was answered
+
+
 def test_ctrl_c_in_a_chat_stops_the_reply_and_the_chat_goes_on(
     stub_engine, monkeypatch, terminal_sigint
 ) -> None:
@@ -647,6 +669,21 @@ def test_eval_text_file_problems(tmp_path) -> None:
     assert_clean_failure(
         run(["eval", "/nonexistent-model", "--ppl", tmp_path / "nope.txt"]), "nope.txt", before, tmp_path
     )
+
+
+def test_eval_of_a_text_with_fewer_than_two_tokens_is_one_line_before_a_compile(
+    tmp_path, ckpt, monkeypatch
+) -> None:
+    """An empty --ppl text scores nothing: one line naming it, before the engine is built (it used to compile,
+    then end in perplexity()'s ValueError traceback)."""
+    import toolkit.cli.cmd_eval as cmd_eval
+
+    monkeypatch.setattr(cmd_eval, "open_engine", lambda *a, **k: pytest.fail("built an engine"))
+    (tmp_path / "empty.txt").write_text("")
+    before = snapshot(tmp_path)
+    r = run(["eval", ckpt, "--ppl", tmp_path / "empty.txt"])
+    assert_clean_failure(r, "empty.txt", before, tmp_path)
+    assert "fewer than 2 tokens" in r.stderr
 
 
 # -- verify and tune -----------------------------------------------------------------------------------

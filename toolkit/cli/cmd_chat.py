@@ -57,7 +57,8 @@ def command(model, system, stats, quantization, device, threads, allow_pickle, s
     while True:
         try:
             line = input(">>> " if interactive else "")
-        except UnicodeDecodeError:
+            line.encode("utf-8")  # a stdin decoded with surrogateescape (C locale) passes bad bytes on
+        except (UnicodeDecodeError, UnicodeEncodeError):
             click.echo("error: stdin: that line is not valid UTF-8 text; not sent", err=True)
             continue
         except KeyboardInterrupt:

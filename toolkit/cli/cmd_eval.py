@@ -11,6 +11,14 @@ from ..errors import UserError
 from .options import eval_window_options, model_argument, open_engine, run_options
 
 
+def text_ids(source, text: str, text_file: str) -> list[int]:
+    """The text's token ids, or a one-line UserError when there are fewer than the 2 a score needs."""
+    ids = source.tokenizer().encode(text)
+    if len(ids) < 2:
+        raise UserError("has fewer than 2 tokens: nothing to score", text_file)
+    return ids
+
+
 def read_text_file(text_file: str) -> str:
     """The --ppl text, or one-line UserError."""
     path = Path(text_file)
@@ -98,16 +106,19 @@ def command(
             progress=False,
         )
         return
+    from ..checkpoint import open_model
+
     text = read_text_file(text_file)
+    source = open_model(model, allow_pickle=allow_pickle)
+    ids = text_ids(source, text, text_file)  # before a compile
     engine, source = open_engine(
-        model,
+        source,
         quantization=quantization,
         device=device,
         threads=threads,
         allow_pickle=allow_pickle,
         cache=CacheOptions(max_batch_size=1, context_window=context, prefill_chunk=context),
     )
-    ids = source.tokenizer().encode(text)
     res = perplexity(engine, ids, context=context, stride=stride, max_tokens=max_tokens, through=through)
     out = {
         "model": str(source.path),

@@ -61,7 +61,7 @@ def run_scheme_table(
         scheme_table,
         write_json,
     )
-    from .cmd_eval import read_text_file
+    from .cmd_eval import read_text_file, text_ids
 
     inputs = [model_input_path(model), text_file]
     if plot is not None:
@@ -71,9 +71,7 @@ def run_scheme_table(
     text = read_text_file(text_file)
     source = open_model(model, allow_pickle=allow_pickle)
     specs = resolve_native(specs or parse_schemes(",".join(DEFAULT_SCHEMES)), source, explicit=explicit)
-    ids = source.tokenizer().encode(text)
-    if len(ids) < 2:
-        raise UserError("has fewer than 2 tokens: nothing to score", text_file)
+    ids = text_ids(source, text, text_file)
     log = (lambda m: print(m, file=sys.stderr)) if progress else None
     report = scheme_table(
         source,

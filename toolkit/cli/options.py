@@ -4,10 +4,14 @@ at parse time (before any model is loaded)."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import click
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..checkpoint import ModelSource
 
 model_argument = click.argument("model", required=False)
 
@@ -55,16 +59,22 @@ def device_choice() -> click.Choice:
 
 
 def open_engine(
-    model: str | None, *, quantization: str | None, allow_pickle: bool, sample_on: str = "host", **kwargs
+    model: str | ModelSource | None,
+    *,
+    quantization: str | None,
+    allow_pickle: bool,
+    sample_on: str = "host",
+    **kwargs,
 ):
-    """`load_engine` with -q and --sample-on checked first (before any compile)."""
+    """`load_engine` with -q and --sample-on checked first (before any compile); `model` a path, None or a
+    source already opened."""
     from ..api import check_device_sampling, check_scheme
-    from ..checkpoint import open_model
+    from ..checkpoint import ModelSource, open_model
     from ..runtime.engine import load_engine
 
     kwargs["device_sampling"] = sample_on == "device"
     check_device_sampling(kwargs.get("device", "host"), kwargs["device_sampling"])
-    source = open_model(model, allow_pickle=allow_pickle)
+    source = model if isinstance(model, ModelSource) else open_model(model, allow_pickle=allow_pickle)
     check_scheme(source, quantization)
     return load_engine(source, quantization=quantization, allow_pickle=allow_pickle, **kwargs)
 
