@@ -137,11 +137,16 @@ def test_completions_max_tokens_and_stop(server, client, model):
         ({"messages": [{"role": "user", "content": 5}]}, "content"),
         ({"messages": [{"role": "user", "content": "word " * 600}]}, "context window"),
         ([1, 2], "JSON object"),
+        # a JSON escape of a lone surrogate is no text (the tokenizer's TypeError was a 500)
+        ({"messages": [{"role": "user", "content": "hi \ud800"}]}, "not UTF-8"),
+        ({"messages": [{"role": "user", "content": "x"}], "stop": ["\udcff"]}, "stop strings"),
     ],
 )
 def test_bad_requests_are_400_with_a_message(server, body, needle):
-    with http(server) as h:
-        r = h.post("/v1/chat/completions", json=body)
+    with http(server) as h:  # json.dumps escapes a lone surrogate (httpx's json= cannot encode it)
+        r = h.post(
+            "/v1/chat/completions", content=json.dumps(body), headers={"content-type": "application/json"}
+        )
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert needle in err["message"] and err["type"] == "invalid_request_error"

@@ -48,6 +48,17 @@ def _token_content(tok: Any) -> str | None:
     return tok if isinstance(tok, str) else None
 
 
+def is_text(s: str) -> bool:
+    """Whether `s` is text a tokenizer takes: bytes that were not UTF-8 reach Python as lone surrogates
+    (argv, a surrogateescape stdin, a JSON escape such as \\ud800), which the tokenizers library refuses
+    with a bare TypeError."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class Tokenizer:
     """Encode/decode text, with the model's BOS/EOS conventions."""
 
@@ -169,6 +180,8 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; special tokens written in the text become their ids (as in chat templates)."""
+        if not is_text(text):
+            raise UserError("the text holds bytes that are not UTF-8 (lone surrogates)")
         ids = self._tk.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_token_id is not None:
             ids = [self.bos_token_id, *ids]

@@ -18,6 +18,10 @@ M = "/nonexistent-model"
 PAST = [
     # generate / chat sampling flags
     ("generate", ["-p", "hi", "--max-tokens", "0"], "--max-tokens"),
+    # argv bytes that are not UTF-8 arrive as lone surrogates (--system reached the tokenizer's TypeError)
+    ("generate", ["-p", "hi", "--system", "\udcff"], "--system"),
+    ("generate", ["-p", "hi", "--stop", "\udcff"], "--stop"),
+    ("chat", ["--system", "\udcff"], "--system"),
     ("generate", ["-p", "hi", "--max-tokens", "-1"], "--max-tokens"),
     ("generate", ["-p", "hi", "--max-tokens", "1.5"], "--max-tokens"),
     ("generate", ["-p", "hi", "--max-tokens", "many"], "--max-tokens"),

@@ -11,6 +11,7 @@ import time
 import click
 
 from .. import interrupts
+from ..tokenizer import is_text
 from .cmd_generate import speed_line
 from .options import (
     model_argument,
@@ -19,6 +20,7 @@ from .options import (
     sample_on_option,
     sampling_changes,
     sampling_options,
+    utf8_text,
 )
 
 HELP = "/help this list, /reset clear the history, /stats speed of the last reply, /exit quit (or Ctrl-D)"
@@ -26,7 +28,7 @@ HELP = "/help this list, /reset clear the history, /stats speed of the last repl
 
 @click.command("chat")
 @model_argument
-@click.option("--system", default=None, help="System message.")
+@click.option("--system", default=None, callback=utf8_text, help="System message.")
 @click.option("--stats", is_flag=True, help="Print speed statistics after each reply.")
 @sampling_options
 @sample_on_option
@@ -57,16 +59,17 @@ def command(model, system, stats, quantization, device, threads, allow_pickle, s
     while True:
         try:
             line = input(">>> " if interactive else "")
-            line.encode("utf-8")  # a stdin decoded with surrogateescape (C locale) passes bad bytes on
-        except (UnicodeDecodeError, UnicodeEncodeError):
-            click.echo("error: stdin: that line is not valid UTF-8 text; not sent", err=True)
-            continue
+        except UnicodeDecodeError:
+            line = None
         except KeyboardInterrupt:
             interrupts.handled()
             click.echo("\n(Ctrl-D or /exit quits)", err=True)
             continue
         except (EOFError, RuntimeError, OSError, ValueError):
             break  # end of input, or stdin went away (closed, lost): a clean exit either way
+        if line is None or not is_text(line):  # a surrogateescape stdin (C locale) passes bad bytes on
+            click.echo("error: stdin: that line is not valid UTF-8 text; not sent", err=True)
+            continue
         line = line.strip()
         if not line:
             continue

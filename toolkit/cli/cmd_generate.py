@@ -15,6 +15,7 @@ from .options import (
     sample_on_option,
     sampling_changes,
     sampling_options,
+    utf8_text,
 )
 
 
@@ -22,7 +23,9 @@ from .options import (
 @model_argument
 @prompt_option
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
-@click.option("--system", default=None, help="System message (chat templates that have one).")
+@click.option(
+    "--system", default=None, callback=utf8_text, help="System message (chat templates that have one)."
+)
 @click.option("--stats/--no-stats", default=True, help="Print speed statistics to stderr.")
 @sampling_options
 @sample_on_option

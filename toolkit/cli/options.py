@@ -118,15 +118,20 @@ NON_NEGATIVE_INT = click.IntRange(0)
 SEED = click.IntRange(0, 2**63 - 1)
 
 
+def utf8_text(ctx: click.Context, param: click.Parameter, value):
+    """Text flags (one value or a repeatable flag's tuple) must be valid UTF-8 (argv bytes that are not UTF-8
+    arrive as surrogates)."""
+    from ..tokenizer import is_text
+
+    values = value if isinstance(value, tuple) else () if value is None else (value,)
+    if not all(is_text(v) for v in values):
+        raise click.BadParameter("is not valid UTF-8 text")
+    return value
+
+
 def _text(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """A prompt must be non-empty, valid UTF-8 text (argv bytes that are not UTF-8 arrive as surrogates)."""
-    if value is None:
-        return value
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise click.BadParameter("is not valid UTF-8 text") from None
-    if not value.strip():
+    """A prompt must be non-empty, valid UTF-8 text."""
+    if utf8_text(ctx, param, value) is not None and not value.strip():
         raise click.BadParameter("is empty")
     return value
 
@@ -199,7 +204,9 @@ def sampling_options(f):
         metavar="TOKEN_ID=BIAS",
         help="Add BIAS (-100..100) to a token's logit; repeatable.",
     )(f)
-    f = click.option("--stop", multiple=True, help="Stop before this text; repeatable.")(f)
+    f = click.option("--stop", multiple=True, callback=utf8_text, help="Stop before this text; repeatable.")(
+        f
+    )
     f = click.option("--presence-penalty", type=FiniteFloat(-2.0, 2.0), default=None, help="In [-2, 2].")(f)
     f = click.option("--frequency-penalty", type=FiniteFloat(-2.0, 2.0), default=None, help="In [-2, 2].")(f)
     f = click.option(

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UserError
+from ..tokenizer import is_text
 
 # numpy's Generator takes any non-negative int; 2**63-1 keeps it a C long everywhere
 MAX_SEED = 2**63 - 1
@@ -49,6 +50,8 @@ class GenerationOptions:
             stop = (stop,)
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
             raise OptionsError("stop must be a non-empty string or a list of non-empty strings")
+        if not all(is_text(s) for s in stop):
+            raise OptionsError("stop strings must be valid UTF-8 text")
         if len(stop) > MAX_STOP_STRINGS:
             raise OptionsError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
         object.__setattr__(self, "stop", tuple(stop))
