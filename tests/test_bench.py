@@ -821,3 +821,27 @@ def test_llama_cpp_install_for_a_bad_cpu_fails_before_building(capsys, args, nee
 
     assert lc.main(["install", *args]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_bench_refuses_what_it_cannot_run_before_building_anything(tmp_path, monkeypatch):
+    """A thread count or prompt length listed twice, a run longer than the engine's context window and an
+    unreadable --llama-gguf are one line each, before llama.cpp or our engine is built (the last two used to
+    end in tracebacks: ContextFullError after the build, gguf-py's ValueError after llama.cpp's)."""
+    import toolkit.bench.harness as h
+    import toolkit.bench.llama_cpp as lc
+
+    monkeypatch.setattr(h, "run_bench", lambda *a, **k: pytest.fail("ran the bench"))
+    monkeypatch.setattr(lc, "ensure_llama_cpp", lambda *a, **k: pytest.fail("built llama.cpp"))
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf")
+    cases = [
+        (["--threads", "2,1,2"], "2 listed twice"),
+        (["--prompt-lengths", "8,8"], "8 listed twice"),
+        (["--context", "5000", "--decode-tokens", "8"], "need 5025 positions; the engine holds"),
+        (["--llama-gguf", str(tmp_path / "bad.gguf"), "--vs-llama-cpp"], "not a readable GGUF file"),
+    ]
+    for args, needle in cases:
+        r = CliRunner().invoke(cli, ["bench", *args])
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.exit_code != 0 and "Traceback" not in r.output, r.output
+        assert len(lines) == 1 and needle in lines[0], lines
+    assert BenchSettings(prompt_lengths=[100], decode_tokens=8, roofline_pairs=24).context_needed == 125

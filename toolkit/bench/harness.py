@@ -107,7 +107,20 @@ class BenchSettings:
 
     @property
     def context_needed(self) -> int:
-        return max(self.prompt_lengths) + self.decode_tokens + 1
+        """Positions of the longest run: the headline prompt, then its decode or its paired roofline steps."""
+        return max(self.prompt_lengths) + max(self.decode_tokens, self.roofline_pairs) + 1
+
+    def check_context(self, cfg) -> None:
+        """UserError, before any build, when the longest run does not fit our engine's context window."""
+        from ..runtime.engine import CacheOptions
+
+        window = CacheOptions().window_for(cfg)
+        if self.context_needed > window:
+            raise UserError(
+                f"--context / --prompt-lengths: a prompt of {max(self.prompt_lengths)} tokens and the "
+                f"{self.context_needed - max(self.prompt_lengths) - 1} decode steps after it need "
+                f"{self.context_needed} positions; the engine holds {window}"
+            )
 
 
 class Runner(Protocol):
@@ -290,6 +303,7 @@ def run_bench(
 
     s = settings
     s.validate()
+    s.check_context(config)
     vocab = config.vocab_size
     headline = max(s.prompt_lengths)
     rng = np.random.default_rng(s.seed)

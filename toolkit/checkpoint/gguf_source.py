@@ -90,7 +90,8 @@ def read_gguf(path: Path | str):
     return _Reader(path)
 
 
-def _open_reader(path: Path):
+def open_gguf_reader(path: Path):
+    """gguf-py's reader of `path`, or a one-line UserError naming it."""
     try:
         return read_gguf(path)
     except (ValueError, OSError, IndexError, KeyError) as e:
@@ -123,7 +124,7 @@ class GGUFSource(ModelSource):
         from ..chat_template import template_from_jinja
 
         path = Path(path)
-        reader = _open_reader(path)
+        reader = open_gguf_reader(path)
         arch = _field(reader, "general.architecture")
         if arch not in SUPPORTED_GGUF_ARCHS:
             raise UserError(

@@ -21,6 +21,9 @@ def _int_list(ctx, param, value: str) -> list[int]:
         raise click.BadParameter("empty list")
     if min(out) < 1:
         raise click.BadParameter(f"every value must be >= 1, got {min(out)}")
+    twice = sorted({v for v in out if out.count(v) > 1})
+    if twice:  # it would be measured twice over
+        raise click.BadParameter(f"{', '.join(map(str, twice))} listed twice")
     return out
 
 
@@ -168,6 +171,11 @@ def command(
 
     open_device(load_preset(device))  # a device this machine lacks: said now, not after a build
     src = open_model(model)
+    settings.check_context(src.config)
+    if llama_gguf:  # readable before llama.cpp is built (minutes)
+        from ..checkpoint.gguf_source import open_gguf_reader
+
+        open_gguf_reader(Path(llama_gguf))
 
     def log(msg: str) -> None:
         click.echo(msg, err=True)

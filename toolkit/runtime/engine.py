@@ -47,6 +47,10 @@ class CacheOptions:
     prefill_chunk: int = 256
     page_size: int = 16
 
+    def window_for(self, cfg: Phi3Config) -> int:
+        """Positions one sequence may hold: this window, at most the model's max_position_embeddings."""
+        return min(self.context_window, cfg.max_position_embeddings)
+
 
 @dataclass
 class _Seq:
@@ -77,7 +81,7 @@ class Engine:
         self.params = list(params)
         self.cache_opts = cache or CacheOptions()
         c = self.cache_opts
-        self.context_window = min(c.context_window, cfg.max_position_embeddings)
+        self.context_window = c.window_for(cfg)
         self.prefill_chunk = c.prefill_chunk
         lr = cfg.longrope
         if lr is not None and self.context_window > lr.original_max_position_embeddings:
