@@ -684,6 +684,23 @@ def test_eval_of_a_text_with_fewer_than_two_tokens_is_one_line_before_a_compile(
     r = run(["eval", ckpt, "--ppl", tmp_path / "empty.txt"])
     assert_clean_failure(r, "empty.txt", before, tmp_path)
     assert "fewer than 2 tokens" in r.stderr
+    # a window longer than the model's positions: it used to end in ContextFullError after the build
+    (tmp_path / "t.txt").write_text("some words to score")
+    before = snapshot(tmp_path)
+    for cmd in ("eval", "quant-report"):
+        r = run([cmd, ckpt, "--ppl", tmp_path / "t.txt", "--context", "5000"])
+        line = assert_clean_failure(r, "--context", before, tmp_path)
+        assert "model's 256 positions" in line, line
+    # without --context the window is 512 or, for this model, its 256 positions
+    seen = {}
+
+    def engine_asked(*a, **k):
+        seen.update(k)
+        raise UserError("stop here")
+
+    monkeypatch.setattr(cmd_eval, "open_engine", engine_asked)
+    run(["eval", ckpt, "--ppl", tmp_path / "t.txt"])
+    assert seen["cache"].context_window == 256
 
 
 # -- verify and tune -----------------------------------------------------------------------------------

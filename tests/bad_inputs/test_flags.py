@@ -54,6 +54,8 @@ PAST = [
     ("eval", ["--ppl", "x.txt", "--context", "0"], "--context"),
     ("eval", ["--ppl", "x.txt", "--context", "-5"], "--context"),
     ("eval", ["--ppl", "x.txt", "--stride", "0"], "--stride"),
+    ("eval", ["--ppl", "x.txt", "--context", "64", "--stride", "65"], "--stride"),  # would skip tokens
+    ("quant-report", ["--ppl", "x.txt", "--context", "64", "--stride", "65"], "--stride"),
     ("eval", ["--ppl", "x.txt", "--stride", "-1"], "--stride"),
     ("eval", ["--ppl", "x.txt", "--max-tokens", "0"], "--max-tokens"),
     ("eval", ["--ppl", "x.txt", "--threads", "0"], "--threads"),

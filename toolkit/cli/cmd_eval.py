@@ -8,7 +8,24 @@ from pathlib import Path
 import click
 
 from ..errors import UserError
-from .options import eval_window_options, model_argument, open_engine, run_options
+from .options import DEFAULT_WINDOW, eval_window_options, model_argument, open_engine, run_options
+
+
+def eval_window(source, context: int | None, stride: int | None) -> int:
+    """The --context window for this model, before an engine is built: DEFAULT_WINDOW, or the model's
+    positions if it has fewer; one asked for must fit them."""
+    limit = source.config.max_position_embeddings
+    if context is None:
+        context = min(DEFAULT_WINDOW, limit)
+        if stride is not None and stride > context:  # given both, the flags were checked at parse time
+            raise click.BadParameter(
+                f"{stride} is longer than the window, {context}", param_hint="'--stride'"
+            )
+    elif context > limit:
+        raise click.BadParameter(
+            f"{context} is longer than the model's {limit} positions", param_hint="'--context'"
+        )
+    return context
 
 
 def text_ids(source, text: str, text_file: str) -> list[int]:
@@ -110,7 +127,8 @@ def command(
 
     text = read_text_file(text_file)
     source = open_model(model, allow_pickle=allow_pickle)
-    ids = text_ids(source, text, text_file)  # before a compile
+    context = eval_window(source, context, stride)  # both before a compile
+    ids = text_ids(source, text, text_file)
     engine, source = open_engine(
         source,
         quantization=quantization,

@@ -35,7 +35,7 @@ def run_scheme_table(
     specs,
     *,
     explicit: bool,
-    context: int,
+    context: int | None,
     stride: int | None,
     max_tokens: int | None,
     device: str,
@@ -61,7 +61,7 @@ def run_scheme_table(
         scheme_table,
         write_json,
     )
-    from .cmd_eval import read_text_file, text_ids
+    from .cmd_eval import eval_window, read_text_file, text_ids
 
     inputs = [model_input_path(model), text_file]
     if plot is not None:
@@ -71,6 +71,7 @@ def run_scheme_table(
     text = read_text_file(text_file)
     source = open_model(model, allow_pickle=allow_pickle)
     specs = resolve_native(specs or parse_schemes(",".join(DEFAULT_SCHEMES)), source, explicit=explicit)
+    context = eval_window(source, context, stride)
     ids = text_ids(source, text, text_file)
     log = (lambda m: print(m, file=sys.stderr)) if progress else None
     report = scheme_table(

@@ -3,6 +3,7 @@ at parse time (before any model is loaded)."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING
 
@@ -79,8 +80,20 @@ def open_engine(
     return load_engine(source, quantization=quantization, allow_pickle=allow_pickle, **kwargs)
 
 
-def eval_window_options(f):
-    """--context/--stride/--max-tokens: the perplexity windows of `phi3 eval` (and quant-report --ppl)."""
+DEFAULT_WINDOW = 512  # perplexity window of `phi3 eval` / quant-report --ppl
+
+
+def eval_window_options(command):
+    """--context/--stride/--max-tokens: the perplexity windows of `phi3 eval` (and quant-report --ppl); a
+    stride longer than the window (which would skip tokens) is refused before anything is loaded."""
+
+    @functools.wraps(command)
+    def f(*args, **kwargs):
+        stride, context = kwargs.get("stride"), kwargs.get("context")
+        if stride is not None and context is not None and stride > context:
+            raise click.BadParameter(f"{stride} is longer than --context {context}", param_hint="'--stride'")
+        return command(*args, **kwargs)
+
     f = click.option(
         "--max-tokens",
         type=click.IntRange(2),
@@ -91,7 +104,10 @@ def eval_window_options(f):
         "--stride", type=click.IntRange(1), default=None, help="Window step (default: context/2)."
     )(f)
     f = click.option(
-        "--context", type=click.IntRange(2), default=512, show_default=True, help="Window length in tokens."
+        "--context",
+        type=click.IntRange(2),
+        default=None,
+        help=f"Window length in tokens (default: {DEFAULT_WINDOW}, or the model's positions if fewer).",
     )(f)
     return f
 
