@@ -288,6 +288,27 @@ def test_phi3_serve_command_in_a_subprocess(model):
         proc.wait(timeout=30)
 
 
+def test_an_address_it_cannot_listen_on_is_one_line_before_loading(monkeypatch):
+    """A port in use or a host that does not resolve: one line naming them, before the model is loaded. It
+    used to load the model, print "serving ... on", then end in uvicorn's log lines and exit 3."""
+    import socket
+
+    import toolkit.api as api
+
+    monkeypatch.setattr(api, "load", lambda *a, **k: pytest.fail("loaded the model"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = CliRunner().invoke(main, ["serve", "--port", str(port)])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1, r.output
+    assert f"--port {port}: cannot listen there" in lines[0], r.output
+    r = CliRunner().invoke(main, ["serve", "--host", "no-such-host.invalid"])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and "--host no-such-host.invalid" in lines[0], r.output
+
+
 def test_serve_flags_are_checked_before_loading():
     r = CliRunner().invoke(main, ["serve", "--port", "70000"])
     assert r.exit_code == 2 and "--port" in r.output
@@ -297,7 +318,8 @@ def test_serve_flags_are_checked_before_loading():
     assert r.exit_code == 2 and "--prefill-chunk" in r.output
     r = CliRunner().invoke(main, ["serve", "--context-window", "64", "--prefill-chunk", "128"])
     assert r.exit_code == 2 and "--prefill-chunk" in r.output and "--context-window 64" in r.output
-    r = CliRunner().invoke(main, ["serve", "--context-window", "100000", "--prefill-chunk", "9000"])
+    args = ["serve", "--port", "0", "--context-window", "100000", "--prefill-chunk", "9000"]
+    r = CliRunner().invoke(main, args)
     assert r.exit_code == 1 and "--prefill-chunk 9000 exceeds the library's prefill chunk (8192)" in r.output
 
 

@@ -67,7 +67,7 @@ def command(
 ):
     """Serve MODEL (default: SmolLM2-135M) on /v1/chat/completions, /v1/completions, /v1/models, /health."""
     from ..api import load
-    from ..serve.server import serve_forever
+    from ..serve.server import listen_socket, serve_forever
 
     if prefill_chunk is None:
         prefill_chunk = min(DEFAULT_PREFILL_CHUNK, context_window)
@@ -75,16 +75,22 @@ def command(
         raise click.BadParameter(
             f"{prefill_chunk} is larger than --context-window {context_window}", param_hint="--prefill-chunk"
         )
-    m = load(
-        model,
-        device=device,
-        quantization=quantization,
-        threads=threads,
-        context_window=context_window,
-        max_batch_size=max_sequences,
-        prefill_chunk=prefill_chunk,
-        allow_pickle=allow_pickle,
-        device_sampling=sample_on == "device",
-    )
+    sock = listen_socket(host, port)  # the address is ours before minutes of loading
+    port = sock.getsockname()[1]  # --port 0: the one the system gave
+    try:
+        m = load(
+            model,
+            device=device,
+            quantization=quantization,
+            threads=threads,
+            context_window=context_window,
+            max_batch_size=max_sequences,
+            prefill_chunk=prefill_chunk,
+            allow_pickle=allow_pickle,
+            device_sampling=sample_on == "device",
+        )
+    except BaseException:
+        sock.close()
+        raise
     click.echo(f"serving {m.name} on http://{host}:{port}/v1 (up to {max_sequences} sequences)", err=True)
-    serve_forever(m, host=host, port=port, max_sequences=max_sequences, max_queue=max_queue, api_key=api_key)
+    serve_forever(m, sock=sock, max_sequences=max_sequences, max_queue=max_queue, api_key=api_key)

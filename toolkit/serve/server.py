@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
 import uvicorn
 
 from ..api import Model
+from ..errors import UserError
 from .app import create_app
 from .scheduler import Scheduler
 
@@ -28,19 +30,37 @@ def _config(app, host: str, port: int, log_level: str) -> uvicorn.Config:
     )
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, made before the model is loaded: an address in use or a host that does
+    not resolve is one UserError then, not uvicorn's log lines and exit 3 after the load."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:
+        raise UserError(f"--host {host}: cannot listen there ({e.strerror or e})") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's own: no TIME_WAIT wait
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+    return sock
+
+
 def serve_forever(
     model: Model,
     *,
-    host: str,
-    port: int,
+    sock: socket.socket,
     max_sequences: int,
     max_queue: int,
     api_key: str | None = None,
     log_level: str = "info",
 ) -> None:
+    """Serve on `sock` (`listen_socket`) until interrupted."""
     app, scheduler = build(model, max_sequences=max_sequences, max_queue=max_queue, api_key=api_key)
+    host, port = sock.getsockname()[:2]
     try:
-        uvicorn.Server(_config(app, host, port, log_level)).run()
+        uvicorn.Server(_config(app, host, port, log_level)).run(sockets=[sock])
     finally:
         scheduler.stop()
 
