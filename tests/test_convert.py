@@ -76,7 +76,8 @@ def test_q4f16_1_weights_match_reference(ckpt, converted) -> None:
 @pytest.mark.parametrize("scheme", ["q0f32", "q0f16", "q4f32_1"])
 def test_other_schemes(ckpt, tmp_path, scheme) -> None:
     out = tmp_path / scheme
-    res = conv.convert(open_model(ckpt), scheme, out, clip="rtn", progress=False, shard_cap=SHARD_CAP)
+    clip = "rtn" if scheme == "q4f32_1" else "auto"  # q0 schemes have no scales to clip
+    res = conv.convert(open_model(ckpt), scheme, out, clip=clip, progress=False, shard_cap=SHARD_CAP)
     src = open_model(ckpt)
     params = open_model(out).load_params()
     w = src.get_tensor("model.layers.0.self_attn.qkv_proj.weight")
@@ -425,3 +426,24 @@ def test_cli_quant_report(ckpt, tmp_path) -> None:
         assert 0 < t["weighted"] < 0.2
     r = CliRunner().invoke(main, ["quant-report", str(ckpt), "-q", "q0f16", "-o", str(png)])
     assert r.exit_code == 1 and "nothing to report" in r.output
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--clip", "search", "-q", "gguf_q4_0"], "--clip search: gguf_q4_0 has no q4 group scales"),
+        (["--clip", "gptq", "-q", "q0f16"], "--clip gptq: q0f16 has no q4 group scales"),
+        (["--context-window", "999999"], "--context-window 999999: longer than the model's 8192 positions"),
+    ],
+)
+def test_convert_refuses_flags_it_would_ignore(tmp_path, flags, needle):
+    """A --clip for a scheme without q4 group scales, and a context window past the model's positions, are one
+    line and no output: the first was ignored (the folder said "clip none"), the second written into the
+    config as asked."""
+    from toolkit.cli import main
+
+    r = CliRunner().invoke(main, ["convert", "-o", str(tmp_path / "out"), "--no-progress", *flags])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert len(lines) == 1 and needle in lines[0], lines
+    assert not (tmp_path / "out").exists()

@@ -242,7 +242,14 @@ def convert(
     rename = param_renamer(param_names, model_type_of(source.config))
     scheme = get_scheme(scheme)
     # clip methods choose MLC group scales; a gguf scheme keeps (or quantizes with) llama.cpp's
+    if clip != "auto" and not (scheme.kind == "group" and scheme.is_quantized):
+        raise UserError(f"--clip {clip}: {scheme.name} has no q4 group scales to choose; drop --clip")
     clip_used = (AUTO_CLIP if clip == "auto" else clip) if scheme.kind == "group" else "none"
+    positions = source.config.max_position_embeddings
+    if context_window_size is not None and context_window_size > positions:
+        raise UserError(
+            f"--context-window {context_window_size}: longer than the model's {positions} positions"
+        )
     out_dir = Path(out_dir).expanduser()
     _check_out_dir(out_dir, source)
     with output_lock(out_dir):  # one writer at a time; it also clears temp folders of dead runs
