@@ -77,6 +77,20 @@ def _stop_now() -> None:
     os._exit(130)
 
 
+def quiet_teardown() -> None:
+    """An interrupted command has said its one line: what the process's exit prints after it goes nowhere.
+    Objects that Ctrl-C left half-built are destroyed then, and TVM's destructors log warnings of their own
+    ("BlockBuilder destroyed with remaining blocks!") straight to fd 2. The real program only (`cli.run`)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed pipe: nothing more to say on it
+            pass
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+
+
 def _on_sigint_exiting(signum, frame) -> None:
     global _fired_exiting
     if _fired_exiting:

@@ -236,6 +236,29 @@ def test_ctrl_c_during_a_first_run_is_one_line_and_leaves_no_process(ckpt, tmp_p
     assert alive.stdout == ""
 
 
+def test_ctrl_c_leaves_error_interrupted_as_the_last_line_despite_tvm_destructors() -> None:
+    """A Ctrl-C in the middle of a graph build leaves TVM objects half-built; their destructors, run as the
+    process exits, logged "BlockBuilder destroyed with remaining blocks!" after our one line (seen in the
+    first-run Ctrl-C test above when the signal landed in the compile). The `phi3` program sends what its
+    exit prints after an interrupted command's line nowhere."""
+    code = (
+        "import os, signal, sys\n"
+        "from tvm import relax\n"
+        "import toolkit.cli.cmd_targets as cmd\n"
+        "keep = []\n"
+        "def build(*a, **k):\n"
+        "    keep.append(relax.BlockBuilder())\n"
+        "    keep[0]._begin_dataflow_block()\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "cmd.list_presets = build\n"
+        "sys.argv = ['phi3', 'targets']\n"
+        "from toolkit.cli import run\n"
+        "run()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130 and proc.stderr == "error: interrupted\n", proc.stderr
+
+
 @pytest.mark.parametrize("then", ["swallows it", "raises RuntimeError"])
 def test_ctrl_c_that_a_library_swallows_or_rewraps_still_ends_the_command_as_one_line(
     monkeypatch, then, terminal_sigint

@@ -101,5 +101,9 @@ def run() -> None:
     (`interrupts.exiting`). Not in `main` itself: a test that invokes it in-process keeps its own Ctrl-C."""
     try:
         main(prog_name="phi3")
+    except SystemExit as e:
+        if e.code == 130:  # only an interrupted command exits 130
+            interrupts.quiet_teardown()  # "error: interrupted" stays the last line
+        raise
     finally:
         interrupts.exiting()
