@@ -165,6 +165,23 @@ def test_malformed_json_unknown_model_and_auth(server, client, model):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
 
 
+def test_a_fault_of_ours_is_a_json_500(server, model, monkeypatch):
+    """An unexpected exception in a request is OpenAI's JSON error shape with status 500 (Starlette's default
+    was a plain-text "Internal Server Error", which clients' SDKs cannot parse), and the server goes on."""
+
+    def broken(**changes):
+        raise RuntimeError("planted fault")
+
+    monkeypatch.setattr(model, "options", broken)
+    with http(server) as h:
+        r = h.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 500, r.text
+    err = r.json()["error"]
+    assert err["type"] == "server_error" and "RuntimeError: planted fault" in err["message"]
+    monkeypatch.undo()
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
 def _stream_text(server, model, prompt: str, max_tokens: int = 16, started=None, release=None) -> str:
     """A raw SSE chat stream. With `started`/`release` (Events): signal the first content, then hang up
     (close the connection mid-stream) once `release` is set."""

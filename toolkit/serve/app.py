@@ -77,6 +77,11 @@ def create_app(model: Model, scheduler: Scheduler, *, api_key: str | None = None
     async def _validation_error(request: Request, exc: RequestValidationError):
         return _error(400, str(exc), "invalid_request_error")
 
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, exc: Exception):
+        # a fault of ours: OpenAI's JSON shape for clients (their SDKs parse it), the traceback in our log
+        return _error(500, f"internal error ({type(exc).__name__}: {exc})", "server_error")
+
     @app.middleware("http")
     async def _auth(request: Request, call_next):
         if api_key and request.url.path.startswith("/v1/"):
