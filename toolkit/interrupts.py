@@ -67,12 +67,16 @@ def interrupted(error: BaseException) -> bool:
     return isinstance(error, KeyboardInterrupt) or _fired
 
 
-def _stop_now() -> None:
+def _flush() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:  # a closed pipe: nothing more to say on it
             pass
+
+
+def _stop_now() -> None:
+    _flush()
     os.write(2, b"error: interrupted\n")
     os._exit(130)
 
@@ -81,11 +85,7 @@ def quiet_teardown() -> None:
     """An interrupted command has said its one line: what the process's exit prints after it goes nowhere.
     Objects that Ctrl-C left half-built are destroyed then, and TVM's destructors log warnings of their own
     ("BlockBuilder destroyed with remaining blocks!") straight to fd 2. The real program only (`cli.run`)."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # a closed pipe: nothing more to say on it
-            pass
+    _flush()
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     os.close(devnull)

@@ -180,9 +180,12 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; special tokens written in the text become their ids (as in chat templates)."""
-        if not is_text(text):
-            raise UserError("the text holds bytes that are not UTF-8 (lone surrogates)")
-        ids = self._tk.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self._tk.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            if isinstance(text, str) and not is_text(text):  # checked only when refused: encode is per prompt
+                raise UserError("the text holds bytes that are not UTF-8 (lone surrogates)") from None
+            raise
         if (self.add_bos if add_bos is None else add_bos) and self.bos_token_id is not None:
             ids = [self.bos_token_id, *ids]
         return ids
