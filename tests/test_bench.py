@@ -17,7 +17,12 @@ from click.testing import CliRunner
 from toolkit.bench import harness
 from toolkit.bench.harness import BenchSettings, InProcessRunner, run_bench
 from toolkit.bench.pairing import paired_decode, summarize_pairs
-from toolkit.bench.roofline import gguf_weight_bytes_per_token, weight_bytes_per_token
+from toolkit.bench.roofline import (
+    gguf_weight_bytes_per_token,
+    kv_bytes_of_steps,
+    kv_bytes_per_step,
+    weight_bytes_per_token,
+)
 from toolkit.bench.timing import summarize, timed_generation
 from toolkit.cli import main as cli
 from toolkit.config import Phi3Config
@@ -104,6 +109,36 @@ def test_paired_fraction_uses_the_passes_around_each_step():
     assert p["probe_bytes_s"]["median"] == 20.0
 
 
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_kv_bytes_per_step_count_the_keys_the_new_token_sees(window, dtype):
+    """A decode step with n cached tokens reads the K and V rows of every key its query attends to: HF's
+    mask (0 <= q - k < window) counted key by key, times the rows' size as a [layers, 2, kv heads, keys,
+    head dim] array of the cache's dtype."""
+    cfg = Phi3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=window,
+    )  # fmt: skip
+    for cached in (0, 3, 4, 5, 11):
+        q = cached  # the new token's position
+        seen = sum(1 for k in range(q + 1) if window is None or q - k < window)
+        rows = np.empty((cfg.num_hidden_layers, 2, cfg.num_key_value_heads, seen, cfg.head_dim), dtype)
+        assert kv_bytes_per_step(cfg, dtype, cached) == rows.nbytes
+    assert kv_bytes_of_steps(cfg, dtype, 4, 3) == [kv_bytes_per_step(cfg, dtype, n) for n in (4, 5, 6)]
+    with pytest.raises(UserError, match="int8"):
+        kv_bytes_per_step(cfg, "int8", 1)
+
+
+def test_paired_fraction_with_kv_adds_each_steps_cache_reads():
+    """Step i read weights + kv[i] bytes in decode_s[i], against the mean of the passes around it."""
+    p = summarize_pairs(FAKE_PAIRS, 30, kv_bytes=[10, 0])
+    assert p["fraction"] == pytest.approx((30 / 1 / 15 + 30 / 2 / 25) / 2)
+    assert p["fraction_with_kv"] == pytest.approx((40 / 1 / 15 + 30 / 2 / 25) / 2)
+    assert "fraction_with_kv" not in summarize_pairs(FAKE_PAIRS, 30)
+    with pytest.raises(ValueError, match="2 steps need 2"):
+        summarize_pairs(FAKE_PAIRS, 30, kv_bytes=[1])
+
+
 def _tiny_config() -> Phi3Config:
     return Phi3Config(
         vocab_size=VOCAB,
@@ -152,8 +187,9 @@ class LoggedBackend(FakeBackend):
         super().reset()
 
 
-def _fake_bench(tmp_path, order: list[str] | None = None, **kw):
-    """The bench on test doubles; `order` collects the backends' names generation by generation."""
+def _fake_bench(tmp_path, order: list[str] | None = None, kv_info: bool = False, **kw):
+    """The bench on test doubles; `order` collects the backends' names generation by generation; with
+    `kv_info` the runners say their KV cache dtype, as the real ones do."""
     order = [] if order is None else order
     backends: dict[str, FakeBackend] = {}
     paired: list[tuple[int, str | None, list[int]]] = []  # our engine's pairing: threads, KV dtype, prompt
@@ -161,13 +197,15 @@ def _fake_bench(tmp_path, order: list[str] | None = None, **kw):
     def ours(model, s, t):
         name = f"ours{t}" + (f"_{s.kv_cache}" if s.kv_cache else "")
         backends[name] = LoggedBackend(name, order)
-        return InProcessRunner(backends[name], {"quantization": s.quantization})
+        info = {"quantization": s.quantization}
+        if kv_info:
+            info["kv_cache_dtype"] = s.kv_cache or "float16"
+        return InProcessRunner(backends[name], info)
 
     def llama(gguf, s, t, fa):
         backends[f"llama{t}{fa}"] = LoggedBackend(f"llama{t}{fa}", order)
-        return InProcessRunner(
-            backends[f"llama{t}{fa}"], {"version": "fake", "amx": True}, probe_rate=lambda: 5.0
-        )
+        info = {"version": "fake", "amx": True} | ({"kv_cache_dtype": "float16"} if kv_info else {})
+        return InProcessRunner(backends[f"llama{t}{fa}"], info, probe_rate=lambda: 5.0)
 
     def ours_pairs(model, s, t, prompt):
         paired.append((t, s.kv_cache, list(prompt)))
@@ -278,6 +316,40 @@ def test_gpu_bench_claims_no_host_roofline():
     assert calls == [] and "roofline" not in res["results"][0]
     assert res["roofline"]["read_bandwidth_bytes_s"] == {}
     assert "%" not in harness.format_table(res)
+
+
+def test_run_bench_counts_each_sides_kv_cache_reads_beside_the_weights(tmp_path, monkeypatch):
+    """Runners that name their KV dtype get fractions with the cache's reads of the headline prompt's decode
+    steps counted too (f32 cache: twice the bytes); the weights-only fractions stay as they were."""
+    monkeypatch.setattr("toolkit.bench.roofline.gguf_weight_bytes_per_token", lambda p: 12345)
+    plain, _ = _fake_bench(tmp_path, vs_llama_cpp=True)
+    res, _ = _fake_bench(tmp_path, vs_llama_cpp=True, kv_info=True, kv_cache="float16,float32")
+    json.dumps(res)
+    cfg, bytes_ = _tiny_config(), weight_bytes_per_token(_tiny_config(), "q4f32_1")
+    for e, p in zip(res["results"], plain["results"], strict=True):
+        bw = 1e9 * e["threads"]
+        roof = e["roofline"]
+        assert roof["fraction"] == pytest.approx(e["ours"]["decode_tok_s"]["median"] * bytes_ / bw)
+        kv16 = kv_bytes_of_steps(cfg, "float16", 8, 3)  # headline prompt 8, 3 decode steps
+        assert roof["kv_bytes_per_step"] == pytest.approx(np.mean(kv16))
+        assert roof["fraction_with_kv"] == pytest.approx(roof["fraction"] * (bytes_ + np.mean(kv16)) / bytes_)
+        assert roof["paired"] == summarize_pairs(FAKE_PAIRS, bytes_, kv_bytes_of_steps(cfg, "float16", 8, 2))
+        f32 = e["ours_by_kv_cache"]["float32"]
+        kv32 = kv_bytes_of_steps(cfg, "float32", 8, 3)
+        assert np.mean(kv32) == 2 * np.mean(kv16)
+        assert f32["roofline_fraction_with_kv"] == pytest.approx(
+            f32["roofline_fraction"] * (bytes_ + np.mean(kv32)) / bytes_
+        )
+        assert f32["roofline_paired"]["fraction_with_kv"] > f32["roofline_paired"]["fraction"]
+        for side in e["llama_cpp"].values():  # llama.cpp's own bytes, its f16 cache's reads: 24 pairs
+            assert side["roofline_fraction_with_kv"] == pytest.approx(
+                side["roofline_fraction"] * (12345 + np.mean(kv16)) / 12345
+            )
+            assert side["roofline_paired"]["fraction_with_kv"] > side["roofline_paired"]["fraction"]
+        for key in ("fraction_with_kv", "kv_bytes_per_step"):  # a runner that names no dtype: no such key
+            assert key not in p["roofline"] and key not in p["roofline"]["paired"]
+    assert "with the KV cache's reads counted too: 1 thread" in harness.format_table(res)
+    assert "KV cache's reads" not in harness.format_table(plain)
 
 
 def test_run_bench_without_llama_and_plot(tmp_path):
@@ -549,6 +621,7 @@ def test_cli_bench_json_tiny(tmp_path):
     assert 0 < e["roofline"]["fraction"]
     paired = e["roofline"]["paired"]  # our engine in a child process, between passes of the real probe
     assert paired["steps"] == 5 and paired["fraction"] > 0 and paired["probe_bytes_s"]["n"] == 6
+    assert paired["fraction_with_kv"] > paired["fraction"]  # the engine says its KV dtype: its reads count
     assert (tmp_path / "p.png").is_file()
 
 

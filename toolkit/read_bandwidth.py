@@ -119,15 +119,18 @@ class ReadProbe:
         return best
 
 
-def paired_fractions(rates: Sequence[float], seconds: Sequence[float], nbytes: int) -> np.ndarray:
-    """Per timing, the fraction of the bandwidth it reached: `nbytes` read in `seconds[i]`, over the mean of
-    the probe passes just before and after it (`rates[i]`, `rates[i + 1]`; len(rates) == len(seconds) + 1).
+def paired_fractions(
+    rates: Sequence[float], seconds: Sequence[float], nbytes: int | Sequence[int] | np.ndarray
+) -> np.ndarray:
+    """Per timing, the fraction of the bandwidth it reached: `nbytes` (or `nbytes[i]`) read in `seconds[i]`,
+    over the mean of the probe passes just before and after it (`rates[i]`, `rates[i + 1]`; len(rates) ==
+    len(seconds) + 1).
     On a shared host the ceiling moves by 2x within seconds (`bench.pairing`), so each timing is judged
     against the passes that bracket it, not against one figure taken minutes apart."""
     r, t = np.asarray(rates, dtype=float), np.asarray(seconds, dtype=float)
     if len(r) != len(t) + 1:
         raise ValueError(f"{len(t)} timings need {len(t) + 1} probe passes around them, got {len(r)}")
-    return nbytes / t / ((r[:-1] + r[1:]) / 2)
+    return np.asarray(nbytes, dtype=float) / t / ((r[:-1] + r[1:]) / 2)
 
 
 def measure_read_bandwidth(threads: int = 1, nbytes: int = 1 << 30, repeats: int = 5) -> float:

@@ -24,6 +24,7 @@ headline prompt length. One dtype (or none) gives neither key."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -231,9 +232,11 @@ def llama_cpp_runner(gguf_path: Path, s: BenchSettings, threads: int, flash_attn
 
     n_ctx = max(512, -(-s.context_needed // 256) * 256)
     n_batch = max(512, max(s.prompt_lengths))  # the whole prompt is one ubatch, as in the reference method
-    return LlamaCppWorker(
+    worker = LlamaCppWorker(
         gguf_path, threads=threads, flash_attn=flash_attn, n_ctx=n_ctx, n_batch=n_batch, cpu=s.cpu
     )
+    worker.info["kv_cache_dtype"] = "float16"  # llama.cpp's default type_k / type_v, which we leave
+    return worker
 
 
 def llama_gguf_for(model: Any, src, log: Callable[[str], None]) -> Path:
@@ -338,6 +341,7 @@ def run_bench(
                 for fa in s.llama_flash_attn:
                     log(f"[threads={t}] loading llama.cpp (flash_attn={'on' if fa else 'off'}) ...")
                     runners[f"llama_cpp_fa_{'on' if fa else 'off'}"] = llama_factory(llama_gguf, s, t, fa)
+            kv_dtypes = {k: r.info.get("kv_cache_dtype") for k, r in runners.items()}
             runs: dict[str, dict[int, list[dict]]] = {k: {p: [] for p in prompts} for k in runners}
             for it in range(s.warmup + s.repeats):
                 for key, runner in runners.items():
@@ -368,8 +372,9 @@ def run_bench(
             for key, vs in ours_settings.items():
                 log(f"[threads={t}] {key}: {n_pairs} decode steps between probe passes ...")
                 pairs[key] = ours_pairs(model, vs, t, prompts[headline])
+        kv_reads = _kv_reads(config, kv_dtypes, headline)
         entry = _thread_entry(
-            t, runs, headline, bandwidth.get(str(t)), our_bytes, llama_bytes, pairs, kv_caches
+            t, runs, headline, bandwidth.get(str(t)), our_bytes, llama_bytes, pairs, kv_caches, kv_reads
         )
         results.append(entry)
 
@@ -406,6 +411,21 @@ def run_bench(
     return out
 
 
+def _kv_reads(config, kv_dtypes: dict[str, str | None], prompt: int) -> dict[str, Callable[[int], list[int]]]:
+    """Per runner key whose KV dtype is known: the KV cache bytes of each of n decode steps after the
+    headline prompt."""
+    from .roofline import kv_bytes_of_steps
+
+    return {k: functools.partial(kv_bytes_of_steps, config, dt, prompt) for k, dt in kv_dtypes.items() if dt}
+
+
+def _with_kv(side: dict[str, Any], bw: float, weight_bytes: int, kv: Callable[[int], list[int]]) -> float:
+    """The side's decode tok/s as a fraction of the roofline with its KV cache reads counted (their mean over
+    the timed steps at the headline prompt, the longest: the last summary)."""
+    steps = side["by_prompt_length"][-1]["decode_tokens"]
+    return side["decode_tok_s"]["median"] * (weight_bytes + float(np.mean(kv(steps) or [0]))) / bw
+
+
 def _thread_entry(
     t: int,
     runs: dict[str, dict[int, list[dict]]],
@@ -415,8 +435,17 @@ def _thread_entry(
     llama_bytes: int | None,
     pairs: dict[str, dict[str, list[float]]] | None = None,
     kv_caches: Sequence[str | None] = (None,),
+    kv_reads: dict[str, Callable[[int], list[int]]] | None = None,
 ) -> dict[str, Any]:
-    pairs = pairs or {}
+    """One thread count's results. `kv_reads` (runner key -> KV bytes of n decode steps, `_kv_reads`) adds
+    the fractions with the KV cache's reads counted, for the runners whose KV dtype is known."""
+    pairs, kv_reads = pairs or {}, kv_reads or {}
+
+    def paired(key: str, weight_bytes: int) -> dict[str, Any]:
+        raw = pairs[key]
+        kv = kv_reads[key](len(raw["decode_s"])) if key in kv_reads else None
+        return summarize_pairs(raw, weight_bytes, kv)
+
     ours = _side_summary(runs["ours"], headline)
     entry: dict[str, Any] = {"threads": t, "ours": ours}
     if len(kv_caches) > 1:
@@ -427,8 +456,10 @@ def _thread_entry(
             # weight bytes only, as for `ours`: the fp32 cache's larger KV reads count in no fraction
             if bw:
                 side["roofline_fraction"] = side["decode_tok_s"]["median"] / (bw / our_bytes)
+                if key in kv_reads:
+                    side["roofline_fraction_with_kv"] = _with_kv(side, bw, our_bytes, kv_reads[key])
             if key in pairs:
-                side["roofline_paired"] = summarize_pairs(pairs[key], our_bytes)
+                side["roofline_paired"] = paired(key, our_bytes)
             by_kv[str(kv)] = side
         entry["ours_by_kv_cache"] = by_kv
     if len(kv_caches) == 2:
@@ -447,9 +478,13 @@ def _thread_entry(
             "decode_tok_s_ceiling": roof,
             "fraction": ours["decode_tok_s"]["median"] / roof,
         }
+        if "ours" in kv_reads:
+            steps = ours["by_prompt_length"][-1]["decode_tokens"]
+            entry["roofline"]["kv_bytes_per_step"] = float(np.mean(kv_reads["ours"](steps) or [0]))
+            entry["roofline"]["fraction_with_kv"] = _with_kv(ours, bw, our_bytes, kv_reads["ours"])
     if "ours" in pairs:
         entry.setdefault("roofline", {"weight_bytes_per_token": our_bytes})
-        entry["roofline"]["paired"] = summarize_pairs(pairs["ours"], our_bytes)
+        entry["roofline"]["paired"] = paired("ours", our_bytes)
     llama = {
         k.removeprefix("llama_cpp_"): _side_summary(v, headline)
         for k, v in runs.items()
@@ -457,12 +492,15 @@ def _thread_entry(
     }
     if llama:
         if bw and llama_bytes:
-            for side in llama.values():
+            for k, side in llama.items():
                 side["roofline_fraction"] = side["decode_tok_s"]["median"] / (bw / llama_bytes)
+                if f"llama_cpp_{k}" in kv_reads:
+                    kv = kv_reads[f"llama_cpp_{k}"]
+                    side["roofline_fraction_with_kv"] = _with_kv(side, bw, llama_bytes, kv)
         if llama_bytes:
             for k, side in llama.items():
                 if f"llama_cpp_{k}" in pairs:
-                    side["roofline_paired"] = summarize_pairs(pairs[f"llama_cpp_{k}"], llama_bytes)
+                    side["roofline_paired"] = paired(f"llama_cpp_{k}", llama_bytes)
         entry["llama_cpp"] = llama
         best_decode = max(v["decode_tok_s"]["median"] for v in llama.values())
         best_prefill = max(v["prefill_tok_s"]["median"] for v in llama.values())
@@ -563,6 +601,14 @@ def format_table(result: dict[str, Any]) -> str:
             "roofline: weight bytes read per second in decode over the read bandwidth probed just before "
             f"and after each step (median over steps; probe median: {', '.join(probes)})"
         )
+        with_kv = [
+            f"{e['threads']} thread{'s' if e['threads'] > 1 else ''} "
+            f"{100 * e['roofline']['paired']['fraction_with_kv']:.0f}%"
+            for e in result["results"]
+            if "fraction_with_kv" in e.get("roofline", {}).get("paired", {})
+        ]
+        if with_kv:
+            lines.append(f"roofline of ours with the KV cache's reads counted too: {', '.join(with_kv)}")
     return "\n".join(lines)
 
 

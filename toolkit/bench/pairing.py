@@ -41,18 +41,27 @@ def paired_decode(
     return {"probe_bytes_s": rates, "decode_s": times}
 
 
-def summarize_pairs(raw: dict[str, list[float]], weight_bytes: int) -> dict[str, Any]:
+def summarize_pairs(
+    raw: dict[str, list[float]], weight_bytes: int, kv_bytes: Sequence[int] | None = None
+) -> dict[str, Any]:
     """Median fraction of the probed bandwidth that the decode steps' weight reads reached, its quartiles,
-    and the spread of both sides."""
+    and the spread of both sides; with `kv_bytes` (each step's KV cache reads, `roofline.kv_bytes_of_steps`)
+    also `fraction_with_kv`, the weights and the KV cache together."""
     rates, times = np.asarray(raw["probe_bytes_s"]), np.asarray(raw["decode_s"])
     frac = paired_fractions(rates, times, weight_bytes)
-    return {
+    out = {
         "steps": int(len(times)),
         "fraction": float(np.median(frac)),
         "fraction_quartiles": [float(q) for q in np.percentile(frac, [25, 75])],
         "probe_bytes_s": summarize(rates),
         "decode_tok_s": summarize(1 / times),
     }
+    if kv_bytes is not None:
+        if len(kv_bytes) != len(times):
+            raise ValueError(f"{len(times)} steps need {len(times)} KV byte counts, got {len(kv_bytes)}")
+        with_kv = paired_fractions(rates, times, weight_bytes + np.asarray(kv_bytes))
+        out["fraction_with_kv"] = float(np.median(with_kv))
+    return out
 
 
 def engine_pairs(model: Any, s, threads: int, prompt: Sequence[int]) -> dict[str, list[float]]:

@@ -1,4 +1,6 @@
 """The decode roofline: every weight is read once per generated token, so tok/s <= bandwidth / weight bytes.
+A step also reads the KV cache's keys and values (`kv_bytes_per_step`): small at a short context, a third
+of the bytes at 2k tokens of Phi-3-mini; the bench reports the fraction with them beside the weights-only one.
 
 Bandwidth is measured with a read-only TVM kernel over an array much larger than the caches, split over
 T cores (`toolkit.read_bandwidth`). Weight bytes come from a config and a storage scheme, or from the tensors
@@ -26,6 +28,7 @@ BYTES_PER_WEIGHT = {
 }
 # norm weights: float32, except in our fp16 schemes (stored in the model dtype)
 NORM_BYTES = {"q4f16_1": 2, "q0f16": 2}
+KV_ITEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
 def _gguf_scheme_bytes(cfg: Phi3Config, name: str) -> float:
@@ -80,3 +83,21 @@ def gguf_weight_bytes_per_token(path: str | Path) -> int:
     if "output.weight" in sizes:
         total -= sizes.get("token_embd.weight", 0)
     return total
+
+
+def kv_bytes_per_step(cfg: Phi3Config, kv_dtype: str, cached: int) -> int:
+    """Bytes of K and V one decode step's attention reads with `cached` tokens already in the cache: every
+    key the new token sees (itself included; only the last `sliding_window` where the model has one, as the
+    host kernels mask it), in every layer. Padding a kernel reads beyond those keys is not counted."""
+    if kv_dtype not in KV_ITEM_BYTES:
+        raise UserError(f"unknown KV cache dtype {kv_dtype!r}; known: {', '.join(KV_ITEM_BYTES)}")
+    keys = cached + 1
+    if cfg.sliding_window:
+        keys = min(keys, cfg.sliding_window)
+    per_key = 2 * cfg.num_key_value_heads * cfg.head_dim * KV_ITEM_BYTES[kv_dtype]
+    return cfg.num_hidden_layers * keys * per_key
+
+
+def kv_bytes_of_steps(cfg: Phi3Config, kv_dtype: str, prompt: int, steps: int) -> list[int]:
+    """`kv_bytes_per_step` of each of `steps` decode steps after a prompt of `prompt` tokens."""
+    return [kv_bytes_per_step(cfg, kv_dtype, prompt + i) for i in range(steps)]
