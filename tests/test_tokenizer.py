@@ -315,6 +315,38 @@ def test_raw_and_errors(tmp_path) -> None:
     assert template_for_hf_dir(tmp_path) == "chatml-plain"
 
 
+def _jinja_format(jinja: str):
+    from toolkit.runtime.options import GenerationOptions
+    from toolkit.runtime.prompts import PromptFormat
+
+    return PromptFormat(None, jinja, "raw", {"eos_token": "<|endoftext|>"}, set(), GenerationOptions())
+
+
+def test_a_message_the_models_template_leaves_out_is_an_error() -> None:
+    """Phi-3's template renders system, user and assistant turns only: a 'developer' or 'tool' message would
+    vanish from the prompt (its first release also dropped 'system'), so the reply would ignore it while
+    nothing said so. SmolLM2's renders any role; a template that refuses the check's markers is not
+    judged."""
+    ask = {"role": "user", "content": "hi"}
+    for role in ("developer", "tool"):
+        with pytest.raises(UserError, match=rf"leaves messages\[0\] \(role '{role}'\) out of the prompt"):
+            _jinja_format(PHI3_JINJA).render([{"role": role, "content": "Answer in French."}, ask])
+    assert "Answer in French." in _jinja_format(PHI3_JINJA).render(
+        [{"role": "system", "content": "Answer in French."}, ask]
+    )
+    old_phi3 = PHI3_JINJA.replace(
+        "{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif",
+        "{% if",
+    )
+    assert old_phi3 != PHI3_JINJA
+    with pytest.raises(UserError, match=r"messages\[1\] \(role 'system'\)"):
+        _jinja_format(old_phi3).render([ask, {"role": "system", "content": "Be brief."}, ask])
+    text = _jinja_format(SMOLLM2_JINJA).render([{"role": "tool", "content": "42"}, ask])
+    assert "<|im_start|>tool\n42<|im_end|>" in text
+    picky = "{% if messages[0]['content'] != 'hi' %}{{ raise_exception('no') }}{% endif %}x"
+    assert _jinja_format(picky).render([ask]) == "x"  # what it does with markers says nothing
+
+
 def test_stop_tokens_of_templates(tmp_path) -> None:
     write_tiny_tokenizer(tmp_path, 512)
     tok = Tokenizer.from_dir(tmp_path, config=CFG)

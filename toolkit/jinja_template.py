@@ -6,6 +6,7 @@ globals (raise_exception, strftime_now, tojson without HTML escaping, dict, name
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -117,3 +118,30 @@ def render_jinja(
         raise TemplateError(f"the model's chat template refused the conversation: {e}") from None
     except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
         raise TemplateError(f"the model's chat template failed on this conversation: {e}") from None
+
+
+def left_out(
+    source: str,
+    messages: list[dict[str, Any]],
+    *,
+    add_generation_prompt: bool,
+    special_tokens: dict[str, str],
+    **extra: Any,
+) -> list[int]:
+    """Indices of the messages whose content the template leaves out of the prompt: many templates render
+    only the roles they know (Phi-3's drops a 'developer' or 'tool' message; its first release dropped
+    'system'). Each content is replaced by a marker of its own and the conversation rendered once more; a
+    template that refuses the markers is not judged ([])."""
+    nonce = uuid.uuid4().hex[:12]
+    marked = [{**m, "content": f"[[{nonce}:{i}]]"} for i, m in enumerate(messages)]
+    try:
+        text = render_jinja(
+            source,
+            marked,
+            add_generation_prompt=add_generation_prompt,
+            special_tokens=special_tokens,
+            **extra,
+        )
+    except TemplateError:
+        return []
+    return [i for i in range(len(messages)) if f"[[{nonce}:{i}]]" not in text]

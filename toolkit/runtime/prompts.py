@@ -9,7 +9,7 @@ from typing import Any
 
 from ..chat_template import jinja_for_hf_dir, render, stop_token_ids, template_from_jinja
 from ..errors import UserError
-from ..jinja_template import compile_template, render_jinja
+from ..jinja_template import compile_template, left_out, render_jinja
 from ..tokenizer import Tokenizer
 from .options import GenerationOptions
 
@@ -53,12 +53,25 @@ class PromptFormat:
         check_messages(messages)
         if self.jinja is None:
             return render(messages, self.template, add_generation_prompt=add_generation_prompt)
-        return render_jinja(
+        text = render_jinja(
             self.jinja,
             messages,
             add_generation_prompt=add_generation_prompt,
             special_tokens=self.special_tokens,
         )
+        dropped = left_out(
+            self.jinja,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            special_tokens=self.special_tokens,
+        )
+        if dropped:  # rendered without it, the reply would ignore that message and nothing would say so
+            i = dropped[0]
+            raise UserError(
+                f"this model's chat template leaves messages[{i}] (role {messages[i]['role']!r}) out of the "
+                "prompt; the roles every template renders are 'system', 'user' and 'assistant'"
+            )
+        return text
 
     def encode(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         text = self.render(messages, add_generation_prompt)
