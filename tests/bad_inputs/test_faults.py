@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -692,6 +693,19 @@ def test_eval_text_file_problems(tmp_path) -> None:
     assert_clean_failure(
         run(["eval", "/nonexistent-model", "--ppl", tmp_path / "nope.txt"]), "nope.txt", before, tmp_path
     )
+    # a FIFO (or /dev/null) exists but is no text file: said so, not "no such file"
+    (tmp_path / "pipe").mkdir()  # apart: reading a FIFO to snapshot it would block
+    os.mkfifo(tmp_path / "pipe" / "fifo")
+    r = run(["eval", "/nonexistent-model", "--ppl", tmp_path / "pipe" / "fifo"])
+    assert_clean_failure(r, "fifo", {})
+    assert "not a regular file" in r.stderr
+    tmp_path = tmp_path / "files"
+    tmp_path.mkdir()
+    (tmp_path / "locked.txt").write_text("some text to score")
+    with mock.patch("pathlib.Path.read_text", side_effect=PermissionError(13, "Permission denied")):
+        r = run(["eval", "/nonexistent-model", "--ppl", tmp_path / "locked.txt"])
+    assert_clean_failure(r, "locked.txt", snapshot(tmp_path), tmp_path)
+    assert "cannot be read (Permission denied)" in r.stderr
 
 
 def test_eval_of_a_text_with_fewer_than_two_tokens_is_one_line_before_a_compile(

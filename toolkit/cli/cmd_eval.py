@@ -40,11 +40,13 @@ def read_text_file(text_file: str) -> str:
     """The --ppl text, or one-line UserError."""
     path = Path(text_file)
     if not path.is_file():
-        raise UserError("no such file", path)
+        raise UserError("not a regular file" if path.exists() else "no such file", path)
     try:
-        return path.read_text()
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError("not UTF-8 text", path) from None
+    except OSError as e:
+        raise UserError(f"cannot be read ({e.strerror or e})", path) from None
 
 
 def _schemes(ctx, param, value):
