@@ -313,6 +313,10 @@ def test_raw_and_errors(tmp_path) -> None:
         json.dumps({"chat_template": [{"name": "default", "template": "<|im_start|>{{ x }}"}]})
     )
     assert template_for_hf_dir(tmp_path) == "chatml-plain"
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    (tmp_path / "chat_template.jinja").write_bytes(b"{{ messages }}\xff")  # not UTF-8: one line naming it
+    with pytest.raises(UserError, match="chat_template.jinja: cannot be read as UTF-8 text"):
+        template_for_hf_dir(tmp_path)
 
 
 def _jinja_format(jinja: str):

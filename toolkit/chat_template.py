@@ -128,7 +128,7 @@ def jinja_for_hf_dir(path: str | Path) -> str | None:
     text = None
     if cfg_path.is_file():
         try:
-            tc = json.loads(cfg_path.read_text())
+            tc = json.loads(cfg_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UserError(f"not valid JSON ({e})", cfg_path) from None
         text = tc.get("chat_template") if isinstance(tc, dict) else None
@@ -138,7 +138,10 @@ def jinja_for_hf_dir(path: str | Path) -> str | None:
     if text is None:
         jinja = Path(path) / "chat_template.jinja"  # transformers >= 4.50 writes it as a separate file
         if jinja.is_file():
-            text = jinja.read_text()
+            try:
+                text = jinja.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise UserError(f"cannot be read as UTF-8 text ({e})", jinja) from None
     return text if isinstance(text, str) else None
 
 

@@ -302,8 +302,8 @@ def load_hf_config(model_dir: str | Path) -> Phi3Config:
     if not path.is_file():
         raise UserError("no config.json (is this a Hugging Face checkpoint folder?)", Path(model_dir))
     try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"not valid JSON ({e})", path) from None
     if not isinstance(cfg, dict):
         raise UserError("not a JSON object", path)
