@@ -419,11 +419,15 @@ def _kv_reads(config, kv_dtypes: dict[str, str | None], prompt: int) -> dict[str
     return {k: functools.partial(kv_bytes_of_steps, config, dt, prompt) for k, dt in kv_dtypes.items() if dt}
 
 
+def _kv_mean(side: dict[str, Any], kv: Callable[[int], list[int]]) -> float:
+    """The KV cache bytes of the side's timed decode steps at the headline prompt (the longest: the last
+    summary), on average."""
+    return float(np.mean(kv(side["by_prompt_length"][-1]["decode_tokens"])))
+
+
 def _with_kv(side: dict[str, Any], bw: float, weight_bytes: int, kv: Callable[[int], list[int]]) -> float:
-    """The side's decode tok/s as a fraction of the roofline with its KV cache reads counted (their mean over
-    the timed steps at the headline prompt, the longest: the last summary)."""
-    steps = side["by_prompt_length"][-1]["decode_tokens"]
-    return side["decode_tok_s"]["median"] * (weight_bytes + float(np.mean(kv(steps) or [0]))) / bw
+    """The side's decode tok/s as a fraction of the roofline with its KV cache reads counted."""
+    return side["decode_tok_s"]["median"] * (weight_bytes + _kv_mean(side, kv)) / bw
 
 
 def _thread_entry(
@@ -479,8 +483,7 @@ def _thread_entry(
             "fraction": ours["decode_tok_s"]["median"] / roof,
         }
         if "ours" in kv_reads:
-            steps = ours["by_prompt_length"][-1]["decode_tokens"]
-            entry["roofline"]["kv_bytes_per_step"] = float(np.mean(kv_reads["ours"](steps) or [0]))
+            entry["roofline"]["kv_bytes_per_step"] = _kv_mean(ours, kv_reads["ours"])
             entry["roofline"]["fraction_with_kv"] = _with_kv(ours, bw, our_bytes, kv_reads["ours"])
     if "ours" in pairs:
         entry.setdefault("roofline", {"weight_bytes_per_token": our_bytes})

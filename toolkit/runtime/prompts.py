@@ -69,7 +69,7 @@ class PromptFormat:
             i = dropped[0]
             raise UserError(
                 f"this model's chat template leaves messages[{i}] (role {messages[i]['role']!r}) out of the "
-                "prompt; the roles every template renders are 'system', 'user' and 'assistant'"
+                "prompt: it does not render that role"
             )
         return text
 
