@@ -140,6 +140,20 @@ def test_completions_max_tokens_and_stop(server, client, model):
         # a JSON escape of a lone surrogate is no text (the tokenizer's TypeError was a 500)
         ({"messages": [{"role": "user", "content": "hi \ud800"}]}, "not UTF-8"),
         ({"messages": [{"role": "user", "content": "x"}], "stop": ["\udcff"]}, "stop strings"),
+        # output we do not produce is refused, not answered without it
+        (
+            {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+            "'response_format'",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+            },
+            "'tools'",
+        ),
+        ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "'tool_choice'"),
+        ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 2}, "'logprobs'"),
     ],
 )
 def test_bad_requests_are_400_with_a_message(server, body, needle):
@@ -150,6 +164,36 @@ def test_bad_requests_are_400_with_a_message(server, body, needle):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert needle in err["message"] and err["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    "chat, field, asks, off",
+    [
+        (True, "tools", [{"type": "function", "function": {"name": "f"}}], []),
+        (True, "functions", [{"name": "f"}], None),
+        (True, "tool_choice", "auto", "none"),
+        (True, "function_call", {"name": "f"}, "none"),
+        (True, "response_format", {"type": "json_schema", "json_schema": {}}, {"type": "text"}),
+        (True, "logprobs", True, False),
+        (True, "top_logprobs", 3, 0),
+        (True, "modalities", ["text", "audio"], ["text"]),
+        (True, "audio", {"voice": "alloy"}, None),
+        (False, "echo", True, False),
+        (False, "suffix", "}", ""),
+        (False, "best_of", 2, 1),
+        (False, "logprobs", 0, None),  # the legacy API's 0 still returns the chosen tokens' logprobs
+    ],
+)
+def test_fields_asking_for_output_we_do_not_produce_are_refused_and_their_off_values_pass(
+    chat, field, asks, off
+):
+    from toolkit.serve.protocol import BadRequest, parse
+
+    base = {"messages": [{"role": "user", "content": "x"}]} if chat else {"prompt": "x"}
+    with pytest.raises(BadRequest, match=f"'{field}' is not supported") as e:
+        parse({**base, field: asks}, chat=chat)
+    assert e.value.param == field
+    parse({**base, field: off}, chat=chat)  # what SDKs send when the feature is not asked for
 
 
 def test_malformed_json_unknown_model_and_auth(server, client, model):

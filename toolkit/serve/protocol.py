@@ -26,6 +26,29 @@ OPTION_FIELDS = {
 }
 
 
+# Fields that ask for output this server does not produce (tool calls, a JSON schema, log-probabilities, ...):
+# a value that asks for it is refused, as OpenAI refuses what a model cannot do, rather than answered with 200
+# and the feature silently missing. Their "off" values (tools [], tool_choice "none", logprobs false, ...),
+# which SDKs send by default, pass. field -> True when the value asks for the feature.
+NOT_SUPPORTED_CHAT = {
+    "tools": bool,
+    "functions": bool,
+    "tool_choice": lambda v: v not in (None, "none"),
+    "function_call": lambda v: v not in (None, "none"),
+    "response_format": lambda v: v is not None and not (isinstance(v, dict) and v.get("type") == "text"),
+    "logprobs": bool,
+    "top_logprobs": bool,
+    "modalities": lambda v: v is not None and v != ["text"],
+    "audio": lambda v: v is not None,
+}
+NOT_SUPPORTED_COMPLETIONS = {
+    "echo": bool,
+    "suffix": bool,
+    "best_of": lambda v: v not in (None, 1),
+    "logprobs": lambda v: v is not None,
+}
+
+
 class BadRequest(UserError):
     """HTTP 400 with an OpenAI-shaped body; `param` names the offending field."""
 
@@ -57,6 +80,9 @@ def parse(body: Any, *, chat: bool) -> ParsedRequest:
     n = _field(body, "n", int, 1)
     if n != 1:
         raise BadRequest("only n=1 is supported", param="n")
+    for name, asks in (NOT_SUPPORTED_CHAT if chat else NOT_SUPPORTED_COMPLETIONS).items():
+        if asks(body.get(name)):
+            raise BadRequest(f"'{name}' is not supported by this server (no such output here)", param=name)
     stream = bool(_field(body, "stream", bool, False))
     so = _field(body, "stream_options", dict, {}) or {}
     changes: dict[str, Any] = {}
