@@ -16,6 +16,7 @@ from toolkit.chat_template import (
 )
 from toolkit.config import Phi3Config
 from toolkit.errors import UserError
+from toolkit.jinja_template import render_jinja
 from toolkit.tokenizer import Tokenizer
 
 CFG = Phi3Config(
@@ -326,25 +327,28 @@ def _jinja_format(jinja: str):
     return PromptFormat(None, jinja, "raw", {"eos_token": "<|endoftext|>"}, set(), GenerationOptions())
 
 
-def test_a_message_the_models_template_leaves_out_is_an_error() -> None:
+def test_a_message_the_models_template_leaves_out_is_an_error(capsys) -> None:
     """Phi-3's template renders system, user and assistant turns only: a 'developer' or 'tool' message would
-    vanish from the prompt (its first release also dropped 'system'), so the reply would ignore it while
-    nothing said so. SmolLM2's renders any role; a template that refuses the check's markers is not
-    judged."""
+    vanish from the prompt, so the reply would ignore it while nothing said so: an error. Its first release
+    had no system turn at all: a system message is left out as transformers leaves it, and that is said once.
+    SmolLM2's renders any role; a template that refuses the check's markers is not judged."""
     ask = {"role": "user", "content": "hi"}
     for role in ("developer", "tool"):
         with pytest.raises(UserError, match=rf"leaves messages\[0\] \(role '{role}'\) out of the prompt"):
             _jinja_format(PHI3_JINJA).render([{"role": role, "content": "Answer in French."}, ask])
-    assert "Answer in French." in _jinja_format(PHI3_JINJA).render(
-        [{"role": "system", "content": "Answer in French."}, ask]
-    )
+    text = _jinja_format(PHI3_JINJA).render([{"role": "system", "content": "Answer in French."}, ask])
+    assert "Answer in French." in text and capsys.readouterr().err == ""
     old_phi3 = PHI3_JINJA.replace(
         "{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif",
         "{% if",
     )
     assert old_phi3 != PHI3_JINJA
-    with pytest.raises(UserError, match=r"messages\[1\] \(role 'system'\)"):
-        _jinja_format(old_phi3).render([ask, {"role": "system", "content": "Be brief."}, ask])
+    fmt = _jinja_format(old_phi3)
+    conv = [ask, {"role": "system", "content": "Be brief."}, ask]
+    assert fmt.render(conv) == render_jinja(old_phi3, conv, add_generation_prompt=True, special_tokens={})
+    assert fmt.render(conv) == "<|user|>\nhi<|end|>\n<|user|>\nhi<|end|>\n<|assistant|>\n"
+    err = capsys.readouterr().err
+    assert err.count("notice: this model's chat template leaves system messages out") == 1, err
     text = _jinja_format(SMOLLM2_JINJA).render([{"role": "tool", "content": "42"}, ask])
     assert "<|im_start|>tool\n42<|im_end|>" in text
     picky = "{% if messages[0]['content'] != 'hi' %}{{ raise_exception('no') }}{% endif %}x"

@@ -4,7 +4,8 @@ that end a reply; the generation defaults."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..chat_template import jinja_for_hf_dir, render, stop_token_ids, template_from_jinja
@@ -14,6 +15,10 @@ from ..tokenizer import Tokenizer
 from .options import GenerationOptions
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+# roles every chat model is trained with. A template that leaves one of them out does so by design (the first
+# Phi-3 release's has no system turn): rendered as transformers renders it, with one notice. Any other role
+# it leaves out is an error: the message would vanish from the prompt without a word.
+CORE_ROLES = ("system", "user", "assistant")
 
 
 @dataclass
@@ -26,6 +31,7 @@ class PromptFormat:
     special_tokens: dict[str, str]
     stop_ids: set[int]
     defaults: GenerationOptions
+    noticed: set[str] = field(default_factory=set, repr=False)  # core roles already said to be left out
 
     @classmethod
     def for_source(cls, source: Any, tokenizer: Tokenizer) -> PromptFormat:
@@ -65,12 +71,20 @@ class PromptFormat:
             add_generation_prompt=add_generation_prompt,
             special_tokens=self.special_tokens,
         )
-        if dropped:  # rendered without it, the reply would ignore that message and nothing would say so
-            i = dropped[0]
-            raise UserError(
-                f"this model's chat template leaves messages[{i}] (role {messages[i]['role']!r}) out of the "
-                "prompt: it does not render that role"
-            )
+        for i in dropped:
+            role = messages[i]["role"]
+            if role not in CORE_ROLES:
+                raise UserError(
+                    f"this model's chat template leaves messages[{i}] (role {role!r}) out of the prompt: it "
+                    "does not render that role"
+                )
+            if role not in self.noticed:
+                self.noticed.add(role)
+                print(
+                    f"notice: this model's chat template leaves {role} messages out of the prompt (as "
+                    "transformers renders it): they have no effect",
+                    file=sys.stderr,
+                )
         return text
 
     def encode(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
