@@ -322,6 +322,14 @@ def _entry(**kw):
             "model_url: required (weights are not",
         ),
         ({"device": "android", "model_list": [_entry()]}, "model_url: required (the Android app"),
+        (  # the apps fetch the weights below it: a name or a local path would fail on the phone
+            {"device": "android", "model_list": [_entry(model_url="notaurl")]},
+            "model_url: expected an http(s) URL the app downloads the weights from, got 'notaurl'",
+        ),
+        (
+            {"device": "android", "model_list": [_entry(model_url="file:///x/m")]},
+            ".model_url: expected an http(s)",
+        ),
         ({"device": "iphone", "model_list": [_entry()], "preset": "host"}, "preset: host does not build"),
         (
             {"device": "iphone", "model_list": [_entry()], "model_lib_path_for_prepare_libs": {}},

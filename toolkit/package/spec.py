@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..checkpoint.mlc_format import CHAT_CONFIG
 from ..errors import UserError
@@ -107,6 +108,15 @@ def _string(value: Any, where: str, pattern: re.Pattern | None = None) -> str:
     return value
 
 
+def _url(value: Any, where: str) -> str:
+    """An http(s) URL: the apps fetch the weights' files below it (a Hugging Face repository's address)."""
+    url = _string(value, where)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise UserError(f"{where}: expected an http(s) URL the app downloads the weights from, got {url!r}")
+    return url
+
+
 def _quantization(value: Any, where: str) -> str:
     name = _string(value, where)
     try:
@@ -182,7 +192,7 @@ def parse_entry(raw: Any, index: int, origin: str, base: Path) -> ModelEntry:
         else _model_lib(raw["model_lib"], _where(origin, at + ".model_lib")),
         model_url=None
         if raw.get("model_url") is None
-        else _string(raw["model_url"], _where(origin, at + ".model_url")),
+        else _url(raw["model_url"], _where(origin, at + ".model_url")),
     )
 
 
