@@ -115,9 +115,16 @@ def parse(body: Any, *, chat: bool) -> ParsedRequest:
     return req
 
 
+# the roles OpenAI's API takes; the template then decides what it renders (prompts.PromptFormat.render)
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
 def _message(m: Any, i: int) -> dict[str, Any]:
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
         raise BadRequest(f"messages[{i}] must be an object with a string 'role'", param="messages")
+    if m["role"] not in ROLES:
+        roles = ", ".join(ROLES)
+        raise BadRequest(f"messages[{i}].role {m['role']!r} is not one of {roles}", param="messages")
     content = m.get("content")
     if isinstance(content, list):  # content parts: text only
         texts = [p.get("text") for p in content if isinstance(p, dict)]
