@@ -136,6 +136,7 @@ def test_completions_max_tokens_and_stop(server, client, model):
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "user", "content": 5}]}, "content"),
         ({"messages": [{"role": "bogus", "content": "x"}]}, "role 'bogus' is not one of system"),
+        ({"messages": [{"role": "user", "content": "x", "name": 5}]}, "messages[0].name must be a string"),
         ({"messages": [{"role": "user", "content": "word " * 600}]}, "context window"),
         ([1, 2], "JSON object"),
         # a JSON escape of a lone surrogate is no text (the tokenizer's TypeError was a 500)

@@ -125,6 +125,8 @@ def _message(m: Any, i: int) -> dict[str, Any]:
     if m["role"] not in ROLES:
         roles = ", ".join(ROLES)
         raise BadRequest(f"messages[{i}].role {m['role']!r} is not one of {roles}", param="messages")
+    if m.get("name") is not None and not isinstance(m["name"], str):
+        raise BadRequest(f"messages[{i}].name must be a string", param="messages")
     content = m.get("content")
     if isinstance(content, list):  # content parts: text only
         texts = [p.get("text") for p in content if isinstance(p, dict)]
