@@ -226,15 +226,7 @@ def for_cpu(preset: Preset, cpu: str) -> Preset:
         raise UserError(f"--device {preset.name}:{cpu}: LLVM knows no CPU {cpu!r} for {triple} (e.g. {near})")
     target = {**preset.target_json, "mcpu": cpu}
     pinned = tvm.target.Target({"kind": "llvm", "mtriple": triple, "mcpu": cpu})
-    wanted = codegen.llvm_get_cpu_features(pinned)
-    have = _host_cpu_features() if preset.runs_here else {}
-    # only features this machine's list names (LLVM's CPU lists also hold tuning flags such as fast-lzcnt),
-    # and not the system instructions a hypervisor hides, which generated code never uses
-    missing = tuple(
-        sorted(
-            f for f in map(str, wanted) if f in have and not bool(have[f]) and f not in SYSTEM_ONLY_FEATURES
-        )
-    )
+    missing = _lacked(pinned, _host_cpu_features() if preset.runs_here else {})
     return replace(
         preset,
         target_json=target,
@@ -292,11 +284,35 @@ def _fill_host_detection(target: dict[str, Any], detect: tuple[str, ...]) -> dic
     for key in detect:
         if key not in target:
             target[key] = _DETECTABLE[key]()
-    if "mcpu" in detect:
-        extra = _extensions_beyond_mcpu(target)
-        if extra and "mattr" not in target:
-            target["mattr"] = extra
+    if "mcpu" in detect and "mattr" not in target:
+        features = _host_cpu_features()
+        mattr = _extensions_beyond_mcpu(target, features) + [
+            f"-{f}" for f in _hidden_from_mcpu(target, features)
+        ]
+        if mattr:
+            target["mattr"] = mattr
     return target
+
+
+def _lacked(cpu: Any, have: dict[str, bool]) -> tuple[str, ...]:
+    """The features LLVM's table gives the CPU `cpu` (a Target with an mcpu) that `have` (this machine's
+    feature list) names as absent. Only names that list holds (LLVM's CPU lists also hold tuning flags such as
+    fast-lzcnt), and not the system instructions a hypervisor hides, which generated code never uses."""
+    from tvm.target import codegen
+
+    wanted = map(str, codegen.llvm_get_cpu_features(cpu))
+    return tuple(sorted(f for f in wanted if f in have and not have[f] and f not in SYSTEM_ONLY_FEATURES))
+
+
+def _hidden_from_mcpu(target: dict[str, Any], features: dict[str, bool]) -> tuple[str, ...]:
+    """What the detected CPU name promises but this machine lacks: LLVM names an x86 CPU by its model number,
+    and a virtual machine may hide some of that model's units (an Emerald Rapids guest, model 207, without
+    AMX, AVX-512 FP16/BF16 or AVX-VNNI). Code built for the name alone would take the AMX path and fault."""
+    import tvm
+
+    return _lacked(
+        tvm.target.Target({k: v for k, v in target.items() if k in ("kind", "mtriple", "mcpu")}), features
+    )
 
 
 # the extensions the host kernels use (`compile/cpu_isa.py`) that LLVM's CPU name may not imply: on arm64
@@ -312,7 +328,7 @@ def _host_cpu_features() -> dict[str, bool]:
     return dict(tvm_ffi.get_global_func("tvm.codegen.llvm.GetHostCPUFeatures")().items())
 
 
-def _extensions_beyond_mcpu(target: dict[str, Any]) -> list[str]:
+def _extensions_beyond_mcpu(target: dict[str, Any], features: dict[str, bool]) -> list[str]:
     """`+feature` for the kernels' extensions this host has but its detected `mcpu` doesn't say so. arm64:
     LLVM names CPUs by part number, and a part it doesn't know comes out "generic" (Armv8.0, no dot
     products). x86: a virtual machine may report an older model number than its CPU (a Sapphire Rapids
@@ -325,7 +341,6 @@ def _extensions_beyond_mcpu(target: dict[str, Any]) -> list[str]:
     )
     if arch is None:
         return []
-    features = _host_cpu_features()
     cpu = tvm.target.Target({k: v for k, v in target.items() if k in ("kind", "mtriple", "mcpu")})
     return [
         f"+{f}"
