@@ -375,3 +375,15 @@ def test_round_trip_through_our_gguf_reader(ckpts, exported):
         for (name, x), (_, y) in zip(a.iter_tensors(), b.iter_tensors(), strict=True):
             want = x if x.ndim == 1 else x.astype(np.float16).astype(np.float32)
             np.testing.assert_array_equal(y, want, err_msg=name)
+
+
+def test_placeholder_vocab_prompt_is_refused_for_what_it_is(exported):
+    # its tokens are ids without text pieces: a prompt encodes to nothing, which is not an empty prompt
+    from toolkit.checkpoint import open_model
+    from toolkit.errors import UserError
+    from toolkit.runtime.prompts import PromptFormat
+
+    src = open_model(exported["mini-4k", "q4_0"])
+    fmt = PromptFormat.for_source(src, src.tokenizer())
+    with pytest.raises(UserError, match="encodes to no tokens: this model's tokenizer has no pieces"):
+        fmt.encode([{"role": "user", "content": "hello there"}])

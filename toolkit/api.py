@@ -90,7 +90,9 @@ class Model:
             if raw:
                 ids = self.tokenizer.encode(prompt)
                 if not ids:
-                    raise UserError("the prompt is empty")
+                    from .runtime.prompts import no_tokens
+
+                    raise no_tokens(prompt)
                 return ids
             prompt = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": prompt}

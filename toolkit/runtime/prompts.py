@@ -96,8 +96,19 @@ class PromptFormat:
             else self.tokenizer.encode(text)
         )
         if not ids:
-            raise UserError("the prompt is empty")
+            raise no_tokens(text)
         return ids
+
+
+def no_tokens(text: str) -> UserError:
+    """The error for a prompt that encodes to no token ids: empty, or text the tokenizer has no pieces for
+    (a GGUF written with placeholder tokens runs token ids but cannot tokenize)."""
+    if not text.strip():
+        return UserError("the prompt is empty")
+    return UserError(
+        "the prompt encodes to no tokens: this model's tokenizer has no pieces for its text (a placeholder "
+        "vocabulary, as in GGUFs written without a tokenizer?)"
+    )
 
 
 def check_messages(messages: list[dict[str, Any]]) -> None:
