@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from toolkit import targets
 from toolkit.bench import harness
 from toolkit.bench.harness import BenchSettings, InProcessRunner, run_bench
 from toolkit.bench.pairing import paired_decode, summarize_pairs
@@ -266,8 +267,12 @@ def test_run_bench_schema_with_test_doubles(tmp_path, monkeypatch):
 
     m = res["machine"]
     assert m["isa_flags"] == hostinfo.isa_flags() and m["llvm_cpu"] == codegen.llvm_get_system_cpu()
+    # the features host detection adds to or takes from the CPU's name stand beside it (none: the name alone)
+    mattr = targets.load_preset("host").target_dict.get("mattr", [])
+    assert m["llvm_mattr"] == mattr
     machine = harness.format_table(res).splitlines()[1]
-    assert machine.startswith(f"machine: {m['cpu']} (LLVM {m['llvm_cpu']}), {m['cores']} cpus; ")
+    llvm = " ".join([m["llvm_cpu"], *mattr])
+    assert machine.startswith(f"machine: {m['cpu']} (LLVM {llvm}), {m['cores']} cpus; ")
     assert " ".join(m["isa_flags"]) in machine
     assert machine.endswith(
         f"load average {m['loadavg_before'][0]:.2f} before, {m['loadavg_after'][0]:.2f} after"
@@ -918,3 +923,16 @@ def test_bench_refuses_what_it_cannot_run_before_building_anything(tmp_path, mon
         assert r.exit_code != 0 and "Traceback" not in r.output, r.output
         assert len(lines) == 1 and needle in lines[0], lines
     assert BenchSettings(prompt_lengths=[100], decode_tokens=8, roofline_pairs=24).context_needed == 125
+
+
+def test_machine_line_shows_what_host_detection_took_from_the_cpu_name():
+    # an Emerald Rapids VM without AMX: "LLVM emeraldrapids" alone would read as AMX code
+    m = {"cpu": "Intel(R) Xeon(R) Processor", "llvm_cpu": "emeraldrapids", "cores": 2}
+    m |= {"llvm_mattr": ["-amx-int8", "-amx-tile"], "isa_flags": ["avx512_vnni"]}
+    line = harness._machine_line(m)
+    assert (
+        line
+        == "machine: Intel(R) Xeon(R) Processor (LLVM emeraldrapids -amx-int8 -amx-tile), 2 cpus; avx512_vnni"
+    )
+    del m["llvm_mattr"]  # a JSON written before the field: the name alone
+    assert harness._machine_line(m).startswith("machine: Intel(R) Xeon(R) Processor (LLVM emeraldrapids), 2")

@@ -380,6 +380,8 @@ def run_bench(
 
     from tvm.target import codegen
 
+    from ..targets import load_preset
+
     out: dict[str, Any] = {
         "schema": SCHEMA,
         "model": _model_info(model, config, s),
@@ -387,6 +389,8 @@ def run_bench(
         "machine": {
             "cpu": cpu_name(),
             "llvm_cpu": codegen.llvm_get_system_cpu(),
+            # what host detection adds to or takes from that CPU name (a VM that hides AMX): the code's ISA
+            "llvm_mattr": list(load_preset("host").target_dict.get("mattr", [])),
             "isa_flags": isa_flags(),
             "cores": os.cpu_count(),
             "loadavg_before": list(load_before),
@@ -545,7 +549,7 @@ def _machine_line(m: dict[str, Any]) -> str:
     """The CPU, its vector extensions and the load around the run: a number means little without them."""
     cpu = m.get("cpu") or "unknown CPU"
     if m.get("llvm_cpu"):
-        cpu += f" (LLVM {m['llvm_cpu']})"
+        cpu += f" (LLVM {' '.join([m['llvm_cpu'], *m.get('llvm_mattr', [])])})"
     parts = [f"machine: {cpu}, {m.get('cores', '?')} cpus"]
     if m.get("isa_flags"):
         parts.append(" ".join(m["isa_flags"]))
