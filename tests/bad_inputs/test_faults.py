@@ -806,6 +806,18 @@ def test_tune_tracker_port_that_is_not_a_tracker(tmp_path) -> None:
     assert_clean_failure(r, "--rpc-tracker", snapshot(tmp_path), tmp_path)
 
 
+@pytest.mark.parametrize("search", ["knobs", "metaschedule"])
+def test_tune_refuses_a_records_folder_it_cannot_write_before_reading_the_model(tmp_path, search) -> None:
+    """`--schedules-dir` under a file (or on a read-only or virtual file system): one line naming the flag
+    before the model is read (it does not exist here), nothing left behind. It used to tune for minutes and
+    then fail at writing the record."""
+    (tmp_path / "file").write_text("x")
+    before = snapshot(tmp_path)
+    r = run(["tune", "/nonexistent-model", "--search", search, "--schedules-dir", tmp_path / "file" / "sub"])
+    line = assert_clean_failure(r, "--schedules-dir", before, tmp_path)
+    assert "cannot be written" in line and "file" in line, line
+
+
 def _a_cpu_this_machine_lacks() -> str | None:
     from toolkit.targets import for_cpu, load_preset
 

@@ -94,7 +94,7 @@ def command(
 ):
     """Tune MODEL's kernels for a device preset; records go to schedules/<preset>/, keyed by this device."""
     from ..errors import UserError
-    from ..tune.guard import check_local_device, check_tracker
+    from ..tune.guard import check_local_device, check_records_writable, check_tracker
 
     tracker = _parse_tracker(rpc_tracker)
     if (tracker is None) != (rpc_key is None):
@@ -116,6 +116,12 @@ def command(
         raise UserError(f"--search {search}: knob search times kernels here; '{device}' is not this CPU")
     if rpc is None:
         check_local_device(preset)
+    if search != "metaschedule":
+        from ..compile.knobs import records_folder
+
+        check_records_writable(records_folder(preset, schedules_dir))
+    if search != "knobs":
+        check_records_writable(records_dir(preset, schedules_dir, device_fingerprint(preset, rpc_key)))
     source = open_model(model)
     quant = quantization_for(source, quantization)
     if search in ("knobs", "both"):

@@ -8,15 +8,20 @@
 - MetaSchedule's logging setup crashes (`'NoneType' object has no attribute 'format'`) when its logger already
   has a handler without a name, which a program that configures logging can add: its handlers are set aside
   while MetaSchedule runs and put back afterwards.
+- The folder the records go to must take new files: checked before the model is read, not after minutes of
+  timing (`--schedules-dir` on a read-only or virtual file system, the installed package's folder).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 import struct
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from ..errors import UserError
 
@@ -80,3 +85,19 @@ def meta_schedule_logging() -> Iterator[None]:
                 h.close()
         for h in saved:
             logger.addHandler(h)
+
+
+def check_records_writable(folder: Path) -> None:
+    """UserError unless a new file can be made where `folder` is (or would be made): a throwaway folder is
+    created and removed in its nearest existing ancestor, so nothing is left behind."""
+    base = Path(folder).absolute()
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    try:
+        if not base.is_dir():
+            raise NotADirectoryError(20, "not a directory", str(base))
+        shutil.rmtree(tempfile.mkdtemp(prefix=".phi3-tune-check-", dir=base))
+    except OSError as e:
+        raise UserError(
+            f"--schedules-dir: tuned records cannot be written under {base}: {e.strerror or e}"
+        ) from None
