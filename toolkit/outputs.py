@@ -12,6 +12,7 @@ import errno
 import fnmatch
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -74,11 +75,13 @@ def check_output_dir(
     if not out.exists():
         if out.is_symlink():
             raise UserError("output is a dangling symlink; refusing to write through it", out)
+        _check_creatable(out)
         return out
     if not out.is_dir():
         raise UserError("output exists and is not a folder; refusing to replace it", out)
     entries = sorted(p.name for p in out.iterdir())
     if not entries:
+        _check_creatable(out)
         return out
     if marker not in entries:
         raise UserError(
@@ -93,6 +96,28 @@ def check_output_dir(
             out,
         )
     return out
+
+
+def cannot_create_under(path: str | Path) -> tuple[Path, str | None]:
+    """The nearest existing folder at or above `path`, and why nothing can be created in it (None: it can).
+    Tried, not asked: a throwaway folder is made and removed, since permission bits do not tell (root
+    passes them; a read-only mount or /proc refuses anyway)."""
+    base = Path(path).expanduser().absolute()
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        return base, "not a folder"
+    try:
+        shutil.rmtree(tempfile.mkdtemp(prefix=".phi3-write-check-", dir=base))
+    except OSError as e:
+        return base, e.strerror or str(e)
+    return base, None
+
+
+def _check_creatable(out: Path) -> None:
+    base, why = cannot_create_under(out)
+    if why:
+        raise UserError(f"output cannot be written there ({why})", base)
 
 
 def write_error(e: OSError, out: Path) -> UserError:

@@ -87,6 +87,20 @@ COLLISIONS = [
         ["export-coreml", "{w}/ckpt", "-o", "{w}/prev-conv/x.mlpackage"],
         "convert",
     ),
+    # a folder output where nothing can be made (under a file here; a read-only mount or /proc alike): refused
+    # before the model is read, not after minutes of converting (export-coreml wrote only at the end)
+    ("compile_under_a_file", ["compile", "{w}/ckpt", "-o", "{w}/data.txt/build"], "not a folder"),
+    ("convert_under_a_file", ["convert", "{w}/ckpt", "-o", "{w}/data.txt/q4"], "not a folder"),
+    (
+        "export_coreml_under_a_file",
+        ["export-coreml", "{w}/ckpt", "-o", "{w}/data.txt/x.mlpackage"],
+        "not a folder",
+    ),
+    (
+        "package_under_a_file",
+        ["package", "{w}/ckpt", "--device", "iphone", "-o", "{w}/data.txt/p"],
+        "not a folder",
+    ),
     ("quant_report_missing_folder", ["quant-report", "{w}/ckpt", "-o", "{w}/nope/r.png"], "does not exist"),
     ("quant_report_over_user_file", ["quant-report", "{w}/ckpt", "-o", "{w}/photo.png"], "not a PNG"),
     ("quant_report_into_input", ["quant-report", "{w}/ckpt", "-o", "{w}/ckpt/r.png"], "inside the input"),

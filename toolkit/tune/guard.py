@@ -15,10 +15,8 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import socket
 import struct
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,16 +86,9 @@ def meta_schedule_logging() -> Iterator[None]:
 
 
 def check_records_writable(folder: Path) -> None:
-    """UserError unless a new file can be made where `folder` is (or would be made): a throwaway folder is
-    created and removed in its nearest existing ancestor, so nothing is left behind."""
-    base = Path(folder).absolute()
-    while not base.exists() and base != base.parent:
-        base = base.parent
-    try:
-        if not base.is_dir():
-            raise NotADirectoryError(20, "not a directory", str(base))
-        shutil.rmtree(tempfile.mkdtemp(prefix=".phi3-tune-check-", dir=base))
-    except OSError as e:
-        raise UserError(
-            f"--schedules-dir: tuned records cannot be written under {base}: {e.strerror or e}"
-        ) from None
+    """UserError unless the records can be written where `folder` is (or would be made)."""
+    from ..outputs import cannot_create_under
+
+    base, why = cannot_create_under(folder)
+    if why:
+        raise UserError(f"--schedules-dir: tuned records cannot be written under {base}: {why}")
