@@ -36,6 +36,7 @@ def watching() -> Iterator[None]:
     """Note SIGINT while the block runs (in the main thread, where handlers are set, over Python's default
     handler; anywhere else the block just runs)."""
     global _fired
+    _fired = False  # also where no handler is set: an earlier block's Ctrl-C is not this one's
     previous = signal.getsignal(signal.SIGINT)
     if (
         threading.current_thread() is not threading.main_thread()
@@ -43,7 +44,6 @@ def watching() -> Iterator[None]:
     ):
         yield
         return
-    _fired = False
     signal.signal(signal.SIGINT, _on_sigint)
     try:
         yield

@@ -256,7 +256,9 @@ def test_ctrl_c_leaves_error_interrupted_as_the_last_line_despite_tvm_destructor
         "from toolkit.cli import run\n"
         "run()\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, preexec_fn=_default_sigint
+    )
     assert proc.returncode == 130 and proc.stderr == "error: interrupted\n", proc.stderr
 
 
@@ -282,6 +284,20 @@ def test_ctrl_c_that_a_library_swallows_or_rewraps_still_ends_the_command_as_one
     monkeypatch.setattr(cmd, "list_presets", library_call)
     r = run(["targets"])
     assert r.exit_code == 130 and r.stderr.strip() == "error: interrupted", r.output
+
+
+def test_an_earlier_commands_ctrl_c_does_not_end_a_later_one_where_sigint_is_ignored(terminal_sigint) -> None:
+    """In one process (a test runner started as a background job, SIGINT ignored; an app using the CLI in
+    process) a command after an interrupted one ran with the old "fired" flag: it ended as "interrupted"."""
+    from toolkit import interrupts
+
+    with pytest.raises(KeyboardInterrupt), interrupts.watching():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the handler raises in here
+    assert interrupts.fired()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the fixture puts back what was there
+    r = run(["targets"])
+    assert r.exit_code == 0 and "interrupted" not in r.output, r.output
 
 
 EXIT_TIME_CTRL_C = """
