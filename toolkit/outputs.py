@@ -149,8 +149,7 @@ def check_output_file(
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise UserError("output folder does not exist", parent)
-    if not os.access(parent, os.W_OK):
-        raise UserError("output folder is not writable", parent)
+    _check_creatable(parent)
     if out.exists() and magic is not None:
         try:
             with open(out, "rb") as f:

@@ -150,3 +150,18 @@ def test_convert_over_earlier_conversion_keeps_user_files(work) -> None:
     (out / "README.md").write_text("my notes about this conversion")
     before = snapshot(work)
     assert_clean_failure(run(args), "README.md", before, work)
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="no sysfs (Linux only)")
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["export-gguf", "{w}/ckpt", "-o", "/sys/kernel/x.gguf"],
+        ["quant-report", "{w}/ckpt", "-o", "/sys/kernel/r.png"],
+    ],
+)
+def test_file_output_in_a_folder_that_takes_no_new_files(work, args) -> None:
+    # sysfs: its permission bits let root write, the file system refuses; checked by trying, before any work
+    before = snapshot(work)
+    line = assert_clean_failure(run([a.format(w=work) for a in args]), "/sys/kernel", before, work)
+    assert "cannot be written" in line, line
