@@ -285,10 +285,16 @@ def _fill_host_detection(target: dict[str, Any], detect: tuple[str, ...]) -> dic
         if key not in target:
             target[key] = _DETECTABLE[key]()
     if "mcpu" in detect and "mattr" not in target:
+        import tvm
+
         features = _host_cpu_features()
-        mattr = _extensions_beyond_mcpu(target, features) + [
-            f"-{f}" for f in _hidden_from_mcpu(target, features)
-        ]
+        named = tvm.target.Target({k: v for k, v in target.items() if k in ("kind", "mtriple", "mcpu")})
+        # beyond the name: what the kernels use that the CPU name does not imply (a part LLVM does not know);
+        # below it: what the name promises but this machine lacks (LLVM names an x86 CPU by its model
+        # number, and a VM may hide that model's units: an Emerald Rapids guest, model 207, without AMX,
+        # AVX-512 FP16/BF16 or AVX-VNNI, whose code built for the name alone took the AMX path and faulted)
+        mattr = _extensions_beyond_mcpu(named, str(target.get("mtriple", "")), features)
+        mattr += [f"-{f}" for f in _lacked(named, features)]
         if mattr:
             target["mattr"] = mattr
     return target
@@ -304,17 +310,6 @@ def _lacked(cpu: Any, have: dict[str, bool]) -> tuple[str, ...]:
     return tuple(sorted(f for f in wanted if f in have and not have[f] and f not in SYSTEM_ONLY_FEATURES))
 
 
-def _hidden_from_mcpu(target: dict[str, Any], features: dict[str, bool]) -> tuple[str, ...]:
-    """What the detected CPU name promises but this machine lacks: LLVM names an x86 CPU by its model number,
-    and a virtual machine may hide some of that model's units (an Emerald Rapids guest, model 207, without
-    AMX, AVX-512 FP16/BF16 or AVX-VNNI). Code built for the name alone would take the AMX path and fault."""
-    import tvm
-
-    return _lacked(
-        tvm.target.Target({k: v for k, v in target.items() if k in ("kind", "mtriple", "mcpu")}), features
-    )
-
-
 # the extensions the host kernels use (`compile/cpu_isa.py`) that LLVM's CPU name may not imply: on arm64
 # DotProd (`sdot`) and i8mm (`smmla`), on x86 the AMX tiles (`tdpbssd`)
 KERNEL_EXTENSIONS = {"arm64": ("dotprod", "i8mm"), "x86": ("amx-tile", "amx-int8")}
@@ -328,22 +323,20 @@ def _host_cpu_features() -> dict[str, bool]:
     return dict(tvm_ffi.get_global_func("tvm.codegen.llvm.GetHostCPUFeatures")().items())
 
 
-def _extensions_beyond_mcpu(target: dict[str, Any], features: dict[str, bool]) -> list[str]:
-    """`+feature` for the kernels' extensions this host has but its detected `mcpu` doesn't say so. arm64:
-    LLVM names CPUs by part number, and a part it doesn't know comes out "generic" (Armv8.0, no dot
-    products). x86: a virtual machine may report an older model number than its CPU (a Sapphire Rapids
-    guest seen as family 6 model 167, which LLVM calls rocketlake: no AMX)."""
-    import tvm
+def _extensions_beyond_mcpu(cpu: Any, triple: str, features: dict[str, bool]) -> list[str]:
+    """`+feature` for the kernels' extensions this host has but its detected CPU `cpu` (a Target) doesn't
+    say so. arm64: LLVM names CPUs by part number, and a part it doesn't know comes out "generic" (Armv8.0,
+    no dot products). x86: a virtual machine may report an older model number than its CPU (a Sapphire
+    Rapids guest seen as family 6 model 167, which LLVM calls rocketlake: no AMX)."""
+    from tvm.target import codegen
 
-    triple = str(target.get("mtriple", ""))
     arch = (
         "arm64" if triple.startswith(("aarch64", "arm64")) else "x86" if triple.startswith("x86_64") else None
     )
     if arch is None:
         return []
-    cpu = tvm.target.Target({k: v for k, v in target.items() if k in ("kind", "mtriple", "mcpu")})
     return [
         f"+{f}"
         for f in KERNEL_EXTENSIONS[arch]
-        if features.get(f) and not tvm.target.codegen.llvm_cpu_has_features([f], cpu)
+        if features.get(f) and not codegen.llvm_cpu_has_features([f], cpu)
     ]
