@@ -260,7 +260,8 @@ def llama_gguf_for(model: Any, src, log: Callable[[str], None]) -> Path:
 def measure_bandwidth(threads: Sequence[int], nbytes: int) -> dict[str, float]:
     """Read bandwidth per thread count, measured in a child so its 1 GiB array never counts in our RSS."""
     code = (
-        "import json,sys; from toolkit.read_bandwidth import measure_read_bandwidth as m; "
+        "import json,sys; from toolkit.tvm_compat import tvm_without_torch; tvm_without_torch(); "
+        "from toolkit.read_bandwidth import measure_read_bandwidth as m; "
         f"print(json.dumps({{str(t): m(t, {int(nbytes)}) for t in {list(threads)!r}}}))"
     )
     env = dict(os.environ, TVM_NUM_THREADS=str(max(threads)))

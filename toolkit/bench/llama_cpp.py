@@ -607,6 +607,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     [--threads 1,2] [--prompt-len 128] [--decode-tokens 64] [--repeats 3]}`."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["worker"]:
+        from ..tvm_compat import tvm_without_torch
+
+        tvm_without_torch()  # its bandwidth probe imports TVM: about 2 s sooner (tvm_compat.py)
         # keep the protocol channel clean: anything native code prints to fd 1 goes to stderr instead
         proto = os.fdopen(os.dup(1), "w")
         os.dup2(2, 1)

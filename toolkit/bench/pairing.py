@@ -97,6 +97,9 @@ def engine_pairs(model: Any, s, threads: int, prompt: Sequence[int]) -> dict[str
 
 def main() -> int:
     """Child of `engine_pairs`: the request on stdin, the raw pairs as one JSON line on stdout."""
+    from ..tvm_compat import tvm_without_torch
+
+    tvm_without_torch()  # a child starts about 2 s sooner (tvm_compat.py)
     req = json.loads(sys.stdin.read())
     from ..read_bandwidth import ReadProbe
     from .harness import EngineBackend, load_our_engine
