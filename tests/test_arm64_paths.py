@@ -23,6 +23,7 @@ import arm64_qemu
 import numpy as np
 import pytest
 import tvm
+from cases import covering
 from test_cpu_q8_gemv import _build, _q8_reference, _q8_reference_with_min
 from test_cpu_schedule import _check_matmul, _matmul_func, _q4_weights
 
@@ -135,8 +136,9 @@ GEMV_CASES = [
 
 
 @pytest.mark.skipif(QEMU_MISSING is not None, reason=str(QEMU_MISSING))
-@pytest.mark.parametrize("path", ["neon", "neon-dotprod"])
-@pytest.mark.parametrize("n,k,rows,real_rows,add,scale_dtype", GEMV_CASES)
+@pytest.mark.parametrize(
+    "n,k,rows,real_rows,add,scale_dtype,path", covering(GEMV_CASES, ["neon", "neon-dotprod"])
+)
 def test_gemv_path_under_qemu_matches_int8_reference(path, n, k, rows, real_rows, add, scale_dtype) -> None:
     func = _matmul_func(n, k, rows, quant=True, scale_dtype=scale_dtype, add=add)
     assert host_kernel_isas(_path_target(path), "int8")["q4_gemv"] == f"int8-{path}"
@@ -194,8 +196,7 @@ def test_gemv_path_with_gguf_q8_0_codes_under_qemu(path) -> None:
 
 
 @pytest.mark.skipif(QEMU_MISSING is not None, reason=str(QEMU_MISSING))
-@pytest.mark.parametrize("block", ["q4_k", "q5_k", "q6_k"])
-@pytest.mark.parametrize("path", ["neon", "neon-dotprod"])
+@pytest.mark.parametrize("path,block", covering(["neon", "neon-dotprod"], ["q4_k", "q5_k", "q6_k"]))
 def test_gemv_path_with_gguf_k_quants_under_qemu(path, block) -> None:
     """GGUF's Q4_K / Q5_K / Q6_K in the arm64 decode GEMV: the sub-block scales (and mins) derived from the
     super-block values and the codes' high bits (shared with x86, `cpu_q8_gemv`), the dot products arm64's."""
@@ -211,8 +212,7 @@ def test_gemv_path_with_gguf_k_quants_under_qemu(path, block) -> None:
 
 
 @pytest.mark.skipif(QEMU_MISSING is not None, reason=str(QEMU_MISSING))
-@pytest.mark.parametrize("block", ["q4_k", "q5_k", "q6_k"])
-@pytest.mark.parametrize("path", ["neon-dotprod", "neon-i8mm"])
+@pytest.mark.parametrize("path,block", covering(["neon-dotprod", "neon-i8mm"], ["q4_k", "q5_k", "q6_k"]))
 def test_int8_gemm_path_with_gguf_k_quants_under_qemu(path, block) -> None:
     """GGUF's K-quants in the arm64 prefill GEMM (`sdot` and `smmla` blocks, 13 rows: a partial block and an
     odd row): scales (and mins) derived per tile from the super-block, high bits put in while repacking,
@@ -241,8 +241,7 @@ GEMM_CASES = [
 
 
 @pytest.mark.skipif(QEMU_MISSING is not None, reason=str(QEMU_MISSING))
-@pytest.mark.parametrize("path", ["neon-dotprod", "neon-i8mm"])
-@pytest.mark.parametrize("n,k,m,add,scale_dtype", GEMM_CASES)
+@pytest.mark.parametrize("n,k,m,add,scale_dtype,path", covering(GEMM_CASES, ["neon-dotprod", "neon-i8mm"]))
 def test_int8_gemm_path_under_qemu_matches_int8_reference(path, n, k, m, add, scale_dtype) -> None:
     assert host_kernel_isas(_path_target(path), "int8")["q4_gemm"] == f"int8-{path}"
     func = _matmul_func(n, k, (1, "s"), quant=True, scale_dtype=scale_dtype, add=add)

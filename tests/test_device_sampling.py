@@ -24,7 +24,7 @@ from toolkit.checkpoint import open_model
 from toolkit.cli import main
 from toolkit.compile import compile_model as compile_model_module
 from toolkit.compile.attach_decode_sample import FUSED, attach_decode_sample
-from toolkit.compile.compile_model import compile_model, compiled_for
+from toolkit.compile.compile_model import compile_model
 from toolkit.errors import UserError
 from toolkit.runtime.device_sampling import FUSED_STEPS, DeviceSampler, Draw
 from toolkit.runtime.engine import CacheOptions, Engine
@@ -437,10 +437,16 @@ def test_the_api_and_the_scheduler_give_the_host_samplers_text(tiny):
     assert len({a for a, _ in on_host}) == 6, on_host
 
 
-def test_a_library_without_the_sampler_is_refused(tiny):
-    src, _ = tiny
-    compiled = compiled_for(src.config, "q0f32", "host-exact")
-    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(compiled.library)), tvm.cpu())
+def test_a_library_without_the_sampler_is_refused():
+    """A VM whose module has functions, none of them the sampler's (as a library compiled without
+    --sample-on-device)."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    logits = relax.Var("logits", relax.TensorType([1, 1, 8], "float32"))
+    with bb.function("softmax_with_temperature", [logits]):
+        bb.emit_func_output(logits)
+    vm = tvm.runtime.vm.VirtualMachine(tvm.compile(bb.get(), target="llvm"), tvm.cpu())
     with pytest.raises(UserError, match="no sampler functions .sample_tokens"):
         DeviceSampler(vm, tvm.cpu(), 4)
 

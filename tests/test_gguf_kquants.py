@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from cases import covering
 from engine_util import assert_greedy_agrees_where_clear, build_engine, greedy_vs_transformers, rel_err
 from test_gguf_schemes import _gguf_tensors, _hf_on_gguf_blocks
 from test_gguf_source import write_phi3_gguf
@@ -445,8 +446,7 @@ def k_quant_reference(x, arrays, block, qs_eff, qm_eff):
     return ref, bound, wrong
 
 
-@pytest.mark.parametrize("block", K_TYPES)
-@pytest.mark.parametrize("kernel", ["gemv", "batched", "gemm"])
+@pytest.mark.parametrize("kernel,block", covering(["gemv", "batched", "gemm"], K_TYPES))
 def test_k_quants_take_the_host_int8_kernels(kernel, block):
     """GGUF's Q4_K, Q5_K and Q6_K in the host's int8 decode GEMV (every dot-product path this CPU has) and
     VNNI prefill GEMM: each sub-block's scale d x sc (and min -dmin x m), derived in the kernel from the

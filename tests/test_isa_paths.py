@@ -14,6 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 import tvm
+from cases import covering
 from test_cpu_q8_gemv import _build, _q8_reference, _q8_reference_with_min
 from test_cpu_schedule import _check_matmul, _matmul_func, _q4_weights
 
@@ -379,8 +380,7 @@ def test_gguf_q4_0_takes_the_host_kernels_with_its_zero_point(kernel: str) -> No
         assert np.abs(got - ref7).max() > 100 * bound.max()
 
 
-@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
-@pytest.mark.parametrize("add", [False, True])
+@pytest.mark.parametrize("add,kernel", covering([False, True], ["gemv", "gemm"]))
 def test_gguf_q4_1_takes_the_int8_kernels_with_its_min(kernel: str, add: bool) -> None:
     """GGUF's Q4_1 (code * scale + min, no zero point) in the int8 decode GEMV (every dot-product path this
     CPU has) and the VNNI prefill GEMM: the codes' part within the int8 reference's bound, the mins' part
@@ -413,8 +413,7 @@ def test_gguf_q4_1_takes_the_int8_kernels_with_its_min(kernel: str, add: bool) -
         assert np.abs(got - without_mins - (res if add else 0)).max() > 100 * bound.max()
 
 
-@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
-@pytest.mark.parametrize("add", [False, True])
+@pytest.mark.parametrize("add,kernel", covering([False, True], ["gemv", "gemm"]))
 def test_gguf_q8_0_takes_the_x86_int8_kernels(kernel: str, add: bool) -> None:
     """GGUF's Q8_0 (8-bit codes - 128, 4 per uint32) in the x86 int8 decode GEMV (every dot-product path
     this CPU has: VNNI on u8 codes from a -128 x sum(x) term, AVX2 on |w| and sign-moved x) and the VNNI
