@@ -64,3 +64,13 @@ def test_more_threads_than_cpus_says_what_runs_and_why() -> None:
     assert got["pool"] == len(ALL_CPUS)
     notice = f"notice: running {len(ALL_CPUS)} thread(s), not {len(ALL_CPUS) + 5}: this process may use"
     assert notice in err and "started earlier" not in err, err
+
+
+@pytest.mark.parametrize("value", ["abc", "-2", "0"])
+def test_a_malformed_count_runs_one_per_core_with_a_notice(value) -> None:
+    """TVM reads a TVM_NUM_THREADS it cannot use as its default; so do we, but say so unless it is 0 (TVM's
+    own way to ask for the default)."""
+    got, err = _run(SIZE.format(n=None), env_threads=value)
+    assert got["pool"] == physical_cores()
+    notice = f"notice: TVM_NUM_THREADS='{value}' is not a count of threads; running {physical_cores()}"
+    assert (notice in err) == (value != "0"), err

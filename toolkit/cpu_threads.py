@@ -29,7 +29,15 @@ def default_threads() -> int:
     """TVM_NUM_THREADS when set to a positive count (TVM's own knob, e.g. one per test worker), else one
     thread per physical core."""
     env = os.environ.get("TVM_NUM_THREADS", "").strip()
-    return int(env) if env.isdigit() and int(env) > 0 else physical_cores()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    cores = physical_cores()
+    if env and env != "0":  # TVM reads 0 as its default too; other values would be a typo
+        print(
+            f"notice: TVM_NUM_THREADS={env!r} is not a count of threads; running {cores} (one per core)",
+            file=sys.stderr,
+        )
+    return cores
 
 
 def size_thread_pool(n: int | None = None) -> int:

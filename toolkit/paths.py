@@ -14,3 +14,18 @@ from pathlib import Path
 def cache_root() -> Path:
     """$PHI3_TOOLKIT_CACHE, default ~/.cache/phi3-toolkit (read on every call: tests change it)."""
     return Path(os.environ.get("PHI3_TOOLKIT_CACHE", "~/.cache/phi3-toolkit")).expanduser()
+
+
+def cache_note(filename: str | os.PathLike | None) -> str:
+    """For an OS error on `filename`: where that path comes from when it is in (or is) the cache root, since
+    the user never named it; else ""."""
+    if not filename:
+        return ""
+    root = cache_root()
+    try:
+        Path(os.path.abspath(filename)).relative_to(os.path.abspath(root))
+    except ValueError:
+        return ""
+    if "PHI3_TOOLKIT_CACHE" in os.environ:
+        return f" (the toolkit's cache: PHI3_TOOLKIT_CACHE={os.environ['PHI3_TOOLKIT_CACHE']})"
+    return f" (the toolkit's cache, {root}: set PHI3_TOOLKIT_CACHE to use another folder)"

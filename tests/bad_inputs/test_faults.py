@@ -570,6 +570,20 @@ def test_full_disk_is_one_line_and_leaves_nothing(small_disk, ckpt, cmd) -> None
     assert_clean_failure(r, ["No space left", str(small_disk)], before, small_disk)
 
 
+@pytest.mark.parametrize("where", ["file", "missing"])
+def test_an_unusable_cache_folder_is_one_line_naming_the_variable(tmp_path, monkeypatch, where) -> None:
+    """PHI3_TOOLKIT_CACHE on a file, or under a folder that cannot hold one: the user never named the path
+    that failed, so the line says where it comes from."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    cache = blocker if where == "file" else Path("/proc/1/no-cache-here")
+    monkeypatch.setenv("PHI3_TOOLKIT_CACHE", str(cache))
+    before = snapshot(tmp_path)
+    r = run(["generate", "--prompt", "hi", "--max-tokens", "1"])
+    line = assert_clean_failure(r, f"PHI3_TOOLKIT_CACHE={cache}", before, tmp_path)
+    assert line.startswith(f"error: {cache}"), line
+
+
 # -- runtime: stdin, prompts, context window ------------------------------------------------------------
 def test_chat_with_stdin_closed_exits_cleanly(tmp_path) -> None:
     p = subprocess.run(

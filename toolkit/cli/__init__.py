@@ -82,8 +82,10 @@ class _Group(click.Group):
             if e.errno == errno.EPIPE:
                 raise
             # disk full, permission denied, ...: the file and the reason, not a traceback
+            from ..paths import cache_note
+
             where = f"{e.filename}: " if e.filename else ""
-            raise OneLineError(f"{where}{e.strerror or e}") from None
+            raise OneLineError(f"{where}{e.strerror or e}{cache_note(e.filename)}") from None
         except (Exception, KeyboardInterrupt) as e:
             if interrupted(e):  # Ctrl-C, also when TVM hands it back as another error
                 raise OneLineError("interrupted", exit_code=130) from None
