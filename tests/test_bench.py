@@ -502,6 +502,27 @@ def test_bench_bad_input():
     assert r.exit_code != 0 and "Traceback" not in r.output
 
 
+def test_bench_refuses_more_threads_than_cpus_and_caps_its_default(monkeypatch):
+    """A count above the CPUs would run fewer threads under that count's label (and stall the bandwidth
+    probe for minutes); the default 1,2 on a one-CPU machine measures 1."""
+    import click
+
+    from toolkit.cli import cmd_bench
+    from toolkit.cpu_threads import usable_cpus
+
+    too_many = str(usable_cpus() + 1)
+    r = CliRunner().invoke(cli, ["bench", "--threads", f"1,{too_many}"])
+    assert r.exit_code == 2 and f"{too_many} is more than the {usable_cpus()} CPU(s)" in r.output, r.output
+    monkeypatch.setattr("toolkit.cpu_threads.usable_cpus", lambda: 1)
+    ctx = click.Context(cmd_bench.command)
+    param = next(p for p in cmd_bench.command.params if p.name == "threads")
+    ctx.set_parameter_source("threads", click.core.ParameterSource.DEFAULT)
+    assert cmd_bench._thread_counts(ctx, param, "1,2") == [1]
+    ctx.set_parameter_source("threads", click.core.ParameterSource.COMMANDLINE)
+    with pytest.raises(click.BadParameter, match="2 is more than the 1 CPU"):
+        cmd_bench._thread_counts(ctx, param, "1,2")
+
+
 # -- another CPU class measured here: both sides built for it (`--device host:CPU`) ------------------------
 ZEN4_INFO = (
     "CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | AVX512 = 1 | "

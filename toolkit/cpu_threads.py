@@ -18,6 +18,11 @@ _SHARE_ALL_CORES = -3
 _AFFINITY = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (TVM's pool makes at most one thread per CPU)."""
+    return len(_AFFINITY) if _AFFINITY else os.cpu_count() or 1
+
+
 def physical_cores() -> int:
     """This machine's physical cores (SMT siblings share the vector units: extra threads add contention)."""
     import psutil
@@ -54,7 +59,7 @@ def size_thread_pool(n: int | None = None) -> int:
     if _AFFINITY and os.sched_getaffinity(0) != _AFFINITY:
         os.sched_setaffinity(0, _AFFINITY)
     got = pool_threads()
-    cpus = len(_AFFINITY) if _AFFINITY else os.cpu_count() or 1
+    cpus = usable_cpus()
     if got < n and n > cpus and got >= cpus:  # TVM makes at most one pool thread per CPU
         print(
             f"notice: running {got} thread(s), not {n}: this process may use {cpus} CPU(s)",

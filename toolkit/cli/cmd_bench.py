@@ -27,6 +27,17 @@ def _int_list(ctx, param, value: str) -> list[int]:
     return out
 
 
+def _thread_counts(ctx, param, value: str) -> list[int]:
+    from ..cpu_threads import usable_cpus
+
+    out = _int_list(ctx, param, value)
+    if ctx.get_parameter_source(param.name) == click.core.ParameterSource.DEFAULT:
+        return [t for t in out if t <= usable_cpus()] or [1]  # "1,2" on a one-CPU machine: 1
+    if max(out) > usable_cpus():  # TVM would run fewer, and the row would carry the asked count
+        raise click.BadParameter(f"{max(out)} is more than the {usable_cpus()} CPU(s) this process may use")
+    return out
+
+
 @click.command()
 @click.argument("model", required=False)
 @click.option(
@@ -38,7 +49,7 @@ def _int_list(ctx, param, value: str) -> list[int]:
     "for that CPU class, to measure its code paths on a machine that has all its features.",
 )
 @click.option(
-    "--threads", default="1,2", show_default=True, callback=_int_list, help="Thread counts to test."
+    "--threads", default="1,2", show_default=True, callback=_thread_counts, help="Thread counts to test."
 )
 @click.option(
     "--prompt-lengths",
