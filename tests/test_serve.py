@@ -169,6 +169,26 @@ def test_bad_requests_are_400_with_a_message(server, body, needle):
 
 
 @pytest.mark.parametrize(
+    "option, value",
+    [
+        ("temperature", "hot"),
+        ("top_p", 0),
+        ("seed", -1),
+        ("stop", [f"s{i}" for i in range(17)]),  # more than MAX_STOP_STRINGS
+        ("logit_bias", {"99999": 1}),
+        ("logit_bias", {"5": 1000}),
+    ],
+)
+def test_a_bad_sampling_option_is_named_as_the_errors_param(server, option, value):
+    """As OpenAI's errors do: a client can point at the field without parsing the message."""
+    body = {"messages": [{"role": "user", "content": "x"}], option: value}
+    with http(server) as h:
+        r = h.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == option, r.text
+
+
+@pytest.mark.parametrize(
     "chat, field, asks, off",
     [
         (True, "tools", [{"type": "function", "function": {"name": "f"}}], []),

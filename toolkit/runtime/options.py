@@ -17,7 +17,12 @@ MAX_STOP_STRINGS = 16  # OpenAI allows 4; more only costs a string search per to
 
 
 class OptionsError(UserError):
-    """A sampling option out of range or of the wrong type (HTTP 400 in the server)."""
+    """A sampling option out of range or of the wrong type (HTTP 400 in the server, whose error names the
+    option as its `param`)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -49,22 +54,22 @@ class GenerationOptions:
         if isinstance(stop, str):  # OpenAI accepts one string or a list
             stop = (stop,)
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
-            raise OptionsError("stop must be a non-empty string or a list of non-empty strings")
+            raise OptionsError("stop must be a non-empty string or a list of non-empty strings", "stop")
         if not all(is_text(s) for s in stop):
-            raise OptionsError("stop strings must be valid UTF-8 text")
+            raise OptionsError("stop strings must be valid UTF-8 text", "stop")
         if len(stop) > MAX_STOP_STRINGS:
-            raise OptionsError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
+            raise OptionsError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", "stop")
         object.__setattr__(self, "stop", tuple(stop))
         if not isinstance(self.logit_bias, Mapping):
-            raise OptionsError("logit_bias must map token ids to numbers")
+            raise OptionsError("logit_bias must map token ids to numbers", "logit_bias")
         bias: dict[int, float] = {}
         for k, v in self.logit_bias.items():
             try:
                 tid = int(k)  # JSON keys are strings
             except (TypeError, ValueError):
-                raise OptionsError(f"logit_bias key {k!r} is not a token id") from None
+                raise OptionsError(f"logit_bias key {k!r} is not a token id", "logit_bias") from None
             if tid < 0 or str(tid) != str(k).strip():
-                raise OptionsError(f"logit_bias key {k!r} is not a token id")
+                raise OptionsError(f"logit_bias key {k!r} is not a token id", "logit_bias")
             _num(f"logit_bias[{tid}]", v, -100.0, 100.0)
             bias[tid] = float(v)
         object.__setattr__(self, "logit_bias", bias)
@@ -85,19 +90,21 @@ class GenerationOptions:
         """logit_bias keys must be token ids of this model."""
         bad = [t for t in self.logit_bias if t >= vocab_size]
         if bad:
-            raise OptionsError(f"logit_bias token id {bad[0]} is outside the vocabulary (size {vocab_size})")
+            raise OptionsError(
+                f"logit_bias token id {bad[0]} is outside the vocabulary (size {vocab_size})", "logit_bias"
+            )
 
 
 def _num(name: str, v: Any, lo: float, hi: float | None, *, low_open: bool = False) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise OptionsError(f"{name} must be a finite number, got {v!r}")
+        raise OptionsError(f"{name} must be a finite number, got {v!r}", name.split("[")[0])
     if v < lo or (low_open and v == lo) or (hi is not None and v > hi):
         rng = f"{'(' if low_open else '['}{lo:g}, {'inf)' if hi is None else f'{hi:g}]'}"
-        raise OptionsError(f"{name} must be in {rng}, got {v!r}")
+        raise OptionsError(f"{name} must be in {rng}, got {v!r}", name.split("[")[0])
 
 
 def _int(name: str, v: Any, lo: int, hi: int | None = None) -> None:
     if isinstance(v, bool) or not isinstance(v, int):
-        raise OptionsError(f"{name} must be an integer, got {v!r}")
+        raise OptionsError(f"{name} must be an integer, got {v!r}", name)
     if v < lo or (hi is not None and v > hi):
-        raise OptionsError(f"{name} must be >= {lo}{'' if hi is None else f' and <= {hi}'}, got {v}")
+        raise OptionsError(f"{name} must be >= {lo}{'' if hi is None else f' and <= {hi}'}, got {v}", name)

@@ -143,8 +143,8 @@ def create_app(model: Model, scheduler: Scheduler, *, api_key: str | None = None
             )
         except BadRequest as e:
             return _error(400, str(e), "invalid_request_error", e.param, e.code)
-        except UserError as e:
-            return _error(400, str(e), "invalid_request_error")
+        except UserError as e:  # an OptionsError names its option
+            return _error(400, str(e), "invalid_request_error", getattr(e, "param", None))
         loop = asyncio.get_running_loop()
         if not mailbox or mailbox[0].loop is not loop:
             mailbox[:] = [_Mailbox(loop)]
