@@ -41,6 +41,10 @@ PAST = [
     ("generate", ["-p", "hi", "--threads", "0"], "--threads"),
     ("generate", ["-p", "hi", "--threads", "-3"], "--threads"),
     ("generate", ["-p", "hi", "--threads", "100000"], "--threads"),
+    # checked by the options' own rules, then named as the flag
+    ("generate", ["-p", "hi", "--stop", ""], "--stop"),
+    ("generate", ["-p", "hi", "--logit-bias", "5=1000"], "--logit-bias"),
+    ("generate", ["-p", "", "--stop", "x"], "--prompt"),
     ("generate", ["-p", ""], "--prompt"),
     ("generate", ["-p", "   \n\t"], "--prompt"),
     ("generate", [], "--prompt"),

@@ -269,5 +269,7 @@ def sampling_changes(kwargs: dict) -> dict:
     try:
         GenerationOptions().replace(**changes)
     except OptionsError as e:
-        raise click.UsageError(str(e)) from None
+        if e.param is None:
+            raise click.UsageError(str(e)) from None
+        raise click.BadParameter(str(e), param_hint=f"--{e.param.replace('_', '-')}") from None
     return changes
