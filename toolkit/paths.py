@@ -11,9 +11,15 @@ import os
 from pathlib import Path
 
 
+def _cache_variable() -> str:
+    """PHI3_TOOLKIT_CACHE, "" when unset or blank (`PHI3_TOOLKIT_CACHE= phi3 ...` means the default, not the
+    current folder)."""
+    return os.environ.get("PHI3_TOOLKIT_CACHE", "").strip()
+
+
 def cache_root() -> Path:
     """$PHI3_TOOLKIT_CACHE, default ~/.cache/phi3-toolkit (read on every call: tests change it)."""
-    return Path(os.environ.get("PHI3_TOOLKIT_CACHE", "~/.cache/phi3-toolkit")).expanduser()
+    return Path(_cache_variable() or "~/.cache/phi3-toolkit").expanduser()
 
 
 def cache_note(filename: str | os.PathLike | None) -> str:
@@ -26,6 +32,6 @@ def cache_note(filename: str | os.PathLike | None) -> str:
         Path(os.path.abspath(filename)).relative_to(os.path.abspath(root))
     except ValueError:
         return ""
-    if "PHI3_TOOLKIT_CACHE" in os.environ:
-        return f" (the toolkit's cache: PHI3_TOOLKIT_CACHE={os.environ['PHI3_TOOLKIT_CACHE']})"
+    if _cache_variable():
+        return f" (the toolkit's cache: PHI3_TOOLKIT_CACHE={_cache_variable()})"
     return f" (the toolkit's cache, {root}: set PHI3_TOOLKIT_CACHE to use another folder)"

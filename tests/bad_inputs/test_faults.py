@@ -584,6 +584,17 @@ def test_an_unusable_cache_folder_is_one_line_naming_the_variable(tmp_path, monk
     assert line.startswith(f"error: {cache}"), line
 
 
+@pytest.mark.parametrize("value", ["", "  "])
+def test_a_blank_cache_variable_means_the_default_not_the_current_folder(monkeypatch, tmp_path, value):
+    """`PHI3_TOOLKIT_CACHE= phi3 ...` put lib/, locks/ and weights/ into whatever folder the user was in."""
+    from toolkit.paths import cache_root
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PHI3_TOOLKIT_CACHE", value)
+    assert cache_root() == tmp_path / "home" / ".cache" / "phi3-toolkit"
+
+
 # -- runtime: stdin, prompts, context window ------------------------------------------------------------
 def test_chat_with_stdin_closed_exits_cleanly(tmp_path) -> None:
     p = subprocess.run(
