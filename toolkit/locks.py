@@ -8,6 +8,7 @@ cache folder, never next to the user's output.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -21,8 +22,23 @@ from filelock import FileLock, Timeout
 from .errors import UserError
 from .paths import cache_root
 
-# a compile of a real model takes minutes; a user can lower it (tests do)
-DEFAULT_TIMEOUT_S = float(os.environ.get("PHI3_TOOLKIT_LOCK_TIMEOUT", "3600"))
+# a compile of a real model takes minutes; PHI3_TOOLKIT_LOCK_TIMEOUT lowers it
+DEFAULT_TIMEOUT_S = 3600.0
+
+
+def default_timeout_s() -> float:
+    """PHI3_TOOLKIT_LOCK_TIMEOUT (seconds; unset or blank: DEFAULT_TIMEOUT_S), read when a lock is taken: a
+    bad value is then one line of the command, not a traceback at import."""
+    raw = os.environ.get("PHI3_TOOLKIT_LOCK_TIMEOUT", "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise UserError(f"PHI3_TOOLKIT_LOCK_TIMEOUT={raw!r} is not a number of seconds >= 0")
+    return value
 
 
 _LOCKS: dict[str, FileLock] = {}
@@ -68,7 +84,7 @@ def clean_stale_temps(target: Path) -> list[Path]:
 def output_lock(target: str | Path, timeout: float | None = None) -> Iterator[None]:
     """Lock `target`: wait for another writer (message on stderr); UserError on timeout."""
     target = Path(target).expanduser()
-    timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
+    timeout = default_timeout_s() if timeout is None else timeout
     lock_path = str(_lock_file(target))
     # one FileLock object per file: it counts nested acquisitions (the JIT cache locks a folder, then convert
     # locks it again); two objects on one file would deadlock this process against itself. Thread-local

@@ -595,6 +595,46 @@ def test_a_blank_cache_variable_means_the_default_not_the_current_folder(monkeyp
     assert cache_root() == tmp_path / "home" / ".cache" / "phi3-toolkit"
 
 
+@pytest.mark.parametrize("value", ["abc", "-1", "nan"])
+def test_a_bad_lock_timeout_is_one_line_when_a_lock_is_taken(monkeypatch, tmp_path, ckpt, value) -> None:
+    """PHI3_TOOLKIT_LOCK_TIMEOUT was parsed at import: a typo was a traceback before any command ran."""
+    monkeypatch.setenv("PHI3_TOOLKIT_LOCK_TIMEOUT", value)
+    before = snapshot(tmp_path)
+    r = run(["convert", ckpt, "-o", tmp_path / "out", "-q", "q0f32", "--no-progress"])
+    assert_clean_failure(r, f"PHI3_TOOLKIT_LOCK_TIMEOUT={value!r}", before, tmp_path)
+
+
+def test_a_blank_lock_timeout_is_the_default(monkeypatch) -> None:
+    from toolkit.locks import DEFAULT_TIMEOUT_S, default_timeout_s
+
+    monkeypatch.setenv("PHI3_TOOLKIT_LOCK_TIMEOUT", " ")
+    assert default_timeout_s() == DEFAULT_TIMEOUT_S
+    monkeypatch.setenv("PHI3_TOOLKIT_LOCK_TIMEOUT", "2.5")
+    assert default_timeout_s() == 2.5
+
+
+@pytest.mark.parametrize("where", ["missing", "empty"])
+def test_a_presets_folder_without_presets_is_one_line_naming_the_variable(tmp_path, where) -> None:
+    """TOOLKIT_TARGETS_DIR is read at import, so each case is a fresh process: `targets` listed nothing
+    through a traceback and every --device said "'host' is not one of ."."""
+    folder = tmp_path / ("nowhere" if where == "missing" else "")
+    env = {**_env(), "TOOLKIT_TARGETS_DIR": str(folder)}
+    why = "is not a folder" if where == "missing" else "holds no presets"
+    for args, code in ((["targets"], 1), (["generate", "--prompt", "hi"], 2)):
+        cmd = [sys.executable, "-m", "toolkit.cli", *args]
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == code and len(lines) == 1, p.stderr
+        assert f"TOOLKIT_TARGETS_DIR={folder} {why}" in lines[0], lines
+    blank = subprocess.run(
+        [sys.executable, "-m", "toolkit.cli", "targets"],
+        env={**_env(), "TOOLKIT_TARGETS_DIR": ""},
+        capture_output=True,
+        text=True,
+    )
+    assert blank.returncode == 0 and "host" in blank.stdout, blank.stderr
+
+
 # -- runtime: stdin, prompts, context window ------------------------------------------------------------
 def test_chat_with_stdin_closed_exits_cleanly(tmp_path) -> None:
     p = subprocess.run(

@@ -41,6 +41,10 @@ class DeviceChoice(click.Choice):
     the command line is parsed, before anything loads."""
 
     def convert(self, value, param, ctx):
+        from ..targets import no_presets_reason
+
+        if not self.choices and no_presets_reason():
+            self.fail(no_presets_reason(), param, ctx)
         if isinstance(value, str) and ":" in value:
             base = super().convert(value.split(":", 1)[0], param, ctx)
             from ..targets import load_preset

@@ -20,7 +20,7 @@ from ..errors import UserError
 
 # the preset files ship inside the package (toolkit/targets/*.json, tuned records in toolkit/schedules/), so a
 # non-editable install finds them; TOOLKIT_TARGETS_DIR points at another folder of presets.
-TARGETS_DIR = Path(os.environ.get("TOOLKIT_TARGETS_DIR", Path(__file__).resolve().parent))
+TARGETS_DIR = Path(os.environ.get("TOOLKIT_TARGETS_DIR", "").strip() or Path(__file__).resolve().parent)
 OUTPUT_SUFFIXES = (".so", ".tar", ".dylib")
 # CPU q4 GEMVs: fp32 activations, or int8 activations with integer dot products (llama.cpp's Q4 x Q8)
 Q4_ACTIVATIONS = ("float32", "int8")
@@ -122,6 +122,14 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in TARGETS_DIR.glob("*.json"))
 
 
+def no_presets_reason() -> str | None:
+    """Why there is no preset to pick (TOOLKIT_TARGETS_DIR pointing at the wrong folder), else None."""
+    if list_presets():
+        return None
+    where = f"TOOLKIT_TARGETS_DIR={TARGETS_DIR}"
+    return f"{where} is not a folder" if not TARGETS_DIR.is_dir() else f"{where} holds no presets (*.json)"
+
+
 def load_preset(name: str) -> Preset:
     """Load and validate preset `name`; unknown names raise UserError listing the known ones. `PRESET:CPU`
     pins a detecting preset's CPU (`for_cpu`)."""
@@ -130,8 +138,9 @@ def load_preset(name: str) -> Preset:
         return for_cpu(load_preset(base), cpu)
     path = TARGETS_DIR / f"{name}.json"
     if not path.is_file():
-        known = ", ".join(list_presets()) or "(none)"
-        raise UserError(f"unknown device preset '{name}'; known presets: {known}")
+        if no_presets_reason():
+            raise UserError(f"no device preset '{name}': {no_presets_reason()}")
+        raise UserError(f"unknown device preset '{name}'; known presets: {', '.join(list_presets())}")
     return _load(path)
 
 
