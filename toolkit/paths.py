@@ -32,6 +32,6 @@ def cache_note(filename: str | os.PathLike | None) -> str:
         Path(os.path.abspath(filename)).relative_to(os.path.abspath(root))
     except ValueError:
         return ""
-    if _cache_variable():
-        return f" (the toolkit's cache: PHI3_TOOLKIT_CACHE={_cache_variable()})"
+    if variable := _cache_variable():
+        return f" (the toolkit's cache: PHI3_TOOLKIT_CACHE={variable})"
     return f" (the toolkit's cache, {root}: set PHI3_TOOLKIT_CACHE to use another folder)"

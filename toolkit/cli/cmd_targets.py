@@ -15,8 +15,9 @@ from ..targets import list_presets, load_preset, no_presets_reason
 @click.argument("name", required=False)
 def command(as_json: bool, name: str | None) -> None:
     """List device presets, or show one preset NAME with the reasons for its numbers."""
-    if not name and no_presets_reason():
-        raise UserError(no_presets_reason())
+    reason = None if name else no_presets_reason()
+    if reason:
+        raise UserError(reason)
     names = [name] if name else list_presets()
     presets = [load_preset(n) for n in names]
     if as_json:

@@ -43,8 +43,9 @@ class DeviceChoice(click.Choice):
     def convert(self, value, param, ctx):
         from ..targets import no_presets_reason
 
-        if not self.choices and no_presets_reason():
-            self.fail(no_presets_reason(), param, ctx)
+        reason = None if self.choices else no_presets_reason()
+        if reason:
+            self.fail(reason, param, ctx)
         if isinstance(value, str) and ":" in value:
             base = super().convert(value.split(":", 1)[0], param, ctx)
             from ..targets import load_preset

@@ -138,8 +138,9 @@ def load_preset(name: str) -> Preset:
         return for_cpu(load_preset(base), cpu)
     path = TARGETS_DIR / f"{name}.json"
     if not path.is_file():
-        if no_presets_reason():
-            raise UserError(f"no device preset '{name}': {no_presets_reason()}")
+        reason = no_presets_reason()
+        if reason:
+            raise UserError(f"no device preset '{name}': {reason}")
         raise UserError(f"unknown device preset '{name}'; known presets: {', '.join(list_presets())}")
     return _load(path)
 
