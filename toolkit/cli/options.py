@@ -218,7 +218,8 @@ SAMPLING_FLAGS = (
 
 def sampling_options(f):
     """Every GenerationOptions knob as a flag; a flag not given keeps the model's default
-    (generation_config.json, else the toolkit's). Commands take them as **sampling -> `sampling_changes`."""
+    (generation_config.json, the embedded model's card, else the toolkit's). Commands take them as
+    **sampling -> `sampling_changes`."""
     f = click.option(
         "--logit-bias",
         multiple=True,
@@ -240,13 +241,13 @@ def sampling_options(f):
         "--top-p",
         type=FiniteFloat(0.0, 1.0, min_open=True),
         default=None,
-        help="Nucleus sampling mass, in (0, 1] (default: the model's, else 0.95).",
+        help="Nucleus sampling mass, in (0, 1] (default: the model's, else 0.95; the embedded model's: 0.9).",
     )(f)
     f = click.option(
         "--temperature",
         type=FiniteFloat(0.0),
         default=None,
-        help="0 = greedy (default: the model's generation_config.json, else 0.7).",
+        help="0 = greedy (default: the model's, else 0.7; the embedded model's: 0.2).",
     )(f)
     f = click.option(
         "--max-tokens", type=positive_int(), default=None, help="Default: the model's, else 256."

@@ -1,5 +1,6 @@
 """Generation defaults from the checkpoint: generation_config.json (transformers' meaning) for a HF folder,
-mlc-chat-config.json for a converted one; the toolkit's own defaults otherwise."""
+mlc-chat-config.json for a converted one, the embedded model's own (default_model.py); the toolkit's defaults
+otherwise."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ def generation_defaults(path: Path, base: GenerationOptions | None = None) -> Ge
     base = base or GenerationOptions()
     path = Path(path)
     if not path.is_dir():
-        return base
+        from ..default_model import SAMPLING_DEFAULTS, is_default_model
+
+        return base.replace(**SAMPLING_DEFAULTS) if is_default_model(path) else base
     changes: dict[str, Any] = {}
     gc = path / "generation_config.json"
     mlc = path / "mlc-chat-config.json"
