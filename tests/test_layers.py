@@ -13,8 +13,8 @@ import toolkit
 PKG = Path(toolkit.__file__).resolve().parent
 BASE = {  # shared helpers every stage may use
     "__init__", "errors", "config", "hf_schema", "outputs", "locks", "paths", "hostinfo", "targets",
-    "tokenizer", "chat_template", "jinja_template", "default_model", "tvm_compat", "cpu_threads",
-    "read_bandwidth", "hugepages", "interrupts", "row_blocks",
+    "tokenizer", "chat_template", "jinja_template", "default_model", "tvm_compat", "kernel_memo",
+    "cpu_threads", "read_bandwidth", "hugepages", "interrupts", "row_blocks",
 }  # fmt: skip
 STAGE = {
     **dict.fromkeys(BASE, 0),

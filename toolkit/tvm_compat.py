@@ -11,6 +11,10 @@ Kept here so they are found in one place and nowhere else patches TVM:
   resolve closure variables; the stdlib version looks up each frame's module by scanning `sys.modules`,
   which with torch/transformers loaded (tests, Core ML export) made parsing our kernels the larger part of
   a compile. The parser's `inspect` gets frames with their source line read from linecache instead.
+- `memo_kv_cache_kernels`: TVM's paged KV cache builds its ~20 attention and copy kernels from TVMScript on
+  every model export, host included (where ours then replace most of them). They are pure functions of head
+  counts, dtype and target, so its module calls them through `kernel_memo.memo_kernel`: a second compile in
+  the process (a knob search, compiles for several devices, the test suite) reuses them.
 - `tvm_without_torch`: `import tvm` imports torch whenever it is installed (tvm_ffi and relax's Python
   module, for their optional torch interop), which is most of the time a `phi3` command spends importing
   TVM. `phi3` never hands torch tensors to TVM, so its first `import tvm` runs as if torch were not
@@ -121,6 +125,23 @@ def fast_script_frames() -> None:
         if getattr(module, "inspect", None) is inspect:
             fast = fast or _fast_inspect()
             module.inspect = fast
+
+
+def memo_kv_cache_kernels() -> None:
+    """Route `tvm.relax.frontend.nn.llm.kv_cache`'s kernel builders (TVM's, and the drop-ins of
+    model/kv_kernels.py) through `memo_kernel` (see the module docstring); idempotent."""
+    from tvm.relax.frontend.nn.llm import kv_cache
+
+    from .kernel_memo import memo_kernel
+
+    owners = ("tvm.relax.frontend.nn.llm.", "toolkit.")  # the kernel modules; not typing's or math's
+    for name, value in list(vars(kv_cache).items()):
+        module = getattr(value, "__module__", "")
+        builder = inspect.isfunction(value) and module.startswith(owners) and module != kv_cache.__name__
+        if builder and not getattr(value, "memoized", False):
+            wrapped = memo_kernel(value)
+            wrapped.memoized = True
+            setattr(kv_cache, name, wrapped)
 
 
 class _TvmWithoutTorch(importlib.abc.MetaPathFinder):

@@ -31,6 +31,7 @@ import operator
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ..kernel_memo import memo_kernel
 from .cpu_q8_gemv import (
     check_layout,
     pack_four,
@@ -70,6 +71,7 @@ def _config_word(words: list[int], i) -> tirx.PrimExpr:
     return expr
 
 
+@memo_kernel(derived=("q",))
 def q8_amx_gemm(func: tirx.PrimFunc, q) -> tirx.PrimFunc:
     """`func` (a `_Q4Matmul` match `q`: x [.., M, K], q_weight, q_scale, out, optional residual) as the AMX
     kernel: same parameters, same result as `cpu_q8_gemm.q8_vnni_gemm` up to fp32 summation order."""

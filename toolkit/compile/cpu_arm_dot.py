@@ -39,6 +39,7 @@ import operator
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ..kernel_memo import memo_kernel
 from .cpu_q8_gemv import (
     _nibbles,
     check_layout,
@@ -147,6 +148,7 @@ def gemm_fits(q, *, isa: str, nr: int = 8) -> bool:
     )
 
 
+@memo_kernel(derived=("q",))
 def q8_arm_gemm(func: tirx.PrimFunc, q, *, isa: str, mr: int = 4, nr: int = 8) -> tirx.PrimFunc:
     """`func` (a `_Q4Matmul` match `q`: x [.., M, K], q_weight, q_scale, out, optional residual) as the
     int8 `smmla` (`isa="neon-i8mm"`) or `sdot` (`"neon-dotprod"`) GEMM: same parameters, same result up

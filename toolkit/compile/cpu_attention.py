@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from tvm import DataType, tirx
 from tvm.script import tirx as T
 
+from ..kernel_memo import memo_kernel
 from .cpu_q8_gemv import rotation, row_sums_in_registers, transpose_in_registers
 
 LOG2E = math.log2(math.e)
@@ -430,6 +431,7 @@ def split_min_keys(h_kv: int, h_qo: int) -> int:
     return SPLIT_MIN_KEYS_GQA if heads_per_task(h_qo) < h_qo // h_kv else SPLIT_MIN_KEYS
 
 
+@memo_kernel
 def decode_attention_cpu(
     h_kv: int,
     h_qo: int,
@@ -548,6 +550,7 @@ def decode_attention_cpu(
     return kernel
 
 
+@memo_kernel
 def prefill_paged_attention_cpu(
     h_kv: int,
     h_qo: int,
@@ -624,6 +627,7 @@ def prefill_paged_attention_cpu(
     return kernel
 
 
+@memo_kernel
 def prefill_ragged_attention_cpu(
     h_kv: int, h_qo: int, d: int, dtype: str, mask_window: int = 0, knobs: AttentionKnobs = AttentionKnobs()
 ) -> tirx.PrimFunc:

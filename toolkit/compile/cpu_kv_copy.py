@@ -13,9 +13,12 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ..kernel_memo import memo_kernel
+
 NO_ROPE = "the host KV-cache kernels expect rope applied before the cache (apply_rope 0)"
 
 
+@memo_kernel
 def split_qkv_cpu(h_qo: int, h_kv: int, d: int, dtype: str) -> tirx.PrimFunc:
     """TVM's `fused_rope` (position_embedding) with its rotary part off: qkv [n, H_qo + 2 H_kv, d] -> q, k,
     v."""
@@ -47,6 +50,7 @@ def split_qkv_cpu(h_qo: int, h_kv: int, d: int, dtype: str) -> tirx.PrimFunc:
     return kernel
 
 
+@memo_kernel
 def transpose_append_cpu(h_kv: int, d: int, dtype: str, page_size: int) -> tirx.PrimFunc:
     """TVM's `tir_kv_cache_transpose_append`: token i's k / v rows into slot position_map[i] of the pages
     (pages [P, 2, H_kv, page_size, d]); a position of -1 is skipped."""

@@ -14,9 +14,11 @@ import operator
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ..kernel_memo import memo_kernel
 from .cpu_q8_gemv import check_layout, with_params_of
 
 
+@memo_kernel(derived=("q",))
 def q4_outer_gemm(func: tirx.PrimFunc, q, *, mr: int = 6, nr: int = 16, lanes: int = 8) -> tirx.PrimFunc:
     """`func` (a `_Q4Matmul` match `q`: x [.., M, K] with a dynamic M, q_weight, q_scale, out, optional
     residual) as the outer-product kernel; `lanes`: fp32 lanes per vector (8: AVX2, 16: AVX-512)."""

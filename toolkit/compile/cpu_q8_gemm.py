@@ -24,6 +24,7 @@ import operator
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ..kernel_memo import memo_kernel
 from .cpu_isa import MADDUBS_ISAS, Q8_GEMM_LANES
 from .cpu_q8_gemv import (
     MADDUBS,
@@ -37,6 +38,7 @@ from .cpu_q8_gemv import (
 )
 
 
+@memo_kernel(derived=("q",))
 def q8_vnni_gemm(
     func: tirx.PrimFunc, q, *, mr: int = 12, lanes: int = 16, isa: str = "vnni"
 ) -> tirx.PrimFunc:

@@ -32,6 +32,7 @@ import operator
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ..kernel_memo import memo_kernel
 from ..quantization import GGUF_BLOCK_LAYOUTS, MLC_Q4_LAYOUT, GroupLayout
 from .cpu_isa import MADDUBS_ISAS, Q8_DOT_LANES
 
@@ -460,6 +461,7 @@ def _lane_sum(acc, base, lanes: int) -> tirx.PrimExpr:
     return terms[0]
 
 
+@memo_kernel(derived=("q",))
 def q8_dot_gemv(
     func: tirx.PrimFunc,
     q,

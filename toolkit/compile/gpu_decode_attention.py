@@ -43,6 +43,8 @@ import math
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ..kernel_memo import memo_kernel
+
 WARP = 32
 TOKENS_PER_STEP = 2  # tokens a group handles per loop step (fixed: the reducer below sums two values)
 NO_SCORE = -5e4  # initial running max, as TVM's kernels use
@@ -70,6 +72,7 @@ def _position(i, b, length_info, sliding_window: bool):
     return T.if_then_else(i < sink, i, i - sink + length_info[1, b])
 
 
+@memo_kernel
 def decode_attention_gpu(
     h_kv: int,
     h_qo: int,

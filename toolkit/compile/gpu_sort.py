@@ -18,6 +18,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.script import tirx as T
 
+from ..kernel_memo import memo_kernel
 from .logit_processor import max_threads
 
 
@@ -38,6 +39,7 @@ def stages(vocab: int) -> list[tuple[int, int]]:
     return out
 
 
+@memo_kernel
 def _kernels(vocab: int, target: tvm.target.Target) -> tuple[tirx.PrimFunc, tirx.PrimFunc, tirx.PrimFunc]:
     n = padded_length(vocab)
     tx = min(max_threads(target), n)

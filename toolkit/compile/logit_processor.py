@@ -25,6 +25,8 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ..kernel_memo import memo_kernel
+
 NAMES = ("apply_logit_bias_inplace", "apply_penalty_inplace", "apply_bitmask_inplace")
 
 
@@ -42,6 +44,7 @@ def _attrs(name: str) -> dict:
     return {"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": True}
 
 
+@memo_kernel
 def logit_bias(tx: int | None) -> tirx.PrimFunc:
     """tx None: serial loop (llvm); else one thread per (row, token) pair, blocks of tx threads."""
     if tx is None:
@@ -82,6 +85,7 @@ def _penalised(x, presence, frequency, repetition, count):
     return T.if_then_else(shifted < T.float32(0), shifted * repetition, shifted / repetition)
 
 
+@memo_kernel
 def penalty(tx: int | None) -> tirx.PrimFunc:
     if tx is None:
 
@@ -150,6 +154,7 @@ def _masked(x, word, bit):
     return T.if_then_else(T.bitwise_and(T.shift_right(word, bit), 1) == 1, x, T.min_value("float32"))
 
 
+@memo_kernel
 def bitmask(tx: int | None) -> tirx.PrimFunc:
     if tx is None:
 

@@ -18,6 +18,7 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ..kernel_memo import memo_kernel
 from .logit_processor import max_threads
 
 _ATTRS = {"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}  # opaque: never fused
@@ -30,6 +31,7 @@ def prefix_sum(vocab: int, target: tvm.target.Target, exclusive: bool = False) -
     return _blocked(vocab, max_threads(target), exclusive)
 
 
+@memo_kernel
 def _blocked(v: int, tx_n: int, exclusive: bool) -> tirx.PrimFunc:
     run = (v + tx_n - 1) // tx_n
     own = not exclusive  # inclusive sums count the element itself
@@ -67,6 +69,7 @@ def _blocked(v: int, tx_n: int, exclusive: bool) -> tirx.PrimFunc:
     return scan
 
 
+@memo_kernel
 def _serial(v: int, exclusive: bool) -> tirx.PrimFunc:
     own = not exclusive
 

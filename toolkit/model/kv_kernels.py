@@ -24,6 +24,8 @@ from tvm.relax.frontend.nn.llm import kv_cache as _kv_cache
 from tvm.script import tirx as T
 from tvm.target import Target
 
+from ..tvm_compat import memo_kv_cache_kernels
+
 _ORIGINAL = _kv_cache._merge_state_inplace
 _ORIGINAL_PREFILL_RAGGED = _kv_cache._attention_prefill_ragged
 
@@ -145,6 +147,9 @@ def prefill_ragged_for_opencl(h_kv, h_q, d_qk, d_v, dtype, rope_scaling, target:
 
 def install() -> None:
     """Route TIRPagedKVCache's GPU merge kernel to ours (idempotent; CPU targets keep their serial one), and
-    its ragged-prefill kernel through `prefill_ragged_for_opencl`."""
-    _kv_cache._merge_state_inplace = merge_state_inplace
-    _kv_cache._attention_prefill_ragged = prefill_ragged_for_opencl
+    its ragged-prefill kernel through `prefill_ragged_for_opencl`; then every kernel builder of the cache
+    through the in-process memo (tvm_compat.memo_kv_cache_kernels)."""
+    if not getattr(_kv_cache._merge_state_inplace, "memoized", False):
+        _kv_cache._merge_state_inplace = merge_state_inplace
+        _kv_cache._attention_prefill_ragged = prefill_ragged_for_opencl
+    memo_kv_cache_kernels()
