@@ -105,3 +105,21 @@ def uncached_bytes(floor: int) -> int:
     """Bytes to cycle through so that none of them is still cached when its turn comes again: `floor`, or
     twice the last-level cache where that is more (a VM may report hundreds of MiB)."""
     return max(floor, 2 * last_level_cache_bytes())
+
+
+# Linux's arch_prctl request for the AMX tile data state (x86-64 syscall 158; granted from Linux 5.16)
+SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
+
+
+def amx_tiles_granted() -> bool | None:
+    """Ask the OS for this process's AMX tile registers, as the AMX kernels do on each call: whether it
+    granted them; None where there is no way to ask (not Linux on x86-64)."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    return libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0

@@ -996,3 +996,34 @@ def test_a_code_generation_failure_is_one_line_and_leaves_nothing(monkeypatch, t
     with pytest.raises(UserError, match=r"^compiling for vulkan failed in code generation .*: 203520 bytes"):
         cm.compile_model(open_model(ckpt).config, "q4f16_1", "vulkan", out)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_amx_library_where_the_os_refuses_the_tiles_is_one_line_before_any_compile(monkeypatch) -> None:
+    """A Sapphire-Rapids-class preset on a Linux that refuses the AMX tiles (before 5.16, or a seccomp
+    filter on arch_prctl): `open_device`, which a load runs before compiling, names the cause and a way
+    out; the library's first prefill would otherwise die in the kernel's own check, a traceback."""
+    import dataclasses
+
+    import tvm
+
+    from toolkit import hostinfo
+    from toolkit.runtime.engine import open_device
+    from toolkit.targets import load_preset
+
+    amx = dataclasses.replace(load_preset("host:sapphirerapids"), missing_features=())  # as on that CPU
+    monkeypatch.setattr(hostinfo, "amx_tiles_granted", lambda: False)
+    with pytest.raises(UserError, match="refused this process the AMX tile registers.*host:icelake-server"):
+        open_device(amx)
+    monkeypatch.setattr(hostinfo, "amx_tiles_granted", lambda: True)
+    assert open_device(amx) == tvm.cpu()
+    monkeypatch.setattr(hostinfo, "amx_tiles_granted", lambda: pytest.fail("a non-AMX library asked"))
+    open_device(load_preset("host:icelake-server"))
+
+
+def test_the_os_grants_no_amx_tiles_to_a_cpu_without_them() -> None:
+    from toolkit import hostinfo
+
+    granted = hostinfo.amx_tiles_granted()
+    assert granted in (True, False, None)
+    if "amx_tile" not in hostinfo.cpu_flags():
+        assert granted is not True

@@ -31,6 +31,7 @@ import operator
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ..hostinfo import ARCH_REQ_XCOMP_PERM, SYS_ARCH_PRCTL, XFEATURE_XTILEDATA
 from ..kernel_memo import memo_kernel
 from .cpu_q8_gemv import (
     check_layout,
@@ -43,7 +44,6 @@ from .cpu_q8_gemv import (
 )
 
 TILE_ROWS = 16  # rows of x per A tile, and weight rows per B tile (16 int32 columns of 64 bytes)
-SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
 TMM_C, TMM_A, TMM_B = 0, 1, 2  # the tile registers used: sums, x, codes
 NO_TILES = (
     "the OS refused this process the AMX tile registers (Linux grants them on request from 5.16): this "

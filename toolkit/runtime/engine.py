@@ -434,6 +434,24 @@ def load_engine(
     return eng, source
 
 
+def _check_amx_tiles(preset) -> None:
+    """A library whose prefill runs on AMX tiles needs the OS to grant them (Linux 5.16+, and no seccomp
+    filter against arch_prctl); else its first prefill dies in the kernel's own check. Asked before any
+    compile."""
+    from ..compile.cpu_isa import host_kernel_isas
+    from ..errors import UserError
+    from ..hostinfo import amx_tiles_granted
+
+    if host_kernel_isas(preset.target, preset.q4_activations)["q4_gemm"] != "int8-amx":
+        return
+    if amx_tiles_granted() is False:
+        raise UserError(
+            f"cannot run '{preset.spec}' here: the OS refused this process the AMX tile registers its "
+            "prefill kernels use (Linux grants them from 5.16); compile for a CPU without AMX, e.g. "
+            "--device host:icelake-server"
+        )
+
+
 def open_device(preset) -> tvm.runtime.Device:
     """The device a preset's library runs on here: the CPU, CUDA, or Vulkan / OpenCL through TVM's own
     runtimes built as plugins (`phi3 runtime build`); UserError when this machine cannot run it."""
@@ -445,6 +463,7 @@ def open_device(preset) -> tvm.runtime.Device:
                 f"cannot run '{preset.spec}' here: this CPU lacks {', '.join(preset.missing_features)}; "
                 f"use `phi3 compile --device {preset.spec}` and deploy the library"
             )
+        _check_amx_tiles(preset)
         return tvm.cpu()
     if preset.kind == "cuda":
         if not tvm.cuda().exist:  # else the library's CUDA module fails to load, a traceback
