@@ -32,7 +32,12 @@ ROOT = Path(__file__).resolve().parent.parent
 KIT = ROOT / ".whl" / "gpu-kit"
 SITE, LIBS = KIT / "site", KIT / "libs"
 CARRY_LIMIT = 64 * 2**20  # what the device tool carries: working tree and carried paths together
-FFI = f"apache-tvm-ffi=={metadata.version('apache-tvm-ffi')}"  # the one installed here (pyproject.toml's pin)
+
+
+def _ffi_requirement() -> str:
+    """The apache-tvm-ffi installed here (pyproject.toml's pin). Asked only when preparing: where the kit
+    runs (`check-run`, the GPU machine's `run`) tvm_ffi is the kit's copy, with no package metadata."""
+    return f"apache-tvm-ffi=={metadata.version('apache-tvm-ffi')}"
 
 
 def _runtime(python: str) -> None:
@@ -48,7 +53,8 @@ def _runtime(python: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:"]
-            + ["--python-version", python, "--platform", "manylinux_2_28_x86_64", "-d", tmp, FFI],
+            + ["--python-version", python, "--platform", "manylinux_2_28_x86_64", "-d", tmp]
+            + [_ffi_requirement()],
             check=True,
         )
         (wheel,) = Path(tmp).glob("*.whl")
