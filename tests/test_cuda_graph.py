@@ -68,3 +68,23 @@ def test_cuda_graph_flag_needs_a_cuda_preset(tmp_path):
     r = CliRunner().invoke(main, ["compile", "--device", "vulkan", "--cuda-graph", "-o", str(tmp_path / "o")])
     assert r.exit_code != 0 and "--cuda-graph needs a CUDA preset" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_the_gpu_kit_loads_where_tvm_ffi_has_no_package_metadata(monkeypatch):
+    """On the GPU machine (and in `gpu_kit.py check`) tvm_ffi is the kit's copy, without metadata: the
+    script must get past its imports there, and ask for tvm_ffi's version only when preparing the kit."""
+    import importlib.util
+    from importlib import metadata
+    from pathlib import Path
+
+    def no_metadata(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", no_metadata)
+    path = Path(__file__).resolve().parent.parent / "examples" / "gpu_kit.py"
+    spec = importlib.util.spec_from_file_location("gpu_kit_without_ffi_metadata", path)
+    kit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kit)
+    assert callable(kit.run) and callable(kit.check_run)
+    with pytest.raises(metadata.PackageNotFoundError):
+        kit._ffi_requirement()
