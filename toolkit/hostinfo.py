@@ -114,7 +114,7 @@ SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
 def amx_tiles_granted() -> bool | None:
     """Ask the OS for this process's AMX tile registers, as the AMX kernels do on each call: whether it
     granted them; None where there is no way to ask (not Linux on x86-64)."""
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
         return None
     import ctypes
 

@@ -100,5 +100,4 @@ def memo_kernel(builder: F | None = None, *, derived: Iterable[str] = ()) -> F:
                 entries.popitem(last=False)
         return result
 
-    wrapper.cache_clear = entries.clear  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]

@@ -149,7 +149,6 @@ def install() -> None:
     """Route TIRPagedKVCache's GPU merge kernel to ours (idempotent; CPU targets keep their serial one), and
     its ragged-prefill kernel through `prefill_ragged_for_opencl`; then every kernel builder of the cache
     through the in-process memo (tvm_compat.memo_kv_cache_kernels)."""
-    if not getattr(_kv_cache._merge_state_inplace, "memoized", False):
-        _kv_cache._merge_state_inplace = merge_state_inplace
-        _kv_cache._attention_prefill_ragged = prefill_ragged_for_opencl
+    _kv_cache._merge_state_inplace = merge_state_inplace
+    _kv_cache._attention_prefill_ragged = prefill_ragged_for_opencl
     memo_kv_cache_kernels()
