@@ -109,8 +109,8 @@ def cannot_create_under(path: str | Path) -> tuple[Path, str | None]:
         return base, "not a folder"
     try:
         shutil.rmtree(tempfile.mkdtemp(prefix=".phi3-write-check-", dir=base))
-    except OSError as e:
-        return base, e.strerror or str(e)
+    except OSError as e:  # the OS's reason is about the folder it was asked to make, so say that
+        return base, f"making a folder in it failed: {e.strerror or e}"
     return base, None
 
 

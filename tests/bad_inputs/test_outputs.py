@@ -91,6 +91,8 @@ COLLISIONS = [
     # before the model is read, not after minutes of converting (export-coreml wrote only at the end)
     ("compile_under_a_file", ["compile", "{w}/ckpt", "-o", "{w}/data.txt/build"], "not a folder"),
     ("convert_under_a_file", ["convert", "{w}/ckpt", "-o", "{w}/data.txt/q4"], "not a folder"),
+    # /proc refuses new folders with ENOENT: the line says that was making a folder, not a missing input
+    ("compile_in_proc", ["compile", "{w}/ckpt", "-o", "/proc/phi3-x/build"], "making a folder in it"),
     (
         "export_coreml_under_a_file",
         ["export-coreml", "{w}/ckpt", "-o", "{w}/data.txt/x.mlpackage"],
