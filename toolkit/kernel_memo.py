@@ -100,4 +100,5 @@ def memo_kernel(builder: F | None = None, *, derived: Iterable[str] = ()) -> F:
                 entries.popitem(last=False)
         return result
 
+    wrapper.memoized = True  # type: ignore[attr-defined]  (what tvm_compat.memo_kv_cache_kernels skips)
     return wrapper  # type: ignore[return-value]

@@ -139,9 +139,7 @@ def memo_kv_cache_kernels() -> None:
         module = getattr(value, "__module__", "")
         builder = inspect.isfunction(value) and module.startswith(owners) and module != kv_cache.__name__
         if builder and not getattr(value, "memoized", False):
-            wrapped = memo_kernel(value)
-            wrapped.memoized = True
-            setattr(kv_cache, name, wrapped)
+            setattr(kv_cache, name, memo_kernel(value))
 
 
 class _TvmWithoutTorch(importlib.abc.MetaPathFinder):
