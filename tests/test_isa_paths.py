@@ -112,6 +112,9 @@ def test_non_x86_targets_have_no_x86_paths() -> None:
 # the first case of each table runs by default; the other shapes run with --runslow
 CASES = [
     (64, 256, (1, 1), (1, 1), True, "float16"),
+    # K an odd number of 64-chunks (SmolLM2's 576 is 9): 512-bit paths end with a 256-bit half step
+    (32, 320, (1, 1), (1, 1), True, "float16"),
+    (32, 192, ("b", 1), (5, 1), False, "float32"),  # batched: a block of 4 rows of x, then one row alone
     pytest.param(48, 384, ("b", 1), (3, 1), False, "float32", marks=pytest.mark.slow),  # dynamic batch of 3
     pytest.param(32, 1024, (1, 2), (1, 2), True, "float16", marks=pytest.mark.slow),  # two static rows
 ]
@@ -143,11 +146,14 @@ def test_each_path_matches_int8_reference(isa, n, k, rows, real_rows, add, scale
     assert np.all(err <= bound), (err.max(), bound.min())
 
 
-def test_512_bit_path_declines_k_it_cannot_step_and_the_next_path_takes_it() -> None:
+def test_512_bit_paths_take_an_odd_number_of_chunks_and_decline_k_they_cannot_step() -> None:
     odd = _matmul_func(32, 576, (1, 1), quant=True)  # SmolLM2's K: 9 chunks of 64, not pairs
     cascadelake = _cpu("cascadelake")
-    assert cs.CPUQ8DotGEMV(isa="avx512vnni").apply(odd, cascadelake, False) is None
+    assert cs.CPUQ8DotGEMV(isa="avx512vnni").apply(odd, cascadelake, False) is not None
+    assert cs.CPUQ8DotGEMV(isa="avx512bw").apply(odd, cascadelake, False) is not None
     assert cs.CPUQ8DotGEMV(isa="avxvnni").apply(odd, cascadelake, False) is not None
+    # a K of 32 x an odd number (not whole 64-chunks) takes no int8 path at all
+    assert cs.CPUQ8DotGEMV().apply(_matmul_func(32, 96, (1, 1), quant=True), cascadelake, False) is None
     # a path the CPU lacks is declined even when asked for
     assert cs.CPUQ8DotGEMV(isa="avx512vnni").apply(odd, _cpu("alderlake"), False) is None
     assert cs.CPUQ8DotGEMV(isa="avxvnni").apply(odd, _cpu("znver3"), False) is None
@@ -280,12 +286,12 @@ AVX512BW = [r"vpmaddubsw\s.*%zmm", r"vpmaddubsw\s.*%zmm", r"vpmaddwd\s.*%zmm"]
 DISASM = [
     ("cascadelake", 3072, [VNNI_512] * 2, [r"vpmaddubsw", VNNI_256]),
     pytest.param("znver4", 3072, [VNNI_512] * 2, [r"vpmaddubsw"], marks=pytest.mark.slow),
-    pytest.param("cascadelake", 576, [VNNI_256] * 2, [VNNI_512, r"vpmaddubsw"], marks=pytest.mark.slow),
+    # SmolLM2's K (576): 4 steps of 128 and a half step of 64, the last on 256-bit registers
+    ("cascadelake", 576, [VNNI_512] * 2 + [VNNI_256] * 2, [r"vpmaddubsw"]),
     ("alderlake", 3072, [AVX_VNNI] * 2, [r"%zmm", r"vpmaddubsw"]),  # AVX-VNNI
     ("znver3", 3072, AVX2, [r"vpdpbusd", r"%zmm"]),
     ("skylake-avx512", 3072, AVX512BW, [r"vpdpbusd"]),
-    # SmolLM2's K (576): 9 steps of 64, not of 128: the 256-bit form
-    pytest.param("skylake-avx512", 576, AVX2, [r"vpdpbusd", r"vpmaddubsw\s.*%zmm"], marks=pytest.mark.slow),
+    pytest.param("skylake-avx512", 576, AVX512BW + AVX2, [r"vpdpbusd"], marks=pytest.mark.slow),
 ]
 
 

@@ -5,7 +5,8 @@ x is quantized per 32-group to int8 (scale max|x|/127, rounded half to even). Ea
 one 32-byte load whose low and high nibbles (u8) are multiplied with the matching int8 activations:
 - `avx2`: `vpmaddubsw` (u8 x i8 -> i16 pairs) twice, added, then summed to 8 int32 lanes by `vpmaddwd`;
 - `avxvnni`: two `vpdpbusd` (u8 x i8, 4 products summed into each int32 lane) on 256-bit registers;
-- `avx512vnni`: the same on 512-bit registers, 128 weights (two chunks) per step;
+- `avx512vnni`: the same on 512-bit registers, 128 weights (two chunks) per step, and for K an odd number
+  of chunks (SmolLM2's 576) one last step on 256-bit registers (`steps_through`);
 - `neon-dotprod` / `neon` (arm64): `sdot`, or int16 products and pairwise adds, per 128-bit half
   (`cpu_arm_dot`).
 The zero point (-7 for MLC's q4, -8 for GGUF's Q4_0) is a per-lane integer term (`xz`, the VNNI chains
@@ -461,6 +462,17 @@ def _lane_sum(acc, base, lanes: int) -> tirx.PrimExpr:
     return terms[0]
 
 
+def steps_through(isa: str, layout: GroupLayout, k: int) -> bool:
+    """Whether `q8_dot_gemv`'s `isa` path can step through K for `layout`: whole steps, or, for 4-bit
+    codes without K-quants' super-blocks on a 512-bit x86 path, whole steps and one half step (a 64-chunk
+    on 256-bit registers) at the end."""
+    step = layout.elems_per_word * Q8_DOT_LANES[isa]
+    if k % step == 0:
+        return True
+    x86_512 = Q8_DOT_LANES[isa] == 16 and not isa.startswith("neon")
+    return x86_512 and layout.bits == 4 and layout not in HOST_K_LAYOUTS and k % (step // 2) == 0
+
+
 @memo_kernel(derived=("q",))
 def q8_dot_gemv(
     func: tirx.PrimFunc,
@@ -490,9 +502,11 @@ def q8_dot_gemv(
     span = lanes // 8  # chunks per step: 64 weights each with 4-bit codes, 32 (one group) with 8-bit
     n, k = q.n, q.k
     chunk = 32 if eight else 64
-    assert k % (chunk * span) == 0 and n % tile == 0 and tile % rows == 0
+    assert steps_through(isa, lay, k) and n % tile == 0 and tile % rows == 0
     n_groups, n_words, n_chunks = k // gs, k // lay.elems_per_word, k // chunk
     n_steps = n_chunks // span
+    # K an odd number of 64-chunks on a 512-bit path (SmolLM2's 576): the last chunk is a step of half width
+    tail, half = n_chunks % span == 1, lanes // 2
     lanes_per_group = 8 if eight else 4
     step_groups = lanes // lanes_per_group
     m_shape = list(q.x.shape)[:-1]
@@ -525,18 +539,22 @@ def q8_dot_gemv(
         dot = GEMV_DOTS[isa]
     else:
         dot = functools.partial(_dot_vnni, lanes=lanes)
+    # the half-width tail step: the same instructions on 256-bit registers (AVX-512 VL / AVX2)
+    half_dot = functools.partial(_dot_maddubs if isa in MADDUBS_ISAS else _dot_vnni, lanes=half)
 
-    def spread(values: tirx.PrimExpr) -> tirx.PrimExpr:
-        """The step's per-group fp32 values (float32 x step_groups), each over its lanes."""
-        if step_groups == 1:
-            return T.broadcast(values, lanes)
-        return T.Shuffle([values] * lanes_per_group, scale_lanes)
+    def spread(values: tirx.PrimExpr, w: int = lanes) -> tirx.PrimExpr:
+        """A step's per-group fp32 values (float32 x its groups), each over its lanes (w of them)."""
+        if w // lanes_per_group == 1:
+            return T.broadcast(values, w)
+        return T.Shuffle([values] * lanes_per_group, scale_lanes[:w])
 
-    def per_lane(buf, row, b) -> tirx.PrimExpr:
-        """The step's per-group values of `buf` (scales or mins) as fp32, each over its lanes."""
-        if step_groups == 1:
-            return spread(T.Cast("float32", buf[row, b]))
-        return spread(T.Cast(f"float32x{step_groups}", buf[row, T.ramp(b * step_groups, 1, step_groups)]))
+    def per_lane(buf, row, b, w: int = lanes) -> tirx.PrimExpr:
+        """Step b's per-group values of `buf` (scales or mins) as fp32, each over its lanes (a step of w
+        lanes: the tail's are the first groups of a full step's)."""
+        groups = w // lanes_per_group
+        if groups == 1:
+            return spread(T.Cast("float32", buf[row, b]), w)
+        return spread(T.Cast(f"float32x{groups}", buf[row, T.ramp(b * step_groups, 1, groups)]), w)
 
     assert gs == 32, gs  # x is quantized per 32 (every host layout's group, and K-quants' sub-block)
     quantize_x = quantize_x_vectors(k, zp, eight, has_min)
@@ -569,26 +587,29 @@ def q8_dot_gemv(
         off, sb = 16 - lanes, b // steps_per_sb
         return ks[T.ramp(r * 16 + off, 1, lanes)] * xk[T.ramp((m * n_sb + sb) * 16 + off, 1, lanes)]
 
-    def term(qw, qs, qm, qsub, qh, xe, xo, xz, xs, xm, row, m, b, ks, at) -> tirx.PrimExpr:
+    def term(qw, qs, qm, qsub, qh, xe, xo, xz, xs, xm, row, m, b, ks, at, w=lanes) -> tirx.PrimExpr:
         """Weight row `row`'s step `b` against row `m` of x: the integer dot products as fp32, times the
         weight and activation scales, plus the mins times the activation sums with a min (one expression:
         vector temporaries would become heap workspace). K-quants: the scales from the row's super-block
-        values at ks[at] (`k_values`, stored once per super-block), the mins added per super-block."""
+        values at ks[at] (`k_values`, stored once per super-block), the mins added per super-block. w: the
+        step's lanes (half of them for the tail step)."""
         c = m * n_chunks + b * span  # the step's first chunk in x's quantized buffers
-        words = qw[row, T.ramp(b * lanes, 1, lanes)]
+        words = qw[row, T.ramp(b * lanes, 1, w)]
         if width:
             # each lane's 8 x width bits, zero-extended (one vpmovzx{b,w}d from memory)
             high = qh[row, T.ramp(b * (lanes // per_high), 1, lanes // per_high)]
             high = T.Cast(f"uint32x{lanes}", T.reinterpret(f"uint{8 * width}x{lanes}", high))
             words = (words, high, width)
-        start = xz[T.ramp(c * 8, 1, lanes)] if zp else T.broadcast(T.int32(0), lanes)  # the zero-point term
-        d = dot(words, xe[T.ramp(c * 32, 1, lanes * 4)], xo[T.ramp(c * 32, 1, lanes * 4)], start)
+        start = xz[T.ramp(c * 8, 1, w)] if zp else T.broadcast(T.int32(0), w)  # the zero-point term
+        d = (dot if w == lanes else half_dot)(
+            words, xe[T.ramp(c * 32, 1, w * 4)], xo[T.ramp(c * 32, 1, w * 4)], start
+        )
         if kq:
             scales, mins = k_scales(ks, at, b), None
         else:
-            scales, mins = per_lane(qs, row, b), per_lane(qm, row, b) if has_min else None
-        scaled = T.Cast(f"float32x{lanes}", d) * (scales * xs[T.ramp(c * 8, 1, lanes)])
-        return scaled + mins * xm[T.ramp(c * 8, 1, lanes)] if mins is not None else scaled
+            scales, mins = per_lane(qs, row, b, w), per_lane(qm, row, b, w) if has_min else None
+        scaled = T.Cast(f"float32x{w}", d) * (scales * xs[T.ramp(c * 8, 1, w)])
+        return scaled + mins * xm[T.ramp(c * 8, 1, w)] if mins is not None else scaled
 
     w_rows = BATCH_W_ROWS if tile % BATCH_W_ROWS == 0 else 1
     # prefetch distances in elements, clamped to each buffer's last element (an address past the end would
@@ -663,6 +684,13 @@ def q8_dot_gemv(
                                         (r * BATCH_BLOCK + mi) * lanes, 1, lanes)] + term(
                                         qw, qs, qm, qsub, qh, xe, xo, xz, xs, xm, t * tile + r0 * w_rows + r,
                                         mb * BATCH_BLOCK + mi, b, ks_b, r * 16)
+                        if tail:  # into the first half of each accumulator
+                            for mi in T.unroll(BATCH_BLOCK):
+                                for r in T.unroll(w_rows):
+                                    acc_b[T.ramp((r * BATCH_BLOCK + mi) * lanes, 1, half)] = acc_b[T.ramp(
+                                        (r * BATCH_BLOCK + mi) * lanes, 1, half)] + term(
+                                        qw, qs, qm, qsub, qh, xe, xo, xz, xs, xm, t * tile + r0 * w_rows + r,
+                                        mb * BATCH_BLOCK + mi, n_steps, ks_b, r * 16, half)
                         for r in T.unroll(w_rows):
                             for mi in T.unroll(BATCH_BLOCK):
                                 o_b: T.int32 = (mb * BATCH_BLOCK + mi) * n + t * tile + r0 * w_rows + r
@@ -691,6 +719,11 @@ def q8_dot_gemv(
                                 acc_b[T.ramp(r * lanes, 1, lanes)] = acc_b[T.ramp(r * lanes, 1, lanes)] + (
                                     term(qw, qs, qm, qsub, qh, xe, xo, xz, xs, xm,
                                          t * tile + r0 * w_rows + r, m, b, ks_b, r * 16))
+                        if tail:
+                            for r in T.unroll(w_rows):
+                                acc_b[T.ramp(r * lanes, 1, half)] = acc_b[T.ramp(r * lanes, 1, half)] + term(
+                                    qw, qs, qm, qsub, qh, xe, xo, xz, xs, xm, t * tile + r0 * w_rows + r, m,
+                                    n_steps, ks_b, r * 16, half)
                         for r in T.unroll(w_rows):
                             o_t: T.int32 = m * n + t * tile + r0 * w_rows + r
                             s_t: T.float32 = lane_sum(acc_b, r * lanes, lanes)
@@ -746,6 +779,11 @@ def q8_dot_gemv(
                                 acc[T.ramp(r * lanes, 1, lanes)] = acc[T.ramp(r * lanes, 1, lanes)] + term(
                                     qw, qs, qm, qsub, qh, xe, xo, xz, xs, xm, t * tile + r0 * rows + r, m, b,
                                     ks, r * 16)
+                        if tail:
+                            for r in T.unroll(rows):
+                                acc[T.ramp(r * lanes, 1, half)] = acc[T.ramp(r * lanes, 1, half)] + term(
+                                    qw, qs, qm, qsub, qh, xe, xo, xz, xs, xm, t * tile + r0 * rows + r, m,
+                                    n_steps, ks, r * 16, half)
                         for r in T.unroll(rows):
                             if has_other:
                                 oth = T.decl_buffer((n_rows * n,), "float32", data=other.data)

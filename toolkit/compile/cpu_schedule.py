@@ -42,7 +42,6 @@ from ..quantization import GroupLayout, KQuantLayout
 from .cpu_isa import (
     MADDUBS_ISAS,
     Q4_GEMM_LANES,
-    Q8_DOT_LANES,
     Q8_GEMM_LANES,
     q4_gemm_isa,
     q8_dot_isas,
@@ -874,7 +873,7 @@ class CPUQ8DotGEMV(ScheduleRule):
         self.prefetch, self.prefetch_level = prefetch, prefetch_level
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
-        from .cpu_q8_gemv import q8_dot_gemv
+        from .cpu_q8_gemv import q8_dot_gemv, steps_through
 
         if not isinstance(func, tirx.PrimFunc) or not _is_llvm(target):
             return None
@@ -895,8 +894,7 @@ class CPUQ8DotGEMV(ScheduleRule):
             (
                 i
                 for i in isas
-                if q.k % (q.layout.elems_per_word * Q8_DOT_LANES[i]) == 0
-                and not (i == "avx512bw" and q.layout.bits == 8)
+                if steps_through(i, q.layout, q.k) and not (i == "avx512bw" and q.layout.bits == 8)
             ),
             None,
         )
