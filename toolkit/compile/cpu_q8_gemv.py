@@ -5,8 +5,9 @@ x is quantized per 32-group to int8 (scale max|x|/127, rounded half to even). Ea
 one 32-byte load whose low and high nibbles (u8) are multiplied with the matching int8 activations:
 - `avx2`: `vpmaddubsw` (u8 x i8 -> i16 pairs) twice, added, then summed to 8 int32 lanes by `vpmaddwd`;
 - `avxvnni`: two `vpdpbusd` (u8 x i8, 4 products summed into each int32 lane) on 256-bit registers;
-- `avx512vnni`: the same on 512-bit registers, 128 weights (two chunks) per step, and for K an odd number
-  of chunks (SmolLM2's 576) one last step on 256-bit registers (`steps_through`);
+- `avx512vnni`: the same on 512-bit registers, 128 weights (two chunks) per step (`avx512bw`: AVX2's steps
+  on 512-bit registers); for K an odd number of chunks (SmolLM2's 576) both end with one step on 256-bit
+  registers (`steps_through`);
 - `neon-dotprod` / `neon` (arm64): `sdot`, or int16 products and pairwise adds, per 128-bit half
   (`cpu_arm_dot`).
 The zero point (-7 for MLC's q4, -8 for GGUF's Q4_0) is a per-lane integer term (`xz`, the VNNI chains
@@ -469,8 +470,8 @@ def steps_through(isa: str, layout: GroupLayout, k: int) -> bool:
     step = layout.elems_per_word * Q8_DOT_LANES[isa]
     if k % step == 0:
         return True
-    x86_512 = Q8_DOT_LANES[isa] == 16 and not isa.startswith("neon")
-    return x86_512 and layout.bits == 4 and layout not in HOST_K_LAYOUTS and k % (step // 2) == 0
+    wide = Q8_DOT_LANES[isa] == 16  # the x86 512-bit paths (arm64's have 8 lanes)
+    return wide and layout.bits == 4 and layout not in HOST_K_LAYOUTS and k % (step // 2) == 0
 
 
 @memo_kernel(derived=("q",))
