@@ -362,10 +362,13 @@ def test_convert_then_compile_through_the_api(tiny_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("via", ["api", "cli"])
-def test_load_opens_the_checkpoint_once(tiny_ckpt, monkeypatch, via):
+def test_load_opens_the_checkpoint_once(smol, model, monkeypatch, via):
     """`phi3.load` and `phi3 generate` hand the source they opened to the engine: opening parses the whole
-    header (a GGUF's vocabulary), so a second open is time a user waits for nothing."""
+    header (a GGUF's vocabulary), so a second open is time a user waits for nothing. On the embedded GGUF,
+    whose library the `model` fixture has compiled."""
     import toolkit.checkpoint as checkpoint
+
+    path = str(smol.path)
 
     opened = []
     real = checkpoint.open_model
@@ -376,12 +379,10 @@ def test_load_opens_the_checkpoint_once(tiny_ckpt, monkeypatch, via):
 
     monkeypatch.setattr(checkpoint, "open_model", counting)
     if via == "api":
-        out = phi3.load(str(tiny_ckpt), context_window=64, max_batch_size=1).generate(
-            "hi", max_tokens=2, temperature=0
-        )
+        out = phi3.load(path, context_window=64, max_batch_size=1).generate("hi", max_tokens=2, temperature=0)
         assert out.prompt_tokens > 0 and out.finish_reason in ("stop", "length")
     else:
-        args = ["generate", str(tiny_ckpt), "--prompt", "hi", "--max-tokens", "2", "--temperature", "0"]
+        args = ["generate", path, "--prompt", "hi", "--max-tokens", "2", "--temperature", "0"]
         r = CliRunner().invoke(main, args)
         assert r.exit_code == 0 and "stop:" in r.output, r.output
-    assert opened.count(str(tiny_ckpt)) == 1, opened
+    assert opened.count(path) == 1, opened

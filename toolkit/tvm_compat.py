@@ -11,6 +11,12 @@ Kept here so they are found in one place and nowhere else patches TVM:
   resolve closure variables; the stdlib version looks up each frame's module by scanning `sys.modules`,
   which with torch/transformers loaded (tests, Core ML export) made parsing our kernels the larger part of
   a compile. The parser's `inspect` gets frames with their source line read from linecache instead.
+- `memo_script_sources`: our kernel builders define their `@T.prim_func` and `@T.macro` functions inside
+  the builder, so every build makes TVMScript find each function's source lines again (`inspect`) and
+  parse them again (twice: once more for the names in its annotations), a quarter of a tiny model's
+  compile. A function's source is fixed by its code object and the tree by the source text, and the parser
+  only reads the tree, so both are kept for the process; the closure values, which do change from build
+  to build, are still read at every parse.
 - `memo_kv_cache_kernels`: TVM's paged KV cache builds its ~20 attention and copy kernels from TVMScript on
   every model export, host included (where ours then replace most of them). They are pure functions of head
   counts, dtype and target, so its module calls them through `kernel_memo.memo_kernel`: a second compile in
@@ -125,6 +131,52 @@ def fast_script_frames() -> None:
         if getattr(module, "inspect", None) is inspect:
             fast = fast or _fast_inspect()
             module.inspect = fast
+
+
+_SOURCE_MEMO = 1024  # distinct sources kept: a compile parses about 100 functions
+
+
+def memo_script_sources() -> None:
+    """Make TVMScript read each function's source and parse each source text once per process (see the
+    module docstring); idempotent."""
+    import functools
+
+    from tvm.script.parser.core import diagnostics, doc, utils
+
+    source = diagnostics.Source
+    if getattr(source, "memoized", False):
+        return
+    init = source.__init__
+    by_code: dict[types.CodeType, dict] = {}
+
+    def memo_init(self, program) -> None:
+        code = getattr(program, "__code__", None)
+        seen = by_code.get(code) if code is not None else None
+        if seen is not None:
+            vars(self).update(seen)
+            return
+        init(self, program)
+        if code is not None and len(by_code) < _SOURCE_MEMO:
+            by_code[code] = dict(vars(self))
+
+    parse = functools.lru_cache(maxsize=_SOURCE_MEMO)(doc.parse)
+    names = utils._collect_annotation_names  # parses the source again, for PEP 563 annotations
+    names_by_code: dict[types.CodeType, set[str]] = {}
+
+    def memo_names(obj) -> set[str]:
+        code = getattr(obj, "__code__", None)
+        if code is None:
+            return names(obj)
+        if code not in names_by_code:
+            if len(names_by_code) >= _SOURCE_MEMO:
+                return names(obj)
+            names_by_code[code] = names(obj)
+        return set(names_by_code[code])
+
+    utils._collect_annotation_names = memo_names
+    source.__init__ = memo_init
+    source.as_ast = lambda self: parse(self.source)
+    source.memoized = True
 
 
 def memo_kv_cache_kernels() -> None:
