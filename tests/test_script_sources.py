@@ -60,7 +60,8 @@ def test_a_second_build_reads_no_source_and_takes_its_own_values(monkeypatch):
 
 
 def test_sources_of_distinct_functions_stay_distinct():
-    """Two functions with the same shape of body but different code keep their own source and lines."""
+    """The memo is keyed by code: another function keeps its own source and lines, the same one gets the
+    source it had, and source text (not a function) is taken as given."""
     memo_script_sources()
     one = diagnostics.Source(_builder)
     two = diagnostics.Source(test_a_second_build_reads_no_source_and_takes_its_own_values)
