@@ -37,9 +37,9 @@ import inspect
 import linecache
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tvm.target import Target
@@ -133,7 +133,23 @@ def fast_script_frames() -> None:
             module.inspect = fast
 
 
-_SOURCE_MEMO = 1024  # distinct sources kept: a compile parses about 100 functions
+_SOURCE_MEMO = 1024  # functions and source texts kept: a compile parses about 100
+
+
+def _per_code(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`fn(obj)` computed once per code object for functions (their source is fixed by it), up to
+    `_SOURCE_MEMO` of them; anything else goes through."""
+    seen: dict[types.CodeType, Any] = {}
+
+    def per_code(obj: Any) -> Any:
+        code = getattr(obj, "__code__", None)
+        if code is None or (code not in seen and len(seen) >= _SOURCE_MEMO):
+            return fn(obj)
+        if code not in seen:
+            seen[code] = fn(obj)
+        return seen[code]
+
+    return per_code
 
 
 def memo_script_sources() -> None:
@@ -147,35 +163,18 @@ def memo_script_sources() -> None:
     if getattr(source, "memoized", False):
         return
     init = source.__init__
-    by_code: dict[types.CodeType, dict] = {}
 
-    def memo_init(self, program) -> None:
-        code = getattr(program, "__code__", None)
-        seen = by_code.get(code) if code is not None else None
-        if seen is not None:
-            vars(self).update(seen)
-            return
-        init(self, program)
-        if code is not None and len(by_code) < _SOURCE_MEMO:
-            by_code[code] = dict(vars(self))
+    def read(program: Any) -> dict:
+        fresh = source.__new__(source)
+        init(fresh, program)
+        return dict(vars(fresh))
 
+    fields = _per_code(read)
+    names = _per_code(utils._collect_annotation_names)  # parses the source again, for PEP 563 annotations
     parse = functools.lru_cache(maxsize=_SOURCE_MEMO)(doc.parse)
-    names = utils._collect_annotation_names  # parses the source again, for PEP 563 annotations
-    names_by_code: dict[types.CodeType, set[str]] = {}
-
-    def memo_names(obj) -> set[str]:
-        code = getattr(obj, "__code__", None)
-        if code is None:
-            return names(obj)
-        if code not in names_by_code:
-            if len(names_by_code) >= _SOURCE_MEMO:
-                return names(obj)
-            names_by_code[code] = names(obj)
-        return set(names_by_code[code])
-
-    utils._collect_annotation_names = memo_names
-    source.__init__ = memo_init
+    source.__init__ = lambda self, program: vars(self).update(fields(program))
     source.as_ast = lambda self: parse(self.source)
+    utils._collect_annotation_names = lambda obj: set(names(obj))
     source.memoized = True
 
 
